@@ -1,0 +1,38 @@
+# The two commands a newcomer types: `make run` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rayvid-installed
+SAMPLES ?= samples
+OUT    ?= out
+MODEL  ?= $(SAMPLES)/model/shapes.keras
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lock clean
+
+setup: $(STAMP)
+
+# Re-installs whenever pyproject.toml or the lock file changes (a stale .venv).
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# The main job on an embedded local Ray over generated sample videos, offline.
+# `make run MODEL=resnet50` runs ImageNet ResNet-50 instead (weights from Keras' cache).
+run: $(STAMP)
+	$(BIN)/python -m rayvid samples $(SAMPLES) > /dev/null
+	$(BIN)/rayvid run $(SAMPLES)/videos $(OUT) --model $(MODEL) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Refresh the pinned versions of every package (run after editing pyproject.toml).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^rayvid' > requirements.lock
+
+clean:
+	rm -rf $(OUT) $(SAMPLES) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from rayvid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Command line: `rayvid run INPUT OUTPUT [flags]`, `rayvid samples DIR`.
+
+Exit codes: 0 the job ran (some videos may have failed: they are in OUTPUT/errors/);
+2 the job could not run (bad URL, no credentials, model not loadable, bad flags), with
+one line saying why; 1 a bug (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from rayvid import storage
+from rayvid.config import RunConfig, merge
+from rayvid.errors import ConfigError, RayvidError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayvid", description="Run tf.keras models over video archives with Ray Data.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    r = sub.add_parser("run", help="classify every frame of every video under INPUT, write Parquet to OUTPUT")
+    r.add_argument("input", nargs="?", help="folder/prefix URL (s3://, gs://, local) or manifest (.txt/.csv/.parquet)")
+    r.add_argument("output", nargs="?", help="output URL (s3://, gs://, local)")
+    r.add_argument("--config", help="YAML (or a runs/<id>.json record) with any of the settings below")
+    m = r.add_argument_group("model")
+    m.add_argument("--model", help="keras.applications name (resnet50, mobilenet_v3_small, ...) or URL of a .keras/.h5 file or SavedModel")
+    m.add_argument("--weights", help="for keras.applications: imagenet (default), none, or a weights file PATH|URL")
+    m.add_argument("--labels", help="labels file URL, one label per line")
+    m.add_argument("--preprocess", choices=["auto", "raw", "unit", "tf", "caffe", "torch"])
+    m.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    m.add_argument("--topk", type=int)
+    m.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute on GPU (float32 softmax)")
+    m.add_argument("--xla", action="store_true", default=None, help="compile the model with XLA")
+    s = r.add_argument_group("sampling (default: every frame)")
+    ex = s.add_mutually_exclusive_group()
+    ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
+    ex.add_argument("--fps", type=float, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
+    e = r.add_argument_group("execution")
+    e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
+    e.add_argument("--decode-threads", type=int, help="decoder threads per decode actor (default 1)")
+    e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
+    e.add_argument("--infer-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
+    e.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0 (CPU)")
+    e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
+    e.add_argument("--run-id")
+    e.add_argument("--limit", type=int, help="process at most N videos")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    smp = sub.add_parser("samples", help="generate labelled sample videos and train the small sample model")
+    smp.add_argument("dir", help="folder to write videos/ and model/ into")
+    smp.add_argument("--videos", type=int, default=6)
+    smp.add_argument("--seconds", type=float, default=4.0)
+    smp.add_argument("--force", action="store_true", help="rebuild even if present")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    base: dict = {}
+    if args.config:
+        base = _load_config_file(args.config)
+    decode_actors = args.decode_actors or (None, None)
+    infer_actors = args.infer_actors or (None, None)
+    flags = {
+        "input": args.input,
+        "output": args.output,
+        "model": {
+            "name": args.model,
+            "weights": args.weights,
+            "labels": args.labels,
+            "preprocess": args.preprocess,
+            "input_size": args.input_size,
+            "topk": args.topk,
+            "mixed_precision": args.mixed_precision,
+            "xla": args.xla,
+        },
+        "sampling": {"every": args.every, "fps": args.fps},
+        "decode": {"threads": args.decode_threads, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
+        "infer": {
+            "batch_size": args.batch_size,
+            "gpus_per_actor": args.gpus_per_actor,
+            "min_actors": infer_actors[0],
+            "max_actors": infer_actors[1],
+        },
+        "run_id": args.run_id,
+        "address": args.address,
+        "limit": args.limit,
+        "progress": False if args.no_progress else None,
+    }
+    merged = merge(base, flags)
+    for key in ("input", "output"):
+        if not merged.get(key):
+            raise ConfigError(f"{key.upper()} is required (as an argument or in --config)")
+    return RunConfig.from_dict(merged)
+
+
+def _load_config_file(url: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(url).decode("utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {storage.public_uri(url)}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    if isinstance(data, dict) and "config" in data and "run_id" in data:
+        data = dict(data["config"])  # a runs/<id>.json record: repeat its config, new run id
+        data.pop("run_id", None)
+    return data
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.verb == "run":
+            return _run(args)
+        if args.verb == "samples":
+            from rayvid import samples
+
+            paths = samples.ensure_samples(args.dir, n_videos=args.videos, seconds=args.seconds, force=args.force)
+            print(json.dumps(paths, indent=2))
+            return 0
+    except RayvidError as e:
+        print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _run(args) -> int:
+    from rayvid import pipeline, report
+
+    cfg = config_from_args(args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    result = pipeline.run(cfg)
+    print(report.summary(result), flush=True)
+    return 0

@@ -1,0 +1,189 @@
+"""Commit stage: inferred rows in, Parquet files that readers can trust out.
+
+Input: Arrow tables in `schema.INFERRED_SCHEMA` (frame rows and one terminal `end` row per
+video), in any order, as the driver streams them out of Ray Data.
+Output, under OUTPUT:
+  `predictions/part-<run_id>-<seq>.parquet`  `schema.PREDICTIONS_SCHEMA`, one row per frame
+  `errors/part-<run_id>-<seq>.parquet`       `schema.ERRORS_SCHEMA`, one row per failed video
+  `runs/<run_id>.json`                       the resolved config and the run's stats
+
+A video is published only when it is complete: its terminal row has arrived and the number
+of its frame rows equals the count that row carries. Complete videos are gathered and
+written together (a file per `rows_per_file` rows or `flush_interval_s` seconds, so a long
+run commits as it goes), sorted by (video_uri, frame_index), each file written atomically
+(see `storage.write_atomic`). A reader globbing `predictions/**/*.parquet` therefore never
+sees part of a video.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rayvid import storage
+from rayvid.schema import ERRORS_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA
+
+PREDICTIONS_DIR = "predictions"
+ERRORS_DIR = "errors"
+RUNS_DIR = "runs"
+
+
+class Committer:
+    def __init__(
+        self,
+        output: str,
+        run_id: str,
+        model: str,
+        rows_per_file: int = 1_000_000,
+        flush_interval_s: float = 60.0,
+    ):
+        self.output = output.rstrip("/")
+        self.run_id = run_id
+        self.model = model
+        self.rows_per_file = rows_per_file
+        self.flush_interval_s = flush_interval_s
+        self._pending: dict[str, list[pa.Table]] = collections.defaultdict(list)
+        self._counts: collections.Counter = collections.Counter()
+        self._ends: dict[str, dict] = {}
+        self._ready: list[pa.Table] = []
+        self._ready_rows = 0
+        self._ready_errors: list[dict] = []
+        self._seq = 0
+        self._last_flush = time.monotonic()
+        self.files: list[str] = []
+        self.videos_ok = 0
+        self.videos_failed = 0
+        self.frames = 0
+        self.label_counts: collections.Counter = collections.Counter()
+
+    def add(self, table: pa.Table) -> None:
+        kind = table.column("kind")
+        frames = table.filter(pc.equal(kind, KIND_FRAME))
+        ends = table.filter(pc.equal(kind, KIND_END))
+        if len(frames):
+            uris = frames.column("video_uri")
+            for uri in pc.unique(uris).to_pylist():
+                part = frames.filter(pc.equal(uris, uri))
+                self._pending[uri].append(part)
+                self._counts[uri] += len(part)
+                self._complete_if_done(uri)
+        for row in ends.to_pylist():
+            uri = row["video_uri"]
+            if uri in self._ends:
+                raise RuntimeError(f"two terminal rows for {uri}: a stage emitted a video twice")
+            self._ends[uri] = row
+            self._complete_if_done(uri)
+        if self._ready_rows >= self.rows_per_file or (
+            (self._ready or self._ready_errors)
+            and time.monotonic() - self._last_flush >= self.flush_interval_s
+        ):
+            self.flush()
+
+    def _complete_if_done(self, uri: str) -> None:
+        end = self._ends.get(uri)
+        have = self._counts.get(uri, 0)
+        if end is None:
+            return
+        if have > end["n_frames"]:
+            raise RuntimeError(f"{uri}: {have} frame rows for {end['n_frames']} decoded frames")
+        if have < end["n_frames"]:
+            return
+        parts = self._pending.pop(uri, [])
+        self._counts.pop(uri, None)
+        del self._ends[uri]
+        if parts:
+            video = pa.concat_tables(parts)
+            self._ready.append(video)
+            self._ready_rows += len(video)
+            self.frames += len(video)
+            self.label_counts.update(
+                dict(zip(*(c.to_pylist() for c in pc.value_counts(video.column("label")).flatten())))
+            )
+        if end["error_type"]:
+            self.videos_failed += 1
+            self._ready_errors.append(
+                {
+                    "video_uri": uri,
+                    "stage": end["error_stage"],
+                    "error_type": end["error_type"],
+                    "message": end["message"],
+                    "run_id": self.run_id,
+                }
+            )
+        else:
+            self.videos_ok += 1
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._ready and not self._ready_errors:
+            return
+        name = f"part-{self.run_id}-{self._seq:05d}.parquet"
+        self._seq += 1
+        if self._ready:
+            table = pa.concat_tables(self._ready).sort_by(
+                [("video_uri", "ascending"), ("frame_index", "ascending")]
+            )
+            n = len(table)
+            out = pa.table(
+                {
+                    "video_uri": table.column("video_uri"),
+                    "frame_index": table.column("frame_index"),
+                    "timestamp_s": table.column("timestamp_s"),
+                    "label": table.column("label"),
+                    "score": table.column("score"),
+                    "topk": table.column("topk"),
+                    "model": pa.array([self.model] * n, pa.string()),
+                    "run_id": pa.array([self.run_id] * n, pa.string()),
+                },
+                schema=PREDICTIONS_SCHEMA,
+            )
+            self._write(storage.join(self.output, PREDICTIONS_DIR, name), out)
+        if self._ready_errors:
+            errors = pa.Table.from_pylist(self._ready_errors, schema=ERRORS_SCHEMA)
+            self._write(storage.join(self.output, ERRORS_DIR, name), errors)
+        self._ready, self._ready_rows, self._ready_errors = [], 0, []
+
+    def _write(self, url: str, table: pa.Table) -> None:
+        storage.write_atomic(
+            url,
+            lambda f: pq.write_table(
+                table,
+                f,
+                compression="zstd",
+                use_dictionary=["video_uri", "label", "model", "run_id", "stage", "error_type"],
+                row_group_size=128 * 1024,
+            ),
+        )
+        self.files.append(url)
+
+    def close(self) -> None:
+        """Publish what is complete; anything still pending means rows were lost."""
+        self.flush()
+        incomplete = sorted(set(self._pending) | set(self._ends))
+        if incomplete:
+            detail = ", ".join(
+                f"{u} ({self._counts.get(u, 0)} frames, end row {'seen' if u in self._ends else 'missing'})"
+                for u in incomplete[:5]
+            )
+            raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
+
+
+def write_run_record(output: str, run_id: str, record: dict) -> str:
+    url = storage.join(output, RUNS_DIR, f"{run_id}.json")
+    data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+    storage.write_atomic(url, lambda f: f.write(data))
+    return url
+
+
+def predictions_url(output: str) -> str:
+    return storage.join(output, PREDICTIONS_DIR)
+
+
+def errors_url(output: str) -> str:
+    return storage.join(output, ERRORS_DIR)
+

@@ -1,0 +1,149 @@
+"""One typed, frozen configuration for a run, built from CLI flags or one YAML file.
+
+The resolved config (every default filled in) is what `runs/<run_id>.json` records, so a
+run can be repeated from its record alone: `rayvid run --config runs/<run_id>.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import secrets
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from rayvid.errors import ConfigError
+
+BUILTIN_MODEL = "builtin:shapes"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # keras.applications name (resnet50, mobilenet_v2, ...) or a URL/path of a .keras file
+    # or SavedModel directory.
+    name: str = "mobilenet_v3_small"
+    # For keras.applications: "imagenet" (Keras' cache/download), a path or URL of a weights
+    # file, or "none" for random init (tests only). Ignored for .keras / SavedModel.
+    weights: Optional[str] = None
+    # Labels file (one label per line, line i = class i). Default: ImageNet for 1000-way
+    # models, "<model>.labels.txt" beside a model file, else "class_<i>".
+    labels: Optional[str] = None
+    # How uint8 RGB is turned into model input, inside the graph: "auto" (what the
+    # keras.applications model expects; "raw" for model files), "raw" (float 0..255),
+    # "unit" (0..1), "tf" (-1..1), "caffe" (BGR, ImageNet mean subtracted), "torch".
+    preprocess: str = "auto"
+    # Input size (height, width) when the model does not fix it.
+    input_size: Optional[tuple[int, int]] = None
+    topk: int = 5
+    mixed_precision: bool = False
+    xla: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    every: int = 1  # keep frames 0, N, 2N, ...
+    fps: Optional[float] = None  # keep the frame whose pts is nearest each t = k / fps
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"--every must be >= 1, got {self.every}")
+        if self.fps is not None and self.fps <= 0:
+            raise ConfigError(f"--fps must be > 0, got {self.fps}")
+        if self.fps is not None and self.every != 1:
+            raise ConfigError("--every and --fps are exclusive: pick one sampling mode")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    threads: int = 1  # decoder threads per actor (never 0: that means every core of the node)
+    batch_frames: int = 64  # frames per batch handed downstream, at most
+    batch_bytes: int = 32 * 2**20  # bytes per batch handed downstream, at most
+    min_actors: int = 1
+    max_actors: Optional[int] = None  # default: the cluster's CPUs left after inference
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    batch_size: int = 32
+    gpus_per_actor: Optional[float] = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    min_actors: Optional[int] = None  # default: number of GPUs, or 1 on CPU
+    max_actors: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: str
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    run_id: str = ""
+    address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or an embedded local Ray
+    limit: Optional[int] = None  # process at most this many videos (in listing order)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("INPUT is required")
+        if not self.output:
+            raise ConfigError("OUTPUT is required")
+        if self.infer.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.decode.threads < 1:
+            raise ConfigError("decode threads must be >= 1")
+        if not self.run_id:
+            object.__setattr__(self, "run_id", new_run_id())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _build(cls, data, "config")
+
+
+def new_run_id() -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and is_dataclass(sub) and value is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif name == "input_size" and value is not None:
+            kwargs[name] = tuple(int(v) for v in value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into `base` (overrides win; None in overrides means unset)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            out[key] = merge(out.get(key) or {}, value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,143 @@
+"""List the videos a run will process.
+
+Input: INPUT, one of
+  - a folder or prefix URL (`s3://bucket/videos/`, `/data/videos`): every file below it,
+    recursively, whose extension is a video extension (case-insensitive);
+  - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv` or `.parquet`
+    with a `video_uri` column;
+  - a single video file.
+Output: an Arrow table with columns
+  `video_uri: string` (the URL as stored in the output; local files as absolute paths),
+  `size_bytes: int64` (-1 when unknown), `version: string` (etag or mtime when known),
+sorted by `video_uri` so runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayvid import storage
+from rayvid.errors import InputError
+
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mov .qt .mkv .webm .avi .mpg .mpeg .m2v .ts .m2ts .mts .wmv .flv .3gp .3g2 "
+    ".ogv .mxf .vob .dv .y4m .h264 .264 .hevc .h265 .ivf".split()
+)
+MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".parquet"})
+
+LISTING_SCHEMA = pa.schema(
+    [("video_uri", pa.string()), ("size_bytes", pa.int64()), ("version", pa.string())]
+)
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
+    """List INPUT (folder, prefix, manifest or single file) into the listing table."""
+    fs, path = storage.resolve(input_url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
+    except PermissionError as e:
+        raise InputError(
+            f"no permission to read {storage.public_uri(input_url)}: {storage.redact(str(e))} "
+            "(check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
+            "instance role)"
+        ) from None
+    except OSError as e:
+        raise InputError(
+            f"cannot read {storage.public_uri(input_url)}: {storage.redact(str(e))}"
+        ) from None
+
+    if info.get("type") == "directory":
+        rows = _walk(fs, path)
+    elif os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
+        rows = _manifest(fs, path, input_url)
+    elif is_video(path):
+        rows = [_row(fs, path, info)]
+    else:
+        raise InputError(
+            f"{storage.public_uri(input_url)} is neither a folder, a manifest "
+            f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file"
+        )
+    rows.sort(key=lambda r: r[0])
+    if limit is not None:
+        rows = rows[:limit]
+    return pa.table(
+        {
+            "video_uri": [r[0] for r in rows],
+            "size_bytes": [r[1] for r in rows],
+            "version": [r[2] for r in rows],
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _walk(fs, root: str) -> list[tuple[str, int, str]]:
+    try:
+        found = fs.find(root, detail=True, withdirs=False)
+    except OSError as e:
+        raise InputError(f"cannot list {storage.to_url(fs, root)}: {storage.redact(str(e))}") from None
+    rows = []
+    for path, info in found.items():
+        name = os.path.basename(path)
+        if name.startswith(".") or not is_video(path):
+            continue
+        rows.append(_row(fs, path, info))
+    return rows
+
+
+def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
+    size = info.get("size")
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return (
+        storage.to_url(fs, path),
+        int(size) if size is not None else -1,
+        str(version).strip('"') if version is not None else "",
+    )
+
+
+def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
+    ext = os.path.splitext(path)[1].lower()
+    where = storage.public_uri(input_url)
+    if ext == ".parquet":
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        if "video_uri" not in table.column_names:
+            raise InputError(f"manifest {where} has no video_uri column (has: {table.column_names})")
+        uris = table.column("video_uri").to_pylist()
+    else:
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+        if ext == ".csv":
+            reader = csv.DictReader(io.StringIO(text))
+            if not reader.fieldnames or "video_uri" not in reader.fieldnames:
+                raise InputError(
+                    f"manifest {where} has no video_uri column (has: {reader.fieldnames})"
+                )
+            uris = [row["video_uri"] for row in reader]
+        else:
+            uris = [line.strip() for line in text.splitlines()]
+            uris = [u for u in uris if u and not u.startswith("#")]
+    base = os.path.dirname(storage.to_url(fs, path))
+    rows, seen = [], set()
+    for uri in uris:
+        if uri is None or not str(uri).strip():
+            continue
+        uri = str(uri).strip()
+        if "://" not in uri and not os.path.isabs(uri):
+            uri = storage.join(base, uri)  # relative entries are relative to the manifest
+        uri = storage.to_url(*storage.resolve(uri))
+        if uri in seen:
+            continue
+        seen.add(uri)
+        rows.append((uri, -1, ""))
+    return rows

@@ -1,0 +1,269 @@
+"""Load the tf.keras model a run uses, from a keras.applications name or any URL.
+
+- keras.applications by name (`resnet50`, `mobilenet_v2`, `mobilenet_v3_small`,
+  `efficientnet_b0`, ... see APPLICATIONS) with ImageNet weights through Keras' own cache
+  (`$KERAS_HOME/models`, downloaded on first use where the network allows) or a weights
+  file at any URL (`--weights`).
+- a `.keras` (or legacy `.h5`) file at any URL, loaded with Keras' `safe_mode=True`: no
+  arbitrary Python (Lambda layers) is deserialised.
+- a TensorFlow SavedModel directory at any URL. A SavedModel is code: load one only from a
+  source you trust.
+
+Labels: `--labels URL` (one per line), else ImageNet's for 1000-way models (shipped in the
+package: Keras' `decode_predictions` would download them), else `<model>.labels.txt` beside
+a model file (`labels.txt` inside a SavedModel), else `class_<i>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources as _res
+from typing import Optional
+
+from rayvid import storage
+from rayvid.config import ModelConfig
+from rayvid.errors import ModelError
+
+# name -> (keras.applications attribute, default input size, preprocessing mode)
+APPLICATIONS: dict[str, tuple[str, int, str]] = {
+    "resnet50": ("ResNet50", 224, "caffe"),
+    "resnet101": ("ResNet101", 224, "caffe"),
+    "resnet152": ("ResNet152", 224, "caffe"),
+    "resnet50_v2": ("ResNet50V2", 224, "tf"),
+    "mobilenet": ("MobileNet", 224, "tf"),
+    "mobilenet_v2": ("MobileNetV2", 224, "tf"),
+    "mobilenet_v3_small": ("MobileNetV3Small", 224, "raw"),
+    "mobilenet_v3_large": ("MobileNetV3Large", 224, "raw"),
+    "efficientnet_b0": ("EfficientNetB0", 224, "raw"),
+    "efficientnet_b1": ("EfficientNetB1", 240, "raw"),
+    "efficientnet_b2": ("EfficientNetB2", 260, "raw"),
+    "efficientnet_b3": ("EfficientNetB3", 300, "raw"),
+    "efficientnet_v2_b0": ("EfficientNetV2B0", 224, "raw"),
+    "inception_v3": ("InceptionV3", 299, "tf"),
+    "xception": ("Xception", 299, "tf"),
+    "densenet121": ("DenseNet121", 224, "torch"),
+    "convnext_tiny": ("ConvNeXtTiny", 224, "raw"),
+}
+PREPROCESS_MODES = ("auto", "raw", "unit", "tf", "caffe", "torch")
+MODEL_FILE_EXTENSIONS = (".keras", ".h5")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to plan a run, from one real load of the model."""
+
+    name: str  # as recorded in the output's `model` column
+    input_size: tuple[int, int]  # (height, width)
+    num_classes: int
+    labels: tuple[str, ...]
+    preprocess: str
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["labels"] = f"{len(self.labels)} labels"
+        return d
+
+
+def display_name(cfg: ModelConfig) -> str:
+    if cfg.name in APPLICATIONS:
+        return cfg.name
+    return storage.public_uri(cfg.name)
+
+
+def imagenet_labels() -> tuple[str, ...]:
+    text = _res.files("rayvid").joinpath("data/imagenet_class_index.json").read_text()
+    index = json.loads(text)
+    return tuple(index[str(i)][1] for i in range(len(index)))
+
+
+def load(cfg: ModelConfig, workdir: Optional[str] = None):
+    """Build or load the Keras model. Returns (keras_model, ModelInfo).
+
+    The model maps float32 RGB (after `preprocess`) at `input_size` to scores per class.
+    """
+    import keras  # heavy import: only where a model is loaded
+
+    own_tmp = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="rayvid-model-")
+    try:
+        if cfg.name in APPLICATIONS:
+            model, size, preprocess = _application(keras, cfg, workdir)
+        else:
+            model, size, preprocess = _model_file(keras, cfg, workdir)
+        num_classes = int(model.output_shape[-1])
+        labels = _labels(cfg, num_classes)
+        if cfg.preprocess != "auto":
+            preprocess = cfg.preprocess
+        info = ModelInfo(display_name(cfg), size, num_classes, labels, preprocess)
+        return model, info
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _application(keras, cfg: ModelConfig, workdir: str):
+    attr, default_size, preprocess = APPLICATIONS[cfg.name]
+    size = tuple(cfg.input_size) if cfg.input_size else (default_size, default_size)
+    weights = cfg.weights or "imagenet"
+    ctor = getattr(keras.applications, attr)
+    kwargs = dict(input_shape=(size[0], size[1], 3), classifier_activation=None)
+    if weights == "none":
+        weights_arg = None
+    elif weights == "imagenet":
+        weights_arg = "imagenet"
+    else:
+        weights_arg = _fetch(weights, workdir, "weights")
+    try:
+        model = ctor(weights=weights_arg, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot load this model"
+        hint = ""
+        if weights_arg == "imagenet":
+            hint = (
+                " ImageNet weights come from Keras' cache ($KERAS_HOME/models, default "
+                "~/.keras/models) or are downloaded on first use; offline, pass the weights "
+                "file with --weights PATH|URL."
+            )
+        raise ModelError(
+            f"cannot build {cfg.name} with weights {storage.public_uri(weights)!r}: "
+            f"{storage.redact(_first_line(e))}.{hint}"
+        ) from None
+    # The classifier's softmax runs in float32 in our graph (numerically safe under mixed
+    # precision); applications are built without it.
+    softmax = keras.layers.Activation("softmax", dtype="float32", name="rayvid_softmax")
+    model = keras.Model(model.inputs, softmax(model.outputs[0]), name=cfg.name)
+    return model, size, preprocess
+
+
+def _model_file(keras, cfg: ModelConfig, workdir: str):
+    url = cfg.name
+    fs, path = storage.resolve(url)
+    try:
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    except OSError as e:
+        raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    if not exists:
+        known = ", ".join(sorted(APPLICATIONS))
+        raise ModelError(
+            f"model not found: {storage.public_uri(url)} (neither a file, a SavedModel folder, "
+            f"nor a keras.applications name: {known})"
+        )
+    if is_dir:
+        local = _fetch(url, workdir, "model")
+        if not os.path.exists(os.path.join(local, "saved_model.pb")):
+            raise ModelError(f"{storage.public_uri(url)} is a folder but not a SavedModel (no saved_model.pb)")
+        try:
+            layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default")
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
+        size = _savedmodel_size(local, cfg)
+        inp = keras.Input(shape=(size[0], size[1], 3), dtype="float32")
+        out = layer(inp)
+        if isinstance(out, dict):
+            out = out[sorted(out)[0]]
+        model = keras.Model(inp, out)
+        return model, size, "raw"
+    if not path.lower().endswith(MODEL_FILE_EXTENSIONS):
+        raise ModelError(
+            f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
+            "SavedModel folder"
+        )
+    local = _fetch(url, workdir, "model")
+    try:
+        model = keras.saving.load_model(local, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load model {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
+    h, w = shape[1], shape[2]
+    if h is None or w is None:
+        if not cfg.input_size:
+            raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
+        h, w = cfg.input_size
+    return model, (int(h), int(w)), "raw"
+
+
+def _savedmodel_size(local: str, cfg: ModelConfig) -> tuple[int, int]:
+    if cfg.input_size:
+        return tuple(cfg.input_size)
+    import tensorflow as tf
+
+    sig = tf.saved_model.load(local).signatures["serving_default"]
+    spec = list(sig.structured_input_signature[1].values())[0]
+    h, w = spec.shape[1], spec.shape[2]
+    if h is None or w is None:
+        raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
+    return int(h), int(w)
+
+
+def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
+    labels: Optional[tuple[str, ...]] = None
+    source = ""
+    if cfg.labels:
+        source = storage.public_uri(cfg.labels)
+        try:
+            labels = _read_labels(cfg.labels)
+        except OSError as e:
+            raise ModelError(f"cannot read labels {source}: {storage.redact(str(e))}") from None
+    elif num_classes == 1000:
+        labels = imagenet_labels()
+    elif cfg.name not in APPLICATIONS:
+        base = cfg.name.rstrip("/")
+        candidates = [os.path.splitext(base)[0] + ".labels.txt", base + "/labels.txt"]
+        for cand in candidates:
+            try:
+                labels = _read_labels(cand)
+                source = cand
+                break
+            except (OSError, ValueError):
+                continue
+    if labels is None:
+        return tuple(f"class_{i}" for i in range(num_classes))
+    if len(labels) != num_classes:
+        raise ModelError(
+            f"labels {source or 'file'} has {len(labels)} entries but the model outputs "
+            f"{num_classes} classes"
+        )
+    return labels
+
+
+def _read_labels(url: str) -> tuple[str, ...]:
+    text = storage.read_bytes(url).decode("utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _fetch(url: str, workdir: str, what: str) -> str:
+    """A local path for a model/weights URL (remote files and folders are copied)."""
+    fs, path = storage.resolve(url)
+    if storage.is_local(fs):
+        if not os.path.exists(path):
+            raise ModelError(f"{what} not found: {path}")
+        return path
+    dest = os.path.join(workdir, what + "-" + os.path.basename(path.rstrip("/")))
+    try:
+        if fs.isdir(path):
+            fs.get(path.rstrip("/") + "/", dest, recursive=True)
+        else:
+            fs.get_file(path, dest)
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found: {storage.public_uri(url)}") from None
+    except OSError as e:
+        raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    return dest
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def probe(cfg: ModelConfig) -> ModelInfo:
+    """Load the model once and describe it (run as a Ray task, so the driver stays light)."""
+    _, info = load(cfg)
+    return info

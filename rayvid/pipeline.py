@@ -1,0 +1,243 @@
+"""The job, top to bottom: list -> decode -> infer -> commit.
+
+    listing.list_videos      INPUT                 -> video_uri rows
+    decode.Decoder           CPU actor pool        -> uint8 frames at model size
+    infer.Predictor          GPU (or CPU) actors   -> top-k rows
+    commit.Committer         the driver            -> OUTPUT/predictions, errors, runs
+
+Ray Data streams between the stages, so decoding, inference and committing overlap; each
+stage's actor pool and resources are planned from the cluster in `plan_resources`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+
+from rayvid import __version__, commit, decode, infer, listing, models, storage
+from rayvid.config import RunConfig
+from rayvid.errors import ModelError, RayvidError, StorageError
+
+log = logging.getLogger("rayvid")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Actor pools and resources for one run on one cluster."""
+
+    decode_min: int
+    decode_max: int
+    decode_cpus: float
+    infer_min: int
+    infer_max: int
+    infer_gpus: float
+    infer_cpus: float
+    videos_per_block: int
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output: str
+    model: str
+    videos_listed: int = 0
+    videos_ok: int = 0
+    videos_failed: int = 0
+    frames: int = 0
+    wall_s: float = 0.0
+    files: list = field(default_factory=list)
+    top_labels: list = field(default_factory=list)
+    plan: Optional[dict] = None
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
+    cpus = float(cluster.get("CPU", 0))
+    gpus = float(cluster.get("GPU", 0))
+    gpus_per_actor = cfg.infer.gpus_per_actor if cfg.infer.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0:
+        if gpus < gpus_per_actor:
+            raise RayvidError(f"inference asks for {gpus_per_actor} GPU per actor but the cluster has {gpus:g} GPUs")
+        # Ray Data's GPU pools do not grow on autoscaling clusters (ray#59144): start them
+        # at the GPUs there are.
+        n = max(1, int(gpus // gpus_per_actor))
+        infer_min = cfg.infer.min_actors or n
+        infer_max = max(infer_min, cfg.infer.max_actors or n)
+        infer_cpu_total = 0.0  # inference CPUs come from the GPU nodes' own share
+    else:
+        infer_min = cfg.infer.min_actors or 1
+        infer_max = max(infer_min, cfg.infer.max_actors or max(1, int(cpus // 4)))
+        infer_cpu_total = infer_min * cfg.infer.cpus_per_actor
+    threads = cfg.decode.threads
+    spare = max(threads, cpus - infer_cpu_total)
+    decode_max = cfg.decode.max_actors or max(1, int(spare // threads))
+    decode_min = min(cfg.decode.min_actors, decode_max)
+    # One video per block (each block is one unit of work for a decode actor), grouped only
+    # when a listing is so long that per-video blocks would swamp the driver.
+    per_block = max(1, math.ceil(n_videos / 20_000))
+    return Plan(decode_min, decode_max, float(threads), infer_min, infer_max,
+                float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block)
+
+
+def run(cfg: RunConfig) -> RunResult:
+    import ray
+
+    started = time.time()
+    videos = listing.list_videos(cfg.input, cfg.limit)
+    we_started_ray = _connect(cfg.address)
+    record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
+              "started_at": _iso(started), "versions": _versions()}
+    try:
+        info = _probe_model(ray, cfg)
+        plan = plan_resources(cfg, ray.cluster_resources(), len(videos))
+        result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=len(videos),
+                           plan=dataclasses.asdict(plan))
+        _write_first_record(cfg, record)
+        committer = commit.Committer(cfg.output, cfg.run_id, info.name)
+        try:
+            if len(videos):
+                ds = _dataset(ray, cfg, videos, info, plan)
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+                    committer.add(batch)
+            committer.close()
+        except BaseException as e:
+            record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
+            commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+            raise
+    finally:
+        if we_started_ray:
+            ray.shutdown()
+
+    result.videos_ok, result.videos_failed = committer.videos_ok, committer.videos_failed
+    result.frames, result.files = committer.frames, committer.files
+    result.top_labels = committer.label_counts.most_common(5)
+    result.wall_s = time.time() - started
+    record.update(
+        status="finished",
+        finished_at=_iso(time.time()),
+        model=info.to_dict(),
+        plan=result.plan,
+        stats={
+            "videos_listed": result.videos_listed,
+            "videos_ok": result.videos_ok,
+            "videos_failed": result.videos_failed,
+            "frames": result.frames,
+            "wall_s": round(result.wall_s, 3),
+            "frames_per_s": round(result.frames_per_s, 2),
+            "files": result.files,
+            "top_labels": result.top_labels,
+        },
+    )
+    commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+    return result
+
+
+def _dataset(ray, cfg: RunConfig, videos: pa.Table, info: models.ModelInfo, plan: Plan):
+    """The Ray Data graph: one block per video (or small group) -> decode -> infer."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    blocks = [videos.slice(i, plan.videos_per_block) for i in range(0, len(videos), plan.videos_per_block)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode.Decoder,
+        fn_constructor_kwargs=dict(
+            size=info.input_size,
+            every=cfg.sampling.every,
+            fps=cfg.sampling.fps,
+            threads=cfg.decode.threads,
+            batch_frames=cfg.decode.batch_frames,
+            batch_bytes=cfg.decode.batch_bytes,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=plan.decode_min, max_size=plan.decode_max),
+        **decode.resources(cfg.decode.threads),
+    )
+    ds = ds.map_batches(
+        infer.Predictor,
+        fn_constructor_kwargs=dict(
+            model=cfg.model, batch_size=cfg.infer.batch_size, threads=max(1, int(plan.infer_cpus))
+        ),
+        batch_size=cfg.infer.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(
+            min_size=plan.infer_min, max_size=plan.infer_max, initial_size=plan.infer_min
+        ),
+        **infer.resources(plan.infer_gpus, plan.infer_cpus),
+    )
+    return ds
+
+
+def _connect(address: Optional[str]) -> bool:
+    """Connect to RAY_ADDRESS / --address, or start an embedded local Ray. True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+        return True
+    ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def _probe_model(ray, cfg: RunConfig) -> models.ModelInfo:
+    """Load the model once, in a throwaway worker, before any video is touched: a model that
+    cannot load fails the job now, with the reason."""
+    probe = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(models.probe)
+    try:
+        return ray.get(probe.remote(cfg.model))
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, RayvidError):
+            raise type(cause)(str(cause)) from None
+        raise ModelError(f"cannot load model {models.display_name(cfg.model)}: {storage.redact(str(cause or e))}") from None
+
+
+def _write_first_record(cfg: RunConfig, record: dict) -> None:
+    """The run record, written before any work: proves OUTPUT is writable, or says why not."""
+    try:
+        commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+    except (OSError, ValueError) as e:
+        raise StorageError(
+            f"cannot write to OUTPUT {storage.public_uri(cfg.output)}: {storage.redact(str(e))}"
+        ) from None
+
+
+def _versions() -> dict:
+    import ray
+
+    return {"rayvid": __version__, "ray": ray.__version__, "python": platform.python_version()}
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _redacted(record: dict) -> dict:
+    """Run records hold URLs the user typed: keep no credentials in them."""
+    def clean(v):
+        if isinstance(v, str):
+            return storage.redact(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(record)

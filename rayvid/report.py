@@ -1,0 +1,27 @@
+"""The end-of-run summary a person reads in the terminal (input: a pipeline.RunResult)."""
+
+from __future__ import annotations
+
+
+def summary(result) -> str:
+    lines = [
+        f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
+        f"  videos:  {result.videos_listed} listed, {result.videos_ok} ok, {result.videos_failed} failed",
+        f"  frames:  {result.frames} ({result.frames_per_s:.1f} frames/s end to end)",
+        f"  model:   {result.model}",
+        f"  output:  {result.output.rstrip('/')}/predictions/ ({len(result.files)} files written)",
+    ]
+    if result.videos_failed:
+        lines.append(f"  errors:  {result.output.rstrip('/')}/errors/ (one row per failed video)")
+    lines.append(f"  record:  {result.output.rstrip('/')}/runs/{result.run_id}.json")
+    if result.top_labels and result.frames:
+        tops = ", ".join(f"{label} {100 * n / result.frames:.0f}%" for label, n in result.top_labels)
+        lines.append(f"  labels:  {tops} of frames")
+    if result.plan:
+        p = result.plan
+        gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
+        lines.append(
+            f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
+            f"inference {p['infer_min']}..{p['infer_max']}{gpu}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The Arrow schemas of everything rayvid writes, and of the rows between its stages.
+
+Output tables carry explicit Arrow types (never Ray's tensor extension type), so DuckDB,
+Spark, Athena and pyarrow read them with no casts.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+_META = {b"rayvid.schema_version": SCHEMA_VERSION.encode()}
+
+# Rows between stages: `kind` says whether a row is a decoded frame or the one terminal row
+# that closes each video ("end"), which carries how many frame rows the video produced and,
+# if it failed, why. The committer publishes a video only when both agree.
+KIND_FRAME = "frame"
+KIND_END = "end"
+
+TOPK_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("class_id", pa.int32()),
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+        ]
+    )
+)
+
+# What the inference stage emits (and the committer consumes).
+INFERRED_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("kind", pa.string()),
+        ("frame_index", pa.int64()),
+        ("timestamp_s", pa.float64()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("topk", TOPK_TYPE),
+        ("n_frames", pa.int64()),
+        ("error_stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("timestamp_s", pa.float64(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("topk", TOPK_TYPE),
+        pa.field("model", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    metadata=_META,
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    metadata=_META,
+)

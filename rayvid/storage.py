@@ -1,0 +1,174 @@
+"""Every URL becomes a filesystem and a path here; no other module talks to S3 clients.
+
+Accepts local paths, `file://`, `s3://` (s3fs, honouring the standard AWS environment:
+`AWS_ENDPOINT_URL[_S3]`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`,
+`AWS_PROFILE`, instance roles; `AWS_NO_SIGN_REQUEST=true` for anonymous public buckets),
+`gs://` (gcsfs, `pip install gcsfs`) and any other fsspec protocol.
+
+Also home of `redact()`: what any URL or message passes through before it is logged or
+written, so keys, tokens and signed-URL signatures never leave the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from typing import Callable, Iterator, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from rayvid.errors import StorageError
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _storage_options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        opts: dict = {}
+        if os.environ.get("AWS_NO_SIGN_REQUEST", "").lower() in _TRUE:
+            opts["anon"] = True
+        # s3fs retries transient errors itself; bound them so a dead endpoint fails in
+        # seconds with a clear message instead of hanging.
+        opts["config_kwargs"] = {
+            "retries": {"max_attempts": int(os.environ.get("RAYVID_S3_MAX_ATTEMPTS", "5")),
+                        "mode": "standard"},
+            "connect_timeout": 10,
+            "read_timeout": 60,
+        }
+        return opts
+    return {}
+
+
+def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Turn any URL or local path into (filesystem, path-within-it)."""
+    if not url:
+        raise StorageError("empty URL")
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(protocol))
+    except ImportError as e:
+        raise StorageError(
+            f"no filesystem for {protocol}:// URLs ({e}); for gs:// run `pip install gcsfs`"
+        ) from None
+    except ValueError as e:
+        raise StorageError(f"cannot use URL {public_uri(url)!r}: {redact(str(e))}") from None
+    if is_local(fs):
+        path = os.path.abspath(os.path.expanduser(path))
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The inverse of `resolve`: local files stay plain absolute paths."""
+    if is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path (parts are trusted names, never input keys)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+@contextlib.contextmanager
+def local_copy(url: str, tmpdir: str) -> Iterator[str]:
+    """Yield a local path holding the object's bytes; remote objects are streamed to a temp
+    file (never read into memory) that is deleted afterwards."""
+    fs, path = resolve(url)
+    if is_local(fs):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        yield path
+        return
+    suffix = os.path.splitext(path)[1][:16]
+    fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
+    os.close(fd)
+    try:
+        with fs.open(path, "rb", block_size=8 * 2**20) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 * 2**20)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = resolve(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that readers see all of it or nothing.
+
+    Object stores publish an object only when its upload completes, so writing in place is
+    atomic there. On a local or shared filesystem we write `.<name>.tmp-<id>` (a name no
+    `*.parquet` glob matches) and rename it over the final name.
+    """
+    fs, path = resolve(url)
+    if is_local(fs):
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
+    with fs.open(path, "wb") as f:
+        write(f)
+
+
+def makedirs(url: str) -> None:
+    fs, path = resolve(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+# --- secrets -------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@")
+_QUERY = re.compile(r"(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
+_SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
+                         re.IGNORECASE)
+
+
+def _secret_values() -> list[str]:
+    vals = [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 6]
+    return sorted(set(vals), key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """Remove credentials from a message: URL user-info, query strings (signed URLs), AWS
+    key ids, and the value of any secret-looking environment variable."""
+    if not text:
+        return text
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _QUERY.sub(r"\g<base>?<redacted>", text)
+    for value in _secret_values():
+        text = text.replace(value, "***")
+    return _AWS_KEY_ID.sub("***", text)
+
+
+def public_uri(url: str) -> str:
+    """The URL as it may be shown and stored: no user-info, no query string or fragment."""
+    url = _USERINFO.sub(r"\g<scheme>", url)
+    if "://" in url:
+        url = url.split("?", 1)[0].split("#", 1)[0]
+    return url

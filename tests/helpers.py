@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: reference values from PyAV, reading outputs back."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def pts_of(path: str) -> np.ndarray:
+    """Reference presentation times from PyAV: (pts - start_time) x time_base, sorted."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        pts = sorted(f.pts for f in c.decode(s))
+        start = s.start_time or 0
+        tb = s.time_base
+    return np.array([(p - start) * tb.numerator / tb.denominator for p in pts])
+
+
+def read_output(output: str, what: str = "predictions"):
+    import pyarrow.dataset as ds
+
+    from rayvid import storage
+
+    fs, path = storage.resolve(output.rstrip("/") + "/" + what)
+    if not fs.exists(path):
+        return None
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def upload_tree(fs, local_dir, url_prefix: str) -> None:
+    for dirpath, _, files in os.walk(local_dir):
+        for name in files:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, local_dir)
+            fs.put_file(src, url_prefix.rstrip("/") + "/" + rel)

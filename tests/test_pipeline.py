@@ -1,0 +1,173 @@
+"""Round trips of the whole job on a real local Ray: generated videos whose content is known
+go in (from a local folder and from moto's S3), Parquet comes out and is compared exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from helpers import pts_of, read_output, upload_tree
+from rayvid import pipeline, schema
+from rayvid.config import ModelConfig, RunConfig, SamplingConfig
+from rayvid.errors import InputError, ModelError
+
+
+def _cfg(inp, out, model_path, **kw) -> RunConfig:
+    return RunConfig(input=inp, output=out, model=ModelConfig(name=model_path), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(media, tmp_path_factory):
+    """The session's videos plus a zero-byte file and a text file named .mp4."""
+    root = tmp_path_factory.mktemp("corpus")
+    shutil.copytree(media["videos"], root, dirs_exist_ok=True)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("this is not a video\n" * 20)
+    truth = {str(root / os.path.relpath(p, media["videos"])): v for p, v in media["truth"].items()}
+    return {"dir": root, "truth": truth}
+
+
+def _check_round_trip(predictions: pa.Table, truth: dict, uri_of) -> None:
+    assert predictions.schema.equals(schema.PREDICTIONS_SCHEMA, check_metadata=False), predictions.schema
+    by_video = {}
+    for row in predictions.select(["video_uri", "frame_index", "timestamp_s", "label"]).to_pylist():
+        by_video.setdefault(row["video_uri"], []).append(row)
+    assert sorted(by_video) == sorted(uri_of(p) for p in truth)
+    for local_path, labels in truth.items():
+        rows = sorted(by_video[uri_of(local_path)], key=lambda r: r["frame_index"])
+        idx = [r["frame_index"] for r in rows]
+        assert idx == list(range(len(labels))), f"{local_path}: frame_index {idx[:5]}... for {len(labels)} frames"
+        ts = np.array([r["timestamp_s"] for r in rows])
+        assert np.all(np.diff(ts) > 0), f"{local_path}: timestamps not strictly increasing"
+        np.testing.assert_allclose(ts, pts_of(local_path), rtol=0, atol=1e-9, err_msg=local_path)
+        got = [r["label"] for r in rows]
+        agree = np.mean([g == t for g, t in zip(got, labels)])
+        assert agree >= 0.97, f"{local_path}: only {agree:.1%} of frames labelled as generated"
+
+
+def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
+    out = str(tmp_path / "out")
+    result = pipeline.run(_cfg(str(corpus["dir"]), out, shapes_model["path"], run_id="local-1"))
+
+    assert (result.videos_listed, result.videos_ok, result.videos_failed) == (5, 3, 2)
+    preds = read_output(out)
+    _check_round_trip(preds, corpus["truth"], uri_of=lambda p: p)
+    assert set(preds.column("model").to_pylist()) == {shapes_model["path"]}
+    assert set(preds.column("run_id").to_pylist()) == {"local-1"}
+    assert result.frames == len(preds)
+
+    # top-k: sorted scores, labels from the sibling labels file, top-1 == label/score
+    row = preds.slice(0, 1).to_pylist()[0]
+    scores = [t["score"] for t in row["topk"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 5
+    assert row["topk"][0]["label"] == row["label"] and row["topk"][0]["score"] == row["score"]
+
+    errors = read_output(out, "errors")
+    assert errors.schema.equals(schema.ERRORS_SCHEMA, check_metadata=False)
+    by_uri = {r["video_uri"]: r for r in errors.to_pylist()}
+    assert sorted(by_uri) == sorted([str(corpus["dir"] / "empty.mp4"), str(corpus["dir"] / "text.mp4")])
+    assert "empty file (0 bytes)" in by_uri[str(corpus["dir"] / "empty.mp4")]["message"]
+    assert "cannot open video" in by_uri[str(corpus["dir"] / "text.mp4")]["message"]
+    assert {r["stage"] for r in by_uri.values()} == {"decode"}
+
+    record = json.loads((tmp_path / "out" / "runs" / "local-1.json").read_text())
+    assert record["status"] == "finished"
+    assert record["config"]["input"] == str(corpus["dir"])
+    assert record["stats"]["frames"] == len(preds) and record["stats"]["videos_failed"] == 2
+
+    # DuckDB reads the contract's types with no casts
+    types = dict(
+        duckdb.sql(
+            f"select column_name, column_type from (describe select * from read_parquet('{out}/predictions/**/*.parquet'))"
+        ).fetchall()
+    )
+    assert types == {
+        "video_uri": "VARCHAR",
+        "frame_index": "BIGINT",
+        "timestamp_s": "DOUBLE",
+        "label": "VARCHAR",
+        "score": "FLOAT",
+        "topk": 'STRUCT(class_id INTEGER, "label" VARCHAR, score FLOAT)[]',
+        "model": "VARCHAR",
+        "run_id": "VARCHAR",
+    }
+    n = duckdb.sql(f"select count(*) from read_parquet('{out}/predictions/**/*.parquet')").fetchall()[0][0]
+    assert n == sum(len(v) for v in corpus["truth"].values())
+
+
+def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
+    """Same job, input, model and output all on S3 (moto on 127.0.0.1) through s3fs."""
+    prefix = "rayvid-test/in-rt/"
+    upload_tree(s3fs_client, corpus["dir"], "s3://" + prefix)
+    model_url = "s3://rayvid-test/models/shapes.keras"
+    s3fs_client.put_file(shapes_model["path"], model_url)
+    s3fs_client.put_file(shapes_model["labels"], "s3://rayvid-test/models/shapes.labels.txt")
+    out = "s3://rayvid-test/out-rt"
+
+    result = pipeline.run(_cfg("s3://" + prefix, out, model_url, run_id="s3-1"))
+
+    assert (result.videos_ok, result.videos_failed) == (3, 2)
+
+    def uri_of(local_path):
+        return "s3://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
+
+    preds = read_output(out)
+    _check_round_trip(preds, corpus["truth"], uri_of)
+    assert set(preds.column("model").to_pylist()) == {model_url}
+    errors = read_output(out, "errors")
+    assert sorted(errors.column("video_uri").to_pylist()) == [uri_of(str(corpus["dir"] / n)) for n in ("empty.mp4", "text.mp4")]
+    assert s3fs_client.exists(out + "/runs/s3-1.json")
+
+
+def test_sampling_every_and_fps(ray_session, media, shapes_model, tmp_path):
+    path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    n = len(media["truth"][path])
+    pts = pts_of(path)
+
+    every = read_output_after(pipeline.run(_cfg(path, str(tmp_path / "e"), shapes_model["path"],
+                                                 sampling=SamplingConfig(every=4))))
+    assert every.column("frame_index").to_pylist() == list(range(0, n, 4))
+
+    fps = 4.0
+    got = read_output_after(pipeline.run(_cfg(path, str(tmp_path / "f"), shapes_model["path"],
+                                               sampling=SamplingConfig(fps=fps))))
+    targets = np.arange(0, int(pts[-1] * fps) + 1) / fps
+    want = sorted({int(np.argmin(np.abs(pts - t))) for t in targets})
+    assert got.column("frame_index").to_pylist() == want
+    np.testing.assert_allclose(got.column("timestamp_s").to_numpy(), pts[want], atol=1e-9)
+
+
+def read_output_after(result):
+    return read_output(result.output).sort_by("frame_index")
+
+
+def test_bad_model_url_fails_before_decoding(ray_session, media, tmp_path):
+    with pytest.raises(ModelError, match="model not found: /nonexistent/model.keras"):
+        pipeline.run(_cfg(str(media["videos"]), str(tmp_path / "o"), "/nonexistent/model.keras"))
+    with pytest.raises(ModelError, match="model not found: s3://rayvid-test/missing.keras"):
+        pipeline.run(_cfg(str(media["videos"]), str(tmp_path / "o"), "s3://rayvid-test/missing.keras"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_input_is_a_clear_error(ray_session, tmp_path, shapes_model):
+    with pytest.raises(InputError, match="input not found"):
+        pipeline.run(_cfg(str(tmp_path / "nope"), str(tmp_path / "o"), shapes_model["path"]))
+    with pytest.raises(InputError, match="input not found: s3://rayvid-test/no/such/prefix"):
+        pipeline.run(_cfg("s3://rayvid-test/no/such/prefix", str(tmp_path / "o"), shapes_model["path"]))
+
+
+def test_plan_resources_cpu_and_gpu():
+    cfg = RunConfig(input="x", output="y")
+    cpu = pipeline.plan_resources(cfg, {"CPU": 16.0}, n_videos=10)
+    assert (cpu.infer_gpus, cpu.infer_min, cpu.infer_max) == (0.0, 1, 4)
+    assert (cpu.decode_min, cpu.decode_max) == (1, 15)
+    gpu = pipeline.plan_resources(cfg, {"CPU": 32.0, "GPU": 4.0}, n_videos=10)
+    assert (gpu.infer_gpus, gpu.infer_min, gpu.infer_max) == (1.0, 4, 4)
+    assert gpu.decode_max == 32
+    assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).videos_per_block == 50
