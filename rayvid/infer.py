@@ -70,8 +70,11 @@ class Predictor:
         for gpu in gpus:  # before TF touches the GPU, or it takes all of its memory
             tf.config.experimental.set_memory_growth(gpu, True)
         if not gpus:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, int(threads)))
-            tf.config.threading.set_inter_op_parallelism_threads(1)
+            try:  # an actor owns its process; in-process use (tests) may find TF started
+                tf.config.threading.set_intra_op_parallelism_threads(max(1, int(threads)))
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:
+                pass
         if model.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
 

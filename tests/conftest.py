@@ -13,10 +13,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# Known fake credentials: tests grep every output for them (they must never leak).
-FAKE_KEY_ID = "AKIAFAKEKEYID0000TEST"
-FAKE_SECRET = "fake-secret-5c2e1d/ShouldNeverAppear+InOutput"
-BUCKET = "rayvid-test"
+from helpers import BUCKET, FAKE_KEY_ID, FAKE_SECRET
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,11 @@ import os
 
 import numpy as np
 
+# Known fake credentials: tests grep every output for them (they must never leak).
+FAKE_KEY_ID = "AKIAFAKEKEYID0000TEST"
+FAKE_SECRET = "fake-secret-5c2e1d/ShouldNeverAppear+InOutput"
+BUCKET = "rayvid-test"
+
 
 def pts_of(path: str) -> np.ndarray:
     """Reference presentation times from PyAV: (pts - start_time) x time_base, sorted."""

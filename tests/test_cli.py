@@ -1,0 +1,93 @@
+"""The command line and the `ray job submit` entrypoint, end to end on the session's Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
+from rayvid.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def one_video(media, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one")
+    src = next(p for p in media["truth"] if p.endswith("c.mkv"))
+    os.symlink(src, d / "c.mkv")
+    return {"dir": d, "n": len(media["truth"][src])}
+
+
+def test_run_verb_prints_a_summary_and_exits_0(ray_session, one_video, shapes_model, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = main(["run", str(one_video["dir"]), out, "--model", shapes_model["path"], "--batch-size", "4",
+                 "--run-id", "cli-1", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "rayvid run cli-1" in text and "1 listed, 1 ok, 0 failed" in text
+    assert f"frames:  {one_video['n']} (" in text and f"{out}/predictions/" in text
+    assert read_output(out).num_rows == one_video["n"]
+
+
+def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"input": str(one_video["dir"]), "output": str(tmp_path / "ignored"),
+                                   "model": {"name": shapes_model["path"], "topk": 2},
+                                   "sampling": {"every": 2}, "progress": False}))
+    out = str(tmp_path / "out")
+    assert main(["run", "--config", str(cfg), str(one_video["dir"]), out]) == 0
+    t = read_output(out)
+    assert t.column("frame_index").to_pylist() == list(range(0, one_video["n"], 2))
+    assert all(len(k) == 2 for k in t.column("topk").to_pylist())
+    # the run record repeats the run
+    record = next((tmp_path / "out" / "runs").iterdir())
+    out2 = str(tmp_path / "out2")
+    assert main(["run", "--config", str(record), str(one_video["dir"]), out2]) == 0
+    assert read_output(out2).num_rows == t.num_rows
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "/definitely/not/here", "OUT"], "rayvid: error: input not found: /definitely/not/here"),
+        (["run", "IN"], "rayvid: error: OUTPUT is required"),
+        (["run", "IN", "OUT", "--every", "0"], "rayvid: error: --every must be >= 1"),
+    ],
+)
+def test_cannot_run_exits_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_job_entrypoint_on_a_running_cluster_and_no_secret_leaks(ray_session, one_video, shapes_model, s3fs_client):
+    """jobs/classify_videos.py as `ray job submit` runs it (a driver connecting through
+    RAY_ADDRESS), over S3 with known fake credentials; then every byte it wrote and printed
+    is searched for them."""
+    s3fs_client.put_file(str(one_video["dir"] / "c.mkv"), "s3://rayvid-test/job-in/c.mkv")
+    s3fs_client.pipe_file("s3://rayvid-test/job-in/broken.mp4", b"\x00" * 100)
+    out = "s3://rayvid-test/job-out"
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), "s3://rayvid-test/job-in/", out,
+         "--model", shapes_model["path"], "--no-progress", "--run-id", "job-1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 ok, 1 failed" in proc.stdout
+    assert read_output(out).num_rows == one_video["n"]
+    assert read_output(out, "errors").column("video_uri").to_pylist() == ["s3://rayvid-test/job-in/broken.mp4"]
+
+    written = b"".join(s3fs_client.cat_file(p) for p in s3fs_client.find(out))
+    for text in (proc.stdout.encode(), proc.stderr.encode(), written):
+        assert FAKE_KEY_ID.encode() not in text and FAKE_SECRET.encode() not in text
+    for p in s3fs_client.find(out):
+        if p.endswith(".parquet"):
+            with s3fs_client.open(p) as f:
+                for col in pq.read_table(f).columns:
+                    assert not any(FAKE_SECRET in str(v) or FAKE_KEY_ID in str(v) for v in col.to_pylist())

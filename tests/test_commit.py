@@ -1,0 +1,109 @@
+"""The committer publishes a video only when all of its rows are there, in typed Parquet."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayvid.commit import Committer
+from rayvid.schema import ERRORS_SCHEMA, INFERRED_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA
+
+
+def _frames(uri, indices):
+    n = len(indices)
+    topk = [[{"class_id": 1, "label": "b", "score": 0.9}, {"class_id": 0, "label": "a", "score": 0.1}]] * n
+    return pa.table(
+        {
+            "video_uri": [uri] * n,
+            "kind": [KIND_FRAME] * n,
+            "frame_index": list(indices),
+            "timestamp_s": [i / 10 for i in indices],
+            "label": ["b"] * n,
+            "score": np.full(n, 0.9, np.float32),
+            "topk": topk,
+            "n_frames": [0] * n,
+            "error_stage": [""] * n,
+            "error_type": [""] * n,
+            "message": [""] * n,
+        },
+        schema=INFERRED_SCHEMA,
+    )
+
+
+def _end(uri, n, error=None):
+    return pa.table(
+        {
+            "video_uri": [uri],
+            "kind": [KIND_END],
+            "frame_index": [-1],
+            "timestamp_s": [float("nan")],
+            "label": [None],
+            "score": pa.array([None], pa.float32()),
+            "topk": pa.array([None], INFERRED_SCHEMA.field("topk").type),
+            "n_frames": [n],
+            "error_stage": ["decode" if error else ""],
+            "error_type": ["VideoError" if error else ""],
+            "message": [error or ""],
+        },
+        schema=INFERRED_SCHEMA,
+    )
+
+
+def _files(d):
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def test_out_of_order_rows_publish_complete_videos_only(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m", rows_per_file=5)
+    c.add(_frames("v1", [3, 4]))
+    c.add(_end("v1", 5))
+    c.add(_frames("v2", [0]))
+    assert _files(tmp_path / "predictions") == []  # v1 has 2 of 5 rows: nothing published
+    c.add(pa.concat_tables([_frames("v1", [0, 1, 2]), _frames("v2", [1])]))
+    # v1 complete (5 rows >= rows_per_file) -> one file, sorted, v2 still pending
+    [name] = _files(tmp_path / "predictions")
+    t = pq.read_table(tmp_path / "predictions" / name)
+    assert t.schema.equals(PREDICTIONS_SCHEMA, check_metadata=False)
+    assert t.schema.metadata[b"rayvid.schema_version"] == b"1"
+    assert t.column("video_uri").to_pylist() == ["v1"] * 5
+    assert t.column("frame_index").to_pylist() == [0, 1, 2, 3, 4]
+    assert set(t.column("model").to_pylist()) == {"m"} and set(t.column("run_id").to_pylist()) == {"r1"}
+    c.add(_end("v2", 2))
+    c.close()
+    assert len(_files(tmp_path / "predictions")) == 2
+    assert (c.videos_ok, c.videos_failed, c.frames) == (2, 0, 7)
+    assert not [f for f in os.listdir(tmp_path / "predictions") if not f.endswith(".parquet")]
+
+
+def test_failed_video_keeps_its_frames_and_gets_one_error_row(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(_frames("bad", [0, 1]))
+    c.add(_end("bad", 2, error="cannot decode frame 2"))
+    c.add(_end("worse", 0, error="empty file (0 bytes)"))
+    c.close()
+    errors = pq.read_table(tmp_path / "errors" / _files(tmp_path / "errors")[0])
+    assert errors.schema.equals(ERRORS_SCHEMA, check_metadata=False)
+    assert sorted(errors.column("video_uri").to_pylist()) == ["bad", "worse"]
+    preds = pq.read_table(tmp_path / "predictions" / _files(tmp_path / "predictions")[0])
+    assert preds.column("frame_index").to_pylist() == [0, 1]
+    assert (c.videos_ok, c.videos_failed) == (0, 2)
+
+
+def test_missing_rows_fail_loudly(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(_frames("v", [0]))
+    c.add(_end("v", 2))
+    with pytest.raises(RuntimeError, match="1 video\\(s\\) incomplete"):
+        c.close()
+    assert _files(tmp_path / "predictions") == []
+
+
+def test_duplicate_rows_fail_loudly(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(_frames("v", [0, 1]))
+    with pytest.raises(RuntimeError, match="3 frame rows for 2"):
+        c.add(pa.concat_tables([_frames("v", [1]), _end("v", 2)]))

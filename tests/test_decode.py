@@ -1,0 +1,141 @@
+"""The decode stage on real generated videos, outside Ray (the stage is a plain callable)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from helpers import pts_of
+from rayvid import samples
+from rayvid.decode import Decoder, contiguous_chunks, sample_indices
+from rayvid.schema import KIND_END, KIND_FRAME
+
+
+def _rows(batches):
+    frames, ends = [], []
+    for b in batches:
+        for i, kind in enumerate(b["kind"]):
+            (frames if kind == KIND_FRAME else ends).append({k: v[i] for k, v in b.items()})
+    return frames, ends
+
+
+def test_sample_indices_every():
+    ts = np.arange(10) / 10
+    assert sample_indices(ts, every=1).tolist() == list(range(10))
+    assert sample_indices(ts, every=3).tolist() == [0, 3, 6, 9]
+    assert sample_indices(np.array([]), every=2).tolist() == []
+
+
+def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
+    # 1 s at 30 fps, then 2 s at 10 fps: average fps (~16.7) would put index/fps far off.
+    ts = np.concatenate([np.arange(30) / 30, 1 + np.arange(20) / 10])
+    got = sample_indices(ts, fps=2)  # targets 0, .5, 1, 1.5, 2, 2.5
+    assert ts[got].tolist() == pytest.approx([0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert got.tolist() == [0, 15, 30, 35, 40, 45]
+    # a rate above the source's keeps each frame once
+    assert sample_indices(ts, fps=100).tolist() == list(range(50))
+
+
+def test_contiguous_chunks():
+    idx = np.arange(10)
+    assert [c.tolist() for c in contiguous_chunks(idx, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_decodes_every_frame_at_model_size_with_container_pts(media):
+    path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    n = len(media["truth"][path])
+    dec = Decoder(size=(48, 64), batch_frames=7)
+    batches = list(dec.decode_video(path))
+    frames, ends = _rows(batches)
+    assert all(len(b["kind"]) <= 7 for b in batches)
+    assert [f["frame_index"] for f in frames] == list(range(n))
+    np.testing.assert_array_equal([f["timestamp_s"] for f in frames], pts_of(path))
+    assert all(f["frame"].shape == (48, 64, 3) and f["frame"].dtype == np.uint8 for f in frames)
+    assert len(ends) == 1 and ends[0]["n_frames"] == n and ends[0]["error_type"] == ""
+    # content: frame 0 is the rendered first frame (lossy, resized), not some other frame
+    labels = media["truth"][path]
+    first = next(iter(samples.scene_frames(labels, seed=1)))
+    import tensorflow as tf
+
+    ref = tf.image.resize(first[None], (48, 64), method="bicubic").numpy()[0]
+    assert np.abs(frames[0]["frame"].astype(float) - ref).mean() < 12
+
+
+def test_batches_bounded_in_bytes(media):
+    path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    dec = Decoder(size=(64, 64), batch_frames=1000, batch_bytes=64 * 64 * 3 * 5)
+    batches = list(dec.decode_video(path))
+    assert max(b["frame"].nbytes for b in batches) <= 64 * 64 * 3 * 5
+
+
+@pytest.mark.parametrize(
+    "name, content, stage, message",
+    [
+        ("empty.mp4", b"", "decode", "empty file (0 bytes)"),
+        ("text.mp4", b"hello, I am text\n" * 50, "decode", "cannot open video"),
+    ],
+)
+def test_bad_files_become_one_error_row(tmp_path, name, content, stage, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(path)))
+    assert frames == []
+    assert len(ends) == 1 and ends[0]["kind"] == KIND_END
+    assert ends[0]["error_stage"] == stage and message in ends[0]["message"]
+    assert ends[0]["n_frames"] == 0
+
+
+def test_missing_file_is_a_read_error(tmp_path):
+    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(tmp_path / "gone.mp4")))
+    assert frames == [] and ends[0]["error_stage"] == "read" and ends[0]["error_type"] == "NotFound"
+
+
+def test_truncated_file_never_crashes(media, tmp_path):
+    src = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    data = open(src, "rb").read()
+    path = tmp_path / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(path)))
+    assert len(ends) == 1
+    assert ends[0]["n_frames"] == len(frames)
+    if ends[0]["error_type"] == "":  # decoded what was there; indices still exact
+        assert [f["frame_index"] for f in frames] == list(range(len(frames)))
+
+
+def test_odd_source_size_gives_exact_model_size(tmp_path):
+    path = str(tmp_path / "odd.mp4")
+    frames = [np.full((121, 163, 3), 40 * i % 255, np.uint8) for i in range(5)]
+    samples.write_video(path, frames, 10, (121, 163), ["-c:v", "libx264", "-pix_fmt", "yuv444p"])
+    got, ends = _rows(Decoder(size=(75, 99)).decode_video(path))
+    assert len(got) == 5 and all(f["frame"].shape == (75, 99, 3) for f in got)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_flat_while_consumer_pauses(tmp_path):
+    """decord reads ahead without bound at native size while its caller pauses (measured:
+    GBs). At model size, as rayvid decodes, RSS must stay flat across slow yields."""
+    path = str(tmp_path / "hd.mp4")
+    import subprocess
+
+    subprocess.run(
+        [samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+         "testsrc2=size=1280x720:rate=30", "-t", "8", "-c:v", "libx264", "-preset", "ultrafast", path],
+        check=True,
+    )
+    dec = Decoder(size=(224, 224), batch_frames=16)
+    gen = dec.decode_video(path)
+    next(gen)
+    base = _rss_mb()
+    peak = base
+    for i, _ in enumerate(gen):
+        if i < 6:
+            time.sleep(0.5)  # a slow downstream stage
+        peak = max(peak, _rss_mb())
+    assert peak - base < 150, f"RSS grew {peak - base:.0f} MB while paused"

@@ -1,0 +1,89 @@
+"""The inference stage: parity with model.predict, one trace, preprocessing in the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rayvid.config import ModelConfig
+from rayvid.infer import Predictor, preprocess_graph, topk_arrays
+from rayvid.schema import INFERRED_SCHEMA, KIND_END, KIND_FRAME
+
+
+@pytest.fixture(scope="module")
+def predictor(shapes_model):
+    return Predictor(ModelConfig(name=shapes_model["path"], topk=3), batch_size=8)
+
+
+def _frames(n, seed=0):
+    from rayvid import samples
+
+    rng = np.random.default_rng(seed)
+    import tensorflow as tf
+
+    imgs = [samples.render(samples.CLASSES[i % 6], rng) for i in range(n)]
+    return np.clip(np.round(tf.image.resize(np.stack(imgs), (64, 64), method="bicubic").numpy()), 0, 255).astype(np.uint8)
+
+
+def test_parity_with_model_predict_and_a_single_trace(predictor, shapes_model):
+    import keras
+
+    frames = _frames(21)  # not a multiple of the batch size: the last batch is padded
+    got = predictor.scores(frames)
+    want = keras.saving.load_model(shapes_model["path"]).predict(frames.astype("float32"), verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    predictor.scores(frames[:3])
+    assert predictor._predict.experimental_get_tracing_count() == 1
+
+
+def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
+    frames = _frames(3)
+    batch = {
+        "video_uri": np.array(["v", "v", "w", "v"], dtype=object),
+        "kind": np.array([KIND_FRAME, KIND_FRAME, KIND_END, KIND_FRAME], dtype=object),
+        "frame_index": np.array([0, 1, -1, 2]),
+        "timestamp_s": np.array([0.0, 0.1, np.nan, 0.2]),
+        "frame": np.concatenate([frames[:2], np.zeros((1, 64, 64, 3), np.uint8), frames[2:]]),
+        "n_frames": np.array([0, 0, 0, 0]),
+        "error_stage": np.array(["", "", "decode", ""], dtype=object),
+        "error_type": np.array(["", "", "VideoError", ""], dtype=object),
+        "message": np.array(["", "", "boom", ""], dtype=object),
+    }
+    t = predictor(batch)
+    assert t.schema.equals(INFERRED_SCHEMA)
+    rows = t.to_pylist()
+    assert rows[2]["label"] is None and rows[2]["topk"] is None and rows[2]["message"] == "boom"
+    truth = [samples_class(i) for i in range(3)]
+    assert [rows[i]["label"] for i in (0, 1, 3)] == truth
+    for r in (rows[0], rows[1], rows[3]):
+        assert len(r["topk"]) == 3 and r["topk"][0]["label"] == r["label"]
+        assert r["topk"][0]["score"] == pytest.approx(r["score"])
+
+
+def samples_class(i):
+    from rayvid import samples
+
+    return samples.CLASSES[i % 6]
+
+
+def test_topk_order_and_ties():
+    scores = np.array([[0.1, 0.5, 0.5, 0.2]], np.float32)
+    ids, s = topk_arrays(scores, 3)
+    assert ids.tolist() == [[1, 2, 3]]
+    np.testing.assert_allclose(s, [[0.5, 0.5, 0.2]])
+
+
+@pytest.mark.parametrize(
+    "mode, module",
+    [("caffe", "resnet50"), ("tf", "mobilenet_v2"), ("torch", "densenet")],
+)
+def test_preprocessing_matches_keras_applications(mode, module):
+    import importlib
+
+    import tensorflow as tf
+
+    x = np.random.default_rng(3).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ref = importlib.import_module(f"keras.applications.{module}").preprocess_input(x.copy())
+    got = preprocess_graph(tf, mode)(tf.constant(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)

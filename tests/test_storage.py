@@ -1,0 +1,54 @@
+"""One helper for every URL; secrets never survive `redact`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import FAKE_KEY_ID, FAKE_SECRET
+from rayvid import storage
+
+
+def test_resolve_local_and_s3(tmp_path, s3_endpoint):
+    fs, path = storage.resolve(str(tmp_path / "x"))
+    assert storage.is_local(fs) and path == str(tmp_path / "x")
+    fs, path = storage.resolve("s3://rayvid-test/a/b.mp4")
+    assert path == "rayvid-test/a/b.mp4" and storage.to_url(fs, path) == "s3://rayvid-test/a/b.mp4"
+    assert fs.exists("rayvid-test")  # reached the moto endpoint through AWS_ENDPOINT_URL
+
+
+def test_local_copy_streams_s3_objects_to_a_temp_file(tmp_path, s3fs_client):
+    data = os.urandom(3 * 2**20 + 17)
+    s3fs_client.pipe_file("s3://rayvid-test/blob.bin", data)
+    with storage.local_copy("s3://rayvid-test/blob.bin", str(tmp_path)) as p:
+        assert open(p, "rb").read() == data
+        kept = p
+    assert not os.path.exists(kept)
+    with pytest.raises(FileNotFoundError):
+        with storage.local_copy("s3://rayvid-test/nope.bin", str(tmp_path)):
+            pass
+
+
+def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
+    target = tmp_path / "d" / "f.parquet"
+    storage.write_atomic(str(target), lambda f: f.write(b"abc"))
+    assert target.read_bytes() == b"abc" and os.listdir(tmp_path / "d") == ["f.parquet"]
+    with pytest.raises(ZeroDivisionError):
+        storage.write_atomic(str(tmp_path / "d" / "g.parquet"), lambda f: (f.write(b"x"), 1 / 0))
+    assert os.listdir(tmp_path / "d") == ["f.parquet"]  # no partial file, no temp left
+    storage.write_atomic("s3://rayvid-test/w/f.bin", lambda f: f.write(b"xyz"))
+    assert s3fs_client.cat_file("s3://rayvid-test/w/f.bin") == b"xyz"
+
+
+def test_redact_removes_credentials(s3_endpoint):
+    text = (
+        f"failed https://bucket.s3.amazonaws.com/k.mp4?X-Amz-Credential={FAKE_KEY_ID}&X-Amz-Signature=abc "
+        f"and s3://user:pass@bucket/key with key {FAKE_KEY_ID} secret {FAKE_SECRET}"
+    )
+    out = storage.redact(text)
+    for secret in (FAKE_KEY_ID, FAKE_SECRET, "X-Amz-Signature", "pass@"):
+        assert secret not in out
+    assert "https://bucket.s3.amazonaws.com/k.mp4?<redacted>" in out
+    assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
+    assert storage.public_uri("/local/a?b.mp4") == "/local/a?b.mp4"
