@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml requirements.lock
 # `make run MODEL=resnet50` runs ImageNet ResNet-50 instead (weights from Keras' cache).
 run: $(STAMP)
 	$(BIN)/python -m rayvid samples $(SAMPLES) > /dev/null
+	@# each demo run starts from a fresh local OUT (only if it is an earlier rayvid output)
+	@case "$(OUT)" in *://*) ;; *) if [ -d "$(OUT)/runs" ]; then rm -rf "$(OUT)"; fi ;; esac
 	$(BIN)/rayvid run $(SAMPLES)/videos $(OUT) --model $(MODEL) $(ARGS)
 
 test: $(STAMP)

@@ -105,8 +105,10 @@ def _load_config_file(url: str) -> dict:
         data = yaml.safe_load(storage.read_bytes(url).decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {storage.public_uri(url)}") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.describe(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {storage.public_uri(url)} is not valid YAML: {storage.redact(str(e))}") from None
     if isinstance(data, dict) and "config" in data and "run_id" in data:
         data = dict(data["config"])  # a runs/<id>.json record: repeat its config, new run id
         data.pop("run_id", None)

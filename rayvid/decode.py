@@ -137,7 +137,7 @@ class Decoder:
                         emitted += len(idx)
                 finally:
                     del vr
-        except (VideoError, OSError, RuntimeError, EOFError, self._decord.DECORDError) as e:
+        except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, *storage.ACCESS_ERRORS) as e:
             yield self._end_row(uri, emitted, stage, e)
             return
         yield self._end_row(uri, emitted, None, None)
@@ -181,7 +181,7 @@ class Decoder:
     def _end_row(self, uri, emitted, stage, error) -> dict:
         message = ""
         if error is not None:
-            message = storage.redact(str(error).replace(self._tmpdir, "<tmp>"))
+            message = storage.describe(error).replace(self._tmpdir, "<tmp>")
             if emitted:
                 message += f" (after {emitted} frames; the frames before it are kept)"
         return {

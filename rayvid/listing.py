@@ -46,16 +46,8 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
-    except PermissionError as e:
-        raise InputError(
-            f"no permission to read {storage.public_uri(input_url)}: {storage.redact(str(e))} "
-            "(check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
-            "instance role)"
-        ) from None
-    except OSError as e:
-        raise InputError(
-            f"cannot read {storage.public_uri(input_url)}: {storage.redact(str(e))}"
-        ) from None
+    except storage.ACCESS_ERRORS as e:
+        raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
 
     if info.get("type") == "directory":
         rows = _walk(fs, path)
@@ -84,8 +76,8 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
 def _walk(fs, root: str) -> list[tuple[str, int, str]]:
     try:
         found = fs.find(root, detail=True, withdirs=False)
-    except OSError as e:
-        raise InputError(f"cannot list {storage.to_url(fs, root)}: {storage.redact(str(e))}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise InputError(f"cannot list {storage.to_url(fs, root)}: {storage.describe(e)}") from None
     rows = []
     for path, info in found.items():
         name = os.path.basename(path)

@@ -145,8 +145,8 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     try:
         is_dir = fs.isdir(path)
         exists = is_dir or fs.exists(path)
-    except OSError as e:
-        raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.describe(e)}") from None
     if not exists:
         known = ", ".join(sorted(APPLICATIONS))
         raise ModelError(
@@ -209,8 +209,8 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
         source = storage.public_uri(cfg.labels)
         try:
             labels = _read_labels(cfg.labels)
-        except OSError as e:
-            raise ModelError(f"cannot read labels {source}: {storage.redact(str(e))}") from None
+        except storage.ACCESS_ERRORS as e:
+            raise ModelError(f"cannot read labels {source}: {storage.describe(e)}") from None
     elif num_classes == 1000:
         labels = imagenet_labels()
     elif cfg.name not in APPLICATIONS:
@@ -221,7 +221,7 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
                 labels = _read_labels(cand)
                 source = cand
                 break
-            except (OSError, ValueError):
+            except (*storage.ACCESS_ERRORS, ValueError):
                 continue
     if labels is None:
         return tuple(f"class_{i}" for i in range(num_classes))
@@ -253,8 +253,8 @@ def _fetch(url: str, workdir: str, what: str) -> str:
             fs.get_file(path, dest)
     except FileNotFoundError:
         raise ModelError(f"{what} not found: {storage.public_uri(url)}") from None
-    except OSError as e:
-        raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.redact(str(e))}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
     return dest
 
 

@@ -149,6 +149,9 @@ def _dataset(ray, cfg: RunConfig, videos: pa.Table, info: models.ModelInfo, plan
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
+    # Ray Data would coalesce the decoder's batches into 128 MiB blocks; cap blocks at one
+    # decode batch so frames reach inference as soon as they are decoded.
+    ctx.target_max_block_size = cfg.decode.batch_bytes
     blocks = [videos.slice(i, plan.videos_per_block) for i in range(0, len(videos), plan.videos_per_block)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
@@ -213,10 +216,8 @@ def _write_first_record(cfg: RunConfig, record: dict) -> None:
     """The run record, written before any work: proves OUTPUT is writable, or says why not."""
     try:
         commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
-    except (OSError, ValueError) as e:
-        raise StorageError(
-            f"cannot write to OUTPUT {storage.public_uri(cfg.output)}: {storage.redact(str(e))}"
-        ) from None
+    except (*storage.ACCESS_ERRORS, ValueError) as e:
+        raise StorageError(f"cannot write to OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 
 
 def _versions() -> dict:

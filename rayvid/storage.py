@@ -27,6 +27,37 @@ from rayvid.errors import StorageError
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def _access_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:  # no S3 support installed
+        pass
+    return tuple(errors)
+
+
+# Exceptions that mean "this URL cannot be read or written" (missing object, no permission,
+# no credentials, endpoint down), as opposed to a bug.
+ACCESS_ERRORS = _access_errors()
+
+CREDENTIALS_HINT = (
+    "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the "
+    "instance role / service account"
+)
+
+
+def describe(error: BaseException) -> str:
+    """A one-line, credential-free description of an access error, with a hint when the
+    cause is missing or refused credentials."""
+    text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    name = type(error).__name__
+    if isinstance(error, PermissionError) or "Credentials" in name or "AccessDenied" in text:
+        return f"{text} ({CREDENTIALS_HINT})"
+    return text
+
+
 def _storage_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
         opts: dict = {}

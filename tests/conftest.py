@@ -69,7 +69,9 @@ def s3fs_client(s3_endpoint):
 def ray_session(s3_endpoint):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # One logical GPU (no physical one): the inference pool takes the product's GPU path
+    # (num_gpus=1 per actor) and TensorFlow, finding no device, computes on the CPU.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

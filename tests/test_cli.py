@@ -91,3 +91,14 @@ def test_job_entrypoint_on_a_running_cluster_and_no_secret_leaks(ray_session, on
             with s3fs_client.open(p) as f:
                 for col in pq.read_table(f).columns:
                     assert not any(FAKE_SECRET in str(v) or FAKE_KEY_ID in str(v) for v in col.to_pylist())
+
+
+def test_no_credentials_is_a_clear_error(s3_endpoint, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env.update(AWS_ENDPOINT_URL=s3_endpoint, AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "rayvid", "run", "s3://rayvid-test/in/", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "rayvid: error: cannot read s3://rayvid-test/in/: Unable to locate credentials (check credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr

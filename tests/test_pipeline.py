@@ -14,7 +14,7 @@ import pytest
 
 from helpers import pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
-from rayvid.config import ModelConfig, RunConfig, SamplingConfig
+from rayvid.config import InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import InputError, ModelError
 
 
@@ -56,6 +56,7 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
     result = pipeline.run(_cfg(str(corpus["dir"]), out, shapes_model["path"], run_id="local-1"))
 
     assert (result.videos_listed, result.videos_ok, result.videos_failed) == (5, 3, 2)
+    assert result.plan["infer_gpus"] == 1.0  # the session's logical GPU: the GPU path ran
     preds = read_output(out)
     _check_round_trip(preds, corpus["truth"], uri_of=lambda p: p)
     assert set(preds.column("model").to_pylist()) == {shapes_model["path"]}
@@ -110,9 +111,11 @@ def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
     s3fs_client.put_file(shapes_model["labels"], "s3://rayvid-test/models/shapes.labels.txt")
     out = "s3://rayvid-test/out-rt"
 
-    result = pipeline.run(_cfg("s3://" + prefix, out, model_url, run_id="s3-1"))
+    cpu_only = InferConfig(gpus_per_actor=0.0)
+    result = pipeline.run(_cfg("s3://" + prefix, out, model_url, run_id="s3-1", infer=cpu_only))
 
     assert (result.videos_ok, result.videos_failed) == (3, 2)
+    assert result.plan["infer_gpus"] == 0.0  # inference actors on CPU
 
     def uri_of(local_path):
         return "s3://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
