@@ -81,8 +81,8 @@ def presentation_times(path: str, n_frames: int) -> Optional[np.ndarray]:
     return ticks * tb.numerator / tb.denominator
 
 
-def contiguous_chunks(indices: np.ndarray, max_len: int) -> Iterator[np.ndarray]:
-    """Split sorted indices into runs of at most max_len, in order."""
+def chunks(indices: np.ndarray, max_len: int) -> Iterator[np.ndarray]:
+    """Split sorted indices into consecutive groups of at most max_len, in order."""
     for start in range(0, len(indices), max_len):
         yield indices[start : start + max_len]
 
@@ -131,7 +131,7 @@ class Decoder:
                     if timestamps is None:  # container without usable pts: decord's float32
                         timestamps = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
                     keep = sample_indices(timestamps, self.every, self.fps)
-                    for idx in contiguous_chunks(keep, self.chunk):
+                    for idx in chunks(keep, self.chunk):
                         frames = self._fit(vr.get_batch(idx.tolist()).asnumpy())
                         yield self._frame_batch(uri, idx, timestamps[idx], frames)
                         emitted += len(idx)

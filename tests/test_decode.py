@@ -10,7 +10,7 @@ import pytest
 
 from helpers import pts_of
 from rayvid import samples
-from rayvid.decode import Decoder, contiguous_chunks, sample_indices
+from rayvid.decode import Decoder, chunks, sample_indices
 from rayvid.schema import KIND_END, KIND_FRAME
 
 
@@ -39,9 +39,9 @@ def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
     assert sample_indices(ts, fps=100).tolist() == list(range(50))
 
 
-def test_contiguous_chunks():
+def test_chunks():
     idx = np.arange(10)
-    assert [c.tolist() for c in contiguous_chunks(idx, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [c.tolist() for c in chunks(idx, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_decodes_every_frame_at_model_size_with_container_pts(media):

@@ -87,3 +87,18 @@ def test_preprocessing_matches_keras_applications(mode, module):
     ref = importlib.import_module(f"keras.applications.{module}").preprocess_input(x.copy())
     got = preprocess_graph(tf, mode)(tf.constant(x)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_xla_agrees_with_cpu_float32(shapes_model):
+    """Skipped without a physical GPU: the same frames scored on the GPU with XLA and on
+    the CPU agree on top-1 for every frame."""
+    import tensorflow as tf
+
+    assert tf.config.list_physical_devices("GPU")
+    frames = _frames(48)
+    gpu = Predictor(ModelConfig(name=shapes_model["path"], xla=True), batch_size=16).scores(frames)
+    with tf.device("/CPU:0"):
+        cpu = Predictor(ModelConfig(name=shapes_model["path"]), batch_size=16).scores(frames)
+    assert (gpu.argmax(1) == cpu.argmax(1)).all()
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)
