@@ -40,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     ex = s.add_mutually_exclusive_group()
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
     ex.add_argument("--fps", type=float, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
+    ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
+    e.add_argument("--decoder", choices=["auto", "decord", "pyav"], help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="decoder threads per decode actor (default 1)")
     e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
     e.add_argument("--infer-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
@@ -78,8 +80,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "mixed_precision": args.mixed_precision,
             "xla": args.xla,
         },
-        "sampling": {"every": args.every, "fps": args.fps},
-        "decode": {"threads": args.decode_threads, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
+        "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes},
+        "decode": {"decoder": args.decoder, "threads": args.decode_threads, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
         "infer": {
             "batch_size": args.batch_size,
             "gpus_per_actor": args.gpus_per_actor,

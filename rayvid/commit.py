@@ -5,6 +5,7 @@ video), in any order, as the driver streams them out of Ray Data.
 Output, under OUTPUT:
   `predictions/part-<run_id>-<seq>.parquet`  `schema.PREDICTIONS_SCHEMA`, one row per frame
   `errors/part-<run_id>-<seq>.parquet`       `schema.ERRORS_SCHEMA`, one row per failed video
+  `videos/part-<run_id>-<seq>.parquet`       `schema.VIDEOS_SCHEMA`, one row per video
   `runs/<run_id>.json`                       the resolved config and the run's stats
 
 A video is published only when it is complete: its terminal row has arrived and the number
@@ -26,10 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import storage
-from rayvid.schema import ERRORS_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA
+from rayvid.schema import ERRORS_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
 
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
+VIDEOS_DIR = "videos"
 RUNS_DIR = "runs"
 
 
@@ -53,6 +55,7 @@ class Committer:
         self._ready: list[pa.Table] = []
         self._ready_rows = 0
         self._ready_errors: list[dict] = []
+        self._ready_videos: list[dict] = []
         self._seq = 0
         self._last_flush = time.monotonic()
         self.files: list[str] = []
@@ -79,7 +82,7 @@ class Committer:
             self._ends[uri] = row
             self._complete_if_done(uri)
         if self._ready_rows >= self.rows_per_file or (
-            (self._ready or self._ready_errors)
+            self._ready_videos
             and time.monotonic() - self._last_flush >= self.flush_interval_s
         ):
             self.flush()
@@ -96,15 +99,33 @@ class Committer:
         parts = self._pending.pop(uri, [])
         self._counts.pop(uri, None)
         del self._ends[uri]
+        top_labels = []
         if parts:
             video = pa.concat_tables(parts)
             self._ready.append(video)
             self._ready_rows += len(video)
             self.frames += len(video)
-            self.label_counts.update(
-                dict(zip(*(c.to_pylist() for c in pc.value_counts(video.column("label")).flatten())))
-            )
-        if end["error_type"]:
+            counts = pc.value_counts(video.column("label")).to_pylist()
+            counts.sort(key=lambda c: (-c["counts"], c["values"] or ""))
+            self.label_counts.update({c["values"]: c["counts"] for c in counts})
+            top_labels = [{"label": c["values"], "share": c["counts"] / len(video)} for c in counts[:5]]
+        failed = bool(end["error_type"])
+        self._ready_videos.append(
+            {
+                "video_uri": uri,
+                "frames": end["n_frames"],
+                "duration_s": end["duration_s"],
+                "fps": end["fps"],
+                "width": end["width"],
+                "height": end["height"],
+                "codec": end["codec"],
+                "decoder": end["decoder"],
+                "top_labels": top_labels,
+                "error": failed,
+                "run_id": self.run_id,
+            }
+        )
+        if failed:
             self.videos_failed += 1
             self._ready_errors.append(
                 {
@@ -120,7 +141,7 @@ class Committer:
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
-        if not self._ready and not self._ready_errors:
+        if not self._ready_videos:
             return
         name = f"part-{self.run_id}-{self._seq:05d}.parquet"
         self._seq += 1
@@ -146,7 +167,9 @@ class Committer:
         if self._ready_errors:
             errors = pa.Table.from_pylist(self._ready_errors, schema=ERRORS_SCHEMA)
             self._write(storage.join(self.output, ERRORS_DIR, name), errors)
-        self._ready, self._ready_rows, self._ready_errors = [], 0, []
+        videos = pa.Table.from_pylist(self._ready_videos, schema=VIDEOS_SCHEMA)
+        self._write(storage.join(self.output, VIDEOS_DIR, name), videos.sort_by("video_uri"))
+        self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
 
     def _write(self, url: str, table: pa.Table) -> None:
         storage.write_atomic(
@@ -155,7 +178,8 @@ class Committer:
                 table,
                 f,
                 compression="zstd",
-                use_dictionary=["video_uri", "label", "model", "run_id", "stage", "error_type"],
+                use_dictionary=["video_uri", "label", "model", "run_id", "stage", "error_type",
+                                "codec", "decoder"],
                 row_group_size=128 * 1024,
             ),
         )

@@ -44,18 +44,20 @@ class ModelConfig:
 class SamplingConfig:
     every: int = 1  # keep frames 0, N, 2N, ...
     fps: Optional[float] = None  # keep the frame whose pts is nearest each t = k / fps
+    keyframes: bool = False  # keep key frames only (decodes only those)
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ConfigError(f"--every must be >= 1, got {self.every}")
         if self.fps is not None and self.fps <= 0:
             raise ConfigError(f"--fps must be > 0, got {self.fps}")
-        if self.fps is not None and self.every != 1:
-            raise ConfigError("--every and --fps are exclusive: pick one sampling mode")
+        if (self.fps is not None) + (self.every != 1) + bool(self.keyframes) > 1:
+            raise ConfigError("--every, --fps and --keyframes are exclusive: pick one sampling mode")
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    decoder: str = "auto"  # auto (decord where it is exact, else PyAV), decord, pyav
     threads: int = 1  # decoder threads per actor (never 0: that means every core of the node)
     batch_frames: int = 64  # frames per batch handed downstream, at most
     batch_bytes: int = 32 * 2**20  # bytes per batch handed downstream, at most
@@ -94,6 +96,8 @@ class RunConfig:
             raise ConfigError("--batch-size must be >= 1")
         if self.decode.threads < 1:
             raise ConfigError("decode threads must be >= 1")
+        if self.decode.decoder not in ("auto", "decord", "pyav"):
+            raise ConfigError(f"--decoder must be auto, decord or pyav, got {self.decode.decoder!r}")
         if not self.run_id:
             object.__setattr__(self, "run_id", new_run_id())
 

@@ -3,22 +3,33 @@
 Input columns:  `video_uri` (any number of rows; each video is decoded whole).
 Output columns: `video_uri: str`, `kind: str`, `frame_index: int64`, `timestamp_s: float64`,
   `frame: uint8[H, W, 3]`, `n_frames: int64`, `error_stage: str`, `error_type: str`,
-  `message: str`.
+  `message: str`, and the video's `decoder, codec: str`, `width, height: int64`,
+  `fps, duration_s: float64`.
 A video yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes), then
 exactly one terminal row (`kind == "end"`, a zero `frame`) whose `n_frames` counts the frame
-rows it produced and whose error fields say why it stopped early, if it did. A video that
-cannot be read is one terminal row with the error: data, not an exception.
+rows it produced, which carries the video's metadata, and whose error fields say why it
+stopped early, if it did. A video that cannot be read is one terminal row with the error:
+data, not an exception.
 
-How decord is used, from measurements (see README, "Decoding"):
-- it reads a local path: remote objects are streamed to a temp file first, because
-  `VideoReader(file_object)` copies the whole file into memory (and segfaults on truncation);
-- it always resizes on decode to the model size (the frames that travel are small, and at
-  model size its decoder thread does not read ahead while we wait on downstream stages:
-  memory stays flat across yields, tested in tests/test_decode.py; at native size it does
-  not, which is why rayvid never decodes at native size);
-- `num_threads` is explicit (decord's 0 means every core of the node);
-- batches are read as contiguous index runs with `get_batch`, so the reader never seeks
-  backwards and never re-decodes a GOP.
+Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
+- **decord** (default where it is right, see `DECORD_CODECS`), reading a local path (remote
+  objects are streamed to a temp file first: `VideoReader(file_object)` copies the whole
+  file into memory and segfaults on truncation), always resizing on decode to the model
+  size, with an explicit `num_threads` (decord's 0 means every core of the node). It reads
+  strictly sequentially, in contiguous windows, and drops unwanted frames itself: decord's
+  seeks return wrong frames after keyframes on open-GOP HEVC (measured: 4 of 9 sparse
+  indices off on a 60-frame x265 file), its sequential reads are exact. At model size its
+  decoder thread does not read ahead while we wait on downstream stages (tested in
+  tests/test_decode.py; at native size it does, without bound), so one reader stays open
+  across yields.
+- **PyAV** for what decord cannot open or cannot be trusted with (AV1; VP9 in WebM; frame
+  sizes decord mis-strides; keyframes-only scans, where it skips non-key frames without
+  decoding them), and as the fallback when decord fails before its first frame. It decodes
+  packet by packet (a damaged packet costs its frames, not the video), applies the
+  container's rotation (frames come out upright, as a player shows them) and resizes with
+  the same bicubic stretch as decord.
+Frame indices and timestamps come from the probe: index i is the i-th frame in
+presentation (pts) order, its time is (pts - stream start) x time_base, exact in float64.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -39,16 +51,33 @@ def resources(threads: int) -> dict:
     return {"num_cpus": float(threads)}
 
 
-def sample_indices(timestamps: np.ndarray, every: int = 1, fps: Optional[float] = None) -> np.ndarray:
+# Codecs decord 0.6 decodes exactly (sequential reads, tested per codec in
+# tests/test_decode.py); anything else goes to PyAV. Measured: decord cannot open AV1 and
+# fails on VP9 in WebM.
+DECORD_CODECS = frozenset(
+    "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
+    "dvvideo".split()
+)
+
+
+def sample_indices(
+    timestamps: np.ndarray,
+    every: int = 1,
+    fps: Optional[float] = None,
+    keyframes: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Indices of the frames a sampling mode keeps, sorted and unique.
 
     every=N keeps 0, N, 2N, ...; fps=F keeps, for each target time t = k/F (k = 0, 1, ...
     up to the last frame's time), the frame whose presentation time is nearest t (ties go
-    to the earlier frame); a frame nearest several targets is kept once.
+    to the earlier frame); a frame nearest several targets is kept once; `keyframes` (a
+    boolean mask) keeps exactly the key frames.
     """
     n = len(timestamps)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    if keyframes is not None:
+        return np.flatnonzero(keyframes).astype(np.int64)
     if fps is None:
         return np.arange(0, n, every, dtype=np.int64)
     ts = np.asarray(timestamps, dtype=np.float64)
@@ -60,50 +89,78 @@ def sample_indices(timestamps: np.ndarray, every: int = 1, fps: Optional[float] 
     return np.unique(pick).astype(np.int64)
 
 
-def presentation_times(path: str, n_frames: int) -> Optional[np.ndarray]:
-    """Exact float64 presentation times, (pts - stream start) x time_base, of the video
-    stream's frames in presentation order: decord's frame order (it sorts packets by pts)
-    with the float64 precision decord's float32 timestamps lack. Demuxes only (no decoding).
-    None when the container has packets without pts or the count disagrees with decord."""
+@dataclass(frozen=True)
+class Probe:
+    """What the container says of its video stream, from a demux-only pass (no decoding)."""
+
+    codec: str
+    width: int
+    height: int
+    fps: float  # average, for information only: never used to compute times
+    duration_s: float
+    pts: np.ndarray  # int64, sorted: frame i has pts[i]
+    times: np.ndarray  # float64 seconds, (pts - start) * time_base
+    keyframes: np.ndarray  # bool, frame i is a key frame
+
+
+def probe(path: str) -> Probe:
     import av
 
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream (audio-only or not a video)")
             stream = container.streams.video[0]
-            pts = [p.pts for p in container.demux(stream) if p.size]
+            packets = [(p.pts if p.pts is not None else p.dts, p.is_keyframe)
+                       for p in container.demux(stream) if p.size]
+            codec = stream.codec_context.name
+            width, height = stream.codec_context.width, stream.codec_context.height
+            rate = stream.average_rate
             tb = stream.time_base
             start = stream.start_time or 0
-    except (av.FFmpegError, IndexError, OSError):
-        return None
-    if len(pts) != n_frames or any(p is None for p in pts) or tb is None:
-        return None
-    ticks = np.sort(np.asarray(pts, dtype=np.int64)) - start
-    return ticks * tb.numerator / tb.denominator
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot open video: {_first_line(e)}") from None
+    if not packets:
+        raise VideoError("the video stream has no frames")
+    if any(p is None for p, _ in packets) or tb is None:
+        raise VideoError("the video stream has packets without timestamps")
+    order = np.argsort([p for p, _ in packets], kind="stable")
+    pts = np.array([packets[i][0] for i in order], dtype=np.int64)
+    if len(np.unique(pts)) != len(pts):
+        raise VideoError("the video stream has frames with duplicate timestamps")
+    keys = np.array([packets[i][1] for i in order], dtype=bool)
+    times = (pts - start) * tb.numerator / tb.denominator
+    fps = float(rate) if rate else 0.0
+    duration = float(times[-1] + (1.0 / fps if fps else 0.0))
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys)
 
 
-def chunks(indices: np.ndarray, max_len: int) -> Iterator[np.ndarray]:
-    """Split sorted indices into consecutive groups of at most max_len, in order."""
-    for start in range(0, len(indices), max_len):
-        yield indices[start : start + max_len]
+class _Untrusted(Exception):
+    """decord cannot give exact frames for this file: use PyAV instead."""
 
 
 class Decoder:
-    """Callable class run by Ray Data as an actor: one decord reader at a time."""
+    """Callable class run by Ray Data as an actor: one video, one reader at a time."""
 
     def __init__(
         self,
         size: tuple[int, int],
         every: int = 1,
         fps: Optional[float] = None,
+        keyframes: bool = False,
+        decoder: str = "auto",
         threads: int = 1,
         batch_frames: int = 64,
         batch_bytes: int = 32 * 2**20,
     ):
-        import decord  # heavy import: only inside the stage
+        import decord  # heavy imports: only inside the stage
 
+        if decoder not in ("auto", "decord", "pyav"):
+            raise ValueError(f"unknown decoder {decoder!r}")
         self._decord = decord
         self.height, self.width = int(size[0]), int(size[1])
-        self.every, self.fps = every, fps
+        self.every, self.fps, self.keyframes = every, fps, keyframes
+        self.decoder = decoder
         self.threads = max(1, int(threads))
         frame_bytes = self.height * self.width * 3
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
@@ -117,55 +174,122 @@ class Decoder:
             yield from self.decode_video(str(uri))
 
     def decode_video(self, uri: str) -> Iterator[dict]:
-        emitted = 0
-        stage = "read"
+        state = {"emitted": 0, "stage": "read", "decoder": "", "info": None, "note": ""}
         try:
             with storage.local_copy(uri, self._tmpdir) as path:
-                stage = "decode"
-                vr = self._open(path)
-                try:
-                    n = len(vr)
-                    if n <= 0:
-                        raise VideoError("the video stream has no frames")
-                    timestamps = presentation_times(path, n)
-                    if timestamps is None:  # container without usable pts: decord's float32
-                        timestamps = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
-                    keep = sample_indices(timestamps, self.every, self.fps)
-                    for idx in chunks(keep, self.chunk):
-                        frames = self._fit(vr.get_batch(idx.tolist()).asnumpy())
-                        yield self._frame_batch(uri, idx, timestamps[idx], frames)
-                        emitted += len(idx)
-                finally:
-                    del vr
+                state["stage"] = "decode"
+                if os.path.getsize(path) == 0:
+                    raise VideoError("empty file (0 bytes)")
+                info = state["info"] = probe(path)
+                keep = sample_indices(info.times, self.every, self.fps,
+                                      info.keyframes if self.keyframes else None)
+                for idx, frames in self._frames(path, info, keep, state):
+                    yield self._frame_batch(uri, idx, info.times[idx], frames)
+                    state["emitted"] += len(idx)
+                missing = len(keep) - state["emitted"]
+                if missing:
+                    raise VideoError(f"{missing} of {len(keep)} frames could not be decoded")
         except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, *storage.ACCESS_ERRORS) as e:
-            yield self._end_row(uri, emitted, stage, e)
+            yield self._end_row(uri, state, e)
             return
-        yield self._end_row(uri, emitted, None, None)
+        yield self._end_row(uri, state, None)
 
-    def _open(self, path: str):
-        if os.path.getsize(path) == 0:
-            raise VideoError("empty file (0 bytes)")
+    def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
+        """(indices, frames) batches from the decoder that suits this file."""
+        use_decord = self.decoder == "decord" or (
+            self.decoder == "auto" and info.codec in DECORD_CODECS and not self.keyframes
+        )
+        if use_decord:
+            state["decoder"] = "decord"
+            try:
+                for out in self._decord_frames(path, info, keep):
+                    yield out
+                return
+            except (_Untrusted, RuntimeError, self._decord.DECORDError) as e:
+                if state["emitted"] or self.decoder == "decord":
+                    raise
+                state["note"] = f"decord: {_first_line(e)}"
+        state["decoder"] = "pyav"
+        yield from self._pyav_frames(path, info, keep, state)
+
+    def _decord_frames(self, path: str, info: Probe, keep: np.ndarray):
         try:
-            return self._decord.VideoReader(
+            vr = self._decord.VideoReader(
                 path, ctx=self._decord.cpu(0), width=self.width, height=self.height,
                 num_threads=self.threads,
             )
         except (RuntimeError, self._decord.DECORDError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if "Error reading" in first:
-                first = "no decodable video stream (not a video container, or a damaged one)"
-            raise VideoError(f"cannot open video: {first}") from None
+            raise _Untrusted(f"cannot open: {_first_line(e)}") from None
+        try:
+            if len(vr) != len(info.pts):
+                raise _Untrusted(f"decord counts {len(vr)} frames, the container {len(info.pts)}")
+            if len(keep) == 0:
+                return
+            wanted = np.zeros(int(keep[-1]) + 1, dtype=bool)
+            wanted[keep] = True
+            idx_buf, frame_buf = np.zeros(0, np.int64), None
+            # contiguous windows from frame 0: never a seek, so exact on every codec
+            for start in range(0, len(wanted), self.chunk):
+                stop = min(start + self.chunk, len(wanted))
+                frames = vr.get_batch(list(range(start, stop))).asnumpy()
+                if frames.shape[1:] != (self.height, self.width, 3):
+                    raise _Untrusted(f"decord returned frames of shape {frames.shape[1:]}")
+                sel = np.flatnonzero(wanted[start:stop])
+                idx_buf = np.concatenate([idx_buf, sel + start])
+                frame_buf = frames[sel] if frame_buf is None else np.concatenate([frame_buf, frames[sel]])
+                while len(idx_buf) >= self.chunk or (stop == len(wanted) and len(idx_buf)):
+                    yield idx_buf[: self.chunk], frame_buf[: self.chunk]
+                    idx_buf, frame_buf = idx_buf[self.chunk :], frame_buf[self.chunk :]
+        finally:
+            del vr
 
-    def _fit(self, frames: np.ndarray) -> np.ndarray:
-        """Guarantee exactly (n, H, W, 3): some odd source sizes come back a row/column short."""
-        n, h, w = frames.shape[:3]
-        if (h, w) == (self.height, self.width):
-            return frames
-        pad = ((0, 0), (0, max(0, self.height - h)), (0, max(0, self.width - w)), (0, 0))
-        return np.pad(frames, pad, mode="edge")[:, : self.height, : self.width]
+    def _pyav_frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
+        import av
+
+        index_of = {int(p): i for i, p in enumerate(info.pts)}
+        wanted = np.zeros(len(info.pts), dtype=bool)
+        wanted[keep] = True
+        done = np.zeros(len(info.pts), dtype=bool)
+        idx_buf, frame_buf, damaged = [], [], 0
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            ctx.thread_count = self.threads
+            if self.keyframes:
+                ctx.skip_frame = "NONKEY"  # decode key frames only
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    damaged += 1
+                    continue
+                for frame in frames:
+                    i = index_of.get(frame.pts)
+                    if i is None or not wanted[i] or done[i]:
+                        continue
+                    done[i] = True
+                    idx_buf.append(i)
+                    frame_buf.append(self._upright(frame))
+                    if len(idx_buf) == self.chunk:
+                        yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                        idx_buf, frame_buf = [], []
+        if idx_buf:
+            yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+        if damaged:
+            state["note"] = f"{damaged} damaged packets skipped"
+
+    def _upright(self, frame) -> np.ndarray:
+        """RGB at model size, rotated as the container's display matrix says."""
+        turns = (int(frame.rotation) // 90) % 4 if frame.rotation else 0
+        if turns % 2:  # 90/270: resize to the transposed size, then rotate
+            img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BICUBIC")
+        else:
+            img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
+        return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
 
     def _frame_batch(self, uri, idx, ts, frames) -> dict:
         n = len(idx)
+        empty = np.array([""] * n, dtype=object)
         return {
             "video_uri": np.array([uri] * n, dtype=object),
             "kind": np.array([KIND_FRAME] * n, dtype=object),
@@ -173,17 +297,26 @@ class Decoder:
             "timestamp_s": ts.astype(np.float64),
             "frame": frames,
             "n_frames": np.zeros(n, dtype=np.int64),
-            "error_stage": np.array([""] * n, dtype=object),
-            "error_type": np.array([""] * n, dtype=object),
-            "message": np.array([""] * n, dtype=object),
+            "error_stage": empty,
+            "error_type": empty,
+            "message": empty,
+            "decoder": empty,
+            "codec": empty,
+            "width": np.zeros(n, dtype=np.int64),
+            "height": np.zeros(n, dtype=np.int64),
+            "fps": np.zeros(n),
+            "duration_s": np.zeros(n),
         }
 
-    def _end_row(self, uri, emitted, stage, error) -> dict:
+    def _end_row(self, uri, state, error) -> dict:
         message = ""
+        emitted = state["emitted"]
         if error is not None:
             message = storage.describe(error).replace(self._tmpdir, "<tmp>")
             if emitted:
                 message += f" (after {emitted} frames; the frames before it are kept)"
+        info: Optional[Probe] = state["info"]
+        decoder = state["decoder"] + (f" ({state['note']})" if state["note"] else "")
         return {
             "video_uri": np.array([uri], dtype=object),
             "kind": np.array([KIND_END], dtype=object),
@@ -191,14 +324,25 @@ class Decoder:
             "timestamp_s": np.array([math.nan]),
             "frame": np.zeros((1, self.height, self.width, 3), dtype=np.uint8),
             "n_frames": np.array([emitted], dtype=np.int64),
-            "error_stage": np.array([stage or ""], dtype=object),
+            "error_stage": np.array([state["stage"] if error is not None else ""], dtype=object),
             "error_type": np.array([_error_type(error)], dtype=object),
             "message": np.array([message], dtype=object),
+            "decoder": np.array([decoder], dtype=object),
+            "codec": np.array([info.codec if info else ""], dtype=object),
+            "width": np.array([info.width if info else 0], dtype=np.int64),
+            "height": np.array([info.height if info else 0], dtype=np.int64),
+            "fps": np.array([info.fps if info else 0.0]),
+            "duration_s": np.array([info.duration_s if info else 0.0]),
         }
 
 
 class VideoError(Exception):
     """A video that cannot be decoded; becomes an errors/ row, never a failed job."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _error_type(error: Optional[BaseException]) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid.config import ModelConfig
-from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE
+from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, VIDEO_COLUMNS
 
 
 def resources(gpus_per_actor: float, cpus_per_actor: float) -> dict:
@@ -145,6 +145,8 @@ class Predictor:
             "error_type": pa.array(batch["error_type"].tolist(), pa.string()),
             "message": pa.array(batch["message"].tolist(), pa.string()),
         }
+        for name in VIDEO_COLUMNS:  # per-video metadata rides on the terminal rows
+            columns[name] = pa.array(batch[name].tolist(), INFERRED_SCHEMA.field(name).type)
         return pa.table(columns, schema=INFERRED_SCHEMA)
 
 

@@ -160,6 +160,8 @@ def _dataset(ray, cfg: RunConfig, videos: pa.Table, info: models.ModelInfo, plan
             size=info.input_size,
             every=cfg.sampling.every,
             fps=cfg.sampling.fps,
+            keyframes=cfg.sampling.keyframes,
+            decoder=cfg.decode.decoder,
             threads=cfg.decode.threads,
             batch_frames=cfg.decode.batch_frames,
             batch_bytes=cfg.decode.batch_bytes,

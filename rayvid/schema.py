@@ -41,8 +41,17 @@ INFERRED_SCHEMA = pa.schema(
         ("error_stage", pa.string()),
         ("error_type", pa.string()),
         ("message", pa.string()),
+        ("decoder", pa.string()),
+        ("codec", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
     ]
 )
+
+# Per-video columns the decoder fills on the terminal row (empty on frame rows).
+VIDEO_COLUMNS = ("decoder", "codec", "width", "height", "fps", "duration_s")
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -64,6 +73,23 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("message", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    metadata=_META,
+)
+
+VIDEOS_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("frames", pa.int64()),  # frame rows written to predictions/
+        pa.field("duration_s", pa.float64()),
+        pa.field("fps", pa.float64()),  # the container's average rate
+        pa.field("width", pa.int32()),  # coded size, before rotation
+        pa.field("height", pa.int32()),
+        pa.field("codec", pa.string()),
+        pa.field("decoder", pa.string()),  # decord or pyav (with why, if decord gave way)
+        pa.field("top_labels", pa.list_(pa.struct([("label", pa.string()), ("share", pa.float32())]))),
+        pa.field("error", pa.bool_()),
         pa.field("run_id", pa.string()),
     ],
     metadata=_META,

@@ -105,3 +105,21 @@ def shapes_model(tmp_path_factory):
     info = samples.train_model(str(out), epochs=4)
     assert info["validation_accuracy"] >= 0.95, info
     return {"path": info["model"], "labels": str(out / "shapes.labels.txt"), "dir": out}
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory):
+    """Frame-code videos over codecs, containers, sizes, rotations (tests/framecode.py)."""
+    import framecode
+
+    root = tmp_path_factory.mktemp("matrix")
+    return framecode.make_matrix(str(root))
+
+
+@pytest.fixture(scope="session")
+def code_reader(tmp_path_factory):
+    import framecode
+
+    path = str(tmp_path_factory.mktemp("reader") / "framecode.keras")
+    framecode.build_reader(path)
+    return path

@@ -10,7 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayvid.commit import Committer
-from rayvid.schema import ERRORS_SCHEMA, INFERRED_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA
+from rayvid.schema import (
+    ERRORS_SCHEMA,
+    INFERRED_SCHEMA,
+    KIND_END,
+    KIND_FRAME,
+    PREDICTIONS_SCHEMA,
+    VIDEO_COLUMNS,
+    VIDEOS_SCHEMA,
+)
 
 
 def _frames(uri, indices):
@@ -29,6 +37,7 @@ def _frames(uri, indices):
             "error_stage": [""] * n,
             "error_type": [""] * n,
             "message": [""] * n,
+            **{c: [None] * n for c in VIDEO_COLUMNS},
         },
         schema=INFERRED_SCHEMA,
     )
@@ -48,6 +57,12 @@ def _end(uri, n, error=None):
             "error_stage": ["decode" if error else ""],
             "error_type": ["VideoError" if error else ""],
             "message": [error or ""],
+            "decoder": ["decord"],
+            "codec": ["h264"],
+            "width": [160],
+            "height": [120],
+            "fps": [10.0],
+            "duration_s": [n / 10],
         },
         schema=INFERRED_SCHEMA,
     )
@@ -91,6 +106,12 @@ def test_failed_video_keeps_its_frames_and_gets_one_error_row(tmp_path):
     preds = pq.read_table(tmp_path / "predictions" / _files(tmp_path / "predictions")[0])
     assert preds.column("frame_index").to_pylist() == [0, 1]
     assert (c.videos_ok, c.videos_failed) == (0, 2)
+    videos = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0])
+    assert videos.schema.equals(VIDEOS_SCHEMA, check_metadata=False)
+    assert videos.to_pylist()[0] == {
+        "video_uri": "bad", "frames": 2, "duration_s": 0.2, "fps": 10.0, "width": 160, "height": 120,
+        "codec": "h264", "decoder": "decord", "top_labels": [{"label": "b", "share": 1.0}], "error": True,
+        "run_id": "r1"}
 
 
 def test_missing_rows_fail_loudly(tmp_path):

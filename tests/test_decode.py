@@ -10,7 +10,7 @@ import pytest
 
 from helpers import pts_of
 from rayvid import samples
-from rayvid.decode import Decoder, chunks, sample_indices
+from rayvid.decode import Decoder, sample_indices
 from rayvid.schema import KIND_END, KIND_FRAME
 
 
@@ -37,11 +37,6 @@ def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
     assert got.tolist() == [0, 15, 30, 35, 40, 45]
     # a rate above the source's keeps each frame once
     assert sample_indices(ts, fps=100).tolist() == list(range(50))
-
-
-def test_chunks():
-    idx = np.arange(10)
-    assert [c.tolist() for c in chunks(idx, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_decodes_every_frame_at_model_size_with_container_pts(media):
@@ -139,3 +134,69 @@ def test_memory_flat_while_consumer_pauses(tmp_path):
             time.sleep(0.5)  # a slow downstream stage
         peak = max(peak, _rss_mb())
     assert peak - base < 150, f"RSS grew {peak - base:.0f} MB while paused"
+
+
+# --- frame-exact on the codec/container matrix (tests/framecode.py) --------------------
+
+import framecode  # noqa: E402
+from helpers import pts_of  # noqa: E402,F811
+
+
+def _decode_all(path, **kw):
+    batches = list(Decoder(size=framecode.SIZE, **kw).decode_video(path))
+    return _rows(batches)
+
+
+@pytest.mark.parametrize("name", sorted(framecode.MATRIX))
+def test_frame_exact_on_every_codec_and_container(matrix, name):
+    path, n = matrix[name]
+    frames, [end] = _decode_all(path, batch_frames=16)
+    assert end["error_type"] == "", end["message"]
+    assert end["decoder"].split(" ")[0] == framecode.EXPECTED_DECODER.get(name, "decord")
+    got = [f["frame_index"] for f in frames]
+    assert got == list(range(n)), f"{name}: indices {got[:8]}..."
+    wrong = [(f["frame_index"], framecode.read_code(f["frame"])) for f in frames
+             if framecode.read_code(f["frame"]) != f["frame_index"]]
+    assert not wrong, f"{name}: frames showing another index (index, shown): {wrong[:5]}"
+    np.testing.assert_allclose([f["timestamp_s"] for f in frames], pts_of(path), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "av1.mkv"])
+def test_pyav_decoder_is_frame_exact_too(matrix, name):
+    path, n = matrix[name]
+    frames, [end] = _decode_all(path, decoder="pyav")
+    assert end["decoder"] == "pyav" and len(frames) == n
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+
+
+def test_sparse_sampling_exact_on_open_gop_hevc(matrix):
+    """decord's seeks return frame i+k after keyframes on open-GOP HEVC; rayvid never seeks."""
+    path, n = matrix["hevc_opengop.mp4"]
+    frames, _ = _decode_all(path, every=7)
+    assert [f["frame_index"] for f in frames] == list(range(0, n, 7))
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "hevc_opengop.mp4", "av1.mkv"])
+def test_keyframes_only(matrix, name):
+    import av
+
+    path, _ = matrix[name]
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        packets = sorted((p.pts, p.is_keyframe) for p in c.demux(s) if p.size)
+    want = [i for i, (_, key) in enumerate(packets) if key]
+    frames, [end] = _decode_all(path, keyframes=True)
+    assert [f["frame_index"] for f in frames] == want and len(want) >= 2
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+    assert end["decoder"] == "pyav"
+
+
+def test_decord_mis_strided_sizes_fall_back_to_pyav(matrix):
+    """decord returns 4-channel garbage for some output widths (48 px: measured); rayvid
+    notices before emitting anything and decodes the video with PyAV instead."""
+    path, n = matrix["h264.mp4"]
+    batches = list(Decoder(size=(48, 48)).decode_video(path))
+    frames, [end] = _rows(batches)
+    assert end["decoder"].startswith("pyav (decord:") and len(frames) == n
+    assert all(f["frame"].shape == (48, 48, 3) for f in frames)

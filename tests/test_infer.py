@@ -49,11 +49,18 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
         "error_stage": np.array(["", "", "decode", ""], dtype=object),
         "error_type": np.array(["", "", "VideoError", ""], dtype=object),
         "message": np.array(["", "", "boom", ""], dtype=object),
+        "decoder": np.array(["", "", "pyav", ""], dtype=object),
+        "codec": np.array(["", "", "av1", ""], dtype=object),
+        "width": np.array([0, 0, 160, 0]),
+        "height": np.array([0, 0, 120, 0]),
+        "fps": np.array([0, 0, 25.0, 0]),
+        "duration_s": np.array([0, 0, 2.0, 0]),
     }
     t = predictor(batch)
     assert t.schema.equals(INFERRED_SCHEMA)
     rows = t.to_pylist()
     assert rows[2]["label"] is None and rows[2]["topk"] is None and rows[2]["message"] == "boom"
+    assert (rows[2]["decoder"], rows[2]["codec"], rows[2]["width"], rows[2]["fps"]) == ("pyav", "av1", 160, 25.0)
     truth = [samples_class(i) for i in range(3)]
     assert [rows[i]["label"] for i in (0, 1, 3)] == truth
     for r in (rows[0], rows[1], rows[3]):

@@ -77,6 +77,15 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
     assert "cannot open video" in by_uri[str(corpus["dir"] / "text.mp4")]["message"]
     assert {r["stage"] for r in by_uri.values()} == {"decode"}
 
+    videos = read_output(out, "videos")
+    assert videos.schema.equals(schema.VIDEOS_SCHEMA, check_metadata=False)
+    v = {r["video_uri"]: r for r in videos.to_pylist()}
+    assert len(v) == 5 and sum(r["error"] for r in v.values()) == 2
+    clip = v[next(p for p in corpus["truth"] if p.endswith("a_clip.mp4"))]
+    assert (clip["codec"], clip["decoder"], clip["width"], clip["height"]) == ("h264", "decord", 160, 120)
+    assert clip["frames"] == 30 and abs(clip["duration_s"] - 2.0) < 1e-6 and clip["fps"] == 15.0
+    assert abs(sum(t["share"] for t in clip["top_labels"]) - 1) < 1e-5
+
     record = json.loads((tmp_path / "out" / "runs" / "local-1.json").read_text())
     assert record["status"] == "finished"
     assert record["config"]["input"] == str(corpus["dir"])
@@ -174,3 +183,39 @@ def test_plan_resources_cpu_and_gpu():
     assert (gpu.infer_gpus, gpu.infer_min, gpu.infer_max) == (1.0, 4, 4)
     assert gpu.decode_max == 32
     assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).videos_per_block == 50
+
+
+def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
+    """Every matrix video through the whole job with the code-reading model: the label of
+    every row is the index its frame shows, and it equals frame_index."""
+    import framecode
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (path, _) in matrix.items():
+        os.symlink(path, src / name)
+    out = str(tmp_path / "out")
+    result = pipeline.run(_cfg(str(src), out, code_reader, run_id="exact"))
+    assert result.videos_failed == 0, read_output(out, "errors").to_pylist()
+    preds = read_output(out)
+    mismatches = [(r["video_uri"], r["frame_index"], r["label"]) for r in
+                  preds.select(["video_uri", "frame_index", "label"]).to_pylist()
+                  if r["label"] != str(r["frame_index"])]
+    assert not mismatches, f"(file, frame, read): {mismatches[:10]}"
+    assert preds.num_rows == sum(n for _, n in matrix.values())
+    for name, (path, n) in matrix.items():
+        ts = preds.filter(pa.compute.equal(preds["video_uri"], str(src / name))).sort_by("frame_index")
+        np.testing.assert_allclose(ts["timestamp_s"].to_numpy(), pts_of(path), atol=1e-3, rtol=0, err_msg=name)
+    videos = {r["video_uri"]: r for r in read_output(out, "videos").to_pylist()}
+    for name, (path, n) in matrix.items():
+        v = videos[str(src / name)]
+        assert v["frames"] == n and not v["error"]
+        assert v["decoder"].split(" ")[0] == framecode.EXPECTED_DECODER.get(name, "decord"), (name, v["decoder"])
+
+
+def test_keyframes_mode_through_the_job(ray_session, matrix, code_reader, tmp_path):
+    path, _ = matrix["hevc_opengop.mp4"]
+    got = read_output_after(pipeline.run(_cfg(path, str(tmp_path / "k"), code_reader,
+                                               sampling=SamplingConfig(keyframes=True))))
+    idx = got.column("frame_index").to_pylist()
+    assert idx == [0, 20, 40] and got.column("label").to_pylist() == [str(i) for i in idx]

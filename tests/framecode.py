@@ -1,0 +1,143 @@
+"""The frame-exact harness: frames that carry their own index, and a model that reads it.
+
+Each frame is a grid of ROWS x COLS large black/white blocks, the frame index in binary
+(most significant bit first, row by row). Lossy codecs, scaling, chroma subsampling and
+rotation keep blocks that large readable. `build_reader` makes a tiny tf.keras model with
+fixed weights (no training) that averages each block, thresholds it and scores every
+possible index: its top-1 label is the index it read, as a string. Running the job with it
+must give `label == str(frame_index)` for every frame.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+
+ROWS, COLS = 3, 4
+BITS = ROWS * COLS  # indices 0 .. 4095
+SIZE = (48, 64)  # the reader's input (height, width): 16 x 16 pixel blocks
+
+
+def code_frame(index: int, height: int, width: int) -> np.ndarray:
+    """An upright RGB frame showing `index` (grid covers the whole frame)."""
+    bits = [(index >> (BITS - 1 - b)) & 1 for b in range(BITS)]
+    img = np.zeros((height, width, 3), np.uint8)
+    ys = np.linspace(0, height, ROWS + 1).round().astype(int)
+    xs = np.linspace(0, width, COLS + 1).round().astype(int)
+    for b, bit in enumerate(bits):
+        r, c = divmod(b, COLS)
+        if bit:
+            img[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 255
+    return img
+
+
+def read_code(frame: np.ndarray) -> int:
+    """The index a frame shows, read with numpy (a reference for the model)."""
+    h, w = frame.shape[:2]
+    ys = np.linspace(0, h, ROWS + 1).round().astype(int)
+    xs = np.linspace(0, w, COLS + 1).round().astype(int)
+    value = 0
+    for b in range(BITS):
+        r, c = divmod(b, COLS)
+        block = frame[ys[r] : ys[r + 1], xs[c] : xs[c + 1]]
+        # the centre half of the block: robust to blur across block edges
+        bh, bw = block.shape[:2]
+        centre = block[bh // 4 : bh - bh // 4, bw // 4 : bw - bw // 4]
+        value = (value << 1) | int(centre.mean() > 127.5)
+    return value
+
+
+def build_reader(path: str) -> None:
+    """Save the fixed-weight reader model as a .keras file (safe to load: no Lambda)."""
+    import keras
+
+    h, w = SIZE
+    bh, bw = h // ROWS, w // COLS
+    inp = keras.Input((h, w, 3), name="frame")
+    gray = keras.layers.Conv2D(1, 1, use_bias=False, name="gray")(inp)
+    # average the centre of each block: crop a quarter border of each block by a strided
+    # conv whose kernel weights the block's centre only
+    kernel = np.zeros((bh, bw, 1, 1), np.float32)
+    kernel[bh // 4 : bh - bh // 4, bw // 4 : bw - bw // 4] = 1.0
+    kernel /= kernel.sum()
+    blocks = keras.layers.Conv2D(1, (bh, bw), strides=(bh, bw), use_bias=False, name="blocks")(gray)
+    flat = keras.layers.Flatten()(blocks)  # ROWS*COLS values, row-major: bit order
+    bits = keras.layers.Dense(BITS, activation="sigmoid", name="threshold")(flat)
+    logits = keras.layers.Dense(2**BITS, name="decode")(bits)
+    out = keras.layers.Activation("softmax", name="softmax")(logits)
+    model = keras.Model(inp, out, name="framecode")
+
+    model.get_layer("gray").set_weights([np.full((1, 1, 3, 1), 1 / 3, np.float32)])
+    model.get_layer("blocks").set_weights([kernel])
+    model.get_layer("threshold").set_weights(
+        [np.eye(BITS, dtype=np.float32) * 0.2, np.full(BITS, -127.5 * 0.2, np.float32)]
+    )
+    codes = np.array([[(i >> (BITS - 1 - b)) & 1 for i in range(2**BITS)] for b in range(BITS)], np.float32)
+    model.get_layer("decode").set_weights([(2 * codes - 1) * 8.0, np.zeros(2**BITS, np.float32)])
+    model.save(path)
+    with open(path[: -len(".keras")] + ".labels.txt", "w") as f:
+        f.write("\n".join(str(i) for i in range(2**BITS)) + "\n")
+
+
+X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+
+# name -> (frames, (height, width), encoder args, extra); extra: fps, vf, audio, turns
+MATRIX = {
+    "h264.mp4": (40, (96, 128), X264 + ["-g", "10"], {}),
+    "h264_10bit.mkv": (40, (96, 128), ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p10le"], {}),
+    "hevc_opengop.mp4": (60, (96, 128), ["-c:v", "libx265", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                                         "-x265-params", "log-level=error:keyint=20:open-gop=1"], {}),
+    "vp9.webm": (40, (96, 128), ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "1M"], {}),
+    "av1.mkv": (30, (96, 128), ["-c:v", "libaom-av1", "-cpu-used", "8", "-b:v", "1M", "-g", "15"], {}),
+    "mpeg4.avi": (40, (96, 128), ["-c:v", "mpeg4", "-q:v", "3"], {}),
+    "mjpeg.mov": (30, (96, 128), ["-c:v", "mjpeg", "-q:v", "3"], {}),
+    "prores.mov": (20, (96, 128), ["-c:v", "prores_ks", "-profile:v", "0"], {}),
+    "odd_444.mkv": (20, (121, 161), ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv444p"], {}),
+    "one_frame.mp4": (1, (96, 128), X264, {}),
+    "with_audio.mp4": (40, (96, 128), X264 + ["-c:a", "aac"], {"audio": True}),
+    "vfr.mkv": (50, (96, 128), X264 + ["-fps_mode", "passthrough"],
+                {"vf": "setpts='if(lt(N,30),N/30,1+(N-30)/10)/TB'"}),
+    "rotated_90.mp4": (20, (96, 128), X264, {"turns": 1}),
+    "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
+    "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
+}
+# What `auto` picks (measured: decord cannot open AV1 and fails on VP9 in WebM).
+EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav"}
+
+
+def write_code_video(path: str, n: int, size, args, fps: int = 30, vf=None, audio=False, turns=0) -> None:
+    """Encode frames 0..n-1 with their codes. With `turns`, the stored pixels are rotated
+    the other way and the container says to rotate them back for display: correct output
+    is upright."""
+    from rayvid import samples
+
+    h, w = size
+    stored = path if not turns else path + ".norot.mp4"
+    cmd = [samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}" if turns % 2 == 0 else f"{h}x{w}", "-r", str(fps), "-i", "-"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={n / fps:.3f}"]
+    if vf:
+        cmd += ["-vf", vf]
+    proc = subprocess.Popen(cmd + args + [stored], stdin=subprocess.PIPE)
+    for i in range(n):
+        img = np.rot90(code_frame(i, h, w), k=-turns)
+        proc.stdin.write(np.ascontiguousarray(img).tobytes())
+    proc.stdin.close()
+    assert proc.wait() == 0, path
+    if turns:
+        subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", str(90 * turns),
+                        "-i", stored, "-c", "copy", path], check=True)
+        os.remove(stored)
+
+
+def make_matrix(directory: str) -> dict:
+    """Write every MATRIX video into `directory`; returns name -> (path, frames)."""
+    out = {}
+    for name, (n, size, args, extra) in MATRIX.items():
+        path = os.path.join(directory, name)
+        write_code_video(path, n, size, args, **extra)
+        out[name] = (path, n)
+    return out
