@@ -22,8 +22,8 @@ Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
   decoder thread does not read ahead while we wait on downstream stages (tested in
   tests/test_decode.py; at native size it does, without bound), so one reader stays open
   across yields.
-- **PyAV** for what decord cannot open or cannot be trusted with (AV1; VP9 in WebM; frame
-  sizes decord mis-strides; keyframes-only scans, where it skips non-key frames without
+- **PyAV** for what decord cannot open or cannot be trusted with (AV1; VP9; output widths
+  decord mis-strides, such as 48 px, where it returns 4-channel garbage; keyframes-only scans, where it skips non-key frames without
   decoding them), and as the fallback when decord fails before its first frame. It decodes
   packet by packet (a damaged packet costs its frames, not the video), applies the
   container's rotation (frames come out upright, as a player shows them) and resizes with
@@ -51,9 +51,10 @@ def resources(threads: int) -> dict:
     return {"num_cpus": float(threads)}
 
 
-# Codecs decord 0.6 decodes exactly (sequential reads, tested per codec in
-# tests/test_decode.py); anything else goes to PyAV. Measured: decord cannot open AV1 and
-# fails on VP9 in WebM.
+# Codecs decord 0.6 decodes exactly (sequential reads; tests/test_decode.py and
+# bench/decord_matrix.py check each); anything else goes to PyAV. Measured: decord cannot
+# open AV1; on VP9/WebM it once raised a decoder-thread error we could not reproduce, so VP9
+# goes to PyAV too.
 DECORD_CODECS = frozenset(
     "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
     "dvvideo".split()

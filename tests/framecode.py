@@ -103,7 +103,7 @@ MATRIX = {
     "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
 }
-# What `auto` picks (measured: decord cannot open AV1 and fails on VP9 in WebM).
+# What `auto` picks (see decode.DECORD_CODECS).
 EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav"}
 
 

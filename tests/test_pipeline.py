@@ -219,3 +219,33 @@ def test_keyframes_mode_through_the_job(ray_session, matrix, code_reader, tmp_pa
                                                sampling=SamplingConfig(keyframes=True))))
     idx = got.column("frame_index").to_pylist()
     assert idx == [0, 20, 40] and got.column("label").to_pylist() == [str(i) for i in idx]
+
+
+def test_parity_with_model_predict_on_a_keras_application(ray_session, media, tmp_path):
+    """float32: the job's top-1 equals model.predict on the same decoded RGB frames, with a
+    real keras.applications architecture (MobileNetV3Small; seeded weights, no download)."""
+    import keras
+
+    from rayvid import models
+    from rayvid.decode import Decoder
+
+    keras.utils.set_random_seed(0)
+    size = (96, 96)
+    net = keras.applications.MobileNetV3Small(weights=None, input_shape=(*size, 3), classifier_activation=None)
+    weights = str(tmp_path / "mnv3.weights.h5")
+    net.save_weights(weights)
+    model_cfg = ModelConfig(name="mobilenet_v3_small", weights=weights, input_size=size)
+    out = str(tmp_path / "out")
+    pipeline.run(RunConfig(input=str(media["videos"]), output=out, model=model_cfg, progress=False))
+    job = {(r["video_uri"], r["frame_index"]): r["topk"][0]["class_id"] for r in read_output(out).to_pylist()}
+
+    reference, _ = models.load(model_cfg)
+    same = total = 0
+    for path in media["truth"]:
+        frames = [b for b in Decoder(size=size).decode_video(path) if b["kind"][0] == "frame"]
+        x = np.concatenate([b["frame"] for b in frames]).astype("float32")
+        idx = np.concatenate([b["frame_index"] for b in frames])
+        top1 = reference.predict(x, verbose=0).argmax(1)
+        same += sum(job[(path, int(i))] == int(t) for i, t in zip(idx, top1))
+        total += len(idx)
+    assert total == len(job) and same / total >= 0.999, f"{same}/{total} top-1 agree"
