@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
     e.add_argument("--decoder", choices=["auto", "decord", "pyav"], help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="decoder threads per decode actor (default 1)")
+    e.add_argument("--segment-seconds", type=float, metavar="S",
+                   help="split videos longer than S seconds into segments decoded in parallel (default 600; 0: never)")
     e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
     e.add_argument("--infer-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
     e.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0 (CPU)")
@@ -81,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "xla": args.xla,
         },
         "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes},
-        "decode": {"decoder": args.decoder, "threads": args.decode_threads, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
+        "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
         "infer": {
             "batch_size": args.batch_size,
             "gpus_per_actor": args.gpus_per_actor,

@@ -8,8 +8,8 @@ Output, under OUTPUT:
   `videos/part-<run_id>-<seq>.parquet`       `schema.VIDEOS_SCHEMA`, one row per video
   `runs/<run_id>.json`                       the resolved config and the run's stats
 
-A video is published only when it is complete: its terminal row has arrived and the number
-of its frame rows equals the count that row carries. Complete videos are gathered and
+A video is published only when it is complete: for each of its segments, the terminal row
+has arrived and the number of its frame rows equals the count that row carries. Complete videos are gathered and
 written together (a file per `rows_per_file` rows or `flush_interval_s` seconds, so a long
 run commits as it goes), sorted by (video_uri, frame_index), each file written atomically
 (see `storage.write_atomic`). A reader globbing `predictions/**/*.parquet` therefore never
@@ -49,9 +49,12 @@ class Committer:
         self.model = model
         self.rows_per_file = rows_per_file
         self.flush_interval_s = flush_interval_s
-        self._pending: dict[str, list[pa.Table]] = collections.defaultdict(list)
+        # per (video_uri, segment): frame rows waiting, how many, and the terminal row
+        self._pending: dict[tuple, list[pa.Table]] = collections.defaultdict(list)
         self._counts: collections.Counter = collections.Counter()
-        self._ends: dict[str, dict] = {}
+        self._ends: dict[tuple, dict] = {}
+        # per video_uri: the segments already complete (their rows and terminal rows)
+        self._segments_done: dict[str, list] = collections.defaultdict(list)
         self._ready: list[pa.Table] = []
         self._ready_rows = 0
         self._ready_errors: list[dict] = []
@@ -69,36 +72,47 @@ class Committer:
         frames = table.filter(pc.equal(kind, KIND_FRAME))
         ends = table.filter(pc.equal(kind, KIND_END))
         if len(frames):
-            uris = frames.column("video_uri")
-            for uri in pc.unique(uris).to_pylist():
-                part = frames.filter(pc.equal(uris, uri))
-                self._pending[uri].append(part)
-                self._counts[uri] += len(part)
-                self._complete_if_done(uri)
+            keys = pc.binary_join_element_wise(
+                frames.column("video_uri"), pc.cast(frames.column("segment"), pa.string()), "\x00"
+            )
+            for key in pc.unique(keys).to_pylist():
+                part = frames.filter(pc.equal(keys, key))
+                unit = (part.column("video_uri")[0].as_py(), part.column("segment")[0].as_py())
+                self._pending[unit].append(part)
+                self._counts[unit] += len(part)
+                self._complete_if_done(unit)
         for row in ends.to_pylist():
-            uri = row["video_uri"]
-            if uri in self._ends:
-                raise RuntimeError(f"two terminal rows for {uri}: a stage emitted a video twice")
-            self._ends[uri] = row
-            self._complete_if_done(uri)
+            unit = (row["video_uri"], row["segment"])
+            if unit in self._ends or any(e["segment"] == unit[1] for _, e in self._segments_done.get(unit[0], [])):
+                raise RuntimeError(f"two terminal rows for {unit}: a stage emitted a segment twice")
+            self._ends[unit] = row
+            self._complete_if_done(unit)
         if self._ready_rows >= self.rows_per_file or (
             self._ready_videos
             and time.monotonic() - self._last_flush >= self.flush_interval_s
         ):
             self.flush()
 
-    def _complete_if_done(self, uri: str) -> None:
-        end = self._ends.get(uri)
-        have = self._counts.get(uri, 0)
+    def _complete_if_done(self, unit: tuple) -> None:
+        end = self._ends.get(unit)
+        have = self._counts.get(unit, 0)
         if end is None:
             return
         if have > end["n_frames"]:
-            raise RuntimeError(f"{uri}: {have} frame rows for {end['n_frames']} decoded frames")
+            raise RuntimeError(f"{unit}: {have} frame rows for {end['n_frames']} decoded frames")
         if have < end["n_frames"]:
             return
-        parts = self._pending.pop(uri, [])
-        self._counts.pop(uri, None)
-        del self._ends[uri]
+        uri = unit[0]
+        self._segments_done[uri].append((self._pending.pop(unit, []), end))
+        self._counts.pop(unit, None)
+        del self._ends[unit]
+        if len(self._segments_done[uri]) == end["n_segments"]:
+            self._complete_video(uri, self._segments_done.pop(uri))
+
+    def _complete_video(self, uri: str, segments: list) -> None:
+        segments.sort(key=lambda s: s[1]["segment"])
+        parts = [t for tables, _ in segments for t in tables]
+        ends = [e for _, e in segments]
         top_labels = []
         if parts:
             video = pa.concat_tables(parts)
@@ -109,30 +123,33 @@ class Committer:
             counts.sort(key=lambda c: (-c["counts"], c["values"] or ""))
             self.label_counts.update({c["values"]: c["counts"] for c in counts})
             top_labels = [{"label": c["values"], "share": c["counts"] / len(video)} for c in counts[:5]]
-        failed = bool(end["error_type"])
+        failed = [e for e in ends if e["error_type"]]
+        meta = next((e for e in ends if e["codec"]), ends[0])
+        decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
         self._ready_videos.append(
             {
                 "video_uri": uri,
-                "frames": end["n_frames"],
-                "duration_s": end["duration_s"],
-                "fps": end["fps"],
-                "width": end["width"],
-                "height": end["height"],
-                "codec": end["codec"],
-                "decoder": end["decoder"],
+                "frames": sum(e["n_frames"] for e in ends),
+                "duration_s": meta["duration_s"],
+                "fps": meta["fps"],
+                "width": meta["width"],
+                "height": meta["height"],
+                "codec": meta["codec"],
+                "decoder": ", ".join(decoders),
                 "top_labels": top_labels,
-                "error": failed,
+                "error": bool(failed),
                 "run_id": self.run_id,
             }
         )
         if failed:
             self.videos_failed += 1
+            where = (lambda e: f"segment {e['segment'] + 1}/{e['n_segments']}: ") if len(ends) > 1 else (lambda e: "")
             self._ready_errors.append(
                 {
                     "video_uri": uri,
-                    "stage": end["error_stage"],
-                    "error_type": end["error_type"],
-                    "message": end["message"],
+                    "stage": failed[0]["error_stage"],
+                    "error_type": failed[0]["error_type"],
+                    "message": "; ".join(where(e) + e["message"] for e in failed),
                     "run_id": self.run_id,
                 }
             )
@@ -188,11 +205,13 @@ class Committer:
     def close(self) -> None:
         """Publish what is complete; anything still pending means rows were lost."""
         self.flush()
-        incomplete = sorted(set(self._pending) | set(self._ends))
+        incomplete = sorted(set(self._pending) | set(self._ends) | {(u, -1) for u in self._segments_done})
         if incomplete:
             detail = ", ".join(
-                f"{u} ({self._counts.get(u, 0)} frames, end row {'seen' if u in self._ends else 'missing'})"
-                for u in incomplete[:5]
+                f"{u} segment {k} ({self._counts.get((u, k), 0)} frames, end row "
+                f"{'seen' if (u, k) in self._ends else 'missing'})" if k >= 0
+                else f"{u} ({len(self._segments_done[u])} segments complete, others missing)"
+                for u, k in incomplete[:5]
             )
             raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
 

@@ -1,15 +1,16 @@
 """Decode stage: video URLs in, uint8 RGB frames at the model's input size out.
 
-Input columns:  `video_uri` (any number of rows; each video is decoded whole).
-Output columns: `video_uri: str`, `kind: str`, `frame_index: int64`, `timestamp_s: float64`,
-  `frame: uint8[H, W, 3]`, `n_frames: int64`, `error_stage: str`, `error_type: str`,
-  `message: str`, and the video's `decoder, codec: str`, `width, height: int64`,
-  `fps, duration_s: float64`.
-A video yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes), then
-exactly one terminal row (`kind == "end"`, a zero `frame`) whose `n_frames` counts the frame
-rows it produced, which carries the video's metadata, and whose error fields say why it
-stopped early, if it did. A video that cannot be read is one terminal row with the error:
-data, not an exception.
+Input columns:  `video_uri`, and from the planning stage (segments.py) `segment`,
+  `n_segments`, `start_s`, `end_s` (without them a row is the whole video).
+Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
+  `frame_index: int64`, `timestamp_s: float64`, `frame: uint8[H, W, 3]`, `n_frames: int64`,
+  `error_stage: str`, `error_type: str`, `message: str`, and the video's `decoder, codec:
+  str`, `width, height: int64`, `fps, duration_s: float64`.
+A segment yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes),
+then exactly one terminal row (`kind == "end"`, a zero `frame`) whose `n_frames` counts the
+frame rows it produced, which carries the video's metadata, and whose error fields say why
+it stopped early, if it did. A video that cannot be read is one terminal row per segment
+with the error: data, not an exception.
 
 Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
 - **decord** (default where it is right, see `DECORD_CODECS`), reading a local path (remote
@@ -24,7 +25,9 @@ Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
   across yields.
 - **PyAV** for what decord cannot open or cannot be trusted with (AV1; VP9; output widths
   decord mis-strides, such as 48 px, where it returns 4-channel garbage; keyframes-only scans, where it skips non-key frames without
-  decoding them), and as the fallback when decord fails before its first frame. It decodes
+  decoding them), for every segment but a video's first (it seeks to the key frame before
+  the segment and maps frames to indices by pts, which is exact after a seek on every
+  codec), and as the fallback when decord fails before its first frame. It decodes
   packet by packet (a damaged packet costs its frames, not the video), applies the
   container's rotation (frames come out upright, as a player shows them) and resizes with
   the same bicubic stretch as decord.
@@ -171,11 +174,21 @@ class Decoder:
         shutil.rmtree(getattr(self, "_tmpdir", ""), ignore_errors=True)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
-        for uri in batch["video_uri"]:
-            yield from self.decode_video(str(uri))
+        n = len(batch["video_uri"])
+        get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
+        for uri, seg, n_seg, start, end in zip(
+            batch["video_uri"], get("segment", 0), get("n_segments", 1),
+            get("start_s", -math.inf), get("end_s", math.inf),
+        ):
+            yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end))
 
-    def decode_video(self, uri: str) -> Iterator[dict]:
-        state = {"emitted": 0, "stage": "read", "decoder": "", "info": None, "note": ""}
+    def decode_video(
+        self, uri: str, segment: int = 0, n_segments: int = 1,
+        start_s: float = -math.inf, end_s: float = math.inf,
+    ) -> Iterator[dict]:
+        """Frames of one video, or of its frames with start_s <= pts time < end_s."""
+        state = {"emitted": 0, "stage": "read", "decoder": "", "info": None, "note": "",
+                 "segment": segment, "n_segments": n_segments}
         try:
             with storage.local_copy(uri, self._tmpdir) as path:
                 state["stage"] = "decode"
@@ -184,8 +197,9 @@ class Decoder:
                 info = state["info"] = probe(path)
                 keep = sample_indices(info.times, self.every, self.fps,
                                       info.keyframes if self.keyframes else None)
+                keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s)]
                 for idx, frames in self._frames(path, info, keep, state):
-                    yield self._frame_batch(uri, idx, info.times[idx], frames)
+                    yield self._frame_batch(uri, state, idx, info.times[idx], frames)
                     state["emitted"] += len(idx)
                 missing = len(keep) - state["emitted"]
                 if missing:
@@ -197,9 +211,13 @@ class Decoder:
 
     def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
         """(indices, frames) batches from the decoder that suits this file."""
-        use_decord = self.decoder == "decord" or (
+        if len(keep) == 0:
+            return
+        # decord only from frame 0 (its seeks are not exact); later segments seek with PyAV
+        first = int(keep[0]) == 0 or state["segment"] == 0
+        use_decord = first and (self.decoder == "decord" or (
             self.decoder == "auto" and info.codec in DECORD_CODECS and not self.keyframes
-        )
+        ))
         if use_decord:
             state["decoder"] = "decord"
             try:
@@ -251,14 +269,20 @@ class Decoder:
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
-        idx_buf, frame_buf, damaged = [], [], 0
+        found, idx_buf, frame_buf, damaged = 0, [], [], 0
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             ctx.thread_count = self.threads
             if self.keyframes:
                 ctx.skip_frame = "NONKEY"  # decode key frames only
+            if keep[0] > 0:  # a later segment: start at the key frame before its first frame
+                key = np.flatnonzero(info.keyframes[: int(keep[0]) + 1])
+                if len(key) and key[-1] > 0:
+                    container.seek(int(info.pts[key[-1]]), stream=stream, backward=True, any_frame=False)
             for packet in container.demux(stream):
+                if found == len(keep):
+                    break
                 try:
                     frames = packet.decode()
                 except av.FFmpegError:
@@ -269,6 +293,7 @@ class Decoder:
                     if i is None or not wanted[i] or done[i]:
                         continue
                     done[i] = True
+                    found += 1
                     idx_buf.append(i)
                     frame_buf.append(self._upright(frame))
                     if len(idx_buf) == self.chunk:
@@ -288,11 +313,13 @@ class Decoder:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
         return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
 
-    def _frame_batch(self, uri, idx, ts, frames) -> dict:
+    def _frame_batch(self, uri, state, idx, ts, frames) -> dict:
         n = len(idx)
         empty = np.array([""] * n, dtype=object)
         return {
             "video_uri": np.array([uri] * n, dtype=object),
+            "segment": np.full(n, state["segment"], dtype=np.int32),
+            "n_segments": np.full(n, state["n_segments"], dtype=np.int32),
             "kind": np.array([KIND_FRAME] * n, dtype=object),
             "frame_index": idx.astype(np.int64),
             "timestamp_s": ts.astype(np.float64),
@@ -320,6 +347,8 @@ class Decoder:
         decoder = state["decoder"] + (f" ({state['note']})" if state["note"] else "")
         return {
             "video_uri": np.array([uri], dtype=object),
+            "segment": np.array([state["segment"]], dtype=np.int32),
+            "n_segments": np.array([state["n_segments"]], dtype=np.int32),
             "kind": np.array([KIND_END], dtype=object),
             "frame_index": np.array([-1], dtype=np.int64),
             "timestamp_s": np.array([math.nan]),

@@ -2,9 +2,9 @@
 
 Input columns:  the decode stage's (`video_uri, kind, frame_index, timestamp_s, frame,
   n_frames, error_stage, error_type, message`).
-Output: an Arrow table in `schema.INFERRED_SCHEMA`: the same rows without `frame`, plus
-  `label`, `score` and `topk` for frame rows (null on the terminal `end` rows, which pass
-  through untouched).
+Output: an Arrow table in `schema.INFERRED_SCHEMA`: the same rows and columns without
+  `frame`, plus `label`, `score` and `topk` for frame rows (null on the terminal `end` rows,
+  which pass through untouched).
 
 The cast to float and the model's preprocessing run inside one `tf.function` with a fixed
 input signature `[batch_size, H, W, 3] uint8`; the last, short batch is padded, so the
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid.config import ModelConfig
-from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, VIDEO_COLUMNS
+from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE
 
 
 def resources(gpus_per_actor: float, cpus_per_actor: float) -> dict:
@@ -132,22 +132,20 @@ class Predictor:
             score[rows] = top_scores[:, 0]
         topk = _topk_column(ids, top_scores, self.labels, is_frame, k)
 
-        columns = {
-            "video_uri": pa.array(batch["video_uri"].tolist(), pa.string()),
-            "kind": pa.array(kind.tolist(), pa.string()),
-            "frame_index": pa.array(batch["frame_index"], pa.int64()),
-            "timestamp_s": pa.array(batch["timestamp_s"], pa.float64()),
+        computed = {
             "label": pa.array(label.tolist(), pa.string()),
             "score": pa.array(score, pa.float32(), mask=~is_frame),
             "topk": topk,
-            "n_frames": pa.array(batch["n_frames"], pa.int64()),
-            "error_stage": pa.array(batch["error_stage"].tolist(), pa.string()),
-            "error_type": pa.array(batch["error_type"].tolist(), pa.string()),
-            "message": pa.array(batch["message"].tolist(), pa.string()),
         }
-        for name in VIDEO_COLUMNS:  # per-video metadata rides on the terminal rows
-            columns[name] = pa.array(batch[name].tolist(), INFERRED_SCHEMA.field(name).type)
+        columns = {  # everything else passes through from the decoder, minus the frames
+            f.name: computed[f.name] if f.name in computed else pa.array(_plain(batch[f.name]), f.type)
+            for f in INFERRED_SCHEMA
+        }
         return pa.table(columns, schema=INFERRED_SCHEMA)
+
+
+def _plain(values: np.ndarray):
+    return values.tolist() if values.dtype == object else values
 
 
 def _topk_column(ids, scores, labels, is_frame, k) -> pa.Array:

@@ -1,6 +1,7 @@
 """The job, top to bottom: list -> decode -> infer -> commit.
 
     listing.list_videos      INPUT                 -> video_uri rows
+    segments.plan_all        header probes (tasks) -> one row per segment of a long video
     decode.Decoder           CPU actor pool        -> uint8 frames at model size
     infer.Predictor          GPU (or CPU) actors   -> top-k rows
     commit.Committer         the driver            -> OUTPUT/predictions, errors, runs
@@ -22,7 +23,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from rayvid import __version__, commit, decode, infer, listing, models, storage
+from rayvid import __version__, commit, decode, infer, listing, models, segments, storage
 from rayvid.config import RunConfig
 from rayvid.errors import ModelError, RayvidError, StorageError
 
@@ -107,7 +108,8 @@ def run(cfg: RunConfig) -> RunResult:
         committer = commit.Committer(cfg.output, cfg.run_id, info.name)
         try:
             if len(videos):
-                ds = _dataset(ray, cfg, videos, info, plan)
+                units = segments.plan_all(videos, cfg.decode.segment_s)
+                ds = _dataset(ray, cfg, units, info, plan)
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
                     committer.add(batch)
             committer.close()
@@ -143,8 +145,8 @@ def run(cfg: RunConfig) -> RunResult:
     return result
 
 
-def _dataset(ray, cfg: RunConfig, videos: pa.Table, info: models.ModelInfo, plan: Plan):
-    """The Ray Data graph: one block per video (or small group) -> decode -> infer."""
+def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan):
+    """The Ray Data graph: one block per segment (or small group) -> decode -> infer."""
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -152,7 +154,8 @@ def _dataset(ray, cfg: RunConfig, videos: pa.Table, info: models.ModelInfo, plan
     # Ray Data would coalesce the decoder's batches into 128 MiB blocks; cap blocks at one
     # decode batch so frames reach inference as soon as they are decoded.
     ctx.target_max_block_size = cfg.decode.batch_bytes
-    blocks = [videos.slice(i, plan.videos_per_block) for i in range(0, len(videos), plan.videos_per_block)]
+    per_block = plan.videos_per_block
+    blocks = [units.slice(i, per_block) for i in range(0, len(units), per_block)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode.Decoder,

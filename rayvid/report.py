@@ -9,7 +9,8 @@ def summary(result) -> str:
         f"  videos:  {result.videos_listed} listed, {result.videos_ok} ok, {result.videos_failed} failed",
         f"  frames:  {result.frames} ({result.frames_per_s:.1f} frames/s end to end)",
         f"  model:   {result.model}",
-        f"  output:  {result.output.rstrip('/')}/predictions/ ({len(result.files)} files written)",
+        f"  output:  {result.output.rstrip('/')}/predictions/ (per frame), videos/ (per video); "
+        f"{_plural(len(result.files), 'file')} written",
     ]
     if result.videos_failed:
         lines.append(f"  errors:  {result.output.rstrip('/')}/errors/ (one row per failed video)")
@@ -25,3 +26,7 @@ def summary(result) -> str:
             f"inference {p['infer_min']}..{p['infer_max']}{gpu}"
         )
     return "\n".join(lines)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

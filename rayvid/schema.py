@@ -12,8 +12,9 @@ SCHEMA_VERSION = "1"
 _META = {b"rayvid.schema_version": SCHEMA_VERSION.encode()}
 
 # Rows between stages: `kind` says whether a row is a decoded frame or the one terminal row
-# that closes each video ("end"), which carries how many frame rows the video produced and,
-# if it failed, why. The committer publishes a video only when both agree.
+# that closes each segment of a video ("end"), which carries how many frame rows the
+# segment produced and, if it failed, why. The committer publishes a video only when, for
+# every one of its segments, both agree.
 KIND_FRAME = "frame"
 KIND_END = "end"
 
@@ -31,6 +32,8 @@ TOPK_TYPE = pa.list_(
 INFERRED_SCHEMA = pa.schema(
     [
         ("video_uri", pa.string()),
+        ("segment", pa.int32()),
+        ("n_segments", pa.int32()),
         ("kind", pa.string()),
         ("frame_index", pa.int64()),
         ("timestamp_s", pa.float64()),

@@ -21,12 +21,14 @@ from rayvid.schema import (
 )
 
 
-def _frames(uri, indices):
+def _frames(uri, indices, segment=0, n_segments=1):
     n = len(indices)
     topk = [[{"class_id": 1, "label": "b", "score": 0.9}, {"class_id": 0, "label": "a", "score": 0.1}]] * n
     return pa.table(
         {
             "video_uri": [uri] * n,
+            "segment": [segment] * n,
+            "n_segments": [n_segments] * n,
             "kind": [KIND_FRAME] * n,
             "frame_index": list(indices),
             "timestamp_s": [i / 10 for i in indices],
@@ -43,10 +45,12 @@ def _frames(uri, indices):
     )
 
 
-def _end(uri, n, error=None):
+def _end(uri, n, error=None, segment=0, n_segments=1):
     return pa.table(
         {
             "video_uri": [uri],
+            "segment": [segment],
+            "n_segments": [n_segments],
             "kind": [KIND_END],
             "frame_index": [-1],
             "timestamp_s": [float("nan")],
@@ -128,3 +132,26 @@ def test_duplicate_rows_fail_loudly(tmp_path):
     c.add(_frames("v", [0, 1]))
     with pytest.raises(RuntimeError, match="3 frame rows for 2"):
         c.add(pa.concat_tables([_frames("v", [1]), _end("v", 2)]))
+
+
+def test_a_segmented_video_is_published_when_all_segments_are(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("v", [3, 4], 1, 3), _end("v", 2, None, 1, 3)]))
+    c.add(pa.concat_tables([_frames("v", [0, 1, 2], 0, 3), _end("v", 3, None, 0, 3)]))
+    c.flush()
+    assert _files(tmp_path / "predictions") == []  # segment 2 of 3 still missing
+    c.add(pa.concat_tables([_frames("v", [5], 2, 3), _end("v", 1, "lost the end", 2, 3)]))
+    c.close()
+    preds = pq.read_table(tmp_path / "predictions" / _files(tmp_path / "predictions")[0])
+    assert preds.column("frame_index").to_pylist() == [0, 1, 2, 3, 4, 5]
+    [err] = pq.read_table(tmp_path / "errors" / _files(tmp_path / "errors")[0]).to_pylist()
+    assert err["message"] == "segment 3/3: lost the end"
+    [video] = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0]).to_pylist()
+    assert video["frames"] == 6 and video["error"]
+
+
+def test_a_missing_segment_fails_loudly(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("v", [0], 0, 2), _end("v", 1, None, 0, 2)]))
+    with pytest.raises(RuntimeError, match="1 segments complete, others missing"):
+        c.close()

@@ -200,3 +200,38 @@ def test_decord_mis_strided_sizes_fall_back_to_pyav(matrix):
     frames, [end] = _rows(batches)
     assert end["decoder"].startswith("pyav (decord:") and len(frames) == n
     assert all(f["frame"].shape == (48, 48, 3) for f in frames)
+
+
+@pytest.mark.parametrize("sampling", [{"every": 3}, {"fps": 7.5}])
+@pytest.mark.parametrize("name", sorted(framecode.MATRIX))
+def test_sampling_modes_exact_on_every_codec(matrix, name, sampling):
+    path, n = matrix[name]
+    pts = pts_of(path)
+    if "every" in sampling:
+        want = list(range(0, n, sampling["every"]))
+    else:  # independent of rayvid: the nearest frame by pts to each k/F, earlier on ties
+        targets = np.arange(0, int(pts[-1] * sampling["fps"] + 1e-9) + 1) / sampling["fps"]
+        want = sorted({min(range(n), key=lambda i: (abs(pts[i] - t), i)) for t in targets})
+    frames, [end] = _decode_all(path, **sampling)
+    got = [f["frame_index"] for f in frames]
+    assert got == want, f"{name} {sampling}: rows {got[:8]}, expected {want[:8]}"
+    wrong = [(f["frame_index"], framecode.read_code(f["frame"])) for f in frames
+             if framecode.read_code(f["frame"]) != f["frame_index"]]
+    assert not wrong, f"{name} {sampling}: (frame, shown) {wrong[:5]}"
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_odd_size_keeps_the_last_row_and_column(tmp_path, decoder):
+    """A 161x121 4:4:4 source whose last column is red and last row green, decoded at its
+    own size: both edges must be there, not lost or replicated from their neighbours."""
+    h, w = 121, 163
+    img = np.full((h, w, 3), 40, np.uint8)
+    img[:, -1] = (255, 0, 0)
+    img[-1, :] = (0, 255, 0)
+    path = str(tmp_path / "edges.mkv")
+    samples.write_video(path, [img] * 3, 10, (h, w), ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"])
+    frames, [end] = _rows(Decoder(size=(h, w), decoder=decoder).decode_video(path))
+    assert end["decoder"].startswith(decoder) and len(frames) == 3
+    f = frames[0]["frame"].astype(int)
+    assert f[:-1, -1, 0].mean() > 200 and f[:-1, -2, 0].mean() < 100, "last column lost"
+    assert f[-1, :-1, 1].mean() > 200 and f[-2, :-1, 1].mean() < 100, "last row lost"

@@ -41,6 +41,8 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
     frames = _frames(3)
     batch = {
         "video_uri": np.array(["v", "v", "w", "v"], dtype=object),
+        "segment": np.zeros(4, np.int32),
+        "n_segments": np.ones(4, np.int32),
         "kind": np.array([KIND_FRAME, KIND_FRAME, KIND_END, KIND_FRAME], dtype=object),
         "frame_index": np.array([0, 1, -1, 2]),
         "timestamp_s": np.array([0.0, 0.1, np.nan, 0.2]),

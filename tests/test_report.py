@@ -9,5 +9,6 @@ def test_summary_says_what_happened_and_where():
     text = summary(r)
     assert "3 listed, 2 ok, 1 failed" in text
     assert "200 (50.0 frames/s end to end)" in text
-    assert "s3://b/out/predictions/" in text and "s3://b/out/errors/" in text
+    assert "s3://b/out/predictions/ (per frame), videos/ (per video); 1 file written" in text
+    assert "s3://b/out/errors/" in text
     assert "circle 75%" in text and "inference 1..1 on CPU" in text

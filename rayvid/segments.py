@@ -1,0 +1,110 @@
+"""Planning stage: video rows in, segment rows out, so one long video is decoded by many
+actors in parallel instead of holding one while the rest of the cluster idles.
+
+Input columns:  `video_uri` (and whatever the listing carries).
+Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
+  `start_s: float64`, `end_s: float64`.
+It runs before the decode pipeline, as CPU-free Ray tasks that only read headers, and the
+driver collects its small output: every segment then becomes its own input block of the
+pipeline, so different decode actors take different segments. (A streaming repartition
+inside the pipeline would need a CPU while the decode and inference actors hold them all:
+it deadlocked a 2-CPU cluster.)
+Segment k of a video holds the frames whose presentation time t satisfies
+start_s <= t < end_s, with start_s = k * L and end_s = (k + 1) * L, except that the first
+segment starts at -inf and the last ends at +inf. The intervals partition the time line, so
+every frame belongs to exactly one segment whatever the codec or GOP structure (the decoder
+maps frames to segments by pts, never by counting). The duration comes from the container
+header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
+be opened here, the video is one segment and the decoder reports what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from rayvid import storage
+
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("segment", pa.int32()),
+        ("n_segments", pa.int32()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+    ]
+)
+
+
+def header_duration(uri: str) -> float:
+    """The container's duration in seconds from its header, or 0.0 if unknown."""
+    import av
+
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open(path, "rb") as f, av.open(f) as container:
+            if container.duration:
+                return container.duration / 1_000_000  # AV_TIME_BASE
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is not None and stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+    except (av.FFmpegError, IndexError, *storage.ACCESS_ERRORS):
+        pass
+    return 0.0
+
+
+def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
+    """[(start_s, end_s)] for a video of this duration cut into segments of segment_s."""
+    if segment_s <= 0 or duration_s <= segment_s:
+        return [(-math.inf, math.inf)]
+    n = math.ceil(duration_s / segment_s)
+    starts = [-math.inf] + [k * segment_s for k in range(1, n)]
+    ends = [k * segment_s for k in range(1, n)] + [math.inf]
+    return list(zip(starts, ends))
+
+
+def plan(batch: dict, segment_s: float) -> dict:
+    """Ray Data `map_batches` function (tasks, I/O bound): one row per segment."""
+    uris, segs, counts, starts, ends = [], [], [], [], []
+    for uri in batch["video_uri"]:
+        uri = str(uri)
+        parts = bounds(header_duration(uri) if segment_s > 0 else 0.0, segment_s)
+        for k, (start, end) in enumerate(parts):
+            uris.append(uri)
+            segs.append(k)
+            counts.append(len(parts))
+            starts.append(start)
+            ends.append(end)
+    return {
+        "video_uri": np.array(uris, dtype=object),
+        "segment": np.array(segs, dtype=np.int32),
+        "n_segments": np.array(counts, dtype=np.int32),
+        "start_s": np.array(starts, dtype=np.float64),
+        "end_s": np.array(ends, dtype=np.float64),
+    }
+
+
+def plan_all(videos: pa.Table, segment_s: float) -> pa.Table:
+    """Segment rows for every listed video (header probes in parallel Ray tasks)."""
+    if segment_s <= 0 or len(videos) == 0:
+        n = len(videos)
+        return pa.table(
+            {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
+             "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
+             "end_s": np.full(n, math.inf)},
+            schema=SEGMENTS_SCHEMA,
+        )
+    import ray
+
+    per_task = max(1, math.ceil(len(videos) / 1000))
+    blocks = [videos.slice(i, per_task).select(["video_uri"]) for i in range(0, len(videos), per_task)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
+        num_cpus=0,  # I/O bound: reads headers only
+    )
+    parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    table = pa.concat_tables([p.cast(SEGMENTS_SCHEMA) for p in parts])
+    return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])

@@ -1,0 +1,99 @@
+"""Long videos split into segments: the segments meet exactly, on every codec."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+import framecode
+from helpers import pts_of
+from rayvid import pipeline, segments
+from rayvid.config import DecodeConfig, ModelConfig, RunConfig
+from rayvid.decode import Decoder
+from rayvid.schema import KIND_FRAME
+
+LONG = {  # name -> (frames, encoder args): 20 s at 15 fps, boundaries fall mid-GOP
+    "long_h264.mp4": (300, framecode.X264 + ["-g", "45", "-bf", "3"]),
+    "long_hevc_opengop.mkv": (300, ["-c:v", "libx265", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                                    "-x265-params", "log-level=error:keyint=40:open-gop=1:bframes=4"]),
+    "long_vp9.webm": (300, ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k",
+                            "-g", "50"]),
+}
+
+
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("long")
+    out = {}
+    for name, (n, args) in LONG.items():
+        path = str(root / name)
+        framecode.write_code_video(path, n, (96, 128), args, fps=15)
+        out[name] = (path, n)
+    return out
+
+
+def test_bounds_partition_the_time_line():
+    assert segments.bounds(30.0, 0) == [(-math.inf, math.inf)]
+    assert segments.bounds(9.0, 10.0) == [(-math.inf, math.inf)]
+    assert segments.bounds(25.0, 10.0) == [(-math.inf, 10.0), (10.0, 20.0), (20.0, math.inf)]
+
+
+def test_header_duration_local_and_s3(long_videos, s3fs_client):
+    path, _ = long_videos["long_h264.mp4"]
+    assert segments.header_duration(path) == pytest.approx(20.0, abs=0.1)
+    s3fs_client.put_file(path, "s3://rayvid-test/long/long_h264.mp4")
+    assert segments.header_duration("s3://rayvid-test/long/long_h264.mp4") == pytest.approx(20.0, abs=0.1)
+    assert segments.header_duration("s3://rayvid-test/long/missing.mp4") == 0.0
+    plan = segments.plan({"video_uri": np.array([path], dtype=object)}, segment_s=6.0)
+    assert plan["segment"].tolist() == [0, 1, 2, 3] and plan["n_segments"].tolist() == [4] * 4
+
+
+@pytest.mark.parametrize("name", sorted(LONG))
+@pytest.mark.parametrize("sampling", [{}, {"every": 4}, {"fps": 2.0}])
+def test_segments_meet_exactly(long_videos, name, sampling):
+    path, n = long_videos[name]
+    whole = _decode(path, [(-math.inf, math.inf)], sampling)
+    parts = _decode(path, segments.bounds(20.0, 1.7), sampling)  # 12 segments, odd boundaries
+    assert [i for i, _ in parts] == [i for i, _ in whole], f"{name}: frames missing or twice"
+    wrong = [(i, shown) for i, shown in parts if shown != i]
+    assert not wrong, f"{name}: (frame, shown) {wrong[:5]}"
+    if not sampling:
+        assert len(parts) == n
+
+
+def _decode(path, bounds, sampling):
+    dec = Decoder(size=framecode.SIZE, batch_frames=16, **sampling)
+    rows = []
+    for k, (start, end) in enumerate(bounds):
+        for batch in dec.decode_video(path, k, len(bounds), start, end):
+            if batch["kind"][0] == KIND_FRAME:
+                rows += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
+            else:
+                assert batch["error_type"][0] == "", batch["message"][0]
+    return sorted(rows)
+
+
+def test_long_video_through_the_job_in_segments(ray_session, long_videos, code_reader, tmp_path):
+    from helpers import read_output
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (path, _) in long_videos.items():
+        (src / name).symlink_to(path)
+    out = str(tmp_path / "out")
+    cfg = RunConfig(input=str(src), output=out, model=ModelConfig(name=code_reader),
+                    decode=DecodeConfig(segment_s=3.0), progress=False)
+    result = pipeline.run(cfg)
+    assert result.videos_ok == 3 and result.videos_failed == 0
+    preds = read_output(out)
+    for name, (path, n) in long_videos.items():
+        rows = preds.filter(pc.equal(preds["video_uri"], str(src / name))).sort_by("frame_index")
+        assert rows["frame_index"].to_pylist() == list(range(n)), name
+        assert rows["label"].to_pylist() == [str(i) for i in range(n)], name
+        np.testing.assert_allclose(rows["timestamp_s"].to_numpy(), pts_of(path), atol=1e-3, rtol=0)
+    videos = {r["video_uri"]: r for r in read_output(out, "videos").to_pylist()}
+    assert all(v["frames"] == 300 for v in videos.values())
+    assert "pyav" in videos[str(src / "long_h264.mp4")]["decoder"]  # later segments seek with PyAV
