@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     e.add_argument("--run-id")
     e.add_argument("--limit", type=int, help="process at most N videos")
+    e.add_argument("--retry-failed", action="store_true", default=None,
+                   help="also redo videos that failed in earlier runs into the same OUTPUT")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     smp = sub.add_parser("samples", help="generate labelled sample videos and train the small sample model")
@@ -93,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "run_id": args.run_id,
         "address": args.address,
         "limit": args.limit,
+        "retry_failed": args.retry_failed,
         "progress": False if args.no_progress else None,
     }
     merged = merge(base, flags)

@@ -8,6 +8,15 @@ Output, under OUTPUT:
   `videos/part-<run_id>-<seq>.parquet`       `schema.VIDEOS_SCHEMA`, one row per video
   `runs/<run_id>.json`                       the resolved config and the run's stats
 
+Commit protocol. The three files of one flush share a name and are written in the order
+predictions, errors, videos; the videos file is the commit point. `recover` (at the start of
+every run) deletes predictions/errors files whose videos file never appeared (a run killed
+mid-flush), and reads which videos are committed; `pending` skips them, unless their
+content changed (size or etag/mtime) or, with --retry-failed, they failed; `retract`
+removes the rows of videos about to be redone from the committed files (predictions first,
+videos last) before any new row is written. A reader therefore never sees a video twice,
+nor part of one.
+
 A video is published only when it is complete: for each of its segments, the terminal row
 has arrived and the number of its frame rows equals the count that row carries. Complete videos are gathered and
 written together (a file per `rows_per_file` rows or `flush_interval_s` seconds, so a long
@@ -21,6 +30,7 @@ from __future__ import annotations
 import collections
 import json
 import time
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,8 +53,10 @@ class Committer:
         model: str,
         rows_per_file: int = 1_000_000,
         flush_interval_s: float = 60.0,
+        sources: dict | None = None,
     ):
         self.output = output.rstrip("/")
+        self.sources = sources or {}  # video_uri -> (size_bytes, version) as listed
         self.run_id = run_id
         self.model = model
         self.rows_per_file = rows_per_file
@@ -126,9 +138,12 @@ class Committer:
         failed = [e for e in ends if e["error_type"]]
         meta = next((e for e in ends if e["codec"]), ends[0])
         decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
+        size, version = self.sources.get(uri, (-1, ""))
         self._ready_videos.append(
             {
                 "video_uri": uri,
+                "size_bytes": size,
+                "version": version,
                 "frames": sum(e["n_frames"] for e in ends),
                 "duration_s": meta["duration_s"],
                 "fps": meta["fps"],
@@ -189,17 +204,7 @@ class Committer:
         self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
 
     def _write(self, url: str, table: pa.Table) -> None:
-        storage.write_atomic(
-            url,
-            lambda f: pq.write_table(
-                table,
-                f,
-                compression="zstd",
-                use_dictionary=["video_uri", "label", "model", "run_id", "stage", "error_type",
-                                "codec", "decoder"],
-                row_group_size=128 * 1024,
-            ),
-        )
+        write_parquet(url, table)
         self.files.append(url)
 
     def close(self) -> None:
@@ -216,6 +221,17 @@ class Committer:
             raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
 
 
+def write_parquet(url: str, table: pa.Table) -> None:
+    """How every output file is written: atomically, zstd, dictionary-encoded strings."""
+    dictionary = [c for c in ("video_uri", "label", "model", "run_id", "stage", "error_type", "codec", "decoder")
+                  if c in table.column_names]
+    storage.write_atomic(
+        url,
+        lambda f: pq.write_table(table, f, compression="zstd", use_dictionary=dictionary,
+                                 row_group_size=128 * 1024),
+    )
+
+
 def write_run_record(output: str, run_id: str, record: dict) -> str:
     url = storage.join(output, RUNS_DIR, f"{run_id}.json")
     data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
@@ -230,3 +246,86 @@ def predictions_url(output: str) -> str:
 def errors_url(output: str) -> str:
     return storage.join(output, ERRORS_DIR)
 
+
+
+def videos_url(output: str) -> str:
+    return storage.join(output, VIDEOS_DIR)
+
+
+@dataclass
+class Committed:
+    """What earlier runs committed to OUTPUT: video_uri -> its videos/ row and file name."""
+
+    videos: dict = field(default_factory=dict)
+    removed: list = field(default_factory=list)  # orphan files deleted by `recover`
+
+
+def _parts(fs, directory: str) -> set:
+    try:
+        return {p.rsplit("/", 1)[-1] for p in fs.glob(directory.rstrip("/") + "/part-*.parquet")}
+    except FileNotFoundError:
+        return set()
+
+
+def recover(output: str) -> Committed:
+    """Delete what a killed run left half-committed; return what is committed."""
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
+    state = Committed()
+    for directory in (PREDICTIONS_DIR, ERRORS_DIR):
+        for name in sorted(_parts(fs, f"{root}/{directory}") - committed):
+            fs.rm(f"{root}/{directory}/{name}")
+            state.removed.append(f"{directory}/{name}")
+    for name in sorted(committed):
+        table = pq.read_table(f"{root}/{VIDEOS_DIR}/{name}", filesystem=fs,
+                              columns=["video_uri", "size_bytes", "version", "error"])
+        for row in table.to_pylist():
+            uri = row.pop("video_uri")
+            state.videos[uri] = {**row, "file": name}
+    return state
+
+
+def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple[pa.Table, int, set]:
+    """(listing rows still to process, how many are skipped, committed videos to redo)."""
+    keep, redo, skipped = [], set(), 0
+    for i, (uri, size, version) in enumerate(zip(
+        videos.column("video_uri").to_pylist(), videos.column("size_bytes").to_pylist(),
+        videos.column("version").to_pylist(),
+    )):
+        done = committed.videos.get(uri)
+        if done is None:
+            keep.append(i)
+            continue
+        changed = (size != -1 and done["size_bytes"] != size) or (version and done["version"] != version)
+        if changed or (retry_failed and done["error"]):
+            keep.append(i)
+            redo.add(uri)
+        else:
+            skipped += 1
+    return videos.take(pa.array(keep, pa.int64())), skipped, redo
+
+
+def retract(output: str, uris: set, committed: Committed) -> None:
+    """Remove these videos' rows from the committed files: predictions, errors, then videos
+    (the commit point last, so a crash in between leaves them committed-and-changed, which
+    the next run retracts again)."""
+    if not uris:
+        return
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    names = sorted({committed.videos[u]["file"] for u in uris})
+    drop = pa.array(sorted(uris), pa.string())
+    for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR):
+        for name in names:
+            path = f"{root}/{directory}/{name}"
+            if not fs.exists(path):
+                continue
+            table = pq.read_table(path, filesystem=fs)
+            kept = table.filter(pc.invert(pc.is_in(table.column("video_uri"), value_set=drop)))
+            if len(kept) == len(table):
+                continue
+            if len(kept) == 0:
+                fs.rm(path)
+            else:
+                write_parquet(storage.to_url(fs, path), kept)

@@ -86,6 +86,7 @@ class RunConfig:
     run_id: str = ""
     address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or an embedded local Ray
     limit: Optional[int] = None  # process at most this many videos (in listing order)
+    retry_failed: bool = False  # also redo videos that failed in earlier runs
     progress: bool = True
 
     def __post_init__(self) -> None:

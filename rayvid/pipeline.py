@@ -50,6 +50,7 @@ class RunResult:
     output: str
     model: str
     videos_listed: int = 0
+    videos_skipped: int = 0  # already committed by an earlier run into the same OUTPUT
     videos_ok: int = 0
     videos_failed: int = 0
     frames: int = 0
@@ -105,7 +106,12 @@ def run(cfg: RunConfig) -> RunResult:
         result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=len(videos),
                            plan=dataclasses.asdict(plan))
         _write_first_record(cfg, record)
-        committer = commit.Committer(cfg.output, cfg.run_id, info.name)
+        committed = commit.recover(cfg.output)
+        videos, result.videos_skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
+        commit.retract(cfg.output, redo, committed)
+        sources = dict(zip(videos.column("video_uri").to_pylist(),
+                           zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
+        committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources)
         try:
             if len(videos):
                 units = segments.plan_all(videos, cfg.decode.segment_s)
@@ -132,6 +138,7 @@ def run(cfg: RunConfig) -> RunResult:
         plan=result.plan,
         stats={
             "videos_listed": result.videos_listed,
+            "videos_skipped": result.videos_skipped,
             "videos_ok": result.videos_ok,
             "videos_failed": result.videos_failed,
             "frames": result.frames,

@@ -6,7 +6,8 @@ from __future__ import annotations
 def summary(result) -> str:
     lines = [
         f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
-        f"  videos:  {result.videos_listed} listed, {result.videos_ok} ok, {result.videos_failed} failed",
+        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done), "
+        f"{result.videos_ok} ok, {result.videos_failed} failed",
         f"  frames:  {result.frames} ({result.frames_per_s:.1f} frames/s end to end)",
         f"  model:   {result.model}",
         f"  output:  {result.output.rstrip('/')}/predictions/ (per frame), videos/ (per video); "

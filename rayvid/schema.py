@@ -84,6 +84,8 @@ ERRORS_SCHEMA = pa.schema(
 VIDEOS_SCHEMA = pa.schema(
     [
         pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),  # as listed: with `version`, what resume compares
+        pa.field("version", pa.string()),  # etag or mtime, as listed
         pa.field("frames", pa.int64()),  # frame rows written to predictions/
         pa.field("duration_s", pa.float64()),
         pa.field("fps", pa.float64()),  # the container's average rate

@@ -30,7 +30,7 @@ def test_run_verb_prints_a_summary_and_exits_0(ray_session, one_video, shapes_mo
                  "--run-id", "cli-1", "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "rayvid run cli-1" in text and "1 listed, 1 ok, 0 failed" in text
+    assert "rayvid run cli-1" in text and "1 listed, 0 skipped (already done), 1 ok, 0 failed" in text
     assert f"frames:  {one_video['n']} (" in text and f"{out}/predictions/" in text
     assert read_output(out).num_rows == one_video["n"]
 

@@ -113,7 +113,7 @@ def test_failed_video_keeps_its_frames_and_gets_one_error_row(tmp_path):
     videos = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0])
     assert videos.schema.equals(VIDEOS_SCHEMA, check_metadata=False)
     assert videos.to_pylist()[0] == {
-        "video_uri": "bad", "frames": 2, "duration_s": 0.2, "fps": 10.0, "width": 160, "height": 120,
+        "video_uri": "bad", "size_bytes": -1, "version": "", "frames": 2, "duration_s": 0.2, "fps": 10.0, "width": 160, "height": 120,
         "codec": "h264", "decoder": "decord", "top_labels": [{"label": "b", "share": 1.0}], "error": True,
         "run_id": "r1"}
 
@@ -155,3 +155,33 @@ def test_a_missing_segment_fails_loudly(tmp_path):
     c.add(pa.concat_tables([_frames("v", [0], 0, 2), _end("v", 1, None, 0, 2)]))
     with pytest.raises(RuntimeError, match="1 segments complete, others missing"):
         c.close()
+
+
+def test_recover_deletes_half_committed_files(tmp_path):
+    from rayvid.commit import recover
+
+    c = Committer(str(tmp_path), "r1", "m", sources={"v": (10, "e1")})
+    c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+    c.close()
+    # a run killed mid-flush: its predictions file exists, its videos file (commit point) not
+    [name] = _files(tmp_path / "predictions")
+    (tmp_path / "predictions" / "part-r2-00000.parquet").write_bytes((tmp_path / "predictions" / name).read_bytes())
+    state = recover(str(tmp_path))
+    assert state.removed == ["predictions/part-r2-00000.parquet"]
+    assert _files(tmp_path / "predictions") == [name]
+    assert state.videos == {"v": {"size_bytes": 10, "version": "e1", "error": False, "file": name}}
+
+
+def test_retract_removes_only_the_given_videos(tmp_path):
+    from rayvid.commit import recover, retract
+
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("a", [0, 1]), _end("a", 2), _frames("b", [0]), _end("b", 1, "bad")]))
+    c.close()
+    retract(str(tmp_path), {"b"}, recover(str(tmp_path)))
+    preds = pq.read_table(tmp_path / "predictions" / _files(tmp_path / "predictions")[0])
+    assert preds.column("video_uri").to_pylist() == ["a", "a"]
+    assert _files(tmp_path / "errors") == []  # its only row was b's
+    videos = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0])
+    assert videos.column("video_uri").to_pylist() == ["a"]
+    assert preds.schema.metadata[b"rayvid.schema_version"] == b"1"

@@ -249,3 +249,51 @@ def test_parity_with_model_predict_on_a_keras_application(ray_session, media, tm
         same += sum(job[(path, int(i))] == int(t) for i, t in zip(idx, top1))
         total += len(idx)
     assert total == len(job) and same / total >= 0.999, f"{same}/{total} top-1 agree"
+
+
+def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
+    """Same command again: nothing is decoded twice; a new video and a changed video are
+    processed, a failed one only with --retry-failed, and no row is ever duplicated."""
+    from rayvid import samples
+
+    src = tmp_path / "in"
+    shutil.copytree(media["videos"], src)
+    (src / "broken.mp4").write_bytes(b"\x00" * 64)
+    out = str(tmp_path / "out")
+
+    def run(**kw):
+        return pipeline.run(_cfg(str(src), out, shapes_model["path"], **kw))
+
+    def rows_per_video():
+        t = read_output(out)
+        counts = {}
+        for uri, idx in zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist()):
+            counts.setdefault(uri, []).append(idx)
+        assert all(sorted(v) == list(range(len(v))) for v in counts.values()), "duplicated or missing rows"
+        return {u: len(v) for u, v in counts.items()}
+
+    first = run()
+    assert (first.videos_ok, first.videos_failed, first.videos_skipped) == (3, 1, 0)
+    before = rows_per_video()
+
+    again = run()
+    assert (again.videos_ok, again.videos_failed, again.videos_skipped, again.frames) == (0, 0, 4, 0)
+    assert rows_per_video() == before
+
+    new = str(src / "new.mp4")
+    samples.make_video(new, 1.0, seed=9)
+    changed = next(p for p in media["truth"] if p.endswith("c.mkv")).replace(str(media["videos"]), str(src))
+    samples.make_video(changed, 2.0, seed=10)  # same name, new content: 30 frames instead of 15
+    third = run()
+    assert (third.videos_ok, third.videos_failed, third.videos_skipped) == (2, 0, 3)  # broken: skipped
+    counts = rows_per_video()
+    assert counts[new] == 15 and counts[changed] == 30
+
+    fourth = run(retry_failed=True)  # the failed video is tried again (and fails again)
+    assert (fourth.videos_ok, fourth.videos_failed, fourth.videos_skipped) == (0, 1, 4)
+    assert rows_per_video() == counts
+    errors = read_output(out, "errors")
+    assert errors.column("video_uri").to_pylist() == [str(src / "broken.mp4")]  # old row retracted
+    videos = read_output(out, "videos")
+    listed = sorted(set(counts) | {str(src / "broken.mp4")})
+    assert sorted(videos.column("video_uri").to_pylist()) == listed  # one row per video, failed or not

@@ -7,7 +7,7 @@ def test_summary_says_what_happened_and_where():
                   frames=200, wall_s=4.0, files=["x"], top_labels=[("circle", 150), ("blank", 50)],
                   plan={"decode_min": 1, "decode_max": 3, "infer_min": 1, "infer_max": 1, "infer_gpus": 0.0})
     text = summary(r)
-    assert "3 listed, 2 ok, 1 failed" in text
+    assert "3 listed, 0 skipped (already done), 2 ok, 1 failed" in text
     assert "200 (50.0 frames/s end to end)" in text
     assert "s3://b/out/predictions/ (per frame), videos/ (per video); 1 file written" in text
     assert "s3://b/out/errors/" in text
