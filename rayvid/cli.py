@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     e.add_argument("--run-id")
     e.add_argument("--limit", type=int, help="process at most N videos")
+    e.add_argument("--commit-interval", type=float, metavar="S",
+                   help="publish complete videos at least every S seconds (default 60)")
     e.add_argument("--retry-failed", action="store_true", default=None,
                    help="also redo videos that failed in earlier runs into the same OUTPUT")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -96,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "address": args.address,
         "limit": args.limit,
         "retry_failed": args.retry_failed,
+        "commit_interval_s": args.commit_interval,
         "progress": False if args.no_progress else None,
     }
     merged = merge(base, flags)

@@ -87,6 +87,7 @@ class RunConfig:
     address: Optional[str] = None  # Ray address; None = RAY_ADDRESS or an embedded local Ray
     limit: Optional[int] = None  # process at most this many videos (in listing order)
     retry_failed: bool = False  # also redo videos that failed in earlier runs
+    commit_interval_s: float = 60.0  # publish complete videos at least this often
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -111,7 +111,8 @@ def run(cfg: RunConfig) -> RunResult:
         commit.retract(cfg.output, redo, committed)
         sources = dict(zip(videos.column("video_uri").to_pylist(),
                            zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
-        committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources)
+        committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources,
+                                     flush_interval_s=cfg.commit_interval_s)
         try:
             if len(videos):
                 units = segments.plan_all(videos, cfg.decode.segment_s)

@@ -4,11 +4,11 @@ actors in parallel instead of holding one while the rest of the cluster idles.
 Input columns:  `video_uri` (and whatever the listing carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
   `start_s: float64`, `end_s: float64`.
-It runs before the decode pipeline, as CPU-free Ray tasks that only read headers, and the
-driver collects its small output: every segment then becomes its own input block of the
-pipeline, so different decode actors take different segments. (A streaming repartition
-inside the pipeline would need a CPU while the decode and inference actors hold them all:
-it deadlocked a 2-CPU cluster.)
+It runs before the decode pipeline, as Ray tasks that read headers (16 at a time each,
+in threads: it is I/O), and the driver collects its small output: every segment then
+becomes its own input block of the pipeline, so different decode actors take different
+segments. (A streaming repartition inside the pipeline would need a CPU while the decode
+and inference actors hold them all: it deadlocked a 2-CPU cluster.)
 Segment k of a video holds the frames whose presentation time t satisfies
 start_s <= t < end_s, with start_s = k * L and end_s = (k + 1) * L, except that the first
 segment starts at -inf and the last ends at +inf. The intervals partition the time line, so
@@ -21,6 +21,7 @@ be opened here, the video is one segment and the decoder reports what is wrong w
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -68,9 +69,11 @@ def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
 def plan(batch: dict, segment_s: float) -> dict:
     """Ray Data `map_batches` function (tasks, I/O bound): one row per segment."""
     uris, segs, counts, starts, ends = [], [], [], [], []
-    for uri in batch["video_uri"]:
-        uri = str(uri)
-        parts = bounds(header_duration(uri) if segment_s > 0 else 0.0, segment_s)
+    videos = [str(u) for u in batch["video_uri"]]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        durations = list(pool.map(header_duration, videos)) if segment_s > 0 else [0.0] * len(videos)
+    for uri, duration in zip(videos, durations):
+        parts = bounds(duration, segment_s)
         for k, (start, end) in enumerate(parts):
             uris.append(uri)
             segs.append(k)
@@ -98,11 +101,10 @@ def plan_all(videos: pa.Table, segment_s: float) -> pa.Table:
         )
     import ray
 
-    per_task = max(1, math.ceil(len(videos) / 1000))
+    per_task = max(32, math.ceil(len(videos) / 1000))
     blocks = [videos.slice(i, per_task).select(["video_uri"]) for i in range(0, len(videos), per_task)]
     ds = ray.data.from_arrow(blocks).map_batches(
         plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
-        num_cpus=0,  # I/O bound: reads headers only
     )
     parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
              for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]

@@ -102,3 +102,46 @@ def test_no_credentials_is_a_clear_error(s3_endpoint, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "rayvid: error: cannot read s3://rayvid-test/in/: Unable to locate credentials (check credentials" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path):
+    """The driver (a `ray job submit` entrypoint on the running cluster) is SIGKILLed right
+    after its first commit, mid-run; the same command again skips what was committed and
+    completes the output with every frame of every video exactly once."""
+    import re
+    import shutil
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    for k in range(8):  # 24 videos
+        shutil.copytree(media["videos"], src / f"copy{k}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(src), str(out),
+           "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1"]
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "videos").is_dir() and any(p.suffix == ".parquet" for p in (out / "videos").iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the first run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed, skipped, ok, failed = map(int, re.search(
+        r"(\d+) listed, (\d+) skipped \(already done\), (\d+) ok, (\d+) failed", done.stdout).groups())
+    assert (listed, failed) == (24, 0)
+    assert skipped > 0 and ok > 0 and skipped + ok == 24  # killed mid-run; its commits were kept
+    preds = read_output(str(out))
+    seen = {}
+    for uri, idx in zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()):
+        seen.setdefault(uri, []).append(idx)
+    expected = {str(src / f"copy{k}" / os.path.relpath(p, media["videos"])): len(v)
+                for k in range(8) for p, v in media["truth"].items()}
+    assert {u: sorted(v) for u, v in seen.items()} == {u: list(range(n)) for u, n in expected.items()}
+    videos = read_output(str(out), "videos").column("video_uri").to_pylist()
+    assert sorted(videos) == sorted(expected)
