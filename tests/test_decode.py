@@ -236,3 +236,14 @@ def test_odd_size_keeps_the_last_row_and_column(tmp_path, decoder):
     f = frames[0]["frame"].astype(int)
     assert f[:-1, -1, 0].mean() > 200 and f[:-1, -2, 0].mean() < 100, "last column lost"
     assert f[-1, :-1, 1].mean() > 200 and f[-2, :-1, 1].mean() < 100, "last row lost"
+
+
+def test_audio_only_file_is_one_clear_error_row(tmp_path):
+    import subprocess
+
+    path = str(tmp_path / "song.mp4")
+    subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=1", "-c:a", "aac", path], check=True)
+    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(path))
+    assert frames == [] and len(ends) == 1
+    assert ends[0]["message"] == "no video stream (audio-only or not a video)"
