@@ -97,3 +97,17 @@ def test_long_video_through_the_job_in_segments(ray_session, long_videos, code_r
     videos = {r["video_uri"]: r for r in read_output(out, "videos").to_pylist()}
     assert all(v["frames"] == 300 for v in videos.values())
     assert "pyav" in videos[str(src / "long_h264.mp4")]["decoder"]  # later segments seek with PyAV
+
+
+@pytest.mark.parametrize("name", sorted(framecode.MATRIX))
+def test_segments_meet_exactly_on_every_codec(matrix, name):
+    """Every matrix file cut into ~0.3 s segments (later ones seek with PyAV)."""
+    from helpers import pts_of
+
+    path, n = matrix[name]
+    duration = float(pts_of(path)[-1]) + 0.05
+    bounds = segments.bounds(duration, 0.3)
+    parts = _decode(path, bounds, {})
+    assert [i for i, _ in parts] == list(range(n)), f"{name}: frames missing or twice ({len(bounds)} segments)"
+    wrong = [(i, shown) for i, shown in parts if shown != i]
+    assert not wrong, f"{name}: (frame, shown) {wrong[:5]}"
