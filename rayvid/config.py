@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import re
 import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from rayvid.errors import ConfigError
 
-BUILTIN_MODEL = "builtin:shapes"
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class RunConfig:
             raise ConfigError(f"--decoder must be auto, decord or pyav, got {self.decode.decoder!r}")
         if not self.run_id:
             object.__setattr__(self, "run_id", new_run_id())
+        if not _RUN_ID.fullmatch(self.run_id):
+            # it names output files: no path separators, no "..", no control characters
+            raise ConfigError(f"--run-id must match {_RUN_ID.pattern} (it names output files), got {self.run_id!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

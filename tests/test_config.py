@@ -28,3 +28,12 @@ def test_validation_errors_are_clear():
 def test_merge_drops_unset_values():
     assert merge({"a": 1, "m": {"x": 1, "y": 2}}, {"a": None, "m": {"x": None, "y": 3}, "n": {"z": None}}) == {
         "a": 1, "m": {"x": 1, "y": 3}, "n": {}}
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", "..", "x\ny", ""])
+def test_run_id_cannot_name_a_path_outside_output(run_id):
+    if run_id == "":
+        assert RunConfig(input="a", output="b", run_id=run_id).run_id  # generated
+        return
+    with pytest.raises(ConfigError, match="--run-id must match"):
+        RunConfig(input="a", output="b", run_id=run_id)
