@@ -150,7 +150,6 @@ def _plain(values: np.ndarray):
 
 def _topk_column(ids, scores, labels, is_frame, k) -> pa.Array:
     """list<struct<class_id, label, score>> for frame rows, null for the others."""
-    n = len(is_frame)
     values = pa.StructArray.from_arrays(
         [
             pa.array(ids.reshape(-1), pa.int32()),

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+import framecode
 from helpers import pts_of
 from rayvid import samples
 from rayvid.decode import Decoder, sample_indices
@@ -138,8 +139,6 @@ def test_memory_flat_while_consumer_pauses(tmp_path):
 
 # --- frame-exact on the codec/container matrix (tests/framecode.py) --------------------
 
-import framecode  # noqa: E402
-from helpers import pts_of  # noqa: E402,F811
 
 
 def _decode_all(path, **kw):
