@@ -41,7 +41,7 @@ class Plan:
     infer_max: int
     infer_gpus: float
     infer_cpus: float
-    videos_per_block: int
+    units_per_block: int
 
 
 @dataclass
@@ -85,8 +85,8 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
     spare = max(threads, cpus - infer_cpu_total)
     decode_max = cfg.decode.max_actors or max(1, int(spare // threads))
     decode_min = min(cfg.decode.min_actors, decode_max)
-    # One video per block (each block is one unit of work for a decode actor), grouped only
-    # when a listing is so long that per-video blocks would swamp the driver.
+    # One segment per block (each block is one unit of work for a decode actor), grouped
+    # only when a listing is so long that per-segment blocks would swamp the driver.
     per_block = max(1, math.ceil(n_videos / 20_000))
     return Plan(decode_min, decode_max, float(threads), infer_min, infer_max,
                 float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block)
@@ -162,8 +162,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     # Ray Data would coalesce the decoder's batches into 128 MiB blocks; cap blocks at one
     # decode batch so frames reach inference as soon as they are decoded.
     ctx.target_max_block_size = cfg.decode.batch_bytes
-    per_block = plan.videos_per_block
-    blocks = [units.slice(i, per_block) for i in range(0, len(units), per_block)]
+    blocks = [units.slice(i, plan.units_per_block) for i in range(0, len(units), plan.units_per_block)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         decode.Decoder,

@@ -11,6 +11,17 @@ import pyarrow as pa
 SCHEMA_VERSION = "1"
 _META = {b"rayvid.schema_version": SCHEMA_VERSION.encode()}
 
+# What the planning stage (segments.py) hands the decode stage: one row per segment.
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("segment", pa.int32()),
+        ("n_segments", pa.int32()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+    ]
+)
+
 # Rows between stages: `kind` says whether a row is a decoded frame or the one terminal row
 # that closes each segment of a video ("end"), which carries how many frame rows the
 # segment produced and, if it failed, why. The committer publishes a video only when, for

@@ -27,17 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid import storage
-
-SEGMENTS_SCHEMA = pa.schema(
-    [
-        ("video_uri", pa.string()),
-        ("segment", pa.int32()),
-        ("n_segments", pa.int32()),
-        ("start_s", pa.float64()),
-        ("end_s", pa.float64()),
-    ]
-)
-
+from rayvid.schema import SEGMENTS_SCHEMA
 
 def header_duration(uri: str) -> float:
     """The container's duration in seconds from its header, or 0.0 if unknown."""

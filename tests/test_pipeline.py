@@ -182,7 +182,7 @@ def test_plan_resources_cpu_and_gpu():
     gpu = pipeline.plan_resources(cfg, {"CPU": 32.0, "GPU": 4.0}, n_videos=10)
     assert (gpu.infer_gpus, gpu.infer_min, gpu.infer_max) == (1.0, 4, 4)
     assert gpu.decode_max == 32
-    assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).videos_per_block == 50
+    assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).units_per_block == 50
 
 
 def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
