@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--segment-seconds", type=float, metavar="S",
                    help="split videos longer than S seconds into segments decoded in parallel (default 600; 0: never)")
     e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
+    e.add_argument("--decode-timeout", type=float, metavar="S",
+                   help="seconds of decoding one segment may take per attempt before its process is killed (default 600)")
+    e.add_argument("--decode-retries", type=int, metavar="N",
+                   help="retries of a segment whose decoder process crashed or timed out (default 1)")
     e.add_argument("--infer-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
     e.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0 (CPU)")
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -87,7 +91,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "xla": args.xla,
         },
         "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes},
-        "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1]},
+        "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1],
+                   "timeout_s": args.decode_timeout, "retries": args.decode_retries},
         "infer": {
             "batch_size": args.batch_size,
             "gpus_per_actor": args.gpus_per_actor,

@@ -32,6 +32,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -67,6 +68,9 @@ class Committer:
         self._ends: dict[tuple, dict] = {}
         # per video_uri: the segments already complete (their rows and terminal rows)
         self._segments_done: dict[str, list] = collections.defaultdict(list)
+        # units already complete: rows that arrive for them again are duplicates
+        self._finished: set = set()
+        self.duplicates_dropped = 0
         self._ready: list[pa.Table] = []
         self._ready_rows = 0
         self._ready_errors: list[dict] = []
@@ -90,13 +94,16 @@ class Committer:
             for key in pc.unique(keys).to_pylist():
                 part = frames.filter(pc.equal(keys, key))
                 unit = (part.column("video_uri")[0].as_py(), part.column("segment")[0].as_py())
+                if unit in self._finished:
+                    self.duplicates_dropped += len(part)
+                    continue
                 self._pending[unit].append(part)
                 self._counts[unit] += len(part)
                 self._complete_if_done(unit)
         for row in ends.to_pylist():
             unit = (row["video_uri"], row["segment"])
-            if unit in self._ends or any(e["segment"] == unit[1] for _, e in self._segments_done.get(unit[0], [])):
-                raise RuntimeError(f"two terminal rows for {unit}: a stage emitted a segment twice")
+            if unit in self._finished or unit in self._ends:
+                continue  # a retried task (its actor died) emitted the segment again
             self._ends[unit] = row
             self._complete_if_done(unit)
         if self._ready_rows >= self.rows_per_file or (
@@ -108,13 +115,19 @@ class Committer:
     def _complete_if_done(self, unit: tuple) -> None:
         end = self._ends.get(unit)
         have = self._counts.get(unit, 0)
-        if end is None:
+        if end is None or have < end["n_frames"]:
             return
         if have > end["n_frames"]:
-            raise RuntimeError(f"{unit}: {have} frame rows for {end['n_frames']} decoded frames")
-        if have < end["n_frames"]:
-            return
+            # A task retried after its actor died sends frames again: keep each frame once.
+            table = _first_per_frame(pa.concat_tables(self._pending[unit]))
+            self.duplicates_dropped += have - len(table)
+            self._pending[unit], self._counts[unit] = [table], len(table)
+            if len(table) > end["n_frames"]:
+                raise RuntimeError(f"{unit}: {len(table)} distinct frames for {end['n_frames']} decoded frames")
+            if len(table) < end["n_frames"]:
+                return
         uri = unit[0]
+        self._finished.add(unit)
         self._segments_done[uri].append((self._pending.pop(unit, []), end))
         self._counts.pop(unit, None)
         del self._ends[unit]
@@ -219,6 +232,12 @@ class Committer:
                 for u, k in incomplete[:5]
             )
             raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
+
+
+def _first_per_frame(table: pa.Table) -> pa.Table:
+    table = table.sort_by("frame_index")
+    index = table.column("frame_index").to_numpy()
+    return table.filter(pa.array(np.concatenate([[True], index[1:] != index[:-1]])))
 
 
 def write_parquet(url: str, table: pa.Table) -> None:

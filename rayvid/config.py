@@ -65,6 +65,17 @@ class DecodeConfig:
     batch_bytes: int = 32 * 2**20  # bytes per batch handed downstream, at most
     min_actors: int = 1
     max_actors: Optional[int] = None  # default: the cluster's CPUs left after inference
+    # Each segment is decoded in a child process of the decode actor: a crash or a hang
+    # costs that attempt. Seconds per attempt, and retries (with PyAV, from the frame after
+    # the last one delivered) before the segment becomes an error row.
+    timeout_s: float = 600.0
+    retries: int = 1
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--decode-timeout must be > 0, got {self.timeout_s}")
+        if self.retries < 0:
+            raise ConfigError(f"--decode-retries must be >= 0, got {self.retries}")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -143,8 +149,8 @@ class _Untrusted(Exception):
     """decord cannot give exact frames for this file: use PyAV instead."""
 
 
-class Decoder:
-    """Callable class run by Ray Data as an actor: one video, one reader at a time."""
+class FrameReader:
+    """Decodes local files; runs inside the decode child process (see `Decoder`)."""
 
     def __init__(
         self,
@@ -168,54 +174,46 @@ class Decoder:
         self.threads = max(1, int(threads))
         frame_bytes = self.height * self.width * 3
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
-        self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
 
-    def __del__(self):
-        shutil.rmtree(getattr(self, "_tmpdir", ""), ignore_errors=True)
-
-    def __call__(self, batch: dict) -> Iterator[dict]:
-        n = len(batch["video_uri"])
-        get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
-        for uri, seg, n_seg, start, end in zip(
-            batch["video_uri"], get("segment", 0), get("n_segments", 1),
-            get("start_s", -math.inf), get("end_s", math.inf),
-        ):
-            yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end))
-
-    def decode_video(
-        self, uri: str, segment: int = 0, n_segments: int = 1,
-        start_s: float = -math.inf, end_s: float = math.inf,
-    ) -> Iterator[dict]:
-        """Frames of one video, or of its frames with start_s <= pts time < end_s."""
-        state = {"emitted": 0, "stage": "read", "decoder": "", "info": None, "note": "",
-                 "segment": segment, "n_segments": n_segments}
+    def read(self, path: str, uri: str, segment: int = 0, n_segments: int = 1,
+             start_s: float = -math.inf, end_s: float = math.inf, after: int = -1,
+             emitted: int = 0, force_pyav: bool = False, note: str = "",
+             on_probe=None) -> Iterator[dict]:
+        """Frame batches of the frames with start_s <= pts time < end_s and index > after,
+        then the segment's terminal row (whose n_frames adds `emitted`, the frames an
+        earlier attempt already delivered)."""
+        state = {"emitted": 0, "stage": "decode", "decoder": "", "info": None, "note": note,
+                 "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav}
+        done = lambda error: end_row(  # noqa: E731
+            uri, segment, n_segments, (self.height, self.width), emitted + state["emitted"],
+            error, state["stage"], _decoder_label(state), state["info"])
         try:
-            with storage.local_copy(uri, self._tmpdir) as path:
-                state["stage"] = "decode"
-                if os.path.getsize(path) == 0:
-                    raise VideoError("empty file (0 bytes)")
-                info = state["info"] = probe(path)
-                keep = sample_indices(info.times, self.every, self.fps,
-                                      info.keyframes if self.keyframes else None)
-                keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s)]
-                for idx, frames in self._frames(path, info, keep, state):
-                    yield self._frame_batch(uri, state, idx, info.times[idx], frames)
-                    state["emitted"] += len(idx)
-                missing = len(keep) - state["emitted"]
-                if missing:
-                    raise VideoError(f"{missing} of {len(keep)} frames could not be decoded")
-        except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, *storage.ACCESS_ERRORS) as e:
-            yield self._end_row(uri, state, e)
+            if os.path.getsize(path) == 0:
+                raise VideoError("empty file (0 bytes)")
+            info = state["info"] = probe(path)
+            if on_probe is not None:
+                on_probe(info)
+            keep = sample_indices(info.times, self.every, self.fps,
+                                  info.keyframes if self.keyframes else None)
+            keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
+            for idx, frames in self._frames(path, info, keep, state):
+                yield self._frame_batch(uri, state, idx, info.times[idx], frames)
+                state["emitted"] += len(idx)
+            missing = len(keep) - state["emitted"]
+            if missing:
+                raise VideoError(f"{missing} of {len(keep)} frames could not be decoded")
+        except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:
+            yield done(e)
             return
-        yield self._end_row(uri, state, None)
+        yield done(None)
 
     def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
         """(indices, frames) batches from the decoder that suits this file."""
         if len(keep) == 0:
             return
         # decord only from frame 0 (its seeks are not exact); later segments seek with PyAV
-        first = int(keep[0]) == 0 or state["segment"] == 0
-        use_decord = first and (self.decoder == "decord" or (
+        first = int(keep[0]) == 0 or (state["segment"] == 0 and not state["force_pyav"])
+        use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (
             self.decoder == "auto" and info.codec in DECORD_CODECS and not self.keyframes
         ))
         if use_decord:
@@ -227,7 +225,7 @@ class Decoder:
             except (_Untrusted, RuntimeError, self._decord.DECORDError) as e:
                 if state["emitted"] or self.decoder == "decord":
                     raise
-                state["note"] = f"decord: {_first_line(e)}"
+                state["note"] = _join(state["note"], f"decord: {_first_line(e)}")
         state["decoder"] = "pyav"
         yield from self._pyav_frames(path, info, keep, state)
 
@@ -302,7 +300,7 @@ class Decoder:
         if idx_buf:
             yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
         if damaged:
-            state["note"] = f"{damaged} damaged packets skipped"
+            state["note"] = _join(state["note"], f"{damaged} damaged packets skipped")
 
     def _upright(self, frame) -> np.ndarray:
         """RGB at model size, rotated as the container's display matrix says."""
@@ -336,34 +334,263 @@ class Decoder:
             "duration_s": np.zeros(n),
         }
 
-    def _end_row(self, uri, state, error) -> dict:
-        message = ""
-        emitted = state["emitted"]
-        if error is not None:
-            message = storage.describe(error).replace(self._tmpdir, "<tmp>")
-            if emitted:
-                message += f" (after {emitted} frames; the frames before it are kept)"
-        info: Optional[Probe] = state["info"]
-        decoder = state["decoder"] + (f" ({state['note']})" if state["note"] else "")
-        return {
-            "video_uri": np.array([uri], dtype=object),
-            "segment": np.array([state["segment"]], dtype=np.int32),
-            "n_segments": np.array([state["n_segments"]], dtype=np.int32),
-            "kind": np.array([KIND_END], dtype=object),
-            "frame_index": np.array([-1], dtype=np.int64),
-            "timestamp_s": np.array([math.nan]),
-            "frame": np.zeros((1, self.height, self.width, 3), dtype=np.uint8),
-            "n_frames": np.array([emitted], dtype=np.int64),
-            "error_stage": np.array([state["stage"] if error is not None else ""], dtype=object),
-            "error_type": np.array([_error_type(error)], dtype=object),
-            "message": np.array([message], dtype=object),
-            "decoder": np.array([decoder], dtype=object),
-            "codec": np.array([info.codec if info else ""], dtype=object),
-            "width": np.array([info.width if info else 0], dtype=np.int64),
-            "height": np.array([info.height if info else 0], dtype=np.int64),
-            "fps": np.array([info.fps if info else 0.0]),
-            "duration_s": np.array([info.duration_s if info else 0.0]),
-        }
+
+class Decoder:
+    """Callable class run by Ray Data as an actor: fetches each video, has its child process
+    decode it, and turns a crash or a timeout of that process into a retry, then data.
+
+    The child (`serve`, one per actor, started once and restarted after a failure) does
+    all demuxing and decoding: a native crash (decord, FFmpeg) or a hang on a poison file
+    kills only that child. Each attempt at a segment gets `timeout_s` seconds of the
+    child's time (time the actor waits for it; time the actor waits on downstream stages
+    does not count). After a crash or a timeout the segment is retried with PyAV from the
+    frame after the last one delivered, at most `retries` times; then the segment ends with
+    an error row (`DecoderCrash` / `DecodeTimeout`) and the frames before are kept.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        every: int = 1,
+        fps: Optional[float] = None,
+        keyframes: bool = False,
+        decoder: str = "auto",
+        threads: int = 1,
+        batch_frames: int = 64,
+        batch_bytes: int = 32 * 2**20,
+        timeout_s: float = 600.0,
+        retries: int = 1,
+    ):
+        if decoder not in ("auto", "decord", "pyav"):
+            raise ValueError(f"unknown decoder {decoder!r}")
+        self.size = (int(size[0]), int(size[1]))
+        self.timeout_s, self.retries = float(timeout_s), int(retries)
+        self._reader_args = dict(size=self.size, every=every, fps=fps, keyframes=keyframes,
+                                 decoder=decoder, threads=threads, batch_frames=batch_frames,
+                                 batch_bytes=batch_bytes)
+        self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
+        self._lock = threading.Lock()
+        self._child = _Child(self._reader_args)  # started now: a broken install fails here
+
+    def __del__(self):
+        child = getattr(self, "_child", None)
+        if child is not None:
+            child.stop()
+        shutil.rmtree(getattr(self, "_tmpdir", ""), ignore_errors=True)
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        n = len(batch["video_uri"])
+        get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
+        for uri, seg, n_seg, start, end in zip(
+            batch["video_uri"], get("segment", 0), get("n_segments", 1),
+            get("start_s", -math.inf), get("end_s", math.inf),
+        ):
+            yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end))
+
+    def decode_video(
+        self, uri: str, segment: int = 0, n_segments: int = 1,
+        start_s: float = -math.inf, end_s: float = math.inf,
+    ) -> Iterator[dict]:
+        """Frames of one video, or of its frames with start_s <= pts time < end_s."""
+        try:
+            with storage.local_copy(uri, self._tmpdir) as path, self._lock:
+                yield from self._attempts(path, uri, segment, n_segments, start_s, end_s)
+        except storage.ACCESS_ERRORS as e:
+            yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
+
+    def _attempts(self, path, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
+        emitted, after, note, info = 0, -1, "", None
+        for attempt in range(self.retries + 1):
+            request = dict(path=path, uri=uri, segment=segment, n_segments=n_segments,
+                           start_s=start_s, end_s=end_s, after=after, emitted=emitted,
+                           force_pyav=attempt > 0, note=note)
+            try:
+                for kind, payload in self._child.request(request, self.timeout_s):
+                    if kind == "probe":
+                        info = payload
+                        continue
+                    if payload["kind"][0] == KIND_END:
+                        payload["message"][0] = payload["message"][0].replace(self._tmpdir, "<tmp>")
+                        yield payload
+                        return
+                    emitted += len(payload["frame_index"])
+                    after = int(payload["frame_index"][-1])
+                    yield payload
+            except _ChildFailed as failure:
+                self._child.restart()
+                error = failure.error
+                note = _join(note, f"{type(error).__name__} on attempt {attempt + 1}: "
+                                   f"{error}; resumed after frame {after}")
+        final = type(error)(f"{error} ({self.retries + 1} attempts)")
+        yield end_row(uri, segment, n_segments, self.size, emitted, final, "decode",
+                      note, info, self._tmpdir)
+
+
+class DecoderCrash(Exception):
+    """The decode child process died (a native crash in a decoder, or killed)."""
+
+
+class DecodeTimeout(Exception):
+    """The decode child process took longer than the per-attempt timeout on one segment."""
+
+
+class _ChildFailed(Exception):
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _Child:
+    """The decode child process and its socket: pickled requests in, (kind, payload) out."""
+
+    def __init__(self, reader_args: dict):
+        self.reader_args = reader_args
+        self.proc = None
+        self.conn = None
+        self.busy = False  # a request whose answer was not read to its end row
+        self.start()
+
+    def start(self) -> None:
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # the child imports rayvid from wherever this process did (Ray's working_dir too)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from rayvid.decode import serve; serve(int(sys.argv[1]))",
+             str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.busy = False
+        self.conn.send(("init", self.reader_args))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def request(self, request: dict, timeout_s: float) -> Iterator[tuple]:
+        if self.busy or self.proc.poll() is not None:  # abandoned mid-answer, or dead
+            self.restart()
+        self.busy = True
+        try:
+            self.conn.send(("read", request))
+        except OSError:
+            raise _ChildFailed(DecoderCrash(self._death())) from None
+        budget = timeout_s
+        while True:
+            t0 = time.monotonic()
+            try:
+                ready = self.conn.poll(max(budget, 0.0))
+                message = self.conn.recv() if ready else None
+            except (EOFError, OSError):
+                raise _ChildFailed(DecoderCrash(self._death())) from None
+            budget -= time.monotonic() - t0
+            if message is None:
+                self.proc.kill()
+                raise _ChildFailed(DecodeTimeout(f"no result within {timeout_s:g} s"))
+            kind, payload = message
+            if kind == "bug":  # a programming error in the child: fail loudly, as in-process
+                raise RuntimeError(f"decode child process raised:\n{payload}")
+            if kind == "rows" and payload["kind"][0] == KIND_END:
+                self.busy = False
+            yield kind, payload
+            if not self.busy:
+                return
+
+    def _death(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return "decoder process stopped answering"
+        if code < 0:
+            return f"decoder process killed by {signal.Signals(-code).name}"
+        return f"decoder process exited with status {code}"
+
+
+def serve(fd: int) -> None:
+    """The decode child process: answers requests on socket `fd` until it closes."""
+    import traceback
+    from multiprocessing.connection import Connection
+
+    parent = os.getppid()
+
+    def orphaned() -> None:  # exit with the actor, even when it is SIGKILLed
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    conn = Connection(fd)
+    reader = None
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if kind == "init":
+                reader = FrameReader(**payload)
+                continue
+            on_probe = lambda info: conn.send(("probe", info))  # noqa: E731
+            for rows in reader.read(**payload, on_probe=on_probe):
+                conn.send(("rows", rows))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception:
+            conn.send(("bug", traceback.format_exc()))
+
+
+def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
+            error: Optional[BaseException], stage: str, decoder: str,
+            info: Optional[Probe], tmpdir: str = "") -> dict:
+    """A segment's terminal row: how many frame rows it produced, the video's metadata, and
+    why it stopped early, if it did."""
+    message = ""
+    if error is not None:
+        message = storage.describe(error)
+        if tmpdir:
+            message = message.replace(tmpdir, "<tmp>")
+        if emitted:
+            message += f" (after {emitted} frames; the frames before it are kept)"
+    return {
+        "video_uri": np.array([uri], dtype=object),
+        "segment": np.array([segment], dtype=np.int32),
+        "n_segments": np.array([n_segments], dtype=np.int32),
+        "kind": np.array([KIND_END], dtype=object),
+        "frame_index": np.array([-1], dtype=np.int64),
+        "timestamp_s": np.array([math.nan]),
+        "frame": np.zeros((1, size[0], size[1], 3), dtype=np.uint8),
+        "n_frames": np.array([emitted], dtype=np.int64),
+        "error_stage": np.array([stage if error is not None else ""], dtype=object),
+        "error_type": np.array([_error_type(error)], dtype=object),
+        "message": np.array([message], dtype=object),
+        "decoder": np.array([decoder], dtype=object),
+        "codec": np.array([info.codec if info else ""], dtype=object),
+        "width": np.array([info.width if info else 0], dtype=np.int64),
+        "height": np.array([info.height if info else 0], dtype=np.int64),
+        "fps": np.array([info.fps if info else 0.0]),
+        "duration_s": np.array([info.duration_s if info else 0.0]),
+    }
+
+
+def _decoder_label(state: dict) -> str:
+    return state["decoder"] + (f" ({state['note']})" if state["note"] else "")
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
 
 
 class VideoError(Exception):
@@ -378,8 +605,8 @@ def _first_line(e: BaseException) -> str:
 def _error_type(error: Optional[BaseException]) -> str:
     if error is None:
         return ""
-    if isinstance(error, VideoError):
-        return "VideoError"
+    if isinstance(error, (VideoError, DecoderCrash, DecodeTimeout)):
+        return type(error).__name__
     if isinstance(error, FileNotFoundError):
         return "NotFound"
     if isinstance(error, PermissionError):

@@ -127,11 +127,25 @@ def test_missing_rows_fail_loudly(tmp_path):
     assert _files(tmp_path / "predictions") == []
 
 
-def test_duplicate_rows_fail_loudly(tmp_path):
+def test_rows_of_a_retried_task_are_kept_once(tmp_path):
+    """A task whose actor died is retried from its start: its rows arrive again, before or
+    after the unit completed."""
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(_frames("v", [0, 1]))  # first attempt, killed after two frames
+    c.add(_frames("v", [0, 1, 2]))  # the retry
+    c.add(_end("v", 3))
+    c.add(pa.concat_tables([_frames("v", [1, 2]), _end("v", 3)]))  # a late copy
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    assert pq.read_table(tmp_path / "predictions" / name).column("frame_index").to_pylist() == [0, 1, 2]
+    assert c.duplicates_dropped == 4 and c.videos_ok == 1 and c.frames == 3
+
+
+def test_more_distinct_frames_than_decoded_fail_loudly(tmp_path):
     c = Committer(str(tmp_path), "r1", "m")
     c.add(_frames("v", [0, 1]))
-    with pytest.raises(RuntimeError, match="3 frame rows for 2"):
-        c.add(pa.concat_tables([_frames("v", [1]), _end("v", 2)]))
+    with pytest.raises(RuntimeError, match="3 distinct frames for 2"):
+        c.add(pa.concat_tables([_frames("v", [2]), _end("v", 2)]))
 
 
 def test_a_segmented_video_is_published_when_all_segments_are(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
@@ -109,8 +110,8 @@ def test_odd_source_size_gives_exact_model_size(tmp_path):
     assert len(got) == 5 and all(f["frame"].shape == (75, 99, 3) for f in got)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
+def _rss_mb(pid="self") -> float:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -126,14 +127,15 @@ def test_memory_flat_while_consumer_pauses(tmp_path):
         check=True,
     )
     dec = Decoder(size=(224, 224), batch_frames=16)
+    child = dec._child.proc.pid  # the process that decodes
     gen = dec.decode_video(path)
     next(gen)
-    base = _rss_mb()
+    base = _rss_mb(child)
     peak = base
     for i, _ in enumerate(gen):
         if i < 6:
             time.sleep(0.5)  # a slow downstream stage
-        peak = max(peak, _rss_mb())
+        peak = max(peak, _rss_mb(child))
     assert peak - base < 150, f"RSS grew {peak - base:.0f} MB while paused"
 
 
@@ -246,3 +248,67 @@ def test_audio_only_file_is_one_clear_error_row(tmp_path):
     frames, ends = _rows(Decoder(size=(32, 32)).decode_video(path))
     assert frames == [] and len(ends) == 1
     assert ends[0]["message"] == "no video stream (audio-only or not a video)"
+
+
+# --- a crashing or hanging decoder costs one attempt, not the job ----------------------
+
+
+def _codes_exact(frames):
+    return all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+
+
+@pytest.fixture(scope="module")
+def code_video_240(tmp_path_factory):
+    """240 frames: more than the socket to the child holds, so a kill lands mid-video."""
+    path = str(tmp_path_factory.mktemp("long240") / "long.mp4")
+    framecode.write_code_video(path, 240, framecode.SIZE, ["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+    return path, 240
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL])
+def test_decoder_process_crash_mid_video_resumes_where_it_stopped(code_video_240, sig):
+    path, n = code_video_240
+    dec = Decoder(size=framecode.SIZE, batch_frames=4)
+    gen = dec.decode_video(path)
+    first = next(gen)
+    os.kill(dec._child.proc.pid, sig)  # a native crash in the middle of the video
+    frames, [end] = _rows([first, *gen])
+    assert [f["frame_index"] for f in frames] == list(range(n))  # each frame once
+    assert _codes_exact(frames)
+    assert end["error_type"] == "" and end["n_frames"] == n
+    assert f"decoder process killed by {sig.name}" in end["decoder"]
+    assert end["decoder"].startswith("pyav")
+
+
+def test_hung_decoder_times_out_and_is_retried(matrix):
+    path, n = matrix["h264.mp4"]
+    dec = Decoder(size=framecode.SIZE, timeout_s=1.5)
+    os.kill(dec._child.proc.pid, signal.SIGSTOP)  # hangs: no progress, no exit
+    t0 = time.monotonic()
+    frames, [end] = _rows(dec.decode_video(path))
+    assert time.monotonic() - t0 < 30
+    assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
+    assert end["error_type"] == "" and "DecodeTimeout on attempt 1: no result within 1.5 s" in end["decoder"]
+
+
+def test_retries_are_bounded_then_the_segment_is_an_error_row(matrix):
+    path, n = matrix["h264.mp4"]
+    dec = Decoder(size=framecode.SIZE, timeout_s=1, retries=0)
+    os.kill(dec._child.proc.pid, signal.SIGSTOP)
+    frames, [end] = _rows(dec.decode_video(path))
+    assert frames == [] and end["n_frames"] == 0
+    assert (end["error_stage"], end["error_type"]) == ("decode", "DecodeTimeout")
+    assert end["message"] == "no result within 1 s (1 attempts)"
+    # the actor goes on: the next video decodes in a fresh child process
+    frames, [end] = _rows(dec.decode_video(path))
+    assert len(frames) == n and end["error_type"] == ""
+
+
+def test_abandoned_request_does_not_leak_into_the_next(matrix):
+    path, n = matrix["h264.mp4"]
+    dec = Decoder(size=framecode.SIZE, batch_frames=2)
+    gen = dec.decode_video(path)
+    next(gen)
+    gen.close()  # the consumer stopped mid-video
+    frames, [end] = _rows(dec.decode_video(path))
+    assert [f["frame_index"] for f in frames] == list(range(n)) and end["n_frames"] == n
