@@ -41,3 +41,28 @@ def upload_tree(fs, local_dir, url_prefix: str) -> None:
             src = os.path.join(dirpath, name)
             rel = os.path.relpath(src, local_dir)
             fs.put_file(src, url_prefix.rstrip("/") + "/" + rel)
+
+
+def processes(title_prefix: str) -> list:
+    """(pid, title) of this machine's processes whose command line starts with the prefix
+    (Ray names worker processes after what they run: `ray::MapWorker(MapBatches(Decoder))`)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if title.startswith(title_prefix):
+            found.append((int(pid), title))
+    return found
+
+
+def frames_per_video(table) -> dict:
+    """video_uri -> sorted frame indices (duplicates kept, so a test can see them)."""
+    seen: dict = {}
+    for uri, idx in zip(table.column("video_uri").to_pylist(), table.column("frame_index").to_pylist()):
+        seen.setdefault(uri, []).append(idx)
+    return {u: sorted(v) for u, v in seen.items()}

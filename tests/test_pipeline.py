@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from helpers import pts_of, read_output, upload_tree
+from helpers import frames_per_video, processes, pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
-from rayvid.config import InferConfig, ModelConfig, RunConfig, SamplingConfig
+from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import InputError, ModelError
 
 
@@ -297,3 +301,52 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     videos = read_output(out, "videos")
     listed = sorted(set(counts) | {str(src / "broken.mp4")})
     assert sorted(videos.column("video_uri").to_pylist()) == listed  # one row per video, failed or not
+
+
+@pytest.fixture(scope="module")
+def many_videos(media, tmp_path_factory):
+    """24 videos (8 copies of the session's three), and the frame indices each must yield."""
+    root = tmp_path_factory.mktemp("many")
+    for k in range(8):
+        shutil.copytree(media["videos"], root / f"copy{k}")
+    expected = {str(root / f"copy{k}" / os.path.relpath(p, media["videos"])): list(range(len(v)))
+                for k in range(8) for p, v in media["truth"].items()}
+    return root, expected
+
+
+@pytest.mark.parametrize("stage", ["Decoder", "Predictor"])
+def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many_videos, shapes_model, tmp_path, stage):
+    """SIGKILL a decode (or an inference) actor while it works: Ray restarts it and retries
+    its task, and the committer keeps each frame once."""
+    src, expected = many_videos
+    out = str(tmp_path / "out")
+    result = {}
+    cfg = _cfg(str(src), out, shapes_model["path"], decode=DecodeConfig(max_actors=1))
+    job = threading.Thread(target=lambda: result.update(r=pipeline.run(cfg)))
+    job.start()
+    title = f"ray::MapWorker(MapBatches({stage})).submit"
+    deadline = time.time() + 120
+    while time.time() < deadline and not processes(title):
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it get into its work
+    [(pid, _)] = processes(title)
+    assert job.is_alive(), "the run finished before the actor could be killed"
+    children = [p for p, _ in processes(sys.executable) if _parent(p) == pid]
+    assert len(children) == (stage == "Decoder")  # a decode actor decodes in its child process
+    os.kill(pid, signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive() and "r" in result, "the run did not finish"
+    r = result["r"]
+    assert (r.videos_ok, r.videos_failed) == (24, 0)
+    assert frames_per_video(read_output(out)) == expected
+    assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
+    alive = [p for p, _ in processes("")]
+    assert pid not in alive and not set(children) & set(alive), "the killed actor's child outlived it"
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
