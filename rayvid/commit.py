@@ -78,6 +78,7 @@ class Committer:
         self._seq = 0
         self._last_flush = time.monotonic()
         self.files: list[str] = []
+        self.committed: set = set()  # video_uri of every video this run published
         self.videos_ok = 0
         self.videos_failed = 0
         self.frames = 0
@@ -214,6 +215,7 @@ class Committer:
             self._write(storage.join(self.output, ERRORS_DIR, name), errors)
         videos = pa.Table.from_pylist(self._ready_videos, schema=VIDEOS_SCHEMA)
         self._write(storage.join(self.output, VIDEOS_DIR, name), videos.sort_by("video_uri"))
+        self.committed.update(v["video_uri"] for v in self._ready_videos)
         self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
 
     def _write(self, url: str, table: pa.Table) -> None:

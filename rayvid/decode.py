@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +54,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from rayvid import storage
+from rayvid.errors import StorageUnavailable
 from rayvid.schema import KIND_END, KIND_FRAME
 
 # Ray resources of one decode actor, declared next to the stage.
@@ -111,6 +113,7 @@ class Probe:
     pts: np.ndarray  # int64, sorted: frame i has pts[i]
     times: np.ndarray  # float64 seconds, (pts - start) * time_base
     keyframes: np.ndarray  # bool, frame i is a key frame
+    listed: int = 0  # frames the container's index lists (0: it does not say)
 
 
 def probe(path: str) -> Probe:
@@ -121,6 +124,8 @@ def probe(path: str) -> Probe:
             if not container.streams.video:
                 raise VideoError("no video stream (audio-only or not a video)")
             stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets = [(p.pts if p.pts is not None else p.dts, p.is_keyframe)
                        for p in container.demux(stream) if p.size]
             codec = stream.codec_context.name
@@ -128,8 +133,10 @@ def probe(path: str) -> Probe:
             rate = stream.average_rate
             tb = stream.time_base
             start = stream.start_time or 0
+            listed = int(stream.frames or 0)
     except av.FFmpegError as e:
-        raise VideoError(f"cannot open video: {_first_line(e)}") from None
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise VideoError(f"cannot open video: {reason}{_mp4_hint(path)}") from None
     if not packets:
         raise VideoError("the video stream has no frames")
     if any(p is None for p, _ in packets) or tb is None:
@@ -142,7 +149,33 @@ def probe(path: str) -> Probe:
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
-    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys)
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed)
+
+
+def _mp4_hint(path: str) -> str:
+    """Why an MP4/MOV will not open, when its top-level boxes say: the index (moov) is
+    written last unless the file was made with faststart, so a cut file loses it."""
+    boxes, offset = [], 0
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while offset + 8 <= size and len(boxes) < 64:
+            f.seek(offset)
+            head = f.read(16)
+            n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if n == 1 and len(head) == 16:
+                n = int.from_bytes(head[8:16], "big")
+            elif n == 0:
+                n = size - offset
+            if n < 8 or not kind.isalnum() and kind not in (b"free", b"skip"):
+                break
+            boxes.append((kind, offset + n > size))
+            offset += n
+    kinds = [k for k, _ in boxes]
+    if b"ftyp" not in kinds or b"moov" in kinds:
+        return ""
+    if any(cut for _, cut in boxes):
+        return " (truncated MP4: the file ends inside its media data and its index (moov), written last, is missing)"
+    return " (MP4 without an index (moov))"
 
 
 class _Untrusted(Exception):
@@ -196,12 +229,21 @@ class FrameReader:
             keep = sample_indices(info.times, self.every, self.fps,
                                   info.keyframes if self.keyframes else None)
             keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
+            got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             for idx, frames in self._frames(path, info, keep, state):
                 yield self._frame_batch(uri, state, idx, info.times[idx], frames)
                 state["emitted"] += len(idx)
-            missing = len(keep) - state["emitted"]
-            if missing:
-                raise VideoError(f"{missing} of {len(keep)} frames could not be decoded")
+                got[idx] = True
+            problems = []
+            lost = keep[~got[keep]]
+            if len(lost):
+                problems.append(f"{len(lost)} of {len(keep)} frames lost to damaged data "
+                                f"(frame {_ranges(lost)})")
+            if info.listed > len(info.pts) and end_s == math.inf:
+                problems.append(f"truncated: the container lists {info.listed} frames, "
+                                f"the file holds {len(info.pts)}")
+            if problems:
+                raise VideoError("; ".join(problems))
         except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:
             yield done(e)
             return
@@ -223,9 +265,18 @@ class FrameReader:
                     yield out
                 return
             except (_Untrusted, RuntimeError, self._decord.DECORDError) as e:
-                if state["emitted"] or self.decoder == "decord":
+                if self.decoder == "decord":
                     raise
-                state["note"] = _join(state["note"], f"decord: {_first_line(e)}")
+                done = np.flatnonzero(state["got"])
+                if len(done):  # go on with PyAV after the last frame decord delivered
+                    keep = keep[keep > done[-1]]
+                    state["note"] = _join(state["note"], f"decord failed after frame {done[-1]}: {_first_line(e)}")
+                else:
+                    state["note"] = _join(state["note"], f"decord: {_first_line(e)}")
+                state["decoder"] = "decord+pyav" if len(done) else "pyav"
+                if len(keep):
+                    yield from self._pyav_frames(path, info, keep, state)
+                return
         state["decoder"] = "pyav"
         yield from self._pyav_frames(path, info, keep, state)
 
@@ -268,6 +319,10 @@ class FrameReader:
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
         found, idx_buf, frame_buf, damaged = 0, [], [], 0
+        # After damage the decoder conceals: frames it outputs may show other frames' content
+        # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
+        # resyncs it; frames before that key frame in presentation order stay dropped.
+        suspect, floor, dropped = False, 0, 0
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
@@ -281,14 +336,23 @@ class FrameReader:
             for packet in container.demux(stream):
                 if found == len(keep):
                     break
+                if suspect and packet.is_keyframe and packet.pts in index_of:
+                    suspect, floor = False, index_of[packet.pts]
                 try:
                     frames = packet.decode()
                 except av.FFmpegError:
                     damaged += 1
+                    suspect = True
                     continue
                 for frame in frames:
                     i = index_of.get(frame.pts)
+                    if frame.is_corrupt:
+                        damaged += 1
+                        suspect = True
                     if i is None or not wanted[i] or done[i]:
+                        continue
+                    if damaged and (suspect or i < floor):
+                        dropped += 1
                         continue
                     done[i] = True
                     found += 1
@@ -299,8 +363,8 @@ class FrameReader:
                         idx_buf, frame_buf = [], []
         if idx_buf:
             yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
-        if damaged:
-            state["note"] = _join(state["note"], f"{damaged} damaged packets skipped")
+        if damaged or dropped:
+            state["note"] = _join(state["note"], f"{damaged} damaged packets, {dropped} concealed frames dropped")
 
     def _upright(self, frame) -> np.ndarray:
         """RGB at model size, rotated as the container's display matrix says."""
@@ -396,6 +460,9 @@ class Decoder:
             with storage.local_copy(uri, self._tmpdir) as path, self._lock:
                 yield from self._attempts(path, uri, segment, n_segments, start_s, end_s)
         except storage.ACCESS_ERRORS as e:
+            if storage.is_unavailable(e):  # the store is down, not this video: stop the run
+                raise StorageUnavailable(
+                    f"storage unreachable reading {storage.public_uri(uri)}: {storage.describe(e)}") from None
             yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
 
     def _attempts(self, path, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
@@ -563,7 +630,7 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
         if tmpdir:
             message = message.replace(tmpdir, "<tmp>")
         if emitted:
-            message += f" (after {emitted} frames; the frames before it are kept)"
+            message += f" ({emitted} decoded frames kept)"
     return {
         "video_uri": np.array([uri], dtype=object),
         "segment": np.array([segment], dtype=np.int32),
@@ -589,6 +656,18 @@ def _decoder_label(state: dict) -> str:
     return state["decoder"] + (f" ({state['note']})" if state["note"] else "")
 
 
+def _ranges(indices: np.ndarray) -> str:
+    """'3-7, 9' for [3, 4, 5, 6, 7, 9] (at most 5 ranges)."""
+    runs, start = [], int(indices[0])
+    for prev, cur in zip(indices[:-1], indices[1:]):
+        if cur != prev + 1:
+            runs.append((start, int(prev)))
+            start = int(cur)
+    runs.append((start, int(indices[-1])))
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:5])
+    return text + (f" and {len(runs) - 5} more ranges" if len(runs) > 5 else "")
+
+
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
@@ -598,7 +677,8 @@ class VideoError(Exception):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    # decord prefixes "[16:31:04] /github/workspace/src/...cc:486: " to its messages
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(e)).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 

@@ -22,3 +22,9 @@ class ModelError(RayvidError):
 
 class StorageError(RayvidError):
     pass
+
+
+class StorageUnavailable(StorageError):
+    """The object store cannot be reached (connection refused, timeouts) after bounded
+    retries: not a property of one video, so it stops the run; committed work stays, and
+    the same command finishes the rest once the store is back."""

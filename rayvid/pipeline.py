@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from rayvid import __version__, commit, decode, infer, listing, models, segments, storage
 from rayvid.config import RunConfig
-from rayvid.errors import ModelError, RayvidError, StorageError
+from rayvid.errors import ModelError, RayvidError, StorageError, StorageUnavailable
 
 log = logging.getLogger("rayvid")
 
@@ -117,12 +117,21 @@ def run(cfg: RunConfig) -> RunResult:
             if len(videos):
                 units = segments.plan_all(videos, cfg.decode.segment_s)
                 ds = _dataset(ray, cfg, units, info, plan)
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
-                    committer.add(batch)
+                try:
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+                        committer.add(batch)
+                except Exception as e:
+                    down = _unavailable(e, cfg.output)
+                    if down is None:
+                        raise
+                    raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
             committer.close()
         except BaseException as e:
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
-            commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+            try:
+                commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+            except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
+                log.warning("cannot record the failed run: %s", storage.describe(write_error))
             raise
     finally:
         if we_started_ray:
@@ -199,6 +208,34 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     return ds
 
 
+def _unavailable(error: BaseException, output: str) -> Optional[str]:
+    """The message of a storage outage behind `error` (raised by a decode actor, or by the
+    committer writing OUTPUT), or None for any other failure."""
+    seen = set()
+    e = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StorageUnavailable):
+            return str(e.args[0]) if e.args else str(e)
+        if isinstance(e, storage.ACCESS_ERRORS) and storage.is_unavailable(e):
+            return f"storage unreachable writing OUTPUT {storage.public_uri(output)}: {storage.describe(e)}"
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _not_done(videos: pa.Table, committer: commit.Committer) -> str:
+    """What a storage outage left undone, and how to finish it."""
+    try:
+        committer.flush()  # publish what is complete, if OUTPUT is reachable
+    except storage.ACCESS_ERRORS:
+        pass
+    uris = videos.column("video_uri").to_pylist()
+    missing = [u for u in uris if u not in committer.committed]
+    first = ", ".join(storage.public_uri(u) for u in missing[:3])
+    return (f"{len(missing)} of {len(uris)} videos not committed (first: {first}); "
+            f"run the same command again to finish them")
+
+
 def _connect(address: Optional[str]) -> bool:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray. True if started."""
     import ray
@@ -210,7 +247,8 @@ def _connect(address: Optional[str]) -> bool:
     if address:
         ray.init(address=address, **kwargs)
         return True
-    ray.init(include_dashboard=False, **kwargs)
+    # "local": always a fresh embedded instance, never one a `ray start` left on this machine
+    ray.init(address="local", include_dashboard=False, **kwargs)
     return True
 
 

@@ -42,6 +42,26 @@ def _access_errors() -> tuple[type[BaseException], ...]:
 # no credentials, endpoint down), as opposed to a bug.
 ACCESS_ERRORS = _access_errors()
 
+def is_unavailable(error: BaseException) -> bool:
+    """True when the store itself is unreachable (after the client's bounded retries), as
+    opposed to one object being missing or forbidden."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, ReadTimeoutError
+
+        if isinstance(error, (BotoConnectionError, ReadTimeoutError)):
+            return True
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
+    except ImportError:
+        return False
+
+
 CREDENTIALS_HINT = (
     "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the "
     "instance role / service account"
@@ -122,7 +142,9 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    suffix = os.path.splitext(path)[1][:16]
+    # the temp name keeps the extension (some demuxers look at it), and nothing else of
+    # the key: letters and digits only, so no key can steer where the copy is written
+    suffix = "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
     fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
     os.close(fd)
     try:

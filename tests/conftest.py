@@ -29,14 +29,37 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
+class Moto:
+    """moto's S3 server on 127.0.0.1; `stop()` and `start()` take it down and bring it back
+    on the same port with the same buckets (moto keeps its state in this process)."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server_class = ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+        self.url = f"http://{self.host}:{self.port}"
+
+    def stop(self):
+        self.server.stop()
+
+    def start(self):
+        self.server = self._server_class(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+
+@pytest.fixture(scope="session")
+def moto():
+    server = Moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(moto):
+    endpoint = moto.url
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
@@ -55,7 +78,6 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +88,31 @@ def s3fs_client(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
-    import ray
+def ray_cluster(s3_endpoint):
+    """The session's Ray: a `ray.cluster_utils.Cluster`, so tests can add and remove nodes.
 
-    # One logical GPU (no physical one): the inference pool takes the product's GPU path
-    # (num_gpus=1 per actor) and TensorFlow, finding no device, computes on the CPU.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    Its head node has 2 CPUs and one logical GPU (no physical one): the inference pool
+    takes the product's GPU path (num_gpus=1 per actor) and TensorFlow, finding no device,
+    computes on the CPU."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=2 * 2**30))
+    ray.init(address=cluster.address, logging_level="WARNING")
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    yield ray
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +150,14 @@ def matrix(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matrix")
     return framecode.make_matrix(str(root))
+
+
+@pytest.fixture(scope="session")
+def damaged(tmp_path_factory):
+    """Truncated (both MP4 layouts), garbage in the middle, unsupported codec: name -> path."""
+    import framecode
+
+    return framecode.make_damaged(str(tmp_path_factory.mktemp("damaged")))
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,39 @@ def make_matrix(directory: str) -> dict:
         write_code_video(path, n, size, args, **extra)
         out[name] = (path, n)
     return out
+
+
+DAMAGED_FRAMES = 120  # each damaged file is cut from a 120-frame H.264 code video, GOP 30
+
+
+def make_damaged(directory: str) -> dict:
+    """Bad inputs, each made from a known-good code video: name -> path."""
+    from rayvid import samples
+
+    ff = samples.ffmpeg_exe()
+    d = lambda name: os.path.join(directory, name)  # noqa: E731
+    write_code_video(d("good.mp4"), DAMAGED_FRAMES, (96, 128), ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "30"])
+    subprocess.run([ff, "-y", "-loglevel", "error", "-i", d("good.mp4"), "-c", "copy", "-movflags", "+faststart",
+                    d("good_faststart.mp4")], check=True)
+    out = {}
+    plain = open(d("good.mp4"), "rb").read()  # ffmpeg's default: media data first, index (moov) last
+    assert plain.find(b"moov") > plain.find(b"mdat")
+    fast = bytearray(open(d("good_faststart.mp4"), "rb").read())
+    assert fast.find(b"moov") < fast.find(b"mdat")
+    out["truncated_moov_at_end.mp4"] = plain[: len(plain) * 6 // 10]
+    out["truncated_faststart.mp4"] = bytes(fast[: len(fast) * 6 // 10])
+    mdat = fast.find(b"mdat")
+    at = mdat + (len(fast) - mdat) // 2
+    fast[at: at + 200] = bytes((i * 7919) % 251 for i in range(200))  # deterministic garbage
+    out["garbage_in_middle.mp4"] = bytes(fast)
+    write_code_video(d("mpeg4.avi"), 30, (96, 128), ["-c:v", "mpeg4", "-vtag", "FMP4"])
+    avi = open(d("mpeg4.avi"), "rb").read()
+    out["unsupported_codec.avi"] = avi.replace(b"FMP4", b"ZQ9X")  # a FourCC no decoder knows
+    for name in ("good.mp4", "good_faststart.mp4", "mpeg4.avi"):
+        os.remove(d(name))
+    paths = {}
+    for name, data in out.items():
+        paths[name] = d(name)
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    return paths

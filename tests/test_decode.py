@@ -312,3 +312,42 @@ def test_abandoned_request_does_not_leak_into_the_next(matrix):
     gen.close()  # the consumer stopped mid-video
     frames, [end] = _rows(dec.decode_video(path))
     assert [f["frame_index"] for f in frames] == list(range(n)) and end["n_frames"] == n
+
+
+# --- damaged files: what decodes is kept and exact, the rest is said ------------------
+
+
+def test_truncated_mp4_with_its_index_at_the_end_is_one_clear_error(damaged):
+    frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["truncated_moov_at_end.mp4"]))
+    assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError")
+    assert "truncated MP4" in end["message"] and "index (moov)" in end["message"]
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pyav"])
+def test_truncated_faststart_mp4_keeps_the_frames_it_holds(damaged, decoder):
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["truncated_faststart.mp4"]))
+    got = [f["frame_index"] for f in frames]
+    assert 10 < len(got) < framecode.DAMAGED_FRAMES and got == list(range(len(got)))
+    assert _codes_exact(frames)
+    assert end["n_frames"] == len(got) and end["error_type"] == "VideoError"
+    assert f"truncated: the container lists {framecode.DAMAGED_FRAMES} frames" in end["message"]
+    assert f"({len(got)} decoded frames kept)" in end["message"]
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pyav"])
+def test_garbage_in_the_middle_drops_the_damaged_gop_and_keeps_the_rest_exact(damaged, decoder):
+    """FFmpeg conceals damage: frames after it can show other frames' content (measured).
+    rayvid drops frames from the damage to the next key frame and says which."""
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["garbage_in_middle.mp4"]))
+    got = [f["frame_index"] for f in frames]
+    assert _codes_exact(frames), "a concealed (wrong) frame was kept"
+    assert got[0] == 0 and got[-1] == framecode.DAMAGED_FRAMES - 1  # before and after the damage
+    lost = sorted(set(range(framecode.DAMAGED_FRAMES)) - set(got))
+    assert 0 < len(lost) <= 30 and end["error_type"] == "VideoError"
+    assert f"{len(lost)} of {framecode.DAMAGED_FRAMES} frames lost to damaged data (frame {lost[0]}-{lost[-1]})" in end["message"]
+    assert end["n_frames"] == len(got)
+
+
+def test_unsupported_codec_is_one_clear_error(damaged):
+    frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["unsupported_codec.avi"]))
+    assert frames == [] and end["message"] == "unsupported codec: FFmpeg has no decoder for this video stream"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -19,7 +20,7 @@ import pytest
 from helpers import frames_per_video, processes, pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
-from rayvid.errors import InputError, ModelError
+from rayvid.errors import InputError, ModelError, StorageUnavailable
 
 
 def _cfg(inp, out, model_path, **kw) -> RunConfig:
@@ -350,3 +351,114 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return -1
+
+
+def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, many_videos, shapes_model, tmp_path):
+    """A spot node is reclaimed while two of the three decode actors live on it."""
+    src, expected = many_videos
+    node = ray_cluster.add_node(num_cpus=2, object_store_memory=512 * 2**20)
+    ray_cluster.wait_for_nodes()
+    try:
+        out = str(tmp_path / "out")
+        result = {}
+        # 3 decode actors: the head's 2 CPUs hold inference and one, the new node the others
+        cfg = _cfg(str(src), out, shapes_model["path"], decode=DecodeConfig(min_actors=3, max_actors=3))
+        job = threading.Thread(target=lambda: result.update(r=pipeline.run(cfg)))
+        job.start()
+        deadline = time.time() + 120
+        while time.time() < deadline and len(processes("ray::MapWorker(MapBatches(Decoder)).submit")) < 2:
+            time.sleep(0.05)
+        assert len(processes("ray::MapWorker(MapBatches(Decoder))")) == 3
+        assert job.is_alive(), "the run finished before the node could be removed"
+        ray_cluster.remove_node(node, allow_graceful=False)
+        node = None
+        job.join(timeout=400)
+        assert not job.is_alive() and "r" in result, "the run did not finish"
+        r = result["r"]
+        assert (r.videos_ok, r.videos_failed) == (24, 0)
+        assert frames_per_video(read_output(out)) == expected
+        assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
+    finally:
+        if node is not None:
+            ray_cluster.remove_node(node)
+
+
+def test_hostile_object_keys_never_steer_where_rayvid_writes(ray_session, media, shapes_model, tmp_path):
+    """Keys with `..`, empty and absolute-looking segments and control characters are data:
+    each is read as the object it names, and every file rayvid writes lands under OUTPUT
+    with a name of its own making."""
+    import boto3
+
+    src = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    n = len(media["truth"][src])
+    keys = ["hostile/../../escape.mp4", "hostile//abs/x.mp4", "hostile/ctl\x1b[31m\tname\x07.mp4",
+            "hostile/dots/..mp4", "hostile/odd ext.m\tp4"]
+    s3 = boto3.client("s3")
+    for key in keys:
+        s3.upload_file(src, "rayvid-test", key)
+    work = tmp_path / "work"
+    out = work / "out"
+    before = {p for p in work.parent.rglob("*")}
+    result = pipeline.run(_cfg("s3://rayvid-test/hostile/", str(out), shapes_model["path"], run_id="hostile-1"))
+    # "..mp4" is a hidden name (skipped like any dot-file); "m\tp4" is no video extension
+    listed = {k for k in keys if k.rsplit(".", 1)[-1] == "mp4" and not k.rsplit("/", 1)[-1].startswith(".")}
+    assert len(listed) == 3
+    assert result.videos_listed == len(listed) and result.videos_failed == 0
+    assert frames_per_video(read_output(str(out))) == {f"s3://rayvid-test/{k}": list(range(n)) for k in listed}
+    written = {p for p in work.parent.rglob("*")} - before
+    assert written and all(p == work or out in p.parents or p == out for p in written), written
+    names = {p.name for p in out.rglob("*") if p.is_file()}
+    assert names == {"part-hostile-1-00000.parquet", "hostile-1.json"}
+    import pathlib
+
+    assert not [p for p in pathlib.Path("/tmp").glob("**/*escape.mp4") if "rayvid" in str(p)]
+
+
+def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto, many_videos, shapes_model, s3fs_client):
+    """The endpoint goes away after the first commits: bounded retries, then a clear failure
+    naming what is not done; once it is back, the same command finishes the rest."""
+    import boto3
+
+    src, local_expected = many_videos
+    prefix = "s3://rayvid-test/outage/in"
+    upload_tree(s3fs_client, src, prefix)
+    expected = {prefix + "/" + os.path.relpath(p, src): v for p, v in local_expected.items()}
+    out = "s3://rayvid-test/outage/out"
+
+    def cfg(run_id):
+        return _cfg(prefix + "/", out, shapes_model["path"], run_id=run_id, commit_interval_s=0,
+                    decode=DecodeConfig(max_actors=1))
+
+    outcome = {}
+
+    def first_run():
+        try:
+            outcome["result"] = pipeline.run(cfg("outage-1"))
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    s3 = boto3.client("s3")
+    job = threading.Thread(target=first_run)
+    job.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and job.is_alive():
+        if s3.list_objects_v2(Bucket="rayvid-test", Prefix="outage/out/videos/").get("KeyCount", 0):
+            break
+        time.sleep(0.1)
+    moto.stop()
+    try:
+        job.join(timeout=300)
+        assert not job.is_alive(), "the run hung while S3 was down"
+        error = outcome.get("error")
+        assert isinstance(error, StorageUnavailable), outcome
+        message = str(error)
+        assert message.startswith("storage unreachable ")
+        assert "Could not connect to the endpoint URL" in message
+        n_missing = int(re.search(r"; (\d+) of 24 videos not committed \(first: s3://rayvid-test/outage/in/", message).group(1))
+        assert 0 < n_missing < 24 and message.endswith("run the same command again to finish them")
+    finally:
+        moto.start()
+    again = pipeline.run(cfg("outage-2"))
+    assert again.videos_skipped == 24 - n_missing and again.videos_ok == n_missing and again.videos_failed == 0
+    assert frames_per_video(read_output(out)) == expected
+    assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
