@@ -462,3 +462,53 @@ def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto
     assert again.videos_skipped == 24 - n_missing and again.videos_ok == n_missing and again.videos_failed == 0
     assert frames_per_video(read_output(out)) == expected
     assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
+
+
+def test_every_kind_of_bad_input_is_one_error_row_and_the_job_goes_on(ray_session, damaged, matrix, code_reader, tmp_path):
+    """One folder holding each kind of bad input beside a good video: each bad file is
+    exactly one errors/ row with a clear message, what decodes of it is kept (and exact),
+    and the good video is complete."""
+    import subprocess
+
+    import framecode
+    from rayvid import samples
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, path in damaged.items():
+        shutil.copy(path, src / name)
+    (src / "zero.mp4").write_bytes(b"")
+    (src / "text.mp4").write_text("not a video\n" * 30)
+    subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=1", "-c:a", "aac", str(src / "audio_only.mp4")], check=True)
+    good, n_good = matrix["h264.mp4"]
+    shutil.copy(good, src / "good.mp4")
+    out = str(tmp_path / "out")
+    result = pipeline.run(_cfg(str(src), out, code_reader, run_id="bad"))
+    assert (result.videos_listed, result.videos_ok, result.videos_failed) == (8, 1, 7)
+
+    errors = {r["video_uri"].rsplit("/", 1)[-1]: r for r in read_output(out, "errors").to_pylist()}
+    expect = {
+        "zero.mp4": "empty file (0 bytes)",
+        "text.mp4": "cannot open video: Invalid data found when processing input",
+        "audio_only.mp4": "no video stream (audio-only or not a video)",
+        "truncated_moov_at_end.mp4": "truncated MP4: the file ends inside its media data",
+        "truncated_faststart.mp4": f"truncated: the container lists {framecode.DAMAGED_FRAMES} frames",
+        "garbage_in_middle.mp4": "frames lost to damaged data (frame ",
+        "unsupported_codec.avi": "unsupported codec",
+    }
+    assert sorted(errors) == sorted(expect)  # exactly one row each
+    for name, fragment in expect.items():
+        assert fragment in errors[name]["message"], (name, errors[name]["message"])
+        assert errors[name]["stage"] == "decode"
+
+    preds = read_output(out)
+    assert all(r["label"] == str(r["frame_index"]) for r in preds.select(["label", "frame_index"]).to_pylist())
+    kept = frames_per_video(preds)
+    assert kept[str(src / "good.mp4")] == list(range(n_good))
+    assert len(kept[str(src / "truncated_faststart.mp4")]) > 10
+    garbage = kept[str(src / "garbage_in_middle.mp4")]
+    assert garbage[0] == 0 and garbage[-1] == framecode.DAMAGED_FRAMES - 1
+    videos = {r["video_uri"].rsplit("/", 1)[-1]: r for r in read_output(out, "videos").to_pylist()}
+    assert {k for k, v in videos.items() if v["error"]} == set(expect)
+    assert videos["garbage_in_middle.mp4"]["frames"] == len(garbage)
