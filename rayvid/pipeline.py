@@ -76,7 +76,7 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
         n = max(1, int(gpus // gpus_per_actor))
         infer_min = cfg.infer.min_actors or n
         infer_max = max(infer_min, cfg.infer.max_actors or n)
-        infer_cpu_total = 0.0  # inference CPUs come from the GPU nodes' own share
+        infer_cpu_total = infer_max * cfg.infer.cpus_per_actor  # held on the GPU nodes
     else:
         infer_min = cfg.infer.min_actors or 1
         infer_max = max(infer_min, cfg.infer.max_actors or max(1, int(cpus // 4)))

@@ -89,16 +89,18 @@ def s3fs_client(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """The session's Ray: a `ray.cluster_utils.Cluster`, so tests can add and remove nodes.
-
-    Its head node has 2 CPUs and one logical GPU (no physical one): the inference pool
-    takes the product's GPU path (num_gpus=1 per actor) and TensorFlow, finding no device,
-    computes on the CPU."""
+    """The session's Ray: a `ray.cluster_utils.Cluster` shaped like a small production
+    cluster, so every pipeline test runs the multi-node path, and tests can add and remove
+    nodes: a CPU head (2 CPUs: the driver and the decode actors) and a GPU node (1 CPU and
+    one logical GPU, no physical one), where the inference pool takes the product's GPU
+    path (num_gpus=1 per actor) and TensorFlow, finding no device, computes on the CPU."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=2 * 2**30))
+        num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=2 * 2**30))
+    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=2**30)
+    cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     from ray.data import DataContext
 
