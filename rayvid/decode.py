@@ -57,9 +57,16 @@ from rayvid import storage
 from rayvid.errors import StorageUnavailable
 from rayvid.schema import KIND_END, KIND_FRAME
 
-# Ray resources of one decode actor, declared next to the stage.
+# Nodes labelled `rayvid.io/role=infer` (the GPU node types in cluster/) keep their CPUs for
+# the inference actors: decode actors never land there, so they cannot starve the fixed
+# GPU pool of the CPU each of its actors needs. Unlabelled nodes (a laptop) take anything.
+INFER_NODE_LABEL = ("rayvid.io/role", "infer")
+
+
 def resources(threads: int) -> dict:
-    return {"num_cpus": float(threads)}
+    """Ray resources and placement of one decode actor, declared next to the stage."""
+    key, value = INFER_NODE_LABEL
+    return {"num_cpus": float(threads), "label_selector": {key: f"!{value}"}}
 
 
 # Codecs decord 0.6 decodes exactly (sequential reads; tests/test_decode.py and

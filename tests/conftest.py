@@ -92,14 +92,15 @@ def ray_cluster(s3_endpoint):
     """The session's Ray: a `ray.cluster_utils.Cluster` shaped like a small production
     cluster, so every pipeline test runs the multi-node path, and tests can add and remove
     nodes: a CPU head (2 CPUs: the driver and the decode actors) and a GPU node (1 CPU and
-    one logical GPU, no physical one), where the inference pool takes the product's GPU
+    one logical GPU, no physical one; labelled as cluster/ labels GPU nodes), where the
+    inference pool takes the product's GPU
     path (num_gpus=1 per actor) and TensorFlow, finding no device, computes on the CPU."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=2 * 2**30))
-    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=2**30)
+    cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=2**30, labels={"rayvid.io/role": "infer"})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     from ray.data import DataContext

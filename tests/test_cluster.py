@@ -42,6 +42,9 @@ def test_launcher_yaml_is_valid_for_the_pinned_ray():
     assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
     assert types["cpu"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert types["gpu"]["node_config"]["InstanceType"].startswith(("g", "p"))
+    from rayvid.decode import INFER_NODE_LABEL
+
+    assert types["gpu"]["labels"] == dict([INFER_NODE_LABEL])
     for name in ("cpu", "gpu"):
         assert types[name]["max_workers"] >= max(1, types[name]["min_workers"])
     assert cfg["idle_timeout_minutes"] > 0 and cfg["docker"]["image"]
@@ -119,6 +122,7 @@ def test_kuberay_manifests_are_valid(kuberay_validator):
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     gpu = groups["gpu-infer"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
+    assert groups["gpu-infer"]["rayStartParams"]["labels"] == "rayvid.io/role=infer"
     assert all(g["maxReplicas"] >= g["minReplicas"] for g in groups.values())
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
     assert "jobs/classify_videos.py" in job["spec"]["entrypoint"]
@@ -172,3 +176,129 @@ def test_runtime_env_ships_the_checkout_without_the_heavy_parts():
     assert env["working_dir"] == "."
     assert {".venv", ".git", "samples", "tests"} <= set(env["excludes"])
     assert not any("KEY" in k or "SECRET" in k or "TOKEN" in k for k in env.get("env_vars", {}))
+
+
+# --- placement on a multi-node cluster ---------------------------------------------------
+
+
+def test_stages_land_on_the_right_nodes_and_pools_follow_resources(ray_cluster, media, shapes_model, tmp_path):
+    """CPU-only nodes and GPU nodes (logical GPUs): inference actors only on GPU nodes, one
+    per GPU; decode actors only on CPU nodes; the decode pool sized by the CPUs left."""
+    import ray
+    import ray._private.state as state
+
+    from rayvid import pipeline
+    from rayvid.config import ModelConfig, RunConfig
+
+    added = [ray_cluster.add_node(num_cpus=1, object_store_memory=512 * 2**20),
+             ray_cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=2**30,
+                                  labels={"rayvid.io/role": "infer"})]
+    ray_cluster.wait_for_nodes()
+    try:
+        before = set(state.actors())
+        cfg = RunConfig(input=str(media["videos"]), output=str(tmp_path / "out"),
+                        model=ModelConfig(name=shapes_model["path"]), progress=False)
+        result = pipeline.run(cfg)
+        assert result.videos_ok == 3 and result.videos_failed == 0
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        gpu_nodes = {n["NodeID"] for n in nodes if n["Resources"].get("GPU")}
+        cpu_nodes = {n["NodeID"] for n in nodes if not n["Resources"].get("GPU")}
+        assert len(gpu_nodes) == 2 and len(cpu_nodes) == 2
+        # 5 CPUs, 2 GPUs: one inference actor per GPU (each holding a CPU there), 3 decoders
+        assert (result.plan["infer_min"], result.plan["infer_max"], result.plan["infer_gpus"]) == (2, 2, 1.0)
+        assert result.plan["decode_max"] == 3
+        actors = [a for k, a in state.actors().items() if k not in before]
+        where = lambda stage: [a["Address"]["NodeID"] for a in actors if f"({stage})" in a["ActorClassName"]]  # noqa: E731
+        assert sorted(where("Predictor")) == sorted(gpu_nodes)  # one on each GPU node
+        assert where("Decoder") and set(where("Decoder")) <= cpu_nodes
+    finally:
+        for node in added:
+            ray_cluster.remove_node(node)
+
+
+# --- a real `ray job submit` against a head with token authentication --------------------
+
+
+def _free_ports(n: int) -> list:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path):
+    """`ray start --head` (dashboard and job server: Ray's `default` extra) with token
+    authentication, `ray job submit` of jobs/classify_videos.py with cluster/runtime_env.yaml,
+    wait for SUCCEEDED, read its logs and its Parquet; the same --submission-id again is
+    refused (no double submission); a wrong token is refused."""
+    import secrets
+    import subprocess
+    import time
+
+    import helpers
+
+    bin_dir = os.path.dirname(sys.executable)
+    gcs, dashboard, client, agent_grpc, agent_http, metrics = _free_ports(6)
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=bin_dir + os.pathsep + env["PATH"])
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--metrics-export-port={metrics}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    ray_cli = [os.path.join(bin_dir, "ray")]
+
+    def job(*args, token_env=env, check=False, timeout=120):
+        return subprocess.run(ray_cli + ["job", args[0], "--address", address, *args[1:]], env=token_env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout, check=check)
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and job("list").returncode != 0:
+            assert head.poll() is None, head.stderr.read()[-3000:]
+            time.sleep(1)
+        assert job("list").returncode == 0, "the job server did not come up"
+
+        refused = job("list", token_env=dict(env, RAY_AUTH_TOKEN="0" * 64))
+        assert refused.returncode != 0  # token authentication is on
+
+        out = tmp_path / "out"
+        submission = "rayvid-test-" + secrets.token_hex(4)
+        entry = [sys.executable, "jobs/classify_videos.py", str(media["videos"]), str(out),
+                 "--model", shapes_model["path"], "--no-progress"]
+        submit = ["submit", "--no-wait", "--submission-id", submission,
+                  "--runtime-env", "cluster/runtime_env.yaml", "--", *entry]
+        first = job(*submit)
+        assert first.returncode == 0, first.stderr[-3000:]
+        again = job(*submit)
+        assert again.returncode != 0 and "already exists" in (again.stdout + again.stderr)
+
+        status = ""
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            status = job("status", submission).stdout
+            if re.search(r"(?i)\b(succeeded|failed|stopped)\b", status):
+                break
+            time.sleep(2)
+        logs = job("logs", submission).stdout
+        assert re.search(r"(?i)\bsucceeded\b", status), logs[-4000:]
+        assert re.search(r"videos:\s+3 listed, 0 skipped \(already done\), 3 ok, 0 failed", logs), logs[-3000:]
+        preds = helpers.read_output(str(out))
+        truth = {p: len(v) for p, v in media["truth"].items()}
+        assert {u: len(v) for u, v in helpers.frames_per_video(preds).items()} == truth
+        assert token not in logs
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
