@@ -69,10 +69,12 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
     gpus = float(cluster.get("GPU", 0))
     gpus_per_actor = cfg.infer.gpus_per_actor if cfg.infer.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if gpus_per_actor > 0:
-        if gpus < gpus_per_actor:
-            raise RayvidError(f"inference asks for {gpus_per_actor} GPU per actor but the cluster has {gpus:g} GPUs")
+        if gpus < gpus_per_actor and not cfg.infer.min_actors:
+            raise RayvidError(
+                f"inference asks for {gpus_per_actor:g} GPU per actor but the cluster has {gpus:g} GPUs "
+                f"(on an autoscaling cluster whose GPU nodes start on demand, also pass --infer-actors N N)")
         # Ray Data's GPU pools do not grow on autoscaling clusters (ray#59144): start them
-        # at the GPUs there are.
+        # at the GPUs there are, or at --infer-actors when GPU nodes start on demand.
         n = max(1, int(gpus // gpus_per_actor))
         infer_min = cfg.infer.min_actors or n
         infer_max = max(infer_min, cfg.infer.max_actors or n)

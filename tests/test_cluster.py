@@ -302,3 +302,98 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+
+
+# --- the real autoscaler against a fake node provider -------------------------------------
+
+
+def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle(media, shapes_model, tmp_path):
+    """Ray's autoscaler (monitor.py, the same code as in the cloud) with its fake multi-node
+    provider, on a head with no CPUs: the job's decode and inference actors make a CPU node
+    and a GPU node appear; the job completes; both go away once idle. (AutoscalingCluster
+    would do this, but its start() runs `ray stop --force`, which would take the session's
+    cluster down too; this starts the same configuration on ports of its own.)"""
+    import subprocess
+    import time
+
+    import helpers
+
+    bin_dir = os.path.dirname(sys.executable)
+    gcs, = _free_ports(1)
+    address = f"127.0.0.1:{gcs}"
+    small = {"object_store_memory": 300 * 2**20}
+    config = {
+        "cluster_name": "rayvid-autoscaling-test", "max_workers": 4, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.2,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": address},
+        "auth": {"ssh_user": "ubuntu"}, "docker": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu": {"resources": {"CPU": 1, **small}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            "gpu": {"resources": {"CPU": 1, "GPU": 1, **small}, "labels": {"rayvid.io/role": "infer"},
+                    "node_config": {}, "min_workers": 0, "max_workers": 1},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    config_path = tmp_path / "autoscaling.json"
+    config_path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1",
+               PATH=bin_dir + os.pathsep + env["PATH"])
+    head = subprocess.Popen(
+        [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--num-cpus=0", f"--object-store-memory={300 * 2**20}",
+         f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes_script = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+                    "print(json.dumps([(n['Alive'], n['Resources'].get('GPU', 0), n['Resources'].get('CPU', 0)) "
+                    "for n in ray.nodes() if 'node:__internal_head__' not in n['Resources'] "
+                    "and not n['Resources'].get('node:__internal_head__')]))" % address)
+
+    def workers():
+        out = subprocess.run([sys.executable, "-c", nodes_script], env=env, capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the head is up when a driver can connect
+            try:
+                assert workers() == []  # nothing but the head before the job
+                break
+            except (ValueError, IndexError):
+                time.sleep(1)
+        out = tmp_path / "out"
+        job = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(media["videos"]), str(out),
+             "--model", shapes_model["path"], "--no-progress", "--address", address,
+             "--gpus-per-actor", "1", "--infer-actors", "1", "1"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stderr[-3000:]
+        assert "3 listed, 0 skipped (already done), 3 ok, 0 failed" in job.stdout
+        appeared = workers()
+        assert any(gpu == 1 for _, gpu, _ in appeared), appeared  # a GPU node came up
+        assert any(gpu == 0 and cpu >= 1 for _, gpu, cpu in appeared), appeared  # and a CPU node
+        truth = {p: len(v) for p, v in media["truth"].items()}
+        preds = helpers.read_output(str(out))
+        assert {u: len(v) for u, v in helpers.frames_per_video(preds).items()} == truth
+        deadline = time.time() + 120
+        while time.time() < deadline and any(alive for alive, _, _ in workers()):
+            time.sleep(3)
+        assert not any(alive for alive, _, _ in workers()), "idle nodes were not removed"
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for pid, title in helpers.processes(""):  # any fake node process left behind
+            if f":{gcs}" in title and pid != os.getpid():
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
