@@ -50,19 +50,23 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
         raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
 
     if info.get("type") == "directory":
-        rows = _walk(fs, path)
-    elif os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
-        rows = _manifest(fs, path, input_url)
-    elif is_video(path):
-        rows = [_row(fs, path, info)]
+        table = _walk(input_url)
     else:
-        raise InputError(
-            f"{storage.public_uri(input_url)} is neither a folder, a manifest "
-            f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file"
-        )
-    rows.sort(key=lambda r: r[0])
-    if limit is not None:
-        rows = rows[:limit]
+        if os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
+            rows = _manifest(fs, path, input_url)
+        elif is_video(path):
+            rows = [_row(fs, path, info)]
+        else:
+            raise InputError(
+                f"{storage.public_uri(input_url)} is neither a folder, a manifest "
+                f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file"
+            )
+        table = _table(rows)
+    table = table.sort_by("video_uri")
+    return table.slice(0, limit) if limit is not None else table
+
+
+def _table(rows: list) -> pa.Table:
     return pa.table(
         {
             "video_uri": [r[0] for r in rows],
@@ -73,18 +77,18 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     )
 
 
-def _walk(fs, root: str) -> list[tuple[str, int, str]]:
+def _walk(url: str) -> pa.Table:
+    """A folder or prefix, page by page into Arrow: about 100 bytes per video, so a
+    100,000-object prefix costs the driver a few MB (tests/test_listing.py measures it)."""
+    tables = []
     try:
-        found = fs.find(root, detail=True, withdirs=False)
+        for page in storage.iter_files(url):
+            rows = [r for r in page if is_video(r[0]) and not r[0].rsplit("/", 1)[-1].startswith(".")]
+            if rows:
+                tables.append(_table(rows))
     except storage.ACCESS_ERRORS as e:
-        raise InputError(f"cannot list {storage.to_url(fs, root)}: {storage.describe(e)}") from None
-    rows = []
-    for path, info in found.items():
-        name = os.path.basename(path)
-        if name.startswith(".") or not is_video(path):
-            continue
-        rows.append(_row(fs, path, info))
-    return rows
+        raise InputError(f"cannot list {storage.public_uri(url)}: {storage.describe(e)}") from None
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
 
 def _row(fs, path: str, info: dict) -> tuple[str, int, str]:

@@ -156,6 +156,38 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int, str]]]:
+    """Every file below a folder or prefix URL, a page at a time: lists of
+    (url, size_bytes, version). On S3 these are ListObjectsV2 pages (bounded memory however
+    many objects there are, and no per-object metadata kept); elsewhere fsspec's find."""
+    fs, root = resolve(url)
+    if fs.protocol and ("s3" in fs.protocol or "s3a" in fs.protocol):
+        bucket, key, _ = fs.split_path(root)
+        prefix = key.rstrip("/") + "/" if key else ""
+        token = None
+        while True:
+            args = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+            if token:
+                args["ContinuationToken"] = token
+            page = fs.call_s3("list_objects_v2", **args)
+            yield [(f"s3://{bucket}/{o['Key']}", int(o.get("Size", -1)), str(o.get("ETag", "")).strip('"'))
+                   for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+    found = fs.find(root, detail=True, withdirs=False)
+    rows = []
+    for path, info in found.items():
+        size = info.get("size")
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        rows.append((to_url(fs, path), int(size) if size is not None else -1,
+                     str(version).strip('"') if version is not None else ""))
+        if len(rows) == page_size:
+            yield rows
+            rows = []
+    yield rows
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
     with fs.open(path, "rb") as f:

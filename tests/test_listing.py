@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from helpers import upload_tree
 from rayvid.errors import InputError
 from rayvid.listing import list_videos
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -64,3 +68,40 @@ def test_single_video_and_errors(tree, tmp_path):
     bad.write_text("path\nx.mp4\n")
     with pytest.raises(InputError, match="no video_uri column"):
         list_videos(str(bad))
+
+
+def test_a_100k_object_prefix_lists_in_bounded_memory(s3_endpoint):
+    """100,000 objects under a prefix (put straight into moto's store, listed through the
+    real endpoint): the listing is ListObjectsV2 pages into Arrow, so the driver's peak RSS
+    grows by a few MB, not by the per-object metadata fsspec's find() would keep."""
+    import json
+    import subprocess
+    import sys
+
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    BUCKET = "rayvid-big"  # a bucket of its own: moto's listing cost grows with the bucket
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+    backend.create_bucket(BUCKET, "us-east-1")
+    for i in range(100_000):
+        backend.put_object(BUCKET, f"big/{i // 1000:03d}/v{i:06d}.mp4", b"x")
+    for i in range(1_000):
+        backend.put_object(BUCKET, f"small/v{i:06d}.mp4", b"x")
+    measure = ("import json, resource, sys, time; from rayvid import listing; t0 = time.time(); "
+               "t = listing.list_videos(sys.argv[1]); "
+               "print(json.dumps({'n': len(t), 's': time.time() - t0, "
+               "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+               "'first': t['video_uri'][0].as_py(), 'last': t['video_uri'][-1].as_py()}))")
+    got = {}
+    for name in ("small", "big"):
+        out = subprocess.run([sys.executable, "-c", measure, f"s3://{BUCKET}/{name}/"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"listing 1,000 objects: {got['small']}; 100,000 objects: {got['big']}")
+    assert got["big"]["n"] == 100_000 and got["small"]["n"] == 1_000
+    assert (got["big"]["first"], got["big"]["last"]) == (f"s3://{BUCKET}/big/000/v000000.mp4",
+                                                         f"s3://{BUCKET}/big/099/v099999.mp4")
+    assert got["big"]["peak_mb"] - got["small"]["peak_mb"] < 100, got
