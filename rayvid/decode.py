@@ -12,6 +12,11 @@ frame rows it produced, which carries the video's metadata, and whose error fiel
 it stopped early, if it did. A video that cannot be read is one terminal row per segment
 with the error: data, not an exception.
 
+The actor (`Decoder`) fetches each video and hands it to its own child process
+(`serve`/`FrameReader`), which demuxes and decodes: a native crash or a hang costs one
+attempt at a segment (bounded by a timeout and retried with PyAV from where it stopped),
+never the actor or the job.
+
 Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
 - **decord** (default where it is right, see `DECORD_CODECS`), reading a local path (remote
   objects are streamed to a temp file first: `VideoReader(file_object)` copies the whole
@@ -419,26 +424,14 @@ class Decoder:
     an error row (`DecoderCrash` / `DecodeTimeout`) and the frames before are kept.
     """
 
-    def __init__(
-        self,
-        size: tuple[int, int],
-        every: int = 1,
-        fps: Optional[float] = None,
-        keyframes: bool = False,
-        decoder: str = "auto",
-        threads: int = 1,
-        batch_frames: int = 64,
-        batch_bytes: int = 32 * 2**20,
-        timeout_s: float = 600.0,
-        retries: int = 1,
-    ):
-        if decoder not in ("auto", "decord", "pyav"):
-            raise ValueError(f"unknown decoder {decoder!r}")
+    def __init__(self, size: tuple[int, int], timeout_s: float = 600.0, retries: int = 1,
+                 **reader_args):
+        """`reader_args` are FrameReader's (sampling, decoder, threads, batch bounds)."""
+        if reader_args.get("decoder", "auto") not in ("auto", "decord", "pyav"):
+            raise ValueError(f"unknown decoder {reader_args['decoder']!r}")
         self.size = (int(size[0]), int(size[1]))
         self.timeout_s, self.retries = float(timeout_s), int(retries)
-        self._reader_args = dict(size=self.size, every=every, fps=fps, keyframes=keyframes,
-                                 decoder=decoder, threads=threads, batch_frames=batch_frames,
-                                 batch_bytes=batch_bytes)
+        self._reader_args = dict(reader_args, size=self.size)
         self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
         self._lock = threading.Lock()
         self._child = _Child(self._reader_args)  # started now: a broken install fails here

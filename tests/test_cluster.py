@@ -219,6 +219,18 @@ def test_stages_land_on_the_right_nodes_and_pools_follow_resources(ray_cluster, 
 # --- a real `ray job submit` against a head with token authentication --------------------
 
 
+def _stop(head) -> None:
+    """Stop a `ray start --head --block` process (never `ray stop`: it would take down every
+    Ray on the machine, the session's cluster too)."""
+    import subprocess
+
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
 def _free_ports(n: int) -> list:
     import socket
 
@@ -297,11 +309,7 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
         assert {u: len(v) for u, v in helpers.frames_per_video(preds).items()} == truth
         assert token not in logs
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        _stop(head)
 
 
 # --- the real autoscaler against a fake node provider -------------------------------------
@@ -351,13 +359,15 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
          f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     nodes_script = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-                    "print(json.dumps([(n['Alive'], n['Resources'].get('GPU', 0), n['Resources'].get('CPU', 0)) "
+                    "print('NODES', json.dumps([(n['Alive'], n['Resources'].get('GPU', 0), n['Resources'].get('CPU', 0)) "
                     "for n in ray.nodes() if 'node:__internal_head__' not in n['Resources'] "
                     "and not n['Resources'].get('node:__internal_head__')]))" % address)
 
     def workers():
         out = subprocess.run([sys.executable, "-c", nodes_script], env=env, capture_output=True, text=True, timeout=120)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # the driver also echoes autoscaler events to stdout: take our own line
+        lines = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
+        return json.loads(lines[-1][len("NODES "):])
 
     try:
         deadline = time.time() + 60
@@ -386,11 +396,7 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
             time.sleep(3)
         assert not any(alive for alive, _, _ in workers()), "idle nodes were not removed"
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        _stop(head)
         for pid, title in helpers.processes(""):  # any fake node process left behind
             if f":{gcs}" in title and pid != os.getpid():
                 try:
