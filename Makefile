@@ -8,8 +8,9 @@ OUT    ?= out
 MODEL  ?= $(SAMPLES)/model/shapes.keras
 ARGS   ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup run test lock clean
+.PHONY: setup run test bench lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# rayvid against a serial loop, tf.data and Ray Data's own recipe, side by side on
+# generated videos; prints tables, writes bench/results.json (BENCHMARKS.md). ~30 min.
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 # Refresh the pinned versions of every package (run after editing pyproject.toml).
 lock:

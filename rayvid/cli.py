@@ -18,6 +18,8 @@ from rayvid import storage
 from rayvid.config import RunConfig, merge
 from rayvid.errors import ConfigError, RayvidError
 
+SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still camera, below a moving object
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayvid", description="Run tf.keras models over video archives with Ray Data.")
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
     ex.add_argument("--fps", type=float, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
     ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
+    s.add_argument("--skip-similar", type=float, nargs="?", const=SKIP_SIMILAR_DEFAULT, metavar="T",
+                   help="reuse the last inferred frame's prediction for frames that differ from it by less "
+                        f"than T grey levels (mean abs. difference of 16x16 thumbnails; default T {SKIP_SIMILAR_DEFAULT:g})")
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
     e.add_argument("--decoder", choices=["auto", "decord", "pyav"], help="auto (default): decord where it is exact, else PyAV")
@@ -90,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "mixed_precision": args.mixed_precision,
             "xla": args.xla,
         },
-        "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes},
+        "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes,
+                     "skip_similar": args.skip_similar},
         "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1],
                    "timeout_s": args.decode_timeout, "retries": args.decode_retries},
         "infer": {

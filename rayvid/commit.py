@@ -82,6 +82,7 @@ class Committer:
         self.videos_ok = 0
         self.videos_failed = 0
         self.frames = 0
+        self.reused = 0  # frame rows that repeat an earlier frame's prediction (--skip-similar)
         self.label_counts: collections.Counter = collections.Counter()
 
     def add(self, table: pa.Table) -> None:
@@ -141,7 +142,8 @@ class Committer:
         ends = [e for _, e in segments]
         top_labels = []
         if parts:
-            video = pa.concat_tables(parts)
+            video = _fill_reused(pa.concat_tables(parts))
+            self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)
             self.frames += len(video)
@@ -204,6 +206,8 @@ class Committer:
                     "label": table.column("label"),
                     "score": table.column("score"),
                     "topk": table.column("topk"),
+                    "reused_from": pc.if_else(pc.less(table.column("reused_from"), 0), None,
+                                              table.column("reused_from")),
                     "model": pa.array([self.model] * n, pa.string()),
                     "run_id": pa.array([self.run_id] * n, pa.string()),
                 },
@@ -234,6 +238,26 @@ class Committer:
                 for u, k in incomplete[:5]
             )
             raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
+
+
+def _fill_reused(video: pa.Table) -> pa.Table:
+    """Rows of one video whose `reused_from` names an earlier frame get that frame's
+    label, score and top-k (the decoder found the two near-identical: --skip-similar)."""
+    reused_from = video.column("reused_from").to_numpy()
+    if not (reused_from >= 0).any():
+        return video
+    index = video.column("frame_index").to_numpy()
+    order = np.argsort(index, kind="stable")
+    where = np.searchsorted(index, reused_from, sorter=order)
+    src = order[np.clip(where, 0, len(order) - 1)]
+    reused = reused_from >= 0
+    if (index[src][reused] != reused_from[reused]).any():
+        raise RuntimeError(f"{video.column('video_uri')[0]}: a reused frame's source row is missing")
+    take = pa.array(np.where(reused, src, np.arange(len(video))))
+    for name in ("label", "score", "topk"):
+        i = video.schema.get_field_index(name)
+        video = video.set_column(i, name, video.column(name).take(take))
+    return video
 
 
 def _first_per_frame(table: pa.Table) -> pa.Table:

@@ -46,8 +46,14 @@ class SamplingConfig:
     every: int = 1  # keep frames 0, N, 2N, ...
     fps: Optional[float] = None  # keep the frame whose pts is nearest each t = k / fps
     keyframes: bool = False  # keep key frames only (decodes only those)
+    # Content-adaptive frame skipping: a kept frame whose 16x16 grey thumbnail differs from
+    # the last inferred frame's by less than this (mean absolute difference, grey levels
+    # 0..255) reuses that frame's prediction instead of running the model. None: off.
+    skip_similar: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.skip_similar is not None and self.skip_similar < 0:
+            raise ConfigError(f"--skip-similar must be >= 0, got {self.skip_similar}")
         if self.every < 1:
             raise ConfigError(f"--every must be >= 1, got {self.every}")
         if self.fps is not None and self.fps <= 0:
@@ -80,7 +86,9 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    batch_size: int = 32
+    # Frames per model call. Default: 32 on CPU, 128 per GPU actor (halved at start-up
+    # until a warm-up batch fits the device's memory).
+    batch_size: Optional[int] = None
     gpus_per_actor: Optional[float] = None  # default: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     min_actors: Optional[int] = None  # default: number of GPUs, or 1 on CPU
@@ -107,7 +115,7 @@ class RunConfig:
             raise ConfigError("INPUT is required")
         if not self.output:
             raise ConfigError("OUTPUT is required")
-        if self.infer.batch_size < 1:
+        if self.infer.batch_size is not None and self.infer.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         if self.decode.threads < 1:
             raise ConfigError("decode threads must be >= 1")

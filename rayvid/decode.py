@@ -4,8 +4,10 @@ Input columns:  `video_uri`, and from the planning stage (segments.py) `segment`
   `n_segments`, `start_s`, `end_s` (without them a row is the whole video).
 Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `frame_index: int64`, `timestamp_s: float64`, `frame: uint8[H, W, 3]`, `n_frames: int64`,
-  `error_stage: str`, `error_type: str`, `message: str`, and the video's `decoder, codec:
-  str`, `width, height: int64`, `fps, duration_s: float64`.
+  `error_stage: str`, `error_type: str`, `message: str`, the video's `decoder, codec:
+  str`, `width, height: int64`, `fps, duration_s: float64`, and `reused_from: int64`
+  (-1, or with --skip-similar the earlier frame whose prediction this one reuses; see
+  `Similarity`).
 A segment yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes),
 then exactly one terminal row (`kind == "end"`, a zero `frame`) whose `n_frames` counts the
 frame rows it produced, which carries the video's metadata, and whose error fields say why
@@ -18,24 +20,26 @@ attempt at a segment (bounded by a timeout and retried with PyAV from where it s
 never the actor or the job.
 
 Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
-- **decord** (default where it is right, see `DECORD_CODECS`), reading a local path (remote
-  objects are streamed to a temp file first: `VideoReader(file_object)` copies the whole
-  file into memory and segfaults on truncation), always resizing on decode to the model
-  size, with an explicit `num_threads` (decord's 0 means every core of the node). It reads
-  strictly sequentially, in contiguous windows, and drops unwanted frames itself: decord's
-  seeks return wrong frames after keyframes on open-GOP HEVC (measured: 4 of 9 sparse
-  indices off on a 60-frame x265 file), its sequential reads are exact. At model size its
-  decoder thread does not read ahead while we wait on downstream stages (tested in
-  tests/test_decode.py; at native size it does, without bound), so one reader stays open
-  across yields.
-- **PyAV** for what decord cannot open or cannot be trusted with (AV1; VP9; output widths
-  decord mis-strides, such as 48 px, where it returns 4-channel garbage; keyframes-only scans, where it skips non-key frames without
-  decoding them), for every segment but a video's first (it seeks to the key frame before
-  the segment and maps frames to indices by pts, which is exact after a seek on every
-  codec), and as the fallback when decord fails before its first frame. It decodes
-  packet by packet (a damaged packet costs its frames, not the video), applies the
-  container's rotation (frames come out upright, as a player shows them) and resizes with
-  the same bicubic stretch as decord.
+- **decord** (default where it is right, see `DECORD_CODECS`) for dense sampling (every
+  frame), reading a local path (remote objects are streamed to a temp file first:
+  `VideoReader(file_object)` copies the whole file into memory and segfaults on
+  truncation), always resizing on decode to the model size, with an explicit
+  `num_threads` (decord's 0 means every core of the node). It reads strictly
+  sequentially, in contiguous windows: decord's seeks return wrong frames after keyframes
+  on open-GOP HEVC (measured: 4 of 9 sparse indices off on a 60-frame x265 file), its
+  sequential reads are exact. At model size its decoder thread does not read ahead while
+  we wait on downstream stages (tested in tests/test_decode.py; at native size it does,
+  without bound), so one reader stays open across yields.
+- **PyAV** for sparse sampling (`--every`, `--fps`, `--keyframes`: decord would decode and
+  resize every frame in between; PyAV seeks over key-frame intervals that hold no kept
+  frame, skips non-reference frames that are not kept, and converts kept frames only), for
+  what decord cannot open or cannot be trusted with (AV1; VP9; output widths decord
+  mis-strides, such as 48 px, where it returns 4-channel garbage), for every segment but a
+  video's first (it seeks to the key frame before the segment and maps frames to indices
+  by pts, which is exact after a seek on every codec), and as the fallback when decord
+  fails before its first frame. It decodes packet by packet (a damaged packet costs its
+  frames, not the video), applies the container's rotation (frames come out upright, as a
+  player shows them) and resizes with the same bicubic stretch as decord.
 Frame indices and timestamps come from the probe: index i is the i-th frame in
 presentation (pts) order, its time is (pts - stream start) x time_base, exact in float64.
 """
@@ -207,8 +211,10 @@ class FrameReader:
         threads: int = 1,
         batch_frames: int = 64,
         batch_bytes: int = 32 * 2**20,
+        skip_similar: Optional[float] = None,
     ):
-        import decord  # heavy imports: only inside the stage
+        import av  # noqa: F401 - heavy imports: only inside the stage, once per process
+        import decord
 
         if decoder not in ("auto", "decord", "pyav"):
             raise ValueError(f"unknown decoder {decoder!r}")
@@ -218,6 +224,8 @@ class FrameReader:
         self.decoder = decoder
         self.threads = max(1, int(threads))
         frame_bytes = self.height * self.width * 3
+        self.skip_similar = skip_similar
+        self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
 
     def read(self, path: str, uri: str, segment: int = 0, n_segments: int = 1,
@@ -242,8 +250,12 @@ class FrameReader:
                                   info.keyframes if self.keyframes else None)
             keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
+            similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
             for idx, frames in self._frames(path, info, keep, state):
-                yield self._frame_batch(uri, state, idx, info.times[idx], frames)
+                batch = self._frame_batch(uri, state, idx, info.times[idx], frames)
+                if similar is not None:
+                    similar.mark(batch)
+                yield batch
                 state["emitted"] += len(idx)
                 got[idx] = True
             problems = []
@@ -267,8 +279,11 @@ class FrameReader:
             return
         # decord only from frame 0 (its seeks are not exact); later segments seek with PyAV
         first = int(keep[0]) == 0 or (state["segment"] == 0 and not state["force_pyav"])
+        # decord decodes and resizes every frame up to the last one kept: only for dense
+        # sampling; sparse sampling (--every, --fps, --keyframes) goes to PyAV, which skips
+        dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (
-            self.decoder == "auto" and info.codec in DECORD_CODECS and not self.keyframes
+            self.decoder == "auto" and info.codec in DECORD_CODECS and dense
         ))
         if use_decord:
             state["decoder"] = "decord"
@@ -324,32 +339,53 @@ class FrameReader:
             del vr
 
     def _pyav_frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
+        """Decodes only what the kept frames need: it seeks over every group of pictures
+        that holds no kept frame (to the key frame before the next kept one), has FFmpeg
+        skip non-reference frames that are not kept (nothing depends on them), and converts
+        and resizes kept frames only. Dense sampling decodes everything; one frame per
+        key-frame interval decodes about one frame per interval."""
         import av
 
         index_of = {int(p): i for i, p in enumerate(info.pts)}
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
+        key_at_or_before = np.maximum.accumulate(np.where(info.keyframes, np.arange(len(info.pts)), 0))
         found, idx_buf, frame_buf, damaged = 0, [], [], 0
         # After damage the decoder conceals: frames it outputs may show other frames' content
         # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
         # resyncs it; frames before that key frame in presentation order stay dropped.
         suspect, floor, dropped = False, 0, 0
+        decoded, seen, last_seek = 0, -1, -1
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             ctx.thread_count = self.threads
             if self.keyframes:
                 ctx.skip_frame = "NONKEY"  # decode key frames only
-            if keep[0] > 0:  # a later segment: start at the key frame before its first frame
-                key = np.flatnonzero(info.keyframes[: int(keep[0]) + 1])
-                if len(key) and key[-1] > 0:
-                    container.seek(int(info.pts[key[-1]]), stream=stream, backward=True, any_frame=False)
-            for packet in container.demux(stream):
-                if found == len(keep):
+            # Per-packet skipping is exact only when the packet being decoded is the frame
+            # the setting was made for: not with frame threads, which decode ahead.
+            skip_nonref = not self.keyframes and self.threads == 1 and len(keep) < len(info.pts)
+            packets = container.demux(stream)
+            while found < len(keep):
+                # the next kept frame lies past a key frame we have not reached: jump there
+                nxt = int(keep[found]) if found < len(keep) else -1
+                key = int(key_at_or_before[nxt])
+                if key > seen + 1 and key > last_seek:
+                    container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+                    packets, last_seek, seen = container.demux(stream), key, key - 1
+                    if suspect:  # the decoder starts afresh at a key frame
+                        suspect, floor = False, key
+                packet = next(packets, None)
+                if packet is None:
                     break
-                if suspect and packet.is_keyframe and packet.pts in index_of:
-                    suspect, floor = False, index_of[packet.pts]
+                i = index_of.get(packet.pts)
+                if i is not None:
+                    seen = max(seen, i)
+                    if skip_nonref:
+                        ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
+                if suspect and packet.is_keyframe and i is not None:
+                    suspect, floor = False, i
                 try:
                     frames = packet.decode()
                 except av.FFmpegError:
@@ -357,6 +393,7 @@ class FrameReader:
                     suspect = True
                     continue
                 for frame in frames:
+                    decoded += 1
                     i = index_of.get(frame.pts)
                     if frame.is_corrupt:
                         damaged += 1
@@ -373,6 +410,7 @@ class FrameReader:
                     if len(idx_buf) == self.chunk:
                         yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
                         idx_buf, frame_buf = [], []
+        self.decoded += decoded
         if idx_buf:
             yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
         if damaged or dropped:
@@ -408,7 +446,44 @@ class FrameReader:
             "height": np.zeros(n, dtype=np.int64),
             "fps": np.zeros(n),
             "duration_s": np.zeros(n),
+            "reused_from": np.full(n, -1, dtype=np.int64),
         }
+
+
+class Similarity:
+    """Content-adaptive frame skipping (`--skip-similar T`), within one segment.
+
+    Each frame is reduced to a 16x16 grey thumbnail (block means of the model-size frame:
+    sensor noise averages out, a moving object does not). A frame whose thumbnail differs
+    from that of the last frame sent to the model by less than T (mean absolute difference,
+    in 0..255 grey levels) is not inferred: its `reused_from` names that frame, whose
+    prediction the committer copies, and its pixels are zeroed (they are not needed). The
+    comparison is always with the last inferred frame, never the previous one, so slow
+    drift adds up and triggers inference.
+    """
+
+    GRID = 16
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.ref: Optional[np.ndarray] = None
+        self.ref_index = -1
+
+    def thumbnail(self, frame: np.ndarray) -> np.ndarray:
+        g = self.GRID
+        h, w = (frame.shape[0] // g) * g, (frame.shape[1] // g) * g
+        if h == 0 or w == 0:  # smaller than the grid: compare every pixel
+            return frame.astype(np.float32).mean(axis=2)
+        return frame[:h, :w].reshape(g, h // g, g, w // g, 3).mean(axis=(1, 3, 4), dtype=np.float32)
+
+    def mark(self, batch: dict) -> None:
+        for row, index in enumerate(batch["frame_index"]):
+            thumb = self.thumbnail(batch["frame"][row])
+            if self.ref is not None and float(np.abs(thumb - self.ref).mean()) < self.threshold:
+                batch["reused_from"][row] = self.ref_index
+                batch["frame"][row] = 0
+            else:
+                self.ref, self.ref_index = thumb, int(index)
 
 
 class Decoder:
@@ -532,6 +607,14 @@ class _Child:
         self.conn = Connection(ours.detach())
         self.busy = False
         self.conn.send(("init", self.reader_args))
+        # wait until its decoders are imported: a broken install fails here, and no
+        # video's time budget pays for the start-up
+        try:
+            message = self.conn.recv() if self.conn.poll(120) else ("bug", "no answer within 120 s")
+        except (EOFError, OSError):
+            message = ("bug", self._death())
+        if message[0] != "ready":
+            raise RuntimeError(f"the decode child process did not start: {message[1]}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -609,6 +692,7 @@ def serve(fd: int) -> None:
         try:
             if kind == "init":
                 reader = FrameReader(**payload)
+                conn.send(("ready", None))
                 continue
             on_probe = lambda info: conn.send(("probe", info))  # noqa: E731
             for rows in reader.read(**payload, on_probe=on_probe):
@@ -649,6 +733,7 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
         "height": np.array([info.height if info else 0], dtype=np.int64),
         "fps": np.array([info.fps if info else 0.0]),
         "duration_s": np.array([info.duration_s if info else 0.0]),
+        "reused_from": np.array([-1], dtype=np.int64),
     }
 
 

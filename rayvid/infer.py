@@ -4,7 +4,8 @@ Input columns:  the decode stage's (`video_uri, kind, frame_index, timestamp_s, 
   n_frames, error_stage, error_type, message`).
 Output: an Arrow table in `schema.INFERRED_SCHEMA`: the same rows and columns without
   `frame`, plus `label`, `score` and `topk` for frame rows (null on the terminal `end` rows,
-  which pass through untouched).
+  which pass through untouched, and on rows whose `reused_from` names an earlier frame:
+  the committer fills those in).
 
 The cast to float and the model's preprocessing run inside one `tf.function` with a fixed
 input signature `[batch_size, H, W, 3] uint8`; the last, short batch is padded, so the
@@ -14,6 +15,8 @@ graph is traced once per actor (at construction, as warm-up) and never again.
 from __future__ import annotations
 
 import os
+import time
+
 import numpy as np
 import pyarrow as pa
 
@@ -26,6 +29,15 @@ def resources(gpus_per_actor: float, cpus_per_actor: float) -> dict:
     if gpus_per_actor > 0:
         return {"num_gpus": gpus_per_actor, "num_cpus": cpus_per_actor}
     return {"num_cpus": cpus_per_actor}
+
+
+MAX_CPU_THREADS = 4  # beyond this, one more actor beats more threads in one model
+
+
+def cpu_threads(threads: int) -> int:
+    if threads > 0:
+        return int(threads)
+    return max(1, min(MAX_CPU_THREADS, len(os.sched_getaffinity(0))))
 
 
 def preprocess_graph(tf, mode: str):
@@ -60,8 +72,13 @@ class Predictor:
         self,
         model: ModelConfig,
         batch_size: int,
-        threads: int = 1,
+        threads: int = 0,
+        timings=None,
     ):
+        """`threads`: TF's intra-op threads on CPU; 0: as many as the node has, up to
+        `MAX_CPU_THREADS` (the decode actors on the node share the cores; they only run
+        ahead as far as Ray Data's backpressure lets them). `timings`: a handle of a Ray actor running `Timings`, told after every batch how
+        long the model ran and how long this actor waited for frames."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf  # heavy import: only inside the stage
         import keras
@@ -71,7 +88,7 @@ class Predictor:
             tf.config.experimental.set_memory_growth(gpu, True)
         if not gpus:
             try:  # an actor owns its process; in-process use (tests) may find TF started
-                tf.config.threading.set_intra_op_parallelism_threads(max(1, int(threads)))
+                tf.config.threading.set_intra_op_parallelism_threads(cpu_threads(threads))
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass
@@ -88,18 +105,33 @@ class Predictor:
         keras_model = self.model
         pre = preprocess_graph(tf, self.info.preprocess)
 
-        @tf.function(
-            input_signature=[tf.TensorSpec([self.batch_size, h, w, 3], tf.uint8)],
-            jit_compile=bool(model.xla),
-            reduce_retracing=False,
-        )
-        def predict(frames):
-            x = pre(tf.cast(frames, tf.float32))
-            return tf.cast(keras_model(x, training=False), tf.float32)
+        def build(batch_size: int):
+            @tf.function(
+                input_signature=[tf.TensorSpec([batch_size, h, w, 3], tf.uint8)],
+                jit_compile=bool(model.xla),
+                reduce_retracing=False,
+            )
+            def predict(frames):
+                x = pre(tf.cast(frames, tf.float32))
+                return tf.cast(keras_model(x, training=False), tf.float32)
 
-        self._predict = predict
-        self._zeros = np.zeros((self.batch_size, h, w, 3), dtype=np.uint8)
-        self._predict(self._zeros)  # trace + warm up now, not on the first real batch
+            return predict
+
+        while True:  # trace + warm up now, not on the first real batch
+            self._predict = build(self.batch_size)
+            self._zeros = np.zeros((self.batch_size, h, w, 3), dtype=np.uint8)
+            try:
+                self._predict(self._zeros).numpy()
+                break
+            except tf.errors.ResourceExhaustedError:  # the batch does not fit the device
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+        self._timings = timings
+        self._key = f"{os.uname().nodename}:{os.getpid()}"
+        self._clock = {"model_s": 0.0, "other_s": 0.0, "wait_s": 0.0, "frames": 0, "batches": 0}
+        self._returned_at = None  # waiting counts from the end of one batch to the next
+        self._model_s = 0.0
 
     def scores(self, frames: np.ndarray) -> np.ndarray:
         """Model scores for any number of frames, in fixed-size (padded) batches."""
@@ -111,14 +143,34 @@ class Predictor:
                 padded = self._zeros.copy()
                 padded[:n] = chunk
                 chunk = padded
-            out.append(self._predict(chunk).numpy()[:n])
+            t0 = time.perf_counter()
+            out.append(self._predict(chunk).numpy()[:n])  # .numpy(): waits for the device
+            self._model_s += time.perf_counter() - t0
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out)
 
     def __call__(self, batch: dict) -> pa.Table:
+        entered = time.perf_counter()
+        self._model_s = 0.0
+        table = self._call(batch)
+        clock = self._clock
+        now = time.perf_counter()
+        if self._returned_at is not None:
+            clock["wait_s"] += entered - self._returned_at
+        clock["model_s"] += self._model_s
+        clock["other_s"] += now - entered - self._model_s
+        clock["frames"] += int(_count_valid(table.column("score")))
+        clock["batches"] += 1
+        self._returned_at = now
+        if self._timings is not None:  # fire and forget: never waits on the driver
+            self._timings.report.remote(self._key, dict(clock))
+        return table
+
+    def _call(self, batch: dict) -> pa.Table:
         kind = batch["kind"]
-        is_frame = kind == KIND_FRAME
+        # frames the decoder marked as near-identical to an earlier one are not inferred
+        is_frame = (kind == KIND_FRAME) & (batch["reused_from"] < 0)
         n = len(kind)
         scores = self.scores(batch["frame"][is_frame])
         ids, top_scores = topk_arrays(scores, self.topk)
@@ -142,6 +194,37 @@ class Predictor:
             for f in INFERRED_SCHEMA
         }
         return pa.table(columns, schema=INFERRED_SCHEMA)
+
+
+class Timings:
+    """Where the inference actors' time goes, summed over actors (run by the driver as a
+    Ray actor): `model_s` in the model (device compute, waited for), `other_s` in the rest
+    of the stage (top-k, Arrow), `wait_s` between batches, waiting for frames. An actor
+    busy in the model most of the time is the bottleneck; one that mostly waits needs
+    more decode CPUs (README, "Performance")."""
+
+    def __init__(self):
+        self.actors: dict[str, dict] = {}
+
+    def report(self, key: str, clock: dict) -> None:
+        self.actors[key] = clock
+
+    def summary(self) -> dict:
+        total = {"model_s": 0.0, "other_s": 0.0, "wait_s": 0.0, "frames": 0, "batches": 0}
+        for clock in self.actors.values():
+            for k in total:
+                total[k] += clock[k]
+        span = total["model_s"] + total["other_s"] + total["wait_s"]
+        total["actors"] = len(self.actors)
+        total["model_busy"] = round(total["model_s"] / span, 3) if span else 0.0
+        total["waiting"] = round(total["wait_s"] / span, 3) if span else 0.0
+        for k in ("model_s", "other_s", "wait_s"):
+            total[k] = round(total[k], 3)
+        return total
+
+
+def _count_valid(column) -> int:
+    return len(column) - column.null_count
 
 
 def _plain(values: np.ndarray):

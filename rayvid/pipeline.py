@@ -42,6 +42,7 @@ class Plan:
     infer_gpus: float
     infer_cpus: float
     units_per_block: int
+    batch_size: int = 32
 
 
 @dataclass
@@ -54,10 +55,12 @@ class RunResult:
     videos_ok: int = 0
     videos_failed: int = 0
     frames: int = 0
+    frames_reused: int = 0  # --skip-similar: frames that repeat an earlier frame's prediction
     wall_s: float = 0.0
     files: list = field(default_factory=list)
     top_labels: list = field(default_factory=list)
     plan: Optional[dict] = None
+    inference: Optional[dict] = None  # infer.Timings.summary(): model busy vs waiting
 
     @property
     def frames_per_s(self) -> float:
@@ -90,8 +93,9 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
     # One segment per block (each block is one unit of work for a decode actor), grouped
     # only when a listing is so long that per-segment blocks would swamp the driver.
     per_block = max(1, math.ceil(n_videos / 20_000))
+    batch = cfg.infer.batch_size or (128 if gpus_per_actor > 0 else 32)
     return Plan(decode_min, decode_max, float(threads), infer_min, infer_max,
-                float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block)
+                float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block, batch)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -118,7 +122,8 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             if len(videos):
                 units = segments.plan_all(videos, cfg.decode.segment_s)
-                ds = _dataset(ray, cfg, units, info, plan)
+                timings = ray.remote(num_cpus=0)(infer.Timings).remote()
+                ds = _dataset(ray, cfg, units, info, plan, timings)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
                         committer.add(batch)
@@ -127,6 +132,7 @@ def run(cfg: RunConfig) -> RunResult:
                     if down is None:
                         raise
                     raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
+                result.inference = _timings(ray, timings, committer.frames - committer.reused)
             committer.close()
         except BaseException as e:
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
@@ -141,6 +147,7 @@ def run(cfg: RunConfig) -> RunResult:
 
     result.videos_ok, result.videos_failed = committer.videos_ok, committer.videos_failed
     result.frames, result.files = committer.frames, committer.files
+    result.frames_reused = committer.reused
     result.top_labels = committer.label_counts.most_common(5)
     result.wall_s = time.time() - started
     record.update(
@@ -154,18 +161,20 @@ def run(cfg: RunConfig) -> RunResult:
             "videos_ok": result.videos_ok,
             "videos_failed": result.videos_failed,
             "frames": result.frames,
+            "frames_inferred": result.frames - result.frames_reused,
             "duplicate_rows_dropped": committer.duplicates_dropped,
             "wall_s": round(result.wall_s, 3),
             "frames_per_s": round(result.frames_per_s, 2),
             "files": result.files,
             "top_labels": result.top_labels,
+            "inference": result.inference,
         },
     )
     commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
     return result
 
 
-def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan):
+def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan, timings=None):
     """The Ray Data graph: one block per segment (or small group) -> decode -> infer."""
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -183,6 +192,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
             every=cfg.sampling.every,
             fps=cfg.sampling.fps,
             keyframes=cfg.sampling.keyframes,
+            skip_similar=cfg.sampling.skip_similar,
             decoder=cfg.decode.decoder,
             threads=cfg.decode.threads,
             batch_frames=cfg.decode.batch_frames,
@@ -198,9 +208,12 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     ds = ds.map_batches(
         infer.Predictor,
         fn_constructor_kwargs=dict(
-            model=cfg.model, batch_size=cfg.infer.batch_size, threads=max(1, int(plan.infer_cpus))
+            model=cfg.model, batch_size=plan.batch_size,
+            # on GPU the CPUs it holds; on CPU all the node's cores (infer.cpu_threads)
+            threads=max(1, int(plan.infer_cpus)) if plan.infer_gpus else 0,
+            timings=timings,
         ),
-        batch_size=cfg.infer.batch_size,
+        batch_size=plan.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(
             min_size=plan.infer_min, max_size=plan.infer_max, initial_size=plan.infer_min
@@ -208,6 +221,16 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
         **infer.resources(plan.infer_gpus, plan.infer_cpus),
     )
     return ds
+
+
+def _timings(ray, timings, inferred: int) -> dict:
+    """The inference actors' timings; their last reports may trail their last batch."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        summary = ray.get(timings.summary.remote())
+        if summary["frames"] >= inferred or time.monotonic() > deadline:
+            return summary
+        time.sleep(0.05)
 
 
 def _unavailable(error: BaseException, output: str) -> Optional[str]:

@@ -85,6 +85,33 @@ def scene_frames(labels: list[str], seed: int, size=VIDEO_SIZE) -> Iterable[np.n
         start = end
 
 
+def still_frames(labels: list[str], seed: int, size=VIDEO_SIZE, noise: float = 3.0,
+                 moving_every: int = 3) -> Iterable[np.ndarray]:
+    """Static-camera footage: within a scene the content stands still and only sensor noise
+    (Gaussian, `noise` grey levels) changes, except every `moving_every`-th scene, which
+    moves as in `scene_frames`. For content-adaptive frame skipping (--skip-similar)."""
+    noise_rng = np.random.default_rng([seed, 1])
+    start, scene = 0, 0
+    while start < len(labels):
+        end = start
+        while end < len(labels) and labels[end] == labels[start]:
+            end += 1
+        moving = moving_every and scene % moving_every == moving_every - 1
+        for i in range(start, end):
+            rng = np.random.default_rng([seed, start])
+            phase = (i - start) / max(1, end - start) if moving else 0.0
+            img = render(labels[start], rng, size, phase=phase).astype(np.float32)
+            img += noise_rng.normal(0.0, noise, img.shape)
+            yield np.clip(np.round(img), 0, 255).astype(np.uint8)
+        start, scene = end, scene + 1
+
+
+def make_still_video(path: str, seconds: float, seed: int, fps: int = FPS, size=VIDEO_SIZE) -> list[str]:
+    labels = scene_labels(int(round(seconds * fps)), seed, fps)
+    write_video(path, still_frames(labels, seed, size), fps, size)
+    return labels
+
+
 def write_video(path: str, frames: Iterable[np.ndarray], fps: float, size, codec_args: Optional[list] = None) -> None:
     """Encode RGB frames with the ffmpeg binary of the imageio-ffmpeg wheel."""
     h, w = size

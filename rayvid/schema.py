@@ -61,6 +61,7 @@ INFERRED_SCHEMA = pa.schema(
         ("height", pa.int64()),
         ("fps", pa.float64()),
         ("duration_s", pa.float64()),
+        ("reused_from", pa.int64()),  # -1: inferred; else the frame whose prediction it reuses
     ]
 )
 
@@ -75,6 +76,9 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("label", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("topk", TOPK_TYPE),
+        # null: the model saw this frame; else (--skip-similar) the frame_index of the
+        # earlier, near-identical frame whose prediction this row repeats
+        pa.field("reused_from", pa.int64()),
         pa.field("model", pa.string()),
         pa.field("run_id", pa.string()),
     ],

@@ -21,7 +21,7 @@ from rayvid.schema import (
 )
 
 
-def _frames(uri, indices, segment=0, n_segments=1):
+def _frames(uri, indices, segment=0, n_segments=1, reused_from=None):
     n = len(indices)
     topk = [[{"class_id": 1, "label": "b", "score": 0.9}, {"class_id": 0, "label": "a", "score": 0.1}]] * n
     return pa.table(
@@ -40,6 +40,7 @@ def _frames(uri, indices, segment=0, n_segments=1):
             "error_type": [""] * n,
             "message": [""] * n,
             **{c: [None] * n for c in VIDEO_COLUMNS},
+            "reused_from": reused_from or [-1] * n,
         },
         schema=INFERRED_SCHEMA,
     )
@@ -67,6 +68,7 @@ def _end(uri, n, error=None, segment=0, n_segments=1):
             "height": [120],
             "fps": [10.0],
             "duration_s": [n / 10],
+            "reused_from": [-1],
         },
         schema=INFERRED_SCHEMA,
     )
@@ -199,3 +201,26 @@ def test_retract_removes_only_the_given_videos(tmp_path):
     videos = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0])
     assert videos.column("video_uri").to_pylist() == ["a"]
     assert preds.schema.metadata[b"rayvid.schema_version"] == b"1"
+
+
+def test_reused_frames_repeat_their_source_prediction(tmp_path):
+    """--skip-similar: the model saw frames 0 and 3; 1, 2 reuse 0 and 4 reuses 3, arriving
+    before their sources; each gets its source's label, score and top-k, and says so."""
+    seen = _frames("v", [0, 3])
+    seen = seen.set_column(seen.schema.get_field_index("label"), "label", pa.array(["x", "y"]))
+    seen = seen.set_column(seen.schema.get_field_index("score"), "score", pa.array([0.5, 0.7], pa.float32()))
+    reused = _frames("v", [1, 2, 4], reused_from=[0, 0, 3])
+    for name in ("label", "score", "topk"):  # the inference stage leaves them null
+        i = reused.schema.get_field_index(name)
+        reused = reused.set_column(i, name, pa.nulls(3, reused.schema.field(name).type))
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(reused)
+    c.add(seen)
+    c.add(_end("v", 5))
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    rows = pq.read_table(tmp_path / "predictions" / name).to_pylist()
+    assert [(r["frame_index"], r["label"], r["reused_from"]) for r in rows] == [
+        (0, "x", None), (1, "x", 0), (2, "x", 0), (3, "y", None), (4, "y", 3)]
+    assert [round(r["score"], 3) for r in rows] == [0.5, 0.5, 0.5, 0.7, 0.7]
+    assert rows[4]["topk"] == rows[3]["topk"] and c.reused == 3 and c.frames == 5

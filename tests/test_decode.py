@@ -12,7 +12,7 @@ import pytest
 import framecode
 from helpers import pts_of
 from rayvid import samples
-from rayvid.decode import Decoder, sample_indices
+from rayvid.decode import Decoder, FrameReader, sample_indices
 from rayvid.schema import KIND_END, KIND_FRAME
 
 
@@ -351,3 +351,59 @@ def test_garbage_in_the_middle_drops_the_damaged_gop_and_keeps_the_rest_exact(da
 def test_unsupported_codec_is_one_clear_error(damaged):
     frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["unsupported_codec.avi"]))
     assert frames == [] and end["message"] == "unsupported codec: FFmpeg has no decoder for this video stream"
+
+
+@pytest.mark.parametrize("name, every", [("h264.mp4", 15), ("hevc_opengop.mp4", 25)])
+def test_sparse_sampling_seeks_over_intervals_without_kept_frames(matrix, name, every):
+    """Frames 15 and 30 of a 10-frame-GOP H.264 file, 25 and 50 of a 20-frame open-GOP HEVC
+    one: PyAV jumps to the key frame before each and skips the rest, and stays exact."""
+    path, n = matrix[name]
+    reader = FrameReader(framecode.SIZE, every=every)
+    frames, [end] = _rows(reader.read(path, path))
+    assert end["error_type"] == "" and end["decoder"] == "pyav", end
+    assert [f["frame_index"] for f in frames] == list(range(0, n, every))
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+    assert reader.decoded <= n // 2, f"decoded {reader.decoded} of {n} frames for {len(frames)}"
+
+    dense = FrameReader(framecode.SIZE, decoder="pyav")
+    assert len(_rows(dense.read(path, path))[0]) == n and dense.decoded == n
+
+
+def test_keyframes_only_decodes_only_key_frames(matrix):
+    path, n = matrix["h264.mp4"]  # a key frame every 10 frames
+    reader = FrameReader(framecode.SIZE, keyframes=True)
+    frames, _ = _rows(reader.read(path, path))
+    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and reader.decoded == len(frames)
+
+
+def test_skip_similar_reuses_the_last_inferred_frame(tmp_path):
+    """A still, noisy scene, then a square that moves, then still again: still frames point
+    at the last frame sent to the model, moving ones are all sent, pixels of reused ones
+    are dropped."""
+    rng = np.random.default_rng(0)
+    h, w = 64, 64
+    base = rng.integers(40, 200, (h, w, 3)).astype(np.int16)
+    frames = []
+    for i in range(30):
+        img = base + rng.normal(0, 3, (h, w, 3)).round().astype(np.int16)  # sensor noise
+        if 10 <= i < 20:  # a bright square moving 4 px a frame
+            x = 4 * (i - 10)
+            img[20:36, x:x + 16] = 255
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    path = str(tmp_path / "still.mkv")
+    samples.write_video(path, frames, 10, (h, w), ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"])
+
+    rows, [end] = _rows(Decoder(size=(h, w), skip_similar=2.0).decode_video(path))
+    assert end["n_frames"] == 30 and len(rows) == 30
+    reused = {r["frame_index"]: r["reused_from"] for r in rows}
+    inferred = [i for i, src in reused.items() if src < 0]
+    assert inferred[0] == 0 and set(range(10, 21)) <= set(inferred)  # the square moves: all sent
+    assert all(reused[i] == 0 for i in range(1, 10))  # still: all reuse frame 0
+    assert len(inferred) <= 14, inferred  # the second still part reuses too
+    for r in rows:
+        if r["reused_from"] >= 0:
+            assert r["reused_from"] in inferred and r["reused_from"] < r["frame_index"]
+            assert not r["frame"].any()  # no pixels shipped for a frame the model skips
+    # off by default: every frame is inferred
+    plain, _ = _rows(Decoder(size=(h, w)).decode_video(path))
+    assert all(r["reused_from"] == -1 for r in plain)

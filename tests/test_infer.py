@@ -57,6 +57,7 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
         "height": np.array([0, 0, 120, 0]),
         "fps": np.array([0, 0, 25.0, 0]),
         "duration_s": np.array([0, 0, 2.0, 0]),
+        "reused_from": np.array([-1, -1, -1, -1]),
     }
     t = predictor(batch)
     assert t.schema.equals(INFERRED_SCHEMA)
@@ -68,6 +69,12 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
     for r in (rows[0], rows[1], rows[3]):
         assert len(r["topk"]) == 3 and r["topk"][0]["label"] == r["label"]
         assert r["topk"][0]["score"] == pytest.approx(r["score"])
+
+    # --skip-similar: a row that reuses frame 0 is not inferred; the committer fills it in
+    batch["reused_from"] = np.array([-1, 0, -1, -1])
+    rows = predictor(batch).to_pylist()
+    assert rows[1]["label"] is None and rows[1]["topk"] is None and rows[1]["reused_from"] == 0
+    assert [rows[i]["label"] for i in (0, 3)] == [truth[0], truth[2]]
 
 
 def samples_class(i):

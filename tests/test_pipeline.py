@@ -109,6 +109,7 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
         "label": "VARCHAR",
         "score": "FLOAT",
         "topk": 'STRUCT(class_id INTEGER, "label" VARCHAR, score FLOAT)[]',
+        "reused_from": "BIGINT",
         "model": "VARCHAR",
         "run_id": "VARCHAR",
     }
@@ -515,3 +516,37 @@ def test_every_kind_of_bad_input_is_one_error_row_and_the_job_goes_on(ray_sessio
     videos = {r["video_uri"].rsplit("/", 1)[-1]: r for r in read_output(out, "videos").to_pylist()}
     assert {k for k, v in videos.items() if v["error"]} == set(expect)
     assert videos["garbage_in_middle.mp4"]["frames"] == len(garbage)
+
+
+def test_skip_similar_infers_fewer_frames_and_agrees_with_the_full_run(ray_session, shapes_model, tmp_path):
+    """Static-camera footage (still scenes with sensor noise, every third scene moving), run
+    twice: every frame through the model, then with --skip-similar. Same rows; reused rows
+    repeat their source exactly; far fewer model calls; the same top-1 almost everywhere."""
+    from rayvid import samples
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    samples.make_still_video(str(videos / "still.mp4"), 12, seed=5)
+    full = pipeline.run(_cfg(str(videos), str(tmp_path / "full"), shapes_model["path"]))
+    skip = pipeline.run(_cfg(str(videos), str(tmp_path / "skip"), shapes_model["path"],
+                             sampling=SamplingConfig(skip_similar=2.0)))
+    a, b = read_output(str(tmp_path / "full")), read_output(str(tmp_path / "skip"))
+    assert a.column("frame_index").to_pylist() == b.column("frame_index").to_pylist() == list(range(180))
+    assert a.column("reused_from").null_count == len(a)
+
+    rows = b.to_pylist()
+    by_index = {r["frame_index"]: r for r in rows}
+    reused = [r for r in rows if r["reused_from"] is not None]
+    for r in reused:
+        src = by_index[r["reused_from"]]
+        assert src["reused_from"] is None and src["frame_index"] < r["frame_index"]
+        assert (r["label"], r["score"], r["topk"]) == (src["label"], src["score"], src["topk"])
+    inferred = len(rows) - len(reused)
+    assert inferred * 3 <= len(rows), f"{inferred} of {len(rows)} frames inferred"
+    agree = np.mean([x == y for x, y in zip(a.column("label").to_pylist(), b.column("label").to_pylist())])
+    assert agree >= 0.97, agree
+    assert (skip.frames, skip.frames_reused) == (180, len(reused))
+    record = json.load(open(tmp_path / "skip" / "runs" / f"{skip.run_id}.json"))
+    assert record["stats"]["frames_inferred"] == inferred
+    assert record["stats"]["inference"]["frames"] == inferred  # what the model actors saw
+    assert full.inference["frames"] == 180 and 0 < full.inference["model_busy"] <= 1

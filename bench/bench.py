@@ -1,0 +1,714 @@
+"""`make bench`: rayvid against the ways people run video models today, on this machine.
+
+    make bench                                  # every regime (BENCHMARKS.md has the results)
+    make bench BENCH_ARGS="--regimes mobilenet" # one regime
+    make bench BENCH_ARGS="--quick"             # a tiny corpus: checks the harness (tests)
+    make bench BENCH_ARGS="--gpus 1"            # on a GPU machine: inference on the GPU
+
+For each regime (a corpus and a model) it measures, in this order and in one run:
+1. the stage ceilings alone: raw decord (resize on decode, 1 thread) and the model alone
+   (a tf.function on uint8 batches, every core), as frames/s and CPU-seconds per frame, and
+   from them the CPU-bound limit: cores / (decode + inference CPU-s per frame);
+2. rayvid's decode stage alone (its Decoder: probe, child process, batches) on the same
+   settings as raw decord;
+3. end to end, side by side on the same videos and model: rayvid; a serial
+   decode->predict loop; a tf.data pipeline (generator -> batch -> parallel map ->
+   prefetch); Ray Data's own recipe (read_videos -> map_batches model actor ->
+   write_parquet). Each writes per-frame top-1 predictions to Parquet.
+Every measurement runs in a fresh process; frames/s counts from after `ray.init` (Ray's
+start-up excluded, actor and model start-up included) to the last Parquet file written.
+Peak RSS is each process's high-water mark (VmHWM), sampled through /proc; spilled bytes
+and peak object-store use come from the raylet's store stats.
+
+Then the experiments of BENCHMARKS.md: memory against video length, sparse sampling, and
+content-adaptive frame skipping. Results print as tables and go to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+METHODS = ("rayvid", "serial", "tf_data", "ray_recipe")
+
+# name -> corpus (videos, seconds, height, width, fps) and model
+REGIMES = {
+    "mobilenet": dict(videos=4, seconds=20, height=360, width=640, fps=30, model="mobilenet_v3_small"),
+    "resnet50": dict(videos=4, seconds=5, height=360, width=640, fps=30, model="resnet50"),
+    "1080p": dict(videos=4, seconds=5, height=1080, width=1920, fps=30, model="mobilenet_v3_small"),
+}
+QUICK = dict(videos=2, seconds=1, height=120, width=160, fps=30, model="mobilenet_v3_small")
+
+
+# ---------------------------------------------------------------- the corpus
+
+def encode(path: str, seconds: float, height: int, width: int, fps: int, seed: int,
+           gop: int | None = None, extra: list | None = None) -> str:
+    """A deterministic H.264 test video with texture and motion (ffmpeg's testsrc2 plus
+    temporal noise), at a bitrate like real 360p-1080p footage."""
+    from rayvid.samples import ffmpeg_exe
+
+    if os.path.exists(path):
+        return path
+    src = (f"testsrc2=size={width}x{height}:rate={fps}:duration={seconds},"
+           f"noise=alls=14:allf=t+u:all_seed={seed},hue=h={seed * 40}")
+    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", src,
+           "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"]
+    if gop:
+        cmd += ["-g", str(gop), "-keyint_min", str(gop)]
+    cmd += (extra or []) + [path]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def corpus(root: str, spec: dict) -> list[str]:
+    os.makedirs(root, exist_ok=True)
+    return [encode(os.path.join(root, f"v{i}.mp4"), spec["seconds"], spec["height"], spec["width"],
+                   spec["fps"], seed=i + 1) for i in range(spec["videos"])]
+
+
+# ---------------------------------------------------------------- /proc accounting
+
+def _children(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system, every thread) of a process and its live descendants."""
+    return sum(_cpu_s(p) for p in _children(pid))
+
+
+def _hwm_mb(pid: int) -> tuple[str, float]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return cmd, int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return "", 0.0
+
+
+def _role(cmd: str) -> str:
+    """A short name for a process: Ray's process title, or what it runs."""
+    if cmd.startswith("ray::"):
+        return cmd.split(" ")[0]
+    if "rayvid.decode import serve" in cmd:
+        return "rayvid decode child"
+    for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py",
+                 "runtime_env", "default_worker", "bench.py --worker"):
+        if name in cmd:
+            return "driver" if name == "bench.py --worker" else name
+    return os.path.basename(cmd.split(" ")[0]) or "?"
+
+
+class PeakRSS:
+    """Samples VmHWM of a process tree; keeps each process's peak, grouped by role."""
+
+    def __init__(self, pid: int, interval_s: float = 0.25):
+        self.pid, self.interval_s = pid, interval_s
+        self.peaks: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self):
+        for p in _children(self.pid):
+            cmd, mb = _hwm_mb(p)
+            if mb and mb >= self.peaks.get(p, ("", 0.0))[1]:
+                self.peaks[p] = (cmd, mb)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        by_role: dict[str, float] = {}
+        for cmd, mb in self.peaks.values():
+            role = _role(cmd)
+            by_role[role] = max(by_role.get(role, 0.0), round(mb, 1))
+        return dict(sorted(by_role.items(), key=lambda kv: -kv[1]))
+
+
+class StoreStats:
+    """Peak object-store bytes in use, and bytes spilled, from the raylet (Ray's own
+    `ray memory --stats-only` numbers)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._reply = lambda: get_memory_info_reply(  # noqa: E731
+            get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, int(self._reply().object_store_bytes_used))
+            except Exception:  # noqa: BLE001 - a missed sample is not a result
+                pass
+            self._stop.wait(0.5)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        stats = self._reply()
+        return {"object_store_peak_mb": round(max(self.peak, stats.object_store_bytes_used) / 2**20, 1),
+                "spilled_bytes": int(stats.spilled_bytes_total)}
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+def _tf(threads: int):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
+def _load(tf, spec: dict):
+    """The same model and uint8 -> float graph every method uses (rayvid's loader)."""
+    from rayvid import infer, models
+    from rayvid.config import ModelConfig
+
+    model, info = models.load(ModelConfig(**spec["model"]))
+    return model, infer.preprocess_graph(tf, info.preprocess), info
+
+
+def _model_fn(tf, spec: dict):
+    model, pre, info = _load(tf, spec)
+
+    @tf.function(reduce_retracing=True)
+    def predict(frames):
+        return model(pre(tf.cast(frames, tf.float32)), training=False)
+
+    return predict, info
+
+
+def _write_top1(rows: dict, out: str, name: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(pa.table(rows), os.path.join(out, name))
+
+
+def _top1(scores, labels, uri, idx, rows):
+    import numpy as np
+
+    best = np.argmax(scores, axis=1)
+    rows["video_uri"] += [uri] * len(best)
+    rows["frame_index"] += list(idx)
+    rows["label"] += [labels[b] for b in best]
+    rows["score"] += scores[np.arange(len(best)), best].tolist()
+
+
+def _decord_windows(path: str, h: int, w: int, window: int):
+    import decord
+
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+    for start in range(0, len(vr), window):
+        stop = min(start + window, len(vr))
+        yield range(start, stop), vr.get_batch(list(range(start, stop))).asnumpy()
+
+
+def _timed(work) -> dict:
+    """frames, wall and CPU-seconds (this process and its children) of `work()`."""
+    t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
+    frames = work()
+    return {"frames": frames, "wall_s": time.perf_counter() - t0, "cpu_s": tree_cpu_s(os.getpid()) - c0}
+
+
+def w_decode_raw(spec):
+    import decord  # noqa: F401 - imported before the clock starts
+
+    h, w = spec["size"]
+    return _timed(lambda: sum(len(b) for path in spec["videos"] for _, b in _decord_windows(path, h, w, 64)))
+
+
+def w_decode_decord_sparse(spec):
+    """What decord users write for 1 frame per second: get_batch of every fps-th index."""
+    import decord
+
+    h, w = spec["size"]
+
+    def work():
+        frames = 0
+        for path in spec["videos"]:
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
+            step = max(1, round(vr.get_avg_fps() / spec["fps"]))
+            frames += len(vr.get_batch(list(range(0, len(vr), step))).asnumpy())
+        return frames
+
+    return _timed(work)
+
+
+def w_decode_rayvid(spec):
+    """rayvid's decode stage alone: its Decoder (started before the clock: its child
+    process is a one-off per actor), on the same videos and settings as raw decord."""
+    from rayvid.decode import Decoder
+
+    dec = Decoder(tuple(spec["size"]), threads=1, **spec.get("reader", {}))
+
+    def work():
+        frames = 0
+        for path in spec["videos"]:
+            for batch in dec.decode_video(path):
+                if batch["kind"][0] == "frame":
+                    frames += len(batch["frame_index"])
+                elif batch["message"][0]:
+                    raise RuntimeError(batch["message"][0])
+        return frames
+
+    return _timed(work)
+
+
+def w_infer(spec):
+    """The model alone on every core: a tf.function on uint8 batches of real frames."""
+    import numpy as np
+
+    tf = _tf(spec["cores"])
+    predict, info = _model_fn(tf, spec)
+    h, w = info.input_size
+    # real frames of the corpus, decoded before the clock starts (content can change a
+    # model's speed on CPU: random noise is not what it sees)
+    frames = np.concatenate([b for _, (_, b) in zip(range(4), _decord_windows(spec["videos"][0], h, w, spec["batch"]))])
+    frames = np.concatenate([frames] * -(-spec["batch"] // len(frames)))  # at least one batch
+    batches = [frames[i:i + spec["batch"]] for i in range(0, len(frames) - spec["batch"] + 1, spec["batch"])]
+    predict(batches[0]).numpy()  # trace and warm up outside the timing
+    t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
+    n = 0
+    while time.perf_counter() - t0 < spec.get("infer_seconds", 10.0) or n < 4 * spec["batch"]:
+        predict(batches[(n // spec["batch"]) % len(batches)]).numpy()
+        n += spec["batch"]
+    return {"frames": n, "wall_s": time.perf_counter() - t0, "cpu_s": tree_cpu_s(os.getpid()) - c0}
+
+
+def w_serial(spec):
+    tf = _tf(spec["cores"])
+    predict, info = _model_fn(tf, spec)
+    h, w = info.input_size
+    rows = {"video_uri": [], "frame_index": [], "label": [], "score": []}
+    for path in spec["videos"]:
+        for idx, batch in _decord_windows(path, h, w, spec["batch"]):
+            _top1(predict(batch).numpy(), info.labels, path, idx, rows)
+    _write_top1(rows, spec["out"], "part-0.parquet")
+    return {"frames": len(rows["label"])}
+
+
+def w_tf_data(spec):
+    import numpy as np
+
+    tf = _tf(spec["cores"])
+    model, pre, info = _load(tf, spec)
+    h, w = info.input_size
+    paths = spec["videos"]
+
+    def frames():
+        for v, path in enumerate(paths):
+            for idx, batch in _decord_windows(path, h, w, 16):
+                for i, frame in zip(idx, batch):
+                    yield v, i, frame
+
+    ds = tf.data.Dataset.from_generator(frames, output_signature=(
+        tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int64), tf.TensorSpec((h, w, 3), tf.uint8)))
+    ds = ds.batch(spec["batch"]).map(lambda v, i, f: (v, i, pre(tf.cast(f, tf.float32))),
+                                     num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    @tf.function(reduce_retracing=True)
+    def infer(x):
+        return model(x, training=False)
+
+    rows = {"video_uri": [], "frame_index": [], "label": [], "score": []}
+    for v, i, x in ds:
+        scores = infer(x).numpy()
+        best = np.argmax(scores, axis=1)
+        rows["video_uri"] += [paths[k] for k in v.numpy()]
+        rows["frame_index"] += i.numpy().tolist()
+        rows["label"] += [info.labels[b] for b in best]
+        rows["score"] += scores[np.arange(len(best)), best].tolist()
+    _write_top1(rows, spec["out"], "part-0.parquet")
+    return {"frames": len(rows["label"])}
+
+
+def w_ray_recipe(spec):
+    import ray
+
+    h, w = spec["size"]
+    model_spec, cores, gpus = spec["model"], spec["cores"], spec.get("gpus", 0)
+
+    class Classifier:
+        def __init__(self):
+            import numpy as np
+
+            self.np = np
+            tf = _tf(cores)
+            self.predict, self.info = _model_fn(tf, {"model": model_spec})
+
+        def __call__(self, batch):
+            scores = self.predict(batch["frame"]).numpy()
+            best = self.np.argmax(scores, axis=1)
+            return {"video_uri": batch["path"], "frame_index": batch["frame_index"],
+                    "label": self.np.array([self.info.labels[b] for b in best], dtype=object),
+                    "score": scores[self.np.arange(len(best)), best]}
+
+    ds = ray.data.read_videos(spec["videos"], resize=(h, w), include_paths=True)
+    ds = ds.map_batches(Classifier, batch_size=spec["batch"], concurrency=1,
+                        num_gpus=1 if gpus else 0, num_cpus=1)
+    ds.write_parquet(spec["out"])
+    import pyarrow.dataset as pads
+
+    return {"frames": pads.dataset(spec["out"], format="parquet").count_rows()}
+
+
+def w_rayvid(spec):
+    from rayvid import pipeline
+    from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
+
+    cfg = RunConfig(input=spec["input"], output=spec["out"], model=ModelConfig(**spec["model"]),
+                    sampling=SamplingConfig(**spec.get("sampling", {})),
+                    decode=DecodeConfig(**spec.get("decode", {})),
+                    infer=InferConfig(batch_size=spec["batch"], **spec.get("infer", {})),
+                    progress=False)
+    result = pipeline.run(cfg)
+    out = {"frames": result.frames, "plan": result.plan}
+    if getattr(result, "inference", None):
+        out["inference"] = result.inference
+    return out
+
+
+WORKERS = {"decode_raw": w_decode_raw, "decode_rayvid": w_decode_rayvid, "infer": w_infer,
+           "decode_decord_sparse": w_decode_decord_sparse,
+           "serial": w_serial, "tf_data": w_tf_data, "ray_recipe": w_ray_recipe, "rayvid": w_rayvid}
+RAY_WORKERS = ("ray_recipe", "rayvid")
+
+
+def worker_main(name: str, spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    store = None
+    if name in RAY_WORKERS:
+        import logging
+
+        import ray
+
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 num_cpus=spec["cores"], num_gpus=spec.get("gpus", 0),
+                 object_store_memory=spec.get("object_store_mb", 1024) * 2**20)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        store = StoreStats()
+    t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
+    result = WORKERS[name](spec)
+    result.setdefault("wall_s", time.perf_counter() - t0)
+    result.setdefault("cpu_s", tree_cpu_s(os.getpid()) - c0)
+    if store is not None:
+        result.update(store.stop())
+    print("RESULT " + json.dumps(result), flush=True)
+    if name in RAY_WORKERS:
+        import ray
+
+        ray.shutdown()
+
+
+def measure(name: str, spec: dict, tmp: str, timeout_s: float = 1800) -> dict:
+    """Runs one worker in a fresh process; adds peak RSS per process role."""
+    spec_path = os.path.join(tmp, f"spec-{name}-{time.monotonic_ns()}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", name, spec_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rss = PeakRSS(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    peaks = rss.stop()
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["frames_per_s"] = round(result["frames"] / result["wall_s"], 1)
+    result["cpu_s_per_frame"] = round(result["cpu_s"] / result["frames"], 6)
+    result["wall_s"], result["cpu_s"] = round(result["wall_s"], 2), round(result["cpu_s"], 2)
+    result["peak_rss_mb"] = peaks
+    return result
+
+
+# ---------------------------------------------------------------- a regime, end to end
+
+def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, archive_b: bool = True) -> dict:
+    """Stage ceilings, then every method on archive A (the regime's videos) and on archive
+    B (A and two copies of each: 3x the frames). End to end counts each method's fixed
+    start-up (model load, actors); the steady rate, (frames B - frames A) / (time B - time
+    A), is what the method sustains once started: what a large archive sees."""
+    root = os.path.join(tmp, "corpus", name)
+    t0 = time.time()
+    videos = corpus(os.path.join(root, "a"), spec)
+    b_dir = os.path.join(root, "b")
+    os.makedirs(b_dir, exist_ok=True)
+    b_videos = []
+    for copy in range(3):
+        for v in videos:
+            dst = os.path.join(b_dir, f"c{copy}_{os.path.basename(v)}")
+            if not os.path.exists(dst):
+                os.link(v, dst)
+            b_videos.append(dst)
+    model = {"name": spec["model"], "weights": "none"}
+    common = {"videos": videos, "input": os.path.join(root, "a"), "model": model, "size": [224, 224],
+              "batch": 32, "cores": cores, "gpus": gpus}
+    log(f"[{name}] corpus: {len(videos)} x {spec['seconds']} s {spec['width']}x{spec['height']} "
+        f"{spec['fps']} fps H.264 ({time.time() - t0:.0f} s to encode)")
+    res = {"corpus": {k: spec[k] for k in ("videos", "seconds", "height", "width", "fps")},
+           "model": spec["model"], "stages": {}, "methods": {}}
+    for stage in ("decode_raw", "decode_rayvid", "infer"):
+        res["stages"][stage] = r = measure(stage, dict(common, infer_seconds=spec.get("infer_seconds", 10)), tmp)
+        log(f"[{name}] {stage:14s} {r['frames_per_s']:8.1f} frames/s  {1000 * r['cpu_s_per_frame']:.2f} ms CPU/frame")
+    dec, inf = res["stages"]["decode_raw"], res["stages"]["infer"]
+    limit = cores / (dec["cpu_s_per_frame"] + inf["cpu_s_per_frame"])
+    res["cpu_bound_limit_fps"] = round(limit, 1)
+    res["decode_stage_vs_raw_decord"] = round(res["stages"]["decode_rayvid"]["frames_per_s"] / dec["frames_per_s"], 3)
+    log(f"[{name}] CPU-bound limit: {cores} cores / ({1000 * dec['cpu_s_per_frame']:.2f} + "
+        f"{1000 * inf['cpu_s_per_frame']:.2f} ms) = {limit:.1f} frames/s; rayvid's decode stage "
+        f"{res['decode_stage_vs_raw_decord']:.2f} of raw decord")
+    for method in methods:
+        runs = {}
+        for archive, vids, inp in (("a", videos, common["input"]), ("b", b_videos, b_dir))[: 2 if archive_b else 1]:
+            out = os.path.join(tmp, "out", name, method, archive)
+            shutil.rmtree(out, ignore_errors=True)
+            runs[archive] = measure(method, dict(common, videos=vids, input=inp, out=out), tmp)
+        a = runs["a"]
+        b = runs.get("b", a)  # --quick: no archive B, so no steady rate
+        steady = (b["frames"] - a["frames"]) / (b["wall_s"] - a["wall_s"]) if b["wall_s"] > a["wall_s"] + 1 else None
+        ratio = lambda x: round(x / limit, 3) if x else None  # noqa: E731
+        r = res["methods"][method] = {
+            "archive_a": a, "archive_b": runs.get("b"),
+            "end_to_end_fps": a["frames_per_s"], "end_to_end_fps_b": b["frames_per_s"],
+            "steady_fps": round(steady, 1) if steady else None,
+            "vs_limit": {"end_to_end": ratio(a["frames_per_s"]), "end_to_end_b": ratio(b["frames_per_s"]),
+                         "steady": ratio(steady)},
+            "startup_s": round(a["wall_s"] - a["frames"] / steady, 1) if steady else None,
+        }
+        extra = ""
+        if "inference" in b:
+            extra = f"  model busy {100 * b['inference']['model_busy']:.0f}%"
+        if "spilled_bytes" in b:
+            extra += f"  spilled {a['spilled_bytes'] + b['spilled_bytes']} B  object store peak " \
+                     f"{a['object_store_peak_mb']:.0f}/{b['object_store_peak_mb']:.0f} MB (A/B)"
+        steady_text = f"steady {steady:6.1f} = {r['vs_limit']['steady']:.2f} of the limit" if steady else "no steady rate"
+        log(f"[{name}] {method:10s} end to end {a['frames_per_s']:6.1f} (A) {b['frames_per_s']:6.1f} (B) frames/s "
+            f"= {r['vs_limit']['end_to_end_b']:.2f} of the limit (B), {steady_text}{extra}")
+    frames = {m: (r["archive_a"]["frames"], (r["archive_b"] or {}).get("frames")) for m, r in res["methods"].items()}
+    if len(set(frames.values())) > 1:
+        raise RuntimeError(f"methods disagree on the number of frames: {frames}")
+    if "rayvid" in res["methods"]:
+        ours = res["methods"]["rayvid"]
+        res["rayvid_vs"] = {m: {"end_to_end": round(ours["end_to_end_fps"] / r["end_to_end_fps"], 2),
+                                "end_to_end_b": round(ours["end_to_end_fps_b"] / r["end_to_end_fps_b"], 2),
+                                "steady": round(ours["steady_fps"] / r["steady_fps"], 2)
+                                if ours["steady_fps"] and r["steady_fps"] else None}
+                            for m, r in res["methods"].items() if m != "rayvid"}
+    return res
+
+
+# ---------------------------------------------------------------- experiments
+
+def exp_memory(tmp: str, quick: bool) -> dict:
+    """Peak RSS of rayvid's decode stage (the actor's process and its decode child) on a
+    short and a 10x longer 1080p video: memory must not grow with video length."""
+    h, w, fps = (120, 160, 10) if quick else (1080, 1920, 10)
+    short_s, long_s = (2, 20) if quick else (60, 600)
+    d = os.path.join(tmp, "memory")
+    os.makedirs(d, exist_ok=True)
+    t0 = time.time()
+    paths = {n: encode(os.path.join(d, f"{n}.mp4"), s, h, w, fps, seed=7) for n, s in (("short", short_s), ("long", long_s))}
+    log(f"[memory] {short_s} s and {long_s} s at {w}x{h}, {fps} fps ({time.time() - t0:.0f} s to encode)")
+    res = {"video": {"height": h, "width": w, "fps": fps, "short_s": short_s, "long_s": long_s}}
+    for n, path in paths.items():
+        r = measure("decode_rayvid", {"videos": [path], "size": [224, 224]}, tmp)
+        peaks = r["peak_rss_mb"]
+        res[n] = {"frames": r["frames"], "frames_per_s": r["frames_per_s"],
+                  "actor_mb": peaks.get("driver", 0.0), "child_mb": peaks.get("rayvid decode child", 0.0)}
+        res[n]["total_mb"] = round(res[n]["actor_mb"] + res[n]["child_mb"], 1)
+        log(f"[memory] {n:5s} {r['frames']:6d} frames: decode actor {res[n]['actor_mb']:.0f} MB + "
+            f"child {res[n]['child_mb']:.0f} MB peak RSS")
+    res["long_vs_short"] = round(res["long"]["total_mb"] / res["short"]["total_mb"], 3)
+    log(f"[memory] peak RSS, {long_s} s video / {short_s} s video: {res['long_vs_short']:.2f}")
+    return res
+
+
+def exp_sparse(tmp: str, quick: bool) -> dict:
+    """CPU to decode every frame vs 1 frame per second vs key frames only, on one video
+    encoded with x264's default key-frame interval (250) and with a 1 s interval (-g 30,
+    streaming style); and decord's get_batch of the same 1 fps indices."""
+    seconds, h, w = (2, 120, 160) if quick else (20, 360, 640)
+    d = os.path.join(tmp, "sparse")
+    os.makedirs(d, exist_ok=True)
+    res = {}
+    for gop in ((30,) if quick else (None, 30)):
+        name = f"gop_{gop or 250}"
+        path = encode(os.path.join(d, f"{name}.mp4"), seconds, h, w, 30, seed=3, gop=gop)
+        common = {"videos": [path], "size": [224, 224]}
+        runs = {
+            "all_frames": measure("decode_rayvid", common, tmp),
+            "fps_1": measure("decode_rayvid", dict(common, reader={"fps": 1.0}), tmp),
+            "keyframes": measure("decode_rayvid", dict(common, reader={"keyframes": True}), tmp),
+            "decord_get_batch_fps_1": measure("decode_decord_sparse", dict(common, fps=1), tmp),
+        }
+        full = runs["all_frames"]["cpu_s"]
+        res[name] = {k: {"frames": r["frames"], "cpu_s": r["cpu_s"], "cheaper_than_all": round(full / max(r["cpu_s"], 1e-6), 1)}
+                     for k, r in runs.items()}
+        log(f"[sparse] {name}: " + ", ".join(f"{k} {v['frames']} frames {v['cpu_s']:.2f} CPU-s ({v['cheaper_than_all']}x less)"
+                                             for k, v in res[name].items()))
+    return res
+
+
+def exp_skip(tmp: str, quick: bool, cores: int) -> dict:
+    """--skip-similar on static-camera footage (still scenes with sensor noise, every third
+    scene moving), with the sample shapes classifier: model calls saved, and top-1
+    agreement with a run that infers every frame."""
+    import pyarrow.dataset as pads
+
+    from rayvid import samples
+
+    d = os.path.join(tmp, "skip")
+    videos = os.path.join(d, "videos")
+    os.makedirs(videos, exist_ok=True)
+    seconds = 4 if quick else 60
+    for i in range(1 if quick else 2):
+        path = os.path.join(videos, f"still_{i}.mp4")
+        if not os.path.exists(path):
+            samples.make_still_video(path, seconds, seed=20 + i)
+    model_dir = os.path.join(d, "model")
+    if not os.path.exists(os.path.join(model_dir, "shapes.keras")):
+        samples.train_model(model_dir)
+    spec = {"input": videos, "model": {"name": os.path.join(model_dir, "shapes.keras")}, "batch": 32, "cores": cores}
+    runs, tables = {}, {}
+    for name, sampling in (("every_frame", {}), ("skip_similar", {"skip_similar": 2.0})):
+        out = os.path.join(d, "out", name)
+        shutil.rmtree(out, ignore_errors=True)
+        runs[name] = measure("rayvid", dict(spec, out=out, sampling=sampling), tmp)
+        tables[name] = pads.dataset(os.path.join(out, "predictions"), format="parquet").to_table(
+            columns=["video_uri", "frame_index", "label", "reused_from"]).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+    a, b = tables["every_frame"], tables["skip_similar"]
+    assert a.column("frame_index").equals(b.column("frame_index"))
+    inferred = b.column("reused_from").null_count  # rows the model saw
+    agree = sum(x == y for x, y in zip(a.column("label").to_pylist(), b.column("label").to_pylist())) / len(a)
+    res = {"frames": len(a), "inferred_every_frame": len(a), "inferred_skip_similar": inferred,
+           "fewer_inferences": round(len(a) / max(1, inferred), 2), "top1_agreement": round(agree, 4),
+           "threshold": 2.0, "wall_s": {k: r["wall_s"] for k, r in runs.items()}}
+    log(f"[skip] {len(a)} frames: {inferred} inferred with --skip-similar 2 ({res['fewer_inferences']}x fewer), "
+        f"top-1 agreement {100 * agree:.2f}%")
+    return res
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
+    p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--experiments", default="memory,sparse,skip", help="comma-separated: memory, sparse, skip")
+    p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--workdir", help="keep the corpus and outputs here (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(*args.worker)
+        return 0
+    tmp = args.workdir or tempfile.mkdtemp(prefix="rayvid-bench-")
+    os.makedirs(tmp, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    regimes = {"quick": dict(QUICK, infer_seconds=1)} if args.quick else {r: REGIMES[r] for r in args.regimes.split(",")}
+    results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+               "machine": _machine(args.cores, args.gpus), "regimes": {}}
+    try:
+        for name, spec in regimes.items():
+            results["regimes"][name] = run_regime(name, spec, tmp, args.cores, args.gpus, methods,
+                                                  archive_b=not args.quick)
+        exps = [e for e in args.experiments.split(",") if e]
+        if "memory" in exps:
+            results["memory"] = exp_memory(tmp, args.quick)
+        if "sparse" in exps:
+            results["sparse"] = exp_sparse(tmp, args.quick)
+        if "skip" in exps:
+            results["skip"] = exp_skip(tmp, args.quick, args.cores)
+    finally:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _machine(cores: int, gpus: int) -> dict:
+    import ray
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": cores, "gpus": gpus, "python": platform.python_version(),
+            "ray": ray.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

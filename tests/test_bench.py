@@ -1,0 +1,54 @@
+"""`make bench` runs end to end on a tiny corpus and reports every field BENCHMARKS.md uses.
+(Performance itself is measured by `make bench`, never asserted in a timed test.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_bench_writes_every_field(tmp_path):
+    out = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--quick", "--json", str(out),
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["command"].endswith("--workdir " + str(tmp_path / "work"))
+    assert res["machine"]["cores"] >= 1 and res["machine"]["ray"]
+
+    quick = res["regimes"]["quick"]
+    for stage in ("decode_raw", "decode_rayvid", "infer"):
+        s = quick["stages"][stage]
+        assert s["frames"] > 0 and s["frames_per_s"] > 0 and s["cpu_s_per_frame"] > 0, stage
+        assert s["peak_rss_mb"], stage  # per process role
+    assert quick["cpu_bound_limit_fps"] > 0 and quick["decode_stage_vs_raw_decord"] > 0
+    frames = {m: r["archive_a"]["frames"] for m, r in quick["methods"].items()}
+    assert sorted(frames) == sorted(["rayvid", "serial", "tf_data", "ray_recipe"])
+    assert set(frames.values()) == {60}  # 2 videos x 1 s x 30 fps, every method, every frame
+    for method, r in quick["methods"].items():
+        a = r["archive_a"]
+        assert a["frames_per_s"] > 0 and a["wall_s"] > 0 and a["peak_rss_mb"], method
+        assert r["vs_limit"]["end_to_end"] > 0 and "steady" in r["vs_limit"], method
+    for method in ("rayvid", "ray_recipe"):  # Ray's own store stats
+        a = quick["methods"][method]["archive_a"]
+        assert a["spilled_bytes"] == 0 and a["object_store_peak_mb"] > 0, method
+    t = quick["methods"]["rayvid"]["archive_a"]["inference"]
+    assert t["frames"] == 60 and 0 < t["model_busy"] <= 1 and t["wait_s"] >= 0
+    assert set(quick["rayvid_vs"]) == {"serial", "tf_data", "ray_recipe"}
+
+    mem = res["memory"]
+    assert mem["long"]["frames"] == 10 * mem["short"]["frames"] > 0
+    assert mem["long"]["total_mb"] > 0 and mem["long_vs_short"] > 0
+    sparse = res["sparse"]["gop_30"]
+    assert sparse["all_frames"]["frames"] == 60 and sparse["fps_1"]["frames"] == 2
+    assert sparse["keyframes"]["frames"] == 2 and sparse["decord_get_batch_fps_1"]["frames"] == 2
+    skip = res["skip"]
+    assert skip["frames"] == 60 and 0 < skip["inferred_skip_similar"] < 60
+    assert skip["fewer_inferences"] > 1 and 0 < skip["top1_agreement"] <= 1
