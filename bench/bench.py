@@ -45,7 +45,7 @@ METHODS = ("rayvid", "serial", "tf_data", "ray_recipe")
 # name -> corpus (videos, seconds, height, width, fps) and model
 REGIMES = {
     "mobilenet": dict(videos=4, seconds=20, height=360, width=640, fps=30, model="mobilenet_v3_small"),
-    "resnet50": dict(videos=4, seconds=5, height=360, width=640, fps=30, model="resnet50"),
+    "resnet50": dict(videos=2, seconds=5, height=360, width=640, fps=30, model="resnet50"),
     "1080p": dict(videos=4, seconds=5, height=1080, width=1920, fps=30, model="mobilenet_v3_small"),
 }
 QUICK = dict(videos=2, seconds=1, height=120, width=160, fps=30, model="mobilenet_v3_small")
