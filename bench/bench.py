@@ -139,11 +139,13 @@ def _role(cmd: str) -> str:
 
 
 class PeakRSS:
-    """Samples VmHWM of a process tree; keeps each process's peak, grouped by role."""
+    """Samples VmHWM and CPU time of a process tree; keeps each process's peak RSS and last
+    CPU-seconds, grouped by role (where a method's CPU goes)."""
 
     def __init__(self, pid: int, interval_s: float = 0.25):
         self.pid, self.interval_s = pid, interval_s
         self.peaks: dict[int, tuple[str, float]] = {}
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -158,15 +160,20 @@ class PeakRSS:
             cmd, mb = _hwm_mb(p)
             if mb and mb >= self.peaks.get(p, ("", 0.0))[1]:
                 self.peaks[p] = (cmd, mb)
+            self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_s(p))
 
-    def stop(self) -> dict:
+    def stop(self) -> tuple[dict, dict]:
+        """(peak RSS MB per role, CPU-seconds per role over the whole process lifetimes)."""
         self._stop.set()
         self._thread.join()
         by_role: dict[str, float] = {}
-        for cmd, mb in self.peaks.values():
+        cpu: dict[str, float] = {}
+        for pid, (cmd, mb) in self.peaks.items():
             role = _role(cmd)
             by_role[role] = max(by_role.get(role, 0.0), round(mb, 1))
-        return dict(sorted(by_role.items(), key=lambda kv: -kv[1]))
+            cpu[role] = round(cpu.get(role, 0.0) + self.cpu.get(pid, 0.0), 2)
+        return (dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+                dict(sorted(cpu.items(), key=lambda kv: -kv[1])))
 
 
 class StoreStats:
@@ -472,7 +479,7 @@ def measure(name: str, spec: dict, tmp: str, timeout_s: float = 1800) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    peaks = rss.stop()
+    peaks, cpu = rss.stop()
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{err[-4000:]}")
@@ -481,6 +488,7 @@ def measure(name: str, spec: dict, tmp: str, timeout_s: float = 1800) -> dict:
     result["cpu_s_per_frame"] = round(result["cpu_s"] / result["frames"], 6)
     result["wall_s"], result["cpu_s"] = round(result["wall_s"], 2), round(result["cpu_s"], 2)
     result["peak_rss_mb"] = peaks
+    result["cpu_s_by_process"] = cpu  # whole lifetimes, start-up included
     return result
 
 
@@ -666,8 +674,13 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "results.json"))
+    p.add_argument("--markdown", metavar="JSON", help="print BENCHMARKS.md's tables from a results file")
     p.add_argument("--workdir", help="keep the corpus and outputs here (default: a temp dir)")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     if args.worker:
         worker_main(*args.worker)
         return 0
@@ -695,6 +708,64 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def markdown(results: dict) -> str:
+    """The tables of BENCHMARKS.md, from a results JSON."""
+    out = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
+    for name, r in results.get("regimes", {}).items():
+        c = r["corpus"]
+        out += [f"### {name}: {r['model']}, {c['videos']} videos x {c['seconds']} s, {c['width']}x{c['height']} "
+                f"{c['fps']} fps H.264", "",
+                "| stage alone | frames/s | CPU ms/frame |", "| --- | --- | --- |"]
+        for stage, s in r["stages"].items():
+            out.append(f"| {stage} | {s['frames_per_s']:.1f} | {1000 * s['cpu_s_per_frame']:.2f} |")
+        out += ["", f"CPU-bound limit: **{r['cpu_bound_limit_fps']:.1f} frames/s**; rayvid's decode stage runs at "
+                f"**{r['decode_stage_vs_raw_decord']:.2f}** of raw decord.", "",
+                "| method | end to end A | end to end B | steady | steady / limit | B / limit | start-up s | "
+                "peak RSS MB (largest processes) | spilled |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m, x in r["methods"].items():
+            b = x["archive_b"] or x["archive_a"]
+            rss = ", ".join(f"{k} {v:.0f}" for k, v in list(b["peak_rss_mb"].items())[:3])
+            spilled = f"{b['spilled_bytes']} B" if "spilled_bytes" in b else "n/a"
+            fmt = lambda v, f="{:.1f}": f.format(v) if v is not None else "n/a"  # noqa: E731
+            out.append(f"| {m} | {x['end_to_end_fps']:.1f} | {x['end_to_end_fps_b']:.1f} | {fmt(x['steady_fps'])} | "
+                       f"{fmt(x['vs_limit']['steady'], '{:.2f}')} | {fmt(x['vs_limit']['end_to_end_b'], '{:.2f}')} | "
+                       f"{fmt(x['startup_s'])} | {rss} | {spilled} |")
+        if "rayvid_vs" in r:
+            out += ["", "rayvid / baseline: " + "; ".join(
+                f"{m}: {v['end_to_end_b']}x end to end (B), {v['steady']}x steady" for m, v in r["rayvid_vs"].items())]
+        ours = r["methods"].get("rayvid", {})
+        t = (ours.get("archive_b") or ours.get("archive_a") or {}).get("inference")
+        if t:
+            out += ["", f"rayvid's inference actors (archive B): model busy {100 * t['model_busy']:.0f}%, "
+                        f"waiting for frames {100 * t['waiting']:.0f}%."]
+        out.append("")
+    if "memory" in results:
+        m = results["memory"]
+        v = m["video"]
+        out += ["### memory against video length", "",
+                f"| {v['width']}x{v['height']}, {v['fps']} fps | frames | decode actor MB | decode child MB | total MB |",
+                "| --- | --- | --- | --- | --- |"]
+        for n in ("short", "long"):
+            out.append(f"| {v[n + '_s']} s | {m[n]['frames']} | {m[n]['actor_mb']:.0f} | {m[n]['child_mb']:.0f} | "
+                       f"{m[n]['total_mb']:.0f} |")
+        out += ["", f"Peak RSS, long / short: **{m['long_vs_short']:.2f}**", ""]
+    if "sparse" in results:
+        out += ["### sparse sampling", "", "| video | mode | frames | CPU-s | cheaper than every frame |",
+                "| --- | --- | --- | --- | --- |"]
+        for video, modes in results["sparse"].items():
+            for mode, x in modes.items():
+                out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
+        out.append("")
+    if "skip" in results:
+        s = results["skip"]
+        out += ["### --skip-similar on static-camera footage", "",
+                f"{s['frames']} frames; model calls: {s['inferred_every_frame']} without, {s['inferred_skip_similar']} "
+                f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
+                f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
+    return "\n".join(out)
 
 
 def _machine(cores: int, gpus: int) -> dict:

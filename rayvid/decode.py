@@ -364,8 +364,11 @@ class FrameReader:
             if self.keyframes:
                 ctx.skip_frame = "NONKEY"  # decode key frames only
             # Per-packet skipping is exact only when the packet being decoded is the frame
-            # the setting was made for: not with frame threads, which decode ahead.
-            skip_nonref = not self.keyframes and self.threads == 1 and len(keep) < len(info.pts)
+            # the setting was made for: FFmpeg's own H.264/HEVC decoders without frame
+            # threads. Not libdav1d (AV1), which decodes behind its input (measured: a kept
+            # frame lost), nor frame threads, which decode ahead.
+            skip_nonref = (not self.keyframes and self.threads == 1 and len(keep) < len(info.pts)
+                           and info.codec in ("h264", "hevc"))
             packets = container.demux(stream)
             while found < len(keep):
                 # the next kept frame lies past a key frame we have not reached: jump there

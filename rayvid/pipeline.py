@@ -122,7 +122,7 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             if len(videos):
                 units = segments.plan_all(videos, cfg.decode.segment_s)
-                timings = ray.remote(num_cpus=0)(infer.Timings).remote()
+                timings = _timings_actor(ray)
                 ds = _dataset(ray, cfg, units, info, plan, timings)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
@@ -223,14 +223,28 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     return ds
 
 
-def _timings(ray, timings, inferred: int) -> dict:
-    """The inference actors' timings; their last reports may trail their last batch."""
+def _timings_actor(ray):
+    """The actor the inference actors report their timings to, on the driver's node (which
+    lives as long as the job; a worker node may be reclaimed)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(infer.Timings).options(scheduling_strategy=here).remote()
+
+
+def _timings(ray, timings, inferred: int) -> Optional[dict]:
+    """The inference actors' timings (their last reports may trail their last batch), or
+    None if they cannot be had: they are information, never a reason to fail a run."""
     deadline = time.monotonic() + 2.0
-    while True:
-        summary = ray.get(timings.summary.remote())
-        if summary["frames"] >= inferred or time.monotonic() > deadline:
-            return summary
-        time.sleep(0.05)
+    try:
+        while True:
+            summary = ray.get(timings.summary.remote(), timeout=10)
+            if summary["frames"] >= inferred or time.monotonic() > deadline:
+                return summary
+            time.sleep(0.05)
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        log.warning("no inference timings: %s", e)
+        return None
 
 
 def _unavailable(error: BaseException, output: str) -> Optional[str]:

@@ -118,7 +118,8 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
         shutil.copytree(media["videos"], src / f"copy{k}")
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(src), str(out),
-           "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1"]
+           "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1",
+           "--batch-size", "16"]  # small batches: results reach the driver in small steps
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
