@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # rayvid against a serial loop, tf.data and Ray Data's own recipe, side by side on
-# generated videos; prints tables, writes bench/results.json (BENCHMARKS.md). ~30 min.
+# generated videos; prints tables, writes bench/results.json (BENCHMARKS.md). ~45 min.
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 

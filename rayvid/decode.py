@@ -27,9 +27,10 @@ Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
   `num_threads` (decord's 0 means every core of the node). It reads strictly
   sequentially, in contiguous windows: decord's seeks return wrong frames after keyframes
   on open-GOP HEVC (measured: 4 of 9 sparse indices off on a 60-frame x265 file), its
-  sequential reads are exact. At model size its decoder thread does not read ahead while
-  we wait on downstream stages (tested in tests/test_decode.py; at native size it does,
-  without bound), so one reader stays open across yields.
+  sequential reads are exact. At model size its decoder thread read ahead little while we
+  wait on downstream stages on a 720p clip (tested in tests/test_decode.py; at native size
+  it does, without bound), so one reader stays open across yields; on a 10-minute 1080p
+  video it still grows (2 GB: `make bench`, BENCHMARKS.md), an open defect.
 - **PyAV** for sparse sampling (`--every`, `--fps`, `--keyframes`: decord would decode and
   resize every frame in between; PyAV seeks over key-frame intervals that hold no kept
   frame, skips non-reference frames that are not kept, and converts kept frames only), for
