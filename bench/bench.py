@@ -687,7 +687,7 @@ def main(argv=None) -> int:
     tmp = args.workdir or tempfile.mkdtemp(prefix="rayvid-bench-")
     os.makedirs(tmp, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    regimes = {"quick": dict(QUICK, infer_seconds=1)} if args.quick else {r: REGIMES[r] for r in args.regimes.split(",")}
+    regimes = {"quick": dict(QUICK, infer_seconds=1)} if args.quick else {r: REGIMES[r] for r in args.regimes.split(",") if r}
     results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "machine": _machine(args.cores, args.gpus), "regimes": {}}
     try:
@@ -745,7 +745,10 @@ def markdown(results: dict) -> str:
     if "memory" in results:
         m = results["memory"]
         v = m["video"]
-        out += ["### memory against video length", "",
+        out += ["### memory against video length", ""]
+        if m.get("command"):
+            out += [f"Command: `{m['command']}`", ""]
+        out += [
                 f"| {v['width']}x{v['height']}, {v['fps']} fps | frames | decode actor MB | decode child MB | total MB |",
                 "| --- | --- | --- | --- | --- |"]
         for n in ("short", "long"):

@@ -1,4 +1,5 @@
-"""Command line: `rayvid run INPUT OUTPUT [flags]`, `rayvid samples DIR`.
+"""Command line: `rayvid run INPUT OUTPUT [flags]`, `rayvid samples DIR`, and the verbs
+that read an OUTPUT: `summary`, `segments`, `find`, `export`, `compact`, `report`, `render`.
 
 Exit codes: 0 the job ran (some videos may have failed: they are in OUTPUT/errors/);
 2 the job could not run (bad URL, no credentials, model not loadable, bad flags), with
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 from rayvid import storage
 from rayvid.config import RunConfig, merge
-from rayvid.errors import ConfigError, RayvidError
+from rayvid.errors import ConfigError, InputError, RayvidError
 
 SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still camera, below a moving object
 
@@ -67,6 +68,43 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--retry-failed", action="store_true", default=None,
                    help="also redo videos that failed in earlier runs into the same OUTPUT")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def shown(parser):
+        parser.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+        parser.add_argument("--out", metavar="FILE", help="write there (any URL) instead of stdout")
+        return parser
+
+    q = shown(sub.add_parser("summary", help="the per-video table of an OUTPUT"))
+    q.add_argument("output")
+    seg = shown(sub.add_parser("segments", help="contiguous runs of each video's top-1 label, as start/end times"))
+    seg.add_argument("output")
+    seg.add_argument("--label", help="only this label")
+    seg.add_argument("--video", metavar="URI", help="only this video")
+    fnd = shown(sub.add_parser("find", help="videos showing LABEL, and when"))
+    fnd.add_argument("output")
+    fnd.add_argument("label")
+    for q in (seg, fnd):
+        q.add_argument("--min-score", type=float, default=0.0, metavar="S", help="ignore frames scoring below S")
+        q.add_argument("--min-duration", type=float, default=0.0, metavar="D", help="drop segments shorter than D s")
+        q.add_argument("--gap", type=float, default=None, metavar="G",
+                       help="merge runs of a label less than G s apart (default 0.5)")
+    q = sub.add_parser("export", help="per-frame predictions as CSV (top-k as columns)")
+    q.add_argument("output")
+    q.add_argument("dest", help="CSV file to write (any URL)")
+    q.add_argument("--video", metavar="URI", help="only this video")
+    q = sub.add_parser("compact", help="merge an OUTPUT's small files (safe for readers and resumes)")
+    q.add_argument("output")
+    q.add_argument("--target-rows", type=int, default=None, help="rows per merged file (default 1000000)")
+    q.add_argument("--include-running", action="store_true",
+                   help="also merge files of runs whose record says running (killed runs)")
+    q = sub.add_parser("report", help="label-timeline PNGs per video and an HTML index")
+    q.add_argument("output")
+    q.add_argument("dir", help="folder to write index.html and timelines/ into (any URL)")
+    q = sub.add_parser("render", help="a video with its top-k labels drawn on every frame")
+    q.add_argument("video", help="the video's URI, as the run listed it")
+    q.add_argument("output")
+    q.add_argument("dest", help="the MP4 to write (any URL)")
+    q.add_argument("--topk", type=int, default=3)
 
     smp = sub.add_parser("samples", help="generate labelled sample videos and train the small sample model")
     smp.add_argument("dir", help="folder to write videos/ and model/ into")
@@ -142,6 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.verb == "run":
             return _run(args)
+        if args.verb in QUERY_VERBS:
+            return _query(args)
         if args.verb == "samples":
             from rayvid import samples
 
@@ -152,6 +192,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     return 1
+
+
+QUERY_VERBS = ("summary", "segments", "find", "export", "compact", "report", "render")
+
+
+def _query(args) -> int:
+    """The verbs that read an OUTPUT (query.py, compact.py, report.py, render.py)."""
+    from rayvid import query
+
+    try:
+        if args.verb == "summary":
+            query.write(query.summary(args.output), args.format, args.out)
+        elif args.verb in ("segments", "find"):
+            gap = query.GAP_S if args.gap is None else args.gap
+            if args.verb == "segments":
+                table = query.segments(args.output, args.label, args.min_score, args.min_duration, gap, args.video)
+            else:
+                table = query.find(args.output, args.label, args.min_score, args.min_duration, gap)
+            query.write(table, args.format, args.out)
+        elif args.verb == "export":
+            n = query.export_csv(args.output, args.dest, args.video)
+            print(f"{n} rows -> {storage.public_uri(args.dest)}", file=sys.stderr)
+        elif args.verb == "compact":
+            from rayvid import compact
+
+            done = compact.compact(args.output, args.target_rows or compact.TARGET_ROWS, args.include_running)
+            print(json.dumps(done))
+        elif args.verb == "report":
+            from rayvid import report
+
+            pngs = report.write_report(args.output, args.dir)
+            print(f"{len(pngs)} timelines; open {storage.public_uri(storage.join(args.dir, 'index.html'))}")
+        elif args.verb == "render":
+            from rayvid import render
+
+            n = render.render(args.video, args.output, args.dest, args.topk)
+            print(f"{n} frames -> {storage.public_uri(args.dest)}", file=sys.stderr)
+    except FileNotFoundError as e:
+        raise InputError(storage.redact(str(e))) from None
+    except ValueError as e:
+        raise ConfigError(storage.redact(str(e))) from None
+    except storage.ACCESS_ERRORS as e:
+        raise InputError(f"cannot read {storage.public_uri(args.output)}: {storage.describe(e)}") from None
+    return 0
 
 
 def _run(args) -> int:

@@ -44,6 +44,7 @@ PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 VIDEOS_DIR = "videos"
 RUNS_DIR = "runs"
+COMPACTIONS_DIR = "compactions"  # intent records of `rayvid compact` (compact.py)
 
 
 class Committer:
@@ -313,9 +314,11 @@ def _parts(fs, directory: str) -> set:
 
 
 def recover(output: str) -> Committed:
-    """Delete what a killed run left half-committed; return what is committed."""
+    """Delete what a killed run (or compaction) left half-committed; return what is
+    committed."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
+    finish_compactions(fs, root)
     committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
     state = Committed()
     for directory in (PREDICTIONS_DIR, ERRORS_DIR):
@@ -329,6 +332,45 @@ def recover(output: str) -> Committed:
             uri = row.pop("video_uri")
             state.videos[uri] = {**row, "file": name}
     return state
+
+
+def committed_parts(fs, root: str) -> list[str]:
+    """The part names whose rows readers should see: those with a videos/ file (the
+    commit point), minus those a finished compaction replaced but has not deleted yet."""
+    names = _parts(fs, f"{root}/{VIDEOS_DIR}")
+    for new, replaces in _compactions(fs, root):
+        if new in names:
+            names -= set(replaces)
+    return sorted(names)
+
+
+def _compactions(fs, root: str) -> list[tuple[str, list]]:
+    try:
+        records = sorted(fs.glob(f"{root}/{COMPACTIONS_DIR}/part-*.parquet.json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for path in records:
+        with fs.open(path, "rb") as f:
+            out.append((path.rsplit("/", 1)[-1][: -len(".json")], json.load(f)["replaces"]))
+    return out
+
+
+def finish_compactions(fs, root: str) -> None:
+    """Complete or undo what a killed `rayvid compact` left: if the merged part's videos/
+    file exists it is committed, so the parts it replaces go (their commit points first);
+    if not, the merged part's other files go and the parts it would replace stay."""
+    for new, replaces in _compactions(fs, root):
+        if fs.exists(f"{root}/{VIDEOS_DIR}/{new}"):
+            for directory in (VIDEOS_DIR, PREDICTIONS_DIR, ERRORS_DIR):
+                for name in replaces:
+                    if name != new and fs.exists(f"{root}/{directory}/{name}"):
+                        fs.rm(f"{root}/{directory}/{name}")
+        else:
+            for directory in (PREDICTIONS_DIR, ERRORS_DIR):
+                if fs.exists(f"{root}/{directory}/{new}"):
+                    fs.rm(f"{root}/{directory}/{new}")
+        fs.rm(f"{root}/{COMPACTIONS_DIR}/{new}.json")
 
 
 def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple[pa.Table, int, set]:

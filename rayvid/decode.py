@@ -27,10 +27,11 @@ Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
   `num_threads` (decord's 0 means every core of the node). It reads strictly
   sequentially, in contiguous windows: decord's seeks return wrong frames after keyframes
   on open-GOP HEVC (measured: 4 of 9 sparse indices off on a 60-frame x265 file), its
-  sequential reads are exact. At model size its decoder thread read ahead little while we
-  wait on downstream stages on a 720p clip (tested in tests/test_decode.py; at native size
-  it does, without bound), so one reader stays open across yields; on a 10-minute 1080p
-  video it still grows (2 GB: `make bench`, BENCHMARKS.md), an open defect.
+  sequential reads are exact. Its demuxer thread queues the compressed packets of the
+  whole file ahead of the decoder (measured: 1.9 GB of anonymous memory after the first
+  64 frames of a 1.9 GB 10-minute 1080p file), so files larger than `DECORD_MAX_BYTES`
+  go to PyAV, which holds one packet at a time (about 10% more CPU per 1080p frame,
+  BENCHMARKS.md): memory stays flat in video length.
 - **PyAV** for sparse sampling (`--every`, `--fps`, `--keyframes`: decord would decode and
   resize every frame in between; PyAV seeks over key-frame intervals that hold no kept
   frame, skips non-reference frames that are not kept, and converts kept frames only), for
@@ -83,6 +84,9 @@ def resources(threads: int) -> dict:
 # bench/decord_matrix.py check each); anything else goes to PyAV. Measured: decord cannot
 # open AV1; on VP9/WebM it once raised a decoder-thread error we could not reproduce, so VP9
 # goes to PyAV too.
+# decord buffers a file's compressed packets whole: above this size, PyAV decodes it
+DECORD_MAX_BYTES = 256 * 2**20
+
 DECORD_CODECS = frozenset(
     "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
     "dvvideo".split()
@@ -213,6 +217,7 @@ class FrameReader:
         batch_frames: int = 64,
         batch_bytes: int = 32 * 2**20,
         skip_similar: Optional[float] = None,
+        decord_max_bytes: int = DECORD_MAX_BYTES,
     ):
         import av  # noqa: F401 - heavy imports: only inside the stage, once per process
         import decord
@@ -226,6 +231,7 @@ class FrameReader:
         self.threads = max(1, int(threads))
         frame_bytes = self.height * self.width * 3
         self.skip_similar = skip_similar
+        self.decord_max_bytes = decord_max_bytes
         self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
 
@@ -283,9 +289,11 @@ class FrameReader:
         # decord decodes and resizes every frame up to the last one kept: only for dense
         # sampling; sparse sampling (--every, --fps, --keyframes) goes to PyAV, which skips
         dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
-        use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (
-            self.decoder == "auto" and info.codec in DECORD_CODECS and dense
-        ))
+        suits = self.decoder == "auto" and info.codec in DECORD_CODECS and dense
+        small = os.path.getsize(path) <= self.decord_max_bytes
+        use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))
+        if first and not state["force_pyav"] and suits and not small:
+            state["note"] = _join(state["note"], "large file")
         if use_decord:
             state["decoder"] = "decord"
             try:

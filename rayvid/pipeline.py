@@ -107,21 +107,25 @@ def run(cfg: RunConfig) -> RunResult:
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
               "started_at": _iso(started), "versions": _versions()}
     try:
-        info = _probe_model(ray, cfg)
-        plan = plan_resources(cfg, ray.cluster_resources(), len(videos))
-        result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=len(videos),
-                           plan=dataclasses.asdict(plan))
+        # the model loads in a worker while the driver reads what is committed and plans
+        # segments from the videos' headers (neither changes a committed row)
+        probe = _probe_model(ray, cfg)
+        committed = _recover(cfg)
+        listed = len(videos)
+        videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
+        units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
+        info = probe()
+        plan = plan_resources(cfg, ray.cluster_resources(), listed)
+        result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=listed,
+                           videos_skipped=skipped, plan=dataclasses.asdict(plan))
         _write_first_record(cfg, record)
-        committed = commit.recover(cfg.output)
-        videos, result.videos_skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
-        commit.retract(cfg.output, redo, committed)
-        sources = dict(zip(videos.column("video_uri").to_pylist(),
-                           zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
-        committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources,
-                                     flush_interval_s=cfg.commit_interval_s)
         try:
-            if len(videos):
-                units = segments.plan_all(videos, cfg.decode.segment_s)
+            commit.retract(cfg.output, redo, committed)
+            sources = dict(zip(videos.column("video_uri").to_pylist(),
+                               zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
+            committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources,
+                                         flush_interval_s=cfg.commit_interval_s)
+            if units is not None:
                 timings = _timings_actor(ray)
                 ds = _dataset(ray, cfg, units, info, plan, timings)
                 try:
@@ -291,17 +295,30 @@ def _connect(address: Optional[str]) -> bool:
     return True
 
 
-def _probe_model(ray, cfg: RunConfig) -> models.ModelInfo:
-    """Load the model once, in a throwaway worker, before any video is touched: a model that
-    cannot load fails the job now, with the reason."""
-    probe = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(models.probe)
+def _probe_model(ray, cfg: RunConfig):
+    """Start loading the model once, in a throwaway worker, before any video is touched;
+    the returned function waits for it: a model that cannot load fails the job then, with
+    the reason, before any frame is decoded or any committed row changes."""
+    ref = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(models.probe).remote(cfg.model)
+
+    def result() -> models.ModelInfo:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, RayvidError):
+                raise type(cause)(str(cause)) from None
+            raise ModelError(f"cannot load model {models.display_name(cfg.model)}: "
+                             f"{storage.redact(str(cause or e))}") from None
+
+    return result
+
+
+def _recover(cfg: RunConfig) -> commit.Committed:
     try:
-        return ray.get(probe.remote(cfg.model))
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, RayvidError):
-            raise type(cause)(str(cause)) from None
-        raise ModelError(f"cannot load model {models.display_name(cfg.model)}: {storage.redact(str(cause or e))}") from None
+        return commit.recover(cfg.output)
+    except (*storage.ACCESS_ERRORS, ValueError) as e:
+        raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 
 
 def _write_first_record(cfg: RunConfig, record: dict) -> None:

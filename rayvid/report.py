@@ -1,4 +1,5 @@
-"""The end-of-run summary a person reads in the terminal (input: a pipeline.RunResult)."""
+"""What a person reads and looks at: the end-of-run summary (input: a pipeline.RunResult),
+and `rayvid report`'s label-timeline PNGs and HTML index (input: an OUTPUT)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,114 @@ def summary(result) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --- pictures: `rayvid report OUTPUT DIR` ------------------------------------------------
+# A timeline PNG per video: time on x (LEFT px of label names, then PLOT_W px for the
+# video's duration), one lane per top label (LANE_H px, LANE_GAP apart, from TOP), filled
+# where that label is the frame's top-1, in the label's colour blended from white by the
+# score (score 1: the full colour). The geometry is fixed so a reader (or a test) can map
+# a pixel column back to a time: x = LEFT + t / duration * PLOT_W.
+
+LEFT, PLOT_W, TOP, LANE_H, LANE_GAP, BOTTOM = 130, 800, 24, 18, 4, 22
+MAX_LANES = 6
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def colours(labels) -> dict:
+    """A stable colour per label: the palette in sorted label order (cycling after 10)."""
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(sorted(set(labels)))}
+
+
+def lanes_of(preds) -> list:
+    """The labels given lanes: the video's most frequent top-1 labels (at most MAX_LANES)."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(preds.column("label").drop_null()).to_pylist()
+    counts.sort(key=lambda c: (-c["counts"], c["values"]))
+    return [c["values"] for c in counts[:MAX_LANES]]
+
+
+def timeline_png(preds, duration_s: float, title: str, palette: dict):
+    """The timeline of one video's prediction rows (sorted by frame_index) as a PIL image."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    lanes = lanes_of(preds)
+    height = TOP + max(1, len(lanes)) * (LANE_H + LANE_GAP) + BOTTOM
+    img = np.full((height, LEFT + PLOT_W + 10, 3), 255, np.uint8)
+    t = preds.column("timestamp_s").to_numpy()
+    steps = np.diff(t)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    duration = max(duration_s or 0.0, (t[-1] + step) if len(t) else 0.0) or 1.0
+    x0 = LEFT + np.round(t / duration * PLOT_W).astype(int)
+    x1 = np.maximum(x0 + 1, LEFT + np.round(np.r_[t[1:], t[-1] + step] / duration * PLOT_W).astype(int)) if len(t) else x0
+    labels = preds.column("label").to_pylist()
+    scores = np.nan_to_num(preds.column("score").fill_null(0.0).to_numpy().astype(np.float64))
+    for lane, label in enumerate(lanes):
+        y = TOP + lane * (LANE_H + LANE_GAP)
+        img[y : y + LANE_H, LEFT : LEFT + PLOT_W] = 240
+        base = np.array(palette[label], np.float64)
+        for a, b, name, s in zip(x0, x1, labels, scores):
+            if name == label:
+                img[y : y + LANE_H, a:b] = np.round(255 - (255 - base) * min(max(s, 0.0), 1.0)).astype(np.uint8)
+    pic = Image.fromarray(img)
+    draw = ImageDraw.Draw(pic)
+    font = ImageFont.load_default(size=11)
+    draw.text((4, 5), title, fill=(0, 0, 0), font=font)
+    for lane, label in enumerate(lanes):
+        y = TOP + lane * (LANE_H + LANE_GAP)
+        draw.rectangle([4, y + 4, 14, y + 14], fill=palette[label])
+        draw.text((18, y + 3), label[:18], fill=(0, 0, 0), font=font)
+    axis = TOP + len(lanes) * (LANE_H + LANE_GAP) + 2
+    for k in range(6):
+        x = LEFT + round(k * PLOT_W / 5)
+        draw.line([x, axis, x, axis + 4], fill=(0, 0, 0))
+        draw.text((min(x, LEFT + PLOT_W - 30), axis + 6), f"{k * duration / 5:.1f}s", fill=(0, 0, 0), font=font)
+    return pic
+
+
+def write_report(output: str, directory: str) -> dict:
+    """`rayvid report OUTPUT DIR`: DIR/index.html (the per-video table, each row linking
+    its timeline) and DIR/timelines/<name>.png per video with predictions. Works part by
+    part; returns {video_uri: png url}."""
+    import hashlib
+    import html
+
+    import pyarrow.compute as pc
+
+    from rayvid import query, storage
+
+    videos = query.read(output, "videos")
+    durations = dict(zip(videos.column("video_uri").to_pylist(), videos.column("duration_s").to_pylist()))
+    palette = colours(query.labels(output))  # one colour per label across every timeline
+    pngs: dict = {}
+    for part in query.parts(output):
+        part = part.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+        for uri in pc.unique(part.column("video_uri")).to_pylist():
+            preds = part.filter(pc.equal(part.column("video_uri"), uri))
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+            rel = f"timelines/{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"
+            pic = timeline_png(preds, durations.get(uri) or 0.0, storage.public_uri(uri)[-110:], palette)
+            storage.write_atomic(storage.join(directory, rel), lambda f, p=pic: p.save(f, format="PNG"))
+            pngs[uri] = rel
+    table = query.summary(output)
+    rows = []
+    for r in table.to_pylist():
+        png = pngs.get(r["video_uri"])
+        cells = "".join(f"<td>{html.escape(query._cell(v))}</td>" for k, v in r.items() if k != "video_uri")
+        link = (f'<a href="{html.escape(png)}"><img src="{html.escape(png)}" width="480"></a>' if png
+                else "(no frames)")
+        rows.append(f"<tr><td>{html.escape(storage.public_uri(r['video_uri']))}<br>{link}</td>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in table.column_names)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rayvid report</title>"
+            f"<style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}"
+            f"table{{border-collapse:collapse}}</style></head><body>"
+            f"<h1>rayvid: {html.escape(storage.public_uri(output))}</h1>"
+            f"<p>{len(table)} videos, {sum(table.column('frames').to_pylist())} frames. "
+            f"Timelines: time on x, one lane per top label, colour intensity = score.</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>")
+    storage.write_atomic(storage.join(directory, "index.html"), lambda f: f.write(page.encode()))
+    return pngs

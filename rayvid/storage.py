@@ -124,6 +124,11 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def canonical(url: str) -> str:
+    """A URL as the listing writes it into video_uri (local paths absolute)."""
+    return to_url(*resolve(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or local path (parts are trusted names, never input keys)."""
     out = url.rstrip("/")

@@ -66,3 +66,52 @@ def frames_per_video(table) -> dict:
     for uri, idx in zip(table.column("video_uri").to_pylist(), table.column("frame_index").to_pylist()):
         seen.setdefault(uri, []).append(idx)
     return {u: sorted(v) for u, v in seen.items()}
+
+
+def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1",
+                 rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = ()) -> None:
+    """An OUTPUT written by the real Committer from known predictions: `videos` maps a
+    video_uri to its frames' (label, score), frame i at t = i / fps; with `every`, only
+    frames 0, every, 2*every, ... have rows (sparse sampling). `failed`: URIs that get an
+    error row and no frames. rows_per_file=1 writes one part per video."""
+    import pyarrow as pa
+
+    from rayvid.commit import Committer
+    from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME
+
+    committer = Committer(output, run_id, "test-model", rows_per_file=rows_per_file)
+    others = ("zz_other", "zz_third")
+    for uri, frames in videos.items():
+        idx = list(range(0, len(frames), every))
+        rows = [frames[i] for i in idx]
+        n = len(idx)
+        topk = [[{"class_id": 0, "label": lab, "score": float(s)},
+                 {"class_id": 1, "label": others[0] if lab != others[0] else others[1], "score": float(1 - s)}]
+                for lab, s in rows]
+        committer.add(pa.table({
+            "video_uri": [uri] * n, "segment": [0] * n, "n_segments": [1] * n, "kind": [KIND_FRAME] * n,
+            "frame_index": idx, "timestamp_s": [i / fps for i in idx],
+            "label": [lab for lab, _ in rows], "score": np.array([s for _, s in rows], np.float32),
+            "topk": topk, "n_frames": [0] * n, "error_stage": [""] * n, "error_type": [""] * n,
+            "message": [""] * n, "decoder": [""] * n, "codec": [""] * n, "width": [0] * n,
+            "height": [0] * n, "fps": [0.0] * n, "duration_s": [0.0] * n, "reused_from": [-1] * n,
+        }, schema=INFERRED_SCHEMA))
+        committer.add(_end_row(uri, n, len(frames) / fps, fps))
+    for uri in failed:
+        committer.add(_end_row(uri, 0, 0.0, fps, error="VideoError"))
+    committer.close()
+
+
+def _end_row(uri, n, duration, fps, error=""):
+    import pyarrow as pa
+
+    from rayvid.schema import INFERRED_SCHEMA, KIND_END
+
+    return pa.table({
+        "video_uri": [uri], "segment": [0], "n_segments": [1], "kind": [KIND_END], "frame_index": [-1],
+        "timestamp_s": [float("nan")], "label": [None], "score": pa.array([None], pa.float32()),
+        "topk": pa.array([None], INFERRED_SCHEMA.field("topk").type), "n_frames": [n],
+        "error_stage": ["decode" if error else ""], "error_type": [error],
+        "message": ["cannot open video" if error else ""], "decoder": ["pyav"], "codec": ["h264"],
+        "width": [160], "height": [120], "fps": [fps], "duration_s": [duration], "reused_from": [-1],
+    }, schema=INFERRED_SCHEMA)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
+from rayvid import samples
 from rayvid.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,16 @@ def test_run_verb_prints_a_summary_and_exits_0(ray_session, one_video, shapes_mo
     assert "rayvid run cli-1" in text and "1 listed, 0 skipped (already done), 1 ok, 0 failed" in text
     assert f"frames:  {one_video['n']} (" in text and f"{out}/predictions/" in text
     assert read_output(out).num_rows == one_video["n"]
+
+    # the query verbs on what the run wrote: one scene (seed 3: stripes for its 1 s)
+    assert set(samples.scene_labels(one_video["n"], 3)) == {"stripes"}
+    assert main(["segments", out, "--min-duration", "0.3", "--format", "json"]) == 0
+    [seg] = json.loads(capsys.readouterr().out)
+    assert (seg["label"], seg["start_s"], round(seg["end_s"], 6)) == ("stripes", 0.0, one_video["n"] / 15)
+    assert main(["find", out, "stripes", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(str(one_video["dir"] / "c.mkv"))
+    assert main(["summary", out]) == 0
+    assert "  stripes " in capsys.readouterr().out  # the top label, first in top_labels
 
 
 def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tmp_path):

@@ -224,3 +224,31 @@ def test_reused_frames_repeat_their_source_prediction(tmp_path):
         (0, "x", None), (1, "x", 0), (2, "x", 0), (3, "y", None), (4, "y", 3)]
     assert [round(r["score"], 3) for r in rows] == [0.5, 0.5, 0.5, 0.7, 0.7]
     assert rows[4]["topk"] == rows[3]["topk"] and c.reused == 3 and c.frames == 5
+
+
+def test_layout_for_query_engines(tmp_path):
+    """zstd everywhere, low-cardinality strings dictionary-encoded, rows sorted by (video,
+    frame), row groups of at most 128 Ki rows, the schema version in the metadata."""
+    from helpers import write_output
+
+    out = str(tmp_path / "o")
+    videos = {f"/v/{i}.mp4": [("circle" if j % 3 else "square", 0.9) for j in range(40_000 + i)]
+              for i in (3, 1, 2, 0)}
+    write_output(out, videos)
+    [name] = os.listdir(os.path.join(out, "predictions"))
+    f = pq.ParquetFile(os.path.join(out, "predictions", name))
+    meta = f.metadata
+    assert meta.num_rows == sum(len(v) for v in videos.values()) and meta.num_row_groups == 2
+    assert all(meta.row_group(g).num_rows <= 128 * 1024 for g in range(meta.num_row_groups))
+    names = f.schema_arrow.names
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            assert col.compression == "ZSTD", col.path_in_schema
+            if col.path_in_schema in ("video_uri", "label", "model", "run_id"):
+                assert "RLE_DICTIONARY" in col.encodings or "PLAIN_DICTIONARY" in col.encodings, col.path_in_schema
+    t = f.read(columns=["video_uri", "frame_index"])
+    keys = list(zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist()))
+    assert keys == sorted(keys) and "video_uri" in names
+    assert f.schema_arrow.metadata[b"rayvid.schema_version"] == b"1"

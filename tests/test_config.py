@@ -21,6 +21,9 @@ def test_validation_errors_are_clear():
         SamplingConfig(every=2, fps=1.0)
     with pytest.raises(ConfigError, match="--every must be >= 1"):
         SamplingConfig(every=0)
+    with pytest.raises(ConfigError, match="--skip-similar must be >= 0, got -1"):
+        SamplingConfig(skip_similar=-1.0)
+    assert SamplingConfig(skip_similar=0.0).skip_similar == 0.0
     with pytest.raises(ConfigError, match="OUTPUT is required"):
         RunConfig(input="a", output="")
 

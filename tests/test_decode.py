@@ -139,6 +139,47 @@ def test_memory_flat_while_consumer_pauses(tmp_path):
     assert peak - base < 150, f"RSS grew {peak - base:.0f} MB while paused"
 
 
+def _peak_growth_mb(path: str, **reader_args) -> tuple[float, str]:
+    dec = Decoder(size=(64, 64), batch_frames=16, **reader_args)
+    child = dec._child.proc.pid
+    base = peak = _rss_mb(child)  # decord queues every packet at its first batch
+    for batch in dec.decode_video(path):
+        peak = max(peak, _rss_mb(child))
+    return peak - base, str(batch["decoder"][-1])
+
+
+def test_large_files_decode_with_pyav_in_flat_memory(tmp_path):
+    """decord queues a file's compressed packets whole (its RSS grows with the file);
+    files above decord_max_bytes go to PyAV, which holds a packet at a time: the same
+    growth for a 1 s and a 4 s file."""
+    import subprocess
+
+    paths = {}
+    for seconds in (1, 4):  # lossless noise: a high bit rate, quick to encode
+        paths[seconds] = str(tmp_path / f"noise{seconds}.mp4")
+        subprocess.run(
+            [samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+             "testsrc2=size=640x360:rate=30", "-t", str(seconds), "-vf", "noise=alls=60:allf=t",
+             "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", paths[seconds]],
+            check=True,
+        )
+    extra_mb = (os.path.getsize(paths[4]) - os.path.getsize(paths[1])) / 2**20
+    assert extra_mb > 20, extra_mb
+    decord = {s: _peak_growth_mb(p) for s, p in paths.items()}
+    assert {d for _, d in decord.values()} == {"decord"}
+    assert decord[4][0] - decord[1][0] > 0.5 * extra_mb, (decord, extra_mb)  # what the limit is for
+    pyav = {s: _peak_growth_mb(p, decord_max_bytes=2**20) for s, p in paths.items()}
+    assert {d for _, d in pyav.values()} == {"pyav (large file)"}
+    assert pyav[4][0] - pyav[1][0] < 0.1 * extra_mb, (pyav, extra_mb)
+
+
+def test_large_file_path_is_frame_exact(matrix):
+    path, n = matrix["h264.mp4"]
+    frames, [end] = _decode_all(path, decord_max_bytes=1)
+    assert end["decoder"] == "pyav (large file)" and end["error_type"] == ""
+    assert [framecode.read_code(f["frame"]) for f in frames] == list(range(n))
+
+
 # --- frame-exact on the codec/container matrix (tests/framecode.py) --------------------
 
 

@@ -20,7 +20,7 @@ import pytest
 from helpers import frames_per_video, processes, pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
-from rayvid.errors import InputError, ModelError, StorageUnavailable
+from rayvid.errors import InputError, ModelError, StorageError, StorageUnavailable
 
 
 def _cfg(inp, out, model_path, **kw) -> RunConfig:
@@ -171,6 +171,11 @@ def test_bad_model_url_fails_before_decoding(ray_session, media, tmp_path):
     with pytest.raises(ModelError, match="model not found: s3://rayvid-test/missing.keras"):
         pipeline.run(_cfg(str(media["videos"]), str(tmp_path / "o"), "s3://rayvid-test/missing.keras"))
     assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_is_a_clear_error(ray_session, media, shapes_model):
+    with pytest.raises(StorageError, match="OUTPUT s3://no-such-bucket/out"):
+        pipeline.run(_cfg(str(media["videos"]), "s3://no-such-bucket/out", shapes_model["path"]))
 
 
 def test_missing_input_is_a_clear_error(ray_session, tmp_path, shapes_model):

@@ -12,3 +12,62 @@ def test_summary_says_what_happened_and_where():
     assert "s3://b/out/predictions/ (per frame), videos/ (per video); 1 file written" in text
     assert "s3://b/out/errors/" in text
     assert "circle 75%" in text and "inference 1..1 on CPU" in text
+
+
+# --- rayvid report OUTPUT DIR -----------------------------------------------------------
+
+import html  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+from helpers import write_output  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rayvid import cli, report  # noqa: E402
+
+
+def _x(t, duration):
+    return report.LEFT + round(t / duration * report.PLOT_W)
+
+
+def test_timeline_png_puts_each_band_at_its_times(tmp_path):
+    """v: circle 0-2 s (score 0.9), square 2-3 s (score 0.5), circle 3-5 s (score 1.0)."""
+    out = str(tmp_path / "out")
+    frames = [("circle", 0.9)] * 20 + [("square", 0.5)] * 10 + [("circle", 1.0)] * 20
+    write_output(out, {"/v/a.mp4": frames, "/v/b.mp4": [("blank", 1.0)] * 10}, fps=10.0)
+    assert cli.main(["report", out, str(tmp_path / "rep")]) == 0
+    pngs = sorted(os.listdir(tmp_path / "rep" / "timelines"))
+    assert len(pngs) == 2
+    img = np.asarray(Image.open(tmp_path / "rep" / "timelines" / next(p for p in pngs if p.startswith("a.mp4"))))
+    lanes = 2  # circle (40 frames), square (10)
+    assert img.shape == (report.TOP + lanes * (report.LANE_H + report.LANE_GAP) + report.BOTTOM,
+                         report.LEFT + report.PLOT_W + 10, 3)
+    palette = report.colours(["blank", "circle", "square"])  # every label of the output
+    lane_y = {"circle": report.TOP + report.LANE_H // 2,
+              "square": report.TOP + report.LANE_H + report.LANE_GAP + report.LANE_H // 2}
+
+    def shade(label, score):
+        return np.round(255 - (255 - np.array(palette[label], float)) * score)
+
+    for t, label, score in [(0.5, "circle", 0.9), (1.9, "circle", 0.9), (2.1, "square", 0.5),
+                            (2.9, "square", 0.5), (3.1, "circle", 1.0), (4.9, "circle", 1.0)]:
+        x = _x(t, 5.0)
+        np.testing.assert_array_equal(img[lane_y[label], x], shade(label, score), err_msg=f"{label} at {t} s")
+        other = "square" if label == "circle" else "circle"
+        np.testing.assert_array_equal(img[lane_y[other], x], [240, 240, 240], err_msg=f"{other} at {t} s")
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert f'src="timelines/{html.escape(pngs[0])}"' in page and "/v/b.mp4" in page
+    assert "circle 80%, square 20%" in page
+
+
+def test_report_reads_and_writes_s3(tmp_path, s3_endpoint):
+    from helpers import BUCKET
+
+    url = f"s3://{BUCKET}/report-out"
+    write_output(url, {"s3://b/x.mp4": [("circle", 0.8)] * 5})
+    pngs = report.write_report(url, f"s3://{BUCKET}/report")
+    from rayvid import storage
+
+    data = storage.read_bytes(f"s3://{BUCKET}/report/{pngs['s3://b/x.mp4']}")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"s3://b/x.mp4" in storage.read_bytes(f"s3://{BUCKET}/report/index.html")

@@ -1,0 +1,114 @@
+"""`rayvid compact OUTPUT`: merge small committed parts into parts of about `target_rows`
+frame rows, under the commit protocol (commit.py).
+
+Input: OUTPUT's committed parts (`predictions/`, `errors/`, `videos/` files sharing a
+name). Output: merged parts `part-compact-<stamp>-<seq>.parquet` with the same schemas,
+rows sorted by (video_uri, frame_index), written like every output file
+(`commit.write_parquet`); a video's rows never straddle two parts.
+
+Each merge: (1) an intent record `compactions/<new>.json` names the parts it replaces;
+(2) the merged predictions/ and errors/ files, then its videos/ file (its commit point);
+(3) the replaced parts' videos/ files, then their other files, are deleted; (4) the record
+goes. A merge killed anywhere is finished or undone by the next `recover` (every run and
+every compaction starts with it): before (2) ends the replaced parts stay; after, the
+merged one does. rayvid's own readers (`query`) read through `commit.committed_parts` and
+never see a row twice; an engine globbing `predictions/` during step (2)-(3) may, for
+the seconds between the merged file's upload and the old ones' deletion. Parts of a run
+still marked running are left alone unless asked (a run writing into OUTPUT must not be
+compacted under).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayvid import commit, storage
+from rayvid.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
+
+TARGET_ROWS = 1_000_000  # the committer's own rows_per_file
+
+_TABLES = (  # directory, schema, sort keys; videos/ last: it is the commit point
+    (commit.PREDICTIONS_DIR, PREDICTIONS_SCHEMA, ["video_uri", "frame_index"]),
+    (commit.ERRORS_DIR, ERRORS_SCHEMA, ["video_uri"]),
+    (commit.VIDEOS_DIR, VIDEOS_SCHEMA, ["video_uri"]),
+)
+
+
+def run_of(name: str) -> str:
+    """The run id in a part's name, `part-<run_id>-<seq>.parquet`."""
+    return name[len("part-"):].rsplit("-", 1)[0]
+
+
+def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool = False) -> dict:
+    """Merge OUTPUT's small parts; returns what it did (files before/after, merges).
+    `include_running`: also merge parts of runs whose record says running (a run that
+    was killed keeps that status; pass it when nothing writes into OUTPUT)."""
+    if target_rows < 1:
+        raise ValueError("target_rows must be >= 1")
+    commit.recover(output)
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    names = commit.committed_parts(fs, root)
+    running = set() if include_running else _running_runs(fs, root)
+    rows = {n: _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}/{n}") for n in names}
+    small = [n for n in names if rows[n] < target_rows // 2 and run_of(n) not in running]
+    groups, group, total = [], [], 0
+    for name in small:
+        if group and total + rows[name] > target_rows:
+            groups.append(group)
+            group, total = [], 0
+        group.append(name)
+        total += rows[name]
+    groups.append(group)
+    groups = [g for g in groups if len(g) > 1]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for seq, group in enumerate(groups):
+        _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet")
+    merged = sum(len(g) for g in groups)
+    return {"parts_before": len(names), "parts_after": len(names) - merged + len(groups),
+            "merged": merged, "into": len(groups),
+            "left_running": sorted({run_of(n) for n in names if run_of(n) in running})}
+
+
+def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
+    record = json.dumps({"replaces": group, "started_at": time.time()}).encode()
+    storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
+    for directory, schema, keys in _TABLES:
+        tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
+                  for n in group if fs.exists(f"{root}/{directory}/{n}")]
+        if tables or directory == commit.VIDEOS_DIR:
+            table = pa.concat_tables(tables) if tables else schema.empty_table()
+            commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
+    commit.finish_compactions(fs, root)  # deletes the replaced parts, then the record
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part written by an older rayvid, in today's schema (new columns null)."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _rows(fs, path: str) -> int:
+    if not fs.exists(path):
+        return 0
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _running_runs(fs, root: str) -> set:
+    running = set()
+    try:
+        records = fs.glob(f"{root}/{commit.RUNS_DIR}/*.json")
+    except FileNotFoundError:
+        return running
+    for path in records:
+        with fs.open(path, "rb") as f:
+            record = json.load(f)
+        if record.get("status") == "running":
+            running.add(record.get("run_id"))
+    return running

@@ -1,0 +1,293 @@
+"""Reading an OUTPUT back: the query verbs (`summary`, `segments`, `find`, `export`).
+
+Input: an OUTPUT URL (any storage.resolve URL), read through `commit.committed_parts`, so
+a reader sees each committed video exactly once, whatever a run or a compaction was doing.
+Work goes part by part (a video's rows never straddle two parts), so memory is bounded by
+the largest part, not the archive.
+
+Outputs (Arrow tables):
+  summary   one row per video: `video_uri, frames, duration_s, fps, width, height, codec,
+            decoder, top_labels (str), error (bool), run_id`
+  segments  one row per run of a top-1 label: `video_uri, label, start_s, end_s,
+            duration_s, frames, mean_score, max_score`
+  find      one row per video showing a label: `video_uri, label, segments, seconds,
+            first_s, max_score, ranges (str, "start-end" seconds)`
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rayvid import commit, storage
+
+GAP_S = 0.5  # runs of one label closer than this merge into one segment
+
+SEGMENTS_SCHEMA = pa.schema([
+    ("video_uri", pa.string()), ("label", pa.string()), ("start_s", pa.float64()),
+    ("end_s", pa.float64()), ("duration_s", pa.float64()), ("frames", pa.int64()),
+    ("mean_score", pa.float32()), ("max_score", pa.float32()),
+])
+
+
+def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None) -> Iterator[pa.Table]:
+    """Each committed part's table of `what` (predictions, errors or videos)."""
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):
+        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+    for name in commit.committed_parts(fs, root):
+        path = f"{root}/{what}/{name}"
+        if fs.exists(path):
+            yield pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def labels(output: str) -> list[str]:
+    """Every top-1 label in OUTPUT's predictions, sorted (reads one column)."""
+    found: set = set()
+    for table in parts(output, columns=["label"]):
+        found.update(pc.unique(table.column("label").drop_null()).to_pylist())
+    return sorted(found)
+
+
+def read(output: str, what: str = commit.PREDICTIONS_DIR, video: Optional[str] = None) -> pa.Table:
+    """All committed rows of `what` (optionally of one video), sorted."""
+    tables = []
+    video = storage.canonical(video) if video is not None else None
+    for table in parts(output, what):
+        if video is not None:
+            table = table.filter(pc.equal(table.column("video_uri"), video))
+        if len(table):
+            tables.append(table)
+    if not tables:
+        from rayvid.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
+
+        schema = {commit.PREDICTIONS_DIR: PREDICTIONS_SCHEMA, commit.ERRORS_DIR: ERRORS_SCHEMA,
+                  commit.VIDEOS_DIR: VIDEOS_SCHEMA}[what]
+        return schema.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    keys = ["video_uri", "frame_index"] if "frame_index" in table.column_names else ["video_uri"]
+    return table.sort_by([(k, "ascending") for k in keys])
+
+
+def summary(output: str) -> pa.Table:
+    """The per-video table, top labels as `label share%` text."""
+    videos = read(output, commit.VIDEOS_DIR)
+    tops = [", ".join(f"{t['label']} {100 * t['share']:.0f}%" for t in (row or []))
+            for row in videos.column("top_labels").to_pylist()]
+    keep = ["video_uri", "frames", "duration_s", "fps", "width", "height", "codec", "decoder"]
+    table = videos.select(keep)
+    return (table.append_column("top_labels", pa.array(tops, pa.string()))
+            .append_column("error", videos.column("error"))
+            .append_column("run_id", videos.column("run_id")))
+
+
+def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = 0.0,
+                   min_duration: float = 0.0, gap: float = GAP_S) -> pa.Table:
+    """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
+    frame_index). A frame lasts until the next sampled frame (the last one: the video's
+    median frame step). Frames scoring below `min_score` belong to no segment. Runs of the
+    same label less than `gap` seconds apart merge; then runs shorter than `min_duration`
+    go, and with `label` only that label's remain."""
+    out = {name: [] for name in SEGMENTS_SCHEMA.names}
+    if len(preds) == 0:
+        return SEGMENTS_SCHEMA.empty_table()
+    uris = preds.column("video_uri").to_numpy(zero_copy_only=False)
+    times = preds.column("timestamp_s").to_numpy()
+    labels = preds.column("label").to_numpy(zero_copy_only=False)
+    scores = preds.column("score").fill_null(np.nan).to_numpy().astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, uris[1:] != uris[:-1]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
+        t = times[lo:hi]
+        steps = np.diff(t)
+        step = float(np.median(steps)) if len(steps) else 0.0
+        ends = np.r_[t[1:], t[-1] + step]
+        lab = labels[lo:hi].copy()
+        sc = scores[lo:hi]
+        ok = np.array([x is not None for x in lab]) & (sc >= min_score)
+        lab[~ok] = None
+        change = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        open_runs: dict = {}  # label -> the run being extended: [start, end, frames, sum, max]
+        runs = []
+        for a, b in zip(change, np.r_[change[1:], len(lab)]):
+            name = lab[a]
+            if name is None or (label is not None and name != label):
+                continue
+            run = open_runs.get(name)
+            if run is not None and t[a] - run[1] < gap:
+                run[1] = ends[b - 1]
+                run[2] += b - a
+                run[3] += float(sc[a:b].sum())
+                run[4] = max(run[4], float(sc[a:b].max()))
+                continue
+            run = [t[a], ends[b - 1], b - a, float(sc[a:b].sum()), float(sc[a:b].max()), name]
+            open_runs[name] = run
+            runs.append(run)
+        for start, end, n, total, best, name in sorted(runs, key=lambda r: (r[0], r[5])):
+            if end - start < min_duration:
+                continue
+            out["video_uri"].append(uris[lo])
+            out["label"].append(name)
+            out["start_s"].append(float(start))
+            out["end_s"].append(float(end))
+            out["duration_s"].append(float(end - start))
+            out["frames"].append(int(n))
+            out["mean_score"].append(total / n)
+            out["max_score"].append(best)
+    return pa.table(out, schema=SEGMENTS_SCHEMA)
+
+
+def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
+             min_duration: float = 0.0, gap: float = GAP_S, video: Optional[str] = None) -> pa.Table:
+    """`label_segments` over every committed video (or one), part by part."""
+    columns = ["video_uri", "frame_index", "timestamp_s", "label", "score"]
+    video = storage.canonical(video) if video is not None else None
+    found = []
+    for table in parts(output):
+        table = table.select(columns)
+        if video is not None:
+            table = table.filter(pc.equal(table.column("video_uri"), video))
+        if label is not None:  # a part without the label holds none of its segments
+            if not pc.any(pc.equal(table.column("label"), label)).as_py():
+                continue
+        found.append(label_segments(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]),
+                                    label, min_score, min_duration, gap))
+    if not found:
+        return SEGMENTS_SCHEMA.empty_table()
+    return pa.concat_tables(found).sort_by([("video_uri", "ascending"), ("start_s", "ascending")])
+
+
+def find(output: str, label: str, min_score: float = 0.0, min_duration: float = 0.0,
+         gap: float = GAP_S) -> pa.Table:
+    """Videos showing `label`, longest total time first, with their time ranges."""
+    segs = segments(output, label, min_score, min_duration, gap)
+    rows: dict = {}
+    for s in segs.to_pylist():
+        r = rows.setdefault(s["video_uri"], {"video_uri": s["video_uri"], "label": label, "segments": 0,
+                                             "seconds": 0.0, "first_s": s["start_s"], "max_score": 0.0,
+                                             "ranges": []})
+        r["segments"] += 1
+        r["seconds"] += s["duration_s"]
+        r["max_score"] = max(r["max_score"], s["max_score"])
+        r["ranges"].append(f"{s['start_s']:.2f}-{s['end_s']:.2f}")
+    found = sorted(rows.values(), key=lambda r: (-r["seconds"], r["video_uri"]))
+    for r in found:
+        r["ranges"] = ", ".join(r["ranges"])
+    schema = pa.schema([("video_uri", pa.string()), ("label", pa.string()), ("segments", pa.int64()),
+                        ("seconds", pa.float64()), ("first_s", pa.float64()), ("max_score", pa.float32()),
+                        ("ranges", pa.string())])
+    return pa.Table.from_pylist(found, schema=schema)
+
+
+def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
+    """Per-frame rows for a spreadsheet: top-k as columns `label_1, score_1, ...`."""
+    topk = table.column("topk").to_pylist()
+    k = k if k is not None else max((len(t or []) for t in topk), default=0)
+    out = table.select(["video_uri", "frame_index", "timestamp_s", "label", "score"])
+    for i in range(k):
+        out = out.append_column(f"label_{i + 1}", pa.array(
+            [t[i]["label"] if t and len(t) > i else None for t in topk], pa.string()))
+        out = out.append_column(f"score_{i + 1}", pa.array(
+            [t[i]["score"] if t and len(t) > i else None for t in topk], pa.float32()))
+    for name in ("reused_from", "model", "run_id"):
+        if name in table.column_names:
+            out = out.append_column(name, table.column(name))
+    return out
+
+
+def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
+    """Per-frame predictions as one CSV file at `dest` (any URL), written part by part;
+    returns the number of rows."""
+    import pyarrow.csv as pacsv
+
+    rows, k, writer, schema = 0, None, None, None
+    video = storage.canonical(video) if video is not None else None
+    fs, path = storage.resolve(dest)
+    with fs.open(path, "wb") as f:
+        for table in parts(output):
+            if video is not None:
+                table = table.filter(pc.equal(table.column("video_uri"), video))
+            if not len(table):
+                continue
+            if k is None:  # every part has the run's k; fix the columns on the first
+                k = max((len(t or []) for t in table.column("topk").to_pylist()), default=0)
+            flat = flat_predictions(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]), k)
+            if writer is None:
+                schema = flat.schema
+                writer = pacsv.CSVWriter(f, schema)
+            writer.write_table(flat.cast(schema))
+            rows += len(flat)
+        if writer is None:
+            f.write(b"video_uri,frame_index,timestamp_s,label,score\n")
+        else:
+            writer.close()
+    return rows
+
+
+# --- showing a result ------------------------------------------------------------------
+
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> None:
+    """Print (or write to `out`, any URL) a result as a readable table, CSV, JSON records
+    or Parquet."""
+    if fmt == "table":
+        data = (to_text(table) + "\n").encode()
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(table.column_names)
+        for row in table.to_pylist():
+            w.writerow(["" if v is None else _cell(v, raw=True) for v in row.values()])
+        data = buf.getvalue().encode()
+    elif fmt == "json":
+        data = (json.dumps(table.to_pylist(), indent=1, default=str, allow_nan=False) + "\n").encode()
+    elif fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        if out is None and sys.stdout.isatty():
+            raise ValueError("--format parquet writes binary: give --out FILE (or redirect stdout)")
+    else:
+        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    if out is None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        storage.write_atomic(out, lambda f: f.write(data))
+
+
+def to_text(table: pa.Table, max_width: int = 60) -> str:
+    """An aligned text table (numbers right-aligned, long cells cut with '…')."""
+    if table.num_rows == 0:
+        return "(no rows)"
+    names = table.column_names
+    rows = [[_cell(v) for v in r.values()] for r in table.to_pylist()]
+    rows = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in rows]
+    numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
+    widths = [max(len(n), *(len(r[i]) for r in rows)) for i, n in enumerate(names)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+    return "\n".join([fmt(names), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+
+
+def _cell(v, raw: bool = False) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return repr(v) if raw else f"{v:.3f}".rstrip("0").rstrip(".") if abs(v) < 1e6 else f"{v:.4g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, default=str)
+    return str(v)

@@ -1,0 +1,97 @@
+"""`rayvid render VIDEO_URI OUTPUT out.mp4`: the video with its predictions drawn on it.
+
+Input: one video (any URL) and the OUTPUT a run wrote for it (its rows are looked up by
+`video_uri`, exactly as the run listed it). Output: an H.264 MP4 (any URL) at the source's
+size and frame rate, every frame showing, top left, the top-k labels of the prediction in
+force (the frame's own row; with sparse sampling, the last sampled frame before it): a
+swatch in the label's colour (`report.colours` over the video's labels), the label and
+its score. Frames map to rows by index in presentation order, as the decoder numbers them
+(`decode.probe`), so the overlay sits on the frame the model saw.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+from rayvid import decode, query, report, storage
+from rayvid.errors import InputError
+
+ROW_H, SWATCH, PAD = 14, 10, 3  # overlay geometry, pixels
+
+
+def overlay_rows(topk: Optional[list], k: int) -> list[tuple[str, float]]:
+    return [(t["label"], float(t["score"])) for t in (topk or [])[:k]]
+
+
+def draw(frame: np.ndarray, rows: list[tuple[str, float]], palette: dict, font) -> np.ndarray:
+    """The frame with rows of (label, score) drawn top left, on a dark box."""
+    from PIL import Image, ImageDraw
+
+    pic = Image.fromarray(frame)
+    d = ImageDraw.Draw(pic)
+    if rows:
+        width = PAD * 3 + SWATCH + max(int(d.textlength(f"{label} {score:.2f}", font=font)) for label, score in rows)
+        d.rectangle([0, 0, min(width, frame.shape[1] - 1), PAD + ROW_H * len(rows)], fill=(0, 0, 0))
+    for i, (label, score) in enumerate(rows):
+        y = PAD + i * ROW_H
+        d.rectangle([PAD, y, PAD + SWATCH - 1, y + SWATCH - 1], fill=palette.get(label, (255, 255, 255)))
+        d.text((PAD * 2 + SWATCH, y - 1), f"{label} {score:.2f}", fill=(255, 255, 255), font=font)
+    return np.asarray(pic)
+
+
+def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
+    """Writes the overlaid video to `dest`; returns the number of frames written."""
+    import av
+    from PIL import ImageFont
+
+    preds = query.read(output, video=video_uri)
+    if len(preds) == 0:
+        raise InputError(f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)} "
+                         f"(`rayvid summary OUTPUT` lists its videos)")
+    index = preds.column("frame_index").to_numpy()
+    tops = preds.column("topk").to_pylist()
+    palette = report.colours({t["label"] for row in tops for t in (row or [])})
+    font = ImageFont.load_default(size=11)
+    tmp = tempfile.mkdtemp(prefix="rayvid-render-")
+    written = 0
+    try:
+        with storage.local_copy(video_uri, tmp) as path:
+            info = decode.probe(path)
+            index_of = {int(p): i for i, p in enumerate(info.pts)}
+            local_out = os.path.join(tmp, "out.mp4")
+            with av.open(path) as src, av.open(local_out, "w") as dst:
+                stream = src.streams.video[0]
+                rate = stream.average_rate or 25
+                out = dst.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+                out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
+                out.pix_fmt = "yuv420p"
+                out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
+                for frame in src.decode(stream):
+                    i = index_of.get(int(frame.pts)) if frame.pts is not None else None
+                    at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
+                    rows = overlay_rows(tops[at], topk) if at >= 0 else []
+                    img = frame.to_ndarray(format="rgb24")[: out.height, : out.width]
+                    new = av.VideoFrame.from_ndarray(np.ascontiguousarray(draw(img, rows, palette, font)), format="rgb24")
+                    new.pts = written
+                    new.time_base = 1 / rate
+                    for packet in out.encode(new):
+                        dst.mux(packet)
+                    written += 1
+                for packet in out.encode():
+                    dst.mux(packet)
+        with open(local_out, "rb") as f:
+            storage.write_atomic(dest, lambda w: _copy(f, w))
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _copy(src, dst) -> None:
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)

@@ -1,0 +1,136 @@
+"""`rayvid compact` merges small parts without a reader ever seeing a video twice or not at
+all, even when it is killed between any two of its file operations."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from helpers import BUCKET, write_output
+
+from rayvid import cli, commit, compact, query
+
+VIDEOS = {f"/v/{i:02d}.mp4": [("circle" if j % 7 else "square", 0.5 + 0.01 * j) for j in range(20 + i)]
+          for i in range(8)}
+
+
+def _state(url):
+    """What a reader sees: every committed frame row and video row, sorted."""
+    preds = query.read(url).select(["video_uri", "frame_index", "label", "score"]).to_pylist()
+    videos = query.read(url, "videos").select(["video_uri", "frames", "error"]).to_pylist()
+    return preds, videos
+
+
+def _files(root, directory):
+    d = os.path.join(root, directory)
+    return sorted(n for n in os.listdir(d) if n.endswith(".parquet")) if os.path.isdir(d) else []
+
+
+@pytest.fixture
+def small_parts(tmp_path):
+    url = str(tmp_path / "out")
+    write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))  # a part per video
+    return url
+
+
+def test_compact_merges_small_parts_into_sorted_files(small_parts):
+    before = _state(small_parts)
+    assert len(_files(small_parts, "videos")) == 9
+    done = compact.compact(small_parts, target_rows=100)
+    assert done["parts_before"] == 9 and done["merged"] == 9 and done["parts_after"] == done["into"] == 3
+    assert _state(small_parts) == before
+    for name in _files(small_parts, "predictions"):
+        t = pq.read_table(os.path.join(small_parts, "predictions", name))
+        assert len(t) <= 100
+        keys = list(zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist()))
+        assert keys == sorted(keys)
+        assert t.schema.metadata[b"rayvid.schema_version"] == b"1"
+    assert _files(small_parts, "predictions") == _files(small_parts, "videos")
+    assert len(_files(small_parts, "errors")) == 1  # the failed video's row moved with its part
+    assert not os.listdir(os.path.join(small_parts, "compactions"))
+    # again: nothing small enough to merge in pairs under the same target
+    assert compact.compact(small_parts, target_rows=100)["merged"] == 0
+
+
+def test_a_rerun_resumes_from_compacted_parts(small_parts):
+    compact.compact(small_parts)
+    committed = commit.recover(small_parts)
+    assert set(committed.videos) == set(VIDEOS) | {"/v/bad.mp4"}
+    assert len({v["file"] for v in committed.videos.values()}) == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def _count_mutations(monkeypatch, crash_at=None):
+    """Counts (and at `crash_at`, fails) the file operations that change OUTPUT: renames
+    into place (every local write) and deletions."""
+    calls = {"n": 0}
+    real_replace, real_rm = os.replace, LocalFileSystem.rm
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise Crash(f"killed at file operation {crash_at}")
+
+    def replace(src, dst, *a, **kw):
+        step()
+        return real_replace(src, dst, *a, **kw)
+
+    def rm(self, path, *a, **kw):
+        step()
+        return real_rm(self, path, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(LocalFileSystem, "rm", rm)
+    return calls
+
+
+def test_killed_at_every_step_readers_see_each_video_once_and_recover_finishes(tmp_path, monkeypatch):
+    url = str(tmp_path / "probe")
+    write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
+    want = _state(url)
+    calls = _count_mutations(monkeypatch)
+    compact.compact(url, target_rows=10_000)
+    steps = calls["n"]
+    monkeypatch.undo()
+    assert steps == 1 + 3 + (9 + 8 + 1) + 1  # record, 3 merged files, the 9 parts' 18 files, record
+    for crash_at in range(1, steps + 1):
+        out = str(tmp_path / f"crash{crash_at}")
+        write_output(out, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
+        _count_mutations(monkeypatch, crash_at)
+        with pytest.raises(Crash):
+            compact.compact(out, target_rows=10_000)
+        monkeypatch.undo()
+        assert _state(out) == want, f"killed at step {crash_at}: a reader sees other rows"
+        commit.recover(out)  # what the next run or compaction does first
+        assert _state(out) == want, f"killed at step {crash_at}: recover lost or duplicated rows"
+        assert set(_files(out, "predictions")) <= set(_files(out, "videos"))  # no orphans
+        assert not os.listdir(os.path.join(out, "compactions"))
+        compact.compact(out, target_rows=10_000)
+        assert _state(out) == want and len(_files(out, "videos")) == 1
+
+
+def test_parts_of_a_running_run_are_left_alone(small_parts):
+    record = os.path.join(small_parts, "runs", "r2.json")
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    write_output(small_parts, {"/v/new.mp4": [("circle", 0.9)] * 5}, run_id="r2", rows_per_file=1)
+    with open(record, "w") as f:
+        json.dump({"run_id": "r2", "status": "running"}, f)
+    done = compact.compact(small_parts)
+    assert done["left_running"] == ["r2"] and done["merged"] == 9
+    assert any(n.startswith("part-r2-") for n in _files(small_parts, "videos"))
+    assert compact.compact(small_parts, include_running=True)["merged"] == 2
+
+
+def test_compact_verb_on_s3(s3_endpoint, capsys):
+    url = f"s3://{BUCKET}/compact-out"
+    write_output(url, dict(list(VIDEOS.items())[:3]), rows_per_file=1)
+    want = _state(url)
+    assert cli.main(["compact", url]) == 0
+    assert json.loads(capsys.readouterr().out)["parts_after"] == 1
+    assert _state(url) == want

@@ -1,0 +1,207 @@
+"""The query verbs read committed outputs back: exact segments, find, summary, export, and
+every output format, locally and on S3."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import BUCKET, read_output, write_output
+
+from rayvid import cli, query
+
+FPS = 10.0
+
+
+def _run(*frames):
+    """[(label, n frames, score)] -> per-frame (label, score)."""
+    return [(label, score) for label, n, score in frames for _ in range(n)]
+
+
+# v1: circle 0-2 s, a 0.3 s square, circle again 2.3-4.3 s, then 1 s of low-score blank
+V1 = _run(("circle", 20, 0.9), ("square", 3, 0.8), ("circle", 20, 0.95), ("blank", 10, 0.3))
+V2 = _run(("square", 15, 0.7), ("circle", 5, 0.6))
+
+
+@pytest.fixture
+def out(tmp_path):
+    url = str(tmp_path / "out")
+    write_output(url, {"/v/v1.mp4": V1, "/v/v2.mp4": V2}, fps=FPS, rows_per_file=1, failed=("/v/bad.mp4",))
+    return url
+
+
+def _segs(table):
+    return [(r["video_uri"], r["label"], round(r["start_s"], 6), round(r["end_s"], 6), r["frames"])
+            for r in table.to_pylist()]
+
+
+def test_segments_merge_short_gaps_and_respect_filters(out):
+    assert _segs(query.segments(out, video="/v/v1.mp4")) == [
+        ("/v/v1.mp4", "circle", 0.0, 4.3, 40),  # merged over the 0.3 s square
+        ("/v/v1.mp4", "square", 2.0, 2.3, 3),
+        ("/v/v1.mp4", "blank", 4.3, 5.3, 10),  # the last frame lasts one frame step
+    ]
+    assert _segs(query.segments(out, video="/v/v1.mp4", gap=0.0))[:2] == [
+        ("/v/v1.mp4", "circle", 0.0, 2.0, 20), ("/v/v1.mp4", "square", 2.0, 2.3, 3)]
+    assert [s[1] for s in _segs(query.segments(out, video="/v/v1.mp4", min_score=0.5))] == ["circle", "square"]
+    assert [s[1] for s in _segs(query.segments(out, video="/v/v1.mp4", min_duration=0.5))] == ["circle", "blank"]
+    assert _segs(query.segments(out, label="square")) == [
+        ("/v/v1.mp4", "square", 2.0, 2.3, 3), ("/v/v2.mp4", "square", 0.0, 1.5, 15)]
+    seg = query.segments(out, label="circle", video="/v/v1.mp4").to_pylist()[0]
+    assert seg["mean_score"] == pytest.approx((20 * 0.9 + 20 * 0.95) / 40)
+    assert seg["max_score"] == pytest.approx(0.95)
+
+
+def test_segments_of_sparse_sampling_span_the_sampling_step(tmp_path):
+    url = str(tmp_path / "sparse")
+    write_output(url, {"/v/s.mp4": _run(("circle", 30, 0.9), ("blank", 30, 0.9))}, fps=FPS, every=5)
+    assert _segs(query.segments(url)) == [("/v/s.mp4", "circle", 0.0, 3.0, 6), ("/v/s.mp4", "blank", 3.0, 6.0, 6)]
+
+
+def test_find_lists_videos_longest_first_with_ranges(out):
+    rows = query.find(out, "circle", gap=0.0).to_pylist()
+    assert [(r["video_uri"], r["segments"], round(r["seconds"], 6), r["ranges"]) for r in rows] == [
+        ("/v/v1.mp4", 2, 4.0, "0.00-2.00, 2.30-4.30"), ("/v/v2.mp4", 1, 0.5, "1.50-2.00")]
+    assert query.find(out, "circle", min_duration=1.0).column("video_uri").to_pylist() == ["/v/v1.mp4"]
+    assert len(query.find(out, "no-such-label")) == 0
+
+
+def test_summary_is_the_per_video_table(out):
+    rows = {r["video_uri"]: r for r in query.summary(out).to_pylist()}
+    assert set(rows) == {"/v/v1.mp4", "/v/v2.mp4", "/v/bad.mp4"}
+    v1 = rows["/v/v1.mp4"]
+    assert (v1["frames"], v1["duration_s"], v1["fps"], v1["width"], v1["height"], v1["codec"], v1["error"]) == (
+        53, 5.3, 10.0, 160, 120, "h264", False)
+    assert v1["top_labels"] == "circle 75%, blank 19%, square 6%"
+    assert rows["/v/bad.mp4"]["error"] is True and rows["/v/bad.mp4"]["frames"] == 0
+
+
+def test_formats(out, tmp_path, capsys):
+    assert cli.main(["segments", out, "--label", "square", "--format", "csv"]) == 0
+    got = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["video_uri"], r["start_s"], r["end_s"]) for r in got] == [
+        ("/v/v1.mp4", "2.0", "2.3"), ("/v/v2.mp4", "0.0", "1.5")]
+    assert cli.main(["find", out, "circle", "--format", "json"]) == 0
+    assert [r["video_uri"] for r in json.loads(capsys.readouterr().out)] == ["/v/v1.mp4", "/v/v2.mp4"]
+    dest = str(tmp_path / "s.parquet")
+    assert cli.main(["summary", out, "--format", "parquet", "--out", dest]) == 0
+    assert sorted(pq.read_table(dest).column("video_uri").to_pylist()) == ["/v/bad.mp4", "/v/v1.mp4", "/v/v2.mp4"]
+    assert cli.main(["segments", out, "--video", "/v/v2.mp4"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert re.split(r"\s+", text[0].strip())[:4] == ["video_uri", "label", "start_s", "end_s"]
+    assert re.split(r"\s+", text[2].strip())[:4] == ["/v/v2.mp4", "square", "0", "1.5"]
+
+
+def test_export_csv_has_a_row_per_frame_and_topk_columns(out, tmp_path):
+    dest = str(tmp_path / "frames.csv")
+    assert query.export_csv(out, dest) == len(V1) + len(V2)
+    with open(dest) as f:
+        rows = list(csv.DictReader(f))
+    preds = read_output(out).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]).to_pylist()
+    assert [(r["video_uri"], int(r["frame_index"]), r["label"], r["label_1"], r["label_2"]) for r in rows] == [
+        (p["video_uri"], p["frame_index"], p["label"], p["topk"][0]["label"], p["topk"][1]["label"]) for p in preds]
+    assert float(rows[0]["score_1"]) == pytest.approx(0.9)
+    one = str(tmp_path / "one.csv")
+    assert cli.main(["export", out, one, "--video", "/v/v2.mp4"]) == 0
+    with open(one) as f:
+        assert {r["video_uri"] for r in csv.DictReader(f)} == {"/v/v2.mp4"}
+
+
+def test_verbs_read_s3(s3_endpoint, capsys):
+    url = f"s3://{BUCKET}/query-out"
+    write_output(url, {"s3://b/v1.mp4": V1}, fps=FPS)
+    assert _segs(query.segments(url, label="square")) == [("s3://b/v1.mp4", "square", 2.0, 2.3, 3)]
+    assert cli.main(["find", url, "circle", "--format", "csv"]) == 0
+    assert "s3://b/v1.mp4" in capsys.readouterr().out
+
+
+def test_not_an_output_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["summary", str(tmp_path / "nothing")]) == 2
+    assert "no rayvid output at" in capsys.readouterr().err
+
+
+# --- the README's example queries run as written -----------------------------------------
+
+README = __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example(name: str) -> str:
+    text = README.read_text()
+    m = re.search(rf"<!-- example: {name} -->\s*```\w+\n(.*?)```", text, re.S)
+    assert m, f"README has no `<!-- example: {name} -->` block"
+    return m.group(1)
+
+
+def _run_example(name, output):
+    code = readme_example(name)
+    assert 'OUTPUT = "out"' in code
+    scope: dict = {}
+    exec(compile(code.replace('OUTPUT = "out"', f"OUTPUT = {output!r}"), f"README:{name}", "exec"), scope)
+    return scope
+
+
+@pytest.fixture
+def readme_out(tmp_path):
+    url = str(tmp_path / "readme-out")
+    write_output(url, {"/v/v1.mp4": V1, "/v/v2.mp4": V2}, fps=FPS, rows_per_file=1)
+    return url
+
+
+def _expected(output):
+    preds = read_output(output).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]).to_pylist()
+    circles = {}
+    for p in preds:
+        if p["label"] == "circle" and p["score"] > 0.9:
+            c = circles.setdefault(p["video_uri"], [0, p["timestamp_s"], p["timestamp_s"]])
+            c[0] += 1
+            c[2] = p["timestamp_s"]
+    anywhere = [(p["video_uri"], p["frame_index"]) for p in preds
+                for k in p["topk"] if k["label"] == "square" and k["score"] > 0.9]
+    return sorted((u, *c) for u, c in circles.items()), anywhere
+
+
+def test_readme_duckdb_examples(readme_out):
+    scope = _run_example("duckdb", readme_out)
+    circles, anywhere = _expected(readme_out)
+    assert circles == [("/v/v1.mp4", 20, 2.3, 4.2)]  # the 0.95 run; the 0.9 run is not > 0.9
+    assert [tuple(r) for r in scope["circles"]] == circles
+    assert [(u, i) for u, i, _ in scope["anywhere"]] == anywhere
+    assert scope["contents"][0][:2] == ("/v/v1.mp4", "circle")
+
+
+def test_readme_polars_examples(readme_out):
+    scope = _run_example("polars", readme_out)
+    circles, anywhere = _expected(readme_out)
+    assert [tuple(r) for r in scope["circles"].iter_rows()] == circles
+    assert [(r["video_uri"], r["frame_index"]) for r in scope["anywhere"].iter_rows(named=True)] == anywhere
+
+
+def test_readme_arrow_example(readme_out):
+    scope = _run_example("arrow", readme_out)
+    assert dict(scope["by_label"]) == {"blank": 10, "circle": 45, "square": 18}
+    assert scope["frame"].height == len(V1) + len(V2)
+
+
+def _hive(t) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_list(t):
+        return f"array<{_hive(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ",".join(f"{f.name}:{_hive(f.type)}" for f in t) + ">"
+    return {pa.string(): "string", pa.int64(): "bigint", pa.int32(): "int", pa.float64(): "double",
+            pa.float32(): "float", pa.bool_(): "boolean"}[t]
+
+
+def test_readme_athena_tables_match_the_schema():
+    from rayvid.schema import PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
+
+    ddl = readme_example("athena")
+    tables = dict(re.findall(r"CREATE EXTERNAL TABLE (\w+) \((.*?)\n\)", ddl, re.S))
+    for name, schema in (("rayvid_predictions", PREDICTIONS_SCHEMA), ("rayvid_videos", VIDEOS_SCHEMA)):
+        columns = [line.strip().rstrip(",").split(" ", 1) for line in tables[name].strip().splitlines()]
+        assert columns == [[f.name, _hive(f.type)] for f in schema], name

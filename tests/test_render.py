@@ -1,0 +1,48 @@
+"""`rayvid render`: decode the rendered video and find, on every frame, the overlay of the
+prediction in force there (its colour swatch), at the source's size and frame count."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+from helpers import write_output
+
+from rayvid import cli, render, report, samples
+
+
+def _swatch(img: np.ndarray, row: int) -> np.ndarray:
+    y = render.PAD + row * render.ROW_H
+    return img[y + 2 : y + render.SWATCH - 2, render.PAD + 2 : render.PAD + render.SWATCH - 2].reshape(-1, 3).mean(0)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_render_overlays_the_prediction_of_each_frame(tmp_path, every):
+    video = str(tmp_path / "v.mp4")
+    truth = samples.make_video(video, 3.0, seed=4)
+    assert len(set(truth)) >= 2
+    out = str(tmp_path / "out")
+    write_output(out, {video: [(label, 0.9) for label in truth]}, fps=samples.FPS, every=every)
+    dest = str(tmp_path / "rendered.mp4")
+    assert cli.main(["render", video, out, dest, "--topk", "2"]) == 0
+
+    labels = set(truth) | {"zz_other"}  # write_output's second label (see helpers)
+    palette = report.colours(labels)
+    with av.open(dest) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == len(truth)
+    assert frames[0].shape == (*samples.VIDEO_SIZE, 3)
+    for i, img in enumerate(frames):
+        shown = truth[i - i % every]  # sparse rows: the last sampled frame's prediction holds
+        got = _swatch(img, 0)
+        nearest = min(labels, key=lambda lab: np.abs(np.array(palette[lab]) - got).sum())
+        assert nearest == shown, f"frame {i}: swatch {got} looks like {nearest}, expected {shown}"
+        assert np.abs(np.array(palette[shown]) - got).max() < 40, (i, got, palette[shown])
+        assert np.abs(np.array(palette["zz_other"]) - _swatch(img, 1)).max() < 40  # the second row
+
+
+def test_render_of_a_video_without_predictions_is_a_clear_error(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/other.mp4": [("circle", 0.9)]})
+    assert cli.main(["render", str(tmp_path / "nope.mp4"), out, str(tmp_path / "r.mp4")]) == 2
+    assert "no predictions for" in capsys.readouterr().err
