@@ -1,5 +1,6 @@
 """Command line: `rayvid run INPUT OUTPUT [flags]`, `rayvid samples DIR`, and the verbs
-that read an OUTPUT: `summary`, `segments`, `find`, `export`, `compact`, `report`, `render`.
+that read an OUTPUT: `summary`, `segments`, `find`, `similar`, `export`, `compact`, `report`,
+`render`.
 
 Exit codes: 0 the job ran (some videos may have failed: they are in OUTPUT/errors/);
 2 the job could not run (bad URL, no credentials, model not loadable, bad flags), with
@@ -39,11 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--topk", type=int)
     m.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute on GPU (float32 softmax)")
     m.add_argument("--xla", action="store_true", default=None, help="compile the model with XLA")
+    m.add_argument("--embed", nargs="?", const="auto", metavar="LAYER",
+                   help="also write an `embedding` column per frame: the classifier's input (default), "
+                        "or LAYER's output, average-pooled if it is a feature map")
+    m.add_argument("--embed-normalize", action="store_true", default=None,
+                   help="L2-normalise the embeddings (cosine similarity = dot product)")
+    m.add_argument("--head", choices=["classify", "detect"],
+                   help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
+    m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
+    m.add_argument("--iou-threshold", type=float, help="detect: NMS overlap threshold (default 0.5)")
+    m.add_argument("--min-box-score", type=float, help="detect: drop boxes scoring less (default 0.3)")
     s = r.add_argument_group("sampling (default: every frame)")
     ex = s.add_mutually_exclusive_group()
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
     ex.add_argument("--fps", type=float, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
     ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
+    s.add_argument("--clip-len", type=int, metavar="N",
+                   help="video models: N consecutive frames per model input, one output row per clip")
+    s.add_argument("--clip-stride", type=int, metavar="S", help="a clip every S frames (default N: side by side)")
     s.add_argument("--skip-similar", type=float, nargs="?", const=SKIP_SIMILAR_DEFAULT, metavar="T",
                    help="reuse the last inferred frame's prediction for frames that differ from it by less "
                         f"than T grey levels (mean abs. difference of 16x16 thumbnails; default T {SKIP_SIMILAR_DEFAULT:g})")
@@ -88,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--min-duration", type=float, default=0.0, metavar="D", help="drop segments shorter than D s")
         q.add_argument("--gap", type=float, default=None, metavar="G",
                        help="merge runs of a label less than G s apart (default 0.5)")
+    sim = shown(sub.add_parser("similar", help="the frames nearest a frame or an image (runs with --embed)"))
+    sim.add_argument("output")
+    sim.add_argument("--video", metavar="URI", help="the query frame's video (with --time)")
+    sim.add_argument("--time", type=float, metavar="T", help="seconds: the frame shown at T")
+    sim.add_argument("--image", metavar="PATH", help="an image file (any URL), embedded by the run's model")
+    sim.add_argument("-k", type=int, default=10, help="how many frames (default 10)")
     q = sub.add_parser("export", help="per-frame predictions as CSV (top-k as columns)")
     q.add_argument("output")
     q.add_argument("dest", help="CSV file to write (any URL)")
@@ -111,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     smp.add_argument("--videos", type=int, default=6)
     smp.add_argument("--seconds", type=float, default=4.0)
     smp.add_argument("--force", action="store_true", help="rebuild even if present")
+    smp.add_argument("--detector", action="store_true",
+                     help="also train the sample grid detector (model/detector.keras: --head detect)")
+    smp.add_argument("--clip-model", action="store_true",
+                     help="also train the sample video model (model/clips.keras: --clip-len 4)")
     return p
 
 
@@ -132,9 +156,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "topk": args.topk,
             "mixed_precision": args.mixed_precision,
             "xla": args.xla,
+            "embed": args.embed,
+            "embed_normalize": args.embed_normalize,
+            "head": args.head,
+            "max_boxes": args.max_boxes,
+            "iou_threshold": args.iou_threshold,
+            "min_box_score": args.min_box_score,
         },
         "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes,
-                     "skip_similar": args.skip_similar},
+                     "skip_similar": args.skip_similar, "clip_len": args.clip_len,
+                     "clip_stride": args.clip_stride},
         "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1],
                    "timeout_s": args.decode_timeout, "retries": args.decode_retries},
         "infer": {
@@ -186,6 +217,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from rayvid import samples
 
             paths = samples.ensure_samples(args.dir, n_videos=args.videos, seconds=args.seconds, force=args.force)
+            model_dir = os.path.join(args.dir, "model")
+            if args.detector:
+                paths["detector"] = samples.train_detector(model_dir)["model"]
+            if args.clip_model:
+                paths["clip_model"] = samples.train_clip_model(model_dir)["model"]
             print(json.dumps(paths, indent=2))
             return 0
     except RayvidError as e:
@@ -194,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
 
 
-QUERY_VERBS = ("summary", "segments", "find", "export", "compact", "report", "render")
+QUERY_VERBS = ("summary", "segments", "find", "similar", "export", "compact", "report", "render")
 
 
 def _query(args) -> int:
@@ -211,6 +247,11 @@ def _query(args) -> int:
             else:
                 table = query.find(args.output, args.label, args.min_score, args.min_duration, gap)
             query.write(table, args.format, args.out)
+        elif args.verb == "similar":
+            if (args.image is None) == (args.video is None or args.time is None):
+                raise ConfigError("similar: give --video URI --time T, or --image PATH")
+            query.write(query.similar(args.output, k=args.k, video=args.video, time_s=args.time,
+                                      image=args.image), args.format, args.out)
         elif args.verb == "export":
             n = query.export_csv(args.output, args.dest, args.video)
             print(f"{n} rows -> {storage.public_uri(args.dest)}", file=sys.stderr)

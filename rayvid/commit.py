@@ -1,7 +1,8 @@
 """Commit stage: inferred rows in, Parquet files that readers can trust out.
 
 Input: Arrow tables in `schema.INFERRED_SCHEMA` (frame rows and one terminal `end` row per
-video), in any order, as the driver streams them out of Ray Data.
+video; plus a head's columns, `schema.HEAD_COLUMNS`), in any order, as the driver streams
+them out of Ray Data.
 Output, under OUTPUT:
   `predictions/part-<run_id>-<seq>.parquet`  `schema.PREDICTIONS_SCHEMA`, one row per frame
   `errors/part-<run_id>-<seq>.parquet`       `schema.ERRORS_SCHEMA`, one row per failed video
@@ -11,7 +12,8 @@ Output, under OUTPUT:
 Commit protocol. The three files of one flush share a name and are written in the order
 predictions, errors, videos; the videos file is the commit point. `recover` (at the start of
 every run) deletes predictions/errors files whose videos file never appeared (a run killed
-mid-flush), and reads which videos are committed; `pending` skips them, unless their
+mid-flush) and finishes or undoes what a killed `rayvid compact` left (compact.py), and
+reads which videos are committed; `pending` skips them, unless their
 content changed (size or etag/mtime) or, with --retry-failed, they failed; `retract`
 removes the rows of videos about to be redone from the committed files (predictions first,
 videos last) before any new row is written. A reader therefore never sees a video twice,
@@ -38,7 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import storage
-from rayvid.schema import ERRORS_SCHEMA, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
+from rayvid.schema import (BOX_TYPE, ERRORS_SCHEMA, HEAD_COLUMNS, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA,
+                           with_head)
 
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
@@ -142,8 +145,11 @@ class Committer:
         parts = [t for tables, _ in segments for t in tables]
         ends = [e for _, e in segments]
         top_labels = []
+        meta = next((e for e in ends if e["codec"]), ends[0])
         if parts:
             video = _fill_reused(pa.concat_tables(parts))
+            if "boxes" in video.column_names:
+                video = _pixel_boxes(video, meta["width"] or 0, meta["height"] or 0)
             self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)
@@ -153,7 +159,6 @@ class Committer:
             self.label_counts.update({c["values"]: c["counts"] for c in counts})
             top_labels = [{"label": c["values"], "share": c["counts"] / len(video)} for c in counts[:5]]
         failed = [e for e in ends if e["error_type"]]
-        meta = next((e for e in ends if e["codec"]), ends[0])
         decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
         size, version = self.sources.get(uri, (-1, ""))
         self._ready_videos.append(
@@ -199,21 +204,16 @@ class Committer:
                 [("video_uri", "ascending"), ("frame_index", "ascending")]
             )
             n = len(table)
-            out = pa.table(
-                {
-                    "video_uri": table.column("video_uri"),
-                    "frame_index": table.column("frame_index"),
-                    "timestamp_s": table.column("timestamp_s"),
-                    "label": table.column("label"),
-                    "score": table.column("score"),
-                    "topk": table.column("topk"),
-                    "reused_from": pc.if_else(pc.less(table.column("reused_from"), 0), None,
-                                              table.column("reused_from")),
-                    "model": pa.array([self.model] * n, pa.string()),
-                    "run_id": pa.array([self.run_id] * n, pa.string()),
-                },
-                schema=PREDICTIONS_SCHEMA,
-            )
+            head = [table.schema.field(c) for c in HEAD_COLUMNS if c in table.column_names]
+            schema = with_head(PREDICTIONS_SCHEMA, head)
+            columns = {
+                "reused_from": pc.if_else(pc.less(table.column("reused_from"), 0), None,
+                                          table.column("reused_from")),
+                "model": pa.array([self.model] * n, pa.string()),
+                "run_id": pa.array([self.run_id] * n, pa.string()),
+            }
+            out = pa.Table.from_arrays(
+                [columns[f.name] if f.name in columns else table.column(f.name) for f in schema], schema=schema)
             self._write(storage.join(self.output, PREDICTIONS_DIR, name), out)
         if self._ready_errors:
             errors = pa.Table.from_pylist(self._ready_errors, schema=ERRORS_SCHEMA)
@@ -255,10 +255,27 @@ def _fill_reused(video: pa.Table) -> pa.Table:
     if (index[src][reused] != reused_from[reused]).any():
         raise RuntimeError(f"{video.column('video_uri')[0]}: a reused frame's source row is missing")
     take = pa.array(np.where(reused, src, np.arange(len(video))))
-    for name in ("label", "score", "topk"):
+    for name in ("label", "score", "topk", *HEAD_COLUMNS):
         i = video.schema.get_field_index(name)
+        if i < 0:
+            continue
         video = video.set_column(i, name, video.column(name).take(take))
     return video
+
+
+def _pixel_boxes(video: pa.Table, width: int, height: int) -> pa.Table:
+    """Detections' coordinates, fractions of the (stretched) model input between stages,
+    in pixels of the source frame (`width` x `height`, as the container codes it)."""
+    col = video.column("boxes").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    flat = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    scale = {"x_min": width, "x_max": width, "y_min": height, "y_max": height}
+    fields = [pc.multiply(flat.field(f.name), pa.scalar(float(scale[f.name]), pa.float32())).cast(pa.float32())
+              if f.name in scale else flat.field(f.name) for f in BOX_TYPE]
+    values = pa.StructArray.from_arrays(fields, fields=list(BOX_TYPE))
+    boxes = pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()), values,
+                                     type=pa.list_(BOX_TYPE), mask=col.is_null())
+    return video.set_column(video.schema.get_field_index("boxes"), "boxes", boxes)
 
 
 def _first_per_frame(table: pa.Table) -> pa.Table:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
-from rayvid.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
+from rayvid.schema import ERRORS_SCHEMA, HEAD_COLUMNS, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA, with_head
 
 TARGET_ROWS = 1_000_000  # the committer's own rows_per_file
 
@@ -81,13 +81,15 @@ def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
         tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
                   for n in group if fs.exists(f"{root}/{directory}/{n}")]
         if tables or directory == commit.VIDEOS_DIR:
-            table = pa.concat_tables(tables) if tables else schema.empty_table()
+            table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
             commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
     commit.finish_compactions(fs, root)  # deletes the replaced parts, then the record
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A part written by an older rayvid, in today's schema (new columns null)."""
+    """A part in today's schema (columns an older rayvid did not write: null), keeping the
+    head columns it has (`--embed`...)."""
+    schema = with_head(schema, [table.schema.field(c) for c in HEAD_COLUMNS if c in table.column_names])
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
                else pa.nulls(len(table), f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)

@@ -39,6 +39,27 @@ class ModelConfig:
     topk: int = 5
     mixed_precision: bool = False
     xla: bool = False
+    # Per-frame embeddings (`--embed [LAYER]`): "auto" is the input of the classifier (the
+    # layer before it), else a layer name; outputs of rank > 2 are average-pooled.
+    embed: Optional[str] = None
+    embed_normalize: bool = False  # L2-normalise embeddings (cosine = dot product)
+    # "classify" (scores per class) or "detect": a grid detector (models.py, "Detection"),
+    # whose boxes are decoded and pruned by tf.image.combined_non_max_suppression inside
+    # the inference graph.
+    head: str = "classify"
+    max_boxes: int = 20  # detections kept per frame
+    iou_threshold: float = 0.5  # NMS: boxes of a class overlapping more are suppressed
+    min_box_score: float = 0.3  # NMS: boxes scoring less are dropped
+
+    def __post_init__(self) -> None:
+        if self.head not in ("classify", "detect"):
+            raise ConfigError(f"--head must be classify or detect, got {self.head!r}")
+        if self.head == "detect" and self.embed:
+            raise ConfigError("--embed works with --head classify only")
+        if self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+        if self.max_boxes < 1 or not 0 < self.iou_threshold <= 1 or not 0 <= self.min_box_score < 1:
+            raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -50,8 +71,18 @@ class SamplingConfig:
     # the last inferred frame's by less than this (mean absolute difference, grey levels
     # 0..255) reuses that frame's prediction instead of running the model. None: off.
     skip_similar: Optional[float] = None
+    # Clip models (`--clip-len N`): N consecutive kept frames per model input, a clip every
+    # `clip_stride` kept frames (default N). None: the model's own N if it fixes one.
+    clip_len: Optional[int] = None
+    clip_stride: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.clip_len is not None and self.clip_len < 1:
+            raise ConfigError(f"--clip-len must be >= 1, got {self.clip_len}")
+        if self.clip_stride is not None and self.clip_stride < 1:
+            raise ConfigError(f"--clip-stride must be >= 1, got {self.clip_stride}")
+        if self.clip_len and self.skip_similar is not None:
+            raise ConfigError("--skip-similar works per frame: not with --clip-len")
         if self.skip_similar is not None and self.skip_similar < 0:
             raise ConfigError(f"--skip-similar must be >= 0, got {self.skip_similar}")
         if self.every < 1:

@@ -7,7 +7,9 @@ Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `error_stage: str`, `error_type: str`, `message: str`, the video's `decoder, codec:
   str`, `width, height: int64`, `fps, duration_s: float64`, and `reused_from: int64`
   (-1, or with --skip-similar the earlier frame whose prediction this one reuses; see
-  `Similarity`).
+  `Similarity`). With `--clip-len N` a row is a clip (`Clips`): `frame` is uint8[N, H, W, 3],
+  `frame_index`/`timestamp_s` are its first frame's, and `clip_start_frame,
+  clip_end_frame: int64`, `start_s, end_s: float64` say what it covers.
 A segment yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes),
 then exactly one terminal row (`kind == "end"`, a zero `frame`) whose `n_frames` counts the
 frame rows it produced, which carries the video's metadata, and whose error fields say why
@@ -218,6 +220,8 @@ class FrameReader:
         batch_bytes: int = 32 * 2**20,
         skip_similar: Optional[float] = None,
         decord_max_bytes: int = DECORD_MAX_BYTES,
+        clip_len: int = 0,
+        clip_stride: int = 0,
     ):
         import av  # noqa: F401 - heavy imports: only inside the stage, once per process
         import decord
@@ -234,6 +238,8 @@ class FrameReader:
         self.decord_max_bytes = decord_max_bytes
         self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
+        self.clip_len = int(clip_len)
+        self.clip_stride = int(clip_stride) or self.clip_len
 
     def read(self, path: str, uri: str, segment: int = 0, n_segments: int = 1,
              start_s: float = -math.inf, end_s: float = math.inf, after: int = -1,
@@ -258,13 +264,23 @@ class FrameReader:
             keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
+            clips = Clips(self.clip_len, self.clip_stride, info.times) if self.clip_len else None
             for idx, frames in self._frames(path, info, keep, state):
+                got[idx] = True
+                if clips is not None:
+                    for batch in self._clip_batches(uri, state, clips.add(idx, frames)):
+                        yield batch
+                        state["emitted"] += len(batch["frame_index"])
+                    continue
                 batch = self._frame_batch(uri, state, idx, info.times[idx], frames)
                 if similar is not None:
                     similar.mark(batch)
                 yield batch
                 state["emitted"] += len(idx)
-                got[idx] = True
+            if clips is not None:
+                for batch in self._clip_batches(uri, state, clips.finish()):
+                    yield batch
+                    state["emitted"] += len(batch["frame_index"])
             problems = []
             lost = keep[~got[keep]]
             if len(lost):
@@ -437,6 +453,18 @@ class FrameReader:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
         return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
 
+    def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
+        """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""
+        per = max(1, self.chunk // self.clip_len)
+        for i in range(0, len(clips), per):
+            part = clips[i : i + per]
+            start = np.array([c[0] for c in part], np.int64)
+            batch = self._frame_batch(uri, state, start, np.array([c[2] for c in part]),
+                                      np.stack([c[4] for c in part]))
+            batch.update(clip_columns(start, np.array([c[1] for c in part], np.int64),
+                                      np.array([c[2] for c in part]), np.array([c[3] for c in part])))
+            yield batch
+
     def _frame_batch(self, uri, state, idx, ts, frames) -> dict:
         n = len(idx)
         empty = np.array([""] * n, dtype=object)
@@ -460,6 +488,57 @@ class FrameReader:
             "duration_s": np.zeros(n),
             "reused_from": np.full(n, -1, dtype=np.int64),
         }
+
+
+def clip_columns(start, end, start_s, end_s) -> dict:
+    """The clip columns of `--clip-len` rows (schema.clip_fields)."""
+    return {"clip_start_frame": start, "clip_end_frame": end, "start_s": start_s, "end_s": end_s}
+
+
+class Clips:
+    """`--clip-len N [--clip-stride S]`: consecutive kept frames of one segment -> clips.
+
+    A clip is N consecutive kept frames; clips start every S kept frames (S = N: side by
+    side). Frames after the last full clip form one more clip, padded by repeating its last
+    frame, so every kept frame is in a clip. A clip's row: (clip_start_frame,
+    clip_end_frame (its last real frame), start_s (the first frame's time), end_s (the time
+    of the video frame after its last one, so clips tile the time line), frames [N, H, W, 3]).
+    """
+
+    def __init__(self, n: int, stride: int, times: np.ndarray):
+        self.n, self.stride, self.times = n, stride, times
+        self.buf_idx: list = []
+        self.buf: list = []
+        self.skip = 0  # kept frames to pass over when the stride exceeds the clip
+        self.covered = -1  # the last frame index inside an emitted clip
+
+    def add(self, idx: np.ndarray, frames: np.ndarray) -> list:
+        out = []
+        for i, frame in zip(idx.tolist(), frames):
+            if self.skip:
+                self.skip -= 1
+                continue
+            self.buf_idx.append(i)
+            self.buf.append(frame)
+            if len(self.buf) == self.n:
+                out.append(self._clip(self.buf_idx, self.buf))
+                drop = min(self.stride, self.n)
+                self.skip = self.stride - drop
+                del self.buf_idx[:drop], self.buf[:drop]
+        return out
+
+    def finish(self) -> list:
+        if not self.buf_idx or self.buf_idx[-1] <= self.covered:
+            return []
+        pad = [self.buf[-1]] * (self.n - len(self.buf))
+        return [self._clip(self.buf_idx, self.buf + pad)]
+
+    def _clip(self, idx: list, frames: list) -> tuple:
+        first, last = idx[0], idx[-1]
+        self.covered = last
+        t = self.times
+        end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else 0.0)
+        return first, last, float(t[first]), float(end), np.stack(frames)
 
 
 class Similarity:
@@ -543,6 +622,16 @@ class Decoder:
         start_s: float = -math.inf, end_s: float = math.inf,
     ) -> Iterator[dict]:
         """Frames of one video, or of its frames with start_s <= pts time < end_s."""
+        clip_len = int(self._reader_args.get("clip_len") or 0)
+        for batch in self._video(uri, segment, n_segments, start_s, end_s):
+            if clip_len and "clip_start_frame" not in batch:  # a terminal row, shaped like clip rows
+                n = len(batch["frame_index"])
+                batch["frame"] = np.zeros((n, clip_len, *self.size, 3), np.uint8)
+                batch.update(clip_columns(np.full(n, -1, np.int64), np.full(n, -1, np.int64),
+                                          np.full(n, math.nan), np.full(n, math.nan)))
+            yield batch
+
+    def _video(self, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
         try:
             with storage.local_copy(uri, self._tmpdir) as path, self._lock:
                 yield from self._attempts(path, uri, segment, n_segments, start_s, end_s)
@@ -568,7 +657,8 @@ class Decoder:
                         yield payload
                         return
                     emitted += len(payload["frame_index"])
-                    after = int(payload["frame_index"][-1])
+                    # resume after the last frame delivered (for clips: the last clip's end)
+                    after = int(payload.get("clip_end_frame", payload["frame_index"])[-1])
                     yield payload
             except _ChildFailed as failure:
                 self._child.restart()

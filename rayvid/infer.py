@@ -5,7 +5,10 @@ Input columns:  the decode stage's (`video_uri, kind, frame_index, timestamp_s, 
 Output: an Arrow table in `schema.INFERRED_SCHEMA`: the same rows and columns without
   `frame`, plus `label`, `score` and `topk` for frame rows (null on the terminal `end` rows,
   which pass through untouched, and on rows whose `reused_from` names an earlier frame:
-  the committer fills those in).
+  the committer fills those in); with `--embed`, also `embedding:
+  fixed_size_list<float32>[D]`; with `--head detect`, `boxes` (fractions of the frame:
+  the committer makes them pixels); with a video model, the clip columns pass through
+  (`schema.with_head`).
 
 The cast to float and the model's preprocessing run inside one `tf.function` with a fixed
 input signature `[batch_size, H, W, 3] uint8`; the last, short batch is padded, so the
@@ -21,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid.config import ModelConfig
-from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE
+from rayvid.schema import (INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
+                           with_head)
 
 
 def resources(gpus_per_actor: float, cpus_per_actor: float) -> dict:
@@ -38,6 +42,32 @@ def cpu_threads(threads: int) -> int:
     if threads > 0:
         return int(threads)
     return max(1, min(MAX_CPU_THREADS, len(os.sched_getaffinity(0))))
+
+
+def decode_grid(tf, raw, max_boxes: int, iou_threshold: float, score_threshold: float):
+    """A grid detector's raw output [B, S, S, 5 + C] (models.detection_classes) -> boxes,
+    as TF ops: cell (i, j) holds a box centred at ((j + sigmoid(tx)) / S, (i + sigmoid(ty))
+    / S) of size (sigmoid(tw), sigmoid(th)), scored sigmoid(objectness) x softmax(classes);
+    then tf.image.combined_non_max_suppression per class. Returns (boxes [B, M, 4] as
+    y_min, x_min, y_max, x_max fractions of the frame, scores [B, M], classes [B, M] int32,
+    valid [B] int32)."""
+    s = tf.shape(raw)[1]
+    grid = tf.cast(s, tf.float32)
+    cells = tf.range(s, dtype=tf.float32)
+    gy, gx = tf.meshgrid(cells, cells, indexing="ij")
+    cx = (gx + tf.sigmoid(raw[..., 1])) / grid
+    cy = (gy + tf.sigmoid(raw[..., 2])) / grid
+    w, h = tf.sigmoid(raw[..., 3]), tf.sigmoid(raw[..., 4])
+    corners = tf.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], axis=-1)
+    b = tf.shape(raw)[0]
+    boxes = tf.reshape(corners, [b, -1, 1, 4])
+    scores = tf.sigmoid(raw[..., :1]) * tf.nn.softmax(raw[..., 5:], axis=-1)
+    scores = tf.reshape(scores, [b, s * s, -1])
+    nms = tf.image.combined_non_max_suppression(
+        boxes, scores, max_output_size_per_class=max_boxes, max_total_size=max_boxes,
+        iou_threshold=iou_threshold, score_threshold=score_threshold, clip_boxes=True)
+    return (nms.nmsed_boxes, nms.nmsed_scores, tf.cast(nms.nmsed_classes, tf.int32),
+            tf.cast(nms.valid_detections, tf.int32))
 
 
 def preprocess_graph(tf, mode: str):
@@ -74,6 +104,7 @@ class Predictor:
         batch_size: int,
         threads: int = 0,
         timings=None,
+        clip_len: int = 0,
     ):
         """`threads`: TF's intra-op threads on CPU; 0: as many as the node has, up to
         `MAX_CPU_THREADS` (the decode actors on the node share the cores; they only run
@@ -104,24 +135,48 @@ class Predictor:
         h, w = self.info.input_size
         keras_model = self.model
         pre = preprocess_graph(tf, self.info.preprocess)
+        embed = self.info.embedding_dim > 0
+        self.head = model.head
+        head = [embedding_field(self.info.embedding_dim)] if embed else []
+        if self.head == "detect":
+            head = [boxes_field()]
+        # a video model takes clips: [batch, N, H, W, 3] (the decoder's clip rows)
+        self.clip_len = int(clip_len) or max(0, self.info.clip_len)
+        if self.info.clip_len and not self.clip_len:
+            raise ValueError("a video model with no fixed clip length needs clip_len")
+        frame_shape = [self.clip_len, h, w, 3] if self.clip_len else [h, w, 3]
+        if self.clip_len:
+            head = head + clip_fields()
+        self.schema = with_head(INFERRED_SCHEMA, head)
 
         def build(batch_size: int):
             @tf.function(
-                input_signature=[tf.TensorSpec([batch_size, h, w, 3], tf.uint8)],
+                input_signature=[tf.TensorSpec([batch_size, *frame_shape], tf.uint8)],
                 jit_compile=bool(model.xla),
                 reduce_retracing=False,
             )
             def predict(frames):
                 x = pre(tf.cast(frames, tf.float32))
-                return tf.cast(keras_model(x, training=False), tf.float32)
+                out = keras_model(x, training=False)
+                if model.head == "detect":  # decoding and NMS stay on the inference device
+                    return decode_grid(tf, tf.cast(out, tf.float32), model.max_boxes,
+                                       model.iou_threshold, model.min_box_score)
+                if not embed:
+                    return tf.cast(out, tf.float32), tf.zeros([batch_size, 0], tf.float32)
+                scores, vectors = out
+                vectors = tf.cast(vectors, tf.float32)
+                if model.embed_normalize:
+                    vectors = tf.math.l2_normalize(vectors, axis=-1)
+                return tf.cast(scores, tf.float32), vectors
 
             return predict
 
         while True:  # trace + warm up now, not on the first real batch
             self._predict = build(self.batch_size)
-            self._zeros = np.zeros((self.batch_size, h, w, 3), dtype=np.uint8)
+            self._zeros = np.zeros((self.batch_size, *frame_shape), dtype=np.uint8)
             try:
-                self._predict(self._zeros).numpy()
+                warm = [t.numpy() for t in self._predict(self._zeros)]
+                self._empty = tuple(t[:0] for t in warm)  # the outputs of zero frames
                 break
             except tf.errors.ResourceExhaustedError:  # the batch does not fit the device
                 if self.batch_size == 1:
@@ -135,7 +190,16 @@ class Predictor:
 
     def scores(self, frames: np.ndarray) -> np.ndarray:
         """Model scores for any number of frames, in fixed-size (padded) batches."""
-        out = []
+        return self.outputs(frames)[0]
+
+    def outputs(self, frames: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The graph's outputs for any number of frames, in fixed-size (padded) batches:
+        classify: (scores [n, classes], embeddings [n, D], D = 0 without --embed);
+        detect: (boxes [n, M, 4] as y_min, x_min, y_max, x_max fractions, scores [n, M],
+        classes [n, M], valid [n]), M = max_boxes, the first `valid` of each row real."""
+        parts = []
+        if len(frames) == 0:
+            return self._empty
         for start in range(0, len(frames), self.batch_size):
             chunk = frames[start : start + self.batch_size]
             n = len(chunk)
@@ -144,11 +208,9 @@ class Predictor:
                 padded[:n] = chunk
                 chunk = padded
             t0 = time.perf_counter()
-            out.append(self._predict(chunk).numpy()[:n])  # .numpy(): waits for the device
+            parts.append([t.numpy()[:n] for t in self._predict(chunk)])  # .numpy(): waits for the device
             self._model_s += time.perf_counter() - t0
-        if not out:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(out)
+        return tuple(np.concatenate(column) for column in zip(*parts))
 
     def __call__(self, batch: dict) -> pa.Table:
         entered = time.perf_counter()
@@ -172,28 +234,65 @@ class Predictor:
         # frames the decoder marked as near-identical to an earlier one are not inferred
         is_frame = (kind == KIND_FRAME) & (batch["reused_from"] < 0)
         n = len(kind)
-        scores = self.scores(batch["frame"][is_frame])
+        rows = np.flatnonzero(is_frame)
+        outputs = self.outputs(batch["frame"][is_frame])
+        if self.head == "detect":
+            computed = self._detections(outputs, rows, n)
+        else:
+            computed = self._classes(outputs, rows, n, is_frame)
+        columns = {  # everything else passes through from the decoder, minus the frames
+            f.name: computed[f.name] if f.name in computed else pa.array(_plain(batch[f.name]), f.type)
+            for f in self.schema
+        }
+        return pa.table(columns, schema=self.schema)
+
+    def _classes(self, outputs, rows, n, is_frame) -> dict:
+        scores, vectors = outputs
         ids, top_scores = topk_arrays(scores, self.topk)
         k = ids.shape[1] if len(ids) else min(self.topk, len(self.labels))
 
-        rows = np.flatnonzero(is_frame)
         label = np.full(n, None, dtype=object)
         score = np.full(n, np.nan, dtype=np.float32)
         if len(rows):
             label[rows] = self.labels[ids[:, 0]]
             score[rows] = top_scores[:, 0]
-        topk = _topk_column(ids, top_scores, self.labels, is_frame, k)
-
         computed = {
             "label": pa.array(label.tolist(), pa.string()),
             "score": pa.array(score, pa.float32(), mask=~is_frame),
-            "topk": topk,
+            "topk": _topk_column(ids, top_scores, self.labels, is_frame, k),
         }
-        columns = {  # everything else passes through from the decoder, minus the frames
-            f.name: computed[f.name] if f.name in computed else pa.array(_plain(batch[f.name]), f.type)
-            for f in INFERRED_SCHEMA
+        if self.info.embedding_dim:
+            computed["embedding"] = _vectors_column(vectors, rows, n, self.info.embedding_dim)
+        return computed
+
+    def _detections(self, outputs, rows, n) -> dict:
+        """boxes per frame row; label/score: the best box's (null: nothing detected);
+        topk: each detected class's best score, best first."""
+        boxes, scores, classes, valid = outputs
+        label, score = [None] * n, [None] * n
+        topk, box_lists = [None] * n, [None] * n
+        for j, row in enumerate(rows):
+            m = int(valid[j])
+            found = []
+            for b in range(m):
+                y0, x0, y1, x1 = (float(v) for v in boxes[j, b])
+                c = int(classes[j, b])
+                found.append({"label": str(self.labels[c]), "class_id": c, "score": float(scores[j, b]),
+                              "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1})
+            box_lists[row] = found
+            best: dict = {}
+            for f in found:  # sorted by score already: the first of a class is its best
+                best.setdefault(f["class_id"], f)
+            topk[row] = [{"class_id": f["class_id"], "label": f["label"], "score": f["score"]}
+                         for f in list(best.values())[: self.topk]]
+            if found:
+                label[row], score[row] = found[0]["label"], found[0]["score"]
+        return {
+            "label": pa.array(label, pa.string()),
+            "score": pa.array(score, pa.float32()),
+            "topk": pa.array(topk, TOPK_TYPE),
+            "boxes": pa.array(box_lists, boxes_field().type),
         }
-        return pa.table(columns, schema=INFERRED_SCHEMA)
 
 
 class Timings:
@@ -229,6 +328,16 @@ def _count_valid(column) -> int:
 
 def _plain(values: np.ndarray):
     return values.tolist() if values.dtype == object else values
+
+
+def _vectors_column(vectors: np.ndarray, rows: np.ndarray, n: int, dim: int) -> pa.Array:
+    """fixed_size_list<float32>[dim]: the vectors at `rows` of n rows, null elsewhere."""
+    full = np.zeros((n, dim), np.float32)
+    full[rows] = vectors
+    valid = np.zeros(n, bool)
+    valid[rows] = True
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float32()), dim,
+                                             mask=pa.array(~valid))
 
 
 def _topk_column(ids, scores, labels, is_frame, k) -> pa.Array:

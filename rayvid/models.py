@@ -62,6 +62,8 @@ class ModelInfo:
     num_classes: int
     labels: tuple[str, ...]
     preprocess: str
+    embedding_dim: int = 0  # with --embed: the width of the `embedding` column
+    clip_len: int = 0  # video models (input [batch, N, H, W, 3]): N; -1 if not fixed; 0: images
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -91,15 +93,21 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     own_tmp = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rayvid-model-")
     try:
+        clip_len = 0
         if cfg.name in APPLICATIONS:
             model, size, preprocess = _application(keras, cfg, workdir)
         else:
-            model, size, preprocess = _model_file(keras, cfg, workdir)
+            model, size, preprocess, clip_len = _model_file(keras, cfg, workdir)
         num_classes = int(model.output_shape[-1])
+        if cfg.head == "detect":
+            num_classes = detection_classes(model.output_shape)
         labels = _labels(cfg, num_classes)
         if cfg.preprocess != "auto":
             preprocess = cfg.preprocess
-        info = ModelInfo(display_name(cfg), size, num_classes, labels, preprocess)
+        dim = 0
+        if cfg.embed:
+            model, dim = with_embedding(keras, model, cfg.embed)
+        info = ModelInfo(display_name(cfg), size, num_classes, labels, preprocess, dim, clip_len)
         return model, info
     finally:
         if own_tmp:
@@ -139,6 +147,56 @@ def _application(keras, cfg: ModelConfig, workdir: str):
     return model, size, preprocess
 
 
+def detection_classes(shape) -> int:
+    """Detection: a grid detector's output is [batch, S, S, 5 + C]: per cell an objectness
+    logit, the box centre within the cell (tx, ty, through a sigmoid), its width and height
+    as fractions of the image (tw, th, through a sigmoid), and C class logits (`infer.
+    decode_grid` turns it into boxes). Returns C."""
+    if isinstance(shape, list) or len(shape) != 4 or shape[1] != shape[2] or (shape[-1] or 0) <= 5:
+        raise ModelError(f"--head detect needs a grid detector with output [batch, S, S, 5 + classes]; "
+                         f"this model outputs {shape}")
+    return int(shape[-1]) - 5
+
+
+def with_embedding(keras, model, layer: str = "auto"):
+    """(a model with two outputs, [scores, embedding], and the embedding's width).
+    `auto`: the input of the classifier, found by walking back from the output past
+    layers without weights (softmax, flatten, dropout) to the first layer with weights;
+    else the output of the layer of that name. Outputs of rank > 2 (feature maps) are
+    averaged over their spatial axes."""
+    if layer == "auto":
+        op = model.layers[-1]
+        while not op.weights:
+            inbound = _producer(op.input)
+            if inbound is None:
+                raise ModelError("--embed: found no classifier layer (a layer with weights) to take the input of")
+            op = inbound
+        tensor = op.input
+        if isinstance(tensor, (list, tuple)):
+            raise ModelError(f"--embed: the classifier {op.name!r} has several inputs; name a layer: --embed LAYER")
+    else:
+        try:
+            tensor = model.get_layer(layer).output
+        except ValueError:
+            names = ", ".join(lay.name for lay in model.layers[-8:])
+            raise ModelError(f"--embed: no layer named {layer!r} (the last layers: {names})") from None
+    if len(tensor.shape) > 2:
+        tensor = keras.ops.mean(tensor, axis=tuple(range(1, len(tensor.shape) - 1)))
+    dim = tensor.shape[-1]
+    if dim is None:
+        raise ModelError("--embed: the embedding's width is not fixed")
+    return keras.Model(model.inputs, [model.outputs[0], tensor], name=model.name), int(dim)
+
+
+def _producer(tensor):
+    """The layer that produced a Keras tensor (None for the model's input)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    op = history[0]
+    return None if op.__class__.__name__ == "InputLayer" else op
+
+
 def _model_file(keras, cfg: ModelConfig, workdir: str):
     url = cfg.name
     fs, path = storage.resolve(url)
@@ -167,7 +225,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         if isinstance(out, dict):
             out = out[sorted(out)[0]]
         model = keras.Model(inp, out)
-        return model, size, "raw"
+        return model, size, "raw", 0
     if not path.lower().endswith(MODEL_FILE_EXTENSIONS):
         raise ModelError(
             f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
@@ -181,12 +239,16 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     shape = model.input_shape
     if isinstance(shape, list):
         raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
+    clip_len = 0
+    if len(shape) == 5:  # a video model: [batch, N frames, H, W, 3]
+        clip_len = shape[1] if shape[1] is not None else -1
+        shape = (shape[0], *shape[2:])
     h, w = shape[1], shape[2]
     if h is None or w is None:
         if not cfg.input_size:
             raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
         h, w = cfg.input_size
-    return model, (int(h), int(w)), "raw"
+    return model, (int(h), int(w)), "raw", int(clip_len)
 
 
 def _savedmodel_size(local: str, cfg: ModelConfig) -> tuple[int, int]:

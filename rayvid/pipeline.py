@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from rayvid import __version__, commit, decode, infer, listing, models, segments, storage
 from rayvid.config import RunConfig
-from rayvid.errors import ModelError, RayvidError, StorageError, StorageUnavailable
+from rayvid.errors import ConfigError, ModelError, RayvidError, StorageError, StorageUnavailable
 
 log = logging.getLogger("rayvid")
 
@@ -115,6 +115,7 @@ def run(cfg: RunConfig) -> RunResult:
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
         units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
         info = probe()
+        clip_len = _clip_len(cfg, info)
         plan = plan_resources(cfg, ray.cluster_resources(), listed)
         result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
@@ -127,7 +128,7 @@ def run(cfg: RunConfig) -> RunResult:
                                          flush_interval_s=cfg.commit_interval_s)
             if units is not None:
                 timings = _timings_actor(ray)
-                ds = _dataset(ray, cfg, units, info, plan, timings)
+                ds = _dataset(ray, cfg, units, info, plan, timings, clip_len)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
                         committer.add(batch)
@@ -178,7 +179,24 @@ def run(cfg: RunConfig) -> RunResult:
     return result
 
 
-def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan, timings=None):
+def _clip_len(cfg: RunConfig, info: models.ModelInfo) -> int:
+    """Frames per model input: 0 for image models; for video models --clip-len, else the
+    N the model fixes."""
+    asked = cfg.sampling.clip_len or 0
+    if info.clip_len == 0:
+        if asked:
+            raise ConfigError(f"--clip-len needs a video model (input [batch, N, H, W, 3]); "
+                              f"{info.name} takes single frames")
+        return 0
+    if info.clip_len > 0 and asked and asked != info.clip_len:
+        raise ConfigError(f"--clip-len {asked}, but {info.name} takes clips of {info.clip_len} frames")
+    if info.clip_len < 0 and not asked:
+        raise ConfigError(f"{info.name} takes clips of any length: pass --clip-len N")
+    return asked or info.clip_len
+
+
+def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan, timings=None,
+             clip_len: int = 0):
     """The Ray Data graph: one block per segment (or small group) -> decode -> infer."""
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -197,6 +215,8 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
             fps=cfg.sampling.fps,
             keyframes=cfg.sampling.keyframes,
             skip_similar=cfg.sampling.skip_similar,
+            clip_len=clip_len,
+            clip_stride=cfg.sampling.clip_stride or clip_len,
             decoder=cfg.decode.decoder,
             threads=cfg.decode.threads,
             batch_frames=cfg.decode.batch_frames,
@@ -212,12 +232,13 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     ds = ds.map_batches(
         infer.Predictor,
         fn_constructor_kwargs=dict(
-            model=cfg.model, batch_size=plan.batch_size,
+            model=cfg.model, batch_size=max(1, plan.batch_size // max(1, clip_len)),
             # on GPU the CPUs it holds; on CPU all the node's cores (infer.cpu_threads)
             threads=max(1, int(plan.infer_cpus)) if plan.infer_gpus else 0,
             timings=timings,
+            clip_len=clip_len,
         ),
-        batch_size=plan.batch_size,
+        batch_size=max(1, plan.batch_size // max(1, clip_len)),  # clips: about as many frames
         batch_format="numpy",
         compute=ActorPoolStrategy(
             min_size=plan.infer_min, max_size=plan.infer_max, initial_size=plan.infer_min

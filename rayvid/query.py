@@ -12,6 +12,8 @@ Outputs (Arrow tables):
             duration_s, frames, mean_score, max_score`
   find      one row per video showing a label: `video_uri, label, segments, seconds,
             first_s, max_score, ranges (str, "start-end" seconds)`
+  similar   the k nearest frames (runs with --embed): `video_uri, frame_index,
+            timestamp_s, label, similarity` (cosine)
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
         raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
     for name in commit.committed_parts(fs, root):
         path = f"{root}/{what}/{name}"
-        if fs.exists(path):
-            yield pq.read_table(path, filesystem=fs, columns=columns)
+        if not fs.exists(path):
+            continue
+        with fs.open(path, "rb") as f:
+            part = pq.ParquetFile(f)
+            names = part.schema_arrow.names  # parts of older runs may lack a column
+            yield part.read(columns=[c for c in columns if c in names] if columns is not None else None)
 
 
 def labels(output: str) -> list[str]:
@@ -186,6 +192,84 @@ def find(output: str, label: str, min_score: float = 0.0, min_duration: float = 
                         ("seconds", pa.float64()), ("first_s", pa.float64()), ("max_score", pa.float32()),
                         ("ranges", pa.string())])
     return pa.Table.from_pylist(found, schema=schema)
+
+
+def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optional[float] = None,
+            image: Optional[str] = None, vector: Optional[np.ndarray] = None) -> pa.Table:
+    """The k frames whose embeddings are nearest (cosine) to a query: the frame of `video`
+    shown at `time_s` (itself excluded), an `image` embedded by the run's model, or a
+    `vector`. Brute force over every embedding in memory (4 x D bytes per frame): for
+    archives beyond memory, load the `embedding` column into a vector index."""
+    uris, index, times, labels, matrix = [], [], [], [], []
+    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding"]):
+        if "embedding" not in table.column_names:
+            continue
+        table = table.filter(pc.is_valid(table.column("embedding")))
+        uris += table.column("video_uri").to_pylist()
+        index.append(table.column("frame_index").to_numpy())
+        times.append(table.column("timestamp_s").to_numpy())
+        labels += table.column("label").to_pylist()
+        emb = table.column("embedding").combine_chunks()
+        matrix.append(emb.values.to_numpy().reshape(len(table), emb.type.list_size))
+    if not matrix:
+        raise ValueError(f"no embeddings in {storage.public_uri(output)}: run with --embed")
+    index, times, matrix = np.concatenate(index), np.concatenate(times), np.concatenate(matrix)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix = matrix / np.where(norms > 0, norms, 1)
+    skip = -1
+    if vector is None and image is not None:
+        vector = embed_image(output, image)
+    elif vector is None:
+        video = storage.canonical(video)
+        mine = np.flatnonzero(np.array([u == video for u in uris]))
+        if not len(mine):
+            raise ValueError(f"no embeddings of {storage.public_uri(video)} in {storage.public_uri(output)}")
+        shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
+        skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
+        vector = matrix[skip]
+    vector = np.asarray(vector, np.float32)
+    if vector.shape != (matrix.shape[1],):
+        raise ValueError(f"query vector has shape {vector.shape}, the embeddings ({matrix.shape[1]},)")
+    sims = matrix @ (vector / (np.linalg.norm(vector) or 1.0))
+    if skip >= 0:
+        sims[skip] = -np.inf
+    k = max(0, min(k, len(sims) - (skip >= 0)))
+    m = min(len(sims), 4 * k + 16)  # the best m by partition, then an exact, tie-stable sort
+    best = np.argpartition(-sims, m - 1)[:m] if m < len(sims) else np.arange(len(sims))
+    order = sorted(best.tolist(), key=lambda i: (-sims[i], uris[i], index[i]))[:k]
+    return pa.table({
+        "video_uri": pa.array([uris[i] for i in order], pa.string()),
+        "frame_index": pa.array(index[order], pa.int64()),
+        "timestamp_s": pa.array(times[order], pa.float64()),
+        "label": pa.array([labels[i] for i in order], pa.string()),
+        "similarity": pa.array(sims[order], pa.float32()),
+    })
+
+
+def embed_image(output: str, image: str) -> np.ndarray:
+    """An image's embedding by the model of OUTPUT's latest finished `--embed` run (its
+    record in runs/), resized to the model's input as the decoder resizes frames."""
+    from PIL import Image
+
+    from rayvid import infer
+    from rayvid.config import RunConfig
+
+    fs, root = storage.resolve(output)
+    records = []
+    for path in fs.glob(f"{root.rstrip('/')}/{commit.RUNS_DIR}/*.json"):
+        with fs.open(path, "rb") as f:
+            record = json.load(f)
+        if record.get("status") == "finished" and (record.get("config", {}).get("model") or {}).get("embed"):
+            records.append(record)
+    if not records:
+        raise ValueError(f"no finished --embed run recorded in {storage.public_uri(output)}/runs/")
+    record = max(records, key=lambda r: r.get("finished_at", ""))
+    model = RunConfig.from_dict(record["config"]).model
+    predictor = infer.Predictor(model, batch_size=1)
+    h, w = predictor.info.input_size
+    with Image.open(io.BytesIO(storage.read_bytes(image))) as img:
+        pixels = np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), np.uint8)
+    return predictor.outputs(pixels[None])[1][0]
 
 
 def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:

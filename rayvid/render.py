@@ -5,8 +5,9 @@ Input: one video (any URL) and the OUTPUT a run wrote for it (its rows are looke
 size and frame rate, every frame showing, top left, the top-k labels of the prediction in
 force (the frame's own row; with sparse sampling, the last sampled frame before it): a
 swatch in the label's colour (`report.colours` over the video's labels), the label and
-its score. Frames map to rows by index in presentation order, as the decoder numbers them
-(`decode.probe`), so the overlay sits on the frame the model saw.
+its score; with `--head detect` runs, each box outlined in its label's colour (on its own
+frame only). Frames map to rows by index in presentation order, as the decoder numbers
+them (`decode.probe`), so the overlay sits on the frame the model saw.
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ def overlay_rows(topk: Optional[list], k: int) -> list[tuple[str, float]]:
     return [(t["label"], float(t["score"])) for t in (topk or [])[:k]]
 
 
-def draw(frame: np.ndarray, rows: list[tuple[str, float]], palette: dict, font) -> np.ndarray:
-    """The frame with rows of (label, score) drawn top left, on a dark box."""
+def draw(frame: np.ndarray, rows: list[tuple[str, float]], palette: dict, font,
+         boxes: Optional[list] = None) -> np.ndarray:
+    """The frame with rows of (label, score) drawn top left, on a dark box, and (detection
+    runs) each box outlined in its label's colour."""
     from PIL import Image, ImageDraw
 
     pic = Image.fromarray(frame)
     d = ImageDraw.Draw(pic)
+    for b in boxes or []:
+        d.rectangle([b["x_min"], b["y_min"], b["x_max"] - 1, b["y_max"] - 1],
+                    outline=palette.get(b["label"], (255, 255, 255)), width=2)
     if rows:
         width = PAD * 3 + SWATCH + max(int(d.textlength(f"{label} {score:.2f}", font=font)) for label, score in rows)
         d.rectangle([0, 0, min(width, frame.shape[1] - 1), PAD + ROW_H * len(rows)], fill=(0, 0, 0))
@@ -54,6 +60,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                          f"(`rayvid summary OUTPUT` lists its videos)")
     index = preds.column("frame_index").to_numpy()
     tops = preds.column("topk").to_pylist()
+    boxes = preds.column("boxes").to_pylist() if "boxes" in preds.column_names else [None] * len(preds)
     palette = report.colours({t["label"] for row in tops for t in (row or [])})
     font = ImageFont.load_default(size=11)
     tmp = tempfile.mkdtemp(prefix="rayvid-render-")
@@ -75,7 +82,9 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []
                     img = frame.to_ndarray(format="rgb24")[: out.height, : out.width]
-                    new = av.VideoFrame.from_ndarray(np.ascontiguousarray(draw(img, rows, palette, font)), format="rgb24")
+                    shown = boxes[at] if at >= 0 and index[at] == i else None  # boxes: their own frame only
+                    img = draw(img, rows, palette, font, shown)
+                    new = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
                     new.pts = written
                     new.time_base = 1 / rate
                     for packet in out.encode(new):

@@ -200,3 +200,201 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
         info.update(train_model(model_dir))
     info["model"] = model_path
     return info
+
+
+# --- detection: moving shapes with known boxes, and a small grid detector ----------------
+
+DET_CLASSES = ("circle", "square", "triangle")
+DET_SIZE = 64  # the detector's input (frames are stretched to it, as the decoder does)
+DET_GRID = 8  # output cells per side (stride 8)
+
+
+def _draw(img: np.ndarray, cls: str, cx: float, cy: float, r: float, colour) -> tuple:
+    """Draw one shape; returns its box (x_min, y_min, x_max, y_max) in pixels."""
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    if cls == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    elif cls == "square":
+        mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    else:  # triangle, apex up
+        mask = (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+    img[mask] = colour
+    ys, xs = np.nonzero(mask)
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def detection_scene(rng: np.random.Generator, size=VIDEO_SIZE):
+    """1-3 objects, each in its own vertical lane (they never overlap), moving up or down
+    and bouncing: returns frame(t) -> (image, [(class, box)])."""
+    h, w = size
+    n = int(rng.integers(1, 4))
+    lane = w / n
+    bg = rng.integers(0, 80, 3)
+    objs = []
+    for k in range(n):
+        r = float(rng.uniform(9, min(18, lane / 2 - 3)))
+        objs.append(dict(cls=DET_CLASSES[int(rng.integers(len(DET_CLASSES)))], r=r,
+                         cx=float(k * lane + rng.uniform(r + 1, lane - r - 1)),
+                         cy=float(rng.uniform(r + 1, h - r - 1)), v=float(rng.uniform(-3, 3)),
+                         colour=rng.integers(140, 256, 3)))
+
+    def frame(t: int):
+        img = np.empty((h, w, 3), np.uint8)
+        img[:] = bg
+        found = []
+        for o in objs:
+            lo, hi = o["r"] + 1, h - o["r"] - 1
+            span = hi - lo
+            pos = (o["cy"] - lo + o["v"] * t) % (2 * span)  # bounce between lo and hi
+            cy = lo + (pos if pos <= span else 2 * span - pos)
+            found.append((o["cls"], _draw(img, o["cls"], o["cx"], cy, o["r"], o["colour"])))
+        return img, found
+
+    return frame
+
+
+def make_detection_video(path: str, seconds: float, seed: int, fps: int = FPS, size=VIDEO_SIZE) -> list:
+    """A video of moving shapes, a new scene every second; returns each frame's
+    [(class, (x_min, y_min, x_max, y_max))] in pixels."""
+    rng = np.random.default_rng(seed)
+    frames, truth = [], []
+    scene = None
+    for i in range(int(round(seconds * fps))):
+        if i % fps == 0:
+            scene = detection_scene(rng, size)
+        img, boxes = scene(i % fps)
+        frames.append(img)
+        truth.append(boxes)
+    write_video(path, frames, fps, size)
+    return truth
+
+
+def detection_targets(boxes: list, size=VIDEO_SIZE) -> np.ndarray:
+    """The [S, S, 5 + C] training target of one frame (models.detection_classes)."""
+    h, w = size
+    t = np.zeros((DET_GRID, DET_GRID, 5 + len(DET_CLASSES)), np.float32)
+    for cls, (x0, y0, x1, y1) in boxes:
+        cx, cy = (x0 + x1) / 2 / w * DET_GRID, (y0 + y1) / 2 / h * DET_GRID
+        i, j = min(int(cy), DET_GRID - 1), min(int(cx), DET_GRID - 1)
+        t[i, j, :5] = (1.0, cx - j, cy - i, (x1 - x0) / w, (y1 - y0) / h)
+        t[i, j, 5 + DET_CLASSES.index(cls)] = 1.0
+    return t
+
+
+def detection_loss(y_true, raw):
+    """Objectness (BCE, positives weighted up), box (squared error after the sigmoid) and
+    class (cross-entropy) terms of the grid detector, per image."""
+    import keras
+    from keras import ops
+
+    obj = y_true[..., 0]
+    bce = keras.losses.binary_crossentropy(obj[..., None], raw[..., :1], from_logits=True)
+    box = ops.sum(ops.square(ops.sigmoid(raw[..., 1:5]) - y_true[..., 1:5]), axis=-1)
+    cls = keras.losses.categorical_crossentropy(y_true[..., 5:], raw[..., 5:], from_logits=True)
+    per_cell = (1.0 + 4.0 * obj) * bce + obj * (10.0 * box + cls)
+    return ops.sum(per_cell, axis=(1, 2))
+
+
+def train_detector(out_dir: str, seed: int = 0, n_images: int = 2000, epochs: int = 12) -> dict:
+    """Train the sample grid detector on generated frames; writes detector.keras and
+    detector.labels.txt (run it with `--head detect`)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    while len(xs) < n_images:
+        scene = detection_scene(rng)
+        for t in rng.integers(0, 60, 4):
+            img, boxes = scene(int(t))
+            xs.append(img)
+            ys.append(detection_targets(boxes))
+    x = tf.image.resize(np.stack(xs), (DET_SIZE, DET_SIZE), method="bicubic")
+    x = np.clip(np.round(x.numpy()), 0, 255).astype(np.float32)
+    inp = keras.Input((DET_SIZE, DET_SIZE, 3), name="frame")
+    z = keras.layers.Rescaling(1 / 255.0)(inp)
+    for filters in (16, 32, 64):  # three stride-2 convolutions: 64 px -> an 8x8 grid
+        z = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(z)
+    z = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(z)
+    z = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(z)
+    out = keras.layers.Conv2D(5 + len(DET_CLASSES), 1, name="grid")(z)
+    model = keras.Model(inp, out, name="shapes_detector")
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=detection_loss)
+    history = model.fit(x, np.stack(ys), epochs=epochs, batch_size=32, shuffle=True, verbose=0)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "detector.keras")
+    model.save(path)
+    with open(os.path.join(out_dir, "detector.labels.txt"), "w") as f:
+        f.write("\n".join(DET_CLASSES) + "\n")
+    return {"model": path, "final_loss": round(float(history.history["loss"][-1]), 4)}
+
+
+# --- clips: a small video model that tells moving content from still -----------------
+
+CLIP_CLASSES = ("still", "moving")
+CLIP_LEN = 4
+
+
+def still_motion(labels: list[str], moving_every: int = 3) -> list[str]:
+    """Per frame of `still_frames(labels, ...)`: "moving" where the content moves (every
+    `moving_every`-th scene, unless blank: nothing there to move), else "still"."""
+    out, start, scene = [], 0, 0
+    while start < len(labels):
+        end = start
+        while end < len(labels) and labels[end] == labels[start]:
+            end += 1
+        moving = scene % moving_every == moving_every - 1 and labels[start] != "blank"
+        out += [CLIP_CLASSES[int(moving)]] * (end - start)
+        start, scene = end, scene + 1
+    return out
+
+
+def train_clip_model(out_dir: str, seed: int = 0, seconds: float = 80.0, epochs: int = 10) -> dict:
+    """Train the sample video model (early fusion of CLIP_LEN frames at MODEL_SIZE):
+    `moving` when the scene's content moves across the clip, `still` when only sensor
+    noise (and the codec's flicker) changes. It learns from static-camera videos encoded and
+    decoded as rayvid will see them (every other scene moving). Writes clips.keras and
+    clips.labels.txt."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from rayvid.decode import FrameReader
+
+    keras.utils.set_random_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "clips-train.mp4")
+    labels = scene_labels(int(round(seconds * FPS)), seed + 1000)
+    write_video(path, still_frames(labels, seed + 1000, moving_every=2), FPS, VIDEO_SIZE)
+    motion = still_motion(labels, moving_every=2)
+    reader = FrameReader((MODEL_SIZE, MODEL_SIZE), decoder="pyav")
+    frames = np.concatenate([b["frame"] for b in reader.read(path, path) if b["kind"][0] == "frame"])
+    os.remove(path)
+    xs, ys = [], []
+    for start in range(0, len(frames) - CLIP_LEN + 1, 2):  # windows inside one scene
+        window = motion[start : start + CLIP_LEN]
+        if len(set(window)) == 1 and labels[start] == labels[start + CLIP_LEN - 1]:
+            xs.append(frames[start : start + CLIP_LEN])
+            ys.append(CLIP_CLASSES.index(window[0]))
+    x = np.stack(xs).astype(np.float32)
+    inp = keras.Input((CLIP_LEN, MODEL_SIZE, MODEL_SIZE, 3), name="clip")
+    z = keras.layers.Rescaling(1 / 255.0)(inp)
+    # early fusion: the clip's frames side by side as channels (TF's Conv3D is ~15x slower
+    # on CPU), so the first convolution sees every frame of a neighbourhood at once
+    z = keras.layers.Permute((2, 3, 1, 4))(z)
+    z = keras.layers.Reshape((MODEL_SIZE, MODEL_SIZE, CLIP_LEN * 3))(z)
+    z = keras.layers.Conv2D(24, 3, activation="relu")(z)
+    z = keras.layers.Conv2D(32, 3, strides=2, activation="relu")(z)
+    z = keras.layers.GlobalMaxPooling2D()(z)
+    out = keras.layers.Dense(len(CLIP_CLASSES), activation="softmax", name="motion")(z)
+    model = keras.Model(inp, out, name="motion")
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, np.array(ys), epochs=epochs, batch_size=32, shuffle=True, verbose=0)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "clips.keras")
+    model.save(path)
+    with open(os.path.join(out_dir, "clips.labels.txt"), "w") as f:
+        f.write("\n".join(CLIP_CLASSES) + "\n")
+    return {"model": path, "accuracy": round(float(history.history["accuracy"][-1]), 4)}

@@ -65,6 +65,45 @@ INFERRED_SCHEMA = pa.schema(
     ]
 )
 
+def embedding_field(dim: int) -> pa.Field:
+    """`--embed`: one vector per frame (null on rows that are not frames)."""
+    return pa.field("embedding", pa.list_(pa.float32(), dim))
+
+
+BOX_TYPE = pa.struct([
+    pa.field("label", pa.string()), pa.field("class_id", pa.int32()), pa.field("score", pa.float32()),
+    pa.field("x_min", pa.float32()), pa.field("y_min", pa.float32()),
+    pa.field("x_max", pa.float32()), pa.field("y_max", pa.float32()),
+])
+
+
+def boxes_field() -> pa.Field:
+    """`--head detect`: a frame's detections, best first. Between stages the coordinates
+    are fractions of the frame; the committer turns them into pixels of the source frame."""
+    return pa.field("boxes", pa.list_(BOX_TYPE))
+
+
+def clip_fields() -> list[pa.Field]:
+    """`--clip-len`: a row is a clip of consecutive frames (its frame_index/timestamp_s are
+    its first frame's); what it covers, frames and seconds (end_s: where the next frame
+    starts)."""
+    return [pa.field("clip_start_frame", pa.int64()), pa.field("clip_end_frame", pa.int64()),
+            pa.field("start_s", pa.float64()), pa.field("end_s", pa.float64())]
+
+
+# Columns a model head adds to the inferred rows and, after `reused_from`, to predictions/.
+HEAD_COLUMNS = ("embedding", "boxes", "clip_start_frame", "clip_end_frame", "start_s", "end_s")
+
+
+def with_head(schema: pa.Schema, head: list[pa.Field]) -> pa.Schema:
+    """`schema` with a head's columns: after `reused_from` if it has one, else at the end."""
+    if not head:
+        return schema
+    at = schema.get_field_index("reused_from") + 1 or len(schema)
+    fields = list(schema)
+    return pa.schema(fields[:at] + list(head) + fields[at:], metadata=schema.metadata)
+
+
 # Per-video columns the decoder fills on the terminal row (empty on frame rows).
 VIDEO_COLUMNS = ("decoder", "codec", "width", "height", "fps", "duration_s")
 

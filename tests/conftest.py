@@ -170,3 +170,22 @@ def code_reader(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("reader") / "framecode.keras")
     framecode.build_reader(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def detector(tmp_path_factory):
+    """The sample grid detector (rayvid.samples.train_detector), trained once per session."""
+    from rayvid import samples
+
+    out = tmp_path_factory.mktemp("detector")
+    return samples.train_detector(str(out))
+
+
+@pytest.fixture(scope="session")
+def clip_model(tmp_path_factory):
+    """The sample video model (rayvid.samples.train_clip_model): still vs moving clips."""
+    from rayvid import samples
+
+    info = samples.train_clip_model(str(tmp_path_factory.mktemp("clips")))
+    assert info["accuracy"] >= 0.95, info
+    return info

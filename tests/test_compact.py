@@ -134,3 +134,30 @@ def test_compact_verb_on_s3(s3_endpoint, capsys):
     assert cli.main(["compact", url]) == 0
     assert json.loads(capsys.readouterr().out)["parts_after"] == 1
     assert _state(url) == want
+
+
+def test_merged_parts_keep_a_heads_columns(tmp_path):
+    """Parts with an `embedding` (or `boxes`) column keep it through a merge; parts of
+    older runs without it get nulls."""
+    import pyarrow as pa
+
+    from rayvid.schema import PREDICTIONS_SCHEMA, embedding_field, with_head
+
+    url = str(tmp_path / "o")
+    write_output(url, dict(list(VIDEOS.items())[:2]), rows_per_file=1)
+    first = sorted(os.listdir(os.path.join(url, "predictions")))[0]
+    path = os.path.join(url, "predictions", first)
+    t = pq.read_table(path)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array([float(i) for i in range(len(t) * 3)], pa.float32()), 3)
+    schema = with_head(PREDICTIONS_SCHEMA, [embedding_field(3)])
+    t = pa.Table.from_arrays([vectors if f.name == "embedding" else t.column(f.name) for f in schema], schema=schema)
+    commit.write_parquet(path, t)
+    compact.compact(url)
+    merged = query.read(url)
+    assert merged.schema.field("embedding").type == pa.list_(pa.float32(), 3)
+    by_video = {}
+    for r in merged.to_pylist():
+        by_video.setdefault(r["video_uri"], []).append(r["embedding"])
+    [with_vectors] = [u for u, e in by_video.items() if e[0] is not None]
+    assert all(e is not None for e in by_video[with_vectors])
+    assert all(e is None for u, es in by_video.items() if u != with_vectors for e in es)

@@ -448,3 +448,38 @@ def test_skip_similar_reuses_the_last_inferred_frame(tmp_path):
     # off by default: every frame is inferred
     plain, _ = _rows(Decoder(size=(h, w)).decode_video(path))
     assert all(r["reused_from"] == -1 for r in plain)
+
+
+# --- clips (--clip-len) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, stride, starts, ends", [
+    (4, 4, [0, 4, 8], [3, 7, 9]),  # side by side; the last clip padded
+    (4, 2, [0, 2, 4, 6], [3, 5, 7, 9]),  # overlapping: frames 8-9 are in the last full clip
+    (4, 6, [0, 6], [3, 9]),  # gaps
+])
+def test_clips_tile_the_kept_frames(n, stride, starts, ends):
+    from rayvid.decode import Clips
+
+    times = np.arange(10) / 10
+    frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    clips = Clips(n, stride, times)
+    got = clips.add(np.arange(6), frames[:6]) + clips.add(np.arange(6, 10), frames[6:]) + clips.finish()
+    assert [c[0] for c in got] == starts and [c[1] for c in got] == ends
+    for first, last, start_s, end_s, clip in got:
+        assert clip.shape == (n, 2, 2, 3)
+        shown = [int(f[0, 0, 0]) for f in clip]
+        assert shown == [min(first + k, last) for k in range(n)]  # consecutive, then padded
+        assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
+
+
+def test_clip_rows_hold_consecutive_frames(matrix):
+    path, n = matrix["h264.mp4"]
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, clip_len=3).decode_video(path))
+    assert end["error_type"] == "" and end["n_frames"] == len(frames) == -(-n // 3)
+    assert end["frame"].shape == (3, *framecode.SIZE, 3) and end["clip_start_frame"] == -1
+    for row in frames:
+        assert row["frame"].shape == (3, *framecode.SIZE, 3)
+        assert row["clip_start_frame"] == row["frame_index"]
+        codes = [framecode.read_code(f) for f in row["frame"]]
+        assert codes == [min(row["frame_index"] + k, row["clip_end_frame"]) for k in range(3)]

@@ -118,3 +118,61 @@ def test_on_a_gpu_xla_agrees_with_cpu_float32(shapes_model):
         cpu = Predictor(ModelConfig(name=shapes_model["path"]), batch_size=16).scores(frames)
     assert (gpu.argmax(1) == cpu.argmax(1)).all()
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+def test_decode_grid_boxes_and_nms_in_the_graph():
+    """Two cells fire for the same object (one suppressed by NMS), one cell for another
+    class; the boxes come out where the grid says, as fractions of the frame."""
+    import tensorflow as tf
+
+    from rayvid.infer import decode_grid
+
+    s, c = 4, 2
+    raw = np.full((1, s, s, 5 + c), -10.0, np.float32)  # objectness ~0 everywhere
+
+    def cell(i, j, cls, obj, cx_in, cy_in, w, h):
+        logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+        raw[0, i, j, :5] = [logit(obj), logit(cx_in), logit(cy_in), logit(w), logit(h)]
+        raw[0, i, j, 5:] = -10.0
+        raw[0, i, j, 5 + cls] = 10.0
+
+    cell(1, 1, 0, 0.95, 0.5, 0.5, 0.5, 0.5)  # centre (0.375, 0.375)
+    cell(1, 2, 0, 0.80, 0.1, 0.5, 0.5, 0.5)  # centre (0.525, 0.375): IoU 0.54, lower score
+    cell(3, 0, 1, 0.90, 0.5, 0.5, 0.2, 0.1)  # centre (0.125, 0.875)
+    boxes, scores, classes, valid = (t.numpy() for t in decode_grid(tf, tf.constant(raw), 5, 0.5, 0.3))
+    assert valid.tolist() == [2]
+    np.testing.assert_allclose(scores[0, :2], [0.95, 0.90], atol=1e-3)
+    assert classes[0, :2].tolist() == [0, 1]
+    np.testing.assert_allclose(boxes[0, 0], [0.125, 0.125, 0.625, 0.625], atol=1e-4)  # y0, x0, y1, x1
+    np.testing.assert_allclose(boxes[0, 1], [0.825, 0.025, 0.925, 0.225], atol=1e-4)
+
+
+def test_embeddings_are_the_classifier_input(shapes_model):
+    """--embed: the shapes model's pooled features (the Dense classifier's input), exactly
+    what a Keras sub-model computes; L2-normalised on request."""
+    import keras
+
+    frames = _frames(5)
+    p = Predictor(ModelConfig(name=shapes_model["path"], embed="auto", embed_normalize=True), batch_size=4)
+    scores, vectors = p.outputs(frames)
+    model = keras.saving.load_model(shapes_model["path"])
+    features = keras.Model(model.inputs, model.get_layer("classes").input).predict(frames.astype("float32"), verbose=0)
+    np.testing.assert_allclose(vectors, features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(scores, model.predict(frames.astype("float32"), verbose=0), atol=1e-6)
+    table = p({"kind": np.array([KIND_FRAME] * 5 + [KIND_END], object), "frame": np.concatenate([frames, frames[:1]]),
+               "reused_from": np.array([-1] * 6), **_passthrough(6)})
+    assert table.schema.field("embedding").type.list_size == 64
+    assert table.column("embedding").null_count == 1
+
+
+def _passthrough(n: int) -> dict:
+    """The decoder's other columns, for n rows."""
+    return {
+        "video_uri": np.array(["v"] * n, dtype=object), "segment": np.zeros(n, np.int32),
+        "n_segments": np.ones(n, np.int32), "frame_index": np.arange(n), "timestamp_s": np.arange(n) / 10,
+        "n_frames": np.zeros(n, np.int64), "error_stage": np.array([""] * n, object),
+        "error_type": np.array([""] * n, object), "message": np.array([""] * n, object),
+        "decoder": np.array([""] * n, object), "codec": np.array([""] * n, object),
+        "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "fps": np.zeros(n),
+        "duration_s": np.zeros(n),
+    }

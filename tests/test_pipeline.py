@@ -555,3 +555,135 @@ def test_skip_similar_infers_fewer_frames_and_agrees_with_the_full_run(ray_sessi
     assert record["stats"]["frames_inferred"] == inferred
     assert record["stats"]["inference"]["frames"] == inferred  # what the model actors saw
     assert full.inference["frames"] == 180 and 0 < full.inference["model_busy"] <= 1
+
+
+def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp_path, capsys):
+    """--embed writes the classifier's input per frame. Two byte-identical videos: each
+    frame's nearest neighbour is its twin (similarity 1); the next nearest shows the same
+    generated class; an image of a frame finds that frame."""
+    import av
+    from PIL import Image
+
+    from rayvid import cli, query, samples
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    truth = samples.make_video(str(videos / "a.mp4"), 3.0, seed=1)
+    shutil.copy(videos / "a.mp4", videos / "twin.mp4")
+    other = samples.make_video(str(videos / "c.mp4"), 3.0, seed=2)
+    out = str(tmp_path / "out")
+    cfg = RunConfig(input=str(videos), output=out, progress=False,
+                    model=ModelConfig(name=shapes_model["path"], embed="auto", embed_normalize=True))
+    pipeline.run(cfg)
+    preds = read_output(out)
+    assert preds.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    emb = {(r["video_uri"], r["frame_index"]): np.array(r["embedding"]) for r in
+           preds.select(["video_uri", "frame_index", "embedding"]).to_pylist()}
+    a, twin, c = (str(videos / n) for n in ("a.mp4", "twin.mp4", "c.mp4"))
+    assert len(emb) == len(truth) * 2 + len(other)
+    np.testing.assert_allclose([np.linalg.norm(v) for v in emb.values()], 1.0, atol=1e-5)
+    for i in range(len(truth)):
+        np.testing.assert_array_equal(emb[(a, i)], emb[(twin, i)])
+
+    ts = dict(zip(preds.filter(pa.compute.equal(preds.column("video_uri"), a)).column("frame_index").to_pylist(),
+                  preds.filter(pa.compute.equal(preds.column("video_uri"), a)).column("timestamp_s").to_pylist()))
+    classes = {a: truth, twin: truth, c: other}
+    for i in range(0, len(truth), 3):
+        got = query.similar(out, k=2, video=a, time_s=ts[i]).to_pylist()
+        assert (got[0]["video_uri"], got[0]["frame_index"]) == (twin, i) and got[0]["similarity"] > 0.9999
+        assert classes[got[1]["video_uri"]][got[1]["frame_index"]] == truth[i], (i, got[1])
+
+    k = 30  # an image of frame 30 (decoded at full size, saved as PNG)
+    with av.open(a) as container:
+        frame = next(f for j, f in enumerate(container.decode(video=0)) if j == k).to_ndarray(format="rgb24")
+    Image.fromarray(frame).save(tmp_path / "query.png")
+    assert cli.main(["similar", out, "--image", str(tmp_path / "query.png"), "-k", "2", "--format", "json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert {h["video_uri"] for h in hits} == {a, twin}
+    assert all(abs(h["frame_index"] - k) <= 2 and h["similarity"] > 0.95 for h in hits), hits
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_detection_boxes_match_known_positions(ray_session, detector, tmp_path, capsys):
+    """--head detect with the sample detector on generated videos of moving shapes: boxes in
+    source pixels, decoded and NMS'd in the inference graph; IoU >= 0.5 with the known box
+    for >= 95% of objects, and few false boxes."""
+    from rayvid import cli, samples
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    truth = {str(videos / f"d{s}.mp4"): samples.make_detection_video(str(videos / f"d{s}.mp4"), 3.0, seed=s)
+             for s in (11, 12)}
+    out = str(tmp_path / "out")
+    assert cli.main(["run", str(videos), out, "--model", detector["model"], "--head", "detect",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    preds = read_output(out)
+    assert preds.schema.field("boxes").type == pa.list_(schema.BOX_TYPE)
+    got = {(r["video_uri"], r["frame_index"]): r for r in preds.to_pylist()}
+    objects = matched = boxes = 0
+    for uri, frames in truth.items():
+        for i, want in enumerate(frames):
+            row = got[(uri, i)]
+            found = list(row["boxes"])
+            boxes += len(found)
+            for cls, box in want:
+                objects += 1
+                best = max(found, key=lambda f: _iou(box, (f["x_min"], f["y_min"], f["x_max"], f["y_max"]))
+                           if f["label"] == cls else -1, default=None)
+                if best is not None and best["label"] == cls and \
+                        _iou(box, (best["x_min"], best["y_min"], best["x_max"], best["y_max"])) >= 0.5:
+                    matched += 1
+                    found.remove(best)
+            if row["boxes"]:
+                assert row["label"] == row["boxes"][0]["label"] and row["score"] == row["boxes"][0]["score"]
+    assert matched >= 0.95 * objects, f"{matched} of {objects} objects found at IoU >= 0.5"
+    assert boxes <= 1.1 * objects, f"{boxes} boxes for {objects} objects"
+    # the same query verbs: a frame's label is its best box's class
+    uri = sorted(truth)[0]
+    label = got[(uri, 0)]["label"]
+    assert label in {cls for cls, _ in truth[uri][0]}
+    assert cli.main(["find", out, label, "--format", "json"]) == 0
+    assert uri in {r["video_uri"] for r in json.loads(capsys.readouterr().out)}
+
+
+def test_clip_model_labels_each_clip(ray_session, clip_model, tmp_path, capsys):
+    """--clip-len 4 with the sample video model on static-camera footage (still scenes, every
+    third one moving): one row per clip, tiling the video; clips inside one scene get its
+    motion class (a clip across a scene change shows a jump, which is motion)."""
+    from rayvid import cli, samples
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    labels = samples.make_still_video(str(videos / "cam.mp4"), 8.0, seed=21)
+    motion = samples.still_motion(labels)
+    assert "moving" in motion and "still" in motion
+    out = str(tmp_path / "out")
+    assert cli.main(["run", str(videos), out, "--model", clip_model["model"], "--clip-len", "4",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    preds = read_output(out).sort_by("frame_index")
+    for name in ("clip_start_frame", "clip_end_frame", "start_s", "end_s"):
+        assert name in preds.column_names
+    rows = preds.to_pylist()
+    n = len(labels)
+    assert [r["clip_start_frame"] for r in rows] == list(range(0, n, 4))
+    assert [r["clip_end_frame"] for r in rows] == [min(s + 3, n - 1) for s in range(0, n, 4)]
+    ts = pts_of(str(videos / "cam.mp4"))
+    np.testing.assert_allclose([r["start_s"] for r in rows], ts[::4], atol=1e-9)
+    np.testing.assert_allclose([r["end_s"] for r in rows[:-1]], ts[4::4], atol=1e-9)
+    assert all(r["frame_index"] == r["clip_start_frame"] and r["timestamp_s"] == r["start_s"] for r in rows)
+    inside = [r for r in rows if len(set(labels[r["clip_start_frame"]: r["clip_end_frame"] + 1])) == 1]  # one scene
+    right = sum(r["label"] == motion[r["clip_start_frame"]] for r in inside)
+    assert right >= 0.9 * len(inside), f"{right} of {len(inside)} clips labelled as generated"
+    # clips work with the query verbs: segments of "moving"
+    assert cli.main(["segments", out, "--label", "moving", "--format", "json"]) == 0
+    segs = json.loads(capsys.readouterr().out)
+    moving = [r for r in inside if r["label"] == "moving"]
+    assert segs and sum(s["frames"] for s in segs) >= len(moving)
