@@ -273,7 +273,8 @@ def embed_image(output: str, image: str) -> np.ndarray:
 
 
 def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
-    """Per-frame rows for a spreadsheet: top-k as columns `label_1, score_1, ...`."""
+    """Per-frame rows for a spreadsheet: top-k as columns `label_1, score_1, ...`; a clip
+    run's clip columns; detections as JSON text (`boxes`); no embeddings."""
     topk = table.column("topk").to_pylist()
     k = k if k is not None else max((len(t or []) for t in topk), default=0)
     out = table.select(["video_uri", "frame_index", "timestamp_s", "label", "score"])
@@ -282,9 +283,12 @@ def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
             [t[i]["label"] if t and len(t) > i else None for t in topk], pa.string()))
         out = out.append_column(f"score_{i + 1}", pa.array(
             [t[i]["score"] if t and len(t) > i else None for t in topk], pa.float32()))
-    for name in ("reused_from", "model", "run_id"):
+    for name in ("clip_start_frame", "clip_end_frame", "start_s", "end_s", "reused_from", "model", "run_id"):
         if name in table.column_names:
             out = out.append_column(name, table.column(name))
+    if "boxes" in table.column_names:  # detections as JSON text; embeddings stay in Parquet
+        out = out.append_column("boxes", pa.array(
+            [None if b is None else json.dumps(b) for b in table.column("boxes").to_pylist()], pa.string()))
     return out
 
 

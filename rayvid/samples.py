@@ -173,12 +173,7 @@ def train_model(out_dir: str, seed: int = 0, epochs: int = 5) -> dict:
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x.astype("float32"), y, epochs=epochs, batch_size=64, shuffle=True, verbose=0)
     _, acc = model.evaluate(xv.astype("float32"), yv, verbose=0)
-    os.makedirs(out_dir, exist_ok=True)
-    model_path = os.path.join(out_dir, "shapes.keras")
-    model.save(model_path)
-    with open(os.path.join(out_dir, "shapes.labels.txt"), "w") as f:
-        f.write("\n".join(CLASSES) + "\n")
-    return {"model": model_path, "validation_accuracy": round(float(acc), 4)}
+    return {"model": _save(model, out_dir, "shapes", CLASSES), "validation_accuracy": round(float(acc), 4)}
 
 
 def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bool = False) -> dict:
@@ -324,11 +319,7 @@ def train_detector(out_dir: str, seed: int = 0, n_images: int = 2000, epochs: in
     model = keras.Model(inp, out, name="shapes_detector")
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss=detection_loss)
     history = model.fit(x, np.stack(ys), epochs=epochs, batch_size=32, shuffle=True, verbose=0)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "detector.keras")
-    model.save(path)
-    with open(os.path.join(out_dir, "detector.labels.txt"), "w") as f:
-        f.write("\n".join(DET_CLASSES) + "\n")
+    path = _save(model, out_dir, "detector", DET_CLASSES)
     return {"model": path, "final_loss": round(float(history.history["loss"][-1]), 4)}
 
 
@@ -392,9 +383,15 @@ def train_clip_model(out_dir: str, seed: int = 0, seconds: float = 80.0, epochs:
     model = keras.Model(inp, out, name="motion")
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(x, np.array(ys), epochs=epochs, batch_size=32, shuffle=True, verbose=0)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "clips.keras")
-    model.save(path)
-    with open(os.path.join(out_dir, "clips.labels.txt"), "w") as f:
-        f.write("\n".join(CLIP_CLASSES) + "\n")
+    path = _save(model, out_dir, "clips", CLIP_CLASSES)
     return {"model": path, "accuracy": round(float(history.history["accuracy"][-1]), 4)}
+
+
+def _save(model, out_dir: str, name: str, labels) -> str:
+    """`name`.keras and `name`.labels.txt (where rayvid looks for a model file's labels)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.keras")
+    model.save(path)
+    with open(os.path.join(out_dir, f"{name}.labels.txt"), "w") as f:
+        f.write("\n".join(labels) + "\n")
+    return path
