@@ -696,3 +696,15 @@ def test_clip_model_labels_each_clip(ray_session, clip_model, tmp_path, capsys):
     segs = json.loads((tmp_path / "s.json").read_text())
     moving = [r for r in inside if r["label"] == "moving"]
     assert segs and sum(s["frames"] for s in segs) >= len(moving)
+
+
+def test_a_head_that_does_not_fit_the_model_is_a_clear_error(ray_session, media, shapes_model, tmp_path):
+    from rayvid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--clip-len needs a video model"):
+        pipeline.run(_cfg(str(media["videos"]), str(tmp_path / "o"), shapes_model["path"],
+                          sampling=SamplingConfig(clip_len=4)))
+    with pytest.raises(ModelError, match="--head detect needs a grid detector"):
+        pipeline.run(RunConfig(input=str(media["videos"]), output=str(tmp_path / "o"), progress=False,
+                               model=ModelConfig(name=shapes_model["path"], head="detect")))
+    assert not (tmp_path / "o").exists()
