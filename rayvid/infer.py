@@ -149,15 +149,22 @@ class Predictor:
             head = head + clip_fields()
         self.schema = with_head(INFERRED_SCHEMA, head)
 
+        def network(x):
+            return keras_model(x, training=False)
+
+        detect = self.head == "detect"
+        if detect and model.xla:  # XLA has no kernel for the NMS: compile the network alone
+            network = tf.function(network, jit_compile=True)
+
         def build(batch_size: int):
             @tf.function(
                 input_signature=[tf.TensorSpec([batch_size, *frame_shape], tf.uint8)],
-                jit_compile=bool(model.xla),
+                jit_compile=bool(model.xla) and not detect,
                 reduce_retracing=False,
             )
             def predict(frames):
                 x = pre(tf.cast(frames, tf.float32))
-                out = keras_model(x, training=False)
+                out = network(x)
                 if model.head == "detect":  # decoding and NMS stay on the inference device
                     return decode_grid(tf, tf.cast(out, tf.float32), model.max_boxes,
                                        model.iou_threshold, model.min_box_score)

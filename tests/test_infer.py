@@ -176,3 +176,15 @@ def _passthrough(n: int) -> dict:
         "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "fps": np.zeros(n),
         "duration_s": np.zeros(n),
     }
+
+
+def test_detect_with_xla_compiles_the_network_and_keeps_the_nms_outside(detector):
+    """XLA has no kernel for CombinedNonMaxSuppression: `--xla --head detect` compiles the
+    network alone and gives the same boxes."""
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    cfg = dict(name=detector["model"], head="detect", min_box_score=0.0)
+    plain = Predictor(ModelConfig(**cfg), batch_size=4).outputs(frames)
+    xla = Predictor(ModelConfig(**cfg, xla=True), batch_size=4).outputs(frames)
+    assert xla[0].shape == (5, 20, 4)
+    for a, b in zip(plain, xla):
+        np.testing.assert_allclose(a, b, atol=1e-4)
