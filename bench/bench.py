@@ -756,9 +756,13 @@ def markdown(results: dict) -> str:
                        f"{m[n]['total_mb']:.0f} |")
         out += ["", f"Peak RSS, long / short: **{m['long_vs_short']:.2f}**", ""]
     if "sparse" in results:
-        out += ["### sparse sampling", "", "| video | mode | frames | CPU-s | cheaper than every frame |",
-                "| --- | --- | --- | --- | --- |"]
+        out += ["### sparse sampling", ""]
+        if results["sparse"].get("command"):
+            out += [f"Command: `{results['sparse']['command']}`", ""]
+        out += ["| video | mode | frames | CPU-s | cheaper than every frame |", "| --- | --- | --- | --- | --- |"]
         for video, modes in results["sparse"].items():
+            if video == "command":
+                continue
             for mode, x in modes.items():
                 out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
         out.append("")

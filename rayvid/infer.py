@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayvid.config import ModelConfig
-from rayvid.schema import (INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
+from rayvid.errors import RayvidError
+from rayvid.schema import (BOX_TYPE, INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
                            with_head)
 
 
@@ -103,13 +106,15 @@ class Predictor:
         model: ModelConfig,
         batch_size: int,
         threads: int = 0,
-        timings=None,
+        reports=None,
         clip_len: int = 0,
     ):
-        """`threads`: TF's intra-op threads on CPU; 0: as many as the node has, up to
-        `MAX_CPU_THREADS` (the decode actors on the node share the cores; they only run
-        ahead as far as Ray Data's backpressure lets them). `timings`: a handle of a Ray actor running `Timings`, told after every batch how
-        long the model ran and how long this actor waited for frames."""
+        """`threads`: on CPU, how many model calls run side by side (`streams`), each on
+        one core, each on its share of the batch; 0: as many as the node has cores, up to
+        `MAX_CPU_THREADS` (the decode actors on the node share the cores, at a lower
+        priority: decode.DECODE_NICE). `reports`: a handle of a Ray
+        actor running `Reports`, told the loaded model (or why it cannot load), and after
+        every batch how long the model ran and how long this actor waited for frames."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf  # heavy import: only inside the stage
         import keras
@@ -117,10 +122,16 @@ class Predictor:
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:  # before TF touches the GPU, or it takes all of its memory
             tf.config.experimental.set_memory_growth(gpu, True)
+        # On CPU, independent single-threaded model calls run side by side, one per core,
+        # instead of every op being split across the cores: no barrier after each op, so a
+        # core taken by something else (a decoder, Ray) slows one call, not all of them.
+        # Measured (BENCHMARKS.md), MobileNetV3 on 2 cores next to a decoder: 196-202
+        # frames/s this way, 144-158 with each op on both cores.
+        self.streams = 1 if gpus else cpu_threads(threads)
         if not gpus:
             try:  # an actor owns its process; in-process use (tests) may find TF started
-                tf.config.threading.set_intra_op_parallelism_threads(cpu_threads(threads))
-                tf.config.threading.set_inter_op_parallelism_threads(1)
+                tf.config.threading.set_intra_op_parallelism_threads(1)
+                tf.config.threading.set_inter_op_parallelism_threads(self.streams)
             except RuntimeError:
                 pass
         if model.mixed_precision:
@@ -128,8 +139,18 @@ class Predictor:
 
         from rayvid import models
 
-        self.model, self.info = models.load(model)
-        self.batch_size = int(batch_size)
+        self._key = f"{os.uname().nodename}:{os.getpid()}"
+        try:
+            self.model, self.info = models.load(model)
+        except RayvidError as e:  # the driver raises it as it is, not as a dead actor
+            if reports is not None:
+                import ray
+
+                ray.get(reports.failed.remote(type(e).__name__, str(e)))
+            raise
+        if reports is not None:
+            reports.loaded.remote(self.info)
+        self.batch_size = max(1, int(batch_size) // self.streams)  # per call; a stream each
         self.topk = int(model.topk)
         self.labels = np.array(self.info.labels, dtype=object)
         h, w = self.info.input_size
@@ -189,8 +210,8 @@ class Predictor:
                 if self.batch_size == 1:
                     raise
                 self.batch_size //= 2
-        self._timings = timings
-        self._key = f"{os.uname().nodename}:{os.getpid()}"
+        self._pool = ThreadPoolExecutor(self.streams) if self.streams > 1 else None
+        self._reports = reports
         self._clock = {"model_s": 0.0, "other_s": 0.0, "wait_s": 0.0, "frames": 0, "batches": 0}
         self._returned_at = None  # waiting counts from the end of one batch to the next
         self._model_s = 0.0
@@ -204,20 +225,21 @@ class Predictor:
         classify: (scores [n, classes], embeddings [n, D], D = 0 without --embed);
         detect: (boxes [n, M, 4] as y_min, x_min, y_max, x_max fractions, scores [n, M],
         classes [n, M], valid [n]), M = max_boxes, the first `valid` of each row real."""
-        parts = []
         if len(frames) == 0:
             return self._empty
-        for start in range(0, len(frames), self.batch_size):
-            chunk = frames[start : start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size:
-                padded = self._zeros.copy()
-                padded[:n] = chunk
-                chunk = padded
-            t0 = time.perf_counter()
-            parts.append([t.numpy()[:n] for t in self._predict(chunk)])  # .numpy(): waits for the device
-            self._model_s += time.perf_counter() - t0
+        chunks = [frames[start : start + self.batch_size] for start in range(0, len(frames), self.batch_size)]
+        t0 = time.perf_counter()
+        parts = list(self._pool.map(self._call_model, chunks) if self._pool else map(self._call_model, chunks))
+        self._model_s += time.perf_counter() - t0
         return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def _call_model(self, chunk: np.ndarray) -> list:
+        n = len(chunk)
+        if n < self.batch_size:
+            padded = self._zeros.copy()
+            padded[:n] = chunk
+            chunk = padded
+        return [t.numpy()[:n] for t in self._predict(chunk)]  # .numpy(): waits for the device
 
     def __call__(self, batch: dict) -> pa.Table:
         entered = time.perf_counter()
@@ -232,8 +254,8 @@ class Predictor:
         clock["frames"] += int(_count_valid(table.column("score")))
         clock["batches"] += 1
         self._returned_at = now
-        if self._timings is not None:  # fire and forget: never waits on the driver
-            self._timings.report.remote(self._key, dict(clock))
+        if self._reports is not None:  # fire and forget: never waits on the driver
+            self._reports.report.remote(self._key, dict(clock))
         return table
 
     def _call(self, batch: dict) -> pa.Table:
@@ -274,43 +296,74 @@ class Predictor:
 
     def _detections(self, outputs, rows, n) -> dict:
         """boxes per frame row; label/score: the best box's (null: nothing detected);
-        topk: each detected class's best score, best first."""
+        topk: each detected class's best score, best first. Built as Arrow arrays from the
+        graph's outputs (no Python loop per box: this runs at the device's frame rate)."""
         boxes, scores, classes, valid = outputs
-        label, score = [None] * n, [None] * n
-        topk, box_lists = [None] * n, [None] * n
-        for j, row in enumerate(rows):
-            m = int(valid[j])
-            found = []
-            for b in range(m):
-                y0, x0, y1, x1 = (float(v) for v in boxes[j, b])
-                c = int(classes[j, b])
-                found.append({"label": str(self.labels[c]), "class_id": c, "score": float(scores[j, b]),
-                              "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1})
-            box_lists[row] = found
-            best: dict = {}
-            for f in found:  # sorted by score already: the first of a class is its best
-                best.setdefault(f["class_id"], f)
-            topk[row] = [{"class_id": f["class_id"], "label": f["label"], "score": f["score"]}
-                         for f in list(best.values())[: self.topk]]
-            if found:
-                label[row], score[row] = found[0]["label"], found[0]["score"]
+        valid = np.asarray(valid, np.int64)
+        keep = np.arange(boxes.shape[1])[None, :] < valid[:, None]  # the first valid[j] of row j
+        frame = np.repeat(np.arange(len(valid)), valid)  # inferred row of each kept box
+        coords = boxes[keep].astype(np.float32).reshape(-1, 4)  # y_min, x_min, y_max, x_max
+        score = scores[keep].astype(np.float32)
+        cls = classes[keep].astype(np.int32)
+        label = pa.array(self.labels[cls].tolist() if len(cls) else [], pa.string())
+        flat = pa.StructArray.from_arrays(
+            [label, pa.array(cls), pa.array(score), pa.array(coords[:, 1]), pa.array(coords[:, 0]),
+             pa.array(coords[:, 3]), pa.array(coords[:, 2])], fields=list(BOX_TYPE))
+        inferred = np.zeros(n, bool)
+        inferred[rows] = True
+
+        def per_row(values: pa.Array, counts: np.ndarray, type_: pa.DataType) -> pa.Array:
+            per = np.zeros(n, np.int64)
+            per[rows] = counts
+            offsets = pa.array(np.concatenate([[0], np.cumsum(per)]), pa.int32())
+            return pa.ListArray.from_arrays(offsets, values, type=type_, mask=pa.array(~inferred))
+
+        # topk: a class's first box in a frame is its best (NMS sorts by score)
+        first = np.zeros(len(cls), bool)
+        first[np.unique(frame * (int(cls.max(initial=0)) + 1) + cls, return_index=True)[1]] = True
+        first_frame = frame[first]
+        rank = np.arange(len(first_frame)) - np.searchsorted(first_frame, first_frame)
+        top = np.flatnonzero(first)[rank < self.topk]
+        top_values = pa.StructArray.from_arrays(
+            [pa.array(cls[top]), label.take(pa.array(top, pa.int64())), pa.array(score[top])],
+            fields=list(TOPK_TYPE.value_type))
+        best = np.full(n, -1, np.int64)  # the flat index of each detecting row's best box
+        starts = np.concatenate([[0], np.cumsum(valid)[:-1]]).astype(np.int64)
+        best[rows] = np.where(valid > 0, starts, -1)
+        hit = best >= 0
+        take = pa.array(np.where(hit, best, 0), pa.int64())
         return {
-            "label": pa.array(label, pa.string()),
-            "score": pa.array(score, pa.float32()),
-            "topk": pa.array(topk, TOPK_TYPE),
-            "boxes": pa.array(box_lists, boxes_field().type),
+            "label": pc.if_else(pa.array(hit), label.take(take) if len(label) else pa.nulls(n, pa.string()),
+                                pa.scalar(None, pa.string())),
+            "score": pc.if_else(pa.array(hit), pa.array(score).take(take) if len(score) else pa.nulls(n, pa.float32()),
+                                pa.scalar(None, pa.float32())),
+            "topk": per_row(top_values, np.bincount(frame[top], minlength=len(valid)), TOPK_TYPE),
+            "boxes": per_row(flat, valid, boxes_field().type),
         }
 
 
-class Timings:
-    """Where the inference actors' time goes, summed over actors (run by the driver as a
-    Ray actor): `model_s` in the model (device compute, waited for), `other_s` in the rest
-    of the stage (top-k, Arrow), `wait_s` between batches, waiting for frames. An actor
-    busy in the model most of the time is the bottleneck; one that mostly waits needs
-    more decode CPUs (README, "Performance")."""
+class Reports:
+    """What the inference actors tell the driver (run by the driver as a Ray actor): the
+    model they loaded, or the error that stopped one loading it, and where their time goes,
+    summed over actors: `model_s` in the model (device compute, waited for), `other_s` in
+    the rest of the stage (top-k, Arrow), `wait_s` between batches, waiting for frames. An
+    actor busy in the model most of the time is the bottleneck; one that mostly waits
+    needs more decode CPUs (README, "Performance")."""
 
     def __init__(self):
         self.actors: dict[str, dict] = {}
+        self.info = None  # models.ModelInfo, from the first actor that loaded the model
+        self.error = None  # (exception class name, message) of a model that cannot load
+
+    def loaded(self, info) -> None:
+        self.info = self.info or info
+
+    def failed(self, kind: str, message: str) -> None:
+        self.error = self.error or (kind, message)
+
+    def outcome(self) -> tuple:
+        """(ModelInfo or None, (error class name, message) or None)."""
+        return self.info, self.error
 
     def report(self, key: str, clock: dict) -> None:
         self.actors[key] = clock
@@ -362,4 +415,3 @@ def _topk_column(ids, scores, labels, is_frame, k) -> pa.Array:
     return pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), values, type=TOPK_TYPE, mask=pa.array(~is_frame)
     )
-

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from importlib import resources as _res
 from typing import Optional
@@ -55,7 +56,7 @@ MODEL_FILE_EXTENSIONS = (".keras", ".h5")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the driver needs to plan a run, from one real load of the model."""
+    """A loaded model, described (from the inference actors, or a probe before the run)."""
 
     name: str  # as recorded in the output's `model` column
     input_size: tuple[int, int]  # (height, width)
@@ -65,10 +66,66 @@ class ModelInfo:
     embedding_dim: int = 0  # with --embed: the width of the `embedding` column
     clip_len: int = 0  # video models (input [batch, N, H, W, 3]): N; -1 if not fixed; 0: images
 
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.input_size, self.clip_len)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["labels"] = f"{len(self.labels)} labels"
         return d
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the decode stage needs of a model: the frame size and, for video models, the
+    frames per clip (0: single frames; -1: any number)."""
+
+    input_size: tuple[int, int]  # (height, width)
+    clip_len: int = 0
+
+
+def static_shape(cfg: ModelConfig) -> Optional[Shape]:
+    """The model's input shape without TensorFlow, where the name or the file says it:
+    keras.applications names and `.keras` files (their config.json, a few ranged reads on
+    object stores). None where only loading the model can tell (SavedModels, `.h5`, inputs
+    of unknown size). Raises ModelError for a model file that does not exist."""
+    if cfg.name in APPLICATIONS:
+        size = APPLICATIONS[cfg.name][1]
+        return Shape(tuple(cfg.input_size) if cfg.input_size else (size, size))
+    fs, path, is_dir = _locate(cfg.name)
+    if is_dir or not path.lower().endswith(".keras"):
+        return None
+    try:
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            config = json.loads(archive.read("config.json"))
+        shape = _input_shape(config)
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, *storage.ACCESS_ERRORS):
+        return None  # the loader says what is wrong with it
+    if shape is None or len(shape) not in (4, 5) or shape[-1] != 3:
+        return None
+    clip_len = 0
+    if len(shape) == 5:
+        clip_len = shape[1] if shape[1] is not None else -1
+        shape = [shape[0], *shape[2:]]
+    h, w = shape[1], shape[2]
+    if h is None or w is None:
+        if not cfg.input_size:
+            return None
+        h, w = cfg.input_size
+    return Shape((int(h), int(w)), int(clip_len))
+
+
+def _input_shape(config: dict) -> Optional[list]:
+    """A saved Keras model's one input shape (with its batch axis), from its config."""
+    inputs = [layer["config"].get("batch_shape") for layer in config["config"].get("layers", [])
+              if layer.get("class_name") == "InputLayer"]
+    if len(inputs) == 1 and isinstance(inputs[0], list):
+        return inputs[0]
+    built = (config.get("build_config") or {}).get("input_shape")
+    if not inputs and isinstance(built, list) and all(d is None or isinstance(d, int) for d in built):
+        return built
+    return None
 
 
 def display_name(cfg: ModelConfig) -> str:
@@ -197,8 +254,8 @@ def _producer(tensor):
     return None if op.__class__.__name__ == "InputLayer" else op
 
 
-def _model_file(keras, cfg: ModelConfig, workdir: str):
-    url = cfg.name
+def _locate(url: str):
+    """(filesystem, path, is a folder) of a model URL; ModelError if there is nothing there."""
     fs, path = storage.resolve(url)
     try:
         is_dir = fs.isdir(path)
@@ -211,6 +268,12 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             f"model not found: {storage.public_uri(url)} (neither a file, a SavedModel folder, "
             f"nor a keras.applications name: {known})"
         )
+    return fs, path, is_dir
+
+
+def _model_file(keras, cfg: ModelConfig, workdir: str):
+    url = cfg.name
+    fs, path, is_dir = _locate(url)
     if is_dir:
         local = _fetch(url, workdir, "model")
         if not os.path.exists(os.path.join(local, "saved_model.pb")):

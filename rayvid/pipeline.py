@@ -1,7 +1,7 @@
 """The job, top to bottom: list -> decode -> infer -> commit.
 
     listing.list_videos      INPUT                 -> video_uri rows
-    segments.plan_all        header probes (tasks) -> one row per segment of a long video
+    segments.plan_all        header probes         -> one row per segment of a long video
     decode.Decoder           CPU actor pool        -> uint8 frames at model size
     infer.Predictor          GPU (or CPU) actors   -> top-k rows
     commit.Committer         the driver            -> OUTPUT/predictions, errors, runs
@@ -60,7 +60,7 @@ class RunResult:
     files: list = field(default_factory=list)
     top_labels: list = field(default_factory=list)
     plan: Optional[dict] = None
-    inference: Optional[dict] = None  # infer.Timings.summary(): model busy vs waiting
+    inference: Optional[dict] = None  # infer.Reports.summary(): model busy vs waiting
 
     @property
     def frames_per_s(self) -> float:
@@ -103,41 +103,53 @@ def run(cfg: RunConfig) -> RunResult:
 
     started = time.time()
     videos = listing.list_videos(cfg.input, cfg.limit)
+    # The decoders need the model's input shape; where its name or file says it, the model
+    # loads only in the inference actors, while everything before them starts.
+    shape = models.static_shape(cfg.model)
+    name = models.display_name(cfg.model)
     we_started_ray = _connect(cfg.address)
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
               "started_at": _iso(started), "versions": _versions()}
     try:
-        # the model loads in a worker while the driver reads what is committed and plans
-        # segments from the videos' headers (neither changes a committed row)
-        probe = _probe_model(ray, cfg)
+        # else it loads once in a worker while the driver reads what is committed and
+        # plans segments from the videos' headers (neither changes a committed row)
+        probe = None if shape else _probe_model(ray, cfg)
         committed = _recover(cfg)
         listed = len(videos)
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
         units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
-        info = probe()
-        clip_len = _clip_len(cfg, info)
+        info = probe() if probe else None
+        shape = info.shape if info else shape
+        clip_len = _clip_len(cfg, shape.clip_len)
         plan = plan_resources(cfg, ray.cluster_resources(), listed)
-        result = RunResult(cfg.run_id, cfg.output, info.name, videos_listed=listed,
+        result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
         _write_first_record(cfg, record)
         try:
-            commit.retract(cfg.output, redo, committed)
             sources = dict(zip(videos.column("video_uri").to_pylist(),
                                zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
-            committer = commit.Committer(cfg.output, cfg.run_id, info.name, sources=sources,
+            committer = commit.Committer(cfg.output, cfg.run_id, name, sources=sources,
                                          flush_interval_s=cfg.commit_interval_s)
+            retracted = False  # --retry-failed: old errors go once the model is known to load
             if units is not None:
-                timings = _timings_actor(ray)
-                ds = _dataset(ray, cfg, units, info, plan, timings, clip_len)
+                reports = _reports_actor(ray)
+                ds = _dataset(ray, cfg, units, shape, plan, reports, clip_len)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+                        if not retracted:
+                            commit.retract(cfg.output, redo, committed)
+                            retracted = True
                         committer.add(batch)
                 except Exception as e:
+                    _raise_model_error(ray, reports)  # the model could not load: say why, as it is
                     down = _unavailable(e, cfg.output)
                     if down is None:
                         raise
                     raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
-                result.inference = _timings(ray, timings, committer.frames - committer.reused)
+                loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
+                info = info or loaded
+            if not retracted:
+                commit.retract(cfg.output, redo, committed)
             committer.close()
         except BaseException as e:
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
@@ -158,7 +170,7 @@ def run(cfg: RunConfig) -> RunResult:
     record.update(
         status="finished",
         finished_at=_iso(time.time()),
-        model=info.to_dict(),
+        model=info.to_dict() if info else {"name": name},  # no info: no video needed the model
         plan=result.plan,
         stats={
             "videos_listed": result.videos_listed,
@@ -179,23 +191,24 @@ def run(cfg: RunConfig) -> RunResult:
     return result
 
 
-def _clip_len(cfg: RunConfig, info: models.ModelInfo) -> int:
+def _clip_len(cfg: RunConfig, fixed: int) -> int:
     """Frames per model input: 0 for image models; for video models --clip-len, else the
-    N the model fixes."""
+    N the model fixes (`fixed`: models.Shape.clip_len)."""
     asked = cfg.sampling.clip_len or 0
-    if info.clip_len == 0:
+    name = models.display_name(cfg.model)
+    if fixed == 0:
         if asked:
             raise ConfigError(f"--clip-len needs a video model (input [batch, N, H, W, 3]); "
-                              f"{info.name} takes single frames")
+                              f"{name} takes single frames")
         return 0
-    if info.clip_len > 0 and asked and asked != info.clip_len:
-        raise ConfigError(f"--clip-len {asked}, but {info.name} takes clips of {info.clip_len} frames")
-    if info.clip_len < 0 and not asked:
-        raise ConfigError(f"{info.name} takes clips of any length: pass --clip-len N")
-    return asked or info.clip_len
+    if fixed > 0 and asked and asked != fixed:
+        raise ConfigError(f"--clip-len {asked}, but {name} takes clips of {fixed} frames")
+    if fixed < 0 and not asked:
+        raise ConfigError(f"{name} takes clips of any length: pass --clip-len N")
+    return asked or fixed
 
 
-def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan: Plan, timings=None,
+def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Plan, reports=None,
              clip_len: int = 0):
     """The Ray Data graph: one block per segment (or small group) -> decode -> infer."""
     from ray.data import ActorPoolStrategy, DataContext
@@ -210,7 +223,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     ds = ds.map_batches(
         decode.Decoder,
         fn_constructor_kwargs=dict(
-            size=info.input_size,
+            size=shape.input_size,
             every=cfg.sampling.every,
             fps=cfg.sampling.fps,
             keyframes=cfg.sampling.keyframes,
@@ -235,7 +248,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
             model=cfg.model, batch_size=max(1, plan.batch_size // max(1, clip_len)),
             # on GPU the CPUs it holds; on CPU all the node's cores (infer.cpu_threads)
             threads=max(1, int(plan.infer_cpus)) if plan.infer_gpus else 0,
-            timings=timings,
+            reports=reports,
             clip_len=clip_len,
         ),
         batch_size=max(1, plan.batch_size // max(1, clip_len)),  # clips: about as many frames
@@ -248,28 +261,42 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, info: models.ModelInfo, plan:
     return ds
 
 
-def _timings_actor(ray):
-    """The actor the inference actors report their timings to, on the driver's node (which
-    lives as long as the job; a worker node may be reclaimed)."""
+def _reports_actor(ray):
+    """The actor the inference actors report their model and timings to, on the driver's
+    node (which lives as long as the job; a worker node may be reclaimed)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, max_restarts=0)(infer.Timings).options(scheduling_strategy=here).remote()
+    return ray.remote(num_cpus=0, max_restarts=0)(infer.Reports).options(scheduling_strategy=here).remote()
 
 
-def _timings(ray, timings, inferred: int) -> Optional[dict]:
-    """The inference actors' timings (their last reports may trail their last batch), or
-    None if they cannot be had: they are information, never a reason to fail a run."""
+def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], Optional[dict]]:
+    """(the model the inference actors loaded, their timings), waiting briefly for their
+    last reports, which may trail their last batch; (None, None) if they cannot be had:
+    they are information, never a reason to fail a run."""
     deadline = time.monotonic() + 2.0
     try:
         while True:
-            summary = ray.get(timings.summary.remote(), timeout=10)
+            summary = ray.get(reports.summary.remote(), timeout=10)
             if summary["frames"] >= inferred or time.monotonic() > deadline:
-                return summary
+                info, _ = ray.get(reports.outcome.remote(), timeout=10)
+                return info, summary
             time.sleep(0.05)
     except (ray.exceptions.RayError, TimeoutError) as e:
-        log.warning("no inference timings: %s", e)
-        return None
+        log.warning("no inference reports: %s", e)
+        return None, None
+
+
+def _raise_model_error(ray, reports) -> None:
+    """Raise the error an inference actor reported before it died loading the model (a
+    ModelError or ConfigError, with its message), if one did."""
+    try:
+        _, error = ray.get(reports.outcome.remote(), timeout=10)
+    except (ray.exceptions.RayError, TimeoutError):
+        return
+    if error is not None:
+        kind, message = error
+        raise {"ConfigError": ConfigError}.get(kind, ModelError)(message) from None
 
 
 def _unavailable(error: BaseException, output: str) -> Optional[str]:
@@ -317,9 +344,11 @@ def _connect(address: Optional[str]) -> bool:
 
 
 def _probe_model(ray, cfg: RunConfig):
-    """Start loading the model once, in a throwaway worker, before any video is touched;
-    the returned function waits for it: a model that cannot load fails the job then, with
-    the reason, before any frame is decoded or any committed row changes."""
+    """Start loading the model once, in a throwaway worker (for models whose input shape
+    only loading tells: models.static_shape); the returned function waits for it. A model
+    that cannot load fails the job then, with the reason, before any frame is decoded.
+    (Otherwise the inference actors' own load says it: `_raise_model_error`. Either way no
+    committed row changes.)"""
     ref = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(models.probe).remote(cfg.model)
 
     def result() -> models.ModelInfo:

@@ -22,7 +22,10 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from typing import Iterator, Optional
 
 import numpy as np
@@ -87,7 +90,11 @@ def read(output: str, what: str = commit.PREDICTIONS_DIR, video: Optional[str] =
 
 def summary(output: str) -> pa.Table:
     """The per-video table, top labels as `label share%` text."""
-    videos = read(output, commit.VIDEOS_DIR)
+    return summary_of(read(output, commit.VIDEOS_DIR))
+
+
+def summary_of(videos: pa.Table) -> pa.Table:
+    """`summary` of rows of OUTPUT/videos/ already read."""
     tops = [", ".join(f"{t['label']} {100 * t['share']:.0f}%" for t in (row or []))
             for row in videos.column("top_labels").to_pylist()]
     keep = ["video_uri", "frames", "duration_s", "fps", "width", "height", "codec", "decoder"]
@@ -293,31 +300,35 @@ def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
 
 
 def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
-    """Per-frame predictions as one CSV file at `dest` (any URL), written part by part;
+    """Per-frame predictions as one CSV file at `dest` (any URL), built part by part in a
+    local temporary file and published whole (a failed export leaves no partial file);
     returns the number of rows."""
     import pyarrow.csv as pacsv
 
     rows, k, writer, schema = 0, None, None, None
     video = storage.canonical(video) if video is not None else None
-    fs, path = storage.resolve(dest)
-    with fs.open(path, "wb") as f:
-        for table in parts(output):
-            if video is not None:
-                table = table.filter(pc.equal(table.column("video_uri"), video))
-            if not len(table):
-                continue
-            if k is None:  # every part has the run's k; fix the columns on the first
-                k = max((len(t or []) for t in table.column("topk").to_pylist()), default=0)
-            flat = flat_predictions(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]), k)
+    with tempfile.TemporaryDirectory(prefix="rayvid-export-") as tmp:
+        local = os.path.join(tmp, "export.csv")
+        with open(local, "wb") as f:
+            for table in parts(output):
+                if video is not None:
+                    table = table.filter(pc.equal(table.column("video_uri"), video))
+                if not len(table):
+                    continue
+                if k is None:  # every part has the run's k; fix the columns on the first
+                    k = max((len(t or []) for t in table.column("topk").to_pylist()), default=0)
+                flat = flat_predictions(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]), k)
+                if writer is None:
+                    schema = flat.schema
+                    writer = pacsv.CSVWriter(f, schema)
+                writer.write_table(flat.cast(schema))
+                rows += len(flat)
             if writer is None:
-                schema = flat.schema
-                writer = pacsv.CSVWriter(f, schema)
-            writer.write_table(flat.cast(schema))
-            rows += len(flat)
-        if writer is None:
-            f.write(b"video_uri,frame_index,timestamp_s,label,score\n")
-        else:
-            writer.close()
+                f.write(b"video_uri,frame_index,timestamp_s,label,score\n")
+            else:
+                writer.close()
+        with open(local, "rb") as f, storage.access(dest, "write"):
+            storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
     return rows
 
 
@@ -352,7 +363,8 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        storage.write_atomic(out, lambda f: f.write(data))
+        with storage.access(out, "write"):
+            storage.write_atomic(out, lambda f: f.write(data))
 
 
 def to_text(table: pa.Table, max_width: int = 60) -> str:

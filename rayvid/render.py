@@ -13,6 +13,7 @@ them (`decode.probe`), so the overlay sits on the frame the model saw.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Optional
 
@@ -66,7 +67,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
     tmp = tempfile.mkdtemp(prefix="rayvid-render-")
     written = 0
     try:
-        with storage.local_copy(video_uri, tmp) as path:
+        with storage.access(video_uri, "read video", InputError), storage.local_copy(video_uri, tmp) as path:
             info = decode.probe(path)
             index_of = {int(p): i for i, p in enumerate(info.pts)}
             local_out = os.path.join(tmp, "out.mp4")
@@ -92,15 +93,8 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                     written += 1
                 for packet in out.encode():
                     dst.mux(packet)
-        with open(local_out, "rb") as f:
-            storage.write_atomic(dest, lambda w: _copy(f, w))
+        with open(local_out, "rb") as f, storage.access(dest, "write"):
+            storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return written
-
-
-def _copy(src, dst) -> None:
-    while chunk := src.read(1 << 20):
-        dst.write(chunk)

@@ -132,9 +132,10 @@ def write_report(output: str, directory: str) -> dict:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
             rel = f"timelines/{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"
             pic = timeline_png(preds, durations.get(uri) or 0.0, storage.public_uri(uri)[-110:], palette)
-            storage.write_atomic(storage.join(directory, rel), lambda f, p=pic: p.save(f, format="PNG"))
+            with storage.access(directory, "write to"):
+                storage.write_atomic(storage.join(directory, rel), lambda f, p=pic: p.save(f, format="PNG"))
             pngs[uri] = rel
-    table = query.summary(output)
+    table = query.summary_of(videos)
     rows = []
     for r in table.to_pylist():
         png = pngs.get(r["video_uri"])
@@ -150,5 +151,6 @@ def write_report(output: str, directory: str) -> dict:
             f"<p>{len(table)} videos, {sum(table.column('frames').to_pylist())} frames. "
             f"Timelines: time on x, one lane per top label, colour intensity = score.</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>")
-    storage.write_atomic(storage.join(directory, "index.html"), lambda f: f.write(page.encode()))
+    with storage.access(directory, "write to"):
+        storage.write_atomic(storage.join(directory, "index.html"), lambda f: f.write(page.encode()))
     return pngs

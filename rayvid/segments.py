@@ -4,8 +4,9 @@ actors in parallel instead of holding one while the rest of the cluster idles.
 Input columns:  `video_uri` (and whatever the listing carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
   `start_s: float64`, `end_s: float64`.
-It runs before the decode pipeline, as Ray tasks that read headers (16 at a time each,
-in threads: it is I/O), and the driver collects its small output: every segment then
+It runs before the decode pipeline: for up to `IN_DRIVER` videos in the driver's threads
+(starting tasks would cost more than the reads), else as Ray tasks that read headers (16
+at a time each, in threads: it is I/O), and the driver collects its small output: every segment then
 becomes its own input block of the pipeline, so different decode actors take different
 segments. (A streaming repartition inside the pipeline would need a CPU while the decode
 and inference actors hold them all: it deadlocked a 2-CPU cluster.)
@@ -28,6 +29,8 @@ import pyarrow as pa
 
 from rayvid import storage
 from rayvid.schema import SEGMENTS_SCHEMA
+
+IN_DRIVER = 256  # listings up to this long read their headers in the driver
 
 def header_duration(uri: str) -> float:
     """The container's duration in seconds from its header, or 0.0 if unknown."""
@@ -79,8 +82,9 @@ def plan(batch: dict, segment_s: float) -> dict:
     }
 
 
-def plan_all(videos: pa.Table, segment_s: float) -> pa.Table:
-    """Segment rows for every listed video (header probes in parallel Ray tasks)."""
+def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> pa.Table:
+    """Segment rows for every listed video (header probes in the driver's threads for up to
+    `in_driver` videos, else in parallel Ray tasks)."""
     if segment_s <= 0 or len(videos) == 0:
         n = len(videos)
         return pa.table(
@@ -89,6 +93,10 @@ def plan_all(videos: pa.Table, segment_s: float) -> pa.Table:
              "end_s": np.full(n, math.inf)},
             schema=SEGMENTS_SCHEMA,
         )
+    if len(videos) <= in_driver:
+        rows = plan({"video_uri": videos.column("video_uri").to_numpy(zero_copy_only=False)}, segment_s)
+        table = pa.table(rows).cast(SEGMENTS_SCHEMA)
+        return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])
     import ray
 
     per_task = max(32, math.ceil(len(videos) / 1000))

@@ -193,6 +193,16 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
     yield rows
 
 
+@contextlib.contextmanager
+def access(url: str, doing: str, error: type = StorageError) -> Iterator[None]:
+    """Inside, an access error becomes `error("cannot {doing} {url}: {why}")`, so a
+    message names the URL that failed (`with storage.access(dest, "write"): ...`)."""
+    try:
+        yield
+    except ACCESS_ERRORS as e:
+        raise error(f"cannot {doing} {public_uri(url)}: {describe(e)}") from None
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
     with fs.open(path, "rb") as f:

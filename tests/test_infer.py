@@ -188,3 +188,48 @@ def test_detect_with_xla_compiles_the_network_and_keeps_the_nms_outside(detector
     assert xla[0].shape == (5, 20, 4)
     for a, b in zip(plain, xla):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _detection_rows(outputs, rows, n, labels, topk):
+    """The rows `Predictor._detections` must build, written the obvious way (a loop per box)."""
+    boxes, scores, classes, valid = outputs
+    label, score, top, lists = [None] * n, [None] * n, [None] * n, [None] * n
+    for j, row in enumerate(rows):
+        found = [{"label": labels[int(classes[j, b])], "class_id": int(classes[j, b]), "score": float(scores[j, b]),
+                  "x_min": float(boxes[j, b, 1]), "y_min": float(boxes[j, b, 0]),
+                  "x_max": float(boxes[j, b, 3]), "y_max": float(boxes[j, b, 2])} for b in range(int(valid[j]))]
+        lists[row] = found
+        best: dict = {}
+        for f in found:
+            best.setdefault(f["class_id"], f)
+        top[row] = [{"class_id": f["class_id"], "label": f["label"], "score": f["score"]}
+                    for f in list(best.values())[:topk]]
+        if found:
+            label[row], score[row] = found[0]["label"], found[0]["score"]
+    return label, score, top, lists
+
+
+def test_detection_rows_are_built_without_a_loop_and_say_the_same(detector):
+    """Inferred rows 0, 2, 3, 5 of 7 (1, 4, 6: end rows or reused frames), with no boxes,
+    repeated classes and more classes than --topk."""
+    p = Predictor(ModelConfig(name=detector["model"], head="detect", topk=2), batch_size=4)
+    rng = np.random.default_rng(3)
+    m = 6
+    boxes = np.sort(rng.uniform(0, 1, (4, m, 4)), axis=-1).astype(np.float32)
+    scores = -np.sort(-rng.uniform(0, 1, (4, m)), axis=1).astype(np.float32)
+    classes = rng.integers(0, len(p.labels), (4, m)).astype(np.int32)
+    classes[1, :3] = classes[1, 0]
+    valid = np.array([3, 6, 0, 5], np.int32)
+    rows = np.array([0, 2, 3, 5])
+    got = p._detections((boxes, scores, classes, valid), rows, 7)
+    label, score, top, lists = _detection_rows((boxes, scores, classes, valid), rows, 7, list(p.labels), 2)
+    assert got["label"].to_pylist() == label
+    np.testing.assert_array_equal(np.array(got["score"].to_pylist(), dtype=float),
+                                  np.array([np.nan if s is None else np.float32(s) for s in score]))
+    assert got["topk"].to_pylist() == [None if t is None else [dict(x, score=pytest.approx(x["score"])) for x in t]
+                                       for t in top]
+    assert got["boxes"].to_pylist() == [None if b is None else [{k: pytest.approx(v) if isinstance(v, float) else v
+                                                                 for k, v in x.items()} for x in b] for b in lists]
+    assert got["topk"][3].as_py() == [] and got["label"][3].as_py() is None  # a frame with no boxes
+    empty = p._detections((boxes[:1], scores[:1], classes[:1], np.array([0], np.int32)), np.array([0]), 2)
+    assert empty["boxes"].to_pylist() == [[], None] and empty["label"].to_pylist() == [None, None]

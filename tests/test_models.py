@@ -93,3 +93,39 @@ def test_not_a_model_file(tmp_path):
     p.write_bytes(b"garbage")
     with pytest.raises(ModelError, match="cannot load model"):
         models.load(ModelConfig(name=str(p)))
+
+
+def test_static_shape_agrees_with_loading(shapes_model, s3fs_client, tmp_path):
+    import keras
+
+    free = keras.Input((None, None, 3))
+    keras.Model(free, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(free))).save(tmp_path / "free.keras")
+    clip = keras.Input((8, 16, 16, 3))
+    keras.Model(clip, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling3D()(clip))).save(tmp_path / "clip.keras")
+    keras.Sequential([keras.Input((32, 48, 3)), keras.layers.Flatten(), keras.layers.Dense(3)]).save(tmp_path / "seq.keras")
+    s3fs_client.put_file(shapes_model["path"], "s3://rayvid-test/static/shapes.keras")
+    configs = [
+        ModelConfig(name="mobilenet_v3_small", weights="none"),
+        ModelConfig(name="efficientnet_b1", weights="none"),  # 240 by default
+        ModelConfig(name="mobilenet_v3_small", weights="none", input_size=(96, 128)),
+        ModelConfig(name=shapes_model["path"]),
+        ModelConfig(name="s3://rayvid-test/static/shapes.keras"),
+        ModelConfig(name=str(tmp_path / "free.keras"), input_size=(40, 50)),
+        ModelConfig(name=str(tmp_path / "clip.keras")),
+        ModelConfig(name=str(tmp_path / "seq.keras")),
+    ]
+    for cfg in configs:  # read without TensorFlow, and what loading the model says
+        assert models.static_shape(cfg) == models.load(cfg)[1].shape, cfg.name
+    assert models.static_shape(configs[1]).input_size == (240, 240)
+    assert models.static_shape(configs[6]) == models.Shape((16, 16), 8)
+
+    # only loading can tell: the loader (or the probe) says what it is, or what is wrong
+    assert models.static_shape(ModelConfig(name=str(tmp_path / "free.keras"))) is None
+    src = keras.saving.load_model(shapes_model["path"])
+    src.export(str(tmp_path / "sm"))
+    src.save(tmp_path / "legacy.h5")
+    (tmp_path / "garbage.keras").write_bytes(b"garbage")
+    for name in ("sm", "legacy.h5", "garbage.keras"):
+        assert models.static_shape(ModelConfig(name=str(tmp_path / name))) is None
+    with pytest.raises(ModelError, match="model not found: s3://rayvid-test/static/none.keras"):
+        models.static_shape(ModelConfig(name="s3://rayvid-test/static/none.keras"))

@@ -300,6 +300,12 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     counts = rows_per_video()
     assert counts[new] == 15 and counts[changed] == 30
 
+    errors_before = read_output(out, "errors")
+    with pytest.raises(ModelError, match="--head detect needs a grid detector"):  # cannot start:
+        pipeline.run(RunConfig(input=str(src), output=out, progress=False, retry_failed=True,
+                               model=ModelConfig(name=shapes_model["path"], head="detect")))
+    assert read_output(out, "errors").equals(errors_before) and rows_per_video() == counts  # no change
+
     fourth = run(retry_failed=True)  # the failed video is tried again (and fails again)
     assert (fourth.videos_ok, fourth.videos_failed, fourth.videos_skipped) == (0, 1, 4)
     assert rows_per_video() == counts
@@ -704,7 +710,12 @@ def test_a_head_that_does_not_fit_the_model_is_a_clear_error(ray_session, media,
     with pytest.raises(ConfigError, match="--clip-len needs a video model"):
         pipeline.run(_cfg(str(media["videos"]), str(tmp_path / "o"), shapes_model["path"],
                           sampling=SamplingConfig(clip_len=4)))
+    assert not (tmp_path / "o").exists()  # found before any work
+    # found when the inference actors load the model: raised as it is; nothing committed,
+    # and the run record says why
     with pytest.raises(ModelError, match="--head detect needs a grid detector"):
         pipeline.run(RunConfig(input=str(media["videos"]), output=str(tmp_path / "o"), progress=False,
-                               model=ModelConfig(name=shapes_model["path"], head="detect")))
-    assert not (tmp_path / "o").exists()
+                               run_id="bad-head", model=ModelConfig(name=shapes_model["path"], head="detect")))
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["runs"]
+    record = json.loads((tmp_path / "o" / "runs" / "bad-head.json").read_text())
+    assert record["status"] == "failed" and "--head detect needs a grid detector" in record["error"]

@@ -46,3 +46,24 @@ def test_render_of_a_video_without_predictions_is_a_clear_error(tmp_path, capsys
     write_output(out, {"/v/other.mp4": [("circle", 0.9)]})
     assert cli.main(["render", str(tmp_path / "nope.mp4"), out, str(tmp_path / "r.mp4")]) == 2
     assert "no predictions for" in capsys.readouterr().err
+
+
+def test_render_errors_name_the_url_that_failed(tmp_path, capsys):
+    video = str(tmp_path / "gone.mp4")
+    out = str(tmp_path / "out")
+    write_output(out, {video: [("circle", 0.9)] * 3})  # predicted, then the video went away
+    assert cli.main(["render", video, out, str(tmp_path / "r.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read video {video}" in err and "cannot read " + out not in err
+
+    samples.make_video(video, 0.2, seed=1)
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    dest = str(tmp_path / "blocker" / "r.mp4")
+    assert cli.main(["render", video, out, dest]) == 2
+    assert f"cannot write {dest}" in capsys.readouterr().err
+    assert cli.main(["export", out, dest]) == 2  # the same for the other verbs that write
+    assert f"cannot write {dest}" in capsys.readouterr().err
+    assert cli.main(["summary", out, "--out", dest]) == 2
+    assert f"cannot write {dest}" in capsys.readouterr().err
+    assert cli.main(["report", out, str(tmp_path / "blocker" / "rep")]) == 2
+    assert f"cannot write to {tmp_path / 'blocker' / 'rep'}" in capsys.readouterr().err

@@ -51,6 +51,19 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
     assert plan["segment"].tolist() == [0, 1, 2, 3] and plan["n_segments"].tolist() == [4] * 4
 
 
+def test_planning_in_the_driver_and_in_ray_tasks_agree(ray_session, long_videos):
+    import pyarrow as pa
+
+    uris = sorted(path for path, _ in long_videos.values())
+    videos = pa.table({"video_uri": uris + ["/no/such/video.mp4"]})
+    here = segments.plan_all(videos, 6.0)
+    assert here.equals(segments.plan_all(videos, 6.0, in_driver=0))  # one way, or the other
+    assert here.schema == segments.SEGMENTS_SCHEMA
+    per_video = dict(zip(here.column("video_uri").to_pylist(), here.column("n_segments").to_pylist()))
+    assert per_video == {**{u: 4 for u in uris}, "/no/such/video.mp4": 1}  # 20 s in 6 s segments; unreadable
+    assert len(here) == 4 * len(uris) + 1
+
+
 @pytest.mark.parametrize("name", sorted(LONG))
 @pytest.mark.parametrize("sampling", [{}, {"every": 4}, {"fps": 2.0}])
 def test_segments_meet_exactly(long_videos, name, sampling):

@@ -52,3 +52,17 @@ def test_redact_removes_credentials(s3_endpoint):
     assert "https://bucket.s3.amazonaws.com/k.mp4?<redacted>" in out
     assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
     assert storage.public_uri("/local/a?b.mp4") == "/local/a?b.mp4"
+
+
+def test_access_errors_name_the_url_that_failed(tmp_path, s3_endpoint):
+    from rayvid.errors import InputError, StorageError
+
+    with pytest.raises(StorageError, match="cannot write s3://no-such-bucket/x.csv: "):
+        with storage.access("s3://no-such-bucket/x.csv", "write"):
+            storage.write_atomic("s3://no-such-bucket/x.csv", lambda f: f.write(b"x"))
+    with pytest.raises(InputError, match=f"cannot read video {tmp_path / 'gone.mp4'}: "):
+        with storage.access(str(tmp_path / "gone.mp4"), "read video", InputError):
+            storage.read_bytes(str(tmp_path / "gone.mp4"))
+    with pytest.raises(KeyError):  # anything else passes through as it is
+        with storage.access("s3://any/where", "write"):
+            raise KeyError("a bug")
