@@ -20,8 +20,9 @@ start-up excluded, actor and model start-up included) to the last Parquet file w
 Peak RSS is each process's high-water mark (VmHWM), sampled through /proc; spilled bytes
 and peak object-store use come from the raylet's store stats.
 
-Then the experiments of BENCHMARKS.md: memory against video length, sparse sampling, and
-content-adaptive frame skipping. Results print as tables and go to `--json`.
+Then the experiments of BENCHMARKS.md: memory against video length, sparse sampling,
+content-adaptive frame skipping, and inference sharing cores with a decoder. Results print
+as tables and go to `--json`.
 """
 
 from __future__ import annotations
@@ -178,14 +179,17 @@ class PeakRSS:
 
 class StoreStats:
     """Peak object-store bytes in use, and bytes spilled, from the raylet (Ray's own
-    `ray memory --stats-only` numbers)."""
+    `ray memory --stats-only` numbers). Each sample asks the raylet, which asks every worker
+    process: sampled every 2 s (the store's use under Ray Data's backpressure is a plateau),
+    so that measuring does not slow what is measured."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 2.0):
         import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-        self._reply = lambda: get_memory_info_reply(  # noqa: E731
-            get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._reply = lambda: get_memory_info_reply(state).store_stats  # noqa: E731
+        self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -197,7 +201,7 @@ class StoreStats:
                 self.peak = max(self.peak, int(self._reply().object_store_bytes_used))
             except Exception:  # noqa: BLE001 - a missed sample is not a result
                 pass
-            self._stop.wait(0.5)
+            self._stop.wait(self.interval_s)
 
     def stop(self) -> dict:
         self._stop.set()
@@ -430,9 +434,49 @@ def w_rayvid(spec):
     return out
 
 
+def w_contend_infer(spec):
+    """Inference alone for `seconds` on uint8 batches, as `mode` says: "ops" (one call at a
+    time, every op split over every core: the classic) or "streams" (rayvid's Predictor:
+    side-by-side single-threaded calls). Writes `ready` once warmed up."""
+    import numpy as np
+
+    batch = np.random.default_rng(0).integers(0, 255, (spec["batch"], *spec["size"], 3), dtype=np.uint8)
+    if spec["mode"] == "streams":
+        from rayvid import infer
+        from rayvid.config import ModelConfig
+
+        run = infer.Predictor(ModelConfig(**spec["model"]), batch_size=spec["batch"]).scores
+    else:
+        tf = _tf(spec["cores"])
+        predict, _ = _model_fn(tf, spec)
+        run = lambda x: predict(x).numpy()  # noqa: E731
+    run(batch)
+    open(spec["ready"], "w").close()
+    t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
+    n = 0
+    while time.perf_counter() - t0 < spec["seconds"]:
+        run(batch)
+        n += len(batch)
+    return {"frames": n, "wall_s": time.perf_counter() - t0, "cpu_s": tree_cpu_s(os.getpid()) - c0}
+
+
+def w_contend_decode(spec):
+    """decord at full speed (as fast as it can go) for `seconds`, at CPU priority `nice`."""
+    os.nice(spec["nice"])
+    h, w = spec["size"]
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < spec["seconds"]:
+        for idx, _ in _decord_windows(spec["video"], h, w, 64):
+            n += len(idx)
+            if time.perf_counter() - t0 >= spec["seconds"]:
+                break
+    return {"frames": n, "wall_s": time.perf_counter() - t0}
+
+
 WORKERS = {"decode_raw": w_decode_raw, "decode_rayvid": w_decode_rayvid, "infer": w_infer,
            "decode_decord_sparse": w_decode_decord_sparse,
-           "serial": w_serial, "tf_data": w_tf_data, "ray_recipe": w_ray_recipe, "rayvid": w_rayvid}
+           "serial": w_serial, "tf_data": w_tf_data, "ray_recipe": w_ray_recipe, "rayvid": w_rayvid,
+           "contend_infer": w_contend_infer, "contend_decode": w_contend_decode}
 RAY_WORKERS = ("ray_recipe", "rayvid")
 
 
@@ -620,6 +664,40 @@ def exp_sparse(tmp: str, quick: bool) -> dict:
     return res
 
 
+def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
+    """Inference (MobileNetV3-Small, 224, batch 32) on every core, alone and next to a
+    decoder decoding as fast as it can at CPU priority 0 and 10; inference as one call
+    with every op split over the cores ("ops") and as rayvid's side-by-side single-threaded
+    calls ("streams"). Frames/s of each: what sharing cores costs each side."""
+    seconds = 3 if quick else 20
+    video = encode(os.path.join(tmp, f"contention-{2 if quick else 10}s.mp4"), 2 if quick else 10, 360, 640, 30, seed=5)
+    model = {"name": "mobilenet_v3_small", "weights": "none"}
+    res = {}
+    for mode in ("ops", "streams"):
+        for nice in (None, 0, 10):
+            ready = os.path.join(tmp, f"ready-{mode}-{nice}")
+            spec = {"mode": mode, "model": model, "batch": 32, "size": [224, 224], "cores": cores,
+                    "seconds": seconds, "ready": ready}
+            box: dict = {}
+            worker = threading.Thread(target=lambda: box.update(measure("contend_infer", spec, tmp)))
+            worker.start()
+            while not os.path.exists(ready) and worker.is_alive():
+                time.sleep(0.05)
+            row = {}
+            if nice is not None:
+                dec = measure("contend_decode", {"nice": nice, "video": video, "size": [224, 224],
+                                                  "seconds": seconds}, tmp)
+                row["decoder_fps"] = dec["frames_per_s"]
+            worker.join()
+            if "frames_per_s" not in box:
+                raise RuntimeError(f"contention: inference ({mode}) failed")
+            row["infer_fps"] = box["frames_per_s"]
+            res[f"{mode}, {'alone' if nice is None else f'decoder at nice {nice}'}"] = row
+            log(f"[contention] {mode} {'alone' if nice is None else f'+ decoder nice {nice}'}: {row}")
+            os.remove(ready)
+    return res
+
+
 def exp_skip(tmp: str, quick: bool, cores: int) -> dict:
     """--skip-similar on static-camera footage (still scenes with sensor noise, every third
     scene moving), with the sample shapes classifier: model calls saved, and top-1
@@ -669,7 +747,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--experiments", default="memory,sparse,skip", help="comma-separated: memory, sparse, skip")
+    p.add_argument("--experiments", default="memory,sparse,skip,contention",
+                   help="comma-separated: memory, sparse, skip, contention")
     p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
@@ -701,6 +780,8 @@ def main(argv=None) -> int:
             results["sparse"] = exp_sparse(tmp, args.quick)
         if "skip" in exps:
             results["skip"] = exp_skip(tmp, args.quick, args.cores)
+        if "contention" in exps:
+            results["contention"] = exp_contention(tmp, args.quick, args.cores)
     finally:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -765,6 +846,13 @@ def markdown(results: dict) -> str:
                 continue
             for mode, x in modes.items():
                 out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
+        out.append("")
+    if "contention" in results:
+        out += ["### sharing cores: inference next to a decoder", "",
+                "| inference | next to | inference frames/s | decoder frames/s |", "| --- | --- | --- | --- |"]
+        for key, row in results["contention"].items():
+            mode, beside = key.split(", ", 1)
+            out.append(f"| {mode} | {beside} | {row['infer_fps']:.1f} | {row.get('decoder_fps', 'n/a')} |")
         out.append("")
     if "skip" in results:
         s = results["skip"]

@@ -265,7 +265,8 @@ def _fill_reused(video: pa.Table) -> pa.Table:
 
 def _pixel_boxes(video: pa.Table, width: int, height: int) -> pa.Table:
     """Detections' coordinates, fractions of the (stretched) model input between stages,
-    in pixels of the source frame (`width` x `height`, as the container codes it)."""
+    in pixels of the source frame as displayed (`width` x `height`, after the container's
+    rotation, like the frames the model saw)."""
     col = video.column("boxes").combine_chunks()
     offsets = col.offsets.to_numpy()
     flat = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))

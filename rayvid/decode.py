@@ -137,7 +137,7 @@ class Probe:
     """What the container says of its video stream, from a demux-only pass (no decoding)."""
 
     codec: str
-    width: int
+    width: int  # as displayed: the coded size, turned by the container's rotation
     height: int
     fps: float  # average, for information only: never used to compute times
     duration_s: float
@@ -145,6 +145,7 @@ class Probe:
     times: np.ndarray  # float64 seconds, (pts - start) * time_base
     keyframes: np.ndarray  # bool, frame i is a key frame
     listed: int = 0  # frames the container's index lists (0: it does not say)
+    rotation: int = 0  # display rotation in degrees (FFmpeg's `frame.rotation`; 0, 90, -90, -180)
 
 
 def probe(path: str) -> Probe:
@@ -157,10 +158,20 @@ def probe(path: str) -> Probe:
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
-            packets = [(p.pts if p.pts is not None else p.dts, p.is_keyframe)
-                       for p in container.demux(stream) if p.size]
+            packets, rotation = [], None
+            for p in container.demux(stream):
+                if p.size:
+                    packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe))
+                if rotation is None:  # the first frame says it (decoded once, by the way)
+                    try:
+                        rotation = next((int(f.rotation or 0) for f in p.decode()), None)
+                    except av.FFmpegError:
+                        pass
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
+            rotation = rotation or 0
+            if (rotation // 90) % 2:
+                width, height = height, width
             rate = stream.average_rate
             tb = stream.time_base
             start = stream.start_time or 0
@@ -180,7 +191,13 @@ def probe(path: str) -> Probe:
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
-    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed)
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation)
+
+
+def upright(img: np.ndarray, rotation) -> np.ndarray:
+    """A decoded image turned as the container's display matrix says (`frame.rotation`)."""
+    turns = (int(rotation) // 90) % 4 if rotation else 0
+    return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
 
 
 def _mp4_hint(path: str) -> str:
@@ -459,7 +476,7 @@ class FrameReader:
             img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BICUBIC")
         else:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
-        return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
+        return upright(img, frame.rotation)
 
     def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
         """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""

@@ -143,7 +143,7 @@ VIDEOS_SCHEMA = pa.schema(
         pa.field("frames", pa.int64()),  # frame rows written to predictions/
         pa.field("duration_s", pa.float64()),
         pa.field("fps", pa.float64()),  # the container's average rate
-        pa.field("width", pa.int32()),  # coded size, before rotation
+        pa.field("width", pa.int32()),  # as displayed (after the container's rotation)
         pa.field("height", pa.int32()),
         pa.field("codec", pa.string()),
         pa.field("decoder", pa.string()),  # decord or pyav (with why, if decord gave way)

@@ -52,3 +52,11 @@ def test_quick_bench_writes_every_field(tmp_path):
     skip = res["skip"]
     assert skip["frames"] == 60 and 0 < skip["inferred_skip_similar"] < 60
     assert skip["fewer_inferences"] > 1 and 0 < skip["top1_agreement"] <= 1
+    contention = res["contention"]
+    assert sorted(contention) == sorted(f"{m}, {b}" for m in ("ops", "streams")
+                                        for b in ("alone", "decoder at nice 0", "decoder at nice 10"))
+    for key, row in contention.items():
+        assert row["infer_fps"] > 0 and (key.endswith("alone") or row["decoder_fps"] > 0), key
+    assert "sharing cores" in subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
+        capture_output=True, text=True, check=True).stdout

@@ -67,3 +67,22 @@ def test_render_errors_name_the_url_that_failed(tmp_path, capsys):
     assert f"cannot write {dest}" in capsys.readouterr().err
     assert cli.main(["report", out, str(tmp_path / "blocker" / "rep")]) == 2
     assert f"cannot write to {tmp_path / 'blocker' / 'rep'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["rotated_90.mp4", "rotated_180.mp4"])
+def test_render_draws_on_upright_frames(matrix, tmp_path, name):
+    """Frames as displayed (and as the model saw them), not as the container codes them."""
+    import framecode
+
+    path, n = matrix[name]
+    out = str(tmp_path / "out")
+    write_output(out, {path: [("circle", 0.9)] * n})
+    dest = str(tmp_path / "r.mp4")
+    assert cli.main(["render", path, out, dest, "--topk", "1"]) == 0
+    with av.open(dest) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    h, w = framecode.MATRIX[name][1]
+    assert len(frames) == n and frames[0].shape == (h, w, 3)
+    for i, img in enumerate(frames):  # below the overlay, the upright frame i
+        want = framecode.code_frame(i, h, w)[h // 2 :].astype(int)
+        assert np.abs(img[h // 2 :].astype(int) - want).mean() < 12, (name, i)
