@@ -89,14 +89,6 @@ def resources(threads: int) -> dict:
 # decord buffers a file's compressed packets whole: above this size, PyAV decodes it
 DECORD_MAX_BYTES = 256 * 2**20
 
-# Decoding runs at a lower CPU priority than inference: where decode and inference actors
-# share cores (CPU inference; the inference actor's thread feeding a GPU), inference threads
-# preempt decoding instead of waiting on it, and decoding takes the cycles inference leaves.
-# Measured (BENCHMARKS.md): TensorFlow on 2 cores next to a busy decoder ran at 94 frames/s
-# at equal priority, 175 with the decoder at nice 10 (197 alone), the decoder still
-# supplying 304 frames/s. Among decoders alone on a node it changes nothing.
-DECODE_NICE = 10
-
 DECORD_CODECS = frozenset(
     "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
     "dvvideo".split()
@@ -802,7 +794,6 @@ def serve(fd: int) -> None:
     from multiprocessing.connection import Connection
 
     parent = os.getppid()
-    os.nice(DECODE_NICE)
 
     def orphaned() -> None:  # exit with the actor, even when it is SIGKILLed
         while os.getppid() == parent:

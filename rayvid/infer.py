@@ -111,8 +111,8 @@ class Predictor:
     ):
         """`threads`: on CPU, how many model calls run side by side (`streams`), each on
         one core, each on its share of the batch; 0: as many as the node has cores, up to
-        `MAX_CPU_THREADS` (the decode actors on the node share the cores, at a lower
-        priority: decode.DECODE_NICE). `reports`: a handle of a Ray
+        `MAX_CPU_THREADS` (the decode actors on the node share the cores; they only run
+        ahead as far as Ray Data's backpressure lets them). `reports`: a handle of a Ray
         actor running `Reports`, told the loaded model (or why it cannot load), and after
         every batch how long the model ran and how long this actor waited for frames."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -125,8 +125,8 @@ class Predictor:
         # On CPU, independent single-threaded model calls run side by side, one per core,
         # instead of every op being split across the cores: no barrier after each op, so a
         # core taken by something else (a decoder, Ray) slows one call, not all of them.
-        # Measured (BENCHMARKS.md), MobileNetV3 on 2 cores next to a decoder: 196-202
-        # frames/s this way, 144-158 with each op on both cores.
+        # Measured (BENCHMARKS.md, "sharing cores"): MobileNetV3 on 2 cores next to a busy
+        # decoder, 118 frames/s this way against 108 with each op on both cores.
         self.streams = 1 if gpus else cpu_threads(threads)
         if not gpus:
             try:  # an actor owns its process; in-process use (tests) may find TF started

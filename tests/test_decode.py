@@ -322,17 +322,6 @@ def test_decoder_process_crash_mid_video_resumes_where_it_stopped(code_video_240
     assert end["decoder"].startswith("pyav")
 
 
-def test_decoding_runs_below_the_priority_of_the_rest(code_video_240):
-    """Inference preempts decoding where they share cores (decode.DECODE_NICE)."""
-    from rayvid import decode
-
-    dec = Decoder(size=framecode.SIZE)
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, dec._child.proc.pid) == min(19, ours + decode.DECODE_NICE)
-    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the actor itself is left as it was
-    assert sum(len(b["frame_index"]) for b in dec.decode_video(code_video_240[0]) if b["kind"][0] == "frame") == 240
-
-
 def test_hung_decoder_times_out_and_is_retried(matrix):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, timeout_s=1.5)
