@@ -797,8 +797,10 @@ def markdown(results: dict) -> str:
     for name, r in results.get("regimes", {}).items():
         c = r["corpus"]
         out += [f"### {name}: {r['model']}, {c['videos']} videos x {c['seconds']} s, {c['width']}x{c['height']} "
-                f"{c['fps']} fps H.264", "",
-                "| stage alone | frames/s | CPU ms/frame |", "| --- | --- | --- |"]
+                f"{c['fps']} fps H.264", ""]
+        if r.get("command"):  # measured by another run than the file's command
+            out += [f"Command: `{r['command']}`", ""]
+        out += ["| stage alone | frames/s | CPU ms/frame |", "| --- | --- | --- |"]
         for stage, s in r["stages"].items():
             out.append(f"| {stage} | {s['frames_per_s']:.1f} | {1000 * s['cpu_s_per_frame']:.2f} |")
         out += ["", f"CPU-bound limit: **{r['cpu_bound_limit_fps']:.1f} frames/s**; rayvid's decode stage runs at "
@@ -848,15 +850,22 @@ def markdown(results: dict) -> str:
                 out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
         out.append("")
     if "contention" in results:
-        out += ["### sharing cores: inference next to a decoder", "",
-                "| inference | next to | inference frames/s | decoder frames/s |", "| --- | --- | --- | --- |"]
+        out += ["### sharing cores: inference next to a decoder", ""]
+        if results["contention"].get("command"):
+            out += [f"Command: `{results['contention']['command']}`", ""]
+        out += ["| inference | next to | inference frames/s | decoder frames/s |", "| --- | --- | --- | --- |"]
         for key, row in results["contention"].items():
+            if key == "command":
+                continue
             mode, beside = key.split(", ", 1)
             out.append(f"| {mode} | {beside} | {row['infer_fps']:.1f} | {row.get('decoder_fps', 'n/a')} |")
         out.append("")
     if "skip" in results:
         s = results["skip"]
-        out += ["### --skip-similar on static-camera footage", "",
+        out += ["### --skip-similar on static-camera footage", ""]
+        if s.get("command"):
+            out += [f"Command: `{s['command']}`", ""]
+        out += [
                 f"{s['frames']} frames; model calls: {s['inferred_every_frame']} without, {s['inferred_skip_similar']} "
                 f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
                 f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
