@@ -828,9 +828,7 @@ def markdown(results: dict) -> str:
     if "memory" in results:
         m = results["memory"]
         v = m["video"]
-        out += ["### memory against video length", ""]
-        if m.get("command"):
-            out += [f"Command: `{m['command']}`", ""]
+        out += _section("memory against video length", m)
         out += [
                 f"| {v['width']}x{v['height']}, {v['fps']} fps | frames | decode actor MB | decode child MB | total MB |",
                 "| --- | --- | --- | --- | --- |"]
@@ -839,9 +837,7 @@ def markdown(results: dict) -> str:
                        f"{m[n]['total_mb']:.0f} |")
         out += ["", f"Peak RSS, long / short: **{m['long_vs_short']:.2f}**", ""]
     if "sparse" in results:
-        out += ["### sparse sampling", ""]
-        if results["sparse"].get("command"):
-            out += [f"Command: `{results['sparse']['command']}`", ""]
+        out += _section("sparse sampling", results["sparse"])
         out += ["| video | mode | frames | CPU-s | cheaper than every frame |", "| --- | --- | --- | --- | --- |"]
         for video, modes in results["sparse"].items():
             if video == "command":
@@ -850,9 +846,7 @@ def markdown(results: dict) -> str:
                 out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
         out.append("")
     if "contention" in results:
-        out += ["### sharing cores: inference next to a decoder", ""]
-        if results["contention"].get("command"):
-            out += [f"Command: `{results['contention']['command']}`", ""]
+        out += _section("sharing cores: inference next to a decoder", results["contention"])
         out += ["| inference | next to | inference frames/s | decoder frames/s |", "| --- | --- | --- | --- |"]
         for key, row in results["contention"].items():
             if key == "command":
@@ -862,14 +856,17 @@ def markdown(results: dict) -> str:
         out.append("")
     if "skip" in results:
         s = results["skip"]
-        out += ["### --skip-similar on static-camera footage", ""]
-        if s.get("command"):
-            out += [f"Command: `{s['command']}`", ""]
+        out += _section("--skip-similar on static-camera footage", s)
         out += [
                 f"{s['frames']} frames; model calls: {s['inferred_every_frame']} without, {s['inferred_skip_similar']} "
                 f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
                 f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
     return "\n".join(out)
+
+
+def _section(title: str, part: dict) -> list:
+    """A section's heading, and the command that measured it where another run did."""
+    return [f"### {title}", ""] + ([f"Command: `{part['command']}`", ""] if part.get("command") else [])
 
 
 def _machine(cores: int, gpus: int) -> dict:
