@@ -346,6 +346,31 @@ def test_retries_are_bounded_then_the_segment_is_an_error_row(matrix):
     assert len(frames) == n and end["error_type"] == ""
 
 
+def test_frames_reach_the_actor_through_the_shared_slot_each_batch_its_own_copy(code_video_240):
+    """The child hands frames over in one shared slot (the socket carries the rest): every
+    batch the actor yields must stay intact after the child refills the slot."""
+    path, n = code_video_240
+    dec = Decoder(size=framecode.SIZE, batch_frames=8)
+    assert dec._child.slot.size == 8 * framecode.SIZE[0] * framecode.SIZE[1] * 3
+    batches = list(dec.decode_video(path))  # held until the end: nothing may overwrite them
+    frames, [end] = _rows(batches)
+    assert len(batches) == n // 8 + 1 and end["n_frames"] == n
+    assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
+    assert not any(np.shares_memory(a["frame"], b["frame"]) for a, b in zip(batches, batches[1:]))
+
+
+def test_shared_slot_without_memfd_uses_an_unlinked_file(matrix, monkeypatch):
+    """Where the OS has no memfd_create (macOS), the slot is an unlinked temporary file."""
+    path, n = matrix["h264.mp4"]
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    dec = Decoder(size=framecode.SIZE, batch_frames=4)
+    target = os.readlink(f"/proc/self/fd/{dec._child.slot.fd}")
+    assert target.endswith(" (deleted)") and "rayvid-frames-" in target and not target.startswith("/memfd:")
+    frames, [end] = _rows(dec.decode_video(path))
+    assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
+    assert end["n_frames"] == n
+
+
 def test_abandoned_request_does_not_leak_into_the_next(matrix):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, batch_frames=2)
@@ -474,9 +499,11 @@ def test_clips_tile_the_kept_frames(n, stride, starts, ends):
         assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
 
 
-def test_clip_rows_hold_consecutive_frames(matrix):
+@pytest.mark.parametrize("batch_frames", [64, 2])  # 2: a clip outgrows the child's frame slot
+def test_clip_rows_hold_consecutive_frames(matrix, batch_frames):
     path, n = matrix["h264.mp4"]
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, clip_len=3).decode_video(path))
+    dec = Decoder(size=framecode.SIZE, clip_len=3, batch_frames=batch_frames)
+    frames, [end] = _rows(dec.decode_video(path))
     assert end["error_type"] == "" and end["n_frames"] == len(frames) == -(-n // 3)
     assert end["frame"].shape == (3, *framecode.SIZE, 3) and end["clip_start_frame"] == -1
     for row in frames:
