@@ -101,7 +101,7 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
 
     per_task = max(32, math.ceil(len(videos) / 1000))
     blocks = [videos.slice(i, per_task).select(["video_uri"]) for i in range(0, len(videos), per_task)]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = ray.data.from_blocks(blocks).map_batches(
         plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
     )
     parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
