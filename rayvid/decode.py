@@ -256,6 +256,7 @@ class FrameReader:
         self.decord_max_bytes = decord_max_bytes
         self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
+        self.batch_frame_bytes = self.chunk * frame_bytes  # the most a batch of frames holds
         self.clip_len = int(clip_len)
         self.clip_stride = int(clip_stride) or self.clip_len
 
@@ -706,8 +707,7 @@ class _Child:
 
     def __init__(self, reader_args: dict):
         self.reader_args = reader_args
-        self.proc = None
-        self.conn = None
+        self.proc = self.conn = self.slot = None
         self.busy = False  # a request whose answer was not read to its end row
         self.start()
 
@@ -726,6 +726,10 @@ class _Child:
                  str(theirs.fileno()), str(shared)],
                 pass_fds=(theirs.fileno(), shared), env=env, stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            os.close(shared)
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
@@ -749,7 +753,7 @@ class _Child:
             self.proc.wait()
         if self.conn is not None:
             self.conn.close()
-        if getattr(self, "slot", None) is not None:
+        if self.slot is not None:
             self.slot.close()
         self.proc = self.conn = self.slot = None
 
@@ -832,7 +836,7 @@ def serve(fd: int, shared: int) -> None:
         try:
             if kind == "init":
                 reader = FrameReader(**payload)
-                size = reader.chunk * reader.height * reader.width * 3  # one batch of frames
+                size = reader.batch_frame_bytes  # one batch of frames
                 os.ftruncate(shared, size)
                 slot = _FrameSlot(shared, size)
                 conn.send(("ready", size))
@@ -859,7 +863,7 @@ class _FrameSlot:
         import mmap
 
         self.fd, self.size = fd, int(size)
-        self.map = mmap.mmap(fd, self.size) if self.size else None
+        self.map = mmap.mmap(fd, self.size)
         self.busy = False
 
     def put(self, frames: np.ndarray, wait_free) -> None:
@@ -875,10 +879,8 @@ class _FrameSlot:
         return np.frombuffer(self.map, np.uint8, n).view(dtype).reshape(shape).copy()
 
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
+        self.map.close()
         os.close(self.fd)
-        self.map = None
 
 
 def _shared_file() -> int:

@@ -18,6 +18,7 @@ graph is traced once per actor (at construction, as warm-up) and never again.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,12 @@ from rayvid.config import ModelConfig
 from rayvid.errors import RayvidError
 from rayvid.schema import (BOX_TYPE, INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
                            with_head)
+
+
+# Batches an inference actor holds at once (Ray Data's `max_concurrent_calls_per_actor`):
+# two, so that one's host work overlaps the other's model calls (the model itself runs on
+# the actor's own `streams` threads, never more at once).
+CALLS_PER_ACTOR = 2
 
 
 def resources(gpus_per_actor: float, cpus_per_actor: float) -> dict:
@@ -210,11 +217,16 @@ class Predictor:
                 if self.batch_size == 1:
                     raise
                 self.batch_size //= 2
-        self._pool = ThreadPoolExecutor(self.streams) if self.streams > 1 else None
+        # Model calls run on `streams` threads, whatever the number of batches in flight:
+        # Ray Data hands this actor CALLS_PER_ACTOR batches at once (pipeline.py), so one
+        # batch's host work (batching, top-k, Arrow) overlaps another's model calls, and a
+        # stream that finishes its share of a batch starts on the next batch's.
+        self._pool = ThreadPoolExecutor(self.streams)
         self._reports = reports
-        self._clock = {"model_s": 0.0, "other_s": 0.0, "wait_s": 0.0, "frames": 0, "batches": 0}
-        self._returned_at = None  # waiting counts from the end of one batch to the next
-        self._model_s = 0.0
+        self._lock = threading.Lock()
+        self._in_call, self._in_model = _Busy(), _Busy()
+        self._first = None  # when the first batch came in: waiting counts from there
+        self._counts = {"frames": 0, "batches": 0}
 
     def scores(self, frames: np.ndarray) -> np.ndarray:
         """Model scores for any number of frames, in fixed-size (padded) batches."""
@@ -228,9 +240,7 @@ class Predictor:
         if len(frames) == 0:
             return self._empty
         chunks = [frames[start : start + self.batch_size] for start in range(0, len(frames), self.batch_size)]
-        t0 = time.perf_counter()
-        parts = list(self._pool.map(self._call_model, chunks) if self._pool else map(self._call_model, chunks))
-        self._model_s += time.perf_counter() - t0
+        parts = list(self._pool.map(self._call_model, chunks))
         return tuple(np.concatenate(column) for column in zip(*parts))
 
     def _call_model(self, chunk: np.ndarray) -> list:
@@ -239,24 +249,41 @@ class Predictor:
             padded = self._zeros.copy()
             padded[:n] = chunk
             chunk = padded
-        return [t.numpy()[:n] for t in self._predict(chunk)]  # .numpy(): waits for the device
+        with self._lock:
+            self._in_model.enter(time.perf_counter())
+        try:
+            return [t.numpy()[:n] for t in self._predict(chunk)]  # .numpy(): waits for the device
+        finally:
+            with self._lock:
+                self._in_model.leave(time.perf_counter())
 
     def __call__(self, batch: dict) -> pa.Table:
-        entered = time.perf_counter()
-        self._model_s = 0.0
-        table = self._call(batch)
-        clock = self._clock
-        now = time.perf_counter()
-        if self._returned_at is not None:
-            clock["wait_s"] += entered - self._returned_at
-        clock["model_s"] += self._model_s
-        clock["other_s"] += now - entered - self._model_s
-        clock["frames"] += int(_count_valid(table.column("score")))
-        clock["batches"] += 1
-        self._returned_at = now
+        """Thread-safe: Ray Data runs up to CALLS_PER_ACTOR calls at once."""
+        with self._lock:
+            now = time.perf_counter()
+            self._first = now if self._first is None else self._first
+            self._in_call.enter(now)
+        try:
+            table = self._call(batch)
+        finally:
+            with self._lock:
+                now = time.perf_counter()
+                self._in_call.leave(now)
+        with self._lock:
+            self._counts["frames"] += int(_count_valid(table.column("score")))
+            self._counts["batches"] += 1
+            clock = self._clock(time.perf_counter())
         if self._reports is not None:  # fire and forget: never waits on the driver
-            self._reports.report.remote(self._key, dict(clock))
+            self._reports.report.remote(self._key, clock)
         return table
+
+    def _clock(self, now: float) -> dict:
+        """Where this actor's time went since its first batch, as a partition of it:
+        `model_s` with a model call running, `other_s` with a batch in hand but no model
+        call running, `wait_s` with no batch in hand (waiting for frames)."""
+        in_call, in_model = self._in_call.total(now), self._in_model.total(now)
+        return dict(self._counts, model_s=in_model, other_s=max(0.0, in_call - in_model),
+                    wait_s=max(0.0, now - self._first - in_call))
 
     def _call(self, batch: dict) -> pa.Table:
         kind = batch["kind"]
@@ -342,11 +369,32 @@ class Predictor:
         }
 
 
+class _Busy:
+    """Wall time during which at least one of several threads is inside something."""
+
+    def __init__(self):
+        self.inside, self.since, self.done = 0, 0.0, 0.0
+
+    def enter(self, now: float) -> None:
+        if self.inside == 0:
+            self.since = now
+        self.inside += 1
+
+    def leave(self, now: float) -> None:
+        self.inside -= 1
+        if self.inside == 0:
+            self.done += now - self.since
+
+    def total(self, now: float) -> float:
+        return self.done + (now - self.since if self.inside else 0.0)
+
+
 class Reports:
     """What the inference actors tell the driver (run by the driver as a Ray actor): the
     model they loaded, or the error that stopped one loading it, and where their time goes,
-    summed over actors: `model_s` in the model (device compute, waited for), `other_s` in
-    the rest of the stage (top-k, Arrow), `wait_s` between batches, waiting for frames. An
+    summed over actors: `model_s` with a model call running (device compute, waited for),
+    `other_s` with a batch in hand and no model call running (top-k, Arrow), `wait_s` with
+    no batch in hand, waiting for frames. An
     actor busy in the model most of the time is the bottleneck; one that mostly waits
     needs more decode CPUs (README, "Performance")."""
 

@@ -257,7 +257,8 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
         batch_size=max(1, plan.batch_size // max(1, clip_len)),  # clips: about as many frames
         batch_format="numpy",
         compute=ActorPoolStrategy(
-            min_size=plan.infer_min, max_size=plan.infer_max, initial_size=plan.infer_min
+            min_size=plan.infer_min, max_size=plan.infer_max, initial_size=plan.infer_min,
+            max_concurrent_calls_per_actor=infer.CALLS_PER_ACTOR, enable_true_multi_threading=True,
         ),
         **infer.resources(plan.infer_gpus, plan.infer_cpus),
     )

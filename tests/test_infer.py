@@ -77,6 +77,41 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
     assert [rows[i]["label"] for i in (0, 3)] == [truth[0], truth[2]]
 
 
+def _frame_batch(frames: np.ndarray) -> dict:
+    n = len(frames)
+    text = lambda value: np.array([value] * n, dtype=object)  # noqa: E731
+    return {"video_uri": text("v"), "segment": np.zeros(n, np.int32), "n_segments": np.ones(n, np.int32),
+            "kind": text(KIND_FRAME), "frame_index": np.arange(n), "timestamp_s": np.arange(n) / 10,
+            "frame": frames, "n_frames": np.zeros(n, np.int64), "error_stage": text(""),
+            "error_type": text(""), "message": text(""), "decoder": text(""), "codec": text(""),
+            "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "fps": np.zeros(n),
+            "duration_s": np.zeros(n), "reused_from": np.full(n, -1)}
+
+
+def test_concurrent_calls_give_the_same_rows_and_account_for_all_of_the_time(shapes_model):
+    """Ray Data runs CALLS_PER_ACTOR calls of an inference actor at once (pipeline.py)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rayvid.infer import CALLS_PER_ACTOR
+
+    predictor = Predictor(ModelConfig(name=shapes_model["path"], topk=3), batch_size=8, threads=2)
+    batches = [_frame_batch(_frames(13 + k, seed=k)) for k in range(6)]  # padded last chunks
+    want = [predictor(b) for b in batches]
+    with ThreadPoolExecutor(CALLS_PER_ACTOR) as pool:
+        got = list(pool.map(predictor, batches))
+    assert all(g.equals(w) for g, w in zip(got, want))
+    now = time.perf_counter()
+    clock = predictor._clock(now)
+    assert clock["batches"] == 12 and clock["frames"] == 2 * sum(13 + k for k in range(6))
+    # a partition of the actor's time since its first batch: with a model call running,
+    # with a batch in hand and no model call running, with no batch in hand
+    assert clock["model_s"] > 0 and clock["other_s"] > 0 and clock["wait_s"] >= 0
+    spent = clock["model_s"] + clock["other_s"] + clock["wait_s"]
+    assert spent == pytest.approx(now - predictor._first, abs=1e-6)
+    assert predictor._in_call.inside == 0 and predictor._in_model.inside == 0
+
+
 def samples_class(i):
     from rayvid import samples
 
