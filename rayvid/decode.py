@@ -845,7 +845,7 @@ def serve(fd: int, shared: int) -> None:
             for rows in reader.read(**payload, on_probe=on_probe):
                 frames = rows["frame"]
                 if frames.nbytes <= slot.size:  # else (a batch of long clips) pickled
-                    slot.put(frames, lambda: conn.recv())
+                    slot.put(frames, conn.recv)
                     rows = dict(rows, frame=(frames.shape, frames.dtype.str))
                 conn.send(("rows", rows))
         except (BrokenPipeError, ConnectionResetError, EOFError):

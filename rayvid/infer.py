@@ -263,16 +263,17 @@ class Predictor:
             now = time.perf_counter()
             self._first = now if self._first is None else self._first
             self._in_call.enter(now)
+        table = None
         try:
             table = self._call(batch)
         finally:
             with self._lock:
                 now = time.perf_counter()
                 self._in_call.leave(now)
-        with self._lock:
-            self._counts["frames"] += int(_count_valid(table.column("score")))
-            self._counts["batches"] += 1
-            clock = self._clock(time.perf_counter())
+                if table is not None:
+                    self._counts["frames"] += int(_count_valid(table.column("score")))
+                    self._counts["batches"] += 1
+                    clock = self._clock(now)
         if self._reports is not None:  # fire and forget: never waits on the driver
             self._reports.report.remote(self._key, clock)
         return table
