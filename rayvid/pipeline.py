@@ -135,7 +135,7 @@ def run(cfg: RunConfig) -> RunResult:
                 reports = _reports_actor(ray)
                 ds = _dataset(ray, cfg, units, shape, plan, reports, clip_len)
                 try:
-                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+                    for batch in results(ds):
                         if not retracted:
                             commit.retract(cfg.output, redo, committed)
                             retracted = True
@@ -263,6 +263,15 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
         **infer.resources(plan.infer_gpus, plan.infer_cpus),
     )
     return ds
+
+
+def results(ds):
+    """The dataset's output blocks (pyarrow), each as soon as it exists, so the committer
+    publishes a finished video while later ones are still being inferred. (Ray Data's
+    default read-ahead first waits for as many blocks as it prefetches: with
+    `prefetch_batches=4` the driver saw nothing until the fifth video was done, and on a
+    short archive nothing until the last: an interrupted run lost all of it.)"""
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
 
 
 def _reports_actor(ray):

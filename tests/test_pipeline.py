@@ -185,6 +185,29 @@ def test_missing_input_is_a_clear_error(ray_session, tmp_path, shapes_model):
         pipeline.run(_cfg("s3://rayvid-test/no/such/prefix", str(tmp_path / "o"), shapes_model["path"]))
 
 
+def test_results_hands_over_each_block_as_soon_as_it_exists(ray_session, tmp_path):
+    """The driver takes a finished video's rows while later ones are still running (so it
+    commits them): here every block but the first waits until the driver holds the first.
+    Reading ahead would wait for those blocks first: a deadlock, broken by their timeout."""
+    gate = tmp_path / "the driver holds a block"
+
+    def work(batch):
+        if batch["id"][0] != 0:
+            deadline = time.monotonic() + 20
+            while not gate.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the driver did not take the first block while later ones ran")
+                time.sleep(0.05)
+        return batch
+
+    ds = ray_session.data.range(6, override_num_blocks=6).map_batches(work, batch_size=None)
+    seen = []
+    for block in pipeline.results(ds):
+        seen += block.column("id").to_pylist()
+        gate.touch()
+    assert sorted(seen) == list(range(6))
+
+
 def test_plan_resources_cpu_and_gpu():
     cfg = RunConfig(input="x", output="y")
     cpu = pipeline.plan_resources(cfg, {"CPU": 16.0}, n_videos=10)
