@@ -267,10 +267,10 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
 
 def results(ds):
     """The dataset's output blocks (pyarrow), each as soon as it exists, so the committer
-    publishes a finished video while later ones are still being inferred. (Ray Data's
-    default read-ahead first waits for as many blocks as it prefetches: with
-    `prefetch_batches=4` the driver saw nothing until the fifth video was done, and on a
-    short archive nothing until the last: an interrupted run lost all of it.)"""
+    publishes a finished video while later ones are still being inferred. (A read-ahead
+    window, `prefetch_batches` > 0, is filled before the first block is handed over: with
+    4 the driver saw nothing until the fifth video was done, on a short archive nothing
+    until the last, and an interrupted run had to redo all of it.)"""
     return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
 
 
