@@ -255,6 +255,7 @@ class FrameReader:
         self.skip_similar = skip_similar
         self.decord_max_bytes = decord_max_bytes
         self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
+        self.fed = 0  # packets PyAV's decoder was given (skipped non-reference ones too)
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
         self.batch_frame_bytes = self.chunk * frame_bytes  # the most a batch of frames holds
         self.clip_len = int(clip_len)
@@ -385,9 +386,12 @@ class FrameReader:
     def _pyav_frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
         """Decodes only what the kept frames need: it seeks over every group of pictures
         that holds no kept frame (to the key frame before the next kept one), has FFmpeg
-        skip non-reference frames that are not kept (nothing depends on them), and converts
-        and resizes kept frames only. Dense sampling decodes everything; one frame per
-        key-frame interval decodes about one frame per interval."""
+        skip non-reference frames that are not kept (nothing depends on them), stops
+        feeding a group of pictures once its last kept frame's packet is in (a frame's
+        references precede it in decode order, so draining the decoder then gives it out
+        without decoding the frames after it), and converts and resizes kept frames only.
+        Dense sampling decodes everything; one frame per key-frame interval decodes about
+        one frame per interval."""
         import av
 
         index_of = {int(p): i for i, p in enumerate(info.pts)}
@@ -400,7 +404,9 @@ class FrameReader:
         # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
         # resyncs it; frames before that key frame in presentation order stay dropped.
         suspect, floor, dropped = False, 0, 0
-        decoded, seen, last_seek = 0, -1, -1
+        decoded, fed, seen, last_seek = 0, 0, -1, -1
+        unfed = wanted.copy()  # kept frames whose packet the decoder has not had yet
+        first_unfed, drained = 0, False  # keep[first_unfed]: the earliest of them
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
@@ -415,30 +421,47 @@ class FrameReader:
                            and info.codec in ("h264", "hevc"))
             packets = container.demux(stream)
             while found < len(keep):
-                # the next kept frame lies past a key frame we have not reached: jump there
-                nxt = int(keep[found]) if found < len(keep) else -1
-                key = int(key_at_or_before[nxt])
-                if key > seen + 1 and key > last_seek:
-                    container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
-                    packets, last_seek, seen = container.demux(stream), key, key - 1
-                    if suspect:  # the decoder starts afresh at a key frame
-                        suspect, floor = False, key
+                if first_unfed < len(keep):
+                    # the next kept frame lies past a key frame we have not reached: jump there
+                    key = int(key_at_or_before[keep[first_unfed]])
+                    if drained or (key > seen + 1 and key > last_seek):
+                        container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+                        packets, last_seek, seen, drained = container.demux(stream), key, key - 1, False
+                        if suspect:  # the decoder starts afresh at a key frame
+                            suspect, floor = False, key
+                elif drained:  # every kept frame was fed and has come out, or never will
+                    break
                 packet = next(packets, None)
                 if packet is None:
                     break
                 i = index_of.get(packet.pts)
                 if i is not None:
                     seen = max(seen, i)
+                    unfed[i] = False
+                    while first_unfed < len(keep) and not unfed[keep[first_unfed]]:
+                        first_unfed += 1
                     if skip_nonref:
                         ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
                 if suspect and packet.is_keyframe and i is not None:
                     suspect, floor = False, i
+                # nothing more is wanted before a seek: drain the frames still inside the
+                # decoder instead of feeding it the rest of this group of pictures
+                drain = first_unfed == len(keep) or (
+                    key_at_or_before[keep[first_unfed]] > seen + 1)
+                fed += 1
                 try:
                     frames = packet.decode()
                 except av.FFmpegError:
                     damaged += 1
                     suspect = True
-                    continue
+                    frames = []
+                if drain:
+                    drained = True
+                    try:
+                        frames = [*frames, *ctx.decode(None)]
+                    except av.FFmpegError:
+                        damaged += 1
+                        suspect = True
                 for frame in frames:
                     decoded += 1
                     i = index_of.get(frame.pts)
@@ -458,6 +481,7 @@ class FrameReader:
                         yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
                         idx_buf, frame_buf = [], []
         self.decoded += decoded
+        self.fed += fed
         if idx_buf:
             yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
         if damaged or dropped:

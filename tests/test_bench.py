@@ -52,7 +52,7 @@ def test_quick_bench_writes_every_field(tmp_path):
     mem = res["memory"]
     assert mem["long"]["frames"] == 10 * mem["short"]["frames"] > 0
     assert mem["long"]["total_mb"] > 0 and mem["long_vs_short"] > 0
-    sparse = res["sparse"]["gop_30"]
+    sparse = res["sparse"]["gop_30_fixed"]
     assert sparse["all_frames"]["frames"] == 60 and sparse["fps_1"]["frames"] == 2
     assert sparse["keyframes"]["frames"] == 2 and sparse["decord_get_batch_fps_1"]["frames"] == 2
     skip = res["skip"]

@@ -436,6 +436,19 @@ def test_sparse_sampling_seeks_over_intervals_without_kept_frames(matrix, name, 
     assert len(_rows(dense.read(path, path))[0]) == n and dense.decoded == n
 
 
+def test_sampled_key_frames_cost_one_packet_each(matrix):
+    """Kept frames that are key frames (every 10th frame of a file with a key frame every 10,
+    as 1 fps is on fixed 1 s GOPs): the decoder gets each kept frame's packet and nothing
+    after it (it is drained instead: a decoder holds a frame back until later packets
+    come), and a seek to the next."""
+    path, n = matrix["h264.mp4"]
+    reader = FrameReader(framecode.SIZE, every=10)
+    frames, [end] = _rows(reader.read(path, path))
+    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and end["error_type"] == ""
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+    assert reader.fed == len(frames), f"{reader.fed} packets decoded for {len(frames)} key frames"
+
+
 def test_keyframes_only_decodes_only_key_frames(matrix):
     path, n = matrix["h264.mp4"]  # a key frame every 10 frames
     reader = FrameReader(framecode.SIZE, keyframes=True)
