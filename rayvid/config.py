@@ -97,7 +97,9 @@ class SamplingConfig:
 class DecodeConfig:
     decoder: str = "auto"  # auto (decord where it is exact, else PyAV), decord, pyav
     segment_s: float = 600.0  # split longer videos into segments decoded in parallel; 0: never
-    threads: int = 1  # decoder threads per actor (never 0: that means every core of the node)
+    # CPUs per decode actor and its decoder threads (never 0: that means every core of the
+    # node); where inference runs on the CPU, at least decode.SHARED_NODE_THREADS threads
+    threads: int = 1
     batch_frames: int = 64  # frames per batch handed downstream, at most
     batch_bytes: int = 32 * 2**20  # bytes per batch handed downstream, at most
     min_actors: int = 1

@@ -83,6 +83,21 @@ def resources(threads: int) -> dict:
     return {"num_cpus": float(threads), "label_selector": {key: f"!{value}"}}
 
 
+# Where the model runs on the CPU, decoders and inference share the node's cores, and no
+# fixed split of Ray's CPU count is right for every source and model. A decode actor then
+# holds one CPU but decodes with this many threads, so it can take a core the model leaves
+# idle (decode-bound sources: 1080p); when the model needs the cores, Ray Data's
+# backpressure stops the decoders running ahead. decord with 2 threads, measured at model
+# size: the same CPU per frame (1080p: 7.65 against 7.76 ms; 360p: 1.24 against 1.18),
+# 1.6x / 1.3x the frames per second (BENCHMARKS.md).
+SHARED_NODE_THREADS = 2
+
+
+def threads_on(threads: int, shares_cores_with_inference: bool) -> int:
+    """Decoder threads of a decode actor that holds `threads` CPUs."""
+    return max(threads, SHARED_NODE_THREADS) if shares_cores_with_inference else threads
+
+
 # Codecs decord 0.6 decodes exactly (sequential reads; tests/test_decode.py and
 # bench/decord_matrix.py check each); anything else goes to PyAV. Measured: decord cannot
 # open AV1; on VP9/WebM it once raised a decoder-thread error we could not reproduce, so VP9
@@ -410,15 +425,15 @@ class FrameReader:
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
-            ctx.thread_count = self.threads
             if self.keyframes:
                 ctx.skip_frame = "NONKEY"  # decode key frames only
             # Per-packet skipping is exact only when the packet being decoded is the frame
             # the setting was made for: FFmpeg's own H.264/HEVC decoders without frame
-            # threads. Not libdav1d (AV1), which decodes behind its input (measured: a kept
-            # frame lost), nor frame threads, which decode ahead.
-            skip_nonref = (not self.keyframes and self.threads == 1 and len(keep) < len(info.pts)
+            # threads (so they decode on one thread when skipping). Not libdav1d (AV1),
+            # which decodes behind its input (measured: a kept frame lost).
+            skip_nonref = (not self.keyframes and len(keep) < len(info.pts)
                            and info.codec in ("h264", "hevc"))
+            ctx.thread_count = 1 if skip_nonref else self.threads
             packets = container.demux(stream)
             while found < len(keep):
                 if first_unfed < len(keep):

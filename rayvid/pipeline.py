@@ -43,6 +43,7 @@ class Plan:
     infer_cpus: float
     units_per_block: int
     batch_size: int = 32
+    decode_threads: int = 1  # decoder threads per decode actor (it holds decode_cpus)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
     per_block = max(1, math.ceil(n_videos / 20_000))
     batch = cfg.infer.batch_size or (128 if gpus_per_actor > 0 else 32)
     return Plan(decode_min, decode_max, float(threads), infer_min, infer_max,
-                float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block, batch)
+                float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block, batch,
+                decode.threads_on(threads, shares_cores_with_inference=gpus_per_actor == 0))
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -234,7 +236,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
             clip_len=clip_len,
             clip_stride=cfg.sampling.clip_stride or clip_len,
             decoder=cfg.decode.decoder,
-            threads=cfg.decode.threads,
+            threads=plan.decode_threads,
             batch_frames=cfg.decode.batch_frames,
             batch_bytes=cfg.decode.batch_bytes,
             timeout_s=cfg.decode.timeout_s,
@@ -243,7 +245,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
         batch_size=1,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=plan.decode_min, max_size=plan.decode_max),
-        **decode.resources(cfg.decode.threads),
+        **decode.resources(int(plan.decode_cpus)),
     )
     ds = ds.map_batches(
         infer.Predictor,

@@ -189,10 +189,11 @@ def _decode_all(path, **kw):
     return _rows(batches)
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # 2: decode actors that share cores with CPU inference
 @pytest.mark.parametrize("name", sorted(framecode.MATRIX))
-def test_frame_exact_on_every_codec_and_container(matrix, name):
+def test_frame_exact_on_every_codec_and_container(matrix, name, threads):
     path, n = matrix[name]
-    frames, [end] = _decode_all(path, batch_frames=16)
+    frames, [end] = _decode_all(path, batch_frames=16, threads=threads)
     assert end["error_type"] == "", end["message"]
     assert end["decoder"].split(" ")[0] == framecode.EXPECTED_DECODER.get(name, "decord")
     assert (end["height"], end["width"]) == framecode.MATRIX[name][1]  # the size as displayed (rotated)
@@ -246,7 +247,7 @@ def test_decord_mis_strided_sizes_fall_back_to_pyav(matrix):
     assert all(f["frame"].shape == (48, 48, 3) for f in frames)
 
 
-@pytest.mark.parametrize("sampling", [{"every": 3}, {"fps": 7.5}])
+@pytest.mark.parametrize("sampling", [{"every": 3}, {"fps": 7.5}, {"every": 3, "threads": 2}])
 @pytest.mark.parametrize("name", sorted(framecode.MATRIX))
 def test_sampling_modes_exact_on_every_codec(matrix, name, sampling):
     path, n = matrix[name]

@@ -131,6 +131,7 @@ def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
 
     assert (result.videos_ok, result.videos_failed) == (3, 2)
     assert result.plan["infer_gpus"] == 0.0  # inference actors on CPU
+    assert result.plan["decode_threads"] == 2  # so decoders share the cores on two threads
 
     def uri_of(local_path):
         return "s3://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
@@ -213,9 +214,12 @@ def test_plan_resources_cpu_and_gpu():
     cpu = pipeline.plan_resources(cfg, {"CPU": 16.0}, n_videos=10)
     assert (cpu.infer_gpus, cpu.infer_min, cpu.infer_max) == (0.0, 1, 4)
     assert (cpu.decode_min, cpu.decode_max) == (1, 15)
+    # decoders share the cores with CPU inference: each holds one CPU, decodes on two threads
+    assert (cpu.decode_cpus, cpu.decode_threads) == (1.0, 2)
     gpu = pipeline.plan_resources(cfg, {"CPU": 32.0, "GPU": 4.0}, n_videos=10)
     assert (gpu.infer_gpus, gpu.infer_min, gpu.infer_max) == (1.0, 4, 4)
     assert gpu.decode_max == 28  # the 4 inference actors hold a CPU each
+    assert (gpu.decode_cpus, gpu.decode_threads) == (1.0, 1)
     assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).units_per_block == 50
 
 
