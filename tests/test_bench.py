@@ -35,6 +35,10 @@ def test_quick_bench_writes_every_field(tmp_path):
     assert stages["infer"] == dict(stages["infer_" + stages["infer"]["layout"]], layout=stages["infer"]["layout"])
     limit = res["machine"]["cores"] / (stages["decode_raw"]["cpu_s_per_frame"] + cheaper)
     assert abs(quick["cpu_bound_limit_fps"] - limit) <= 0.1 and quick["decode_stage_vs_raw_decord"] > 0
+    # the most any method could do end to end: the model's start-up, then the limit
+    assert quick["model_startup_s"] > 0
+    for method, r in quick["methods"].items():
+        assert 0 < r["best_fps"]["a"] < limit and r["vs_best"]["end_to_end"] > 0, method
     frames = {m: r["archive_a"]["frames"] for m, r in quick["methods"].items()}
     assert sorted(frames) == sorted(["rayvid", "serial", "tf_data", "ray_recipe"])
     assert set(frames.values()) == {60}  # 2 videos x 1 s x 30 fps, every method, every frame

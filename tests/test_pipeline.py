@@ -361,7 +361,10 @@ def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many
     src, expected = many_videos
     out = str(tmp_path / "out")
     result = {}
-    cfg = _cfg(str(src), out, shapes_model["path"], decode=DecodeConfig(max_actors=1))
+    # the sample model infers a batch in a few milliseconds: one-frame batches keep the
+    # inference actor busy long enough (seconds) to be killed in the middle of its work
+    infer = InferConfig(batch_size=1 if stage == "Predictor" else None)
+    cfg = _cfg(str(src), out, shapes_model["path"], decode=DecodeConfig(max_actors=1), infer=infer)
     job = threading.Thread(target=lambda: result.update(r=pipeline.run(cfg)))
     job.start()
     title = f"ray::MapWorker(MapBatches({stage})).submit"  # the title while it runs a task
