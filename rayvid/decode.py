@@ -84,17 +84,21 @@ def resources(threads: int) -> dict:
 
 
 # Where the model runs on the CPU, decoders and inference share the node's cores, and no
-# fixed split of Ray's CPU count is right for every source and model. A decode actor then
-# holds one CPU but decodes with this many threads, so it can take a core the model leaves
-# idle (decode-bound sources: 1080p); when the model needs the cores, Ray Data's
-# backpressure stops the decoders running ahead. decord with 2 threads, measured at model
-# size: the same CPU per frame (1080p: 7.65 against 7.76 ms; 360p: 1.24 against 1.18),
-# 1.6x / 1.3x the frames per second (BENCHMARKS.md).
+# fixed split of Ray's CPU count is right for every source and model. Decoding costs grow
+# with the source's pixels, the model's do not: from HD sources up (LARGE_SOURCE_PIXELS) a
+# decode actor there still holds one CPU but decodes with SHARED_NODE_THREADS threads, so
+# it can take a core the model leaves idle; when the model needs the cores, Ray Data's
+# backpressure stops it running ahead. decord with 2 threads, measured at model size: the
+# same CPU per frame at 1080p (7.65 against 7.76 ms), 1.6x the frames per second; 1080p
+# archive B end to end 96-100 frames/s against 85-89. Smaller sources keep one thread:
+# at 360p, 2 threads cost 5% more CPU per frame and took cores from the model's start-up
+# and steady state (MobileNetV3, archive B: 222-244 frames/s against 239-251; BENCHMARKS.md).
 SHARED_NODE_THREADS = 2
+LARGE_SOURCE_PIXELS = 1280 * 720
 
 
 def threads_on(threads: int, shares_cores_with_inference: bool) -> int:
-    """Decoder threads of a decode actor that holds `threads` CPUs."""
+    """Decoder threads, for large sources, of a decode actor that holds `threads` CPUs."""
     return max(threads, SHARED_NODE_THREADS) if shares_cores_with_inference else threads
 
 
@@ -249,6 +253,7 @@ class FrameReader:
         keyframes: bool = False,
         decoder: str = "auto",
         threads: int = 1,
+        large_source_threads: int = 0,
         batch_frames: int = 64,
         batch_bytes: int = 32 * 2**20,
         skip_similar: Optional[float] = None,
@@ -266,6 +271,9 @@ class FrameReader:
         self.every, self.fps, self.keyframes = every, fps, keyframes
         self.decoder = decoder
         self.threads = max(1, int(threads))
+        # decord's threads for sources of LARGE_SOURCE_PIXELS and more (0: `threads`)
+        self.large_source_threads = max(self.threads, int(large_source_threads))
+        self.decord_threads = 0  # those of the last decord reader, for tests
         frame_bytes = self.height * self.width * 3
         self.skip_similar = skip_similar
         self.decord_max_bytes = decord_max_bytes
@@ -368,10 +376,12 @@ class FrameReader:
         yield from self._pyav_frames(path, info, keep, state)
 
     def _decord_frames(self, path: str, info: Probe, keep: np.ndarray):
+        large = info.width * info.height >= LARGE_SOURCE_PIXELS
+        self.decord_threads = self.large_source_threads if large else self.threads
         try:
             vr = self._decord.VideoReader(
                 path, ctx=self._decord.cpu(0), width=self.width, height=self.height,
-                num_threads=self.threads,
+                num_threads=self.decord_threads,
             )
         except (RuntimeError, self._decord.DECORDError) as e:
             raise _Untrusted(f"cannot open: {_first_line(e)}") from None

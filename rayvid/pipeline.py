@@ -43,7 +43,7 @@ class Plan:
     infer_cpus: float
     units_per_block: int
     batch_size: int = 32
-    decode_threads: int = 1  # decoder threads per decode actor (it holds decode_cpus)
+    decode_threads: int = 1  # decoder threads per decode actor on HD and larger sources
 
 
 @dataclass
@@ -236,7 +236,8 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
             clip_len=clip_len,
             clip_stride=cfg.sampling.clip_stride or clip_len,
             decoder=cfg.decode.decoder,
-            threads=plan.decode_threads,
+            threads=cfg.decode.threads,
+            large_source_threads=plan.decode_threads,
             batch_frames=cfg.decode.batch_frames,
             batch_bytes=cfg.decode.batch_bytes,
             timeout_s=cfg.decode.timeout_s,

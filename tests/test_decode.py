@@ -61,6 +61,22 @@ def test_decodes_every_frame_at_model_size_with_container_pts(media):
     assert np.abs(frames[0]["frame"].astype(float) - ref).mean() < 12
 
 
+def test_hd_sources_decode_on_the_large_source_threads(media, tmp_path):
+    """Decode actors that share cores with CPU inference decode HD and larger sources on more
+    threads (decoding is their bottleneck there), smaller ones on the threads they hold."""
+    import subprocess
+
+    hd = str(tmp_path / "hd.mp4")
+    subprocess.run([samples.ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=1280x720:rate=30:duration=0.5", "-c:v", "libx264", "-pix_fmt", "yuv420p", hd],
+                   check=True)
+    small = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    for path, n, threads in ((hd, 15, 2), (small, len(media["truth"][small]), 1)):
+        reader = FrameReader((64, 64), threads=1, large_source_threads=2)
+        frames, [end] = _rows(reader.read(path, path))
+        assert (end["decoder"], len(frames), reader.decord_threads) == ("decord", n, threads), path
+
+
 def test_batches_bounded_in_bytes(media):
     path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
     dec = Decoder(size=(64, 64), batch_frames=1000, batch_bytes=64 * 64 * 3 * 5)
@@ -222,8 +238,9 @@ def test_sparse_sampling_exact_on_open_gop_hevc(matrix):
     assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["h264.mp4", "hevc_opengop.mp4", "av1.mkv"])
-def test_keyframes_only(matrix, name):
+def test_keyframes_only(matrix, name, threads):
     import av
 
     path, _ = matrix[name]
@@ -231,7 +248,7 @@ def test_keyframes_only(matrix, name):
         s = c.streams.video[0]
         packets = sorted((p.pts, p.is_keyframe) for p in c.demux(s) if p.size)
     want = [i for i, (_, key) in enumerate(packets) if key]
-    frames, [end] = _decode_all(path, keyframes=True)
+    frames, [end] = _decode_all(path, keyframes=True, threads=threads)
     assert [f["frame_index"] for f in frames] == want and len(want) >= 2
     assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
     assert end["decoder"] == "pyav"
