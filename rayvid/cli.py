@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
     e.add_argument("--decoder", choices=["auto", "decord", "pyav"], help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="CPUs each decode actor holds, and its decoder threads (default 1; "
-                   "where inference runs on the CPU, a decode actor decodes on at least 2 threads)")
+                   "where inference runs on the CPU, HD and larger sources decode on at least 2 threads)")
     e.add_argument("--segment-seconds", type=float, metavar="S",
                    help="split videos longer than S seconds into segments decoded in parallel (default 600; 0: never)")
     e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
