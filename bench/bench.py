@@ -474,7 +474,7 @@ def w_ray_recipe(spec):
 
 
 def w_rayvid(spec):
-    from rayvid import pipeline
+    from rayvid import decode, pipeline
     from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 
     cfg = RunConfig(input=spec["input"], output=spec["out"], model=ModelConfig(**spec["model"]),
@@ -482,6 +482,8 @@ def w_rayvid(spec):
                     decode=DecodeConfig(**spec.get("decode", {})),
                     infer=InferConfig(batch_size=spec["batch"], **spec.get("infer", {})),
                     progress=False)
+    if "shared_node_threads" in spec:  # the threads experiment: what decode threads on HD sources buy
+        decode.SHARED_NODE_THREADS = spec["shared_node_threads"]
     result = pipeline.run(cfg)
     out = {"frames": result.frames, "plan": result.plan}
     if getattr(result, "inference", None):
@@ -748,6 +750,41 @@ def exp_sparse(tmp: str, quick: bool) -> dict:
     return res
 
 
+def exp_threads(tmp: str, quick: bool, cores: int, reps: int = 2) -> dict:
+    """rayvid end to end on the 360p (MobileNetV3) and 1080p corpora of the regimes, archives
+    A and B, with decode actors that share the cores with CPU inference decoding HD sources
+    on 1 or on 2 threads (decode.SHARED_NODE_THREADS), in alternating pairs of runs."""
+    corpora = {"quick": QUICK} if quick else {n: REGIMES[n] for n in ("mobilenet", "1080p")}
+    res = {}
+    for name, spec in corpora.items():
+        root = os.path.join(tmp, "corpus", name)
+        videos = corpus(os.path.join(root, "a"), spec)
+        b_dir = os.path.join(root, "b")
+        os.makedirs(b_dir, exist_ok=True)
+        for copy in range(3):
+            for v in videos:
+                dst = os.path.join(b_dir, f"c{copy}_{os.path.basename(v)}")
+                if not os.path.exists(dst):
+                    os.link(v, dst)
+        runs = {1: [], 2: []}
+        for rep in range(1 if quick else reps):
+            for threads in (1, 2):
+                pair = {}
+                for archive in ("a",) if quick else ("a", "b"):
+                    out = os.path.join(tmp, "out", "threads", name, archive)
+                    shutil.rmtree(out, ignore_errors=True)
+                    r = measure("rayvid", {"input": os.path.join(root, archive), "out": out, "batch": 32,
+                                           "cores": cores, "shared_node_threads": threads,
+                                           "model": {"name": spec["model"], "weights": "none"}}, tmp)
+                    pair[archive] = {"frames": r["frames"], "wall_s": r["wall_s"], "frames_per_s": r["frames_per_s"],
+                                     "decode_threads": r["plan"]["decode_threads"]}
+                runs[threads].append(pair)
+                log(f"[threads] {name} {threads} thread(s): " + ", ".join(
+                    f"{a.upper()} {x['frames_per_s']:.1f} frames/s" for a, x in pair.items()))
+        res[name] = {str(t): runs[t] for t in runs}
+    return res
+
+
 def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
     """Inference (MobileNetV3-Small, 224, batch 32) on every core, alone and next to a
     decoder decoding as fast as it can at CPU priority 0 and 10; inference as one call
@@ -831,8 +868,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--experiments", default="memory,sparse,skip,contention",
-                   help="comma-separated: memory, sparse, skip, contention")
+    p.add_argument("--experiments", default="memory,sparse,skip,contention,threads",
+                   help="comma-separated: memory, sparse, skip, contention, threads")
     p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
@@ -866,6 +903,8 @@ def main(argv=None) -> int:
             results["skip"] = exp_skip(tmp, args.quick, args.cores)
         if "contention" in exps:
             results["contention"] = exp_contention(tmp, args.quick, args.cores)
+        if "threads" in exps:
+            results["threads"] = exp_threads(tmp, args.quick, args.cores)
     finally:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -948,6 +987,16 @@ def markdown(results: dict) -> str:
                 continue
             mode, beside = key.split(", ", 1)
             out.append(f"| {mode} | {beside} | {row['infer_fps']:.1f} | {row.get('decoder_fps', 'n/a')} |")
+        out.append("")
+    if "threads" in results:
+        out += _section("decode threads on HD sources, next to CPU inference", results["threads"])
+        out += ["| corpus | threads | end to end A (each run) | end to end B (each run) |", "| --- | --- | --- | --- |"]
+        for name, by in results["threads"].items():
+            if name == "command":
+                continue
+            for threads, pairs in by.items():
+                rates = lambda a: ", ".join(f"{p[a]['frames_per_s']:.1f}" for p in pairs if a in p) or "n/a"  # noqa: E731
+                out.append(f"| {name} | {threads} | {rates('a')} | {rates('b')} |")
         out.append("")
     if "skip" in results:
         s = results["skip"]

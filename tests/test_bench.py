@@ -62,6 +62,10 @@ def test_quick_bench_writes_every_field(tmp_path):
     skip = res["skip"]
     assert skip["frames"] == 60 and 0 < skip["inferred_skip_similar"] < 60
     assert skip["fewer_inferences"] > 1 and 0 < skip["top1_agreement"] <= 1
+    threads = res["threads"]["quick"]  # one run each way on the tiny corpus (not HD: 1 thread both)
+    for n in ("1", "2"):
+        [run] = threads[n]
+        assert run["a"]["frames"] == 60 and run["a"]["frames_per_s"] > 0 and run["a"]["decode_threads"] == int(n)
     contention = res["contention"]
     assert sorted(contention) == sorted(f"{m}, {b}" for m in ("ops", "streams")
                                         for b in ("alone", "decoder at nice 0", "decoder at nice 10"))
