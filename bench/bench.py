@@ -482,8 +482,8 @@ def w_rayvid(spec):
                     decode=DecodeConfig(**spec.get("decode", {})),
                     infer=InferConfig(batch_size=spec["batch"], **spec.get("infer", {})),
                     progress=False)
-    if "shared_node_threads" in spec:  # the threads experiment: what decode threads on HD sources buy
-        decode.SHARED_NODE_THREADS = spec["shared_node_threads"]
+    if "shared_node_threads" in spec:  # the threads experiment: this many on every source
+        decode.SHARED_NODE_THREADS, decode.LARGE_SOURCE_PIXELS = spec["shared_node_threads"], 0
     result = pipeline.run(cfg)
     out = {"frames": result.frames, "plan": result.plan}
     if getattr(result, "inference", None):
@@ -750,10 +750,11 @@ def exp_sparse(tmp: str, quick: bool) -> dict:
     return res
 
 
-def exp_threads(tmp: str, quick: bool, cores: int, reps: int = 2) -> dict:
+def exp_threads(tmp: str, quick: bool, cores: int, reps: int = 3) -> dict:
     """rayvid end to end on the 360p (MobileNetV3) and 1080p corpora of the regimes, archives
-    A and B, with decode actors that share the cores with CPU inference decoding HD sources
-    on 1 or on 2 threads (decode.SHARED_NODE_THREADS), in alternating pairs of runs."""
+    A and B, with decode actors that share the cores with CPU inference decoding every
+    source on 1 or on 2 threads (rayvid itself uses 2 from HD sources up:
+    decode.LARGE_SOURCE_PIXELS), in alternating pairs of runs."""
     corpora = {"quick": QUICK} if quick else {n: REGIMES[n] for n in ("mobilenet", "1080p")}
     res = {}
     for name, spec in corpora.items():

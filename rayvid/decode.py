@@ -254,6 +254,7 @@ class FrameReader:
         decoder: str = "auto",
         threads: int = 1,
         large_source_threads: int = 0,
+        large_source_pixels: int = LARGE_SOURCE_PIXELS,
         batch_frames: int = 64,
         batch_bytes: int = 32 * 2**20,
         skip_similar: Optional[float] = None,
@@ -273,6 +274,7 @@ class FrameReader:
         self.threads = max(1, int(threads))
         # decord's threads for sources of LARGE_SOURCE_PIXELS and more (0: `threads`)
         self.large_source_threads = max(self.threads, int(large_source_threads))
+        self.large_source_pixels = int(large_source_pixels)
         self.decord_threads = 0  # those of the last decord reader, for tests
         frame_bytes = self.height * self.width * 3
         self.skip_similar = skip_similar
@@ -376,7 +378,7 @@ class FrameReader:
         yield from self._pyav_frames(path, info, keep, state)
 
     def _decord_frames(self, path: str, info: Probe, keep: np.ndarray):
-        large = info.width * info.height >= LARGE_SOURCE_PIXELS
+        large = info.width * info.height >= self.large_source_pixels
         self.decord_threads = self.large_source_threads if large else self.threads
         try:
             vr = self._decord.VideoReader(
