@@ -83,6 +83,13 @@ def resources(threads: int) -> dict:
     return {"num_cpus": float(threads), "label_selector": {key: f"!{value}"}}
 
 
+# Calls in hand per decode actor when the videos are remote: while one call's video is
+# decoded, the next call copies its video to local disk (Decoder fetches outside the lock
+# that keeps its one child to one video at a time), so no decoder waits on the network.
+# Local videos need no fetch: one call at a time.
+REMOTE_CALLS_PER_ACTOR = 2
+
+
 # Where the model runs on the CPU, decoders and inference share the node's cores, and no
 # fixed split of Ray's CPU count is right for every source and model. Decoding costs grow
 # with the source's pixels, the model's do not: from HD sources up (LARGE_SOURCE_PIXELS) a

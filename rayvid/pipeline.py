@@ -44,6 +44,7 @@ class Plan:
     units_per_block: int
     batch_size: int = 32
     decode_threads: int = 1  # decoder threads per decode actor on HD and larger sources
+    decode_calls: int = 1  # calls in hand per decode actor (remote videos: fetch the next meanwhile)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class RunResult:
         return self.frames / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
+def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = False) -> Plan:
+    """`remote`: some videos are on a remote filesystem (fetched before they are decoded)."""
     cpus = float(cluster.get("CPU", 0))
     gpus = float(cluster.get("GPU", 0))
     gpus_per_actor = cfg.infer.gpus_per_actor if cfg.infer.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
@@ -97,7 +99,8 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int) -> Plan:
     batch = cfg.infer.batch_size or (128 if gpus_per_actor > 0 else 32)
     return Plan(decode_min, decode_max, float(threads), infer_min, infer_max,
                 float(gpus_per_actor), float(cfg.infer.cpus_per_actor), per_block, batch,
-                decode.threads_on(threads, shares_cores_with_inference=gpus_per_actor == 0))
+                decode.threads_on(threads, shares_cores_with_inference=gpus_per_actor == 0),
+                decode.REMOTE_CALLS_PER_ACTOR if remote else 1)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -123,7 +126,7 @@ def run(cfg: RunConfig) -> RunResult:
         info = probe() if probe else None
         shape = info.shape if info else shape
         clip_len = _clip_len(cfg, shape.clip_len)
-        plan = plan_resources(cfg, ray.cluster_resources(), listed)
+        plan = plan_resources(cfg, ray.cluster_resources(), listed, remote=_any_remote(videos))
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
         _write_first_record(cfg, record)
@@ -246,7 +249,10 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
         ),
         batch_size=1,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=plan.decode_min, max_size=plan.decode_max),
+        compute=ActorPoolStrategy(
+            min_size=plan.decode_min, max_size=plan.decode_max,
+            max_concurrent_calls_per_actor=plan.decode_calls, enable_true_multi_threading=plan.decode_calls > 1,
+        ),
         **decode.resources(int(plan.decode_cpus)),
     )
     ds = ds.map_batches(
@@ -267,6 +273,14 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
         **infer.resources(plan.infer_gpus, plan.infer_cpus),
     )
     return ds
+
+
+def _any_remote(videos: pa.Table) -> bool:
+    """Whether any listed video is on a remote filesystem (the listing writes local files as
+    absolute paths, everything else as URLs)."""
+    import pyarrow.compute as pc
+
+    return len(videos) > 0 and pc.any(pc.match_substring(videos.column("video_uri"), "://")).as_py()
 
 
 def results(ds):

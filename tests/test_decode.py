@@ -77,6 +77,36 @@ def test_hd_sources_decode_on_the_large_source_threads(media, tmp_path):
         assert (end["decoder"], len(frames), reader.decord_threads) == ("decord", n, threads), path
 
 
+def test_remote_video_is_fetched_while_another_decodes(media, s3fs_client):
+    """What the decode pool's two calls per actor on remote input rely on: a second call
+    copies its video to local disk while the first call's video is being decoded, then
+    waits for the decoder; both come out whole."""
+    import threading
+
+    path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    n = len(media["truth"][path])
+    first, second = "s3://rayvid-test/fetch/first.mp4", "s3://rayvid-test/fetch/second.mp4"
+    for url in (first, second):
+        s3fs_client.put_file(path, url)
+    dec = Decoder(size=(32, 32), batch_frames=4)
+    decoding = dec.decode_video(first)
+    batches = [next(decoding)]  # the first video holds the decoder from here on
+    out = {}
+    other = threading.Thread(target=lambda: out.setdefault("rows", _rows(list(dec.decode_video(second)))))
+    other.start()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(dec._tmpdir)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir(dec._tmpdir)) == 2  # both copies on disk: the second fetched meanwhile
+    assert other.is_alive() and "rows" not in out  # and waiting for the decoder
+    batches += list(decoding)
+    other.join(30)
+    for frames, ends in (_rows(batches), out["rows"]):
+        assert [f["frame_index"] for f in frames] == list(range(n))
+        assert len(ends) == 1 and ends[0]["error_type"] == ""
+    assert os.listdir(dec._tmpdir) == []  # each copy deleted after its video
+
+
 def test_batches_bounded_in_bytes(media):
     path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
     dec = Decoder(size=(64, 64), batch_frames=1000, batch_bytes=64 * 64 * 3 * 5)

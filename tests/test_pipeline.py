@@ -62,6 +62,7 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
 
     assert (result.videos_listed, result.videos_ok, result.videos_failed) == (5, 3, 2)
     assert result.plan["infer_gpus"] == 1.0  # the session's logical GPU: the GPU path ran
+    assert result.plan["decode_calls"] == 1  # local videos: nothing to fetch ahead
     preds = read_output(out)
     _check_round_trip(preds, corpus["truth"], uri_of=lambda p: p)
     assert set(preds.column("model").to_pylist()) == {shapes_model["path"]}
@@ -132,6 +133,7 @@ def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
     assert (result.videos_ok, result.videos_failed) == (3, 2)
     assert result.plan["infer_gpus"] == 0.0  # inference actors on CPU
     assert result.plan["decode_threads"] == 2  # so decoders share the cores on two threads
+    assert result.plan["decode_calls"] == 2  # remote videos: each decoder fetches the next meanwhile
 
     def uri_of(local_path):
         return "s3://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
@@ -221,6 +223,8 @@ def test_plan_resources_cpu_and_gpu():
     assert gpu.decode_max == 28  # the 4 inference actors hold a CPU each
     assert (gpu.decode_cpus, gpu.decode_threads) == (1.0, 1)
     assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).units_per_block == 50
+    # remote videos: two calls per decode actor, one fetching while the other decodes
+    assert (cpu.decode_calls, pipeline.plan_resources(cfg, {"CPU": 16.0}, 10, remote=True).decode_calls) == (1, 2)
 
 
 def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
