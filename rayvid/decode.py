@@ -409,8 +409,12 @@ class FrameReader:
                 if frames.shape[1:] != (self.height, self.width, 3):
                     raise _Untrusted(f"decord returned frames of shape {frames.shape[1:]}")
                 sel = np.flatnonzero(wanted[start:stop])
-                idx_buf = np.concatenate([idx_buf, sel + start])
-                frame_buf = frames[sel] if frame_buf is None else np.concatenate([frame_buf, frames[sel]])
+                if len(sel) < len(frames):  # else every frame of the window: no copy
+                    frames = frames[sel]
+                if len(idx_buf):
+                    idx_buf, frame_buf = np.concatenate([idx_buf, sel + start]), np.concatenate([frame_buf, frames])
+                else:
+                    idx_buf, frame_buf = sel + start, frames
                 while len(idx_buf) >= self.chunk or (stop == len(wanted) and len(idx_buf)):
                     yield idx_buf[: self.chunk], frame_buf[: self.chunk]
                     idx_buf, frame_buf = idx_buf[self.chunk :], frame_buf[self.chunk :]
