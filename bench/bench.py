@@ -598,14 +598,8 @@ def measure(name: str, spec: dict, tmp: str, timeout_s: float = 1800) -> dict:
 
 # ---------------------------------------------------------------- a regime, end to end
 
-def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, archive_b: bool = True) -> dict:
-    """Stage ceilings, then every method on archive A (the regime's videos) and on archive
-    B (A and two copies of each: 3x the frames). End to end counts each method's fixed
-    start-up (model load, actors); the steady rate, (frames B - frames A) / (time B - time
-    A), is what the method sustains once started: what a large archive sees."""
-    root = os.path.join(tmp, "corpus", name)
-    t0 = time.time()
-    videos = corpus(os.path.join(root, "a"), spec)
+def archive_b(root: str, videos: list) -> tuple[str, list]:
+    """root/b: archive A's videos and two copies of each (hard links), 3x the frames."""
     b_dir = os.path.join(root, "b")
     os.makedirs(b_dir, exist_ok=True)
     b_videos = []
@@ -615,6 +609,18 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
             if not os.path.exists(dst):
                 os.link(v, dst)
             b_videos.append(dst)
+    return b_dir, b_videos
+
+
+def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, with_b: bool = True) -> dict:
+    """Stage ceilings, then every method on archive A (the regime's videos) and on archive
+    B (A and two copies of each: 3x the frames). End to end counts each method's fixed
+    start-up (model load, actors); the steady rate, (frames B - frames A) / (time B - time
+    A), is what the method sustains once started: what a large archive sees."""
+    root = os.path.join(tmp, "corpus", name)
+    t0 = time.time()
+    videos = corpus(os.path.join(root, "a"), spec)
+    b_dir, b_videos = archive_b(root, videos)
     model = {"name": spec["model"], "weights": "none"}
     common = {"videos": videos, "input": os.path.join(root, "a"), "model": model, "size": [224, 224],
               "batch": 32, "cores": cores, "gpus": gpus}
@@ -657,7 +663,7 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
         f"on archive A")
     for method in methods:
         runs = {}
-        for archive, vids, inp in (("a", videos, common["input"]), ("b", b_videos, b_dir))[: 2 if archive_b else 1]:
+        for archive, vids, inp in (("a", videos, common["input"]), ("b", b_videos, b_dir))[: 2 if with_b else 1]:
             out = os.path.join(tmp, "out", name, method, archive)
             shutil.rmtree(out, ignore_errors=True)
             runs[archive] = measure(method, dict(common, videos=vids, input=inp, out=out), tmp)
@@ -769,14 +775,7 @@ def exp_threads(tmp: str, quick: bool, cores: int, reps: int = 3) -> dict:
     res = {}
     for name, spec in corpora.items():
         root = os.path.join(tmp, "corpus", name)
-        videos = corpus(os.path.join(root, "a"), spec)
-        b_dir = os.path.join(root, "b")
-        os.makedirs(b_dir, exist_ok=True)
-        for copy in range(3):
-            for v in videos:
-                dst = os.path.join(b_dir, f"c{copy}_{os.path.basename(v)}")
-                if not os.path.exists(dst):
-                    os.link(v, dst)
+        archive_b(root, corpus(os.path.join(root, "a"), spec))
         runs = {1: [], 2: []}
         for rep in range(1 if quick else reps):
             for threads in (1, 2):
@@ -817,7 +816,11 @@ class SlowLink:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:  # the store is down: this connection fails, the next may not
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, server, 0), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, self.rate), daemon=True).start()
 
@@ -860,14 +863,15 @@ def exp_remote(tmp: str, quick: bool, cores: int, mb_per_s: float = 4.0, reps: i
     videos = corpus(os.path.join(tmp, "corpus", "quick" if quick else "1080p", "a"), spec)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
-    link = SlowLink(moto.get_host_and_port(), mb_per_s)
+    host, port = moto.get_host_and_port()
+    link = SlowLink((host, port), mb_per_s)
     endpoint = f"http://127.0.0.1:{link.port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the workers inherit it
     try:
-        s3 = boto3.client("s3", endpoint_url=f"http://{moto.get_host_and_port()[0]}:{moto.get_host_and_port()[1]}")
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")  # uploads skip the slow link
         s3.create_bucket(Bucket="bench")
         for copy in range(1 if quick else 3):
             for v in videos:
@@ -1004,7 +1008,7 @@ def main(argv=None) -> int:
     try:
         for name, spec in regimes.items():
             results["regimes"][name] = run_regime(name, spec, tmp, args.cores, args.gpus, methods,
-                                                  archive_b=not args.quick)
+                                                  with_b=not args.quick)
         exps = [e for e in args.experiments.split(",") if e]
         if "memory" in exps:
             results["memory"] = exp_memory(tmp, args.quick)
@@ -1090,27 +1094,21 @@ def markdown(results: dict) -> str:
     if "sparse" in results:
         out += _section("sparse sampling", results["sparse"])
         out += ["| video | mode | frames | CPU-s | cheaper than every frame |", "| --- | --- | --- | --- | --- |"]
-        for video, modes in results["sparse"].items():
-            if video == "command":
-                continue
+        for video, modes in _entries(results["sparse"]):
             for mode, x in modes.items():
                 out.append(f"| {video} | {mode} | {x['frames']} | {x['cpu_s']:.2f} | {x['cheaper_than_all']}x |")
         out.append("")
     if "contention" in results:
         out += _section("sharing cores: inference next to a decoder", results["contention"])
         out += ["| inference | next to | inference frames/s | decoder frames/s |", "| --- | --- | --- | --- |"]
-        for key, row in results["contention"].items():
-            if key == "command":
-                continue
+        for key, row in _entries(results["contention"]):
             mode, beside = key.split(", ", 1)
             out.append(f"| {mode} | {beside} | {row['infer_fps']:.1f} | {row.get('decoder_fps', 'n/a')} |")
         out.append("")
     if "threads" in results:
         out += _section("decode threads next to CPU inference (every source on 1 or 2 threads)", results["threads"])
         out += ["| corpus | threads | end to end A (each run) | end to end B (each run) |", "| --- | --- | --- | --- |"]
-        for name, by in results["threads"].items():
-            if name == "command":
-                continue
+        for name, by in _entries(results["threads"]):
             for threads, pairs in by.items():
                 rates = lambda a: ", ".join(f"{p[a]['frames_per_s']:.1f}" for p in pairs if a in p) or "n/a"  # noqa: E731
                 out.append(f"| {name} | {threads} | {rates('a')} | {rates('b')} |")
@@ -1133,6 +1131,11 @@ def markdown(results: dict) -> str:
                 f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
                 f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
     return "\n".join(out)
+
+
+def _entries(part: dict) -> list:
+    """A section's (key, value) pairs, less the command that measured it."""
+    return [(k, v) for k, v in part.items() if k != "command"]
 
 
 def _section(title: str, part: dict) -> list:

@@ -241,7 +241,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
             decoder=cfg.decode.decoder,
             threads=cfg.decode.threads,
             large_source_threads=plan.decode_threads,
-            large_source_pixels=decode.LARGE_SOURCE_PIXELS,
+            large_source_pixels=decode.LARGE_SOURCE_PIXELS,  # the driver's: what the bench sets reaches the actors
             batch_frames=cfg.decode.batch_frames,
             batch_bytes=cfg.decode.batch_bytes,
             timeout_s=cfg.decode.timeout_s,
