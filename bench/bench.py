@@ -28,6 +28,7 @@ as tables and go to `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -848,31 +849,47 @@ class SlowLink:
         self.sock.close()
 
 
-def exp_remote(tmp: str, quick: bool, cores: int, mb_per_s: float = 4.0, reps: int = 2) -> dict:
-    """rayvid end to end on the 1080p regime's archive B (12 videos of 5.9 MB) read from S3
-    (moto on 127.0.0.1 behind SlowLink: `mb_per_s` MB/s per connection), with one call per
-    decode actor (fetch, then decode) and with rayvid's two (decode.REMOTE_CALLS_PER_ACTOR:
-    the next video is fetched while one decodes), in alternating pairs of runs."""
+@contextlib.contextmanager
+def slow_s3(mb_per_s: float):
+    """S3 (moto on 127.0.0.1) behind SlowLink at `mb_per_s` MB/s per connection, set in the
+    AWS environment of this process and its workers; yields a boto3 client that reaches the
+    store directly (uploads skip the slow link) and has made the bucket `bench`."""
     import logging
 
     import boto3
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    spec = QUICK if quick else REGIMES["1080p"]
-    videos = corpus(os.path.join(tmp, "corpus", "quick" if quick else "1080p", "a"), spec)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
     host, port = moto.get_host_and_port()
     link = SlowLink((host, port), mb_per_s)
-    endpoint = f"http://127.0.0.1:{link.port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the workers inherit it
     try:
-        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")  # uploads skip the slow link
+        s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
         s3.create_bucket(Bucket="bench")
+        yield s3
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        link.close()
+        moto.stop()
+
+
+def exp_remote(tmp: str, quick: bool, cores: int, mb_per_s: float = 4.0, reps: int = 2) -> dict:
+    """rayvid end to end on the 1080p regime's archive B (12 videos of 5.9 MB) read from S3
+    (moto on 127.0.0.1 behind SlowLink: `mb_per_s` MB/s per connection), with one call per
+    decode actor (fetch, then decode) and with rayvid's two (decode.REMOTE_CALLS_PER_ACTOR:
+    the next video is fetched while one decodes), in alternating pairs of runs."""
+    spec = QUICK if quick else REGIMES["1080p"]
+    videos = corpus(os.path.join(tmp, "corpus", "quick" if quick else "1080p", "a"), spec)
+    with slow_s3(mb_per_s) as s3:
         for copy in range(1 if quick else 3):
             for v in videos:
                 s3.upload_file(v, "bench", f"in/c{copy}_{os.path.basename(v)}")
@@ -887,17 +904,49 @@ def exp_remote(tmp: str, quick: bool, cores: int, mb_per_s: float = 4.0, reps: i
                 runs[calls].append({"frames": r["frames"], "wall_s": r["wall_s"], "frames_per_s": r["frames_per_s"],
                                     "decode_calls": r["plan"]["decode_calls"]})
                 log(f"[remote] {calls} call(s) per decode actor: {r['frames_per_s']:.1f} frames/s")
-        return {"mb_per_s_per_connection": mb_per_s, "videos": len(videos) * (1 if quick else 3),
-                "video_mb": round(sum(os.path.getsize(v) for v in videos) / len(videos) / 1e6, 2),
-                "calls": {str(c): runs[c] for c in runs}}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        link.close()
-        moto.stop()
+    return {"mb_per_s_per_connection": mb_per_s, "videos": len(videos) * (1 if quick else 3),
+            "video_mb": round(sum(os.path.getsize(v) for v in videos) / len(videos) / 1e6, 2),
+            "calls": {str(c): runs[c] for c in runs}}
+
+
+def exp_segments(tmp: str, quick: bool, mb_per_s: float = 4.0, reps: int = 2) -> dict:
+    """One long remote video cut into segments (S3 behind SlowLink, `mb_per_s` MB/s per
+    connection), every segment decoded by one Decoder in this process (no Ray: only the
+    fetching differs), in alternating pairs: rayvid's partial copies (the MP4's index,
+    then each segment's own bytes) against a whole copy per segment (`ranged=False`, what
+    every segment did before). Bytes read from the store, seconds, frames."""
+    from rayvid import segments
+    from rayvid.decode import Decoder
+
+    seconds, height, width, segment_s = (6, 240, 320, 1.0) if quick else (120, 360, 640, 20.0)
+    os.makedirs(os.path.join(tmp, "corpus"), exist_ok=True)
+    video = encode(os.path.join(tmp, "corpus", f"segments-{seconds}s.mp4"), seconds, height, width, 30,
+                   seed=11, gop=60)  # a key frame every 2 s, as streaming encoders do
+    bounds = segments.bounds(segments.header_duration(video), segment_s)
+    runs = {"partial": [], "whole": []}
+    with slow_s3(mb_per_s) as s3:
+        s3.upload_file(video, "bench", "long/video.mp4")
+        for _ in range(1 if quick else reps):
+            for way in runs:
+                dec = Decoder((224, 224), ranged=way == "partial")
+                t0, frames = time.perf_counter(), 0
+                for k, (start, end) in enumerate(bounds):
+                    for batch in dec.decode_video("s3://bench/long/video.mp4", k, len(bounds), start, end):
+                        if batch["kind"][0] == "frame":
+                            frames += len(batch["frame_index"])
+                        elif batch["message"][0]:
+                            raise RuntimeError(batch["message"][0])
+                runs[way].append({"frames": frames, "wall_s": round(time.perf_counter() - t0, 2),
+                                  "bytes_fetched": dec.bytes_fetched})
+                del dec
+                log(f"[segments] {way:7s} copies: {runs[way][-1]['bytes_fetched'] / 1e6:.1f} MB read, "
+                    f"{runs[way][-1]['wall_s']:.1f} s")
+    size = os.path.getsize(video)
+    best = {way: min(r["wall_s"] for r in rs) for way, rs in runs.items()}
+    return {"mb_per_s_per_connection": mb_per_s, "video": f"{seconds} s {width}x{height} 30 fps H.264, GOP 2 s",
+            "video_mb": round(size / 1e6, 2), "segment_s": segment_s, "segments": len(bounds),
+            "runs": runs, "read_vs_size": {w: round(rs[0]["bytes_fetched"] / size, 3) for w, rs in runs.items()},
+            "whole_vs_partial_wall": round(best["whole"] / best["partial"], 2)}
 
 
 def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
@@ -983,8 +1032,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--experiments", default="memory,sparse,skip,contention,threads,remote",
-                   help="comma-separated: memory, sparse, skip, contention, threads, remote")
+    p.add_argument("--experiments", default="memory,sparse,skip,contention,threads,remote,segments",
+                   help="comma-separated: memory, sparse, skip, contention, threads, remote, segments")
     p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
@@ -1022,6 +1071,8 @@ def main(argv=None) -> int:
             results["threads"] = exp_threads(tmp, args.quick, args.cores)
         if "remote" in exps:
             results["remote"] = exp_remote(tmp, args.quick, args.cores)
+        if "segments" in exps:
+            results["segments"] = exp_segments(tmp, args.quick)
     finally:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -1123,6 +1174,17 @@ def markdown(results: dict) -> str:
             rates = ", ".join(f"{x['frames_per_s']:.1f}" for x in runs)
             out.append(f"| {calls} | {rates} |")
         out.append("")
+    if "segments" in results:
+        r = results["segments"]
+        out += _section("segments of one remote video: partial copies against a whole copy each", r)
+        out += [f"One {r['video']} video of {r['video_mb']} MB on S3 behind a link of "
+                f"{r['mb_per_s_per_connection']:g} MB/s per connection, cut into {r['segments']} segments of "
+                f"{r['segment_s']:g} s, each decoded (224x224) by one Decoder in the bench's process.", "",
+                "| copies | read from the store (x the file) | seconds (each run) | frames |", "| --- | --- | --- | --- |"]
+        for way, runs in r["runs"].items():
+            walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs)
+            out.append(f"| {way} | {r['read_vs_size'][way]:.2f} | {walls} | {runs[0]['frames']} |")
+        out += ["", f"Whole copies take **{r['whole_vs_partial_wall']}x** as long (best runs).", ""]
     if "skip" in results:
         s = results["skip"]
         out += _section("--skip-similar on static-camera footage", s)

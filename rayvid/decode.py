@@ -17,7 +17,10 @@ it stopped early, if it did. A video that cannot be read is one terminal row per
 with the error: data, not an exception.
 
 The actor (`Decoder`) fetches each video and hands it to its own child process
-(`serve`/`FrameReader`), which demuxes and decodes: a native crash or a hang costs one
+(`serve`/`FrameReader`), which demuxes and decodes. A segment of a remote MP4/MOV gets a
+partial copy instead of the whole file: the index first (`index_only`), then the byte
+range the segment's packets occupy, which the child works out and asks for
+(`fetch_for`). A native crash or a hang costs one
 attempt at a segment (bounded by a timeout and retried with PyAV from where it stopped),
 never the actor or the job. Frames come back through a memory-mapped slot the two
 processes share (`_FrameSlot`), the other columns through a socket.
@@ -51,6 +54,7 @@ presentation (pts) order, its time is (pts - stream start) x time_base, exact in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -62,7 +66,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -165,9 +169,17 @@ class Probe:
     keyframes: np.ndarray  # bool, frame i is a key frame
     listed: int = 0  # frames the container's index lists (0: it does not say)
     rotation: int = 0  # display rotation in degrees (FFmpeg's `frame.rotation`; 0, 90, -90, -180)
+    # where frame i's packet lies: byte offset (-1: unknown), size, rank in decode order
+    pos: Optional[np.ndarray] = None
+    nbytes: Optional[np.ndarray] = None
+    order: Optional[np.ndarray] = None
 
 
-def probe(path: str) -> Probe:
+def probe(path: str, partial: bool = False) -> Probe:
+    """With `partial` (a copy holding only the container's index, `index_only`) nothing is
+    decoded (the rotation, which the first decoded frame says, is 0 until `fetch_for`),
+    and key frames are the index's (FFmpeg's parser judges them from the packets' bytes,
+    which are not there)."""
     import av
 
     try:
@@ -177,10 +189,12 @@ def probe(path: str) -> Probe:
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
-            packets, rotation = [], None
+            packets, rotation = [], 0 if partial else None
+            indexed = {e.pos: e.is_keyframe for e in stream.index_entries} if partial else {}
             for p in container.demux(stream):
                 if p.size:
-                    packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe))
+                    packets.append((p.pts if p.pts is not None else p.dts, indexed.get(p.pos, p.is_keyframe),
+                                    -1 if p.pos is None else p.pos, p.size))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
                         rotation = next((int(f.rotation or 0) for f in p.decode()), None)
@@ -200,9 +214,9 @@ def probe(path: str) -> Probe:
         raise VideoError(f"cannot open video: {reason}{_mp4_hint(path)}") from None
     if not packets:
         raise VideoError("the video stream has no frames")
-    if any(p is None for p, _ in packets) or tb is None:
+    if any(p[0] is None for p in packets) or tb is None:
         raise VideoError("the video stream has packets without timestamps")
-    order = np.argsort([p for p, _ in packets], kind="stable")
+    order = np.argsort([p[0] for p in packets], kind="stable")
     pts = np.array([packets[i][0] for i in order], dtype=np.int64)
     if len(np.unique(pts)) != len(pts):
         raise VideoError("the video stream has frames with duplicate timestamps")
@@ -210,7 +224,85 @@ def probe(path: str) -> Probe:
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
-    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation)
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation,
+                 pos=np.array([packets[i][2] for i in order], dtype=np.int64),
+                 nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
+                 order=order.astype(np.int64))
+
+
+def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: int = 512 * 2**20) -> bool:
+    """Fetches every top-level box of an MP4/MOV but its media data (mdat) into `copy`:
+    the index (moov) says where each frame's bytes lie, so the segment's own bytes can be
+    fetched next (`fetch_for`). False, with nothing more fetched, for anything else
+    (another container, a fragmented MP4 whose index is spread over its fragments, no
+    moov): such a file is copied whole."""
+    offset, kinds = 0, []
+    while offset < copy.size:
+        if len(kinds) == max_boxes:
+            return False
+        head = copy.read(offset, min(16, copy.size - offset))
+        if len(head) < 8:
+            return False
+        n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        if n == 1 and len(head) == 16:
+            n = int.from_bytes(head[8:16], "big")
+        elif n == 0:
+            n = copy.size - offset
+        if n < 8 or not kind.isalnum() or kind in (b"moof", b"mvex") or (not kinds and kind != b"ftyp"):
+            return False
+        if kind == b"moov":
+            if n > max_index_bytes:
+                return False
+            copy.fetch(offset, n)
+        elif kind not in (b"mdat", b"free", b"skip", b"wide"):
+            copy.fetch(offset, min(n, 2**20))  # small boxes (ftyp, uuid, udta, meta); not media
+        kinds.append(kind)
+        offset += n
+    return b"moov" in kinds and b"mdat" in kinds
+
+
+def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch) -> Probe:
+    """On a partial copy (`index_only`): fetches the bytes of every packet that decoding
+    the frames `keep` reads, in decode order from where the decoder's seek to the key frame
+    before keep[0] lands (the index alone says, so the seek is tried on the copy) to the
+    last kept frame's packet (`FrameReader._pyav_frames` reads exactly these), one
+    contiguous range; then reads the rotation off the first decoded frame. Returns the
+    probe with the rotation (and the displayed size) filled in."""
+    import av
+
+    key = int(np.maximum.accumulate(np.where(info.keyframes, np.arange(len(info.pts)), 0))[keep[0]])
+    index_of = {int(p): i for i, p in enumerate(info.pts)}
+    by_rank = np.argsort(info.order)  # frame of the packet at each decode rank
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if key > 0:  # as _pyav_frames seeks
+            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+        first = next((p for p in container.demux(stream) if p.size), None)
+    land = index_of.get(first.pts if first is not None else None, key)
+    lo, hi = min(info.order[land], info.order[key]), int(info.order[keep].max())
+    frames = by_rank[lo : hi + 1]
+    pos, nbytes = info.pos[frames], info.nbytes[frames]
+    if (pos < 0).any():  # the container did not say where: everything
+        fetch([(0, 2**62)])
+    else:
+        start = int(pos.min())
+        fetch([(start, int((pos + nbytes).max()) - start)])
+    rotation, width, height = 0, info.width, info.height
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if key > 0:
+            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+        for packet in container.demux(stream):
+            try:
+                frames = [*packet.decode(), *stream.codec_context.decode(None)]
+            except av.FFmpegError:
+                break
+            if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
+                rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
+                break
+    if (rotation // 90) % 2:
+        width, height = height, width
+    return replace(info, rotation=rotation, width=int(width), height=int(height))
 
 
 def upright(img: np.ndarray, rotation) -> np.ndarray:
@@ -296,24 +388,28 @@ class FrameReader:
     def read(self, path: str, uri: str, segment: int = 0, n_segments: int = 1,
              start_s: float = -math.inf, end_s: float = math.inf, after: int = -1,
              emitted: int = 0, force_pyav: bool = False, note: str = "",
-             on_probe=None) -> Iterator[dict]:
+             on_probe=None, partial: bool = False, on_fetch=None) -> Iterator[dict]:
         """Frame batches of the frames with start_s <= pts time < end_s and index > after,
         then the segment's terminal row (whose n_frames adds `emitted`, the frames an
-        earlier attempt already delivered)."""
+        earlier attempt already delivered). With `partial`, `path` is a sparse copy holding
+        only the container's index (`index_only`): `on_fetch([(offset, length)])` must
+        fetch the byte ranges this segment reads before it returns."""
         state = {"emitted": 0, "stage": "decode", "decoder": "", "info": None, "note": note,
-                 "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav}
+                 "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav or partial}
         done = lambda error: end_row(  # noqa: E731
             uri, segment, n_segments, (self.height, self.width), emitted + state["emitted"],
             error, state["stage"], _decoder_label(state), state["info"])
         try:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
-            info = state["info"] = probe(path)
-            if on_probe is not None:
-                on_probe(info)
+            info = state["info"] = probe(path, partial=partial)
             keep = sample_indices(info.times, self.every, self.fps,
                                   info.keyframes if self.keyframes else None)
             keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
+            if partial and len(keep):
+                info = state["info"] = fetch_for(path, info, keep, on_fetch)
+            if on_probe is not None:
+                on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
             clips = Clips(self.clip_len, self.clip_stride, info.times) if self.clip_len else None
@@ -672,15 +768,19 @@ class Decoder:
     """
 
     def __init__(self, size: tuple[int, int], timeout_s: float = 600.0, retries: int = 1,
-                 **reader_args):
-        """`reader_args` are FrameReader's (sampling, decoder, threads, batch bounds)."""
+                 ranged: bool = True, **reader_args):
+        """`reader_args` are FrameReader's (sampling, decoder, threads, batch bounds).
+        `ranged=False` copies every remote video whole, even for one segment (the bench's
+        baseline)."""
         if reader_args.get("decoder", "auto") not in ("auto", "decord", "pyav"):
             raise ValueError(f"unknown decoder {reader_args['decoder']!r}")
         self.size = (int(size[0]), int(size[1]))
-        self.timeout_s, self.retries = float(timeout_s), int(retries)
+        self.timeout_s, self.retries, self.ranged = float(timeout_s), int(retries), bool(ranged)
         self._reader_args = dict(reader_args, size=self.size)
         self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
         self._lock = threading.Lock()
+        self.bytes_fetched = 0  # read from remote stores, whole copies and partial ones
+        self._count = threading.Lock()
         self._child = _Child(self._reader_args)  # started now: a broken install fails here
 
     def __del__(self):
@@ -714,22 +814,45 @@ class Decoder:
 
     def _video(self, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
         try:
-            with storage.local_copy(uri, self._tmpdir) as path, self._lock:
-                yield from self._attempts(path, uri, segment, n_segments, start_s, end_s)
+            with self._local(uri, n_segments) as (path, part), self._lock:
+                yield from self._attempts(path, uri, segment, n_segments, start_s, end_s, part)
         except storage.ACCESS_ERRORS as e:
             if storage.is_unavailable(e):  # the store is down, not this video: stop the run
                 raise StorageUnavailable(
                     f"storage unreachable reading {storage.public_uri(uri)}: {storage.describe(e)}") from None
             yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
 
-    def _attempts(self, path, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
+    @contextlib.contextmanager
+    def _local(self, uri: str, n_segments: int):
+        """(local path, RangeCopy or None) of a video. A segment of a remote MP4/MOV cut
+        into several gets a partial copy: its index, then (asked for by the child) its own
+        bytes, so the segments of a long video together read it about once instead of
+        once each. Anything else is copied whole (local files are used in place)."""
+        if (self.ranged and n_segments > 1 and self._reader_args.get("decoder", "auto") != "decord"
+                and storage.is_remote(uri)):
+            with storage.range_copy(uri, self._tmpdir) as part:
+                try:
+                    if index_only(part):
+                        yield part.path, part
+                        return
+                finally:
+                    with self._count:
+                        self.bytes_fetched += part.fetched
+        with storage.local_copy(uri, self._tmpdir) as path:
+            if path.startswith(self._tmpdir):
+                with self._count:
+                    self.bytes_fetched += os.path.getsize(path)
+            yield path, None
+
+    def _attempts(self, path, uri, segment, n_segments, start_s, end_s, part=None) -> Iterator[dict]:
         emitted, after, note, info = 0, -1, "", None
         for attempt in range(self.retries + 1):
             request = dict(path=path, uri=uri, segment=segment, n_segments=n_segments,
                            start_s=start_s, end_s=end_s, after=after, emitted=emitted,
-                           force_pyav=attempt > 0, note=note)
+                           force_pyav=attempt > 0, note=note, partial=part is not None)
             try:
-                for kind, payload in self._child.request(request, self.timeout_s):
+                for kind, payload in self._child.request(request, self.timeout_s,
+                                                         part.fetch if part is not None else None):
                     if kind == "probe":
                         info = payload
                         continue
@@ -823,7 +946,9 @@ class _Child:
         self.stop()
         self.start()
 
-    def request(self, request: dict, timeout_s: float) -> Iterator[tuple]:
+    def request(self, request: dict, timeout_s: float, fetch=None) -> Iterator[tuple]:
+        """The child's answers to `request`; its ("fetch", ranges) asks are served here by
+        `fetch(offset, length)` (the time that takes is not the child's: no budget)."""
         if self.busy or self.proc.poll() is not None:  # abandoned mid-answer, or dead
             self.restart()
         self.busy = True
@@ -844,6 +969,14 @@ class _Child:
                 self.proc.kill()
                 raise _ChildFailed(DecodeTimeout(f"no result within {timeout_s:g} s"))
             kind, payload = message
+            if kind == "fetch":
+                for offset, length in payload:
+                    fetch(offset, length)
+                try:
+                    self.conn.send(("fetched", None))
+                except OSError:
+                    raise _ChildFailed(DecoderCrash(self._death())) from None
+                continue
             if kind == "bug":  # a programming error in the child: fail loudly, as in-process
                 raise RuntimeError(f"decode child process raised:\n{payload}")
             if kind == "rows" and isinstance(payload["frame"], tuple):  # in the shared slot
@@ -903,8 +1036,20 @@ def serve(fd: int, shared: int) -> None:
                 slot = _FrameSlot(shared, size)
                 conn.send(("ready", size))
                 continue
-            on_probe = lambda info: conn.send(("probe", info))  # noqa: E731
-            for rows in reader.read(**payload, on_probe=on_probe):
+            # the probe without where each packet lies: the actor needs the metadata only
+            on_probe = lambda info: conn.send(("probe", replace(info, pos=None, nbytes=None, order=None)))  # noqa: E731
+
+            def on_fetch(ranges):  # the actor fetches them into the partial copy
+                conn.send(("fetch", ranges))
+                while True:
+                    answer, _ = conn.recv()
+                    if answer == "fetched":
+                        return
+                    if answer != "free":
+                        raise RuntimeError(f"decode child expected 'fetched', got {answer!r}")
+                    slot.busy = False
+
+            for rows in reader.read(**payload, on_probe=on_probe, on_fetch=on_fetch):
                 frames = rows["frame"]
                 if frames.nbytes <= slot.size:  # else (a batch of long clips) pickled
                     slot.put(frames, conn.recv)

@@ -161,6 +161,86 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+class RangeCopy:
+    """A local sparse file as long as a remote object, filled range by range: `fetch`
+    copies a byte range of the object to the same offset (streamed, 8 MB at a time;
+    ranges already here are not fetched again). What was never fetched reads as zeros."""
+
+    CHUNK = 8 * 2**20
+
+    def __init__(self, src: BinaryIO, size: int, path: str):
+        self.src, self.size, self.path = src, int(size), path
+        self.fetched = 0  # bytes read from the store
+        self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
+
+    def fetch(self, offset: int, length: int) -> None:
+        start, end = max(0, int(offset)), min(self.size, int(offset) + int(length))
+        with open(self.path, "r+b") as dst:
+            for lo, hi in self._missing(start, end):
+                self.src.seek(lo)
+                dst.seek(lo)
+                left = hi - lo
+                while left > 0:
+                    data = self.src.read(min(self.CHUNK, left))
+                    if not data:
+                        raise OSError(f"the object ended at byte {hi - left} of {self.size}")
+                    dst.write(data)
+                    left -= len(data)
+                    self.fetched += len(data)
+                self._add(lo, hi)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the object, fetched first if they are not here yet."""
+        self.fetch(offset, length)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        out, at = [], start
+        for lo, hi in self._have:
+            if hi <= at or lo >= end:
+                continue
+            if lo > at:
+                out.append((at, lo))
+            at = max(at, hi)
+        if at < end:
+            out.append((at, end))
+        return out
+
+    def _add(self, start: int, end: int) -> None:
+        merged = []
+        for lo, hi in sorted(self._have + [(start, end)]):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        self._have = merged
+
+
+@contextlib.contextmanager
+def range_copy(url: str, tmpdir: str) -> Iterator[RangeCopy]:
+    """A `RangeCopy` of a remote object in `tmpdir` (named like `local_copy`'s), deleted
+    afterwards: for reading the parts of a large object that one task needs."""
+    fs, path = resolve(url)
+    suffix = "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
+    fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
+    os.close(fd)
+    try:
+        with fs.open(path, "rb", block_size=RangeCopy.CHUNK, cache_type="none") as src:  # no read-ahead: exactly the ranges asked
+            size = int(src.size) if getattr(src, "size", None) is not None else int(fs.size(path))
+            os.truncate(tmp, size)  # a hole: takes no disk until written
+            yield RangeCopy(src, size, tmp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def is_remote(url: str) -> bool:
+    """Whether a URL is on a filesystem other than this machine's."""
+    return not is_local(resolve(url)[0])
+
+
 def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int, str]]]:
     """Every file below a folder or prefix URL, a page at a time: lists of
     (url, size_bytes, version). On S3 these are ListObjectsV2 pages (bounded memory however

@@ -71,11 +71,19 @@ def test_quick_bench_writes_every_field(tmp_path):
     for n in ("1", "2"):
         [run] = remote["calls"][n]
         assert run["frames"] == 60 and run["frames_per_s"] > 0 and run["decode_calls"] == int(n)
+    seg = res["segments"]  # one long video on S3 in segments: partial copies against whole ones
+    assert seg["segments"] == 6 and seg["video_mb"] > 0
+    for way in ("partial", "whole"):
+        [run] = seg["runs"][way]
+        assert run["frames"] == 180 and run["wall_s"] > 0, way  # 6 s x 30 fps, each way
+    assert seg["read_vs_size"]["whole"] >= 6  # a whole copy per segment
+    assert seg["read_vs_size"]["partial"] < 2 and seg["whole_vs_partial_wall"] > 0
     contention = res["contention"]
     assert sorted(contention) == sorted(f"{m}, {b}" for m in ("ops", "streams")
                                         for b in ("alone", "decoder at nice 0", "decoder at nice 10"))
     for key, row in contention.items():
         assert row["infer_fps"] > 0 and (key.endswith("alone") or row["decoder_fps"] > 0), key
-    assert "slow object store" in subprocess.run(
+    markdown = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
         capture_output=True, text=True, check=True).stdout
+    assert "slow object store" in markdown and "segments of one remote video" in markdown

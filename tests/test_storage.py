@@ -30,6 +30,30 @@ def test_local_copy_streams_s3_objects_to_a_temp_file(tmp_path, s3fs_client):
             pass
 
 
+def test_range_copy_fetches_only_the_ranges_asked(tmp_path, s3fs_client):
+    data = os.urandom(2 * storage.RangeCopy.CHUNK + 17)
+    s3fs_client.pipe_file("s3://rayvid-test/ranges.bin", data)
+    with storage.range_copy("s3://rayvid-test/ranges.bin", str(tmp_path)) as part:
+        assert part.size == len(data) == os.path.getsize(part.path)
+        part.fetch(100, 1000)
+        part.fetch(600, 1000)  # overlaps the first: only bytes 1100..1599 are new
+        assert part.fetched == 1500
+        with open(part.path, "rb") as f:
+            assert f.read(2000) == bytes(100) + data[100:1600] + bytes(400)  # holes read as zeros
+        part.fetch(len(data) - 10, 100)  # clamped at the end of the object
+        part.fetch(5, 2 * storage.RangeCopy.CHUNK)  # streamed in chunks, around what is here
+        assert part.fetched == 1500 + 10 + (2 * storage.RangeCopy.CHUNK - 1500)  # less bytes 100..1599
+        fetched = part.fetched
+        assert part.read(5, 2 * storage.RangeCopy.CHUNK) == data[5 : 5 + 2 * storage.RangeCopy.CHUNK]
+        assert part.fetched == fetched  # all of it was here already
+        kept = part.path
+    assert not os.path.exists(kept)
+    with pytest.raises(FileNotFoundError):
+        with storage.range_copy("s3://rayvid-test/nope.bin", str(tmp_path)):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     target = tmp_path / "d" / "f.parquet"
     storage.write_atomic(str(target), lambda f: f.write(b"abc"))
