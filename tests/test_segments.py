@@ -208,3 +208,28 @@ def test_segments_meet_exactly_on_every_codec(matrix, name):
     assert [i for i, _ in parts] == list(range(n)), f"{name}: frames missing or twice ({len(bounds)} segments)"
     wrong = [(i, shown) for i, shown in parts if shown != i]
     assert not wrong, f"{name}: (frame, shown) {wrong[:5]}"
+
+
+@pytest.mark.parametrize("name", ["truncated_moov_at_end.mp4", "truncated_faststart.mp4",
+                                  "garbage_in_middle.mp4", "unsupported_codec.avi"])
+def test_damaged_files_in_remote_segments_end_as_local_ones_do(damaged, s3fs_client, name):
+    """A partial copy is as long as the object and holds what the segment reads, so damage
+    reads as it does on the whole file: the same frames kept, the same end rows."""
+    url = f"s3://rayvid-test/damaged-segments/{name}"
+    s3fs_client.put_file(damaged[name], url)
+    bounds = segments.bounds(4.0, 1.5)  # 120 frames at 30 fps, 3 segments
+
+    def run(where):
+        dec, out = Decoder(size=framecode.SIZE, decoder="pyav"), []
+        for k, (start, end) in enumerate(bounds):
+            for batch in dec.decode_video(where, k, len(bounds), start, end):
+                if batch["kind"][0] == KIND_FRAME:
+                    out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
+                else:
+                    out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
+                                int(batch["n_frames"][0]), batch["decoder"][0]))
+        return out
+
+    local = run(damaged[name])
+    assert any(row[1] for row in local if len(row) == 5)  # damage is said, somewhere
+    assert run(url) == local
