@@ -233,3 +233,28 @@ def test_damaged_files_in_remote_segments_end_as_local_ones_do(damaged, s3fs_cli
     local = run(damaged[name])
     assert any(row[1] for row in local if len(row) == 5)  # damage is said, somewhere
     assert run(url) == local
+
+
+def test_crash_in_a_remote_segment_resumes_on_the_same_partial_copy(long_videos, s3fs_client):
+    """The retry after a decoder crash reads the partial copy the first attempt fetched:
+    every frame once and exact, and no byte fetched twice."""
+    import signal
+
+    path, _ = long_videos["long_h264.mp4"]
+    url = "s3://rayvid-test/crash-segments/long_h264.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(20.0, 6.0)  # the second segment: 6 s to 12 s, frames 90-179
+
+    clean = Decoder(size=framecode.SIZE, batch_frames=4)
+    list(clean.decode_video(url, 1, len(bounds), *bounds[1]))
+    dec = Decoder(size=framecode.SIZE, batch_frames=4)
+    gen = dec.decode_video(url, 1, len(bounds), *bounds[1])
+    first = next(gen)
+    os.kill(dec._child.proc.pid, signal.SIGKILL)
+    rows = [first, *gen]
+    got = [(int(i), framecode.read_code(f)) for b in rows if b["kind"][0] == KIND_FRAME
+           for i, f in zip(b["frame_index"], b["frame"])]
+    assert got == [(i, i) for i in range(90, 180)]
+    end = rows[-1]
+    assert end["error_type"][0] == "" and "killed by SIGKILL" in end["decoder"][0]
+    assert dec.bytes_fetched == clean.bytes_fetched > 0
