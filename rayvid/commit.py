@@ -87,6 +87,8 @@ class Committer:
         self.videos_failed = 0
         self.frames = 0
         self.reused = 0  # frame rows that repeat an earlier frame's prediction (--skip-similar)
+        self.bytes_read = 0  # by the decoders from remote stores, over published videos
+        self.bytes_remote = 0  # the listed size of the published videos on remote stores
         self.label_counts: collections.Counter = collections.Counter()
 
     def add(self, table: pa.Table) -> None:
@@ -159,8 +161,11 @@ class Committer:
             self.label_counts.update({c["values"]: c["counts"] for c in counts})
             top_labels = [{"label": c["values"], "share": c["counts"] / len(video)} for c in counts[:5]]
         failed = [e for e in ends if e["error_type"]]
+        self.bytes_read += sum(e.get("bytes_read") or 0 for e in ends)
         decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
         size, version = self.sources.get(uri, (-1, ""))
+        if "://" in uri:  # the listing writes local files as plain paths
+            self.bytes_remote += max(size or 0, 0)
         self._ready_videos.append(
             {
                 "video_uri": uri,

@@ -7,7 +7,9 @@ Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `error_stage: str`, `error_type: str`, `message: str`, the video's `decoder, codec:
   str`, `width, height: int64`, `fps, duration_s: float64`, and `reused_from: int64`
   (-1, or with --skip-similar the earlier frame whose prediction this one reuses; see
-  `Similarity`). With `--clip-len N` a row is a clip (`Clips`): `frame` is uint8[N, H, W, 3],
+  `Similarity`), `bytes_read: int64` (0 on frame rows; on the terminal row, what the
+  segment read from a remote store: its whole copy, or its partial one). With
+  `--clip-len N` a row is a clip (`Clips`): `frame` is uint8[N, H, W, 3],
   `frame_index`/`timestamp_s` are its first frame's, and `clip_start_frame,
   clip_end_frame: int64`, `start_s, end_s: float64` say what it covers.
 A segment yields batches of frame rows (`kind == "frame"`, bounded in frames and bytes),
@@ -664,6 +666,7 @@ class FrameReader:
             "fps": np.zeros(n),
             "duration_s": np.zeros(n),
             "reused_from": np.full(n, -1, dtype=np.int64),
+            "bytes_read": np.zeros(n, dtype=np.int64),
         }
 
 
@@ -814,8 +817,11 @@ class Decoder:
 
     def _video(self, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
         try:
-            with self._local(uri, n_segments) as (path, part), self._lock:
-                yield from self._attempts(path, uri, segment, n_segments, start_s, end_s, part)
+            with self._local(uri, n_segments) as (path, read), self._lock:
+                for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
+                    if batch["kind"][0] == KIND_END:
+                        batch["bytes_read"][0] = read.bytes()
+                    yield batch
         except storage.ACCESS_ERRORS as e:
             if storage.is_unavailable(e):  # the store is down, not this video: stop the run
                 raise StorageUnavailable(
@@ -824,7 +830,7 @@ class Decoder:
 
     @contextlib.contextmanager
     def _local(self, uri: str, n_segments: int):
-        """(local path, RangeCopy or None) of a video. A segment of a remote MP4/MOV cut
+        """(local path, `_Read`) of a video. A segment of a remote MP4/MOV cut
         into several gets a partial copy: its index, then (asked for by the child) its own
         bytes, so the segments of a long video together read it about once instead of
         once each. Anything else is copied whole (local files are used in place)."""
@@ -833,16 +839,16 @@ class Decoder:
             with storage.range_copy(uri, self._tmpdir) as part:
                 try:
                     if index_only(part):
-                        yield part.path, part
+                        yield part.path, _Read(part)
                         return
                 finally:
                     with self._count:
                         self.bytes_fetched += part.fetched
         with storage.local_copy(uri, self._tmpdir) as path:
-            if path.startswith(self._tmpdir):
-                with self._count:
-                    self.bytes_fetched += os.path.getsize(path)
-            yield path, None
+            copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0
+            with self._count:
+                self.bytes_fetched += copied
+            yield path, _Read(None, copied)
 
     def _attempts(self, path, uri, segment, n_segments, start_s, end_s, part=None) -> Iterator[dict]:
         emitted, after, note, info = 0, -1, "", None
@@ -872,6 +878,18 @@ class Decoder:
         final = type(error)(f"{error} ({self.retries + 1} attempts)")
         yield end_row(uri, segment, n_segments, self.size, emitted, final, "decode",
                       note, info, self._tmpdir)
+
+
+@dataclass
+class _Read:
+    """What one segment read from its store: a partial copy (`part`, still growing while the
+    child asks for ranges) or a whole one of `copied` bytes (0: a local file, read in place)."""
+
+    part: Optional[storage.RangeCopy] = None
+    copied: int = 0
+
+    def bytes(self) -> int:
+        return self.part.fetched if self.part is not None else self.copied
 
 
 class DecoderCrash(Exception):
@@ -1132,6 +1150,7 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
         "fps": np.array([info.fps if info else 0.0]),
         "duration_s": np.array([info.duration_s if info else 0.0]),
         "reused_from": np.array([-1], dtype=np.int64),
+        "bytes_read": np.zeros(1, dtype=np.int64),
     }
 
 

@@ -58,6 +58,8 @@ class RunResult:
     videos_failed: int = 0
     frames: int = 0
     frames_reused: int = 0  # --skip-similar: frames that repeat an earlier frame's prediction
+    bytes_read: int = 0  # read by the decoders from remote stores (0: local videos)
+    bytes_remote: int = 0  # the listed size of the remote videos it published
     wall_s: float = 0.0
     files: list = field(default_factory=list)
     top_labels: list = field(default_factory=list)
@@ -170,6 +172,7 @@ def run(cfg: RunConfig) -> RunResult:
     result.videos_ok, result.videos_failed = committer.videos_ok, committer.videos_failed
     result.frames, result.files = committer.frames, committer.files
     result.frames_reused = committer.reused
+    result.bytes_read, result.bytes_remote = committer.bytes_read, committer.bytes_remote
     result.top_labels = committer.label_counts.most_common(5)
     result.wall_s = time.time() - started
     record.update(
@@ -184,6 +187,8 @@ def run(cfg: RunConfig) -> RunResult:
             "videos_failed": result.videos_failed,
             "frames": result.frames,
             "frames_inferred": result.frames - result.frames_reused,
+            "bytes_read": result.bytes_read,
+            "bytes_remote": result.bytes_remote,
             "duplicate_rows_dropped": committer.duplicates_dropped,
             "wall_s": round(result.wall_s, 3),
             "frames_per_s": round(result.frames_per_s, 2),

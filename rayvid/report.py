@@ -16,6 +16,10 @@ def summary(result) -> str:
         f"  output:  {result.output.rstrip('/')}/predictions/ (per frame), videos/ (per video); "
         f"{_plural(len(result.files), 'file')} written",
     ]
+    if result.bytes_read:
+        of = (f" ({result.bytes_read / result.bytes_remote:.2f}x the {_mb(result.bytes_remote)} of the remote videos)"
+              if result.bytes_remote else "")
+        lines.append(f"  storage: read {_mb(result.bytes_read)} from remote stores{of}")
     if result.videos_failed:
         lines.append(f"  errors:  {result.output.rstrip('/')}/errors/ (one row per failed video)")
     lines.append(f"  record:  {result.output.rstrip('/')}/runs/{result.run_id}.json")
@@ -37,6 +41,10 @@ def summary(result) -> str:
             f"inference {p['infer_min']}..{p['infer_max']}{gpu}"
         )
     return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _plural(n: int, word: str) -> str:

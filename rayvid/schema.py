@@ -62,6 +62,7 @@ INFERRED_SCHEMA = pa.schema(
         ("fps", pa.float64()),
         ("duration_s", pa.float64()),
         ("reused_from", pa.int64()),  # -1: inferred; else the frame whose prediction it reuses
+        ("bytes_read", pa.int64()),  # end rows: what the segment read from a remote store
     ]
 )
 

@@ -95,6 +95,7 @@ def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1
             "topk": topk, "n_frames": [0] * n, "error_stage": [""] * n, "error_type": [""] * n,
             "message": [""] * n, "decoder": [""] * n, "codec": [""] * n, "width": [0] * n,
             "height": [0] * n, "fps": [0.0] * n, "duration_s": [0.0] * n, "reused_from": [-1] * n,
+            "bytes_read": [0] * n,
         }, schema=INFERRED_SCHEMA))
         committer.add(_end_row(uri, n, len(frames) / fps, fps))
     for uri in failed:
@@ -114,4 +115,5 @@ def _end_row(uri, n, duration, fps, error=""):
         "error_stage": ["decode" if error else ""], "error_type": [error],
         "message": ["cannot open video" if error else ""], "decoder": ["pyav"], "codec": ["h264"],
         "width": [160], "height": [120], "fps": [fps], "duration_s": [duration], "reused_from": [-1],
+        "bytes_read": [0],
     }, schema=INFERRED_SCHEMA)

@@ -41,12 +41,13 @@ def _frames(uri, indices, segment=0, n_segments=1, reused_from=None):
             "message": [""] * n,
             **{c: [None] * n for c in VIDEO_COLUMNS},
             "reused_from": reused_from or [-1] * n,
+            "bytes_read": [0] * n,
         },
         schema=INFERRED_SCHEMA,
     )
 
 
-def _end(uri, n, error=None, segment=0, n_segments=1):
+def _end(uri, n, error=None, segment=0, n_segments=1, bytes_read=0):
     return pa.table(
         {
             "video_uri": [uri],
@@ -69,6 +70,7 @@ def _end(uri, n, error=None, segment=0, n_segments=1):
             "fps": [10.0],
             "duration_s": [n / 10],
             "reused_from": [-1],
+            "bytes_read": [bytes_read],
         },
         schema=INFERRED_SCHEMA,
     )
@@ -164,6 +166,17 @@ def test_a_segmented_video_is_published_when_all_segments_are(tmp_path):
     assert err["message"] == "segment 3/3: lost the end"
     [video] = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0]).to_pylist()
     assert video["frames"] == 6 and video["error"]
+
+
+def test_bytes_read_from_remote_stores_are_summed_once_per_segment(tmp_path):
+    remote, local = "s3://bucket/v.mp4", "/videos/w.mp4"
+    c = Committer(str(tmp_path), "r1", "m", sources={remote: (1000, "e1"), local: (500, "m1")})
+    c.add(pa.concat_tables([_frames(remote, [0], 0, 2), _end(remote, 1, None, 0, 2, bytes_read=600)]))
+    c.add(pa.concat_tables([_frames(remote, [1], 1, 2), _end(remote, 1, None, 1, 2, bytes_read=550)]))
+    c.add(_end(remote, 1, None, 1, 2, bytes_read=550))  # a retried task's copy: counted once
+    c.add(pa.concat_tables([_frames(local, [0]), _end(local, 1)]))
+    c.close()
+    assert c.videos_ok == 2 and c.bytes_read == 1150 and c.bytes_remote == 1000
 
 
 def test_a_missing_segment_fails_loudly(tmp_path):

@@ -58,12 +58,14 @@ def test_call_emits_typed_rows_and_passes_end_rows_through(predictor):
         "fps": np.array([0, 0, 25.0, 0]),
         "duration_s": np.array([0, 0, 2.0, 0]),
         "reused_from": np.array([-1, -1, -1, -1]),
+        "bytes_read": np.array([0, 0, 4096, 0]),
     }
     t = predictor(batch)
     assert t.schema.equals(INFERRED_SCHEMA)
     rows = t.to_pylist()
     assert rows[2]["label"] is None and rows[2]["topk"] is None and rows[2]["message"] == "boom"
     assert (rows[2]["decoder"], rows[2]["codec"], rows[2]["width"], rows[2]["fps"]) == ("pyav", "av1", 160, 25.0)
+    assert rows[2]["bytes_read"] == 4096
     truth = [samples_class(i) for i in range(3)]
     assert [rows[i]["label"] for i in (0, 1, 3)] == truth
     for r in (rows[0], rows[1], rows[3]):
@@ -85,7 +87,7 @@ def _frame_batch(frames: np.ndarray) -> dict:
             "frame": frames, "n_frames": np.zeros(n, np.int64), "error_stage": text(""),
             "error_type": text(""), "message": text(""), "decoder": text(""), "codec": text(""),
             "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "fps": np.zeros(n),
-            "duration_s": np.zeros(n), "reused_from": np.full(n, -1)}
+            "duration_s": np.zeros(n), "reused_from": np.full(n, -1), "bytes_read": np.zeros(n, np.int64)}
 
 
 def test_concurrent_calls_give_the_same_rows_and_account_for_all_of_the_time(shapes_model):
@@ -209,7 +211,7 @@ def _passthrough(n: int) -> dict:
         "error_type": np.array([""] * n, object), "message": np.array([""] * n, object),
         "decoder": np.array([""] * n, object), "codec": np.array([""] * n, object),
         "width": np.zeros(n, np.int64), "height": np.zeros(n, np.int64), "fps": np.zeros(n),
-        "duration_s": np.zeros(n),
+        "duration_s": np.zeros(n), "bytes_read": np.zeros(n, np.int64),
     }
 
 

@@ -194,6 +194,13 @@ def test_long_video_through_the_job_in_segments(ray_session, long_videos, code_r
     videos = {r["video_uri"]: r for r in read_output(out, "videos").to_pylist()}
     assert all(v["frames"] == 300 for v in videos.values())
     assert "pyav" in videos[f"{src}/long_h264.mp4"]["decoder"]  # later segments seek with PyAV
+    sizes = {name: os.path.getsize(path) for name, (path, _) in long_videos.items()}
+    if where == "local":
+        assert result.bytes_read == result.bytes_remote == 0
+    else:  # 7 segments each (20 s in 3 s); the MP4's read partial copies
+        assert result.bytes_remote == sum(sizes.values())
+        whole = 7 * sum(sizes.values())
+        assert whole - 7 * sizes["long_h264.mp4"] < result.bytes_read < whole
 
 
 @pytest.mark.parametrize("name", sorted(framecode.MATRIX))
