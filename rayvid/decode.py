@@ -263,35 +263,82 @@ def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: in
     return b"moov" in kinds and b"mdat" in kinds
 
 
-def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch) -> Probe:
+FETCH_GAP_BYTES = 2 * 2**20  # ranges closer than this are fetched as one: a request costs about as much
+
+
+def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> Probe:
     """On a partial copy (`index_only`): fetches the bytes of every packet that decoding
-    the frames `keep` reads, in decode order from where the decoder's seek to the key frame
-    before keep[0] lands (the index alone says, so the seek is tried on the copy) to the
-    last kept frame's packet (`FrameReader._pyav_frames` reads exactly these), one
-    contiguous range; then reads the rotation off the first decoded frame. Returns the
-    probe with the rotation (and the displayed size) filled in."""
+    the frames `keep` reads (`FrameReader._pyav_frames`), then reads the rotation off the
+    first decoded frame. Returns the probe with the rotation (and the displayed size)
+    filled in.
+
+    The decoder reads packets in decode order from where each of its seeks lands (to the
+    key frame before the next kept frame; tried here on the copy: the index alone decides
+    where) until its drain rule stops it; its walk is repeated here over the probe's
+    decode order, without decoding. Each run of packets it reads becomes a byte range;
+    ranges less than `gap_bytes` apart are fetched as one. Dense sampling is one range from the
+    segment's lead-in to its last frame; key frames only are the key frames' packets
+    (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
     import av
 
-    key = int(np.maximum.accumulate(np.where(info.keyframes, np.arange(len(info.pts)), 0))[keep[0]])
+    n = len(info.pts)
+    key_of = np.maximum.accumulate(np.where(info.keyframes, np.arange(n), 0))
     index_of = {int(p): i for i, p in enumerate(info.pts)}
-    by_rank = np.argsort(info.order)  # frame of the packet at each decode rank
+    by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
+    landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
     with av.open(path) as container:
         stream = container.streams.video[0]
-        if key > 0:  # as _pyav_frames seeks
+        for key in np.unique(key_of[keep]).tolist():
+            if key == 0:  # as _pyav_frames: no seek, from the first packet
+                landing[key] = 0
+                continue
             container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
-        first = next((p for p in container.demux(stream) if p.size), None)
-    land = index_of.get(first.pts if first is not None else None, key)
-    lo, hi = min(info.order[land], info.order[key]), int(info.order[keep].max())
-    frames = by_rank[lo : hi + 1]
-    pos, nbytes = info.pos[frames], info.nbytes[frames]
-    if (pos < 0).any():  # the container did not say where: everything
-        fetch([(0, 2**62)])
-    else:
-        start = int(pos.min())
-        fetch([(start, int((pos + nbytes).max()) - start)])
+            first = next((p for p in container.demux(stream) if p.size), None)
+            land = index_of.get(first.pts if first is not None else None, key)
+            landing[key] = min(int(info.order[land]), int(info.order[key]))
+    # the decoder's walk (FrameReader._pyav_frames, whose seek and drain rules this
+    # repeats), over decode ranks: runs of packets read between seeks
+    wanted = np.zeros(n, dtype=bool)
+    wanted[keep] = True
+    unfed, first_unfed, seen, last_seek, drained = wanted.copy(), 0, -1, -1, False
+    runs, rank = [[0, -1]], 0
+    while True:
+        if first_unfed < len(keep):
+            key = int(key_of[keep[first_unfed]])
+            if drained or (key > seen + 1 and key > last_seek):
+                rank, last_seek, seen, drained = landing[key], key, key - 1, False
+                runs.append([rank, rank - 1])
+        elif drained:
+            break
+        if rank >= n:
+            break
+        i = int(by_rank[rank])
+        runs[-1][1] = rank
+        rank += 1
+        seen = max(seen, i)
+        unfed[i] = False
+        while first_unfed < len(keep) and not unfed[keep[first_unfed]]:
+            first_unfed += 1
+        if first_unfed == len(keep) or key_of[keep[first_unfed]] > seen + 1:
+            drained = True
+    runs = sorted(r for r in runs if r[1] >= r[0])
+    ranges = []
+    for lo, hi in runs:
+        frames = by_rank[lo : hi + 1]
+        pos, nbytes = info.pos[frames], info.nbytes[frames]
+        if (pos < 0).any():  # the container did not say where: everything
+            ranges = [[0, 2**62]]
+            break
+        start, stop = int(pos.min()), int((pos + nbytes).max())
+        if ranges and start - ranges[-1][1] < gap_bytes:
+            ranges[-1] = [min(ranges[-1][0], start), max(ranges[-1][1], stop)]
+        else:
+            ranges.append([start, stop])
+    fetch([(start, stop - start) for start, stop in ranges])
     rotation, width, height = 0, info.width, info.height
     with av.open(path) as container:
         stream = container.streams.video[0]
+        key = int(key_of[keep[0]])
         if key > 0:
             container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
         for packet in container.demux(stream):
@@ -362,6 +409,7 @@ class FrameReader:
         decord_max_bytes: int = DECORD_MAX_BYTES,
         clip_len: int = 0,
         clip_stride: int = 0,
+        fetch_gap_bytes: int = FETCH_GAP_BYTES,
     ):
         import av  # noqa: F401 - heavy imports: only inside the stage, once per process
         import decord
@@ -371,6 +419,7 @@ class FrameReader:
         self._decord = decord
         self.height, self.width = int(size[0]), int(size[1])
         self.every, self.fps, self.keyframes = every, fps, keyframes
+        self.fetch_gap_bytes = int(fetch_gap_bytes)
         self.decoder = decoder
         self.threads = max(1, int(threads))
         # decord's threads for sources of LARGE_SOURCE_PIXELS and more (0: `threads`)
@@ -409,7 +458,7 @@ class FrameReader:
                                   info.keyframes if self.keyframes else None)
             keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
             if partial and len(keep):
-                info = state["info"] = fetch_for(path, info, keep, on_fetch)
+                info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
             if on_probe is not None:
                 on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
@@ -831,10 +880,14 @@ class Decoder:
     @contextlib.contextmanager
     def _local(self, uri: str, n_segments: int):
         """(local path, `_Read`) of a video. A segment of a remote MP4/MOV cut
-        into several gets a partial copy: its index, then (asked for by the child) its own
-        bytes, so the segments of a long video together read it about once instead of
-        once each. Anything else is copied whole (local files are used in place)."""
-        if (self.ranged and n_segments > 1 and self._reader_args.get("decoder", "auto") != "decord"
+        into several, or sampled sparsely (--every, --fps, --keyframes), gets a partial
+        copy: its index, then (asked for by the child) the bytes its frames need, so the
+        segments of a long video together read it about once instead of once each, and a
+        key-frame scan reads little more than the key frames. Anything else is copied
+        whole (local files are used in place)."""
+        a = self._reader_args
+        sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
+        if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
                 and storage.is_remote(uri)):
             with storage.range_copy(uri, self._tmpdir) as part:
                 try:

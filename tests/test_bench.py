@@ -71,13 +71,20 @@ def test_quick_bench_writes_every_field(tmp_path):
     for n in ("1", "2"):
         [run] = remote["calls"][n]
         assert run["frames"] == 60 and run["frames_per_s"] > 0 and run["decode_calls"] == int(n)
-    seg = res["segments"]  # one long video on S3 in segments: partial copies against whole ones
+    remote = res["segments"]  # videos on S3 read through partial copies against whole ones
+    seg = remote["segments"]  # one long video in segments, every frame
     assert seg["segments"] == 6 and seg["video_mb"] > 0
     for way in ("partial", "whole"):
         [run] = seg["runs"][way]
         assert run["frames"] == 180 and run["wall_s"] > 0, way  # 6 s x 30 fps, each way
     assert seg["read_vs_size"]["whole"] >= 6  # a whole copy per segment
     assert seg["read_vs_size"]["partial"] < 2 and seg["whole_vs_partial_wall"] > 0
+    for case in ("sparse_keyframes", "sparse_fps_1"):  # one video in one segment, sampled sparsely
+        c = remote[case]
+        [partial], [whole] = c["runs"]["partial"], c["runs"]["whole"]
+        assert c["segments"] == 1 and partial["frames"] == whole["frames"] > 0, case
+        assert c["read_vs_size"]["whole"] == 1 and 0 < c["read_vs_size"]["partial"] <= 1, case
+    assert remote["sparse_fps_1"]["runs"]["whole"][0]["frames"] == 4  # 4 s at 1 fps
     contention = res["contention"]
     assert sorted(contention) == sorted(f"{m}, {b}" for m in ("ops", "streams")
                                         for b in ("alone", "decoder at nice 0", "decoder at nice 10"))
@@ -86,4 +93,4 @@ def test_quick_bench_writes_every_field(tmp_path):
     markdown = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
         capture_output=True, text=True, check=True).stdout
-    assert "slow object store" in markdown and "segments of one remote video" in markdown
+    assert "slow object store" in markdown and "partial copies against whole ones" in markdown
