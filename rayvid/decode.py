@@ -822,8 +822,8 @@ class Decoder:
     def __init__(self, size: tuple[int, int], timeout_s: float = 600.0, retries: int = 1,
                  ranged: bool = True, **reader_args):
         """`reader_args` are FrameReader's (sampling, decoder, threads, batch bounds).
-        `ranged=False` copies every remote video whole, even for one segment (the bench's
-        baseline)."""
+        `ranged=False` copies every remote video whole, even a segment or a sparse sample
+        of it (the bench's baseline)."""
         if reader_args.get("decoder", "auto") not in ("auto", "decord", "pyav"):
             raise ValueError(f"unknown decoder {reader_args['decoder']!r}")
         self.size = (int(size[0]), int(size[1]))
