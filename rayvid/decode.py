@@ -57,6 +57,7 @@ presentation (pts) order, its time is (pts - stream start) x time_base, exact in
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -185,7 +186,7 @@ def probe(path: str, partial: bool = False) -> Probe:
     import av
 
     try:
-        with av.open(path) as container:
+        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, av.open(source) as container:
             if not container.streams.video:
                 raise VideoError("no video stream (audio-only or not a video)")
             stream = container.streams.video[0]
@@ -230,6 +231,58 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64))
+
+
+class _Sparse:
+    """A file read the way a sparse file should be for demuxing: the holes (the media data
+    of a partial copy that was never fetched) come back as zeros found with
+    lseek(SEEK_DATA/SEEK_HOLE), never read from the file system, which zero-fills every
+    page of them (measured: 5.0 s to demux a 1.9 GB partial copy read plainly). Where the
+    file system cannot say, every byte is read: the same bytes, slower."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size, self.pos = os.fstat(self.fd).st_size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        parts = []
+        while n > 0:
+            part = self._read(n)
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    def _read(self, n: int) -> bytes:
+        """Up to n bytes from self.pos: zeros to the end of a hole, or data to its end."""
+        data = hole = self.pos  # no SEEK_DATA: read
+        if hasattr(os, "SEEK_DATA"):
+            try:
+                data = os.lseek(self.fd, self.pos, os.SEEK_DATA)
+                hole = os.lseek(self.fd, self.pos, os.SEEK_HOLE) if data == self.pos else data
+            except OSError as e:  # ENXIO: a hole to the end; anything else: read
+                data = self.size if e.errno == errno.ENXIO else self.pos
+        if data > self.pos:
+            out = bytes(min(n, data - self.pos))  # calloc'd: no page is touched
+        else:
+            out = os.pread(self.fd, min(n, hole - self.pos) if hole > self.pos else n, self.pos)
+            if not out:
+                raise EOFError(f"the file ended at byte {self.pos} of {self.size}")
+        self.pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence] + int(offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def __enter__(self) -> "_Sparse":
+        return self
+
+    def __exit__(self, *_) -> None:
+        os.close(self.fd)
 
 
 def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: int = 512 * 2**20) -> bool:

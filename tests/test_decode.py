@@ -572,3 +572,31 @@ def test_clip_rows_hold_consecutive_frames(matrix, batch_frames):
         assert row["clip_start_frame"] == row["frame_index"]
         codes = [framecode.read_code(f) for f in row["frame"]]
         assert codes == [min(row["frame_index"] + k, row["clip_end_frame"]) for k in range(3)]
+
+
+def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
+    """A partial copy (the index only, media data a hole) probes like the whole file: the
+    same frames, times, key frames and packet places, read without the holes' bytes."""
+    from rayvid import storage
+    from rayvid.decode import _Sparse, index_only, probe
+
+    path, n = matrix["with_audio.mp4"]
+    copy = str(tmp_path / "partial.mp4")
+    with open(path, "rb") as src:
+        part = storage.RangeCopy(src, os.path.getsize(path), copy)
+        open(copy, "wb").close()
+        os.truncate(copy, part.size)
+        assert index_only(part) and 0 < part.fetched < part.size / 2
+        part.fetch(1000, 3000)  # some media data too: read as it is, around the holes
+    whole, partial = probe(path), probe(copy, partial=True)
+    assert len(partial.pts) == n
+    for field in ("pts", "times", "keyframes", "pos", "nbytes", "order"):
+        np.testing.assert_array_equal(getattr(partial, field), getattr(whole, field), err_msg=field)
+    with _Sparse(copy) as f, open(copy, "rb") as plain:
+        content = plain.read()
+        f.seek(500)
+        assert f.read(4000) == content[500:4500]
+        f.seek(-100, os.SEEK_END)
+        assert f.read() == content[-100:] and f.tell() == part.size
+        f.seek(0)
+        assert b"".join(iter(lambda: f.read(65536), b"")) == content
