@@ -1187,8 +1187,7 @@ def markdown(results: dict) -> str:
                 f"{r['mb_per_s_per_connection']:g} MB/s per connection; rayvid end to end (1080p corpus, MobileNetV3).", "",
                 "| calls per decode actor | frames/s (each run) |", "| --- | --- |"]
         for calls, runs in r["calls"].items():
-            rates = ", ".join(f"{x['frames_per_s']:.1f}" for x in runs)
-            out.append(f"| {calls} | {rates} |")
+            out.append(f"| {calls} | {_each(runs, 'frames_per_s')} |")
         out.append("")
     if "segments" in results:
         r = results["segments"]
@@ -1201,9 +1200,8 @@ def markdown(results: dict) -> str:
             if not isinstance(c, dict):
                 continue
             for way, runs in c["runs"].items():
-                walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs)
                 out.append(f"| {case} | {c['video']}, {c['video_mb']} MB | {c['sampling']} | {c['segments']} | {way} | "
-                           f"{c['read_vs_size'][way]:.2f} | {walls} | {runs[0]['frames']} |")
+                           f"{c['read_vs_size'][way]:.2f} | {_each(runs, 'wall_s')} | {runs[0]['frames']} |")
         out.append("")
     if "skip" in results:
         s = results["skip"]
@@ -1213,6 +1211,11 @@ def markdown(results: dict) -> str:
                 f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
                 f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
     return "\n".join(out)
+
+
+def _each(runs: list, key: str) -> str:
+    """A table cell with every run's value of `key`."""
+    return ", ".join(f"{x[key]:.1f}" for x in runs)
 
 
 def _entries(part: dict) -> list:

@@ -147,14 +147,21 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    # the temp name keeps the extension (some demuxers look at it), and nothing else of
-    # the key: letters and digits only, so no key can steer where the copy is written
+    with _temp_file(path, tmpdir) as tmp:
+        with fs.open(path, "rb", block_size=8 * 2**20) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 * 2**20)
+        yield tmp
+
+
+@contextlib.contextmanager
+def _temp_file(path: str, tmpdir: str) -> Iterator[str]:
+    """An empty file in `tmpdir` for a copy of the object at `path`, deleted afterwards. Its
+    name keeps the extension (some demuxers look at it), and nothing else of the key:
+    letters and digits only, so no key can steer where the copy is written."""
     suffix = "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
     fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
     os.close(fd)
     try:
-        with fs.open(path, "rb", block_size=8 * 2**20) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=8 * 2**20)
         yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -223,17 +230,12 @@ def range_copy(url: str, tmpdir: str) -> Iterator[RangeCopy]:
     """A `RangeCopy` of a remote object in `tmpdir` (named like `local_copy`'s), deleted
     afterwards: for reading the parts of a large object that one task needs."""
     fs, path = resolve(url)
-    suffix = "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
-    fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
-    os.close(fd)
-    try:
-        with fs.open(path, "rb", block_size=RangeCopy.CHUNK, cache_type="none") as src:  # no read-ahead: exactly the ranges asked
+    with _temp_file(path, tmpdir) as tmp:
+        # no read-ahead: exactly the ranges asked
+        with fs.open(path, "rb", block_size=RangeCopy.CHUNK, cache_type="none") as src:
             size = int(src.size) if getattr(src, "size", None) is not None else int(fs.size(path))
             os.truncate(tmp, size)  # a hole: takes no disk until written
             yield RangeCopy(src, size, tmp)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def is_remote(url: str) -> bool:
