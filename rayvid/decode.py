@@ -316,6 +316,48 @@ def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: in
     return b"moov" in kinds and b"mdat" in kinds
 
 
+class _Walk:
+    """How the PyAV decoder reaches the kept frames (`keep`, ascending): which key frame to
+    seek to before reading the next packet, and when to stop feeding packets and drain.
+    `FrameReader._pyav_frames` follows it while decoding; `plan_ranges` follows it over
+    the index alone to know which packets that decoding will read."""
+
+    STOP = -1  # nothing more is wanted
+
+    def __init__(self, keep: np.ndarray, keyframes: np.ndarray):
+        self.keep = keep
+        self.key_of = np.maximum.accumulate(np.where(keyframes, np.arange(len(keyframes)), 0))
+        self.unfed = np.zeros(len(keyframes), dtype=bool)  # kept frames whose packet was not read
+        self.unfed[keep] = True
+        self.first_unfed = 0  # keep[first_unfed]: the earliest of them
+        self.seen, self.last_seek, self.drained = -1, -1, False
+
+    def seek(self) -> Optional[int]:
+        """Before reading a packet: the key frame to seek to, STOP, or None (read on)."""
+        if self.first_unfed < len(self.keep):
+            # the next kept frame lies past a key frame not reached yet: jump there
+            key = int(self.key_of[self.keep[self.first_unfed]])
+            if self.drained or (key > self.seen + 1 and key > self.last_seek):
+                self.last_seek, self.seen, self.drained = key, key - 1, False
+                return key
+            return None
+        # every kept frame was fed (and, drained, has come out or never will)
+        return self.STOP if self.drained else None
+
+    def read(self, i: Optional[int]) -> bool:
+        """After reading the packet of frame i (None: not a frame of the probe): whether
+        nothing more is wanted before a seek, so the decoder drains the frames still
+        inside it instead of being fed the rest of this group of pictures."""
+        if i is not None:
+            self.seen = max(self.seen, i)
+            self.unfed[i] = False
+            while self.first_unfed < len(self.keep) and not self.unfed[self.keep[self.first_unfed]]:
+                self.first_unfed += 1
+        if self.first_unfed == len(self.keep) or self.key_of[self.keep[self.first_unfed]] > self.seen + 1:
+            self.drained = True
+        return self.drained
+
+
 FETCH_GAP_BYTES = 2 * 2**20  # ranges closer than this are fetched as one: a request costs about as much
 
 
@@ -327,21 +369,21 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
 
     The decoder reads packets in decode order from where each of its seeks lands (to the
     key frame before the next kept frame; tried here on the copy: the index alone decides
-    where) until its drain rule stops it; its walk is repeated here over the probe's
-    decode order, without decoding. Each run of packets it reads becomes a byte range;
+    where) until its drain rule stops it; the same `_Walk` is followed here over the
+    probe's decode order, without decoding. Each run of packets it reads becomes a byte range;
     ranges less than `gap_bytes` apart are fetched as one. Dense sampling is one range from the
     segment's lead-in to its last frame; key frames only are the key frames' packets
     (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
     import av
 
     n = len(info.pts)
-    key_of = np.maximum.accumulate(np.where(info.keyframes, np.arange(n), 0))
+    walk = _Walk(keep, info.keyframes)
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
     with av.open(path) as container:
         stream = container.streams.video[0]
-        for key in np.unique(key_of[keep]).tolist():
+        for key in np.unique(walk.key_of[keep]).tolist():
             if key == 0:  # as _pyav_frames: no seek, from the first packet
                 landing[key] = 0
                 continue
@@ -349,31 +391,17 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
             first = next((p for p in container.demux(stream) if p.size), None)
             land = index_of.get(first.pts if first is not None else None, key)
             landing[key] = min(int(info.order[land]), int(info.order[key]))
-    # the decoder's walk (FrameReader._pyav_frames, whose seek and drain rules this
-    # repeats), over decode ranks: runs of packets read between seeks
-    wanted = np.zeros(n, dtype=bool)
-    wanted[keep] = True
-    unfed, first_unfed, seen, last_seek, drained = wanted.copy(), 0, -1, -1, False
+    # the decoder's walk over decode ranks: the runs of packets it reads between seeks
     runs, rank = [[0, -1]], 0
-    while True:
-        if first_unfed < len(keep):
-            key = int(key_of[keep[first_unfed]])
-            if drained or (key > seen + 1 and key > last_seek):
-                rank, last_seek, seen, drained = landing[key], key, key - 1, False
-                runs.append([rank, rank - 1])
-        elif drained:
-            break
+    while (key := walk.seek()) != walk.STOP:
+        if key is not None:
+            rank = landing[key]
+            runs.append([rank, rank - 1])
         if rank >= n:
             break
-        i = int(by_rank[rank])
         runs[-1][1] = rank
+        walk.read(int(by_rank[rank]))
         rank += 1
-        seen = max(seen, i)
-        unfed[i] = False
-        while first_unfed < len(keep) and not unfed[keep[first_unfed]]:
-            first_unfed += 1
-        if first_unfed == len(keep) or key_of[keep[first_unfed]] > seen + 1:
-            drained = True
     runs = sorted(r for r in runs if r[1] >= r[0])
     ranges = []
     for lo, hi in runs:
@@ -391,7 +419,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
     rotation, width, height = 0, info.width, info.height
     with av.open(path) as container:
         stream = container.streams.video[0]
-        key = int(key_of[keep[0]])
+        key = int(walk.key_of[keep[0]])
         if key > 0:
             container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
         for packet in container.demux(stream):
@@ -636,15 +664,13 @@ class FrameReader:
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
-        key_at_or_before = np.maximum.accumulate(np.where(info.keyframes, np.arange(len(info.pts)), 0))
+        walk = _Walk(keep, info.keyframes)
         found, idx_buf, frame_buf, damaged = 0, [], [], 0
         # After damage the decoder conceals: frames it outputs may show other frames' content
         # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
         # resyncs it; frames before that key frame in presentation order stay dropped.
         suspect, floor, dropped = False, 0, 0
-        decoded, fed, seen, last_seek = 0, 0, -1, -1
-        unfed = wanted.copy()  # kept frames whose packet the decoder has not had yet
-        first_unfed, drained = 0, False  # keep[first_unfed]: the earliest of them
+        decoded, fed = 0, 0
         with av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
@@ -659,33 +685,23 @@ class FrameReader:
             ctx.thread_count = 1 if skip_nonref else self.threads
             packets = container.demux(stream)
             while found < len(keep):
-                if first_unfed < len(keep):
-                    # the next kept frame lies past a key frame we have not reached: jump there
-                    key = int(key_at_or_before[keep[first_unfed]])
-                    if drained or (key > seen + 1 and key > last_seek):
-                        container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
-                        packets, last_seek, seen, drained = container.demux(stream), key, key - 1, False
-                        if suspect:  # the decoder starts afresh at a key frame
-                            suspect, floor = False, key
-                elif drained:  # every kept frame was fed and has come out, or never will
+                key = walk.seek()
+                if key == walk.STOP:
                     break
+                if key is not None:
+                    container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+                    packets = container.demux(stream)
+                    if suspect:  # the decoder starts afresh at a key frame
+                        suspect, floor = False, key
                 packet = next(packets, None)
                 if packet is None:
                     break
                 i = index_of.get(packet.pts)
-                if i is not None:
-                    seen = max(seen, i)
-                    unfed[i] = False
-                    while first_unfed < len(keep) and not unfed[keep[first_unfed]]:
-                        first_unfed += 1
-                    if skip_nonref:
-                        ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
+                if skip_nonref and i is not None:
+                    ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
                 if suspect and packet.is_keyframe and i is not None:
                     suspect, floor = False, i
-                # nothing more is wanted before a seek: drain the frames still inside the
-                # decoder instead of feeding it the rest of this group of pictures
-                drain = first_unfed == len(keep) or (
-                    key_at_or_before[keep[first_unfed]] > seen + 1)
+                drain = walk.read(i)
                 fed += 1
                 try:
                     frames = packet.decode()
@@ -694,7 +710,6 @@ class FrameReader:
                     suspect = True
                     frames = []
                 if drain:
-                    drained = True
                     try:
                         frames = [*frames, *ctx.decode(None)]
                     except av.FFmpegError:
