@@ -319,7 +319,7 @@ def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: in
 class _Walk:
     """How the PyAV decoder reaches the kept frames (`keep`, ascending): which key frame to
     seek to before reading the next packet, and when to stop feeding packets and drain.
-    `FrameReader._pyav_frames` follows it while decoding; `plan_ranges` follows it over
+    `FrameReader._pyav_frames` follows it while decoding; `fetch_for` follows it over
     the index alone to know which packets that decoding will read."""
 
     STOP = -1  # nothing more is wanted
