@@ -363,9 +363,34 @@ FETCH_GAP_BYTES = 2 * 2**20  # ranges closer than this are fetched as one: a req
 
 def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> Probe:
     """On a partial copy (`index_only`): fetches the bytes of every packet that decoding
-    the frames `keep` reads (`FrameReader._pyav_frames`), then reads the rotation off the
-    first decoded frame. Returns the probe with the rotation (and the displayed size)
-    filled in.
+    the frames `keep` reads (`plan_ranges`), then reads the rotation off the first decoded
+    frame. Returns the probe with the rotation (and the displayed size) filled in."""
+    import av
+
+    fetch(plan_ranges(path, info, keep, gap_bytes))
+    rotation, width, height = 0, info.width, info.height
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        key = int(_Walk(keep, info.keyframes).key_of[keep[0]])
+        if key > 0:
+            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+        for packet in container.demux(stream):
+            try:
+                frames = [*packet.decode(), *stream.codec_context.decode(None)]
+            except av.FFmpegError:
+                break
+            if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
+                rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
+                break
+    if (rotation // 90) % 2:
+        width, height = height, width
+    return replace(info, rotation=rotation, width=int(width), height=int(height))
+
+
+def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH_GAP_BYTES) -> list:
+    """The byte ranges [(offset, length)] of every packet that decoding the frames `keep`
+    of the partial copy `path` (`index_only`, probed as `info`) reads
+    (`FrameReader._pyav_frames`), from its index alone.
 
     The decoder reads packets in decode order from where each of its seeks lands (to the
     key frame before the next kept frame; tried here on the copy: the index alone decides
@@ -415,24 +440,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
             ranges[-1] = [min(ranges[-1][0], start), max(ranges[-1][1], stop)]
         else:
             ranges.append([start, stop])
-    fetch([(start, stop - start) for start, stop in ranges])
-    rotation, width, height = 0, info.width, info.height
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        key = int(walk.key_of[keep[0]])
-        if key > 0:
-            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
-        for packet in container.demux(stream):
-            try:
-                frames = [*packet.decode(), *stream.codec_context.decode(None)]
-            except av.FFmpegError:
-                break
-            if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
-                rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
-                break
-    if (rotation // 90) % 2:
-        width, height = height, width
-    return replace(info, rotation=rotation, width=int(width), height=int(height))
+    return [(start, stop - start) for start, stop in ranges]
 
 
 def upright(img: np.ndarray, rotation) -> np.ndarray:
@@ -535,9 +543,7 @@ class FrameReader:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
             info = state["info"] = probe(path, partial=partial)
-            keep = sample_indices(info.times, self.every, self.fps,
-                                  info.keyframes if self.keyframes else None)
-            keep = keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
+            keep = self._keep(info, start_s, end_s, after)
             if partial and len(keep):
                 info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
             if on_probe is not None:
@@ -575,6 +581,23 @@ class FrameReader:
             yield done(e)
             return
         yield done(None)
+
+    def plan(self, path: str, start_s: float = -math.inf, end_s: float = math.inf) -> Optional[list]:
+        """The byte ranges [(offset, length)] that `read` of the partial copy `path` (holding
+        only its index) will fetch for the frames with start_s <= pts time < end_s, worked out
+        ahead (`plan_ranges`); None where the index cannot say (`read` finds out, and reports,
+        why)."""
+        try:
+            info = probe(path, partial=True)
+            keep = self._keep(info, start_s, end_s, -1)
+            return plan_ranges(path, info, keep, self.fetch_gap_bytes) if len(keep) else []
+        except (VideoError, RuntimeError, EOFError, OSError):
+            return None
+
+    def _keep(self, info: Probe, start_s: float, end_s: float, after: int) -> np.ndarray:
+        """Indices of the frames to deliver: sampled, start_s <= pts time < end_s, > after."""
+        keep = sample_indices(info.times, self.every, self.fps, info.keyframes if self.keyframes else None)
+        return keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
 
     def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
         """(indices, frames) batches from the decoder that suits this file."""
@@ -899,14 +922,16 @@ class Decoder:
         self._reader_args = dict(reader_args, size=self.size)
         self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
         self._lock = threading.Lock()
-        self.bytes_fetched = 0  # read from remote stores, whole copies and partial ones
+        self.bytes_fetched = 0  # read from remote stores so far, whole copies and partial ones
         self._count = threading.Lock()
         self._child = _Child(self._reader_args)  # started now: a broken install fails here
+        self._planner: Optional[_Child] = None  # started with the first partial copy
+        self._plan_lock = threading.Lock()
 
     def __del__(self):
-        child = getattr(self, "_child", None)
-        if child is not None:
-            child.stop()
+        for child in (getattr(self, "_child", None), getattr(self, "_planner", None)):
+            if child is not None:
+                child.stop()
         shutil.rmtree(getattr(self, "_tmpdir", ""), ignore_errors=True)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
@@ -934,7 +959,7 @@ class Decoder:
 
     def _video(self, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
         try:
-            with self._local(uri, n_segments) as (path, read), self._lock:
+            with self._local(uri, n_segments, start_s, end_s) as (path, read), self._lock:
                 for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
                     if batch["kind"][0] == KIND_END:
                         batch["bytes_read"][0] = read.bytes()
@@ -946,30 +971,55 @@ class Decoder:
             yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
 
     @contextlib.contextmanager
-    def _local(self, uri: str, n_segments: int):
-        """(local path, `_Read`) of a video. A segment of a remote MP4/MOV cut
-        into several, or sampled sparsely (--every, --fps, --keyframes), gets a partial
-        copy: its index, then (asked for by the child) the bytes its frames need, so the
+    def _local(self, uri: str, n_segments: int, start_s: float, end_s: float):
+        """(local path, `_Read`) of a video, fetched before the decode child is taken. A
+        segment of a remote MP4/MOV cut into several, or sampled sparsely (--every, --fps,
+        --keyframes), gets a partial copy: its index, then the bytes its frames need, so the
         segments of a long video together read it about once instead of once each, and a
-        key-frame scan reads little more than the key frames. Anything else is copied
-        whole (local files are used in place)."""
+        key-frame scan reads little more than the key frames. Which bytes those are is
+        worked out from the index by a second child process, the planner (`_fetch_ahead`),
+        while the decode child decodes another call's video. Anything else is copied whole
+        (local files are used in place)."""
         a = self._reader_args
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
                 and storage.is_remote(uri)):
             with storage.range_copy(uri, self._tmpdir) as part:
+                counted = 0
+
+                def count() -> None:  # bytes_fetched as it grows: the index and the plan, then the rest
+                    nonlocal counted
+                    with self._count:
+                        self.bytes_fetched += part.fetched - counted
+                    counted = part.fetched
+
                 try:
                     if index_only(part):
+                        count()
+                        self._fetch_ahead(part, start_s, end_s)
+                        count()
                         yield part.path, _Read(part)
                         return
                 finally:
-                    with self._count:
-                        self.bytes_fetched += part.fetched
+                    count()
         with storage.local_copy(uri, self._tmpdir) as path:
             copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0
             with self._count:
                 self.bytes_fetched += copied
             yield path, _Read(None, copied)
+
+    def _fetch_ahead(self, part: storage.RangeCopy, start_s: float, end_s: float) -> None:
+        """Fetches the ranges the planner says decoding this segment of the partial copy
+        `part` will read. The decode child works them out again when it decodes (and has the
+        actor fetch whatever is missing, nothing when the plans agree): planning is only
+        ahead of time, so a planner that fails, crashes or hangs costs this nothing but the
+        wait (at most `timeout_s`)."""
+        with self._plan_lock:
+            if self._planner is None:
+                self._planner = _Child(self._reader_args)
+            ranges = self._planner.plan(dict(path=part.path, start_s=start_s, end_s=end_s), self.timeout_s)
+        for offset, length in ranges or ():
+            part.fetch(offset, length)
 
     def _attempts(self, path, uri, segment, n_segments, start_s, end_s, part=None) -> Iterator[dict]:
         emitted, after, note, info = 0, -1, "", None
@@ -1130,6 +1180,23 @@ class _Child:
             if not self.busy:
                 return
 
+    def plan(self, request: dict, timeout_s: float) -> Optional[list]:
+        """The child's `FrameReader.plan(**request)`; None, with the child stopped (the next
+        request restarts it), when it crashes or takes longer than `timeout_s`."""
+        if self.busy or self.proc is None or self.proc.poll() is not None:
+            self.restart()
+        try:
+            self.conn.send(("plan", request))
+            message = self.conn.recv() if self.conn.poll(timeout_s) else None
+        except (EOFError, OSError):
+            message = None
+        if message is None:
+            self.stop()
+            return None
+        if message[0] == "bug":
+            raise RuntimeError(f"decode child process raised:\n{message[1]}")
+        return message[1]
+
     def _death(self) -> str:
         try:
             code = self.proc.wait(timeout=5)
@@ -1174,6 +1241,9 @@ def serve(fd: int, shared: int) -> None:
                 os.ftruncate(shared, size)
                 slot = _FrameSlot(shared, size)
                 conn.send(("ready", size))
+                continue
+            if kind == "plan":
+                conn.send(("planned", reader.plan(**payload)))
                 continue
             # the probe without where each packet lies: the actor needs the metadata only
             on_probe = lambda info: conn.send(("probe", replace(info, pos=None, nbytes=None, order=None)))  # noqa: E731

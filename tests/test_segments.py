@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pyarrow.compute as pc
@@ -271,6 +273,62 @@ def test_damaged_files_in_remote_segments_end_as_local_ones_do(damaged, s3fs_cli
     local = run(damaged[name])
     assert any(row[1] for row in local if len(row) == 5)  # damage is said, somewhere
     assert run(url) == local
+
+
+def _codes(rows: list) -> list:
+    return [(int(i), framecode.read_code(f)) for b in rows if b["kind"][0] == KIND_FRAME
+            for i, f in zip(b["frame_index"], b["frame"])]
+
+
+def test_a_segment_is_fetched_while_another_holds_the_decoder(long_videos, s3fs_client):
+    """With two calls in hand (as a decode actor has over remote videos), the second
+    segment's bytes all arrive while the first segment holds the decode child: the planner
+    child works them out from the index and the call fetches them outside the decoder's
+    lock. The decode child then asks for nothing more, and both segments are exact."""
+    path, _ = long_videos["long_h264.mp4"]
+    url = "s3://rayvid-test/ahead-segments/long_h264.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(20.0, 6.0)  # frames 0-89, 90-179, ...
+    alone = list(Decoder(size=framecode.SIZE, batch_frames=4).decode_video(url, 1, len(bounds), *bounds[1]))
+    needs = int(alone[-1]["bytes_read"][0])  # the second segment's index and frames
+
+    dec = Decoder(size=framecode.SIZE, batch_frames=4)
+    first = dec.decode_video(url, 0, len(bounds), *bounds[0])
+    rows_first = [next(first)]  # the first segment holds the decode child, paused after a batch
+    before, box = dec.bytes_fetched, {}
+    second = threading.Thread(
+        target=lambda: box.update(rows=list(dec.decode_video(url, 1, len(bounds), *bounds[1]))))
+    second.start()
+    try:
+        deadline = time.monotonic() + 60
+        while dec.bytes_fetched < before + needs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fetched, waiting = dec.bytes_fetched - before, second.is_alive() and "rows" not in box
+        rows_first += list(first)
+    finally:
+        first.close()  # lets the second segment have the decoder, whatever happened
+        second.join(60)
+    assert fetched == needs and waiting  # all fetched while the first held the decoder
+    assert _codes(rows_first) == [(i, i) for i in range(90)]
+    assert _codes(box["rows"]) == [(i, i) for i in range(90, 180)]
+    assert int(box["rows"][-1]["bytes_read"][0]) == needs
+
+
+def test_a_planner_crash_costs_a_segment_nothing(long_videos, s3fs_client):
+    """The planner child is only ahead of time: killed between segments, the next segment
+    is planned by a fresh one, and every frame comes out exact."""
+    import signal
+
+    path, _ = long_videos["long_h264.mp4"]
+    url = "s3://rayvid-test/planner-crash/long_h264.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(20.0, 6.0)
+    dec = Decoder(size=framecode.SIZE, batch_frames=8)
+    rows = list(dec.decode_video(url, 0, len(bounds), *bounds[0]))
+    os.kill(dec._planner.proc.pid, signal.SIGKILL)
+    rows += list(dec.decode_video(url, 1, len(bounds), *bounds[1]))
+    assert _codes(rows) == [(i, i) for i in range(180)]
+    assert all(r["error_type"][0] == "" for r in rows if r["kind"][0] != KIND_FRAME)
 
 
 def test_crash_in_a_remote_segment_resumes_on_the_same_partial_copy(long_videos, s3fs_client):
