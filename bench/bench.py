@@ -1203,7 +1203,8 @@ def markdown(results: dict) -> str:
         r = results["segments"]
         out += _section("remote videos: partial copies against whole ones", r)
         out += [f"S3 (moto on 127.0.0.1) behind a link of {r['mb_per_s_per_connection']:g} MB/s per connection; "
-                "each case decoded (224x224) by one Decoder in the bench's process, alternating.", "",
+                f"each case decoded (224x224) by one Decoder in the bench's process on {r.get('calls_per_actor', 1)} "
+                "thread(s) (a decode actor's calls over remote videos), alternating.", "",
                 "| case | video | sampling | segments | copies | read (x the file) | seconds (each run) | frames |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for case, c in _entries(r):

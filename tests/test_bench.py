@@ -74,6 +74,7 @@ def test_quick_bench_writes_every_field(tmp_path):
     remote = res["segments"]  # videos on S3 read through partial copies against whole ones
     seg = remote["segments"]  # one long video in segments, every frame
     assert seg["segments"] == 6 and seg["video_mb"] > 0
+    assert remote["calls_per_actor"] == 2  # decode.REMOTE_CALLS_PER_ACTOR: one fetches while one decodes
     for way in ("partial", "whole"):
         [run] = seg["runs"][way]
         assert run["frames"] == 180 and run["wall_s"] > 0, way  # 6 s x 30 fps, each way
