@@ -374,7 +374,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
         stream = container.streams.video[0]
         key = int(_Walk(keep, info.keyframes).key_of[keep[0]])
         if key > 0:
-            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+            _seek(container, stream, info, key)
         for packet in container.demux(stream):
             try:
                 frames = [*packet.decode(), *stream.codec_context.decode(None)]
@@ -413,7 +413,7 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
             if key == 0:  # as _pyav_frames: no seek, from the first packet
                 landing[key] = 0
                 continue
-            container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+            _seek(container, stream, info, key)
             first = next((p for p in container.demux(stream) if p.size), None)
             land = index_of.get(first.pts if first is not None else None, key)
             landing[key] = min(int(info.order[land]), int(info.order[key]))
@@ -442,6 +442,17 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
         else:
             ranges.append([start, stop])
     return [(start, stop - start) for start, stop in ranges]
+
+
+def _seek(container, stream, info: Probe, key: int) -> None:
+    """Seeks to key frame `key` (or the nearest one before it, by the container's index)."""
+    import av
+
+    try:
+        container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError as e:  # FFmpeg's errno (EPERM, EIO) says nothing of access or disks here
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {reason})") from None
 
 
 def upright(img: np.ndarray, rotation) -> np.ndarray:
@@ -713,7 +724,12 @@ class FrameReader:
                 if key == walk.STOP:
                     break
                 if key is not None:
-                    container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+                    try:
+                        _seek(container, stream, info, key)
+                    except VideoError:  # the frames before it are good: deliver them
+                        if idx_buf:
+                            yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                        raise
                     packets = container.demux(stream)
                     if suspect:  # the decoder starts afresh at a key frame
                         suspect, floor = False, key

@@ -157,7 +157,8 @@ def matrix(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def damaged(tmp_path_factory):
-    """Truncated (both MP4 layouts), garbage in the middle, unsupported codec: name -> path."""
+    """Truncated (both MP4 layouts), garbage in the middle, a damaged key-frame index,
+    unsupported codec: name -> path."""
     import framecode
 
     return framecode.make_damaged(str(tmp_path_factory.mktemp("damaged")))

@@ -164,6 +164,12 @@ def make_damaged(directory: str) -> dict:
     out["truncated_faststart.mp4"] = bytes(fast[: len(fast) * 6 // 10])
     mdat = fast.find(b"mdat")
     at = mdat + (len(fast) - mdat) // 2
+    stss = fast.find(b"stss") - 4  # the key frames' table: size, "stss", version+flags, count, numbers
+    count = int.from_bytes(fast[stss + 12: stss + 16], "big")
+    numbers = [int.from_bytes(fast[stss + 16 + 4 * k: stss + 20 + 4 * k], "big") for k in range(count)]
+    reordered = bytearray(fast)
+    reordered[stss + 16: stss + 16 + 4 * count] = b"".join(n.to_bytes(4, "big") for n in numbers[::-1])
+    out["key_frame_index_reversed.mp4"] = bytes(reordered)  # demuxes, but FFmpeg cannot seek in it
     fast[at: at + 200] = bytes((i * 7919) % 251 for i in range(200))  # deterministic garbage
     out["garbage_in_middle.mp4"] = bytes(fast)
     write_code_video(d("mpeg4.avi"), 30, (96, 128), ["-c:v", "mpeg4", "-vtag", "FMP4"])

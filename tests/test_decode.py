@@ -463,6 +463,25 @@ def test_garbage_in_the_middle_drops_the_damaged_gop_and_keeps_the_rest_exact(da
     assert end["n_frames"] == len(got)
 
 
+@pytest.mark.parametrize("sampling, kept, at", [({}, list(range(framecode.DAMAGED_FRAMES)), None),
+                                                ({"every": 7}, list(range(0, 57, 7)), 60),
+                                                ({"keyframes": True}, [0], 30)])
+def test_a_damaged_key_frame_index_keeps_the_frames_before_the_seek_it_fails(damaged, sampling, kept, at):
+    """An MP4 whose key-frame table (stss) is reversed demuxes, but FFmpeg cannot seek in
+    it (EPERM). Read through, every frame is exact (decord fails on it; PyAV takes over);
+    sampled sparsely, the frames before the failed seek are kept and exact, and the error
+    says what broke, not the errno's usual story (no credentials hint)."""
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(damaged["key_frame_index_reversed.mp4"]))
+    assert [f["frame_index"] for f in frames] == kept and _codes_exact(frames)
+    assert end["n_frames"] == len(kept)
+    if at is None:
+        assert end["error_type"] == "" and end["decoder"].startswith("pyav")
+    else:
+        assert (end["error_stage"], end["error_type"]) == ("decode", "VideoError")
+        assert end["message"] == (f"cannot seek to frame {at}: the container's index is damaged "
+                                  f"(FFmpeg: Operation not permitted) ({len(kept)} decoded frames kept)")
+
+
 def test_unsupported_codec_is_one_clear_error(damaged):
     frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["unsupported_codec.avi"]))
     assert frames == [] and end["message"] == "unsupported codec: FFmpeg has no decoder for this video stream"
