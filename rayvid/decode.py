@@ -1035,8 +1035,7 @@ class Decoder:
             if self._planner is None:
                 self._planner = _Child(self._reader_args)
             ranges = self._planner.plan(dict(path=part.path, start_s=start_s, end_s=end_s), self.timeout_s)
-        for offset, length in ranges or ():
-            part.fetch(offset, length)
+        part.fetch_ranges(ranges or [])
 
     def _attempts(self, path, uri, segment, n_segments, start_s, end_s, part=None) -> Iterator[dict]:
         emitted, after, note, info = 0, -1, "", None
@@ -1046,7 +1045,7 @@ class Decoder:
                            force_pyav=attempt > 0, note=note, partial=part is not None)
             try:
                 for kind, payload in self._child.request(request, self.timeout_s,
-                                                         part.fetch if part is not None else None):
+                                                         part.fetch_ranges if part is not None else None):
                     if kind == "probe":
                         info = payload
                         continue
@@ -1154,7 +1153,7 @@ class _Child:
 
     def request(self, request: dict, timeout_s: float, fetch=None) -> Iterator[tuple]:
         """The child's answers to `request`; its ("fetch", ranges) asks are served here by
-        `fetch(offset, length)` (the time that takes is not the child's: no budget)."""
+        `fetch([(offset, length)])` (the time that takes is not the child's: no budget)."""
         if self.busy or self.proc.poll() is not None:  # abandoned mid-answer, or dead
             self.restart()
         self.busy = True
@@ -1176,8 +1175,7 @@ class _Child:
                 raise _ChildFailed(DecodeTimeout(f"no result within {timeout_s:g} s"))
             kind, payload = message
             if kind == "fetch":
-                for offset, length in payload:
-                    fetch(offset, length)
+                fetch(payload)
                 try:
                     self.conn.send(("fetched", None))
                 except OSError:

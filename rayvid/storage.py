@@ -139,18 +139,24 @@ def join(url: str, *parts: str) -> str:
 
 @contextlib.contextmanager
 def local_copy(url: str, tmpdir: str) -> Iterator[str]:
-    """Yield a local path holding the object's bytes; remote objects are streamed to a temp
-    file (never read into memory) that is deleted afterwards."""
+    """Yield a local path holding the object's bytes; remote objects are copied to a temp
+    file (a few ranges in memory at a time, `RangeCopy`) that is deleted afterwards."""
     fs, path = resolve(url)
     if is_local(fs):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    with _temp_file(path, tmpdir) as tmp:
-        with fs.open(path, "rb", block_size=8 * 2**20) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=8 * 2**20)
-        yield tmp
+    size = fs.size(path)
+    if size is None:  # a store that does not say (some HTTP servers): one stream
+        with _temp_file(path, tmpdir) as tmp:
+            with fs.open(path, "rb", block_size=RangeCopy.CHUNK) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=RangeCopy.CHUNK)
+            yield tmp
+        return
+    with _sparse_copy(fs, path, int(size), tmpdir) as part:
+        part.fetch(0, part.size)  # several ranges in flight
+        yield part.path
 
 
 @contextlib.contextmanager
@@ -170,31 +176,49 @@ def _temp_file(path: str, tmpdir: str) -> Iterator[str]:
 
 class RangeCopy:
     """A local sparse file as long as a remote object, filled range by range: `fetch`
-    copies a byte range of the object to the same offset (streamed, 8 MB at a time;
-    ranges already here are not fetched again). What was never fetched reads as zeros."""
+    copies byte ranges of the object to the same offsets (ranges already here are not
+    fetched again). What was never fetched reads as zeros.
+
+    Ranges are read in pieces of at most CHUNK bytes, READS_IN_FLIGHT pieces at a time
+    (`cat_ranges`: s3fs and gcsfs send them concurrently): an object store serves each
+    connection at a bounded rate and several connections to one object at several times
+    it (AWS, "Use byte-range fetches": 8 or 16 MB ranges over concurrent connections), so
+    a copy is not held to one connection's speed, and at most CHUNK x READS_IN_FLIGHT
+    bytes are in memory."""
 
     CHUNK = 8 * 2**20
+    READS_IN_FLIGHT = 4
 
-    def __init__(self, src: BinaryIO, size: int, path: str):
-        self.src, self.size, self.path = src, int(size), path
+    def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str):
+        self.fs, self.remote, self.size, self.path = fs, remote, int(size), path
         self.fetched = 0  # bytes read from the store
         self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
 
     def fetch(self, offset: int, length: int) -> None:
-        start, end = max(0, int(offset)), min(self.size, int(offset) + int(length))
+        self.fetch_ranges([(offset, length)])
+
+    def fetch_ranges(self, ranges: list) -> None:
+        """Fetches every (offset, length) of `ranges` not here yet, their pieces in flight together."""
+        asked: list[list[int]] = []  # the ranges, merged where they overlap
+        for start, end in sorted((max(0, int(o)), min(self.size, int(o) + int(n))) for o, n in ranges):
+            if asked and start <= asked[-1][1]:
+                asked[-1][1] = max(asked[-1][1], end)
+            elif start < end:
+                asked.append([start, end])
+        pieces = [(at, min(at + self.CHUNK, hi)) for start, end in asked
+                  for lo, hi in self._missing(start, end) for at in range(lo, hi, self.CHUNK)]
         with open(self.path, "r+b") as dst:
-            for lo, hi in self._missing(start, end):
-                self.src.seek(lo)
-                dst.seek(lo)
-                left = hi - lo
-                while left > 0:
-                    data = self.src.read(min(self.CHUNK, left))
-                    if not data:
-                        raise OSError(f"the object ended at byte {hi - left} of {self.size}")
+            for k in range(0, len(pieces), self.READS_IN_FLIGHT):
+                batch = pieces[k : k + self.READS_IN_FLIGHT]
+                datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
+                                           [hi for _, hi in batch], on_error="raise")
+                for (lo, hi), data in zip(batch, datas):
+                    dst.seek(lo)
                     dst.write(data)
-                    left -= len(data)
                     self.fetched += len(data)
-                self._add(lo, hi)
+                    if len(data) < hi - lo:
+                        raise OSError(f"the object ended at byte {lo + len(data)} of {self.size}")
+                    self._add(lo, hi)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the object, fetched first if they are not here yet."""
@@ -227,15 +251,21 @@ class RangeCopy:
 
 @contextlib.contextmanager
 def range_copy(url: str, tmpdir: str) -> Iterator[RangeCopy]:
-    """A `RangeCopy` of a remote object in `tmpdir` (named like `local_copy`'s), deleted
+    """A `RangeCopy` of an object in `tmpdir` (named like `local_copy`'s), deleted
     afterwards: for reading the parts of a large object that one task needs."""
     fs, path = resolve(url)
+    size = fs.size(path)
+    if size is None:
+        raise OSError(f"{public_uri(url)}: the store does not say how large it is")
+    with _sparse_copy(fs, path, int(size), tmpdir) as part:
+        yield part
+
+
+@contextlib.contextmanager
+def _sparse_copy(fs, path: str, size: int, tmpdir: str) -> Iterator[RangeCopy]:
     with _temp_file(path, tmpdir) as tmp:
-        # no read-ahead: exactly the ranges asked
-        with fs.open(path, "rb", block_size=RangeCopy.CHUNK, cache_type="none") as src:
-            size = int(src.size) if getattr(src, "size", None) is not None else int(fs.size(path))
-            os.truncate(tmp, size)  # a hole: takes no disk until written
-            yield RangeCopy(src, size, tmp)
+        os.truncate(tmp, size)  # a hole: takes no disk until written
+        yield RangeCopy(fs, path, size, tmp)
 
 
 def is_remote(url: str) -> bool:

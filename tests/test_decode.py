@@ -601,12 +601,12 @@ def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
 
     path, n = matrix["with_audio.mp4"]
     copy = str(tmp_path / "partial.mp4")
-    with open(path, "rb") as src:
-        part = storage.RangeCopy(src, os.path.getsize(path), copy)
-        open(copy, "wb").close()
-        os.truncate(copy, part.size)
-        assert index_only(part) and 0 < part.fetched < part.size / 2
-        part.fetch(1000, 3000)  # some media data too: read as it is, around the holes
+    fs, _ = storage.resolve(path)
+    part = storage.RangeCopy(fs, path, os.path.getsize(path), copy)
+    open(copy, "wb").close()
+    os.truncate(copy, part.size)
+    assert index_only(part) and 0 < part.fetched < part.size / 2
+    part.fetch(1000, 3000)  # some media data too: read as it is, around the holes
     whole, partial = probe(path), probe(copy, partial=True)
     assert len(partial.pts) == n
     for field in ("pts", "times", "keyframes", "pos", "nbytes", "order"):

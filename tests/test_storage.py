@@ -54,6 +54,36 @@ def test_range_copy_fetches_only_the_ranges_asked(tmp_path, s3fs_client):
     assert os.listdir(tmp_path) == []
 
 
+def test_range_copy_reads_many_pieces_in_flight_exactly(tmp_path, s3fs_client, monkeypatch):
+    """Ranges asked together are merged, cut into CHUNK pieces and read READS_IN_FLIGHT at
+    a time: the copy is byte for byte the object's, and no byte is read twice."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)  # many pieces from a small object
+    data = os.urandom(2**20 + 333)
+    s3fs_client.pipe_file("s3://rayvid-test/pieces.bin", data)
+    with storage.range_copy("s3://rayvid-test/pieces.bin", str(tmp_path)) as part:
+        part.fetch_ranges([(300_000, 200_000), (10, 5), (350_000, 400_000), (10, 5), (2**20, 10**6)])
+        assert part.fetched == 450_000 + 5 + 333  # 300000..749999, 10..14, 1048576..end
+        with open(part.path, "rb") as f:
+            copy = f.read()
+        for lo, hi in ((10, 15), (300_000, 750_000), (2**20, len(data))):
+            assert copy[lo:hi] == data[lo:hi]
+        assert copy[15:300_000] == bytes(300_000 - 15)  # never asked: a hole
+    with storage.local_copy("s3://rayvid-test/pieces.bin", str(tmp_path)) as p:
+        assert open(p, "rb").read() == data  # 17 pieces, 4 in flight at a time
+
+
+def test_an_object_shorter_than_its_listing_is_an_error_not_zeros(tmp_path, s3fs_client):
+    data = os.urandom(5000)
+    s3fs_client.pipe_file("s3://rayvid-test/short.bin", data)
+    fs, path = storage.resolve("s3://rayvid-test/short.bin")
+    copy = str(tmp_path / "copy.bin")
+    open(copy, "wb").close()
+    part = storage.RangeCopy(fs, path, 9000, copy)  # listed longer than it is now
+    with pytest.raises(OSError, match="the object ended at byte 5000 of 9000"):
+        part.fetch(4000, 2000)
+    assert part.fetched == 1000
+
+
 def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     target = tmp_path / "d" / "f.parquet"
     storage.write_atomic(str(target), lambda f: f.write(b"abc"))
