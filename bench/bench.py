@@ -1193,8 +1193,8 @@ def markdown(results: dict) -> str:
     if "remote" in results:
         r = results["remote"]
         out += _section("videos on a slow object store: fetching the next video while one decodes", r)
-        out += [f"{r['videos']} videos of {r['video_mb']} MB on S3 (moto on 127.0.0.1) behind a link of "
-                f"{r['mb_per_s_per_connection']:g} MB/s per connection; rayvid end to end (1080p corpus, MobileNetV3).", "",
+        out += [f"{r['videos']} videos of {r['video_mb']} MB on {_slow_store(r)}; rayvid end to end (1080p corpus, "
+                "MobileNetV3).", "",
                 "| calls per decode actor | frames/s (each run) |", "| --- | --- |"]
         for calls, runs in r["calls"].items():
             out.append(f"| {calls} | {_each(runs, 'frames_per_s')} |")
@@ -1202,8 +1202,7 @@ def markdown(results: dict) -> str:
     if "segments" in results:
         r = results["segments"]
         out += _section("remote videos: partial copies against whole ones", r)
-        out += [f"S3 (moto on 127.0.0.1) behind a link of {r['mb_per_s_per_connection']:g} MB/s per connection; "
-                f"each case decoded (224x224) by one Decoder in the bench's process on {r.get('calls_per_actor', 1)} "
+        out += [f"{_slow_store(r)}; each case decoded (224x224) by one Decoder in the bench's process on {r.get('calls_per_actor', 1)} "
                 "thread(s) (a decode actor's calls over remote videos), alternating.", "",
                 "| case | video | sampling | segments | copies | read (x the file) | seconds (each run) | frames |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -1222,6 +1221,11 @@ def markdown(results: dict) -> str:
                 f"with `--skip-similar {s['threshold']:g}` (**{s['fewer_inferences']}x fewer**); top-1 agreement with "
                 f"the full run **{100 * s['top1_agreement']:.2f}%**; wall {s['wall_s']}.", ""]
     return "\n".join(out)
+
+
+def _slow_store(r: dict) -> str:
+    """The store an experiment behind `slow_s3` read from."""
+    return f"S3 (moto on 127.0.0.1) behind a link of {r['mb_per_s_per_connection']:g} MB/s per connection"
 
 
 def _each(runs: list, key: str) -> str:

@@ -289,7 +289,7 @@ class _Sparse:
 def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: int = 512 * 2**20) -> bool:
     """Fetches every top-level box of an MP4/MOV but its media data (mdat) into `copy`:
     the index (moov) says where each frame's bytes lie, so the segment's own bytes can be
-    fetched next (`fetch_for`). False, with nothing more fetched, for anything else
+    fetched next (`plan_ranges`). False, with nothing more fetched, for anything else
     (another container, a fragmented MP4 whose index is spread over its fragments, no
     moov): such a file is copied whole."""
     offset, kinds = 0, []
@@ -320,7 +320,7 @@ def index_only(copy: storage.RangeCopy, max_boxes: int = 64, max_index_bytes: in
 class _Walk:
     """How the PyAV decoder reaches the kept frames (`keep`, ascending): which key frame to
     seek to before reading the next packet, and when to stop feeding packets and drain.
-    `FrameReader._pyav_frames` follows it while decoding; `fetch_for` follows it over
+    `FrameReader._pyav_frames` follows it while decoding; `plan_ranges` follows it over
     the index alone to know which packets that decoding will read."""
 
     STOP = -1  # nothing more is wanted
@@ -1151,11 +1151,15 @@ class _Child:
         self.stop()
         self.start()
 
+    def _ensure(self) -> None:
+        """A child ready for a request: restarted if abandoned mid-answer, dead or stopped."""
+        if self.busy or self.proc is None or self.proc.poll() is not None:
+            self.restart()
+
     def request(self, request: dict, timeout_s: float, fetch=None) -> Iterator[tuple]:
         """The child's answers to `request`; its ("fetch", ranges) asks are served here by
         `fetch([(offset, length)])` (the time that takes is not the child's: no budget)."""
-        if self.busy or self.proc.poll() is not None:  # abandoned mid-answer, or dead
-            self.restart()
+        self._ensure()
         self.busy = True
         try:
             self.conn.send(("read", request))
@@ -1198,8 +1202,7 @@ class _Child:
     def plan(self, request: dict, timeout_s: float) -> Optional[list]:
         """The child's `FrameReader.plan(**request)`; None, with the child stopped (the next
         request restarts it), when it crashes or takes longer than `timeout_s`."""
-        if self.busy or self.proc is None or self.proc.poll() is not None:
-            self.restart()
+        self._ensure()
         try:
             self.conn.send(("plan", request))
             message = self.conn.recv() if self.conn.poll(timeout_s) else None

@@ -199,12 +199,7 @@ class RangeCopy:
 
     def fetch_ranges(self, ranges: list) -> None:
         """Fetches every (offset, length) of `ranges` not here yet, their pieces in flight together."""
-        asked: list[list[int]] = []  # the ranges, merged where they overlap
-        for start, end in sorted((max(0, int(o)), min(self.size, int(o) + int(n))) for o, n in ranges):
-            if asked and start <= asked[-1][1]:
-                asked[-1][1] = max(asked[-1][1], end)
-            elif start < end:
-                asked.append([start, end])
+        asked = _merged([(max(0, int(o)), min(self.size, int(o) + int(n))) for o, n in ranges])
         pieces = [(at, min(at + self.CHUNK, hi)) for start, end in asked
                   for lo, hi in self._missing(start, end) for at in range(lo, hi, self.CHUNK)]
         with open(self.path, "r+b") as dst:
@@ -240,13 +235,18 @@ class RangeCopy:
         return out
 
     def _add(self, start: int, end: int) -> None:
-        merged = []
-        for lo, hi in sorted(self._have + [(start, end)]):
-            if merged and lo <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-            else:
-                merged.append((lo, hi))
-        self._have = merged
+        self._have = _merged(self._have + [(start, end)])
+
+
+def _merged(ranges: list) -> list[tuple[int, int]]:
+    """[start, end) ranges sorted, the overlapping or touching ones joined, the empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 @contextlib.contextmanager
