@@ -995,8 +995,9 @@ class Decoder:
         segments of a long video together read it about once instead of once each, and a
         key-frame scan reads little more than the key frames. Which bytes those are is
         worked out from the index by a second child process, the planner (`_fetch_ahead`),
-        while the decode child decodes another call's video. Anything else is copied whole
-        (local files are used in place)."""
+        while the decode child decodes another call's video. Anything else is copied whole,
+        as is a video on a store that cannot serve byte ranges of it (local files are used
+        in place)."""
         a = self._reader_args
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
@@ -1011,14 +1012,15 @@ class Decoder:
                     counted = part.fetched
 
                 try:
-                    if index_only(part):
+                    if part is not None and index_only(part):
                         count()
                         self._fetch_ahead(part, start_s, end_s)
                         count()
                         yield part.path, _Read(part)
                         return
                 finally:
-                    count()
+                    if part is not None:
+                        count()
         with storage.local_copy(uri, self._tmpdir) as path:
             copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0
             with self._count:

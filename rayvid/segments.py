@@ -16,7 +16,9 @@ segment starts at -inf and the last ends at +inf. The intervals partition the ti
 every frame belongs to exactly one segment whatever the codec or GOP structure (the decoder
 maps frames to segments by pts, never by counting). The duration comes from the container
 header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
-be opened here, the video is one segment and the decoder reports what is wrong with it.
+be opened here, the video is one segment and the decoder reports what is wrong with it. So
+is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
+copy it whole.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def header_duration(uri: str) -> float:
 
     fs, path = storage.resolve(uri)
     try:
+        if not storage.serves_ranges(fs, path):  # then every segment would copy it whole
+            return 0.0
         with fs.open(path, "rb") as f, av.open(f) as container:
             if container.duration:
                 return container.duration / 1_000_000  # AV_TIME_BASE

@@ -14,10 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import tempfile
 import uuid
-from typing import Callable, Iterator, BinaryIO
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -148,15 +147,36 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
         yield path
         return
     size = fs.size(path)
-    if size is None:  # a store that does not say (some HTTP servers): one stream
+    if size is None or not serves_ranges(fs, path, int(size)):  # some HTTP servers: one stream
         with _temp_file(path, tmpdir) as tmp:
-            with fs.open(path, "rb", block_size=RangeCopy.CHUNK) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=RangeCopy.CHUNK)
+            fs.get_file(path, tmp)
             yield tmp
         return
     with _sparse_copy(fs, path, int(size), tmpdir) as part:
         part.fetch(0, part.size)  # several ranges in flight
         yield part.path
+
+
+def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] = None) -> bool:
+    """Whether the store answers a byte-range request for the object with those bytes
+    alone (asks nothing of object stores: S3, GCS and Azure always do). An HTTP server may
+    not say how large the object is, or may send all of it instead (Python's http.server
+    does): there one request for byte 1 tells, and fsspec refuses an answer that is not
+    that range before reading its body."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"http", "https"}:
+        return True
+    size = fs.size(path) if size is None else size
+    if size is None:
+        return False
+    if size < 2:
+        return True
+    try:
+        with fs.open(path, "rb", block_size=1, cache_type="none", size=size) as f:
+            f.seek(1)
+            return len(f.read(1)) == 1
+    except ValueError:  # "The HTTP server doesn't appear to support range requests"
+        return False
 
 
 @contextlib.contextmanager
@@ -208,6 +228,9 @@ class RangeCopy:
                 datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
                                            [hi for _, hi in batch], on_error="raise")
                 for (lo, hi), data in zip(batch, datas):
+                    if len(data) > hi - lo:  # never written: it would land on the wrong bytes
+                        raise OSError(f"the store sent {len(data)} bytes for a range of {hi - lo}: "
+                                      "it does not serve byte ranges")
                     dst.seek(lo)
                     dst.write(data)
                     self.fetched += len(data)
@@ -250,13 +273,16 @@ def _merged(ranges: list) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def range_copy(url: str, tmpdir: str) -> Iterator[RangeCopy]:
+def range_copy(url: str, tmpdir: str) -> Iterator[Optional[RangeCopy]]:
     """A `RangeCopy` of an object in `tmpdir` (named like `local_copy`'s), deleted
-    afterwards: for reading the parts of a large object that one task needs."""
+    afterwards: for reading the parts of a large object that one task needs. None when the
+    store cannot serve parts of it (an HTTP server that gives no size or ignores byte
+    ranges): copy it whole instead."""
     fs, path = resolve(url)
     size = fs.size(path)
-    if size is None:
-        raise OSError(f"{public_uri(url)}: the store does not say how large it is")
+    if size is None or not serves_ranges(fs, path, int(size)):
+        yield None
+        return
     with _sparse_copy(fs, path, int(size), tmpdir) as part:
         yield part
 

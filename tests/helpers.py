@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import re
+import threading
+import urllib.parse
 
 import numpy as np
 
@@ -41,6 +46,71 @@ def upload_tree(fs, local_dir, url_prefix: str) -> None:
             src = os.path.join(dirpath, name)
             rel = os.path.relpath(src, local_dir)
             fs.put_file(src, url_prefix.rstrip("/") + "/" + rel)
+
+
+HTTP_MODES = ("ranges", "whole", "no-length")
+
+
+@contextlib.contextmanager
+def http_server(root: str, mode: str):
+    """A real HTTP server on 127.0.0.1 serving the files below `root`; yields its base URL.
+    `mode` is what it does with a byte-range request (`Range: bytes=a-b`): "ranges" answers
+    206 with those bytes (object stores, nginx, CDNs); "whole" sends the whole file, as
+    Python's http.server does; "no-length" sends the whole file and no Content-Length
+    (a streamed response)."""
+    assert mode in HTTP_MODES
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self._serve(body=False)
+
+        def do_GET(self):
+            self._serve(body=True)
+
+        def _serve(self, body: bool) -> None:
+            path = os.path.join(root, urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/"))
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                data = f.read()
+            asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if mode == "ranges" and asked:
+                lo, hi = int(asked[1]), min(len(data), int(asked[2]) + 1 if asked[2] else len(data))
+                if lo >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+                data = data[lo:hi]
+            else:
+                self.send_response(200)
+            if mode == "ranges":
+                self.send_header("Accept-Ranges", "bytes")
+            if mode != "no-length":
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a client that hung up early
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def processes(title_prefix: str) -> list:

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 import framecode
-from helpers import pts_of
+from helpers import HTTP_MODES, http_server, pts_of
 from rayvid import pipeline, segments
 from rayvid.config import DecodeConfig, ModelConfig, RunConfig
 from rayvid.decode import Decoder
@@ -53,6 +53,29 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
     assert segments.header_duration("s3://rayvid-test/long/missing.mp4") == 0.0
     plan = segments.plan({"video_uri": np.array([path], dtype=object)}, segment_s=6.0)
     assert plan["segment"].tolist() == [0, 1, 2, 3] and plan["n_segments"].tolist() == [4] * 4
+
+
+@pytest.mark.parametrize("mode", HTTP_MODES)
+@pytest.mark.parametrize("sampling", [{}, {"every": 4}])
+def test_http_segments_meet_exactly_whatever_the_server_does_with_byte_ranges(long_videos, mode, sampling):
+    """A video at an HTTP URL (a manifest of https:// links): where the server serves byte
+    ranges, its segments read partial copies as on S3; where it does not (sends the whole
+    file, or no length), the video is one segment, copied whole in one stream, and a
+    segment asked for anyway copies it whole. The same frames as the local file every time."""
+    path, _ = long_videos["long_h264.mp4"]
+    size = os.path.getsize(path)
+    with http_server(os.path.dirname(path), mode) as base:
+        url = f"{base}/long_h264.mp4"
+        assert segments.header_duration(url) == (pytest.approx(20.0, abs=0.1) if mode == "ranges" else 0.0)
+        bounds = segments.bounds(20.0, 6.0)
+        dec = Decoder(size=framecode.SIZE, batch_frames=16, fetch_gap_bytes=0, **sampling)
+        parts = _decode(url, bounds, sampling, dec)
+    assert parts == _decode(path, [(-math.inf, math.inf)], sampling)
+    assert all(shown == i for i, shown in parts)
+    if mode == "ranges":
+        assert dec.bytes_fetched < len(bounds) * size
+    else:
+        assert dec.bytes_fetched == len(bounds) * size
 
 
 def test_planning_in_the_driver_and_in_ray_tasks_agree(ray_session, long_videos):
@@ -239,7 +262,7 @@ def test_long_video_through_the_job_in_segments(ray_session, long_videos, code_r
 @pytest.mark.parametrize("name", sorted(framecode.MATRIX))
 def test_segments_meet_exactly_on_every_codec(matrix, name):
     """Every matrix file cut into ~0.3 s segments (later ones seek with PyAV)."""
-    from helpers import pts_of
+    from helpers import HTTP_MODES, http_server, pts_of
 
     path, n = matrix[name]
     duration = float(pts_of(path)[-1]) + 0.05

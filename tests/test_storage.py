@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import FAKE_KEY_ID, FAKE_SECRET
+from helpers import FAKE_KEY_ID, FAKE_SECRET, HTTP_MODES, http_server
 from rayvid import storage
 
 
@@ -82,6 +82,45 @@ def test_an_object_shorter_than_its_listing_is_an_error_not_zeros(tmp_path, s3fs
     with pytest.raises(OSError, match="the object ended at byte 5000 of 9000"):
         part.fetch(4000, 2000)
     assert part.fetched == 1000
+
+
+@pytest.mark.parametrize("mode", HTTP_MODES)
+def test_http_copies_are_exact_whatever_the_server_does_with_byte_ranges(tmp_path, monkeypatch, mode):
+    """Over HTTP a whole copy is the object byte for byte: in ranges read 4 at a time where
+    the server serves them, else in one stream. A partial copy exists only where it serves
+    them; an answer longer than the range asked is never written."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)  # many pieces from a small object
+    data = os.urandom(2**20 + 333)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a b.mp4").write_bytes(data)
+    work = tmp_path / "work"
+    work.mkdir()
+    with http_server(str(tmp_path / "www"), mode) as base:
+        url = f"{base}/a%20b.mp4"
+        fs, path = storage.resolve(url)
+        assert storage.serves_ranges(fs, path) == (mode == "ranges")
+        with storage.local_copy(url, str(work)) as p:
+            assert open(p, "rb").read() == data
+        with storage.range_copy(url, str(work)) as part:
+            if mode == "ranges":
+                part.fetch_ranges([(70_000, 200_000), (2**20, 1000)])
+                assert part.read(70_000, 200_000) == data[70_000:270_000]
+                assert part.read(2**20, 1000) == data[2**20:]
+                assert part.fetched == 200_000 + 333
+            else:
+                assert part is None
+        if mode == "whole":  # made by hand, as if the server had said it serves ranges
+            copy = str(work / "copy.mp4")
+            open(copy, "wb").close()
+            part = storage.RangeCopy(fs, path, len(data), copy)
+            with pytest.raises(OSError, match=f"the store sent {len(data)} bytes for a range of 1000: "
+                                              "it does not serve byte ranges"):
+                part.fetch(5000, 1000)
+            assert os.path.getsize(copy) == 0 and part.fetched == 0
+        with pytest.raises(FileNotFoundError):
+            with storage.local_copy(f"{base}/missing.mp4", str(work)):
+                pass
+    assert sorted(os.listdir(work)) == (["copy.mp4"] if mode == "whole" else [])
 
 
 def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
