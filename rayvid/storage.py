@@ -69,10 +69,13 @@ CREDENTIALS_HINT = (
 
 def describe(error: BaseException) -> str:
     """A one-line, credential-free description of an access error, with a hint when the
-    cause is missing or refused credentials."""
+    cause is missing or refused credentials: a store's refusal (s3fs's PermissionError,
+    which has no errno; botocore's credential errors), not an operating system's EACCES or
+    EPERM on a local file or from FFmpeg (those carry an errno), which no credential fixes."""
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     name = type(error).__name__
-    if isinstance(error, PermissionError) or "Credentials" in name or "AccessDenied" in text:
+    refused = isinstance(error, PermissionError) and error.errno is None
+    if refused or "Credentials" in name or "AccessDenied" in text:
         return f"{text} ({CREDENTIALS_HINT})"
     return text
 

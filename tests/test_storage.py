@@ -123,6 +123,28 @@ def test_http_copies_are_exact_whatever_the_server_does_with_byte_ranges(tmp_pat
     assert sorted(os.listdir(work)) == (["copy.mp4"] if mode == "whole" else [])
 
 
+def test_the_credentials_hint_is_for_a_stores_refusals_only(damaged):
+    """s3fs turns S3's AccessDenied into a PermissionError with no errno: the message says
+    to check credentials. The operating system's or FFmpeg's EACCES/EPERM (an errno) does
+    not: no credential fixes a local file's mode or a damaged index."""
+    import errno
+
+    import av
+    import s3fs
+    from botocore.exceptions import ClientError
+
+    denied = s3fs.errors.translate_boto_error(ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject"))
+    assert isinstance(denied, PermissionError)
+    assert storage.describe(denied) == f"Access Denied ({storage.CREDENTIALS_HINT})"
+    local = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/videos/a.mp4")  # as open() raises it
+    assert storage.describe(local) == "[Errno 13] Permission denied: '/data/videos/a.mp4'"
+    with av.open(damaged["key_frame_index_reversed.mp4"]) as c:  # FFmpeg cannot seek in it: EPERM
+        with pytest.raises(av.error.PermissionError) as seek:
+            c.seek(int(c.streams.video[0].duration // 2), stream=c.streams.video[0], backward=True)
+    assert isinstance(seek.value, PermissionError) and "check credentials" not in storage.describe(seek.value)
+
+
 def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     target = tmp_path / "d" / "f.parquet"
     storage.write_atomic(str(target), lambda f: f.write(b"abc"))
