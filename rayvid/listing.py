@@ -104,12 +104,14 @@ def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
 def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
     ext = os.path.splitext(path)[1].lower()
     where = storage.public_uri(input_url)
-    if ext == ".parquet":
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        if "video_uri" not in table.column_names:
-            raise InputError(f"manifest {where} has no video_uri column (has: {table.column_names})")
-        uris = table.column("video_uri").to_pylist()
+    if ext == ".parquet":  # read by ranges (the footer, then one column) where the store serves them
+        ranged = storage.serves_ranges(fs, path)
+        with (fs.open(path, "rb") if ranged else io.BytesIO(storage.read_bytes(input_url))) as f:
+            manifest = pq.ParquetFile(f)
+            names = manifest.schema_arrow.names
+            if "video_uri" not in names:
+                raise InputError(f"manifest {where} has no video_uri column (has: {names})")
+            uris = manifest.read(columns=["video_uri"]).column("video_uri").to_pylist()
     else:
         with fs.open(path, "rb") as f:
             text = f.read().decode("utf-8-sig")

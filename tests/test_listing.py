@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import upload_tree
+from helpers import HTTP_MODES, http_server, upload_tree
 from rayvid.errors import InputError
 from rayvid.listing import list_videos
 
@@ -56,6 +56,23 @@ def test_manifests(tree, tmp_path):
     rel = tree / "rel.txt"
     rel.write_text("b.mp4\nsub dir/deeper/x.WebM\n")
     assert list_videos(str(rel)).column("video_uri").to_pylist() == [f"{tree}/b.mp4", f"{tree}/sub dir/deeper/x.WebM"]
+
+
+@pytest.mark.parametrize("mode", HTTP_MODES)
+def test_manifests_over_http_whatever_the_server_does_with_byte_ranges(tree, mode):
+    """Manifests at http(s):// URLs list the same videos whether the server serves byte
+    ranges (a Parquet manifest is then read by its footer and one column) or not (read whole:
+    pyarrow's footer seek would fail); relative entries are relative to the manifest's URL."""
+    pq.write_table(pa.table({"size": [1, 2, 3], "video_uri": ["b.mp4", "sub dir/deeper/x.WebM", "b.mp4"]}),
+                   tree / "m.parquet")
+    (tree / "m.txt").write_text("# videos\nb.mp4\nsub%20dir/deeper/x.WebM\n")
+    pq.write_table(pa.table({"path": ["b.mp4"]}), tree / "bad.parquet")
+    with http_server(str(tree), mode) as base:
+        want = [f"{base}/b.mp4", f"{base}/sub dir/deeper/x.WebM"]
+        assert list_videos(f"{base}/m.parquet").column("video_uri").to_pylist() == want
+        assert list_videos(f"{base}/m.txt").column("video_uri").to_pylist() == [want[0], f"{base}/sub%20dir/deeper/x.WebM"]
+        with pytest.raises(InputError, match=r"has no video_uri column \(has: \['path'\]\)"):
+            list_videos(f"{base}/bad.parquet")
 
 
 def test_single_video_and_errors(tree, tmp_path):
