@@ -1,7 +1,8 @@
 """Decode stage: video URLs in, uint8 RGB frames at the model's input size out.
 
 Input columns:  `video_uri`, and from the planning stage (segments.py) `segment`,
-  `n_segments`, `start_s`, `end_s` (without them a row is the whole video).
+  `n_segments`, `start_s`, `end_s` (without them a row is the whole video) and
+  `source_uri` (where to read the video from when that is not video_uri: a presigned URL).
 Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `frame_index: int64`, `timestamp_s: float64`, `frame: uint8[H, W, 3]`, `n_frames: int64`,
   `error_stage: str`, `error_type: str`, `message: str`, the video's `decoder, codec:
@@ -954,19 +955,22 @@ class Decoder:
     def __call__(self, batch: dict) -> Iterator[dict]:
         n = len(batch["video_uri"])
         get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
-        for uri, seg, n_seg, start, end in zip(
+        for uri, seg, n_seg, start, end, source in zip(
             batch["video_uri"], get("segment", 0), get("n_segments", 1),
-            get("start_s", -math.inf), get("end_s", math.inf),
+            get("start_s", -math.inf), get("end_s", math.inf), get("source_uri", None),
         ):
-            yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end))
+            yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end),
+                                         str(source) if source else None)
 
     def decode_video(
         self, uri: str, segment: int = 0, n_segments: int = 1,
-        start_s: float = -math.inf, end_s: float = math.inf,
+        start_s: float = -math.inf, end_s: float = math.inf, source: Optional[str] = None,
     ) -> Iterator[dict]:
-        """Frames of one video, or of its frames with start_s <= pts time < end_s."""
+        """Frames of one video, or of its frames with start_s <= pts time < end_s. The rows
+        name it `uri`; it is read from `source` where that is given (a presigned URL, whose
+        signature never reaches a row)."""
         clip_len = int(self._reader_args.get("clip_len") or 0)
-        for batch in self._video(uri, segment, n_segments, start_s, end_s):
+        for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri):
             if clip_len and "clip_start_frame" not in batch:  # a terminal row, shaped like clip rows
                 n = len(batch["frame_index"])
                 batch["frame"] = np.zeros((n, clip_len, *self.size, 3), np.uint8)
@@ -974,9 +978,9 @@ class Decoder:
                                           np.full(n, math.nan), np.full(n, math.nan)))
             yield batch
 
-    def _video(self, uri, segment, n_segments, start_s, end_s) -> Iterator[dict]:
+    def _video(self, uri, segment, n_segments, start_s, end_s, source) -> Iterator[dict]:
         try:
-            with self._local(uri, n_segments, start_s, end_s) as (path, read), self._lock:
+            with self._local(source, n_segments, start_s, end_s) as (path, read), self._lock:
                 for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
                     if batch["kind"][0] == KIND_END:
                         batch["bytes_read"][0] = read.bytes()

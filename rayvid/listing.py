@@ -7,8 +7,10 @@ Input: INPUT, one of
     with a `video_uri` column;
   - a single video file.
 Output: an Arrow table with columns
-  `video_uri: string` (the URL as stored in the output; local files as absolute paths),
+  `video_uri: string` (the URL as stored in the output, `storage.stored_uri`: no user-info
+  or signing query parameters; local files as absolute paths),
   `size_bytes: int64` (-1 when unknown), `version: string` (etag or mtime when known),
+  `source_uri: string` (the URL to read, where it is not video_uri: a presigned URL; else null),
 sorted by `video_uri` so runs are deterministic.
 """
 
@@ -31,7 +33,8 @@ VIDEO_EXTENSIONS = frozenset(
 MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".parquet"})
 
 LISTING_SCHEMA = pa.schema(
-    [("video_uri", pa.string()), ("size_bytes", pa.int64()), ("version", pa.string())]
+    [("video_uri", pa.string()), ("size_bytes", pa.int64()), ("version", pa.string()),
+     ("source_uri", pa.string())]
 )
 
 
@@ -67,11 +70,14 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
 
 
 def _table(rows: list) -> pa.Table:
+    """(url, size, version) rows; a url that carries secrets is read from, never stored."""
+    stored = [storage.stored_uri(r[0]) for r in rows]
     return pa.table(
         {
-            "video_uri": [r[0] for r in rows],
+            "video_uri": stored,
             "size_bytes": [r[1] for r in rows],
             "version": [r[2] for r in rows],
+            "source_uri": [r[0] if r[0] != name else None for r, name in zip(rows, stored)],
         },
         schema=LISTING_SCHEMA,
     )
@@ -134,8 +140,8 @@ def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
         if "://" not in uri and not os.path.isabs(uri):
             uri = storage.join(base, uri)  # relative entries are relative to the manifest
         uri = storage.to_url(*storage.resolve(uri))
-        if uri in seen:
+        if storage.stored_uri(uri) in seen:  # the same object, signed again, is one video
             continue
-        seen.add(uri)
+        seen.add(storage.stored_uri(uri))
         rows.append((uri, -1, ""))
     return rows

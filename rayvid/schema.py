@@ -19,6 +19,7 @@ SEGMENTS_SCHEMA = pa.schema(
         ("n_segments", pa.int32()),
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
+        ("source_uri", pa.string()),  # where to read video_uri from, when that differs (a presigned URL)
     ]
 )
 

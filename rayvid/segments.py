@@ -1,9 +1,10 @@
 """Planning stage: video rows in, segment rows out, so one long video is decoded by many
 actors in parallel instead of holding one while the rest of the cluster idles.
 
-Input columns:  `video_uri` (and whatever the listing carries).
+Input columns:  `video_uri`, `source_uri` (optional: where to read it from, when that
+  differs; and whatever else the listing carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
-  `start_s: float64`, `end_s: float64`.
+  `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri).
 It runs before the decode pipeline: for up to `IN_DRIVER` videos in the driver's threads
 (starting tasks would cost more than the reads), else as Ray tasks that read headers (16
 at a time each, in threads: it is I/O), and the driver collects its small output: every segment then
@@ -65,14 +66,17 @@ def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
 
 def plan(batch: dict, segment_s: float) -> dict:
     """Ray Data `map_batches` function (tasks, I/O bound): one row per segment."""
-    uris, segs, counts, starts, ends = [], [], [], [], []
+    uris, segs, counts, starts, ends, sources = [], [], [], [], [], []
     videos = [str(u) for u in batch["video_uri"]]
+    read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        durations = list(pool.map(header_duration, videos)) if segment_s > 0 else [0.0] * len(videos)
-    for uri, duration in zip(videos, durations):
+        durations = (list(pool.map(header_duration, [s or u for s, u in zip(read_from, videos)]))
+                     if segment_s > 0 else [0.0] * len(videos))
+    for uri, source, duration in zip(videos, read_from, durations):
         parts = bounds(duration, segment_s)
         for k, (start, end) in enumerate(parts):
             uris.append(uri)
+            sources.append(source)
             segs.append(k)
             counts.append(len(parts))
             starts.append(start)
@@ -83,28 +87,32 @@ def plan(batch: dict, segment_s: float) -> dict:
         "n_segments": np.array(counts, dtype=np.int32),
         "start_s": np.array(starts, dtype=np.float64),
         "end_s": np.array(ends, dtype=np.float64),
+        "source_uri": np.array(sources, dtype=object),
     }
 
 
 def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> pa.Table:
     """Segment rows for every listed video (header probes in the driver's threads for up to
     `in_driver` videos, else in parallel Ray tasks)."""
+    if "source_uri" not in videos.column_names:
+        videos = videos.append_column("source_uri", pa.nulls(len(videos), pa.string()))
     if segment_s <= 0 or len(videos) == 0:
         n = len(videos)
         return pa.table(
             {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
              "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
-             "end_s": np.full(n, math.inf)},
+             "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri")},
             schema=SEGMENTS_SCHEMA,
         )
     if len(videos) <= in_driver:
-        rows = plan({"video_uri": videos.column("video_uri").to_numpy(zero_copy_only=False)}, segment_s)
+        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in ("video_uri", "source_uri")},
+                    segment_s)
         table = pa.table(rows).cast(SEGMENTS_SCHEMA)
         return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])
     import ray
 
     per_task = max(32, math.ceil(len(videos) / 1000))
-    blocks = [videos.slice(i, per_task).select(["video_uri"]) for i in range(0, len(videos), per_task)]
+    blocks = [videos.slice(i, per_task).select(["video_uri", "source_uri"]) for i in range(0, len(videos), per_task)]
     ds = ray.data.from_blocks(blocks).map_batches(
         plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
     )

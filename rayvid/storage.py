@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import tempfile
+import urllib.parse
 import uuid
 from typing import BinaryIO, Callable, Iterator, Optional
 
@@ -405,6 +406,29 @@ def redact(text: str) -> str:
     for value in _secret_values():
         text = text.replace(value, "***")
     return _AWS_KEY_ID.sub("***", text)
+
+
+_SIGNING = re.compile(r"x-amz-.*|x-goog-.*|awsaccesskeyid|googleaccessid|signature|sig|expires|policy"
+                      r"|key-pair-id|token|access_token", re.IGNORECASE)
+_SAS = frozenset("sv ss srt sp se st spr sr si sdd skoid sktid skt ske sks skv saoid suoid scid sip".split())
+
+
+def stored_uri(url: str) -> str:
+    """A video's name in every output and the key of its resume point: the URL without
+    user-info and without the query parameters that sign it (S3 and GCS presigned URLs:
+    X-Amz-*, X-Goog-*, AWSAccessKeyId, Signature, Expires; CloudFront: Policy, Key-Pair-Id;
+    an Azure SAS: sig and its companions; token, access_token), so no secret is written and
+    the same object signed again is the same video. Other query parameters stay, as they
+    were: they may name the object."""
+    url = _USERINFO.sub(r"\g<scheme>", url)
+    if "://" not in url or "?" not in url:
+        return url
+    base, _, query = url.split("#", 1)[0].partition("?")
+    pieces = [p for p in query.split("&") if p]
+    names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
+    sas = "sig" in names
+    kept = [p for p, name in zip(pieces, names) if not (_SIGNING.fullmatch(name) or (sas and name in _SAS))]
+    return base + ("?" + "&".join(kept) if kept else "")
 
 
 def public_uri(url: str) -> str:

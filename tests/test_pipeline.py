@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from helpers import frames_per_video, processes, pts_of, read_output, upload_tree
+from helpers import FAKE_KEY_ID, frames_per_video, http_server, processes, pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import InputError, ModelError, StorageError, StorageUnavailable
@@ -144,6 +144,45 @@ def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
     errors = read_output(out, "errors")
     assert sorted(errors.column("video_uri").to_pylist()) == [uri_of(str(corpus["dir"] / n)) for n in ("empty.mp4", "text.mp4")]
     assert s3fs_client.exists(out + "/runs/s3-1.json")
+
+
+def test_presigned_urls_are_read_but_their_signatures_never_written(ray_session, corpus, shapes_model, tmp_path):
+    """A manifest of presigned HTTPS-style URLs (served here by a real HTTP server on
+    127.0.0.1 that serves byte ranges): every video is read through its signed URL, the
+    output names it without the signature, nothing written holds the signature or the key
+    id, and the same manifest signed again is the same videos (the rerun skips them all)."""
+    import urllib.parse
+
+    import pyarrow.parquet as pq
+
+    names = sorted(os.path.relpath(p, corpus["dir"]) for p in [*corpus["truth"], corpus["dir"] / "empty.mp4",
+                                                                corpus["dir"] / "text.mp4"])
+    out = str(tmp_path / "out")
+    with http_server(str(corpus["dir"]), "ranges") as base:
+        def manifest(signature: str) -> str:
+            path = tmp_path / f"signed-{signature[:1]}.txt"
+            path.write_text("".join(
+                f"{base}/{urllib.parse.quote(n)}?id={k}&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential="
+                f"{FAKE_KEY_ID}%2F20261130%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20261130T000000Z"
+                f"&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature={signature}\n"
+                for k, n in enumerate(names)))
+            return str(path)
+
+        first = pipeline.run(_cfg(manifest("5ec7e75191a7" * 4), out, shapes_model["path"], run_id="signed-1"))
+        assert (first.videos_ok, first.videos_failed) == (3, 2)
+        stored = {n: f"{base}/{urllib.parse.quote(n)}?id={k}" for k, n in enumerate(names)}
+        _check_round_trip(read_output(out), corpus["truth"], lambda p: stored[os.path.relpath(p, corpus["dir"])])
+        assert sorted(read_output(out, "errors").column("video_uri").to_pylist()) == [stored["empty.mp4"],
+                                                                                     stored["text.mp4"]]
+        again = pipeline.run(_cfg(manifest("a9a1b7c3d2e0" * 4), out, shapes_model["path"], run_id="signed-2"))
+        assert (again.videos_listed, again.videos_skipped, again.frames) == (5, 5, 0)
+    for dirpath, _, files in os.walk(out):
+        for name in files:
+            data = open(os.path.join(dirpath, name), "rb").read()
+            assert not any(s in data for s in (b"5ec7e75191a7", b"a9a1b7c3d2e0", FAKE_KEY_ID.encode(), b"X-Amz")), name
+            if name.endswith(".parquet"):
+                for col in pq.read_table(os.path.join(dirpath, name)).columns:
+                    assert not any("X-Amz" in str(v) or FAKE_KEY_ID in str(v) for v in col.to_pylist()), name
 
 
 def test_sampling_every_and_fps(ray_session, media, shapes_model, tmp_path):

@@ -166,6 +166,22 @@ def test_redact_removes_credentials(s3_endpoint):
         assert secret not in out
     assert "https://bucket.s3.amazonaws.com/k.mp4?<redacted>" in out
     assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
+
+
+def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
+    s3 = ("https://b.s3.amazonaws.com/k%20a.mp4?versionId=3&X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+          f"X-Amz-Credential={FAKE_KEY_ID}%2F20261130&X-Amz-Signature=abc&x-amz-security-token=T")
+    assert storage.stored_uri(s3) == "https://b.s3.amazonaws.com/k%20a.mp4?versionId=3"
+    assert storage.stored_uri("https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=A&Expires=1&Signature=S") == \
+        "https://b.s3.amazonaws.com/k.mp4"
+    assert storage.stored_uri("https://storage.googleapis.com/b/k.mp4?X-Goog-Signature=S&X-Goog-Credential=C") == \
+        "https://storage.googleapis.com/b/k.mp4"
+    sas = "https://a.blob.core.windows.net/c/k.mp4?sv=2024&sp=r&se=2026-12-01&sr=b&sig=S%3D"
+    assert storage.stored_uri(sas) == "https://a.blob.core.windows.net/c/k.mp4"
+    assert storage.stored_uri("https://cdn/k.mp4?Policy=P&Key-Pair-Id=K&Signature=S") == "https://cdn/k.mp4"
+    assert storage.stored_uri("https://user:pw@host/v?id=7&sp=2&token=t#frag") == "https://host/v?id=7&sp=2"
+    for kept in ("https://host/get?id=7&st=10", "s3://b/k.mp4", "/local/a?sig=1.mp4", "gs://b/x y.mkv"):
+        assert storage.stored_uri(kept) == kept
     assert storage.public_uri("/local/a?b.mp4") == "/local/a?b.mp4"
 
 
