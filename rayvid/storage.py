@@ -418,11 +418,11 @@ def stored_uri(url: str) -> str:
     user-info and without the query parameters that sign it (S3 and GCS presigned URLs:
     X-Amz-*, X-Goog-*, AWSAccessKeyId, Signature, Expires; CloudFront: Policy, Key-Pair-Id;
     an Azure SAS: sig and its companions; token, access_token), so no secret is written and
-    the same object signed again is the same video. Other query parameters stay, as they
-    were: they may name the object."""
+    the same object signed again is the same video. Other query parameters of an HTTP(S)
+    URL stay, as they were: they may name the object."""
     url = _USERINFO.sub(r"\g<scheme>", url)
-    if "://" not in url or "?" not in url:
-        return url
+    if not url.lower().startswith(("http://", "https://")) or "?" not in url:
+        return url  # elsewhere a "?" is part of the key
     base, _, query = url.split("#", 1)[0].partition("?")
     pieces = [p for p in query.split("&") if p]
     names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
@@ -432,7 +432,7 @@ def stored_uri(url: str) -> str:
 
 
 def public_uri(url: str) -> str:
-    """The URL as it may be shown and stored: no user-info, no query string or fragment."""
+    """The URL as it may be shown in a message: no user-info, no query string or fragment."""
     url = _USERINFO.sub(r"\g<scheme>", url)
     if "://" in url:
         url = url.split("?", 1)[0].split("#", 1)[0]
