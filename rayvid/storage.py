@@ -44,7 +44,18 @@ ACCESS_ERRORS = _access_errors()
 
 def is_unavailable(error: BaseException) -> bool:
     """True when the store itself is unreachable (after the client's bounded retries), as
-    opposed to one object being missing or forbidden."""
+    opposed to one object being missing or forbidden. fsspec's HTTP filesystem reports a
+    server it cannot reach, or one that answers 502/503/504, as FileNotFoundError: its
+    cause says which."""
+    seen = 0
+    while error is not None and seen < 8:
+        if _unreachable(error):
+            return True
+        error, seen = error.__cause__, seen + 1
+    return False
+
+
+def _unreachable(error: BaseException) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     try:
@@ -57,15 +68,11 @@ def is_unavailable(error: BaseException) -> bool:
     try:
         import aiohttp
 
+        if isinstance(error, aiohttp.ClientResponseError):
+            return error.status in (502, 503, 504)
         return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
     except ImportError:
         return False
-
-
-CREDENTIALS_HINT = (
-    "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the "
-    "instance role / service account"
-)
 
 
 def describe(error: BaseException) -> str:

@@ -57,8 +57,8 @@ def http_server(root: str, mode: str):
     `mode` is what it does with a byte-range request (`Range: bytes=a-b`): "ranges" answers
     206 with those bytes (object stores, nginx, CDNs); "whole" sends the whole file, as
     Python's http.server does; "no-length" sends the whole file and no Content-Length
-    (a streamed response)."""
-    assert mode in HTTP_MODES
+    (a streamed response); "unavailable" answers everything 503 Service Unavailable."""
+    assert mode in HTTP_MODES + ("unavailable",)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -68,6 +68,9 @@ def http_server(root: str, mode: str):
             self._serve(body=True)
 
         def _serve(self, body: bool) -> None:
+            if mode == "unavailable":
+                self.send_error(503)
+                return
             path = os.path.join(root, urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/"))
             if not os.path.isfile(path):
                 self.send_error(404)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import framecode
-from helpers import pts_of
+from helpers import http_server, pts_of
 from rayvid import samples
 from rayvid.decode import Decoder, FrameReader, sample_indices
 from rayvid.schema import KIND_END, KIND_FRAME
@@ -134,6 +135,29 @@ def test_bad_files_become_one_error_row(tmp_path, name, content, stage, message)
 def test_missing_file_is_a_read_error(tmp_path):
     frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(tmp_path / "gone.mp4")))
     assert frames == [] and ends[0]["error_stage"] == "read" and ends[0]["error_type"] == "NotFound"
+
+
+def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(media, tmp_path):
+    """A video missing from a live HTTP server is one read error row; a server that refuses
+    connections or answers 503 is StorageUnavailable (the run stops, and says so, rather
+    than marking every video failed), its message free of the URL's signature."""
+    from rayvid.errors import StorageUnavailable
+
+    src = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    signed = "?X-Amz-Signature=5ec7e75191a7"
+    dec = Decoder(size=(32, 32))
+    with http_server(os.path.dirname(src), "ranges") as base:
+        frames, ends = _rows(dec.decode_video(f"{base}/missing.mp4", source=f"{base}/missing.mp4{signed}"))
+        assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "NotFound")
+        assert "5ec7e75191a7" not in ends[0]["message"]
+        frames, ends = _rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
+        assert len(frames) == 30 and ends[0]["error_type"] == ""
+    for mode in ("down", "unavailable"):
+        stopped = contextlib.nullcontext(base)  # nothing listens there now
+        with (http_server(os.path.dirname(src), mode) if mode != "down" else stopped) as where:
+            with pytest.raises(StorageUnavailable, match=f"storage unreachable reading {where}/a_clip.mp4: ") as e:
+                list(dec.decode_video(f"{where}/a_clip.mp4", source=f"{where}/a_clip.mp4{signed}"))
+            assert "5ec7e75191a7" not in str(e.value)
 
 
 def test_truncated_file_never_crashes(media, tmp_path):

@@ -145,6 +145,25 @@ def test_the_credentials_hint_is_for_a_stores_refusals_only(damaged):
     assert isinstance(seek.value, PermissionError) and "check credentials" not in storage.describe(seek.value)
 
 
+def test_an_http_server_down_or_overloaded_is_unavailable_a_missing_file_is_not(tmp_path):
+    """fsspec reports all three as FileNotFoundError; its cause tells a store that is down
+    (connection refused, 503) from an object that is not there (404)."""
+    (tmp_path / "a.mp4").write_bytes(b"x" * 10)
+
+    def error_of(url):
+        fs, path = storage.resolve(url)
+        with pytest.raises(FileNotFoundError) as e:
+            fs.size(path)
+        return e.value
+
+    with http_server(str(tmp_path), "ranges") as base:
+        assert not storage.is_unavailable(error_of(f"{base}/missing.mp4"))
+    assert storage.is_unavailable(error_of(f"{base}/a.mp4"))  # stopped: connection refused
+    with http_server(str(tmp_path), "unavailable") as base:
+        assert storage.is_unavailable(error_of(f"{base}/a.mp4"))
+    assert not storage.is_unavailable(FileNotFoundError("s3://b/k.mp4"))
+
+
 def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     target = tmp_path / "d" / "f.parquet"
     storage.write_atomic(str(target), lambda f: f.write(b"abc"))
