@@ -75,6 +75,12 @@ def _unreachable(error: BaseException) -> bool:
         return False
 
 
+CREDENTIALS_HINT = (
+    "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the "
+    "instance role / service account"
+)
+
+
 def describe(error: BaseException) -> str:
     """A one-line, credential-free description of an access error, with a hint when the
     cause is missing or refused credentials: a store's refusal (s3fs's PermissionError,
