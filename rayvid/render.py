@@ -1,7 +1,8 @@
 """`rayvid render VIDEO_URI OUTPUT out.mp4`: the video with its predictions drawn on it.
 
 Input: one video (any URL) and the OUTPUT a run wrote for it (its rows are looked up by
-`video_uri`, exactly as the run listed it). Output: an H.264 MP4 (any URL) at the source's
+`video_uri`, as the run stored it: `storage.stored_uri`, so a presigned URL signed again
+finds its video's rows and is read as given). Output: an H.264 MP4 (any URL) at the source's
 size and frame rate, every frame showing, top left, the top-k labels of the prediction in
 force (the frame's own row; with sparse sampling, the last sampled frame before it): a
 swatch in the label's colour (`report.colours` over the video's labels), the label and
@@ -55,7 +56,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
     import av
     from PIL import ImageFont
 
-    preds = query.read(output, video=video_uri)
+    preds = query.read(output, video=storage.stored_uri(video_uri))
     if len(preds) == 0:
         raise InputError(f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)} "
                          f"(`rayvid summary OUTPUT` lists its videos)")

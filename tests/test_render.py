@@ -6,7 +6,7 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
-from helpers import write_output
+from helpers import http_server, write_output
 
 from rayvid import cli, render, report, samples
 
@@ -39,6 +39,22 @@ def test_render_overlays_the_prediction_of_each_frame(tmp_path, every):
         assert nearest == shown, f"frame {i}: swatch {got} looks like {nearest}, expected {shown}"
         assert np.abs(np.array(palette[shown]) - got).max() < 40, (i, got, palette[shown])
         assert np.abs(np.array(palette["zz_other"]) - _swatch(img, 1)).max() < 40  # the second row
+
+
+def test_render_reads_a_presigned_url_and_finds_its_videos_rows(tmp_path, capsys):
+    """The run stored the video without its signature; rendering it again through a
+    freshly signed URL finds those rows and reads the video through the URL as given."""
+    video = str(tmp_path / "v.mp4")
+    truth = samples.make_video(video, 1.0, seed=4)
+    out, dest = str(tmp_path / "out"), str(tmp_path / "rendered.mp4")
+    with http_server(str(tmp_path), "ranges") as base:
+        write_output(out, {f"{base}/v.mp4?id=3": [(label, 0.9) for label in truth]}, fps=samples.FPS)
+        signed = f"{base}/v.mp4?id=3&X-Amz-Credential=AKIAFAKE%2F20261130&X-Amz-Signature=5ec7e75191a7"
+        assert cli.main(["render", signed, out, dest]) == 0
+        assert cli.main(["render", signed.replace("id=3", "id=4"), out, dest]) == 2  # another object
+    assert "5ec7e75191a7" not in capsys.readouterr().err
+    with av.open(dest) as c:
+        assert sum(1 for _ in c.decode(video=0)) == len(truth)
 
 
 def test_render_of_a_video_without_predictions_is_a_clear_error(tmp_path, capsys):
