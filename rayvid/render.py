@@ -56,7 +56,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
     import av
     from PIL import ImageFont
 
-    preds = query.read(output, video=storage.stored_uri(video_uri))
+    preds = query.read(output, video=video_uri)
     if len(preds) == 0:
         raise InputError(f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)} "
                          f"(`rayvid summary OUTPUT` lists its videos)")

@@ -141,8 +141,8 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def canonical(url: str) -> str:
-    """A URL as the listing writes it into video_uri (local paths absolute)."""
-    return to_url(*resolve(url))
+    """A URL as the listing writes it into video_uri (local paths absolute; `stored_uri`)."""
+    return stored_uri(to_url(*resolve(url)))
 
 
 def join(url: str, *parts: str) -> str:
