@@ -1007,23 +1007,23 @@ class Decoder:
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
                 and storage.is_remote(uri)):
             with storage.range_copy(uri, self._tmpdir) as part:
-                counted = 0
+                if part is not None:  # else the store cannot serve ranges of it: a whole copy
+                    counted = 0
 
-                def count() -> None:  # bytes_fetched as it grows: the index and the plan, then the rest
-                    nonlocal counted
-                    with self._count:
-                        self.bytes_fetched += part.fetched - counted
-                    counted = part.fetched
+                    def count() -> None:  # bytes_fetched as it grows: the index and the plan, then the rest
+                        nonlocal counted
+                        with self._count:
+                            self.bytes_fetched += part.fetched - counted
+                        counted = part.fetched
 
-                try:
-                    if part is not None and index_only(part):
-                        count()
-                        self._fetch_ahead(part, start_s, end_s)
-                        count()
-                        yield part.path, _Read(part)
-                        return
-                finally:
-                    if part is not None:
+                    try:
+                        if index_only(part):
+                            count()
+                            self._fetch_ahead(part, start_s, end_s)
+                            count()
+                            yield part.path, _Read(part)
+                            return
+                    finally:
                         count()
         with storage.local_copy(uri, self._tmpdir) as path:
             copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0

@@ -140,8 +140,9 @@ def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
         if "://" not in uri and not os.path.isabs(uri):
             uri = storage.join(base, uri)  # relative entries are relative to the manifest
         uri = storage.to_url(*storage.resolve(uri))
-        if storage.stored_uri(uri) in seen:  # the same object, signed again, is one video
+        name = storage.stored_uri(uri)
+        if name in seen:  # the same object, signed again, is one video
             continue
-        seen.add(storage.stored_uri(uri))
+        seen.add(name)
         rows.append((uri, -1, ""))
     return rows

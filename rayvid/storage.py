@@ -163,15 +163,14 @@ def local_copy(url: str, tmpdir: str) -> Iterator[str]:
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    size = fs.size(path)
-    if size is None or not serves_ranges(fs, path, int(size)):  # some HTTP servers: one stream
-        with _temp_file(path, tmpdir) as tmp:
-            fs.get_file(path, tmp)
-            yield tmp
-        return
-    with _sparse_copy(fs, path, int(size), tmpdir) as part:
-        part.fetch(0, part.size)  # several ranges in flight
-        yield part.path
+    with range_copy(url, tmpdir) as part:
+        if part is not None:
+            part.fetch(0, part.size)  # several ranges in flight
+            yield part.path
+            return
+    with _temp_file(path, tmpdir) as tmp:  # a store that cannot serve ranges (some HTTP servers): one stream
+        fs.get_file(path, tmp)
+        yield tmp
 
 
 def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] = None) -> bool:
@@ -300,15 +299,9 @@ def range_copy(url: str, tmpdir: str) -> Iterator[Optional[RangeCopy]]:
     if size is None or not serves_ranges(fs, path, int(size)):
         yield None
         return
-    with _sparse_copy(fs, path, int(size), tmpdir) as part:
-        yield part
-
-
-@contextlib.contextmanager
-def _sparse_copy(fs, path: str, size: int, tmpdir: str) -> Iterator[RangeCopy]:
     with _temp_file(path, tmpdir) as tmp:
-        os.truncate(tmp, size)  # a hole: takes no disk until written
-        yield RangeCopy(fs, path, size, tmp)
+        os.truncate(tmp, int(size))  # a hole: takes no disk until written
+        yield RangeCopy(fs, path, int(size), tmp)
 
 
 def is_remote(url: str) -> bool:
