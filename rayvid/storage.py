@@ -35,6 +35,12 @@ def _access_errors() -> tuple[type[BaseException], ...]:
         errors += [BotoCoreError, ClientError]
     except ImportError:  # no S3 support installed
         pass
+    try:
+        from aiohttp import ClientError as HttpError  # fsspec's HTTP filesystem: an error status on a read
+
+        errors.append(HttpError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

@@ -57,8 +57,9 @@ def http_server(root: str, mode: str):
     `mode` is what it does with a byte-range request (`Range: bytes=a-b`): "ranges" answers
     206 with those bytes (object stores, nginx, CDNs); "whole" sends the whole file, as
     Python's http.server does; "no-length" sends the whole file and no Content-Length
-    (a streamed response); "unavailable" answers everything 503 Service Unavailable."""
-    assert mode in HTTP_MODES + ("unavailable",)
+    (a streamed response); "unavailable" answers everything 503 Service Unavailable;
+    "range-errors" serves ranges on HEAD and plain GETs but answers a range request 500."""
+    assert mode in HTTP_MODES + ("unavailable", "range-errors")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -68,8 +69,8 @@ def http_server(root: str, mode: str):
             self._serve(body=True)
 
         def _serve(self, body: bool) -> None:
-            if mode == "unavailable":
-                self.send_error(503)
+            if mode == "unavailable" or (mode == "range-errors" and body and "Range" in self.headers):
+                self.send_error(503 if mode == "unavailable" else 500)
                 return
             path = os.path.join(root, urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/"))
             if not os.path.isfile(path):
@@ -90,7 +91,7 @@ def http_server(root: str, mode: str):
                 data = data[lo:hi]
             else:
                 self.send_response(200)
-            if mode == "ranges":
+            if mode in ("ranges", "range-errors"):
                 self.send_header("Accept-Ranges", "bytes")
             if mode != "no-length":
                 self.send_header("Content-Length", str(len(data)))

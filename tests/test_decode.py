@@ -138,7 +138,8 @@ def test_missing_file_is_a_read_error(tmp_path):
 
 
 def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(media, tmp_path):
-    """A video missing from a live HTTP server is one read error row; a server that refuses
+    """A video missing from a live HTTP server is one read error row, as is one whose byte
+    ranges the server answers with an error status; a server that refuses
     connections or answers 503 is StorageUnavailable (the run stops, and says so, rather
     than marking every video failed), its message free of the URL's signature."""
     from rayvid.errors import StorageUnavailable
@@ -152,6 +153,11 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
         assert "5ec7e75191a7" not in ends[0]["message"]
         frames, ends = _rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert len(frames) == 30 and ends[0]["error_type"] == ""
+    with http_server(os.path.dirname(src), "range-errors") as base:  # an error status on a read: that video's row
+        frames, ends = _rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
+        assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "ClientResponseError")
+        assert ends[0]["message"].startswith("500, message='Internal Server Error'")
+        assert "5ec7e75191a7" not in ends[0]["message"]
     for mode in ("down", "unavailable"):
         stopped = contextlib.nullcontext(base)  # nothing listens there now
         with (http_server(os.path.dirname(src), mode) if mode != "down" else stopped) as where:
