@@ -56,7 +56,8 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
         table = _walk(input_url)
     else:
         if os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
-            rows = _manifest(fs, path, input_url)
+            with storage.access(input_url, "read manifest", InputError):
+                rows = _manifest(fs, path, input_url)
         elif is_video(path):
             rows = [_row(fs, path, info)]
         else:

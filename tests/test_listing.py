@@ -75,6 +75,15 @@ def test_manifests_over_http_whatever_the_server_does_with_byte_ranges(tree, mod
             list_videos(f"{base}/bad.parquet")
 
 
+def test_a_manifest_that_fails_part_way_is_a_clear_error(tree):
+    """The manifest is found, then reading its body fails (an HTTP error status on the
+    read): InputError naming it, not a traceback."""
+    (tree / "m.txt").write_text("b.mp4\n")
+    with http_server(str(tree), "range-errors") as base:
+        with pytest.raises(InputError, match=f"cannot read manifest {base}/m.txt: 500, message='Internal Server Error'"):
+            list_videos(f"{base}/m.txt")
+
+
 def test_single_video_and_errors(tree, tmp_path):
     assert list_videos(f"{tree}/b.mp4").column("video_uri").to_pylist() == [f"{tree}/b.mp4"]
     with pytest.raises(InputError, match="input not found"):
