@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -955,22 +955,28 @@ class Decoder:
     def __call__(self, batch: dict) -> Iterator[dict]:
         n = len(batch["video_uri"])
         get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
-        for uri, seg, n_seg, start, end, source in zip(
+        for uri, seg, n_seg, start, end, source, version in zip(
             batch["video_uri"], get("segment", 0), get("n_segments", 1),
-            get("start_s", -math.inf), get("end_s", math.inf), get("source_uri", None),
+            get("start_s", -math.inf), get("end_s", math.inf), get("source_uri", None), get("version", ""),
         ):
             yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end),
-                                         str(source) if source else None)
+                                         str(source) if source else None, str(version or ""))
 
     def decode_video(
         self, uri: str, segment: int = 0, n_segments: int = 1,
         start_s: float = -math.inf, end_s: float = math.inf, source: Optional[str] = None,
+        version: str = "",
     ) -> Iterator[dict]:
         """Frames of one video, or of its frames with start_s <= pts time < end_s. The rows
         name it `uri`; it is read from `source` where that is given (a presigned URL, whose
-        signature never reaches a row)."""
+        signature never reaches a row). Every byte comes from one version of the object:
+        `version` as listed (ETag or mtime; "": the one there when the read begins). If the
+        object is another, or is replaced before the segment is read (its ranges are
+        separate reads), the terminal row says so (`storage.ObjectChanged`, stage "read";
+        the frames before are kept, as after any error): the videos table records the
+        listed version, so the next run decodes the new one."""
         clip_len = int(self._reader_args.get("clip_len") or 0)
-        for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri):
+        for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri, version):
             if clip_len and "clip_start_frame" not in batch:  # a terminal row, shaped like clip rows
                 n = len(batch["frame_index"])
                 batch["frame"] = np.zeros((n, clip_len, *self.size, 3), np.uint8)
@@ -978,12 +984,15 @@ class Decoder:
                                           np.full(n, math.nan), np.full(n, math.nan)))
             yield batch
 
-    def _video(self, uri, segment, n_segments, start_s, end_s, source) -> Iterator[dict]:
+    def _video(self, uri, segment, n_segments, start_s, end_s, source, version) -> Iterator[dict]:
         try:
-            with self._local(source, n_segments, start_s, end_s) as (path, read), self._lock:
+            with self._local(source, n_segments, start_s, end_s, version) as (path, read), self._lock:
                 for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
                     if batch["kind"][0] == KIND_END:
                         batch["bytes_read"][0] = read.bytes()
+                        changed = read.changed()
+                        if changed is not None:
+                            _failed(batch, changed, "read", self._tmpdir)
                     yield batch
         except storage.ACCESS_ERRORS as e:
             if storage.is_unavailable(e):  # the store is down, not this video: stop the run
@@ -992,7 +1001,7 @@ class Decoder:
             yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
 
     @contextlib.contextmanager
-    def _local(self, uri: str, n_segments: int, start_s: float, end_s: float):
+    def _local(self, uri: str, n_segments: int, start_s: float, end_s: float, version: str = ""):
         """(local path, `_Read`) of a video, fetched before the decode child is taken. A
         segment of a remote MP4/MOV cut into several, or sampled sparsely (--every, --fps,
         --keyframes), gets a partial copy: its index, then the bytes its frames need, so the
@@ -1006,7 +1015,7 @@ class Decoder:
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
                 and storage.is_remote(uri)):
-            with storage.range_copy(uri, self._tmpdir) as part:
+            with storage.range_copy(uri, self._tmpdir, version) as part:
                 if part is not None:  # else the store cannot serve ranges of it: a whole copy
                     counted = 0
 
@@ -1021,15 +1030,18 @@ class Decoder:
                             count()
                             self._fetch_ahead(part, start_s, end_s)
                             count()
-                            yield part.path, _Read(part)
+                            yield part.path, _Read(part, check=part.verify)
                             return
                     finally:
                         count()
-        with storage.local_copy(uri, self._tmpdir) as path:
+        # a local file is read in place: its version is checked before and after; a copy is
+        # checked by local_copy (before and after copying), and is then what is decoded
+        with storage.local_copy(uri, self._tmpdir, version) as path:
             copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0
+            check = None if copied else storage.pin(uri, version)
             with self._count:
                 self.bytes_fetched += copied
-            yield path, _Read(None, copied)
+            yield path, _Read(None, copied, check)
 
     def _fetch_ahead(self, part: storage.RangeCopy, start_s: float, end_s: float) -> None:
         """Fetches the ranges the planner says decoding this segment of the partial copy
@@ -1080,9 +1092,23 @@ class _Read:
 
     part: Optional[storage.RangeCopy] = None
     copied: int = 0
+    check: Optional[Callable[[], None]] = None  # raises storage.ObjectChanged if it changed
 
     def bytes(self) -> int:
         return self.part.fetched if self.part is not None else self.copied
+
+    def changed(self) -> Optional[BaseException]:
+        """Why the segment's bytes may not all be the version it began with (the object
+        changed or went, or cannot be asked), or None. A store outage raises."""
+        if self.check is None:
+            return None
+        try:
+            self.check()
+        except storage.ACCESS_ERRORS as e:
+            if storage.is_unavailable(e):
+                raise
+            return e
+        return None
 
 
 class DecoderCrash(Exception):
@@ -1367,6 +1393,19 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
         "reused_from": np.array([-1], dtype=np.int64),
         "bytes_read": np.zeros(1, dtype=np.int64),
     }
+
+
+def _failed(end: dict, error: BaseException, stage: str, tmpdir: str) -> None:
+    """Mark a terminal row (`end_row`) as failed with `error`, keeping its frame count; an
+    error it already had stays in its message."""
+    had = str(end["message"][0])
+    message = storage.describe(error).replace(tmpdir, "<tmp>") if tmpdir else storage.describe(error)
+    if had:
+        message += f"; before that: {had}"
+    elif end["n_frames"][0]:
+        message += f" ({end['n_frames'][0]} decoded frames kept)"
+    end["error_stage"][0], end["error_type"][0] = stage, _error_type(error)
+    end["message"][0] = message
 
 
 def _decoder_label(state: dict) -> str:

@@ -100,12 +100,7 @@ def _walk(url: str) -> pa.Table:
 
 def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
     size = info.get("size")
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-    return (
-        storage.to_url(fs, path),
-        int(size) if size is not None else -1,
-        str(version).strip('"') if version is not None else "",
-    )
+    return (storage.to_url(fs, path), int(size) if size is not None else -1, storage.version_of(info))
 
 
 def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:

@@ -20,6 +20,7 @@ SEGMENTS_SCHEMA = pa.schema(
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
         ("source_uri", pa.string()),  # where to read video_uri from, when that differs (a presigned URL)
+        ("version", pa.string()),  # as listed: the decoder reads that version or reports it changed
     ]
 )
 

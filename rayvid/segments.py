@@ -2,9 +2,11 @@
 actors in parallel instead of holding one while the rest of the cluster idles.
 
 Input columns:  `video_uri`, `source_uri` (optional: where to read it from, when that
-  differs; and whatever else the listing carries).
+  differs), `version` (optional: ETag or mtime as listed; and whatever else the listing
+  carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
-  `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri).
+  `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri),
+  `version: str` (as listed, "" when unknown: every segment must read that version).
 It runs before the decode pipeline: for up to `IN_DRIVER` videos in the driver's threads
 (starting tasks would cost more than the reads), else as Ray tasks that read headers (16
 at a time each, in threads: it is I/O), and the driver collects its small output: every segment then
@@ -66,17 +68,19 @@ def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
 
 def plan(batch: dict, segment_s: float) -> dict:
     """Ray Data `map_batches` function (tasks, I/O bound): one row per segment."""
-    uris, segs, counts, starts, ends, sources = [], [], [], [], [], []
+    uris, segs, counts, starts, ends, sources, versions = [], [], [], [], [], [], []
     videos = [str(u) for u in batch["video_uri"]]
     read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
+    listed = [v or "" for v in batch["version"]] if "version" in batch else [""] * len(videos)
     with ThreadPoolExecutor(max_workers=16) as pool:
         durations = (list(pool.map(header_duration, [s or u for s, u in zip(read_from, videos)]))
                      if segment_s > 0 else [0.0] * len(videos))
-    for uri, source, duration in zip(videos, read_from, durations):
+    for uri, source, version, duration in zip(videos, read_from, listed, durations):
         parts = bounds(duration, segment_s)
         for k, (start, end) in enumerate(parts):
             uris.append(uri)
             sources.append(source)
+            versions.append(version)
             segs.append(k)
             counts.append(len(parts))
             starts.append(start)
@@ -88,6 +92,7 @@ def plan(batch: dict, segment_s: float) -> dict:
         "start_s": np.array(starts, dtype=np.float64),
         "end_s": np.array(ends, dtype=np.float64),
         "source_uri": np.array(sources, dtype=object),
+        "version": np.array(versions, dtype=object),
     }
 
 
@@ -96,23 +101,27 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
     `in_driver` videos, else in parallel Ray tasks)."""
     if "source_uri" not in videos.column_names:
         videos = videos.append_column("source_uri", pa.nulls(len(videos), pa.string()))
+    if "version" not in videos.column_names:
+        videos = videos.append_column("version", pa.array([""] * len(videos), pa.string()))
     if segment_s <= 0 or len(videos) == 0:
         n = len(videos)
         return pa.table(
             {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
              "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
-             "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri")},
+             "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri"),
+             "version": videos.column("version")},
             schema=SEGMENTS_SCHEMA,
         )
     if len(videos) <= in_driver:
-        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in ("video_uri", "source_uri")},
+        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in ("video_uri", "source_uri", "version")},
                     segment_s)
         table = pa.table(rows).cast(SEGMENTS_SCHEMA)
         return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])
     import ray
 
     per_task = max(32, math.ceil(len(videos) / 1000))
-    blocks = [videos.slice(i, per_task).select(["video_uri", "source_uri"]) for i in range(0, len(videos), per_task)]
+    blocks = [videos.slice(i, per_task).select(["video_uri", "source_uri", "version"])
+              for i in range(0, len(videos), per_task)]
     ds = ray.data.from_blocks(blocks).map_batches(
         plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
     )

@@ -160,23 +160,79 @@ def join(url: str, *parts: str) -> str:
 
 
 @contextlib.contextmanager
-def local_copy(url: str, tmpdir: str) -> Iterator[str]:
+def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
     """Yield a local path holding the object's bytes; remote objects are copied to a temp
-    file (a few ranges in memory at a time, `RangeCopy`) that is deleted afterwards."""
+    file (a few ranges in memory at a time, `RangeCopy`) that is deleted afterwards. A
+    copy is of one version (`version`, as listed, else the one there when it began):
+    `ObjectChanged` if the object is another, or was replaced while it was copied."""
     fs, path = resolve(url)
     if is_local(fs):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    with range_copy(url, tmpdir) as part:
+    with range_copy(url, tmpdir, version) as part:
         if part is not None:
             part.fetch(0, part.size)  # several ranges in flight
+            part.verify()
             yield part.path
             return
+    info = fs.info(path)
+    expected = _expect(version, info)
     with _temp_file(path, tmpdir) as tmp:  # a store that cannot serve ranges (some HTTP servers): one stream
         fs.get_file(path, tmp)
+        check_version(fs, path, expected)
         yield tmp
+
+
+class ObjectChanged(OSError):
+    """The object is not the version listed, or was replaced while it was read: its frames
+    would come from another video, or from two. That video's error row; a rerun over a
+    listing (which has the new version) redoes it, one over a manifest with --retry-failed."""
+
+
+def version_of(info: dict) -> str:
+    """What names one version of an object's content in fsspec's `info`: its ETag, else its
+    modification time ("" when the store tells neither)."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "Last-Modified"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return ""
+
+
+def check_version(fs: fsspec.AbstractFileSystem, path: str, expected: str) -> None:
+    """Raise `ObjectChanged` unless the object is still at version `expected` ("": not known,
+    nothing to check). Asks the store afresh, never a listing cache."""
+    if not expected:
+        return
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    try:
+        now = version_of(fs.info(path))
+    except FileNotFoundError as e:
+        if is_unavailable(e):
+            raise
+        raise ObjectChanged("the object was deleted while it was read") from None
+    if now and now != expected:
+        raise ObjectChanged(f"the object changed while it was read (version {expected}, now {now})")
+
+
+def pin(url: str, version: str = "") -> Callable[[], None]:
+    """For reading an object in place (a local file): `ObjectChanged` now unless it is at
+    `version` (as listed; "": any), and a function that raises it later unless the object
+    is still at the version it is now."""
+    fs, path = resolve(url)
+    expected = _expect(version, fs.info(path))
+    return lambda: check_version(fs, path, expected)
+
+
+def _expect(listed: str, info: dict) -> str:
+    """The version a read must see: the listed one, which `info` (the store's answer now)
+    must still be, else the one there now."""
+    now = version_of(info)
+    if listed and now and now != listed:
+        raise ObjectChanged(f"the object changed after it was listed (version {listed}, now {now})")
+    return listed or now
 
 
 def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] = None) -> bool:
@@ -231,8 +287,9 @@ class RangeCopy:
     CHUNK = 8 * 2**20
     READS_IN_FLIGHT = 4
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str, version: str = ""):
         self.fs, self.remote, self.size, self.path = fs, remote, int(size), path
+        self.version = version  # the object's version its ranges must come from ("": unknown)
         self.fetched = 0  # bytes read from the store
         self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
 
@@ -259,6 +316,11 @@ class RangeCopy:
                     if len(data) < hi - lo:
                         raise OSError(f"the object ended at byte {lo + len(data)} of {self.size}")
                     self._add(lo, hi)
+
+    def verify(self) -> None:
+        """`ObjectChanged` if the object is no longer the version the copy began with (its
+        ranges are separate reads: a replaced object would have mixed two versions)."""
+        check_version(self.fs, self.remote, self.version)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the object, fetched first if they are not here yet."""
@@ -295,19 +357,22 @@ def _merged(ranges: list) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def range_copy(url: str, tmpdir: str) -> Iterator[Optional[RangeCopy]]:
+def range_copy(url: str, tmpdir: str, version: str = "") -> Iterator[Optional[RangeCopy]]:
     """A `RangeCopy` of an object in `tmpdir` (named like `local_copy`'s), deleted
     afterwards: for reading the parts of a large object that one task needs. None when the
     store cannot serve parts of it (an HTTP server that gives no size or ignores byte
-    ranges): copy it whole instead."""
+    ranges): copy it whole instead. `ObjectChanged` if the object is not at `version` (as
+    listed; ""; any); `RangeCopy.verify` says whether it still is once all is read."""
     fs, path = resolve(url)
-    size = fs.size(path)
+    info = fs.info(path)
+    expected = _expect(version, info)
+    size = info.get("size")
     if size is None or not serves_ranges(fs, path, int(size)):
         yield None
         return
     with _temp_file(path, tmpdir) as tmp:
         os.truncate(tmp, int(size))  # a hole: takes no disk until written
-        yield RangeCopy(fs, path, int(size), tmp)
+        yield RangeCopy(fs, path, int(size), tmp, expected)
 
 
 def is_remote(url: str) -> bool:
@@ -337,10 +402,10 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
     found = fs.find(root, detail=True, withdirs=False)
     rows = []
     for path, info in found.items():
+        if info.get("islink"):  # find gives a symlink's own mtime; the version is its file's
+            info = fs.info(path)
         size = info.get("size")
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        rows.append((to_url(fs, path), int(size) if size is not None else -1,
-                     str(version).strip('"') if version is not None else ""))
+        rows.append((to_url(fs, path), int(size) if size is not None else -1, version_of(info)))
         if len(rows) == page_size:
             yield rows
             rows = []

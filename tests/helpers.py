@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import os
 import re
@@ -58,7 +59,8 @@ def http_server(root: str, mode: str):
     206 with those bytes (object stores, nginx, CDNs); "whole" sends the whole file, as
     Python's http.server does; "no-length" sends the whole file and no Content-Length
     (a streamed response); "unavailable" answers everything 503 Service Unavailable;
-    "range-errors" serves ranges on HEAD and plain GETs but answers a range request 500."""
+    "range-errors" serves ranges on HEAD and plain GETs but answers a range request 500.
+    Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
     assert mode in HTTP_MODES + ("unavailable", "range-errors")
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -78,6 +80,7 @@ def http_server(root: str, mode: str):
                 return
             with open(path, "rb") as f:
                 data = f.read()
+            etag = hashlib.md5(data).hexdigest()  # as S3's for a single-part upload
             asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if mode == "ranges" and asked:
                 lo, hi = int(asked[1]), min(len(data), int(asked[2]) + 1 if asked[2] else len(data))
@@ -93,6 +96,7 @@ def http_server(root: str, mode: str):
                 self.send_response(200)
             if mode in ("ranges", "range-errors"):
                 self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{etag}"')
             if mode != "no-length":
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -424,6 +424,33 @@ def test_retries_are_bounded_then_the_segment_is_an_error_row(matrix):
     assert len(frames) == n and end["error_type"] == ""
 
 
+def test_a_video_rewritten_while_it_is_decoded_is_an_error_row_not_a_quiet_mix(code_video_240, tmp_path):
+    """A local file is read in place: its version (mtime, as listed) is checked before the
+    first frame and after the last. Rewritten meanwhile, the segment's terminal row says so
+    and still counts the frames it sent (the committer needs that count); listed at another
+    version, nothing is decoded."""
+    import shutil
+
+    from rayvid import storage
+
+    path = str(tmp_path / "rewritten.mp4")
+    shutil.copy(code_video_240[0], path)
+    listed = storage.version_of(storage.resolve(path)[0].info(path))  # as the listing has it
+    dec = Decoder(size=framecode.SIZE, batch_frames=4)
+    frames, [end] = _rows(dec.decode_video(path, version=listed))
+    assert len(frames) == 240 and end["error_type"] == ""  # unchanged: no false alarm
+    gen = dec.decode_video(path, version=listed)
+    first = next(gen)
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # written again while it is decoded
+    frames, [end] = _rows([first, *gen])
+    assert end["error_type"] == "ObjectChanged" and end["error_stage"] == "read"
+    assert end["n_frames"] == len(frames) > 0
+    assert "changed while it was read" in end["message"] and "decoded frames kept" in end["message"]
+    frames, [end] = _rows(dec.decode_video(path, version=listed))  # the listing is now stale
+    assert frames == [] and end["error_type"] == "ObjectChanged" and end["n_frames"] == 0
+    assert "changed after it was listed" in end["message"]
+
+
 def test_frames_reach_the_actor_through_the_shared_slot_each_batch_its_own_copy(code_video_240):
     """The child hands frames over in one shared slot (the socket carries the rest): every
     batch the actor yields must stay intact after the child refills the slot."""

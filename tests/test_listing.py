@@ -35,6 +35,19 @@ def test_local_folder_recursive_by_extension_sorted(tree):
     assert list_videos(str(tree), limit=2).num_rows == 2
 
 
+def test_a_symlinked_video_is_listed_at_its_files_version(tree, tmp_path):
+    """The version of a linked video is its file's modification time, not the link's: a
+    rewritten file is a changed video (a rerun redoes it), and the decoder, which reads
+    the file, finds the version it was listed at."""
+    target = tmp_path / "elsewhere.mp4"
+    target.write_bytes(b"v" * 7)
+    os.utime(target, (1_500_000_000, 1_500_000_000))
+    os.symlink(target, tree / "linked.mp4")
+    row = list_videos(str(tree)).to_pandas().set_index("video_uri").loc[f"{tree}/linked.mp4"]
+    assert row["size_bytes"] == 7 and float(row["version"]) == 1_500_000_000
+    assert row["version"] == list_videos(str(tree / "linked.mp4")).column("version")[0].as_py()
+
+
 def test_s3_prefix(tree, s3fs_client):
     upload_tree(s3fs_client, tree, "s3://rayvid-test/listing/")
     t = list_videos("s3://rayvid-test/listing/")

@@ -15,6 +15,7 @@ import time
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from helpers import FAKE_KEY_ID, frames_per_video, http_server, processes, pts_of, read_output, upload_tree
@@ -384,6 +385,48 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     videos = read_output(out, "videos")
     listed = sorted(set(counts) | {str(src / "broken.mp4")})
     assert sorted(videos.column("video_uri").to_pylist()) == listed  # one row per video, failed or not
+
+
+def test_a_video_rewritten_during_the_run_is_an_error_row_and_the_next_run_redoes_it(
+        ray_session, media, shapes_model, tmp_path):
+    """One video of the folder is written again and again while the job runs (a new
+    modification time every 20 ms, as an upload in progress would): its row is an
+    ObjectChanged error, not frames of whatever it held at each read; the others are
+    untouched. Once it stops changing, the same command redoes it: its listed version
+    differs from the one recorded."""
+    import threading
+
+    src = tmp_path / "in"
+    shutil.copytree(media["videos"], src)
+    original = next(p for p in media["truth"] if p.endswith("c.mkv"))
+    busy = original.replace(str(media["videos"]), str(src))
+    out = str(tmp_path / "out")
+    stop = threading.Event()
+
+    def rewrite():
+        t = 1_600_000_000
+        while not stop.wait(0.02):
+            t += 1
+            os.utime(busy, (t, t))
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        first = pipeline.run(_cfg(str(src), out, shapes_model["path"]))
+    finally:
+        stop.set()
+        writer.join()
+    assert (first.videos_ok, first.videos_failed) == (2, 1)
+    errors = read_output(out, "errors").to_pylist()
+    assert [(e["video_uri"], e["stage"], e["error_type"]) for e in errors] == [(busy, "read", "ObjectChanged")]
+    assert "changed" in errors[0]["message"]
+    assert busy not in set(read_output(out).column("video_uri").to_pylist())  # nothing read whole
+
+    again = pipeline.run(_cfg(str(src), out, shapes_model["path"]))
+    assert (again.videos_ok, again.videos_failed, again.videos_skipped) == (1, 0, 2)
+    assert read_output(out, "errors") is None or read_output(out, "errors").num_rows == 0
+    frames = read_output(out).filter(pc.equal(pc.field("video_uri"), busy))
+    assert sorted(frames.column("frame_index").to_pylist()) == list(range(len(media["truth"][original])))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from helpers import HTTP_MODES, http_server, pts_of
 from rayvid import pipeline, segments
 from rayvid.config import DecodeConfig, ModelConfig, RunConfig
 from rayvid.decode import Decoder
-from rayvid.schema import KIND_FRAME
+from rayvid.schema import KIND_END, KIND_FRAME
 
 LONG = {  # name -> (frames, encoder args): 20 s at 15 fps, boundaries fall mid-GOP
     "long_h264.mp4": (300, framecode.X264 + ["-g", "45", "-bf", "3"]),
@@ -133,6 +133,41 @@ def test_remote_segments_of_an_mp4_meet_exactly(long_videos, s3fs_client, sampli
     assert all(shown == i for i, shown in parts)
     assert dec.bytes_fetched < len(bounds) * os.path.getsize(path) / 2  # whole copies: 12 files (the index
     # of a file this small is a third of it: test_remote_segments_read_an_mp4_about_once has a real one)
+
+
+def test_a_segment_whose_object_is_replaced_while_it_is_read_is_an_error_row(long_videos, s3fs_client):
+    """The ranges of a partial copy are separate reads: an object replaced between them
+    would give frames of two videos. Each segment reads the listed version (its ETag) or
+    says it could not: replaced during the segment, its terminal row is ObjectChanged with
+    the count of frames it sent; a later segment, or a whole copy, of the replaced object
+    decodes nothing. Without a listed version it reads the object as it is."""
+    from rayvid import storage
+
+    path, _ = long_videos["long_h264.mp4"]
+    other, _ = long_videos["long_hevc_opengop.mkv"]
+    url = "s3://rayvid-test/replaced/long_h264.mp4"
+    s3fs_client.put_file(path, url)
+    listed = storage.version_of(s3fs_client.info(url))
+    bounds = segments.bounds(20.0, 6.0)
+    dec = Decoder(size=framecode.SIZE, batch_frames=16)
+    rows = dec.decode_video(url, 1, len(bounds), *bounds[1], version=listed)
+    first = next(rows)
+    assert first["kind"][0] == KIND_FRAME
+    s3fs_client.put_file(other, url)
+    *batches, end = [first, *rows]
+    sent = sum(len(b["frame_index"]) for b in batches)
+    assert end["kind"][0] == KIND_END and end["n_frames"][0] == sent > 0
+    assert end["error_type"][0] == "ObjectChanged" and end["error_stage"][0] == "read"
+    assert f"changed while it was read (version {listed}, now " in end["message"][0]
+    for k in (2, 0):  # later segments, read since: partial copies of the new object
+        [end] = list(dec.decode_video(url, k, len(bounds), *bounds[k], version=listed))
+        assert end["error_type"][0] == "ObjectChanged" and end["n_frames"][0] == 0
+        assert "changed after it was listed" in end["message"][0]
+    [end] = list(dec.decode_video(url, version=listed))  # one segment, dense: a whole copy
+    assert end["error_type"][0] == "ObjectChanged" and "changed after it was listed" in end["message"][0]
+    assert os.listdir(dec._tmpdir) == []
+    *batches, end = list(dec.decode_video(url, 2, len(bounds), *bounds[2]))  # nothing listed
+    assert end["error_type"][0] == "" and sum(len(b["frame_index"]) for b in batches) == end["n_frames"][0] > 0
 
 
 @pytest.mark.parametrize("name", ["long_h264.mp4", "long_hevc_opengop.mkv"])

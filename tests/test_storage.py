@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -82,6 +83,78 @@ def test_an_object_shorter_than_its_listing_is_an_error_not_zeros(tmp_path, s3fs
     with pytest.raises(OSError, match="the object ended at byte 5000 of 9000"):
         part.fetch(4000, 2000)
     assert part.fetched == 1000
+
+
+def test_version_of_names_what_each_store_says_about_content():
+    assert storage.version_of({"ETag": '"9b2cf535f27731c974343645a3985328"'}) == "9b2cf535f27731c974343645a3985328"
+    assert storage.version_of({"etag": "CKih16GjycICEAE="}) == "CKih16GjycICEAE="  # gcsfs, adlfs
+    assert storage.version_of({"mtime": 1764460800.25}) == "1764460800.25"  # local files
+    assert storage.version_of({"Last-Modified": "Sun, 29 Nov 2026 10:00:00 GMT"}) == "Sun, 29 Nov 2026 10:00:00 GMT"
+    assert storage.version_of({"size": 10}) == ""
+
+
+def test_a_copy_is_of_the_listed_version_or_says_the_object_changed(tmp_path, s3fs_client):
+    """A copy begins by asking the store for the object's version: a version other than the
+    listed one is ObjectChanged before a byte is copied; a copy whose object was replaced
+    between two of its range reads says so when verified; a deleted one too."""
+    url = "s3://rayvid-test/versioned.bin"
+    first, second = os.urandom(100_000), os.urandom(100_000)
+    s3fs_client.pipe_file(url, first)
+    listed = storage.version_of(s3fs_client.info(url))
+    assert listed
+    with storage.local_copy(url, str(tmp_path), listed) as p:
+        assert open(p, "rb").read() == first
+    with storage.range_copy(url, str(tmp_path), listed) as part:
+        part.fetch(0, 50_000)
+        part.verify()  # unchanged: nothing to say
+        s3fs_client.pipe_file(url, second)
+        part.fetch(50_000, 50_000)  # the second half is the new object's
+        with pytest.raises(storage.ObjectChanged, match=f"changed while it was read .version {listed}, now "):
+            part.verify()
+    for copy in (storage.local_copy, storage.range_copy):
+        with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {listed}, now "):
+            with copy(url, str(tmp_path), listed):
+                pass
+    with storage.local_copy(url, str(tmp_path)) as p:  # no version listed: the one there now
+        assert open(p, "rb").read() == second
+    with storage.range_copy(url, str(tmp_path)) as part:
+        s3fs_client.rm(url)
+        with pytest.raises(storage.ObjectChanged, match="deleted while it was read"):
+            part.verify()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"one")
+    listed = storage.version_of(storage.resolve(str(path))[0].info(str(path)))
+    check = storage.pin(str(path), listed)
+    check()
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # rewritten: a new modification time
+    with pytest.raises(storage.ObjectChanged, match="changed while it was read"):
+        check()
+    with pytest.raises(storage.ObjectChanged, match="changed after it was listed"):
+        storage.pin(str(path), listed)
+    storage.pin(str(path))()  # nothing listed: pinned to what is there now
+
+
+@pytest.mark.parametrize("mode", HTTP_MODES)
+def test_http_copies_are_of_one_version(tmp_path, mode):
+    """HTTP servers send an ETag (the helper's, like S3's, is the MD5 of the bytes): a
+    whole copy, ranged or streamed, checks it before and after."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "www" / "v.bin").write_bytes(b"x" * 5000)
+    with http_server(str(tmp_path / "www"), mode) as base:
+        url = f"{base}/v.bin"
+        listed = storage.version_of(storage.resolve(url)[0].info(storage.resolve(url)[1]))
+        assert listed == hashlib.md5(b"x" * 5000).hexdigest()
+        with storage.local_copy(url, str(tmp_path / "copies"), listed) as p:
+            assert open(p, "rb").read() == b"x" * 5000
+        (tmp_path / "www" / "v.bin").write_bytes(b"y" * 5000)
+        with pytest.raises(storage.ObjectChanged, match="changed after it was listed"):
+            with storage.local_copy(url, str(tmp_path / "copies"), listed):
+                pass
 
 
 @pytest.mark.parametrize("mode", HTTP_MODES)
