@@ -1010,7 +1010,8 @@ class Decoder:
         worked out from the index by a second child process, the planner (`_fetch_ahead`),
         while the decode child decodes another call's video. Anything else is copied whole,
         as is a video on a store that cannot serve byte ranges of it (local files are used
-        in place)."""
+        in place); a segment's whole copy is shared with the other segments of its video
+        that this node decodes meanwhile (`storage.shared_copy`)."""
         a = self._reader_args
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
@@ -1034,6 +1035,14 @@ class Decoder:
                             return
                     finally:
                         count()
+        if self.ranged and n_segments > 1 and storage.is_remote(uri):
+            # copied whole for one segment: the segments decoding on this node at the same
+            # time share one copy (only the one that copied it counts its bytes)
+            with storage.shared_copy(uri, self._tmpdir, version) as (path, copied):
+                with self._count:
+                    self.bytes_fetched += copied
+                yield path, _Read(None, copied)
+            return
         # a local file is read in place: its version is checked before and after; a copy is
         # checked by local_copy (before and after copying), and is then what is decoded
         with storage.local_copy(uri, self._tmpdir, version) as path:

@@ -12,9 +12,15 @@ written, so keys, tokens and signed-URL signatures never leave the process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import re
+import shutil
+import stat
 import tempfile
+import time
 import urllib.parse
 import uuid
 from typing import BinaryIO, Callable, Iterator, Optional
@@ -185,6 +191,133 @@ def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
         yield tmp
 
 
+@contextlib.contextmanager
+def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str, int]]:
+    """(local path, bytes this call copied) of a whole copy of a remote object that every
+    process on this machine reading the same object (at the same listed `version`) at the
+    same time shares: the first to ask copies it (`local_copy`: the same version checks),
+    the others wait and copy nothing, the last to finish deletes it. For the segments of a
+    long video that cannot be read in parts: a node's decode actors, and an actor's two
+    calls (one decoding while the next fetches), otherwise copy it once per segment.
+
+    The copies live in a directory of this user's (`_shared_root`), one folder per object
+    with a `state.json` (ready or not, and the pids using it) that changes only under one
+    lock file (`fcntl.flock`). Users that died (a SIGKILLed actor) are dropped when anyone
+    next takes the lock, and a copy nobody alive uses is deleted then. Without such a
+    directory (not ours, or not writable) it is `local_copy` into `tmpdir`."""
+    root = _shared_root()
+    if root is None:
+        with local_copy(url, tmpdir, version) as path:
+            yield path, os.path.getsize(path)
+        return
+    key = hashlib.sha256(f"{stored_uri(url)}\n{version}".encode()).hexdigest()[:40]
+    folder, me = os.path.join(root, key), os.getpid()
+    data = os.path.join(folder, "video" + _suffix(url))
+    copier = None
+    while copier is None:
+        with _locked(root):
+            _sweep(root)
+            state = _state(folder)
+            if state is None:
+                os.makedirs(folder, mode=0o700)
+                _set_state(folder, {"ready": False, "users": [me]})
+                copier = True
+            elif state["ready"]:
+                _set_state(folder, dict(state, users=state["users"] + [me]))
+                copier = False
+        if copier is None:  # another process (or call) is copying it: wait for that copy
+            time.sleep(0.05)
+    copied = 0
+    try:
+        if copier:
+            with local_copy(url, folder, version) as path:
+                os.replace(path, data)
+            copied = os.path.getsize(data)
+            with _locked(root):
+                _set_state(folder, dict(_state(folder), ready=True))
+        yield data, copied
+    finally:
+        with _locked(root):
+            state = _state(folder) or {"ready": False, "users": []}
+            users = list(state["users"])
+            if me in users:
+                users.remove(me)
+            if not users or not state["ready"]:  # the last user, or a copy that failed
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                _set_state(folder, dict(state, users=users))
+
+
+def _shared_root() -> Optional[str]:
+    """This user's directory for `shared_copy`, or None if it cannot be made ours alone."""
+    root = os.path.join(tempfile.gettempdir(), f"rayvid-shared-{os.getuid()}")
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None  # a link, or someone else's: never write copies through it
+    return root
+
+
+@contextlib.contextmanager
+def _locked(root: str) -> Iterator[None]:
+    fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _state(folder: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
+def _set_state(folder: str, state: dict) -> None:
+    tmp = os.path.join(folder, "state.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, os.path.join(folder, "state.json"))
+
+
+def _sweep(root: str) -> None:
+    """(Under the lock) forget the users that are gone; delete the copies no one alive uses."""
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        if name == ".lock" or not os.path.isdir(folder):
+            continue
+        state = _state(folder)
+        users = [pid for pid in (state or {}).get("users", []) if _alive(pid)]
+        if not users:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif users != state["users"]:
+            _set_state(folder, dict(state, users=users))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _suffix(path: str) -> str:
+    """A copy's extension: the object's (some demuxers look at it), letters and digits only
+    (of an HTTP URL's path, not its query: a presigned URL's signature is no extension)."""
+    if "://" in path:
+        path = urllib.parse.urlsplit(path).path
+    return "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
+
+
 class ObjectChanged(OSError):
     """The object is not the version listed, or was replaced while it was read: its frames
     would come from another video, or from two. That video's error row; a rerun over a
@@ -262,8 +395,7 @@ def _temp_file(path: str, tmpdir: str) -> Iterator[str]:
     """An empty file in `tmpdir` for a copy of the object at `path`, deleted afterwards. Its
     name keeps the extension (some demuxers look at it), and nothing else of the key:
     letters and digits only, so no key can steer where the copy is written."""
-    suffix = "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
-    fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=suffix, dir=tmpdir)
+    fd, tmp = tempfile.mkstemp(prefix="rayvid-", suffix=_suffix(path), dir=tmpdir)
     os.close(fd)
     try:
         yield tmp

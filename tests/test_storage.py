@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import time
 
 import pytest
 
@@ -136,6 +138,94 @@ def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
     with pytest.raises(storage.ObjectChanged, match="changed after it was listed"):
         storage.pin(str(path), listed)
     storage.pin(str(path))()  # nothing listed: pinned to what is there now
+
+
+@pytest.fixture
+def shared_root(tmp_path, monkeypatch):
+    """shared_copy's directory under this test's tmp_path (it lives in the temp directory)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "work").mkdir()
+    return tmp_path / "tmp" / f"rayvid-shared-{os.getuid()}"
+
+
+def test_segments_read_at_the_same_time_share_one_whole_copy(shared_root, tmp_path, s3fs_client):
+    """Two readers of one object at the same time: one copies it, the other waits for that
+    copy and copies nothing; the last to finish deletes it. One after the other, each
+    copies (nothing is kept for later)."""
+    import threading
+
+    url = "s3://rayvid-test/shared/long.mkv"
+    data = os.urandom(3 * 2**20 + 5)
+    s3fs_client.pipe_file(url, data)
+    listed = storage.version_of(s3fs_client.info(url))
+    work = str(tmp_path / "work")
+    got, inside, leave = [], threading.Barrier(2), threading.Event()
+
+    def read():
+        with storage.shared_copy(url, work, listed) as (path, copied):
+            got.append((path, copied, open(path, "rb").read() == data, path.endswith(".mkv")))
+            inside.wait(30)  # both hold it at once
+            leave.wait(30)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(got) == 2 and got[0][0] == got[1][0] and all(ok and mkv for _, _, ok, mkv in got)
+    assert sorted(c for _, c, _, _ in got) == [0, len(data)]  # copied once
+    leave.set()
+    for r in readers:
+        r.join(30)
+    assert not os.path.exists(got[0][0]) and os.listdir(shared_root) == [".lock"]
+    for _ in range(2):
+        with storage.shared_copy(url, work, listed) as (path, copied):
+            assert copied == len(data)
+    with pytest.raises(storage.ObjectChanged, match="changed after it was listed"):
+        with storage.shared_copy(url, work, "stale-etag"):
+            pass
+    with pytest.raises(FileNotFoundError):
+        with storage.shared_copy("s3://rayvid-test/shared/missing.mkv", work):
+            pass
+    assert os.listdir(shared_root) == [".lock"] and os.listdir(work) == []
+
+
+def test_a_shared_copy_whose_users_died_is_deleted(shared_root, tmp_path, s3fs_client):
+    """An actor SIGKILLed while it holds a shared copy never deletes it: the next reader of
+    any object finds its pid gone and deletes the copy."""
+    import signal
+    import subprocess
+    import sys
+
+    url = "s3://rayvid-test/shared/killed.mkv"
+    s3fs_client.pipe_file(url, os.urandom(100_000))
+    code = ("import sys, time; from rayvid import storage\n"
+            f"with storage.shared_copy({url!r}, {str(tmp_path / 'work')!r}) as (path, _):\n"
+            "    print(path, flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
+    try:
+        path = holder.stdout.readline().strip()
+        assert os.path.isfile(path) and path.startswith(str(shared_root))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert os.path.isfile(path)  # left behind
+    s3fs_client.pipe_file("s3://rayvid-test/shared/other.mkv", b"x" * 10)
+    with storage.shared_copy("s3://rayvid-test/shared/other.mkv", str(tmp_path / "work")):
+        assert not os.path.exists(os.path.dirname(path))
+
+
+def test_no_shared_copies_through_a_directory_others_can_write(shared_root, tmp_path, s3fs_client):
+    url = "s3://rayvid-test/shared/open.mkv"
+    s3fs_client.pipe_file(url, b"y" * 1000)
+    shared_root.mkdir(mode=0o700)
+    shared_root.chmod(0o777)
+    with storage.shared_copy(url, str(tmp_path / "work")) as (path, copied):
+        assert copied == 1000 and path.startswith(str(tmp_path / "work"))
+    assert os.listdir(shared_root) == []
 
 
 @pytest.mark.parametrize("mode", HTTP_MODES)
