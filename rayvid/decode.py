@@ -1014,6 +1014,7 @@ class Decoder:
         that this node decodes meanwhile (`storage.shared_copy`)."""
         a = self._reader_args
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
+        probed = 0  # read looking for an MP4 index before copying whole: the segment read it too
         if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
                 and storage.is_remote(uri)):
             with storage.range_copy(uri, self._tmpdir, version) as part:
@@ -1035,13 +1036,14 @@ class Decoder:
                             return
                     finally:
                         count()
+                    probed = part.fetched
         if self.ranged and n_segments > 1 and storage.is_remote(uri):
             # copied whole for one segment: the segments decoding on this node at the same
             # time share one copy (only the one that copied it counts its bytes)
             with storage.shared_copy(uri, self._tmpdir, version) as (path, copied):
                 with self._count:
                     self.bytes_fetched += copied
-                yield path, _Read(None, copied)
+                yield path, _Read(None, probed + copied)
             return
         # a local file is read in place: its version is checked before and after; a copy is
         # checked by local_copy (before and after copying), and is then what is decoded
@@ -1050,7 +1052,7 @@ class Decoder:
             check = None if copied else storage.pin(uri, version)
             with self._count:
                 self.bytes_fetched += copied
-            yield path, _Read(None, copied, check)
+            yield path, _Read(None, probed + copied, check)
 
     def _fetch_ahead(self, part: storage.RangeCopy, start_s: float, end_s: float) -> None:
         """Fetches the ranges the planner says decoding this segment of the partial copy

@@ -80,6 +80,10 @@ def test_quick_bench_writes_every_field(tmp_path):
         assert run["frames"] == 180 and run["wall_s"] > 0, way  # 6 s x 30 fps, each way
     assert seg["read_vs_size"]["whole"] >= 6  # a whole copy per segment
     assert seg["read_vs_size"]["partial"] < 2 and seg["whole_vs_partial_wall"] > 0
+    mkv = remote["segments_mkv"]  # the same in Matroska: whole copies, shared or one per segment
+    assert mkv["segments"] == 6 and sorted(mkv["runs"]) == ["shared", "whole"]
+    assert mkv["runs"]["shared"][0]["frames"] == mkv["runs"]["whole"][0]["frames"] == 180
+    assert 1 <= mkv["read_vs_size"]["shared"] <= mkv["read_vs_size"]["whole"] and mkv["read_vs_size"]["whole"] >= 6
     for case in ("sparse_keyframes", "sparse_fps_1"):  # one video in one segment, sampled sparsely
         c = remote[case]
         [partial], [whole] = c["runs"]["partial"], c["runs"]["whole"]
