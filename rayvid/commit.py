@@ -48,6 +48,7 @@ ERRORS_DIR = "errors"
 VIDEOS_DIR = "videos"
 RUNS_DIR = "runs"
 COMPACTIONS_DIR = "compactions"  # intent records of `rayvid compact` (compact.py)
+CHANGED = storage.ObjectChanged.__name__  # the error of a video that changed while it was read
 
 
 class Committer:
@@ -160,7 +161,9 @@ class Committer:
             counts.sort(key=lambda c: (-c["counts"], c["values"] or ""))
             self.label_counts.update({c["values"]: c["counts"] for c in counts})
             top_labels = [{"label": c["values"], "share": c["counts"] / len(video)} for c in counts[:5]]
-        failed = [e for e in ends if e["error_type"]]
+        # an object that changed while read comes first: it is why the rest may have failed,
+        # and what makes the next run read the video again (`pending`)
+        failed = sorted((e for e in ends if e["error_type"]), key=lambda e: e["error_type"] != CHANGED)
         self.bytes_read += sum(e.get("bytes_read") or 0 for e in ends)
         decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
         size, version = self.sources.get(uri, (-1, ""))
@@ -353,7 +356,12 @@ def recover(output: str) -> Committed:
                               columns=["video_uri", "size_bytes", "version", "error"])
         for row in table.to_pylist():
             uri = row.pop("video_uri")
-            state.videos[uri] = {**row, "file": name}
+            state.videos[uri] = {**row, "file": name, "changed": False}
+        if pc.any(table.column("error")).as_py() and fs.exists(f"{root}/{ERRORS_DIR}/{name}"):
+            errors = pq.read_table(f"{root}/{ERRORS_DIR}/{name}", filesystem=fs, columns=["video_uri", "error_type"])
+            for uri, kind in zip(errors.column("video_uri").to_pylist(), errors.column("error_type").to_pylist()):
+                if kind == CHANGED and uri in state.videos:
+                    state.videos[uri]["changed"] = True
     return state
 
 
@@ -407,7 +415,8 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
         if done is None:
             keep.append(i)
             continue
-        changed = (size != -1 and done["size_bytes"] != size) or (version and done["version"] != version)
+        changed = ((size != -1 and done["size_bytes"] != size) or (version and done["version"] != version)
+                   or done.get("changed"))  # it changed while a run read it: read it again
         if changed or (retry_failed and done["error"]):
             keep.append(i)
             redo.add(uri)

@@ -973,8 +973,8 @@ class Decoder:
         `version` as listed (ETag or mtime; "": the one there when the read begins). If the
         object is another, or is replaced before the segment is read (its ranges are
         separate reads), the terminal row says so (`storage.ObjectChanged`, stage "read";
-        the frames before are kept, as after any error): the videos table records the
-        listed version, so the next run decodes the new one."""
+        the frames before are kept, as after any error), and the next run decodes the
+        video again (commit.pending)."""
         clip_len = int(self._reader_args.get("clip_len") or 0)
         for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri, version):
             if clip_len and "clip_start_frame" not in batch:  # a terminal row, shaped like clip rows

@@ -320,8 +320,8 @@ def _suffix(path: str) -> str:
 
 class ObjectChanged(OSError):
     """The object is not the version listed, or was replaced while it was read: its frames
-    would come from another video, or from two. That video's error row; a rerun over a
-    listing (which has the new version) redoes it, one over a manifest with --retry-failed."""
+    would come from another video, or from two. That video's error row, which the next
+    run reads again (commit.pending)."""
 
 
 def version_of(info: dict) -> str:

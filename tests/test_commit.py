@@ -198,7 +198,31 @@ def test_recover_deletes_half_committed_files(tmp_path):
     state = recover(str(tmp_path))
     assert state.removed == ["predictions/part-r2-00000.parquet"]
     assert _files(tmp_path / "predictions") == [name]
-    assert state.videos == {"v": {"size_bytes": 10, "version": "e1", "error": False, "file": name}}
+    assert state.videos == {"v": {"size_bytes": 10, "version": "e1", "error": False, "file": name, "changed": False}}
+
+
+def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path):
+    """Its error (ObjectChanged, put first among its segments' errors) is what the next run
+    reads it again for, even where the listing has no version to compare (a manifest);
+    a video that failed otherwise waits for --retry-failed."""
+    from rayvid.commit import pending, recover
+
+    changed = _end("m", 0, "the object changed after it was listed (version 1, now 2)", segment=1, n_segments=2)
+    changed = changed.set_column(changed.schema.get_field_index("error_type"), "error_type",
+                                 pa.array(["ObjectChanged"]))
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("m", [0]), _end("m", 1, "a damaged packet", n_segments=2), changed,
+                            _frames("b", [0]), _end("b", 1, "bad"), _frames("ok", [0]), _end("ok", 1)]))
+    c.close()
+    [error] = [e for e in pq.read_table(tmp_path / "errors").to_pylist() if e["video_uri"] == "m"]
+    assert error["error_type"] == "ObjectChanged" and error["message"].startswith("segment 2/2: the object changed")
+    state = recover(str(tmp_path))
+    assert {u: v["changed"] for u, v in state.videos.items()} == {"m": True, "b": False, "ok": False}
+    listing = pa.table({"video_uri": ["b", "m", "ok"], "size_bytes": [-1] * 3, "version": [""] * 3})
+    todo, skipped, redo = pending(listing, state, retry_failed=False)
+    assert todo.column("video_uri").to_pylist() == ["m"] and skipped == 2 and redo == {"m"}
+    todo, skipped, redo = pending(listing, state, retry_failed=True)
+    assert todo.column("video_uri").to_pylist() == ["b", "m"] and redo == {"b", "m"}
 
 
 def test_retract_removes_only_the_given_videos(tmp_path):

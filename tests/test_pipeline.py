@@ -387,42 +387,53 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     assert sorted(videos.column("video_uri").to_pylist()) == listed  # one row per video, failed or not
 
 
+@pytest.mark.parametrize("listed", ["folder", "manifest"])
 def test_a_video_rewritten_during_the_run_is_an_error_row_and_the_next_run_redoes_it(
-        ray_session, media, shapes_model, tmp_path):
-    """One video of the folder is written again and again while the job runs (a new
-    modification time every 20 ms, as an upload in progress would): its row is an
-    ObjectChanged error, not frames of whatever it held at each read; the others are
-    untouched. Once it stops changing, the same command redoes it: its listed version
-    differs from the one recorded."""
+        ray_session, media, shapes_model, tmp_path, listed):
+    """One video is written again and again while the job runs (a new modification time
+    every 2 ms, as an upload in progress would): its row is an ObjectChanged error, not
+    frames of whatever it held at each read; the others are untouched. Once it stops
+    changing, the same command redoes it (no --retry-failed): from a folder its listed
+    version differs from the one recorded, and from a manifest (which lists no versions,
+    so the decoder pins the one it finds first and finds another at the end) the error
+    itself says it changed."""
     import threading
 
     src = tmp_path / "in"
     shutil.copytree(media["videos"], src)
     original = next(p for p in media["truth"] if p.endswith("c.mkv"))
     busy = original.replace(str(media["videos"]), str(src))
+    inp = str(src)
+    if listed == "manifest":
+        inp = str(tmp_path / "videos.txt")
+        with open(inp, "w") as f:
+            f.write("".join(p.replace(str(media["videos"]), str(src)) + "\n" for p in media["truth"]))
     out = str(tmp_path / "out")
     stop = threading.Event()
 
     def rewrite():
         t = 1_600_000_000
-        while not stop.wait(0.02):
+        while not stop.wait(0.002):
             t += 1
             os.utime(busy, (t, t))
 
     writer = threading.Thread(target=rewrite, daemon=True)
     writer.start()
     try:
-        first = pipeline.run(_cfg(str(src), out, shapes_model["path"]))
+        first = pipeline.run(_cfg(inp, out, shapes_model["path"]))
     finally:
         stop.set()
         writer.join()
     assert (first.videos_ok, first.videos_failed) == (2, 1)
     errors = read_output(out, "errors").to_pylist()
     assert [(e["video_uri"], e["stage"], e["error_type"]) for e in errors] == [(busy, "read", "ObjectChanged")]
-    assert "changed" in errors[0]["message"]
-    assert busy not in set(read_output(out).column("video_uri").to_pylist())  # nothing read whole
+    if listed == "folder":
+        assert "changed after it was listed" in errors[0]["message"]
+        assert busy not in set(read_output(out).column("video_uri").to_pylist())  # nothing decoded
+    else:
+        assert "changed while it was read" in errors[0]["message"]
 
-    again = pipeline.run(_cfg(str(src), out, shapes_model["path"]))
+    again = pipeline.run(_cfg(inp, out, shapes_model["path"]))
     assert (again.videos_ok, again.videos_failed, again.videos_skipped) == (1, 0, 2)
     assert read_output(out, "errors") is None or read_output(out, "errors").num_rows == 0
     frames = read_output(out).filter(pc.equal(pc.field("video_uri"), busy))
