@@ -1015,8 +1015,8 @@ class Decoder:
         a = self._reader_args
         sparse = (a.get("every") or 1) > 1 or a.get("fps") or a.get("keyframes")
         probed = 0  # read looking for an MP4 index before copying whole: the segment read it too
-        if (self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord"
-                and storage.is_remote(uri)):
+        remote = storage.is_remote(uri)
+        if self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord" and remote:
             with storage.range_copy(uri, self._tmpdir, version) as part:
                 if part is not None:  # else the store cannot serve ranges of it: a whole copy
                     counted = 0
@@ -1037,7 +1037,7 @@ class Decoder:
                     finally:
                         count()
                     probed = part.fetched
-        if self.ranged and n_segments > 1 and storage.is_remote(uri):
+        if self.ranged and n_segments > 1 and remote:
             # copied whole for one segment: the segments decoding on this node at the same
             # time share one copy (only the one that copied it counts its bytes)
             with storage.shared_copy(uri, self._tmpdir, version) as (path, copied):
@@ -1376,13 +1376,7 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
             info: Optional[Probe], tmpdir: str = "") -> dict:
     """A segment's terminal row: how many frame rows it produced, the video's metadata, and
     why it stopped early, if it did."""
-    message = ""
-    if error is not None:
-        message = storage.describe(error)
-        if tmpdir:
-            message = message.replace(tmpdir, "<tmp>")
-        if emitted:
-            message += f" ({emitted} decoded frames kept)"
+    message = _message(error, emitted, tmpdir) if error is not None else ""
     return {
         "video_uri": np.array([uri], dtype=object),
         "segment": np.array([segment], dtype=np.int32),
@@ -1409,14 +1403,21 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
 def _failed(end: dict, error: BaseException, stage: str, tmpdir: str) -> None:
     """Mark a terminal row (`end_row`) as failed with `error`, keeping its frame count; an
     error it already had stays in its message."""
-    had = str(end["message"][0])
-    message = storage.describe(error).replace(tmpdir, "<tmp>") if tmpdir else storage.describe(error)
-    if had:
-        message += f"; before that: {had}"
-    elif end["n_frames"][0]:
-        message += f" ({end['n_frames'][0]} decoded frames kept)"
+    had = str(end["message"][0])  # says already how many frames were kept, if it is an error's
+    message = _message(error, 0 if had else int(end["n_frames"][0]), tmpdir)
     end["error_stage"][0], end["error_type"][0] = stage, _error_type(error)
-    end["message"][0] = message
+    end["message"][0] = f"{message}; before that: {had}" if had else message
+
+
+def _message(error: BaseException, emitted: int, tmpdir: str) -> str:
+    """An error row's message: the error, without credentials or the actor's temp dir,
+    and how many frames the segment delivered before it."""
+    message = storage.describe(error)
+    if tmpdir:
+        message = message.replace(tmpdir, "<tmp>")
+    if emitted:
+        message += f" ({emitted} decoded frames kept)"
+    return message
 
 
 def _decoder_label(state: dict) -> str:

@@ -177,18 +177,28 @@ def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
             raise FileNotFoundError(f"no such file: {path}")
         yield path
         return
-    with range_copy(url, tmpdir, version) as part:
-        if part is not None:
+    size, expected, ranged = _source(fs, path, version)
+    if ranged:
+        with _range_copy(fs, path, size, tmpdir, expected) as part:
             part.fetch(0, part.size)  # several ranges in flight
             part.verify()
             yield part.path
-            return
-    info = fs.info(path)
-    expected = _expect(version, info)
+        return
     with _temp_file(path, tmpdir) as tmp:  # a store that cannot serve ranges (some HTTP servers): one stream
         fs.get_file(path, tmp)
         check_version(fs, path, expected)
         yield tmp
+
+
+def _source(fs: fsspec.AbstractFileSystem, path: str, version: str) -> tuple[Optional[int], str, bool]:
+    """(size or None, the version a copy must be of, whether it can be copied in ranges),
+    from one request for the object's metadata: `ObjectChanged` if it is not at the listed
+    `version`."""
+    info = fs.info(path)
+    expected = _expect(version, info)
+    size = info.get("size")
+    size = int(size) if size is not None else None
+    return size, expected, size is not None and serves_ranges(fs, path, size)
 
 
 @contextlib.contextmanager
@@ -496,15 +506,19 @@ def range_copy(url: str, tmpdir: str, version: str = "") -> Iterator[Optional[Ra
     ranges): copy it whole instead. `ObjectChanged` if the object is not at `version` (as
     listed; ""; any); `RangeCopy.verify` says whether it still is once all is read."""
     fs, path = resolve(url)
-    info = fs.info(path)
-    expected = _expect(version, info)
-    size = info.get("size")
-    if size is None or not serves_ranges(fs, path, int(size)):
+    size, expected, ranged = _source(fs, path, version)
+    if not ranged:
         yield None
         return
+    with _range_copy(fs, path, size, tmpdir, expected) as part:
+        yield part
+
+
+@contextlib.contextmanager
+def _range_copy(fs, path: str, size: int, tmpdir: str, version: str) -> Iterator[RangeCopy]:
     with _temp_file(path, tmpdir) as tmp:
-        os.truncate(tmp, int(size))  # a hole: takes no disk until written
-        yield RangeCopy(fs, path, int(size), tmp, expected)
+        os.truncate(tmp, size)  # a hole: takes no disk until written
+        yield RangeCopy(fs, path, size, tmp, version)
 
 
 def is_remote(url: str) -> bool:
