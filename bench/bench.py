@@ -931,7 +931,14 @@ def exp_segments(tmp: str, quick: bool, mb_per_s: float = 4.0, reps: int = 2) ->
     `segments`: one long 360p video cut into segments, every frame
     (partial: the index, then each segment's own bytes). `segments_mkv`: the same video
     in Matroska (no index of where frames lie: copied whole; "shared": one copy for the
-    segments decoded at the same time, against one per segment). `sparse`: one HD video with
+    segments decoded at the same time, against one per segment). `segments_fmp4`: the HD
+    video below remuxed into a fragmented MP4 (a fragment per key frame, an mfra table),
+    cut into 10 s segments: partial copies (every moof, then each segment's own bytes)
+    against the shared whole copy rayvid made of fragmented MP4s before (in --quick the
+    fragments are too small for partial copies to be worth it: there the partial way asks
+    for them anyway, `fetch_gap_bytes=0`); `segments_fmp4_apart`: the same, its segments
+    decoded one after another (one thread), as segments on different nodes are: no
+    whole copy is shared then. `sparse`: one HD video with
     x264's default key-frame interval (250 frames) sampled sparsely in one segment
     (partial: the index, then the runs of packets the sampled frames need). Bytes read
     from the store, seconds, frames."""
@@ -950,23 +957,42 @@ def exp_segments(tmp: str, quick: bool, mb_per_s: float = 4.0, reps: int = 2) ->
     hd_seconds, hd_height, hd_width = (4, 240, 320) if quick else (60, 1080, 1920)
     hd_video = encode(os.path.join(tmp, "corpus", f"sparse-{hd_seconds}s-{hd_height}p.mp4"), hd_seconds,
                       hd_height, hd_width, 30, seed=12)
-    cases = {"segments": (long_video, segments.bounds(segments.header_duration(long_video), segment_s), {}),
-             "segments_mkv": (long_mkv, segments.bounds(segments.header_duration(long_mkv), segment_s), {}),
-             "sparse_keyframes": (hd_video, [(-math.inf, math.inf)], {"keyframes": True}),
-             "sparse_fps_1": (hd_video, [(-math.inf, math.inf)], {"fps": 1.0})}
+    hd_frag = os.path.join(tmp, "corpus", f"fragmented-{hd_seconds}s-{hd_height}p.mp4")
+    if not os.path.exists(hd_frag):  # the same stream, a fragment per key frame
+        from rayvid.samples import ffmpeg_exe
+
+        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", hd_video, "-c", "copy",
+                        "-movflags", "+frag_keyframe+empty_moov", hd_frag], check=True)
+    partial, whole = {}, {"ranged": False}
+    cases = {  # case -> (video, segments, sampling, {way: Decoder arguments}), rayvid's way first
+        "segments": (long_video, segments.bounds(segments.header_duration(long_video), segment_s), {},
+                     {"partial": partial, "whole": whole}),
+        "segments_mkv": (long_mkv, segments.bounds(segments.header_duration(long_mkv), segment_s), {},
+                         {"shared": partial, "whole": whole}),
+        "segments_fmp4": (hd_frag, segments.bounds(segments.header_duration(hd_frag), segment_s / 2), {},
+                          {"partial": {"fetch_gap_bytes": 0} if quick else partial,
+                           "shared": {"fetch_gap_bytes": 2**62}}),  # never worth it: copied whole, shared
+        "segments_fmp4_apart": (hd_frag, segments.bounds(segments.header_duration(hd_frag), segment_s / 2), {},
+                                {"partial": {"fetch_gap_bytes": 0} if quick else partial,
+                                 "shared": {"fetch_gap_bytes": 2**62}}),
+        "sparse_keyframes": (hd_video, [(-math.inf, math.inf)], {"keyframes": True},
+                             {"partial": partial, "whole": whole}),
+        "sparse_fps_1": (hd_video, [(-math.inf, math.inf)], {"fps": 1.0}, {"partial": partial, "whole": whole}),
+    }
     out = {"mb_per_s_per_connection": mb_per_s, "calls_per_actor": REMOTE_CALLS_PER_ACTOR}
     with slow_s3(mb_per_s) as s3:
-        for video in (long_video, long_mkv, hd_video):
+        for video in (long_video, long_mkv, hd_video, hd_frag):
             s3.upload_file(video, "bench", f"in/{os.path.basename(video)}")
-        for case, (video, bounds, sampling) in cases.items():
+        for case, (video, bounds, sampling, ways) in cases.items():
             url = f"s3://bench/in/{os.path.basename(video)}"
-            ranged = "shared" if video.endswith(".mkv") else "partial"  # what rayvid does with it
-            runs = {ranged: [], "whole": []}
+            ranged, other = ways  # rayvid's way, and the one it is measured against
+            runs = {way: [] for way in ways}
+            threads = 1 if case.endswith("_apart") else REMOTE_CALLS_PER_ACTOR
             for _ in range(1 if quick else reps):
                 for way in runs:
-                    dec = Decoder((224, 224), ranged=way == ranged, **sampling)
+                    dec = Decoder((224, 224), **ways[way], **sampling)
                     t0 = time.perf_counter()
-                    with concurrent.futures.ThreadPoolExecutor(REMOTE_CALLS_PER_ACTOR) as pool:
+                    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                         frames = sum(pool.map(lambda k: _segment_frames(dec, url, k, bounds), range(len(bounds))))
                     runs[way].append({"frames": frames, "wall_s": round(time.perf_counter() - t0, 2),
                                       "bytes_fetched": dec.bytes_fetched})
@@ -980,7 +1006,7 @@ def exp_segments(tmp: str, quick: bool, mb_per_s: float = 4.0, reps: int = 2) ->
                          "sampling": " ".join(f"--{k}" if v is True else f"--{k} {v:g}" for k, v in sampling.items())
                          or "every frame", "segments": len(bounds), "runs": runs,
                          "read_vs_size": {w: round(rs[0]["bytes_fetched"] / size, 3) for w, rs in runs.items()},
-                         "whole_vs_partial_wall": round(best["whole"] / best[ranged], 2)}
+                         "whole_vs_partial_wall": round(best[other] / best[ranged], 2), "threads": threads}
     return out
 
 
@@ -1212,7 +1238,8 @@ def markdown(results: dict) -> str:
         r = results["segments"]
         out += _section("remote videos: partial copies against whole ones", r)
         out += [f"{_slow_store(r)}; each case decoded (224x224) by one Decoder in the bench's process on {r.get('calls_per_actor', 1)} "
-                "thread(s) (a decode actor's calls over remote videos), alternating.", "",
+                "thread(s) (a decode actor's calls over remote videos; `_apart` cases on one: segments one after "
+                "another, as on different nodes), alternating.", "",
                 "| case | video | sampling | segments | copies | read (x the file) | seconds (each run) | frames |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for case, c in _entries(r):

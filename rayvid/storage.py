@@ -11,9 +11,11 @@ written, so keys, tokens and signed-URL signatures never leave the process.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -424,10 +426,13 @@ class RangeCopy:
     connection at a bounded rate and several connections to one object at several times
     it (AWS, "Use byte-range fetches": 8 or 16 MB ranges over concurrent connections), so
     a copy is not held to one connection's speed, and at most CHUNK x READS_IN_FLIGHT
-    bytes are in memory."""
+    bytes are in memory. Smaller pieces (a key-frame scan's packets, a fragmented MP4's
+    moofs: there each request's latency is the cost) go more at a time, up to
+    SMALL_READS_IN_FLIGHT, within the same bytes."""
 
     CHUNK = 8 * 2**20
     READS_IN_FLIGHT = 4
+    SMALL_READS_IN_FLIGHT = 32
 
     def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str, version: str = ""):
         self.fs, self.remote, self.size, self.path = fs, remote, int(size), path
@@ -444,8 +449,7 @@ class RangeCopy:
         pieces = [(at, min(at + self.CHUNK, hi)) for start, end in asked
                   for lo, hi in self._missing(start, end) for at in range(lo, hi, self.CHUNK)]
         with open(self.path, "r+b") as dst:
-            for k in range(0, len(pieces), self.READS_IN_FLIGHT):
-                batch = pieces[k : k + self.READS_IN_FLIGHT]
+            for batch in self._batches(pieces):
                 datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
                                            [hi for _, hi in batch], on_error="raise")
                 for (lo, hi), data in zip(batch, datas):
@@ -458,6 +462,19 @@ class RangeCopy:
                     if len(data) < hi - lo:
                         raise OSError(f"the object ended at byte {lo + len(data)} of {self.size}")
                     self._add(lo, hi)
+
+    def _batches(self, pieces: list) -> Iterator[list]:
+        """The pieces in groups read at once: up to CHUNK x READS_IN_FLIGHT bytes, and up to
+        SMALL_READS_IN_FLIGHT pieces (READS_IN_FLIGHT when they are whole CHUNKs)."""
+        batch, budget = [], self.CHUNK * self.READS_IN_FLIGHT
+        for lo, hi in pieces:
+            if batch and (len(batch) == self.SMALL_READS_IN_FLIGHT or hi - lo > budget):
+                yield batch
+                batch, budget = [], self.CHUNK * self.READS_IN_FLIGHT
+            batch.append((lo, hi))
+            budget -= hi - lo
+        if batch:
+            yield batch
 
     def verify(self) -> None:
         """`ObjectChanged` if the object is no longer the version the copy began with (its
@@ -473,8 +490,11 @@ class RangeCopy:
 
     def _missing(self, start: int, end: int) -> list[tuple[int, int]]:
         out, at = [], start
-        for lo, hi in self._have:
-            if hi <= at or lo >= end:
+        first = max(0, bisect.bisect_right(self._have, (start,)) - 1)  # the last range from before start
+        for lo, hi in itertools.islice(self._have, first, None):
+            if lo >= end:
+                break
+            if hi <= at:
                 continue
             if lo > at:
                 out.append((at, lo))
@@ -484,7 +504,17 @@ class RangeCopy:
         return out
 
     def _add(self, start: int, end: int) -> None:
-        self._have = _merged(self._have + [(start, end)])
+        """Adds [start, end) to the ranges here, joined with those it overlaps or touches
+        (by bisection: a fragmented MP4's index is thousands of ranges)."""
+        i = bisect.bisect_left(self._have, (start,))
+        if i > 0 and self._have[i - 1][1] >= start:
+            i -= 1
+            start = self._have[i][0]
+        j = i
+        while j < len(self._have) and self._have[j][0] <= end:
+            end = max(end, self._have[j][1])
+            j += 1
+        self._have[i:j] = [(start, end)]
 
 
 def _merged(ranges: list) -> list[tuple[int, int]]:

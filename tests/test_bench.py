@@ -84,6 +84,13 @@ def test_quick_bench_writes_every_field(tmp_path):
     assert mkv["segments"] == 6 and sorted(mkv["runs"]) == ["shared", "whole"]
     assert mkv["runs"]["shared"][0]["frames"] == mkv["runs"]["whole"][0]["frames"] == 180
     assert 1 <= mkv["read_vs_size"]["shared"] <= mkv["read_vs_size"]["whole"] and mkv["read_vs_size"]["whole"] >= 6
+    for case in ("segments_fmp4", "segments_fmp4_apart"):  # a fragmented MP4: partial copies, shared whole ones
+        fmp4 = remote[case]
+        assert sorted(fmp4["runs"]) == ["partial", "shared"] and fmp4["segments"] == 8, case  # 4 s in 0.5 s
+        assert fmp4["runs"]["partial"][0]["frames"] == fmp4["runs"]["shared"][0]["frames"] == 120, case
+        assert fmp4["read_vs_size"]["partial"] > 0 and fmp4["read_vs_size"]["shared"] >= 1, case
+    assert remote["segments_fmp4_apart"]["threads"] == 1 and remote["segments_fmp4"]["threads"] == 2
+    assert remote["segments_fmp4_apart"]["read_vs_size"]["shared"] >= 8  # one after another: nothing shared
     for case in ("sparse_keyframes", "sparse_fps_1"):  # one video in one segment, sampled sparsely
         c = remote[case]
         [partial], [whole] = c["runs"]["partial"], c["runs"]["whole"]
