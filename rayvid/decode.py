@@ -21,10 +21,10 @@ with the error: data, not an exception.
 
 The actor (`Decoder`) fetches each video and hands it to its own child process
 (`serve`/`FrameReader`), which demuxes and decodes. A segment of a remote MP4/MOV gets a
-partial copy instead of the whole file: the index first (`index_only`), then the byte
-ranges the segment's packets occupy, which a second child process (the planner:
-`plan_ranges`) works out while the decode child decodes another video, and which the
-decode child checks before decoding (`fetch_for`). A native crash or a hang costs one
+partial copy instead of the whole file: the index first (`index_only`: the moov, and a
+fragmented MP4's moofs), then the byte ranges the segment's packets occupy, which a
+second child process (the planner: `plan_ranges`) works out while the decode child
+decodes another video, and which the decode child checks before decoding (`fetch_for`). A native crash or a hang costs one
 attempt at a segment (bounded by a timeout and retried with PyAV from where it stopped),
 never the actor or the job. Frames come back through a memory-mapped slot the two
 processes share (`_FrameSlot`), the other columns through a socket.
