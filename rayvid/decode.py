@@ -24,10 +24,11 @@ The actor (`Decoder`) fetches each video and hands it to its own child process
 partial copy instead of the whole file: the index first (`index_only`: the moov, and a
 fragmented MP4's moofs), then the byte ranges the segment's packets occupy, which a
 second child process (the planner: `plan_ranges`) works out while the decode child
-decodes another video, and which the decode child checks before decoding (`fetch_for`). A native crash or a hang costs one
-attempt at a segment (bounded by a timeout and retried with PyAV from where it stopped),
-never the actor or the job. Frames come back through a memory-mapped slot the two
-processes share (`_FrameSlot`), the other columns through a socket.
+decodes another video, and which the decode child checks before decoding (`fetch_for`).
+A native crash or a hang costs one attempt at a segment (bounded by a timeout and retried
+with PyAV from where it stopped), never the actor or the job. Frames come back through a
+memory-mapped slot the two processes share (`_FrameSlot`), the other columns through a
+socket.
 
 Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
 - **decord** (default where it is right, see `DECORD_CODECS`) for dense sampling (every
@@ -315,7 +316,7 @@ def index_only(copy: storage.RangeCopy, gap_bytes: int = FETCH_GAP_BYTES, max_ro
     more than the whole file)."""
     size = copy.size
     todo, walked, kinds, listed = {0}, set(), [], set()  # listed: moof offsets the file's tables give
-    fragmented = moofs = moof_size = 0
+    fragmented, moofs, moof_size = False, 0, 0
     for rounds in range(max_rounds + 1):
         todo = {at for at in todo if at < size and at not in walked}
         if max(moofs, len(listed)) * gap_bytes > size:  # fragments too small to fetch on their own
@@ -350,8 +351,8 @@ def index_only(copy: storage.RangeCopy, gap_bytes: int = FETCH_GAP_BYTES, max_ro
             return False
         copy.fetch_ranges(bodies)
         for at, (kind, n) in heads.items():
-            if kind == b"moov" and b"mvex" in _children(copy, at, n) and not fragmented:
-                fragmented = True
+            if kind == b"moov" and not fragmented and b"mvex" in _children(copy, at, n):
+                fragmented = True  # its fragments' moofs follow: where does its table say they are?
                 listed |= _tfra_offsets(copy)
             elif kind == b"moof" and at + n < size:  # its mdat, whose header came with it
                 mdat = _box_head(copy.read(at + n, min(16, size - at - n)), size - at - n)

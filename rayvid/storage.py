@@ -448,6 +448,8 @@ class RangeCopy:
         asked = _merged([(max(0, int(o)), min(self.size, int(o) + int(n))) for o, n in ranges])
         pieces = [(at, min(at + self.CHUNK, hi)) for start, end in asked
                   for lo, hi in self._missing(start, end) for at in range(lo, hi, self.CHUNK)]
+        if not pieces:  # all here already (`read` of what was fetched): no file to open
+            return
         with open(self.path, "r+b") as dst:
             for batch in self._batches(pieces):
                 datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
