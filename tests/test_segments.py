@@ -420,6 +420,34 @@ def test_remote_segments_of_a_fragmented_mp4_meet_exactly(fragmented, s3fs_clien
     assert dec.bytes_fetched < (0.5 if sampling else 2.5) * os.path.getsize(path)
 
 
+def test_a_fragmented_mp4_whose_table_is_wrong_is_read_whole_and_exactly(fragmented, s3fs_client, tmp_path):
+    """A fragmented MP4 whose mfra table points into media data (a damaged or lying file):
+    the walk finds no box there and the segments copy the file whole; every frame exact."""
+    import struct
+
+    path = str(tmp_path / "bad_table.mp4")
+    data = bytearray(open(fragmented["frag_table.mp4"], "rb").read())
+    kinds = [kind for kind, _ in _boxes(fragmented["frag_table.mp4"])]
+    assert kinds[-1] == b"mfra"
+    mfra_at = len(data) - int.from_bytes(data[-4:], "big")
+    tfra_at = mfra_at + 8
+    count = struct.unpack(">I", data[tfra_at + 20 : tfra_at + 24])[0]
+    wide = 8 if data[tfra_at + 8] == 1 else 4
+    step = 2 * wide + 3  # 1-byte traf, trun and sample numbers, as FFmpeg writes them
+    for k in range(count):
+        at = tfra_at + 24 + k * step + wide
+        offset = int.from_bytes(data[at : at + wide], "big")
+        data[at : at + wide] = (offset + 1001).to_bytes(wide, "big")  # into the media data
+    open(path, "wb").write(bytes(data))
+    url = "s3://rayvid-test/fragmented-bad/bad_table.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(20.0, 3.0)
+    dec, ends = Decoder(size=framecode.SIZE, batch_frames=16, fetch_gap_bytes=0), []
+    parts = _decode(url, bounds, {}, dec, ends)
+    assert [i for i, _ in parts] == list(range(300)) and all(shown == i for i, shown in parts)
+    assert dec.bytes_fetched >= os.path.getsize(path)  # whole copies
+
+
 def test_remote_segments_read_an_mp4_about_once(tmp_path, s3fs_client):
     """Six segments of a 12 s textured MP4 with audio read 1.3x its bytes at most (whole
     copies: 6x), and give the very pixels PyAV gives on the local file."""
