@@ -5,6 +5,9 @@ from __future__ import annotations
 
 
 def summary(result) -> str:
+    from rayvid.storage import public_uri
+
+    output = public_uri(result.output).rstrip("/")  # an ftp://user:password@... OUTPUT too
     lines = [
         f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
         f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done), "
@@ -13,7 +16,7 @@ def summary(result) -> str:
         + (f"; {result.frames - result.frames_reused} inferred, {result.frames_reused} reused "
            f"(--skip-similar)" if result.frames_reused else ""),
         f"  model:   {result.model}",
-        f"  output:  {result.output.rstrip('/')}/predictions/ (per frame), videos/ (per video); "
+        f"  output:  {output}/predictions/ (per frame), videos/ (per video); "
         f"{_plural(len(result.files), 'file')} written",
     ]
     if result.bytes_read:
@@ -21,8 +24,8 @@ def summary(result) -> str:
               if result.bytes_remote else "")
         lines.append(f"  storage: read {_mb(result.bytes_read)} from remote stores{of}")
     if result.videos_failed:
-        lines.append(f"  errors:  {result.output.rstrip('/')}/errors/ (one row per failed video)")
-    lines.append(f"  record:  {result.output.rstrip('/')}/runs/{result.run_id}.json")
+        lines.append(f"  errors:  {output}/errors/ (one row per failed video)")
+    lines.append(f"  record:  {output}/runs/{result.run_id}.json")
     if result.top_labels and result.frames:
         tops = ", ".join(f"{label} {100 * n / result.frames:.0f}%" for label, n in result.top_labels)
         lines.append(f"  labels:  {tops} of frames")

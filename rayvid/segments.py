@@ -6,7 +6,8 @@ Input columns:  `video_uri`, `source_uri` (optional: where to read it from, when
   carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
   `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri),
-  `version: str` (as listed, "" when unknown: every segment must read that version).
+  `version: str` (as listed; for a video listed without one and cut into segments, the
+  one its header was read from; "" when unknown: every segment must read that version).
 It runs before the decode pipeline: for up to `IN_DRIVER` videos in the driver's threads
 (starting tasks would cost more than the reads), else as Ray tasks that read headers (16
 at a time each, in threads: it is I/O), and the driver collects its small output: every segment then
@@ -36,24 +37,38 @@ from rayvid import storage
 from rayvid.schema import SEGMENTS_SCHEMA
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
+# Reads of a header on an object store: FFmpeg reads the container's start (and an MP4's
+# moov wherever it is) in small pieces; s3fs's default read-ahead would fetch 50 MB of
+# each video for it (measured: 52 MB of an 80 MB MP4 to learn its duration).
+HEADER_BLOCK_BYTES = 256 * 2**10
+
 
 def header_duration(uri: str) -> float:
     """The container's duration in seconds from its header, or 0.0 if unknown."""
+    return header(uri)[0]
+
+
+def header(uri: str, want_version: bool = False) -> tuple[float, str]:
+    """(duration in seconds from the container's header, or 0.0 if unknown; with
+    `want_version`, the object's version now: "" if unknown or unreadable)."""
     import av
 
     fs, path = storage.resolve(uri)
+    version = ""
     try:
+        if want_version:
+            version = storage.version_of(fs.info(path))
         if not storage.serves_ranges(fs, path):  # then every segment would copy it whole
-            return 0.0
-        with fs.open(path, "rb") as f, av.open(f) as container:
+            return 0.0, version
+        with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES) as f, av.open(f) as container:
             if container.duration:
-                return container.duration / 1_000_000  # AV_TIME_BASE
+                return container.duration / 1_000_000, version  # AV_TIME_BASE
             stream = container.streams.video[0] if container.streams.video else None
             if stream is not None and stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
+                return float(stream.duration * stream.time_base), version
     except (av.FFmpegError, IndexError, *storage.ACCESS_ERRORS):
         pass
-    return 0.0
+    return 0.0, version
 
 
 def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
@@ -73,10 +88,14 @@ def plan(batch: dict, segment_s: float) -> dict:
     read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
     listed = [v or "" for v in batch["version"]] if "version" in batch else [""] * len(videos)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        durations = (list(pool.map(header_duration, [s or u for s, u in zip(read_from, videos)]))
-                     if segment_s > 0 else [0.0] * len(videos))
-    for uri, source, version, duration in zip(videos, read_from, listed, durations):
+        # a video listed without a version (a manifest) gets the one its header was read
+        # from: every segment must read that one, or frames of two videos would pass as one
+        heads = (list(pool.map(header, [s or u for s, u in zip(read_from, videos)], [not v for v in listed]))
+                 if segment_s > 0 else [(0.0, "")] * len(videos))
+    for uri, source, version, (duration, now) in zip(videos, read_from, listed, heads):
         parts = bounds(duration, segment_s)
+        if len(parts) > 1:
+            version = version or now
         for k, (start, end) in enumerate(parts):
             uris.append(uri)
             sources.append(source)

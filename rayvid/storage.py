@@ -126,12 +126,15 @@ def _storage_options(protocol: str) -> dict:
 
 
 def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Turn any URL or local path into (filesystem, path-within-it)."""
+    """Turn any URL or local path into (filesystem, path-within-it). Never fsspec's URL
+    chaining (`simplecache::s3://...`): "::" is part of a key or a file name."""
     if not url:
         raise StorageError("empty URL")
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
     try:
-        fs, path = fsspec.core.url_to_fs(url, **_storage_options(protocol))
+        cls = fsspec.get_filesystem_class(protocol)
+        fs = cls(**cls._get_kwargs_from_urls(url), **_storage_options(protocol))
+        path = cls._strip_protocol(url)
     except ImportError as e:
         raise StorageError(
             f"no filesystem for {protocol}:// URLs ({e}); for gs:// run `pip install gcsfs`"
@@ -452,8 +455,13 @@ class RangeCopy:
             return
         with open(self.path, "r+b") as dst:
             for batch in self._batches(pieces):
-                datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
-                                           [hi for _, hi in batch], on_error="raise")
+                try:
+                    datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
+                                               [hi for _, hi in batch], on_error="raise")
+                except OSError as e:  # e.g. a range past the end of a shorter object now there
+                    if not is_unavailable(e):
+                        self._raise_if_replaced()
+                    raise
                 for (lo, hi), data in zip(batch, datas):
                     if len(data) > hi - lo:  # never written: it would land on the wrong bytes
                         raise OSError(f"the store sent {len(data)} bytes for a range of {hi - lo}: "
@@ -462,6 +470,7 @@ class RangeCopy:
                     dst.write(data)
                     self.fetched += len(data)
                     if len(data) < hi - lo:
+                        self._raise_if_replaced()
                         raise OSError(f"the object ended at byte {lo + len(data)} of {self.size}")
                     self._add(lo, hi)
 
@@ -477,6 +486,24 @@ class RangeCopy:
             budget -= hi - lo
         if batch:
             yield batch
+
+    def _raise_if_replaced(self) -> None:
+        """`ObjectChanged` where a read failed because the object is another one now (a
+        shorter one answers a range with fewer bytes, or not at all): by its version, or
+        without one known, by its size."""
+        self.verify()
+        if self.version:
+            return
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.remote)
+        try:
+            now = self.fs.info(self.remote).get("size")
+        except FileNotFoundError as e:
+            if is_unavailable(e):
+                raise
+            raise ObjectChanged("the object was deleted while it was read") from None
+        if now is not None and int(now) != self.size:
+            raise ObjectChanged(f"the object changed while it was read ({self.size} bytes, now {now})")
 
     def verify(self) -> None:
         """`ObjectChanged` if the object is no longer the version the copy began with (its
@@ -610,8 +637,11 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
     """Write a file so that readers see all of it or nothing.
 
     Object stores publish an object only when its upload completes, so writing in place is
-    atomic there. On a local or shared filesystem we write `.<name>.tmp-<id>` (a name no
-    `*.parquet` glob matches) and rename it over the final name.
+    atomic there, as long as a write that fails is never completed: fsspec's files upload
+    what they hold when closed, even from an exception (a Ctrl-C inside `write` would
+    publish a truncated Parquet file), so a failed write is discarded (a multipart upload
+    aborted) and never closed. On a local or shared filesystem we write `.<name>.tmp-<id>`
+    (a name no `*.parquet` glob matches) and rename it over the final name.
     """
     fs, path = resolve(url)
     if is_local(fs):
@@ -628,8 +658,16 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         return
-    with fs.open(path, "wb") as f:
+    f = fs.open(path, "wb")
+    try:
         write(f)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.discard()
+        with contextlib.suppress(AttributeError):
+            f.closed = True  # so that nothing (close, __del__) uploads what was written
+        raise
+    f.close()
 
 
 def makedirs(url: str) -> None:
@@ -639,7 +677,8 @@ def makedirs(url: str) -> None:
 
 # --- secrets -------------------------------------------------------------------------
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@")
+# user:password@ and a bare token as user (https://<token>@host/...) alike
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]+@")  # to the last "@"
 _QUERY = re.compile(r"(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
@@ -658,13 +697,16 @@ def redact(text: str) -> str:
         return text
     text = _USERINFO.sub(r"\g<scheme>***@", text)
     text = _QUERY.sub(r"\g<base>?<redacted>", text)
+    # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
+    text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _SIGNING.fullmatch(m[2]) else m[3]), text)
     for value in _secret_values():
         text = text.replace(value, "***")
     return _AWS_KEY_ID.sub("***", text)
 
 
-_SIGNING = re.compile(r"x-amz-.*|x-goog-.*|awsaccesskeyid|googleaccessid|signature|sig|expires|policy"
-                      r"|key-pair-id|token|access_token", re.IGNORECASE)
+_SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
+                      r"|sig|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts", re.IGNORECASE)
+_PARAM = re.compile(r"([?&;](?P<name>[A-Za-z0-9_.~%-]+)=)(?P<value>[^&#\s'\"]*)")
 _SAS = frozenset("sv ss srt sp se st spr sr si sdd skoid sktid skt ske sks skv saoid suoid scid sip".split())
 
 
@@ -672,7 +714,9 @@ def stored_uri(url: str) -> str:
     """A video's name in every output and the key of its resume point: the URL without
     user-info and without the query parameters that sign it (S3 and GCS presigned URLs:
     X-Amz-*, X-Goog-*, AWSAccessKeyId, Signature, Expires; CloudFront: Policy, Key-Pair-Id;
-    an Azure SAS: sig and its companions; token, access_token), so no secret is written and
+    an Azure SAS: sig and its companions; Alibaba OSS: OSSAccessKeyId, security-token,
+    x-oss-*; Tencent COS: q-*, x-cos-*; Akamai: __token__, hdnts; and any name holding
+    token, signature, credential or accesskey), so no secret is written and
     the same object signed again is the same video. Other query parameters of an HTTP(S)
     URL stay, as they were: they may name the object."""
     url = _USERINFO.sub(r"\g<scheme>", url)

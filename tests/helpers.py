@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import http.server
@@ -50,6 +51,9 @@ def upload_tree(fs, local_dir, url_prefix: str) -> None:
 
 
 HTTP_MODES = ("ranges", "whole", "no-length")
+
+
+HTTP_SENT: collections.Counter = collections.Counter()  # body bytes `http_server` sent, per path
 
 
 @contextlib.contextmanager
@@ -103,6 +107,7 @@ def http_server(root: str, mode: str):
             if body:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
+                    HTTP_SENT[urllib.parse.urlparse(self.path).path] += len(data)
 
         def log_message(self, *args):
             pass

@@ -15,7 +15,7 @@ import pytest
 
 import framecode
 from helpers import HTTP_MODES, http_server, pts_of
-from rayvid import pipeline, segments
+from rayvid import pipeline, segments, storage
 from rayvid.config import DecodeConfig, ModelConfig, RunConfig
 from rayvid.decode import Decoder
 from rayvid.schema import KIND_END, KIND_FRAME
@@ -54,6 +54,24 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
     assert segments.header_duration("s3://rayvid-test/long/missing.mp4") == 0.0
     plan = segments.plan({"video_uri": np.array([path], dtype=object)}, segment_s=6.0)
     assert plan["segment"].tolist() == [0, 1, 2, 3] and plan["n_segments"].tolist() == [4] * 4
+    # listed without a version (a manifest): every segment must read the one planned from
+    url = "s3://rayvid-test/long/long_h264.mp4"
+    etag = storage.version_of(s3fs_client.info(url))
+    plan = segments.plan({"video_uri": np.array([url, url], dtype=object),
+                          "version": np.array(["", "listed"], dtype=object)}, segment_s=6.0)
+    assert plan["version"].tolist() == [etag] * 4 + ["listed"] * 4
+
+
+def test_a_header_is_read_in_small_pieces(long_videos, tmp_path):
+    """Planning reads a video's header, not the first 5 MB (HTTP) or 50 MB (s3fs) of it."""
+    from helpers import HTTP_SENT
+
+    path, _ = long_videos["long_h264.mp4"]
+    padded = tmp_path / "padded.mp4"  # the video, then 16 MB of a free box FFmpeg skips
+    padded.write_bytes(open(path, "rb").read() + (16 * 2**20).to_bytes(4, "big") + b"free" + bytes(16 * 2**20 - 8))
+    with http_server(str(tmp_path), "ranges") as base:
+        assert segments.header_duration(f"{base}/padded.mp4") == pytest.approx(20.0, abs=0.1)
+    assert HTTP_SENT["/padded.mp4"] <= os.path.getsize(path) + 2 * segments.HEADER_BLOCK_BYTES
 
 
 @pytest.mark.parametrize("mode", HTTP_MODES)

@@ -21,6 +21,19 @@ def test_resolve_local_and_s3(tmp_path, s3_endpoint):
     assert fs.exists("rayvid-test")  # reached the moto endpoint through AWS_ENDPOINT_URL
 
 
+def test_a_double_colon_is_part_of_the_name_not_a_chain(tmp_path, s3fs_client):
+    """fsspec reads "a::b" as the URL b seen through a; rayvid reads the object named so."""
+    (tmp_path / "clip").write_bytes(b"another file")
+    (tmp_path / "clip::1.mp4").write_bytes(b"this one")
+    with storage.local_copy(str(tmp_path / "clip::1.mp4"), str(tmp_path)) as p:
+        assert open(p, "rb").read() == b"this one"
+    s3fs_client.pipe_file("s3://rayvid-test/in/a::b.mp4", b"on s3")
+    with storage.local_copy("s3://rayvid-test/in/a::b.mp4", str(tmp_path)) as p:
+        assert open(p, "rb").read() == b"on s3"
+    fs, path = storage.resolve("s3://rayvid-test/in/a::b.mp4")
+    assert storage.to_url(fs, path) == "s3://rayvid-test/in/a::b.mp4"
+
+
 def test_local_copy_streams_s3_objects_to_a_temp_file(tmp_path, s3fs_client):
     data = os.urandom(3 * 2**20 + 17)
     s3fs_client.pipe_file("s3://rayvid-test/blob.bin", data)
@@ -31,6 +44,22 @@ def test_local_copy_streams_s3_objects_to_a_temp_file(tmp_path, s3fs_client):
     with pytest.raises(FileNotFoundError):
         with storage.local_copy("s3://rayvid-test/nope.bin", str(tmp_path)):
             pass
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_range_copy_of_an_object_replaced_by_a_shorter_one_is_object_changed(tmp_path, s3fs_client, listed):
+    """A shorter object answers a range with fewer bytes, or with 416 past its end: that is
+    ObjectChanged (the next run reads the video again), whether or not a version was listed."""
+    url = "s3://rayvid-test/shrinks.bin"
+    s3fs_client.pipe_file(url, os.urandom(9000))
+    version = storage.version_of(s3fs_client.info(url)) if listed else ""
+    for offset, length in ((0, 9000), (6000, 1000)):  # a short answer; a range past the end
+        with storage.range_copy(url, str(tmp_path), version) as part:
+            s3fs_client.pipe_file(url, os.urandom(5000))
+            with pytest.raises(storage.ObjectChanged):
+                part.fetch(offset, length)
+        s3fs_client.pipe_file(url, os.urandom(9000))
+        version = storage.version_of(s3fs_client.info(url)) if listed else ""
 
 
 def test_range_copy_fetches_only_the_ranges_asked(tmp_path, s3fs_client):
@@ -82,7 +111,7 @@ def test_an_object_shorter_than_its_listing_is_an_error_not_zeros(tmp_path, s3fs
     copy = str(tmp_path / "copy.bin")
     open(copy, "wb").close()
     part = storage.RangeCopy(fs, path, 9000, copy)  # listed longer than it is now
-    with pytest.raises(OSError, match="the object ended at byte 5000 of 9000"):
+    with pytest.raises(storage.ObjectChanged, match=r"changed while it was read \(9000 bytes, now 5000\)"):
         part.fetch(4000, 2000)
     assert part.fetched == 1000
 
@@ -338,6 +367,25 @@ def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     assert s3fs_client.cat_file("s3://rayvid-test/w/f.bin") == b"xyz"
 
 
+@pytest.mark.parametrize("size", [1000, 12 * 2**20])  # one PUT at close; a multipart upload
+def test_write_atomic_publishes_nothing_of_an_interrupted_write_on_s3(s3fs_client, size):
+    """An exception inside the write (a Ctrl-C while Parquet encodes) leaves no object, not
+    the bytes written so far, and no multipart upload behind; the old object stays."""
+    url = f"s3://rayvid-test/w/interrupted-{size}.bin"
+    storage.write_atomic(url, lambda f: f.write(b"old"))
+
+    def write(f):
+        f.write(b"x" * size)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_atomic(url, write)
+    s3fs_client.invalidate_cache()
+    assert s3fs_client.cat_file(url) == b"old"
+    uploads = s3fs_client.call_s3("list_multipart_uploads", Bucket="rayvid-test")
+    assert not uploads.get("Uploads")
+
+
 def test_redact_removes_credentials(s3_endpoint):
     text = (
         f"failed https://bucket.s3.amazonaws.com/k.mp4?X-Amz-Credential={FAKE_KEY_ID}&X-Amz-Signature=abc "
@@ -348,6 +396,13 @@ def test_redact_removes_credentials(s3_endpoint):
         assert secret not in out
     assert "https://bucket.s3.amazonaws.com/k.mp4?<redacted>" in out
     assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
+    assert storage.public_uri("https://ghp_T0KEN@host/m.keras") == "https://host/m.keras"
+    assert storage.stored_uri("https://user:p@ss@host/a.mp4") == "https://host/a.mp4"
+    for leaky in ("http://h/sub dir/a.mp4?X-Amz-Signature=S3CRETSIG&v=1", "https://cdn/it's.mp4?token=S3CRETSIG",
+                  'no such file: "https://h/a b.mp4?sig=S3CRETSIG"'):  # _QUERY stops at the space/quote
+        assert "S3CRETSIG" not in storage.redact(leaky), storage.redact(leaky)
+    assert storage.redact("http://h/sub dir/a.mp4?X-Amz-Signature=S&v=1").endswith("X-Amz-Signature=<redacted>&v=1")
+    assert "ghp_T0KEN" not in storage.redact("cannot read https://ghp_T0KEN@host/m.keras: 404")
 
 
 def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
@@ -362,6 +417,16 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
     assert storage.stored_uri(sas) == "https://a.blob.core.windows.net/c/k.mp4"
     assert storage.stored_uri("https://cdn/k.mp4?Policy=P&Key-Pair-Id=K&Signature=S") == "https://cdn/k.mp4"
     assert storage.stored_uri("https://user:pw@host/v?id=7&sp=2&token=t#frag") == "https://host/v?id=7&sp=2"
+    assert storage.stored_uri("https://ghp_T0KEN@host/v.mp4?id=7") == "https://host/v.mp4?id=7"
+    others = {  # Alibaba OSS (STS), Tencent COS, Akamai
+        "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4?OSSAccessKeyId=A&Expires=1&Signature=S&security-token=T":
+            "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4",
+        "https://b.cos.ap-beijing.myqcloud.com/k.mp4?q-sign-algorithm=sha1&q-ak=A&q-sign-time=1;2&q-key-time=1;2"
+        "&q-header-list=&q-url-param-list=&q-signature=S&x-cos-security-token=T": "https://b.cos.ap-beijing.myqcloud.com/k.mp4",
+        "https://cdn.example/k.mp4?__token__=exp=1~hmac=H&hdnts=st=1~hmac=H&v=2": "https://cdn.example/k.mp4?v=2",
+    }
+    for signed, stored in others.items():
+        assert storage.stored_uri(signed) == stored
     for kept in ("https://host/get?id=7&st=10", "s3://b/k.mp4", "/local/a?sig=1.mp4", "gs://b/x y.mkv",
                  "s3://b/odd?sig=1&token=2.mp4"):  # outside HTTP a "?" is part of the key
         assert storage.stored_uri(kept) == kept
