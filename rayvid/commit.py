@@ -12,12 +12,20 @@ Output, under OUTPUT:
 Commit protocol. The three files of one flush share a name and are written in the order
 predictions, errors, videos; the videos file is the commit point. `recover` (at the start of
 every run) deletes predictions/errors files whose videos file never appeared (a run killed
-mid-flush) and finishes or undoes what a killed `rayvid compact` left (compact.py), and
-reads which videos are committed; `pending` skips them, unless their
-content changed (size or etag/mtime) or, with --retry-failed, they failed; `retract`
-removes the rows of videos about to be redone from the committed files (predictions first,
-videos last) before any new row is written. A reader therefore never sees a video twice,
-nor part of one.
+mid-flush), finishes or undoes what a killed `rayvid compact` left (compact.py), finishes
+a killed run's `retract`, and reads which videos are committed; `pending` skips them,
+unless their content changed (size or etag/mtime) or, with --retry-failed, they failed;
+`retract` removes the rows of videos about to be redone from the committed files (an
+intent record `retractions/<run_id>.json` first, which a later `recover` completes if the
+run dies part-way) before any new row is written. A reader therefore never sees a video
+twice, nor part of one.
+
+Several runs may write into one OUTPUT at once (shards of an archive): `recover` touches
+only what dead writers left. A run's record (`runs/<run_id>.json`) names its host and
+process and is rewritten every HEARTBEAT_S while it runs (`Heartbeat`); a writer is dead
+when its record no longer says running, when it ran on this host and its process is gone,
+or when its record is older than LEASE_S. A run id used again (a resubmitted job) numbers
+its files after the ones already there.
 
 A video is published only when it is complete: for each of its segments, the terminal row
 has arrived and the number of its frame rows equals the count that row carries. Complete videos are gathered and
@@ -30,8 +38,15 @@ sees part of a video.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
+import os
+import re
+import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,7 +63,13 @@ ERRORS_DIR = "errors"
 VIDEOS_DIR = "videos"
 RUNS_DIR = "runs"
 COMPACTIONS_DIR = "compactions"  # intent records of `rayvid compact` (compact.py)
+RETRACTIONS_DIR = "retractions"  # intent records of `retract`
 CHANGED = storage.ObjectChanged.__name__  # the error of a video that changed while it was read
+HEARTBEAT_S = 30.0  # a running run rewrites its record this often
+LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
+COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
+
+log = logging.getLogger("rayvid")
 
 
 class Committer:
@@ -80,7 +101,7 @@ class Committer:
         self._ready_rows = 0
         self._ready_errors: list[dict] = []
         self._ready_videos: list[dict] = []
-        self._seq = 0
+        self._seq = _next_seq(self.output, run_id)  # a run id used again: after its files
         self._last_flush = time.monotonic()
         self.files: list[str] = []
         self.committed: set = set()  # video_uri of every video this run published
@@ -153,6 +174,8 @@ class Committer:
             video = _fill_reused(pa.concat_tables(parts))
             if "boxes" in video.column_names:
                 video = _pixel_boxes(video, meta["width"] or 0, meta["height"] or 0)
+            if self._ready_rows and self._ready_rows + len(video) > self.rows_per_file:
+                self.flush()  # a file holds whole videos, and more than rows_per_file only for one
             self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)
@@ -324,12 +347,101 @@ def videos_url(output: str) -> str:
     return storage.join(output, VIDEOS_DIR)
 
 
+def run_of(name: str) -> str:
+    """The run id in a part's name, `part-<run_id>-<seq>.parquet`."""
+    return name[len("part-"):].rsplit("-", 1)[0]
+
+
+def _next_seq(output: str, run_id: str) -> int:
+    """1 + the highest <seq> of OUTPUT's files named `part-<run_id>-<seq>.parquet` (0: none)."""
+    fs, root = storage.resolve(output)
+    pattern = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
+    seqs = [int(m[1]) for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR)
+            for name in _parts(fs, f"{root.rstrip('/')}/{directory}") if (m := pattern.fullmatch(name))]
+    return max(seqs, default=-1) + 1
+
+
+def writer() -> dict:
+    """Who writes: the fields by which another process tells whether this one still runs."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _gone(record: dict) -> bool | None:
+    """True/False where the writer ran on this host (its process is gone, or not); None
+    where this host cannot tell."""
+    if record.get("host") != socket.gethostname() or not record.get("pid"):
+        return None
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def alive(record: dict | None, now: float | None = None) -> bool:
+    """Whether the run of this record (runs/<run_id>.json) may still be writing."""
+    if not record or record.get("status") != "running":
+        return False
+    gone = _gone(record)
+    if gone is not None:
+        return not gone
+    return (now or time.time()) - float(record.get("heartbeat_at") or 0) < LEASE_S
+
+
+def read_run_record(fs, root: str, run_id: str) -> dict | None:
+    try:
+        with fs.open(f"{root}/{RUNS_DIR}/{run_id}.json", "rb") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class Heartbeat:
+    """Keeps a running run's record fresh: written at `start` (which raises if OUTPUT is
+    not writable), rewritten every `every_s` seconds with `heartbeat_at` until `stop`,
+    so that other runs into the same OUTPUT leave its flushes in progress alone. `clean`
+    turns the record into what may be written (no credentials)."""
+
+    def __init__(self, output: str, run_id: str, record: dict, clean=lambda r: r, every_s: float = HEARTBEAT_S):
+        self.output, self.run_id, self.record, self.clean, self.every_s = output, run_id, record, clean, every_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.record.update(writer(), heartbeat_at=time.time())
+        write_run_record(self.output, self.run_id, self.clean(self.record))
+        self._thread = threading.Thread(target=self._beat, name="rayvid-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self.record["heartbeat_at"] = time.time()
+                try:
+                    write_run_record(self.output, self.run_id, self.clean(self.record))
+                except storage.ACCESS_ERRORS as e:  # the next beat tries again
+                    log.warning("cannot refresh the run record: %s", storage.describe(e))
+
+    def stop(self) -> None:
+        """No record is written by the heartbeat after this returns."""
+        with self._lock:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 @dataclass
 class Committed:
     """What earlier runs committed to OUTPUT: video_uri -> its videos/ row and file name."""
 
     videos: dict = field(default_factory=dict)
     removed: list = field(default_factory=list)  # orphan files deleted by `recover`
+    in_flight: list = field(default_factory=list)  # orphan files of runs still writing: left
 
 
 def _parts(fs, directory: str) -> set:
@@ -344,12 +456,20 @@ def recover(output: str) -> Committed:
     committed."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
-    finish_compactions(fs, root)
+    merging = finish_compactions(fs, root)
     committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
     state = Committed()
+    running: dict = {}  # run id -> whether it may still be writing
     for directory in (PREDICTIONS_DIR, ERRORS_DIR):
         for name in sorted(_parts(fs, f"{root}/{directory}") - committed):
-            fs.rm(f"{root}/{directory}/{name}")
+            run = run_of(name)
+            if run not in running:
+                running[run] = alive(read_run_record(fs, root, run))
+            if running[run] or name in merging:  # a flush in progress: its videos file comes next
+                state.in_flight.append(f"{directory}/{name}")
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another run's recover was first
+                fs.rm(f"{root}/{directory}/{name}")
             state.removed.append(f"{directory}/{name}")
     for name in sorted(committed):
         table = pq.read_table(f"{root}/{VIDEOS_DIR}/{name}", filesystem=fs,
@@ -362,6 +482,7 @@ def recover(output: str) -> Committed:
             for uri, kind in zip(errors.column("video_uri").to_pylist(), errors.column("error_type").to_pylist()):
                 if kind == CHANGED and uri in state.videos:
                     state.videos[uri]["changed"] = True
+    _finish_retractions(output, fs, root, state)
     return state
 
 
@@ -369,9 +490,9 @@ def committed_parts(fs, root: str) -> list[str]:
     """The part names whose rows readers should see: those with a videos/ file (the
     commit point), minus those a finished compaction replaced but has not deleted yet."""
     names = _parts(fs, f"{root}/{VIDEOS_DIR}")
-    for new, replaces in _compactions(fs, root):
+    for new, record in _compactions(fs, root):
         if new in names:
-            names -= set(replaces)
+            names -= set(record["replaces"]) - {new}
     return sorted(names)
 
 
@@ -382,26 +503,51 @@ def _compactions(fs, root: str) -> list[tuple[str, list]]:
         return []
     out = []
     for path in records:
-        with fs.open(path, "rb") as f:
-            out.append((path.rsplit("/", 1)[-1][: -len(".json")], json.load(f)["replaces"]))
+        with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:
+            out.append((path.rsplit("/", 1)[-1][: -len(".json")], json.load(f)))
     return out
 
 
-def finish_compactions(fs, root: str) -> None:
+def finish_compactions(fs, root: str) -> set:
     """Complete or undo what a killed `rayvid compact` left: if the merged part's videos/
     file exists it is committed, so the parts it replaces go (their commit points first);
-    if not, the merged part's other files go and the parts it would replace stay."""
-    for new, replaces in _compactions(fs, root):
+    if not, and the compaction is dead (`_intent_alive`), the merged part's other files go
+    and the parts it would replace stay; a live one is left to finish. Returns the names
+    of the merged parts still being written."""
+    merging = set()
+    for new, record in _compactions(fs, root):
+        replaces = record["replaces"]
         if fs.exists(f"{root}/{VIDEOS_DIR}/{new}"):
             for directory in (VIDEOS_DIR, PREDICTIONS_DIR, ERRORS_DIR):
                 for name in replaces:
-                    if name != new and fs.exists(f"{root}/{directory}/{name}"):
-                        fs.rm(f"{root}/{directory}/{name}")
+                    if name != new:
+                        _rm(fs, f"{root}/{directory}/{name}")
+        elif _intent_alive(fs, root, record, COMPACTION_LEASE_S):
+            merging.add(new)
+            continue
         else:
             for directory in (PREDICTIONS_DIR, ERRORS_DIR):
-                if fs.exists(f"{root}/{directory}/{new}"):
-                    fs.rm(f"{root}/{directory}/{new}")
-        fs.rm(f"{root}/{COMPACTIONS_DIR}/{new}.json")
+                _rm(fs, f"{root}/{directory}/{new}")
+        _rm(fs, f"{root}/{COMPACTIONS_DIR}/{new}.json")
+    return merging
+
+
+def _rm(fs, path: str) -> None:
+    """Delete if there (another process finishing the same work may be first)."""
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def _intent_alive(fs, root: str, record: dict, lease_s: float) -> bool:
+    """Whether the writer of an intent record (compaction, retraction) may still be at it:
+    by its process where it ran on this host, else by its run's record, else by its age."""
+    gone = _gone(record)
+    if gone is not None:
+        return not gone
+    if record.get("run_id"):
+        return alive(read_run_record(fs, root, record["run_id"]))
+    return time.time() - float(record.get("started_at") or 0) < lease_s
 
 
 def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple[pa.Table, int, set]:
@@ -415,7 +561,9 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
         if done is None:
             keep.append(i)
             continue
-        changed = ((size != -1 and done["size_bytes"] != size) or (version and done["version"] != version)
+        # -1 and "": not known (a manifest lists neither), so never a difference
+        changed = ((size != -1 and done["size_bytes"] not in (-1, None, size))
+                   or (version and done["version"] and done["version"] != version)
                    or done.get("changed"))  # it changed while a run read it: read it again
         if changed or (retry_failed and done["error"]):
             keep.append(i)
@@ -425,15 +573,51 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
     return videos.take(pa.array(keep, pa.int64())), skipped, redo
 
 
-def retract(output: str, uris: set, committed: Committed) -> None:
+def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> None:
     """Remove these videos' rows from the committed files: predictions, errors, then videos
-    (the commit point last, so a crash in between leaves them committed-and-changed, which
-    the next run retracts again)."""
+    (the commit point last). An intent record (`retractions/<run_id>.json`: the videos and
+    files) is written first and deleted last: a run killed in between leaves it, and the
+    next `recover` completes the retraction (`finish_retractions`), so a video is either
+    still committed as it was or no longer committed at all, never left half-retracted."""
+    if not uris:
+        return
+    names = sorted({committed.videos[u]["file"] for u in uris})
+    url = storage.join(output, RETRACTIONS_DIR, f"{run_id or uuid.uuid4().hex}.json")
+    intent = json.dumps({"videos": sorted(uris), "run_id": run_id,
+                         "started_at": time.time(), **writer()}).encode()
+    storage.write_atomic(url, lambda f: f.write(intent))
+    _retract(output, set(uris), names)
+    fs, path = storage.resolve(url)
+    fs.rm(path)
+
+
+def _finish_retractions(output: str, fs, root: str, state: Committed) -> None:
+    """Complete the retractions whose runs died part-way (their intent records remain), in
+    the files that hold those videos now (a compaction may have merged the ones listed)."""
+    try:
+        records = sorted(fs.glob(f"{root}/{RETRACTIONS_DIR}/*.json"))
+    except FileNotFoundError:
+        return
+    for path in records:
+        try:
+            with fs.open(path, "rb") as f:
+                record = json.load(f)
+        except FileNotFoundError:  # another run's recover completed it
+            continue
+        if _intent_alive(fs, root, record, LEASE_S):
+            continue
+        uris = {u for u in record["videos"] if u in state.videos}
+        _retract(output, uris, sorted({state.videos[u]["file"] for u in uris}))
+        for u in uris:
+            del state.videos[u]
+        _rm(fs, path)
+
+
+def _retract(output: str, uris: set, names: list) -> None:
     if not uris:
         return
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
-    names = sorted({committed.videos[u]["file"] for u in uris})
     drop = pa.array(sorted(uris), pa.string())
     for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR):
         for name in names:

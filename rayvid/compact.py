@@ -2,7 +2,7 @@
 frame rows, under the commit protocol (commit.py).
 
 Input: OUTPUT's committed parts (`predictions/`, `errors/`, `videos/` files sharing a
-name). Output: merged parts `part-compact-<stamp>-<seq>.parquet` with the same schemas,
+name). Output: merged parts `part-compact-<stamp>-<random>-<seq>.parquet` with the same schemas,
 rows sorted by (video_uri, frame_index), written like every output file
 (`commit.write_parquet`); a video's rows never straddle two parts.
 
@@ -11,17 +11,19 @@ Each merge: (1) an intent record `compactions/<new>.json` names the parts it rep
 (3) the replaced parts' videos/ files, then their other files, are deleted; (4) the record
 goes. A merge killed anywhere is finished or undone by the next `recover` (every run and
 every compaction starts with it): before (2) ends the replaced parts stay; after, the
-merged one does. rayvid's own readers (`query`) read through `commit.committed_parts` and
+merged one does. (A merge still running, by its process on this host or, elsewhere, for
+commit.COMPACTION_LEASE_S, is never undone.) rayvid's own readers (`query`) read through `commit.committed_parts` and
 never see a row twice; an engine globbing `predictions/` during step (2)-(3) may, for
 the seconds between the merged file's upload and the old ones' deletion. Parts of a run
-still marked running are left alone unless asked (a run writing into OUTPUT must not be
-compacted under).
+still running (`commit.alive`) are left alone unless asked (a run writing into OUTPUT
+must not be compacted under).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,15 +40,11 @@ _TABLES = (  # directory, schema, sort keys; videos/ last: it is the commit poin
 )
 
 
-def run_of(name: str) -> str:
-    """The run id in a part's name, `part-<run_id>-<seq>.parquet`."""
-    return name[len("part-"):].rsplit("-", 1)[0]
-
-
 def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool = False) -> dict:
     """Merge OUTPUT's small parts; returns what it did (files before/after, merges).
-    `include_running`: also merge parts of runs whose record says running (a run that
-    was killed keeps that status; pass it when nothing writes into OUTPUT)."""
+    `include_running`: also merge parts of runs that may still be writing (`commit.alive`:
+    a run killed on another host counts as running for commit.LEASE_S after its last
+    heartbeat)."""
     if target_rows < 1:
         raise ValueError("target_rows must be >= 1")
     commit.recover(output)
@@ -55,7 +53,7 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     rows = {n: _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}/{n}") for n in names}
-    small = [n for n in names if rows[n] < target_rows // 2 and run_of(n) not in running]
+    small = [n for n in names if rows[n] < target_rows // 2 and commit.run_of(n) not in running]
     groups, group, total = [], [], 0
     for name in small:
         if group and total + rows[name] > target_rows:
@@ -65,17 +63,18 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
         total += rows[name]
     groups.append(group)
     groups = [g for g in groups if len(g) > 1]
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # two compactions in the same second must not pick one name: it would replace a part
+    stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     for seq, group in enumerate(groups):
         _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet")
     merged = sum(len(g) for g in groups)
     return {"parts_before": len(names), "parts_after": len(names) - merged + len(groups),
             "merged": merged, "into": len(groups),
-            "left_running": sorted({run_of(n) for n in names if run_of(n) in running})}
+            "left_running": sorted({commit.run_of(n) for n in names if commit.run_of(n) in running})}
 
 
 def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
-    record = json.dumps({"replaces": group, "started_at": time.time()}).encode()
+    record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
     storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
     for directory, schema, keys in _TABLES:
         tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
@@ -111,6 +110,6 @@ def _running_runs(fs, root: str) -> set:
     for path in records:
         with fs.open(path, "rb") as f:
             record = json.load(f)
-        if record.get("status") == "running":
+        if commit.alive(record):
             running.add(record.get("run_id"))
     return running

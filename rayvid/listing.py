@@ -2,7 +2,8 @@
 
 Input: INPUT, one of
   - a folder or prefix URL (`s3://bucket/videos/`, `/data/videos`): every file below it,
-    recursively, whose extension is a video extension (case-insensitive);
+    recursively, whose extension is a video extension (case-insensitive), except hidden
+    ones: a name starting with `.`, of the file or of a folder below INPUT;
   - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv` or `.parquet`
     with a `video_uri` column;
   - a single video file.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
+import urllib.parse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +42,28 @@ LISTING_SCHEMA = pa.schema(
 
 
 def is_video(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+    return _extension(path) in VIDEO_EXTENSIONS
+
+
+def _is_http(url: str) -> bool:
+    return url.lower().startswith(("http://", "https://"))
+
+
+def _extension(url: str) -> str:
+    """Of an HTTP(S) URL, its path's (a presigned URL's query is no extension); elsewhere
+    a `?` or `#` is part of the S3 key or file name."""
+    if _is_http(url):
+        url = urllib.parse.urlsplit(url).path
+    return os.path.splitext(url)[1].lower()
+
+
+def _folder(url: str) -> str:
+    """What a manifest's relative entries are relative to: of an HTTP(S) URL, its path's
+    folder, without the query or fragment (they sign or name the manifest, not its entries)."""
+    if not _is_http(url):
+        return os.path.dirname(url)
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=posixpath.dirname(parts.path), query="", fragment=""))
 
 
 def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
@@ -55,7 +79,7 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     if info.get("type") == "directory":
         table = _walk(input_url)
     else:
-        if os.path.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
+        if _extension(path) in MANIFEST_EXTENSIONS:
             with storage.access(input_url, "read manifest", InputError):
                 rows = _manifest(fs, path, input_url)
         elif is_video(path):
@@ -87,15 +111,23 @@ def _table(rows: list) -> pa.Table:
 def _walk(url: str) -> pa.Table:
     """A folder or prefix, page by page into Arrow: about 100 bytes per video, so a
     100,000-object prefix costs the driver a few MB (tests/test_listing.py measures it)."""
+    root = storage.to_url(*storage.resolve(url))  # what each listed URL starts with
     tables = []
     try:
         for page in storage.iter_files(url):
-            rows = [r for r in page if is_video(r[0]) and not r[0].rsplit("/", 1)[-1].startswith(".")]
+            rows = [r for r in page if is_video(r[0]) and not _hidden(r[0], root)]
             if rows:
                 tables.append(_table(rows))
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot list {storage.public_uri(url)}: {storage.describe(e)}") from None
     return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+def _hidden(url: str, root: str) -> bool:
+    """Whether a name below `root` (the file's or a folder's) starts with "." (`.snapshot/`,
+    `.Trash/`); those of `root` itself do not count: INPUT may be in one (`~/.cache/videos`)."""
+    below = url[len(root):] if url.startswith(root) else url.rsplit("/", 1)[-1]
+    return any(name.startswith(".") for name in below.split("/"))
 
 
 def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
@@ -104,7 +136,7 @@ def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
 
 
 def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
-    ext = os.path.splitext(path)[1].lower()
+    ext = _extension(path)
     where = storage.public_uri(input_url)
     if ext == ".parquet":  # read by ranges (the footer, then one column) where the store serves them
         ranged = storage.serves_ranges(fs, path)
@@ -127,7 +159,7 @@ def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
         else:
             uris = [line.strip() for line in text.splitlines()]
             uris = [u for u in uris if u and not u.startswith("#")]
-    base = os.path.dirname(storage.to_url(fs, path))
+    base = _folder(storage.to_url(fs, path))
     rows, seen = [], set()
     for uri in uris:
         if uri is None or not str(uri).strip():

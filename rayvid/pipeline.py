@@ -131,7 +131,7 @@ def run(cfg: RunConfig) -> RunResult:
         plan = plan_resources(cfg, ray.cluster_resources(), listed, remote=_any_remote(videos))
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
-        _write_first_record(cfg, record)
+        beat = _write_first_record(cfg, record)
         try:
             sources = dict(zip(videos.column("video_uri").to_pylist(),
                                zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
@@ -144,7 +144,7 @@ def run(cfg: RunConfig) -> RunResult:
                 try:
                     for batch in results(ds):
                         if not retracted:
-                            commit.retract(cfg.output, redo, committed)
+                            commit.retract(cfg.output, redo, committed, cfg.run_id)
                             retracted = True
                         committer.add(batch)
                 except Exception as e:
@@ -156,15 +156,17 @@ def run(cfg: RunConfig) -> RunResult:
                 loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
                 info = info or loaded
             if not retracted:
-                commit.retract(cfg.output, redo, committed)
+                commit.retract(cfg.output, redo, committed, cfg.run_id)
             committer.close()
         except BaseException as e:
+            beat.stop()
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
             except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
                 log.warning("cannot record the failed run: %s", storage.describe(write_error))
             raise
+        beat.stop()
     finally:
         if we_started_ray:
             ray.shutdown()
@@ -407,10 +409,13 @@ def _recover(cfg: RunConfig) -> commit.Committed:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 
 
-def _write_first_record(cfg: RunConfig, record: dict) -> None:
-    """The run record, written before any work: proves OUTPUT is writable, or says why not."""
+def _write_first_record(cfg: RunConfig, record: dict) -> commit.Heartbeat:
+    """The run record, written before any work (proves OUTPUT is writable, or says why not)
+    and kept fresh while the run runs, so other runs into OUTPUT leave its work alone."""
     try:
-        commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+        beat = commit.Heartbeat(cfg.output, cfg.run_id, record, _redacted)
+        beat.start()
+        return beat
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise StorageError(f"cannot write to OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 

@@ -12,11 +12,14 @@ written, so keys, tokens and signed-URL signatures never leave the process.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -588,7 +591,8 @@ def is_remote(url: str) -> bool:
 def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int, str]]]:
     """Every file below a folder or prefix URL, a page at a time: lists of
     (url, size_bytes, version). On S3 these are ListObjectsV2 pages (bounded memory however
-    many objects there are, and no per-object metadata kept); elsewhere fsspec's find."""
+    many objects there are, and no per-object metadata kept); a local folder is walked
+    (`_local_files`); elsewhere fsspec's find."""
     fs, root = resolve(url)
     if fs.protocol and ("s3" in fs.protocol or "s3a" in fs.protocol):
         bucket, key, _ = fs.split_path(root)
@@ -604,9 +608,12 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
-    found = fs.find(root, detail=True, withdirs=False)
+    if is_local(fs):
+        found = ((path, {"size": st.st_size, "mtime": st.st_mtime}) for path, st in _local_files(root))
+    else:
+        found = fs.find(root, detail=True, withdirs=False).items()
     rows = []
-    for path, info in found.items():
+    for path, info in found:
         if info.get("islink"):  # find gives a symlink's own mtime; the version is its file's
             info = fs.info(path)
         size = info.get("size")
@@ -615,6 +622,40 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
             yield rows
             rows = []
     yield rows
+
+
+def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat of its file) of every regular file below a local folder, symbolic links
+    followed, to folders too (fsspec's find follows links to files only, and fails at a
+    broken one). Paths are as reached (`root/link/x.mp4`: the name the user sees). A broken
+    link is skipped, with a warning. Each folder is listed once (by device and inode), the
+    ones reached without a link first: a link loop ends, and a folder linked from inside
+    `root` is listed where it is. Files stream out folder by folder: what is held is the
+    folders, not the files."""
+    seen: set = set()
+    real, linked = [(root, os.stat(root))], collections.deque()
+    while real or linked:
+        folder, st = real.pop() if real else linked.popleft()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        subfolders, links = [], []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat()  # of what a link points to
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    if entry.is_symlink():  # else deleted while listed
+                        logging.getLogger("rayvid").warning("skipping %s: a broken symbolic link", entry.path)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    (links if entry.is_symlink() else subfolders).append((entry.path, st))
+                elif stat.S_ISREG(st.st_mode):
+                    yield entry.path, st
+        real.extend(sorted(subfolders, key=lambda f: f[0], reverse=True))
+        linked.extend(sorted(links, key=lambda f: f[0]))
 
 
 @contextlib.contextmanager

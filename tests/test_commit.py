@@ -289,3 +289,146 @@ def test_layout_for_query_engines(tmp_path):
     keys = list(zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist()))
     assert keys == sorted(keys) and "video_uri" in names
     assert f.schema_arrow.metadata[b"rayvid.schema_version"] == b"1"
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_another_runs_flush_in_progress_is_left_alone(tmp_path):
+    """Shards run at once into one OUTPUT: a run starting while another is between its
+    predictions file and its commit point must not delete that file. It goes once its run
+    is over: finished, its process gone from this host, or silent on another for LEASE_S."""
+    import json
+    import socket
+    import time
+
+    from rayvid import commit
+
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    orphan = tmp_path / "predictions" / "part-a-00000.parquet"
+    record = {"run_id": "a", "status": "running"}
+    beat = commit.Heartbeat(str(tmp_path), "a", record, every_s=0.05)
+    beat.start()
+    try:
+        orphan.write_bytes((tmp_path / "predictions" / name).read_bytes())
+        first = json.loads((tmp_path / "runs" / "a.json").read_text())["heartbeat_at"]
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "runs" / "a.json").read_text())["heartbeat_at"] > first
+        state = commit.recover(str(tmp_path))
+        assert state.in_flight == ["predictions/part-a-00000.parquet"] and not state.removed and orphan.exists()
+    finally:
+        beat.stop()
+    now = time.time()
+    for written, gone in (
+        ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - 10}, False),
+        ({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": 0}, False),
+        ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - commit.LEASE_S - 1}, True),
+        ({"host": socket.gethostname(), "pid": _dead_pid(), "heartbeat_at": now}, True),
+    ):
+        (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **written}))
+        assert commit.recover(str(tmp_path)).removed == ([] if not gone else ["predictions/part-a-00000.parquet"])
+        assert orphan.exists() != gone
+        orphan.write_bytes((tmp_path / "predictions" / name).read_bytes())
+    (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **commit.writer(), "status": "finished"}))
+    assert commit.recover(str(tmp_path)).removed == ["predictions/part-a-00000.parquet"]
+
+
+def test_a_run_id_used_again_numbers_its_files_after_the_ones_there(tmp_path):
+    """A resubmitted job with the same --run-id adds files; it never writes over the first's."""
+    for video in ("v1", "v2"):
+        c = Committer(str(tmp_path), "nightly", "m")
+        c.add(pa.concat_tables([_frames(video, [0, 1]), _end(video, 2)]))
+        c.close()
+    assert _files(tmp_path / "videos") == ["part-nightly-00000.parquet", "part-nightly-00001.parquet"]
+    assert sorted(pq.read_table(tmp_path / "videos").column("video_uri").to_pylist()) == ["v1", "v2"]
+    assert pq.read_table(tmp_path / "predictions").num_rows == 4
+
+
+def test_files_hold_whole_videos_and_at_most_rows_per_file_rows(tmp_path):
+    c = Committer(str(tmp_path), "r1", "m", rows_per_file=5)
+    for video, n in (("a", 3), ("b", 2), ("c", 3), ("d", 7), ("e", 1)):
+        c.add(pa.concat_tables([_frames(video, list(range(n))), _end(video, n)]))
+    c.close()
+    files = [pq.read_table(tmp_path / "predictions" / n) for n in _files(tmp_path / "predictions")]
+    assert [sorted(set(t.column("video_uri").to_pylist())) for t in files] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [t.num_rows for t in files] == [5, 3, 7, 1]  # 7: one video alone
+
+
+def test_a_video_committed_from_a_manifest_is_not_redone_when_listed_from_a_prefix(tmp_path):
+    """A manifest lists neither size nor version (-1, ""): unknown is no difference."""
+    from rayvid.commit import pending, recover
+
+    c = Committer(str(tmp_path), "r1", "m", sources={"v": (-1, "")})
+    c.add(pa.concat_tables([_frames("v", [0]), _end("v", 1)]))
+    c.close()
+    listing = pa.table({"video_uri": ["v"], "size_bytes": [1234], "version": ["etag1"]})
+    todo, skipped, redo = pending(listing, recover(str(tmp_path)), retry_failed=False)
+    assert len(todo) == 0 and skipped == 1 and not redo
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4, 5, 6])
+def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path, crash_at):
+    """A run redoing a video (it changed while read) is killed between any two of the file
+    operations of its retraction (intent record, predictions, errors, videos, intent gone):
+    the next recover leaves that video either committed as before (then redone again) or
+    not committed at all, never committed without the error that makes it be redone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from rayvid.commit import pending, recover
+
+    changed = _end("m", 1, "the object changed while it was read (version 1, now 2)")
+    changed = changed.set_column(changed.schema.get_field_index("error_type"), "error_type",
+                                 pa.array(["ObjectChanged"]))
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("m", [0]), changed, _frames("ok", [0]), _end("ok", 1)]))
+    c.close()
+    child = textwrap.dedent(f"""
+        import os
+        from fsspec.implementations.local import LocalFileSystem
+        from rayvid import commit
+        n = 0
+        real = os.replace, LocalFileSystem.rm
+
+        def step():
+            global n
+            n += 1
+            if n == {crash_at}:
+                os._exit(9)  # killed
+
+        def replace(*a, **k):
+            step()
+            return real[0](*a, **k)
+
+        def rm(*a, **k):
+            step()
+            return real[1](*a, **k)
+
+        state = commit.recover({str(tmp_path)!r})
+        os.replace, LocalFileSystem.rm = replace, rm
+        commit.retract({str(tmp_path)!r}, {{"m"}}, state, "r2")
+        os._exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", child], cwd=os.getcwd())
+    assert done.returncode == (0 if crash_at > 5 else 9)  # 6: not killed
+    state = recover(str(tmp_path))
+    assert not [n for n in os.listdir(tmp_path / "retractions") if n.endswith(".json")]  # (a killed write's temp file may stay)
+    listing = pa.table({"video_uri": ["m", "ok"], "size_bytes": [-1] * 2, "version": [""] * 2})
+    todo, skipped, redo = pending(listing, state, retry_failed=False)
+    assert todo.column("video_uri").to_pylist() == ["m"] and skipped == 1
+    rows = {d: pq.read_table(tmp_path / d).column("video_uri").to_pylist() if _files(tmp_path / d) else []
+            for d in ("predictions", "errors", "videos")}
+    if "m" in state.videos:  # not retracted at all: as committed before
+        assert crash_at == 1 and redo == {"m"}  # killed before its intent was written
+        assert rows == {"predictions": ["m", "ok"], "errors": ["m"], "videos": ["m", "ok"]}
+    else:
+        assert redo == set() and rows == {"predictions": ["ok"], "errors": [], "videos": ["ok"]}

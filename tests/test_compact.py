@@ -90,6 +90,24 @@ def _count_mutations(monkeypatch, crash_at=None):
     return calls
 
 
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _as_if_dead(out):
+    """Intent records of compactions as a killed process on this host leaves them."""
+    folder = os.path.join(out, "compactions")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            record = json.load(f)
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(dict(record, pid=_dead_pid()), f)
+
+
 def test_killed_at_every_step_readers_see_each_video_once_and_recover_finishes(tmp_path, monkeypatch):
     url = str(tmp_path / "probe")
     write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
@@ -106,6 +124,7 @@ def test_killed_at_every_step_readers_see_each_video_once_and_recover_finishes(t
         with pytest.raises(Crash):
             compact.compact(out, target_rows=10_000)
         monkeypatch.undo()
+        _as_if_dead(out)  # the compaction's process, killed, is gone
         assert _state(out) == want, f"killed at step {crash_at}: a reader sees other rows"
         commit.recover(out)  # what the next run or compaction does first
         assert _state(out) == want, f"killed at step {crash_at}: recover lost or duplicated rows"
@@ -118,13 +137,48 @@ def test_killed_at_every_step_readers_see_each_video_once_and_recover_finishes(t
 def test_parts_of_a_running_run_are_left_alone(small_parts):
     record = os.path.join(small_parts, "runs", "r2.json")
     os.makedirs(os.path.dirname(record), exist_ok=True)
-    write_output(small_parts, {"/v/new.mp4": [("circle", 0.9)] * 5}, run_id="r2", rows_per_file=1)
-    with open(record, "w") as f:
-        json.dump({"run_id": "r2", "status": "running"}, f)
-    done = compact.compact(small_parts)
+    new = {"/v/new.mp4": [("circle", 0.9)] * 5, "/v/new2.mp4": [("circle", 0.9)] * 5}
+    write_output(small_parts, new, run_id="r2", rows_per_file=1)
+    with open(record, "w") as f:  # running, in this process
+        json.dump({"run_id": "r2", "status": "running", **commit.writer()}, f)
+    done = compact.compact(small_parts, target_rows=300)
     assert done["left_running"] == ["r2"] and done["merged"] == 9
-    assert any(n.startswith("part-r2-") for n in _files(small_parts, "videos"))
-    assert compact.compact(small_parts, include_running=True)["merged"] == 2
+    assert sum(n.startswith("part-r2-") for n in _files(small_parts, "videos")) == 2
+    # again within the same second, the first merged part no longer small: a second merged
+    # part beside it, not written over it
+    assert compact.compact(small_parts, target_rows=300, include_running=True)["merged"] == 2
+    assert len(_files(small_parts, "videos")) == 2
+    assert sorted(query.read(small_parts, "videos").column("video_uri").to_pylist()) == \
+        sorted([*VIDEOS, "/v/bad.mp4", *new])
+
+
+def test_a_killed_run_still_marked_running_is_compacted(small_parts):
+    """Its record says running, but its process (on this host) is gone."""
+    write_output(small_parts, {"/v/new.mp4": [("circle", 0.9)] * 5}, run_id="r2", rows_per_file=1)
+    os.makedirs(os.path.join(small_parts, "runs"), exist_ok=True)
+    with open(os.path.join(small_parts, "runs", "r2.json"), "w") as f:
+        json.dump({"run_id": "r2", "status": "running", **commit.writer(), "pid": _dead_pid()}, f)
+    assert compact.compact(small_parts)["left_running"] == []
+
+
+def test_a_compaction_in_progress_is_not_undone_by_a_run_starting(small_parts):
+    """A run (or compaction) starting while a merge is between its merged predictions file
+    and its commit point leaves it alone; once that merge's process is gone, it is undone."""
+    fs = LocalFileSystem()
+    names = _files(small_parts, "videos")[:2]
+    new = "part-compact-20261130T000000Z-0123abcd-00000.parquet"
+    os.makedirs(os.path.join(small_parts, "compactions"))
+    intent = os.path.join(small_parts, "compactions", f"{new}.json")
+    with open(intent, "w") as f:
+        json.dump({"replaces": names, "started_at": 0, **commit.writer()}, f)
+    merged = os.path.join(small_parts, "predictions", new)
+    fs.cp_file(os.path.join(small_parts, "predictions", names[0]), merged)
+    commit.recover(small_parts)
+    assert os.path.exists(merged) and os.path.exists(intent)
+    _as_if_dead(small_parts)
+    commit.recover(small_parts)
+    assert not os.path.exists(merged) and not os.path.exists(intent)
+    assert set(names) <= set(_files(small_parts, "videos"))
 
 
 def test_compact_verb_on_s3(s3_endpoint, capsys):

@@ -88,6 +88,100 @@ def test_manifests_over_http_whatever_the_server_does_with_byte_ranges(tree, mod
             list_videos(f"{base}/bad.parquet")
 
 
+SIGNED = ("X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAFAKEKEYID0000TEST%2F20261130%2Fus-east-1"
+          "%2Fs3%2Faws4_request&X-Amz-Signature=deadbeef")
+
+
+def test_a_manifest_or_video_at_a_signed_http_url(tree):
+    """A presigned manifest or video (`.../m.txt?X-Amz-Signature=...`) is one by its path's
+    extension, not its query's; a manifest's relative entries are relative to its URL's
+    folder, without the query that signs the manifest (here one with a "/" in it)."""
+    (tree / "m.txt").write_text("b.mp4\nsub%20dir/deeper/x.WebM\n")
+    pq.write_table(pa.table({"video_uri": ["b.mp4"]}), tree / "m.parquet")
+    with http_server(str(tree), "ranges") as base:
+        want = [f"{base}/b.mp4", f"{base}/sub%20dir/deeper/x.WebM"]
+        for query in (SIGNED, "token=abc/def", "X-Amz-Signature=x#frag/ment"):
+            t = list_videos(f"{base}/m.txt?{query}")
+            assert t.column("video_uri").to_pylist() == want
+            assert t.column("source_uri").to_pylist() == [None, None]
+        assert list_videos(f"{base}/m.parquet?{SIGNED}").column("video_uri").to_pylist() == want[:1]
+        t = list_videos(f"{base}/b.mp4?{SIGNED}")
+        assert t.to_pylist() == [{"video_uri": f"{base}/b.mp4", "size_bytes": 3, "version": t["version"][0].as_py(),
+                                  "source_uri": f"{base}/b.mp4?{SIGNED}"}]
+        assert list_videos(f"{base}/b.mp4?v=2").column("video_uri").to_pylist() == [f"{base}/b.mp4?v=2"]
+        with pytest.raises(InputError, match="neither a folder, a manifest"):
+            list_videos(f"{base}/image.png?name=x.mp4")
+
+
+def test_a_question_mark_or_hash_elsewhere_is_part_of_the_name(tree, tmp_path, s3fs_client):
+    """Only an HTTP(S) URL has a query: a local file or an S3 key may have "?" or "#" in its name."""
+    for name in ("q?x.mp4", "h#x.mp4", "v.mp4?x=1.txt"):
+        (tree / name).write_bytes(b"x")
+    names = sorted(EXPECTED + ["h#x.mp4", "q?x.mp4"])
+    assert list_videos(str(tree)).column("video_uri").to_pylist() == [f"{tree}/{r}" for r in names]
+    upload_tree(s3fs_client, tree, "s3://rayvid-test/qmark/")
+    assert list_videos("s3://rayvid-test/qmark/").column("video_uri").to_pylist() == [
+        f"s3://rayvid-test/qmark/{r}" for r in names]
+    assert list_videos("s3://rayvid-test/qmark/q?x.mp4").column("video_uri").to_pylist() == [
+        "s3://rayvid-test/qmark/q?x.mp4"]
+    manifest = tmp_path / "m?.txt"
+    manifest.write_text(f"{tree}/q?x.mp4\n")
+    assert list_videos(str(manifest)).column("video_uri").to_pylist() == [f"{tree}/q?x.mp4"]
+
+
+def test_hidden_folders_are_skipped_below_input_not_above(tmp_path, s3fs_client):
+    """Files in a hidden folder below INPUT (`.snapshot/daily/a.mp4`) are skipped, like hidden
+    files, locally and on S3; INPUT itself may be inside a hidden folder."""
+    root = tmp_path / ".cache" / "videos"
+    for rel in ["a.mp4", ".snapshot/daily/a.mp4", "sub/.hid/x.mp4", "sub/.h.mp4", "sub/b.mkv", "sub/c.d/e.mp4"]:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    want = ["a.mp4", "sub/b.mkv", "sub/c.d/e.mp4"]
+    assert list_videos(str(root)).column("video_uri").to_pylist() == [f"{root}/{r}" for r in want]
+    assert list_videos(f"{root}/").column("video_uri").to_pylist() == [f"{root}/{r}" for r in want]
+    assert list_videos(f"{root}/sub/.hid").column("video_uri").to_pylist() == [f"{root}/sub/.hid/x.mp4"]
+    upload_tree(s3fs_client, root, "s3://rayvid-test/.cache/videos/")
+    for url in ("s3://rayvid-test/.cache/videos/", "s3://rayvid-test/.cache/videos", "s3a://rayvid-test/.cache/videos"):
+        assert list_videos(url).column("video_uri").to_pylist() == [f"s3://rayvid-test/.cache/videos/{r}" for r in want]
+
+
+def test_a_broken_symlink_is_skipped_with_a_warning(tree, tmp_path, caplog):
+    """A dangling link (its file deleted or moved) anywhere below a local INPUT is skipped, and
+    named in a warning; the rest is listed."""
+    os.symlink(tmp_path / "gone.mp4", tree / "gone.mp4")
+    os.symlink(tmp_path / "gone.txt", tree / "sub dir" / "notes.txt")
+    os.symlink(tmp_path / "gone", tree / "sub dir" / "deeper" / "old folder")
+    os.symlink("self.mp4", tree / "self.mp4")  # a link to itself: ELOOP
+    with caplog.at_level("WARNING", logger="rayvid"):
+        t = list_videos(str(tree))
+    assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in EXPECTED]
+    for link in ("gone.mp4", "sub dir/notes.txt", "sub dir/deeper/old folder", "self.mp4"):
+        assert f"{tree}/{link}" in caplog.text
+    assert str(tmp_path / "gone") not in caplog.text.replace(f"{tree}/", "")  # the link, not where it pointed
+
+
+def test_videos_in_symlinked_folders_are_listed_once_without_looping(tree, tmp_path):
+    """A linked folder is listed like a real one; a link back up (a loop) or to a folder listed
+    already adds nothing, and a folder reached both ways is listed where it really is."""
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "c.mp4").write_bytes(b"x")
+    (other / "sub" / "d.mkv").write_bytes(b"x")
+    os.symlink(other, tree / "cam2")
+    os.symlink(other, tree / "cam2 again")
+    os.symlink(tree, tree / "sub dir" / "up")
+    os.symlink(tree / "sub dir" / "deeper", tree / "a latest")  # sorts before "sub dir"
+    os.symlink(tree / "cam2", other / "sub" / "back")
+    names = sorted(EXPECTED + ["cam2/c.mp4", "cam2/sub/d.mkv"])
+    t = list_videos(str(tree))
+    assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in names]
+    for row in t.to_pylist():  # the version a decode checks (storage.pin) is the one listed
+        assert row["version"] == list_videos(row["video_uri"]).column("version")[0].as_py()
+    assert list_videos(str(tree / "cam2")).column("video_uri").to_pylist() == [
+        f"{tree}/cam2/c.mp4", f"{tree}/cam2/sub/d.mkv"]
+
+
 def test_a_manifest_that_fails_part_way_is_a_clear_error(tree):
     """The manifest is found, then reading its body fails (an HTTP error status on the
     read): InputError naming it, not a traceback."""
