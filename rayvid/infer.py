@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid.config import ModelConfig
-from rayvid.errors import RayvidError
+from rayvid.errors import ModelError, RayvidError
 from rayvid.schema import (BOX_TYPE, INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
                            with_head)
+from rayvid.storage import redact
 
 
 # Batches an inference actor holds at once (Ray Data's `max_concurrent_calls_per_actor`):
@@ -121,10 +122,31 @@ class Predictor:
         `MAX_CPU_THREADS` (the decode actors on the node share the cores; they only run
         ahead as far as Ray Data's backpressure lets them). `reports`: a handle of a Ray
         actor running `Reports`, told the loaded model (or why it cannot load), and after
-        every batch how long the model ran and how long this actor waited for frames."""
+        every batch how long the model ran and how long this actor waited for frames.
+
+        Any failure here (the model cannot load, an unknown preprocessing mode, a warm-up
+        batch the model rejects) is told to `reports` before it is raised, as a
+        RayvidError: the driver raises that, with its message, instead of Ray's report of a
+        dead actor (`pipeline._raise_model_error`)."""
+        try:
+            self._start(model, batch_size, threads, clip_len)
+        except RayvidError as e:
+            _tell_failed(reports, e)
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever stops the stage, said the same way
+            from rayvid import models
+
+            error = ModelError(f"cannot run model {models.display_name(model)}: {_reason(e)}")
+            _tell_failed(reports, error)
+            raise error from e
+        if reports is not None:
+            reports.loaded.remote(self.info)
+        self._reports = reports
+
+    def _start(self, model: ModelConfig, batch_size: int, threads: int, clip_len: int) -> None:
+        """Load the model, trace the graph and run it once (`__init__`)."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf  # heavy import: only inside the stage
-        import keras
 
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:  # before TF touches the GPU, or it takes all of its memory
@@ -141,22 +163,11 @@ class Predictor:
                 tf.config.threading.set_inter_op_parallelism_threads(self.streams)
             except RuntimeError:
                 pass
-        if model.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-
         from rayvid import models
 
         self._key = f"{os.uname().nodename}:{os.getpid()}"
-        try:
-            self.model, self.info = models.load(model)
-        except RayvidError as e:  # the driver raises it as it is, not as a dead actor
-            if reports is not None:
-                import ray
-
-                ray.get(reports.failed.remote(type(e).__name__, str(e)))
-            raise
-        if reports is not None:
-            reports.loaded.remote(self.info)
+        # --mixed-precision: models.load builds keras.applications under the policy
+        self.model, self.info = models.load(model)
         self.batch_size = max(1, int(batch_size) // self.streams)  # per call; a stream each
         self.topk = int(model.topk)
         self.labels = np.array(self.info.labels, dtype=object)
@@ -222,7 +233,6 @@ class Predictor:
         # batch's host work (batching, top-k, Arrow) overlaps another's model calls, and a
         # stream that finishes its share of a batch starts on the next batch's.
         self._pool = ThreadPoolExecutor(self.streams)
-        self._reports = reports
         self._lock = threading.Lock()
         self._in_call, self._in_model = _Busy(), _Busy()
         self._first = None  # when the first batch came in: waiting counts from there
@@ -368,6 +378,27 @@ class Predictor:
             "topk": per_row(top_values, np.bincount(frame[top], minlength=len(valid)), TOPK_TYPE),
             "boxes": per_row(flat, valid, boxes_field().type),
         }
+
+
+def _tell_failed(reports, error: RayvidError) -> None:
+    """Tell the `Reports` actor why this actor cannot run, and wait until it knows: the
+    actor dies right after, and the driver asks `Reports` why."""
+    if reports is not None:
+        import ray
+
+        ray.get(reports.failed.remote(type(error).__name__, str(error)))
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line for a message, without secrets. TensorFlow's runtime errors
+    open with "Graph execution error:" and a trace of the graph, then say what went wrong,
+    then name the node: their last line but that one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("[[")]
+    if not lines:
+        return type(e).__name__
+    text = lines[-1] if lines[0].endswith("execution error:") and len(lines) > 1 else lines[0]
+    return f"{type(e).__name__}: {redact(text)}"
 
 
 class _Busy:

@@ -5,7 +5,8 @@
   (`$KERAS_HOME/models`, downloaded on first use where the network allows) or a weights
   file at any URL (`--weights`).
 - a `.keras` (or legacy `.h5`) file at any URL, loaded with Keras' `safe_mode=True`: no
-  arbitrary Python (Lambda layers) is deserialised.
+  arbitrary Python (Lambda layers) is deserialised. A presigned URL too: the extension and
+  the local copy's name come from the URL's path, never from its query (a secret).
 - a TensorFlow SavedModel directory at any URL. A SavedModel is code: load one only from a
   source you trust.
 
@@ -16,11 +17,13 @@ a model file (`labels.txt` inside a SavedModel), else `class_<i>`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from importlib import resources as _res
@@ -94,7 +97,7 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
         size = APPLICATIONS[cfg.name][1]
         return Shape(tuple(cfg.input_size) if cfg.input_size else (size, size))
     fs, path, is_dir = _locate(cfg.name)
-    if is_dir or not path.lower().endswith(".keras"):
+    if is_dir or not _url_path(path).lower().endswith(".keras"):
         return None
     try:
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
@@ -152,7 +155,8 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     try:
         clip_len = 0
         if cfg.name in APPLICATIONS:
-            model, size, preprocess = _application(keras, cfg, workdir)
+            with _policy(keras, "mixed_float16" if cfg.mixed_precision else None):
+                model, size, preprocess = _application(keras, cfg, workdir)
         else:
             model, size, preprocess, clip_len = _model_file(keras, cfg, workdir)
         num_classes = int(model.output_shape[-1])
@@ -169,6 +173,24 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _policy(keras, name: Optional[str]):
+    """Build layers under Keras' dtype policy `name` (None: as they are): each layer keeps
+    the policy it was built with, so the process-global one is put back afterwards, and
+    nothing else loaded in the process (a model file, the next test) is built under it.
+    Only keras.applications are built here: model files run in the dtypes they were saved
+    with (a `.keras` file's layers carry their policy; a SavedModel's graph is fixed)."""
+    if name is None:
+        yield
+        return
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def _application(keras, cfg: ModelConfig, workdir: str):
@@ -220,7 +242,11 @@ def with_embedding(keras, model, layer: str = "auto"):
     `auto`: the input of the classifier, found by walking back from the output past
     layers without weights (softmax, flatten, dropout) to the first layer with weights;
     else the output of the layer of that name. Outputs of rank > 2 (feature maps) are
-    averaged over their spatial axes."""
+    averaged over their spatial axes. A SavedModel has none to take: its layers are out of
+    Keras' reach (one TFSMLayer), so walking back would find the image itself."""
+    if any(isinstance(lay, keras.layers.TFSMLayer) for lay in model.layers):
+        raise ModelError("--embed needs a Keras model (a .keras or .h5 file, or a keras.applications name): "
+                         "a SavedModel's layers cannot be reached; save the model as .keras")
     if layer == "auto":
         op = model.layers[-1]
         while not op.weights:
@@ -231,6 +257,9 @@ def with_embedding(keras, model, layer: str = "auto"):
         tensor = op.input
         if isinstance(tensor, (list, tuple)):
             raise ModelError(f"--embed: the classifier {op.name!r} has several inputs; name a layer: --embed LAYER")
+        if any(tensor is inp for inp in model.inputs):
+            raise ModelError(f"--embed: the classifier {op.name!r} takes the image itself; "
+                             "name a layer: --embed LAYER")
     else:
         try:
             tensor = model.get_layer(layer).output
@@ -279,7 +308,8 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         if not os.path.exists(os.path.join(local, "saved_model.pb")):
             raise ModelError(f"{storage.public_uri(url)} is a folder but not a SavedModel (no saved_model.pb)")
         try:
-            layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default")
+            # float32, whatever the global policy: the signature takes what it was saved with
+            layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype="float32")
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
         size = _savedmodel_size(local, cfg)
@@ -289,7 +319,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             out = out[sorted(out)[0]]
         model = keras.Model(inp, out)
         return model, size, "raw", 0
-    if not path.lower().endswith(MODEL_FILE_EXTENSIONS):
+    if not _url_path(path).lower().endswith(MODEL_FILE_EXTENSIONS):
         raise ModelError(
             f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
             "SavedModel folder"
@@ -331,15 +361,15 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
     labels: Optional[tuple[str, ...]] = None
     source = ""
     if cfg.labels:
-        source = storage.public_uri(cfg.labels)
+        source = cfg.labels
         try:
             labels = _read_labels(cfg.labels)
         except storage.ACCESS_ERRORS as e:
-            raise ModelError(f"cannot read labels {source}: {storage.describe(e)}") from None
+            raise ModelError(f"cannot read labels {storage.public_uri(source)}: {storage.describe(e)}") from None
     elif num_classes == 1000:
         labels = imagenet_labels()
     elif cfg.name not in APPLICATIONS:
-        base = cfg.name.rstrip("/")
+        base = _without_query(cfg.name).rstrip("/")
         candidates = [os.path.splitext(base)[0] + ".labels.txt", base + "/labels.txt"]
         for cand in candidates:
             try:
@@ -352,7 +382,7 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
         return tuple(f"class_{i}" for i in range(num_classes))
     if len(labels) != num_classes:
         raise ModelError(
-            f"labels {source or 'file'} has {len(labels)} entries but the model outputs "
+            f"labels {storage.public_uri(source) or 'file'} has {len(labels)} entries but the model outputs "
             f"{num_classes} classes"
         )
     return labels
@@ -370,7 +400,7 @@ def _fetch(url: str, workdir: str, what: str) -> str:
         if not os.path.exists(path):
             raise ModelError(f"{what} not found: {path}")
         return path
-    dest = os.path.join(workdir, what + "-" + os.path.basename(path.rstrip("/")))
+    dest = os.path.join(workdir, what + "-" + os.path.basename(_url_path(path).rstrip("/")))
     try:
         if fs.isdir(path):
             fs.get(path.rstrip("/") + "/", dest, recursive=True)
@@ -381,6 +411,21 @@ def _fetch(url: str, workdir: str, what: str) -> str:
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
     return dest
+
+
+def _url_path(path: str) -> str:
+    """The name part of a path as `storage.resolve` gives it: an HTTP(S) URL's path, without
+    its query (a presigned URL's signature: a secret, never part of an extension or of a
+    file name); other filesystems' paths as they are."""
+    return urllib.parse.urlsplit(path).path if "://" in path else path
+
+
+def _without_query(url: str) -> str:
+    """An HTTP(S) URL without its query and fragment (a file beside a presigned model is
+    not signed by the model's signature); other URLs as they are ("?" may be in a key)."""
+    if not url.lower().startswith(("http://", "https://")):
+        return url
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(query="", fragment=""))
 
 
 def _first_line(e: BaseException) -> str:

@@ -71,10 +71,54 @@ class RunResult:
         return self.frames / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def cluster_shape(ray) -> dict:
+    """What `plan_resources` plans from: Ray's cluster resources now; `decode_CPU`, the CPUs
+    decode actors may use (not on nodes labelled `rayvid.io/role=infer`), where any node
+    is so labelled or the cluster autoscales; and on an autoscaling cluster, `max_GPU`."""
+    shape = dict(ray.cluster_resources())
+    key, value = decode.INFER_NODE_LABEL
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    infer = [(n.get("Labels") or {}).get(key) == value for n in nodes]
+    if any(infer):
+        shape["decode_CPU"] = sum(float(n["Resources"].get("CPU", 0)) for n, i in zip(nodes, infer) if not i)
+    try:
+        from ray._private.state import state  # as Ray Data reads it (hash_shuffle.py)
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - information only: no autoscaler, an older Ray
+        config = None
+    if config is not None and config.node_group_configs:
+        most = _most(config)
+        shape["decode_CPU"] = max(shape.get("decode_CPU", float(shape.get("CPU", 0))), most["CPU"])
+        shape["max_GPU"] = most["GPU"]
+    return shape
+
+
+def _most(config) -> dict:
+    """The most CPUs an autoscaling cluster's node types without GPUs can have (where
+    decode actors go: cluster/ labels the GPU node types for inference) and the most GPUs,
+    from its autoscaler config (`autoscaler_pb2.ClusterConfig`; a max_count of -1: no limit)."""
+    most = {"CPU": 0.0, "GPU": 0.0}
+    for group in config.node_group_configs:
+        gpus = float(group.resources.get("GPU", 0))
+        count = math.inf if group.max_count == -1 else float(group.max_count)
+        if gpus:
+            most["GPU"] += count * gpus
+        else:
+            most["CPU"] += count * float(group.resources.get("CPU", 0))
+    return most
+
+
 def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = False) -> Plan:
-    """`remote`: some videos are on a remote filesystem (fetched before they are decoded)."""
+    """`cluster`: `cluster_shape`'s; `remote`: some videos are on a remote filesystem
+    (fetched before they are decoded)."""
     cpus = float(cluster.get("CPU", 0))
     gpus = float(cluster.get("GPU", 0))
+    if cfg.infer.gpus_per_actor is None and gpus < 1 and cluster.get("max_GPU", 0) >= 1:
+        raise ConfigError(
+            "the cluster starts GPU nodes on demand and has no GPU yet: pass --gpus-per-actor 1 "
+            "--infer-actors N N for N GPUs (Ray Data's GPU pools do not grow, ray#59144), "
+            "or --gpus-per-actor 0 to run the model on CPUs")
     gpus_per_actor = cfg.infer.gpus_per_actor if cfg.infer.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if gpus_per_actor > 0:
         if gpus < gpus_per_actor and not cfg.infer.min_actors:
@@ -92,8 +136,12 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
         infer_max = max(infer_min, cfg.infer.max_actors or max(1, int(cpus // 4)))
         infer_cpu_total = infer_min * cfg.infer.cpus_per_actor
     threads = cfg.decode.threads
-    spare = max(threads, cpus - infer_cpu_total)
-    decode_max = cfg.decode.max_actors or max(1, int(spare // threads))
+    if "decode_CPU" in cluster:  # decoders have nodes of their own; CPU inference may share them
+        decode_cpus = float(cluster["decode_CPU"])
+        spare = max(threads, decode_cpus - (0 if gpus_per_actor > 0 else infer_cpu_total))
+    else:  # decoders and inference share every node
+        spare = max(threads, cpus - infer_cpu_total)
+    decode_max = cfg.decode.max_actors or max(1, int(min(spare, 1e6) // threads))
     decode_min = min(cfg.decode.min_actors, decode_max)
     # One segment per block (each block is one unit of work for a decode actor), grouped
     # only when a listing is so long that per-segment blocks would swamp the driver.
@@ -128,7 +176,7 @@ def run(cfg: RunConfig) -> RunResult:
         info = probe() if probe else None
         shape = info.shape if info else shape
         clip_len = _clip_len(cfg, shape.clip_len)
-        plan = plan_resources(cfg, ray.cluster_resources(), listed, remote=_any_remote(videos))
+        plan = plan_resources(cfg, cluster_shape(ray), listed, remote=_any_remote(videos))
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
         beat = _write_first_record(cfg, record)

@@ -270,3 +270,39 @@ def test_detection_rows_are_built_without_a_loop_and_say_the_same(detector):
     assert got["topk"][3].as_py() == [] and got["label"][3].as_py() is None  # a frame with no boxes
     empty = p._detections((boxes[:1], scores[:1], classes[:1], np.array([0], np.int32)), np.array([0]), 2)
     assert empty["boxes"].to_pylist() == [[], None] and empty["label"].to_pylist() == [None, None]
+
+
+def test_mixed_precision_runs_a_savedmodel_as_saved(shapes_model, tmp_path):
+    """--mixed-precision with a SavedModel: its signature takes float32, so it runs in
+    float32 (the same scores), and the process-wide policy is left as it was."""
+    import keras
+
+    src = keras.saving.load_model(shapes_model["path"])
+    src.export(str(tmp_path / "sm"))
+    frames = _frames(5)
+    p = Predictor(ModelConfig(name=str(tmp_path / "sm"), mixed_precision=True), batch_size=4)
+    np.testing.assert_allclose(p.scores(frames), src.predict(frames.astype("float32"), verbose=0), rtol=1e-5, atol=1e-6)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_an_inference_actor_that_cannot_start_says_why(ray_session, shapes_model, tmp_path):
+    """Whatever stops an inference actor's constructor (here an unknown preprocessing mode,
+    from a config file: the CLI refuses it) reaches the driver as a ModelError with the
+    reason, through the Reports actor, not as Ray's report of a dead actor."""
+    import json
+
+    from rayvid import pipeline, samples
+    from rayvid.config import RunConfig
+    from rayvid.errors import ModelError
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    samples.make_video(str(videos / "a.mp4"), 0.5, seed=1)
+    cfg = RunConfig(input=str(videos), output=str(out), progress=False, run_id="bogus",
+                    model=ModelConfig(name=shapes_model["path"], preprocess="bogus"))
+    reason = r"cannot run model .*shapes\.keras: ValueError: unknown preprocess mode 'bogus'"
+    with pytest.raises(ModelError, match=reason):
+        pipeline.run(cfg)
+    record = json.loads((out / "runs" / "bogus.json").read_text())
+    assert record["status"] == "failed" and "unknown preprocess mode 'bogus'" in record["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]  # nothing committed

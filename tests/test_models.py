@@ -129,3 +129,87 @@ def test_static_shape_agrees_with_loading(shapes_model, s3fs_client, tmp_path):
         assert models.static_shape(ModelConfig(name=str(tmp_path / name))) is None
     with pytest.raises(ModelError, match="model not found: s3://rayvid-test/static/none.keras"):
         models.static_shape(ModelConfig(name="s3://rayvid-test/static/none.keras"))
+
+
+SIGNED = "?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAFAKE%2F20240101&X-Amz-Expires=600"
+
+
+def test_presigned_model_and_weights_urls(shapes_model, tmp_path):
+    """A .keras model and a weights file at URLs with a query string (presigned URLs):
+    loaded by their path's extension, labels found beside the model, and the signature in
+    no file name, message or model name."""
+    import os
+    import shutil
+
+    import keras
+    from helpers import http_server
+
+    served, work = tmp_path / "served", tmp_path / "work"
+    served.mkdir()
+    work.mkdir()
+    shutil.copy(shapes_model["path"], served / "shapes.keras")
+    shutil.copy(shapes_model["labels"], served / "shapes.labels.txt")
+    size = (32, 32)
+    src = keras.applications.MobileNetV3Small(weights=None, input_shape=(*size, 3), classifier_activation=None)
+    src.save_weights(str(served / "mnv3.weights.h5"))
+    with http_server(str(served), "ranges") as base:
+        cfg = ModelConfig(name=f"{base}/shapes.keras{SIGNED}")
+        model, info = models.load(cfg, workdir=str(work))
+        assert models.static_shape(cfg) == info.shape == models.Shape((64, 64))
+        assert info.name == f"{base}/shapes.keras" and info.labels[:3] == ("blank", "checker", "circle")
+        x = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+        local = keras.saving.load_model(shapes_model["path"])
+        np.testing.assert_allclose(model.predict(x, verbose=0), local.predict(x, verbose=0), rtol=1e-6)
+
+        weights = f"{base}/mnv3.weights.h5{SIGNED}"
+        app, _ = models.load(ModelConfig(name="mobilenet_v3_small", weights=weights, input_size=size),
+                             workdir=str(work))
+        x = np.random.default_rng(5).uniform(0, 255, (2, *size, 3)).astype("float32")
+        np.testing.assert_allclose(app(x, training=False).numpy(), keras.ops.softmax(src(x, training=False)).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        assert sorted(os.listdir(work)) == ["model-shapes.keras", "weights-mnv3.weights.h5"]
+
+        for name, match in [(f"{base}/none.keras{SIGNED}", rf"model not found: {base}/none\.keras \(neither"),
+                            (f"{base}/shapes.labels.txt{SIGNED}", "unsupported model file")]:
+            with pytest.raises(ModelError, match=match) as caught:
+                models.load(ModelConfig(name=name))
+            assert "s3cr3t" not in str(caught.value) and "AKIAFAKE" not in str(caught.value)
+
+
+def test_embed_on_a_savedmodel_is_a_clear_error(shapes_model, tmp_path):
+    """A SavedModel's layers are out of Keras' reach: --embed would take the image."""
+    import keras
+
+    keras.saving.load_model(shapes_model["path"]).export(str(tmp_path / "sm"))
+    for layer in ("auto", "classes"):
+        with pytest.raises(ModelError, match=r"--embed needs a Keras model \(a .keras or .h5 file"):
+            models.load(ModelConfig(name=str(tmp_path / "sm"), embed=layer))
+    inp = keras.Input((8, 8, 3))  # a classifier on the pixels themselves: no features to take
+    keras.Model(inp, keras.layers.Dense(2)(inp)).save(tmp_path / "pixels.keras")
+    with pytest.raises(ModelError, match="takes the image itself; name a layer"):
+        models.load(ModelConfig(name=str(tmp_path / "pixels.keras"), embed="auto"))
+
+
+def test_mixed_precision_builds_applications_under_the_policy_and_model_files_as_saved(shapes_model, tmp_path):
+    """keras.applications are built in float16 (softmax in float32) and the process-wide
+    policy is put back; a SavedModel runs in float32 even where the caller set the policy."""
+    import keras
+
+    size = (32, 32)
+    model, _ = models.load(ModelConfig(name="mobilenet_v3_small", weights="none", input_size=size,
+                                       mixed_precision=True))
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert {layer.compute_dtype for layer in model.layers if layer.weights} == {"float16"}
+    assert model.get_layer("rayvid_softmax").compute_dtype == "float32"
+    assert model(np.zeros((1, *size, 3), "float32")).dtype == "float32"
+
+    src = keras.saving.load_model(shapes_model["path"])
+    src.export(str(tmp_path / "sm"))
+    x = np.random.default_rng(6).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        saved, _ = models.load(ModelConfig(name=str(tmp_path / "sm"), mixed_precision=True))
+        got = saved(x).numpy()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    np.testing.assert_allclose(got, src(x).numpy(), rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ import pytest
 from helpers import FAKE_KEY_ID, frames_per_video, http_server, processes, pts_of, read_output, upload_tree
 from rayvid import pipeline, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
-from rayvid.errors import InputError, ModelError, StorageError, StorageUnavailable
+from rayvid.errors import ConfigError, InputError, ModelError, StorageError, StorageUnavailable
 
 
 def _cfg(inp, out, model_path, **kw) -> RunConfig:
@@ -265,6 +265,37 @@ def test_plan_resources_cpu_and_gpu():
     assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).units_per_block == 50
     # remote videos: two calls per decode actor, one fetching while the other decodes
     assert (cpu.decode_calls, pipeline.plan_resources(cfg, {"CPU": 16.0}, 10, remote=True).decode_calls) == (1, 2)
+
+
+def test_decode_pools_size_from_the_nodes_decoders_may_use(ray_session):
+    """Decode actors avoid nodes labelled for inference: their CPUs do not size the decode
+    pool; on an autoscaling cluster the CPU node types' most CPUs do, and a cluster whose
+    GPU nodes start on demand but has none yet is an error, not a silent CPU model."""
+    from ray.core.generated import autoscaler_pb2
+
+    cfg = RunConfig(input="x", output="y")
+    # the session's cluster: a 2-CPU head, a 1-CPU GPU node labelled for inference
+    shape = pipeline.cluster_shape(ray_session)
+    assert shape["decode_CPU"] == 2.0 and shape["CPU"] == 3.0 and "max_GPU" not in shape
+    assert pipeline.plan_resources(cfg, shape, 10).decode_max == 2
+    # the shipped aws.yaml at rest: a 0-CPU head, one 8-CPU GPU node, CPU nodes 0..32 x 16
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 0}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="cpu", resources={"CPU": 16}, max_count=32),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, max_count=4)])
+    most = pipeline._most(config)
+    assert most == {"CPU": 512.0, "GPU": 4.0}
+    at_rest = {"CPU": 8.0, "GPU": 1.0, "decode_CPU": max(0.0, most["CPU"]), "max_GPU": most["GPU"]}
+    plan = pipeline.plan_resources(cfg, at_rest, 10)
+    assert (plan.decode_max, plan.infer_min, plan.infer_gpus) == (512, 1, 1.0)
+    with pytest.raises(ConfigError, match="starts GPU nodes on demand"):
+        pipeline.plan_resources(cfg, {"CPU": 0.0, "decode_CPU": 512.0, "max_GPU": 4.0}, 10)
+    cold = pipeline.plan_resources(RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=1.0, min_actors=4, max_actors=4)),
+                                   {"CPU": 0.0, "decode_CPU": 512.0, "max_GPU": 4.0}, 10)
+    assert (cold.infer_min, cold.infer_max, cold.decode_max) == (4, 4, 512)
+    unlimited = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="cpu", resources={"CPU": 4}, max_count=-1)])
+    assert pipeline.plan_resources(cfg, {"CPU": 4.0, "decode_CPU": pipeline._most(unlimited)["CPU"]}, 10).decode_max > 10_000
 
 
 def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
