@@ -55,6 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import storage
+from rayvid.errors import ConfigError
 from rayvid.schema import (BOX_TYPE, ERRORS_SCHEMA, HEAD_COLUMNS, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA,
                            with_head)
 
@@ -102,6 +103,7 @@ class Committer:
         self._ready_errors: list[dict] = []
         self._ready_videos: list[dict] = []
         self._seq = _next_seq(self.output, run_id)  # a run id used again: after its files
+        self._head_checked = False  # this run's head columns against OUTPUT's (`_check_head`)
         self._last_flush = time.monotonic()
         self.files: list[str] = []
         self.committed: set = set()  # video_uri of every video this run published
@@ -245,6 +247,9 @@ class Committer:
             }
             out = pa.Table.from_arrays(
                 [columns[f.name] if f.name in columns else table.column(f.name) for f in schema], schema=schema)
+            if not self._head_checked:
+                _check_head(self.output, head)
+                self._head_checked = True
             self._write(storage.join(self.output, PREDICTIONS_DIR, name), out)
         if self._ready_errors:
             errors = pa.Table.from_pylist(self._ready_errors, schema=ERRORS_SCHEMA)
@@ -270,6 +275,28 @@ class Committer:
                 for u, k in incomplete[:5]
             )
             raise RuntimeError(f"{len(incomplete)} video(s) incomplete at the end of the run: {detail}")
+
+
+def _check_head(output: str, head: list) -> None:
+    """ConfigError unless the head columns (`--embed`, `--head detect`, `--clip-len`) of
+    this run's predictions are those OUTPUT's committed predictions have: query engines
+    read `predictions/*.parquet` as one table (Polars and pyarrow datasets refuse files that
+    differ, DuckDB drops what the first file lacks), and a run skips the videos OUTPUT has,
+    so a new head would cover only new videos."""
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    for name in committed_parts(fs, root):
+        path = f"{root}/{PREDICTIONS_DIR}/{name}"
+        if not fs.exists(path):
+            continue  # a part of failed videos only
+        with fs.open(path, "rb") as f:
+            theirs = [fl for fl in pq.read_schema(f) if fl.name in HEAD_COLUMNS]
+        if [(fl.name, fl.type) for fl in theirs] != [(fl.name, fl.type) for fl in head]:
+            show = lambda fields: ", ".join(f"{fl.name} {fl.type}" for fl in fields) or "none"  # noqa: E731
+            raise ConfigError(
+                f"OUTPUT {storage.public_uri(output)} holds predictions with head columns [{show(theirs)}] "
+                f"(part {name}); this run's are [{show(head)}]: write it into another OUTPUT")
+        return
 
 
 def _fill_reused(video: pa.Table) -> pa.Table:

@@ -432,3 +432,29 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
         assert rows == {"predictions": ["m", "ok"], "errors": ["m"], "videos": ["m", "ok"]}
     else:
         assert redo == set() and rows == {"predictions": ["ok"], "errors": [], "videos": ["ok"]}
+
+
+def test_a_run_with_other_head_columns_than_output_has_is_refused(tmp_path):
+    """Predictions/ must read as one table: a run adding `--embed` (or another width) to an
+    OUTPUT without it fails before writing, with what differs."""
+    from rayvid.errors import ConfigError
+    from rayvid.schema import embedding_field, with_head
+
+    def with_vectors(table, dim):
+        schema = with_head(table.schema, [embedding_field(dim)])
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(table) * dim, np.float32)), dim)
+        return pa.Table.from_arrays([vectors if f.name == "embedding" else table.column(f.name) for f in schema],
+                                    schema=schema)
+
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("a", [0]), _end("a", 1)]))
+    c.close()
+    c = Committer(str(tmp_path), "r2", "m")
+    c.add(pa.concat_tables([with_vectors(_frames("b", [0]), 8), with_vectors(_end("b", 1), 8)]))
+    with pytest.raises(ConfigError, match=r"head columns \[none\].*this run's are \[embedding fixed_size_list"):
+        c.close()
+    assert _files(tmp_path / "videos") == ["part-r1-00000.parquet"] and len(_files(tmp_path / "predictions")) == 1
+    c = Committer(str(tmp_path), "r3", "m")  # the same head: fine
+    c.add(pa.concat_tables([_frames("c", [0]), _end("c", 1)]))
+    c.close()
+    assert len(_files(tmp_path / "videos")) == 2
