@@ -287,7 +287,7 @@ def _locate(url: str):
     """(filesystem, path, is a folder) of a model URL; ModelError if there is nothing there."""
     fs, path = storage.resolve(url)
     try:
-        is_dir = fs.isdir(path)
+        is_dir = _isdir(fs, path)
         exists = is_dir or fs.exists(path)
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.describe(e)}") from None
@@ -402,7 +402,7 @@ def _fetch(url: str, workdir: str, what: str) -> str:
         return path
     dest = os.path.join(workdir, what + "-" + os.path.basename(_url_path(path).rstrip("/")))
     try:
-        if fs.isdir(path):
+        if _isdir(fs, path):
             fs.get(path.rstrip("/") + "/", dest, recursive=True)
         else:
             fs.get_file(path, dest)
@@ -411,6 +411,16 @@ def _fetch(url: str, workdir: str, what: str) -> str:
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
     return dest
+
+
+def _isdir(fs, path: str) -> bool:
+    """Whether a model URL is a folder (a SavedModel). Over HTTP(S) only a URL ending in "/"
+    is asked: fsspec answers isdir by GETting the URL and reading links out of its body,
+    all of it when the server sends no Content-Type (a model file read whole, once more)."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"http", "https"} and not _url_path(path).endswith("/"):
+        return False
+    return fs.isdir(path)
 
 
 def _url_path(path: str) -> str:

@@ -369,7 +369,7 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
                 return info, summary
             time.sleep(0.05)
     except (ray.exceptions.RayError, TimeoutError) as e:
-        log.warning("no inference reports: %s", e)
+        log.warning("no inference reports: %s", storage.redact(str(e)))
         return None, None
 
 

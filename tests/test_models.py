@@ -152,9 +152,13 @@ def test_presigned_model_and_weights_urls(shapes_model, tmp_path):
     size = (32, 32)
     src = keras.applications.MobileNetV3Small(weights=None, input_shape=(*size, 3), classifier_activation=None)
     src.save_weights(str(served / "mnv3.weights.h5"))
+    from helpers import HTTP_SENT
+
     with http_server(str(served), "ranges") as base:
         cfg = ModelConfig(name=f"{base}/shapes.keras{SIGNED}")
+        HTTP_SENT.clear()
         model, info = models.load(cfg, workdir=str(work))
+        assert HTTP_SENT["/shapes.keras"] == os.path.getsize(served / "shapes.keras")  # read once
         assert models.static_shape(cfg) == info.shape == models.Shape((64, 64))
         assert info.name == f"{base}/shapes.keras" and info.labels[:3] == ("blank", "checker", "circle")
         x = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
