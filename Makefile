@@ -38,9 +38,19 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
-# Refresh the pinned versions of every package (run after editing pyproject.toml).
+# Refresh the pinned versions of every package (run after editing pyproject.toml): resolves
+# pyproject.toml afresh (rayvid and its `test` extra, what `make setup` installs from the
+# lock) in a throwaway virtual environment, never .venv (which may hold other packages), and
+# pins all of it but rayvid. Downloads everything (TensorFlow, Ray: minutes); use the Python
+# the lock is for (PYTHON=python3.11). requirements.lock is replaced only on success.
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^rayvid' > requirements.lock
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q ".[test]"; \
+	"$$tmp/venv/bin/python" -m pip freeze --exclude-editable > "$$tmp/freeze.txt"; \
+	grep -v -i -E '^rayvid([ =@]|$$)' "$$tmp/freeze.txt" > "$$tmp/requirements.lock"; \
+	mv "$$tmp/requirements.lock" requirements.lock
 
 clean:
 	rm -rf $(OUT) $(SAMPLES) .pytest_cache

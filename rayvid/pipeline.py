@@ -180,12 +180,13 @@ def run(cfg: RunConfig) -> RunResult:
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
         beat = _write_first_record(cfg, record)
+        committer, retracted = None, False
         try:
             sources = dict(zip(videos.column("video_uri").to_pylist(),
                                zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
             committer = commit.Committer(cfg.output, cfg.run_id, name, sources=sources,
                                          flush_interval_s=cfg.commit_interval_s)
-            retracted = False  # --retry-failed: old errors go once the model is known to load
+            # --retry-failed: old errors go once the model is known to load (the first batch)
             if units is not None:
                 reports = _reports_actor(ray)
                 ds = _dataset(ray, cfg, units, shape, plan, reports, clip_len)
@@ -208,6 +209,8 @@ def run(cfg: RunConfig) -> RunResult:
             committer.close()
         except BaseException as e:
             beat.stop()
+            if committer is not None and (retracted or not redo):  # else old rows of redone videos are there
+                _publish_complete(committer)
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
@@ -398,6 +401,15 @@ def _unavailable(error: BaseException, output: str) -> Optional[str]:
             return f"storage unreachable writing OUTPUT {storage.public_uri(output)}: {storage.describe(e)}"
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
+
+
+def _publish_complete(committer: commit.Committer) -> None:
+    """On a failure (an exception, a Ctrl-C): commit the videos already complete, which
+    would otherwise wait for the next flush, so the next run does not redo them."""
+    try:
+        committer.flush()
+    except Exception as e:  # noqa: BLE001 - the run fails with its own error, not this one
+        log.warning("could not commit the videos complete when the run failed: %s", storage.redact(str(e)))
 
 
 def _not_done(videos: pa.Table, committer: commit.Committer) -> str:

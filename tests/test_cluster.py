@@ -1,6 +1,9 @@
 """cluster/: the launcher YAML, the KubeRay manifests, the Dockerfile and the runtime_env,
-checked offline against Ray's and Kubernetes' own schemas (a misspelled field fails), and
-placement of the stages on a multi-node Ray cluster."""
+checked offline against Ray's and Kubernetes' own schemas (a misspelled field fails) and
+through Ray's own code (launcher config preparation, token auth set-up, the KubeRay
+autoscaling config it derives); the image's packages against what the code imports and
+requirements.lock against pyproject.toml; and placement of the stages on a multi-node Ray
+cluster."""
 
 from __future__ import annotations
 
@@ -70,6 +73,62 @@ def test_launcher_yaml_typo_fails(where, typo):
         _validate_launcher(cfg)
 
 
+def test_launcher_turns_on_token_auth_on_every_node(tmp_path, monkeypatch):
+    """Ray 2.60's `ray start` turns token auth on only with RAY_AUTH_MODE=token (or, on a
+    head, an existing token file): every start command sets it, every container has it, the
+    token file reaches each node where Ray looks for it, `ray up` stops without one (before
+    any `ray start`), and `ray start` with the commands' environment refuses to run without
+    a token."""
+    import subprocess
+
+    import ray.autoscaler._private.util as launcher_util
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    cfg = _yaml("aws.yaml")
+    prepared = _validate_launcher(cfg)
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for c in prepared[key] if "ray start" in c]
+    assert len(starts) == 2 and any("--head" in c for c in starts)
+    for command in starts:
+        assert re.search(r"(^|[;&|]\s*)RAY_AUTH_MODE=token ray start ", command), command
+    assert "--env RAY_AUTH_MODE=token" in prepared["docker"]["run_options"]
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    mounts = prepared["file_mounts"]
+    remote = [r for r in mounts if os.path.expanduser(r) == str(_get_default_token_path())]
+    assert remote and os.path.expanduser(mounts[remote[0]]) == str(_get_default_token_path())
+    # `ray up` hashes its file mounts before it starts Ray on the head: no token, no cluster
+    monkeypatch.setattr(launcher_util, "_hash_cache", {})
+    with pytest.raises(FileNotFoundError):
+        launcher_util.hash_runtime_conf(mounts, None, prepared)
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    monkeypatch.setattr(launcher_util, "_hash_cache", {})
+    launcher_util.hash_runtime_conf(mounts, None, prepared)
+
+    # the head's start command's environment, on a node without the token: Ray refuses
+    head = next(c for c in starts if "--head" in c)
+    assignments = dict(re.findall(r"(?:^|\s)([A-Z_]+)=(\S+) (?=.*ray start)", head))
+    assert assignments == {"RAY_AUTH_MODE": "token"}
+    empty_home = tmp_path / "no-token"
+    empty_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(assignments, HOME=str(empty_home))
+    port, = _free_ports(1)
+    started = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+         "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = started.communicate(timeout=120)
+    finally:
+        if started.poll() is None:
+            _stop(started)
+    assert started.returncode != 0 and "no authentication token" in out.lower(), out[-3000:]
+
+
 # --- KubeRay manifests, against the RayCluster/RayJob schema and Kubernetes' own ---------
 
 K8S_VERSION = "v1.33.0"
@@ -122,11 +181,54 @@ def test_kuberay_manifests_are_valid(kuberay_validator):
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     gpu = groups["gpu-infer"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
-    assert groups["gpu-infer"]["rayStartParams"]["labels"] == "rayvid.io/role=infer"
+    from rayvid.decode import INFER_NODE_LABEL
+
+    assert groups["gpu-infer"].get("labels") == dict([INFER_NODE_LABEL])
+    # KubeRay rejects rayStartParams labels and Ray's autoscaler ignores them
+    for group in [cluster["spec"]["headGroupSpec"], *groups.values()]:
+        assert "labels" not in group.get("rayStartParams", {})
     assert all(g["maxReplicas"] >= g["minReplicas"] for g in groups.values())
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
     assert "jobs/classify_videos.py" in job["spec"]["entrypoint"]
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+
+
+def _cluster_specs():
+    """Every RayCluster spec in cluster/kuberay: the RayCluster's, and a RayJob's own
+    rayClusterSpec if it has one (rayjob.yaml runs on the RayCluster: clusterSelector)."""
+    specs = {"raycluster.yaml": _yaml("kuberay", "raycluster.yaml")}
+    job = _yaml("kuberay", "rayjob.yaml")
+    if "rayClusterSpec" in job["spec"]:
+        specs["rayjob.yaml"] = {"metadata": job["metadata"], "spec": job["spec"]["rayClusterSpec"]}
+    return specs
+
+
+def test_kuberay_autoscaler_sees_the_infer_label_on_gpu_nodes_only():
+    """What Ray 2.60's autoscaler makes of the RayCluster (its own RayCluster CR ->
+    autoscaling config conversion, the code its KubeRay sidecar runs, offline): the GPU
+    group carries the `rayvid.io/role=infer` label that decode actors' label_selector avoids,
+    and the CPU group does not, so a decode backlog scales cpu-decode, never gpu-infer."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from rayvid.decode import INFER_NODE_LABEL, resources
+
+    key, value = INFER_NODE_LABEL
+    selector = resources(1)["label_selector"]
+    assert selector == {key: f"!{value}"}
+    for name, cr in _cluster_specs().items():
+        cr = copy.deepcopy(cr)
+        cr["metadata"].setdefault("namespace", "default")  # the API server fills it in
+        types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+        assert set(types) == {"headgroup", "cpu-decode", "gpu-infer"}, name
+        assert types["headgroup"]["resources"]["CPU"] == 0
+        gpu, cpu = types["gpu-infer"], types["cpu-decode"]
+        assert gpu["labels"] == {key: value} and gpu["resources"]["GPU"] == 1, (name, gpu)
+        assert key not in cpu["labels"] and "GPU" not in cpu["resources"], (name, cpu)
+        assert (gpu["min_workers"], cpu["min_workers"]) == (1, 0)
+        # decode actors (label_selector key != value) fit the CPU group, not the GPU group
+        placeable = {t for t, spec in types.items() if spec["labels"].get(key) != value
+                     and spec["resources"].get("CPU", 0) >= 1}
+        assert placeable == {"cpu-decode"}, name
 
 
 def _rename(doc, path, new):
@@ -140,6 +242,7 @@ def _rename(doc, path, new):
     ("raycluster.yaml", ("spec", "enableInTreeAutoscaling"), "enableInTreeAutoscaler"),
     ("raycluster.yaml", ("spec", "workerGroupSpecs", 0, "minReplicas"), "minReplica"),
     ("raycluster.yaml", ("spec", "headGroupSpec", "rayStartParams"), "rayStartParam"),
+    ("raycluster.yaml", ("spec", "workerGroupSpecs", 1, "labels"), "label"),
     ("raycluster.yaml", ("spec", "workerGroupSpecs", 1, "template", "spec", "containers", 0, "resources"), "resource"),
     ("raycluster.yaml", ("spec", "headGroupSpec", "template", "spec", "serviceAccountName"), "serviceAcountName"),
     ("rayjob.yaml", ("spec", "entrypoint"), "entryPoint"),
@@ -164,11 +267,189 @@ def test_dockerfile_builds_on_the_pinned_ray_gpu_image():
     assert f"ARG RAY_VERSION={ray.__version__}" in text
     assert f"ARG PYTHON=py{sys.version_info.major}{sys.version_info.minor}" in text
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON}-gpu" in text and "ray-ml" not in text.split("FROM", 1)[1]
-    for package in ("tensorflow[and-cuda]", "decord", "av", "s3fs", "/tmp/rayvid"):
+    for package in ("tensorflow[and-cuda]", "/tmp/rayvid[gcs]", "gcsfs=="):
         assert package in text
     assert "COPY --chown=ray:users jobs /home/ray/jobs" in text
     lock = open(os.path.join(ROOT, "requirements.lock")).read()
     assert f"ray=={ray.__version__}" in lock
+
+
+def _dockerfile_pip_installs() -> list:
+    """The argument lists of the Dockerfile's `pip install` commands."""
+    import shlex
+
+    text = open(os.path.join(CLUSTER, "Dockerfile")).read().replace("\\\n", " ")
+    installs = []
+    for line in text.splitlines():
+        if not line.startswith("RUN "):
+            continue
+        commands = [[]]
+        for word in shlex.split(line[4:]):
+            if word in ("&&", "||", ";"):
+                commands.append([])
+            else:
+                commands[-1].append(word)
+        for words in commands:
+            if words[:2] == ["pip", "install"] or words[1:4] == ["-m", "pip", "install"]:
+                installs.append(words[words.index("install") + 1:])
+    return installs
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def _requirement_closure(requirements) -> set:
+    """Canonical names of the distributions `requirements` install, transitively, from the
+    metadata installed here (this Python, this platform: the image's, see the test above);
+    rayvid's own from pyproject.toml. Distributions not installed here count as leaves."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = _pyproject()
+    names, done = set(), set()
+    stack = [(canonicalize_name(r.name), frozenset(r.extras)) for r in requirements]
+    while stack:
+        name, extras = stack.pop()
+        if (name, extras) in done:
+            continue
+        done.add((name, extras))
+        names.add(name)
+        if name == "rayvid":
+            requires = project["dependencies"] + [
+                r for extra in extras for r in project["optional-dependencies"][extra]]
+        else:
+            try:
+                requires = md.distribution(name).requires or []
+            except md.PackageNotFoundError:
+                continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                continue
+            stack.append((canonicalize_name(req.name), frozenset(req.extras)))
+    return names
+
+
+def _lock_pins() -> dict:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in open(os.path.join(ROOT, "requirements.lock")):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and " @ " not in line, f"requirements.lock: not a version pin: {line}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _runtime_imports() -> dict:
+    """Top-level third-party modules that rayvid and jobs/ import (statically), and the
+    filesystems fsspec imports for the s3:// and gs:// URLs rayvid accepts."""
+    import ast
+
+    from fsspec.registry import known_implementations
+
+    modules = {}
+    for folder in ("rayvid", "jobs"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Import):
+                        found = [a.name for a in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        found = [node.module]
+                    else:
+                        continue
+                    for module in found:
+                        top = module.split(".")[0]
+                        if top not in sys.stdlib_module_names and top != "rayvid":
+                            modules.setdefault(top, os.path.relpath(path, ROOT))
+    for protocol in ("s3", "gs"):
+        modules.setdefault(known_implementations[protocol]["class"].split(".")[0], f"fsspec {protocol}://")
+    return modules
+
+
+def test_dockerfile_installs_every_package_the_code_imports_at_lock_versions():
+    """Every third-party module rayvid and jobs/ import, and s3fs/gcsfs behind fsspec, comes
+    from a distribution the image's `pip install` brings (rayvid with its pyproject.toml
+    dependencies, not a hand-kept list), pinned by requirements.lock (-c) or in the
+    Dockerfile; and the image's build-time import check names each of them."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    installs = _dockerfile_pip_installs()
+    assert installs, "no pip install in cluster/Dockerfile"
+    requirements, pinned_here = [], {}
+    for args in installs:
+        assert "--no-deps" not in args, args  # rayvid's dependencies come from pyproject.toml
+        assert "-c" in args and args[args.index("-c") + 1] == "/tmp/rayvid/requirements.lock", args
+        for arg in args:
+            if arg.startswith("-") or arg.endswith("requirements.lock"):
+                continue
+            req = Requirement(re.sub(r"^/tmp/rayvid(?=\[|$)", "rayvid", arg))
+            requirements.append(req)
+            if str(req.specifier).startswith("=="):
+                pinned_here[canonicalize_name(req.name)] = str(req.specifier)[2:]
+    assert "rayvid" in {r.name for r in requirements}
+    brought = _requirement_closure(requirements)
+    pins = _lock_pins()
+    top_level = md.packages_distributions()
+    problems = []
+    for module, where in sorted(_runtime_imports().items()):
+        dists = {canonicalize_name(d) for d in top_level.get(module, [module])}
+        if not dists & brought:
+            problems.append(f"{module} ({where}): {sorted(dists)} not installed by the Dockerfile")
+        elif not dists & (set(pins) | set(pinned_here)):
+            problems.append(f"{module} ({where}): {sorted(dists)} pinned neither in requirements.lock nor the Dockerfile")
+    assert not problems, problems
+    assert not set(pinned_here) & set(pins), "pinned twice (Dockerfile and requirements.lock)"
+
+    text = open(os.path.join(CLUSTER, "Dockerfile")).read()
+    check = re.search(r'python -c "import ([\w, .]+);', text)
+    assert check, "the image's build-time import check is missing"
+    checked = {m.strip() for m in check.group(1).split(",")}
+    assert set(_runtime_imports()) <= checked, sorted(set(_runtime_imports()) - checked)
+
+
+def test_lock_pins_exactly_what_pyproject_resolves_to():
+    """requirements.lock is `make lock`'s output: pyproject.toml's dependencies and its test
+    extra, resolved (the closure of what they require), each pinned at a version its
+    specifier accepts, and nothing else (no leftovers from a hand-grown .venv, no file://
+    wheels); `make lock` resolves in a throwaway environment, never .venv."""
+    import shutil
+    import subprocess
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = _pyproject()
+    direct = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    pins = _lock_pins()
+    for req in direct:
+        name = canonicalize_name(req.name)
+        assert name in pins and req.specifier.contains(Version(pins[name]), prereleases=True), (req, pins.get(name))
+    # pip freeze leaves out pip's own tools
+    resolved = _requirement_closure(direct) - {"rayvid", "pip", "setuptools", "wheel"}
+    assert resolved == set(pins), (sorted(resolved - set(pins)), sorted(set(pins) - resolved))
+
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    recipe = subprocess.run(["make", "-n", "lock"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-m venv" in recipe and ".venv" not in recipe, recipe
+    assert re.search(r"""pip install (-q )?["']?\.\[test\]""", recipe), recipe
+    assert "requirements.lock" in recipe and "rayvid" in recipe, recipe
 
 
 def test_runtime_env_ships_the_checkout_without_the_heavy_parts():
