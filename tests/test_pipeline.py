@@ -882,3 +882,40 @@ def test_a_head_that_does_not_fit_the_model_is_a_clear_error(ray_session, media,
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["runs"]
     record = json.loads((tmp_path / "o" / "runs" / "bad-head.json").read_text())
     assert record["status"] == "failed" and "--head detect needs a grid detector" in record["error"]
+
+
+def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_path):
+    """A run that fails part way (here: the model rejects the last video's frames) commits
+    the videos already complete, though its commit interval has not come: the next run
+    does not redo them. (Before, they waited in memory for the next flush and were lost.)"""
+    import subprocess
+
+    import tensorflow as tf
+
+    from rayvid import samples
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, colour in [("a", "gray"), ("b", "gray"), ("c", "gray"), ("d", "gray"), ("zz", "white")]:
+        subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"color=c={colour}:s=64x48:r=10:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                        str(src / f"{name}.mp4")], check=True)
+
+    class Picky(tf.Module):  # two classes; refuses frames brighter than 200
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            tf.debugging.assert_less(tf.reduce_max(x), 200.0, message="too bright")
+            return {"probs": tf.nn.softmax(tf.zeros([tf.shape(x)[0], 2]))}
+
+    module = Picky()
+    tf.saved_model.save(module, str(tmp_path / "picky"), signatures={"serving_default": module.serve})
+    out = str(tmp_path / "out")
+    cfg = _cfg(str(src), out, str(tmp_path / "picky"), commit_interval_s=3600.0, run_id="fails",
+               decode=DecodeConfig(max_actors=1), infer=InferConfig(batch_size=4))
+    with pytest.raises(Exception, match="too bright"):
+        pipeline.run(cfg)
+    committed = set(read_output(out, "videos").column("video_uri").to_pylist())
+    assert {str(src / "a.mp4"), str(src / "b.mp4")} <= committed <= {str(src / f"{n}.mp4") for n in "abcd"}
+    assert frames_per_video(read_output(out)) == {u: list(range(10)) for u in committed}
+    record = json.loads(open(os.path.join(out, "runs", "fails.json")).read())
+    assert record["status"] == "failed" and "too bright" in record["error"]
