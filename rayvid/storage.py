@@ -331,7 +331,7 @@ def _alive(pid: int) -> bool:
 def _suffix(path: str) -> str:
     """A copy's extension: the object's (some demuxers look at it), letters and digits only
     (of an HTTP URL's path, not its query: a presigned URL's signature is no extension)."""
-    if "://" in path:
+    if path.lower().startswith(("http://", "https://")):  # elsewhere "?" and "#" are part of the key
         path = urllib.parse.urlsplit(path).path
     return "." + re.sub(r"[^A-Za-z0-9]", "", os.path.splitext(path)[1])[:12]
 

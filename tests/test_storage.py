@@ -21,6 +21,18 @@ def test_resolve_local_and_s3(tmp_path, s3_endpoint):
     assert fs.exists("rayvid-test")  # reached the moto endpoint through AWS_ENDPOINT_URL
 
 
+def test_a_copy_keeps_the_extension_of_its_object(tmp_path, s3fs_client):
+    """Some demuxers look at the extension: a copy's name keeps it, also for keys holding
+    "?" or "#" (part of the name on S3, a query or fragment only over HTTP)."""
+    for key in ("clip #1.mkv", "what?.ts"):
+        s3fs_client.pipe_file(f"s3://rayvid-test/suffix/{key}", b"x")
+        with storage.local_copy(f"s3://rayvid-test/suffix/{key}", str(tmp_path)) as p:
+            assert p.endswith("." + key.rsplit(".", 1)[1])
+        with storage.shared_copy(f"s3://rayvid-test/suffix/{key}", str(tmp_path)) as (p, _):
+            assert p.endswith("." + key.rsplit(".", 1)[1])
+    assert storage._suffix("https://h/v.mp4?X-Amz-Signature=S.x#y") == ".mp4"
+
+
 def test_a_double_colon_is_part_of_the_name_not_a_chain(tmp_path, s3fs_client):
     """fsspec reads "a::b" as the URL b seen through a; rayvid reads the object named so."""
     (tmp_path / "clip").write_bytes(b"another file")
