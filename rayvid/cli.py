@@ -17,10 +17,13 @@ import sys
 from typing import Optional, Sequence
 
 from rayvid import storage
-from rayvid.config import RunConfig, merge
+from rayvid.config import DECODERS, HEADS, PREPROCESS, SAMPLING_MODES, RunConfig, merge
 from rayvid.errors import ConfigError, InputError, RayvidError
 
 SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still camera, below a moving object
+# Options whose value is optional: `--embed` alone, `--embed=LAYER`, or `--embed LAYER`
+# where INPUT and OUTPUT are given too (else the word could be INPUT: `detached`).
+OPTIONAL_VALUES = {"--embed": "LAYER", "--skip-similar": "T"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,17 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="keras.applications name (resnet50, mobilenet_v3_small, ...) or URL of a .keras/.h5 file or SavedModel")
     m.add_argument("--weights", help="for keras.applications: imagenet (default), none, or a weights file PATH|URL")
     m.add_argument("--labels", help="labels file URL, one label per line")
-    m.add_argument("--preprocess", choices=["auto", "raw", "unit", "tf", "caffe", "torch"])
+    m.add_argument("--preprocess", choices=PREPROCESS)
     m.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     m.add_argument("--topk", type=int)
     m.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute on GPU (float32 softmax)")
     m.add_argument("--xla", action="store_true", default=None, help="compile the model with XLA")
     m.add_argument("--embed", nargs="?", const="auto", metavar="LAYER",
                    help="also write an `embedding` column per frame: the classifier's input (default), "
-                        "or LAYER's output, average-pooled if it is a feature map")
+                        "or LAYER's output, average-pooled if it is a feature map "
+                        "(before INPUT OUTPUT: --embed=LAYER)")
     m.add_argument("--embed-normalize", action="store_true", default=None,
                    help="L2-normalise the embeddings (cosine similarity = dot product)")
-    m.add_argument("--head", choices=["classify", "detect"],
+    m.add_argument("--head", choices=HEADS,
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
     m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
     m.add_argument("--iou-threshold", type=float, help="detect: NMS overlap threshold (default 0.5)")
@@ -58,12 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-len", type=int, metavar="N",
                    help="video models: N consecutive frames per model input, one output row per clip")
     s.add_argument("--clip-stride", type=int, metavar="S", help="a clip every S frames (default N: side by side)")
-    s.add_argument("--skip-similar", type=float, nargs="?", const=SKIP_SIMILAR_DEFAULT, metavar="T",
+    s.add_argument("--skip-similar", nargs="?", const=SKIP_SIMILAR_DEFAULT, metavar="T",
                    help="reuse the last inferred frame's prediction for frames that differ from it by less "
-                        f"than T grey levels (mean abs. difference of 16x16 thumbnails; default T {SKIP_SIMILAR_DEFAULT:g})")
+                        "than T grey levels (mean abs. difference of 16x16 thumbnails; "
+                        f"default T {SKIP_SIMILAR_DEFAULT:g}; before INPUT OUTPUT: --skip-similar=T)")
     e = r.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
-    e.add_argument("--decoder", choices=["auto", "decord", "pyav"], help="auto (default): decord where it is exact, else PyAV")
+    e.add_argument("--decoder", choices=DECODERS, help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="CPUs each decode actor holds, and its decoder threads (default 1; "
                    "where inference runs on the CPU, HD and larger sources decode on at least 2 threads)")
     e.add_argument("--segment-seconds", type=float, metavar="S",
@@ -139,10 +144,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, parsed; for `run`, `detached` also holds the optional values that
+    came as a word of their own (`--embed LAYER`: config_from_args takes one only where
+    INPUT and OUTPUT are given too)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.verb == "run":
+        args.detached = _detached(argv)
+    return args
+
+
+def _detached(argv: list) -> dict:
+    """{option: value} for each `--embed LAYER` / `--skip-similar T` (or a prefix of the
+    option, as argparse takes it) whose value is the next word, not `--option=VALUE`."""
+    out = {}
+    for word, after in zip(argv, argv[1:]):
+        if word == "--":
+            break
+        option = next((o for o in OPTIONAL_VALUES if word.startswith("--") and o.startswith(word)), None)
+        if option and not after.startswith("-"):
+            out[option] = after
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    for option, value in getattr(args, "detached", {}).items():
+        if args.input is None or args.output is None:  # that word may have been INPUT or OUTPUT
+            shown = storage.public_uri(value)
+            raise ConfigError(
+                f"{option} takes {shown!r} as its {OPTIONAL_VALUES[option]} here, and then INPUT OUTPUT are not "
+                f"both given: write {option}={shown} if that is the {OPTIONAL_VALUES[option]}, or put {option} "
+                f"after INPUT OUTPUT")
+    skip_similar = args.skip_similar
+    if isinstance(skip_similar, str):
+        try:
+            skip_similar = float(skip_similar)
+        except ValueError:
+            raise ConfigError(f"--skip-similar T must be a number, got {storage.public_uri(skip_similar)!r}") from None
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)
+    if any(getattr(args, mode) is not None for mode in SAMPLING_MODES) and isinstance(base.get("sampling"), dict):
+        # a sampling mode given as a flag replaces the config's (the modes are exclusive)
+        base["sampling"] = {k: v for k, v in base["sampling"].items() if k not in SAMPLING_MODES}
     decode_actors = args.decode_actors or (None, None)
     infer_actors = args.infer_actors or (None, None)
     flags = {
@@ -165,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "min_box_score": args.min_box_score,
         },
         "sampling": {"every": args.every, "fps": args.fps, "keyframes": args.keyframes,
-                     "skip_similar": args.skip_similar, "clip_len": args.clip_len,
+                     "skip_similar": skip_similar, "clip_len": args.clip_len,
                      "clip_stride": args.clip_stride},
         "decode": {"decoder": args.decoder, "threads": args.decode_threads, "segment_s": args.segment_seconds, "min_actors": decode_actors[0], "max_actors": decode_actors[1],
                    "timeout_s": args.decode_timeout, "retries": args.decode_retries},
@@ -201,13 +246,17 @@ def _load_config_file(url: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"config {storage.public_uri(url)} is not valid YAML: {storage.redact(str(e))}") from None
     if isinstance(data, dict) and "config" in data and "run_id" in data:
-        data = dict(data["config"])  # a runs/<id>.json record: repeat its config, new run id
-        data.pop("run_id", None)
+        data = data["config"]  # a runs/<id>.json record: repeat its config, new run id
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "run_id"}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {storage.public_uri(url)}: expected a mapping of settings, "
+                          f"got {type(data).__name__}")
     return data
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.verb == "run":

@@ -1,22 +1,38 @@
 """One typed, frozen configuration for a run, built from CLI flags or one YAML file.
 
-The resolved config (every default filled in) is what `runs/<run_id>.json` records, so a
-run can be repeated from its record alone: `rayvid run --config runs/<run_id>.json`.
+Both go through the same checks (types, choices, ranges: a ConfigError naming the setting
+and its value). The resolved config is what `runs/<run_id>.json` records, so a run can be
+repeated from its record alone: `rayvid run --config runs/<run_id>.json`. Resolved: every
+setting with its default filled in and local paths made absolute (INPUT, OUTPUT, a model,
+weights or labels file), so the record reads the same files from any working directory.
+Some defaults depend on the cluster or the model and stay null (None) in the config, to be
+decided again where the record is repeated: the inference batch size, GPUs per actor and
+both pool sizes (the record's `plan` says what the run used), and the model's input size,
+labels and preprocessing (its `model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
+import os
 import re
 import secrets
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from rayvid.errors import ConfigError
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # else a local path (as storage.resolve reads it)
+
+PREPROCESS = ("auto", "raw", "unit", "tf", "caffe", "torch")
+HEADS = ("classify", "detect")
+DECODERS = ("auto", "decord", "pyav")
+SAMPLING_MODES = ("every", "fps", "keyframes")  # exclusive: one sampling mode per run
 
 
 @dataclass(frozen=True)
@@ -52,14 +68,32 @@ class ModelConfig:
     min_box_score: float = 0.3  # NMS: boxes scoring less are dropped
 
     def __post_init__(self) -> None:
-        if self.head not in ("classify", "detect"):
+        _check_types(self, "config.model")
+        if not self.name:
+            raise ConfigError("--model must name a model")
+        if self.preprocess not in PREPROCESS:
+            raise ConfigError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {self.preprocess!r}")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ConfigError(f"--input-size must be two sizes >= 1 (H W), got {list(self.input_size)}")
+        if self.head not in HEADS:
             raise ConfigError(f"--head must be classify or detect, got {self.head!r}")
+        if self.embed == "":
+            raise ConfigError("--embed needs a layer name, or auto (the classifier's input)")
         if self.head == "detect" and self.embed:
             raise ConfigError("--embed works with --head classify only")
         if self.topk < 1:
             raise ConfigError(f"--topk must be >= 1, got {self.topk}")
         if self.max_boxes < 1 or not 0 < self.iou_threshold <= 1 or not 0 <= self.min_box_score < 1:
             raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
+        # local files by absolute path (the record repeats the run from anywhere)
+        if "/" in self.name or os.path.exists(self.name):  # a file, not a keras.applications name
+            object.__setattr__(self, "name", _absolute(self.name))
+        if self.weights and self.weights.lower() in ("imagenet", "none"):
+            object.__setattr__(self, "weights", self.weights.lower())  # `--weights None` is none
+        elif self.weights:
+            object.__setattr__(self, "weights", _absolute(self.weights))
+        if self.labels:
+            object.__setattr__(self, "labels", _absolute(self.labels))
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,7 @@ class SamplingConfig:
     clip_stride: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check_types(self, "config.sampling")
         if self.clip_len is not None and self.clip_len < 1:
             raise ConfigError(f"--clip-len must be >= 1, got {self.clip_len}")
         if self.clip_stride is not None and self.clip_stride < 1:
@@ -112,6 +147,16 @@ class DecodeConfig:
     retries: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self, "config.decode")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"--decoder must be auto, decord or pyav, got {self.decoder!r}")
+        if self.threads < 1:
+            raise ConfigError(f"--decode-threads must be >= 1, got {self.threads}")
+        if self.segment_s < 0:
+            raise ConfigError(f"--segment-seconds must be >= 0 (0: never split), got {self.segment_s:g}")
+        if self.batch_frames < 1 or self.batch_bytes < 1:
+            raise ConfigError("decode batch_frames and batch_bytes must be >= 1")
+        _check_pool("--decode-actors", self.min_actors, self.max_actors)
         if self.timeout_s <= 0:
             raise ConfigError(f"--decode-timeout must be > 0, got {self.timeout_s}")
         if self.retries < 0:
@@ -127,6 +172,16 @@ class InferConfig:
     cpus_per_actor: float = 1.0
     min_actors: Optional[int] = None  # default: number of GPUs, or 1 on CPU
     max_actors: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_types(self, "config.infer")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor:g}")
+        if self.cpus_per_actor < 0:
+            raise ConfigError(f"infer cpus_per_actor must be >= 0, got {self.cpus_per_actor:g}")
+        _check_pool("--infer-actors", self.min_actors, self.max_actors)
 
 
 @dataclass(frozen=True)
@@ -149,12 +204,13 @@ class RunConfig:
             raise ConfigError("INPUT is required")
         if not self.output:
             raise ConfigError("OUTPUT is required")
-        if self.infer.batch_size is not None and self.infer.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
-        if self.decode.threads < 1:
-            raise ConfigError("decode threads must be >= 1")
-        if self.decode.decoder not in ("auto", "decord", "pyav"):
-            raise ConfigError(f"--decoder must be auto, decord or pyav, got {self.decode.decoder!r}")
+        _check_types(self, "config")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.commit_interval_s < 0:
+            raise ConfigError(f"--commit-interval must be >= 0, got {self.commit_interval_s:g}")
+        object.__setattr__(self, "input", _absolute(self.input))
+        object.__setattr__(self, "output", _absolute(self.output))
         if not self.run_id:
             object.__setattr__(self, "run_id", new_run_id())
         if not _RUN_ID.fullmatch(self.run_id):
@@ -190,8 +246,6 @@ def _build(cls, data: dict[str, Any], where: str):
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if sub is not None and is_dataclass(sub) and value is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif name == "input_size" and value is not None:
-            kwargs[name] = tuple(int(v) for v in value)
         else:
             kwargs[name] = value
     try:
@@ -200,14 +254,73 @@ def _build(cls, data: dict[str, Any], where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], overrides: dict[str, Any], where: str = "config") -> dict[str, Any]:
     """Deep-merge `overrides` into `base` (overrides win; None in overrides means unset)."""
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(base).__name__}")
     out = dict(base)
     for key, value in overrides.items():
         if value is None:
             continue
         if isinstance(value, dict):
-            out[key] = merge(out.get(key) or {}, value)
+            out[key] = merge(out.get(key) or {}, value, f"{where}.{key}")
         else:
             out[key] = value
     return out
+
+
+def _check_pool(flag: str, low: Optional[int], high: Optional[int]) -> None:
+    if (low is not None and low < 1) or (high is not None and high < max(1, low or 1)):
+        raise ConfigError(f"{flag} MIN MAX must be 1 <= MIN <= MAX, got {low} {high}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kinds(cls) -> dict[str, tuple[Any, bool]]:
+    """Each field's type (bool, int, float, str, tuple or a config class) and whether None is allowed."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        if optional:
+            hint = next(a for a in args if a is not type(None))
+        out[name] = (typing.get_origin(hint) or hint, optional)
+    return out
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             tuple: "two integers [H, W]"}
+
+
+def _check_types(obj, where: str) -> None:
+    """ConfigError naming the setting and its value where the value is not of the setting's
+    type (flags are typed by argparse; a YAML file or a record can hold anything). An int
+    stands for a float, a list of two ints for a size."""
+    for name, (kind, optional) in _kinds(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is tuple and isinstance(value, list):
+            value = tuple(value)
+        if kind is tuple:
+            ok = isinstance(value, tuple) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            expected = _EXPECTED.get(kind, f"a {getattr(kind, '__name__', kind)}")
+            raise ConfigError(f"{where}.{name}: expected {expected}, got {shown}")
+        if value is not getattr(obj, name):
+            object.__setattr__(obj, name, value)
+
+
+def _absolute(url: str) -> str:
+    """A local path made absolute (as storage.resolve reads it); URLs as they are."""
+    if _URL.match(url):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+

@@ -13,7 +13,8 @@ import yaml
 
 from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
 from rayvid import samples
-from rayvid.cli import main
+from rayvid.cli import SKIP_SIMILAR_DEFAULT, config_from_args, main, parse_args
+from rayvid.config import RunConfig, SamplingConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +78,98 @@ def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tm
 def test_cannot_run_exits_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [(["--fps", "2"], {"fps": 2.0}), (["--every", "3"], {"every": 3}),
+                                         (["--keyframes"], {"keyframes": True})])
+@pytest.mark.parametrize("mode", [{"every": 5}, {"fps": 0.5}, {"keyframes": True}])
+def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
+    """Flags override the config file (and a run record): a sampling mode given as a flag
+    is the run's mode, whatever mode the file has (the modes are exclusive)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"sampling": {**mode, "skip_similar": 1.0}}))
+    cfg = config_from_args(parse_args(["run", "in", "out", "--config", str(path), *flag]))
+    assert cfg.sampling == SamplingConfig(skip_similar=1.0, **value)
+
+    record = tmp_path / "runs" / "r1.json"  # as pipeline.run writes it
+    record.parent.mkdir()
+    old = RunConfig(input="in", output="out", run_id="r1", sampling=SamplingConfig(**mode))
+    record.write_text(json.dumps({"run_id": "r1", "status": "finished", "config": old.to_dict()}))
+    again = config_from_args(parse_args(["run", "--config", str(record), *flag]))
+    assert again.sampling == SamplingConfig(**value) and (again.input, again.output) == (old.input, old.output)
+    assert again.run_id != "r1"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- in\n- out\n", "config {path}: expected a mapping of settings, got list"),
+        ("just words\n", "config {path}: expected a mapping of settings, got str"),
+        ("model: [resnet50]\n", "config.model: expected a mapping, got list"),
+        ("model: {preprocess: bogus}\n", "--preprocess must be one of auto, raw, unit, tf, caffe, torch, got 'bogus'"),
+        ("model: {input_size: 224}\n", "config.model.input_size: expected two integers [H, W], got 224"),
+        ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),
+        ("model: {embed: true}\n", "config.model.embed: expected a string, got True"),
+        ("decode: {threads: 0}\n", "--decode-threads must be >= 1, got 0"),
+        ('{"run_id": "r", "config": [1]}\n', "config {path}: expected a mapping of settings, got list"),
+    ],
+)
+def test_a_bad_config_file_exits_2_with_one_line(text, message, tmp_path, capsys):
+    """The YAML path has the checks the flags have: never a traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["run", "in", "out", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rayvid: error: {message.format(path=path)}\n"
+
+
+@pytest.mark.parametrize(
+    "argv, embed, skip_similar",
+    [
+        (["in", "out", "--embed"], "auto", None),
+        (["--embed", "avg_pool", "in", "out"], "avg_pool", None),
+        (["in", "out", "--embed", "avg_pool"], "avg_pool", None),
+        (["in", "out", "--skip-similar"], None, SKIP_SIMILAR_DEFAULT),
+        (["--skip-similar", "3", "in", "out"], None, 3.0),
+        (["in", "out", "--skip-similar", "0"], None, 0.0),
+        (["in", "out", "--embed", "--skip-similar"], "auto", SKIP_SIMILAR_DEFAULT),
+        (["--embed", "--", "in", "out"], "auto", None),
+        (["--config", "{config}", "--embed=avg_pool", "--skip-similar=3"], "avg_pool", 3.0),
+        (["--config", "{config}", "--embed", "--skip-similar"], "auto", SKIP_SIMILAR_DEFAULT),
+    ],
+)
+def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": "in", "output": "out"}))
+    cfg = config_from_args(parse_args(["run", *(a.format(config=config) for a in argv)]))
+    assert (cfg.input, cfg.output) == (os.path.abspath("in"), os.path.abspath("out"))
+    assert (cfg.model.embed, cfg.sampling.skip_similar) == (embed, skip_similar)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--embed", "in", "out"], "--embed takes 'in' as its LAYER here, and then INPUT OUTPUT are not both given: "
+                                   "write --embed=in if that is the LAYER, or put --embed after INPUT OUTPUT"),
+        (["in", "--embed", "out"], "--embed takes 'out' as its LAYER here"),
+        (["--skip-similar", "in", "out"], "--skip-similar takes 'in' as its T here, and then INPUT OUTPUT are not "
+                                          "both given: write --skip-similar=in if that is the T"),
+        (["--skip-sim", "2", "in"], "--skip-similar takes '2' as its T here"),
+        (["--config", "{config}", "--embed", "avg_pool"], "write --embed=avg_pool if that is the LAYER"),
+        (["--config", "{config}", "--embed", "in", "out"], "--embed takes 'in' as its LAYER here"),
+        (["--embed", "s3://AKIAFAKEFAKEFAKE:pw@b/in/", "out"], "--embed takes 's3://b/in/' as its LAYER here"),
+        (["in", "out", "--skip-similar", "lots"], "--skip-similar T must be a number, got 'lots'"),
+    ],
+)
+def test_an_optional_value_never_takes_input_or_output(argv, message, tmp_path, capsys):
+    """`--embed` and `--skip-similar` take the next word as their value only where INPUT and
+    OUTPUT are given besides it; else that word may be INPUT: a clear error, not a guess."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": "in", "output": "out"}))
+    assert main(["run", *(a.format(config=config) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayvid: error: ") and message in err and err.count("\n") == 1
+    assert "AKIA" not in err and "pw@" not in err
 
 
 def test_job_entrypoint_on_a_running_cluster_and_no_secret_leaks(ray_session, one_video, shapes_model, s3fs_client):

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from rayvid.config import RunConfig, SamplingConfig, merge
+from rayvid.config import ModelConfig, RunConfig, SamplingConfig, merge
 from rayvid.errors import ConfigError
 
 
@@ -40,3 +43,85 @@ def test_run_id_cannot_name_a_path_outside_output(run_id):
         return
     with pytest.raises(ConfigError, match="--run-id must match"):
         RunConfig(input="a", output="b", run_id=run_id)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"model": {"topk": "3"}}, "config.model.topk: expected an integer, got '3'"),
+        ({"model": {"topk": True}}, "config.model.topk: expected an integer, got True"),
+        ({"model": {"input_size": 224}}, r"config.model.input_size: expected two integers \[H, W\], got 224"),
+        ({"model": {"input_size": [224, "x"]}}, r"config.model.input_size: expected two integers .*, got \(224, 'x'\)"),
+        ({"model": {"input_size": [0, 224]}}, r"--input-size must be two sizes >= 1 \(H W\), got \[0, 224\]"),
+        ({"model": {"mixed_precision": "false"}}, "config.model.mixed_precision: expected true or false, got 'false'"),
+        ({"model": {"embed": True}}, "config.model.embed: expected a string, got True"),
+        ({"model": {"embed": ""}}, "--embed needs a layer name"),
+        ({"model": {"preprocess": "bogus"}}, "--preprocess must be one of auto, raw, .*, torch, got 'bogus'"),
+        ({"model": {"name": ""}}, "--model must name a model"),
+        ({"model": ["resnet50"]}, "config.model: expected a mapping, got list"),
+        ({"sampling": {"every": 2.5}}, "config.sampling.every: expected an integer, got 2.5"),
+        ({"decode": {"segment_s": "600"}}, "config.decode.segment_s: expected a number, got '600'"),
+        ({"decode": {"decoder": "ffmpeg"}}, "--decoder must be auto, decord or pyav, got 'ffmpeg'"),
+        ({"decode": {"threads": None}}, "config.decode.threads: expected an integer, got None"),
+        ({"input": 5}, "config.input: expected a string, got 5"),
+        ({"limit": "10"}, "config.limit: expected an integer, got '10'"),
+        ({"progress": "no"}, "config.progress: expected true or false, got 'no'"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_choice_name_the_setting_and_value(settings, message):
+    """A YAML file can hold anything; what argparse types and restricts on the command line
+    is checked in the config itself, one ConfigError naming the setting and its value."""
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({"input": "in", "output": "out", **settings})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"decode": {"min_actors": 3, "max_actors": 1}}, "--decode-actors MIN MAX must be 1 <= MIN <= MAX, got 3 1"),
+        ({"decode": {"min_actors": 0}}, "--decode-actors MIN MAX must be 1 <= MIN <= MAX, got 0 None"),
+        ({"infer": {"min_actors": 0, "max_actors": 0}}, "--infer-actors MIN MAX must be 1 <= MIN <= MAX, got 0 0"),
+        ({"infer": {"gpus_per_actor": -1}}, "--gpus-per-actor must be >= 0, got -1"),
+        ({"infer": {"batch_size": 0}}, "--batch-size must be >= 1, got 0"),
+        ({"decode": {"threads": 0}}, "--decode-threads must be >= 1, got 0"),
+        ({"decode": {"segment_s": -5}}, r"--segment-seconds must be >= 0 \(0: never split\), got -5"),
+        ({"limit": 0}, "--limit must be >= 1, got 0"),
+        ({"commit_interval_s": -1}, "--commit-interval must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({"input": "in", "output": "out", **settings})
+
+
+def test_ints_stand_for_floats_and_lists_for_sizes():
+    cfg = RunConfig.from_dict({"input": "in", "output": "out", "model": {"input_size": [240, 320], "iou_threshold": 1},
+                               "sampling": {"fps": 2}, "decode": {"segment_s": 0}})
+    assert cfg.model.input_size == (240, 320) and cfg.model.iou_threshold == 1.0
+    assert type(cfg.sampling.fps) is float and type(cfg.decode.segment_s) is float
+
+
+def test_merge_into_a_setting_that_is_not_a_mapping_is_a_config_error():
+    with pytest.raises(ConfigError, match="config.model: expected a mapping, got list"):
+        merge({"model": ["resnet50"]}, {"model": {"topk": 3}})
+
+
+def test_the_resolved_config_names_local_files_by_absolute_path(tmp_path, monkeypatch):
+    """The run record repeats the run from any working directory: local INPUT, OUTPUT and
+    model, weights and labels files are absolute; URLs and keras.applications names are not paths."""
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict({"input": "samples/videos", "output": "out/", "model": {
+        "name": "samples/model/shapes.keras", "labels": "~/labels.txt", "weights": "w.h5"}})
+    assert (cfg.input, cfg.output) == (str(tmp_path / "samples/videos"), str(tmp_path / "out"))
+    assert cfg.model.name == str(tmp_path / "samples/model/shapes.keras")
+    assert cfg.model.labels == os.path.expanduser("~/labels.txt") and cfg.model.weights == str(tmp_path / "w.h5")
+
+    monkeypatch.chdir(tmp_path / "..")
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg  # the record, repeated elsewhere
+
+    urls = RunConfig.from_dict({"input": "s3://b/in/", "output": "gs://b/out", "model": {
+        "name": "resnet50", "weights": "https://h/w.h5?X-Amz-Signature=x", "labels": "s3://b/l.txt"}})
+    assert (urls.input, urls.output, urls.model.name) == ("s3://b/in/", "gs://b/out", "resnet50")
+    assert (urls.model.weights, urls.model.labels) == ("https://h/w.h5?X-Amz-Signature=x", "s3://b/l.txt")
+    assert [ModelConfig(name="resnet50", weights=w).weights for w in ("imagenet", "none", "None", "IMAGENET")] == [
+        "imagenet", "none", "none", "imagenet"]
