@@ -61,12 +61,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -80,6 +82,8 @@ import numpy as np
 from rayvid import storage
 from rayvid.errors import StorageUnavailable
 from rayvid.schema import KIND_END, KIND_FRAME
+
+log = logging.getLogger(__name__)
 
 # Nodes labelled `rayvid.io/role=infer` (the GPU node types in cluster/) keep their CPUs for
 # the inference actors: decode actors never land there, so they cannot starve the fixed
@@ -189,14 +193,14 @@ def probe(path: str, partial: bool = False) -> Probe:
     import av
 
     try:
-        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, av.open(source) as container:
+        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, _open(source) as container:
             if not container.streams.video:
                 raise VideoError("no video stream (audio-only or not a video)")
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets, rotation = [], 0 if partial else None
-            for p in container.demux(stream):
+            for p in _demux(container, stream):
                 if p.size:
                     packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe,
                                     -1 if p.pos is None else p.pos, p.size))
@@ -218,8 +222,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             start = stream.start_time or 0
             listed = int(stream.frames or 0)
     except av.FFmpegError as e:
-        reason = getattr(e, "strerror", None) or _first_line(e)
-        raise VideoError(f"cannot open video: {reason}{_mp4_hint(path)}") from None
+        raise VideoError(f"cannot open video: {_reason(e)}{_mp4_hint(path)}") from None
     if not packets:
         raise VideoError("the video stream has no frames")
     if any(p[0] is None for p in packets) or tb is None:
@@ -236,6 +239,35 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64))
+
+
+def _open(source):
+    """`av.open` for reading. The container's and streams' tags (which rayvid never uses)
+    are decoded leniently: PyAV decodes them as UTF-8 when it opens a file, and a tag in
+    another encoding (Latin-1, as older cameras and tools write) raised UnicodeDecodeError,
+    a ValueError that is no FFmpeg error, on a video that decodes fine."""
+    import av
+
+    return av.open(source, metadata_errors="replace")
+
+
+def _demux(container, stream) -> Iterator:
+    """`container.demux(stream)`, ended quietly where PyAV fails at the end of it: a
+    container that adds a stream while it is read (an MPEG-TS packet on a PID no program
+    lists, as a damaged or spliced capture has) made PyAV raise IndexError when it flushed
+    that stream, which it never listed, after every packet of ours."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, IndexError):
+            return
+        yield packet
+
+
+def _reason(e: BaseException) -> str:
+    """What FFmpeg says went wrong, without the file name PyAV appends."""
+    return getattr(e, "strerror", None) or _first_line(e)
 
 
 class _Sparse:
@@ -495,12 +527,12 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
 
     fetch(plan_ranges(path, info, keep, gap_bytes))
     rotation, width, height = 0, info.width, info.height
-    with av.open(path) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         key = int(_Walk(keep, info.keyframes).key_of[keep[0]])
         if key > 0:
             _seek(container, stream, info, key)
-        for packet in container.demux(stream):
+        for packet in _demux(container, stream):
             try:
                 frames = [*packet.decode(), *stream.codec_context.decode(None)]
             except av.FFmpegError:
@@ -525,21 +557,19 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     ranges less than `gap_bytes` apart are fetched as one. Dense sampling is one range from the
     segment's lead-in to its last frame; key frames only are the key frames' packets
     (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
-    import av
-
     n = len(info.pts)
     walk = _Walk(keep, info.keyframes)
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
-    with av.open(path) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         for key in np.unique(walk.key_of[keep]).tolist():
             if key == 0:  # as _pyav_frames: no seek, from the first packet
                 landing[key] = 0
                 continue
             _seek(container, stream, info, key)
-            first = next((p for p in container.demux(stream) if p.size), None)
+            first = next((p for p in _demux(container, stream) if p.size), None)
             land = index_of.get(first.pts if first is not None else None, key)
             landing[key] = min(int(info.order[land]), int(info.order[key]))
     # the decoder's walk over decode ranks: the runs of packets it reads between seeks
@@ -576,8 +606,7 @@ def _seek(container, stream, info: Probe, key: int) -> None:
     try:
         container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
     except av.FFmpegError as e:  # FFmpeg's errno (EPERM, EIO) says nothing of access or disks here
-        reason = getattr(e, "strerror", None) or _first_line(e)
-        raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {reason})") from None
+        raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {_reason(e)})") from None
 
 
 def upright(img: np.ndarray, rotation) -> np.ndarray:
@@ -670,7 +699,11 @@ class FrameReader:
         then the segment's terminal row (whose n_frames adds `emitted`, the frames an
         earlier attempt already delivered). With `partial`, `path` is a sparse copy holding
         only the container's index (`index_only`): `on_fetch([(offset, length)])` must
-        fetch the byte ranges this segment reads before it returns."""
+        fetch the byte ranges this segment reads before it returns. Whatever PyAV raises on
+        a damaged file ends the segment with an error row, as does any error it raises
+        after frames were sent (the row counts them)."""
+        import av
+
         state = {"emitted": 0, "stage": "decode", "decoder": "", "info": None, "note": note,
                  "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav or partial}
         done = lambda error: end_row(  # noqa: E731
@@ -717,6 +750,9 @@ class FrameReader:
         except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:
             yield done(e)
             return
+        except av.FFmpegError as e:  # InvalidDataError and the like: ValueErrors, not OSErrors
+            yield done(VideoError(f"cannot read video: {_reason(e)}"))
+            return
         yield done(None)
 
     def plan(self, path: str, start_s: float = -math.inf, end_s: float = math.inf) -> Optional[list]:
@@ -724,11 +760,13 @@ class FrameReader:
         only its index) will fetch for the frames with start_s <= pts time < end_s, worked out
         ahead (`plan_ranges`); None where the index cannot say (`read` finds out, and reports,
         why)."""
+        import av
+
         try:
             info = probe(path, partial=True)
             keep = self._keep(info, start_s, end_s, -1)
             return plan_ranges(path, info, keep, self.fetch_gap_bytes) if len(keep) else []
-        except (VideoError, RuntimeError, EOFError, OSError):
+        except (VideoError, RuntimeError, EOFError, OSError, av.FFmpegError):
             return None
 
     def _keep(self, info: Probe, start_s: float, end_s: float, after: int) -> np.ndarray:
@@ -831,7 +869,7 @@ class FrameReader:
         # resyncs it; frames before that key frame in presentation order stay dropped.
         suspect, floor, dropped = False, 0, 0
         decoded, fed = 0, 0
-        with av.open(path) as container:
+        with _open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             if self.keyframes:
@@ -843,7 +881,7 @@ class FrameReader:
             skip_nonref = (not self.keyframes and len(keep) < len(info.pts)
                            and info.codec in ("h264", "hevc"))
             ctx.thread_count = 1 if skip_nonref else self.threads
-            packets = container.demux(stream)
+            packets = _demux(container, stream)
             while found < len(keep):
                 key = walk.seek()
                 if key == walk.STOP:
@@ -855,10 +893,17 @@ class FrameReader:
                         if idx_buf:
                             yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
                         raise
-                    packets = container.demux(stream)
+                    packets = _demux(container, stream)
                     if suspect:  # the decoder starts afresh at a key frame
                         suspect, floor = False, key
-                packet = next(packets, None)
+                try:
+                    packet = next(packets, None)
+                except av.FFmpegError as e:  # the frames before are good: deliver them
+                    if idx_buf:
+                        yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                    where = f" past frame {walk.seen}" if walk.seen >= 0 else ""
+                    raise VideoError(f"cannot read the video{where}: the demuxer failed "
+                                     f"(FFmpeg: {_reason(e)})") from None
                 if packet is None:
                     break
                 i = index_of.get(packet.pts)
@@ -1039,6 +1084,53 @@ class Similarity:
                 self.ref, self.ref_index = thumb, int(index)
 
 
+def _decoder_dir() -> str:
+    """A new folder for one `Decoder`'s copies of remote videos. An actor that is
+    SIGKILLed or OOM-killed never runs `Decoder.__del__`, which deletes it: so it lies in
+    this user's `$TMPDIR/rayvid-decode-UID` (made ours alone, as `storage._shared_root`),
+    named after the process that owns it (pid and start time), and the folders of
+    processes that are gone are deleted first. Where that directory cannot be ours, a
+    temp dir of its own, not swept."""
+    root = os.path.join(tempfile.gettempdir(), f"rayvid-decode-{os.getuid()}")
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return tempfile.mkdtemp(prefix="rayvid-decode-")  # a link, or someone else's: not there
+    for name in os.listdir(root):
+        owner = re.match(r"(\d+)\.(\d*)-", name)
+        if owner and not _running(int(owner[1]), owner[2]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    me = os.getpid()
+    return tempfile.mkdtemp(prefix=f"{me}.{_started(me) or ''}-", dir=root)
+
+
+def _started(pid: int) -> Optional[str]:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat), with a "Z"
+    before it for a zombie (dead, not yet reaped); None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+    except (OSError, IndexError):
+        return None
+    return ("Z" if fields[0] == b"Z" else "") + fields[19].decode()
+
+
+def _running(pid: int, started: str) -> bool:
+    """Whether the process that made a folder named `pid.started-...` is still running: a
+    process by that pid, started then (a pid is reused), and no zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it is running, but is it the one?
+        pass
+    now = _started(pid)
+    return now is None or not now.startswith("Z") and (not started or now == started)
+
+
 class Decoder:
     """Callable class run by Ray Data as an actor: fetches each video, has its child process
     decode it, and turns a crash or a timeout of that process into a retry, then data.
@@ -1062,7 +1154,7 @@ class Decoder:
         self.size = (int(size[0]), int(size[1]))
         self.timeout_s, self.retries, self.ranged = float(timeout_s), int(retries), bool(ranged)
         self._reader_args = dict(reader_args, size=self.size)
-        self._tmpdir = tempfile.mkdtemp(prefix="rayvid-decode-")
+        self._tmpdir = _decoder_dir()  # its copies; those of actors that were killed are deleted
         self._lock = threading.Lock()
         self.bytes_fetched = 0  # read from remote stores so far, whole copies and partial ones
         self._count = threading.Lock()
@@ -1109,6 +1201,9 @@ class Decoder:
             yield batch
 
     def _video(self, uri, segment, n_segments, start_s, end_s, source, version) -> Iterator[dict]:
+        # an error may come after frames were sent (a retry's fetch, say): the end row counts
+        # them, as the committer needs, and comes once
+        sent, ended, read = 0, False, None
         try:
             with self._local(source, n_segments, start_s, end_s, version) as (path, read), self._lock:
                 for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
@@ -1117,12 +1212,20 @@ class Decoder:
                         changed = read.changed()
                         if changed is not None:
                             _failed(batch, changed, "read", self._tmpdir)
+                        ended = True
+                    else:
+                        sent += len(batch["frame_index"])
                     yield batch
         except storage.ACCESS_ERRORS as e:
+            if ended:  # the segment is complete: only removing its copy failed
+                log.warning("could not clean up after %s: %s", storage.public_uri(uri), storage.describe(e))
+                return
             if storage.is_unavailable(e):  # the store is down, not this video: stop the run
                 raise StorageUnavailable(
                     f"storage unreachable reading {storage.public_uri(uri)}: {storage.describe(e)}") from None
-            yield end_row(uri, segment, n_segments, self.size, 0, e, "read", "", None, self._tmpdir)
+            row = end_row(uri, segment, n_segments, self.size, sent, e, "read", "", None, self._tmpdir)
+            row["bytes_read"][0] = read.bytes() if read is not None else 0
+            yield row
 
     @contextlib.contextmanager
     def _local(self, uri: str, n_segments: int, start_s: float, end_s: float, version: str = ""):
@@ -1211,7 +1314,9 @@ class Decoder:
                     after = int(payload.get("clip_end_frame", payload["frame_index"])[-1])
                     yield payload
             except _ChildFailed as failure:
-                self._child.restart()
+                # the next request starts a fresh child; where it cannot (no process, memory or
+                # file descriptor for it), that attempt fails too, and the frames sent stay counted
+                self._child.stop()
                 error = failure.error
                 note = _join(note, f"{type(error).__name__} on attempt {attempt + 1}: "
                                    f"{error}; resumed after frame {after}")
@@ -1326,7 +1431,10 @@ class _Child:
     def request(self, request: dict, timeout_s: float, fetch=None) -> Iterator[tuple]:
         """The child's answers to `request`; its ("fetch", ranges) asks are served here by
         `fetch([(offset, length)])` (the time that takes is not the child's: no budget)."""
-        self._ensure()
+        try:
+            self._ensure()
+        except OSError as e:
+            raise _ChildFailed(DecoderCrash(f"the decoder process could not be started: {storage.describe(e)}")) from None
         self.busy = True
         try:
             self.conn.send(("read", request))
@@ -1368,9 +1476,10 @@ class _Child:
 
     def plan(self, request: dict, timeout_s: float) -> Optional[list]:
         """The child's `FrameReader.plan(**request)`; None, with the child stopped (the next
-        request restarts it), when it crashes or takes longer than `timeout_s`."""
-        self._ensure()
+        request restarts it), when it crashes, takes longer than `timeout_s` or cannot be
+        started."""
         try:
+            self._ensure()
             self.conn.send(("plan", request))
             message = self.conn.recv() if self.conn.poll(timeout_s) else None
         except (EOFError, OSError):

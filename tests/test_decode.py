@@ -676,3 +676,190 @@ def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
         assert f.read() == content[-100:] and f.tell() == part.size
         f.seek(0)
         assert b"".join(iter(lambda: f.read(65536), b"")) == content
+
+
+# --- containers PyAV trips on: error rows or frames, never a failed task -----------------
+
+
+def latin1_metadata(src: str, dst: str) -> None:
+    """`src` (an MP4 made by ffmpeg) with a Latin-1 byte (é) in its metadata: the moov's
+    encoder tag and its video track's handler name, as older cameras and tools write
+    them. The media is untouched; the tags are not UTF-8."""
+    data = bytearray(open(src, "rb").read())
+    for tag in (b"Lavf", b"VideoHandler"):
+        at = data.find(tag)
+        assert at > 0, tag
+        data[at + 1] = 0xE9
+    with open(dst, "wb") as f:
+        f.write(bytes(data))
+
+
+def stray_stream(src: str, dst: str) -> None:
+    """`src` (an MPEG-TS) with one packet of its video (PID 0x100) in mid-file moved to a
+    PID no program lists, as a damaged or spliced capture has: the demuxer adds a stream
+    while it reads."""
+    data = bytearray(open(src, "rb").read())
+    starts = [k for k in range(len(data) // 188)
+              if data[188 * k + 1] & 0x40 and ((data[188 * k + 1] & 0x1F) << 8 | data[188 * k + 2]) == 0x100]
+    data[188 * starts[len(starts) // 2] + 2] = 0x01
+    with open(dst, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def odd_containers(tmp_path_factory, matrix):
+    root = tmp_path_factory.mktemp("odd")
+    out = {"latin1_metadata.mp4": str(root / "latin1_metadata.mp4"), "stray_stream.ts": str(root / "stray_stream.ts")}
+    latin1_metadata(matrix["h264.mp4"][0], out["latin1_metadata.mp4"])
+    framecode.write_code_video(str(root / "clean.ts"), 90, framecode.SIZE, framecode.X264 + ["-g", "30"])
+    stray_stream(str(root / "clean.ts"), out["stray_stream.ts"])
+    return out
+
+
+@pytest.mark.parametrize("sampling", [{}, {"decoder": "pyav"}, {"every": 7}])
+def test_metadata_that_is_not_utf8_does_not_stop_a_video(odd_containers, matrix, sampling):
+    """PyAV decodes a container's tags as UTF-8 when it opens it and raised
+    UnicodeDecodeError (a ValueError, not an FFmpeg error) on a Latin-1 tag: the child
+    reported a bug and the task failed. The tags are not read: every frame, exact."""
+    n = matrix["h264.mp4"][1]
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["latin1_metadata.mp4"]))
+    assert end["error_type"] == "" and end["n_frames"] == len(frames)
+    assert [f["frame_index"] for f in frames] == list(range(0, n, sampling.get("every", 1))) and _codes_exact(frames)
+
+
+@pytest.mark.parametrize("sampling", [{"decoder": "pyav"}, {"every": 7}])
+def test_a_stream_that_appears_mid_file_does_not_stop_a_video(odd_containers, sampling):
+    """An MPEG-TS whose demuxer adds a stream part way through: PyAV's demux raised
+    IndexError at its end (it flushes a stream it never listed), the child reported a bug
+    and the task failed. Now the video is read: the frames before the moved packet are
+    exact (after it the file holds one frame fewer, and the damage FFmpeg does not see
+    is not said), and the end row counts what was sent."""
+    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["stray_stream.ts"]))
+    assert end["n_frames"] == len(frames) > 0 and end["error_type"] in ("", "VideoError"), end["message"]
+    if "every" not in sampling:  # (sparse sampling of an MPEG-TS seeks to the parser's key frames: frames lost)
+        before = [f for f in frames if f["frame_index"] < 40]
+        assert [f["frame_index"] for f in before] == list(range(40)) and _codes_exact(before)
+
+
+def test_a_video_overwritten_after_its_probe_is_an_error_row(matrix, tmp_path):
+    """Garbage where the probe read a video: PyAV's open raises InvalidDataError (an
+    FFmpegError and a ValueError, neither OSError nor EOFError): one error row, not a bug."""
+    import shutil
+
+    path = tmp_path / "v.mp4"
+    shutil.copy(matrix["h264.mp4"][0], path)
+    garbage = bytes((i * 7919) % 251 for i in range(os.path.getsize(path)))
+    for decoder in ("pyav", "auto"):
+        shutil.copy(matrix["h264.mp4"][0], path)
+        reader = FrameReader(framecode.SIZE, decoder=decoder)
+        frames, [end] = _rows(reader.read(str(path), "v.mp4", on_probe=lambda info: path.write_bytes(garbage)))
+        assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError"), end
+        assert end["message"] == "cannot read video: Invalid data found when processing input", end
+        assert end["codec"] == "h264" and end["n_frames"] == 0
+
+
+_RESTART_FAILS = r"""
+import json, os, resource, signal, sys
+from rayvid.decode import Decoder
+
+dec = Decoder(size=(32, 32), batch_frames=4)
+gen = dec.decode_video(sys.argv[1])
+rows = [next(gen)]
+os.kill(dec._child.proc.pid, signal.SIGKILL)
+dec._child.proc.wait()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # no file descriptor to restart the child with
+try:
+    rows += list(gen)
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+again = list(dec.decode_video(sys.argv[1]))
+out = lambda rows: [{k: (len(r["frame_index"]) if k == "frames" else r[k][0].item() if hasattr(r[k][0], "item") else r[k][0])
+                     for k in ("kind", "frames", "n_frames", "error_stage", "error_type", "message", "decoder")}
+                    for r in rows]
+print(json.dumps([out(rows), out(again)]))
+"""
+
+
+def test_a_child_that_cannot_be_restarted_ends_the_segment_with_the_frames_it_sent(code_video_240):
+    """After the decode child dies mid-segment the retry starts a fresh one; where that
+    fails (here: no file descriptor left, a real EMFILE) the attempt fails, and the
+    segment's end row must still count the frames already sent (it said 0: the committer
+    then finds more frames than the segment says and stops the run). The next video gets
+    a fresh child. (In a process of its own: the descriptor limit is process-wide.)"""
+    import json
+    import subprocess
+    import sys
+
+    import rayvid
+
+    path, n = code_video_240
+    proc = subprocess.run([sys.executable, "-c", _RESTART_FAILS, path], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(rayvid.__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, again = json.loads(proc.stdout.strip().splitlines()[-1])
+    *batches, end = rows
+    sent = sum(b["frames"] for b in batches)
+    assert all(b["kind"] == KIND_FRAME for b in batches) and end["kind"] == KIND_END
+    assert end["n_frames"] == sent >= 4
+    assert (end["error_stage"], end["error_type"]) == ("decode", "DecoderCrash"), end
+    assert end["message"] == ("the decoder process could not be started: [Errno 24] Too many open files "
+                              f"(2 attempts) ({sent} decoded frames kept)")
+    assert "DecoderCrash on attempt 1: decoder process killed by SIGKILL" in end["decoder"]
+    assert sum(b["frames"] for b in again[:-1]) == again[-1]["n_frames"] == n and again[-1]["error_type"] == ""
+
+
+# --- a decode actor's copies do not outlive it -------------------------------------------------
+
+_HOLDS_A_COPY = r"""
+import sys, time
+from rayvid.decode import Decoder
+
+dec = Decoder(size=(32, 32), batch_frames=2)
+gen = dec.decode_video(sys.argv[1])
+next(gen)  # the whole copy is on disk while the video decodes
+print(dec._tmpdir, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_copies_of_a_killed_decode_actor_are_deleted_by_the_next_one(code_video_240, s3fs_client, tmp_path,
+                                                                          monkeypatch):
+    """A decode actor SIGKILLed or OOM-killed never runs its cleanup: its folder, and the
+    whole copy of the video it was decoding, stay on the node's disk. Each actor's folder
+    is under this user's directory and named after its process; a new actor deletes the
+    folders of processes that are gone, and leaves those of live ones alone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import rayvid
+
+    path, _ = code_video_240
+    url = "s3://rayvid-test/killed-actor/long.mp4"
+    s3fs_client.put_file(path, url)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    holders = [subprocess.Popen([sys.executable, "-c", _HOLDS_A_COPY, url], stdout=subprocess.PIPE, text=True, env=env,
+                                cwd=os.path.dirname(os.path.dirname(rayvid.__file__))) for _ in range(2)]
+    try:
+        folders = [h.stdout.readline().strip() for h in holders]
+        root = str(tmp / f"rayvid-decode-{os.getuid()}")
+        for holder, folder in zip(holders, folders):
+            assert os.path.dirname(folder) == root and os.path.basename(folder).startswith(f"{holder.pid}.")
+            [copy] = os.listdir(folder)
+            assert os.path.getsize(os.path.join(folder, copy)) == os.path.getsize(path)
+        holders[0].kill()
+        holders[0].wait()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        dec = Decoder(size=(32, 32))
+        assert os.path.dirname(dec._tmpdir) == root
+        assert not os.path.exists(folders[0])  # the killed actor's folder and copy: gone
+        assert len(os.listdir(folders[1])) == 1  # the live one's: untouched
+        assert sorted(os.listdir(root)) == sorted(os.path.basename(f) for f in (folders[1], dec._tmpdir))
+        del dec
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()

@@ -665,3 +665,53 @@ def test_crash_in_a_remote_segment_resumes_on_the_same_partial_copy(long_videos,
     end = rows[-1]
     assert end["error_type"][0] == "" and "killed by SIGKILL" in end["decoder"][0]
     assert dec.bytes_fetched == clean.bytes_fetched > 0
+
+
+@pytest.fixture(scope="module")
+def odd_mp4s(tmp_path_factory, long_videos):
+    """MP4s with a damaged or unusual index (moov): name -> path."""
+    from test_decode import latin1_metadata
+
+    root = tmp_path_factory.mktemp("odd-mp4")
+    path, _ = long_videos["long_h264.mp4"]
+    out = {name: str(root / name) for name in ("latin1_metadata.mp4", "avcc_damaged.mp4", "garbage.mp4")}
+    latin1_metadata(path, out["latin1_metadata.mp4"])
+    data = open(path, "rb").read()
+    with open(out["avcc_damaged.mp4"], "wb") as f:  # the decoder's configuration box, renamed: FFmpeg cannot open it
+        f.write(data.replace(b"avcC", b"avcX", 1))
+    with open(out["garbage.mp4"], "wb") as f:  # an ftyp box, then garbage
+        f.write(data[:32] + bytes((i * 7919) % 251 for i in range(len(data) - 32)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["latin1_metadata.mp4", "avcc_damaged.mp4", "garbage.mp4"])
+@pytest.mark.parametrize("sampling", [{}, {"every": 7}])
+def test_odd_mp4s_in_remote_segments_end_as_local_ones_do(odd_mp4s, s3fs_client, name, sampling):
+    """A partial copy's index is opened three times (probe, planner, `fetch_for`): an
+    index PyAV cannot read, whatever it raises, ends each segment with an error row as on
+    the local file, and one it can read (tags that are not UTF-8: PyAV raised
+    UnicodeDecodeError, which failed the task) gives every frame, exact."""
+    url = f"s3://rayvid-test/odd-segments/{name}"
+    s3fs_client.put_file(odd_mp4s[name], url)
+    bounds = segments.bounds(20.0, 6.0)
+
+    def run(where):
+        dec, out = Decoder(size=framecode.SIZE, batch_frames=16, **sampling), []
+        for k, (start, end) in enumerate(bounds):
+            for batch in dec.decode_video(where, k, len(bounds), start, end):
+                if batch["kind"][0] == KIND_FRAME:
+                    out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
+                else:
+                    out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
+                                int(batch["n_frames"][0])))
+        return out
+
+    local, remote = run(odd_mp4s[name]), run(url)
+    assert remote == local
+    frames, ends = [r for r in local if len(r) == 2], [r for r in local if len(r) == 4]
+    assert len(ends) == len(bounds) and all(shown == i for i, shown in frames)
+    if name == "latin1_metadata.mp4":
+        assert [i for i, _ in frames] == list(range(0, 300, sampling.get("every", 1)))
+        assert all(e[1] == "" for e in ends)
+    else:
+        assert frames == [] and all(e[1] == "VideoError" and e[3] == 0 for e in ends)
