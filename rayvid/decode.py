@@ -31,7 +31,8 @@ memory-mapped slot the two processes share (`_FrameSlot`), the other columns thr
 socket.
 
 Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
-- **decord** (default where it is right, see `DECORD_CODECS`) for dense sampling (every
+- **decord** (default where it is right, see `DECORD_CODECS`; never on MPEG-TS:
+  `DECORD_WRONG_CONTAINERS`) for dense sampling (every
   frame), reading a local path (remote objects are streamed to a temp file first:
   `VideoReader(file_object)` copies the whole file into memory and segfaults on
   truncation), always resizing on decode to the model size, with an explicit
@@ -134,6 +135,15 @@ DECORD_CODECS = frozenset(
     "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
     "dvvideo".split()
 )
+# Containers whose frames decord returns shifted, with no error: on MPEG-TS (.ts, .m2ts,
+# .mts) frame i showed frame i+10 (H.264) or i+12 (MPEG-2), HEVC came out blank
+# (measured with the frame-code videos, decord 0.6.0). They go to PyAV, which is exact.
+DECORD_WRONG_CONTAINERS = frozenset({"mpegts"})
+# Containers without an index (MPEG transport and program streams: .ts .m2ts .mts, .mpg
+# .vob): FFmpeg seeks in them by bytes and lands on frames flagged key that a decoder cannot
+# start from (measured: sampled frames and later segments lost as damaged). Readers never
+# seek in them (`Probe.seek_keys`), and the planner keeps them in one segment.
+UNSEEKABLE_CONTAINERS = frozenset({"mpegts", "mpeg"})
 
 
 def sample_indices(
@@ -179,6 +189,15 @@ class Probe:
     keyframes: np.ndarray  # bool, frame i is a key frame
     listed: int = 0  # frames the container's index lists (0: it does not say)
     rotation: int = 0  # display rotation in degrees (FFmpeg's `frame.rotation`; 0, 90, -90, -180)
+    container: str = ""  # FFmpeg's name of the container format (`mpegts`, `mov,mp4,...`)
+
+    @property
+    def seek_keys(self) -> np.ndarray:
+        """The frames a reader may seek to: the key frames, where the container has an index
+        to seek by; else frame 0 alone (`UNSEEKABLE_CONTAINERS`: read from the start)."""
+        if UNSEEKABLE_CONTAINERS & set(self.container.split(",")):
+            return np.arange(len(self.keyframes)) == 0
+        return self.keyframes
     # where frame i's packet lies: byte offset (-1: unknown), size, rank in decode order
     pos: Optional[np.ndarray] = None
     nbytes: Optional[np.ndarray] = None
@@ -221,12 +240,15 @@ def probe(path: str, partial: bool = False) -> Probe:
             tb = stream.time_base
             start = stream.start_time or 0
             listed = int(stream.frames or 0)
+            container_format = container.format.name or ""
     except av.FFmpegError as e:
         raise VideoError(f"cannot open video: {_reason(e)}{_mp4_hint(path)}") from None
     if not packets:
         raise VideoError("the video stream has no frames")
     if any(p[0] is None for p in packets) or tb is None:
-        raise VideoError("the video stream has packets without timestamps")
+        raise VideoError("the video stream has packets without timestamps"
+                         + (" (an elementary stream, with no container to time its frames: remux it, "
+                            "`ffmpeg -i IN -c copy OUT.mp4`)" if all(p[0] is None for p in packets) else ""))
     order = np.argsort([p[0] for p in packets], kind="stable")
     pts = np.array([packets[i][0] for i in order], dtype=np.int64)
     if len(np.unique(pts)) != len(pts):
@@ -235,7 +257,7 @@ def probe(path: str, partial: bool = False) -> Probe:
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
-    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation,
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64))
@@ -529,7 +551,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
     rotation, width, height = 0, info.width, info.height
     with _open(path) as container:
         stream = container.streams.video[0]
-        key = int(_Walk(keep, info.keyframes).key_of[keep[0]])
+        key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
         if key > 0:
             _seek(container, stream, info, key)
         for packet in _demux(container, stream):
@@ -558,7 +580,7 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     segment's lead-in to its last frame; key frames only are the key frames' packets
     (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
     n = len(info.pts)
-    walk = _Walk(keep, info.keyframes)
+    walk = _Walk(keep, info.seek_keys)
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
@@ -783,7 +805,8 @@ class FrameReader:
         # decord decodes and resizes every frame up to the last one kept: only for dense
         # sampling; sparse sampling (--every, --fps, --keyframes) goes to PyAV, which skips
         dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
-        suits = self.decoder == "auto" and info.codec in DECORD_CODECS and dense
+        suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense
+                 and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
         small = os.path.getsize(path) <= self.decord_max_bytes
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))
         if first and not state["force_pyav"] and suits and not small:
@@ -862,7 +885,7 @@ class FrameReader:
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
-        walk = _Walk(keep, info.keyframes)
+        walk = _Walk(keep, info.seek_keys)
         found, idx_buf, frame_buf, damaged = 0, [], [], 0
         # After damage the decoder conceals: frames it outputs may show other frames' content
         # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame

@@ -22,7 +22,8 @@ maps frames to segments by pts, never by counting). The duration comes from the 
 header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
-copy it whole.
+copy it whole; and one in a container without an index (MPEG-TS/PS: `decode.UNSEEKABLE_CONTAINERS`),
+where each segment would read from the start.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid import storage
+from rayvid.decode import UNSEEKABLE_CONTAINERS
 from rayvid.schema import SEGMENTS_SCHEMA
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -61,6 +63,8 @@ def header(uri: str, want_version: bool = False) -> tuple[float, str]:
         if not storage.serves_ranges(fs, path):  # then every segment would copy it whole
             return 0.0, version
         with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES) as f, av.open(f) as container:
+            if UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(",")):
+                return 0.0, version  # no index to seek by: a later segment would read from the start
             if container.duration:
                 return container.duration / 1_000_000, version  # AV_TIME_BASE
             stream = container.streams.video[0] if container.streams.video else None

@@ -102,9 +102,11 @@ MATRIX = {
     "rotated_90.mp4": (20, (96, 128), X264, {"turns": 1}),
     "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
+    "h264_bframes.ts": (40, (96, 128), X264 + ["-g", "10", "-bf", "3"], {}),
+    "mpeg2.mpg": (40, (96, 128), ["-c:v", "mpeg2video", "-q:v", "3", "-g", "10", "-bf", "2"], {}),
 }
 # What `auto` picks (see decode.DECORD_CODECS).
-EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav"}
+EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav"}
 
 
 def write_code_video(path: str, n: int, size, args, fps: int = 30, vf=None, audio=False, turns=0) -> None:

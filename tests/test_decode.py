@@ -863,3 +863,13 @@ def test_the_copies_of_a_killed_decode_actor_are_deleted_by_the_next_one(code_vi
         for h in holders:
             h.kill()
             h.wait()
+
+
+def test_an_elementary_stream_without_timestamps_says_to_remux_it(tmp_path):
+    """A raw .h264 (Annex B) has no container to time its frames: one error row that says
+    so and how to fix it, not frames with made-up times."""
+    path = str(tmp_path / "raw.h264")
+    framecode.write_code_video(path, 10, (96, 128), framecode.X264)
+    [end] = list(Decoder(size=framecode.SIZE).decode_video(path))
+    assert end["kind"][0] == KIND_END and end["n_frames"][0] == 0 and end["error_type"][0] == "VideoError"
+    assert "elementary stream" in end["message"][0] and "ffmpeg -i IN -c copy OUT.mp4" in end["message"][0]
