@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("output")
     q.add_argument("--target-rows", type=int, default=None, help="rows per merged file (default 1000000)")
     q.add_argument("--include-running", action="store_true",
-                   help="also merge files of runs whose record says running (killed runs)")
+                   help="also merge files of runs that may still be running (a run killed on another "
+                        "host counts as running for 5 minutes after its last heartbeat)")
     q = sub.add_parser("report", help="label-timeline PNGs per video and an HTML index")
     q.add_argument("output")
     q.add_argument("dir", help="folder to write index.html and timelines/ into (any URL)")

@@ -393,11 +393,27 @@ def writer() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _gone(record: dict) -> bool | None:
-    """True/False where the writer ran on this host (its process is gone, or not); None
-    where this host cannot tell."""
+_ACTIVE: set = set()  # runs, compactions and retractions this process is doing now
+
+
+@contextlib.contextmanager
+def active(key: str):
+    """Marks work of this process (a run id, a merged part's name) as going on, for
+    `recover` in the same process (a notebook running one job after a failed one)."""
+    _ACTIVE.add(key)
+    try:
+        yield
+    finally:
+        _ACTIVE.discard(key)
+
+
+def _gone(record: dict, key: str) -> bool | None:
+    """True/False where the writer ran on this host (its process is gone, or not; in this
+    process, whether `key` is still `active`); None where this host cannot tell."""
     if record.get("host") != socket.gethostname() or not record.get("pid"):
         return None
+    if int(record["pid"]) == os.getpid():
+        return key not in _ACTIVE
     try:
         os.kill(int(record["pid"]), 0)
     except ProcessLookupError:
@@ -411,7 +427,7 @@ def alive(record: dict | None, now: float | None = None) -> bool:
     """Whether the run of this record (runs/<run_id>.json) may still be writing."""
     if not record or record.get("status") != "running":
         return False
-    gone = _gone(record)
+    gone = _gone(record, record.get("run_id") or "")
     if gone is not None:
         return not gone
     return (now or time.time()) - float(record.get("heartbeat_at") or 0) < LEASE_S
@@ -439,7 +455,12 @@ class Heartbeat:
 
     def start(self) -> None:
         self.record.update(writer(), heartbeat_at=time.time())
-        write_run_record(self.output, self.run_id, self.clean(self.record))
+        _ACTIVE.add(self.run_id)
+        try:
+            write_run_record(self.output, self.run_id, self.clean(self.record))
+        except BaseException:
+            _ACTIVE.discard(self.run_id)
+            raise
         self._thread = threading.Thread(target=self._beat, name="rayvid-heartbeat", daemon=True)
         self._thread.start()
 
@@ -460,6 +481,7 @@ class Heartbeat:
             self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        _ACTIVE.discard(self.run_id)
 
 
 @dataclass
@@ -549,7 +571,7 @@ def finish_compactions(fs, root: str) -> set:
                 for name in replaces:
                     if name != new:
                         _rm(fs, f"{root}/{directory}/{name}")
-        elif _intent_alive(fs, root, record, COMPACTION_LEASE_S):
+        elif _intent_alive(fs, root, record, COMPACTION_LEASE_S, new):
             merging.add(new)
             continue
         else:
@@ -566,10 +588,11 @@ def _rm(fs, path: str) -> None:
             fs.rm(path)
 
 
-def _intent_alive(fs, root: str, record: dict, lease_s: float) -> bool:
+def _intent_alive(fs, root: str, record: dict, lease_s: float, key: str) -> bool:
     """Whether the writer of an intent record (compaction, retraction) may still be at it:
-    by its process where it ran on this host, else by its run's record, else by its age."""
-    gone = _gone(record)
+    by its process where it ran on this host (`key`: what it marks `active`), else by its
+    run's record, else by its age."""
+    gone = _gone(record, key)
     if gone is not None:
         return not gone
     if record.get("run_id"):
@@ -609,13 +632,15 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
     if not uris:
         return
     names = sorted({committed.videos[u]["file"] for u in uris})
-    url = storage.join(output, RETRACTIONS_DIR, f"{run_id or uuid.uuid4().hex}.json")
+    key = run_id or uuid.uuid4().hex
+    url = storage.join(output, RETRACTIONS_DIR, f"{key}.json")
     intent = json.dumps({"videos": sorted(uris), "run_id": run_id,
                          "started_at": time.time(), **writer()}).encode()
-    storage.write_atomic(url, lambda f: f.write(intent))
-    _retract(output, set(uris), names)
-    fs, path = storage.resolve(url)
-    fs.rm(path)
+    with active(key):
+        storage.write_atomic(url, lambda f: f.write(intent))
+        _retract(output, set(uris), names)
+        fs, path = storage.resolve(url)
+        fs.rm(path)
 
 
 def _finish_retractions(output: str, fs, root: str, state: Committed) -> None:
@@ -631,7 +656,7 @@ def _finish_retractions(output: str, fs, root: str, state: Committed) -> None:
                 record = json.load(f)
         except FileNotFoundError:  # another run's recover completed it
             continue
-        if _intent_alive(fs, root, record, LEASE_S):
+        if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue
         uris = {u for u in record["videos"] if u in state.videos}
         _retract(output, uris, sorted({state.videos[u]["file"] for u in uris}))

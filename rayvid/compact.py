@@ -75,13 +75,14 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
 
 def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
-    storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
-    for directory, schema, keys in _TABLES:
-        tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
-                  for n in group if fs.exists(f"{root}/{directory}/{n}")]
-        if tables or directory == commit.VIDEOS_DIR:
-            table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
-            commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
+    with commit.active(new):  # never undone by a recover in this process meanwhile
+        storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
+        for directory, schema, keys in _TABLES:
+            tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
+                      for n in group if fs.exists(f"{root}/{directory}/{n}")]
+            if tables or directory == commit.VIDEOS_DIR:
+                table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
+                commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
     commit.finish_compactions(fs, root)  # deletes the replaced parts, then the record
 
 

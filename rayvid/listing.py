@@ -127,7 +127,7 @@ def _hidden(url: str, root: str) -> bool:
     """Whether a name below `root` (the file's or a folder's) starts with "." (`.snapshot/`,
     `.Trash/`); those of `root` itself do not count: INPUT may be in one (`~/.cache/videos`)."""
     below = url[len(root):] if url.startswith(root) else url.rsplit("/", 1)[-1]
-    return any(name.startswith(".") for name in below.split("/"))
+    return any(name.startswith(".") and name not in (".", "..") for name in below.split("/"))
 
 
 def _row(fs, path: str, info: dict) -> tuple[str, int, str]:

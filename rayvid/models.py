@@ -288,7 +288,7 @@ def _locate(url: str):
     fs, path = storage.resolve(url)
     try:
         is_dir = _isdir(fs, path)
-        exists = is_dir or fs.exists(path)
+        exists = is_dir or _exists(fs, path)
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.describe(e)}") from None
     if not exists:
@@ -411,6 +411,16 @@ def _fetch(url: str, workdir: str, what: str) -> str:
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot fetch {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
     return dest
+
+
+def _exists(fs, path: str) -> bool:
+    """By the object's metadata (a HEAD request): fsspec's HTTP `exists` GETs the URL, and
+    a server sends the whole file to it."""
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _isdir(fs, path: str) -> bool:

@@ -204,9 +204,16 @@ def run(cfg: RunConfig) -> RunResult:
                     raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
                 loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
                 info = info or loaded
-            if not retracted:
-                commit.retract(cfg.output, redo, committed, cfg.run_id)
-            committer.close()
+            try:  # the last writes into OUTPUT: an outage here is one too
+                if not retracted:
+                    commit.retract(cfg.output, redo, committed, cfg.run_id)
+                    retracted = True
+                committer.close()
+            except Exception as e:
+                down = _unavailable(e, cfg.output)
+                if down is None:
+                    raise
+                raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
         except BaseException as e:
             beat.stop()
             if committer is not None and (retracted or not redo):  # else old rows of redone videos are there

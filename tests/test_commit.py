@@ -326,17 +326,27 @@ def test_another_runs_flush_in_progress_is_left_alone(tmp_path):
         assert state.in_flight == ["predictions/part-a-00000.parquet"] and not state.removed and orphan.exists()
     finally:
         beat.stop()
+    import subprocess
+
     now = time.time()
-    for written, gone in (
-        ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - 10}, False),
-        ({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": 0}, False),
-        ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - commit.LEASE_S - 1}, True),
-        ({"host": socket.gethostname(), "pid": _dead_pid(), "heartbeat_at": now}, True),
-    ):
-        (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **written}))
-        assert commit.recover(str(tmp_path)).removed == ([] if not gone else ["predictions/part-a-00000.parquet"])
-        assert orphan.exists() != gone
-        orphan.write_bytes((tmp_path / "predictions" / name).read_bytes())
+    running = subprocess.Popen(["sleep", "60"])  # a live process on this host
+    try:
+        for written, gone in (
+            ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - 10}, False),
+            ({"host": socket.gethostname(), "pid": running.pid, "heartbeat_at": 0}, False),
+            ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - commit.LEASE_S - 1}, True),
+            ({"host": socket.gethostname(), "pid": _dead_pid(), "heartbeat_at": now}, True),
+            # this process, the run over (failed where its record could not say so): a
+            # notebook running the job again
+            ({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": now}, True),
+        ):
+            (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **written}))
+            assert commit.recover(str(tmp_path)).removed == ([] if not gone else ["predictions/part-a-00000.parquet"])
+            assert orphan.exists() != gone
+            orphan.write_bytes((tmp_path / "predictions" / name).read_bytes())
+    finally:
+        running.kill()
+        running.wait()
     (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **commit.writer(), "status": "finished"}))
     assert commit.recover(str(tmp_path)).removed == ["predictions/part-a-00000.parquet"]
 

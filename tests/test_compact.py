@@ -141,12 +141,14 @@ def test_parts_of_a_running_run_are_left_alone(small_parts):
     write_output(small_parts, new, run_id="r2", rows_per_file=1)
     with open(record, "w") as f:  # running, in this process
         json.dump({"run_id": "r2", "status": "running", **commit.writer()}, f)
-    done = compact.compact(small_parts, target_rows=300)
+    with commit.active("r2"):
+        done = compact.compact(small_parts, target_rows=300)
     assert done["left_running"] == ["r2"] and done["merged"] == 9
     assert sum(n.startswith("part-r2-") for n in _files(small_parts, "videos")) == 2
     # again within the same second, the first merged part no longer small: a second merged
     # part beside it, not written over it
-    assert compact.compact(small_parts, target_rows=300, include_running=True)["merged"] == 2
+    with commit.active("r2"):
+        assert compact.compact(small_parts, target_rows=300, include_running=True)["merged"] == 2
     assert len(_files(small_parts, "videos")) == 2
     assert sorted(query.read(small_parts, "videos").column("video_uri").to_pylist()) == \
         sorted([*VIDEOS, "/v/bad.mp4", *new])
@@ -164,17 +166,24 @@ def test_a_killed_run_still_marked_running_is_compacted(small_parts):
 def test_a_compaction_in_progress_is_not_undone_by_a_run_starting(small_parts):
     """A run (or compaction) starting while a merge is between its merged predictions file
     and its commit point leaves it alone; once that merge's process is gone, it is undone."""
+    import subprocess
+
     fs = LocalFileSystem()
     names = _files(small_parts, "videos")[:2]
     new = "part-compact-20261130T000000Z-0123abcd-00000.parquet"
     os.makedirs(os.path.join(small_parts, "compactions"))
     intent = os.path.join(small_parts, "compactions", f"{new}.json")
-    with open(intent, "w") as f:
-        json.dump({"replaces": names, "started_at": 0, **commit.writer()}, f)
-    merged = os.path.join(small_parts, "predictions", new)
-    fs.cp_file(os.path.join(small_parts, "predictions", names[0]), merged)
-    commit.recover(small_parts)
-    assert os.path.exists(merged) and os.path.exists(intent)
+    merging = subprocess.Popen(["sleep", "60"])  # the compaction's process, alive, on this host
+    try:
+        with open(intent, "w") as f:
+            json.dump({"replaces": names, "started_at": 0, **commit.writer(), "pid": merging.pid}, f)
+        merged = os.path.join(small_parts, "predictions", new)
+        fs.cp_file(os.path.join(small_parts, "predictions", names[0]), merged)
+        commit.recover(small_parts)
+        assert os.path.exists(merged) and os.path.exists(intent)
+    finally:
+        merging.kill()
+        merging.wait()
     _as_if_dead(small_parts)
     commit.recover(small_parts)
     assert not os.path.exists(merged) and not os.path.exists(intent)

@@ -285,24 +285,35 @@ def test_mixed_precision_runs_a_savedmodel_as_saved(shapes_model, tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
-def test_an_inference_actor_that_cannot_start_says_why(ray_session, shapes_model, tmp_path):
-    """Whatever stops an inference actor's constructor (here an unknown preprocessing mode,
-    from a config file: the CLI refuses it) reaches the driver as a ModelError with the
-    reason, through the Reports actor, not as Ray's report of a dead actor."""
+def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
+    """Whatever stops an inference actor's constructor (here a model that rejects its
+    warm-up batch: it loads, so the driver's probe passes) reaches the driver as a
+    ModelError with the reason, through the Reports actor, not as Ray's report of a dead
+    actor."""
     import json
+
+    import tensorflow as tf
 
     from rayvid import pipeline, samples
     from rayvid.config import RunConfig
     from rayvid.errors import ModelError
 
+    class Dark(tf.Module):  # refuses an all-black batch (the warm-up's)
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            tf.debugging.assert_greater(tf.reduce_max(x), 0.5, message="all black")
+            return {"probs": tf.nn.softmax(tf.zeros([tf.shape(x)[0], 2]))}
+
+    module = Dark()
+    tf.saved_model.save(module, str(tmp_path / "dark"), signatures={"serving_default": module.serve})
     videos, out = tmp_path / "videos", tmp_path / "out"
     videos.mkdir()
     samples.make_video(str(videos / "a.mp4"), 0.5, seed=1)
-    cfg = RunConfig(input=str(videos), output=str(out), progress=False, run_id="bogus",
-                    model=ModelConfig(name=shapes_model["path"], preprocess="bogus"))
-    reason = r"cannot run model .*shapes\.keras: ValueError: unknown preprocess mode 'bogus'"
+    cfg = RunConfig(input=str(videos), output=str(out), progress=False, run_id="dark",
+                    model=ModelConfig(name=str(tmp_path / "dark")))
+    reason = r"cannot run model .*dark: InvalidArgumentError: assertion failed: \[all black\]"
     with pytest.raises(ModelError, match=reason):
         pipeline.run(cfg)
-    record = json.loads((out / "runs" / "bogus.json").read_text())
-    assert record["status"] == "failed" and "unknown preprocess mode 'bogus'" in record["error"]
+    record = json.loads((out / "runs" / "dark.json").read_text())
+    assert record["status"] == "failed" and "all black" in record["error"]
     assert sorted(p.name for p in out.iterdir()) == ["runs"]  # nothing committed
