@@ -216,7 +216,8 @@ def run(cfg: RunConfig) -> RunResult:
                 raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
         except BaseException as e:
             beat.stop()
-            if committer is not None and (retracted or not redo):  # else old rows of redone videos are there
+            # (after an outage `_not_done` tried already; before a retraction old rows are there)
+            if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer)
             record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
             try:
