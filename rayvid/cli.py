@@ -171,7 +171,8 @@ def _detached(argv: list) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     for option, value in getattr(args, "detached", {}).items():
-        if args.input is None or args.output is None:  # that word may have been INPUT or OUTPUT
+        # that word may have been INPUT or OUTPUT (with --config and neither: they come from it)
+        if (args.input is None) != (args.output is None) or (args.input is None and not args.config):
             shown = storage.public_uri(value)
             raise ConfigError(
                 f"{option} takes {shown!r} as its {OPTIONAL_VALUES[option]} here, and then INPUT OUTPUT are not "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -389,8 +390,32 @@ def _next_seq(output: str, run_id: str) -> int:
 
 
 def writer() -> dict:
-    """Who writes: the fields by which another process tells whether this one still runs."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """Who writes: the fields by which another process tells whether this one still runs:
+    its host (for people), `node` (this boot of this machine and its process namespace:
+    containers that share a host name do not share it) and its process (pid and start)."""
+    return {"host": socket.gethostname(), "node": _node(), "pid": os.getpid(), "pid_started": _started(os.getpid())}
+
+
+@functools.lru_cache(maxsize=1)
+def _node() -> str:
+    """Where a process id means the same process: this boot, this pid namespace ("" where
+    /proc cannot say: then only heartbeats tell)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat; "" if unknown):
+    a pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()  # after the command name
+    except (OSError, IndexError):
+        return ""
 
 
 _ACTIVE: set = set()  # runs, compactions and retractions this process is doing now
@@ -410,17 +435,18 @@ def active(key: str):
 def _gone(record: dict, key: str) -> bool | None:
     """True/False where the writer ran on this host (its process is gone, or not; in this
     process, whether `key` is still `active`); None where this host cannot tell."""
-    if record.get("host") != socket.gethostname() or not record.get("pid"):
+    if not record.get("node") or record.get("node") != _node() or not record.get("pid"):
         return None
-    if int(record["pid"]) == os.getpid():
+    pid = int(record["pid"])
+    if pid == os.getpid():
         return key not in _ACTIVE
     try:
-        os.kill(int(record["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
-    return False
+        pass
+    return bool(record.get("pid_started")) and _started(pid) != record["pid_started"]  # the pid reused
 
 
 def alive(record: dict | None, now: float | None = None) -> bool:
@@ -472,7 +498,7 @@ class Heartbeat:
                 self.record["heartbeat_at"] = time.time()
                 try:
                     write_run_record(self.output, self.run_id, self.clean(self.record))
-                except storage.ACCESS_ERRORS as e:  # the next beat tries again
+                except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))
 
     def stop(self) -> None:
@@ -516,6 +542,8 @@ def recover(output: str) -> Committed:
                 running[run] = alive(read_run_record(fs, root, run))
             if running[run] or name in merging:  # a flush in progress: its videos file comes next
                 state.in_flight.append(f"{directory}/{name}")
+                continue
+            if fs.exists(f"{root}/{VIDEOS_DIR}/{name}"):  # committed since this listing (its run then ended)
                 continue
             with contextlib.suppress(FileNotFoundError):  # another run's recover was first
                 fs.rm(f"{root}/{directory}/{name}")

@@ -86,7 +86,7 @@ class ModelConfig:
         if self.max_boxes < 1 or not 0 < self.iou_threshold <= 1 or not 0 <= self.min_box_score < 1:
             raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
         # local files by absolute path (the record repeats the run from anywhere)
-        if "/" in self.name or os.path.exists(self.name):  # a file, not a keras.applications name
+        if _model_path(self.name):  # a file or folder, not a keras.applications name
             object.__setattr__(self, "name", _absolute(self.name))
         if self.weights and self.weights.lower() in ("imagenet", "none"):
             object.__setattr__(self, "weights", self.weights.lower())  # `--weights None` is none
@@ -319,8 +319,19 @@ def _check_types(obj, where: str) -> None:
 
 
 def _absolute(url: str) -> str:
-    """A local path made absolute (as storage.resolve reads it); URLs as they are."""
+    """A local path as storage.resolve reads it (absolute; `~` and fsspec's `file:` prefix
+    resolved); URLs as they are."""
+    from rayvid import storage
+
     if _URL.match(url):
         return url
-    return os.path.abspath(os.path.expanduser(url))
+    fs, path = storage.resolve(url)
+    return path if storage.is_local(fs) else url
+
+
+def _model_path(name: str) -> bool:
+    """Whether --model names a file or folder (else a keras.applications name, even where
+    a file of that name is in the working directory: an OUTPUT called resnet50)."""
+    return ("/" in name or os.sep in name or name.lower().endswith((".keras", ".h5"))
+            or os.path.isfile(os.path.join(name, "saved_model.pb")))
 

@@ -640,11 +640,19 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
             continue
         seen.add((st.st_dev, st.st_ino))
         subfolders, links = [], []
-        with os.scandir(folder) as entries:
+        try:
+            entries = os.scandir(folder)
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as e:  # lost+found; gone meanwhile
+            logging.getLogger("rayvid").warning("skipping %s: %s", folder, e.strerror)
+            continue
+        with entries:
             for entry in entries:
                 try:
                     st = entry.stat()  # of what a link points to
                 except OSError as e:
+                    if e.errno == errno.EACCES:  # a link into a folder this user cannot enter
+                        logging.getLogger("rayvid").warning("skipping %s: permission denied", entry.path)
+                        continue
                     if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                         raise
                     if entry.is_symlink():  # else deleted while listed
@@ -718,8 +726,14 @@ def makedirs(url: str) -> None:
 
 # --- secrets -------------------------------------------------------------------------
 
-# user:password@ and a bare token as user (https://<token>@host/...) alike
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]+@")  # to the last "@"
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]+)(?P<password>:[^/?#\s]*)?@")
+
+
+def _secret_userinfo(m: re.Match) -> bool:
+    """A URL's user-info is a secret where it holds a password (to the last "@": a password
+    may hold one), or over HTTP(S) a bare token as user (https://<token>@host/...);
+    elsewhere a bare name@ is part of the address (Azure's abfs://container@account...)."""
+    return bool(m["password"]) or m["scheme"].lower() in ("http://", "https://")
 _QUERY = re.compile(r"(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
@@ -736,7 +750,7 @@ def redact(text: str) -> str:
     key ids, and the value of any secret-looking environment variable."""
     if not text:
         return text
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}***@" if _secret_userinfo(m) else m[0], text)
     text = _QUERY.sub(r"\g<base>?<redacted>", text)
     # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
     text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _SIGNING.fullmatch(m[2]) else m[3]), text)
@@ -760,7 +774,7 @@ def stored_uri(url: str) -> str:
     token, signature, credential or accesskey), so no secret is written and
     the same object signed again is the same video. Other query parameters of an HTTP(S)
     URL stay, as they were: they may name the object."""
-    url = _USERINFO.sub(r"\g<scheme>", url)
+    url = _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
     if not url.lower().startswith(("http://", "https://")) or "?" not in url:
         return url  # elsewhere a "?" is part of the key
     base, _, query = url.split("#", 1)[0].partition("?")
@@ -773,7 +787,7 @@ def stored_uri(url: str) -> str:
 
 def public_uri(url: str) -> str:
     """The URL as it may be shown in a message: no user-info, no query string or fragment."""
-    url = _USERINFO.sub(r"\g<scheme>", url)
+    url = _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
     if "://" in url:
         url = url.split("?", 1)[0].split("#", 1)[0]
     return url

@@ -155,7 +155,9 @@ def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
         (["--skip-similar", "in", "out"], "--skip-similar takes 'in' as its T here, and then INPUT OUTPUT are not "
                                           "both given: write --skip-similar=in if that is the T"),
         (["--skip-sim", "2", "in"], "--skip-similar takes '2' as its T here"),
-        (["--config", "{config}", "--embed", "avg_pool"], "write --embed=avg_pool if that is the LAYER"),
+        # with --config and no INPUT OUTPUT on the line, they come from the file: avg_pool is the
+        # LAYER, and the run goes on (to the file's INPUT, which is not there)
+        (["--config", "{config}", "--embed", "avg_pool"], "input not found: "),
         (["--config", "{config}", "--embed", "in", "out"], "--embed takes 'in' as its LAYER here"),
         (["--embed", "s3://AKIAFAKEFAKEFAKE:pw@b/in/", "out"], "--embed takes 's3://b/in/' as its LAYER here"),
         (["in", "out", "--skip-similar", "lots"], "--skip-similar T must be a number, got 'lots'"),

@@ -329,16 +329,23 @@ def test_another_runs_flush_in_progress_is_left_alone(tmp_path):
     import subprocess
 
     now = time.time()
+    here = {"host": socket.gethostname(), "node": commit.writer()["node"], "pid_started": ""}
     running = subprocess.Popen(["sleep", "60"])  # a live process on this host
     try:
         for written, gone in (
-            ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - 10}, False),
-            ({"host": socket.gethostname(), "pid": running.pid, "heartbeat_at": 0}, False),
-            ({"host": "elsewhere", "pid": 1, "heartbeat_at": now - commit.LEASE_S - 1}, True),
-            ({"host": socket.gethostname(), "pid": _dead_pid(), "heartbeat_at": now}, True),
+            ({"host": "elsewhere", "node": "elsewhere/boot/1", "pid": 1, "pid_started": "", "heartbeat_at": now - 10},
+             False),
+            ({**here, "pid": running.pid, "heartbeat_at": 0}, False),
+            ({"host": "elsewhere", "node": "elsewhere/boot/1", "pid": 1, "pid_started": "",
+              "heartbeat_at": now - commit.LEASE_S - 1}, True),
+            ({**here, "pid": _dead_pid(), "heartbeat_at": now}, True),
             # this process, the run over (failed where its record could not say so): a
             # notebook running the job again
-            ({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_at": now}, True),
+            ({**here, "pid": os.getpid(), "heartbeat_at": now}, True),
+            # the same host name, another container (pid namespace): only the heartbeat tells
+            ({**here, "node": here["node"] + "0", "pid": _dead_pid(), "heartbeat_at": now}, False),
+            # its pid now another process's (reused)
+            ({**here, "pid": running.pid, "pid_started": "1", "heartbeat_at": now}, True),
         ):
             (tmp_path / "runs" / "a.json").write_text(json.dumps({**record, **written}))
             assert commit.recover(str(tmp_path)).removed == ([] if not gone else ["predictions/part-a-00000.parquet"])

@@ -176,7 +176,7 @@ def test_a_compaction_in_progress_is_not_undone_by_a_run_starting(small_parts):
     merging = subprocess.Popen(["sleep", "60"])  # the compaction's process, alive, on this host
     try:
         with open(intent, "w") as f:
-            json.dump({"replaces": names, "started_at": 0, **commit.writer(), "pid": merging.pid}, f)
+            json.dump({"replaces": names, "started_at": 0, **commit.writer(), "pid": merging.pid, "pid_started": ""}, f)
         merged = os.path.join(small_parts, "predictions", new)
         fs.cp_file(os.path.join(small_parts, "predictions", names[0]), merged)
         commit.recover(small_parts)

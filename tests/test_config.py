@@ -125,3 +125,11 @@ def test_the_resolved_config_names_local_files_by_absolute_path(tmp_path, monkey
     assert (urls.model.weights, urls.model.labels) == ("https://h/w.h5?X-Amz-Signature=x", "s3://b/l.txt")
     assert [ModelConfig(name="resnet50", weights=w).weights for w in ("imagenet", "none", "None", "IMAGENET")] == [
         "imagenet", "none", "none", "imagenet"]
+    # an OUTPUT named after the model, there from the first run: the name stays a name
+    os.makedirs("resnet50", exist_ok=True)
+    assert ModelConfig(name="resnet50").name == "resnet50"
+    os.makedirs("mymodel", exist_ok=True)
+    open("mymodel/saved_model.pb", "wb").close()  # a SavedModel folder is a path
+    assert ModelConfig(name="mymodel").name == os.path.abspath("mymodel")
+    # fsspec's other spellings of a local file: the path it reads
+    assert RunConfig.from_dict({"input": "file:/data/v", "output": "o"}).input == "/data/v"

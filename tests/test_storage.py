@@ -410,6 +410,9 @@ def test_redact_removes_credentials(s3_endpoint):
     assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
     assert storage.public_uri("https://ghp_T0KEN@host/m.keras") == "https://host/m.keras"
     assert storage.stored_uri("https://user:p@ss@host/a.mp4") == "https://host/a.mp4"
+    azure = "abfs://videos@acct.dfs.core.windows.net/cam/a.mp4"  # container@account: an address, no secret
+    assert storage.stored_uri(azure) == storage.public_uri(azure) == storage.redact(azure) == azure
+    assert storage.stored_uri("s3://user:p@w@b/k") == "s3://b/k"
     for leaky in ("http://h/sub dir/a.mp4?X-Amz-Signature=S3CRETSIG&v=1", "https://cdn/it's.mp4?token=S3CRETSIG",
                   'no such file: "https://h/a b.mp4?sig=S3CRETSIG"'):  # _QUERY stops at the space/quote
         assert "S3CRETSIG" not in storage.redact(leaky), storage.redact(leaky)
