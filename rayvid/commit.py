@@ -393,7 +393,7 @@ def writer() -> dict:
     """Who writes: the fields by which another process tells whether this one still runs:
     its host (for people), `node` (this boot of this machine and its process namespace:
     containers that share a host name do not share it) and its process (pid and start)."""
-    return {"host": socket.gethostname(), "node": _node(), "pid": os.getpid(), "pid_started": _started(os.getpid())}
+    return {"host": socket.gethostname(), "node": _node(), "pid": os.getpid(), "pid_started": storage.process_started(os.getpid()) or ""}
 
 
 @functools.lru_cache(maxsize=1)
@@ -405,16 +405,6 @@ def _node() -> str:
             boot = f.read().strip()
         return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
-        return ""
-
-
-def _started(pid: int) -> str:
-    """When process `pid` started (clock ticks after boot, /proc/PID/stat; "" if unknown):
-    a pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()  # after the command name
-    except (OSError, IndexError):
         return ""
 
 
@@ -440,13 +430,7 @@ def _gone(record: dict, key: str) -> bool | None:
     pid = int(record["pid"])
     if pid == os.getpid():
         return key not in _ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return bool(record.get("pid_started")) and _started(pid) != record["pid_started"]  # the pid reused
+    return not storage.process_running(pid, record.get("pid_started") or "")
 
 
 def alive(record: dict | None, now: float | None = None) -> bool:

@@ -69,7 +69,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -1110,48 +1109,19 @@ class Similarity:
 def _decoder_dir() -> str:
     """A new folder for one `Decoder`'s copies of remote videos. An actor that is
     SIGKILLed or OOM-killed never runs `Decoder.__del__`, which deletes it: so it lies in
-    this user's `$TMPDIR/rayvid-decode-UID` (made ours alone, as `storage._shared_root`),
+    this user's `$TMPDIR/rayvid-decode-UID` (`storage.user_dir`),
     named after the process that owns it (pid and start time), and the folders of
     processes that are gone are deleted first. Where that directory cannot be ours, a
     temp dir of its own, not swept."""
-    root = os.path.join(tempfile.gettempdir(), f"rayvid-decode-{os.getuid()}")
-    try:
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        st = os.lstat(root)
-    except OSError:
-        st = None
-    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return tempfile.mkdtemp(prefix="rayvid-decode-")  # a link, or someone else's: not there
+    root = storage.user_dir("rayvid-decode")
+    if root is None:
+        return tempfile.mkdtemp(prefix="rayvid-decode-")
     for name in os.listdir(root):
         owner = re.match(r"(\d+)\.(\d*)-", name)
-        if owner and not _running(int(owner[1]), owner[2]):
+        if owner and not storage.process_running(int(owner[1]), owner[2]):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     me = os.getpid()
-    return tempfile.mkdtemp(prefix=f"{me}.{_started(me) or ''}-", dir=root)
-
-
-def _started(pid: int) -> Optional[str]:
-    """When process `pid` started (clock ticks after boot, /proc/PID/stat), with a "Z"
-    before it for a zombie (dead, not yet reaped); None where /proc cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
-    except (OSError, IndexError):
-        return None
-    return ("Z" if fields[0] == b"Z" else "") + fields[19].decode()
-
-
-def _running(pid: int, started: str) -> bool:
-    """Whether the process that made a folder named `pid.started-...` is still running: a
-    process by that pid, started then (a pid is reused), and no zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it is running, but is it the one?
-        pass
-    now = _started(pid)
-    return now is None or not now.startswith("Z") and (not started or now == started)
+    return tempfile.mkdtemp(prefix=f"{me}.{storage.process_started(me) or ''}-", dir=root)
 
 
 class Decoder:

@@ -198,10 +198,8 @@ def run(cfg: RunConfig) -> RunResult:
                         committer.add(batch)
                 except Exception as e:
                     _raise_model_error(ray, reports)  # the model could not load: say why, as it is
-                    down = _unavailable(e, cfg.output)
-                    if down is None:
-                        raise
-                    raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
+                    _raise_if_outage(e, cfg.output, videos, committer)
+                    raise
                 loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
                 info = info or loaded
             try:  # the last writes into OUTPUT: an outage here is one too
@@ -210,10 +208,8 @@ def run(cfg: RunConfig) -> RunResult:
                     retracted = True
                 committer.close()
             except Exception as e:
-                down = _unavailable(e, cfg.output)
-                if down is None:
-                    raise
-                raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
+                _raise_if_outage(e, cfg.output, videos, committer)
+                raise
         except BaseException as e:
             beat.stop()
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
@@ -418,6 +414,13 @@ def _publish_complete(committer: commit.Committer) -> None:
         committer.flush()
     except Exception as e:  # noqa: BLE001 - the run fails with its own error, not this one
         log.warning("could not commit the videos complete when the run failed: %s", storage.redact(str(e)))
+
+
+def _raise_if_outage(error: BaseException, output: str, videos: pa.Table, committer: commit.Committer) -> None:
+    """StorageUnavailable, saying what is not done, where `error` is a storage outage."""
+    down = _unavailable(error, output)
+    if down is not None:
+        raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
 
 
 def _not_done(videos: pa.Table, committer: commit.Committer) -> str:

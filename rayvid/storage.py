@@ -268,14 +268,20 @@ def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str,
 
 def _shared_root() -> Optional[str]:
     """This user's directory for `shared_copy`, or None if it cannot be made ours alone."""
-    root = os.path.join(tempfile.gettempdir(), f"rayvid-shared-{os.getuid()}")
+    return user_dir("rayvid-shared")
+
+
+def user_dir(prefix: str) -> Optional[str]:
+    """`$TMPDIR/<prefix>-<uid>`, a directory this user alone may enter (made if needed), or
+    None where it cannot be ours: a link, or someone else's: never write through it."""
+    root = os.path.join(tempfile.gettempdir(), f"{prefix}-{os.getuid()}")
     try:
         os.makedirs(root, mode=0o700, exist_ok=True)
         st = os.lstat(root)
     except OSError:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None  # a link, or someone else's: never write copies through it
+        return None
     return root
 
 
@@ -311,21 +317,35 @@ def _sweep(root: str) -> None:
         if name == ".lock" or not os.path.isdir(folder):
             continue
         state = _state(folder)
-        users = [pid for pid in (state or {}).get("users", []) if _alive(pid)]
+        users = [pid for pid in (state or {}).get("users", []) if process_running(pid)]
         if not users:
             shutil.rmtree(folder, ignore_errors=True)
         elif users != state["users"]:
             _set_state(folder, dict(state, users=users))
 
 
-def _alive(pid: int) -> bool:
+def process_started(pid: int) -> Optional[str]:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat), with a "Z"
+    before it for a zombie (dead, not yet reaped); None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+    except (OSError, IndexError):
+        return None
+    return ("Z" if fields[0] == b"Z" else "") + fields[19].decode()
+
+
+def process_running(pid: int, started: str = "") -> bool:
+    """Whether process `pid` of this machine is running: no zombie and, where `started`
+    (`process_started` when it was recorded) is known, the same process (a pid is reused)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+    except PermissionError:  # someone else's process: it is running, but is it the one?
+        pass
+    now = process_started(pid)
+    return now is None or not now.startswith("Z") and (not started or now == started)
 
 
 def _suffix(path: str) -> str:

@@ -123,6 +123,20 @@ def test_segments_meet_exactly(long_videos, name, sampling):
         assert len(parts) == n
 
 
+def _segment_rows(dec, where, bounds, with_decoder=False) -> list:
+    """Over the segments in order: (frame index, index its pixels show) per frame, and per
+    terminal row (segment, error type, message with `where` as <uri>, frames[, decoder])."""
+    out = []
+    for k, (start, end) in enumerate(bounds):
+        for batch in dec.decode_video(where, k, len(bounds), start, end):
+            if batch["kind"][0] == KIND_FRAME:
+                out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
+            else:
+                out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
+                            int(batch["n_frames"][0]), *([batch["decoder"][0]] if with_decoder else [])))
+    return out
+
+
 def _decode(path, bounds, sampling, dec=None, ends=None):
     """Sorted (frame index, index its pixels show) over the segments; end rows into `ends`."""
     dec = dec or Decoder(size=framecode.SIZE, batch_frames=16, **sampling)
@@ -571,15 +585,8 @@ def test_damaged_files_in_remote_segments_end_as_local_ones_do(damaged, s3fs_cli
     bounds = segments.bounds(4.0, 1.5)  # 120 frames at 30 fps, 3 segments
 
     def run(where):
-        dec, out = Decoder(size=framecode.SIZE, decoder="pyav", fetch_gap_bytes=0, **sampling), []
-        for k, (start, end) in enumerate(bounds):
-            for batch in dec.decode_video(where, k, len(bounds), start, end):
-                if batch["kind"][0] == KIND_FRAME:
-                    out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
-                else:
-                    out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
-                                int(batch["n_frames"][0]), batch["decoder"][0]))
-        return out
+        dec = Decoder(size=framecode.SIZE, decoder="pyav", fetch_gap_bytes=0, **sampling)
+        return _segment_rows(dec, where, bounds, with_decoder=True)
 
     local = run(damaged[name])
     assert any(row[1] for row in local if len(row) == 5)  # damage is said, somewhere
@@ -696,15 +703,7 @@ def test_odd_mp4s_in_remote_segments_end_as_local_ones_do(odd_mp4s, s3fs_client,
     bounds = segments.bounds(20.0, 6.0)
 
     def run(where):
-        dec, out = Decoder(size=framecode.SIZE, batch_frames=16, **sampling), []
-        for k, (start, end) in enumerate(bounds):
-            for batch in dec.decode_video(where, k, len(bounds), start, end):
-                if batch["kind"][0] == KIND_FRAME:
-                    out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
-                else:
-                    out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
-                                int(batch["n_frames"][0])))
-        return out
+        return _segment_rows(Decoder(size=framecode.SIZE, batch_frames=16, **sampling), where, bounds)
 
     local, remote = run(odd_mp4s[name]), run(url)
     assert remote == local
