@@ -106,3 +106,34 @@ def test_quick_bench_writes_every_field(tmp_path):
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
         capture_output=True, text=True, check=True).stdout
     assert "slow object store" in markdown and "partial copies against whole ones" in markdown
+
+
+def test_gpu_ceilings_measures_model_and_decode(tmp_path):
+    """bench/gpu_ceilings.py on a CPU (TensorFlow's Keras here), one tiny configuration:
+    every row it prints is in its JSON, and the decode CPUs per GPU are the product of the
+    two measured numbers."""
+    sys.path.insert(0, ROOT)
+    from bench.bench import encode
+
+    video = encode(str(tmp_path / "v.mp4"), 1, 120, 160, 30, seed=0)
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "gpu_ceilings.py"), "--videos", video,
+         "--models", "mobilenet_v3_small", "--precisions", "float32", "--batches", "4",
+         "--seconds", "0.2", "--procs", "1", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["backend"] == "tensorflow" and res["machine"]["devices"]
+    assert [(d["procs"], d["height"], d["width"], d["video_frames"]) for d in res["decode"]] == \
+        [(1, 120, 160, 30), (2, 120, 160, 30)]
+    for d in res["decode"]:  # whole passes over the 30-frame video, in every process
+        assert d["frames"] % 30 == 0 and d["frames"] >= 30 * d["procs"] and d["cpu_ms_per_frame"] > 0
+    assert [(m["batch"], m["streams"]) for m in res["model"]] == [(4, 1), (4, 2)]
+    assert all(m["frames"] % 4 == 0 and m["frames_per_s"] > 0 for m in res["model"])
+    [row] = res["decode_cpus_per_gpu"]
+    best = max(m["frames_per_s"] for m in res["model"])
+    assert row["model_frames_per_s"] == best and row["decode_cpu_ms_per_frame"] == res["decode"][1]["cpu_ms_per_frame"]
+    assert row["decode_cpus"] == round(best * row["decode_cpu_ms_per_frame"] / 1000, 2)
+    assert f"{row['decode_cpus']} decode CPUs" in proc.stdout
