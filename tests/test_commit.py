@@ -475,3 +475,53 @@ def test_a_run_with_other_head_columns_than_output_has_is_refused(tmp_path):
     c.add(pa.concat_tables([_frames("c", [0]), _end("c", 1)]))
     c.close()
     assert len(_files(tmp_path / "videos")) == 2
+
+
+def test_heartbeat_survives_any_store_error():
+    """A store raising something that is no OSError (gcsfs' HttpError on a 503) while the
+    record is refreshed must not end the heartbeat: after the outage, beats go on, so other
+    runs do not take this live run for a dead one."""
+    import json
+    import time
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from rayvid import commit
+
+    class HttpError(Exception):
+        pass
+
+    class FlakyStore(MemoryFileSystem):
+        """An in-memory object store whose uploads fail while `down` is set."""
+
+        protocol = "flakystore"
+        store, pseudo_dirs, down = {}, [""], False
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and FlakyStore.down:
+                raise HttpError("503 Service Unavailable")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("flakystore", FlakyStore, clobber=True)
+    fs = FlakyStore()
+
+    def beat_at():
+        return json.loads(fs.cat("flakystore://out/runs/a.json"))["heartbeat_at"]
+
+    beat = commit.Heartbeat("flakystore://out", "a", {"run_id": "a", "status": "running"}, every_s=0.05)
+    beat.start()
+    try:
+        first = beat_at()
+        FlakyStore.down = True
+        time.sleep(0.3)  # several beats fail
+        during = beat_at()
+        FlakyStore.down = False
+        deadline = time.time() + 5
+        while beat_at() == during and time.time() < deadline:
+            time.sleep(0.05)
+        assert beat._thread.is_alive() and beat_at() > during >= first
+    finally:
+        FlakyStore.down = False
+        beat.stop()
+        fs.rm("flakystore://out", recursive=True)

@@ -460,3 +460,37 @@ def test_access_errors_name_the_url_that_failed(tmp_path, s3_endpoint):
     with pytest.raises(KeyError):  # anything else passes through as it is
         with storage.access("s3://any/where", "write"):
             raise KeyError("a bug")
+
+
+def test_local_listing_skips_folders_it_cannot_enter(tmp_path):
+    """A folder under a local INPUT this user may not read (lost+found, another user's),
+    and a link into one, are skipped with a warning; the rest is listed. Root reads any
+    folder, so as root the listing runs without the capabilities that let it."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "in"
+    (root / "open").mkdir(parents=True)
+    (root / "locked" / "inner").mkdir(parents=True)
+    for name in ("a.mp4", "open/c.mp4", "locked/b.mp4", "locked/inner/d.mp4"):
+        (root / name).write_bytes(b"x")
+    (root / "link").symlink_to(root / "locked" / "inner")
+    cmd = [sys.executable, "-c",
+           "import json, sys; from rayvid import storage; "
+           "print(json.dumps(sorted(u for page in storage.iter_files(sys.argv[1]) for u, _, _ in page)))",
+           str(root)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: every folder is readable")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] + cmd
+    (root / "locked").chmod(0)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == [str(root / "a.mp4"), str(root / "open" / "c.mp4")]
+    assert f"skipping {root / 'locked'}: Permission denied" in proc.stderr
+    assert f"skipping {root / 'link'}: permission denied" in proc.stderr
