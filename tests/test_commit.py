@@ -525,3 +525,57 @@ def test_heartbeat_survives_any_store_error():
         FlakyStore.down = False
         beat.stop()
         fs.rm("flakystore://out", recursive=True)
+
+
+def test_recover_keeps_a_part_committed_while_it_looks():
+    """Another run commits a part and finishes between recover's listing of the commit
+    points and its look at that run's record: the record then says finished, the part is
+    missing from the listing, and only the second look at its commit point keeps recover
+    from deleting committed predictions. The store interleaves the other run's two writes
+    right after recover lists videos/."""
+    import json
+    import time
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from rayvid import commit
+
+    class InterleavingStore(MemoryFileSystem):
+        protocol = "interleaving"
+        store, pseudo_dirs, after_videos_listed = {}, [""], None
+
+        def glob(self, path, **kwargs):
+            found = super().glob(path, **kwargs)
+            hook = InterleavingStore.after_videos_listed
+            if hook and "/videos/" in path:
+                InterleavingStore.after_videos_listed = None
+                hook()
+            return found
+
+    fsspec.register_implementation("interleaving", InterleavingStore, clobber=True)
+    fs, out = InterleavingStore(), "interleaving://out"
+    try:
+        c = Committer(out, "other", "m")
+        c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+        c.close()
+        part = "part-other-00000.parquet"
+        # the other run between its predictions file and its commit point, alive
+        fs.mv(f"{out}/videos/{part}", f"{out}/held/{part}")
+        running = {"run_id": "other", "status": "running", "host": "elsewhere", "node": "elsewhere/b/1",
+                   "pid": 1, "pid_started": "", "heartbeat_at": time.time()}
+        fs.pipe(f"{out}/runs/other.json", json.dumps(running).encode())
+        assert commit.recover(out).in_flight == [f"predictions/{part}"]
+
+        def other_run_commits_and_finishes():
+            fs.mv(f"{out}/held/{part}", f"{out}/videos/{part}")
+            fs.pipe(f"{out}/runs/other.json", json.dumps({**running, "status": "finished"}).encode())
+
+        InterleavingStore.after_videos_listed = other_run_commits_and_finishes
+        state = commit.recover(out)
+        assert InterleavingStore.after_videos_listed is None  # the interleaving happened
+        assert state.removed == [] and fs.exists(f"{out}/predictions/{part}")
+        assert sorted(commit.recover(out).videos) == ["v"]  # the next recover sees it committed
+    finally:
+        InterleavingStore.after_videos_listed = None
+        fs.rm(out, recursive=True)
