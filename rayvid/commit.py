@@ -510,11 +510,17 @@ def _parts(fs, directory: str) -> set:
         return set()
 
 
-def recover(output: str) -> Committed:
+def recover(output: str, only=None) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
-    committed."""
+    committed: of every video, or, with `only` (an iterable of video URIs: a run's
+    listing), of those alone, so that a shard of a large OUTPUT holds its own videos' rows, not OUTPUT's.
+    (The videos/ files are read one at a time and matched against `only`.)"""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
+    retractions = _retraction_records(fs, root)
+    wanted = None
+    if only is not None:  # and what an unfinished retraction must find, wherever it is listed
+        wanted = set(only).union(*(r["videos"] for _, r in retractions))
     merging = finish_compactions(fs, root)
     committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
     state = Committed()
@@ -532,9 +538,11 @@ def recover(output: str) -> Committed:
             with contextlib.suppress(FileNotFoundError):  # another run's recover was first
                 fs.rm(f"{root}/{directory}/{name}")
             state.removed.append(f"{directory}/{name}")
-    for name in sorted(committed):
+    for name in sorted(committed) if wanted is None or wanted else ():
         table = pq.read_table(f"{root}/{VIDEOS_DIR}/{name}", filesystem=fs,
                               columns=["video_uri", "size_bytes", "version", "error"])
+        if wanted is not None:
+            table = table.filter(pa.array([u in wanted for u in table.column("video_uri").to_pylist()], pa.bool_()))
         for row in table.to_pylist():
             uri = row.pop("video_uri")
             state.videos[uri] = {**row, "file": name, "changed": False}
@@ -543,7 +551,7 @@ def recover(output: str) -> Committed:
             for uri, kind in zip(errors.column("video_uri").to_pylist(), errors.column("error_type").to_pylist()):
                 if kind == CHANGED and uri in state.videos:
                     state.videos[uri]["changed"] = True
-    _finish_retractions(output, fs, root, state)
+    _finish_retractions(output, fs, root, state, retractions)
     return state
 
 
@@ -655,18 +663,24 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
         fs.rm(path)
 
 
-def _finish_retractions(output: str, fs, root: str, state: Committed) -> None:
+def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
+    """(path, record) of every retraction intent record in OUTPUT."""
+    try:
+        paths = sorted(fs.glob(f"{root}/{RETRACTIONS_DIR}/*.json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:  # else another recover completed it
+            out.append((path, json.load(f)))
+    return out
+
+
+def _finish_retractions(output: str, fs, root: str, state: Committed, records: list) -> None:
     """Complete the retractions whose runs died part-way (their intent records remain), in
     the files that hold those videos now (a compaction may have merged the ones listed)."""
-    try:
-        records = sorted(fs.glob(f"{root}/{RETRACTIONS_DIR}/*.json"))
-    except FileNotFoundError:
-        return
-    for path in records:
-        try:
-            with fs.open(path, "rb") as f:
-                record = json.load(f)
-        except FileNotFoundError:  # another run's recover completed it
+    for path, record in records:
+        if not fs.exists(path):  # another run's recover completed it meanwhile
             continue
         if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue

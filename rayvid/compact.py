@@ -47,7 +47,7 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     heartbeat)."""
     if target_rows < 1:
         raise ValueError("target_rows must be >= 1")
-    commit.recover(output)
+    commit.recover(output, only=())  # its clean-up: no video's rows are needed here
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     names = commit.committed_parts(fs, root)

@@ -169,7 +169,7 @@ def run(cfg: RunConfig) -> RunResult:
         # else it loads once in a worker while the driver reads what is committed and
         # plans segments from the videos' headers (neither changes a committed row)
         probe = None if shape else _probe_model(ray, cfg)
-        committed = _recover(cfg)
+        committed = _recover(cfg, videos)
         listed = len(videos)
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
         units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
@@ -473,9 +473,9 @@ def _probe_model(ray, cfg: RunConfig):
     return result
 
 
-def _recover(cfg: RunConfig) -> commit.Committed:
-    try:
-        return commit.recover(cfg.output)
+def _recover(cfg: RunConfig, videos: pa.Table) -> commit.Committed:
+    try:  # what OUTPUT has of these videos (a shard's, not every shard's)
+        return commit.recover(cfg.output, only=videos.column("video_uri").to_pylist())
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 

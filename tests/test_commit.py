@@ -225,6 +225,35 @@ def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path
     assert todo.column("video_uri").to_pylist() == ["b", "m"] and redo == {"b", "m"}
 
 
+def test_recover_of_a_shard_holds_only_its_videos(tmp_path):
+    """A shard's run reads what OUTPUT has of its own listing, not every shard's rows; a
+    retraction a dead run left unfinished is still completed, whichever shard it was of."""
+    import json
+
+    from rayvid.commit import pending, recover
+
+    for run, videos in (("s1", ["a", "b"]), ("s2", ["c", "d"])):
+        c = Committer(str(tmp_path), run, "m")
+        for v in videos:
+            c.add(pa.concat_tables([_frames(v, [0, 1]), _end(v, 2, "bad" if v == "c" else None)]))
+        c.close()
+    everything = recover(str(tmp_path))
+    assert sorted(everything.videos) == ["a", "b", "c", "d"]
+    shard = recover(str(tmp_path), only=["b", "c", "new"])
+    assert shard.videos == {v: everything.videos[v] for v in ("b", "c")}
+    listing = pa.table({"video_uri": ["b", "c", "new"], "size_bytes": [-1] * 3, "version": [""] * 3})
+    assert pending(listing, shard, retry_failed=True)[0].column("video_uri").to_pylist() == ["c", "new"]
+    # a run of another shard died retracting d: its intent record names d
+    (tmp_path / "retractions").mkdir()
+    (tmp_path / "retractions" / "gone.json").write_text(json.dumps(
+        {"videos": ["d"], "run_id": "gone", "started_at": 0, "host": "elsewhere", "node": "elsewhere/b/1",
+         "pid": 1, "pid_started": ""}))
+    shard = recover(str(tmp_path), only=["a"])
+    assert sorted(shard.videos) == ["a"] and not (tmp_path / "retractions" / "gone.json").exists()
+    assert sorted(recover(str(tmp_path)).videos) == ["a", "b", "c"]
+    assert "d" not in pq.read_table(tmp_path / "predictions").column("video_uri").to_pylist()
+
+
 def test_retract_removes_only_the_given_videos(tmp_path):
     from rayvid.commit import recover, retract
 
