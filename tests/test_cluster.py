@@ -177,6 +177,10 @@ def test_kuberay_manifests_are_valid(kuberay_validator):
     import ray
 
     assert cluster["spec"]["rayVersion"] == ray.__version__
+    # token authentication: the operator (>= 1.5.1) makes the token and gives it to every Ray
+    # container and to the RayJob's submitter; Ray >= 2.52 is required for it
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert tuple(int(p) for p in ray.__version__.split(".")[:2]) >= (2, 52)
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     gpu = groups["gpu-infer"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -240,6 +244,7 @@ def _rename(doc, path, new):
 
 @pytest.mark.parametrize("manifest, path, new", [
     ("raycluster.yaml", ("spec", "enableInTreeAutoscaling"), "enableInTreeAutoscaler"),
+    ("raycluster.yaml", ("spec", "authOptions", "mode"), "authMode"),
     ("raycluster.yaml", ("spec", "workerGroupSpecs", 0, "minReplicas"), "minReplica"),
     ("raycluster.yaml", ("spec", "headGroupSpec", "rayStartParams"), "rayStartParam"),
     ("raycluster.yaml", ("spec", "workerGroupSpecs", 1, "labels"), "label"),
