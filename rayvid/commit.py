@@ -139,10 +139,15 @@ class Committer:
                 continue  # a retried task (its actor died) emitted the segment again
             self._ends[unit] = row
             self._complete_if_done(unit)
-        if self._ready_rows >= self.rows_per_file or (
-            self._ready_videos
-            and time.monotonic() - self._last_flush >= self.flush_interval_s
-        ):
+        if self._ready_rows >= self.rows_per_file:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Publish the complete videos if `flush_interval_s` has passed since the last
+        flush (also called while no batch arrives: a quiet pipeline holds none back)."""
+        if self._ready_videos and time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def _complete_if_done(self, unit: tuple) -> None:
