@@ -369,20 +369,24 @@ def ticking(items: Iterator, tick_s: float) -> Iterator:
     stop = threading.Event()
     end = object()
 
+    def hand(item) -> bool:
+        """Hands `item` over; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def pull():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        handoff.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand(item):
                     return
-            handoff.put(end)
+            hand(end)
         except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
-            handoff.put(e)
+            hand(e)
 
     thread = threading.Thread(target=pull, name="rayvid-results", daemon=True)
     thread.start()
