@@ -518,8 +518,8 @@ def _parts(fs, directory: str) -> set:
 def recover(output: str, only=None) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
     committed: of every video, or, with `only` (an iterable of video URIs: a run's
-    listing), of those alone, so that a shard of a large OUTPUT holds its own videos' rows, not OUTPUT's.
-    (The videos/ files are read one at a time and matched against `only`.)"""
+    listing), of those alone, so that a shard of a large OUTPUT holds its own videos'
+    rows, not OUTPUT's (the videos/ files are read one at a time and matched)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     retractions = _retraction_records(fs, root)
