@@ -16,24 +16,30 @@ on the backend KERAS_BACKEND names, else TensorFlow (rayvid's own) where it is i
 else JAX: a lent GPU machine without TensorFlow measures Keras on JAX, both through XLA.
 
 Decode: raw decord (1 thread, resize on decode to 224x224, 64-frame batches, as `make
-bench`'s decode_raw row), in one process and in one process per core at once (a loaded
-node's CPUs run slower per core than an idle one's), as CPU-seconds per frame.
+bench`'s decode_raw row) and rayvid's decode stage (its Decoder: probe, decode child,
+batches, as the decode_rayvid row), in one process and in one process per core at once (a
+loaded node's CPUs run slower per core than an idle one's), as CPU-seconds per frame
+(of each process and its children: rayvid decodes in a child process).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # rayvid, also where it is not installed
+
 SIZE = (224, 224)
+DECODERS = ("raw", "rayvid")
 MODELS = ("mobilenet_v3_small", "resnet50")
 CAFFE_MEAN = (103.939, 116.779, 123.68)  # BGR, keras.applications.resnet50.preprocess_input
 
@@ -41,13 +47,17 @@ CAFFE_MEAN = (103.939, 116.779, 123.68)  # BGR, keras.applications.resnet50.prep
 # ---------------------------------------------------------------- decode
 
 def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU-seconds of this process and its live children (rayvid's decode child), as `make
+    bench` counts them (bench.py loaded by its path: run as a script, this folder is first
+    on sys.path, and there `import bench` is bench.py itself)."""
+    if "rayvid_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("rayvid_bench", os.path.join(ROOT, "bench", "bench.py"))
+        sys.modules["rayvid_bench"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["rayvid_bench"].tree_cpu_s(os.getpid())
 
 
-def _decode_for(path: str, seconds: float) -> dict:
-    """Whole passes of raw decord over `path` until `seconds` have gone by (after one
-    untimed pass: library loads, page cache)."""
+def _raw_pass(path: str):
     import decord
 
     def one_pass() -> int:
@@ -57,22 +67,57 @@ def _decode_for(path: str, seconds: float) -> dict:
             n += len(vr.get_batch(list(range(start, min(start + 64, len(vr))))).asnumpy())
         return n
 
+    return one_pass
+
+
+def _rayvid_pass(path: str):
+    from rayvid.decode import Decoder
+
+    dec = Decoder(SIZE, threads=1)  # its child process starts here, before the clock
+
+    def one_pass() -> int:
+        n = 0
+        for batch in dec.decode_video(path):
+            if batch["kind"][0] == "frame":
+                n += len(batch["frame_index"])
+            elif batch["message"][0]:
+                raise RuntimeError(batch["message"][0])
+        return n
+
+    return one_pass
+
+
+def _decode_for(path: str, seconds: float, decoder: str, start, results) -> None:
+    """Whole passes of `decoder` over `path` until `seconds` have gone by, after one
+    untimed pass (library loads, page cache) and once every process is ready (`start`)."""
+    one_pass = (_raw_pass if decoder == "raw" else _rayvid_pass)(path)
     one_pass()
+    start.wait()
     t0, c0, frames = time.perf_counter(), _cpu_s(), 0
     while True:
         frames += one_pass()
         if time.perf_counter() - t0 >= seconds:
             break
-    return {"frames": frames, "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0}
+    results.put({"frames": frames, "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0})
 
 
-def decode(path: str, procs: int, seconds: float) -> dict:
-    """`procs` processes decoding `path` at once; frames/s summed over them."""
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        runs = pool.starmap(_decode_for, [(path, seconds)] * procs)
+def decode(path: str, procs: int, seconds: float, decoder: str = "raw") -> dict:
+    """`procs` processes decoding `path` with `decoder`, timed together; frames/s summed."""
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_decode_for, args=(path, seconds, decoder, start, results)) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        runs = [results.get(timeout=seconds + 600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():
+                w.kill()
     frames = sum(r["frames"] for r in runs)
     cpu = sum(r["cpu_s"] for r in runs)
-    return {"procs": procs, "frames": frames, "frames_per_s": round(sum(r["frames"] / r["wall_s"] for r in runs), 1),
+    return {"decoder": decoder, "procs": procs, "frames": frames, "frames_per_s": round(sum(r["frames"] / r["wall_s"] for r in runs), 1),
             "cpu_ms_per_frame": round(1000 * cpu / frames, 3)}
 
 
@@ -200,13 +245,16 @@ def _cpu() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", nargs="+", required=True, help="local video files (decode measurements)")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS,
+                    help="none: decoding alone (no Keras needed)")
     ap.add_argument("--precisions", nargs="+", default=["float32", "mixed_float16"],
                     choices=["float32", "mixed_float16", "mixed_bfloat16"])
     ap.add_argument("--batches", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per measurement")
     ap.add_argument("--procs", nargs="+", type=int, default=[1, os.cpu_count() or 1],
                     help="decode processes at once")
+    ap.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS,
+                    help="raw decord, rayvid's decode stage; the last one sizes the decode CPUs")
     ap.add_argument("--json", help="write the results here (rewritten after every measurement)")
     args = ap.parse_args(argv)
 
@@ -223,13 +271,16 @@ def main(argv=None) -> int:
     # decode first: the decode processes start before any GPU runtime is in this process
     for path in args.videos:
         src = _source(path)
-        for n in args.procs:
-            row = dict(src, **decode(path, n, args.seconds))
-            res["decode"].append(row)
-            print(f"decode {src['video']} {src['width']}x{src['height']} -> {SIZE[1]}x{SIZE[0]}, {n} procs: "
-                  f"{row['frames_per_s']} frames/s, {row['cpu_ms_per_frame']} ms CPU/frame", flush=True)
-            save()
+        for decoder in args.decoders:
+            for n in args.procs:
+                row = dict(src, **decode(path, n, args.seconds, decoder))
+                res["decode"].append(row)
+                print(f"decode ({decoder}) {src['video']} {src['width']}x{src['height']} -> {SIZE[1]}x{SIZE[0]}, "
+                      f"{n} procs: {row['frames_per_s']} frames/s, {row['cpu_ms_per_frame']} ms CPU/frame", flush=True)
+                save()
 
+    if not args.models:
+        return 0
     keras = _keras()
     res["machine"].update(keras=keras.__version__, backend=keras.backend.backend(), devices=_devices(keras))
     gpu = bool(res["machine"]["gpu"])
@@ -245,15 +296,16 @@ def main(argv=None) -> int:
                     save()
 
     # decode CPUs one GPU needs: its best frames/s for the model x decode CPU-s per frame
-    # with every core busy (the most processes measured)
+    # with every core busy (the most processes measured), of the last decoder measured
     for name in args.models:
         best = max((r for r in res["model"] if r["model"] == name), key=lambda r: r["frames_per_s"])
         for path in args.videos:
-            rows = [r for r in res["decode"] if r["video"] == os.path.basename(path)]
+            rows = [r for r in res["decode"] if r["video"] == os.path.basename(path)
+                    and r["decoder"] == args.decoders[-1]]
             loaded = max(rows, key=lambda r: r["procs"])
             row = {"model": name, "precision": best["precision"], "batch": best["batch"],
                    "streams": best["streams"], "model_frames_per_s": best["frames_per_s"],
-                   "video": loaded["video"], "height": loaded["height"],
+                   "video": loaded["video"], "height": loaded["height"], "decoder": loaded["decoder"],
                    "decode_cpu_ms_per_frame": loaded["cpu_ms_per_frame"],
                    "decode_cpus": round(best["frames_per_s"] * loaded["cpu_ms_per_frame"] / 1000, 2)}
             res["decode_cpus_per_gpu"].append(row)

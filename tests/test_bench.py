@@ -111,7 +111,7 @@ def test_quick_bench_writes_every_field(tmp_path):
 def test_gpu_ceilings_measures_model_and_decode(tmp_path):
     """bench/gpu_ceilings.py on a CPU (TensorFlow's Keras here), one tiny configuration:
     every row it prints is in its JSON, and the decode CPUs per GPU are the product of the
-    two measured numbers."""
+    two measured numbers (rayvid's decode stage, its child process's CPU counted)."""
     sys.path.insert(0, ROOT)
     from bench.bench import encode
 
@@ -121,19 +121,40 @@ def test_gpu_ceilings_measures_model_and_decode(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "gpu_ceilings.py"), "--videos", video,
          "--models", "mobilenet_v3_small", "--precisions", "float32", "--batches", "4",
-         "--seconds", "0.2", "--procs", "1", "2", "--json", str(out)],
+         "--seconds", "0.2", "--procs", "1", "2", "--decoders", "raw", "rayvid", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["machine"]["backend"] == "tensorflow" and res["machine"]["devices"]
-    assert [(d["procs"], d["height"], d["width"], d["video_frames"]) for d in res["decode"]] == \
-        [(1, 120, 160, 30), (2, 120, 160, 30)]
+    assert [(d["decoder"], d["procs"], d["height"], d["width"], d["video_frames"]) for d in res["decode"]] == \
+        [(decoder, n, 120, 160, 30) for decoder in ("raw", "rayvid") for n in (1, 2)]
     for d in res["decode"]:  # whole passes over the 30-frame video, in every process
         assert d["frames"] % 30 == 0 and d["frames"] >= 30 * d["procs"] and d["cpu_ms_per_frame"] > 0
     assert [(m["batch"], m["streams"]) for m in res["model"]] == [(4, 1), (4, 2)]
     assert all(m["frames"] % 4 == 0 and m["frames_per_s"] > 0 for m in res["model"])
     [row] = res["decode_cpus_per_gpu"]
     best = max(m["frames_per_s"] for m in res["model"])
-    assert row["model_frames_per_s"] == best and row["decode_cpu_ms_per_frame"] == res["decode"][1]["cpu_ms_per_frame"]
+    loaded = res["decode"][3]  # rayvid's, in two processes at once
+    assert row["decoder"] == "rayvid" and row["decode_cpu_ms_per_frame"] == loaded["cpu_ms_per_frame"]
+    assert row["model_frames_per_s"] == best
     assert row["decode_cpus"] == round(best * row["decode_cpu_ms_per_frame"] / 1000, 2)
     assert f"{row['decode_cpus']} decode CPUs" in proc.stdout
+
+
+def test_decode_split_prints_every_way(tmp_path):
+    """bench/decode_split.py: each way, each round, frames counted in whole passes."""
+    sys.path.insert(0, ROOT)
+    from bench.bench import encode
+
+    video = encode(str(tmp_path / "v.mp4"), 1, 120, 160, 30, seed=0)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "decode_split.py"), video, "0.1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split("  ")[0].split(" ", 1)[1].strip() for line in lines] == \
+        ["raw decord", "reader in this process", "Decoder: here | child", "probe alone"] * 2
+    for line in lines:
+        frames = int(line.split("frames")[1].split()[0])
+        assert frames > 0 and frames % 30 == 0, line
+    child = [line for line in lines if "Decoder" in line]
+    assert all(float(line.split("children")[1].split()[0]) > 0 for line in child)  # decoded in the child

@@ -946,10 +946,18 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
 
     src = tmp_path / "in"
     src.mkdir()
-    for name, colour in [("a", "gray"), ("b", "gray"), ("c", "gray"), ("d", "gray"), ("zz", "white")]:
+    for name in "abcd":
         subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"color=c={colour}:s=64x48:r=10:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                        "color=c=gray:s=64x48:r=10:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                         str(src / f"{name}.mp4")], check=True)
+    # the last video turns white after 4 s: its 10 batches before that give a..d's rows time
+    # to reach the driver whatever the machine's load (rows still in flight when a run fails
+    # are lost to it; what matters here is what had arrived)
+    subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error",
+                    "-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=4",
+                    "-f", "lavfi", "-i", "color=c=white:s=64x48:r=10:d=1",
+                    "-filter_complex", "[0][1]concat=n=2:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                    str(src / "zz.mp4")], check=True)
 
     class Picky(tf.Module):  # two classes; refuses frames brighter than 200
         @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])

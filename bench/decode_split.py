@@ -1,0 +1,59 @@
+"""Where rayvid's decode stage spends CPU beyond raw decord, per frame, in one process:
+
+    python bench/decode_split.py VIDEO [SECONDS]
+
+Two rounds of four measurements, each whole passes over VIDEO for SECONDS (default 3)
+after one untimed pass: raw decord (1 thread, resize on decode to 224x224, 64-frame
+batches), rayvid's FrameReader run in this process, its Decoder (the reader in a child
+process: CPU here and in the child apart), and the probe alone (per frame of the video).
+"""
+
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZE = (224, 224)
+
+
+def main(path: str, seconds: float = 3.0) -> None:
+    import importlib.util
+
+    import decord
+
+    from rayvid import decode
+
+    spec = importlib.util.spec_from_file_location("rayvid_bench", os.path.join(ROOT, "bench", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pid = os.getpid()
+
+    def raw() -> int:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=SIZE[1], height=SIZE[0], num_threads=1)
+        return sum(len(vr.get_batch(list(range(s, min(s + 64, len(vr))))).asnumpy()) for s in range(0, len(vr), 64))
+
+    def frames(batches) -> int:
+        return sum(len(b["frame_index"]) for b in batches if b["kind"][0] == "frame")
+
+    reader = decode.FrameReader(SIZE, threads=1)
+    decoder = decode.Decoder(SIZE, threads=1)
+    n_frames = len(decode.probe(path).pts)
+    ways = (("raw decord", raw),
+            ("reader in this process", lambda: frames(reader.read(path, path))),
+            ("Decoder: here | child", lambda: frames(decoder.decode_video(path))),
+            ("probe alone", lambda: decode.probe(path) and n_frames))
+    for round_ in range(2):
+        for name, one_pass in ways:
+            one_pass()
+            own0, tree0, t0, n = bench._cpu_s(pid), bench.tree_cpu_s(pid), time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                n += one_pass()
+            own, tree = bench._cpu_s(pid) - own0, bench.tree_cpu_s(pid) - tree0
+            print(f"{round_} {name:24s} frames {n:6d}  here {1000 * own / n:.3f} ms/frame  "
+                  f"children {1000 * (tree - own) / n:.3f} ms/frame", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *(float(a) for a in sys.argv[2:3]))
