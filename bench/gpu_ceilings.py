@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import subprocess
 import sys
 import threading
@@ -89,30 +90,48 @@ def _rayvid_pass(path: str):
 
 def _decode_for(path: str, seconds: float, decoder: str, start, results) -> None:
     """Whole passes of `decoder` over `path` until `seconds` have gone by, after one
-    untimed pass (library loads, page cache) and once every process is ready (`start`)."""
-    one_pass = (_raw_pass if decoder == "raw" else _rayvid_pass)(path)
-    one_pass()
-    start.wait()
-    t0, c0, frames = time.perf_counter(), _cpu_s(), 0
-    while True:
-        frames += one_pass()
-        if time.perf_counter() - t0 >= seconds:
-            break
-    results.put({"frames": frames, "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0})
+    untimed pass (library loads, page cache) and once every process is ready (`start`).
+    Puts its measurement, or its error as a string, on `results`."""
+    try:
+        one_pass = (_raw_pass if decoder == "raw" else _rayvid_pass)(path)
+        one_pass()
+        start.wait(timeout=600)
+        t0, c0, frames = time.perf_counter(), _cpu_s(), 0
+        while True:
+            frames += one_pass()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        results.put({"frames": frames, "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0})
+    except BaseException as e:  # noqa: BLE001 - the parent says it and stops the others
+        start.abort()
+        results.put(f"{type(e).__name__}: {e}")
 
 
 def decode(path: str, procs: int, seconds: float, decoder: str = "raw") -> dict:
-    """`procs` processes decoding `path` with `decoder`, timed together; frames/s summed."""
+    """`procs` processes decoding `path` with `decoder`, timed together; frames/s summed.
+    The first worker's error ends the measurement (RuntimeError, saying it)."""
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_decode_for, args=(path, seconds, decoder, start, results)) for _ in range(procs)]
     for w in workers:
         w.start()
+    runs = []
     try:
-        runs = [results.get(timeout=seconds + 600) for _ in workers]
+        deadline = time.monotonic() + seconds + 900
+        while len(runs) < procs:
+            try:
+                run = results.get(timeout=1)
+            except queue.Empty:
+                if time.monotonic() > deadline or not any(w.is_alive() for w in workers):
+                    raise RuntimeError(f"{decoder} on {path}: {procs - len(runs)} of {procs} workers "
+                                       "gave no result (died, or too slow)") from None
+                continue
+            if isinstance(run, str):
+                raise RuntimeError(f"{decoder} on {path}: {run}")
+            runs.append(run)
     finally:
         for w in workers:
-            w.join(timeout=60)
+            w.join(timeout=5 if runs and len(runs) == procs else 0.1)
             if w.is_alive():
                 w.kill()
     frames = sum(r["frames"] for r in runs)

@@ -49,6 +49,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -115,8 +116,46 @@ class Committer:
         self.bytes_read = 0  # by the decoders from remote stores, over published videos
         self.bytes_remote = 0  # the listed size of the published videos on remote stores
         self.label_counts: collections.Counter = collections.Counter()
+        self._lock = threading.RLock()  # add/flush against `publishing_while_idle`'s thread
+        self._idle_error: BaseException | None = None
+
+    @contextlib.contextmanager
+    def publishing_while_idle(self, every_s: float) -> Iterator["Committer"]:
+        """While the body runs, a thread checks every `every_s` seconds whether the
+        complete videos are due (`flush_if_due`), so that a quiet pipeline (a long remote
+        copy, a slow model start, while the driver waits for the next block) holds none
+        back past `flush_interval_s`. A failure of that thread's flush is raised by the
+        next `add`, or when the body ends."""
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(every_s):
+                try:
+                    self.flush_if_due()
+                except Exception as e:  # noqa: BLE001 - raised in the driver's thread
+                    self._idle_error = e
+                    return
+
+        thread = threading.Thread(target=tick, name="rayvid-commit", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+        self._raise_idle_error()
+
+    def _raise_idle_error(self) -> None:
+        error, self._idle_error = self._idle_error, None
+        if error is not None:
+            raise error
 
     def add(self, table: pa.Table) -> None:
+        self._raise_idle_error()
+        with self._lock:
+            self._add(table)
+
+    def _add(self, table: pa.Table) -> None:
         kind = table.column("kind")
         frames = table.filter(pc.equal(kind, KIND_FRAME))
         ends = table.filter(pc.equal(kind, KIND_END))
@@ -145,10 +184,10 @@ class Committer:
             self.flush_if_due()
 
     def flush_if_due(self) -> None:
-        """Publish the complete videos if `flush_interval_s` has passed since the last
-        flush (also called while no batch arrives: a quiet pipeline holds none back)."""
-        if self._ready_videos and time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush()
+        """Publish the complete videos if `flush_interval_s` has passed since the last flush."""
+        with self._lock:
+            if self._ready_videos and time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self.flush()
 
     def _complete_if_done(self, unit: tuple) -> None:
         end = self._ends.get(unit)
@@ -233,6 +272,10 @@ class Committer:
             self.videos_ok += 1
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         self._last_flush = time.monotonic()
         if not self._ready_videos:
             return
@@ -685,7 +728,11 @@ def _finish_retractions(output: str, fs, root: str, state: Committed, records: l
     """Complete the retractions whose runs died part-way (their intent records remain), in
     the files that hold those videos now (a compaction may have merged the ones listed)."""
     for path, record in records:
-        if not fs.exists(path):  # another run's recover completed it meanwhile
+        try:  # as it is now: another run's recover may have completed it meanwhile, and a
+            with fs.open(path, "rb") as f:  # run with the same id written a new one
+                if json.load(f) != record:
+                    continue
+        except FileNotFoundError:
             continue
         if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue

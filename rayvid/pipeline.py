@@ -17,11 +17,9 @@ import logging
 import math
 import os
 import platform
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow as pa
 
@@ -192,15 +190,13 @@ def run(cfg: RunConfig) -> RunResult:
             if units is not None:
                 reports = _reports_actor(ray)
                 ds = _dataset(ray, cfg, units, shape, plan, reports, clip_len)
-                try:
-                    for batch in results(ds, tick_s=min(5.0, max(0.5, cfg.commit_interval_s))):
-                        if batch is None:  # nothing arrived for a while
-                            committer.flush_if_due()
-                            continue
-                        if not retracted:
-                            commit.retract(cfg.output, redo, committed, cfg.run_id)
-                            retracted = True
-                        committer.add(batch)
+                try:  # (the commit interval is kept also while no block comes)
+                    with committer.publishing_while_idle(every_s=min(5.0, max(0.5, cfg.commit_interval_s))):
+                        for batch in results(ds):
+                            if not retracted:
+                                commit.retract(cfg.output, redo, committed, cfg.run_id)
+                                retracted = True
+                            committer.add(batch)
                 except Exception as e:
                     _raise_model_error(ray, reports)  # the model could not load: say why, as it is
                     _raise_if_outage(e, cfg.output, videos, committer)
@@ -350,60 +346,13 @@ def _any_remote(videos: pa.Table) -> bool:
     return len(videos) > 0 and pc.any(pc.match_substring(videos.column("video_uri"), "://")).as_py()
 
 
-def results(ds, tick_s: float):
+def results(ds):
     """The dataset's output blocks (pyarrow), each as soon as it exists, so the committer
-    publishes a finished video while later ones are still being inferred, and None
-    whenever `tick_s` seconds pass without one, so that it publishes on time while the
-    pipeline is quiet (a long remote copy, a slow model start). (A read-ahead window,
-    `prefetch_batches` > 0, is filled before the first block is handed over: with 4 the
-    driver saw nothing until the fifth video was done, on a short archive nothing until the
-    last, and an interrupted run had to redo all of it.)"""
-    return ticking(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0), tick_s)
-
-
-def ticking(items: Iterator, tick_s: float) -> Iterator:
-    """`items`, pulled by a thread one ahead at most, with None yielded whenever `tick_s`
-    pass without one; their exception is raised here. Closing this generator (a failure
-    of the consumer) lets the thread go."""
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    end = object()
-
-    def hand(item) -> bool:
-        """Hands `item` over; False once the consumer has gone."""
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def pull():
-        try:
-            for item in items:
-                if not hand(item):
-                    return
-            hand(end)
-        except BaseException as e:  # noqa: BLE001 - raised again in the consumer's thread
-            hand(e)
-
-    thread = threading.Thread(target=pull, name="rayvid-results", daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                item = handoff.get(timeout=tick_s)
-            except queue.Empty:
-                yield None
-                continue
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    publishes a finished video while later ones are still being inferred. (A read-ahead
+    window, `prefetch_batches` > 0, is filled before the first block is handed over: with
+    4 the driver saw nothing until the fifth video was done, on a short archive nothing
+    until the last, and an interrupted run had to redo all of it.)"""
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
 
 
 def _reports_actor(ray):

@@ -608,3 +608,121 @@ def test_recover_keeps_a_part_committed_while_it_looks():
     finally:
         InterleavingStore.after_videos_listed = None
         fs.rm(out, recursive=True)
+
+
+def test_complete_videos_are_published_on_time_while_no_block_comes():
+    """While the pipeline is quiet (a long remote copy, a slow model start) the committer
+    still publishes what is complete once the commit interval has passed, from its own
+    thread; a failure of that publication reaches the driver at its next `add`."""
+    import time
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class HttpError(Exception):
+        pass
+
+    class FlakyStore(MemoryFileSystem):
+        protocol = "flakycommit"
+        store, pseudo_dirs, down = {}, [""], False
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and FlakyStore.down:
+                raise HttpError("503 Service Unavailable")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("flakycommit", FlakyStore, clobber=True)
+    fs, out = FlakyStore(), "flakycommit://out"
+
+    def committed():
+        uris = []
+        for path in fs.glob(f"{out}/videos/*.parquet"):
+            with fs.open(path, "rb") as f:
+                uris += pq.read_table(f).column("video_uri").to_pylist()
+        return sorted(uris)
+
+    try:
+        c = Committer(out, "r1", "m", flush_interval_s=0.3)
+        with c.publishing_while_idle(every_s=0.05):
+            c.add(pa.concat_tables([_frames("a", [0, 1]), _end("a", 2)]))
+            deadline = time.monotonic() + 10
+            while not committed() and time.monotonic() < deadline:
+                time.sleep(0.05)  # no more blocks: the pipeline is quiet
+            assert committed() == ["a"]
+            FlakyStore.down = True
+            c.add(pa.concat_tables([_frames("b", [0]), _end("b", 1)]))
+            time.sleep(1.0)  # the next publication fails in the committer's thread
+            FlakyStore.down = False
+            with pytest.raises(HttpError):
+                c.add(pa.concat_tables([_frames("c", [0]), _end("c", 1)]))
+        assert committed() == ["a"]
+        c = Committer(out, "r3", "m", flush_interval_s=0.3)
+        with pytest.raises(HttpError):  # or when the body ends, if no block came after
+            with c.publishing_while_idle(every_s=0.05):
+                FlakyStore.down = True
+                c.add(pa.concat_tables([_frames("e", [0]), _end("e", 1)]))
+                time.sleep(1.0)
+        FlakyStore.down = False
+        assert committed() == ["a"]
+
+        c = Committer(out, "r2", "m", flush_interval_s=3600)
+        with c.publishing_while_idle(every_s=0.05):  # not due: nothing is published early
+            c.add(pa.concat_tables([_frames("d", [0]), _end("d", 1)]))
+            time.sleep(0.3)
+            assert committed() == ["a"]
+        c.close()
+        assert committed() == ["a", "d"]
+    finally:
+        FlakyStore.down = False
+        fs.rm(out, recursive=True)
+
+
+def test_recover_leaves_a_retraction_record_written_again_meanwhile():
+    """A dead run's retraction record, read at the start of recover, is replaced before
+    recover acts on it by a new run of the same id (a resubmitted job) retracting other
+    videos: recover must neither complete the old list nor delete the live run's record."""
+    import json
+    import time
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from rayvid import commit
+
+    class InterleavingStore(MemoryFileSystem):
+        protocol = "interleaving2"
+        store, pseudo_dirs, after_videos_listed = {}, [""], None
+
+        def glob(self, path, **kwargs):
+            found = super().glob(path, **kwargs)
+            hook = InterleavingStore.after_videos_listed
+            if hook and "/videos/" in path:
+                InterleavingStore.after_videos_listed = None
+                hook()
+            return found
+
+    fsspec.register_implementation("interleaving2", InterleavingStore, clobber=True)
+    fs, out = InterleavingStore(), "interleaving2://out"
+    try:
+        c = Committer(out, "old", "m")
+        c.add(pa.concat_tables([_frames("a", [0]), _end("a", 1), _frames("b", [0]), _end("b", 1)]))
+        c.close()
+        here = {k: commit.writer()[k] for k in ("host", "node")}
+        # the first job ran on this host and its process is gone: dead by its pid
+        fs.pipe(f"{out}/retractions/job.json", json.dumps(
+            {"videos": ["a"], "run_id": "job", "started_at": 0, **here, "pid": _dead_pid(),
+             "pid_started": ""}).encode())
+        live = {"videos": ["b"], "run_id": "job", "started_at": time.time(), **commit.writer()}
+
+        def resubmitted_job_starts_retracting():  # this very process
+            fs.pipe(f"{out}/retractions/job.json", json.dumps(live).encode())
+
+        InterleavingStore.after_videos_listed = resubmitted_job_starts_retracting
+        with commit.active("job"):  # the resubmitted job, retracting
+            state = commit.recover(out)
+        assert InterleavingStore.after_videos_listed is None  # the interleaving happened
+        assert json.loads(fs.cat(f"{out}/retractions/job.json")) == live  # left to its live run
+        assert sorted(state.videos) == ["a", "b"]  # the old list was not completed either
+    finally:
+        InterleavingStore.after_videos_listed = None
+        fs.rm(out, recursive=True)
