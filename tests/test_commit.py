@@ -624,12 +624,19 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
 
     class FlakyStore(MemoryFileSystem):
         protocol = "flakycommit"
-        store, pseudo_dirs, down = {}, [""], False
+        store, pseudo_dirs, down, refused = {}, [""], False, 0
 
         def _open(self, path, mode="rb", **kwargs):
             if "w" in mode and FlakyStore.down:
+                FlakyStore.refused += 1
                 raise HttpError("503 Service Unavailable")
             return super()._open(path, mode, **kwargs)
+
+    def until_refused():  # the committer's thread has tried to publish, and failed
+        refused, deadline = FlakyStore.refused, time.monotonic() + 20
+        while FlakyStore.refused == refused and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert FlakyStore.refused > refused
 
     fsspec.register_implementation("flakycommit", FlakyStore, clobber=True)
     fs, out = FlakyStore(), "flakycommit://out"
@@ -642,7 +649,7 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
         return sorted(uris)
 
     try:
-        c = Committer(out, "r1", "m", flush_interval_s=0.3)
+        c = Committer(out, "r1", "m", flush_interval_s=1.0)  # (b's add itself comes well before it is due)
         with c.publishing_while_idle(every_s=0.05):
             c.add(pa.concat_tables([_frames("a", [0, 1]), _end("a", 2)]))
             deadline = time.monotonic() + 10
@@ -651,7 +658,7 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
             assert committed() == ["a"]
             FlakyStore.down = True
             c.add(pa.concat_tables([_frames("b", [0]), _end("b", 1)]))
-            time.sleep(1.0)  # the next publication fails in the committer's thread
+            until_refused()  # the next publication fails in the committer's thread
             FlakyStore.down = False
             with pytest.raises(HttpError):
                 c.add(pa.concat_tables([_frames("c", [0]), _end("c", 1)]))
@@ -661,7 +668,7 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
             with c.publishing_while_idle(every_s=0.05):
                 FlakyStore.down = True
                 c.add(pa.concat_tables([_frames("e", [0]), _end("e", 1)]))
-                time.sleep(1.0)
+                until_refused()
         FlakyStore.down = False
         assert committed() == ["a"]
 
