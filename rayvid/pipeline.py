@@ -138,6 +138,13 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
     threads = cfg.decode.threads
     if "decode_CPU" in cluster:  # decoders have nodes of their own; CPU inference may share them
         decode_cpus = float(cluster["decode_CPU"])
+        if decode_cpus < threads:  # else the decode actor waits for a node forever
+            key, value = decode.INFER_NODE_LABEL
+            raise ConfigError(
+                f"no node where decode actors may run: every node with CPUs is labelled {key}={value} "
+                f"(kept for inference), and no node type without that label can be started (a decode "
+                f"actor needs {threads:g} CPU); add CPU nodes without the label (cluster/: the `cpu` "
+                f"worker type, the `cpu-decode` group) or take the label off")
         spare = max(threads, decode_cpus - (0 if gpus_per_actor > 0 else infer_cpu_total))
     else:  # decoders and inference share every node
         spare = max(threads, cpus - infer_cpu_total)

@@ -296,6 +296,13 @@ def test_decode_pools_size_from_the_nodes_decoders_may_use(ray_session):
     unlimited = autoscaler_pb2.ClusterConfig(node_group_configs=[
         autoscaler_pb2.NodeGroupConfig(name="cpu", resources={"CPU": 4}, max_count=-1)])
     assert pipeline.plan_resources(cfg, {"CPU": 4.0, "decode_CPU": pipeline._most(unlimited)["CPU"]}, 10).decode_max > 10_000
+    # every node with CPUs kept for inference, none other to start: an error, not a decode
+    # actor waiting for a node forever
+    with pytest.raises(ConfigError, match="no node where decode actors may run"):
+        pipeline.plan_resources(cfg, {"CPU": 8.0, "GPU": 1.0, "decode_CPU": 0.0}, 10)
+    two_threads = RunConfig(input="x", output="y", decode=DecodeConfig(threads=2))
+    with pytest.raises(ConfigError, match="a decode actor needs 2 CPU"):
+        pipeline.plan_resources(two_threads, {"CPU": 9.0, "GPU": 1.0, "decode_CPU": 1.0}, 10)
 
 
 def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
