@@ -272,6 +272,22 @@ def _decord_windows(path: str, h: int, w: int, window: int):
         yield range(start, stop), vr.get_batch(list(range(start, stop))).asnumpy()
 
 
+def decord_frames(path: str, h: int, w: int, window: int = 64) -> int:
+    """One pass of raw decord over `path` (1 thread, resize on decode): frames decoded."""
+    return sum(len(frames) for _, frames in _decord_windows(path, h, w, window))
+
+
+def rayvid_frames(batches) -> int:
+    """Frames in rayvid decode batches (a Decoder's or a FrameReader's); an error row raises."""
+    frames = 0
+    for batch in batches:
+        if batch["kind"][0] == "frame":
+            frames += len(batch["frame_index"])
+        elif batch["message"][0]:
+            raise RuntimeError(batch["message"][0])
+    return frames
+
+
 def _timed(work) -> dict:
     """frames, wall and CPU-seconds (this process and its children) of `work()`."""
     t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
@@ -305,7 +321,7 @@ def w_decode_raw(spec):
     import decord  # noqa: F401 - imported before the clock starts
 
     h, w = spec["size"]
-    return _passes(spec, lambda videos: sum(len(b) for path in videos for _, b in _decord_windows(path, h, w, 64)))
+    return _passes(spec, lambda videos: sum(decord_frames(path, h, w) for path in videos))
 
 
 def w_decode_decord_sparse(spec):
@@ -331,18 +347,7 @@ def w_decode_rayvid(spec):
     from rayvid.decode import Decoder
 
     dec = Decoder(tuple(spec["size"]), threads=1, **spec.get("reader", {}))
-
-    def one_pass(videos):
-        frames = 0
-        for path in videos:
-            for batch in dec.decode_video(path):
-                if batch["kind"][0] == "frame":
-                    frames += len(batch["frame_index"])
-                elif batch["message"][0]:
-                    raise RuntimeError(batch["message"][0])
-        return frames
-
-    return _passes(spec, one_pass)
+    return _passes(spec, lambda videos: sum(rayvid_frames(dec.decode_video(path)) for path in videos))
 
 
 def w_model_startup(spec):

@@ -12,37 +12,19 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-SIZE = (224, 224)
-
 
 def main(path: str, seconds: float = 3.0) -> None:
-    import importlib.util
-
-    import decord
-
+    from gpu_ceilings import SIZE, bench_module  # beside this script; it puts rayvid on sys.path
     from rayvid import decode
 
-    spec = importlib.util.spec_from_file_location("rayvid_bench", os.path.join(ROOT, "bench", "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module()
     pid = os.getpid()
-
-    def raw() -> int:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=SIZE[1], height=SIZE[0], num_threads=1)
-        return sum(len(vr.get_batch(list(range(s, min(s + 64, len(vr))))).asnumpy()) for s in range(0, len(vr), 64))
-
-    def frames(batches) -> int:
-        return sum(len(b["frame_index"]) for b in batches if b["kind"][0] == "frame")
-
     reader = decode.FrameReader(SIZE, threads=1)
     decoder = decode.Decoder(SIZE, threads=1)
     n_frames = len(decode.probe(path).pts)
-    ways = (("raw decord", raw),
-            ("reader in this process", lambda: frames(reader.read(path, path))),
-            ("Decoder: here | child", lambda: frames(decoder.decode_video(path))),
+    ways = (("raw decord", lambda: bench.decord_frames(path, *SIZE)),
+            ("reader in this process", lambda: bench.rayvid_frames(reader.read(path, path))),
+            ("Decoder: here | child", lambda: bench.rayvid_frames(decoder.decode_video(path))),
             ("probe alone", lambda: decode.probe(path) and n_frames))
     for round_ in range(2):
         for name, one_pass in ways:

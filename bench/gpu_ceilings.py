@@ -47,45 +47,31 @@ CAFFE_MEAN = (103.939, 116.779, 123.68)  # BGR, keras.applications.resnet50.prep
 
 # ---------------------------------------------------------------- decode
 
-def _cpu_s() -> float:
-    """CPU-seconds of this process and its live children (rayvid's decode child), as `make
-    bench` counts them (bench.py loaded by its path: run as a script, this folder is first
-    on sys.path, and there `import bench` is bench.py itself)."""
+def bench_module():
+    """bench/bench.py (its decode passes, its CPU accounting), loaded by its path: run as a
+    script, this folder is first on sys.path, and there `import bench` is bench.py itself."""
     if "rayvid_bench" not in sys.modules:
         spec = importlib.util.spec_from_file_location("rayvid_bench", os.path.join(ROOT, "bench", "bench.py"))
         sys.modules["rayvid_bench"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    return sys.modules["rayvid_bench"].tree_cpu_s(os.getpid())
+    return sys.modules["rayvid_bench"]
+
+
+def _cpu_s() -> float:
+    """CPU-seconds of this process and its live children (rayvid's decode child), as `make
+    bench` counts them."""
+    return bench_module().tree_cpu_s(os.getpid())
 
 
 def _raw_pass(path: str):
-    import decord
-
-    def one_pass() -> int:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=SIZE[1], height=SIZE[0], num_threads=1)
-        n = 0
-        for start in range(0, len(vr), 64):
-            n += len(vr.get_batch(list(range(start, min(start + 64, len(vr))))).asnumpy())
-        return n
-
-    return one_pass
+    return lambda: bench_module().decord_frames(path, *SIZE)
 
 
 def _rayvid_pass(path: str):
     from rayvid.decode import Decoder
 
     dec = Decoder(SIZE, threads=1)  # its child process starts here, before the clock
-
-    def one_pass() -> int:
-        n = 0
-        for batch in dec.decode_video(path):
-            if batch["kind"][0] == "frame":
-                n += len(batch["frame_index"])
-            elif batch["message"][0]:
-                raise RuntimeError(batch["message"][0])
-        return n
-
-    return one_pass
+    return lambda: bench_module().rayvid_frames(dec.decode_video(path))
 
 
 def _decode_for(path: str, seconds: float, decoder: str, start, results) -> None:

@@ -441,7 +441,8 @@ def writer() -> dict:
     """Who writes: the fields by which another process tells whether this one still runs:
     its host (for people), `node` (this boot of this machine and its process namespace:
     containers that share a host name do not share it) and its process (pid and start)."""
-    return {"host": socket.gethostname(), "node": _node(), "pid": os.getpid(), "pid_started": storage.process_started(os.getpid()) or ""}
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "node": _node(), "pid": pid, "pid_started": storage.process_started(pid) or ""}
 
 
 @functools.lru_cache(maxsize=1)

@@ -218,12 +218,12 @@ def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str,
     long video that cannot be read in parts: a node's decode actors, and an actor's two
     calls (one decoding while the next fetches), otherwise copy it once per segment.
 
-    The copies live in a directory of this user's (`_shared_root`), one folder per object
+    The copies live in a directory of this user's (`user_dir`), one folder per object
     with a `state.json` (ready or not, and the pids using it) that changes only under one
     lock file (`fcntl.flock`). Users that died (a SIGKILLed actor) are dropped when anyone
     next takes the lock, and a copy nobody alive uses is deleted then. Without such a
     directory (not ours, or not writable) it is `local_copy` into `tmpdir`."""
-    root = _shared_root()
+    root = user_dir("rayvid-shared")
     if root is None:
         with local_copy(url, tmpdir, version) as path:
             yield path, os.path.getsize(path)
@@ -264,11 +264,6 @@ def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str,
                 shutil.rmtree(folder, ignore_errors=True)
             else:
                 _set_state(folder, dict(state, users=users))
-
-
-def _shared_root() -> Optional[str]:
-    """This user's directory for `shared_copy`, or None if it cannot be made ours alone."""
-    return user_dir("rayvid-shared")
 
 
 def user_dir(prefix: str) -> Optional[str]:
@@ -754,6 +749,13 @@ def _secret_userinfo(m: re.Match) -> bool:
     may hold one), or over HTTP(S) a bare token as user (https://<token>@host/...);
     elsewhere a bare name@ is part of the address (Azure's abfs://container@account...)."""
     return bool(m["password"]) or m["scheme"].lower() in ("http://", "https://")
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` with its user-info taken out where that is a secret (`_secret_userinfo`)."""
+    return _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
+
+
 _QUERY = re.compile(r"(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
@@ -794,7 +796,7 @@ def stored_uri(url: str) -> str:
     token, signature, credential or accesskey), so no secret is written and
     the same object signed again is the same video. Other query parameters of an HTTP(S)
     URL stay, as they were: they may name the object."""
-    url = _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
+    url = _without_userinfo(url)
     if not url.lower().startswith(("http://", "https://")) or "?" not in url:
         return url  # elsewhere a "?" is part of the key
     base, _, query = url.split("#", 1)[0].partition("?")
@@ -807,7 +809,7 @@ def stored_uri(url: str) -> str:
 
 def public_uri(url: str) -> str:
     """The URL as it may be shown in a message: no user-info, no query string or fragment."""
-    url = _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
+    url = _without_userinfo(url)
     if "://" in url:
         url = url.split("?", 1)[0].split("#", 1)[0]
     return url

@@ -126,6 +126,23 @@ def http_server(root: str, mode: str):
         server.server_close()
 
 
+def refusing_model(path: str, check) -> str:
+    """A TensorFlow SavedModel at `path` (two classes, 32x32 frames) that runs `check(tf, x)`
+    on every batch before it answers: a model that fails on the input `check` asserts
+    against (a `tf.debugging` assertion, which names its message in the error)."""
+    import tensorflow as tf
+
+    class Refusing(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            check(tf, x)
+            return {"probs": tf.nn.softmax(tf.zeros([tf.shape(x)[0], 2]))}
+
+    module = Refusing()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return path
+
+
 def processes(title_prefix: str) -> list:
     """(pid, title) of this machine's processes whose command line starts with the prefix
     (Ray names worker processes after what they run: `ray::MapWorker(MapBatches(Decoder))`)."""

@@ -506,6 +506,55 @@ def test_a_run_with_other_head_columns_than_output_has_is_refused(tmp_path):
     assert len(_files(tmp_path / "videos")) == 2
 
 
+class HttpError(Exception):
+    """What gcsfs raises on a 503: no OSError."""
+
+
+def _memory_store(protocol: str):
+    """A fresh in-memory object store (fsspec) under `protocol`, standing in for a remote
+    one: an upload is published when it completes, and a reader gets its own copy (fsspec's
+    memory store shows a file from the moment it is opened for writing, as one buffer
+    shared with its readers); while `down` is set, uploads fail with HttpError (`refused`
+    counts them); `after_videos_listed`, where set, runs once right after a listing of a
+    videos/ folder (another run's writes, interleaved with recover's)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+    class Upload(MemoryFile):
+        discarded = False
+
+        def discard(self):
+            self.discarded = True
+
+        def close(self):
+            if not self.discarded and self.path is not None:
+                MemoryFile(self.fs, self.path, self.getvalue()).commit()
+                self.path = None
+
+    class Store(MemoryFileSystem):
+        store, pseudo_dirs, down, refused, after_videos_listed = {}, [""], False, 0, None
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and Store.down:
+                Store.refused += 1
+                raise HttpError("503 Service Unavailable")
+            if "w" in mode and kwargs.get("data") is None:  # (`pipe` gives all the data at once)
+                return Upload(self, self._strip_protocol(path))
+            return MemoryFile(None, None, super()._open(path, mode, **kwargs).getvalue())
+
+        def glob(self, path, **kwargs):
+            found = super().glob(path, **kwargs)
+            hook = Store.after_videos_listed
+            if hook and "/videos/" in path:
+                Store.after_videos_listed = None
+                hook()
+            return found
+
+    Store.protocol = protocol
+    fsspec.register_implementation(protocol, Store, clobber=True)
+    return Store
+
+
 def test_heartbeat_survives_any_store_error():
     """A store raising something that is no OSError (gcsfs' HttpError on a 503) while the
     record is refreshed must not end the heartbeat: after the outage, beats go on, so other
@@ -513,26 +562,9 @@ def test_heartbeat_survives_any_store_error():
     import json
     import time
 
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
     from rayvid import commit
 
-    class HttpError(Exception):
-        pass
-
-    class FlakyStore(MemoryFileSystem):
-        """An in-memory object store whose uploads fail while `down` is set."""
-
-        protocol = "flakystore"
-        store, pseudo_dirs, down = {}, [""], False
-
-        def _open(self, path, mode="rb", **kwargs):
-            if "w" in mode and FlakyStore.down:
-                raise HttpError("503 Service Unavailable")
-            return super()._open(path, mode, **kwargs)
-
-    fsspec.register_implementation("flakystore", FlakyStore, clobber=True)
+    FlakyStore = _memory_store("flakystore")
     fs = FlakyStore()
 
     def beat_at():
@@ -565,24 +597,9 @@ def test_recover_keeps_a_part_committed_while_it_looks():
     import json
     import time
 
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
     from rayvid import commit
 
-    class InterleavingStore(MemoryFileSystem):
-        protocol = "interleaving"
-        store, pseudo_dirs, after_videos_listed = {}, [""], None
-
-        def glob(self, path, **kwargs):
-            found = super().glob(path, **kwargs)
-            hook = InterleavingStore.after_videos_listed
-            if hook and "/videos/" in path:
-                InterleavingStore.after_videos_listed = None
-                hook()
-            return found
-
-    fsspec.register_implementation("interleaving", InterleavingStore, clobber=True)
+    InterleavingStore = _memory_store("interleaving")
     fs, out = InterleavingStore(), "interleaving://out"
     try:
         c = Committer(out, "other", "m")
@@ -616,21 +633,7 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
     thread; a failure of that publication reaches the driver at its next `add`."""
     import time
 
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    class HttpError(Exception):
-        pass
-
-    class FlakyStore(MemoryFileSystem):
-        protocol = "flakycommit"
-        store, pseudo_dirs, down, refused = {}, [""], False, 0
-
-        def _open(self, path, mode="rb", **kwargs):
-            if "w" in mode and FlakyStore.down:
-                FlakyStore.refused += 1
-                raise HttpError("503 Service Unavailable")
-            return super()._open(path, mode, **kwargs)
+    FlakyStore = _memory_store("flakycommit")
 
     def until_refused():  # the committer's thread has tried to publish, and failed
         refused, deadline = FlakyStore.refused, time.monotonic() + 20
@@ -638,7 +641,6 @@ def test_complete_videos_are_published_on_time_while_no_block_comes():
             time.sleep(0.05)
         assert FlakyStore.refused > refused
 
-    fsspec.register_implementation("flakycommit", FlakyStore, clobber=True)
     fs, out = FlakyStore(), "flakycommit://out"
 
     def committed():
@@ -691,24 +693,9 @@ def test_recover_leaves_a_retraction_record_written_again_meanwhile():
     import json
     import time
 
-    import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
-
     from rayvid import commit
 
-    class InterleavingStore(MemoryFileSystem):
-        protocol = "interleaving2"
-        store, pseudo_dirs, after_videos_listed = {}, [""], None
-
-        def glob(self, path, **kwargs):
-            found = super().glob(path, **kwargs)
-            hook = InterleavingStore.after_videos_listed
-            if hook and "/videos/" in path:
-                InterleavingStore.after_videos_listed = None
-                hook()
-            return found
-
-    fsspec.register_implementation("interleaving2", InterleavingStore, clobber=True)
+    InterleavingStore = _memory_store("interleaving2")
     fs, out = InterleavingStore(), "interleaving2://out"
     try:
         c = Committer(out, "old", "m")

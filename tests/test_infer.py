@@ -292,20 +292,13 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
     actor."""
     import json
 
-    import tensorflow as tf
-
+    from helpers import refusing_model
     from rayvid import pipeline, samples
     from rayvid.config import RunConfig
     from rayvid.errors import ModelError
 
-    class Dark(tf.Module):  # refuses an all-black batch (the warm-up's)
-        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
-        def serve(self, x):
-            tf.debugging.assert_greater(tf.reduce_max(x), 0.5, message="all black")
-            return {"probs": tf.nn.softmax(tf.zeros([tf.shape(x)[0], 2]))}
-
-    module = Dark()
-    tf.saved_model.save(module, str(tmp_path / "dark"), signatures={"serving_default": module.serve})
+    refusing_model(str(tmp_path / "dark"),  # refuses an all-black batch (the warm-up's)
+                   lambda tf, x: tf.debugging.assert_greater(tf.reduce_max(x), 0.5, message="all black"))
     videos, out = tmp_path / "videos", tmp_path / "out"
     videos.mkdir()
     samples.make_video(str(videos / "a.mp4"), 0.5, seed=1)

@@ -897,8 +897,7 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
     does not redo them. (Before, they waited in memory for the next flush and were lost.)"""
     import subprocess
 
-    import tensorflow as tf
-
+    from helpers import refusing_model
     from rayvid import samples
 
     src = tmp_path / "in"
@@ -916,14 +915,8 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
                     "-filter_complex", "[0][1]concat=n=2:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                     str(src / "zz.mp4")], check=True)
 
-    class Picky(tf.Module):  # two classes; refuses frames brighter than 200
-        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
-        def serve(self, x):
-            tf.debugging.assert_less(tf.reduce_max(x), 200.0, message="too bright")
-            return {"probs": tf.nn.softmax(tf.zeros([tf.shape(x)[0], 2]))}
-
-    module = Picky()
-    tf.saved_model.save(module, str(tmp_path / "picky"), signatures={"serving_default": module.serve})
+    refusing_model(str(tmp_path / "picky"),  # refuses frames brighter than 200
+                   lambda tf, x: tf.debugging.assert_less(tf.reduce_max(x), 200.0, message="too bright"))
     out = str(tmp_path / "out")
     cfg = _cfg(str(src), out, str(tmp_path / "picky"), commit_interval_s=3600.0, run_id="fails",
                decode=DecodeConfig(max_actors=1), infer=InferConfig(batch_size=4))

@@ -123,17 +123,26 @@ def test_segments_meet_exactly(long_videos, name, sampling):
         assert len(parts) == n
 
 
+def _segments(dec, where, bounds):
+    """(segment, batch) over the segments of `where` in order, and the batch's frames as
+    (frame index, index its pixels show) (none for a terminal row)."""
+    for k, (start, end) in enumerate(bounds):
+        for batch in dec.decode_video(where, k, len(bounds), start, end):
+            codes = [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])] \
+                if batch["kind"][0] == KIND_FRAME else []
+            yield k, batch, codes
+
+
 def _segment_rows(dec, where, bounds, with_decoder=False) -> list:
     """Over the segments in order: (frame index, index its pixels show) per frame, and per
     terminal row (segment, error type, message with `where` as <uri>, frames[, decoder])."""
     out = []
-    for k, (start, end) in enumerate(bounds):
-        for batch in dec.decode_video(where, k, len(bounds), start, end):
-            if batch["kind"][0] == KIND_FRAME:
-                out += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
-            else:
-                out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
-                            int(batch["n_frames"][0]), *([batch["decoder"][0]] if with_decoder else [])))
+    for k, batch, codes in _segments(dec, where, bounds):
+        if batch["kind"][0] == KIND_FRAME:
+            out += codes
+        else:
+            out.append((k, batch["error_type"][0], batch["message"][0].replace(where, "<uri>"),
+                        int(batch["n_frames"][0]), *([batch["decoder"][0]] if with_decoder else [])))
     return out
 
 
@@ -141,14 +150,13 @@ def _decode(path, bounds, sampling, dec=None, ends=None):
     """Sorted (frame index, index its pixels show) over the segments; end rows into `ends`."""
     dec = dec or Decoder(size=framecode.SIZE, batch_frames=16, **sampling)
     rows = []
-    for k, (start, end) in enumerate(bounds):
-        for batch in dec.decode_video(path, k, len(bounds), start, end):
-            if batch["kind"][0] == KIND_FRAME:
-                rows += [(int(i), framecode.read_code(f)) for i, f in zip(batch["frame_index"], batch["frame"])]
-            else:
-                assert batch["error_type"][0] == "", batch["message"][0]
-                if ends is not None:
-                    ends.append({c: v[0] for c, v in batch.items() if c != "frame"})
+    for _, batch, codes in _segments(dec, path, bounds):
+        if batch["kind"][0] == KIND_FRAME:
+            rows += codes
+        else:
+            assert batch["error_type"][0] == "", batch["message"][0]
+            if ends is not None:
+                ends.append({c: v[0] for c, v in batch.items() if c != "frame"})
     return sorted(rows)
 
 
@@ -187,7 +195,7 @@ def test_segments_of_a_remote_mkv_decoded_at_once_share_one_copy(long_videos, s3
     out = {}
     other = threading.Thread(target=lambda: out.setdefault("rows", list(dec.decode_video(url, 1, 2, *bounds[1]))))
     other.start()
-    copies = [os.path.join(root, d) for root in [storage._shared_root()] for d in os.listdir(root) if d != ".lock"]
+    copies = [os.path.join(root, d) for root in [storage.user_dir("rayvid-shared")] for d in os.listdir(root) if d != ".lock"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(  # segment 1 holds the copy too, and waits for the decoder
             len(json.load(open(os.path.join(c, "state.json")))["users"]) == 2 for c in copies):
