@@ -52,6 +52,12 @@ def _access_errors() -> tuple[type[BaseException], ...]:
         errors.append(HttpError)
     except ImportError:
         pass
+    try:  # gcsfs: an error status other than 403/404/412 (those are OSErrors), after its retries
+        from gcsfs.retry import HttpError as GCSError
+
+        errors.append(GCSError)
+    except ImportError:  # no GCS support installed
+        pass
     return tuple(errors)
 
 
@@ -72,6 +78,11 @@ def is_unavailable(error: BaseException) -> bool:
     return False
 
 
+def _is_gcs_error(error: BaseException) -> bool:
+    """gcsfs's HttpError: an error status from GCS that is not 403/404/412 (OSErrors)."""
+    return type(error).__module__ == "gcsfs.retry" and type(error).__name__ == "HttpError"
+
+
 def _unreachable(error: BaseException) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
@@ -82,6 +93,11 @@ def _unreachable(error: BaseException) -> bool:
             return True
     except ImportError:
         pass
+    if _is_gcs_error(error):
+        return getattr(error, "code", None) in (503, 504)  # (gcsfs raises a 502 as requests' ProxyError)
+    if any(c.__module__ == "requests.exceptions" and c.__name__ in ("ConnectionError", "Timeout")
+           for c in type(error).__mro__):  # requests' (gcsfs's 502 is its ProxyError)
+        return True
     try:
         import aiohttp
 
@@ -93,19 +109,22 @@ def _unreachable(error: BaseException) -> bool:
 
 
 CREDENTIALS_HINT = (
-    "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the "
-    "instance role / service account"
+    "check credentials: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (S3), "
+    "GOOGLE_APPLICATION_CREDENTIALS (GCS), or the instance role / service account"
 )
 
 
 def describe(error: BaseException) -> str:
     """A one-line, credential-free description of an access error, with a hint when the
     cause is missing or refused credentials: a store's refusal (s3fs's PermissionError,
-    which has no errno; botocore's credential errors), not an operating system's EACCES or
-    EPERM on a local file or from FFmpeg (those carry an errno), which no credential fixes."""
+    which has no errno; botocore's credential errors; gcsfs's 401 and its "Forbidden"
+    OSError for a 403), not an operating system's EACCES or EPERM on a local file or from
+    FFmpeg (those carry an errno), which no credential fixes."""
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     name = type(error).__name__
-    refused = isinstance(error, PermissionError) and error.errno is None
+    refused = (isinstance(error, PermissionError) and error.errno is None
+               or _is_gcs_error(error) and getattr(error, "code", None) == 401
+               or type(error) is OSError and error.errno is None and text.startswith("Forbidden: "))
     if refused or "Credentials" in name or "AccessDenied" in text:
         return f"{text} ({CREDENTIALS_HINT})"
     return text
@@ -358,9 +377,10 @@ class ObjectChanged(OSError):
 
 
 def version_of(info: dict) -> str:
-    """What names one version of an object's content in fsspec's `info`: its ETag, else its
+    """What names one version of an object's content in fsspec's `info`: a GCS object's
+    generation (its ETag changes with its metadata too), else its ETag, else its
     modification time ("" when the store tells neither)."""
-    for key in ("ETag", "etag", "mtime", "LastModified", "Last-Modified"):
+    for key in ("generation", "ETag", "etag", "mtime", "LastModified", "Last-Modified"):
         if info.get(key):
             return str(info[key]).strip('"')
     return ""
@@ -407,8 +427,7 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
     not say how large the object is, or may send all of it instead (Python's http.server
     does): there one request for byte 1 tells, and fsspec refuses an answer that is not
     that range before reading its body."""
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & {"http", "https"}:
+    if not _protocols(fs) & {"http", "https"}:
         return True
     size = fs.size(path) if size is None else size
     if size is None:
@@ -605,11 +624,15 @@ def is_remote(url: str) -> bool:
 
 def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int, str]]]:
     """Every file below a folder or prefix URL, a page at a time: lists of
-    (url, size_bytes, version). On S3 these are ListObjectsV2 pages (bounded memory however
-    many objects there are, and no per-object metadata kept); a local folder is walked
-    (`_local_files`); elsewhere fsspec's find."""
+    (url, size_bytes, version). On S3 and GCS these are the store's own listing pages
+    (ListObjectsV2; the JSON API's objects.list): bounded memory however many objects there
+    are, and no per-object metadata kept; a local folder is walked (`_local_files`);
+    elsewhere fsspec's find, which holds the whole listing."""
     fs, root = resolve(url)
-    if fs.protocol and ("s3" in fs.protocol or "s3a" in fs.protocol):
+    if _protocols(fs) & {"gs", "gcs"}:
+        yield from _gcs_pages(fs, root, page_size)
+        return
+    if _protocols(fs) & {"s3", "s3a"}:
         bucket, key, _ = fs.split_path(root)
         prefix = key.rstrip("/") + "/" if key else ""
         token = None
@@ -637,6 +660,25 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
             yield rows
             rows = []
     yield rows
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol or ())
+
+
+def _gcs_pages(fs, root: str, page_size: int) -> Iterator[list[tuple[str, int, str]]]:
+    """gcsfs's find gathers every page before it returns; this asks for one page at a time
+    (objects.list, GCS's own paging: at most 1000 a page), through gcsfs's request path
+    (its credentials, retries and requester-pays project)."""
+    bucket, key, _ = fs.split_path(root)
+    args = {"prefix": key.rstrip("/") + "/" if key else None, "maxResults": min(page_size, 1000)}
+    while True:
+        page = fs.call("GET", "b/{}/o", bucket, json_out=True, **args)
+        yield [(f"gs://{bucket}/{o['name']}", int(o.get("size", -1)), version_of(o))
+               for o in page.get("items", []) if not o["name"].endswith("/")]
+        args["pageToken"] = page.get("nextPageToken")
+        if not args["pageToken"]:
+            return
 
 
 def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:

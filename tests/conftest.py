@@ -1,7 +1,9 @@
-"""Session fixtures: one moto S3 server, one local Ray, generated media, one trained model.
+"""Session fixtures: one moto S3 server, one GCS emulator, one local Ray, generated media,
+one trained model.
 
-Order matters: the S3 endpoint and fake credentials go into the environment before Ray
-starts, so Ray's workers inherit the same standard AWS environment a user's would.
+Order matters: the S3 endpoint and fake credentials, and the GCS emulator's address, go
+into the environment before Ray starts, so Ray's workers inherit the same standard AWS and
+Google environment a user's would.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import subprocess
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gcsfs's plain GCSFileSystem, read when gcsfs is imported: its default subclass first asks
+# the Storage Control gRPC API for each bucket's layout, which the GCS emulator does not
+# serve (gRPC retries, for minutes).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from helpers import BUCKET, FAKE_KEY_ID, FAKE_SECRET
 
@@ -87,8 +93,105 @@ def s3fs_client(s3_endpoint):
     return s3fs.S3FileSystem(endpoint_url=s3_endpoint)
 
 
+class GCS:
+    """gcp-storage-emulator's GCS JSON API on 127.0.0.1, in memory, with one bucket, made to
+    do two things as GCS does that it does not: page object listings (it returns every
+    object in one page, ignoring `maxResults` and `pageToken`; GCS returns at most
+    `maxResults`, up to 1000, in name order, and a `nextPageToken` while more remain), and
+    cancel a resumable upload on DELETE of its session URL (answered 501, which gcsfs
+    retries for half a minute; GCS drops the session and answers 499)."""
+
+    def __init__(self):
+        from gcp_storage_emulator import server
+        from gcp_storage_emulator.handlers import objects
+
+        for _, handlers in server.HANDLERS:
+            if handlers.get(server.GET) is objects.ls:
+                handlers[server.GET] = self._paged(objects.ls)
+            if handlers.get(server.PUT) is objects.upload_partial:
+                handlers[server.DELETE] = self._cancel_upload
+        self.server = server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
+        self.server.start()
+        host, port = self.server._api._httpd.server_address
+        self.url = f"http://{host}:{port}"
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return len(self.server._storage.resumable)
+
+    @staticmethod
+    def _cancel_upload(request, response, storage, *args, **kwargs):
+        import types
+
+        from gcp_storage_emulator.storage import RESUMABLE_DIR
+
+        upload_id = (request.query.get("upload_id") or [""])[0]
+        if upload_id in storage.resumable:
+            storage.delete_resumable_file_obj(upload_id)
+            storage._delete_file(RESUMABLE_DIR, storage.safe_id(upload_id))
+            response.status = types.SimpleNamespace(value=499, phrase="Client Closed Request")
+        else:
+            response.status = types.SimpleNamespace(value=404, phrase="Not Found")
+
+    @staticmethod
+    def _paged(ls):
+        import json
+
+        def paged(request, response, storage, *args, **kwargs):
+            ls(request, response, storage, *args, **kwargs)
+            if response.status != 200:
+                return
+            body = json.loads(response._content)
+            items = sorted(body.get("items") or [], key=lambda o: o["name"])
+            after = (request.query.get("pageToken") or [""])[0]
+            size = min(int((request.query.get("maxResults") or ["1000"])[0]), 1000)
+            items = [o for o in items if o["name"] > after]
+            body["items"] = items[:size]
+            if after:  # folders (with a delimiter) come whole, with the first page
+                body["prefixes"] = []
+            if len(items) > size:
+                body["nextPageToken"] = items[size - 1]["name"]
+            response.json(body)
+
+        return paged
+
+    def stop(self):
+        self.server.stop()
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_endpoint):
+def gcs():
+    """The emulator, its address in STORAGE_EMULATOR_HOST, where gcsfs (and every Google
+    client) looks for it; no metadata server is probed for credentials."""
+    server = GCS()
+    env = {"STORAGE_EMULATOR_HOST": server.url, "NO_GCE_CHECK": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcsfs_client(gcs):
+    import gcsfs
+
+    return gcsfs.GCSFileSystem(token="anon")
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request):
+    """(fsspec client, bucket URL) of moto's S3 or the GCS emulator: the same test on both."""
+    client = request.getfixturevalue("s3fs_client" if request.param == "s3" else "gcsfs_client")
+    return client, f"{request.param}://{BUCKET}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint, gcs):
     """The session's Ray: a `ray.cluster_utils.Cluster` shaped like a small production
     cluster, so every pipeline test runs the multi-node path, and tests can add and remove
     nodes: a CPU head (2 CPUs: the driver and the decode actors) and a GPU node (1 CPU and

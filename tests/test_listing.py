@@ -1,4 +1,4 @@
-"""Listing folders, prefixes and manifests, locally and on S3, in a deterministic order."""
+"""Listing folders, prefixes and manifests, locally, on S3 and on GCS, in a deterministic order."""
 
 from __future__ import annotations
 
@@ -53,6 +53,27 @@ def test_s3_prefix(tree, s3fs_client):
     t = list_videos("s3://rayvid-test/listing/")
     assert t.column("video_uri").to_pylist() == [f"s3://rayvid-test/listing/{r}" for r in EXPECTED]
     assert all(v for v in t.column("version").to_pylist())  # etags recorded
+
+
+def test_gcs_prefix_page_by_page(tree, gcsfs_client):
+    """A gs:// prefix is listed in GCS's own pages (gcsfs's find would gather all of them
+    first), each object at its generation: the version a decoder finds in `info`."""
+    from rayvid import storage
+
+    upload_tree(gcsfs_client, tree, "gs://rayvid-test/listing/")
+    upload_tree(gcsfs_client, tree, "gs://rayvid-test/listing-other/")  # shares the prefix's first letters
+    pages = list(storage.iter_files("gs://rayvid-test/listing", page_size=4))
+    assert [len(p) for p in pages] == [4, 4, 2]  # the tree's 10 files, 4 a page
+    assert sorted(r[0] for p in pages for r in p) == sorted(
+        f"gs://rayvid-test/listing/{os.path.relpath(os.path.join(d, f), tree)}"
+        for d, _, files in os.walk(tree) for f in files)
+    t = list_videos("gs://rayvid-test/listing/")
+    assert t.column("video_uri").to_pylist() == [f"gs://rayvid-test/listing/{r}" for r in EXPECTED]
+    assert t.column("size_bytes").to_pylist() == [3] * len(EXPECTED)
+    gcsfs_client.invalidate_cache()
+    info = gcsfs_client.info("gs://rayvid-test/listing/b.mp4")
+    assert t.column("version")[EXPECTED.index("b.mp4")].as_py() == info["generation"]
+    assert list_videos("gs://rayvid-test/listing/b.mp4").column("version").to_pylist() == [info["generation"]]
 
 
 def test_manifests(tree, tmp_path):

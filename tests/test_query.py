@@ -111,8 +111,10 @@ def test_export_csv_has_a_row_per_frame_and_topk_columns(out, tmp_path):
         assert {r["video_uri"] for r in csv.DictReader(f)} == {"/v/v2.mp4"}
 
 
-def test_verbs_read_s3(s3_endpoint, capsys):
-    url = f"s3://{BUCKET}/query-out"
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_verbs_read_object_stores(scheme, request, capsys):
+    request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs")
+    url = f"{scheme}://{BUCKET}/query-out"
     write_output(url, {"s3://b/v1.mp4": V1}, fps=FPS)
     assert _segs(query.segments(url, label="square")) == [("s3://b/v1.mp4", "square", 2.0, 2.3, 3)]
     assert cli.main(["find", url, "circle", "--format", "csv"]) == 0

@@ -488,9 +488,10 @@ def test_a_fragmented_mp4_whose_table_is_wrong_is_read_whole_and_exactly(fragmen
     assert dec.bytes_fetched >= os.path.getsize(path)  # whole copies
 
 
-def test_remote_segments_read_an_mp4_about_once(tmp_path, s3fs_client):
+def test_remote_segments_read_an_mp4_about_once(tmp_path, store):
     """Six segments of a 12 s textured MP4 with audio read 1.3x its bytes at most (whole
-    copies: 6x), and give the very pixels PyAV gives on the local file."""
+    copies: 6x), and give the very pixels PyAV gives on the local file; on S3 and on GCS."""
+    s3fs_client, bucket = store
     from rayvid import samples
 
     path = str(tmp_path / "textured.mp4")
@@ -499,7 +500,7 @@ def test_remote_segments_read_an_mp4_about_once(tmp_path, s3fs_client):
                     "-f", "lavfi", "-i", "sine=frequency=440:duration=12",
                     "-c:v", "libx264", "-preset", "veryfast", "-g", "15", "-pix_fmt", "yuv420p", "-c:a", "aac",
                     path], check=True)
-    url = "s3://rayvid-test/textured/textured.mp4"
+    url = f"{bucket}/textured/textured.mp4"
     s3fs_client.put_file(path, url)
     bounds = segments.bounds(12.0, 2.0)
     remote, local = Decoder(size=(64, 64), decoder="pyav"), Decoder(size=(64, 64), decoder="pyav")

@@ -59,10 +59,11 @@ def test_local_copy_streams_s3_objects_to_a_temp_file(tmp_path, s3fs_client):
 
 
 @pytest.mark.parametrize("listed", [True, False])
-def test_a_range_copy_of_an_object_replaced_by_a_shorter_one_is_object_changed(tmp_path, s3fs_client, listed):
+def test_a_range_copy_of_an_object_replaced_by_a_shorter_one_is_object_changed(tmp_path, store, listed):
     """A shorter object answers a range with fewer bytes, or with 416 past its end: that is
     ObjectChanged (the next run reads the video again), whether or not a version was listed."""
-    url = "s3://rayvid-test/shrinks.bin"
+    s3fs_client, bucket = store
+    url = f"{bucket}/shrinks.bin"
     s3fs_client.pipe_file(url, os.urandom(9000))
     version = storage.version_of(s3fs_client.info(url)) if listed else ""
     for offset, length in ((0, 9000), (6000, 1000)):  # a short answer; a range past the end
@@ -74,10 +75,11 @@ def test_a_range_copy_of_an_object_replaced_by_a_shorter_one_is_object_changed(t
         version = storage.version_of(s3fs_client.info(url)) if listed else ""
 
 
-def test_range_copy_fetches_only_the_ranges_asked(tmp_path, s3fs_client):
+def test_range_copy_fetches_only_the_ranges_asked(tmp_path, store):
+    s3fs_client, bucket = store
     data = os.urandom(2 * storage.RangeCopy.CHUNK + 17)
-    s3fs_client.pipe_file("s3://rayvid-test/ranges.bin", data)
-    with storage.range_copy("s3://rayvid-test/ranges.bin", str(tmp_path)) as part:
+    s3fs_client.pipe_file(f"{bucket}/ranges.bin", data)
+    with storage.range_copy(f"{bucket}/ranges.bin", str(tmp_path)) as part:
         assert part.size == len(data) == os.path.getsize(part.path)
         part.fetch(100, 1000)
         part.fetch(600, 1000)  # overlaps the first: only bytes 1100..1599 are new
@@ -93,7 +95,7 @@ def test_range_copy_fetches_only_the_ranges_asked(tmp_path, s3fs_client):
         kept = part.path
     assert not os.path.exists(kept)
     with pytest.raises(FileNotFoundError):
-        with storage.range_copy("s3://rayvid-test/nope.bin", str(tmp_path)):
+        with storage.range_copy(f"{bucket}/nope.bin", str(tmp_path)):
             pass
     assert os.listdir(tmp_path) == []
 
@@ -130,17 +132,20 @@ def test_an_object_shorter_than_its_listing_is_an_error_not_zeros(tmp_path, s3fs
 
 def test_version_of_names_what_each_store_says_about_content():
     assert storage.version_of({"ETag": '"9b2cf535f27731c974343645a3985328"'}) == "9b2cf535f27731c974343645a3985328"
-    assert storage.version_of({"etag": "CKih16GjycICEAE="}) == "CKih16GjycICEAE="  # gcsfs, adlfs
+    assert storage.version_of({"etag": "CKih16GjycICEAE="}) == "CKih16GjycICEAE="  # adlfs
+    # gcsfs: the generation, which only a new upload changes (the ETag changes with metadata)
+    assert storage.version_of({"etag": "CKih16GjycICEAI=", "generation": "1764460800123456"}) == "1764460800123456"
     assert storage.version_of({"mtime": 1764460800.25}) == "1764460800.25"  # local files
     assert storage.version_of({"Last-Modified": "Sun, 29 Nov 2026 10:00:00 GMT"}) == "Sun, 29 Nov 2026 10:00:00 GMT"
     assert storage.version_of({"size": 10}) == ""
 
 
-def test_a_copy_is_of_the_listed_version_or_says_the_object_changed(tmp_path, s3fs_client):
+def test_a_copy_is_of_the_listed_version_or_says_the_object_changed(tmp_path, store):
     """A copy begins by asking the store for the object's version: a version other than the
     listed one is ObjectChanged before a byte is copied; a copy whose object was replaced
     between two of its range reads says so when verified; a deleted one too."""
-    url = "s3://rayvid-test/versioned.bin"
+    s3fs_client, bucket = store
+    url = f"{bucket}/versioned.bin"
     first, second = os.urandom(100_000), os.urandom(100_000)
     s3fs_client.pipe_file(url, first)
     listed = storage.version_of(s3fs_client.info(url))
@@ -349,6 +354,35 @@ def test_the_credentials_hint_is_for_a_stores_refusals_only(damaged):
     assert isinstance(seek.value, PermissionError) and "check credentials" not in storage.describe(seek.value)
 
 
+def test_gcs_refusals_and_outages_are_access_errors_with_the_right_meaning():
+    """What gcsfs raises for GCS's answers (its own `validate_response`, after its retries):
+    401 and 403 say to check credentials, 502/503/504 mean the store is unavailable (the run
+    stops, resumable, instead of one error row per video), 404 is one missing object; each
+    is an access error, none a crash."""
+    import json
+
+    from gcsfs.retry import validate_response
+
+    def raised(status: int, message: str) -> BaseException:
+        body = json.dumps({"error": {"code": status, "message": message}}).encode()
+        with pytest.raises(Exception) as e:
+            validate_response(status, body, "b/{}/o/{}", ["rayvid-test", "v.mp4"])
+        assert isinstance(e.value, storage.ACCESS_ERRORS), type(e.value)
+        return e.value
+
+    unauthorized = raised(401, "Invalid Credentials")
+    forbidden = raised(403, "rayvid@p.iam.gserviceaccount.com does not have storage.objects.get access")
+    for refused in (unauthorized, forbidden):
+        assert storage.describe(refused).endswith(f"({storage.CREDENTIALS_HINT})")
+        assert not storage.is_unavailable(refused)
+    for status in (502, 503, 504):  # a 502 comes as requests' ProxyError
+        down = raised(status, "Service Unavailable")
+        assert storage.is_unavailable(down) and "check credentials" not in storage.describe(down)
+    missing = raised(404, "No such object")
+    assert isinstance(missing, FileNotFoundError) and not storage.is_unavailable(missing)
+    assert "check credentials" not in storage.describe(missing)
+
+
 def test_an_http_server_down_or_overloaded_is_unavailable_a_missing_file_is_not(tmp_path):
     """fsspec reports all three as FileNotFoundError; its cause tells a store that is down
     (connection refused, 503) from an object that is not there (404)."""
@@ -379,11 +413,12 @@ def test_write_atomic_local_and_s3(tmp_path, s3fs_client):
     assert s3fs_client.cat_file("s3://rayvid-test/w/f.bin") == b"xyz"
 
 
-@pytest.mark.parametrize("size", [1000, 12 * 2**20])  # one PUT at close; a multipart upload
-def test_write_atomic_publishes_nothing_of_an_interrupted_write_on_s3(s3fs_client, size):
+@pytest.mark.parametrize("size", [1000, 12 * 2**20])  # one PUT at close; a multipart (resumable) upload
+def test_write_atomic_publishes_nothing_of_an_interrupted_write_on_object_stores(store, size, request):
     """An exception inside the write (a Ctrl-C while Parquet encodes) leaves no object, not
-    the bytes written so far, and no multipart upload behind; the old object stays."""
-    url = f"s3://rayvid-test/w/interrupted-{size}.bin"
+    the bytes written so far, and (S3) no multipart upload behind; the old object stays."""
+    s3fs_client, bucket = store
+    url = f"{bucket}/w/interrupted-{size}.bin"
     storage.write_atomic(url, lambda f: f.write(b"old"))
 
     def write(f):
@@ -394,8 +429,11 @@ def test_write_atomic_publishes_nothing_of_an_interrupted_write_on_s3(s3fs_clien
         storage.write_atomic(url, write)
     s3fs_client.invalidate_cache()
     assert s3fs_client.cat_file(url) == b"old"
-    uploads = s3fs_client.call_s3("list_multipart_uploads", Bucket="rayvid-test")
-    assert not uploads.get("Uploads")
+    if bucket.startswith("s3://"):
+        uploads = s3fs_client.call_s3("list_multipart_uploads", Bucket="rayvid-test")
+        assert not uploads.get("Uploads")
+    else:
+        assert request.getfixturevalue("gcs").uploads_in_progress == 0
 
 
 def test_redact_removes_credentials(s3_endpoint):
