@@ -403,6 +403,14 @@ def write_parquet(url: str, table: pa.Table) -> None:
     )
 
 
+def read_parquet(fs, path: str, columns: list | None = None) -> pa.Table:
+    """How every output file is read: through a handle closed here (pyarrow, given an
+    fsspec filesystem, leaves its files to the garbage collector: gcsfs then logs an error
+    for each file's read-ahead task still pending)."""
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def write_run_record(output: str, run_id: str, record: dict) -> str:
     url = storage.join(output, RUNS_DIR, f"{run_id}.json")
     data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
@@ -588,15 +596,14 @@ def recover(output: str, only=None) -> Committed:
                 fs.rm(f"{root}/{directory}/{name}")
             state.removed.append(f"{directory}/{name}")
     for name in sorted(committed) if wanted is None or wanted else ():
-        table = pq.read_table(f"{root}/{VIDEOS_DIR}/{name}", filesystem=fs,
-                              columns=["video_uri", "size_bytes", "version", "error"])
+        table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "size_bytes", "version", "error"])
         if wanted is not None:
             table = table.filter(pa.array([u in wanted for u in table.column("video_uri").to_pylist()], pa.bool_()))
         for row in table.to_pylist():
             uri = row.pop("video_uri")
             state.videos[uri] = {**row, "file": name, "changed": False}
         if pc.any(table.column("error")).as_py() and fs.exists(f"{root}/{ERRORS_DIR}/{name}"):
-            errors = pq.read_table(f"{root}/{ERRORS_DIR}/{name}", filesystem=fs, columns=["video_uri", "error_type"])
+            errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"])
             for uri, kind in zip(errors.column("video_uri").to_pylist(), errors.column("error_type").to_pylist()):
                 if kind == CHANGED and uri in state.videos:
                     state.videos[uri]["changed"] = True
@@ -755,7 +762,7 @@ def _retract(output: str, uris: set, names: list) -> None:
             path = f"{root}/{directory}/{name}"
             if not fs.exists(path):
                 continue
-            table = pq.read_table(path, filesystem=fs)
+            table = read_parquet(fs, path)
             kept = table.filter(pc.invert(pc.is_in(table.column("video_uri"), value_set=drop)))
             if len(kept) == len(table):
                 continue

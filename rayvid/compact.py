@@ -78,7 +78,7 @@ def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
     with commit.active(new):  # never undone by a recover in this process meanwhile
         storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
         for directory, schema, keys in _TABLES:
-            tables = [_conform(pq.read_table(f"{root}/{directory}/{n}", filesystem=fs), schema)
+            tables = [_conform(commit.read_parquet(fs, f"{root}/{directory}/{n}"), schema)
                       for n in group if fs.exists(f"{root}/{directory}/{n}")]
             if tables or directory == commit.VIDEOS_DIR:
                 table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
