@@ -259,7 +259,10 @@ def _load_config_file(url: str) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # rayvid's own messages, and other libraries' warnings: not their INFO lines (fsspec logs
+    # one for every file it opens with read-ahead; Ray logs through handlers of its own)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("rayvid").setLevel(logging.INFO)
     try:
         if args.verb == "run":
             return _run(args)

@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -119,6 +121,12 @@ def test_verbs_read_object_stores(scheme, request, capsys):
     assert _segs(query.segments(url, label="square")) == [("s3://b/v1.mp4", "square", 2.0, 2.3, 3)]
     assert cli.main(["find", url, "circle", "--format", "csv"]) == 0
     assert "s3://b/v1.mp4" in capsys.readouterr().out
+    # the command line shows rayvid's output, not other libraries' INFO lines (fsspec logs
+    # one for each file gcsfs opens with read-ahead)
+    proc = subprocess.run([sys.executable, "-m", "rayvid", "find", url, "circle", "--format", "csv"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "s3://b/v1.mp4" in proc.stdout, proc.stderr
+    assert "AdaptiveReadaheadCache" not in proc.stderr and " INFO " not in proc.stderr, proc.stderr
 
 
 def test_not_an_output_is_a_clear_error(tmp_path, capsys):
