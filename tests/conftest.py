@@ -18,6 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the Storage Control gRPC API for each bucket's layout, which the GCS emulator does not
 # serve (gRPC retries, for minutes).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# No GCE metadata server is probed for credentials (google-auth reads this when first imported).
+os.environ["NO_GCE_CHECK"] = "true"
 
 from helpers import BUCKET, FAKE_KEY_ID, FAKE_SECRET
 
@@ -160,11 +162,13 @@ class GCS:
 
 
 @pytest.fixture(scope="session")
-def gcs():
+def gcs(tmp_path_factory):
     """The emulator, its address in STORAGE_EMULATOR_HOST, where gcsfs (and every Google
-    client) looks for it; no metadata server is probed for credentials."""
+    client) looks for it; a developer's own Google credentials (application default, gcloud's)
+    are out of reach: the emulator needs none, and nothing may reach the real GCS."""
     server = GCS()
-    env = {"STORAGE_EMULATOR_HOST": server.url, "NO_GCE_CHECK": "true"}
+    no_gcloud = tmp_path_factory.mktemp("gcloud-config")
+    env = {"STORAGE_EMULATOR_HOST": server.url, "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(no_gcloud)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield server
