@@ -100,10 +100,10 @@ def _unreachable(error: BaseException) -> bool:
             return True
     except ImportError:
         pass
-    if _is_gcs_error(error):  # what gcsfs retries (a 502 comes as requests' ProxyError), still failing
+    if _is_gcs_error(error):  # what gcsfs retries, still failing
         return str(getattr(error, "code", "")) in {"408", "429", "500", "501", "502", "503", "504"}
     if any(c.__module__ == "requests.exceptions" and c.__name__ in ("ConnectionError", "Timeout")
-           for c in type(error).__mro__):  # requests' (gcsfs's 502 is its ProxyError)
+           for c in type(error).__mro__):  # requests' (gcsfs raises a 502 as its ProxyError)
         return True
     try:
         import aiohttp

@@ -75,17 +75,13 @@ def s3_endpoint(moto):
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
+    with pytest.MonkeyPatch.context() as mp:  # the environment as it was, after the session
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
 
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
@@ -169,14 +165,10 @@ def gcs(tmp_path_factory):
     server = GCS()
     no_gcloud = tmp_path_factory.mktemp("gcloud-config")
     env = {"STORAGE_EMULATOR_HOST": server.url, "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(no_gcloud)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield server
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield server
     server.stop()
 
 

@@ -120,17 +120,23 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
     assert n == sum(len(v) for v in corpus["truth"].values())
 
 
-def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
-    """Same job, input, model and output all on S3 (moto on 127.0.0.1) through s3fs."""
-    prefix = "rayvid-test/in-rt/"
-    upload_tree(s3fs_client, corpus["dir"], "s3://" + prefix)
-    model_url = "s3://rayvid-test/models/shapes.keras"
-    s3fs_client.put_file(shapes_model["path"], model_url)
-    s3fs_client.put_file(shapes_model["labels"], "s3://rayvid-test/models/shapes.labels.txt")
-    out = "s3://rayvid-test/out-rt"
+def test_object_store_round_trip(ray_session, corpus, shapes_model, store):
+    """Same job, input, model and output all on S3 (moto on 127.0.0.1, through s3fs) or on
+    GCS (gcp-storage-emulator on 127.0.0.1, through gcsfs); a rerun finds every video
+    committed (the failed ones too: they are tried again only with --retry-failed) and
+    decodes nothing."""
+    client, bucket = store
+    scheme = bucket.split("://")[0]
+    prefix = f"{bucket}/in-rt/"
+    upload_tree(client, corpus["dir"], prefix)
+    model_url = f"{bucket}/models/shapes.keras"
+    client.put_file(shapes_model["path"], model_url)
+    client.put_file(shapes_model["labels"], f"{bucket}/models/shapes.labels.txt")
+    out = f"{bucket}/out-rt"
 
     cpu_only = InferConfig(gpus_per_actor=0.0)
-    result = pipeline.run(_cfg("s3://" + prefix, out, model_url, run_id="s3-1", infer=cpu_only))
+    cfg = _cfg(prefix, out, model_url, run_id=f"{scheme}-1", infer=cpu_only)
+    result = pipeline.run(cfg)
 
     assert (result.videos_ok, result.videos_failed) == (3, 2)
     assert result.plan["infer_gpus"] == 0.0  # inference actors on CPU
@@ -138,45 +144,17 @@ def test_s3_round_trip(ray_session, corpus, shapes_model, s3fs_client):
     assert result.plan["decode_calls"] == 2  # remote videos: each decoder fetches the next meanwhile
 
     def uri_of(local_path):
-        return "s3://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
+        return prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
 
     preds = read_output(out)
     _check_round_trip(preds, corpus["truth"], uri_of)
     assert set(preds.column("model").to_pylist()) == {model_url}
     errors = read_output(out, "errors")
     assert sorted(errors.column("video_uri").to_pylist()) == [uri_of(str(corpus["dir"] / n)) for n in ("empty.mp4", "text.mp4")]
-    assert s3fs_client.exists(out + "/runs/s3-1.json")
+    client.invalidate_cache()
+    assert client.exists(f"{out}/runs/{scheme}-1.json")
 
-
-def test_gcs_round_trip(ray_session, corpus, shapes_model, gcsfs_client):
-    """Same job, input, model and output all on GCS (gcp-storage-emulator on 127.0.0.1)
-    through gcsfs; a rerun finds every video committed (the failed ones too: they are tried
-    again only with --retry-failed) and decodes nothing."""
-    prefix = "rayvid-test/in-rt/"
-    upload_tree(gcsfs_client, corpus["dir"], "gs://" + prefix)
-    model_url = "gs://rayvid-test/models/shapes.keras"
-    gcsfs_client.put_file(shapes_model["path"], model_url)
-    gcsfs_client.put_file(shapes_model["labels"], "gs://rayvid-test/models/shapes.labels.txt")
-    out = "gs://rayvid-test/out-rt"
-
-    cfg = _cfg("gs://" + prefix, out, model_url, run_id="gcs-1", infer=InferConfig(gpus_per_actor=0.0))
-    result = pipeline.run(cfg)
-
-    assert (result.videos_ok, result.videos_failed) == (3, 2)
-    assert result.plan["decode_calls"] == 2  # remote videos
-
-    def uri_of(local_path):
-        return "gs://" + prefix + os.path.relpath(local_path, corpus["dir"]).replace(os.sep, "/")
-
-    preds = read_output(out)
-    _check_round_trip(preds, corpus["truth"], uri_of)
-    assert set(preds.column("model").to_pylist()) == {model_url}
-    errors = read_output(out, "errors")
-    assert sorted(errors.column("video_uri").to_pylist()) == [uri_of(str(corpus["dir"] / n)) for n in ("empty.mp4", "text.mp4")]
-    gcsfs_client.invalidate_cache()
-    assert gcsfs_client.exists(out + "/runs/gcs-1.json")
-
-    again = pipeline.run(dataclasses.replace(cfg, run_id="gcs-2"))
+    again = pipeline.run(dataclasses.replace(cfg, run_id=f"{scheme}-2"))
     assert (again.videos_ok, again.videos_failed, again.videos_skipped) == (0, 0, 5)
     assert read_output(out).num_rows == preds.num_rows
 
