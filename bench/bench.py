@@ -482,7 +482,7 @@ def w_ray_recipe(spec):
 
 
 def w_rayvid(spec):
-    from rayvid import decode, pipeline
+    from rayvid import decode, pipeline, video
     from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 
     cfg = RunConfig(input=spec["input"], output=spec["out"], model=ModelConfig(**spec["model"]),
@@ -491,7 +491,7 @@ def w_rayvid(spec):
                     infer=InferConfig(batch_size=spec["batch"], **spec.get("infer", {})),
                     progress=False)
     if "shared_node_threads" in spec:  # the threads experiment: this many on every source
-        decode.SHARED_NODE_THREADS, decode.LARGE_SOURCE_PIXELS = spec["shared_node_threads"], 0
+        decode.SHARED_NODE_THREADS, video.LARGE_SOURCE_PIXELS = spec["shared_node_threads"], 0
     if "remote_calls" in spec:  # the remote experiment: calls per decode actor on remote videos
         decode.REMOTE_CALLS_PER_ACTOR = spec["remote_calls"]
     result = pipeline.run(cfg)
@@ -778,7 +778,7 @@ def exp_threads(tmp: str, quick: bool, cores: int, reps: int = 3) -> dict:
     """rayvid end to end on the 360p (MobileNetV3) and 1080p corpora of the regimes, archives
     A and B, with decode actors that share the cores with CPU inference decoding every
     source on 1 or on 2 threads (rayvid itself uses 2 from HD sources up:
-    decode.LARGE_SOURCE_PIXELS), in alternating pairs of runs."""
+    video.LARGE_SOURCE_PIXELS), in alternating pairs of runs."""
     corpora = {"quick": QUICK} if quick else {n: REGIMES[n] for n in ("mobilenet", "1080p")}
     res = {}
     for name, spec in corpora.items():

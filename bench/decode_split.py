@@ -15,17 +15,17 @@ import time
 
 def main(path: str, seconds: float = 3.0) -> None:
     from gpu_ceilings import SIZE, bench_module  # beside this script; it puts rayvid on sys.path
-    from rayvid import decode
+    from rayvid import decode, video
 
     bench = bench_module()
     pid = os.getpid()
-    reader = decode.FrameReader(SIZE, threads=1)
+    reader = video.FrameReader(SIZE, threads=1)
     decoder = decode.Decoder(SIZE, threads=1)
-    n_frames = len(decode.probe(path).pts)
+    n_frames = len(video.probe(path).pts)
     ways = (("raw decord", lambda: bench.decord_frames(path, *SIZE)),
             ("reader in this process", lambda: bench.rayvid_frames(reader.read(path, path))),
             ("Decoder: here | child", lambda: bench.rayvid_frames(decoder.decode_video(path))),
-            ("probe alone", lambda: decode.probe(path) and n_frames))
+            ("probe alone", lambda: video.probe(path) and n_frames))
     for round_ in range(2):
         for name, one_pass in ways:
             one_pass()

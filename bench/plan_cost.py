@@ -14,7 +14,8 @@ import fsspec
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import encode  # noqa: E402
 from rayvid import storage  # noqa: E402
-from rayvid.decode import FrameReader, index_only, plan_ranges, probe  # noqa: E402
+from rayvid.mp4 import index_only  # noqa: E402
+from rayvid.video import FrameReader, plan_ranges, probe  # noqa: E402
 
 
 def main() -> None:

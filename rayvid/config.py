@@ -134,7 +134,7 @@ class DecodeConfig:
     segment_s: float = 600.0  # split longer videos into segments decoded in parallel; 0: never
     # CPUs per decode actor and its decoder threads (never 0: that means every core of the
     # node); where inference runs on the CPU, at least decode.SHARED_NODE_THREADS threads for
-    # sources of decode.LARGE_SOURCE_PIXELS and more
+    # sources of video.LARGE_SOURCE_PIXELS and more
     threads: int = 1
     batch_frames: int = 64  # frames per batch handed downstream, at most
     batch_bytes: int = 32 * 2**20  # bytes per batch handed downstream, at most

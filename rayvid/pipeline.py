@@ -23,7 +23,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from rayvid import __version__, commit, decode, infer, listing, models, segments, storage
+from rayvid import __version__, commit, decode, infer, listing, models, segments, storage, video
 from rayvid.config import RunConfig
 from rayvid.errors import ConfigError, ModelError, RayvidError, StorageError, StorageUnavailable
 
@@ -262,7 +262,15 @@ def run(cfg: RunConfig) -> RunResult:
             "inference": result.inference,
         },
     )
-    commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+    try:  # the run's last write: every video is committed by now
+        commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
+    except storage.ACCESS_ERRORS as e:
+        down = _unavailable(e, cfg.output)
+        if down is None:
+            raise
+        raise StorageUnavailable(f"{down}; every video is committed, only this run's record "
+                                 f"({commit.RUNS_DIR}/{cfg.run_id}.json) does not say it finished: "
+                                 f"nothing to run again") from None
     return result
 
 
@@ -311,7 +319,7 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
             decoder=cfg.decode.decoder,
             threads=cfg.decode.threads,
             large_source_threads=plan.decode_threads,
-            large_source_pixels=decode.LARGE_SOURCE_PIXELS,  # the driver's: what the bench sets reaches the actors
+            large_source_pixels=video.LARGE_SOURCE_PIXELS,  # the driver's: what the bench sets reaches the actors
             batch_frames=cfg.decode.batch_frames,
             batch_bytes=cfg.decode.batch_bytes,
             timeout_s=cfg.decode.timeout_s,

@@ -8,7 +8,7 @@ force (the frame's own row; with sparse sampling, the last sampled frame before 
 swatch in the label's colour (`report.colours` over the video's labels), the label and
 its score; with `--head detect` runs, each box outlined in its label's colour (on its own
 frame only). Frames map to rows by index in presentation order, as the decoder numbers
-them (`decode.probe`), so the overlay sits on the frame the model saw.
+them (`video.probe`), so the overlay sits on the frame the model saw.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from rayvid import decode, query, report, storage
+from rayvid import query, report, storage, video
 from rayvid.errors import InputError
 
 ROW_H, SWATCH, PAD = 14, 10, 3  # overlay geometry, pixels
@@ -69,7 +69,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
     written = 0
     try:
         with storage.access(video_uri, "read video", InputError), storage.local_copy(video_uri, tmp) as path:
-            info = decode.probe(path)
+            info = video.probe(path)
             index_of = {int(p): i for i, p in enumerate(info.pts)}
             local_out = os.path.join(tmp, "out.mp4")
             with av.open(path) as src, av.open(local_out, "w") as dst:
@@ -83,7 +83,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                     i = index_of.get(int(frame.pts)) if frame.pts is not None else None
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []
-                    img = decode.upright(frame.to_ndarray(format="rgb24"), frame.rotation)[: out.height, : out.width]
+                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation)[: out.height, : out.width]
                     shown = boxes[at] if at >= 0 and index[at] == i else None  # boxes: their own frame only
                     img = draw(img, rows, palette, font, shown)
                     new = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")

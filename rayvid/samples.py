@@ -352,7 +352,7 @@ def train_clip_model(out_dir: str, seed: int = 0, seconds: float = 80.0, epochs:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from rayvid.decode import FrameReader
+    from rayvid.video import FrameReader
 
     keras.utils.set_random_seed(seed)
     os.makedirs(out_dir, exist_ok=True)

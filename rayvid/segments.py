@@ -2,8 +2,8 @@
 actors in parallel instead of holding one while the rest of the cluster idles.
 
 Input columns:  `video_uri`, `source_uri` (optional: where to read it from, when that
-  differs), `version` (optional: ETag or mtime as listed; and whatever else the listing
-  carries).
+  differs), `version` (optional: ETag or mtime as listed), `size_bytes` (optional: as
+  listed, -1 unknown; and whatever else the listing carries).
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
   `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri),
   `version: str` (as listed; for a video listed without one and cut into segments, the
@@ -22,12 +22,13 @@ maps frames to segments by pts, never by counting). The duration comes from the 
 header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
-copy it whole; and one in a container without an index (MPEG-TS/PS: `decode.UNSEEKABLE_CONTAINERS`),
+copy it whole; and one in a container without an index (MPEG-TS/PS: `video.UNSEEKABLE_CONTAINERS`),
 where each segment would read from the start.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid import storage
-from rayvid.decode import UNSEEKABLE_CONTAINERS
+from rayvid.video import UNSEEKABLE_CONTAINERS
 from rayvid.schema import SEGMENTS_SCHEMA
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -43,6 +44,7 @@ IN_DRIVER = 256  # listings up to this long read their headers in the driver
 # moov wherever it is) in small pieces; s3fs's default read-ahead would fetch 50 MB of
 # each video for it (measured: 52 MB of an 80 MB MP4 to learn its duration).
 HEADER_BLOCK_BYTES = 256 * 2**10
+PLANNED_FROM = ("video_uri", "source_uri", "version", "size_bytes")  # the listing's columns planning reads
 
 
 def header_duration(uri: str) -> float:
@@ -50,19 +52,25 @@ def header_duration(uri: str) -> float:
     return header(uri)[0]
 
 
-def header(uri: str, want_version: bool = False) -> tuple[float, str]:
+def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float, str]:
     """(duration in seconds from the container's header, or 0.0 if unknown; with
-    `want_version`, the object's version now: "" if unknown or unreadable)."""
+    `want_version`, the object's version now: "" if unknown or unreadable). `size` is the
+    object's as listed (-1: unknown, then asked of the store): the header is read in
+    ranges alone (`storage.RangeReader`), no metadata request."""
     import av
 
     fs, path = storage.resolve(uri)
     version = ""
     try:
         if want_version:
-            version = storage.version_of(fs.info(path))
-        if not storage.serves_ranges(fs, path):  # then every segment would copy it whole
+            info = fs.info(path)
+            version, size = storage.version_of(info), info.get("size", -1) if size < 0 else size
+        if size is None or size < 0:
+            size = fs.size(path)
+        if size is None or not storage.serves_ranges(fs, path, size):  # then every segment would copy it whole
             return 0.0, version
-        with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES) as f, av.open(f) as container:
+        reader = storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES)
+        with io.BufferedReader(reader, HEADER_BLOCK_BYTES) as f, av.open(f) as container:
             if UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(",")):
                 return 0.0, version  # no index to seek by: a later segment would read from the start
             if container.duration:
@@ -91,10 +99,13 @@ def plan(batch: dict, segment_s: float) -> dict:
     videos = [str(u) for u in batch["video_uri"]]
     read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
     listed = [v or "" for v in batch["version"]] if "version" in batch else [""] * len(videos)
+    # the listed size is the source's: a video read from another URL (a presigned one) is asked
+    sizes = ([int(n) if s is None and n is not None and np.isfinite(n) else -1
+              for n, s in zip(batch["size_bytes"], read_from)] if "size_bytes" in batch else [-1] * len(videos))
     with ThreadPoolExecutor(max_workers=16) as pool:
         # a video listed without a version (a manifest) gets the one its header was read
         # from: every segment must read that one, or frames of two videos would pass as one
-        heads = (list(pool.map(header, [s or u for s, u in zip(read_from, videos)], [not v for v in listed]))
+        heads = (list(pool.map(header, [s or u for s, u in zip(read_from, videos)], [not v for v in listed], sizes))
                  if segment_s > 0 else [(0.0, "")] * len(videos))
     for uri, source, version, (duration, now) in zip(videos, read_from, listed, heads):
         parts = bounds(duration, segment_s)
@@ -126,6 +137,8 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
         videos = videos.append_column("source_uri", pa.nulls(len(videos), pa.string()))
     if "version" not in videos.column_names:
         videos = videos.append_column("version", pa.array([""] * len(videos), pa.string()))
+    if "size_bytes" not in videos.column_names:
+        videos = videos.append_column("size_bytes", pa.array([-1] * len(videos), pa.int64()))
     if segment_s <= 0 or len(videos) == 0:
         n = len(videos)
         return pa.table(
@@ -136,14 +149,13 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
             schema=SEGMENTS_SCHEMA,
         )
     if len(videos) <= in_driver:
-        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in ("video_uri", "source_uri", "version")},
-                    segment_s)
+        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in PLANNED_FROM}, segment_s)
         table = pa.table(rows).cast(SEGMENTS_SCHEMA)
         return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])
     import ray
 
     per_task = max(32, math.ceil(len(videos) / 1000))
-    blocks = [videos.slice(i, per_task).select(["video_uri", "source_uri", "version"])
+    blocks = [videos.slice(i, per_task).select(list(PLANNED_FROM))
               for i in range(0, len(videos), per_task)]
     ds = ray.data.from_blocks(blocks).map_batches(
         plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -449,6 +450,46 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
             return len(f.read(1)) == 1
     except ValueError:  # "The HTTP server doesn't appear to support range requests"
         return False
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only, seekable file over an object of known size that asks its store for
+    byte ranges only (`fs.cat_file(path, start, end)`), at least `block` bytes at a time.
+    A file opened through fsspec asks for the object's metadata first (s3fs before its
+    first read, gcsfs as it opens): one request more per object than a listing that gave
+    its size needs."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int, block: int = 256 * 2**10):
+        super().__init__()
+        self.fs, self.path, self.size, self.block = fs, path, int(size), int(block)
+        self.pos, self._start, self._data = 0, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + int(offset))
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        if self.pos >= self.size:
+            return 0
+        if not self._start <= self.pos < self._start + len(self._data):
+            end = min(self.size, self.pos + max(self.block, len(buffer)))
+            self._start, self._data = self.pos, self.fs.cat_file(self.path, start=self.pos, end=end)
+            if not self._data:  # the object is shorter than it was listed
+                return 0
+        at = self.pos - self._start
+        n = min(len(buffer), len(self._data) - at)
+        memoryview(buffer)[:n] = self._data[at : at + n]
+        self.pos += n
+        return n
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ Google environment a user's would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 
@@ -39,14 +40,17 @@ def pytest_collection_modifyitems(config, items):
 
 class Moto:
     """moto's S3 server on 127.0.0.1; `stop()` and `start()` take it down and bring it back
-    on the same port with the same buckets (moto keeps its state in this process)."""
+    on the same port with the same buckets (moto keeps its state in this process). Hooks
+    see each request before moto answers it: `requests()` records them, `hook(fn)` runs
+    `fn(environ)` on each (a test's delays), `down_at(...)` takes the server down at one."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
         self._server_class = ThreadedMotoServer
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-        self.server.start()
+        self.hooks: list = []
+        self.port = 0
+        self.start()
         self.host, self.port = self.server.get_host_and_port()
         self.url = f"http://{self.host}:{self.port}"
 
@@ -56,6 +60,68 @@ class Moto:
     def start(self):
         self.server = self._server_class(ip_address="127.0.0.1", port=self.port)
         self.server.start()
+        wsgi = self.server._server  # moto's werkzeug server: it looks its app up per request
+        app = wsgi.app
+
+        def hooked(environ, start_response):
+            for hook in list(self.hooks):
+                hook(environ)
+            return app(environ, start_response)
+
+        wsgi.app = hooked
+
+    @contextlib.contextmanager
+    def hook(self, fn):
+        self.hooks.append(fn)
+        try:
+            yield
+        finally:
+            self.hooks.remove(fn)
+
+    @contextlib.contextmanager
+    def requests(self):
+        """[(method, path and query)] of every request the server is sent meanwhile."""
+        seen: list = []
+
+        def record(environ):
+            query = environ.get("QUERY_STRING")
+            seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"] + (f"?{query}" if query else "")))
+
+        with self.hook(record):
+            yield seen
+
+    @contextlib.contextmanager
+    def down_at(self, method: str, path: str, body_has: bytes = b""):
+        """The server goes down at the first `method` request for `path` whose body holds
+        `body_has`: that request's connection is cut before an answer, the client's
+        retries find nothing listening (as when an endpoint's host goes away). Yields a
+        list that holds that request's path once it happened; the server is back after."""
+        import io
+        import socket
+        import threading
+
+        hit: list = []
+
+        def cut(environ):
+            if hit or environ["REQUEST_METHOD"] != method or environ["PATH_INFO"] != path:
+                return
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            if body_has not in body:
+                return
+            hit.append(path)
+            stopping = threading.Thread(target=self.stop)  # not from this request's thread: it waits for none
+            stopping.start()
+            stopping.join()
+            environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("rayvid test: the S3 endpoint went down")
+
+        try:
+            with self.hook(cut):
+                yield hit
+        finally:
+            if hit:
+                self.start()
 
 
 @pytest.fixture(scope="session")
@@ -252,6 +318,14 @@ def matrix(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matrix")
     return framecode.make_matrix(str(root))
+
+
+@pytest.fixture(scope="session")
+def fragmented(tmp_path_factory):
+    """Fragmented MP4 as muxers write it (tests/framecode.py FRAGMENTED): name -> path."""
+    import framecode
+
+    return framecode.make_fragmented(str(tmp_path_factory.mktemp("fragmented")))
 
 
 @pytest.fixture(scope="session")

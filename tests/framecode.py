@@ -105,7 +105,7 @@ MATRIX = {
     "h264_bframes.ts": (40, (96, 128), X264 + ["-g", "10", "-bf", "3"], {}),
     "mpeg2.mpg": (40, (96, 128), ["-c:v", "mpeg2video", "-q:v", "3", "-g", "10", "-bf", "2"], {}),
 }
-# What `auto` picks (see decode.DECORD_CODECS).
+# What `auto` picks (see video.DECORD_CODECS).
 EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav"}
 
 
@@ -185,3 +185,57 @@ def make_damaged(directory: str) -> dict:
         with open(paths[name], "wb") as f:
             f.write(data)
     return paths
+
+
+FRAGMENTED = {  # name -> ffmpeg muxer args: fragmented MP4 as muxers write it (each file 20 s, 15 fps)
+    "frag_table.mp4": ["-movflags", "+frag_keyframe+empty_moov"],  # a fragment per key frame, an mfra table
+    "frag_no_table.mp4": ["-movflags", "+frag_keyframe+empty_moov+skip_trailer"],  # no mfra: walked
+    "frag_short.mp4": ["-frag_duration", "700000", "-movflags", "+empty_moov"],  # fragments without key frames
+    "frag_sidx.mp4": ["-f", "mp4", "-movflags", "+dash+skip_trailer"],  # one sidx for all (`_one_sidx`)
+}
+
+
+def make_fragmented(directory: str) -> dict:
+    """Write every FRAGMENTED video (300 frames, 96x128) into `directory`; returns name -> path."""
+    out = {}
+    for name, mux in FRAGMENTED.items():
+        path = os.path.join(directory, name)
+        write_code_video(path, 300, (96, 128), X264 + ["-g", "45", "-bf", "3"] + mux, fps=15,
+                         vf="noise=alls=20:allf=t+u")  # frames of KBs, not bytes: the index is small
+        if name == "frag_sidx.mp4":
+            _one_sidx(path)
+        out[name] = path
+    return out
+
+
+def _one_sidx(path: str) -> None:
+    """Rewrites FFmpeg's DASH output (a sidx before each fragment, moofs whose data offsets
+    count from themselves) into the DASH on-demand layout: one sidx after the moov listing
+    every fragment (the `global_sidx` files of the FFmpeg here do not decode)."""
+    import struct
+
+    boxes = top_boxes(path)
+    head = b"".join(box for kind, box in boxes if kind in (b"ftyp", b"moov"))
+    sidxs = [box for kind, box in boxes if kind == b"sidx"]  # one reference each
+    moofs = [box for kind, box in boxes if kind == b"moof"]
+    mdats = [box for kind, box in boxes if kind == b"mdat"]
+    assert len(sidxs) == len(moofs) == len(mdats) > 1
+    wide = 8 if sidxs[0][8] == 1 else 4  # version 1: 64-bit time and offset
+    ref = 24 + 2 * wide  # the first reference: size, duration, SAP
+    refs = b"".join(struct.pack(">I", len(moof) + len(mdat)) + sidx[ref + 4 : ref + 12]
+                    for sidx, moof, mdat in zip(sidxs, moofs, mdats))
+    body = (sidxs[0][8 : 20 + wide]  # version, flags, reference id, timescale, earliest time
+            + bytes(wide) + struct.pack(">HH", 0, len(moofs)) + refs)  # first offset 0: right after it
+    sidx = struct.pack(">I4s", 8 + len(body), b"sidx") + body
+    with open(path, "wb") as f:
+        f.write(head + sidx + b"".join(moof + mdat for moof, mdat in zip(moofs, mdats)))
+
+
+def top_boxes(path: str) -> list[tuple[bytes, bytes]]:
+    """The top-level boxes of an MP4 file: (kind, the whole box)."""
+    data, at, boxes = open(path, "rb").read(), 0, []
+    while at < len(data):
+        n = int.from_bytes(data[at : at + 4], "big")
+        boxes.append((data[at + 4 : at + 8], data[at : at + n]))
+        at += n
+    return boxes

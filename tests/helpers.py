@@ -217,3 +217,14 @@ def _end_row(uri, n, duration, fps, error=""):
         "width": [160], "height": [120], "fps": [fps], "duration_s": [duration], "reused_from": [-1],
         "bytes_read": [0],
     }, schema=INFERRED_SCHEMA)
+
+
+def split_rows(batches) -> tuple[list, list]:
+    """(frame rows, terminal rows) of the decode stage's batches, each row a dict."""
+    from rayvid.schema import KIND_FRAME
+
+    frames, ends = [], []
+    for b in batches:
+        for i, kind in enumerate(b["kind"]):
+            (frames if kind == KIND_FRAME else ends).append({k: v[i] for k, v in b.items()})
+    return frames, ends

@@ -11,35 +11,10 @@ import numpy as np
 import pytest
 
 import framecode
-from helpers import http_server, pts_of
+from helpers import http_server, pts_of, split_rows
 from rayvid import samples
-from rayvid.decode import Decoder, FrameReader, sample_indices
+from rayvid.decode import Decoder
 from rayvid.schema import KIND_END, KIND_FRAME
-
-
-def _rows(batches):
-    frames, ends = [], []
-    for b in batches:
-        for i, kind in enumerate(b["kind"]):
-            (frames if kind == KIND_FRAME else ends).append({k: v[i] for k, v in b.items()})
-    return frames, ends
-
-
-def test_sample_indices_every():
-    ts = np.arange(10) / 10
-    assert sample_indices(ts, every=1).tolist() == list(range(10))
-    assert sample_indices(ts, every=3).tolist() == [0, 3, 6, 9]
-    assert sample_indices(np.array([]), every=2).tolist() == []
-
-
-def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
-    # 1 s at 30 fps, then 2 s at 10 fps: average fps (~16.7) would put index/fps far off.
-    ts = np.concatenate([np.arange(30) / 30, 1 + np.arange(20) / 10])
-    got = sample_indices(ts, fps=2)  # targets 0, .5, 1, 1.5, 2, 2.5
-    assert ts[got].tolist() == pytest.approx([0, 0.5, 1.0, 1.5, 2.0, 2.5])
-    assert got.tolist() == [0, 15, 30, 35, 40, 45]
-    # a rate above the source's keeps each frame once
-    assert sample_indices(ts, fps=100).tolist() == list(range(50))
 
 
 def test_decodes_every_frame_at_model_size_with_container_pts(media):
@@ -47,7 +22,7 @@ def test_decodes_every_frame_at_model_size_with_container_pts(media):
     n = len(media["truth"][path])
     dec = Decoder(size=(48, 64), batch_frames=7)
     batches = list(dec.decode_video(path))
-    frames, ends = _rows(batches)
+    frames, ends = split_rows(batches)
     assert all(len(b["kind"]) <= 7 for b in batches)
     assert [f["frame_index"] for f in frames] == list(range(n))
     np.testing.assert_array_equal([f["timestamp_s"] for f in frames], pts_of(path))
@@ -60,22 +35,6 @@ def test_decodes_every_frame_at_model_size_with_container_pts(media):
 
     ref = tf.image.resize(first[None], (48, 64), method="bicubic").numpy()[0]
     assert np.abs(frames[0]["frame"].astype(float) - ref).mean() < 12
-
-
-def test_hd_sources_decode_on_the_large_source_threads(media, tmp_path):
-    """Decode actors that share cores with CPU inference decode HD and larger sources on more
-    threads (decoding is their bottleneck there), smaller ones on the threads they hold."""
-    import subprocess
-
-    hd = str(tmp_path / "hd.mp4")
-    subprocess.run([samples.ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc2=size=1280x720:rate=30:duration=0.5", "-c:v", "libx264", "-pix_fmt", "yuv420p", hd],
-                   check=True)
-    small = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
-    for path, n, threads in ((hd, 15, 2), (small, len(media["truth"][small]), 1)):
-        reader = FrameReader((64, 64), threads=1, large_source_threads=2)
-        frames, [end] = _rows(reader.read(path, path))
-        assert (end["decoder"], len(frames), reader.decord_threads) == ("decord", n, threads), path
 
 
 def test_remote_video_is_fetched_while_another_decodes(media, s3fs_client):
@@ -93,7 +52,7 @@ def test_remote_video_is_fetched_while_another_decodes(media, s3fs_client):
     decoding = dec.decode_video(first)
     batches = [next(decoding)]  # the first video holds the decoder from here on
     out = {}
-    other = threading.Thread(target=lambda: out.setdefault("rows", _rows(list(dec.decode_video(second)))))
+    other = threading.Thread(target=lambda: out.setdefault("rows", split_rows(list(dec.decode_video(second)))))
     other.start()
     deadline = time.monotonic() + 30
     while len(os.listdir(dec._tmpdir)) < 2 and time.monotonic() < deadline:
@@ -102,7 +61,7 @@ def test_remote_video_is_fetched_while_another_decodes(media, s3fs_client):
     assert other.is_alive() and "rows" not in out  # and waiting for the decoder
     batches += list(decoding)
     other.join(30)
-    for frames, ends in (_rows(batches), out["rows"]):
+    for frames, ends in (split_rows(batches), out["rows"]):
         assert [f["frame_index"] for f in frames] == list(range(n))
         assert len(ends) == 1 and ends[0]["error_type"] == ""
     assert os.listdir(dec._tmpdir) == []  # each copy deleted after its video
@@ -125,7 +84,7 @@ def test_batches_bounded_in_bytes(media):
 def test_bad_files_become_one_error_row(tmp_path, name, content, stage, message):
     path = tmp_path / name
     path.write_bytes(content)
-    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(path)))
+    frames, ends = split_rows(Decoder(size=(32, 32)).decode_video(str(path)))
     assert frames == []
     assert len(ends) == 1 and ends[0]["kind"] == KIND_END
     assert ends[0]["error_stage"] == stage and message in ends[0]["message"]
@@ -133,7 +92,7 @@ def test_bad_files_become_one_error_row(tmp_path, name, content, stage, message)
 
 
 def test_missing_file_is_a_read_error(tmp_path):
-    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(tmp_path / "gone.mp4")))
+    frames, ends = split_rows(Decoder(size=(32, 32)).decode_video(str(tmp_path / "gone.mp4")))
     assert frames == [] and ends[0]["error_stage"] == "read" and ends[0]["error_type"] == "NotFound"
 
 
@@ -148,13 +107,13 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
     signed = "?X-Amz-Signature=5ec7e75191a7"
     dec = Decoder(size=(32, 32))
     with http_server(os.path.dirname(src), "ranges") as base:
-        frames, ends = _rows(dec.decode_video(f"{base}/missing.mp4", source=f"{base}/missing.mp4{signed}"))
+        frames, ends = split_rows(dec.decode_video(f"{base}/missing.mp4", source=f"{base}/missing.mp4{signed}"))
         assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "NotFound")
         assert "5ec7e75191a7" not in ends[0]["message"]
-        frames, ends = _rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
+        frames, ends = split_rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert len(frames) == 30 and ends[0]["error_type"] == ""
     with http_server(os.path.dirname(src), "range-errors") as base:  # an error status on a read: that video's row
-        frames, ends = _rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
+        frames, ends = split_rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "ClientResponseError")
         assert ends[0]["message"].startswith("500, message='Internal Server Error'")
         assert "5ec7e75191a7" not in ends[0]["message"]
@@ -171,7 +130,7 @@ def test_truncated_file_never_crashes(media, tmp_path):
     data = open(src, "rb").read()
     path = tmp_path / "truncated.mp4"
     path.write_bytes(data[: len(data) // 2])
-    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(str(path)))
+    frames, ends = split_rows(Decoder(size=(32, 32)).decode_video(str(path)))
     assert len(ends) == 1
     assert ends[0]["n_frames"] == len(frames)
     if ends[0]["error_type"] == "":  # decoded what was there; indices still exact
@@ -182,7 +141,7 @@ def test_odd_source_size_gives_exact_model_size(tmp_path):
     path = str(tmp_path / "odd.mp4")
     frames = [np.full((121, 163, 3), 40 * i % 255, np.uint8) for i in range(5)]
     samples.write_video(path, frames, 10, (121, 163), ["-c:v", "libx264", "-pix_fmt", "yuv444p"])
-    got, ends = _rows(Decoder(size=(75, 99)).decode_video(path))
+    got, ends = split_rows(Decoder(size=(75, 99)).decode_video(path))
     assert len(got) == 5 and all(f["frame"].shape == (75, 99, 3) for f in got)
 
 
@@ -259,10 +218,9 @@ def test_large_file_path_is_frame_exact(matrix):
 # --- frame-exact on the codec/container matrix (tests/framecode.py) --------------------
 
 
-
 def _decode_all(path, **kw):
     batches = list(Decoder(size=framecode.SIZE, **kw).decode_video(path))
-    return _rows(batches)
+    return split_rows(batches)
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # 2: decode actors that share cores with CPU inference
@@ -319,7 +277,7 @@ def test_decord_mis_strided_sizes_fall_back_to_pyav(matrix):
     notices before emitting anything and decodes the video with PyAV instead."""
     path, n = matrix["h264.mp4"]
     batches = list(Decoder(size=(48, 48)).decode_video(path))
-    frames, [end] = _rows(batches)
+    frames, [end] = split_rows(batches)
     assert end["decoder"].startswith("pyav (decord:") and len(frames) == n
     assert all(f["frame"].shape == (48, 48, 3) for f in frames)
 
@@ -352,7 +310,7 @@ def test_odd_size_keeps_the_last_row_and_column(tmp_path, decoder):
     img[-1, :] = (0, 255, 0)
     path = str(tmp_path / "edges.mkv")
     samples.write_video(path, [img] * 3, 10, (h, w), ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"])
-    frames, [end] = _rows(Decoder(size=(h, w), decoder=decoder).decode_video(path))
+    frames, [end] = split_rows(Decoder(size=(h, w), decoder=decoder).decode_video(path))
     assert end["decoder"].startswith(decoder) and len(frames) == 3
     f = frames[0]["frame"].astype(int)
     assert f[:-1, -1, 0].mean() > 200 and f[:-1, -2, 0].mean() < 100, "last column lost"
@@ -365,7 +323,7 @@ def test_audio_only_file_is_one_clear_error_row(tmp_path):
     path = str(tmp_path / "song.mp4")
     subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
                     "sine=frequency=440:duration=1", "-c:a", "aac", path], check=True)
-    frames, ends = _rows(Decoder(size=(32, 32)).decode_video(path))
+    frames, ends = split_rows(Decoder(size=(32, 32)).decode_video(path))
     assert frames == [] and len(ends) == 1
     assert ends[0]["message"] == "no video stream (audio-only or not a video)"
 
@@ -392,7 +350,7 @@ def test_decoder_process_crash_mid_video_resumes_where_it_stopped(code_video_240
     gen = dec.decode_video(path)
     first = next(gen)
     os.kill(dec._child.proc.pid, sig)  # a native crash in the middle of the video
-    frames, [end] = _rows([first, *gen])
+    frames, [end] = split_rows([first, *gen])
     assert [f["frame_index"] for f in frames] == list(range(n))  # each frame once
     assert _codes_exact(frames)
     assert end["error_type"] == "" and end["n_frames"] == n
@@ -405,7 +363,7 @@ def test_hung_decoder_times_out_and_is_retried(matrix):
     dec = Decoder(size=framecode.SIZE, timeout_s=1.5)
     os.kill(dec._child.proc.pid, signal.SIGSTOP)  # hangs: no progress, no exit
     t0 = time.monotonic()
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert time.monotonic() - t0 < 30
     assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
     assert end["error_type"] == "" and "DecodeTimeout on attempt 1: no result within 1.5 s" in end["decoder"]
@@ -415,12 +373,12 @@ def test_retries_are_bounded_then_the_segment_is_an_error_row(matrix):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, timeout_s=1, retries=0)
     os.kill(dec._child.proc.pid, signal.SIGSTOP)
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert frames == [] and end["n_frames"] == 0
     assert (end["error_stage"], end["error_type"]) == ("decode", "DecodeTimeout")
     assert end["message"] == "no result within 1 s (1 attempts)"
     # the actor goes on: the next video decodes in a fresh child process
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert len(frames) == n and end["error_type"] == ""
 
 
@@ -437,16 +395,16 @@ def test_a_video_rewritten_while_it_is_decoded_is_an_error_row_not_a_quiet_mix(c
     shutil.copy(code_video_240[0], path)
     listed = storage.version_of(storage.resolve(path)[0].info(path))  # as the listing has it
     dec = Decoder(size=framecode.SIZE, batch_frames=4)
-    frames, [end] = _rows(dec.decode_video(path, version=listed))
+    frames, [end] = split_rows(dec.decode_video(path, version=listed))
     assert len(frames) == 240 and end["error_type"] == ""  # unchanged: no false alarm
     gen = dec.decode_video(path, version=listed)
     first = next(gen)
     os.utime(path, (1_000_000_000, 1_000_000_000))  # written again while it is decoded
-    frames, [end] = _rows([first, *gen])
+    frames, [end] = split_rows([first, *gen])
     assert end["error_type"] == "ObjectChanged" and end["error_stage"] == "read"
     assert end["n_frames"] == len(frames) > 0
     assert "changed while it was read" in end["message"] and "decoded frames kept" in end["message"]
-    frames, [end] = _rows(dec.decode_video(path, version=listed))  # the listing is now stale
+    frames, [end] = split_rows(dec.decode_video(path, version=listed))  # the listing is now stale
     assert frames == [] and end["error_type"] == "ObjectChanged" and end["n_frames"] == 0
     assert "changed after it was listed" in end["message"]
 
@@ -458,7 +416,7 @@ def test_frames_reach_the_actor_through_the_shared_slot_each_batch_its_own_copy(
     dec = Decoder(size=framecode.SIZE, batch_frames=8)
     assert dec._child.slot.size == 8 * framecode.SIZE[0] * framecode.SIZE[1] * 3
     batches = list(dec.decode_video(path))  # held until the end: nothing may overwrite them
-    frames, [end] = _rows(batches)
+    frames, [end] = split_rows(batches)
     assert len(batches) == n // 8 + 1 and end["n_frames"] == n
     assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
     assert not any(np.shares_memory(a["frame"], b["frame"]) for a, b in zip(batches, batches[1:]))
@@ -471,7 +429,7 @@ def test_shared_slot_without_memfd_uses_an_unlinked_file(matrix, monkeypatch):
     dec = Decoder(size=framecode.SIZE, batch_frames=4)
     target = os.readlink(f"/proc/self/fd/{dec._child.slot.fd}")
     assert target.endswith(" (deleted)") and "rayvid-frames-" in target and not target.startswith("/memfd:")
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
     assert end["n_frames"] == n
 
@@ -482,7 +440,7 @@ def test_abandoned_request_does_not_leak_into_the_next(matrix):
     gen = dec.decode_video(path)
     next(gen)
     gen.close()  # the consumer stopped mid-video
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert [f["frame_index"] for f in frames] == list(range(n)) and end["n_frames"] == n
 
 
@@ -490,14 +448,14 @@ def test_abandoned_request_does_not_leak_into_the_next(matrix):
 
 
 def test_truncated_mp4_with_its_index_at_the_end_is_one_clear_error(damaged):
-    frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["truncated_moov_at_end.mp4"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE).decode_video(damaged["truncated_moov_at_end.mp4"]))
     assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError")
     assert "truncated MP4" in end["message"] and "index (moov)" in end["message"]
 
 
 @pytest.mark.parametrize("decoder", ["auto", "pyav"])
 def test_truncated_faststart_mp4_keeps_the_frames_it_holds(damaged, decoder):
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["truncated_faststart.mp4"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["truncated_faststart.mp4"]))
     got = [f["frame_index"] for f in frames]
     assert 10 < len(got) < framecode.DAMAGED_FRAMES and got == list(range(len(got)))
     assert _codes_exact(frames)
@@ -510,7 +468,7 @@ def test_truncated_faststart_mp4_keeps_the_frames_it_holds(damaged, decoder):
 def test_garbage_in_the_middle_drops_the_damaged_gop_and_keeps_the_rest_exact(damaged, decoder):
     """FFmpeg conceals damage: frames after it can show other frames' content (measured).
     rayvid drops frames from the damage to the next key frame and says which."""
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["garbage_in_middle.mp4"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["garbage_in_middle.mp4"]))
     got = [f["frame_index"] for f in frames]
     assert _codes_exact(frames), "a concealed (wrong) frame was kept"
     assert got[0] == 0 and got[-1] == framecode.DAMAGED_FRAMES - 1  # before and after the damage
@@ -528,7 +486,7 @@ def test_a_damaged_key_frame_index_keeps_the_frames_before_the_seek_it_fails(dam
     it (EPERM). Read through, every frame is exact (decord fails on it; PyAV takes over);
     sampled sparsely, the frames before the failed seek are kept and exact, and the error
     says what broke, not the errno's usual story (no credentials hint)."""
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(damaged["key_frame_index_reversed.mp4"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE, **sampling).decode_video(damaged["key_frame_index_reversed.mp4"]))
     assert [f["frame_index"] for f in frames] == kept and _codes_exact(frames)
     assert end["n_frames"] == len(kept)
     if at is None:
@@ -540,44 +498,8 @@ def test_a_damaged_key_frame_index_keeps_the_frames_before_the_seek_it_fails(dam
 
 
 def test_unsupported_codec_is_one_clear_error(damaged):
-    frames, [end] = _rows(Decoder(size=framecode.SIZE).decode_video(damaged["unsupported_codec.avi"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE).decode_video(damaged["unsupported_codec.avi"]))
     assert frames == [] and end["message"] == "unsupported codec: FFmpeg has no decoder for this video stream"
-
-
-@pytest.mark.parametrize("name, every", [("h264.mp4", 15), ("hevc_opengop.mp4", 25)])
-def test_sparse_sampling_seeks_over_intervals_without_kept_frames(matrix, name, every):
-    """Frames 15 and 30 of a 10-frame-GOP H.264 file, 25 and 50 of a 20-frame open-GOP HEVC
-    one: PyAV jumps to the key frame before each and skips the rest, and stays exact."""
-    path, n = matrix[name]
-    reader = FrameReader(framecode.SIZE, every=every)
-    frames, [end] = _rows(reader.read(path, path))
-    assert end["error_type"] == "" and end["decoder"] == "pyav", end
-    assert [f["frame_index"] for f in frames] == list(range(0, n, every))
-    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
-    assert reader.decoded <= n // 2, f"decoded {reader.decoded} of {n} frames for {len(frames)}"
-
-    dense = FrameReader(framecode.SIZE, decoder="pyav")
-    assert len(_rows(dense.read(path, path))[0]) == n and dense.decoded == n
-
-
-def test_sampled_key_frames_cost_one_packet_each(matrix):
-    """Kept frames that are key frames (every 10th frame of a file with a key frame every 10,
-    as 1 fps is on fixed 1 s GOPs): the decoder gets each kept frame's packet and nothing
-    after it (it is drained instead: a decoder holds a frame back until later packets
-    come), and a seek to the next."""
-    path, n = matrix["h264.mp4"]
-    reader = FrameReader(framecode.SIZE, every=10)
-    frames, [end] = _rows(reader.read(path, path))
-    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and end["error_type"] == ""
-    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
-    assert reader.fed == len(frames), f"{reader.fed} packets decoded for {len(frames)} key frames"
-
-
-def test_keyframes_only_decodes_only_key_frames(matrix):
-    path, n = matrix["h264.mp4"]  # a key frame every 10 frames
-    reader = FrameReader(framecode.SIZE, keyframes=True)
-    frames, _ = _rows(reader.read(path, path))
-    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and reader.decoded == len(frames)
 
 
 def test_skip_similar_reuses_the_last_inferred_frame(tmp_path):
@@ -597,7 +519,7 @@ def test_skip_similar_reuses_the_last_inferred_frame(tmp_path):
     path = str(tmp_path / "still.mkv")
     samples.write_video(path, frames, 10, (h, w), ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"])
 
-    rows, [end] = _rows(Decoder(size=(h, w), skip_similar=2.0).decode_video(path))
+    rows, [end] = split_rows(Decoder(size=(h, w), skip_similar=2.0).decode_video(path))
     assert end["n_frames"] == 30 and len(rows) == 30
     reused = {r["frame_index"]: r["reused_from"] for r in rows}
     inferred = [i for i, src in reused.items() if src < 0]
@@ -609,38 +531,18 @@ def test_skip_similar_reuses_the_last_inferred_frame(tmp_path):
             assert r["reused_from"] in inferred and r["reused_from"] < r["frame_index"]
             assert not r["frame"].any()  # no pixels shipped for a frame the model skips
     # off by default: every frame is inferred
-    plain, _ = _rows(Decoder(size=(h, w)).decode_video(path))
+    plain, _ = split_rows(Decoder(size=(h, w)).decode_video(path))
     assert all(r["reused_from"] == -1 for r in plain)
 
 
 # --- clips (--clip-len) --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, stride, starts, ends", [
-    (4, 4, [0, 4, 8], [3, 7, 9]),  # side by side; the last clip padded
-    (4, 2, [0, 2, 4, 6], [3, 5, 7, 9]),  # overlapping: frames 8-9 are in the last full clip
-    (4, 6, [0, 6], [3, 9]),  # gaps
-])
-def test_clips_tile_the_kept_frames(n, stride, starts, ends):
-    from rayvid.decode import Clips
-
-    times = np.arange(10) / 10
-    frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    clips = Clips(n, stride, times)
-    got = clips.add(np.arange(6), frames[:6]) + clips.add(np.arange(6, 10), frames[6:]) + clips.finish()
-    assert [c[0] for c in got] == starts and [c[1] for c in got] == ends
-    for first, last, start_s, end_s, clip in got:
-        assert clip.shape == (n, 2, 2, 3)
-        shown = [int(f[0, 0, 0]) for f in clip]
-        assert shown == [min(first + k, last) for k in range(n)]  # consecutive, then padded
-        assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
-
-
 @pytest.mark.parametrize("batch_frames", [64, 2])  # 2: a clip outgrows the child's frame slot
 def test_clip_rows_hold_consecutive_frames(matrix, batch_frames):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, clip_len=3, batch_frames=batch_frames)
-    frames, [end] = _rows(dec.decode_video(path))
+    frames, [end] = split_rows(dec.decode_video(path))
     assert end["error_type"] == "" and end["n_frames"] == len(frames) == -(-n // 3)
     assert end["frame"].shape == (3, *framecode.SIZE, 3) and end["clip_start_frame"] == -1
     for row in frames:
@@ -648,34 +550,6 @@ def test_clip_rows_hold_consecutive_frames(matrix, batch_frames):
         assert row["clip_start_frame"] == row["frame_index"]
         codes = [framecode.read_code(f) for f in row["frame"]]
         assert codes == [min(row["frame_index"] + k, row["clip_end_frame"]) for k in range(3)]
-
-
-def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
-    """A partial copy (the index only, media data a hole) probes like the whole file: the
-    same frames, times, key frames and packet places, read without the holes' bytes."""
-    from rayvid import storage
-    from rayvid.decode import _Sparse, index_only, probe
-
-    path, n = matrix["with_audio.mp4"]
-    copy = str(tmp_path / "partial.mp4")
-    fs, _ = storage.resolve(path)
-    part = storage.RangeCopy(fs, path, os.path.getsize(path), copy)
-    open(copy, "wb").close()
-    os.truncate(copy, part.size)
-    assert index_only(part) and 0 < part.fetched < part.size / 2
-    part.fetch(1000, 3000)  # some media data too: read as it is, around the holes
-    whole, partial = probe(path), probe(copy, partial=True)
-    assert len(partial.pts) == n
-    for field in ("pts", "times", "keyframes", "pos", "nbytes", "order"):
-        np.testing.assert_array_equal(getattr(partial, field), getattr(whole, field), err_msg=field)
-    with _Sparse(copy) as f, open(copy, "rb") as plain:
-        content = plain.read()
-        f.seek(500)
-        assert f.read(4000) == content[500:4500]
-        f.seek(-100, os.SEEK_END)
-        assert f.read() == content[-100:] and f.tell() == part.size
-        f.seek(0)
-        assert b"".join(iter(lambda: f.read(65536), b"")) == content
 
 
 # --- containers PyAV trips on: error rows or frames, never a failed task -----------------
@@ -722,7 +596,7 @@ def test_metadata_that_is_not_utf8_does_not_stop_a_video(odd_containers, matrix,
     UnicodeDecodeError (a ValueError, not an FFmpeg error) on a Latin-1 tag: the child
     reported a bug and the task failed. The tags are not read: every frame, exact."""
     n = matrix["h264.mp4"][1]
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["latin1_metadata.mp4"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["latin1_metadata.mp4"]))
     assert end["error_type"] == "" and end["n_frames"] == len(frames)
     assert [f["frame_index"] for f in frames] == list(range(0, n, sampling.get("every", 1))) and _codes_exact(frames)
 
@@ -734,28 +608,11 @@ def test_a_stream_that_appears_mid_file_does_not_stop_a_video(odd_containers, sa
     and the task failed. Now the video is read: the frames before the moved packet are
     exact (after it the file holds one frame fewer, and the damage FFmpeg does not see
     is not said), and the end row counts what was sent."""
-    frames, [end] = _rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["stray_stream.ts"]))
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE, **sampling).decode_video(odd_containers["stray_stream.ts"]))
     assert end["n_frames"] == len(frames) > 0 and end["error_type"] in ("", "VideoError"), end["message"]
     if "every" not in sampling:  # (sparse sampling of an MPEG-TS seeks to the parser's key frames: frames lost)
         before = [f for f in frames if f["frame_index"] < 40]
         assert [f["frame_index"] for f in before] == list(range(40)) and _codes_exact(before)
-
-
-def test_a_video_overwritten_after_its_probe_is_an_error_row(matrix, tmp_path):
-    """Garbage where the probe read a video: PyAV's open raises InvalidDataError (an
-    FFmpegError and a ValueError, neither OSError nor EOFError): one error row, not a bug."""
-    import shutil
-
-    path = tmp_path / "v.mp4"
-    shutil.copy(matrix["h264.mp4"][0], path)
-    garbage = bytes((i * 7919) % 251 for i in range(os.path.getsize(path)))
-    for decoder in ("pyav", "auto"):
-        shutil.copy(matrix["h264.mp4"][0], path)
-        reader = FrameReader(framecode.SIZE, decoder=decoder)
-        frames, [end] = _rows(reader.read(str(path), "v.mp4", on_probe=lambda info: path.write_bytes(garbage)))
-        assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError"), end
-        assert end["message"] == "cannot read video: Invalid data found when processing input", end
-        assert end["codec"] == "h264" and end["n_frames"] == 0
 
 
 _RESTART_FAILS = r"""

@@ -610,10 +610,9 @@ def test_hostile_object_keys_never_steer_where_rayvid_writes(ray_session, media,
 
 
 def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto, many_videos, shapes_model, s3fs_client):
-    """The endpoint goes away after the first commits: bounded retries, then a clear failure
-    naming what is not done; once it is back, the same command finishes the rest."""
-    import boto3
-
+    """The endpoint goes away after the first commit (at the second one's videos/ file):
+    bounded retries, then a clear failure naming what is not done; once it is back, the
+    same command finishes the rest."""
     src, local_expected = many_videos
     prefix = "s3://rayvid-test/outage/in"
     upload_tree(s3fs_client, src, prefix)
@@ -624,39 +623,40 @@ def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto
         return _cfg(prefix + "/", out, shapes_model["path"], run_id=run_id, commit_interval_s=0,
                     decode=DecodeConfig(max_actors=1))
 
-    outcome = {}
-
-    def first_run():
-        try:
-            outcome["result"] = pipeline.run(cfg("outage-1"))
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = e
-
-    s3 = boto3.client("s3")
-    job = threading.Thread(target=first_run)
-    job.start()
-    deadline = time.time() + 180
-    while time.time() < deadline and job.is_alive():
-        if s3.list_objects_v2(Bucket="rayvid-test", Prefix="outage/out/videos/").get("KeyCount", 0):
-            break
-        time.sleep(0.1)
-    moto.stop()
-    try:
-        job.join(timeout=300)
-        assert not job.is_alive(), "the run hung while S3 was down"
-        error = outcome.get("error")
-        assert isinstance(error, StorageUnavailable), outcome
-        message = str(error)
-        assert message.startswith("storage unreachable ")
-        assert "Could not connect to the endpoint URL" in message
-        n_missing = int(re.search(r"; (\d+) of 24 videos not committed \(first: s3://rayvid-test/outage/in/", message).group(1))
-        assert 0 < n_missing < 24 and message.endswith("run the same command again to finish them")
-    finally:
-        moto.start()
+    with moto.down_at("PUT", "/rayvid-test/outage/out/videos/part-outage-1-00001.parquet") as hit:
+        started = time.time()
+        with pytest.raises(StorageUnavailable) as caught:
+            pipeline.run(cfg("outage-1"))
+    assert hit and time.time() - started < 300  # bounded retries: no hang
+    message = str(caught.value)
+    assert message.startswith("storage unreachable ")
+    assert "Could not connect to the endpoint URL" in message
+    n_missing = int(re.search(r"; (\d+) of 24 videos not committed \(first: s3://rayvid-test/outage/in/", message).group(1))
+    assert 0 < n_missing < 24 and message.endswith("run the same command again to finish them")
     again = pipeline.run(cfg("outage-2"))
     assert again.videos_skipped == 24 - n_missing and again.videos_ok == n_missing and again.videos_failed == 0
     assert frames_per_video(read_output(out)) == expected
     assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
+
+
+def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model):
+    """The endpoint goes away as the run records that it finished, every video committed:
+    the same clear kind of failure, saying so, and the next run finds nothing to do."""
+    out = "s3://rayvid-test/outage-last/out"
+
+    def cfg(run_id):
+        return _cfg(str(media["videos"]), out, shapes_model["path"], run_id=run_id)
+
+    with moto.down_at("PUT", "/rayvid-test/outage-last/out/runs/last-1.json", b'"status": "finished"') as hit:
+        with pytest.raises(StorageUnavailable) as caught:
+            pipeline.run(cfg("last-1"))
+    assert hit
+    message = str(caught.value)
+    assert message.startswith("storage unreachable writing OUTPUT s3://rayvid-test/outage-last/out: ")
+    assert message.endswith("; every video is committed, only this run's record (runs/last-1.json) "
+                            "does not say it finished: nothing to run again")
+    again = pipeline.run(cfg("last-2"))
+    assert again.videos_skipped == again.videos_listed == len(media["truth"]) and again.videos_ok == 0
 
 
 def test_every_kind_of_bad_input_is_one_error_row_and_the_job_goes_on(ray_session, damaged, matrix, code_reader, tmp_path):

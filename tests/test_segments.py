@@ -8,7 +8,6 @@ import subprocess
 import threading
 import time
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -60,6 +59,25 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
     plan = segments.plan({"video_uri": np.array([url, url], dtype=object),
                           "version": np.array(["", "listed"], dtype=object)}, segment_s=6.0)
     assert plan["version"].tolist() == [etag] * 4 + ["listed"] * 4
+
+
+def test_planning_asks_the_store_nothing_the_listing_said(long_videos, s3fs_client, moto):
+    """Planning a listed video reads its header and nothing else: its size and version come
+    from the listing (on S3 a HEAD request per video fewer, millions on a large archive).
+    A video listed without them (a manifest) is asked once."""
+    import pyarrow as pa
+
+    from rayvid import listing
+
+    url = "s3://rayvid-test/plan/long_h264.mp4"
+    s3fs_client.put_file(long_videos["long_h264.mp4"][0], url)
+    listed = listing.list_videos("s3://rayvid-test/plan/")
+    for videos, heads in ((listed, 0), (pa.table({"video_uri": [url]}), 1)):
+        with moto.requests() as seen:
+            plan = segments.plan_all(videos, 6.0)
+        assert plan.column("n_segments").to_pylist() == [4] * 4
+        methods = [method for method, _ in seen]
+        assert "GET" in methods and methods.count("HEAD") == heads, seen
 
 
 def test_a_header_is_read_in_small_pieces(long_videos, tmp_path):
@@ -298,147 +316,7 @@ def test_remote_segments_meet_exactly_on_every_codec(matrix, s3fs_client, name):
         assert whole <= dec.bytes_fetched <= whole + 16 * len(bounds)  # and a look at the first box
 
 
-FRAGMENTED = {  # name -> ffmpeg muxer args: fragmented MP4 as muxers write it (each file 20 s, 15 fps)
-    "frag_table.mp4": ["-movflags", "+frag_keyframe+empty_moov"],  # a fragment per key frame, an mfra table
-    "frag_no_table.mp4": ["-movflags", "+frag_keyframe+empty_moov+skip_trailer"],  # no mfra: walked
-    "frag_short.mp4": ["-frag_duration", "700000", "-movflags", "+empty_moov"],  # fragments without key frames
-    "frag_sidx.mp4": ["-f", "mp4", "-movflags", "+dash+skip_trailer"],  # one sidx for all (`_one_sidx`)
-}
-
-
-@pytest.fixture(scope="module")
-def fragmented(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fragmented")
-    out = {}
-    for name, mux in FRAGMENTED.items():
-        path = str(root / name)
-        framecode.write_code_video(path, 300, (96, 128), framecode.X264 + ["-g", "45", "-bf", "3"] + mux, fps=15,
-                                   vf="noise=alls=20:allf=t+u")  # frames of KBs, not bytes: the index is small
-        if name == "frag_sidx.mp4":
-            _one_sidx(path)
-        out[name] = path
-    return out
-
-
-def _one_sidx(path: str) -> None:
-    """Rewrites FFmpeg's DASH output (a sidx before each fragment, moofs whose data offsets
-    count from themselves) into the DASH on-demand layout: one sidx after the moov listing
-    every fragment (the `global_sidx` files of the FFmpeg here do not decode)."""
-    import struct
-
-    boxes = _boxes(path)
-    head = b"".join(box for kind, box in boxes if kind in (b"ftyp", b"moov"))
-    sidxs = [box for kind, box in boxes if kind == b"sidx"]  # one reference each
-    moofs = [box for kind, box in boxes if kind == b"moof"]
-    mdats = [box for kind, box in boxes if kind == b"mdat"]
-    assert len(sidxs) == len(moofs) == len(mdats) > 1
-    wide = 8 if sidxs[0][8] == 1 else 4  # version 1: 64-bit time and offset
-    ref = 24 + 2 * wide  # the first reference: size, duration, SAP
-    refs = b"".join(struct.pack(">I", len(moof) + len(mdat)) + sidx[ref + 4 : ref + 12]
-                    for sidx, moof, mdat in zip(sidxs, moofs, mdats))
-    body = (sidxs[0][8 : 20 + wide]  # version, flags, reference id, timescale, earliest time
-            + bytes(wide) + struct.pack(">HH", 0, len(moofs)) + refs)  # first offset 0: right after it
-    sidx = struct.pack(">I4s", 8 + len(body), b"sidx") + body
-    with open(path, "wb") as f:
-        f.write(head + sidx + b"".join(moof + mdat for moof, mdat in zip(moofs, mdats)))
-
-
-def _boxes(path: str) -> list[tuple[bytes, bytes]]:
-    """The top-level boxes of an MP4 file: (kind, the whole box)."""
-    data, at, boxes = open(path, "rb").read(), 0, []
-    while at < len(data):
-        n = int.from_bytes(data[at : at + 4], "big")
-        boxes.append((data[at + 4 : at + 8], data[at : at + n]))
-        at += n
-    return boxes
-
-
-class _Counting(fsspec.implementations.local.LocalFileSystem):
-    """The local file system, counting the calls that read byte ranges (each a round trip on a store)."""
-
-    calls = 0
-
-    def cat_ranges(self, *args, **kwargs):
-        _Counting.calls += 1
-        return super().cat_ranges(*args, **kwargs)
-
-
-@pytest.mark.parametrize("name", sorted(FRAGMENTED))
-def test_index_of_a_fragmented_mp4_is_every_moof(fragmented, tmp_path, name):
-    """A fragmented MP4's partial copy holds its moov and every fragment's moof, and probes
-    like the whole file; with a table (mfra) the moofs are read in a few round trips, without
-    one a fragment at a time; where fragments are smaller than fetching each on its own is
-    worth (the default 2 MB), nothing past the first fragment is read and it is copied whole."""
-    from rayvid import storage
-    from rayvid.decode import index_only, probe
-
-    path = fragmented[name]
-
-    def copy(**kwargs):
-        part = storage.RangeCopy(_Counting(), path, os.path.getsize(path), str(tmp_path / "part.mp4"))
-        open(part.path, "wb").close()
-        os.truncate(part.path, part.size)
-        _Counting.calls = 0
-        return part, index_only(part, **kwargs)
-
-    part, ok = copy(gap_bytes=0)
-    assert ok and part.fetched < part.size / 3
-    whole, partial = probe(path), probe(part.path, partial=True)
-    assert len(whole.pts) == 300
-    for field in ("pts", "times", "keyframes", "pos", "nbytes", "order"):
-        np.testing.assert_array_equal(getattr(partial, field), getattr(whole, field), err_msg=field)
-    calls, moofs = _Counting.calls, sum(kind == b"moof" for kind, _ in _boxes(path))
-    listed = name != "frag_no_table.mp4"  # by the mfra, or by the sidx: the moofs many at a time
-    assert moofs >= 7 and (calls < moofs + 5 if listed else calls >= moofs)  # else a fragment at a time
-    part, ok = copy(gap_bytes=0, max_rounds=6)
-    assert ok == listed  # the boxes before the fragments, a moof, then all: walking takes more rounds
-    part, ok = copy()  # fragments of ~10 KB: a whole copy costs less than a request for each
-    assert not ok and part.fetched < 10_000
-
-
-@pytest.mark.parametrize("version", [0, 1])
-def test_index_of_a_long_fragmented_mp4_reads_its_table(tmp_path, version):
-    """A long fragmented MP4 with fragments of 2 MB (an index only: its media data is a
-    hole) whose mfra table has 32-bit (version 0) or 64-bit (version 1) offsets: every moof
-    is read, many in each round trip, and little else."""
-    import struct
-
-    from rayvid import storage
-    from rayvid.decode import index_only
-
-    def box(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I4s", 8 + len(payload), kind) + payload
-
-    src, moof = str(tmp_path / "long.mp4"), box(b"moof", bytes(600))
-    offsets = []
-    with open(src, "wb") as f:
-        f.write(box(b"ftyp", b"isom" + bytes(4) + b"isomiso6"))
-        f.write(box(b"moov", box(b"mvhd", bytes(100)) + box(b"mvex", box(b"trex", bytes(24)))))
-        for _ in range(100):
-            offsets.append(f.tell())
-            f.write(moof + struct.pack(">I4s", 8 + 2 * 2**20, b"mdat"))
-            f.seek(2 * 2**20, os.SEEK_CUR)  # media data: a hole
-        wide = ">QQ" if version else ">II"  # each entry: time, moof offset, then 1-byte numbers
-        entries = b"".join(struct.pack(wide, 0, at) + b"\x01\x01\x01" for at in offsets)
-        tfra = box(b"tfra", bytes([version, 0, 0, 0]) + struct.pack(">III", 1, 0, len(offsets)) + entries)
-        f.write(box(b"mfra", tfra + struct.pack(">I4sII", 16, b"mfro", 0, 8 + len(tfra) + 16)))
-    part = storage.RangeCopy(_Counting(), src, os.path.getsize(src), str(tmp_path / "part.mp4"))
-    open(part.path, "wb").close()
-    os.truncate(part.path, part.size)
-    _Counting.calls = 0
-    assert index_only(part)  # the default: fragments of 2 MB are worth reading in parts
-    # ftyp, moov, the table and the first moof (a round trip each, about), then the moofs
-    # SMALL_READS_IN_FLIGHT at a time (walked, a moof at a time: 100 and more)
-    assert _Counting.calls <= 8 + math.ceil(len(offsets) / storage.RangeCopy.SMALL_READS_IN_FLIGHT)
-    with open(part.path, "rb") as copy:
-        for at in offsets:
-            copy.seek(at)
-            assert copy.read(len(moof) + 8)[4:12] == b"moof" + bytes(4)
-    # each moof in one request of twice its size (its mdat's header in it), the boxes around
-    assert len(moof) * len(offsets) < part.fetched < 2**16 + len(offsets) * (2 * len(moof) + 16)
-
-
-@pytest.mark.parametrize("name", sorted(FRAGMENTED))
+@pytest.mark.parametrize("name", sorted(framecode.FRAGMENTED))
 @pytest.mark.parametrize("sampling", [{}, {"keyframes": True}])
 def test_remote_segments_of_a_fragmented_mp4_meet_exactly(fragmented, s3fs_client, name, sampling):
     """On S3 the segments of a fragmented MP4 read partial copies (every moof, then their
@@ -467,7 +345,7 @@ def test_a_fragmented_mp4_whose_table_is_wrong_is_read_whole_and_exactly(fragmen
 
     path = str(tmp_path / "bad_table.mp4")
     data = bytearray(open(fragmented["frag_table.mp4"], "rb").read())
-    kinds = [kind for kind, _ in _boxes(fragmented["frag_table.mp4"])]
+    kinds = [kind for kind, _ in framecode.top_boxes(fragmented["frag_table.mp4"])]
     assert kinds[-1] == b"mfra"
     mfra_at = len(data) - int.from_bytes(data[-4:], "big")
     tfra_at = mfra_at + 8
@@ -572,8 +450,6 @@ def test_long_video_through_the_job_in_segments(ray_session, long_videos, code_r
 @pytest.mark.parametrize("name", sorted(framecode.MATRIX))
 def test_segments_meet_exactly_on_every_codec(matrix, name):
     """Every matrix file cut into ~0.3 s segments (later ones seek with PyAV)."""
-    from helpers import HTTP_MODES, http_server, pts_of
-
     path, n = matrix[name]
     duration = float(pts_of(path)[-1]) + 0.05
     bounds = segments.bounds(duration, 0.3)

@@ -1,0 +1,948 @@
+"""One local video file in, uint8 RGB frames at the model's input size out: a demux-only
+probe of the container (`probe`), the frames a sampling mode keeps (`sample_indices`), and
+the decoder that reads them (`FrameReader`), inside the decode stage's child process
+(decode.py), which hands it a local path: a file in place, a whole copy of a remote one,
+or a partial copy of a remote MP4/MOV (mp4.py) whose missing bytes it asks the actor for
+(`fetch_for`; which ones: `plan_ranges`).
+
+Rows out (`FrameReader.read`, the decode stage's columns, listed in decode.py): batches of
+frame rows, then one terminal row (`end_row`) that counts them, carries the video's
+metadata and says why the segment stopped early, if it did.
+
+Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
+- **decord** (default where it is right, see `DECORD_CODECS`; never on MPEG-TS:
+  `DECORD_WRONG_CONTAINERS`) for dense sampling (every
+  frame), reading a local path (remote objects are streamed to a temp file first:
+  `VideoReader(file_object)` copies the whole file into memory and segfaults on
+  truncation), always resizing on decode to the model size, with an explicit
+  `num_threads` (decord's 0 means every core of the node). It reads strictly
+  sequentially, in contiguous windows: decord's seeks return wrong frames after keyframes
+  on open-GOP HEVC (measured: 4 of 9 sparse indices off on a 60-frame x265 file), its
+  sequential reads are exact. Its demuxer thread queues the compressed packets of the
+  whole file ahead of the decoder (measured: 1.9 GB of anonymous memory after the first
+  64 frames of a 1.9 GB 10-minute 1080p file), so files larger than `DECORD_MAX_BYTES`
+  go to PyAV, which holds one packet at a time (about 10% more CPU per 1080p frame,
+  BENCHMARKS.md): memory stays flat in video length.
+- **PyAV** for sparse sampling (`--every`, `--fps`, `--keyframes`: decord would decode and
+  resize every frame in between; PyAV seeks over key-frame intervals that hold no kept
+  frame, skips non-reference frames that are not kept, and converts kept frames only), for
+  what decord cannot open or cannot be trusted with (AV1; VP9; output widths decord
+  mis-strides, such as 48 px, where it returns 4-channel garbage), for every segment but a
+  video's first (it seeks to the key frame before the segment and maps frames to indices
+  by pts, which is exact after a seek on every codec), and as the fallback when decord
+  fails before its first frame. It decodes packet by packet (a damaged packet costs its
+  frames, not the video), applies the container's rotation (frames come out upright, as a
+  player shows them) and resizes with the same bicubic stretch as decord.
+Frame indices and timestamps come from the probe: index i is the i-th frame in
+presentation (pts) order, its time is (pts - stream start) x time_base, exact in float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
+
+import numpy as np
+
+from rayvid import storage
+from rayvid.mp4 import FETCH_GAP_BYTES, hint
+from rayvid.schema import KIND_END, KIND_FRAME
+
+# decord buffers a file's compressed packets whole: above this size, PyAV decodes it
+DECORD_MAX_BYTES = 256 * 2**20
+
+# Sources this large and up decode on `FrameReader`'s large_source_threads (where the
+# decode actor shares its node's cores with CPU inference: decode.SHARED_NODE_THREADS).
+LARGE_SOURCE_PIXELS = 1280 * 720
+
+# Codecs decord 0.6 decodes exactly (sequential reads; tests/test_decode.py and
+# bench/decord_matrix.py check each); anything else goes to PyAV. Measured: decord cannot
+# open AV1; on VP9/WebM it once raised a decoder-thread error we could not reproduce, so VP9
+# goes to PyAV too.
+DECORD_CODECS = frozenset(
+    "h264 hevc mpeg4 mjpeg prores mpeg1video mpeg2video h263 msmpeg4v2 msmpeg4v3 wmv1 wmv2 "
+    "dvvideo".split()
+)
+# Containers whose frames decord returns shifted, with no error: on MPEG-TS (.ts, .m2ts,
+# .mts) frame i showed frame i+10 (H.264) or i+12 (MPEG-2), HEVC came out blank
+# (measured with the frame-code videos, decord 0.6.0). They go to PyAV, which is exact.
+DECORD_WRONG_CONTAINERS = frozenset({"mpegts"})
+# Containers without an index (MPEG transport and program streams: .ts .m2ts .mts, .mpg
+# .vob): FFmpeg seeks in them by bytes and lands on frames flagged key that a decoder cannot
+# start from (measured: sampled frames and later segments lost as damaged). Readers never
+# seek in them (`Probe.seek_keys`), and the planner keeps them in one segment.
+UNSEEKABLE_CONTAINERS = frozenset({"mpegts", "mpeg"})
+
+
+def sample_indices(
+    timestamps: np.ndarray,
+    every: int = 1,
+    fps: Optional[float] = None,
+    keyframes: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Indices of the frames a sampling mode keeps, sorted and unique.
+
+    every=N keeps 0, N, 2N, ...; fps=F keeps, for each target time t = k/F (k = 0, 1, ...
+    up to the last frame's time), the frame whose presentation time is nearest t (ties go
+    to the earlier frame); a frame nearest several targets is kept once; `keyframes` (a
+    boolean mask) keeps exactly the key frames.
+    """
+    n = len(timestamps)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if keyframes is not None:
+        return np.flatnonzero(keyframes).astype(np.int64)
+    if fps is None:
+        return np.arange(0, n, every, dtype=np.int64)
+    ts = np.asarray(timestamps, dtype=np.float64)
+    last = ts[-1]
+    targets = np.arange(0, math.floor(last * fps + 1e-9) + 1, dtype=np.float64) / fps
+    right = np.clip(np.searchsorted(ts, targets, side="left"), 0, n - 1)
+    left = np.clip(right - 1, 0, n - 1)
+    pick = np.where(np.abs(ts[left] - targets) <= np.abs(ts[right] - targets), left, right)
+    return np.unique(pick).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the container says of its video stream, from a demux-only pass (no decoding)."""
+
+    codec: str
+    width: int  # as displayed: the coded size, turned by the container's rotation
+    height: int
+    fps: float  # average, for information only: never used to compute times
+    duration_s: float
+    pts: np.ndarray  # int64, sorted: frame i has pts[i]
+    times: np.ndarray  # float64 seconds, (pts - start) * time_base
+    keyframes: np.ndarray  # bool, frame i is a key frame
+    listed: int = 0  # frames the container's index lists (0: it does not say)
+    rotation: int = 0  # display rotation in degrees (FFmpeg's `frame.rotation`; 0, 90, -90, -180)
+    container: str = ""  # FFmpeg's name of the container format (`mpegts`, `mov,mp4,...`)
+
+    @property
+    def seek_keys(self) -> np.ndarray:
+        """The frames a reader may seek to: the key frames, where the container has an index
+        to seek by; else frame 0 alone (`UNSEEKABLE_CONTAINERS`: read from the start)."""
+        if UNSEEKABLE_CONTAINERS & set(self.container.split(",")):
+            return np.arange(len(self.keyframes)) == 0
+        return self.keyframes
+    # where frame i's packet lies: byte offset (-1: unknown), size, rank in decode order
+    pos: Optional[np.ndarray] = None
+    nbytes: Optional[np.ndarray] = None
+    order: Optional[np.ndarray] = None
+
+
+def probe(path: str, partial: bool = False) -> Probe:
+    """With `partial` (a copy holding only the container's index, `mp4.index_only`) nothing is
+    decoded (the rotation, which the first decoded frame says, is 0 until `fetch_for`),
+    and key frames are the index's (FFmpeg's parser judges them from the packets' bytes,
+    which are not there)."""
+    import av
+
+    try:
+        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, _open(source) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream (audio-only or not a video)")
+            stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
+            packets, rotation = [], 0 if partial else None
+            for p in _demux(container, stream):
+                if p.size:
+                    packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe,
+                                    -1 if p.pos is None else p.pos, p.size))
+                if rotation is None:  # the first frame says it (decoded once, by the way)
+                    try:
+                        rotation = next((int(f.rotation or 0) for f in p.decode()), None)
+                    except av.FFmpegError:
+                        pass
+            if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
+                indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
+                packets = [(t, indexed.get(pos, key), pos, n) for t, key, pos, n in packets]
+            codec = stream.codec_context.name
+            width, height = stream.codec_context.width, stream.codec_context.height
+            rotation = rotation or 0
+            if (rotation // 90) % 2:
+                width, height = height, width
+            rate = stream.average_rate
+            tb = stream.time_base
+            start = stream.start_time or 0
+            listed = int(stream.frames or 0)
+            container_format = container.format.name or ""
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot open video: {_reason(e)}{hint(path)}") from None
+    if not packets:
+        raise VideoError("the video stream has no frames")
+    if any(p[0] is None for p in packets) or tb is None:
+        raise VideoError("the video stream has packets without timestamps"
+                         + (" (an elementary stream, with no container to time its frames: remux it, "
+                            "`ffmpeg -i IN -c copy OUT.mp4`)" if all(p[0] is None for p in packets) else ""))
+    order = np.argsort([p[0] for p in packets], kind="stable")
+    pts = np.array([packets[i][0] for i in order], dtype=np.int64)
+    if len(np.unique(pts)) != len(pts):
+        raise VideoError("the video stream has frames with duplicate timestamps")
+    keys = np.array([packets[i][1] for i in order], dtype=bool)
+    times = (pts - start) * tb.numerator / tb.denominator
+    fps = float(rate) if rate else 0.0
+    duration = float(times[-1] + (1.0 / fps if fps else 0.0))
+    return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
+                 pos=np.array([packets[i][2] for i in order], dtype=np.int64),
+                 nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
+                 order=order.astype(np.int64))
+
+
+def _open(source):
+    """`av.open` for reading. The container's and streams' tags (which rayvid never uses)
+    are decoded leniently: PyAV decodes them as UTF-8 when it opens a file, and a tag in
+    another encoding (Latin-1, as older cameras and tools write) raised UnicodeDecodeError,
+    a ValueError that is no FFmpeg error, on a video that decodes fine."""
+    import av
+
+    return av.open(source, metadata_errors="replace")
+
+
+def _demux(container, stream) -> Iterator:
+    """`container.demux(stream)`, ended quietly where PyAV fails at the end of it: a
+    container that adds a stream while it is read (an MPEG-TS packet on a PID no program
+    lists, as a damaged or spliced capture has) made PyAV raise IndexError when it flushed
+    that stream, which it never listed, after every packet of ours."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, IndexError):
+            return
+        yield packet
+
+
+def _reason(e: BaseException) -> str:
+    """What FFmpeg says went wrong, without the file name PyAV appends."""
+    return getattr(e, "strerror", None) or _first_line(e)
+
+
+class _Sparse:
+    """A file read the way a sparse file should be for demuxing: the holes (the media data
+    of a partial copy that was never fetched) come back as zeros found with
+    lseek(SEEK_DATA/SEEK_HOLE), never read from the file system, which zero-fills every
+    page of them (measured: 5.0 s to demux a 1.9 GB partial copy read plainly). Where the
+    file system cannot say, every byte is read: the same bytes, slower."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size, self.pos = os.fstat(self.fd).st_size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        parts = []
+        while n > 0:
+            part = self._read(n)
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+
+    def _read(self, n: int) -> bytes:
+        """Up to n bytes from self.pos: zeros to the end of a hole, or data to its end."""
+        data = hole = self.pos  # no SEEK_DATA: read
+        if hasattr(os, "SEEK_DATA"):
+            try:
+                data = os.lseek(self.fd, self.pos, os.SEEK_DATA)
+                hole = os.lseek(self.fd, self.pos, os.SEEK_HOLE) if data == self.pos else data
+            except OSError as e:  # ENXIO: a hole to the end; anything else: read
+                data = self.size if e.errno == errno.ENXIO else self.pos
+        if data > self.pos:
+            out = bytes(min(n, data - self.pos))  # calloc'd: no page is touched
+        else:
+            out = os.pread(self.fd, min(n, hole - self.pos) if hole > self.pos else n, self.pos)
+            if not out:
+                raise EOFError(f"the file ended at byte {self.pos} of {self.size}")
+        self.pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence] + int(offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def __enter__(self) -> "_Sparse":
+        return self
+
+    def __exit__(self, *_) -> None:
+        os.close(self.fd)
+
+
+class _Walk:
+    """How the PyAV decoder reaches the kept frames (`keep`, ascending): which key frame to
+    seek to before reading the next packet, and when to stop feeding packets and drain.
+    `FrameReader._pyav_frames` follows it while decoding; `plan_ranges` follows it over
+    the index alone to know which packets that decoding will read."""
+
+    STOP = -1  # nothing more is wanted
+
+    def __init__(self, keep: np.ndarray, keyframes: np.ndarray):
+        self.keep = keep
+        self.key_of = np.maximum.accumulate(np.where(keyframes, np.arange(len(keyframes)), 0))
+        self.unfed = np.zeros(len(keyframes), dtype=bool)  # kept frames whose packet was not read
+        self.unfed[keep] = True
+        self.first_unfed = 0  # keep[first_unfed]: the earliest of them
+        self.seen, self.last_seek, self.drained = -1, -1, False
+
+    def seek(self) -> Optional[int]:
+        """Before reading a packet: the key frame to seek to, STOP, or None (read on)."""
+        if self.first_unfed < len(self.keep):
+            # the next kept frame lies past a key frame not reached yet: jump there
+            key = int(self.key_of[self.keep[self.first_unfed]])
+            if self.drained or (key > self.seen + 1 and key > self.last_seek):
+                self.last_seek, self.seen, self.drained = key, key - 1, False
+                return key
+            return None
+        # every kept frame was fed (and, drained, has come out or never will)
+        return self.STOP if self.drained else None
+
+    def read(self, i: Optional[int]) -> bool:
+        """After reading the packet of frame i (None: not a frame of the probe): whether
+        nothing more is wanted before a seek, so the decoder drains the frames still
+        inside it instead of being fed the rest of this group of pictures."""
+        if i is not None:
+            self.seen = max(self.seen, i)
+            self.unfed[i] = False
+            while self.first_unfed < len(self.keep) and not self.unfed[self.keep[self.first_unfed]]:
+                self.first_unfed += 1
+        if self.first_unfed == len(self.keep) or self.key_of[self.keep[self.first_unfed]] > self.seen + 1:
+            self.drained = True
+        return self.drained
+
+
+def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> Probe:
+    """On a partial copy (`mp4.index_only`): fetches the bytes of every packet that decoding
+    the frames `keep` reads (`plan_ranges`), then reads the rotation off the first decoded
+    frame. Returns the probe with the rotation (and the displayed size) filled in."""
+    import av
+
+    fetch(plan_ranges(path, info, keep, gap_bytes))
+    rotation, width, height = 0, info.width, info.height
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
+        if key > 0:
+            _seek(container, stream, info, key)
+        for packet in _demux(container, stream):
+            try:
+                frames = [*packet.decode(), *stream.codec_context.decode(None)]
+            except av.FFmpegError:
+                break
+            if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
+                rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
+                break
+    if (rotation // 90) % 2:
+        width, height = height, width
+    return replace(info, rotation=rotation, width=int(width), height=int(height))
+
+
+def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH_GAP_BYTES) -> list:
+    """The byte ranges [(offset, length)] of every packet that decoding the frames `keep`
+    of the partial copy `path` (`mp4.index_only`, probed as `info`) reads
+    (`FrameReader._pyav_frames`), from its index alone.
+
+    The decoder reads packets in decode order from where each of its seeks lands (to the
+    key frame before the next kept frame; tried here on the copy: the index alone decides
+    where) until its drain rule stops it; the same `_Walk` is followed here over the
+    probe's decode order, without decoding. Each run of packets it reads becomes a byte range;
+    ranges less than `gap_bytes` apart are fetched as one. Dense sampling is one range from the
+    segment's lead-in to its last frame; key frames only are the key frames' packets
+    (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
+    n = len(info.pts)
+    walk = _Walk(keep, info.seek_keys)
+    index_of = {int(p): i for i, p in enumerate(info.pts)}
+    by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
+    landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        for key in np.unique(walk.key_of[keep]).tolist():
+            if key == 0:  # as _pyav_frames: no seek, from the first packet
+                landing[key] = 0
+                continue
+            _seek(container, stream, info, key)
+            first = next((p for p in _demux(container, stream) if p.size), None)
+            land = index_of.get(first.pts if first is not None else None, key)
+            landing[key] = min(int(info.order[land]), int(info.order[key]))
+    # the decoder's walk over decode ranks: the runs of packets it reads between seeks
+    runs, rank = [[0, -1]], 0
+    while (key := walk.seek()) != walk.STOP:
+        if key is not None:
+            rank = landing[key]
+            runs.append([rank, rank - 1])
+        if rank >= n:
+            break
+        runs[-1][1] = rank
+        walk.read(int(by_rank[rank]))
+        rank += 1
+    runs = sorted(r for r in runs if r[1] >= r[0])
+    ranges = []
+    for lo, hi in runs:
+        frames = by_rank[lo : hi + 1]
+        pos, nbytes = info.pos[frames], info.nbytes[frames]
+        if (pos < 0).any():  # the container did not say where: everything
+            ranges = [[0, 2**62]]
+            break
+        start, stop = int(pos.min()), int((pos + nbytes).max())
+        if ranges and start - ranges[-1][1] < gap_bytes:
+            ranges[-1] = [min(ranges[-1][0], start), max(ranges[-1][1], stop)]
+        else:
+            ranges.append([start, stop])
+    return [(start, stop - start) for start, stop in ranges]
+
+
+def _seek(container, stream, info: Probe, key: int) -> None:
+    """Seeks to key frame `key` (or the nearest one before it, by the container's index)."""
+    import av
+
+    try:
+        container.seek(int(info.pts[key]), stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError as e:  # FFmpeg's errno (EPERM, EIO) says nothing of access or disks here
+        raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {_reason(e)})") from None
+
+
+def upright(img: np.ndarray, rotation) -> np.ndarray:
+    """A decoded image turned as the container's display matrix says (`frame.rotation`)."""
+    turns = (int(rotation) // 90) % 4 if rotation else 0
+    return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
+
+
+class _Untrusted(Exception):
+    """decord cannot give exact frames for this file: use PyAV instead."""
+
+
+class FrameReader:
+    """Decodes local files; runs inside the decode child process (see `decode.Decoder`)."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        every: int = 1,
+        fps: Optional[float] = None,
+        keyframes: bool = False,
+        decoder: str = "auto",
+        threads: int = 1,
+        large_source_threads: int = 0,
+        large_source_pixels: int = LARGE_SOURCE_PIXELS,
+        batch_frames: int = 64,
+        batch_bytes: int = 32 * 2**20,
+        skip_similar: Optional[float] = None,
+        decord_max_bytes: int = DECORD_MAX_BYTES,
+        clip_len: int = 0,
+        clip_stride: int = 0,
+        fetch_gap_bytes: int = FETCH_GAP_BYTES,
+    ):
+        import av  # noqa: F401 - heavy imports: only inside the stage, once per process
+        import decord
+
+        if decoder not in ("auto", "decord", "pyav"):
+            raise ValueError(f"unknown decoder {decoder!r}")
+        self._decord = decord
+        self.height, self.width = int(size[0]), int(size[1])
+        self.every, self.fps, self.keyframes = every, fps, keyframes
+        self.fetch_gap_bytes = int(fetch_gap_bytes)
+        self.decoder = decoder
+        self.threads = max(1, int(threads))
+        # decord's threads for sources of LARGE_SOURCE_PIXELS and more (0: `threads`)
+        self.large_source_threads = max(self.threads, int(large_source_threads))
+        self.large_source_pixels = int(large_source_pixels)
+        self.decord_threads = 0  # those of the last decord reader, for tests
+        frame_bytes = self.height * self.width * 3
+        self.skip_similar = skip_similar
+        self.decord_max_bytes = decord_max_bytes
+        self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
+        self.fed = 0  # packets PyAV's decoder was given (skipped non-reference ones too)
+        self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
+        self.batch_frame_bytes = self.chunk * frame_bytes  # the most a batch of frames holds
+        self.clip_len = int(clip_len)
+        self.clip_stride = int(clip_stride) or self.clip_len
+
+    def read(self, path: str, uri: str, segment: int = 0, n_segments: int = 1,
+             start_s: float = -math.inf, end_s: float = math.inf, after: int = -1,
+             emitted: int = 0, force_pyav: bool = False, note: str = "",
+             on_probe=None, partial: bool = False, on_fetch=None) -> Iterator[dict]:
+        """Frame batches of the frames with start_s <= pts time < end_s and index > after,
+        then the segment's terminal row (whose n_frames adds `emitted`, the frames an
+        earlier attempt already delivered). With `partial`, `path` is a sparse copy holding
+        only the container's index (`mp4.index_only`): `on_fetch([(offset, length)])` must
+        fetch the byte ranges this segment reads before it returns. Whatever PyAV raises on
+        a damaged file ends the segment with an error row, as does any error it raises
+        after frames were sent (the row counts them)."""
+        import av
+
+        state = {"emitted": 0, "stage": "decode", "decoder": "", "info": None, "note": note,
+                 "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav or partial}
+        done = lambda error: end_row(  # noqa: E731
+            uri, segment, n_segments, (self.height, self.width), emitted + state["emitted"],
+            error, state["stage"], _decoder_label(state), state["info"])
+        try:
+            if os.path.getsize(path) == 0:
+                raise VideoError("empty file (0 bytes)")
+            info = state["info"] = probe(path, partial=partial)
+            keep = self._keep(info, start_s, end_s, after)
+            if partial and len(keep):
+                info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
+            if on_probe is not None:
+                on_probe(info)
+            got = state["got"] = np.zeros(len(info.pts), dtype=bool)
+            similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
+            clips = Clips(self.clip_len, self.clip_stride, info.times) if self.clip_len else None
+            for idx, frames in self._frames(path, info, keep, state):
+                got[idx] = True
+                if clips is not None:
+                    for batch in self._clip_batches(uri, state, clips.add(idx, frames)):
+                        yield batch
+                        state["emitted"] += len(batch["frame_index"])
+                    continue
+                batch = self._frame_batch(uri, state, idx, info.times[idx], frames)
+                if similar is not None:
+                    similar.mark(batch)
+                yield batch
+                state["emitted"] += len(idx)
+            if clips is not None:
+                for batch in self._clip_batches(uri, state, clips.finish()):
+                    yield batch
+                    state["emitted"] += len(batch["frame_index"])
+            problems = []
+            lost = keep[~got[keep]]
+            if len(lost):
+                problems.append(f"{len(lost)} of {len(keep)} frames lost to damaged data "
+                                f"(frame {_ranges(lost)})")
+            if info.listed > len(info.pts) and end_s == math.inf:
+                problems.append(f"truncated: the container lists {info.listed} frames, "
+                                f"the file holds {len(info.pts)}")
+            if problems:
+                raise VideoError("; ".join(problems))
+        except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:
+            yield done(e)
+            return
+        except av.FFmpegError as e:  # InvalidDataError and the like: ValueErrors, not OSErrors
+            yield done(VideoError(f"cannot read video: {_reason(e)}"))
+            return
+        yield done(None)
+
+    def plan(self, path: str, start_s: float = -math.inf, end_s: float = math.inf) -> Optional[list]:
+        """The byte ranges [(offset, length)] that `read` of the partial copy `path` (holding
+        only its index) will fetch for the frames with start_s <= pts time < end_s, worked out
+        ahead (`plan_ranges`); None where the index cannot say (`read` finds out, and reports,
+        why)."""
+        import av
+
+        try:
+            info = probe(path, partial=True)
+            keep = self._keep(info, start_s, end_s, -1)
+            return plan_ranges(path, info, keep, self.fetch_gap_bytes) if len(keep) else []
+        except (VideoError, RuntimeError, EOFError, OSError, av.FFmpegError):
+            return None
+
+    def _keep(self, info: Probe, start_s: float, end_s: float, after: int) -> np.ndarray:
+        """Indices of the frames to deliver: sampled, start_s <= pts time < end_s, > after."""
+        keep = sample_indices(info.times, self.every, self.fps, info.keyframes if self.keyframes else None)
+        return keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
+
+    def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
+        """(indices, frames) batches from the decoder that suits this file."""
+        if len(keep) == 0:
+            return
+        # decord only from frame 0 (its seeks are not exact); later segments seek with PyAV
+        first = int(keep[0]) == 0 or (state["segment"] == 0 and not state["force_pyav"])
+        # decord decodes and resizes every frame up to the last one kept: only for dense
+        # sampling; sparse sampling (--every, --fps, --keyframes) goes to PyAV, which skips
+        dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
+        suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense
+                 and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
+        small = os.path.getsize(path) <= self.decord_max_bytes
+        use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))
+        if first and not state["force_pyav"] and suits and not small:
+            state["note"] = _join(state["note"], "large file")
+        if use_decord:
+            state["decoder"] = "decord"
+            try:
+                for out in self._decord_frames(path, info, keep):
+                    yield out
+                return
+            except (_Untrusted, RuntimeError, self._decord.DECORDError) as e:
+                if self.decoder == "decord":
+                    raise
+                done = np.flatnonzero(state["got"])
+                if len(done):  # go on with PyAV after the last frame decord delivered
+                    keep = keep[keep > done[-1]]
+                    state["note"] = _join(state["note"], f"decord failed after frame {done[-1]}: {_first_line(e)}")
+                else:
+                    state["note"] = _join(state["note"], f"decord: {_first_line(e)}")
+                state["decoder"] = "decord+pyav" if len(done) else "pyav"
+                if len(keep):
+                    yield from self._pyav_frames(path, info, keep, state)
+                return
+        state["decoder"] = "pyav"
+        yield from self._pyav_frames(path, info, keep, state)
+
+    def _decord_frames(self, path: str, info: Probe, keep: np.ndarray):
+        large = info.width * info.height >= self.large_source_pixels
+        self.decord_threads = self.large_source_threads if large else self.threads
+        try:
+            vr = self._decord.VideoReader(
+                path, ctx=self._decord.cpu(0), width=self.width, height=self.height,
+                num_threads=self.decord_threads,
+            )
+        except (RuntimeError, self._decord.DECORDError) as e:
+            raise _Untrusted(f"cannot open: {_first_line(e)}") from None
+        try:
+            if len(vr) != len(info.pts):
+                raise _Untrusted(f"decord counts {len(vr)} frames, the container {len(info.pts)}")
+            if len(keep) == 0:
+                return
+            wanted = np.zeros(int(keep[-1]) + 1, dtype=bool)
+            wanted[keep] = True
+            idx_buf, frame_buf = np.zeros(0, np.int64), None
+            # contiguous windows from frame 0: never a seek, so exact on every codec
+            for start in range(0, len(wanted), self.chunk):
+                stop = min(start + self.chunk, len(wanted))
+                frames = vr.get_batch(list(range(start, stop))).asnumpy()
+                if frames.shape[1:] != (self.height, self.width, 3):
+                    raise _Untrusted(f"decord returned frames of shape {frames.shape[1:]}")
+                sel = np.flatnonzero(wanted[start:stop])
+                if len(sel) < len(frames):  # else every frame of the window: no copy
+                    frames = frames[sel]
+                if len(idx_buf):
+                    idx_buf, frame_buf = np.concatenate([idx_buf, sel + start]), np.concatenate([frame_buf, frames])
+                else:
+                    idx_buf, frame_buf = sel + start, frames
+                while len(idx_buf) >= self.chunk or (stop == len(wanted) and len(idx_buf)):
+                    yield idx_buf[: self.chunk], frame_buf[: self.chunk]
+                    idx_buf, frame_buf = idx_buf[self.chunk :], frame_buf[self.chunk :]
+        finally:
+            del vr
+
+    def _pyav_frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
+        """Decodes only what the kept frames need: it seeks over every group of pictures
+        that holds no kept frame (to the key frame before the next kept one), has FFmpeg
+        skip non-reference frames that are not kept (nothing depends on them), stops
+        feeding a group of pictures once its last kept frame's packet is in (a frame's
+        references precede it in decode order, so draining the decoder then gives it out
+        without decoding the frames after it), and converts and resizes kept frames only.
+        Dense sampling decodes everything; one frame per key-frame interval decodes about
+        one frame per interval."""
+        import av
+
+        index_of = {int(p): i for i, p in enumerate(info.pts)}
+        wanted = np.zeros(len(info.pts), dtype=bool)
+        wanted[keep] = True
+        done = np.zeros(len(info.pts), dtype=bool)
+        walk = _Walk(keep, info.seek_keys)
+        found, idx_buf, frame_buf, damaged = 0, [], [], 0
+        # After damage the decoder conceals: frames it outputs may show other frames' content
+        # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
+        # resyncs it; frames before that key frame in presentation order stay dropped.
+        suspect, floor, dropped = False, 0, 0
+        decoded, fed = 0, 0
+        with _open(path) as container:
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            if self.keyframes:
+                ctx.skip_frame = "NONKEY"  # decode key frames only
+            # Per-packet skipping is exact only when the packet being decoded is the frame
+            # the setting was made for: FFmpeg's own H.264/HEVC decoders without frame
+            # threads (so they decode on one thread when skipping). Not libdav1d (AV1),
+            # which decodes behind its input (measured: a kept frame lost).
+            skip_nonref = (not self.keyframes and len(keep) < len(info.pts)
+                           and info.codec in ("h264", "hevc"))
+            ctx.thread_count = 1 if skip_nonref else self.threads
+            packets = _demux(container, stream)
+            while found < len(keep):
+                key = walk.seek()
+                if key == walk.STOP:
+                    break
+                if key is not None:
+                    try:
+                        _seek(container, stream, info, key)
+                    except VideoError:  # the frames before it are good: deliver them
+                        if idx_buf:
+                            yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                        raise
+                    packets = _demux(container, stream)
+                    if suspect:  # the decoder starts afresh at a key frame
+                        suspect, floor = False, key
+                try:
+                    packet = next(packets, None)
+                except av.FFmpegError as e:  # the frames before are good: deliver them
+                    if idx_buf:
+                        yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                    where = f" past frame {walk.seen}" if walk.seen >= 0 else ""
+                    raise VideoError(f"cannot read the video{where}: the demuxer failed "
+                                     f"(FFmpeg: {_reason(e)})") from None
+                if packet is None:
+                    break
+                i = index_of.get(packet.pts)
+                if skip_nonref and i is not None:
+                    ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
+                if suspect and packet.is_keyframe and i is not None:
+                    suspect, floor = False, i
+                drain = walk.read(i)
+                fed += 1
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:
+                    damaged += 1
+                    suspect = True
+                    frames = []
+                if drain:
+                    try:
+                        frames = [*frames, *ctx.decode(None)]
+                    except av.FFmpegError:
+                        damaged += 1
+                        suspect = True
+                for frame in frames:
+                    decoded += 1
+                    i = index_of.get(frame.pts)
+                    if frame.is_corrupt:
+                        damaged += 1
+                        suspect = True
+                    if i is None or not wanted[i] or done[i]:
+                        continue
+                    if damaged and (suspect or i < floor):
+                        dropped += 1
+                        continue
+                    done[i] = True
+                    found += 1
+                    idx_buf.append(i)
+                    frame_buf.append(self._upright(frame))
+                    if len(idx_buf) == self.chunk:
+                        yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+                        idx_buf, frame_buf = [], []
+        self.decoded += decoded
+        self.fed += fed
+        if idx_buf:
+            yield np.array(idx_buf, dtype=np.int64), np.stack(frame_buf)
+        if damaged or dropped:
+            state["note"] = _join(state["note"], f"{damaged} damaged packets, {dropped} concealed frames dropped")
+
+    def _upright(self, frame) -> np.ndarray:
+        """RGB at model size, rotated as the container's display matrix says."""
+        turns = (int(frame.rotation) // 90) % 4 if frame.rotation else 0
+        if turns % 2:  # 90/270: resize to the transposed size, then rotate
+            img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BICUBIC")
+        else:
+            img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
+        return upright(img, frame.rotation)
+
+    def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
+        """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""
+        per = max(1, self.chunk // self.clip_len)
+        for i in range(0, len(clips), per):
+            part = clips[i : i + per]
+            start = np.array([c[0] for c in part], np.int64)
+            batch = self._frame_batch(uri, state, start, np.array([c[2] for c in part]),
+                                      np.stack([c[4] for c in part]))
+            batch.update(clip_columns(start, np.array([c[1] for c in part], np.int64),
+                                      np.array([c[2] for c in part]), np.array([c[3] for c in part])))
+            yield batch
+
+    def _frame_batch(self, uri, state, idx, ts, frames) -> dict:
+        n = len(idx)
+        empty = np.array([""] * n, dtype=object)
+        return {
+            "video_uri": np.array([uri] * n, dtype=object),
+            "segment": np.full(n, state["segment"], dtype=np.int32),
+            "n_segments": np.full(n, state["n_segments"], dtype=np.int32),
+            "kind": np.array([KIND_FRAME] * n, dtype=object),
+            "frame_index": idx.astype(np.int64),
+            "timestamp_s": ts.astype(np.float64),
+            "frame": frames,
+            "n_frames": np.zeros(n, dtype=np.int64),
+            "error_stage": empty,
+            "error_type": empty,
+            "message": empty,
+            "decoder": empty,
+            "codec": empty,
+            "width": np.zeros(n, dtype=np.int64),
+            "height": np.zeros(n, dtype=np.int64),
+            "fps": np.zeros(n),
+            "duration_s": np.zeros(n),
+            "reused_from": np.full(n, -1, dtype=np.int64),
+            "bytes_read": np.zeros(n, dtype=np.int64),
+        }
+
+
+def clip_columns(start, end, start_s, end_s) -> dict:
+    """The clip columns of `--clip-len` rows (schema.clip_fields)."""
+    return {"clip_start_frame": start, "clip_end_frame": end, "start_s": start_s, "end_s": end_s}
+
+
+class Clips:
+    """`--clip-len N [--clip-stride S]`: consecutive kept frames of one segment -> clips.
+
+    A clip is N consecutive kept frames; clips start every S kept frames (S = N: side by
+    side). Frames after the last full clip form one more clip, padded by repeating its last
+    frame, so every kept frame is in a clip. A clip's row: (clip_start_frame,
+    clip_end_frame (its last real frame), start_s (the first frame's time), end_s (the time
+    of the video frame after its last one, so clips tile the time line), frames [N, H, W, 3]).
+    """
+
+    def __init__(self, n: int, stride: int, times: np.ndarray):
+        self.n, self.stride, self.times = n, stride, times
+        self.buf_idx: list = []
+        self.buf: list = []
+        self.skip = 0  # kept frames to pass over when the stride exceeds the clip
+        self.covered = -1  # the last frame index inside an emitted clip
+
+    def add(self, idx: np.ndarray, frames: np.ndarray) -> list:
+        out = []
+        for i, frame in zip(idx.tolist(), frames):
+            if self.skip:
+                self.skip -= 1
+                continue
+            self.buf_idx.append(i)
+            self.buf.append(frame)
+            if len(self.buf) == self.n:
+                out.append(self._clip(self.buf_idx, self.buf))
+                drop = min(self.stride, self.n)
+                self.skip = self.stride - drop
+                del self.buf_idx[:drop], self.buf[:drop]
+        return out
+
+    def finish(self) -> list:
+        if not self.buf_idx or self.buf_idx[-1] <= self.covered:
+            return []
+        pad = [self.buf[-1]] * (self.n - len(self.buf))
+        return [self._clip(self.buf_idx, self.buf + pad)]
+
+    def _clip(self, idx: list, frames: list) -> tuple:
+        first, last = idx[0], idx[-1]
+        self.covered = last
+        t = self.times
+        end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else 0.0)
+        return first, last, float(t[first]), float(end), np.stack(frames)
+
+
+class Similarity:
+    """Content-adaptive frame skipping (`--skip-similar T`), within one segment.
+
+    Each frame is reduced to a 16x16 grey thumbnail (block means of the model-size frame:
+    sensor noise averages out, a moving object does not). A frame whose thumbnail differs
+    from that of the last frame sent to the model by less than T (mean absolute difference,
+    in 0..255 grey levels) is not inferred: its `reused_from` names that frame, whose
+    prediction the committer copies, and its pixels are zeroed (they are not needed). The
+    comparison is always with the last inferred frame, never the previous one, so slow
+    drift adds up and triggers inference.
+    """
+
+    GRID = 16
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.ref: Optional[np.ndarray] = None
+        self.ref_index = -1
+
+    def thumbnail(self, frame: np.ndarray) -> np.ndarray:
+        g = self.GRID
+        h, w = (frame.shape[0] // g) * g, (frame.shape[1] // g) * g
+        if h == 0 or w == 0:  # smaller than the grid: compare every pixel
+            return frame.astype(np.float32).mean(axis=2)
+        return frame[:h, :w].reshape(g, h // g, g, w // g, 3).mean(axis=(1, 3, 4), dtype=np.float32)
+
+    def mark(self, batch: dict) -> None:
+        for row, index in enumerate(batch["frame_index"]):
+            thumb = self.thumbnail(batch["frame"][row])
+            if self.ref is not None and float(np.abs(thumb - self.ref).mean()) < self.threshold:
+                batch["reused_from"][row] = self.ref_index
+                batch["frame"][row] = 0
+            else:
+                self.ref, self.ref_index = thumb, int(index)
+
+
+def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
+            error: Optional[BaseException], stage: str, decoder: str,
+            info: Optional[Probe], tmpdir: str = "") -> dict:
+    """A segment's terminal row: how many frame rows it produced, the video's metadata, and
+    why it stopped early, if it did."""
+    message = _message(error, emitted, tmpdir) if error is not None else ""
+    return {
+        "video_uri": np.array([uri], dtype=object),
+        "segment": np.array([segment], dtype=np.int32),
+        "n_segments": np.array([n_segments], dtype=np.int32),
+        "kind": np.array([KIND_END], dtype=object),
+        "frame_index": np.array([-1], dtype=np.int64),
+        "timestamp_s": np.array([math.nan]),
+        "frame": np.zeros((1, size[0], size[1], 3), dtype=np.uint8),
+        "n_frames": np.array([emitted], dtype=np.int64),
+        "error_stage": np.array([stage if error is not None else ""], dtype=object),
+        "error_type": np.array([_error_type(error)], dtype=object),
+        "message": np.array([message], dtype=object),
+        "decoder": np.array([decoder], dtype=object),
+        "codec": np.array([info.codec if info else ""], dtype=object),
+        "width": np.array([info.width if info else 0], dtype=np.int64),
+        "height": np.array([info.height if info else 0], dtype=np.int64),
+        "fps": np.array([info.fps if info else 0.0]),
+        "duration_s": np.array([info.duration_s if info else 0.0]),
+        "reused_from": np.array([-1], dtype=np.int64),
+        "bytes_read": np.zeros(1, dtype=np.int64),
+    }
+
+
+def mark_failed(end: dict, error: BaseException, stage: str, tmpdir: str) -> None:
+    """Mark a terminal row (`end_row`) as failed with `error`, keeping its frame count; an
+    error it already had stays in its message."""
+    had = str(end["message"][0])  # says already how many frames were kept, if it is an error's
+    message = _message(error, 0 if had else int(end["n_frames"][0]), tmpdir)
+    end["error_stage"][0], end["error_type"][0] = stage, _error_type(error)
+    end["message"][0] = f"{message}; before that: {had}" if had else message
+
+
+def _message(error: BaseException, emitted: int, tmpdir: str) -> str:
+    """An error row's message: the error, without credentials or the actor's temp dir,
+    and how many frames the segment delivered before it."""
+    message = storage.describe(error)
+    if tmpdir:
+        message = message.replace(tmpdir, "<tmp>")
+    if emitted:
+        message += f" ({emitted} decoded frames kept)"
+    return message
+
+
+def _decoder_label(state: dict) -> str:
+    return state["decoder"] + (f" ({state['note']})" if state["note"] else "")
+
+
+def _ranges(indices: np.ndarray) -> str:
+    """'3-7, 9' for [3, 4, 5, 6, 7, 9] (at most 5 ranges)."""
+    runs, start = [], int(indices[0])
+    for prev, cur in zip(indices[:-1], indices[1:]):
+        if cur != prev + 1:
+            runs.append((start, int(prev)))
+            start = int(cur)
+    runs.append((start, int(indices[-1])))
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:5])
+    return text + (f" and {len(runs) - 5} more ranges" if len(runs) > 5 else "")
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
+
+
+class VideoError(Exception):
+    """A video that cannot be decoded; becomes an errors/ row, never a failed job."""
+
+
+def _first_line(e: BaseException) -> str:
+    # decord prefixes "[16:31:04] /github/workspace/src/...cc:486: " to its messages
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _error_type(error: Optional[BaseException]) -> str:
+    if error is None:
+        return ""
+    if isinstance(error, FileNotFoundError):
+        return "NotFound"
+    if isinstance(error, PermissionError):
+        return "PermissionDenied"
+    return type(error).__name__

@@ -1,0 +1,151 @@
+"""The reader inside the decode child (rayvid/video.py), on its own: which frames a sampling
+mode keeps, what PyAV decodes to reach them, probes of partial copies, clips, threads.
+Every frame is checked by the index coded into its pixels (tests/framecode.py); the
+decode stage around the reader (actor, child process, retries) is tests/test_decode.py's."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import framecode
+from helpers import split_rows
+from rayvid import samples
+from rayvid.video import FrameReader, sample_indices
+
+
+def test_sample_indices_every():
+    ts = np.arange(10) / 10
+    assert sample_indices(ts, every=1).tolist() == list(range(10))
+    assert sample_indices(ts, every=3).tolist() == [0, 3, 6, 9]
+    assert sample_indices(np.array([]), every=2).tolist() == []
+
+
+def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
+    # 1 s at 30 fps, then 2 s at 10 fps: average fps (~16.7) would put index/fps far off.
+    ts = np.concatenate([np.arange(30) / 30, 1 + np.arange(20) / 10])
+    got = sample_indices(ts, fps=2)  # targets 0, .5, 1, 1.5, 2, 2.5
+    assert ts[got].tolist() == pytest.approx([0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert got.tolist() == [0, 15, 30, 35, 40, 45]
+    # a rate above the source's keeps each frame once
+    assert sample_indices(ts, fps=100).tolist() == list(range(50))
+
+
+def test_hd_sources_decode_on_the_large_source_threads(media, tmp_path):
+    """Decode actors that share cores with CPU inference decode HD and larger sources on more
+    threads (decoding is their bottleneck there), smaller ones on the threads they hold."""
+    import subprocess
+
+    hd = str(tmp_path / "hd.mp4")
+    subprocess.run([samples.ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=1280x720:rate=30:duration=0.5", "-c:v", "libx264", "-pix_fmt", "yuv420p", hd],
+                   check=True)
+    small = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    for path, n, threads in ((hd, 15, 2), (small, len(media["truth"][small]), 1)):
+        reader = FrameReader((64, 64), threads=1, large_source_threads=2)
+        frames, [end] = split_rows(reader.read(path, path))
+        assert (end["decoder"], len(frames), reader.decord_threads) == ("decord", n, threads), path
+
+
+@pytest.mark.parametrize("name, every", [("h264.mp4", 15), ("hevc_opengop.mp4", 25)])
+def test_sparse_sampling_seeks_over_intervals_without_kept_frames(matrix, name, every):
+    """Frames 15 and 30 of a 10-frame-GOP H.264 file, 25 and 50 of a 20-frame open-GOP HEVC
+    one: PyAV jumps to the key frame before each and skips the rest, and stays exact."""
+    path, n = matrix[name]
+    reader = FrameReader(framecode.SIZE, every=every)
+    frames, [end] = split_rows(reader.read(path, path))
+    assert end["error_type"] == "" and end["decoder"] == "pyav", end
+    assert [f["frame_index"] for f in frames] == list(range(0, n, every))
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+    assert reader.decoded <= n // 2, f"decoded {reader.decoded} of {n} frames for {len(frames)}"
+
+    dense = FrameReader(framecode.SIZE, decoder="pyav")
+    assert len(split_rows(dense.read(path, path))[0]) == n and dense.decoded == n
+
+
+def test_sampled_key_frames_cost_one_packet_each(matrix):
+    """Kept frames that are key frames (every 10th frame of a file with a key frame every 10,
+    as 1 fps is on fixed 1 s GOPs): the decoder gets each kept frame's packet and nothing
+    after it (it is drained instead: a decoder holds a frame back until later packets
+    come), and a seek to the next."""
+    path, n = matrix["h264.mp4"]
+    reader = FrameReader(framecode.SIZE, every=10)
+    frames, [end] = split_rows(reader.read(path, path))
+    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and end["error_type"] == ""
+    assert all(framecode.read_code(f["frame"]) == f["frame_index"] for f in frames)
+    assert reader.fed == len(frames), f"{reader.fed} packets decoded for {len(frames)} key frames"
+
+
+def test_keyframes_only_decodes_only_key_frames(matrix):
+    path, n = matrix["h264.mp4"]  # a key frame every 10 frames
+    reader = FrameReader(framecode.SIZE, keyframes=True)
+    frames, _ = split_rows(reader.read(path, path))
+    assert [f["frame_index"] for f in frames] == list(range(0, n, 10)) and reader.decoded == len(frames)
+
+
+@pytest.mark.parametrize("n, stride, starts, ends", [
+    (4, 4, [0, 4, 8], [3, 7, 9]),  # side by side; the last clip padded
+    (4, 2, [0, 2, 4, 6], [3, 5, 7, 9]),  # overlapping: frames 8-9 are in the last full clip
+    (4, 6, [0, 6], [3, 9]),  # gaps
+])
+def test_clips_tile_the_kept_frames(n, stride, starts, ends):
+    from rayvid.video import Clips
+
+    times = np.arange(10) / 10
+    frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    clips = Clips(n, stride, times)
+    got = clips.add(np.arange(6), frames[:6]) + clips.add(np.arange(6, 10), frames[6:]) + clips.finish()
+    assert [c[0] for c in got] == starts and [c[1] for c in got] == ends
+    for first, last, start_s, end_s, clip in got:
+        assert clip.shape == (n, 2, 2, 3)
+        shown = [int(f[0, 0, 0]) for f in clip]
+        assert shown == [min(first + k, last) for k in range(n)]  # consecutive, then padded
+        assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
+
+
+def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
+    """A partial copy (the index only, media data a hole) probes like the whole file: the
+    same frames, times, key frames and packet places, read without the holes' bytes."""
+    from rayvid import storage
+    from rayvid.mp4 import index_only
+    from rayvid.video import _Sparse, probe
+
+    path, n = matrix["with_audio.mp4"]
+    copy = str(tmp_path / "partial.mp4")
+    fs, _ = storage.resolve(path)
+    part = storage.RangeCopy(fs, path, os.path.getsize(path), copy)
+    open(copy, "wb").close()
+    os.truncate(copy, part.size)
+    assert index_only(part) and 0 < part.fetched < part.size / 2
+    part.fetch(1000, 3000)  # some media data too: read as it is, around the holes
+    whole, partial = probe(path), probe(copy, partial=True)
+    assert len(partial.pts) == n
+    for field in ("pts", "times", "keyframes", "pos", "nbytes", "order"):
+        np.testing.assert_array_equal(getattr(partial, field), getattr(whole, field), err_msg=field)
+    with _Sparse(copy) as f, open(copy, "rb") as plain:
+        content = plain.read()
+        f.seek(500)
+        assert f.read(4000) == content[500:4500]
+        f.seek(-100, os.SEEK_END)
+        assert f.read() == content[-100:] and f.tell() == part.size
+        f.seek(0)
+        assert b"".join(iter(lambda: f.read(65536), b"")) == content
+
+
+def test_a_video_overwritten_after_its_probe_is_an_error_row(matrix, tmp_path):
+    """Garbage where the probe read a video: PyAV's open raises InvalidDataError (an
+    FFmpegError and a ValueError, neither OSError nor EOFError): one error row, not a bug."""
+    import shutil
+
+    path = tmp_path / "v.mp4"
+    shutil.copy(matrix["h264.mp4"][0], path)
+    garbage = bytes((i * 7919) % 251 for i in range(os.path.getsize(path)))
+    for decoder in ("pyav", "auto"):
+        shutil.copy(matrix["h264.mp4"][0], path)
+        reader = FrameReader(framecode.SIZE, decoder=decoder)
+        frames, [end] = split_rows(reader.read(str(path), "v.mp4", on_probe=lambda info: path.write_bytes(garbage)))
+        assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError"), end
+        assert end["message"] == "cannot read video: Invalid data found when processing input", end
+        assert end["codec"] == "h264" and end["n_frames"] == 0
