@@ -206,7 +206,7 @@ def run(cfg: RunConfig) -> RunResult:
                             committer.add(batch)
                 except Exception as e:
                     _raise_model_error(ray, reports)  # the model could not load: say why, as it is
-                    _raise_if_outage(e, cfg.output, videos, committer)
+                    _raise_if_storage(e, cfg.output, videos, committer)
                     raise
                 loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
                 info = info or loaded
@@ -216,7 +216,7 @@ def run(cfg: RunConfig) -> RunResult:
                     retracted = True
                 committer.close()
             except Exception as e:
-                _raise_if_outage(e, cfg.output, videos, committer)
+                _raise_if_storage(e, cfg.output, videos, committer)
                 raise
         except BaseException as e:
             beat.stop()
@@ -432,11 +432,18 @@ def _publish_complete(committer: commit.Committer) -> None:
         log.warning("could not commit the videos complete when the run failed: %s", storage.redact(str(e)))
 
 
-def _raise_if_outage(error: BaseException, output: str, videos: pa.Table, committer: commit.Committer) -> None:
-    """StorageUnavailable, saying what is not done, where `error` is a storage outage."""
+def _raise_if_storage(error: BaseException, output: str, videos: pa.Table, committer: commit.Committer) -> None:
+    """Where `error` is the store's, not a bug: StorageUnavailable for an outage (from a
+    decode actor or the driver); StorageError where the store refuses the driver's writes
+    into OUTPUT (access denied, a bucket gone, a quota). Each says what is not done."""
+    from ray.exceptions import RayError
+
     down = _unavailable(error, output)
     if down is not None:
         raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
+    if isinstance(error, storage.ACCESS_ERRORS) and not isinstance(error, RayError):  # (an actor's: a bug, raised)
+        raise StorageError(f"cannot write to OUTPUT {storage.public_uri(output)}: {storage.describe(error)}; "
+                           f"{_not_done(videos, committer)}") from None
 
 
 def _not_done(videos: pa.Table, committer: commit.Committer) -> str:

@@ -41,8 +41,8 @@ def pytest_collection_modifyitems(config, items):
 class Moto:
     """moto's S3 server on 127.0.0.1; `stop()` and `start()` take it down and bring it back
     on the same port with the same buckets (moto keeps its state in this process). Hooks
-    see each request before moto answers it: `requests()` records them, `hook(fn)` runs
-    `fn(environ)` on each (a test's delays), `down_at(...)` takes the server down at one."""
+    see each request before moto answers it: `requests()` records them, `refuse(...)`
+    answers some 403, `down_at(...)` takes the server down at one."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
@@ -65,7 +65,11 @@ class Moto:
 
         def hooked(environ, start_response):
             for hook in list(self.hooks):
-                hook(environ)
+                answer = hook(environ)
+                if answer is not None:  # (status, XML body): answered here, moto never sees it
+                    status, body = answer
+                    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+                    return [body]
             return app(environ, start_response)
 
         wsgi.app = hooked
@@ -89,6 +93,23 @@ class Moto:
 
         with self.hook(record):
             yield seen
+
+    @contextlib.contextmanager
+    def refuse(self, method: str, prefix: str):
+        """Every `method` request for a path under `prefix` is answered 403 AccessDenied, as
+        S3 answers a write its credentials do not allow. Yields the paths refused."""
+        refused: list = []
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                b"<Message>Access Denied</Message><RequestId>rayvid-test</RequestId></Error>")
+
+        def deny(environ):
+            if environ["REQUEST_METHOD"] == method and environ["PATH_INFO"].startswith(prefix):
+                refused.append(environ["PATH_INFO"])
+                return "403 Forbidden", body
+            return None
+
+        with self.hook(deny):
+            yield refused
 
     @contextlib.contextmanager
     def down_at(self, method: str, path: str, body_has: bytes = b""):

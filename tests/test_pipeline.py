@@ -659,6 +659,33 @@ def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session
     assert again.videos_skipped == again.videos_listed == len(media["truth"]) and again.videos_ok == 0
 
 
+def test_output_refused_mid_run_is_a_clear_error_and_a_rerun_finishes(ray_session, moto, media, shapes_model,
+                                                                     s3fs_client):
+    """The store refuses the run's writes into OUTPUT/predictions/ (credentials that may
+    not write there, a bucket policy): the run stops with a clear error saying what is not
+    done, not a traceback; once writes are allowed, the same command finishes."""
+    out = "s3://rayvid-test/refused/out"
+
+    def cfg(run_id):
+        return _cfg(str(media["videos"]), out, shapes_model["path"], run_id=run_id, commit_interval_s=0)
+
+    with moto.refuse("PUT", "/rayvid-test/refused/out/predictions/") as refused:
+        with pytest.raises(StorageError) as caught:
+            pipeline.run(cfg("refused-1"))
+    assert refused and type(caught.value) is StorageError
+    message = str(caught.value)
+    assert message.startswith("cannot write to OUTPUT s3://rayvid-test/refused/out: ")
+    assert "Access Denied" in message and "check credentials" in message
+    assert message.endswith(f"{len(media['truth'])} of {len(media['truth'])} videos not committed (first: "
+                            f"{sorted(media['truth'])[0]}, {sorted(media['truth'])[1]}, {sorted(media['truth'])[2]}); "
+                            "run the same command again to finish them")
+    record = json.loads(s3fs_client.cat_file(f"{out}/runs/refused-1.json"))
+    assert record["status"] == "failed" and record["error"].startswith("StorageError: cannot write to OUTPUT")
+    again = pipeline.run(cfg("refused-2"))
+    assert again.videos_ok == len(media["truth"]) and again.videos_skipped == 0
+    assert frames_per_video(read_output(out)) == {p: list(range(len(labels))) for p, labels in media["truth"].items()}
+
+
 def test_every_kind_of_bad_input_is_one_error_row_and_the_job_goes_on(ray_session, damaged, matrix, code_reader, tmp_path):
     """One folder holding each kind of bad input beside a good video: each bad file is
     exactly one errors/ row with a clear message, what decodes of it is kept (and exact),
