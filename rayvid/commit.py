@@ -75,6 +75,38 @@ COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is
 log = logging.getLogger("rayvid")
 
 
+class Listed:
+    """Each listed video's (size_bytes, version), looked up by video_uri in the listing's
+    own Arrow columns through 16 bytes per video (the URI's Python hash and its row, sorted
+    by hash; about 3 us a lookup): a dict from URI to (size, version) grew the driver by
+    317 MB per million videos, this by 23 MB (bench/listed_memory.py, BENCHMARKS.md).
+    `key` is the hash (a test's colliding one checks that the URI tells equal hashes apart)."""
+
+    def __init__(self, videos: pa.Table, key=hash):
+        self.key = key
+        self.uris, self.sizes, self.versions = (_one_chunk(videos.column(c)) for c in ("video_uri", "size_bytes", "version"))
+        keys = np.fromiter((key(u) for i in range(0, len(self.uris), 2**16)  # a slice of Python strings at a time
+                            for u in self.uris.slice(i, 2**16).to_pylist()), dtype=np.int64, count=len(self.uris))
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+
+    def get(self, uri: str) -> tuple[int, str]:
+        """(size_bytes, version) as listed; (-1, "") for a video not listed."""
+        k = self.key(uri)
+        i = int(np.searchsorted(self.keys, k))
+        while i < len(self.keys) and self.keys[i] == k:
+            row = int(self.order[i])
+            if self.uris[row].as_py() == uri:
+                return self.sizes[row].as_py(), self.versions[row].as_py()
+            i += 1
+        return -1, ""
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array (O(1) to index), not copied where it is one already."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 class Committer:
     def __init__(
         self,
@@ -83,10 +115,10 @@ class Committer:
         model: str,
         rows_per_file: int = 1_000_000,
         flush_interval_s: float = 60.0,
-        sources: dict | None = None,
+        listed: Listed | None = None,
     ):
         self.output = output.rstrip("/")
-        self.sources = sources or {}  # video_uri -> (size_bytes, version) as listed
+        self.listed = listed  # each video's size and version as listed, for its videos/ row
         self.run_id = run_id
         self.model = model
         self.rows_per_file = rows_per_file
@@ -236,7 +268,7 @@ class Committer:
         failed = sorted((e for e in ends if e["error_type"]), key=lambda e: e["error_type"] != CHANGED)
         self.bytes_read += sum(e.get("bytes_read") or 0 for e in ends)
         decoders = sorted({e["decoder"] for e in ends if e["decoder"]})
-        size, version = self.sources.get(uri, (-1, ""))
+        size, version = self.listed.get(uri) if self.listed is not None else (-1, "")
         if "://" in uri:  # the listing writes local files as plain paths
             self.bytes_remote += max(size or 0, 0)
         self._ready_videos.append(

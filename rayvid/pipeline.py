@@ -189,9 +189,7 @@ def run(cfg: RunConfig) -> RunResult:
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:
-            sources = dict(zip(videos.column("video_uri").to_pylist(),
-                               zip(videos.column("size_bytes").to_pylist(), videos.column("version").to_pylist())))
-            committer = commit.Committer(cfg.output, cfg.run_id, name, sources=sources,
+            committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
                                          flush_interval_s=cfg.commit_interval_s)
             # --retry-failed: old errors go once the model is known to load (the first batch)
             if units is not None:

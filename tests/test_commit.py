@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayvid.commit import Committer
+from rayvid.commit import Committer, Listed
 from rayvid.schema import (
     ERRORS_SCHEMA,
     INFERRED_SCHEMA,
@@ -19,6 +19,12 @@ from rayvid.schema import (
     VIDEO_COLUMNS,
     VIDEOS_SCHEMA,
 )
+
+
+def _listed(videos: dict) -> Listed:
+    """A listing of video_uri -> (size_bytes, version), as the committer is given it."""
+    return Listed(pa.table({"video_uri": list(videos), "size_bytes": [v[0] for v in videos.values()],
+                            "version": [v[1] for v in videos.values()]}))
 
 
 def _frames(uri, indices, segment=0, n_segments=1, reused_from=None):
@@ -170,13 +176,25 @@ def test_a_segmented_video_is_published_when_all_segments_are(tmp_path):
 
 def test_bytes_read_from_remote_stores_are_summed_once_per_segment(tmp_path):
     remote, local = "s3://bucket/v.mp4", "/videos/w.mp4"
-    c = Committer(str(tmp_path), "r1", "m", sources={remote: (1000, "e1"), local: (500, "m1")})
+    c = Committer(str(tmp_path), "r1", "m", listed=_listed({remote: (1000, "e1"), local: (500, "m1")}))
     c.add(pa.concat_tables([_frames(remote, [0], 0, 2), _end(remote, 1, None, 0, 2, bytes_read=600)]))
     c.add(pa.concat_tables([_frames(remote, [1], 1, 2), _end(remote, 1, None, 1, 2, bytes_read=550)]))
     c.add(_end(remote, 1, None, 1, 2, bytes_read=550))  # a retried task's copy: counted once
     c.add(pa.concat_tables([_frames(local, [0]), _end(local, 1)]))
     c.close()
     assert c.videos_ok == 2 and c.bytes_read == 1150 and c.bytes_remote == 1000
+
+
+@pytest.mark.parametrize("key", [hash, lambda uri: 7], ids=["hash", "every-hash-equal"])
+def test_listed_finds_each_videos_size_and_version_by_uri(key):
+    """The committer's lookup of what the listing said: exact for every listed URI (also
+    when hashes collide: told apart by the URI), nothing for one not listed."""
+    uris = [f"s3://bucket/cam-{i % 7}/clip {i:04d}.mp4" for i in range(300)] + ["/local/v.mp4", "gs://b/é.mkv"]
+    table = pa.table({"video_uri": uris, "size_bytes": list(range(len(uris))),
+                      "version": [f"v{i}" for i in range(len(uris))]})
+    listed = Listed(pa.concat_tables([table.slice(0, 100), table.slice(100)]), key=key)  # two chunks
+    assert [listed.get(u) for u in reversed(uris)] == [(i, f"v{i}") for i in reversed(range(len(uris)))]
+    assert listed.get("s3://bucket/cam-0/clip 9999.mp4") == (-1, "")
 
 
 def test_a_missing_segment_fails_loudly(tmp_path):
@@ -189,7 +207,7 @@ def test_a_missing_segment_fails_loudly(tmp_path):
 def test_recover_deletes_half_committed_files(tmp_path):
     from rayvid.commit import recover
 
-    c = Committer(str(tmp_path), "r1", "m", sources={"v": (10, "e1")})
+    c = Committer(str(tmp_path), "r1", "m", listed=_listed({"v": (10, "e1")}))
     c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
     c.close()
     # a run killed mid-flush: its predictions file exists, its videos file (commit point) not
@@ -412,7 +430,7 @@ def test_a_video_committed_from_a_manifest_is_not_redone_when_listed_from_a_pref
     """A manifest lists neither size nor version (-1, ""): unknown is no difference."""
     from rayvid.commit import pending, recover
 
-    c = Committer(str(tmp_path), "r1", "m", sources={"v": (-1, "")})
+    c = Committer(str(tmp_path), "r1", "m", listed=_listed({"v": (-1, "")}))
     c.add(pa.concat_tables([_frames("v", [0]), _end("v", 1)]))
     c.close()
     listing = pa.table({"video_uri": ["v"], "size_bytes": [1234], "version": ["etag1"]})
