@@ -263,12 +263,9 @@ def run(cfg: RunConfig) -> RunResult:
     try:  # the run's last write: every video is committed by now
         commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
     except storage.ACCESS_ERRORS as e:
-        down = _unavailable(e, cfg.output)
-        if down is None:
-            raise
-        raise StorageUnavailable(f"{down}; every video is committed, only this run's record "
-                                 f"({commit.RUNS_DIR}/{cfg.run_id}.json) does not say it finished: "
-                                 f"nothing to run again") from None
+        _raise_as_storage(e, cfg.output, f"every video is committed, only this run's record "
+                                         f"({commit.RUNS_DIR}/{cfg.run_id}.json) does not say it finished: "
+                                         f"nothing to run again")
     return result
 
 
@@ -436,12 +433,19 @@ def _raise_if_storage(error: BaseException, output: str, videos: pa.Table, commi
     into OUTPUT (access denied, a bucket gone, a quota). Each says what is not done."""
     from ray.exceptions import RayError
 
+    if _unavailable(error, output) is not None or (isinstance(error, storage.ACCESS_ERRORS)
+                                                   and not isinstance(error, RayError)):  # (an actor's: a bug)
+        _raise_as_storage(error, output, _not_done(videos, committer))
+
+
+def _raise_as_storage(error: BaseException, output: str, status: str) -> None:
+    """StorageUnavailable where `error` is a storage outage, else StorageError (the store
+    refused a write into OUTPUT), each followed by `status`: what is done, what is not."""
     down = _unavailable(error, output)
     if down is not None:
-        raise StorageUnavailable(f"{down}; {_not_done(videos, committer)}") from None
-    if isinstance(error, storage.ACCESS_ERRORS) and not isinstance(error, RayError):  # (an actor's: a bug, raised)
-        raise StorageError(f"cannot write to OUTPUT {storage.public_uri(output)}: {storage.describe(error)}; "
-                           f"{_not_done(videos, committer)}") from None
+        raise StorageUnavailable(f"{down}; {status}") from None
+    raise StorageError(f"cannot write to OUTPUT {storage.public_uri(output)}: {storage.describe(error)}; "
+                       f"{status}") from None
 
 
 def _not_done(videos: pa.Table, committer: commit.Committer) -> str:

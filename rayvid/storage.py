@@ -73,6 +73,7 @@ def _with_gcs_errors() -> None:
     if GCSError not in ACCESS_ERRORS:
         ACCESS_ERRORS = (*ACCESS_ERRORS, GCSError)
 
+
 def is_unavailable(error: BaseException) -> bool:
     """True when the store itself is unreachable (after the client's bounded retries), as
     opposed to one object being missing or forbidden. fsspec's HTTP filesystem reports a

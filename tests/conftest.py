@@ -94,18 +94,31 @@ class Moto:
         with self.hook(record):
             yield seen
 
+    @staticmethod
+    def _matches(environ, method: str, prefix: str, body_has: bytes) -> bool:
+        """Whether a request is `method` for a path under `prefix` with `body_has` in its
+        body (read here, and put back for moto)."""
+        import io
+
+        if environ["REQUEST_METHOD"] != method or not environ["PATH_INFO"].startswith(prefix):
+            return False
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        environ["wsgi.input"] = io.BytesIO(body)
+        return body_has in body
+
     @contextlib.contextmanager
-    def refuse(self, method: str, prefix: str):
-        """Every `method` request for a path under `prefix` is answered 403 AccessDenied, as
-        S3 answers a write its credentials do not allow. Yields the paths refused."""
+    def refuse(self, method: str, prefix: str, body_has: bytes = b""):
+        """Every `method` request for a path under `prefix` whose body holds `body_has` is
+        answered 403 AccessDenied, as S3 answers a write its credentials do not allow.
+        Yields the paths refused."""
         refused: list = []
-        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-                b"<Message>Access Denied</Message><RequestId>rayvid-test</RequestId></Error>")
+        answer = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                  b"<Message>Access Denied</Message><RequestId>rayvid-test</RequestId></Error>")
 
         def deny(environ):
-            if environ["REQUEST_METHOD"] == method and environ["PATH_INFO"].startswith(prefix):
+            if self._matches(environ, method, prefix, body_has):
                 refused.append(environ["PATH_INFO"])
-                return "403 Forbidden", body
+                return "403 Forbidden", answer
             return None
 
         with self.hook(deny):
@@ -117,18 +130,13 @@ class Moto:
         `body_has`: that request's connection is cut before an answer, the client's
         retries find nothing listening (as when an endpoint's host goes away). Yields a
         list that holds that request's path once it happened; the server is back after."""
-        import io
         import socket
         import threading
 
         hit: list = []
 
         def cut(environ):
-            if hit or environ["REQUEST_METHOD"] != method or environ["PATH_INFO"] != path:
-                return
-            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-            environ["wsgi.input"] = io.BytesIO(body)
-            if body_has not in body:
+            if hit or environ["PATH_INFO"] != path or not self._matches(environ, method, path, body_has):
                 return
             hit.append(path)
             stopping = threading.Thread(target=self.stop)  # not from this request's thread: it waits for none

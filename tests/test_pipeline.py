@@ -641,7 +641,8 @@ def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto
 
 def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model):
     """The endpoint goes away as the run records that it finished, every video committed:
-    the same clear kind of failure, saying so, and the next run finds nothing to do."""
+    the same clear kind of failure, saying so, and the next run finds nothing to do; as
+    when the store refuses that write."""
     out = "s3://rayvid-test/outage-last/out"
 
     def cfg(run_id):
@@ -657,6 +658,15 @@ def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session
                             "does not say it finished: nothing to run again")
     again = pipeline.run(cfg("last-2"))
     assert again.videos_skipped == again.videos_listed == len(media["truth"]) and again.videos_ok == 0
+    # refused there (a 403), the same: a clear error that says nothing is left to do
+    with moto.refuse("PUT", "/rayvid-test/outage-last/out/runs/last-3.json", b'"status": "finished"') as refused:
+        with pytest.raises(StorageError) as caught:
+            pipeline.run(cfg("last-3"))
+    assert refused and type(caught.value) is StorageError
+    message = str(caught.value)
+    assert message.startswith("cannot write to OUTPUT s3://rayvid-test/outage-last/out: Access Denied")
+    assert message.endswith("; every video is committed, only this run's record (runs/last-3.json) "
+                            "does not say it finished: nothing to run again")
 
 
 def test_output_refused_mid_run_is_a_clear_error_and_a_rerun_finishes(ray_session, moto, media, shapes_model,
