@@ -48,7 +48,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -75,35 +74,73 @@ COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is
 log = logging.getLogger("rayvid")
 
 
-class Listed:
-    """Each listed video's (size_bytes, version), looked up by video_uri in the listing's
-    own Arrow columns through 16 bytes per video (the URI's Python hash and its row, sorted
-    by hash; about 3 us a lookup): a dict from URI to (size, version) grew the driver by
-    317 MB per million videos, this by 23 MB (bench/listed_memory.py, BENCHMARKS.md).
-    `key` is the hash (a test's colliding one checks that the URI tells equal hashes apart)."""
+class UriIndex:
+    """The rows of a string column (video URIs), looked up by value through 16 bytes per
+    row beside the column itself: each value's hash (Python's, or `key`: a test's colliding
+    one checks that values tell equal hashes apart) and its row, sorted by hash. A dict
+    from URI to row would hold a Python string and an int per row besides the column (about
+    100 bytes). `keys`: the values' hashes where the caller has them already."""
 
-    def __init__(self, videos: pa.Table, key=hash):
-        self.key = key
-        self.uris, self.sizes, self.versions = (_one_chunk(videos.column(c)) for c in ("video_uri", "size_bytes", "version"))
-        keys = np.fromiter((key(u) for i in range(0, len(self.uris), 2**16)  # a slice of Python strings at a time
-                            for u in self.uris.slice(i, 2**16).to_pylist()), dtype=np.int64, count=len(self.uris))
+    def __init__(self, uris: pa.Array | pa.ChunkedArray, key=hash, keys: np.ndarray | None = None):
+        self.key, self.uris = key, _one_chunk(uris)
+        keys = _hashes(self.uris, key) if keys is None else keys
         self.order = np.argsort(keys, kind="stable")
         self.keys = keys[self.order]
 
-    def get(self, uri: str) -> tuple[int, str]:
-        """(size_bytes, version) as listed; (-1, "") for a video not listed."""
+    def row(self, uri: str) -> int:
+        """The first row holding `uri`, or -1."""
         k = self.key(uri)
         i = int(np.searchsorted(self.keys, k))
         while i < len(self.keys) and self.keys[i] == k:
             row = int(self.order[i])
             if self.uris[row].as_py() == uri:
-                return self.sizes[row].as_py(), self.versions[row].as_py()
+                return row
             i += 1
-        return -1, ""
+        return -1
+
+    def rows(self, uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """`row` of each of `uris` (int64, -1 where not here), vectorized: about 0.5 us a
+        value against 3 us for `row` one at a time."""
+        uris = _one_chunk(uris)
+        keys = _hashes(uris, self.key)
+        at = np.searchsorted(self.keys, keys)
+        hit = np.flatnonzero(at < len(self.keys))
+        hit = hit[self.keys[at[hit]] == keys[hit]]
+        candidate = self.order[at[hit]]
+        same = pc.equal(self.uris.take(pa.array(candidate)), uris.take(pa.array(hit))).to_numpy(zero_copy_only=False)
+        rows = np.full(len(uris), -1, np.int64)
+        rows[hit[same]] = candidate[same]
+        for i in hit[~same]:  # another value with the same hash sorts first (rare): one at a time
+            rows[i] = self.row(uris[int(i)].as_py())
+        return rows
 
 
-def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+def _hashes(uris: pa.Array, key) -> np.ndarray:
+    """`key` of each value, a slice of Python strings at a time (never the whole column)."""
+    return np.fromiter((key(u) for i in range(0, len(uris), 2**16) for u in uris.slice(i, 2**16).to_pylist()),
+                       dtype=np.int64, count=len(uris))
+
+
+class Listed:
+    """Each listed video's (size_bytes, version), looked up by video_uri in the listing's
+    own Arrow columns (`UriIndex`; about 3 us a lookup): a dict from URI to (size, version)
+    grew the driver by 317 MB per million videos, this by 23 MB (bench/listed_memory.py,
+    BENCHMARKS.md)."""
+
+    def __init__(self, videos: pa.Table, key=hash):
+        self.index = UriIndex(videos.column("video_uri"), key)
+        self.sizes, self.versions = (_one_chunk(videos.column(c)) for c in ("size_bytes", "version"))
+
+    def get(self, uri: str) -> tuple[int, str]:
+        """(size_bytes, version) as listed; (-1, "") for a video not listed."""
+        row = self.index.row(uri)
+        return (-1, "") if row < 0 else (self.sizes[row].as_py(), self.versions[row].as_py())
+
+
+def _one_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The column as one array (O(1) to index), not copied where it is one already."""
+    if isinstance(column, pa.Array):
+        return column
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
@@ -583,13 +620,81 @@ class Heartbeat:
         _ACTIVE.discard(self.run_id)
 
 
-@dataclass
 class Committed:
-    """What earlier runs committed to OUTPUT: video_uri -> its videos/ row and file name."""
+    """What earlier runs committed to OUTPUT: one row per video (the last committed, if a
+    video is in several files), in Arrow columns `video_uri, size_bytes, version, error`
+    (as its videos/ row), `changed` (its error says it changed while read) and `file` (its
+    part's name, an index into `files`), looked up by URI through a `UriIndex`: 141 MB per
+    million committed videos, where a dict of dicts held 540 MB (bench/rerun_memory.py)."""
 
-    videos: dict = field(default_factory=dict)
-    removed: list = field(default_factory=list)  # orphan files deleted by `recover`
-    in_flight: list = field(default_factory=list)  # orphan files of runs still writing: left
+    COLUMNS = ("video_uri", "size_bytes", "version", "error", "changed", "file")
+
+    def __init__(self, table: pa.Table | None = None, files: list | None = None, key=hash):
+        """`table`: those columns, a video in several rows where committed more than once
+        (the last row wins); `files`: the part names `file` indexes."""
+        self.files = list(files or [])
+        self.removed: list = []  # orphan files deleted by `recover`
+        self.in_flight: list = []  # orphan files of runs still writing: left
+        if table is None:
+            table = pa.table({"video_uri": pa.array([], pa.string()), "size_bytes": pa.array([], pa.int64()),
+                              "version": pa.array([], pa.string()), "error": pa.array([], pa.bool_()),
+                              "changed": pa.array([], pa.bool_()), "file": pa.array([], pa.int32())})
+        table = table.select(list(self.COLUMNS)).combine_chunks()
+        uris = _one_chunk(table.column("video_uri"))
+        keys = _hashes(uris, key)
+        last = _last_of_each(uris, keys)
+        if last is not None:
+            table, keys = table.filter(pa.array(last)), keys[last]
+        self.table = table
+        self.index = UriIndex(table.column("video_uri"), key, keys)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __contains__(self, uri: str) -> bool:
+        return self.index.row(uri) >= 0
+
+    def get(self, uri: str) -> dict | None:
+        """Its row (`file` as the part's name), or None where not committed."""
+        row = self.index.row(uri)
+        if row < 0:
+            return None
+        out = {c: self.table.column(c)[row].as_py() for c in self.COLUMNS[1:]}
+        out["file"] = self.files[out["file"]]
+        return out
+
+    def uris(self) -> list[str]:
+        return sorted(self.table.column("video_uri").to_pylist())
+
+    def files_of(self, uris) -> list[str]:
+        """The part names holding these (committed) videos, sorted."""
+        rows = self.index.rows(pa.array(sorted(uris), pa.string()))
+        held = np.unique(self.table.column("file").to_numpy()[rows[rows >= 0]])
+        return sorted(self.files[int(i)] for i in held)
+
+    def drop(self, uris) -> None:
+        """No longer committed (retracted)."""
+        rows = self.index.rows(pa.array(sorted(uris), pa.string()))
+        keep = np.ones(len(self.table), bool)
+        keep[rows[rows >= 0]] = False
+        self.table = self.table.filter(pa.array(keep))
+        self.index = UriIndex(self.table.column("video_uri"), self.index.key, self.index.keys[np.argsort(self.index.order)][keep])
+
+
+def _last_of_each(uris: pa.Array, keys: np.ndarray) -> np.ndarray | None:
+    """Which rows are each value's last (a mask), or None where every value is once."""
+    order = np.argsort(keys, kind="stable")
+    ties = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    if not len(ties):
+        return None
+    rows = order[np.union1d(ties, ties + 1)]  # rows whose hash another row shares: few
+    last: dict = {}
+    for row, uri in zip(rows.tolist(), uris.take(pa.array(rows)).to_pylist()):
+        last[uri] = max(row, last.get(uri, -1))
+    keep = np.ones(len(uris), bool)
+    keep[rows] = False
+    keep[list(last.values())] = True
+    return keep
 
 
 def _parts(fs, directory: str) -> set:
@@ -601,18 +706,19 @@ def _parts(fs, directory: str) -> set:
 
 def recover(output: str, only=None) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
-    committed: of every video, or, with `only` (an iterable of video URIs: a run's
-    listing), of those alone, so that a shard of a large OUTPUT holds its own videos'
-    rows, not OUTPUT's (the videos/ files are read one at a time and matched)."""
+    committed: of every video, or, with `only` (video URIs, an Arrow array or any iterable:
+    a run's listing), of those alone, so that a shard of a large OUTPUT holds its own
+    videos' rows, not OUTPUT's (the videos/ files are read one at a time and matched)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     retractions = _retraction_records(fs, root)
-    wanted = None
+    wanted = retracting = None
     if only is not None:  # and what an unfinished retraction must find, wherever it is listed
-        wanted = set(only).union(*(r["videos"] for _, r in retractions))
+        wanted = UriIndex(only if isinstance(only, (pa.Array, pa.ChunkedArray)) else pa.array(list(only), pa.string()))
+        retracting = pa.array(sorted(set().union(*(r["videos"] for _, r in retractions))), pa.string())
     merging = finish_compactions(fs, root)
     committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
-    state = Committed()
+    removed, in_flight = [], []
     running: dict = {}  # run id -> whether it may still be writing
     for directory in (PREDICTIONS_DIR, ERRORS_DIR):
         for name in sorted(_parts(fs, f"{root}/{directory}") - committed):
@@ -620,25 +726,28 @@ def recover(output: str, only=None) -> Committed:
             if run not in running:
                 running[run] = alive(read_run_record(fs, root, run))
             if running[run] or name in merging:  # a flush in progress: its videos file comes next
-                state.in_flight.append(f"{directory}/{name}")
+                in_flight.append(f"{directory}/{name}")
                 continue
             if fs.exists(f"{root}/{VIDEOS_DIR}/{name}"):  # committed since this listing (its run then ended)
                 continue
             with contextlib.suppress(FileNotFoundError):  # another run's recover was first
                 fs.rm(f"{root}/{directory}/{name}")
-            state.removed.append(f"{directory}/{name}")
-    for name in sorted(committed) if wanted is None or wanted else ():
+            removed.append(f"{directory}/{name}")
+    names = sorted(committed) if wanted is None or len(wanted.uris) or len(retracting) else []
+    tables = []
+    for i, name in enumerate(names):
         table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "size_bytes", "version", "error"])
         if wanted is not None:
-            table = table.filter(pa.array([u in wanted for u in table.column("video_uri").to_pylist()], pa.bool_()))
-        for row in table.to_pylist():
-            uri = row.pop("video_uri")
-            state.videos[uri] = {**row, "file": name, "changed": False}
+            uris = table.column("video_uri")
+            table = table.filter(pc.or_(pa.array(wanted.rows(uris) >= 0), pc.is_in(uris, value_set=retracting)))
+        changed = pa.array([], pa.string())
         if pc.any(table.column("error")).as_py() and fs.exists(f"{root}/{ERRORS_DIR}/{name}"):
             errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"])
-            for uri, kind in zip(errors.column("video_uri").to_pylist(), errors.column("error_type").to_pylist()):
-                if kind == CHANGED and uri in state.videos:
-                    state.videos[uri]["changed"] = True
+            changed = errors.filter(pc.equal(errors.column("error_type"), CHANGED)).column("video_uri")
+        tables.append(table.append_column("changed", pc.is_in(table.column("video_uri"), value_set=changed))
+                      .append_column("file", pa.array(np.full(len(table), i, np.int32))))
+    state = Committed(pa.concat_tables(tables) if tables else None, names)
+    state.removed, state.in_flight = removed, in_flight
     _finish_retractions(output, fs, root, state, retractions)
     return state
 
@@ -710,25 +819,23 @@ def _intent_alive(fs, root: str, record: dict, lease_s: float, key: str) -> bool
 
 def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple[pa.Table, int, set]:
     """(listing rows still to process, how many are skipped, committed videos to redo)."""
-    keep, redo, skipped = [], set(), 0
-    for i, (uri, size, version) in enumerate(zip(
-        videos.column("video_uri").to_pylist(), videos.column("size_bytes").to_pylist(),
-        videos.column("version").to_pylist(),
-    )):
-        done = committed.videos.get(uri)
-        if done is None:
-            keep.append(i)
-            continue
-        # -1 and "": not known (a manifest lists neither), so never a difference
-        changed = ((size != -1 and done["size_bytes"] not in (-1, None, size))
-                   or (version and done["version"] and done["version"] != version)
-                   or done.get("changed"))  # it changed while a run read it: read it again
-        if changed or (retry_failed and done["error"]):
-            keep.append(i)
-            redo.add(uri)
-        else:
-            skipped += 1
-    return videos.take(pa.array(keep, pa.int64())), skipped, redo
+    rows = committed.index.rows(videos.column("video_uri"))
+    hit = np.flatnonzero(rows >= 0)
+    done = committed.table.take(pa.array(rows[hit]))
+    listed = videos.take(pa.array(hit))
+    # -1 and "" (or none): not known (a manifest lists neither), so never a difference
+    size, was = (t.column("size_bytes").fill_null(-1).to_numpy() for t in (listed, done))
+    version, had = (t.column("version") for t in (listed, done))
+    known = pc.and_(pc.invert(pc.equal(version, "")), pc.invert(pc.equal(had, "")))
+    redo = ((size != -1) & (was != -1) & (was != size)
+            | pc.fill_null(pc.and_(known, pc.not_equal(version, had)), False).to_numpy(zero_copy_only=False)
+            | done.column("changed").to_numpy())  # it changed while a run read it: read it again
+    if retry_failed:
+        redo |= done.column("error").fill_null(False).to_numpy()
+    keep = np.ones(len(videos), bool)
+    keep[hit[~redo]] = False
+    return (videos.filter(pa.array(keep)), int((~redo).sum()),
+            set(listed.column("video_uri").filter(pa.array(redo)).to_pylist()))
 
 
 def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> None:
@@ -739,7 +846,7 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
     still committed as it was or no longer committed at all, never left half-retracted."""
     if not uris:
         return
-    names = sorted({committed.videos[u]["file"] for u in uris})
+    names = committed.files_of(uris)
     key = run_id or uuid.uuid4().hex
     url = storage.join(output, RETRACTIONS_DIR, f"{key}.json")
     intent = json.dumps({"videos": sorted(uris), "run_id": run_id,
@@ -776,10 +883,9 @@ def _finish_retractions(output: str, fs, root: str, state: Committed, records: l
             continue
         if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue
-        uris = {u for u in record["videos"] if u in state.videos}
-        _retract(output, uris, sorted({state.videos[u]["file"] for u in uris}))
-        for u in uris:
-            del state.videos[u]
+        uris = {u for u in record["videos"] if u in state}
+        _retract(output, uris, state.files_of(uris))
+        state.drop(uris)
         _rm(fs, path)
 
 

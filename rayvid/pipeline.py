@@ -500,7 +500,7 @@ def _probe_model(ray, cfg: RunConfig):
 
 def _recover(cfg: RunConfig, videos: pa.Table) -> commit.Committed:
     try:  # what OUTPUT has of these videos (a shard's, not every shard's)
-        return commit.recover(cfg.output, only=videos.column("video_uri").to_pylist())
+        return commit.recover(cfg.output, only=videos.column("video_uri"))
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 

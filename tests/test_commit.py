@@ -197,6 +197,76 @@ def test_listed_finds_each_videos_size_and_version_by_uri(key):
     assert listed.get("s3://bucket/cam-0/clip 9999.mp4") == (-1, "")
 
 
+@pytest.mark.parametrize("key", [hash, lambda uri: len(uri) % 3], ids=["hash", "hashes-colliding"])
+def test_uri_index_finds_each_rows_one_at_a_time_and_all_at_once(key):
+    """`rows` (vectorized) agrees with `row` and with the column itself: the first row of
+    each value, -1 for a value not there, whatever hashes collide and however chunked."""
+    from rayvid.commit import UriIndex
+
+    values = [f"gs://b/{i % 50}/v{i % 37}.mp4" for i in range(400)] + ["/é/ü.mp4", ""]
+    column = pa.chunked_array([values[:150], values[150:]], pa.string())
+    index = UriIndex(column, key)
+    queries = values[::-1] + ["gs://b/0/v1.mp4", "nope", "gs://b/49/v36.mp4x"]
+    first = {}
+    for i, v in enumerate(values):
+        first.setdefault(v, i)
+    expected = [first.get(q, -1) for q in queries]
+    assert [index.row(q) for q in queries] == expected
+    assert index.rows(pa.array(queries)).tolist() == expected
+    assert index.rows(pa.chunked_array([queries[:7], queries[7:]])).tolist() == expected
+
+
+@pytest.mark.parametrize("key", [hash, lambda uri: 7], ids=["hash", "every-hash-equal"])
+def test_committed_keeps_each_videos_last_row_and_forgets_dropped_ones(key):
+    """A video in several parts (committed again before its old rows were retracted) is
+    what its last part says; `drop` removes exactly the given videos."""
+    from rayvid.commit import Committed
+
+    uris = ["a", "b", "a", "c", "b", "a"]
+    table = pa.table({"video_uri": uris, "size_bytes": list(range(6)), "version": [f"v{i}" for i in range(6)],
+                      "error": [False, True, False, False, False, True], "changed": [False] * 5 + [True],
+                      "file": pa.array([0, 0, 1, 1, 2, 2], pa.int32())})
+    state = Committed(table, ["p0", "p1", "p2"], key=key)
+    assert len(state) == 3 and state.uris() == ["a", "b", "c"]
+    assert state.get("a") == {"size_bytes": 5, "version": "v5", "error": True, "changed": True, "file": "p2"}
+    assert state.get("b") == {"size_bytes": 4, "version": "v4", "error": False, "changed": False, "file": "p2"}
+    assert state.get("c")["file"] == "p1" and state.get("d") is None and "d" not in state
+    assert state.files_of({"a", "c"}) == ["p1", "p2"]
+    state.drop({"b", "d"})
+    assert state.uris() == ["a", "c"] and "b" not in state and state.get("c")["size_bytes"] == 3
+    rows = state.index.rows(pa.array(["c", "a", "b"])).tolist()
+    assert rows[2] == -1 and state.table.column("video_uri").take(rows[:2]).to_pylist() == ["c", "a"]
+
+
+def test_pending_redoes_exactly_the_videos_that_differ_from_what_is_committed():
+    """Every combination of what the listing and the committed row say, against the rule:
+    a size or version known on both sides (-1, "" and none are unknown) and different, or
+    an error saying it changed while read, and, with --retry-failed, any error."""
+    import itertools
+
+    from rayvid.commit import Committed, pending
+
+    sizes, versions = [-1, None, 10, 11], ["", None, "e1", "e2"]
+    combos = list(itertools.product([-1, 10], ["", "e1"], sizes, versions, [False, True, None], [False, True]))
+    uris = [f"v{i}" for i in range(len(combos))]
+    listing = pa.table({"video_uri": uris + ["new"], "size_bytes": [c[0] for c in combos] + [5],
+                        "version": [c[1] for c in combos] + ["x"]})
+    state = Committed(pa.table({"video_uri": uris, "size_bytes": pa.array([c[2] for c in combos], pa.int64()),
+                                "version": pa.array([c[3] for c in combos], pa.string()),
+                                "error": [c[4] for c in combos], "changed": [c[5] for c in combos],
+                                "file": pa.array([0] * len(combos), pa.int32())}), ["p"])
+
+    def differs(size, version, was, had, error, changed, retry):
+        return bool((size != -1 and was not in (-1, None, size)) or (version and had and had != version)
+                    or changed or (retry and error))
+
+    for retry in (False, True):
+        redo = {u for u, c in zip(uris, combos) if differs(*c, retry)}
+        todo, skipped, redone = pending(listing, state, retry)
+        assert redone == redo and skipped == len(uris) - len(redo)
+        assert todo.column("video_uri").to_pylist() == [u for u in uris if u in redo] + ["new"]  # listing order
+
+
 def test_a_missing_segment_fails_loudly(tmp_path):
     c = Committer(str(tmp_path), "r1", "m")
     c.add(pa.concat_tables([_frames("v", [0], 0, 2), _end("v", 1, None, 0, 2)]))
@@ -216,7 +286,8 @@ def test_recover_deletes_half_committed_files(tmp_path):
     state = recover(str(tmp_path))
     assert state.removed == ["predictions/part-r2-00000.parquet"]
     assert _files(tmp_path / "predictions") == [name]
-    assert state.videos == {"v": {"size_bytes": 10, "version": "e1", "error": False, "file": name, "changed": False}}
+    assert state.uris() == ["v"]
+    assert state.get("v") == {"size_bytes": 10, "version": "e1", "error": False, "changed": False, "file": name}
 
 
 def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path):
@@ -235,7 +306,7 @@ def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path
     [error] = [e for e in pq.read_table(tmp_path / "errors").to_pylist() if e["video_uri"] == "m"]
     assert error["error_type"] == "ObjectChanged" and error["message"].startswith("segment 2/2: the object changed")
     state = recover(str(tmp_path))
-    assert {u: v["changed"] for u, v in state.videos.items()} == {"m": True, "b": False, "ok": False}
+    assert {u: state.get(u)["changed"] for u in state.uris()} == {"m": True, "b": False, "ok": False}
     listing = pa.table({"video_uri": ["b", "m", "ok"], "size_bytes": [-1] * 3, "version": [""] * 3})
     todo, skipped, redo = pending(listing, state, retry_failed=False)
     assert todo.column("video_uri").to_pylist() == ["m"] and skipped == 2 and redo == {"m"}
@@ -256,9 +327,9 @@ def test_recover_of_a_shard_holds_only_its_videos(tmp_path):
             c.add(pa.concat_tables([_frames(v, [0, 1]), _end(v, 2, "bad" if v == "c" else None)]))
         c.close()
     everything = recover(str(tmp_path))
-    assert sorted(everything.videos) == ["a", "b", "c", "d"]
+    assert everything.uris() == ["a", "b", "c", "d"]
     shard = recover(str(tmp_path), only=["b", "c", "new"])
-    assert shard.videos == {v: everything.videos[v] for v in ("b", "c")}
+    assert shard.uris() == ["b", "c"] and all(shard.get(v) == everything.get(v) for v in ("b", "c"))
     listing = pa.table({"video_uri": ["b", "c", "new"], "size_bytes": [-1] * 3, "version": [""] * 3})
     assert pending(listing, shard, retry_failed=True)[0].column("video_uri").to_pylist() == ["c", "new"]
     # a run of another shard died retracting d: its intent record names d
@@ -267,8 +338,8 @@ def test_recover_of_a_shard_holds_only_its_videos(tmp_path):
         {"videos": ["d"], "run_id": "gone", "started_at": 0, "host": "elsewhere", "node": "elsewhere/b/1",
          "pid": 1, "pid_started": ""}))
     shard = recover(str(tmp_path), only=["a"])
-    assert sorted(shard.videos) == ["a"] and not (tmp_path / "retractions" / "gone.json").exists()
-    assert sorted(recover(str(tmp_path)).videos) == ["a", "b", "c"]
+    assert shard.uris() == ["a"] and not (tmp_path / "retractions" / "gone.json").exists()
+    assert recover(str(tmp_path)).uris() == ["a", "b", "c"]
     assert "d" not in pq.read_table(tmp_path / "predictions").column("video_uri").to_pylist()
 
 
@@ -491,7 +562,7 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
     assert todo.column("video_uri").to_pylist() == ["m"] and skipped == 1
     rows = {d: pq.read_table(tmp_path / d).column("video_uri").to_pylist() if _files(tmp_path / d) else []
             for d in ("predictions", "errors", "videos")}
-    if "m" in state.videos:  # not retracted at all: as committed before
+    if "m" in state:  # not retracted at all: as committed before
         assert crash_at == 1 and redo == {"m"}  # killed before its intent was written
         assert rows == {"predictions": ["m", "ok"], "errors": ["m"], "videos": ["m", "ok"]}
     else:
@@ -639,7 +710,7 @@ def test_recover_keeps_a_part_committed_while_it_looks():
         state = commit.recover(out)
         assert InterleavingStore.after_videos_listed is None  # the interleaving happened
         assert state.removed == [] and fs.exists(f"{out}/predictions/{part}")
-        assert sorted(commit.recover(out).videos) == ["v"]  # the next recover sees it committed
+        assert commit.recover(out).uris() == ["v"]  # the next recover sees it committed
     finally:
         InterleavingStore.after_videos_listed = None
         fs.rm(out, recursive=True)
@@ -734,7 +805,7 @@ def test_recover_leaves_a_retraction_record_written_again_meanwhile():
             state = commit.recover(out)
         assert InterleavingStore.after_videos_listed is None  # the interleaving happened
         assert json.loads(fs.cat(f"{out}/retractions/job.json")) == live  # left to its live run
-        assert sorted(state.videos) == ["a", "b"]  # the old list was not completed either
+        assert state.uris() == ["a", "b"]  # the old list was not completed either
     finally:
         InterleavingStore.after_videos_listed = None
         fs.rm(out, recursive=True)

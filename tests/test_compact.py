@@ -58,8 +58,8 @@ def test_compact_merges_small_parts_into_sorted_files(small_parts):
 def test_a_rerun_resumes_from_compacted_parts(small_parts):
     compact.compact(small_parts)
     committed = commit.recover(small_parts)
-    assert set(committed.videos) == set(VIDEOS) | {"/v/bad.mp4"}
-    assert len({v["file"] for v in committed.videos.values()}) == 1
+    assert set(committed.uris()) == set(VIDEOS) | {"/v/bad.mp4"}
+    assert len(committed.files_of(committed.uris())) == 1
 
 
 class Crash(Exception):
@@ -203,7 +203,7 @@ def test_compact_verb_and_recover_on_object_stores(scheme, request, capsys, capl
     url = f"{scheme}://{BUCKET}/compact-out"
     write_output(url, dict(list(VIDEOS.items())[:3]), rows_per_file=1, failed=("/v/bad.mp4",))
     want = _state(url)
-    assert sorted(commit.recover(url).videos) == sorted([*list(VIDEOS)[:3], "/v/bad.mp4"])
+    assert commit.recover(url).uris() == sorted([*list(VIDEOS)[:3], "/v/bad.mp4"])
     assert cli.main(["compact", url]) == 0
     assert json.loads(capsys.readouterr().out)["parts_after"] == 1
     assert _state(url) == want
