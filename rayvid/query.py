@@ -44,8 +44,13 @@ SEGMENTS_SCHEMA = pa.schema([
 ])
 
 
-def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None) -> Iterator[pa.Table]:
-    """Each committed part's table of `what` (predictions, errors or videos)."""
+def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None,
+          video: Optional[str] = None, without: tuple = ()) -> Iterator[pa.Table]:
+    """Each committed part's table of `what` (predictions, errors or videos), read in
+    part: only `columns` (those the part has; all but `without` when None) and, with
+    `video` (a canonical URI), only that video's rows, from the row groups whose video_uri
+    range holds it (a part is sorted by video_uri: its rows of one video sit in one or two
+    of its row groups of 128 Ki rows). Parts without a row of `video` yield nothing."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):
@@ -54,10 +59,38 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
         path = f"{root}/{what}/{name}"
         if not fs.exists(path):
             continue
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb", cache_type="none") as f:
             part = pq.ParquetFile(f)
             names = part.schema_arrow.names  # parts of older runs may lack a column
-            yield part.read(columns=[c for c in columns if c in names] if columns is not None else None)
+            wanted = [c for c in (columns if columns is not None else names) if c in names and c not in without]
+            groups = list(range(part.num_row_groups))
+            if video is not None:
+                groups = [g for g in groups if _may_hold(part.metadata.row_group(g), video)]
+                if not groups:
+                    continue
+                if "video_uri" not in wanted:
+                    wanted = ["video_uri", *wanted]
+            table = part.read_row_groups(groups, columns=wanted)
+        if video is not None:
+            table = table.filter(pc.equal(table.column("video_uri"), video))
+            if not len(table):
+                continue
+            if columns is not None and "video_uri" not in columns:
+                table = table.drop_columns(["video_uri"])
+        yield table
+
+
+def _may_hold(group, video: str) -> bool:
+    """Whether a row group's statistics leave room for a row of `video` (no statistics: yes).
+    Parquet orders strings by their UTF-8 bytes, as Python orders them by code point."""
+    for i in range(group.num_columns):
+        column = group.column(i)
+        if column.path_in_schema == "video_uri":
+            stats = column.statistics
+            if stats is None or not stats.has_min_max:
+                return True
+            return stats.min <= video <= stats.max
+    return True
 
 
 def labels(output: str) -> list[str]:
@@ -70,13 +103,8 @@ def labels(output: str) -> list[str]:
 
 def read(output: str, what: str = commit.PREDICTIONS_DIR, video: Optional[str] = None) -> pa.Table:
     """All committed rows of `what` (optionally of one video), sorted."""
-    tables = []
     video = storage.canonical(video) if video is not None else None
-    for table in parts(output, what):
-        if video is not None:
-            table = table.filter(pc.equal(table.column("video_uri"), video))
-        if len(table):
-            tables.append(table)
+    tables = [t for t in parts(output, what, video=video) if len(t)]
     if not tables:
         from rayvid.schema import ERRORS_SCHEMA, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA
 
@@ -165,10 +193,7 @@ def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
     columns = ["video_uri", "frame_index", "timestamp_s", "label", "score"]
     video = storage.canonical(video) if video is not None else None
     found = []
-    for table in parts(output):
-        table = table.select(columns)
-        if video is not None:
-            table = table.filter(pc.equal(table.column("video_uri"), video))
+    for table in parts(output, columns=columns, video=video):
         if label is not None:  # a part without the label holds none of its segments
             if not pc.any(pc.equal(table.column("label"), label)).as_py():
                 continue
@@ -310,9 +335,7 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rayvid-export-") as tmp:
         local = os.path.join(tmp, "export.csv")
         with open(local, "wb") as f:
-            for table in parts(output):
-                if video is not None:
-                    table = table.filter(pc.equal(table.column("video_uri"), video))
+            for table in parts(output, video=video, without=("embedding",)):  # (not exported)
                 if not len(table):
                     continue
                 if k is None:  # every part has the run's k; fix the columns on the first

@@ -63,6 +63,7 @@ def _plural(n: int, word: str) -> str:
 
 LEFT, PLOT_W, TOP, LANE_H, LANE_GAP, BOTTOM = 130, 800, 24, 18, 4, 22
 MAX_LANES = 6
+TIMELINE_COLUMNS = ["video_uri", "frame_index", "timestamp_s", "label", "score"]  # what a timeline reads
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -127,6 +128,7 @@ def write_report(output: str, directory: str) -> dict:
     import hashlib
     import html
 
+    import numpy as np
     import pyarrow.compute as pc
 
     from rayvid import query, storage
@@ -135,10 +137,14 @@ def write_report(output: str, directory: str) -> dict:
     durations = dict(zip(videos.column("video_uri").to_pylist(), videos.column("duration_s").to_pylist()))
     palette = colours(query.labels(output))  # one colour per label across every timeline
     pngs: dict = {}
-    for part in query.parts(output):
+    for part in query.parts(output, columns=TIMELINE_COLUMNS):
+        if not len(part):
+            continue
         part = part.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
-        for uri in pc.unique(part.column("video_uri")).to_pylist():
-            preds = part.filter(pc.equal(part.column("video_uri"), uri))
+        uris = part.column("video_uri").combine_chunks()
+        starts = np.flatnonzero(pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1)).to_numpy(zero_copy_only=False)) + 1
+        for lo, hi in zip([0, *starts.tolist()], [*starts.tolist(), len(uris)]):  # each video's rows
+            uri, preds = uris[lo].as_py(), part.slice(lo, hi - lo)
             name = uri.rstrip("/").rsplit("/", 1)[-1]
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
             rel = f"timelines/{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"

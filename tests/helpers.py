@@ -169,15 +169,16 @@ def frames_per_video(table) -> dict:
 
 
 def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1",
-                 rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = ()) -> None:
+                 rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = (), embed_dim: int = 0) -> None:
     """An OUTPUT written by the real Committer from known predictions: `videos` maps a
     video_uri to its frames' (label, score), frame i at t = i / fps; with `every`, only
     frames 0, every, 2*every, ... have rows (sparse sampling). `failed`: URIs that get an
-    error row and no frames. rows_per_file=1 writes one part per video."""
+    error row and no frames. rows_per_file=1 writes one part per video. `embed_dim`: an
+    `embedding` column (as --embed writes) of that many seeded random floats per frame."""
     import pyarrow as pa
 
     from rayvid.commit import Committer
-    from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME
+    from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, embedding_field
 
     committer = Committer(output, run_id, "test-model", rows_per_file=rows_per_file)
     others = ("zz_other", "zz_third")
@@ -188,7 +189,7 @@ def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1
         topk = [[{"class_id": 0, "label": lab, "score": float(s)},
                  {"class_id": 1, "label": others[0] if lab != others[0] else others[1], "score": float(1 - s)}]
                 for lab, s in rows]
-        committer.add(pa.table({
+        table = pa.table({
             "video_uri": [uri] * n, "segment": [0] * n, "n_segments": [1] * n, "kind": [KIND_FRAME] * n,
             "frame_index": idx, "timestamp_s": [i / fps for i in idx],
             "label": [lab for lab, _ in rows], "score": np.array([s for _, s in rows], np.float32),
@@ -196,7 +197,11 @@ def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1
             "message": [""] * n, "decoder": [""] * n, "codec": [""] * n, "width": [0] * n,
             "height": [0] * n, "fps": [0.0] * n, "duration_s": [0.0] * n, "reused_from": [-1] * n,
             "bytes_read": [0] * n,
-        }, schema=INFERRED_SCHEMA))
+        }, schema=INFERRED_SCHEMA)
+        if embed_dim:
+            vectors = np.random.default_rng(len(uri)).standard_normal(n * embed_dim).astype(np.float32)
+            table = table.append_column(embedding_field(embed_dim), pa.FixedSizeListArray.from_arrays(vectors, embed_dim))
+        committer.add(table)
         committer.add(_end_row(uri, n, len(frames) / fps, fps))
     for uri in failed:
         committer.add(_end_row(uri, 0, 0.0, fps, error="VideoError"))

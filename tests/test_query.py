@@ -10,11 +10,12 @@ import re
 import subprocess
 import sys
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers import BUCKET, read_output, write_output
 
-from rayvid import cli, query
+from rayvid import cli, query, storage
 
 FPS = 10.0
 
@@ -127,6 +128,57 @@ def test_verbs_read_object_stores(scheme, request, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "s3://b/v1.mp4" in proc.stdout, proc.stderr
     assert "AdaptiveReadaheadCache" not in proc.stderr and " INFO " not in proc.stderr, proc.stderr
+
+
+def test_verbs_fetch_only_the_columns_and_parts_they_need_from_s3(moto, s3_endpoint):
+    """On S3 `segments` fetches its five columns, not a part's top-k and --embed vectors
+    (nor a whole part through s3fs's read-ahead); with --video, only the part whose
+    row-group statistics can hold that video is read past its footer (one GET for each
+    other part: the footer). Results equal those of the rows read whole."""
+    import collections
+
+    url = f"s3://{BUCKET}/wide-out"
+    videos = {f"s3://b/cam{i}.mp4": _run(("circle", 300, 0.9), ("square", 300, 0.8)) for i in range(4)}
+    write_output(url, videos, fps=FPS, rows_per_file=1, embed_dim=512)  # a part per video, 1.1 MB each
+    everything = read_output(url).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+    fs, root = storage.resolve(url)
+    sizes = {p.rsplit("/", 1)[-1]: fs.size(p) for p in fs.glob(f"{root}/predictions/*.parquet")}
+    fetched = collections.defaultdict(list)  # part -> bytes of each GET
+
+    def record(environ):
+        if environ["REQUEST_METHOD"] == "GET" and "/wide-out/predictions/" in environ["PATH_INFO"]:
+            first, last = environ.get("HTTP_RANGE", "bytes=0-").split("=")[1].split("-")
+            end = int(last) + 1 if last else sizes[environ["PATH_INFO"].rsplit("/", 1)[-1]]
+            fetched[environ["PATH_INFO"].rsplit("/", 1)[-1]].append(end - int(first))
+
+    with moto.hook(record):
+        assert _segs(query.segments(url)) == _segs(query.label_segments(everything))
+    assert sorted(fetched) == sorted(sizes)
+    assert sum(map(sum, fetched.values())) < 0.1 * sum(sizes.values())
+    fetched.clear()
+    one = "s3://b/cam2.mp4"
+    with moto.hook(record):
+        assert _segs(query.segments(url, video=one)) == _segs(query.label_segments(
+            everything.filter(pc.equal(everything.column("video_uri"), one))))
+        rows = query.read(url, video=one)
+    assert rows.column("frame_index").to_pylist() == list(range(600))
+    assert rows.column("embedding").to_pylist() == everything.filter(
+        pc.equal(everything.column("video_uri"), one)).column("embedding").to_pylist()
+    [holder] = [p for p in sizes if pq.read_table(fs.open(f"{root}/predictions/{p}"), columns=["video_uri"])
+                .column("video_uri")[0].as_py() == one]
+    assert {p: len(gets) for p, gets in fetched.items() if p != holder} == {p: 2 for p in sizes if p != holder}
+    assert len(fetched[holder]) > 2  # (each of the two reads: its footer, then what it needs)
+
+
+def test_a_part_without_statistics_is_read_whole_for_a_video(out, tmp_path):
+    """Parquet written by another tool may carry no min/max: such a part cannot be skipped."""
+    import os
+
+    part = sorted(os.listdir(f"{out}/predictions"))[0]
+    table = pq.read_table(f"{out}/predictions/{part}")
+    pq.write_table(table, f"{out}/predictions/{part}", write_statistics=False)
+    uri = table.column("video_uri")[0].as_py()
+    assert query.read(out, video=uri).column("frame_index").to_pylist() == table.column("frame_index").to_pylist()
 
 
 def test_not_an_output_is_a_clear_error(tmp_path, capsys):
