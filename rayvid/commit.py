@@ -38,6 +38,7 @@ sees part of a video.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -70,6 +71,8 @@ CHANGED = storage.ObjectChanged.__name__  # the error of a video that changed wh
 HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
+READ_WHOLE_BYTES = 8 * 2**20  # a listed file up to this size is read in one request
+RECOVER_READS = 16  # videos/ (and errors/) parts `recover` reads at once
 
 log = logging.getLogger("rayvid")
 
@@ -472,12 +475,36 @@ def write_parquet(url: str, table: pa.Table) -> None:
     )
 
 
-def read_parquet(fs, path: str, columns: list | None = None) -> pa.Table:
-    """How every output file is read: through a handle closed here (pyarrow, given an
-    fsspec filesystem, leaves its files to the garbage collector: gcsfs then logs an error
-    for each file's read-ahead task still pending)."""
+def read_parquet(fs, path: str, columns: list | None = None, data: bytes | None = None) -> pa.Table:
+    """How every output file is read: from its bytes where `fetch_whole` has them; else
+    through a handle closed here (pyarrow, given an fsspec filesystem, leaves its files to
+    the garbage collector: gcsfs then logs an error for each file's read-ahead task still
+    pending)."""
+    if data is not None:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def fetch_whole(fs, path: str, size: int | None) -> bytes | None:
+    """A file a listing gave the `size` of, where small, in one request (opening it on S3
+    or GCS asks for its metadata first: two); else None. (start=0: s3fs asks for no size
+    before a ranged GET.)"""
+    if size is not None and size <= READ_WHOLE_BYTES:
+        return fs.cat_file(path, start=0)
+    return None
+
+
+def _in_order(pool: concurrent.futures.Executor, fn, items: list, ahead: int) -> Iterator:
+    """fn(item) of each item, in order, run in `pool` at most `ahead` items ahead of the
+    one taken."""
+    queued: collections.deque = collections.deque()
+    for item in items:
+        queued.append(pool.submit(fn, item))
+        if len(queued) >= ahead:
+            yield queued.popleft().result()
+    while queued:
+        yield queued.popleft().result()
 
 
 def write_run_record(output: str, run_id: str, record: dict) -> str:
@@ -698,10 +725,16 @@ def _last_of_each(uris: pa.Array, keys: np.ndarray) -> np.ndarray | None:
 
 
 def _parts(fs, directory: str) -> set:
+    return set(_sizes(fs, directory))
+
+
+def _sizes(fs, directory: str) -> dict:
+    """{part name: its size in bytes as listed, or None} of the parts in `directory`."""
     try:
-        return {p.rsplit("/", 1)[-1] for p in fs.glob(directory.rstrip("/") + "/part-*.parquet")}
+        found = fs.glob(directory.rstrip("/") + "/part-*.parquet", detail=True)
     except FileNotFoundError:
-        return set()
+        return {}
+    return {p.rsplit("/", 1)[-1]: info.get("size") for p, info in found.items()}
 
 
 def recover(output: str, only=None) -> Committed:
@@ -717,11 +750,14 @@ def recover(output: str, only=None) -> Committed:
         wanted = UriIndex(only if isinstance(only, (pa.Array, pa.ChunkedArray)) else pa.array(list(only), pa.string()))
         retracting = pa.array(sorted(set().union(*(r["videos"] for _, r in retractions))), pa.string())
     merging = finish_compactions(fs, root)
-    committed = _parts(fs, f"{root}/{VIDEOS_DIR}")
-    removed, in_flight = [], []
+    committed = _sizes(fs, f"{root}/{VIDEOS_DIR}")
+    removed, in_flight, failed = [], [], {}
     running: dict = {}  # run id -> whether it may still be writing
     for directory in (PREDICTIONS_DIR, ERRORS_DIR):
-        for name in sorted(_parts(fs, f"{root}/{directory}") - committed):
+        found = _sizes(fs, f"{root}/{directory}")
+        if directory == ERRORS_DIR:
+            failed = found
+        for name in sorted(set(found) - set(committed)):
             run = run_of(name)
             if run not in running:
                 running[run] = alive(read_run_record(fs, root, run))
@@ -734,18 +770,37 @@ def recover(output: str, only=None) -> Committed:
                 fs.rm(f"{root}/{directory}/{name}")
             removed.append(f"{directory}/{name}")
     names = sorted(committed) if wanted is None or len(wanted.uris) or len(retracting) else []
-    tables = []
-    for i, name in enumerate(names):
-        table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "size_bytes", "version", "error"])
+
+    def fetch(name: str) -> tuple:
+        """Its videos/ part's bytes and its errors/ part's (if listed), where small enough
+        to be read in one request each (else None: opened later); FileNotFoundError for an
+        errors/ part gone since the listing (a retraction took its last row)."""
+        videos, errors = fetch_whole(fs, f"{root}/{VIDEOS_DIR}/{name}", committed[name]), None
+        if name in failed:
+            try:
+                errors = fetch_whole(fs, f"{root}/{ERRORS_DIR}/{name}", failed[name])
+            except FileNotFoundError as e:
+                errors = e
+        return name, videos, errors
+
+    def rows_of(i: int, name: str, videos, errors) -> pa.Table:
+        table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "size_bytes", "version", "error"], videos)
         if wanted is not None:
             uris = table.column("video_uri")
             table = table.filter(pc.or_(pa.array(wanted.rows(uris) >= 0), pc.is_in(uris, value_set=retracting)))
         changed = pa.array([], pa.string())
-        if pc.any(table.column("error")).as_py() and fs.exists(f"{root}/{ERRORS_DIR}/{name}"):
-            errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"])
-            changed = errors.filter(pc.equal(errors.column("error_type"), CHANGED)).column("video_uri")
-        tables.append(table.append_column("changed", pc.is_in(table.column("video_uri"), value_set=changed))
-                      .append_column("file", pa.array(np.full(len(table), i, np.int32))))
+        if name in failed and not isinstance(errors, FileNotFoundError) and pc.any(table.column("error")).as_py():
+            with contextlib.suppress(FileNotFoundError):
+                errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"], errors)
+                changed = errors.filter(pc.equal(errors.column("error_type"), CHANGED)).column("video_uri")
+        return (table.append_column("changed", pc.is_in(table.column("video_uri"), value_set=changed))
+                .append_column("file", pa.array(np.full(len(table), i, np.int32))))
+
+    # Many small files, each a request: fetched several at a time (the wait is request
+    # latency, not bandwidth), each turned into rows here as it comes, in order (allocated
+    # by this thread: the fetching threads hold no memory once their bytes are dropped).
+    with concurrent.futures.ThreadPoolExecutor(RECOVER_READS) as pool:
+        tables = [rows_of(i, *fetched) for i, fetched in enumerate(_in_order(pool, fetch, names, 2 * RECOVER_READS))]
     state = Committed(pa.concat_tables(tables) if tables else None, names)
     state.removed, state.in_flight = removed, in_flight
     _finish_retractions(output, fs, root, state, retractions)

@@ -314,6 +314,43 @@ def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path
     assert todo.column("video_uri").to_pylist() == ["b", "m"] and redo == {"b", "m"}
 
 
+def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, s3_endpoint):
+    """A run's start-up over an OUTPUT of many parts is bound by request latency: recover
+    asks for each videos/ (and errors/) part in one GET (its size from the listing: no
+    HEAD first) and keeps several in flight. What it finds is what was committed."""
+    import threading
+    import time
+
+    from helpers import BUCKET, write_output
+
+    from rayvid.commit import recover
+
+    url = f"s3://{BUCKET}/many-parts"
+    videos = {f"s3://b/v{i:02d}.mp4": [("a", 0.5)] * 3 for i in range(12)}
+    write_output(url, videos, rows_per_file=1, failed=("s3://b/bad.mp4",))
+    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+
+    def slow(environ):  # every request to the parts takes 0.2 s, as a far store's would
+        path = environ["PATH_INFO"]
+        if "/many-parts/" not in path or not path.endswith(".parquet"):
+            return
+        with lock:
+            asked.append((environ["REQUEST_METHOD"], path.split("/many-parts/")[1].split("/")[0]))
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        time.sleep(0.2)
+        with lock:
+            inflight[0] -= 1
+
+    with moto.hook(slow):
+        state = recover(url, only=[*videos, "s3://b/bad.mp4", "s3://b/new.mp4"])
+    assert state.uris() == sorted([*videos, "s3://b/bad.mp4"]) and state.get("s3://b/bad.mp4")["error"]
+    parts = len(state.files_of(state.uris()))
+    assert sorted(set(asked)) == [("GET", "errors"), ("GET", "videos")]  # no HEAD
+    assert asked.count(("GET", "videos")) == parts and asked.count(("GET", "errors")) == 1
+    assert most[0] >= 4
+
+
 def test_recover_of_a_shard_holds_only_its_videos(tmp_path):
     """A shard's run reads what OUTPUT has of its own listing, not every shard's rows; a
     retraction a dead run left unfinished is still completed, whichever shard it was of."""

@@ -1,0 +1,80 @@
+"""Start-up of a run over a large OUTPUT on S3: `commit.recover` (orphans, compactions,
+retractions, and what is committed of the listed videos) against a moto S3 server on
+127.0.0.1 that answers each request after DELAY_S (an S3 request's latency from an EC2
+instance is tens of milliseconds; moto's loopback answer is not). The OUTPUT: PARTS parts
+written by the real Committer, each of VIDEOS_PER_PART videos (20 frame rows each, 1 in
+10 failed); the listing: every video. Prints the wall time and the requests by method.
+Run: `.venv/bin/python bench/recover_latency.py` (PYTHONPATH at an older checkout measures that)."""
+
+import collections
+import logging
+import os
+import sys
+import threading
+import time
+
+PARTS, VIDEOS_PER_PART, DELAY_S = 200, 50, 0.03
+
+
+def main() -> None:
+    import pyarrow as pa
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    from rayvid import commit, storage
+    from rayvid.schema import INFERRED_SCHEMA, KIND_END, KIND_FRAME
+
+    out = "s3://recover-bench/out"
+    fs, _ = storage.resolve(out)
+    fs.mkdir("recover-bench")
+    uris = []
+    for p in range(PARTS):
+        c = commit.Committer(out, "r1", "m", rows_per_file=VIDEOS_PER_PART * 20)
+        rows = []
+        for v in range(VIDEOS_PER_PART):
+            uri = f"s3://archive/cams/{p:04d}/{v:03d}.mp4"
+            uris.append(uri)
+            bad = v % 10 == 0
+            n = 0 if bad else 20
+            rows.append(pa.table({
+                "video_uri": [uri] * (n + 1), "segment": [0] * (n + 1), "n_segments": [1] * (n + 1),
+                "kind": [KIND_FRAME] * n + [KIND_END], "frame_index": list(range(n)) + [-1],
+                "timestamp_s": [i / 10 for i in range(n)] + [0.0], "label": ["a"] * n + [None],
+                "score": [0.5] * n + [None], "topk": [[]] * (n + 1), "n_frames": [0] * n + [n],
+                "error_stage": [""] * n + ["decode" if bad else ""], "error_type": [""] * n + ["VideoError" if bad else ""],
+                "message": [""] * n + ["bad" if bad else ""], "decoder": [""] * (n + 1), "codec": [""] * (n + 1),
+                "width": [0] * (n + 1), "height": [0] * (n + 1), "fps": [10.0] * (n + 1), "duration_s": [2.0] * (n + 1),
+                "reused_from": [-1] * (n + 1), "bytes_read": [0] * (n + 1)}, schema=INFERRED_SCHEMA))
+        c.add(pa.concat_tables(rows))
+        c.close()
+    listing = pa.table({"video_uri": uris, "size_bytes": [-1] * len(uris), "version": [""] * len(uris)})
+    seen: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    wsgi = server._server
+    app = wsgi.app
+
+    def slow(environ, start_response):
+        with lock:
+            seen[environ["REQUEST_METHOD"]] += 1
+        time.sleep(DELAY_S)
+        return app(environ, start_response)
+
+    wsgi.app = slow
+    for _ in range(2):
+        seen.clear()
+        t0 = time.perf_counter()
+        committed = commit.recover(out, only=listing.column("video_uri").to_pylist())  # (as older checkouts took it)
+        wall = time.perf_counter() - t0
+        print(f"recover: {len(getattr(committed, 'videos', committed)):,} videos in {PARTS} parts, {wall:.2f} s at {DELAY_S * 1000:.0f} ms a request; "
+              f"requests {dict(sorted(seen.items()))} ({commit.__file__})")
+    server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
