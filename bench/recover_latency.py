@@ -3,7 +3,8 @@ retractions, and what is committed of the listed videos) against a moto S3 serve
 127.0.0.1 that answers each request after DELAY_S (an S3 request's latency from an EC2
 instance is tens of milliseconds; moto's loopback answer is not). The OUTPUT: PARTS parts
 written by the real Committer, each of VIDEOS_PER_PART videos (20 frame rows each, 1 in
-10 failed); the listing: every video. Prints the wall time and the requests by method.
+10 failed); the listing: every video. Prints the wall time and the requests by method,
+then those of `commit.retract` of the failed videos (what `--retry-failed` does first).
 Run: `.venv/bin/python bench/recover_latency.py` (PYTHONPATH at an older checkout measures that)."""
 
 import collections
@@ -73,6 +74,13 @@ def main() -> None:
         wall = time.perf_counter() - t0
         print(f"recover: {len(getattr(committed, 'videos', committed)):,} videos in {PARTS} parts, {wall:.2f} s at {DELAY_S * 1000:.0f} ms a request; "
               f"requests {dict(sorted(seen.items()))} ({commit.__file__})")
+    # --retry-failed: the failed videos' rows retracted from every part (5 a part)
+    failed = {u for u in uris if int(u.rsplit("/", 1)[1][:3]) % 10 == 0}
+    seen.clear()
+    t0 = time.perf_counter()
+    commit.retract(out, failed, committed, "bench")
+    wall = time.perf_counter() - t0
+    print(f"retract: {len(failed):,} failed videos from {PARTS} parts, {wall:.2f} s; requests {dict(sorted(seen.items()))}")
     server.stop()
 
 

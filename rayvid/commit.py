@@ -72,7 +72,8 @@ HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
 READ_WHOLE_BYTES = 8 * 2**20  # a listed file up to this size is read in one request
-RECOVER_READS = 16  # videos/ (and errors/) parts `recover` reads at once
+RECOVER_READS = 16  # videos/ (and errors/) parts `recover` reads at once, and `retract` rewrites
+RETRACT_BYTES = 128 * 2**20  # of the parts `retract` rewrites at once (their sizes as listed)
 
 log = logging.getLogger("rayvid")
 
@@ -945,21 +946,48 @@ def _finish_retractions(output: str, fs, root: str, state: Committed, records: l
 
 
 def _retract(output: str, uris: set, names: list) -> None:
+    """Each of `names` in predictions/, then errors/, then videos/ (the commit point last)
+    rewritten without `uris`' rows, or deleted where it held nothing else; several files
+    at a time within a folder (one request each to read, from the folder's listing: no
+    HEAD), RETRACT_BYTES of them, as listed, at most in memory at once."""
     if not uris:
         return
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     drop = pa.array(sorted(uris), pa.string())
     for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR):
-        for name in names:
-            path = f"{root}/{directory}/{name}"
-            if not fs.exists(path):
-                continue
-            table = read_parquet(fs, path)
-            kept = table.filter(pc.invert(pc.is_in(table.column("video_uri"), value_set=drop)))
-            if len(kept) == len(table):
-                continue
-            if len(kept) == 0:
-                fs.rm(path)
-            else:
-                write_parquet(storage.to_url(fs, path), kept)
+        listed = _sizes(fs, f"{root}/{directory}")
+        files = [(f"{root}/{directory}/{name}", listed[name]) for name in names if name in listed]
+        for batch in _batches(files, RETRACT_BYTES):
+            with concurrent.futures.ThreadPoolExecutor(min(RECOVER_READS, len(batch))) as pool:
+                list(pool.map(lambda file: _without(fs, *file, drop), batch))
+
+
+def _without(fs, path: str, size: int | None, drop: pa.Array) -> None:
+    try:
+        table = read_parquet(fs, path, data=fetch_whole(fs, path, size))
+    except FileNotFoundError:  # gone since the listing: another run's recover completed this
+        return
+    kept = table.filter(pc.invert(pc.is_in(table.column("video_uri"), value_set=drop)))
+    if len(kept) == len(table):
+        return
+    if len(kept) == 0:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+    else:
+        write_parquet(storage.to_url(fs, path), kept)
+
+
+def _batches(files: list, budget: int) -> Iterator[list]:
+    """`files` ((path, size) pairs) in order, in runs whose sizes add up to at most
+    `budget` (a file larger than that, or of no known size, alone)."""
+    batch, held = [], 0
+    for path, size in files:
+        cost = size if size is not None else budget
+        if batch and held + cost > budget:
+            yield batch
+            batch, held = [], 0
+        batch.append((path, size))
+        held += cost
+    if batch:
+        yield batch

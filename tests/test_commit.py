@@ -351,6 +351,52 @@ def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, 
     assert most[0] >= 4
 
 
+def test_retract_rewrites_an_s3_outputs_parts_several_at_once_a_request_each(moto, s3_endpoint):
+    """--retry-failed over many parts: each part holding a retracted video is read in one
+    GET (no HEAD) and rewritten, several at a time; exactly those videos' rows go."""
+    import threading
+    import time
+
+    from helpers import BUCKET, read_output, write_output
+
+    from rayvid.commit import recover, retract
+
+    url = f"s3://{BUCKET}/many-retracted"
+    videos = {f"s3://b/v{i:02d}.mp4": [("a", 0.5)] * 3 for i in range(12)}
+    write_output(url, videos, rows_per_file=1)
+    gone = {f"s3://b/v{i:02d}.mp4" for i in range(0, 12, 2)}
+    state = recover(url)
+    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+
+    def slow(environ):
+        path = environ["PATH_INFO"]
+        if "/many-retracted/" not in path or not path.endswith(".parquet"):
+            return
+        with lock:
+            asked.append(environ["REQUEST_METHOD"])
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        time.sleep(0.2)
+        with lock:
+            inflight[0] -= 1
+
+    with moto.hook(slow):
+        retract(url, gone, state, "r2")
+    assert "HEAD" not in asked and asked.count("GET") == 2 * len(state.files_of(gone))  # predictions, videos
+    assert most[0] >= 4
+    rows = read_output(url)
+    assert sorted(set(rows.column("video_uri").to_pylist())) == sorted(set(videos) - gone)
+    assert recover(url).uris() == sorted(set(videos) - gone)
+
+
+def test_retract_rewrites_parts_in_batches_bounded_by_their_listed_bytes():
+    from rayvid.commit import _batches
+
+    files = [("a", 60), ("b", 60), ("c", 10), ("d", 200), ("e", None), ("f", 5), ("g", 5)]
+    assert [[p for p, _ in b] for b in _batches(files, 128)] == [["a", "b"], ["c"], ["d"], ["e"], ["f", "g"]]
+    assert list(_batches([], 128)) == []
+
+
 def test_recover_of_a_shard_holds_only_its_videos(tmp_path):
     """A shard's run reads what OUTPUT has of its own listing, not every shard's rows; a
     retraction a dead run left unfinished is still completed, whichever shard it was of."""
