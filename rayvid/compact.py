@@ -21,6 +21,7 @@ must not be compacted under).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 import uuid
@@ -32,6 +33,7 @@ from rayvid import commit, storage
 from rayvid.schema import ERRORS_SCHEMA, HEAD_COLUMNS, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA, with_head
 
 TARGET_ROWS = 1_000_000  # the committer's own rows_per_file
+FOOTER_BYTES = 64 * 2**10  # read from a part's end for its row count (pyarrow's own first read)
 
 _TABLES = (  # directory, schema, sort keys; videos/ last: it is the commit point
     (commit.PREDICTIONS_DIR, PREDICTIONS_SCHEMA, ["video_uri", "frame_index"]),
@@ -52,7 +54,8 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     root = root.rstrip("/")
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
-    rows = {n: _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}/{n}") for n in names}
+    listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}
+    rows = _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}", names, listed[commit.PREDICTIONS_DIR])
     small = [n for n in names if rows[n] < target_rows // 2 and commit.run_of(n) not in running]
     groups, group, total = [], [], 0
     for name in small:
@@ -66,20 +69,23 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     # two compactions in the same second must not pick one name: it would replace a part
     stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     for seq, group in enumerate(groups):
-        _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet")
+        _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet", listed)
     merged = sum(len(g) for g in groups)
     return {"parts_before": len(names), "parts_after": len(names) - merged + len(groups),
             "merged": merged, "into": len(groups),
             "left_running": sorted({commit.run_of(n) for n in names if commit.run_of(n) in running})}
 
 
-def _merge(output: str, fs, root: str, group: list[str], new: str) -> None:
+def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict) -> None:
+    """The group's parts merged into `new`; each of its files read in one request (its size
+    from `listed`, the folders' listings), several at once."""
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
     with commit.active(new):  # never undone by a recover in this process meanwhile
         storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
         for directory, schema, keys in _TABLES:
-            tables = [_conform(commit.read_parquet(fs, f"{root}/{directory}/{n}"), schema)
-                      for n in group if fs.exists(f"{root}/{directory}/{n}")]
+            paths = [(f"{root}/{directory}/{n}", listed[directory][n]) for n in group if n in listed[directory]]
+            with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
+                tables = [_conform(t, schema) for t in pool.map(lambda p: _read(fs, *p), paths) if t is not None]
             if tables or directory == commit.VIDEOS_DIR:
                 table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
                 commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
@@ -95,11 +101,27 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _rows(fs, path: str) -> int:
-    if not fs.exists(path):
-        return 0
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+def _read(fs, path: str, size) -> pa.Table | None:
+    try:
+        return commit.read_parquet(fs, path, data=commit.fetch_whole(fs, path, size))
+    except FileNotFoundError:  # a retraction took its last row since the listing
+        return None
+
+
+def _rows(fs, directory: str, names: list, sizes: dict) -> dict:
+    """{name: frame rows of its predictions/ file (0: none)}, from each file's footer: a
+    ranged read of its end (its size from `sizes`, the folder's listing: no HEAD),
+    several at once."""
+    def rows(name: str) -> int:
+        path = f"{directory}/{name}"
+        if name not in sizes:
+            return 0
+        with (storage.RangeReader(fs, path, sizes[name], FOOTER_BYTES) if sizes[name] is not None
+              else fs.open(path, "rb")) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
+        return dict(zip(names, pool.map(rows, names)))
 
 
 def _running_runs(fs, root: str) -> set:

@@ -81,9 +81,10 @@ def _count_mutations(monkeypatch, crash_at=None):
         step()
         return real_replace(src, dst, *a, **kw)
 
-    def rm(self, path, *a, **kw):
-        step()
-        return real_rm(self, path, *a, **kw)
+    def rm(self, path, *a, **kw):  # a list: deleted one by one, a kill possible between any two
+        for one in path if isinstance(path, list) else [path]:
+            step()
+            real_rm(self, one, *a, **kw)
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(LocalFileSystem, "rm", rm)
@@ -209,6 +210,48 @@ def test_compact_verb_and_recover_on_object_stores(scheme, request, capsys, capl
     assert _state(url) == want
     gc.collect()
     assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+
+
+def test_compact_on_s3_reads_each_part_in_one_request_several_at_once_and_deletes_in_bulk(moto, s3_endpoint):
+    """Compaction over many small parts is bound by request latency: a part's row count
+    is one ranged GET of its footer, its files one GET each (no HEAD: sizes from the
+    folders' listings), several in flight; the replaced files go in one DeleteObjects
+    request per folder."""
+    import threading
+    import time
+
+    url = f"s3://{BUCKET}/compact-many"
+    write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
+    want = _state(url)
+    lock, inflight, most, asked, deletes = threading.Lock(), [0], [0], [], []
+
+    def slow(environ):  # the parts' requests take 0.1 s each
+        path, query_string = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
+        if environ["REQUEST_METHOD"] == "POST" and "delete" in query_string:  # (to the bucket: keys in the body)
+            deletes.append(path)
+        if "/compact-many/" not in path:
+            return
+        with lock:
+            asked.append((environ["REQUEST_METHOD"], path.split("/compact-many/")[1], query_string))
+            if "/part-r1-" not in path:
+                return
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        time.sleep(0.1)
+        with lock:
+            inflight[0] -= 1
+
+    with moto.hook(slow):
+        done = compact.compact(url, target_rows=10_000)
+    assert done["merged"] == 9 and done["into"] == 1 and _state(url) == want
+    old = [(method, path) for method, path, _ in asked if "/part-r1-" in path]
+    assert not [r for r in old if r[0] != "GET"]  # no HEAD, nothing deleted one by one
+    per_file = {path: sum(1 for _, p in old if p == path) for _, path in old}
+    footers = {p: n for p, n in per_file.items() if p.startswith("predictions/")}
+    assert len(footers) == 8 and set(footers.values()) == {2}  # its footer, then the whole file
+    assert set(n for p, n in per_file.items() if not p.startswith("predictions/")) == {1}
+    assert len(deletes) == 3 + 1  # the 3 folders' replaced files, then the intent record
+    assert most[0] >= 4
 
 
 def test_merged_parts_keep_a_heads_columns(tmp_path):

@@ -1,11 +1,12 @@
-"""Start-up of a run over a large OUTPUT on S3: `commit.recover` (orphans, compactions,
+"""The bookkeeping of a large OUTPUT on a far store. A run's start-up: `commit.recover` (orphans, compactions,
 retractions, and what is committed of the listed videos) against a moto S3 server on
 127.0.0.1 that answers each request after DELAY_S (an S3 request's latency from an EC2
 instance is tens of milliseconds; moto's loopback answer is not). The OUTPUT: PARTS parts
 written by the real Committer, each of VIDEOS_PER_PART videos (20 frame rows each, 1 in
 10 failed); the listing: every video. Prints the wall time and the requests by method,
-then those of `commit.retract` of the failed videos (what `--retry-failed` does first).
-Run: `.venv/bin/python bench/recover_latency.py` (PYTHONPATH at an older checkout measures that)."""
+then those of `commit.retract` of the failed videos (what `--retry-failed` does first),
+then of `rayvid compact` merging the parts.
+Run: `.venv/bin/python bench/output_latency.py` (PYTHONPATH at an older checkout measures that)."""
 
 import collections
 import logging
@@ -81,6 +82,13 @@ def main() -> None:
     commit.retract(out, failed, committed, "bench")
     wall = time.perf_counter() - t0
     print(f"retract: {len(failed):,} failed videos from {PARTS} parts, {wall:.2f} s; requests {dict(sorted(seen.items()))}")
+    from rayvid import compact
+
+    seen.clear()
+    t0 = time.perf_counter()
+    done = compact.compact(out)
+    wall = time.perf_counter() - t0
+    print(f"compact: {done['merged']} parts into {done['into']}, {wall:.2f} s; requests {dict(sorted(seen.items()))}")
     server.stop()
 
 
