@@ -5,7 +5,7 @@ instance is tens of milliseconds; moto's loopback answer is not). The OUTPUT: PA
 written by the real Committer, each of VIDEOS_PER_PART videos (20 frame rows each, 1 in
 10 failed); the listing: every video. Prints the wall time and the requests by method,
 then those of `commit.retract` of the failed videos (what `--retry-failed` does first),
-then of `rayvid compact` merging the parts.
+then of `rayvid segments` reading them, then of `rayvid compact` merging them.
 Run: `.venv/bin/python bench/output_latency.py` (PYTHONPATH at an older checkout measures that)."""
 
 import collections
@@ -82,8 +82,13 @@ def main() -> None:
     commit.retract(out, failed, committed, "bench")
     wall = time.perf_counter() - t0
     print(f"retract: {len(failed):,} failed videos from {PARTS} parts, {wall:.2f} s; requests {dict(sorted(seen.items()))}")
-    from rayvid import compact
+    from rayvid import compact, query
 
+    seen.clear()
+    t0 = time.perf_counter()
+    found = query.segments(out)
+    wall = time.perf_counter() - t0
+    print(f"segments: {len(found):,} segments of {PARTS} parts, {wall:.2f} s; requests {dict(sorted(seen.items()))}")
     seen.clear()
     t0 = time.perf_counter()
     done = compact.compact(out)

@@ -496,7 +496,7 @@ def fetch_whole(fs, path: str, size: int | None) -> bytes | None:
     return None
 
 
-def _in_order(pool: concurrent.futures.Executor, fn, items: list, ahead: int) -> Iterator:
+def in_order(pool: concurrent.futures.Executor, fn, items: list, ahead: int) -> Iterator:
     """fn(item) of each item, in order, run in `pool` at most `ahead` items ahead of the
     one taken."""
     queued: collections.deque = collections.deque()
@@ -801,7 +801,7 @@ def recover(output: str, only=None) -> Committed:
     # latency, not bandwidth), each turned into rows here as it comes, in order (allocated
     # by this thread: the fetching threads hold no memory once their bytes are dropped).
     with concurrent.futures.ThreadPoolExecutor(RECOVER_READS) as pool:
-        tables = [rows_of(i, *fetched) for i, fetched in enumerate(_in_order(pool, fetch, names, 2 * RECOVER_READS))]
+        tables = [rows_of(i, *fetched) for i, fetched in enumerate(in_order(pool, fetch, names, 2 * RECOVER_READS))]
     state = Committed(pa.concat_tables(tables) if tables else None, names)
     state.removed, state.in_flight = removed, in_flight
     _finish_retractions(output, fs, root, state, retractions)

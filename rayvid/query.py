@@ -18,6 +18,7 @@ Outputs (Arrow tables):
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import json
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 from rayvid import commit, storage
 
 GAP_S = 0.5  # runs of one label closer than this merge into one segment
+PARTS_AHEAD = 4  # parts read at once, ahead of the one a verb works on
+PART_BLOCK_BYTES = 0  # pyarrow asks for whole column chunks and footers: fetch just those
 
 SEGMENTS_SCHEMA = pa.schema([
     ("video_uri", pa.string()), ("label", pa.string()), ("start_s", pa.float64()),
@@ -55,11 +58,28 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     root = root.rstrip("/")
     if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):
         raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
-    for name in commit.committed_parts(fs, root):
-        path = f"{root}/{what}/{name}"
-        if not fs.exists(path):
-            continue
-        with fs.open(path, "rb", cache_type="none") as f:
+    listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
+    names = [name for name in commit.committed_parts(fs, root) if name in listed]
+
+    def read(name: str) -> Optional[pa.Table]:
+        return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, video, without)
+
+    # each part a few requests: PARTS_AHEAD read ahead of the one the verb works on
+    with concurrent.futures.ThreadPoolExecutor(PARTS_AHEAD) as pool:
+        for table in commit.in_order(pool, read, names, PARTS_AHEAD):
+            if table is not None:
+                yield table
+
+
+def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], video: Optional[str],
+               without: tuple) -> Optional[pa.Table]:
+    """A part's table as `parts` says, or None where nothing of it is wanted. Read in
+    byte ranges as pyarrow asks (of its listed size: no HEAD first), never through s3fs's
+    or gcsfs's read-ahead, which fetched whole parts for a few column chunks."""
+    try:
+        source = (storage.RangeReader(fs, path, size, PART_BLOCK_BYTES) if size is not None
+                  else fs.open(path, "rb", cache_type="none"))
+        with source as f:
             part = pq.ParquetFile(f)
             names = part.schema_arrow.names  # parts of older runs may lack a column
             wanted = [c for c in (columns if columns is not None else names) if c in names and c not in without]
@@ -67,17 +87,19 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
             if video is not None:
                 groups = [g for g in groups if _may_hold(part.metadata.row_group(g), video)]
                 if not groups:
-                    continue
+                    return None
                 if "video_uri" not in wanted:
                     wanted = ["video_uri", *wanted]
             table = part.read_row_groups(groups, columns=wanted)
-        if video is not None:
-            table = table.filter(pc.equal(table.column("video_uri"), video))
-            if not len(table):
-                continue
-            if columns is not None and "video_uri" not in columns:
-                table = table.drop_columns(["video_uri"])
-        yield table
+    except FileNotFoundError:  # replaced since the listing (a compaction, a retraction emptied it)
+        return None
+    if video is not None:
+        table = table.filter(pc.equal(table.column("video_uri"), video))
+        if not len(table):
+            return None
+        if columns is not None and "video_uri" not in columns:
+            table = table.drop_columns(["video_uri"])
+    return table
 
 
 def _may_hold(group, video: str) -> bool:

@@ -479,18 +479,21 @@ class RangeReader(io.RawIOBase):
         return self.pos
 
     def readinto(self, buffer) -> int:
-        if self.pos >= self.size:
-            return 0
-        if not self._start <= self.pos < self._start + len(self._data):
-            end = min(self.size, self.pos + max(self.block, len(buffer)))
-            self._start, self._data = self.pos, self.fs.cat_file(self.path, start=self.pos, end=end)
-            if not self._data:  # the object is shorter than it was listed
-                return 0
-        at = self.pos - self._start
-        n = min(len(buffer), len(self._data) - at)
-        memoryview(buffer)[:n] = self._data[at : at + n]
-        self.pos += n
-        return n
+        """Fills `buffer` (short only at the end of the object: pyarrow takes a short read
+        for the end of its file), from the block held and a request for what it lacks."""
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view) and self.pos < self.size:
+            if not self._start <= self.pos < self._start + len(self._data):
+                end = min(self.size, self.pos + max(self.block, len(view) - done))
+                self._start, self._data = self.pos, self.fs.cat_file(self.path, start=self.pos, end=end)
+                if not self._data:  # the object is shorter than it was listed
+                    break
+            at = self.pos - self._start
+            n = min(len(view) - done, len(self._data) - at)
+            view[done : done + n] = self._data[at : at + n]
+            self.pos += n
+            done += n
+        return done
 
 
 @contextlib.contextmanager

@@ -170,6 +170,34 @@ def test_verbs_fetch_only_the_columns_and_parts_they_need_from_s3(moto, s3_endpo
     assert len(fetched[holder]) > 2  # (each of the two reads: its footer, then what it needs)
 
 
+def test_verbs_read_parts_ahead_without_asking_their_sizes(moto, s3_endpoint):
+    """A verb over many parts is bound by request latency: the parts' sizes come from the
+    folder's listing (no HEAD) and the next parts are read while one is worked on."""
+    import threading
+    import time
+
+    url = f"s3://{BUCKET}/many-query"
+    videos = {f"s3://b/v{i}.mp4": V2 for i in range(8)}
+    write_output(url, videos, fps=FPS, rows_per_file=1)
+    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+
+    def slow(environ):
+        if "/many-query/predictions/" not in environ["PATH_INFO"]:
+            return
+        with lock:
+            asked.append(environ["REQUEST_METHOD"])
+            inflight[0] += 1
+            most[0] = max(most[0], inflight[0])
+        time.sleep(0.1)
+        with lock:
+            inflight[0] -= 1
+
+    with moto.hook(slow):
+        found = query.segments(url, label="square")
+    assert _segs(found) == [(u, "square", 0.0, 1.5, 15) for u in sorted(videos)]
+    assert set(asked) == {"GET"} and most[0] >= 3
+
+
 def test_a_part_without_statistics_is_read_whole_for_a_video(out, tmp_path):
     """Parquet written by another tool may carry no min/max: such a part cannot be skipped."""
     import os

@@ -176,6 +176,11 @@ def test_a_range_reader_reads_what_a_file_would(store, tmp_path):
     (tmp_path / "reader.bin").write_bytes(data)
     local = storage.RangeReader(*storage.resolve(str(tmp_path / "reader.bin")), len(data) + 100, block=512)
     assert io.BufferedReader(local).read() == data
+    for raw in (reader, storage.RangeReader(*storage.resolve(str(tmp_path / "reader.bin")), len(data), block=512)):
+        for _ in range(20):  # unbuffered (as pyarrow reads it): every read whole but at the end,
+            offset, n = rng.randrange(0, 3000), rng.randrange(1, 1500)  # also one past the block held
+            raw.seek(offset)
+            assert raw.read(10) + raw.read(n) == data[offset : offset + 10 + n]
 
 
 def test_a_copy_is_of_the_listed_version_or_says_the_object_changed(tmp_path, store):
