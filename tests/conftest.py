@@ -94,6 +94,29 @@ class Moto:
         with self.hook(record):
             yield seen
 
+    @contextlib.contextmanager
+    def slow(self, matches, delay_s: float):
+        """Each request `matches(environ)` is true of waits `delay_s` before moto answers,
+        as a far store's would. Yields a dict whose "most" is the most such requests in
+        flight at once."""
+        import threading
+        import time
+
+        lock, seen = threading.Lock(), {"now": 0, "most": 0}
+
+        def wait(environ):
+            if not matches(environ):
+                return
+            with lock:
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            time.sleep(delay_s)
+            with lock:
+                seen["now"] -= 1
+
+        with self.hook(wait):
+            yield seen
+
     @staticmethod
     def _matches(environ, method: str, prefix: str, body_has: bytes) -> bool:
         """Whether a request is `method` for a path under `prefix` with `body_has` in its

@@ -318,9 +318,6 @@ def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, 
     """A run's start-up over an OUTPUT of many parts is bound by request latency: recover
     asks for each videos/ (and errors/) part in one GET (its size from the listing: no
     HEAD first) and keeps several in flight. What it finds is what was committed."""
-    import threading
-    import time
-
     from helpers import BUCKET, write_output
 
     from rayvid.commit import recover
@@ -328,35 +325,27 @@ def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, 
     url = f"s3://{BUCKET}/many-parts"
     videos = {f"s3://b/v{i:02d}.mp4": [("a", 0.5)] * 3 for i in range(12)}
     write_output(url, videos, rows_per_file=1, failed=("s3://b/bad.mp4",))
-    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+    asked = []
 
-    def slow(environ):  # every request to the parts takes 0.2 s, as a far store's would
+    def part(environ):  # every request to the parts takes 0.2 s, as a far store's would
         path = environ["PATH_INFO"]
         if "/many-parts/" not in path or not path.endswith(".parquet"):
-            return
-        with lock:
-            asked.append((environ["REQUEST_METHOD"], path.split("/many-parts/")[1].split("/")[0]))
-            inflight[0] += 1
-            most[0] = max(most[0], inflight[0])
-        time.sleep(0.2)
-        with lock:
-            inflight[0] -= 1
+            return False
+        asked.append((environ["REQUEST_METHOD"], path.split("/many-parts/")[1].split("/")[0]))
+        return True
 
-    with moto.hook(slow):
+    with moto.slow(part, 0.2) as inflight:
         state = recover(url, only=[*videos, "s3://b/bad.mp4", "s3://b/new.mp4"])
     assert state.uris() == sorted([*videos, "s3://b/bad.mp4"]) and state.get("s3://b/bad.mp4")["error"]
     parts = len(state.files_of(state.uris()))
     assert sorted(set(asked)) == [("GET", "errors"), ("GET", "videos")]  # no HEAD
     assert asked.count(("GET", "videos")) == parts and asked.count(("GET", "errors")) == 1
-    assert most[0] >= 4
+    assert inflight["most"] >= 4
 
 
 def test_retract_rewrites_an_s3_outputs_parts_several_at_once_a_request_each(moto, s3_endpoint):
     """--retry-failed over many parts: each part holding a retracted video is read in one
     GET (no HEAD) and rewritten, several at a time; exactly those videos' rows go."""
-    import threading
-    import time
-
     from helpers import BUCKET, read_output, write_output
 
     from rayvid.commit import recover, retract
@@ -366,24 +355,19 @@ def test_retract_rewrites_an_s3_outputs_parts_several_at_once_a_request_each(mot
     write_output(url, videos, rows_per_file=1)
     gone = {f"s3://b/v{i:02d}.mp4" for i in range(0, 12, 2)}
     state = recover(url)
-    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+    asked = []
 
-    def slow(environ):
+    def part(environ):
         path = environ["PATH_INFO"]
         if "/many-retracted/" not in path or not path.endswith(".parquet"):
-            return
-        with lock:
-            asked.append(environ["REQUEST_METHOD"])
-            inflight[0] += 1
-            most[0] = max(most[0], inflight[0])
-        time.sleep(0.2)
-        with lock:
-            inflight[0] -= 1
+            return False
+        asked.append(environ["REQUEST_METHOD"])
+        return True
 
-    with moto.hook(slow):
+    with moto.slow(part, 0.2) as inflight:
         retract(url, gone, state, "r2")
     assert "HEAD" not in asked and asked.count("GET") == 2 * len(state.files_of(gone))  # predictions, videos
-    assert most[0] >= 4
+    assert inflight["most"] >= 4
     rows = read_output(url)
     assert sorted(set(rows.column("video_uri").to_pylist())) == sorted(set(videos) - gone)
     assert recover(url).uris() == sorted(set(videos) - gone)

@@ -217,31 +217,21 @@ def test_compact_on_s3_reads_each_part_in_one_request_several_at_once_and_delete
     is one ranged GET of its footer, its files one GET each (no HEAD: sizes from the
     folders' listings), several in flight; the replaced files go in one DeleteObjects
     request per folder."""
-    import threading
-    import time
-
     url = f"s3://{BUCKET}/compact-many"
     write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
     want = _state(url)
-    lock, inflight, most, asked, deletes = threading.Lock(), [0], [0], [], []
+    asked, deletes = [], []
 
-    def slow(environ):  # the parts' requests take 0.1 s each
+    def part(environ):  # the parts' requests take 0.1 s each
         path, query_string = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
         if environ["REQUEST_METHOD"] == "POST" and "delete" in query_string:  # (to the bucket: keys in the body)
             deletes.append(path)
         if "/compact-many/" not in path:
-            return
-        with lock:
-            asked.append((environ["REQUEST_METHOD"], path.split("/compact-many/")[1], query_string))
-            if "/part-r1-" not in path:
-                return
-            inflight[0] += 1
-            most[0] = max(most[0], inflight[0])
-        time.sleep(0.1)
-        with lock:
-            inflight[0] -= 1
+            return False
+        asked.append((environ["REQUEST_METHOD"], path.split("/compact-many/")[1], query_string))
+        return "/part-r1-" in path
 
-    with moto.hook(slow):
+    with moto.slow(part, 0.1) as inflight:
         done = compact.compact(url, target_rows=10_000)
     assert done["merged"] == 9 and done["into"] == 1 and _state(url) == want
     old = [(method, path) for method, path, _ in asked if "/part-r1-" in path]
@@ -251,7 +241,7 @@ def test_compact_on_s3_reads_each_part_in_one_request_several_at_once_and_delete
     assert len(footers) == 8 and set(footers.values()) == {2}  # its footer, then the whole file
     assert set(n for p, n in per_file.items() if not p.startswith("predictions/")) == {1}
     assert len(deletes) == 3 + 1  # the 3 folders' replaced files, then the intent record
-    assert most[0] >= 4
+    assert inflight["most"] >= 4
 
 
 def test_merged_parts_keep_a_heads_columns(tmp_path):

@@ -173,29 +173,21 @@ def test_verbs_fetch_only_the_columns_and_parts_they_need_from_s3(moto, s3_endpo
 def test_verbs_read_parts_ahead_without_asking_their_sizes(moto, s3_endpoint):
     """A verb over many parts is bound by request latency: the parts' sizes come from the
     folder's listing (no HEAD) and the next parts are read while one is worked on."""
-    import threading
-    import time
-
     url = f"s3://{BUCKET}/many-query"
     videos = {f"s3://b/v{i}.mp4": V2 for i in range(8)}
     write_output(url, videos, fps=FPS, rows_per_file=1)
-    lock, inflight, most, asked = threading.Lock(), [0], [0], []
+    asked = []
 
-    def slow(environ):
+    def part(environ):
         if "/many-query/predictions/" not in environ["PATH_INFO"]:
-            return
-        with lock:
-            asked.append(environ["REQUEST_METHOD"])
-            inflight[0] += 1
-            most[0] = max(most[0], inflight[0])
-        time.sleep(0.1)
-        with lock:
-            inflight[0] -= 1
+            return False
+        asked.append(environ["REQUEST_METHOD"])
+        return True
 
-    with moto.hook(slow):
+    with moto.slow(part, 0.1) as inflight:
         found = query.segments(url, label="square")
     assert _segs(found) == [(u, "square", 0.0, 1.5, 15) for u in sorted(videos)]
-    assert set(asked) == {"GET"} and most[0] >= 3
+    assert set(asked) == {"GET"} and inflight["most"] >= 3
 
 
 def test_a_part_without_statistics_is_read_whole_for_a_video(out, tmp_path):
