@@ -9,8 +9,6 @@ then of `rayvid segments` reading them, then of `rayvid compact` merging them.
 Run: `.venv/bin/python bench/output_latency.py` (PYTHONPATH at an older checkout measures that)."""
 
 import collections
-import logging
-import os
 import sys
 import threading
 import time
@@ -20,15 +18,20 @@ PARTS, VIDEOS_PER_PART, DELAY_S = 200, 50, 0.03
 
 def main() -> None:
     import pyarrow as pa
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    import s3_server
+
+    seen: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    slow = threading.Event()  # set once the OUTPUT is written: then each request waits DELAY_S
+
+    def hook(environ):
+        if slow.is_set():
+            with lock:
+                seen[environ["REQUEST_METHOD"]] += 1
+            time.sleep(DELAY_S)
+
+    server = s3_server.start(hook)
     from rayvid import commit, storage
     from rayvid.schema import INFERRED_SCHEMA, KIND_END, KIND_FRAME
 
@@ -56,18 +59,7 @@ def main() -> None:
         c.add(pa.concat_tables(rows))
         c.close()
     listing = pa.table({"video_uri": uris, "size_bytes": [-1] * len(uris), "version": [""] * len(uris)})
-    seen: collections.Counter = collections.Counter()
-    lock = threading.Lock()
-    wsgi = server._server
-    app = wsgi.app
-
-    def slow(environ, start_response):
-        with lock:
-            seen[environ["REQUEST_METHOD"]] += 1
-        time.sleep(DELAY_S)
-        return app(environ, start_response)
-
-    wsgi.app = slow
+    slow.set()
     for _ in range(2):
         seen.clear()
         t0 = time.perf_counter()

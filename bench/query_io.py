@@ -66,31 +66,18 @@ def rchar() -> int:
 
 
 def moto_s3():
-    """moto's S3 server on 127.0.0.1 (as the tests run it) and a list that each GET's
-    bytes go into (its Range, else the object's size)."""
-    import logging
+    """moto's S3 server (`s3_server`) and a list that each GET's bytes go into (its Range,
+    else the object's size)."""
+    import s3_server
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
     fetched: list = []
-    wsgi = server._server
-    app = wsgi.app
 
-    def counted(environ, start_response):
+    def counted(environ):
         if environ["REQUEST_METHOD"] == "GET" and "/predictions/" in environ["PATH_INFO"]:
             first, last = (environ.get("HTTP_RANGE") or "bytes=0-").split("=")[1].split("-")
             fetched.append((int(last) + 1 - int(first)) if last else -1)
-        return app(environ, start_response)
 
-    wsgi.app = counted
-    return server, fetched
+    return s3_server.start(counted), fetched
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ where each segment would read from the start.
 
 from __future__ import annotations
 
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,8 +68,7 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
             size = fs.size(path)
         if size is None or not storage.serves_ranges(fs, path, size):  # then every segment would copy it whole
             return 0.0, version
-        reader = storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES)
-        with io.BufferedReader(reader, HEADER_BLOCK_BYTES) as f, av.open(f) as container:
+        with storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES) as f, av.open(f) as container:
             if UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(",")):
                 return 0.0, version  # no index to seek by: a later segment would read from the start
             if container.duration:
