@@ -538,7 +538,7 @@ def _next_seq(output: str, run_id: str) -> int:
     fs, root = storage.resolve(output)
     pattern = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
     seqs = [int(m[1]) for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR)
-            for name in _parts(fs, f"{root.rstrip('/')}/{directory}") if (m := pattern.fullmatch(name))]
+            for name in part_sizes(fs, f"{root.rstrip('/')}/{directory}") if (m := pattern.fullmatch(name))]
     return max(seqs, default=-1) + 1
 
 
@@ -725,10 +725,6 @@ def _last_of_each(uris: pa.Array, keys: np.ndarray) -> np.ndarray | None:
     return keep
 
 
-def _parts(fs, directory: str) -> set:
-    return set(part_sizes(fs, directory))
-
-
 def part_sizes(fs, directory: str) -> dict:
     """{part name: its size in bytes as listed, or None} of the parts in `directory`."""
     try:
@@ -811,7 +807,7 @@ def recover(output: str, only=None) -> Committed:
 def committed_parts(fs, root: str) -> list[str]:
     """The part names whose rows readers should see: those with a videos/ file (the
     commit point), minus those a finished compaction replaced but has not deleted yet."""
-    names = _parts(fs, f"{root}/{VIDEOS_DIR}")
+    names = set(part_sizes(fs, f"{root}/{VIDEOS_DIR}"))
     for new, record in _compactions(fs, root):
         if new in names:
             names -= set(record["replaces"]) - {new}

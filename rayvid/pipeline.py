@@ -13,6 +13,7 @@ stage's actor pool and resources are planned from the cluster in `plan_resources
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -92,6 +93,39 @@ def cluster_shape(ray) -> dict:
         shape["decode_CPU"] = max(shape.get("decode_CPU", float(shape.get("CPU", 0))), most["CPU"])
         shape["max_GPU"] = most["GPU"]
     return shape
+
+
+def autoscaler_version(ray) -> str:
+    """"v2" or "v1", the autoscaler scaling this cluster, or "" where none does (a laptop's
+    local Ray, a fixed cluster: v1's monitor runs there too, over a read-only provider whose
+    node types are its nodes, `node_<id>`). Read from the GCS as `ray status` reads it."""
+    try:
+        from ray._private import ray_constants
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return "v2"
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+        types = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        return "v1" if any(kind != f"node_{node}" for node, kind in types.items()) else ""
+    except Exception:  # noqa: BLE001 - information only: private API of another Ray
+        return ""
+
+
+def _warn_if_label_blind(ray) -> None:
+    """Ray's v1 autoscaler ignores label selectors: it counts a GPU node's spare CPUs as
+    room for a decode actor (which may not run there) and never starts the CPU node the
+    actor waits for, so the job waits forever (measured with Ray's fake multi-node provider:
+    tests/test_cluster.py). v2 reads them (`ray up` starts v2 since Ray 2.50; KubeRay with
+    `autoscalerOptions.version: v2`, as in cluster/)."""
+    if autoscaler_version(ray) == "v1":
+        key, value = decode.INFER_NODE_LABEL
+        log.warning("this cluster's autoscaler is Ray's v1, which ignores label selectors: where node types "
+                    "carry the label %s=%s (as in cluster/), decode actors (kept off them) may wait forever for "
+                    "a CPU node it never starts, counting a GPU node's spare CPUs as room for them; start the "
+                    "cluster with autoscaler v2 (`ray up` does since Ray 2.50 unless RAY_UP_enable_autoscaler_v2=0; "
+                    "KubeRay: spec.autoscalerOptions.version: v2)", key, value)
 
 
 def _most(config) -> dict:
@@ -183,6 +217,7 @@ def run(cfg: RunConfig) -> RunResult:
         info = probe() if probe else None
         shape = info.shape if info else shape
         clip_len = _clip_len(cfg, shape.clip_len)
+        _warn_if_label_blind(ray)
         plan = plan_resources(cfg, cluster_shape(ray), listed, remote=_any_remote(videos))
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))

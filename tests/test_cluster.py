@@ -211,7 +211,8 @@ def test_kuberay_autoscaler_sees_the_infer_label_on_gpu_nodes_only():
     """What Ray 2.60's autoscaler makes of the RayCluster (its own RayCluster CR ->
     autoscaling config conversion, the code its KubeRay sidecar runs, offline): the GPU
     group carries the `rayvid.io/role=infer` label that decode actors' label_selector avoids,
-    and the CPU group does not, so a decode backlog scales cpu-decode, never gpu-infer."""
+    and the CPU group does not, so a decode backlog scales cpu-decode, never gpu-infer; and
+    the autoscaler is v2, the one that reads label selectors."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
     from rayvid.decode import INFER_NODE_LABEL, resources
@@ -222,6 +223,7 @@ def test_kuberay_autoscaler_sees_the_infer_label_on_gpu_nodes_only():
     for name, cr in _cluster_specs().items():
         cr = copy.deepcopy(cr)
         cr["metadata"].setdefault("namespace", "default")  # the API server fills it in
+        assert cr["spec"]["autoscalerOptions"]["version"] == "v2", name
         types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
         assert set(types) == {"headgroup", "cpu-decode", "gpu-infer"}, name
         assert types["headgroup"]["resources"]["CPU"] == 0
@@ -601,31 +603,41 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
 # --- the real autoscaler against a fake node provider -------------------------------------
 
 
-def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle(media, shapes_model, tmp_path):
-    """Ray's autoscaler (monitor.py, the same code as in the cloud) with its fake multi-node
-    provider, on a head with no CPUs: the job's decode and inference actors make a CPU node
-    and a GPU node appear; the job completes; both go away once idle. (AutoscalingCluster
-    would do this, but its start() runs `ray stop --force`, which would take the session's
-    cluster down too; this starts the same configuration on ports of its own.)"""
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle(media, shapes_model, tmp_path, version):
+    """Ray's autoscaler (the same code as in the cloud) with its fake multi-node provider, on
+    a head with no CPUs: the job's decode and inference actors make a CPU node and a GPU node
+    appear; the job completes; both go away once idle. v2, as `ray up` and cluster/kuberay
+    start it, with CPUs to spare on the GPU node type (as on every cloud GPU instance): v1
+    would count those as room for the decode actor, which its label selector keeps off that
+    node, and never start a CPU node (measured: the job waits forever), so on v1 (GPU node
+    type with only the CPU its inference actor takes) the job also says so on stderr.
+    (AutoscalingCluster would do this, but its start() runs `ray stop --force`, which would
+    take the session's cluster down too; this starts the same configuration on ports of its
+    own. The provider is named as an external module: the "fake_multinode" type needs an
+    example.yaml of defaults that Ray's wheel does not ship, which v2 reads.)"""
     import subprocess
     import time
 
     import helpers
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
     bin_dir = os.path.dirname(sys.executable)
     gcs, = _free_ports(1)
     address = f"127.0.0.1:{gcs}"
     small = {"object_store_memory": 300 * 2**20}
+    gpu_node_cpus = 3 if version == "v2" else 1
     config = {
         "cluster_name": "rayvid-autoscaling-test", "max_workers": 4, "upscaling_speed": 1.0,
         "idle_timeout_minutes": 0.2,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "provider": {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": address},
         "auth": {"ssh_user": "ubuntu"}, "docker": {},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "cpu": {"resources": {"CPU": 1, **small}, "node_config": {}, "min_workers": 0, "max_workers": 2},
-            "gpu": {"resources": {"CPU": 1, "GPU": 1, **small}, "labels": {"rayvid.io/role": "infer"},
+            "gpu": {"resources": {"CPU": gpu_node_cpus, "GPU": 1, **small}, "labels": {"rayvid.io/role": "infer"},
                     "node_config": {}, "min_workers": 0, "max_workers": 1},
         },
         "head_node_type": "ray.head.default",
@@ -634,16 +646,21 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
         "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
-    config_path = tmp_path / "autoscaling.json"
-    config_path.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1",
                PATH=bin_dir + os.pathsep + env["PATH"])
+    head_env = dict(env)
+    if version == "v2":  # what `ray up` adds to the head's start command (and the fake provider's v2 settings)
+        config["provider"].update(launch_multiple=True, head_node_id=FAKE_HEAD_NODE_ID)
+        head_env.update(RAY_enable_autoscaler_v2="1", RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+                        RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID)
+    config_path = tmp_path / "autoscaling.json"
+    config_path.write_text(json.dumps(config))
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--num-cpus=0", f"--object-store-memory={300 * 2**20}",
          f"--autoscaling-config={config_path}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     nodes_script = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
                     "print('NODES', json.dumps([(n['Alive'], n['Resources'].get('GPU', 0), n['Resources'].get('CPU', 0)) "
                     "for n in ray.nodes() if 'node:__internal_head__' not in n['Resources'] "
@@ -671,6 +688,7 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
             env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stderr[-3000:]
         assert "3 listed, 0 skipped (already done), 3 ok, 0 failed" in job.stdout
+        assert ("autoscaler is Ray's v1, which ignores label selectors" in job.stderr) == (version == "v1"), job.stderr[-3000:]
         appeared = workers()
         assert any(gpu == 1 for _, gpu, _ in appeared), appeared  # a GPU node came up
         assert any(gpu == 0 and cpu >= 1 for _, gpu, cpu in appeared), appeared  # and a CPU node
