@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,6 +25,15 @@ SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still cam
 # Options whose value is optional: `--embed` alone, `--embed=LAYER`, or `--embed LAYER`
 # where INPUT and OUTPUT are given too (else the word could be INPUT: `detached`).
 OPTIONAL_VALUES = {"--embed": "LAYER", "--skip-similar": "T"}
+
+
+def number(text: str) -> float:
+    """argparse type of the float flags: a finite number (float() also takes nan and inf,
+    which would pass every range check and fail deep in a stage)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,12 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--head", choices=HEADS,
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
     m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
-    m.add_argument("--iou-threshold", type=float, help="detect: NMS overlap threshold (default 0.5)")
-    m.add_argument("--min-box-score", type=float, help="detect: drop boxes scoring less (default 0.3)")
+    m.add_argument("--iou-threshold", type=number, help="detect: NMS overlap threshold (default 0.5)")
+    m.add_argument("--min-box-score", type=number, help="detect: drop boxes scoring less (default 0.3)")
     s = r.add_argument_group("sampling (default: every frame)")
     ex = s.add_mutually_exclusive_group()
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
-    ex.add_argument("--fps", type=float, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
+    ex.add_argument("--fps", type=number, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
     ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
     s.add_argument("--clip-len", type=int, metavar="N",
                    help="video models: N consecutive frames per model input, one output row per clip")
@@ -71,19 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--decoder", choices=DECODERS, help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="CPUs each decode actor holds, and its decoder threads (default 1; "
                    "where inference runs on the CPU, HD and larger sources decode on at least 2 threads)")
-    e.add_argument("--segment-seconds", type=float, metavar="S",
+    e.add_argument("--segment-seconds", type=number, metavar="S",
                    help="split videos longer than S seconds into segments decoded in parallel (default 600; 0: never)")
     e.add_argument("--decode-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
-    e.add_argument("--decode-timeout", type=float, metavar="S",
+    e.add_argument("--decode-timeout", type=number, metavar="S",
                    help="seconds of decoding one segment may take per attempt before its process is killed (default 600)")
     e.add_argument("--decode-retries", type=int, metavar="N",
                    help="retries of a segment whose decoder process crashed or timed out (default 1)")
     e.add_argument("--infer-actors", nargs=2, type=int, metavar=("MIN", "MAX"))
-    e.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0 (CPU)")
+    e.add_argument("--gpus-per-actor", type=number, help="default: 1 if the cluster has GPUs, else 0 (CPU)")
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     e.add_argument("--run-id")
     e.add_argument("--limit", type=int, help="process at most N videos")
-    e.add_argument("--commit-interval", type=float, metavar="S",
+    e.add_argument("--commit-interval", type=number, metavar="S",
                    help="publish complete videos at least every S seconds (default 60)")
     e.add_argument("--retry-failed", action="store_true", default=None,
                    help="also redo videos that failed in earlier runs into the same OUTPUT")
@@ -104,14 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     fnd.add_argument("output")
     fnd.add_argument("label")
     for q in (seg, fnd):
-        q.add_argument("--min-score", type=float, default=0.0, metavar="S", help="ignore frames scoring below S")
-        q.add_argument("--min-duration", type=float, default=0.0, metavar="D", help="drop segments shorter than D s")
-        q.add_argument("--gap", type=float, default=None, metavar="G",
+        q.add_argument("--min-score", type=number, default=0.0, metavar="S", help="ignore frames scoring below S")
+        q.add_argument("--min-duration", type=number, default=0.0, metavar="D", help="drop segments shorter than D s")
+        q.add_argument("--gap", type=number, default=None, metavar="G",
                        help="merge runs of a label less than G s apart (default 0.5)")
     sim = shown(sub.add_parser("similar", help="the frames nearest a frame or an image (runs with --embed)"))
     sim.add_argument("output")
     sim.add_argument("--video", metavar="URI", help="the query frame's video (with --time)")
-    sim.add_argument("--time", type=float, metavar="T", help="seconds: the frame shown at T")
+    sim.add_argument("--time", type=number, metavar="T", help="seconds: the frame shown at T")
     sim.add_argument("--image", metavar="PATH", help="an image file (any URL), embedded by the run's model")
     sim.add_argument("-k", type=int, default=10, help="how many frames (default 10)")
     q = sub.add_parser("export", help="per-frame predictions as CSV (top-k as columns)")
@@ -136,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("samples", help="generate labelled sample videos and train the small sample model")
     smp.add_argument("dir", help="folder to write videos/ and model/ into")
     smp.add_argument("--videos", type=int, default=6)
-    smp.add_argument("--seconds", type=float, default=4.0)
+    smp.add_argument("--seconds", type=number, default=4.0)
     smp.add_argument("--force", action="store_true", help="rebuild even if present")
     smp.add_argument("--detector", action="store_true",
                      help="also train the sample grid detector (model/detector.keras: --head detect)")
@@ -181,9 +191,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     skip_similar = args.skip_similar
     if isinstance(skip_similar, str):
         try:
-            skip_similar = float(skip_similar)
-        except ValueError:
-            raise ConfigError(f"--skip-similar T must be a number, got {storage.public_uri(skip_similar)!r}") from None
+            skip_similar = number(skip_similar)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ConfigError(f"--skip-similar T must be a finite number, got {storage.public_uri(skip_similar)!r}") from None
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)
@@ -282,6 +292,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RayvidError as e:
         print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
+        done = "; the videos complete by now are committed: run the same command again to finish" if args.verb == "run" else ""
+        print(f"rayvid: interrupted{done}", file=sys.stderr)
+        return 130
     return 1
 
 
@@ -297,6 +311,8 @@ def _query(args) -> int:
             query.write(query.summary(args.output), args.format, args.out)
         elif args.verb in ("segments", "find"):
             gap = query.GAP_S if args.gap is None else args.gap
+            if gap < 0 or args.min_duration < 0:
+                raise ConfigError(f"--gap and --min-duration must be >= 0 seconds, got {gap:g} and {args.min_duration:g}")
             if args.verb == "segments":
                 table = query.segments(args.output, args.label, args.min_score, args.min_duration, gap, args.video)
             else:
@@ -313,7 +329,10 @@ def _query(args) -> int:
         elif args.verb == "compact":
             from rayvid import compact
 
-            done = compact.compact(args.output, args.target_rows or compact.TARGET_ROWS, args.include_running)
+            rows = compact.TARGET_ROWS if args.target_rows is None else args.target_rows
+            if rows < 1:
+                raise ConfigError(f"--target-rows must be >= 1, got {rows}")
+            done = compact.compact(args.output, rows, args.include_running)
             print(json.dumps(done))
         elif args.verb == "report":
             from rayvid import report

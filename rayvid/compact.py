@@ -52,6 +52,8 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     commit.recover(output, only=())  # its clean-up: no video's rows are needed here
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
+    if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):  # a typo in OUTPUT, or nothing committed yet
+        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}

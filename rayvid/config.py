@@ -17,6 +17,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import re
 import secrets
@@ -287,7 +288,7 @@ def _kinds(cls) -> dict[str, tuple[Any, bool]]:
     return out
 
 
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
              tuple: "two integers [H, W]"}
 
 
@@ -308,6 +309,8 @@ def _check_types(obj, where: str) -> None:
                 isinstance(v, int) and not isinstance(v, bool) for v in value)
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:  # nan passes every range check (a YAML .nan, a record's NaN)
+            ok = isinstance(value, float) and math.isfinite(value)
         else:
             ok = isinstance(value, kind)
         if not ok:

@@ -47,7 +47,8 @@ def summary(result) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    """Bytes in MB, or in kB under 0.1 MB (20 kB read would show as 0.0 MB)."""
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 or n == 0 else f"{n / 1e3:.1f} kB"
 
 
 def _plural(n: int, word: str) -> str:

@@ -73,11 +73,28 @@ def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tm
         (["run", "/definitely/not/here", "OUT"], "rayvid: error: input not found: /definitely/not/here"),
         (["run", "IN"], "rayvid: error: OUTPUT is required"),
         (["run", "IN", "OUT", "--every", "0"], "rayvid: error: --every must be >= 1"),
+        (["run", "IN", "OUT", "--skip-similar=nan"], "rayvid: error: --skip-similar T must be a finite number, got 'nan'"),
+        (["segments", "OUT", "--gap", "-1"], "rayvid: error: --gap and --min-duration must be >= 0 seconds, got -1 and 0"),
+        (["find", "OUT", "cat", "--min-duration", "-2"], "rayvid: error: --gap and --min-duration must be >= 0 seconds"),
+        (["compact", "OUT", "--target-rows", "0"], "rayvid: error: --target-rows must be >= 1, got 0"),
+        (["compact", "/definitely/not/here"], "rayvid: error: no rayvid output at /definitely/not/here (no videos/ folder)"),
     ],
 )
 def test_cannot_run_exits_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--fps", "--segment-seconds", "--decode-timeout", "--commit-interval",
+                                  "--gpus-per-actor", "--iou-threshold"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_number_flags_take_finite_numbers_only(flag, value, capsys):
+    """float() takes nan and inf, which pass every range check (nan < 0 is false) and would
+    fail deep in a stage with a traceback (--fps nan: "cannot convert float NaN to integer")."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "IN", "OUT", f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value", [(["--fps", "2"], {"fps": 2.0}), (["--every", "3"], {"every": 3}),
@@ -111,6 +128,8 @@ def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
         ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),
         ("model: {embed: true}\n", "config.model.embed: expected a string, got True"),
         ("decode: {threads: 0}\n", "--decode-threads must be >= 1, got 0"),
+        ("sampling: {fps: .nan}\n", "config.sampling.fps: expected a finite number, got nan"),
+        ("decode: {segment_s: .inf}\n", "config.decode.segment_s: expected a finite number, got inf"),
         ('{"run_id": "r", "config": [1]}\n', "config {path}: expected a mapping of settings, got list"),
     ],
 )
@@ -160,7 +179,7 @@ def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
         (["--config", "{config}", "--embed", "avg_pool"], "input not found: "),
         (["--config", "{config}", "--embed", "in", "out"], "--embed takes 'in' as its LAYER here"),
         (["--embed", "s3://AKIAFAKEFAKEFAKE:pw@b/in/", "out"], "--embed takes 's3://b/in/' as its LAYER here"),
-        (["in", "out", "--skip-similar", "lots"], "--skip-similar T must be a number, got 'lots'"),
+        (["in", "out", "--skip-similar", "lots"], "--skip-similar T must be a finite number, got 'lots'"),
     ],
 )
 def test_an_optional_value_never_takes_input_or_output(argv, message, tmp_path, capsys):
@@ -213,10 +232,12 @@ def test_no_credentials_is_a_clear_error(s3_endpoint, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path):
-    """The driver (a `ray job submit` entrypoint on the running cluster) is SIGKILLed right
-    after its first commit, mid-run; the same command again skips what was committed and
-    completes the output with every frame of every video exactly once."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path, how):
+    """The driver (a `ray job submit` entrypoint on the running cluster) is SIGKILLed (or
+    interrupted: Ctrl-C) right after its first commit, mid-run; the same command again skips
+    what was committed and completes the output with every frame of every video exactly
+    once. Ctrl-C ends the run with exit 130 and one line saying what to do, no traceback."""
     import re
     import shutil
     import signal
@@ -230,15 +251,22 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
            "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1",
            "--batch-size", "16"]  # small batches: results reach the driver in small steps
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "videos").is_dir() and any(p.suffix == ".parquet" for p in (out / "videos").iterdir()):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the first run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if how == "SIGINT":
+        assert proc.returncode == 130, err[-3000:]
+        assert err.rstrip().endswith("rayvid: interrupted; the videos complete by now are committed: "
+                                     "run the same command again to finish"), err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        record = json.loads(next((out / "runs").iterdir()).read_text())
+        assert record["status"] == "failed" and "KeyboardInterrupt" in json.dumps(record), record
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -60,7 +60,7 @@ def test_run_id_cannot_name_a_path_outside_output(run_id):
         ({"model": {"name": ""}}, "--model must name a model"),
         ({"model": ["resnet50"]}, "config.model: expected a mapping, got list"),
         ({"sampling": {"every": 2.5}}, "config.sampling.every: expected an integer, got 2.5"),
-        ({"decode": {"segment_s": "600"}}, "config.decode.segment_s: expected a number, got '600'"),
+        ({"decode": {"segment_s": "600"}}, "config.decode.segment_s: expected a finite number, got '600'"),
         ({"decode": {"decoder": "ffmpeg"}}, "--decoder must be auto, decord or pyav, got 'ffmpeg'"),
         ({"decode": {"threads": None}}, "config.decode.threads: expected an integer, got None"),
         ({"input": 5}, "config.input: expected a string, got 5"),

@@ -15,6 +15,8 @@ def test_summary_says_what_happened_and_where():
     assert "storage:" not in text  # nothing read from a remote store
     r.bytes_read, r.bytes_remote = 20_540_000, 19_720_000
     assert "  storage: read 20.5 MB from remote stores (1.04x the 19.7 MB of the remote videos)" in summary(r)
+    r.bytes_read, r.bytes_remote = 19_792, 19_000
+    assert "  storage: read 19.8 kB from remote stores (1.04x the 19.0 kB of the remote videos)" in summary(r)
     r.output = "ftp://alice:hunter2pw@host/out"  # fsspec takes credentials from the URL
     text = summary(r)
     assert "hunter2pw" not in text and "alice" not in text
