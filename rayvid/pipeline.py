@@ -75,7 +75,11 @@ class RunResult:
 def cluster_shape(ray) -> dict:
     """What `plan_resources` plans from: Ray's cluster resources now; `decode_CPU`, the CPUs
     decode actors may use (not on nodes labelled `rayvid.io/role=infer`), where any node
-    is so labelled or the cluster autoscales; and on an autoscaling cluster, `max_GPU`."""
+    is so labelled or the cluster autoscales; `autoscaler` (`autoscaler_version`); and on
+    an autoscaling cluster whose node types Ray reports, `max_GPU`. Ray 2.60's own
+    autoscalers (v1, v2; `ray up`, KubeRay) do not report them to the GCS, hosted Ray does:
+    where they are not reported, `decode_CPU` is unbounded (the decode pool grows as far as
+    the autoscaler starts nodes for it) and `node_types_unknown` is set."""
     shape = dict(ray.cluster_resources())
     key, value = decode.INFER_NODE_LABEL
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -92,6 +96,9 @@ def cluster_shape(ray) -> dict:
         most = _most(config)
         shape["decode_CPU"] = max(shape.get("decode_CPU", float(shape.get("CPU", 0))), most["CPU"])
         shape["max_GPU"] = most["GPU"]
+    shape["autoscaler"] = autoscaler_version(ray)
+    if shape["autoscaler"] and "max_GPU" not in shape:
+        shape["decode_CPU"], shape["node_types_unknown"] = math.inf, True
     return shape
 
 
@@ -113,19 +120,27 @@ def autoscaler_version(ray) -> str:
         return ""
 
 
-def _warn_if_label_blind(ray) -> None:
-    """Ray's v1 autoscaler ignores label selectors: it counts a GPU node's spare CPUs as
-    room for a decode actor (which may not run there) and never starts the CPU node the
-    actor waits for, so the job waits forever (measured with Ray's fake multi-node provider:
+def _warn_about(shape: dict, plan: "Plan", cfg: RunConfig) -> None:
+    """What the cluster's autoscaler will not do for this run, said as it starts.
+
+    Ray's v1 autoscaler ignores label selectors: it counts a GPU node's spare CPUs as room
+    for a decode actor (which may not run there) and never starts the CPU node the actor
+    waits for, so the job waits forever (measured with Ray's fake multi-node provider:
     tests/test_cluster.py). v2 reads them (`ray up` starts v2 since Ray 2.50; KubeRay with
-    `autoscalerOptions.version: v2`, as in cluster/)."""
-    if autoscaler_version(ray) == "v1":
+    `autoscalerOptions.version: v2`, as in cluster/). And where the autoscaler does not say
+    which node types it can start, a cluster with no GPU now may have GPU nodes to start:
+    the model then runs on CPUs unless --gpus-per-actor says otherwise."""
+    if shape.get("autoscaler") == "v1":
         key, value = decode.INFER_NODE_LABEL
         log.warning("this cluster's autoscaler is Ray's v1, which ignores label selectors: where node types "
                     "carry the label %s=%s (as in cluster/), decode actors (kept off them) may wait forever for "
                     "a CPU node it never starts, counting a GPU node's spare CPUs as room for them; start the "
                     "cluster with autoscaler v2 (`ray up` does since Ray 2.50 unless RAY_UP_enable_autoscaler_v2=0; "
                     "KubeRay: spec.autoscalerOptions.version: v2)", key, value)
+    if shape.get("node_types_unknown") and plan.infer_gpus == 0 and cfg.infer.gpus_per_actor is None:
+        log.warning("the cluster autoscales and has no GPU now: the model runs on CPUs; if GPU nodes start on "
+                    "demand, pass --gpus-per-actor 1 --infer-actors N N for N GPUs (Ray's autoscaler does not "
+                    "tell a job which node types it can start)")
 
 
 def _most(config) -> dict:
@@ -217,8 +232,9 @@ def run(cfg: RunConfig) -> RunResult:
         info = probe() if probe else None
         shape = info.shape if info else shape
         clip_len = _clip_len(cfg, shape.clip_len)
-        _warn_if_label_blind(ray)
-        plan = plan_resources(cfg, cluster_shape(ray), listed, remote=_any_remote(videos))
+        shape_now = cluster_shape(ray)
+        plan = plan_resources(cfg, shape_now, listed, remote=_any_remote(videos))
+        _warn_about(shape_now, plan, cfg)
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
                            videos_skipped=skipped, plan=dataclasses.asdict(plan))
         beat = _write_first_record(cfg, record)

@@ -606,12 +606,16 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
 @pytest.mark.parametrize("version", ["v2", "v1"])
 def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle(media, shapes_model, tmp_path, version):
     """Ray's autoscaler (the same code as in the cloud) with its fake multi-node provider, on
-    a head with no CPUs: the job's decode and inference actors make a CPU node and a GPU node
-    appear; the job completes; both go away once idle. v2, as `ray up` and cluster/kuberay
-    start it, with CPUs to spare on the GPU node type (as on every cloud GPU instance): v1
-    would count those as room for the decode actor, which its label selector keeps off that
-    node, and never start a CPU node (measured: the job waits forever), so on v1 (GPU node
-    type with only the CPU its inference actor takes) the job also says so on stderr.
+    a head with no CPUs: the job's decode actors make a CPU node appear (and, on v1, its
+    inference actor a GPU node); the job completes; the CPU nodes go away once idle. v2, as
+    `ray up` and cluster/kuberay start it, at rest as cluster/'s configs are (one GPU node up,
+    no CPU node) and with CPUs to spare on the GPU node type (as on every cloud GPU
+    instance): v1 would count those as room for the decode actor, which its label selector
+    keeps off that node, and never start a CPU node (measured: the job waits forever), so on
+    v1 (GPU node type with only the CPU its inference actor takes) the job also says so on
+    stderr. Ray 2.60's autoscalers do not tell the job their node types: the decode pool may
+    grow as far as the autoscaler starts nodes (before, a cluster at rest was refused: "no
+    node where decode actors may run"; or its decode pool stayed at the CPUs there were).
     (AutoscalingCluster would do this, but its start() runs `ray stop --force`, which would
     take the session's cluster down too; this starts the same configuration on ports of its
     own. The provider is named as an external module: the "fake_multinode" type needs an
@@ -638,7 +642,7 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "cpu": {"resources": {"CPU": 1, **small}, "node_config": {}, "min_workers": 0, "max_workers": 2},
             "gpu": {"resources": {"CPU": gpu_node_cpus, "GPU": 1, **small}, "labels": {"rayvid.io/role": "infer"},
-                    "node_config": {}, "min_workers": 0, "max_workers": 1},
+                    "node_config": {}, "min_workers": 1 if version == "v2" else 0, "max_workers": 1},
         },
         "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
@@ -673,32 +677,37 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
         return json.loads(lines[-1][len("NODES "):])
 
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # the head is up when a driver can connect
+        at_rest = [[True, 1, gpu_node_cpus]] if version == "v2" else []  # cluster/'s configs keep one GPU node
+        deadline, now = time.time() + 120, None
+        while time.time() < deadline and now != at_rest:  # the head is up when a driver can connect
             try:
-                assert workers() == []  # nothing but the head before the job
-                break
+                now = workers()
             except (ValueError, IndexError):
-                time.sleep(1)
+                pass
+            time.sleep(1)
+        assert now == at_rest, now  # nothing else before the job
         out = tmp_path / "out"
+        on_demand = ["--gpus-per-actor", "1", "--infer-actors", "1", "1"] if version == "v1" else []
         job = subprocess.run(
             [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(media["videos"]), str(out),
-             "--model", shapes_model["path"], "--no-progress", "--address", address,
-             "--gpus-per-actor", "1", "--infer-actors", "1", "1"],
+             "--model", shapes_model["path"], "--no-progress", "--address", address, *on_demand],
             env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stderr[-3000:]
         assert "3 listed, 0 skipped (already done), 3 ok, 0 failed" in job.stdout
         assert ("autoscaler is Ray's v1, which ignores label selectors" in job.stderr) == (version == "v1"), job.stderr[-3000:]
         appeared = workers()
-        assert any(gpu == 1 for _, gpu, _ in appeared), appeared  # a GPU node came up
+        assert any(gpu == 1 for _, gpu, _ in appeared), appeared  # a GPU node came up (or was up)
         assert any(gpu == 0 and cpu >= 1 for _, gpu, cpu in appeared), appeared  # and a CPU node
+        record = json.loads(next((out / "runs").iterdir()).read_text())
+        plan = record["plan"]
+        assert plan["decode_max"] > 2 and plan["infer_gpus"] == 1.0, plan  # not the 0 CPUs there were at the start
         truth = {p: len(v) for p, v in media["truth"].items()}
         preds = helpers.read_output(str(out))
         assert {u: len(v) for u, v in helpers.frames_per_video(preds).items()} == truth
         deadline = time.time() + 120
-        while time.time() < deadline and any(alive for alive, _, _ in workers()):
+        while time.time() < deadline and any(alive and not gpu for alive, gpu, _ in workers()):
             time.sleep(3)
-        assert not any(alive for alive, _, _ in workers()), "idle nodes were not removed"
+        assert not any(alive and not gpu for alive, gpu, _ in workers()), "idle CPU nodes were not removed"
     finally:
         _stop(head)
         for pid, title in helpers.processes(""):  # any fake node process left behind
