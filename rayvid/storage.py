@@ -445,12 +445,25 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
         return False
     if size < 2:
         return True
+    known = _RANGES_SEEN.get((path, size))
+    if known is not None:  # asked before in this process: a video's planning, its segments' copies
+        return known
     try:
         with fs.open(path, "rb", block_size=1, cache_type="none", size=size) as f:
             f.seek(1)
-            return len(f.read(1)) == 1
+            answer = len(f.read(1)) == 1
     except ValueError:  # "The HTTP server doesn't appear to support range requests"
-        return False
+        answer = False
+    if len(_RANGES_SEEN) >= RANGES_SEEN_MAX:
+        _RANGES_SEEN.clear()
+    _RANGES_SEEN[(path, size)] = answer
+    return answer
+
+
+# HTTP servers' answers to `serves_ranges`, by (URL, size): a decode actor asks once per
+# object, not once per segment (a request each, and a round trip before every copy).
+_RANGES_SEEN: dict = {}
+RANGES_SEEN_MAX = 4096
 
 
 class RangeReader(io.RawIOBase):

@@ -54,6 +54,7 @@ HTTP_MODES = ("ranges", "whole", "no-length")
 
 
 HTTP_SENT: collections.Counter = collections.Counter()  # body bytes `http_server` sent, per path
+HTTP_ASKED: collections.Counter = collections.Counter()  # (method, path, Range header) of each request
 
 
 @contextlib.contextmanager
@@ -75,6 +76,7 @@ def http_server(root: str, mode: str):
             self._serve(body=True)
 
         def _serve(self, body: bool) -> None:
+            HTTP_ASKED[(self.command, urllib.parse.urlparse(self.path).path, self.headers.get("Range"))] += 1
             if mode == "unavailable" or (mode == "range-errors" and body and "Range" in self.headers):
                 self.send_error(503 if mode == "unavailable" else 500)
                 return

@@ -336,6 +336,31 @@ def test_http_copies_are_of_one_version(tmp_path, mode):
                 pass
 
 
+@pytest.mark.parametrize("mode", ["ranges", "whole"])
+def test_an_http_server_is_asked_once_per_object_whether_it_serves_ranges(tmp_path, mode):
+    """The probe (a GET of byte 1) goes once per object and size per process, not once per
+    segment's copy; an object of another size (replaced) is asked again."""
+    from helpers import HTTP_ASKED
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "www" / "v.mp4").write_bytes(b"x" * 5000)
+    with http_server(str(tmp_path / "www"), mode) as base:
+        url = f"{base}/v.mp4"
+        fs, path = storage.resolve(url)
+        probes = lambda: HTTP_ASKED[("GET", "/v.mp4", "bytes=1-1")]  # noqa: E731
+        before = probes()
+        for _ in range(3):  # three segments' copies
+            with storage.local_copy(url, str(tmp_path / "work")) as p:
+                assert open(p, "rb").read() == b"x" * 5000
+        assert storage.serves_ranges(fs, path, 5000) == (mode == "ranges")
+        assert probes() - before == 1
+        (tmp_path / "www" / "v.mp4").write_bytes(b"y" * 6000)
+        with storage.local_copy(url, str(tmp_path / "work")) as p:
+            assert open(p, "rb").read() == b"y" * 6000
+        assert probes() - before == 2
+
+
 @pytest.mark.parametrize("mode", HTTP_MODES)
 def test_http_copies_are_exact_whatever_the_server_does_with_byte_ranges(tmp_path, monkeypatch, mode):
     """Over HTTP a whole copy is the object byte for byte: in ranges read 4 at a time where
