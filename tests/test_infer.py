@@ -125,6 +125,8 @@ def test_topk_order_and_ties():
     ids, s = topk_arrays(scores, 3)
     assert ids.tolist() == [[1, 2, 3]]
     np.testing.assert_allclose(s, [[0.5, 0.5, 0.2]])
+    ids, s = topk_arrays(scores, 100)  # more than the model's classes: all of them
+    assert ids.tolist() == [[1, 2, 3, 0]]
 
 
 @pytest.mark.parametrize(
