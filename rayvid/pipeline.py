@@ -219,6 +219,10 @@ def run(cfg: RunConfig) -> RunResult:
     shape = models.static_shape(cfg.model)
     name = models.display_name(cfg.model)
     we_started_ray = _connect(cfg.address)
+    from ray.data import DataContext
+
+    # before any dataset (planning's included): each copies the context as it is made
+    DataContext.get_current().enable_progress_bars = cfg.progress
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
               "started_at": _iso(started), "versions": _versions()}
     try:
@@ -343,7 +347,6 @@ def _dataset(ray, cfg: RunConfig, units: pa.Table, shape: models.Shape, plan: Pl
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
     # Ray Data coalesces a stage's output batches into blocks of up to this size (default
     # 128 MiB): capped at decode.batch_bytes (32 MiB, about 200 frames at 224x224), frames reach
     # inference a few decode batches after they are decoded, not hundreds.

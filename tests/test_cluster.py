@@ -612,8 +612,8 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
     no CPU node) and with CPUs to spare on the GPU node type (as on every cloud GPU
     instance): v1 would count those as room for the decode actor, which its label selector
     keeps off that node, and never start a CPU node (measured: the job waits forever), so on
-    v1 (GPU node type with only the CPU its inference actor takes) the job also says so on
-    stderr. Ray 2.60's autoscalers do not tell the job their node types: the decode pool may
+    v1 a run says so on stderr as it starts (checked on what it plans and says, without
+    running the job there: 80 s). Ray 2.60's autoscalers do not tell the job their node types: the decode pool may
     grow as far as the autoscaler starts nodes (before, a cluster at rest was refused: "no
     node where decode actors may run"; or its decode pool stayed at the CPUs there were).
     (AutoscalingCluster would do this, but its start() runs `ray stop --force`, which would
@@ -686,15 +686,26 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
                 pass
             time.sleep(1)
         assert now == at_rest, now  # nothing else before the job
+        if version == "v1":  # what a run plans and says as it starts on a cluster v1 scales
+            said = subprocess.run([sys.executable, "-c", (
+                "import logging, ray; ray.init(address=%r, logging_level='ERROR'); logging.basicConfig(); "
+                "from rayvid import pipeline; from rayvid.config import RunConfig; cfg = RunConfig(input='x', output='y'); "
+                "shape = pipeline.cluster_shape(ray); plan = pipeline.plan_resources(cfg, shape, 10); "
+                "print('PLAN', shape['autoscaler'], shape.get('node_types_unknown'), plan.decode_max, plan.infer_gpus); "
+                "pipeline._warn_about(shape, plan, cfg)") % address],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert "PLAN v1 True 1000000 0.0" in said.stdout, said.stdout + said.stderr[-3000:]
+            assert "autoscaler is Ray's v1, which ignores label selectors" in said.stderr, said.stderr[-3000:]
+            assert "the cluster autoscales and has no GPU now: the model runs on CPUs" in said.stderr, said.stderr[-3000:]
+            return
         out = tmp_path / "out"
-        on_demand = ["--gpus-per-actor", "1", "--infer-actors", "1", "1"] if version == "v1" else []
         job = subprocess.run(
             [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(media["videos"]), str(out),
-             "--model", shapes_model["path"], "--no-progress", "--address", address, *on_demand],
+             "--model", shapes_model["path"], "--no-progress", "--address", address],
             env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stderr[-3000:]
         assert "3 listed, 0 skipped (already done), 3 ok, 0 failed" in job.stdout
-        assert ("autoscaler is Ray's v1, which ignores label selectors" in job.stderr) == (version == "v1"), job.stderr[-3000:]
+        assert "autoscaler is Ray's v1" not in job.stderr and "has no GPU now" not in job.stderr, job.stderr[-3000:]
         appeared = workers()
         assert any(gpu == 1 for _, gpu, _ in appeared), appeared  # a GPU node came up (or was up)
         assert any(gpu == 0 and cpu >= 1 for _, gpu, cpu in appeared), appeared  # and a CPU node
