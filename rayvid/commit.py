@@ -804,6 +804,13 @@ def recover(output: str, only=None) -> Committed:
     return state
 
 
+def require_output(fs, root: str, output: str) -> None:
+    """FileNotFoundError where `root` holds no rayvid OUTPUT (no videos/ folder: a typo, or
+    nothing committed yet): the read and compaction verbs say so, exit 2."""
+    if not fs.exists(f"{root.rstrip('/')}/{VIDEOS_DIR}"):
+        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+
+
 def committed_parts(fs, root: str) -> list[str]:
     """The part names whose rows readers should see: those with a videos/ file (the
     commit point), minus those a finished compaction replaced but has not deleted yet."""

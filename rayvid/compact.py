@@ -48,12 +48,11 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     a run killed on another host counts as running for commit.LEASE_S after its last
     heartbeat)."""
     if target_rows < 1:
-        raise ValueError("target_rows must be >= 1")
-    commit.recover(output, only=())  # its clean-up: no video's rows are needed here
+        raise ValueError(f"--target-rows must be >= 1, got {target_rows}")
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
-    if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):  # a typo in OUTPUT, or nothing committed yet
-        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+    commit.require_output(fs, root, output)  # before any clean-up work on a typo's path
+    commit.recover(output, only=())  # its clean-up: no video's rows are needed here
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}

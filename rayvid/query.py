@@ -56,8 +56,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     of its row groups of 128 Ki rows). Parts without a row of `video` yield nothing."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
-    if not fs.exists(f"{root}/{commit.VIDEOS_DIR}"):
-        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+    commit.require_output(fs, root, output)
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
     names = [name for name in commit.committed_parts(fs, root) if name in listed]
 

@@ -432,6 +432,12 @@ def _expect(listed: str, info: dict) -> str:
     return listed or now
 
 
+# HTTP servers' answers to `serves_ranges`, by (URL, size): a decode actor asks once per
+# object, not once per segment (a request each, and a round trip before every copy).
+_RANGES_SEEN: dict = {}
+RANGES_SEEN_MAX = 4096
+
+
 def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] = None) -> bool:
     """Whether the store answers a byte-range request for the object with those bytes
     alone (asks nothing of object stores: S3, GCS and Azure always do). An HTTP server may
@@ -459,11 +465,6 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
     _RANGES_SEEN[(path, size)] = answer
     return answer
 
-
-# HTTP servers' answers to `serves_ranges`, by (URL, size): a decode actor asks once per
-# object, not once per segment (a request each, and a round trip before every copy).
-_RANGES_SEEN: dict = {}
-RANGES_SEEN_MAX = 4096
 
 
 class RangeReader(io.RawIOBase):
