@@ -1020,7 +1020,7 @@ def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
     decoder decoding as fast as it can at CPU priority 0 and 10; inference as one call
     with every op split over the cores ("ops") and as rayvid's side-by-side single-threaded
     calls ("streams"). Frames/s of each: what sharing cores costs each side."""
-    seconds = 3 if quick else 20
+    seconds = 1 if quick else 20
     video = encode(os.path.join(tmp, f"contention-{2 if quick else 10}s.mp4"), 2 if quick else 10, 360, 640, 30, seed=5)
     model = {"name": "mobilenet_v3_small", "weights": "none"}
     res = {}

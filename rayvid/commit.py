@@ -191,6 +191,9 @@ class Committer:
         self.label_counts: collections.Counter = collections.Counter()
         self._lock = threading.RLock()  # add/flush against `publishing_while_idle`'s thread
         self._idle_error: BaseException | None = None
+        # OUTPUT's store went away (after the client's bounded retries): the run is ending,
+        # and no later flush waits out those retries again (`_write`)
+        self.unreachable: BaseException | None = None
 
     @contextlib.contextmanager
     def publishing_while_idle(self, every_s: float) -> Iterator["Committer"]:
@@ -382,7 +385,14 @@ class Committer:
         self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
 
     def _write(self, url: str, table: pa.Table) -> None:
-        write_parquet(url, table)
+        if self.unreachable is not None:
+            raise self.unreachable
+        try:
+            write_parquet(url, table)
+        except storage.ACCESS_ERRORS as e:
+            if storage.is_unavailable(e):
+                self.unreachable = e
+            raise
         self.files.append(url)
 
     def close(self) -> None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_bench_writes_every_field(tmp_path):
+def test_quick_bench_writes_every_field(tmp_path, shapes_model):
     out = tmp_path / "results.json"
+    skip_model = tmp_path / "work" / "skip" / "model"  # the skip experiment's, as it would train it
+    skip_model.mkdir(parents=True)
+    for name in ("shapes.keras", "shapes.labels.txt"):
+        shutil.copy(shapes_model["dir"] / name, skip_model / name)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--quick", "--json", str(out),

@@ -343,6 +343,36 @@ def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, 
     assert inflight["most"] >= 4
 
 
+def test_once_output_is_unreachable_the_committer_writes_nothing_more(moto, s3_endpoint, monkeypatch):
+    """OUTPUT's store goes away at a flush (after the client's bounded retries): the run is
+    ending, and its later flushes (the next one due, the clean-up that publishes what is
+    complete) raise the same error at once instead of waiting out the retries again, even
+    where the store is back; the next run commits everything."""
+    from helpers import BUCKET
+
+    from rayvid import storage
+
+    monkeypatch.setenv("RAYVID_S3_MAX_ATTEMPTS", "1")  # (the bounded retries, in no time)
+    url = f"s3://{BUCKET}/unreachable"
+    c = Committer(url, "r1", "m", flush_interval_s=3600)
+    c.add(pa.concat_tables([_frames("v1", [0, 1]), _end("v1", 2)]))
+    with moto.down_at("PUT", f"/{BUCKET}/unreachable/predictions/part-r1-00000.parquet") as hit:
+        with pytest.raises(storage.ACCESS_ERRORS) as first:
+            c.flush()
+    assert hit and storage.is_unavailable(first.value) and c.unreachable is first.value
+    c.add(pa.concat_tables([_frames("v2", [0]), _end("v2", 1)]))  # the store is back now
+    with pytest.raises(type(first.value)) as again:
+        c.flush()
+    assert again.value is first.value and c.files == [] and c.committed == set()
+    fs, root = storage.resolve(url)
+    assert fs.find(root) == []  # nothing was written, not even by the second flush
+
+    c = Committer(url, "r2", "m")
+    c.add(pa.concat_tables([_frames("v1", [0, 1]), _end("v1", 2), _frames("v2", [0]), _end("v2", 1)]))
+    c.close()
+    assert c.committed == {"v1", "v2"} and len(fs.find(root)) == 2  # predictions/ and videos/
+
+
 def test_retract_rewrites_an_s3_outputs_parts_several_at_once_a_request_each(moto, s3_endpoint):
     """--retry-failed over many parts: each part holding a retracted video is read in one
     GET (no HEAD) and rewritten, several at a time; exactly those videos' rows go."""

@@ -612,10 +612,12 @@ def test_hostile_object_keys_never_steer_where_rayvid_writes(ray_session, media,
     assert not [p for p in pathlib.Path("/tmp").glob("**/*escape.mp4") if "rayvid" in str(p)]
 
 
-def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto, many_videos, shapes_model, s3fs_client):
+def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto, many_videos, shapes_model, s3fs_client,
+                                                              monkeypatch):
     """The endpoint goes away after the first commit (at the second one's videos/ file):
     bounded retries, then a clear failure naming what is not done; once it is back, the
     same command finishes the rest."""
+    monkeypatch.setenv("RAYVID_S3_MAX_ATTEMPTS", "2")  # the driver's writes: 2 s of retries, not 20
     src, local_expected = many_videos
     prefix = "s3://rayvid-test/outage/in"
     upload_tree(s3fs_client, src, prefix)
@@ -642,10 +644,11 @@ def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto
     assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
 
 
-def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model):
+def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model, monkeypatch):
     """The endpoint goes away as the run records that it finished, every video committed:
     the same clear kind of failure, saying so, and the next run finds nothing to do; as
     when the store refuses that write."""
+    monkeypatch.setenv("RAYVID_S3_MAX_ATTEMPTS", "2")  # the driver's writes: 2 s of retries, not 20
     out = "s3://rayvid-test/outage-last/out"
 
     def cfg(run_id):
