@@ -644,6 +644,37 @@ def test_s3_outage_mid_run_fails_clearly_then_a_rerun_finishes(ray_session, moto
     assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
 
 
+def test_an_input_outage_in_a_decode_actor_stops_the_run_clearly_then_a_rerun_finishes(ray_session, moto, media,
+                                                                                      shapes_model, s3fs_client,
+                                                                                      tmp_path):
+    """INPUT's store goes away while a decode actor reads a video (S3 INPUT, local OUTPUT):
+    the actor's StorageUnavailable reaches the driver through Ray Data (a video's read
+    error would be its error row; this is not one), the run stops naming the video and
+    what is not committed; once the store is back, the same command finishes the rest."""
+    prefix = "s3://rayvid-test/in-outage/in"
+    upload_tree(s3fs_client, str(media["videos"]), prefix)
+    expected = {prefix + "/" + os.path.relpath(p, media["videos"]) for p in media["truth"]}
+    out = str(tmp_path / "out")
+
+    def cfg(run_id):  # (no segments: no header is read in the driver, the actor reads first)
+        return _cfg(prefix + "/", out, shapes_model["path"], run_id=run_id, commit_interval_s=0,
+                    decode=DecodeConfig(max_actors=1, segment_s=0))
+
+    with moto.down_at("GET", "/rayvid-test/in-outage/in/c.mkv") as hit:
+        with pytest.raises(StorageUnavailable) as caught:
+            pipeline.run(cfg("in-outage-1"))
+    assert hit
+    message = str(caught.value)
+    named = re.match(r"storage unreachable reading (.+?): Could not connect to the endpoint URL", message)
+    assert named and named[1] in expected  # (c.mkv, or another the actor was reading as the store went)
+    n_missing = int(re.search(r"; (\d+) of 3 videos not committed \(first: ", message).group(1))
+    assert 1 <= n_missing <= 3 and message.endswith("run the same command again to finish them")
+    assert read_output(out, "errors") is None  # no video's error row: nothing for --retry-failed
+    again = pipeline.run(cfg("in-outage-2"))
+    assert again.videos_skipped == 3 - n_missing and again.videos_ok == n_missing and again.videos_failed == 0
+    _check_round_trip(read_output(out), media["truth"], lambda p: prefix + "/" + os.path.relpath(p, media["videos"]))
+
+
 def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model, monkeypatch):
     """The endpoint goes away as the run records that it finished, every video committed:
     the same clear kind of failure, saying so, and the next run finds nothing to do; as
