@@ -4,7 +4,8 @@ that read an OUTPUT: `summary`, `segments`, `find`, `similar`, `export`, `compac
 
 Exit codes: 0 the job ran (some videos may have failed: they are in OUTPUT/errors/);
 2 the job could not run (bad URL, no credentials, model not loadable, bad flags), with
-one line saying why; 1 a bug (traceback).
+one line saying why; 130 interrupted (Ctrl-C: the videos complete by then are committed);
+1 a bug (traceback).
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ def number(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line on stderr (exit 2) like rayvid's own, not its
+    usage block first (20 lines for `run`). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayvid", description="Run tf.keras models over video archives with Ray Data.")
+    p = _Parser(prog="rayvid", description="Run tf.keras models over video archives with Ray Data.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     r = sub.add_parser("run", help="classify every frame of every video under INPUT, write Parquet to OUTPUT")
@@ -77,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                         "than T grey levels (mean abs. difference of 16x16 thumbnails; "
                         f"default T {SKIP_SIMILAR_DEFAULT:g}; before INPUT OUTPUT: --skip-similar=T)")
     e = r.add_argument_group("execution")
-    e.add_argument("--batch-size", type=int, metavar="B", help="inference batch size (default 32)")
+    e.add_argument("--batch-size", type=int, metavar="B",
+                   help="inference batch size (default 32 on CPU, 128 per GPU actor, halved at start-up until it fits)")
     e.add_argument("--decoder", choices=DECODERS, help="auto (default): decord where it is exact, else PyAV")
     e.add_argument("--decode-threads", type=int, help="CPUs each decode actor holds, and its decoder threads (default 1; "
                    "where inference runs on the CPU, HD and larger sources decode on at least 2 threads)")

@@ -5,7 +5,8 @@ Input: INPUT, one of
     recursively, whose extension is a video extension (case-insensitive), except hidden
     ones: a name starting with `.`, of the file or of a folder below INPUT;
   - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv` or `.parquet`
-    with a `video_uri` column;
+    with a `video_uri` column, or an S3 Inventory report in Parquet (`bucket`, `key`: its
+    current objects with a video extension);
   - a single video file.
 Output: an Arrow table with columns
   `video_uri: string` (the URL as stored in the output, `storage.stored_uri`: no user-info
@@ -135,6 +136,21 @@ def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
     return (storage.to_url(fs, path), int(size) if size is not None else -1, storage.version_of(info))
 
 
+def _inventory(report: pq.ParquetFile, names: list) -> list[str]:
+    """The videos of an S3 Inventory report in Parquet (`bucket`, `key`: not URL-encoded in
+    Parquet, unlike CSV reports): its current versions, not delete markers (a report of
+    every version has `is_latest`, `is_delete_marker`), keys with a video extension and no
+    hidden name, as a prefix listing takes them (a report lists every object)."""
+    columns = ["bucket", "key"] + [c for c in ("is_latest", "is_delete_marker") if c in names]
+    table = report.read(columns=columns)
+    latest = table.column("is_latest").to_pylist() if "is_latest" in names else [True] * len(table)
+    deleted = table.column("is_delete_marker").to_pylist() if "is_delete_marker" in names else [False] * len(table)
+    return [f"s3://{bucket}/{key}" for bucket, key, is_latest, is_deleted
+            in zip(table.column("bucket").to_pylist(), table.column("key").to_pylist(), latest, deleted)
+            if bucket and key and is_latest is not False and not is_deleted
+            and is_video(key) and not _hidden(key, "")]
+
+
 def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
     ext = _extension(path)
     where = storage.public_uri(input_url)
@@ -143,9 +159,13 @@ def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
         with (fs.open(path, "rb") if ranged else io.BytesIO(storage.read_bytes(input_url))) as f:
             manifest = pq.ParquetFile(f)
             names = manifest.schema_arrow.names
-            if "video_uri" not in names:
-                raise InputError(f"manifest {where} has no video_uri column (has: {names})")
-            uris = manifest.read(columns=["video_uri"]).column("video_uri").to_pylist()
+            if "video_uri" in names:
+                uris = manifest.read(columns=["video_uri"]).column("video_uri").to_pylist()
+            elif {"bucket", "key"} <= set(names):
+                uris = _inventory(manifest, names)
+            else:
+                raise InputError(f"manifest {where} has no video_uri column, nor an S3 Inventory report's "
+                                 f"bucket and key (has: {names})")
     else:
         with fs.open(path, "rb") as f:
             text = f.read().decode("utf-8-sig")

@@ -94,7 +94,8 @@ def test_number_flags_take_finite_numbers_only(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", "IN", "OUT", f"{flag}={value}"])
     assert exit_.value.code == 2
-    assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"rayvid run: error: argument {flag}: expected a finite number, got '{value}' "
+                                       f"(see `rayvid run --help`)\n")  # one line, no usage block
 
 
 @pytest.mark.parametrize("flag, value", [(["--fps", "2"], {"fps": 2.0}), (["--every", "3"], {"every": 3}),

@@ -552,14 +552,15 @@ def _parent(pid: int) -> int:
 
 
 def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, many_videos, shapes_model, tmp_path):
-    """A spot node is reclaimed while two of the three decode actors live on it."""
+    """A spot node is reclaimed while decode actors live on it (three, over its 2 CPUs and
+    the head's 2: at least one on it, as checked before it goes)."""
     src, expected = many_videos
     node = ray_cluster.add_node(num_cpus=2, object_store_memory=512 * 2**20)
     ray_cluster.wait_for_nodes()
     try:
         out = str(tmp_path / "out")
         result = {}
-        # 3 decode actors: two on the head's 2 CPUs, the third on the new node
+        # 3 decode actors over the head's 2 CPUs and the new node's 2
         cfg = _cfg(str(src), out, shapes_model["path"], decode=DecodeConfig(min_actors=3, max_actors=3))
         job = threading.Thread(target=lambda: result.update(r=pipeline.run(cfg)))
         job.start()
@@ -567,6 +568,12 @@ def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, 
         while time.time() < deadline and len(processes("ray::MapWorker(MapBatches(Decoder)).submit")) < 2:
             time.sleep(0.05)
         assert len(processes("ray::MapWorker(MapBatches(Decoder))")) == 3
+        from ray._private import state
+
+        on_node = [a for a in state.actors(actor_state_name="ALIVE").values()
+                   if a["ActorClassName"].startswith("MapWorker(MapBatches(Decoder)")
+                   and a["Address"]["NodeID"] == node.node_id]
+        assert on_node, "no decode actor on the node to remove"
         assert job.is_alive(), "the run finished before the node could be removed"
         ray_cluster.remove_node(node, allow_graceful=False)
         node = None
