@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("video", help="the video's URI, as the run listed it")
     q.add_argument("output")
     q.add_argument("dest", help="the MP4 to write (any URL)")
-    q.add_argument("--topk", type=int, default=3)
+    q.add_argument("--topk", type=int, default=3, metavar="K", help="labels drawn per frame (default 3; 0: none)")
 
     smp = sub.add_parser("samples", help="generate labelled sample videos and train the small sample model")
     smp.add_argument("dir", help="folder to write videos/ and model/ into")
@@ -312,11 +312,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 QUERY_VERBS = ("summary", "segments", "find", "similar", "export", "compact", "report", "render")
 
 
+def _check_destinations(args) -> None:
+    """Before any work: what a verb writes never replaces what it reads (OUTPUT's own
+    files, render's video), and counts are counts."""
+    from rayvid import query
+
+    if getattr(args, "out", None) not in (None, "-"):
+        query.check_destination(args.out, args.output, "--out")
+    if args.verb == "export" and args.dest != "-":
+        query.check_destination(args.dest, args.output, "export's file")
+    elif args.verb == "report":
+        query.check_destination(args.dir, args.output, "report's folder", folder=True)
+    elif args.verb == "render":
+        query.check_destination(args.dest, args.output, "render's file", source=args.video)
+        if args.topk < 0:
+            raise ValueError(f"--topk must be >= 0, got {args.topk}")
+    elif args.verb == "similar" and args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+
+
 def _query(args) -> int:
     """The verbs that read an OUTPUT (query.py, compact.py, report.py, render.py)."""
     from rayvid import query
 
     try:
+        _check_destinations(args)
         if args.verb == "summary":
             query.write(query.summary(args.output), args.format, args.out)
         elif args.verb in ("segments", "find"):

@@ -817,7 +817,7 @@ def recover(output: str, only=None) -> Committed:
 def require_output(fs, root: str, output: str) -> None:
     """FileNotFoundError where `root` holds no rayvid OUTPUT (no videos/ folder: a typo, or
     nothing committed yet): the read and compaction verbs say so, exit 2."""
-    if not fs.exists(f"{root.rstrip('/')}/{VIDEOS_DIR}"):
+    if not fs.isdir(f"{root.rstrip('/')}/{VIDEOS_DIR}"):
         raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
 
 

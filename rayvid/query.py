@@ -92,6 +92,8 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], vide
             table = part.read_row_groups(groups, columns=wanted)
     except FileNotFoundError:  # replaced since the listing (a compaction, a retraction emptied it)
         return None
+    except pa.ArrowInvalid as e:  # not Parquet (a damaged or foreign file): say which
+        raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
     if video is not None:
         table = table.filter(pc.equal(table.column("video_uri"), video))
         if not len(table):
@@ -154,12 +156,15 @@ def summary_of(videos: pa.Table) -> pa.Table:
 
 
 def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = 0.0,
-                   min_duration: float = 0.0, gap: float = GAP_S) -> pa.Table:
+                   min_duration: float = 0.0, gap: float = GAP_S, videos: Optional[dict] = None) -> pa.Table:
     """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
-    frame_index). A frame lasts until the next sampled frame (the last one: the video's
-    median frame step). Frames scoring below `min_score` belong to no segment. Runs of the
-    same label less than `gap` seconds apart merge; then runs shorter than `min_duration`
-    go, and with `label` only that label's remain."""
+    frame_index). A frame lasts until the next sampled frame (the last one: the median
+    step between sampled frames, or one frame at the video's fps where only one was kept,
+    never past the video's end), where `videos` gives each video's (duration_s, fps) as its
+    videos/ row says. Frames scoring below `min_score` belong to no segment. Runs of the
+    same label less than `gap` seconds apart merge (a merged run spans the frames between,
+    which may show other labels: a flicker does not split a scene); then runs shorter than
+    `min_duration` go, and with `label` only that label's remain."""
     out = {name: [] for name in SEGMENTS_SCHEMA.names}
     if len(preds) == 0:
         return SEGMENTS_SCHEMA.empty_table()
@@ -171,8 +176,15 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
         t = times[lo:hi]
         steps = np.diff(t)
-        step = float(np.median(steps)) if len(steps) else 0.0
-        ends = np.r_[t[1:], t[-1] + step]
+        duration, fps = (videos or {}).get(uris[lo]) or (None, None)
+        step = float(np.median(steps)) if len(steps) else (1.0 / fps if fps else 0.0)
+        last = t[-1] + step
+        frame = 1.0 / fps if fps else 0.0
+        # past the end by more than half a frame (a container's duration and timestamps are
+        # rounded: by less, the step stands): the end, but at least one frame
+        if duration is not None and duration > t[-1] and last - duration > frame / 2:
+            last = max(duration, t[-1] + frame)
+        ends = np.r_[t[1:], last]
         lab = labels[lo:hi].copy()
         sc = scores[lo:hi]
         ok = np.array([x is not None for x in lab]) & (sc >= min_score)
@@ -213,13 +225,16 @@ def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
     """`label_segments` over every committed video (or one), part by part."""
     columns = ["video_uri", "frame_index", "timestamp_s", "label", "score"]
     video = storage.canonical(video) if video is not None else None
+    videos = {}  # each video's (duration_s, fps): where its last frame ends
+    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
+        videos.update((row["video_uri"], (row["duration_s"], row["fps"])) for row in table.to_pylist())
     found = []
     for table in parts(output, columns=columns, video=video):
         if label is not None:  # a part without the label holds none of its segments
             if not pc.any(pc.equal(table.column("label"), label)).as_py():
                 continue
         found.append(label_segments(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]),
-                                    label, min_score, min_duration, gap))
+                                    label, min_score, min_duration, gap, videos))
     if not found:
         return SEGMENTS_SCHEMA.empty_table()
     return pa.concat_tables(found).sort_by([("video_uri", "ascending"), ("start_s", "ascending")])
@@ -307,6 +322,21 @@ def embed_image(output: str, image: str) -> np.ndarray:
     from rayvid import infer
     from rayvid.config import RunConfig
 
+    from rayvid.errors import InputError
+
+    where = storage.public_uri(image)
+    try:  # (before the model loads: a typo is said at once)
+        data = storage.read_bytes(image)
+    except FileNotFoundError:
+        raise InputError(f"no image at {where}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise InputError(f"cannot read image {where}: {storage.describe(e)}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image {where}: not an image Pillow can decode "
+                         f"({type(e).__name__})") from None
     fs, root = storage.resolve(output)
     records = []
     for path in fs.glob(f"{root.rstrip('/')}/{commit.RUNS_DIR}/*.json"):
@@ -320,8 +350,7 @@ def embed_image(output: str, image: str) -> np.ndarray:
     model = RunConfig.from_dict(record["config"]).model
     predictor = infer.Predictor(model, batch_size=1)
     h, w = predictor.info.input_size
-    with Image.open(io.BytesIO(storage.read_bytes(image))) as img:
-        pixels = np.asarray(img.convert("RGB").resize((w, h), Image.BICUBIC), np.uint8)
+    pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)
     return predictor.outputs(pixels[None])[1][0]
 
 
@@ -346,9 +375,10 @@ def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
 
 
 def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
-    """Per-frame predictions as one CSV file at `dest` (any URL), built part by part in a
-    local temporary file and published whole (a failed export leaves no partial file);
-    returns the number of rows."""
+    """Per-frame predictions as one CSV file at `dest` (any URL; "-": stdout), built part by
+    part in a local temporary file and published whole (a failed export leaves no partial
+    file); returns the number of rows. Rows are grouped by video, each video's in frame
+    order, videos in the order of OUTPUT's parts (a part is one flush's videos)."""
     import pyarrow.csv as pacsv
 
     rows, k, writer, schema = 0, None, None, None
@@ -371,9 +401,39 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
                 f.write(b"video_uri,frame_index,timestamp_s,label,score\n")
             else:
                 writer.close()
+        if dest == "-":
+            with open(local, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.flush()
+            return rows
         with open(local, "rb") as f, storage.access(dest, "write"):
             storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
     return rows
+
+
+OWN_FOLDERS = (commit.PREDICTIONS_DIR, commit.ERRORS_DIR, commit.VIDEOS_DIR, commit.RUNS_DIR,
+               commit.COMPACTIONS_DIR, commit.RETRACTIONS_DIR)
+
+
+def check_destination(dest: str, output: str, what: str, source: Optional[str] = None,
+                      folder: bool = False) -> None:
+    """ValueError where a verb's destination (`what`: a file, or with `folder` a folder)
+    would write over what it reads: OUTPUT itself or anything in OUTPUT's own folders (the
+    committed parts readers and resumes trust; elsewhere in OUTPUT is fine), or `source`
+    (render's video); or where a file's name ends in "/". StorageError for an empty URL."""
+    def where(url: str) -> str:
+        fs, path = storage.resolve(url)
+        return os.path.realpath(path) if storage.is_local(fs) else storage.to_url(fs, path).rstrip("/")
+
+    at, root = where(dest), where(output)
+    if at == root or any(at == f"{root}/{name}" or at.startswith(f"{root}/{name}/") for name in OWN_FOLDERS):
+        raise ValueError(f"{what} {storage.public_uri(dest)} is OUTPUT or in its own folders "
+                         f"({', '.join(n + '/' for n in OWN_FOLDERS)}), which readers and resumes trust: "
+                         f"choose another place")
+    if source is not None and at == where(source):
+        raise ValueError(f"{what} {storage.public_uri(dest)} is the video it draws on: choose another file")
+    if not folder and dest.endswith("/"):
+        raise ValueError(f"{what} {storage.public_uri(dest)} names a folder: give a file name")
 
 
 # --- showing a result ------------------------------------------------------------------
@@ -401,9 +461,11 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
         data = sink.getvalue().to_pybytes()
         if out is None and sys.stdout.isatty():
             raise ValueError("--format parquet writes binary: give --out FILE (or redirect stdout)")
+        if out == "-" and sys.stdout.isatty():
+            raise ValueError("--format parquet writes binary: give --out FILE (or redirect stdout)")
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    if out is None:
+    if out is None or out == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:

@@ -13,6 +13,7 @@ them (`video.probe`), so the overlay sits on the frame the model saw.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 
 from rayvid import query, report, storage, video
 from rayvid.errors import InputError
+
+log = logging.getLogger("rayvid")
 
 ROW_H, SWATCH, PAD = 14, 10, 3  # overlay geometry, pixels
 
@@ -49,6 +52,22 @@ def draw(frame: np.ndarray, rows: list[tuple[str, float]], palette: dict, font,
         d.rectangle([PAD, y, PAD + SWATCH - 1, y + SWATCH - 1], fill=palette.get(label, (255, 255, 255)))
         d.text((PAD * 2 + SWATCH, y - 1), f"{label} {score:.2f}", fill=(255, 255, 255), font=font)
     return np.asarray(pic)
+
+
+def _frames(src, stream, video_uri: str):
+    """The frames of `stream` that decode: a packet of damaged data (FFmpeg raises on it;
+    the run kept the frames around it) is skipped, and said once on stderr."""
+    import av
+
+    damaged = 0
+    for packet in src.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.FFmpegError:
+            damaged += 1
+    if damaged:
+        log.warning("render: %d packet(s) of %s could not be decoded (damaged data): their frames are left out",
+                    damaged, storage.public_uri(video_uri))
 
 
 def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
@@ -79,7 +98,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                 out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
                 out.pix_fmt = "yuv420p"
                 out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
-                for frame in src.decode(stream):
+                for frame in _frames(src, stream, video_uri):
                     i = index_of.get(int(frame.pts)) if frame.pts is not None else None
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []

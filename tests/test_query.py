@@ -63,6 +63,14 @@ def test_segments_of_sparse_sampling_span_the_sampling_step(tmp_path):
     url = str(tmp_path / "sparse")
     write_output(url, {"/v/s.mp4": _run(("circle", 30, 0.9), ("blank", 30, 0.9))}, fps=FPS, every=5)
     assert _segs(query.segments(url)) == [("/v/s.mp4", "circle", 0.0, 3.0, 6), ("/v/s.mp4", "blank", 3.0, 6.0, 6)]
+    # the last sampled frame lasts the step, never past the video's end (5.8 s: 58 frames);
+    # a video with one frame kept lasts one frame at its fps (not 0 s)
+    url = str(tmp_path / "sparse-end")
+    write_output(url, {"/v/s.mp4": _run(("circle", 30, 0.9), ("blank", 28, 0.9)), "/v/one.mp4": [("circle", 0.9)]},
+                 fps=FPS, every=5)
+    assert _segs(query.segments(url)) == [("/v/one.mp4", "circle", 0.0, 0.1, 1),
+                                          ("/v/s.mp4", "circle", 0.0, 3.0, 6), ("/v/s.mp4", "blank", 3.0, 5.8, 6)]
+    assert query.find(url, "blank").to_pylist()[0]["ranges"] == "3.00-5.80"
 
 
 def test_find_lists_videos_longest_first_with_ranges(out):
@@ -204,6 +212,46 @@ def test_a_part_without_statistics_is_read_whole_for_a_video(out, tmp_path):
 def test_not_an_output_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["summary", str(tmp_path / "nothing")]) == 2
     assert "no rayvid output at" in capsys.readouterr().err
+    (tmp_path / "file-out").mkdir()
+    (tmp_path / "file-out" / "videos").write_text("not a folder")
+    assert cli.main(["summary", str(tmp_path / "file-out")]) == 2
+    assert "no rayvid output at" in capsys.readouterr().err
+    (tmp_path / "file-out" / "videos").unlink()
+    (tmp_path / "file-out" / "videos").mkdir()
+    (tmp_path / "file-out" / "videos" / "part-r1-00000.parquet").write_text("damaged")
+    assert cli.main(["summary", str(tmp_path / "file-out")]) == 2  # the part it could not read, named
+    assert f"cannot read {tmp_path}/file-out/videos/part-r1-00000.parquet: " in capsys.readouterr().err
+
+
+def test_what_a_verb_writes_never_replaces_what_it_reads(out, tmp_path, capsys):
+    """Destinations in OUTPUT's own folders (however spelt), OUTPUT itself, an empty one or
+    a folder where a file is wanted: exit 2 before any work, nothing changed; elsewhere in
+    OUTPUT is fine, and "-" is stdout."""
+    import hashlib
+    import os
+
+    def state():
+        return {os.path.join(d, f): hashlib.md5(open(os.path.join(d, f), "rb").read()).hexdigest()
+                for d, _, files in os.walk(out) for f in files}
+
+    before = state()
+    part = sorted(os.listdir(f"{out}/videos"))[0]
+    for argv in (["export", out, f"{out}/videos/{part}"], ["export", out, f"{out}/predictions/../videos/{part}"],
+                 ["summary", out, "--out", f"{out}/predictions/x.parquet"], ["export", out, out],
+                 ["report", out, f"{out}/runs"], ["segments", out, "--out", f"{out}/errors/"]):
+        assert cli.main(argv) == 2, argv
+        assert "is OUTPUT or in its own folders (predictions/, errors/, videos/" in capsys.readouterr().err, argv
+    assert state() == before
+    assert cli.main(["report", out, ""]) == 2 and "empty URL" in capsys.readouterr().err
+    assert cli.main(["export", out, str(tmp_path / "newdir") + "/"]) == 2
+    assert "names a folder: give a file name" in capsys.readouterr().err
+    assert cli.main(["similar", out, "-k", "0", "--image", "x.png"]) == 2
+    assert "-k must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["summary", out, "--format", "csv", "--out", f"{out}/summary.csv"]) == 0  # beside its folders
+    assert cli.main(["export", out, "-"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith('"video_uri","frame_index"') and len(printed.out.splitlines()) == 1 + len(V1) + len(V2)
+    assert not os.path.exists("-")
 
 
 # --- the README's example queries run as written -----------------------------------------

@@ -102,3 +102,35 @@ def test_render_draws_on_upright_frames(matrix, tmp_path, name):
     for i, img in enumerate(frames):  # below the overlay, the upright frame i
         want = framecode.code_frame(i, h, w)[h // 2 :].astype(int)
         assert np.abs(img[h // 2 :].astype(int) - want).mean() < 12, (name, i)
+
+
+def test_render_never_writes_over_its_video_or_output_and_takes_no_negative_topk(tmp_path, capsys):
+    video = str(tmp_path / "v.mp4")
+    truth = samples.make_video(video, 1.0, seed=4)
+    out = str(tmp_path / "out")
+    write_output(out, {video: [(label, 0.9) for label in truth]}, fps=samples.FPS)
+    before = open(video, "rb").read()
+    assert cli.main(["render", video, out, str(tmp_path / "." / "v.mp4")]) == 2  # the video itself, spelt otherwise
+    assert "is the video it draws on" in capsys.readouterr().err and open(video, "rb").read() == before
+    assert cli.main(["render", video, out, f"{out}/videos/r.mp4"]) == 2
+    assert "is OUTPUT or in its own folders" in capsys.readouterr().err
+    assert cli.main(["render", video, out, str(tmp_path / "r.mp4"), "--topk", "-1"]) == 2
+    assert "--topk must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_render_of_a_damaged_video_leaves_out_the_frames_that_do_not_decode(damaged, tmp_path, capsys, caplog):
+    """Garbage in the middle of a video (the run kept the frames around it): the rendered
+    video has every frame that decodes, and stderr says how many packets did not."""
+    video = damaged["garbage_in_middle.mp4"]
+    out = str(tmp_path / "out")
+    with av.open(video) as c:
+        n = c.streams.video[0].frames
+    write_output(out, {video: [("circle", 0.9)] * n}, fps=30.0)
+    dest = str(tmp_path / "r.mp4")
+    assert cli.main(["render", video, out, dest]) == 0
+    err = capsys.readouterr().err
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("render: ")]
+    skipped = int(said.split("render: ")[1].split(" packet(s)")[0])
+    with av.open(dest) as c:
+        rendered = sum(1 for _ in c.decode(video=0))
+    assert 0 < skipped and 0 < rendered < n and f"{rendered} frames -> {dest}" in err
