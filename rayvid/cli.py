@@ -140,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--video", metavar="URI", help="only this video")
     q = sub.add_parser("compact", help="merge an OUTPUT's small files (safe for readers and resumes)")
     q.add_argument("output")
-    q.add_argument("--target-rows", type=int, default=None, help="rows per merged file (default 1000000)")
+    q.add_argument("--target-rows", type=int, default=None, metavar="N",
+                   help="merge parts of fewer than N/2 rows into parts of at most N (default 1000000)")
     q.add_argument("--include-running", action="store_true",
                    help="also merge files of runs that may still be running (a run killed on another "
                         "host counts as running for 5 minutes after its last heartbeat)")
