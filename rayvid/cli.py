@@ -349,6 +349,10 @@ def _query(args) -> int:
             else:
                 table = query.find(args.output, args.label, args.min_score, args.min_duration, gap)
             query.write(table, args.format, args.out)
+            if not len(table) and args.label is not None and args.label not in (known := query.labels(args.output)):
+                shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
+                print(f"rayvid: no frame's top-1 label is {args.label!r} (labels are case-sensitive; "
+                      f"OUTPUT has: {shown or 'none'})", file=sys.stderr)
         elif args.verb == "similar":
             if (args.image is None) == (args.video is None or args.time is None):
                 raise ConfigError("similar: give --video URI --time T, or --image PATH")

@@ -73,6 +73,16 @@ def test_segments_of_sparse_sampling_span_the_sampling_step(tmp_path):
     assert query.find(url, "blank").to_pylist()[0]["ranges"] == "3.00-5.80"
 
 
+def test_a_label_no_frame_has_is_said_with_those_it_has(out, capsys):
+    for argv in (["find", out, "CIRCLE"], ["segments", out, "--label", "circle "]):
+        assert cli.main(argv) == 0
+        printed = capsys.readouterr()
+        assert "(no rows)" in printed.out, argv
+        assert "OUTPUT has: blank, circle, square)" in printed.err, argv
+    assert cli.main(["find", out, "circle", "--min-score", "0.99"]) == 0  # a label it has: nothing said
+    assert capsys.readouterr().err == ""
+
+
 def test_find_lists_videos_longest_first_with_ranges(out):
     rows = query.find(out, "circle", gap=0.0).to_pylist()
     assert [(r["video_uri"], r["segments"], round(r["seconds"], 6), r["ranges"]) for r in rows] == [
