@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
+from rayvid.errors import InputError
 
 GAP_S = 0.5  # runs of one label closer than this merge into one segment
 PARTS_AHEAD = 4  # parts read at once, ahead of the one a verb works on
@@ -177,9 +178,9 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
         t = times[lo:hi]
         steps = np.diff(t)
         duration, fps = (videos or {}).get(uris[lo]) or (None, None)
-        step = float(np.median(steps)) if len(steps) else (1.0 / fps if fps else 0.0)
-        last = t[-1] + step
         frame = 1.0 / fps if fps else 0.0
+        step = float(np.median(steps)) if len(steps) else frame
+        last = t[-1] + step
         # past the end by more than half a frame (a container's duration and timestamps are
         # rounded: by less, the step stands): the end, but at least one frame
         if duration is not None and duration > t[-1] and last - duration > frame / 2:
@@ -322,8 +323,6 @@ def embed_image(output: str, image: str) -> np.ndarray:
     from rayvid import infer
     from rayvid.config import RunConfig
 
-    from rayvid.errors import InputError
-
     where = storage.public_uri(image)
     try:  # (before the model loads: a typo is said at once)
         data = storage.read_bytes(image)
@@ -459,9 +458,7 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue().to_pybytes()
-        if out is None and sys.stdout.isatty():
-            raise ValueError("--format parquet writes binary: give --out FILE (or redirect stdout)")
-        if out == "-" and sys.stdout.isatty():
+        if out in (None, "-") and sys.stdout.isatty():
             raise ValueError("--format parquet writes binary: give --out FILE (or redirect stdout)")
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
