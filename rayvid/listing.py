@@ -111,7 +111,8 @@ def _table(rows: list) -> pa.Table:
 
 def _walk(url: str) -> pa.Table:
     """A folder or prefix, page by page into Arrow: about 100 bytes per video, so a
-    100,000-object prefix costs the driver a few MB (tests/test_listing.py measures it)."""
+    100,000-object prefix costs the driver about 30 MB at its peak, against 136 MB for
+    fsspec's find() (tests/test_listing.py measures it)."""
     root = storage.to_url(*storage.resolve(url))  # what each listed URL starts with
     tables = []
     try:

@@ -259,7 +259,7 @@ def test_single_video_and_errors(tree, tmp_path):
 def test_a_100k_object_prefix_lists_in_bounded_memory(s3_endpoint):
     """100,000 objects under a prefix (put straight into moto's store, listed through the
     real endpoint): the listing is ListObjectsV2 pages into Arrow, so the driver's peak RSS
-    grows by a few MB, not by the per-object metadata fsspec's find() would keep."""
+    grows by tens of MB, not by the per-object metadata fsspec's find() would keep."""
     import json
     import subprocess
     import sys
@@ -275,10 +275,13 @@ def test_a_100k_object_prefix_lists_in_bounded_memory(s3_endpoint):
         backend.put_object(BUCKET, f"big/{i // 1000:03d}/v{i:06d}.mp4", b"x")
     for i in range(1_000):
         backend.put_object(BUCKET, f"small/v{i:06d}.mp4", b"x")
-    measure = ("import json, resource, sys, time; from rayvid import listing; t0 = time.time(); "
+    # the child's own peak: VmHWM, not getrusage's ru_maxrss, which Linux starts at the
+    # parent's RSS when the child is forked (this test process: hundreds of MB), so that
+    # both listings read the same and no growth could show
+    measure = ("import json, sys, time; from rayvid import listing; t0 = time.time(); "
                "t = listing.list_videos(sys.argv[1]); "
-               "print(json.dumps({'n': len(t), 's': time.time() - t0, "
-               "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+               "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+               "print(json.dumps({'n': len(t), 's': time.time() - t0, 'peak_mb': hwm / 1024, "
                "'first': t['video_uri'][0].as_py(), 'last': t['video_uri'][-1].as_py()}))")
     got = {}
     for name in ("small", "big"):
@@ -290,4 +293,6 @@ def test_a_100k_object_prefix_lists_in_bounded_memory(s3_endpoint):
     assert got["big"]["n"] == 100_000 and got["small"]["n"] == 1_000
     assert (got["big"]["first"], got["big"]["last"]) == (f"s3://{BUCKET}/big/000/v000000.mp4",
                                                          f"s3://{BUCKET}/big/099/v099999.mp4")
-    assert got["big"]["peak_mb"] - got["small"]["peak_mb"] < 100, got
+    # measured: +30 MB (Arrow columns and each page's transient rows); fsspec's find()
+    # of the same 100,000 objects: +136 MB
+    assert got["big"]["peak_mb"] - got["small"]["peak_mb"] < 60, got
