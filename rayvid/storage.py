@@ -162,6 +162,11 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if not url:
         raise StorageError("empty URL")
     protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if protocol in ("s3", "s3a", "gs", "gcs") and any(c in url.split("://", 1)[-1].split("/", 1)[0] for c in "@:"):
+        # a bucket name has neither: KEY:SECRET@bucket (whose secret may hold a "/", so
+        # the URL is not shown), which s3fs and gcsfs would take for a bucket's name
+        raise StorageError(f"credentials in a {protocol}:// URL are not used (the URL is not shown here): "
+                           f"give them to the store's client instead ({CREDENTIALS_HINT})")
     try:
         cls = fsspec.get_filesystem_class(protocol)
         fs = cls(**cls._get_kwargs_from_urls(url), **_storage_options(protocol))

@@ -536,6 +536,22 @@ def test_redact_removes_credentials(s3_endpoint):
     assert "ghp_T0KEN" not in storage.redact("cannot read https://ghp_T0KEN@host/m.keras: 404")
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_credentials_in_a_bucket_url_are_a_clear_error_that_shows_none(scheme):
+    """s3fs and gcsfs take `KEY:SECRET@bucket` for a bucket's name (and fail with a
+    parameter error, cut where its next line would show the name): rayvid says what to
+    do instead, and the message holds neither the key nor the secret."""
+    from rayvid.errors import StorageError
+
+    for url in (f"{scheme}://{FAKE_KEY_ID}:{FAKE_SECRET}@bucket/in/", f"{scheme}://{FAKE_KEY_ID}:abc@bucket/in/"):
+        with pytest.raises(StorageError) as e:  # (FAKE_SECRET holds a "/", as AWS secrets may)
+            storage.resolve(url)
+        message = str(e.value)
+        assert message.startswith(f"credentials in a {scheme}:// URL are not used (the URL is not shown here): ")
+        assert FAKE_KEY_ID not in message and "fake-secret" not in message and "AWS_PROFILE" in message
+    assert storage.resolve(f"{scheme}://bucket/a@b.mp4")[1] == "bucket/a@b.mp4"  # an @ in a key is a key's
+
+
 def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
     s3 = ("https://b.s3.amazonaws.com/k%20a.mp4?versionId=3&X-Amz-Algorithm=AWS4-HMAC-SHA256&"
           f"X-Amz-Credential={FAKE_KEY_ID}%2F20261130&X-Amz-Signature=abc&x-amz-security-token=T")
