@@ -328,8 +328,8 @@ def _check_destinations(args) -> None:
         query.check_destination(args.dest, args.output, "render's file", source=args.video)
         if args.topk < 0:
             raise ValueError(f"--topk must be >= 0, got {args.topk}")
-    elif args.verb == "similar" and args.k < 1:
-        raise ValueError(f"-k must be >= 1, got {args.k}")
+    elif args.verb == "similar" and (args.k < 1 or (args.time is not None and args.time < 0)):
+        raise ValueError(f"-k must be >= 1, got {args.k}" if args.k < 1 else f"--time must be >= 0, got {args.time:g}")
 
 
 def _query(args) -> int:

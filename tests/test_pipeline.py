@@ -570,10 +570,15 @@ def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, 
         assert len(processes("ray::MapWorker(MapBatches(Decoder))")) == 3
         from ray._private import state
 
-        on_node = [a for a in state.actors(actor_state_name="ALIVE").values()
-                   if a["ActorClassName"].startswith("MapWorker(MapBatches(Decoder)")
-                   and a["Address"]["NodeID"] == node.node_id]
-        assert on_node, "no decode actor on the node to remove"
+        on_node = []  # (the GCS's actor table may lag the processes by a moment)
+        while not on_node and time.time() < deadline:
+            on_node = [a for a in state.actors().values()
+                       if a["ActorClassName"].startswith("MapWorker(MapBatches(Decoder)")
+                       and a["Address"]["NodeID"] == node.node_id and a["State"] != "DEAD"]
+            time.sleep(0.05)
+        assert on_node, ("no decode actor on the node to remove", node.node_id, [
+            (a["State"], a["Address"]["NodeID"]) for a in state.actors().values()
+            if a["ActorClassName"].startswith("MapWorker(MapBatches(Decoder)")])
         assert job.is_alive(), "the run finished before the node could be removed"
         ray_cluster.remove_node(node, allow_graceful=False)
         node = None

@@ -257,6 +257,8 @@ def test_what_a_verb_writes_never_replaces_what_it_reads(out, tmp_path, capsys):
     assert "names a folder: give a file name" in capsys.readouterr().err
     assert cli.main(["similar", out, "-k", "0", "--image", "x.png"]) == 2
     assert "-k must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["similar", out, "--video", "/v/v1.mp4", "--time=-1"]) == 2
+    assert "--time must be >= 0, got -1" in capsys.readouterr().err
     assert cli.main(["summary", out, "--format", "csv", "--out", f"{out}/summary.csv"]) == 0  # beside its folders
     assert cli.main(["export", out, "-"]) == 0
     printed = capsys.readouterr()
