@@ -25,6 +25,7 @@ import posixpath
 import urllib.parse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import storage
@@ -142,14 +143,15 @@ def _inventory(report: pq.ParquetFile, names: list) -> list[str]:
     Parquet, unlike CSV reports): its current versions, not delete markers (a report of
     every version has `is_latest`, `is_delete_marker`), keys with a video extension and no
     hidden name, as a prefix listing takes them (a report lists every object)."""
-    columns = ["bucket", "key"] + [c for c in ("is_latest", "is_delete_marker") if c in names]
-    table = report.read(columns=columns)
-    latest = table.column("is_latest").to_pylist() if "is_latest" in names else [True] * len(table)
-    deleted = table.column("is_delete_marker").to_pylist() if "is_delete_marker" in names else [False] * len(table)
-    return [f"s3://{bucket}/{key}" for bucket, key, is_latest, is_deleted
-            in zip(table.column("bucket").to_pylist(), table.column("key").to_pylist(), latest, deleted)
-            if bucket and key and is_latest is not False and not is_deleted
-            and is_video(key) and not _hidden(key, "")]
+    table = report.read(columns=["bucket", "key"] + [c for c in ("is_latest", "is_delete_marker") if c in names])
+    keep = pc.and_(pc.is_valid(table["bucket"]), pc.is_valid(table["key"]))
+    if "is_latest" in names:
+        keep = pc.and_(keep, pc.fill_null(table["is_latest"], True))
+    if "is_delete_marker" in names:
+        keep = pc.and_(keep, pc.invert(pc.fill_null(table["is_delete_marker"], False)))
+    table = table.filter(keep)
+    return [f"s3://{bucket}/{key}" for bucket, key in zip(table["bucket"].to_pylist(), table["key"].to_pylist())
+            if bucket and is_video(key) and not _hidden(key, "")]
 
 
 def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:

@@ -471,7 +471,6 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
     return answer
 
 
-
 class RangeReader(io.RawIOBase):
     """A read-only, seekable file over an object of known size that asks its store for
     byte ranges only (`fs.cat_file(path, start, end)`), at least `block` bytes at a time.
