@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     r = sub.add_parser("run", help="classify every frame of every video under INPUT, write Parquet to OUTPUT")
-    r.add_argument("input", nargs="?", help="folder/prefix URL (s3://, gs://, local) or manifest (.txt/.csv/.parquet)")
+    r.add_argument("input", nargs="?", help="folder/prefix URL (s3://, gs://, local) or manifest (.txt/.csv/.parquet/.orc, an S3 Inventory manifest.json)")
     r.add_argument("output", nargs="?", help="output URL (s3://, gs://, local)")
     r.add_argument("--config", help="YAML (or a runs/<id>.json record) with any of the settings below")
     m = r.add_argument_group("model")

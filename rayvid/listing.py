@@ -5,8 +5,10 @@ Input: INPUT, one of
     recursively, whose extension is a video extension (case-insensitive), except hidden
     ones: a name starting with `.`, of the file or of a folder below INPUT;
   - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv` or `.parquet`
-    with a `video_uri` column, or an S3 Inventory report in Parquet (`bucket`, `key`: its
-    current objects with a video extension);
+    with a `video_uri` column;
+  - an S3 Inventory report: its `manifest.json` (every data file it lists, CSV, ORC or
+    Parquet), or one Parquet or ORC data file (`bucket`, `key`): its current objects with
+    a video extension and no hidden name;
   - a single video file.
 Output: an Arrow table with columns
   `video_uri: string` (the URL as stored in the output, `storage.stored_uri`: no user-info
@@ -18,12 +20,15 @@ sorted by `video_uri` so runs are deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import os
 import posixpath
 import urllib.parse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -35,7 +40,9 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .qt .mkv .webm .avi .mpg .mpeg .m2v .ts .m2ts .mts .wmv .flv .3gp .3g2 "
     ".ogv .mxf .vob .dv .y4m .h264 .264 .hevc .h265 .ivf".split()
 )
-MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".parquet"})
+MANIFEST_EXTENSIONS = frozenset({".txt", ".lst", ".csv", ".parquet", ".orc", ".json"})
+_VIDEO_KEY = "(?i)\\.(" + "|".join(sorted(e[1:] for e in VIDEO_EXTENSIONS)) + ")$"
+_HIDDEN_KEY = r"(^|/)\.([^./]|\.[^/])"  # a name starting with "." (not "." or ".." alone)
 
 LISTING_SCHEMA = pa.schema(
     [("video_uri", pa.string()), ("size_bytes", pa.int64()), ("version", pa.string()),
@@ -83,15 +90,16 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     else:
         if _extension(path) in MANIFEST_EXTENSIONS:
             with storage.access(input_url, "read manifest", InputError):
-                rows = _manifest(fs, path, input_url)
+                table = _manifest(fs, path, input_url)
         elif is_video(path):
-            rows = [_row(fs, path, info)]
+            table = _table([_row(fs, path, info)])
         else:
+            hint = (" (of an S3 Inventory report in CSV, give its manifest.json: the data files have no header)"
+                    if path.lower().endswith(".csv.gz") else "")
             raise InputError(
                 f"{storage.public_uri(input_url)} is neither a folder, a manifest "
-                f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file"
+                f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file{hint}"
             )
-        table = _table(rows)
     table = table.sort_by("video_uri")
     return table.slice(0, limit) if limit is not None else table
 
@@ -138,34 +146,55 @@ def _row(fs, path: str, info: dict) -> tuple[str, int, str]:
     return (storage.to_url(fs, path), int(size) if size is not None else -1, storage.version_of(info))
 
 
-def _inventory(report: pq.ParquetFile, names: list) -> list[str]:
-    """The videos of an S3 Inventory report in Parquet (`bucket`, `key`: not URL-encoded in
-    Parquet, unlike CSV reports): its current versions, not delete markers (a report of
-    every version has `is_latest`, `is_delete_marker`), keys with a video extension and no
-    hidden name, as a prefix listing takes them (a report lists every object)."""
-    table = report.read(columns=["bucket", "key"] + [c for c in ("is_latest", "is_delete_marker") if c in names])
-    keep = pc.and_(pc.is_valid(table["bucket"]), pc.is_valid(table["key"]))
-    if "is_latest" in names:
-        keep = pc.and_(keep, pc.fill_null(table["is_latest"], True))
-    if "is_delete_marker" in names:
-        keep = pc.and_(keep, pc.invert(pc.fill_null(table["is_delete_marker"], False)))
-    table = table.filter(keep)
-    return [f"s3://{bucket}/{key}" for bucket, key in zip(table["bucket"].to_pylist(), table["key"].to_pylist())
-            if bucket and is_video(key) and not _hidden(key, "")]
+def _inventory(batches, encoded: bool = False) -> pa.Table:
+    """The listing of an S3 Inventory report's rows (Arrow batches with `bucket`, `key`
+    and, in a report of every version, `is_latest` and `is_delete_marker`): its current
+    versions, not delete markers, keys with a video extension and no hidden name, as a
+    prefix listing takes them (a report lists every object). Keys are URL-encoded (a space
+    as "+") in CSV reports (`encoded`), as stored in ORC and Parquet ones. Arrow compute
+    throughout: about 100 bytes per kept video, none per other object."""
+    uris = []
+    for batch in batches:
+        names = batch.schema.names
+        keep = pc.and_(pc.is_valid(batch["bucket"]), pc.is_valid(batch["key"]))
+        if "is_latest" in names:
+            keep = pc.and_(keep, pc.fill_null(batch["is_latest"], True))
+        if "is_delete_marker" in names:
+            keep = pc.and_(keep, pc.invert(pc.fill_null(batch["is_delete_marker"], False)))
+        bucket, key = (pc.filter(batch[c], keep) for c in ("bucket", "key"))
+        if encoded:
+            key = _unquote_plus(key)
+        video = pc.and_(pc.match_substring_regex(key, _VIDEO_KEY),
+                        pc.invert(pc.match_substring_regex(key, _HIDDEN_KEY)))
+        video = pc.and_(video, pc.not_equal(bucket, ""))
+        uris.append(pc.binary_join_element_wise("s3://", pc.filter(bucket, video), "/", pc.filter(key, video), ""))
+    uris = pa.chunked_array(uris, pa.string()).combine_chunks() if uris else pa.array([], pa.string())
+    n = len(uris)
+    empty = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int32)), pa.py_buffer(b"")])
+    return pa.table({"video_uri": uris, "size_bytes": pa.array(np.full(n, -1, np.int64)), "version": empty,
+                     "source_uri": pa.nulls(n, pa.string())}, schema=LISTING_SCHEMA)
 
 
-def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
+def _unquote_plus(keys: pa.Array) -> pa.Array:
+    """URL-decoded keys (a "+" is a space), in Python only for those with a "%" or "+"."""
+    needs = pc.match_substring_regex(keys, r"[%+]")
+    if not pc.any(needs).as_py():
+        return keys
+    decoded = [urllib.parse.unquote_plus(k) for k in pc.filter(keys, needs).to_pylist()]
+    return pc.replace_with_mask(keys, needs, pa.array(decoded, pa.string()))
+
+
+def _manifest(fs, path: str, input_url: str) -> pa.Table:
     ext = _extension(path)
     where = storage.public_uri(input_url)
-    if ext == ".parquet":  # read by ranges (the footer, then one column) where the store serves them
-        ranged = storage.serves_ranges(fs, path)
-        with (fs.open(path, "rb") if ranged else io.BytesIO(storage.read_bytes(input_url))) as f:
-            manifest = pq.ParquetFile(f)
-            names = manifest.schema_arrow.names
+    if ext == ".json":
+        return _inventory_manifest(fs, path, where)
+    if ext in (".parquet", ".orc"):
+        with _columnar(fs, path, input_url, ext) as (names, batches):
             if "video_uri" in names:
-                uris = manifest.read(columns=["video_uri"]).column("video_uri").to_pylist()
+                uris = [u for b in batches(["video_uri"]) for u in b.column(0).to_pylist()]
             elif {"bucket", "key"} <= set(names):
-                uris = _inventory(manifest, names)
+                return _inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names]))
             else:
                 raise InputError(f"manifest {where} has no video_uri column, nor an S3 Inventory report's "
                                  f"bucket and key (has: {names})")
@@ -196,4 +225,97 @@ def _manifest(fs, path: str, input_url: str) -> list[tuple[str, int, str]]:
             continue
         seen.add(name)
         rows.append((uri, -1, ""))
-    return rows
+    return _table(rows)
+
+
+_FLAGS = ("is_latest", "is_delete_marker")
+
+
+@contextlib.contextmanager
+def _columnar(fs, path: str, url: str, ext: str):
+    """(column names, batches(columns) -> iterator of record batches) of a Parquet or ORC
+    file, read by ranges (its footer, then the columns asked for) where the store serves
+    them, else whole (pyarrow's footer seek would fail on a server that ignores ranges)."""
+    ranged = storage.serves_ranges(fs, path)
+    with (fs.open(path, "rb") if ranged else io.BytesIO(storage.read_bytes(url))) as f:
+        try:
+            if ext == ".orc":
+                from pyarrow import orc
+
+                data = orc.ORCFile(f)
+                names = data.schema.names
+                yield names, lambda columns: (data.read_stripe(i, columns=columns) for i in range(data.nstripes))
+            else:
+                data = pq.ParquetFile(f)
+                yield data.schema_arrow.names, lambda columns: data.iter_batches(columns=columns)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise InputError(f"cannot read {storage.public_uri(url)} as {ext[1:].upper()}: {e}") from None
+
+
+_CSV_COLUMNS = {"Bucket": "bucket", "Key": "key", "IsLatest": "is_latest", "IsDeleteMarker": "is_delete_marker"}
+
+
+def _inventory_manifest(fs, path: str, where: str) -> pa.Table:
+    """An S3 Inventory report by its manifest.json: each data file it lists (`files`, in
+    its `destinationBucket`), in its `fileFormat` (CSV, gzipped, no header: the columns
+    are named by `fileSchema`; ORC; Parquet), one after another, a batch at a time."""
+    with fs.open(path, "rb") as f:
+        try:
+            manifest = json.load(f)
+        except ValueError as e:
+            raise InputError(f"{where} is not JSON ({e}); a .json INPUT is an S3 Inventory manifest.json") from None
+    if not isinstance(manifest, dict) or not {"fileFormat", "files", "destinationBucket"} <= set(manifest):
+        raise InputError(f"{where} is not an S3 Inventory manifest.json (it has no fileFormat, files and "
+                         f"destinationBucket); a .json INPUT is one")
+    form = str(manifest["fileFormat"]).upper()
+    if form not in ("CSV", "ORC", "PARQUET"):
+        raise InputError(f"{where}: S3 Inventory format {manifest['fileFormat']!r} is not one of CSV, ORC, Parquet")
+    columns = []
+    if form == "CSV":
+        columns = [c.strip() for c in str(manifest.get("fileSchema") or "").split(",")]
+        if not {"Bucket", "Key"} <= set(columns):
+            raise InputError(f"{where}: its fileSchema has no Bucket and Key ({manifest.get('fileSchema')!r})")
+    bucket = str(manifest["destinationBucket"]).rsplit(":", 1)[-1]  # arn:aws:s3:::name
+    tables = []
+    for file in manifest["files"]:
+        url = f"s3://{bucket}/{file['key']}"
+        data_fs, data_path = storage.resolve(url)
+        with storage.access(url, "read S3 Inventory data file", InputError), _missing(url, where):
+            if form == "CSV":
+                tables.append(_inventory_csv(data_fs, data_path, url, columns))
+            else:
+                ext = ".orc" if form == "ORC" else ".parquet"
+                with _columnar(data_fs, data_path, url, ext) as (names, batches):
+                    if not {"bucket", "key"} <= set(names):
+                        raise InputError(f"S3 Inventory data file {storage.public_uri(url)} has no bucket and key "
+                                         f"columns (has: {names})")
+                    tables.append(_inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names])))
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+@contextlib.contextmanager
+def _missing(url: str, manifest: str):
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)}: not found (listed in "
+                         f"{manifest}: a report's data files may have expired or been deleted)") from None
+
+
+def _inventory_csv(fs, path: str, url: str, columns: list) -> pa.Table:
+    """One CSV data file of an S3 Inventory report (gzipped where its name says so),
+    streamed: its keys are URL-encoded."""
+    from pyarrow import csv as pacsv
+
+    names = [_CSV_COLUMNS.get(c, f"_{i}") for i, c in enumerate(columns)]
+    wanted = [n for n in names if not n.startswith("_")]
+    types = {n: (pa.bool_() if n in _FLAGS else pa.string()) for n in wanted}
+    with fs.open(path, "rb") as f:
+        stream = pa.input_stream(f, compression="gzip" if path.endswith(".gz") else None)
+        try:
+            reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(column_names=names),
+                                    convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types=types,
+                                                                         strings_can_be_null=False))
+            return _inventory(reader, encoded=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {e}") from None

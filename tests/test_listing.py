@@ -124,6 +124,109 @@ def test_an_s3_inventory_report_in_parquet_is_a_manifest(tmp_path):
         list_videos(str(neither))
 
 
+INVENTORY = [  # bucket, key, is_latest, is_delete_marker: what a report of every version holds
+    ("archive", "2024/a clip+é.mp4", True, False),
+    ("archive", "2024/b.MOV", True, False),
+    ("archive", "2024/b.MOV", False, False),  # an older version of it
+    ("archive", "2024/gone.mp4", True, True),  # deleted: its delete marker is the latest
+    ("archive", "2024/gone.mp4", False, False),
+    ("archive", "2024/notes.txt", True, False),
+    ("archive", "2024/.thumbs/c.mp4", True, False),
+    ("archive", "2024/", True, False),
+    ("other-bucket", "d.mkv", True, False),
+    ("other-bucket", "e/..f.webm", True, False),  # hidden: a name starting with "."
+    ("other-bucket", "e/../g.ts", True, False),  # not hidden: ".." is no name
+]
+INVENTORY_VIDEOS = ["s3://archive/2024/a clip+é.mp4", "s3://archive/2024/b.MOV", "s3://other-bucket/d.mkv",
+                    "s3://other-bucket/e/../g.ts"]
+CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
+
+
+def _inventory_csv(rows) -> bytes:
+    """A CSV data file as S3 Inventory writes it: gzipped, no header, every field quoted,
+    keys URL-encoded with a space as "+"."""
+    import gzip
+    import urllib.parse
+
+    lines = [",".join(f'"{v}"' for v in (b, urllib.parse.quote_plus(k, safe="/"), "v1", str(latest).lower(),
+                                         str(deleted).lower(), "3", "2026-12-01T00:00:00.000Z", "e"))
+             for b, k, latest, deleted in rows]
+    return gzip.compress(("\n".join(lines) + "\n").encode())
+
+
+def _inventory_table(rows) -> pa.Table:
+    return pa.table({"bucket": [r[0] for r in rows], "key": [r[1] for r in rows], "version_id": ["v"] * len(rows),
+                     "is_latest": [r[2] for r in rows], "is_delete_marker": [r[3] for r in rows],
+                     "size": [3] * len(rows), "e_tag": ["e"] * len(rows)})
+
+
+@pytest.mark.parametrize("form", ["CSV", "ORC", "Parquet"])
+def test_an_s3_inventory_manifest_json_lists_its_data_files(s3fs_client, form):
+    """INPUT an S3 Inventory report's manifest.json, on S3 as the report is delivered: the
+    videos of every data file it lists (read from its destination bucket), in each of S3's
+    three formats: CSV's URL-encoded keys decoded, current versions only, as a prefix
+    listing takes them. A data file the manifest names that is gone is an InputError
+    naming it."""
+    import io
+    import json
+
+    from pyarrow import orc
+
+    prefix = f"rayvid-test/inventory-{form.lower()}/archive/config"
+    halves, files = (INVENTORY[:5], INVENTORY[5:]), []
+    for i, rows in enumerate(halves):
+        key = f"{prefix}/data/part-{i}." + {"CSV": "csv.gz", "ORC": "orc", "Parquet": "parquet"}[form]
+        if form == "CSV":
+            body = _inventory_csv(rows)
+        else:
+            buf = io.BytesIO()
+            (orc.write_table if form == "ORC" else pq.write_table)(_inventory_table(rows), buf)
+            body = buf.getvalue()
+        s3fs_client.pipe(key, body)
+        files.append({"key": key.split("/", 1)[1], "size": len(body), "MD5checksum": "0"})
+    manifest = {"sourceBucket": "archive", "destinationBucket": "arn:aws:s3:::rayvid-test", "version": "2016-11-30",
+                "creationTimestamp": "1764547200000", "fileFormat": form, "files": files,
+                "fileSchema": CSV_SCHEMA if form == "CSV" else "(its own, in each file)"}
+    url = f"s3://{prefix}/2026-12-01T01-00Z/manifest.json"
+    s3fs_client.pipe(url, json.dumps(manifest).encode())
+    listing = list_videos(url)
+    assert listing.column("video_uri").to_pylist() == INVENTORY_VIDEOS
+    assert listing.column("size_bytes").to_pylist() == [-1] * 4 and listing.column("version").to_pylist() == [""] * 4
+    s3fs_client.rm(f"rayvid-test/{files[1]['key']}")
+    with pytest.raises(InputError, match=rf"cannot read S3 Inventory data file s3://{prefix}/data/part-1\..*"
+                                         r": not found \(listed in s3://.*manifest.json"):
+        list_videos(url)
+
+
+def test_inventory_manifests_that_cannot_be_read_are_clear_errors(tmp_path):
+    """A .json INPUT that is not an S3 Inventory manifest, one in a format S3 does not
+    write, a CSV schema without Bucket and Key, and a CSV data file given alone (no header:
+    its columns are named only in its manifest): InputError saying which and why. An ORC
+    data file alone is read like a Parquet one."""
+    import json
+
+    from pyarrow import orc
+
+    cases = {"notjson.json": ("{", r"is not JSON"),
+             "other.json": (json.dumps({"videos": ["a.mp4"]}), r"is not an S3 Inventory manifest.json"),
+             "format.json": (json.dumps({"fileFormat": "Avro", "files": [], "destinationBucket": "b"}),
+                             r"format 'Avro' is not one of CSV, ORC, Parquet"),
+             "schema.json": (json.dumps({"fileFormat": "CSV", "fileSchema": "Bucket, Size", "files": [],
+                                         "destinationBucket": "b"}), r"its fileSchema has no Bucket and Key")}
+    for name, (body, message) in cases.items():
+        (tmp_path / name).write_text(body)
+        with pytest.raises(InputError, match=message):
+            list_videos(str(tmp_path / name))
+    (tmp_path / "data.csv.gz").write_bytes(_inventory_csv(INVENTORY))
+    with pytest.raises(InputError, match=r"neither a folder, a manifest .* give its manifest.json"):
+        list_videos(str(tmp_path / "data.csv.gz"))
+    orc.write_table(_inventory_table(INVENTORY), str(tmp_path / "data.orc"))
+    assert list_videos(str(tmp_path / "data.orc")).column("video_uri").to_pylist() == INVENTORY_VIDEOS
+    (tmp_path / "broken.orc").write_bytes(b"not orc at all")
+    with pytest.raises(InputError, match=r"cannot read manifest .*broken.orc: Not an ORC file"):
+        list_videos(str(tmp_path / "broken.orc"))
+
+
 @pytest.mark.parametrize("mode", HTTP_MODES)
 def test_manifests_over_http_whatever_the_server_does_with_byte_ranges(tree, mode):
     """Manifests at http(s):// URLs list the same videos whether the server serves byte
