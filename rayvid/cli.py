@@ -44,6 +44,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
+    def _parse_optional(self, arg_string):
+        """A number is a value, never an option: argparse takes only `-1`, `-0.5` for one, so
+        `--min-score -1e-3` or `--time -inf` was "expected one argument", not its value."""
+        try:
+            float(arg_string)
+            return None
+        except ValueError:
+            return super()._parse_optional(arg_string)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rayvid", description="Run tf.keras models over video archives with Ray Data.")

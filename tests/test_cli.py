@@ -85,14 +85,26 @@ def test_cannot_run_exits_2_with_one_line(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_negative_number_in_exponent_form_is_a_value(capsys):
+    """`--fps -1e-3` reaches the range check (argparse took `-1e-3` for an option: "expected
+    one argument"); a word that is not a number is still an option."""
+    assert main(["run", "IN", "OUT", "--fps", "-1e-3"]) == 2
+    assert "fps" in (err := capsys.readouterr().err) and "expected one argument" not in err
+    with pytest.raises(SystemExit):
+        main(["run", "IN", "OUT", "--fps", "-x"])
+    assert "argument --fps: expected one argument" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--fps", "--segment-seconds", "--decode-timeout", "--commit-interval",
                                   "--gpus-per-actor", "--iou-threshold"])
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_number_flags_take_finite_numbers_only(flag, value, capsys):
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-Infinity"])
+@pytest.mark.parametrize("joined", [True, False])
+def test_number_flags_take_finite_numbers_only(flag, value, joined, capsys):
     """float() takes nan and inf, which pass every range check (nan < 0 is false) and would
-    fail deep in a stage with a traceback (--fps nan: "cannot convert float NaN to integer")."""
+    fail deep in a stage with a traceback (--fps nan: "cannot convert float NaN to integer").
+    As its own word, `-inf` is the flag's value too (argparse took it for an option)."""
     with pytest.raises(SystemExit) as exit_:
-        main(["run", "IN", "OUT", f"{flag}={value}"])
+        main(["run", "IN", "OUT", f"{flag}={value}"] if joined else ["run", "IN", "OUT", flag, value])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"rayvid run: error: argument {flag}: expected a finite number, got '{value}' "
                                        f"(see `rayvid run --help`)\n")  # one line, no usage block
