@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = shown(sub.add_parser("summary", help="the per-video table of an OUTPUT"))
     q.add_argument("output")
+    q = shown(sub.add_parser("runs", help="the runs recorded in an OUTPUT: status (interrupted ones too), times, counts"))
+    q.add_argument("output")
     seg = shown(sub.add_parser("segments", help="contiguous runs of each video's top-1 label, as start/end times"))
     seg.add_argument("output")
     seg.add_argument("--label", help="only this label")
@@ -319,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
 
 
-QUERY_VERBS = ("summary", "segments", "find", "similar", "export", "compact", "report", "render")
+QUERY_VERBS = ("summary", "runs", "segments", "find", "similar", "export", "compact", "report", "render")
 
 
 def _check_destinations(args) -> None:
@@ -349,6 +351,8 @@ def _query(args) -> int:
         _check_destinations(args)
         if args.verb == "summary":
             query.write(query.summary(args.output), args.format, args.out)
+        elif args.verb == "runs":
+            query.write(query.runs(args.output), args.format, args.out)
         elif args.verb in ("segments", "find"):
             gap = query.GAP_S if args.gap is None else args.gap
             if gap < 0 or args.min_duration < 0:

@@ -14,6 +14,9 @@ Outputs (Arrow tables):
             first_s, max_score, ranges (str, "start-end" seconds)`
   similar   the k nearest frames (runs with --embed): `video_uri, frame_index,
             timestamp_s, label, similarity` (cosine)
+  runs      one row per run record (runs/): `run_id, status, started_at, finished_at,
+            last_heartbeat, host, input, videos_listed, videos_skipped, videos_ok,
+            videos_failed, frames, wall_s, error`
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -143,6 +147,53 @@ def read(output: str, what: str = commit.PREDICTIONS_DIR, video: Optional[str] =
 def summary(output: str) -> pa.Table:
     """The per-video table, top labels as `label share%` text."""
     return summary_of(read(output, commit.VIDEOS_DIR))
+
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("status", pa.string()), ("started_at", pa.string()), ("finished_at", pa.string()),
+    ("last_heartbeat", pa.string()), ("host", pa.string()), ("input", pa.string()),
+    *((name, pa.int64()) for name in ("videos_listed", "videos_skipped", "videos_ok", "videos_failed", "frames")),
+    ("wall_s", pa.float64()), ("error", pa.string()),
+])
+
+
+def runs(output: str) -> pa.Table:
+    """The runs recorded in OUTPUT/runs/, oldest first. `status` is the record's
+    (finished, failed), or, of a record still saying running, `running` while the run may
+    still be writing (its process lives, where this host can tell; else its heartbeat is
+    under commit.LEASE_S old) and `interrupted` once it cannot be (killed, its machine
+    gone: nothing rewrote its record)."""
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    folder = f"{root}/{commit.RUNS_DIR}"
+    if not fs.isdir(folder):
+        raise FileNotFoundError(f"no rayvid runs recorded at {storage.public_uri(output)} (no {commit.RUNS_DIR}/ folder)")
+    names = sorted(p.rsplit("/", 1)[-1][: -len(".json")] for p in fs.glob(f"{folder}/*.json"))
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
+        records = list(pool.map(lambda name: commit.read_run_record(fs, root, name), names))
+    rows = []
+    for name, record in zip(names, records):
+        if record is None:  # gone since the listing, or not JSON
+            continue
+        status = record.get("status") or ""
+        if status == "running" and not commit.alive(record):
+            status = "interrupted"
+        stats, beat = record.get("stats") or {}, record.get("heartbeat_at")
+        rows.append({"run_id": record.get("run_id") or name, "status": status,
+                     "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),
+                     "last_heartbeat": _iso(beat) if beat and status in ("running", "interrupted") else None,
+                     "host": record.get("host"),
+                     "input": storage.public_uri(str((record.get("config") or {}).get("input") or "")) or None,
+                     **{k: stats.get(k) for k in ("videos_listed", "videos_skipped", "videos_ok", "videos_failed",
+                                                  "frames", "wall_s")},
+                     "error": record.get("error")})
+    rows.sort(key=lambda r: (r["started_at"] or "", r["run_id"]))
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+def _iso(t: float) -> str:
+    """As run records write times (pipeline's started_at, finished_at)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 
 
 def summary_of(videos: pa.Table) -> pa.Table:

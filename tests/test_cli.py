@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
-from rayvid import samples
+from rayvid import query, samples
 from rayvid.cli import SKIP_SIMILAR_DEFAULT, config_from_args, main, parse_args
 from rayvid.config import RunConfig, SamplingConfig
 
@@ -246,11 +246,13 @@ def test_no_credentials_is_a_clear_error(s3_endpoint, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
-def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path, how):
+def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path, how,
+                                                                   capsys):
     """The driver (a `ray job submit` entrypoint on the running cluster) is SIGKILLed (or
     interrupted: Ctrl-C) right after its first commit, mid-run; the same command again skips
     what was committed and completes the output with every frame of every video exactly
-    once. Ctrl-C ends the run with exit 130 and one line saying what to do, no traceback."""
+    once. Ctrl-C ends the run with exit 130 and one line saying what to do, no traceback.
+    `rayvid runs` shows the killed run as interrupted (its record still says running)."""
     import re
     import shutil
     import signal
@@ -280,6 +282,10 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
         assert "Traceback" not in err, err[-3000:]
         record = json.loads(next((out / "runs").iterdir()).read_text())
         assert record["status"] == "failed" and "KeyboardInterrupt" in json.dumps(record), record
+    else:
+        assert json.loads(next((out / "runs").iterdir()).read_text())["status"] == "running"
+    first = "interrupted" if how == "SIGKILL" else "failed"
+    assert [r["status"] for r in query.runs(str(out)).to_pylist()] == [first]
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -287,6 +293,16 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
         r"(\d+) listed, (\d+) skipped \(already done\), (\d+) ok, (\d+) failed", done.stdout).groups())
     assert (listed, failed) == (24, 0)
     assert skipped > 0 and ok > 0 and skipped + ok == 24  # killed mid-run; its commits were kept
+    capsys.readouterr()
+    assert main(["runs", str(out), "--format", "json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in runs] == [first, "finished"]
+    assert (runs[1]["videos_listed"], runs[1]["videos_skipped"], runs[1]["videos_ok"]) == (24, skipped, ok)
+    assert runs[0]["input"] == runs[1]["input"] == str(src)
+    if how == "SIGKILL":
+        assert runs[0]["finished_at"] is None and runs[0]["last_heartbeat"] and runs[0]["error"] is None
+    else:
+        assert runs[0]["finished_at"] and runs[0]["error"].startswith("KeyboardInterrupt")
     preds = read_output(str(out))
     seen = {}
     for uri, idx in zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()):

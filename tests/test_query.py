@@ -233,6 +233,52 @@ def test_not_an_output_is_a_clear_error(tmp_path, capsys):
     assert f"cannot read {tmp_path}/file-out/videos/part-r1-00000.parquet: " in capsys.readouterr().err
 
 
+def test_runs_says_which_runs_finished_failed_or_were_interrupted(tmp_path, capsys):
+    """`rayvid runs` from OUTPUT/runs/ records, oldest first: a record still saying running
+    is `interrupted` once its process is gone (on this host: the pid; elsewhere: a heartbeat
+    older than the lease), `running` while it may still write; a record that is not JSON is
+    left out; the input is shown without user-info or signature; no runs/ is exit 2."""
+    import time
+
+    from rayvid import commit
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+    here = {"host": "this", "node": commit._node(), "pid": gone.pid, "pid_started": ""}
+    elsewhere = {"host": "gpu-node-7", "node": "gpu-node-7/other-boot/4026531836", "pid": 4242, "pid_started": "1"}
+    records = {
+        "r1": {"status": "finished", "started_at": "2026-12-01T10:00:00Z", "finished_at": "2026-12-01T10:05:00Z",
+               "config": {"input": "https://user:pw@videos.example.com/m.txt?X-Amz-Signature=abc"},
+               "stats": {"videos_listed": 3, "videos_skipped": 0, "videos_ok": 2, "videos_failed": 1, "frames": 90,
+                         "wall_s": 300.5}},
+        "r2": {"status": "failed", "started_at": "2026-12-01T11:00:00Z", "finished_at": "2026-12-01T11:00:09Z",
+               "error": "StorageUnavailable: s3 down", "config": {"input": "/data/in"}},
+        "r3": {"status": "running", "started_at": "2026-12-01T12:00:00Z", "heartbeat_at": now - 5, **here},
+        "r4": {"status": "running", "started_at": "2026-12-01T13:00:00Z", "heartbeat_at": now - 5, **elsewhere},
+        "r5": {"status": "running", "started_at": "2026-12-01T14:00:00Z",
+               "heartbeat_at": now - commit.LEASE_S - 1, **elsewhere},
+    }
+    runs_dir = tmp_path / "out" / "runs"
+    runs_dir.mkdir(parents=True)
+    for run_id, record in records.items():
+        (runs_dir / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **record}))
+    (runs_dir / "torn.json").write_text("{")
+    table = query.runs(str(tmp_path / "out"))
+    assert [(r["run_id"], r["status"]) for r in table.to_pylist()] == [
+        ("r1", "finished"), ("r2", "failed"), ("r3", "interrupted"), ("r4", "running"), ("r5", "interrupted")]
+    first = table.to_pylist()[0]
+    assert first["input"] == "https://videos.example.com/m.txt" and (first["videos_ok"], first["frames"]) == (2, 90)
+    assert table.column("last_heartbeat").to_pylist()[:2] == [None, None]
+    assert table.column("last_heartbeat")[4].as_py() == time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                      time.gmtime(now - commit.LEASE_S - 1))
+    assert cli.main(["runs", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "interrupted" in text and "StorageUnavailable: s3 down" in text and "pw" not in text
+    assert cli.main(["runs", str(tmp_path / "nothing")]) == 2
+    assert "no rayvid runs recorded at" in capsys.readouterr().err
+
+
 def test_what_a_verb_writes_never_replaces_what_it_reads(out, tmp_path, capsys):
     """Destinations in OUTPUT's own folders (however spelt), OUTPUT itself, an empty one or
     a folder where a file is wanted: exit 2 before any work, nothing changed; elsewhere in
