@@ -197,6 +197,71 @@ def test_kuberay_manifests_are_valid(kuberay_validator):
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
 
 
+def _classify_config(command: str):
+    """The RunConfig of a shipped `python .../classify_videos.py INPUT OUTPUT flags` command."""
+    import shlex
+
+    from rayvid.cli import config_from_args, parse_args
+
+    words = shlex.split(command.replace("\\\n", " "))
+    at = next(i for i, w in enumerate(words) if w.endswith("jobs/classify_videos.py"))
+    return config_from_args(parse_args(["run", *words[at + 1:]]))
+
+
+def test_the_shipped_commands_use_every_gpu_the_cluster_may_start():
+    """README's `ray job submit` (cluster launcher) and rayjob.yaml's entrypoint, parsed as
+    rayvid parses them and planned on the cluster as it is when a run starts (the GPU
+    nodes' minimum up, the rest startable): the GPU pool is every GPU the cluster may have
+    (Ray Data's GPU pools do not grow, ray#59144: a pool sized by the GPUs up at the start
+    would keep the other GPU nodes from ever starting)."""
+    from rayvid.pipeline import plan_resources
+
+    aws = _yaml("aws.yaml")["available_node_types"]["gpu"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    submit = re.search(r"ray job submit --address http://localhost:8265 .*?--no-progress", readme, re.S)
+    cluster = {g["groupName"]: g for g in _yaml("kuberay", "raycluster.yaml")["spec"]["workerGroupSpecs"]}
+    gpu_group = cluster["gpu-infer"]
+    per_pod = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    shipped = [(submit.group(0), aws["min_workers"], aws["max_workers"]),
+               (_yaml("kuberay", "rayjob.yaml")["spec"]["entrypoint"], gpu_group["minReplicas"] * per_pod,
+                gpu_group["maxReplicas"] * per_pod)]
+    for command, up, most in shipped:
+        plan = plan_resources(_classify_config(command), {"CPU": 8.0 * up, "GPU": float(up), "max_GPU": float(most),
+                                                          "decode_CPU": 512.0}, 100_000)
+        assert (plan.infer_min, plan.infer_max, plan.infer_gpus) == (most, most, 1.0), command
+
+
+def test_the_service_account_the_pods_run_as_is_shipped():
+    """KubeRay does not create a RayCluster's service account (with in-tree autoscaling it
+    stops: "ServiceAccount rayvid is not found"): serviceaccount.yaml is it, valid for
+    Kubernetes (strict schema), with the name every pod template of raycluster.yaml uses."""
+    import jsonschema
+    import kubernetes_validate
+
+    account = _yaml("kuberay", "serviceaccount.yaml")
+    schema_dir = os.path.join(os.path.dirname(kubernetes_validate.__file__), "kubernetes-json-schema",
+                              f"{K8S_VERSION}-local-strict")
+    with open(os.path.join(schema_dir, "serviceaccount-v1.json")) as f:
+        schema = json.load(f)
+    with open(os.path.join(schema_dir, "_definitions.json")) as f:
+        definitions = json.load(f)
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    base = "https://rayvid.invalid/api/"
+    schema["$id"] = base + "serviceaccount-v1.json"
+    registry = Registry().with_resource(base + "_definitions.json", Resource.from_contents(definitions, DRAFT202012))
+    jsonschema.validators.validator_for(schema)(schema, registry=registry).validate(account)
+    wrong = copy.deepcopy(account)
+    wrong["metadata"]["anotations"] = wrong["metadata"].pop("annotations")  # the schema is strict
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validators.validator_for(schema)(schema, registry=registry).validate(wrong)
+    assert account["kind"] == "ServiceAccount"
+    spec = _yaml("kuberay", "raycluster.yaml")["spec"]
+    names = {g["template"]["spec"].get("serviceAccountName") for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]}
+    assert names == {account["metadata"]["name"]}
+
+
 def _cluster_specs():
     """Every RayCluster spec in cluster/kuberay: the RayCluster's, and a RayJob's own
     rayClusterSpec if it has one (rayjob.yaml runs on the RayCluster: clusterSelector)."""
