@@ -317,5 +317,9 @@ def _inventory_csv(fs, path: str, url: str, columns: list) -> pa.Table:
                                     convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types=types,
                                                                          strings_can_be_null=False))
             return _inventory(reader, encoded=True)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        except pa.ArrowInvalid as e:
+            if str(e).startswith("Empty CSV file"):  # a report of no objects (or of none in this file)
+                return LISTING_SCHEMA.empty_table()
+            raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {e}") from None
+        except pa.ArrowNotImplementedError as e:
             raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {e}") from None
