@@ -591,7 +591,10 @@ def _gone(record: dict, key: str) -> bool | None:
     process, whether `key` is still `active`); None where this host cannot tell."""
     if not record.get("node") or record.get("node") != _node() or not record.get("pid"):
         return None
-    pid = int(record["pid"])
+    try:
+        pid = int(record["pid"])
+    except (TypeError, ValueError):
+        return None
     if pid == os.getpid():
         return key not in _ACTIVE
     return not storage.process_running(pid, record.get("pid_started") or "")
@@ -599,12 +602,16 @@ def _gone(record: dict, key: str) -> bool | None:
 
 def alive(record: dict | None, now: float | None = None) -> bool:
     """Whether the run of this record (runs/<run_id>.json) may still be writing."""
-    if not record or record.get("status") != "running":
-        return False
-    gone = _gone(record, record.get("run_id") or "")
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return False  # (a record rayvid did not write, which no live run would leave so: its heartbeat rewrites it)
+    gone = _gone(record, str(record.get("run_id") or ""))
     if gone is not None:
         return not gone
-    return (now or time.time()) - float(record.get("heartbeat_at") or 0) < LEASE_S
+    try:
+        beat = float(record.get("heartbeat_at") or 0)
+    except (TypeError, ValueError):
+        return False
+    return (now or time.time()) - beat < LEASE_S
 
 
 def read_run_record(fs, root: str, run_id: str) -> dict | None:

@@ -131,9 +131,9 @@ def _running_runs(fs, root: str) -> set:
         records = fs.glob(f"{root}/{commit.RUNS_DIR}/*.json")
     except FileNotFoundError:
         return running
-    for path in records:
-        with fs.open(path, "rb") as f:
-            record = json.load(f)
+    for path in records:  # (one that is not a run record, or gone since the listing: no run)
+        name = path.rsplit("/", 1)[-1][: -len(".json")]
+        record = commit.read_run_record(fs, root, name)
         if commit.alive(record):
-            running.add(record.get("run_id"))
+            running.add(str(record.get("run_id") or name))
     return running

@@ -168,7 +168,11 @@ def _inventory(batches, encoded: bool = False) -> pa.Table:
                         pc.invert(pc.match_substring_regex(key, _HIDDEN_KEY)))
         video = pc.and_(video, pc.not_equal(bucket, ""))
         uris.append(pc.binary_join_element_wise("s3://", pc.filter(bucket, video), "/", pc.filter(key, video), ""))
-    uris = pa.chunked_array(uris, pa.string()).combine_chunks() if uris else pa.array([], pa.string())
+    return _listing(pa.chunked_array(uris, pa.string()).combine_chunks() if uris else pa.array([], pa.string()))
+
+
+def _listing(uris: pa.Array) -> pa.Table:
+    """The listing of `uris` as manifests give them: no size, no version, read where named."""
     n = len(uris)
     empty = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(np.zeros(n + 1, np.int32)), pa.py_buffer(b"")])
     return pa.table({"video_uri": uris, "size_bytes": pa.array(np.full(n, -1, np.int64)), "version": empty,
@@ -194,7 +198,7 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
             if "video_uri" in names:
                 uris = [u for b in batches(["video_uri"]) for u in b.column(0).to_pylist()]
             elif {"bucket", "key"} <= set(names):
-                return _inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names]))
+                return _unique(_inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names])))
             else:
                 raise InputError(f"manifest {where} has no video_uri column, nor an S3 Inventory report's "
                                  f"bucket and key (has: {names})")
@@ -248,8 +252,8 @@ def _columnar(fs, path: str, url: str, ext: str):
             else:
                 data = pq.ParquetFile(f)
                 yield data.schema_arrow.names, lambda columns: data.iter_batches(columns=columns)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise InputError(f"cannot read {storage.public_uri(url)} as {ext[1:].upper()}: {e}") from None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise InputError(f"cannot read {storage.public_uri(url)} as {ext[1:].upper()}: {_said(e)}") from None
 
 
 _CSV_COLUMNS = {"Bucket": "bucket", "Key": "key", "IsLatest": "is_latest", "IsDeleteMarker": "is_delete_marker"}
@@ -275,10 +279,16 @@ def _inventory_manifest(fs, path: str, where: str) -> pa.Table:
         columns = [c.strip() for c in str(manifest.get("fileSchema") or "").split(",")]
         if not {"Bucket", "Key"} <= set(columns):
             raise InputError(f"{where}: its fileSchema has no Bucket and Key ({manifest.get('fileSchema')!r})")
-    bucket = str(manifest["destinationBucket"]).rsplit(":", 1)[-1]  # arn:aws:s3:::name
+    bucket = manifest["destinationBucket"]
+    bucket = bucket.rsplit(":", 1)[-1] if isinstance(bucket, str) else ""  # arn:aws:s3:::name
+    files = manifest["files"]
+    keys = [f.get("key") if isinstance(f, dict) else None for f in files] if isinstance(files, list) else [None]
+    if not bucket or "/" in bucket or not all(isinstance(k, str) and k.strip("/") for k in keys):
+        raise InputError(f"{where} is not an S3 Inventory manifest.json: its destinationBucket must be a bucket's "
+                         f"name or ARN, and files a list of objects each with the key of a data file")
     tables = []
-    for file in manifest["files"]:
-        url = f"s3://{bucket}/{file['key']}"
+    for key in dict.fromkeys(keys):  # (a file listed twice is read once)
+        url = f"s3://{bucket}/{key}"
         data_fs, data_path = storage.resolve(url)
         with storage.access(url, "read S3 Inventory data file", InputError), _missing(url, where):
             if form == "CSV":
@@ -290,7 +300,14 @@ def _inventory_manifest(fs, path: str, where: str) -> pa.Table:
                         raise InputError(f"S3 Inventory data file {storage.public_uri(url)} has no bucket and key "
                                          f"columns (has: {names})")
                     tables.append(_inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names])))
-    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+    return _unique(pa.concat_tables(tables)) if tables else LISTING_SCHEMA.empty_table()
+
+
+def _unique(listing: pa.Table) -> pa.Table:
+    """A listing with each video once (a report may list an object on two rows, or in two
+    files): a video listed twice would be decoded twice."""
+    uris = pc.unique(listing.column("video_uri"))
+    return listing if len(uris) == len(listing) else _listing(uris)
 
 
 @contextlib.contextmanager
@@ -317,9 +334,13 @@ def _inventory_csv(fs, path: str, url: str, columns: list) -> pa.Table:
                                     convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types=types,
                                                                          strings_can_be_null=False))
             return _inventory(reader, encoded=True)
-        except pa.ArrowInvalid as e:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             if str(e).startswith("Empty CSV file"):  # a report of no objects (or of none in this file)
                 return LISTING_SCHEMA.empty_table()
-            raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {e}") from None
-        except pa.ArrowNotImplementedError as e:
-            raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {e}") from None
+            raise InputError(f"cannot read S3 Inventory data file {storage.public_uri(url)} as CSV: {_said(e)}") from None
+
+
+def _said(error: BaseException) -> str:
+    """pyarrow's message on one line, printable, cut: it may quote a binary file's bytes."""
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(str(error).split()))
+    return text if len(text) <= 200 else text[:199] + "…"

@@ -464,8 +464,8 @@ def _unavailable(error: BaseException, output: str) -> Optional[str]:
     e = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, StorageUnavailable):
-            return str(e.args[0]) if e.args else str(e)
+        if isinstance(e, StorageUnavailable):  # (its first line: Ray Data appends its retry advice)
+            return (str(e.args[0]) if e.args else str(e)).strip().splitlines()[0]
         if isinstance(e, storage.ACCESS_ERRORS) and storage.is_unavailable(e):
             return f"storage unreachable writing OUTPUT {storage.public_uri(output)}: {storage.describe(e)}"
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__

@@ -162,37 +162,77 @@ def runs(output: str) -> pa.Table:
     (finished, failed), or, of a record still saying running, `running` while the run may
     still be writing (its process lives, where this host can tell; else its heartbeat is
     under commit.LEASE_S old) and `interrupted` once it cannot be (killed, its machine
-    gone: nothing rewrote its record)."""
+    gone: nothing rewrote its record). A file there that is no run record rayvid wrote
+    (not JSON, not an object, fields of other types) is a row `unreadable`, its error
+    saying why, so one damaged file hides no run."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     folder = f"{root}/{commit.RUNS_DIR}"
     if not fs.isdir(folder):
         raise FileNotFoundError(f"no rayvid runs recorded at {storage.public_uri(output)} (no {commit.RUNS_DIR}/ folder)")
-    names = sorted(p.rsplit("/", 1)[-1][: -len(".json")] for p in fs.glob(f"{folder}/*.json"))
+    names = sorted(name[: -len(".json")] for name in (p.rsplit("/", 1)[-1] for p in fs.glob(f"{folder}/*.json"))
+                   if not name.startswith("."))
+
+    def read(name: str):
+        try:
+            with fs.open(f"{folder}/{name}.json", "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:  # gone since the listing
+            return None
+        except ValueError as e:  # not JSON (UnicodeDecodeError is one too)
+            return e
+
     with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
-        records = list(pool.map(lambda name: commit.read_run_record(fs, root, name), names))
-    rows = []
-    for name, record in zip(names, records):
-        if record is None:  # gone since the listing, or not JSON
-            continue
-        status = record.get("status") or ""
-        if status == "running" and not commit.alive(record):
-            status = "interrupted"
-        stats, beat = record.get("stats") or {}, record.get("heartbeat_at")
-        rows.append({"run_id": record.get("run_id") or name, "status": status,
-                     "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),
-                     "last_heartbeat": _iso(beat) if beat and status in ("running", "interrupted") else None,
-                     "host": record.get("host"),
-                     "input": storage.public_uri(str((record.get("config") or {}).get("input") or "")) or None,
-                     **{k: stats.get(k) for k in ("videos_listed", "videos_skipped", "videos_ok", "videos_failed",
-                                                  "frames", "wall_s")},
-                     "error": record.get("error")})
-    rows.sort(key=lambda r: (r["started_at"] or "", r["run_id"]))
+        rows = [_run_row(name, record) for name, record in zip(names, pool.map(read, names)) if record is not None]
+    rows.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]))
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
-def _iso(t: float) -> str:
+def _run_row(name: str, record) -> dict:
+    """`runs`' row of one record (`name`: its file's, without .json)."""
+    def text(value):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{value!r} is no text")
+        return value
+
+    def count(value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{value!r} is no count")
+        return value
+
+    try:
+        if isinstance(record, ValueError):
+            raise record
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not an object")
+        status = text(record.get("status")) or ""
+        if status == "running" and not commit.alive(record):
+            status = "interrupted"
+        stats, config = record.get("stats") or {}, record.get("config") or {}
+        if not isinstance(stats, dict) or not isinstance(config, dict):
+            raise TypeError("its stats or config is not an object")
+        beat = record.get("heartbeat_at")
+        wall = stats.get("wall_s")
+        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, (int, float))):
+            raise TypeError(f"{wall!r} is no number of seconds")
+        return {"run_id": text(record.get("run_id")) or name, "status": status,
+                "started_at": text(record.get("started_at")), "finished_at": text(record.get("finished_at")),
+                "last_heartbeat": _iso(beat) if beat is not None else None, "host": text(record.get("host")),
+                "input": storage.public_uri(text(config.get("input")) or "") or None,
+                **{k: count(stats.get(k)) for k in ("videos_listed", "videos_skipped", "videos_ok", "videos_failed",
+                                                    "frames")},
+                "wall_s": None if wall is None else float(wall),
+                "error": storage.redact(text(record.get("error"))) if record.get("error") is not None else None}
+    except (TypeError, ValueError, OverflowError, OSError) as e:
+        why = " ".join(str(e).split())[:200]
+        return {"run_id": name, "status": "unreadable", "error": f"{commit.RUNS_DIR}/{name}.json is no run record "
+                f"rayvid wrote: {type(e).__name__}: {why}"}
+
+
+def _iso(t) -> str:
     """As run records write times (pipeline's started_at, finished_at)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"heartbeat_at {t!r} is no time")
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 
 

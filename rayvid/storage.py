@@ -128,7 +128,15 @@ def describe(error: BaseException) -> str:
     cause is missing or refused credentials: a store's refusal (s3fs's PermissionError,
     which has no errno; botocore's credential errors; gcsfs's 401 and its "Forbidden"
     OSError for a 403), not an operating system's EACCES or EPERM on a local file or from
-    FFmpeg (those carry an errno), which no credential fixes."""
+    FFmpeg (those carry an errno), which no credential fixes. Of a store that cannot be
+    reached, why not (fsspec's HTTP filesystem says only FileNotFoundError(url): its cause
+    says "Cannot connect to host")."""
+    cause, seen = error, 0
+    while cause is not None and seen < 8:
+        if _unreachable(cause):
+            error = cause
+            break
+        cause, seen = cause.__cause__, seen + 1
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     name = type(error).__name__
     refused = (isinstance(error, PermissionError) and error.errno is None

@@ -164,6 +164,30 @@ def test_a_killed_run_still_marked_running_is_compacted(small_parts):
     assert compact.compact(small_parts)["left_running"] == []
 
 
+def test_files_in_runs_that_are_no_run_records_do_not_stop_a_compaction(small_parts):
+    """runs/ files rayvid did not write (empty, a JSON list, a pid or heartbeat of another
+    type): no run is running by them; the compaction goes on (it stopped with a traceback,
+    or 'Expecting value' naming no file). A live run's record still keeps its parts."""
+    write_output(small_parts, {"/v/new.mp4": [("circle", 0.9)] * 5}, run_id="r3", rows_per_file=1)
+    runs = os.path.join(small_parts, "runs")
+    os.makedirs(runs, exist_ok=True)
+    for name, text in {"empty": "", "list": "[1, 2]", "pid": '{"status": "running", "node": "%s", "pid": "abc"}'
+                       % commit.writer()["node"], "beat": '{"status": "running", "heartbeat_at": "soon"}'}.items():
+        with open(os.path.join(runs, f"{name}.json"), "w") as f:
+            f.write(text)
+    import subprocess
+
+    running = subprocess.Popen(["sleep", "60"])  # r3's process, alive, on this host
+    try:
+        with open(os.path.join(runs, "r3.json"), "w") as f:
+            json.dump({"run_id": "r3", "status": "running", **commit.writer(), "pid": running.pid, "pid_started": ""}, f)
+        done = compact.compact(small_parts)
+    finally:
+        running.kill()
+        running.wait()
+    assert done["left_running"] == ["r3"] and done["merged"] > 0
+
+
 def test_a_compaction_in_progress_is_not_undone_by_a_run_starting(small_parts):
     """A run (or compaction) starting while a merge is between its merged predictions file
     and its commit point leaves it alone; once that merge's process is gone, it is undone."""

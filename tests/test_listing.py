@@ -136,6 +136,7 @@ INVENTORY = [  # bucket, key, is_latest, is_delete_marker: what a report of ever
     ("other-bucket", "d.mkv", True, False),
     ("other-bucket", "e/..f.webm", True, False),  # hidden: a name starting with "."
     ("other-bucket", "e/../g.ts", True, False),  # not hidden: ".." is no name
+    ("other-bucket", "d.mkv", True, False),  # listed twice: one video
 ]
 INVENTORY_VIDEOS = ["s3://archive/2024/a clip+é.mp4", "s3://archive/2024/b.MOV", "s3://other-bucket/d.mkv",
                     "s3://other-bucket/e/../g.ts"]
@@ -185,7 +186,7 @@ def test_an_s3_inventory_manifest_json_lists_its_data_files(s3fs_client, form):
         s3fs_client.pipe(key, body)
         files.append({"key": key.split("/", 1)[1], "size": len(body), "MD5checksum": "0"})
     manifest = {"sourceBucket": "archive", "destinationBucket": "arn:aws:s3:::rayvid-test", "version": "2016-11-30",
-                "creationTimestamp": "1764547200000", "fileFormat": form, "files": files,
+                "creationTimestamp": "1764547200000", "fileFormat": form, "files": files + files[:1],  # one twice
                 "fileSchema": CSV_SCHEMA if form == "CSV" else "(its own, in each file)"}
     url = f"s3://{prefix}/2026-12-01T01-00Z/manifest.json"
     s3fs_client.pipe(url, json.dumps(manifest).encode())
@@ -213,6 +214,12 @@ def test_inventory_manifests_that_cannot_be_read_are_clear_errors(tmp_path):
                              r"format 'Avro' is not one of CSV, ORC, Parquet"),
              "schema.json": (json.dumps({"fileFormat": "CSV", "fileSchema": "Bucket, Size", "files": [],
                                          "destinationBucket": "b"}), r"its fileSchema has no Bucket and Key")}
+    shape = r"is not an S3 Inventory manifest.json: its destinationBucket must be a bucket's name or ARN, and files"
+    for i, (files, bucket) in enumerate([([{"size": 1}], "b"), ({"key": "x"}, "b"), (["a.csv.gz"], "b"), (None, "b"),
+                                         ([{"key": ""}], "b"), ([{"key": "x"}], None), ([{"key": "x"}], "arn:aws:s3:::"),
+                                         ([{"key": 5}], "b")]):
+        cases[f"files{i}.json"] = (json.dumps({"fileFormat": "Parquet", "files": files, "destinationBucket": bucket}),
+                                   shape)
     for name, (body, message) in cases.items():
         (tmp_path / name).write_text(body)
         with pytest.raises(InputError, match=message):
@@ -222,6 +229,10 @@ def test_inventory_manifests_that_cannot_be_read_are_clear_errors(tmp_path):
         list_videos(str(tmp_path / "data.csv.gz"))
     orc.write_table(_inventory_table(INVENTORY), str(tmp_path / "data.orc"))
     assert list_videos(str(tmp_path / "data.orc")).column("video_uri").to_pylist() == INVENTORY_VIDEOS
+    strings = _inventory_table(INVENTORY).set_column(3, "is_latest", pa.array(["yes"] * len(INVENTORY)))
+    orc.write_table(strings, str(tmp_path / "strings.orc"))
+    with pytest.raises(InputError, match=r"cannot read .*strings.orc as ORC: "):
+        list_videos(str(tmp_path / "strings.orc"))
     (tmp_path / "broken.orc").write_bytes(b"not orc at all")
     with pytest.raises(InputError, match=r"cannot read manifest .*broken.orc: Not an ORC file"):
         list_videos(str(tmp_path / "broken.orc"))

@@ -687,6 +687,32 @@ def test_an_input_outage_in_a_decode_actor_stops_the_run_clearly_then_a_rerun_fi
     _check_round_trip(read_output(out), media["truth"], lambda p: prefix + "/" + os.path.relpath(p, media["videos"]))
 
 
+def test_an_http_server_that_cannot_be_reached_is_one_line_saying_why(ray_session, shapes_model, tmp_path):
+    """A video on an HTTP server nobody answers at (a presigned URL with user-info too): the
+    run stops with one line naming the video without its secrets and saying why ("Cannot
+    connect to host", not the URL again, nor Ray Data's retry advice appended to it), and so
+    does its record."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"http://alice:pw@127.0.0.1:{port}/v.mp4?X-Amz-Signature=SECRET\n")
+    out = str(tmp_path / "out")
+    with pytest.raises(StorageUnavailable) as caught:
+        pipeline.run(_cfg(str(manifest), out, shapes_model["path"], run_id="http-down",
+                          decode=DecodeConfig(max_actors=1, segment_s=0)))
+    message = str(caught.value)
+    assert message.startswith(f"storage unreachable reading http://127.0.0.1:{port}/v.mp4: Cannot connect to host "
+                              f"127.0.0.1:{port}") and "\n" not in message, message
+    assert message.endswith("; 1 of 1 videos not committed (first: http://127.0.0.1:"
+                            f"{port}/v.mp4); run the same command again to finish them")
+    record = json.loads((tmp_path / "out" / "runs" / "http-down.json").read_text())
+    assert record["error"] == f"StorageUnavailable: {message}"
+    assert "pw" not in json.dumps(record) and "SECRET" not in json.dumps(record)
+
+
 def test_s3_outage_at_the_runs_last_write_says_nothing_is_left_to_do(ray_session, moto, media, shapes_model, monkeypatch):
     """The endpoint goes away as the run records that it finished, every video committed:
     the same clear kind of failure, saying so, and the next run finds nothing to do; as

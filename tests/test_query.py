@@ -236,8 +236,10 @@ def test_not_an_output_is_a_clear_error(tmp_path, capsys):
 def test_runs_says_which_runs_finished_failed_or_were_interrupted(tmp_path, capsys):
     """`rayvid runs` from OUTPUT/runs/ records, oldest first: a record still saying running
     is `interrupted` once its process is gone (on this host: the pid; elsewhere: a heartbeat
-    older than the lease), `running` while it may still write; a record that is not JSON is
-    left out; the input is shown without user-info or signature; no runs/ is exit 2."""
+    older than the lease), `running` while it may still write; a file that is no run record
+    (not JSON, not an object, fields of other types) is a row `unreadable` saying why, a
+    hidden one or one not .json none; the input is shown without user-info or signature;
+    no runs/ is exit 2."""
     import time
 
     from rayvid import commit
@@ -263,14 +265,24 @@ def test_runs_says_which_runs_finished_failed_or_were_interrupted(tmp_path, caps
     runs_dir.mkdir(parents=True)
     for run_id, record in records.items():
         (runs_dir / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, **record}))
-    (runs_dir / "torn.json").write_text("{")
+    damaged = {"torn": "{", "list": "[1, 2]", "number": '{"started_at": 12345}', "far": '{"heartbeat_at": 1e400}',
+               "stats": '{"status": "finished", "stats": {"frames": "many"}}'}
+    for name, text in damaged.items():
+        (runs_dir / f"{name}.json").write_text(text)
+    (runs_dir / ".hidden.json").write_text("{}")
+    (runs_dir / "notes.txt").write_text("not a record")
     table = query.runs(str(tmp_path / "out"))
     assert [(r["run_id"], r["status"]) for r in table.to_pylist()] == [
+        *((name, "unreadable") for name in sorted(damaged)),  # (no started_at: first)
         ("r1", "finished"), ("r2", "failed"), ("r3", "interrupted"), ("r4", "running"), ("r5", "interrupted")]
-    first = table.to_pylist()[0]
+    why = {r["run_id"]: r["error"] for r in table.to_pylist()}
+    assert why["torn"].startswith("runs/torn.json is no run record rayvid wrote: JSONDecodeError: ")
+    assert why["list"] == "runs/list.json is no run record rayvid wrote: TypeError: a JSON list, not an object"
+    assert "'many' is no count" in why["stats"] and "OverflowError" in why["far"]
+    first = table.to_pylist()[5]
     assert first["input"] == "https://videos.example.com/m.txt" and (first["videos_ok"], first["frames"]) == (2, 90)
-    assert table.column("last_heartbeat").to_pylist()[:2] == [None, None]
-    assert table.column("last_heartbeat")[4].as_py() == time.strftime("%Y-%m-%dT%H:%M:%SZ",
+    assert table.column("last_heartbeat").to_pylist()[5:7] == [None, None]
+    assert table.column("last_heartbeat")[9].as_py() == time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                       time.gmtime(now - commit.LEASE_S - 1))
     assert cli.main(["runs", str(tmp_path / "out")]) == 0
     text = capsys.readouterr().out
