@@ -347,6 +347,13 @@ class Committer:
         else:
             self.videos_ok += 1
 
+    def done(self) -> dict:
+        """What this run has committed so far (not what waits for the next flush)."""
+        ok_waiting = sum(not v["error"] for v in self._ready_videos)
+        return {"videos_ok": self.videos_ok - ok_waiting,
+                "videos_failed": self.videos_failed - (len(self._ready_videos) - ok_waiting),
+                "frames": self.frames - self._ready_rows}
+
     def flush(self) -> None:
         with self._lock:
             self._flush()

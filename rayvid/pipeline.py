@@ -276,7 +276,11 @@ def run(cfg: RunConfig) -> RunResult:
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
             if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer)
-            record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_iso(time.time()))
+            record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                          finished_at=_iso(time.time()),
+                          stats={"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped,
+                                 **(committer.done() if committer is not None else
+                                    {"videos_ok": 0, "videos_failed": 0, "frames": 0})})
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
             except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down

@@ -301,8 +301,9 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     assert runs[0]["input"] == runs[1]["input"] == str(src)
     if how == "SIGKILL":
         assert runs[0]["finished_at"] is None and runs[0]["last_heartbeat"] and runs[0]["error"] is None
-    else:
-        assert runs[0]["finished_at"] and runs[0]["error"].startswith("KeyboardInterrupt")
+    else:  # a failed run's record says what it committed before it stopped: what the rerun skipped
+        assert runs[0]["finished_at"] and runs[0]["error"] == "KeyboardInterrupt"
+        assert (runs[0]["videos_listed"], runs[0]["videos_skipped"], runs[0]["videos_ok"]) == (24, 0, skipped)
     preds = read_output(str(out))
     seen = {}
     for uri, idx in zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()):
