@@ -268,11 +268,27 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merged)
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, whose floats are YAML 1.2's: `1e3`, `-1e-3`, `1.5e3` too (YAML
+    1.1, which PyYAML follows, wants a dot and a signed exponent: `fps: 1e3` was the string
+    '1e3')."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def _load_config_file(url: str) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(storage.read_bytes(url).decode("utf-8")) or {}
+        data = yaml.load(storage.read_bytes(url).decode("utf-8"), Loader=_yaml_loader()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {storage.public_uri(url)}") from None
     except storage.ACCESS_ERRORS as e:

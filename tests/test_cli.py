@@ -15,6 +15,7 @@ from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
 from rayvid import query, samples
 from rayvid.cli import SKIP_SIMILAR_DEFAULT, config_from_args, main, parse_args
 from rayvid.config import RunConfig, SamplingConfig
+from rayvid.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,6 +129,22 @@ def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
     again = config_from_args(parse_args(["run", "--config", str(record), *flag]))
     assert again.sampling == SamplingConfig(**value) and (again.input, again.output) == (old.input, old.output)
     assert again.run_id != "r1"
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    """`fps: 1e3` in a --config file is 1000.0, as on the command line (PyYAML follows YAML
+    1.1, which reads it as the string '1e3': "expected a finite number, got '1e3'"); a
+    negative one reaches the range check; quoted, it stays a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sampling: {fps: 1e3}\ndecode: {segment_s: 1.5e1, timeout_s: .5e2}\n")
+    cfg = config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
+    assert (cfg.sampling.fps, cfg.decode.segment_s, cfg.decode.timeout_s) == (1000.0, 15.0, 50.0)
+    path.write_text("sampling: {fps: -1e-3}\n")
+    with pytest.raises(ConfigError, match=r"--fps must be > 0, got -0.001"):
+        config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
+    path.write_text("sampling: {fps: '1e3'}\n")
+    with pytest.raises(ConfigError, match=r"config.sampling.fps: expected a finite number, got '1e3'"):
+        config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
 
 
 @pytest.mark.parametrize(
