@@ -325,6 +325,9 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             "SavedModel folder"
         )
     local = _fetch(url, workdir, "model")
+    if local.lower().endswith(".keras") and not zipfile.is_zipfile(local):  # Keras says "File not found"
+        raise ModelError(f"cannot load model {storage.public_uri(url)}: not a .keras file (a .keras file is a zip "
+                         f"archive; this one is not: damaged, or another format under that name)")
     try:
         model = keras.saving.load_model(local, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001

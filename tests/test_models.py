@@ -89,9 +89,10 @@ def test_unloadable_models_say_why(name, match, s3_endpoint):
 
 
 def test_not_a_model_file(tmp_path):
+    """A .keras file that is no zip archive: not "File not found" (Keras' words for it)."""
     p = tmp_path / "model.keras"
     p.write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="cannot load model"):
+    with pytest.raises(ModelError, match=rf"cannot load model {p}: not a .keras file \(a .keras file is a zip archive"):
         models.load(ModelConfig(name=str(p)))
 
 
