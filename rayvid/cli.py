@@ -1,6 +1,6 @@
 """Command line: `rayvid run INPUT OUTPUT [flags]`, `rayvid samples DIR`, and the verbs
-that read an OUTPUT: `summary`, `segments`, `find`, `similar`, `export`, `compact`, `report`,
-`render`.
+that read an OUTPUT: `summary`, `runs`, `segments`, `find`, `similar`, `export`, `compact`,
+`report`, `render`.
 
 Exit codes: 0 the job ran (some videos may have failed: they are in OUTPUT/errors/);
 2 the job could not run (bad URL, no credentials, model not loadable, bad flags), with
@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     r = sub.add_parser("run", help="classify every frame of every video under INPUT, write Parquet to OUTPUT")
-    r.add_argument("input", nargs="?", help="folder/prefix URL (s3://, gs://, local) or manifest (.txt/.csv/.parquet/.orc, an S3 Inventory manifest.json)")
+    r.add_argument("input", nargs="?", help="folder/prefix URL (s3://, gs://, local) or manifest (.txt/.lst/.csv/.parquet/.orc, "
+                   "an S3 Inventory manifest.json)")
     r.add_argument("output", nargs="?", help="output URL (s3://, gs://, local)")
     r.add_argument("--config", help="YAML (or a runs/<id>.json record) with any of the settings below")
     m = r.add_argument_group("model")

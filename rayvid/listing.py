@@ -4,8 +4,8 @@ Input: INPUT, one of
   - a folder or prefix URL (`s3://bucket/videos/`, `/data/videos`): every file below it,
     recursively, whose extension is a video extension (case-insensitive), except hidden
     ones: a name starting with `.`, of the file or of a folder below INPUT;
-  - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv` or `.parquet`
-    with a `video_uri` column;
+  - a manifest file: `.txt`/`.lst` (one URL per line, `#` comments), `.csv`, `.parquet`
+    or `.orc` with a `video_uri` column;
   - an S3 Inventory report: its `manifest.json` (every data file it lists, CSV, ORC or
     Parquet), or one Parquet or ORC data file (`bucket`, `key`): its current objects with
     a video extension and no hidden name;

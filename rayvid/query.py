@@ -1,4 +1,5 @@
-"""Reading an OUTPUT back: the query verbs (`summary`, `segments`, `find`, `export`).
+"""Reading an OUTPUT back: the query verbs (`summary`, `runs`, `segments`, `find`,
+`similar`, `export`).
 
 Input: an OUTPUT URL (any storage.resolve URL), read through `commit.committed_parts`, so
 a reader sees each committed video exactly once, whatever a run or a compaction was doing.

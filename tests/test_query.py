@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import BUCKET, read_output, write_output
 
-from rayvid import cli, query, storage
+from rayvid import cli, commit, query, storage
 
 FPS = 10.0
 
@@ -138,6 +138,9 @@ def test_verbs_read_object_stores(scheme, request, capsys):
     url = f"{scheme}://{BUCKET}/query-out"
     write_output(url, {"s3://b/v1.mp4": V1}, fps=FPS)
     assert _segs(query.segments(url, label="square")) == [("s3://b/v1.mp4", "square", 2.0, 2.3, 3)]
+    commit.write_run_record(url, "r1", {"run_id": "r1", "status": "finished", "started_at": "2026-12-05T10:00:00Z",
+                                        "stats": {"videos_ok": 1, "frames": 5}})
+    assert [(r["run_id"], r["status"], r["frames"]) for r in query.runs(url).to_pylist()] == [("r1", "finished", 5)]
     assert cli.main(["find", url, "circle", "--format", "csv"]) == 0
     assert "s3://b/v1.mp4" in capsys.readouterr().out
     # the command line shows rayvid's output, not other libraries' INFO lines (fsspec logs
@@ -241,8 +244,6 @@ def test_runs_says_which_runs_finished_failed_or_were_interrupted(tmp_path, caps
     hidden one or one not .json none; the input is shown without user-info or signature;
     no runs/ is exit 2."""
     import time
-
-    from rayvid import commit
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
