@@ -349,10 +349,11 @@ class Committer:
 
     def done(self) -> dict:
         """What this run has committed so far (not what waits for the next flush)."""
-        ok_waiting = sum(not v["error"] for v in self._ready_videos)
-        return {"videos_ok": self.videos_ok - ok_waiting,
-                "videos_failed": self.videos_failed - (len(self._ready_videos) - ok_waiting),
-                "frames": self.frames - self._ready_rows}
+        waiting = list(self._ready_videos)  # (the heartbeat's thread asks while the run adds)
+        ok_waiting = sum(not v["error"] for v in waiting)
+        return {"videos_ok": max(0, self.videos_ok - ok_waiting),
+                "videos_failed": max(0, self.videos_failed - (len(waiting) - ok_waiting)),
+                "frames": max(0, self.frames - self._ready_rows)}
 
     def flush(self) -> None:
         with self._lock:
@@ -633,13 +634,16 @@ class Heartbeat:
     """Keeps a running run's record fresh: written at `start` (which raises if OUTPUT is
     not writable), rewritten every `every_s` seconds with `heartbeat_at` until `stop`,
     so that other runs into the same OUTPUT leave its flushes in progress alone. `clean`
-    turns the record into what may be written (no credentials)."""
+    turns the record into what may be written (no credentials); `progress`, once set, gives
+    each beat's record its `stats` so far (`rayvid runs` shows them, of a run killed too)."""
 
-    def __init__(self, output: str, run_id: str, record: dict, clean=lambda r: r, every_s: float = HEARTBEAT_S):
-        self.output, self.run_id, self.record, self.clean, self.every_s = output, run_id, record, clean, every_s
+    def __init__(self, output: str, run_id: str, record: dict, clean=lambda r: r, every_s: float | None = None):
+        self.output, self.run_id, self.record, self.clean = output, run_id, record, clean
+        self.every_s = HEARTBEAT_S if every_s is None else every_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.progress = None
 
     def start(self) -> None:
         self.record.update(writer(), heartbeat_at=time.time())
@@ -659,6 +663,8 @@ class Heartbeat:
                     return
                 self.record["heartbeat_at"] = time.time()
                 try:
+                    if self.progress is not None:
+                        self.record["stats"] = self.progress()
                     write_run_record(self.output, self.run_id, self.clean(self.record))
                 except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))

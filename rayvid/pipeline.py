@@ -246,6 +246,7 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
                                          flush_interval_s=cfg.commit_interval_s)
+            beat.progress = lambda: _progress(result, committer)
             # --retry-failed: old errors go once the model is known to load (the first batch)
             if units is not None:
                 reports = _reports_actor(ray)
@@ -278,9 +279,7 @@ def run(cfg: RunConfig) -> RunResult:
                 _publish_complete(committer)
             record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                           finished_at=_iso(time.time()),
-                          stats={"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped,
-                                 **(committer.done() if committer is not None else
-                                    {"videos_ok": 0, "videos_failed": 0, "frames": 0})})
+                          stats=_progress(result, committer))
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
             except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
@@ -447,6 +446,12 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
     except (ray.exceptions.RayError, TimeoutError) as e:
         log.warning("no inference reports: %s", storage.redact(str(e)))
         return None, None
+
+
+def _progress(result: RunResult, committer: Optional[commit.Committer]) -> dict:
+    """A run's counts of what it has committed so far (its record's `stats` until it ends)."""
+    done = committer.done() if committer is not None else {"videos_ok": 0, "videos_failed": 0, "frames": 0}
+    return {"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped, **done}
 
 
 def _raise_model_error(ray, reports) -> None:

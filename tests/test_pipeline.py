@@ -3,6 +3,7 @@ go in (from a local folder, from moto's S3 and from a GCS emulator), Parquet com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pytest
 
 from helpers import FAKE_KEY_ID, frames_per_video, http_server, processes, pts_of, read_output, upload_tree
-from rayvid import pipeline, schema
+from rayvid import commit, pipeline, query, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import ConfigError, InputError, ModelError, StorageError, StorageUnavailable
 
@@ -505,12 +506,25 @@ def many_videos(media, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", ["Decoder", "Predictor"])
-def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many_videos, shapes_model, tmp_path, stage):
+def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many_videos, shapes_model, tmp_path, stage,
+                                                               monkeypatch):
     """SIGKILL a decode (or an inference) actor while it works: Ray restarts it and retries
-    its task, and the committer keeps each frame once."""
+    its task, and the committer keeps each frame once. Meanwhile the run's record, as its
+    heartbeat rewrites it, says how far it is (`rayvid runs` of a live run)."""
     src, expected = many_videos
     out = str(tmp_path / "out")
     result = {}
+    monkeypatch.setattr(commit, "HEARTBEAT_S", 0.2)
+    seen, watching = [], threading.Event()
+
+    def watch():  # the records `rayvid runs` would read while the run runs
+        while not watching.wait(0.1):
+            with contextlib.suppress(OSError, ValueError):
+                rows = query.runs(out).to_pylist()
+                seen.extend(r for r in rows if r["status"] == "running")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     # the sample model infers a batch in a few milliseconds: one-frame batches keep the
     # inference actor busy long enough (seconds) to be killed in the middle of its work
     infer = InferConfig(batch_size=1 if stage == "Predictor" else None)
@@ -541,6 +555,11 @@ def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many
     assert sorted(read_output(out, "videos").column("video_uri").to_pylist()) == sorted(expected)
     alive = [p for p, _ in processes("")]
     assert pid not in alive and not set(children) & set(alive), "the killed actor's child outlived it"
+    watching.set()
+    watcher.join()
+    counted = [(r["videos_listed"], r["videos_ok"]) for r in seen if r["videos_listed"] is not None]
+    assert counted and {n for n, _ in counted} == {24}, seen[-3:]
+    assert [ok for _, ok in counted] == sorted(ok for _, ok in counted) and counted[-1][1] <= 24
 
 
 def _parent(pid: int) -> int:
@@ -864,7 +883,7 @@ def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp
     import av
     from PIL import Image
 
-    from rayvid import cli, query, samples
+    from rayvid import cli, samples
 
     videos = tmp_path / "videos"
     videos.mkdir()
