@@ -939,6 +939,22 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
             set(listed.column("video_uri").filter(pa.array(redo)).to_pylist()))
 
 
+def skipped_by(videos: pa.Table, committed: Committed, redo: set) -> tuple[int, list[str]]:
+    """Of the listed `videos` that `pending` skips as committed: how many failed when they
+    were (`--retry-failed` redoes them), and the runs whose parts hold them, those holding
+    most first (a compaction's parts name no run)."""
+    rows = committed.index.rows(videos.column("video_uri"))
+    done = committed.table.take(pa.array(rows[rows >= 0]))
+    if redo:
+        done = done.filter(pc.invert(pc.is_in(done.column("video_uri"), value_set=pa.array(sorted(redo), pa.string()))))
+    if not len(done):
+        return 0, []
+    failed = int(pc.sum(pc.cast(done.column("error").fill_null(False), pa.int64())).as_py() or 0)
+    files, counts = np.unique(done.column("file").to_numpy(), return_counts=True)
+    runs = [run_of(committed.files[i]) for i in files[np.argsort(-counts, kind="stable")]]
+    return failed, list(dict.fromkeys(r for r in runs if not r.startswith("compact-")))
+
+
 def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> None:
     """Remove these videos' rows from the committed files: predictions, errors, then videos
     (the commit point last). An intent record (`retractions/<run_id>.json`: the videos and

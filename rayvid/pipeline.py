@@ -55,6 +55,7 @@ class RunResult:
     model: str
     videos_listed: int = 0
     videos_skipped: int = 0  # already committed by an earlier run into the same OUTPUT
+    videos_skipped_failed: int = 0  # of those, the ones that failed then (--retry-failed redoes them)
     videos_ok: int = 0
     videos_failed: int = 0
     frames: int = 0
@@ -231,7 +232,10 @@ def run(cfg: RunConfig) -> RunResult:
         probe = None if shape else _probe_model(ray, cfg)
         committed = _recover(cfg, videos)
         listed = len(videos)
+        all_listed = videos
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
+        failed_before, skipped_runs = commit.skipped_by(all_listed, committed, redo) if skipped else (0, [])
+        _warn_if_settings_differ(cfg, skipped, skipped_runs)
         units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
         info = probe() if probe else None
         shape = info.shape if info else shape
@@ -239,8 +243,8 @@ def run(cfg: RunConfig) -> RunResult:
         shape_now = cluster_shape(ray)
         plan = plan_resources(cfg, shape_now, listed, remote=_any_remote(videos))
         _warn_about(shape_now, plan, cfg)
-        result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed,
-                           videos_skipped=skipped, plan=dataclasses.asdict(plan))
+        result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
+                           videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:
@@ -276,10 +280,10 @@ def run(cfg: RunConfig) -> RunResult:
             beat.stop()
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
             if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
-                _publish_complete(committer)
+                _publish_complete(committer, e)
             record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                           finished_at=_iso(time.time()),
-                          stats=_progress(result, committer))
+                          stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
             except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
@@ -304,6 +308,7 @@ def run(cfg: RunConfig) -> RunResult:
         stats={
             "videos_listed": result.videos_listed,
             "videos_skipped": result.videos_skipped,
+            "videos_skipped_failed": result.videos_skipped_failed,
             "videos_ok": result.videos_ok,
             "videos_failed": result.videos_failed,
             "frames": result.frames,
@@ -448,10 +453,39 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
         return None, None
 
 
+def _settings(config: dict) -> dict:
+    """What decides a committed video's rows: the model (name, weights) and the sampling."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    return {"model": model.get("name"), "weights": model.get("weights"), "sampling": config.get("sampling")}
+
+
+def _warn_if_settings_differ(cfg: RunConfig, skipped: int, runs: list) -> None:
+    """Committed videos are skipped whatever this run's settings: say so where the runs
+    that committed them (their records; the 20 holding most) had another model or sampling."""
+    if not skipped or not runs:
+        return
+    fs, root = storage.resolve(cfg.output)
+    now = _settings(json.loads(json.dumps(_redacted({"config": cfg.to_dict()})["config"], default=str)))
+    other = {}
+    for run_id in runs[:20]:
+        record = commit.read_run_record(fs, root.rstrip("/"), run_id)
+        config = record.get("config") if isinstance(record, dict) else None
+        if isinstance(config, dict) and _settings(config) != now:
+            other[run_id] = _settings(config)
+    if other:
+        was = next(iter(other.values()))
+        shown = "; ".join(f"{k}: {was[k]!r}, now {now[k]!r}" for k in now if was[k] != now[k])
+        runs_shown = ", ".join(list(other)[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        log.warning("OUTPUT already holds %d of the listed videos, committed by %s with other settings (%s): they "
+                    "are skipped, not redone, and this run's settings apply to the other videos only; to classify "
+                    "every video this way, write into a new OUTPUT", skipped, runs_shown, shown)
+
+
 def _progress(result: RunResult, committer: Optional[commit.Committer]) -> dict:
     """A run's counts of what it has committed so far (its record's `stats` until it ends)."""
     done = committer.done() if committer is not None else {"videos_ok": 0, "videos_failed": 0, "frames": 0}
-    return {"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped, **done}
+    return {"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped,
+            "videos_skipped_failed": result.videos_skipped_failed, **done}
 
 
 def _raise_model_error(ray, reports) -> None:
@@ -481,13 +515,14 @@ def _unavailable(error: BaseException, output: str) -> Optional[str]:
     return None
 
 
-def _publish_complete(committer: commit.Committer) -> None:
+def _publish_complete(committer: commit.Committer, failure: BaseException) -> None:
     """On a failure (an exception, a Ctrl-C): commit the videos already complete, which
     would otherwise wait for the next flush, so the next run does not redo them."""
     try:
         committer.flush()
     except Exception as e:  # noqa: BLE001 - the run fails with its own error, not this one
-        log.warning("could not commit the videos complete when the run failed: %s", storage.redact(str(e)))
+        if str(e) != str(failure):  # (the flush that failed the run, failing again: said once)
+            log.warning("could not commit the videos complete when the run failed: %s", storage.redact(str(e)))
 
 
 def _raise_if_storage(error: BaseException, output: str, videos: pa.Table, committer: commit.Committer) -> None:

@@ -10,8 +10,10 @@ def summary(result) -> str:
     output = public_uri(result.output).rstrip("/")  # an ftp://user:password@... OUTPUT too
     lines = [
         f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
-        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done), "
-        f"{result.videos_ok} ok, {result.videos_failed} failed",
+        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
+        + (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
+           if result.videos_skipped_failed else "")
+        + f"), {result.videos_ok} ok, {result.videos_failed} failed",
         f"  frames:  {result.frames} ({result.frames_per_s:.1f} frames/s end to end)"
         + (f"; {result.frames - result.frames_reused} inferred, {result.frames_reused} reused "
            f"(--skip-similar)" if result.frames_reused else ""),

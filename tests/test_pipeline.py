@@ -706,6 +706,38 @@ def test_an_input_outage_in_a_decode_actor_stops_the_run_clearly_then_a_rerun_fi
     _check_round_trip(read_output(out), media["truth"], lambda p: prefix + "/" + os.path.relpath(p, media["videos"]))
 
 
+def test_a_rerun_with_other_settings_says_what_it_skips(ray_session, media, shapes_model, tmp_path, caplog):
+    """Committed videos are skipped whatever a run's settings: a rerun with another sampling
+    says so, naming the run that committed them and what differs, and classifies only the
+    new video its way; its summary says how many skipped videos had failed (--retry-failed
+    redoes them)."""
+    from rayvid import report
+
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    src.mkdir()
+    a, b, c = sorted(media["truth"])
+    shutil.copy(a, src / "a.mp4")
+    shutil.copy(b, src / "b.mp4")
+    (src / "bad.mp4").write_bytes(b"not a video at all")
+    first = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="first-run"))
+    assert (first.videos_ok, first.videos_failed) == (2, 1)
+    new = src / ("c" + os.path.splitext(c)[1])
+    shutil.copy(c, new)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rayvid"):
+        again = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="second-run",
+                                  sampling=SamplingConfig(every=5)))
+    assert (again.videos_skipped, again.videos_skipped_failed, again.videos_ok) == (3, 1, 1)
+    said = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("OUTPUT already holds 3 of the listed videos, committed by first-run "
+                                                 "with other settings (sampling: {"), said
+    assert "'every': 1" in said[0] and "now {" in said[0] and "'every': 5" in said[0] and "model" not in said[0]
+    assert "3 skipped (already done; 1 of them failed then: --retry-failed redoes them)" in report.summary(again)
+    frames = frames_per_video(read_output(out))
+    assert frames[str(src / "a.mp4")] == list(range(len(media["truth"][a])))  # as the first run kept them
+    assert frames[str(new)] == list(range(0, len(media["truth"][c]), 5))
+
+
 def test_an_http_server_that_cannot_be_reached_is_one_line_saying_why(ray_session, shapes_model, tmp_path):
     """A video on an HTTP server nobody answers at (a presigned URL with user-info too): the
     run stops with one line naming the video without its secrets and saying why ("Cannot
