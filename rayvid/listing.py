@@ -283,7 +283,8 @@ def _inventory_manifest(fs, path: str, where: str) -> pa.Table:
     bucket = bucket.rsplit(":", 1)[-1] if isinstance(bucket, str) else ""  # arn:aws:s3:::name
     files = manifest["files"]
     keys = [f.get("key") if isinstance(f, dict) else None for f in files] if isinstance(files, list) else [None]
-    if not bucket or "/" in bucket or not all(isinstance(k, str) and k.strip("/") for k in keys):
+    if not bucket or "/" in bucket or not all(isinstance(k, str) and k.strip("/") and not k.endswith("/")
+                                              for k in keys):  # (a folder's key names no data file)
         raise InputError(f"{where} is not an S3 Inventory manifest.json: its destinationBucket must be a bucket's "
                          f"name or ARN, and files a list of objects each with the key of a data file")
     tables = []

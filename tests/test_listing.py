@@ -217,7 +217,7 @@ def test_inventory_manifests_that_cannot_be_read_are_clear_errors(tmp_path):
     shape = r"is not an S3 Inventory manifest.json: its destinationBucket must be a bucket's name or ARN, and files"
     for i, (files, bucket) in enumerate([([{"size": 1}], "b"), ({"key": "x"}, "b"), (["a.csv.gz"], "b"), (None, "b"),
                                          ([{"key": ""}], "b"), ([{"key": "x"}], None), ([{"key": "x"}], "arn:aws:s3:::"),
-                                         ([{"key": 5}], "b")]):
+                                         ([{"key": 5}], "b"), ([{"key": "inv/data/"}], "b")]):
         cases[f"files{i}.json"] = (json.dumps({"fileFormat": "Parquet", "files": files, "destinationBucket": bucket}),
                                    shape)
     for name, (body, message) in cases.items():
