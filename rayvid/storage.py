@@ -79,12 +79,17 @@ def is_unavailable(error: BaseException) -> bool:
     opposed to one object being missing or forbidden. fsspec's HTTP filesystem reports a
     server it cannot reach, or one that answers 502/503/504, as FileNotFoundError: its
     cause says which."""
+    return _unreachable_cause(error) is not None
+
+
+def _unreachable_cause(error: BaseException | None) -> BaseException | None:
+    """`error` or the first of its causes that says the store is unreachable, else None."""
     seen = 0
     while error is not None and seen < 8:
         if _unreachable(error):
-            return True
+            return error
         error, seen = error.__cause__, seen + 1
-    return False
+    return None
 
 
 def _is_gcs_error(error: BaseException) -> bool:
@@ -131,12 +136,7 @@ def describe(error: BaseException) -> str:
     FFmpeg (those carry an errno), which no credential fixes. Of a store that cannot be
     reached, why not (fsspec's HTTP filesystem says only FileNotFoundError(url): its cause
     says "Cannot connect to host")."""
-    cause, seen = error, 0
-    while cause is not None and seen < 8:
-        if _unreachable(cause):
-            error = cause
-            break
-        cause, seen = cause.__cause__, seen + 1
+    error = _unreachable_cause(error) or error
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     name = type(error).__name__
     refused = (isinstance(error, PermissionError) and error.errno is None

@@ -92,38 +92,6 @@ def test_manifests(tree, tmp_path):
     assert list_videos(str(rel)).column("video_uri").to_pylist() == [f"{tree}/b.mp4", f"{tree}/sub dir/deeper/x.WebM"]
 
 
-def test_an_s3_inventory_report_in_parquet_is_a_manifest(tmp_path):
-    """An S3 Inventory report (Parquet, every version listed) as it comes, no video_uri
-    column: its current objects with a video extension, keys as they are (not URL-encoded
-    in Parquet), neither delete markers, older versions, other files nor hidden names."""
-    report = tmp_path / "inventory.parquet"
-    rows = [  # bucket, key, is_latest, is_delete_marker
-        ("archive", "2024/a clip+é.mp4", True, False),
-        ("archive", "2024/b.MOV", True, False),
-        ("archive", "2024/b.MOV", False, False),  # an older version of it
-        ("archive", "2024/gone.mp4", True, True),  # deleted: its delete marker is the latest
-        ("archive", "2024/gone.mp4", False, False),
-        ("archive", "2024/notes.txt", True, False),
-        ("archive", "2024/.thumbs/c.mp4", True, False),
-        ("archive", "2024/", True, False),
-        ("other-bucket", "d.mkv", True, False),
-    ]
-    pq.write_table(pa.table({
-        "bucket": [r[0] for r in rows], "key": [r[1] for r in rows], "version_id": ["v"] * len(rows),
-        "is_latest": [r[2] for r in rows], "is_delete_marker": [r[3] for r in rows], "size": [3] * len(rows),
-        "last_modified_date": pa.array([0] * len(rows), pa.timestamp("ms")), "e_tag": ["e"] * len(rows),
-        "storage_class": ["STANDARD"] * len(rows)}), report)
-    assert list_videos(str(report)).column("video_uri").to_pylist() == [
-        "s3://archive/2024/a clip+é.mp4", "s3://archive/2024/b.MOV", "s3://other-bucket/d.mkv"]
-    current = tmp_path / "current.parquet"  # a report of current versions only has neither column
-    pq.write_table(pa.table({"bucket": ["archive"], "key": ["x.webm"], "size": [3]}), current)
-    assert list_videos(str(current)).column("video_uri").to_pylist() == ["s3://archive/x.webm"]
-    neither = tmp_path / "neither.parquet"
-    pq.write_table(pa.table({"path": ["x.mp4"]}), neither)
-    with pytest.raises(InputError, match=r"has no video_uri column, nor an S3 Inventory report's bucket and key"):
-        list_videos(str(neither))
-
-
 INVENTORY = [  # bucket, key, is_latest, is_delete_marker: what a report of every version holds
     ("archive", "2024/a clip+é.mp4", True, False),
     ("archive", "2024/b.MOV", True, False),
@@ -141,6 +109,22 @@ INVENTORY = [  # bucket, key, is_latest, is_delete_marker: what a report of ever
 INVENTORY_VIDEOS = ["s3://archive/2024/a clip+é.mp4", "s3://archive/2024/b.MOV", "s3://other-bucket/d.mkv",
                     "s3://other-bucket/e/../g.ts"]
 CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
+
+
+def test_an_s3_inventory_report_in_parquet_is_a_manifest(tmp_path):
+    """An S3 Inventory report (Parquet, every version listed) as it comes, no video_uri
+    column: its current objects with a video extension, keys as they are (not URL-encoded
+    in Parquet), neither delete markers, older versions, other files nor hidden names."""
+    report = tmp_path / "inventory.parquet"
+    pq.write_table(_inventory_table(INVENTORY), report)
+    assert list_videos(str(report)).column("video_uri").to_pylist() == INVENTORY_VIDEOS
+    current = tmp_path / "current.parquet"  # a report of current versions only has neither column
+    pq.write_table(pa.table({"bucket": ["archive"], "key": ["x.webm"], "size": [3]}), current)
+    assert list_videos(str(current)).column("video_uri").to_pylist() == ["s3://archive/x.webm"]
+    neither = tmp_path / "neither.parquet"
+    pq.write_table(pa.table({"path": ["x.mp4"]}), neither)
+    with pytest.raises(InputError, match=r"has no video_uri column, nor an S3 Inventory report's bucket and key"):
+        list_videos(str(neither))
 
 
 def _inventory_csv(rows) -> bytes:
