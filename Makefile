@@ -26,15 +26,17 @@ $(STAMP): pyproject.toml requirements.lock
 # `make run MODEL=resnet50` runs ImageNet ResNet-50 instead (weights from Keras' cache).
 run: $(STAMP)
 	$(BIN)/python -m rayvid samples $(SAMPLES) > /dev/null
-	@# each demo run starts from a fresh local OUT (only if it is an earlier rayvid output)
-	@case "$(OUT)" in *://*) ;; *) if [ -d "$(OUT)/runs" ]; then rm -rf "$(OUT)"; fi ;; esac
+	@# each demo run starts from a fresh out/ (an earlier rayvid output there); any other
+	@# OUT=... is never deleted: the run resumes into it
+	@if [ "$(OUT)" = out ] && [ -d out/runs ]; then rm -rf out; fi
 	$(BIN)/rayvid run $(SAMPLES)/videos $(OUT) --model $(MODEL) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # rayvid against a serial loop, tf.data and Ray Data's own recipe, side by side on
-# generated videos; prints tables, writes bench/results.json (BENCHMARKS.md). ~45 min.
+# generated videos; prints tables, writes bench/last_run.json (BENCHMARKS.md's record is
+# bench/results.json, never overwritten). ~45 min.
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 

@@ -1103,7 +1103,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
-    p.add_argument("--json", default=os.path.join(ROOT, "bench", "results.json"))
+    # not bench/results.json: that is the record BENCHMARKS.md is printed from (a full run and
+    # the earlier runs and experiments it names), which a run, whole or partial, would replace
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "last_run.json"),
+                   help="where the results go (default bench/last_run.json; bench/results.json is the record "
+                        "BENCHMARKS.md is printed from: merge a run into it by hand)")
     p.add_argument("--markdown", metavar="JSON", help="print BENCHMARKS.md's tables from a results file")
     p.add_argument("--workdir", help="keep the corpus and outputs here (default: a temp dir)")
     args = p.parse_args(argv)

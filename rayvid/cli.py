@@ -11,10 +11,13 @@ one line saying why; 130 interrupted (Ctrl-C: the videos complete by then are co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import select
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -146,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--time", type=number, metavar="T", help="seconds: the frame shown at T")
     sim.add_argument("--image", metavar="PATH", help="an image file (any URL), embedded by the run's model")
     sim.add_argument("-k", type=int, default=10, help="how many frames (default 10)")
+    sim.add_argument("--model", metavar="URL", help="with --image: the model file to embed it with (default: the "
+                     "run's own, from its record; give it where that was a signed URL, whose signature is not recorded)")
     q = sub.add_parser("export", help="per-frame predictions as CSV (top-k as columns)")
     q.add_argument("output")
     q.add_argument("dest", help="CSV file to write (any URL)")
@@ -183,9 +188,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     came as a word of their own (`--embed LAYER`: config_from_args takes one only where
     INPUT and OUTPUT are given too)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
     if args.verb == "run":
+        # argparse fills INPUT and OUTPUT (both optional) from the first run of words, so
+        # `run IN --model X OUT` left OUT unrecognised: a later word fills what is empty
+        for name in ("input", "output"):
+            if getattr(args, name) is None and extra and not extra[0].startswith("-"):
+                setattr(args, name, extra.pop(0))
         args.detached = _detached(argv)
+    if extra:
+        parser.prog = f"rayvid {args.verb}"  # the hint names the verb's --help
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 
@@ -331,6 +345,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RayvidError as e:
         print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader is gone (`rayvid export out - | head`): stop quietly, as `yes | head`
+        with contextlib.suppress(OSError):  # and nothing more goes to the closed pipe (the exit's flush)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
         done = "; the videos complete by now are committed: run the same command again to finish" if args.verb == "run" else ""
         print(f"rayvid: interrupted{done}", file=sys.stderr)
@@ -386,8 +404,10 @@ def _query(args) -> int:
         elif args.verb == "similar":
             if (args.image is None) == (args.video is None or args.time is None):
                 raise ConfigError("similar: give --video URI --time T, or --image PATH")
+            if args.model is not None and args.image is None:
+                raise ConfigError("similar: --model is for --image (the run's embeddings are already there)")
             query.write(query.similar(args.output, k=args.k, video=args.video, time_s=args.time,
-                                      image=args.image), args.format, args.out)
+                                      image=args.image, model=args.model), args.format, args.out)
         elif args.verb == "export":
             n = query.export_csv(args.output, args.dest, args.video)
             print(f"{n} rows -> {storage.public_uri(args.dest)}", file=sys.stderr)
@@ -407,6 +427,10 @@ def _query(args) -> int:
 
             n = render.render(args.video, args.output, args.dest, args.topk)
             print(f"{n} frames -> {storage.public_uri(args.dest)}", file=sys.stderr)
+    except BrokenPipeError:
+        if _stdout_gone():
+            raise  # main: quietly, as the end of a pipe's reader
+        raise InputError(f"cannot read {storage.public_uri(args.output)}: broken pipe") from None
     except FileNotFoundError as e:
         raise InputError(storage.redact(str(e))) from None
     except ValueError as e:
@@ -414,6 +438,16 @@ def _query(args) -> int:
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot read {storage.public_uri(args.output)}: {storage.describe(e)}") from None
     return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it (polling its write end says so)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll
+        return False
 
 
 def _run(args) -> int:

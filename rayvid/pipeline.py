@@ -245,6 +245,7 @@ def run(cfg: RunConfig) -> RunResult:
         _warn_about(shape_now, plan, cfg)
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
+        record["plan"] = result.plan  # in every record of the run: running, failed, finished
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:
@@ -282,7 +283,7 @@ def run(cfg: RunConfig) -> RunResult:
             if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer, e)
             record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
-                          finished_at=_iso(time.time()),
+                          finished_at=_iso(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
             try:
                 commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))

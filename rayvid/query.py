@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -40,7 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
-from rayvid.errors import InputError
+from rayvid.errors import ConfigError, InputError
+from rayvid.schema import NO_LABEL_TEXT
 
 GAP_S = 0.5  # runs of one label closer than this merge into one segment
 PARTS_AHEAD = 4  # parts read at once, ahead of the one a verb works on
@@ -237,9 +239,13 @@ def _iso(t) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 
 
+def _label_text(label: Optional[str]) -> str:
+    return NO_LABEL_TEXT if label is None else label
+
+
 def summary_of(videos: pa.Table) -> pa.Table:
     """`summary` of rows of OUTPUT/videos/ already read."""
-    tops = [", ".join(f"{t['label']} {100 * t['share']:.0f}%" for t in (row or []))
+    tops = [", ".join(f"{_label_text(t['label'])} {100 * t['share']:.0f}%" for t in (row or []))
             for row in videos.column("top_labels").to_pylist()]
     keep = ["video_uri", "frames", "duration_s", "fps", "width", "height", "codec", "decoder"]
     table = videos.select(keep)
@@ -356,7 +362,7 @@ def find(output: str, label: str, min_score: float = 0.0, min_duration: float = 
 
 
 def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optional[float] = None,
-            image: Optional[str] = None, vector: Optional[np.ndarray] = None) -> pa.Table:
+            image: Optional[str] = None, vector: Optional[np.ndarray] = None, model: Optional[str] = None) -> pa.Table:
     """The k frames whose embeddings are nearest (cosine) to a query: the frame of `video`
     shown at `time_s` (itself excluded), an `image` embedded by the run's model, or a
     `vector`. Brute force over every embedding in memory (4 x D bytes per frame): for
@@ -379,7 +385,7 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     matrix = matrix / np.where(norms > 0, norms, 1)
     skip = -1
     if vector is None and image is not None:
-        vector = embed_image(output, image)
+        vector = embed_image(output, image, model)
     elif vector is None:
         video = storage.canonical(video)
         mine = np.flatnonzero(np.array([u == video for u in uris]))
@@ -407,9 +413,11 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     })
 
 
-def embed_image(output: str, image: str) -> np.ndarray:
+def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.ndarray:
     """An image's embedding by the model of OUTPUT's latest finished `--embed` run (its
-    record in runs/), resized to the model's input as the decoder resizes frames."""
+    record in runs/; `model_url` instead of the model file it names: a signed URL's
+    signature is not recorded), resized to the model's input as the decoder resizes
+    frames. A runs/ file that is not a run record is passed over."""
     from PIL import Image
 
     from rayvid import infer
@@ -431,14 +439,26 @@ def embed_image(output: str, image: str) -> np.ndarray:
     fs, root = storage.resolve(output)
     records = []
     for path in fs.glob(f"{root.rstrip('/')}/{commit.RUNS_DIR}/*.json"):
-        with fs.open(path, "rb") as f:
-            record = json.load(f)
-        if record.get("status") == "finished" and (record.get("config", {}).get("model") or {}).get("embed"):
+        record = commit.read_run_record(fs, root.rstrip("/"), os.path.basename(path)[: -len(".json")])
+        config = record.get("config") if isinstance(record, dict) else None
+        embed = isinstance(config, dict) and isinstance(config.get("model"), dict) and config["model"].get("embed")
+        if embed and record.get("status") == "finished" and isinstance(record.get("finished_at", ""), str):
             records.append(record)
     if not records:
         raise ValueError(f"no finished --embed run recorded in {storage.public_uri(output)}/runs/")
     record = max(records, key=lambda r: r.get("finished_at", ""))
-    model = RunConfig.from_dict(record["config"]).model
+    try:
+        model = RunConfig.from_dict(record["config"]).model
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ValueError(f"the record of run {record.get('run_id')!r} in {storage.public_uri(output)}/runs/ "
+                         f"has no config rayvid can read: {e}") from None
+    if model_url is not None:
+        model = dataclasses.replace(model, name=storage.to_url(*storage.resolve(model_url)))
+    for flag, value in (("--model", model.name), ("--weights", model.weights), ("--labels", model.labels)):
+        if value and "<redacted>" in value:  # storage.redact took a signature out of the record
+            hint = "give it again: similar --model URL" if flag == "--model" else "it cannot be loaded from the record"
+            raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a signed URL whose signature "
+                             f"its record does not keep ({storage.public_uri(value)}): {hint}")
     predictor = infer.Predictor(model, batch_size=1)
     h, w = predictor.info.input_size
     pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from typing import Iterable, Optional
 
@@ -177,16 +178,19 @@ def train_model(out_dir: str, seed: int = 0, epochs: int = 5) -> dict:
 
 
 def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bool = False) -> dict:
-    """Create `root/videos/*.mp4`, `root/truth.json` and `root/model/` unless present."""
+    """Create `root/videos/*.mp4`, `root/truth.json` and `root/model/` unless present: the
+    videos again where those present are not `n_videos` of `seconds` (a sample video of
+    another run of `samples` left in videos/ is deleted: the job would list it)."""
     videos = os.path.join(root, "videos")
     model_dir = os.path.join(root, "model")
     truth_path = os.path.join(root, "truth.json")
     os.makedirs(videos, exist_ok=True)
-    if force or not os.path.exists(truth_path):
-        truth = {}
-        for i in range(n_videos):
-            path = os.path.join(videos, f"sample_{i:02d}.mp4")
-            truth[path] = make_video(path, seconds, seed=100 + i)
+    paths = [os.path.join(videos, f"sample_{i:02d}.mp4") for i in range(n_videos)]
+    if force or _truth(truth_path) != {p: int(round(seconds * FPS)) for p in paths}:
+        for name in os.listdir(videos):
+            if re.fullmatch(r"sample_\d+\.mp4", name):
+                os.remove(os.path.join(videos, name))
+        truth = {path: make_video(path, seconds, seed=100 + i) for i, path in enumerate(paths)}
         with open(truth_path, "w") as f:
             json.dump(truth, f)
     info = {"videos": videos, "truth": truth_path}
@@ -195,6 +199,16 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
         info.update(train_model(model_dir))
     info["model"] = model_path
     return info
+
+
+def _truth(path: str) -> Optional[dict]:
+    """{video path: frames} of a truth.json whose videos are all there, else None."""
+    try:
+        with open(path) as f:
+            truth = json.load(f)
+        return {p: len(labels) for p, labels in truth.items() if os.path.exists(p)} if isinstance(truth, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 # --- detection: moving shapes with known boxes, and a small grid detector ----------------

@@ -30,6 +30,8 @@ SEGMENTS_SCHEMA = pa.schema(
 # every one of its segments, both agree.
 KIND_FRAME = "frame"
 KIND_END = "end"
+# A null top-1 label (a detector's frame with no box) as summaries write it
+NO_LABEL_TEXT = "(no label)"
 
 TOPK_TYPE = pa.list_(
     pa.struct(

@@ -863,13 +863,14 @@ def makedirs(url: str) -> None:
 
 # --- secrets -------------------------------------------------------------------------
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]+)(?P<password>:[^/?#\s]*)?@")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]*)(?P<password>:[^/?#\s]*)?@")
 
 
 def _secret_userinfo(m: re.Match) -> bool:
     """A URL's user-info is a secret where it holds a password (to the last "@": a password
-    may hold one), or over HTTP(S) a bare token as user (https://<token>@host/...);
-    elsewhere a bare name@ is part of the address (Azure's abfs://container@account...)."""
+    may hold one; the user may be empty: https://:<token>@host/...), or over HTTP(S) a bare
+    token as user (https://<token>@host/...); elsewhere a bare name@ is part of the address
+    (Azure's abfs://container@account...)."""
     return bool(m["password"]) or m["scheme"].lower() in ("http://", "https://")
 
 
@@ -878,7 +879,8 @@ def _without_userinfo(url: str) -> str:
     return _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
 
 
-_QUERY = re.compile(r"(?P<base>[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"]+)\?[^\s'\"]*")
+# a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
+_QUERY = re.compile(r"(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)\?[^\s'\"]*")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
                          re.IGNORECASE)
@@ -897,7 +899,7 @@ def redact(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@" if _secret_userinfo(m) else m[0], text)
     text = _QUERY.sub(r"\g<base>?<redacted>", text)
     # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
-    text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _SIGNING.fullmatch(m[2]) else m[3]), text)
+    text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
     for value in _secret_values():
         text = text.replace(value, "***")
     return _AWS_KEY_ID.sub("***", text)
@@ -905,6 +907,17 @@ def redact(text: str) -> str:
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
                       r"|sig|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts", re.IGNORECASE)
+# Parameters that carry a standing credential (an API key, a password): unlike a signature
+# they do not change, and may be all that tells two objects apart (`?key=` names an object
+# in some APIs), so `stored_uri` keeps them with the value replaced by a digest of it.
+_CREDENTIAL = re.compile(r"key|.*api[-_.]?key.*|.*secret.*|.*passw(or)?d.*|pwd|auth|authorization|.*hmac.*|jwt"
+                         r"|.*access[-_.]?key.*|.*private[-_.]?key.*", re.IGNORECASE)
+
+
+def _secret_param(name: str) -> bool:
+    return bool(_SIGNING.fullmatch(name) or _CREDENTIAL.fullmatch(name))
+
+
 _PARAM = re.compile(r"([?&;](?P<name>[A-Za-z0-9_.~%-]+)=)(?P<value>[^&#\s'\"]*)")
 _SAS = frozenset("sv ss srt sp se st spr sr si sdd skoid sktid skt ske sks skv saoid suoid scid sip".split())
 
@@ -916,8 +929,11 @@ def stored_uri(url: str) -> str:
     an Azure SAS: sig and its companions; Alibaba OSS: OSSAccessKeyId, security-token,
     x-oss-*; Tencent COS: q-*, x-cos-*; Akamai: __token__, hdnts; and any name holding
     token, signature, credential or accesskey), so no secret is written and
-    the same object signed again is the same video. Other query parameters of an HTTP(S)
-    URL stay, as they were: they may name the object."""
+    the same object signed again is the same video. A standing credential (`key`, `api_key`,
+    `*secret*`, `*password*`, `auth`, `*hmac*`, `jwt`: `_CREDENTIAL`) stays with its value
+    replaced by `redacted-` and 12 hex digits of its SHA-256 (the same key: the same name;
+    `?key=` names the object in some APIs). Other query parameters of an HTTP(S) URL stay,
+    as they were: they may name the object."""
     url = _without_userinfo(url)
     if not url.lower().startswith(("http://", "https://")) or "?" not in url:
         return url  # elsewhere a "?" is part of the key
@@ -925,13 +941,21 @@ def stored_uri(url: str) -> str:
     pieces = [p for p in query.split("&") if p]
     names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
     sas = "sig" in names
-    kept = [p for p, name in zip(pieces, names) if not (_SIGNING.fullmatch(name) or (sas and name in _SAS))]
+    kept = [_digest_value(p) if _CREDENTIAL.fullmatch(name) else p for p, name in zip(pieces, names)
+            if not (_SIGNING.fullmatch(name) or (sas and name in _SAS))]
     return base + ("?" + "&".join(kept) if kept else "")
 
 
+def _digest_value(piece: str) -> str:
+    """`name=value` -> `name=redacted-<12 hex digits of the value's SHA-256>`."""
+    name, _, value = piece.partition("=")
+    return f"{name}=redacted-{hashlib.sha256(value.encode()).hexdigest()[:12]}"
+
+
 def public_uri(url: str) -> str:
-    """The URL as it may be shown in a message: no user-info, no query string or fragment."""
+    """The URL as it may be shown in a message: no user-info, no query string or fragment
+    (of an HTTP(S) or FTP URL: elsewhere a "?" or "#" is part of the key, and stays)."""
     url = _without_userinfo(url)
-    if "://" in url:
+    if url.lower().startswith(("http://", "https://", "ftp://", "ftps://")):
         url = url.split("?", 1)[0].split("#", 1)[0]
     return url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,22 @@ def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
     assert again.run_id != "r1"
 
 
+def test_the_readme_config_file_holds_every_key_at_its_default(tmp_path):
+    """README's --config example names every setting (a renamed or new key fails here) at its
+    default: the same config as the flags INPUT OUTPUT --model resnet50."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    (block,) = re.findall(r"```yaml\n(input: s3://archive/videos/\n.*?)```", readme, re.S)
+    path = tmp_path / "c.yaml"
+    path.write_text(block)
+    from_file = config_from_args(parse_args(["run", "--config", str(path), "--run-id", "r"])).to_dict()
+    from_flags = config_from_args(parse_args(["run", "s3://archive/videos/", "s3://archive/predictions/",
+                                              "--model", "resnet50", "--run-id", "r"])).to_dict()
+    assert from_file == from_flags
+    assert set(yaml.safe_load(block)) == set(from_flags)
+    assert {k: set(v) for k, v in yaml.safe_load(block).items() if isinstance(v, dict)} == \
+        {k: set(v) for k, v in from_flags.items() if isinstance(v, dict)}
+
+
 def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
     """`fps: 1e3` in a --config file is 1000.0, as on the command line (PyYAML follows YAML
     1.1, which reads it as the string '1e3': "expected a finite number, got '1e3'"); a
@@ -193,6 +210,25 @@ def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
     cfg = config_from_args(parse_args(["run", *(a.format(config=config) for a in argv)]))
     assert (cfg.input, cfg.output) == (os.path.abspath("in"), os.path.abspath("out"))
     assert (cfg.model.embed, cfg.sampling.skip_similar) == (embed, skip_similar)
+
+
+@pytest.mark.parametrize("argv", [["in", "--model", "m.keras", "out"], ["--every", "2", "in", "--model", "m.keras", "out"],
+                                  ["in", "out", "--model", "m.keras", "--every", "2"]])
+def test_input_and_output_may_have_flags_between_them(argv):
+    """argparse filled both optional positionals from the first run of words: `run IN --model
+    X OUT` was "unrecognized arguments: OUT"."""
+    cfg = config_from_args(parse_args(["run", *argv]))
+    assert (cfg.input, cfg.output, cfg.model.name) == tuple(os.path.abspath(p) for p in ("in", "out", "m.keras"))
+
+
+def test_a_word_too_many_is_an_error_naming_it_and_the_verbs_help(capsys):
+    for argv, word in ((["run", "in", "--model", "m", "out", "more"], "more"), (["summary", "out", "more"], "more"),
+                       (["run", "in", "out", "--bogus"], "--bogus")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (f"rayvid {argv[0]}: error: unrecognized arguments: {word} "
+                                           f"(see `rayvid {argv[0]} --help`)\n")
 
 
 @pytest.mark.parametrize(

@@ -955,6 +955,25 @@ def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp
     assert {h["video_uri"] for h in hits} == {a, twin}
     assert all(abs(h["frame_index"] - k) <= 2 and h["similarity"] > 0.95 for h in hits), hits
 
+    # runs/ files rayvid did not write are passed over; a later run whose model was a signed
+    # URL (its record keeps no signature) needs the model again: --model
+    runs = tmp_path / "out" / "runs"
+    (record_file,) = runs.glob("*.json")
+    (runs / "notes.json").write_text("not json")
+    (runs / "list.json").write_text("[1, 2]")
+    (runs / "noconfig.json").write_text(json.dumps({"status": "finished", "config": None}))
+    signed = json.loads(record_file.read_text())
+    signed.update(run_id="signed", finished_at="9999-01-01T00:00:00Z")
+    signed["config"]["model"]["name"] = "https://models.example/shapes.keras?<redacted>"
+    (runs / "signed.json").write_text(json.dumps(signed))
+    query_png = str(tmp_path / "query.png")
+    assert cli.main(["similar", out, "--image", query_png]) == 2
+    assert ("run 'signed' read its --model from a signed URL whose signature its record does not keep "
+            "(https://models.example/shapes.keras): give it again: similar --model URL") in capsys.readouterr().err
+    assert cli.main(["similar", out, "--image", query_png, "--model", shapes_model["path"], "-k", "2",
+                     "--format", "json", "--out", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text()) == hits
+
 
 def _iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -1102,3 +1121,6 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
     assert frames_per_video(read_output(out)) == {u: list(range(10)) for u in committed}
     record = json.loads(open(os.path.join(out, "runs", "fails.json")).read())
     assert record["status"] == "failed" and "too bright" in record["error"]
+    # what it ran with, as a finished run's record says it (`--config runs/fails.json` repeats it)
+    assert record["plan"]["decode_max"] == 1 and record["plan"]["batch_size"] == 4
+    assert record["model"]["name"] == str(tmp_path / "picky")

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -101,6 +102,17 @@ def test_summary_is_the_per_video_table(out):
     assert rows["/v/bad.mp4"]["error"] is True and rows["/v/bad.mp4"]["frames"] == 0
 
 
+def test_summary_says_no_label_for_frames_without_one():
+    """A detector's frame with no box has a null label: `(no label) 40%`, not `None 40%`."""
+    from rayvid import schema
+
+    row = {"video_uri": "/v/d.mp4", "frames": 10, "duration_s": 1.0, "fps": 10.0, "width": 64, "height": 64,
+           "codec": "h264", "decoder": "decord", "error": False, "run_id": "r",
+           "top_labels": [{"label": "car", "share": 0.6}, {"label": None, "share": 0.4}]}
+    videos = pa.Table.from_pylist([row], schema=pa.schema([schema.VIDEOS_SCHEMA.field(n) for n in row]))
+    assert query.summary_of(videos).column("top_labels").to_pylist() == ["car 60%, (no label) 40%"]
+
+
 def test_formats(out, tmp_path, capsys):
     assert cli.main(["segments", out, "--label", "square", "--format", "csv"]) == 0
     got = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
@@ -130,6 +142,18 @@ def test_export_csv_has_a_row_per_frame_and_topk_columns(out, tmp_path):
     assert cli.main(["export", out, one, "--video", "/v/v2.mp4"]) == 0
     with open(one) as f:
         assert {r["video_uri"] for r in csv.DictReader(f)} == {"/v/v2.mp4"}
+
+
+@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"]])
+def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
+    """`rayvid export OUT - | head`: the reader closing its end is the end of the output, exit
+    141 with nothing said (as `yes | head`), not "cannot read OUT: [Errno 32] Broken pipe"."""
+    code = ("import os, sys\n"
+            "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # stdout: a pipe nobody reads
+            "from rayvid import cli\n"
+            f"sys.exit(cli.main({[a.format(out=out) for a in verb]!r}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])

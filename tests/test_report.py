@@ -12,6 +12,9 @@ def test_summary_says_what_happened_and_where():
     assert "s3://b/out/predictions/ (per frame), videos/ (per video); 1 file written" in text
     assert "s3://b/out/errors/" in text
     assert "circle 75%" in text and "inference 1..1 on CPU" in text
+    r.top_labels = [(None, 120), ("circle", 80)]  # a detector's frames with no box have no label
+    assert "  labels:  (no label) 60%, circle 40% of frames" in summary(r)
+    r.top_labels = [("circle", 150), ("blank", 50)]
     assert "storage:" not in text  # nothing read from a remote store
     r.bytes_read, r.bytes_remote = 20_540_000, 19_720_000
     assert "  storage: read 20.5 MB from remote stores (1.04x the 19.7 MB of the remote videos)" in summary(r)

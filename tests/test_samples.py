@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -38,3 +39,12 @@ def test_ensure_samples_builds_once(tmp_path, shapes_model):
     mtime = (tmp_path / "truth.json").stat().st_mtime
     samples.ensure_samples(str(tmp_path), n_videos=2, seconds=0.5)
     assert (tmp_path / "truth.json").stat().st_mtime == mtime
+    # other counts or lengths are made, not ignored; a sample video no longer asked for goes
+    (tmp_path / "videos" / "mine.mp4").write_bytes(b"a user's file stays")
+    samples.ensure_samples(str(tmp_path), n_videos=1, seconds=1.0)
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert [(os.path.basename(p), len(v)) for p, v in truth.items()] == [("sample_00.mp4", 15)]
+    assert sorted(os.listdir(tmp_path / "videos")) == ["mine.mp4", "sample_00.mp4"]
+    (tmp_path / "videos" / "sample_00.mp4").unlink()  # a video gone: made again
+    samples.ensure_samples(str(tmp_path), n_videos=1, seconds=1.0)
+    assert (tmp_path / "videos" / "sample_00.mp4").exists()

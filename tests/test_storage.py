@@ -534,6 +534,13 @@ def test_redact_removes_credentials(s3_endpoint):
         assert "S3CRETSIG" not in storage.redact(leaky), storage.redact(leaky)
     assert storage.redact("http://h/sub dir/a.mp4?X-Amz-Signature=S&v=1").endswith("X-Amz-Signature=<redacted>&v=1")
     assert "ghp_T0KEN" not in storage.redact("cannot read https://ghp_T0KEN@host/m.keras: 404")
+    # a token as password with no user (Azure DevOps' personal access tokens)
+    empty_user = "https://:PAT0KEN@dev.azure.com/org/v.mp4"
+    assert storage.stored_uri(empty_user) == storage.public_uri(empty_user) == "https://dev.azure.com/org/v.mp4"
+    assert "PAT0KEN" not in storage.redact(f"input not found: {empty_user}")
+    # outside HTTP a "?" is the key's: shown, and recorded, as it is
+    for key_url in ("s3://b/in?2024/", "gs://b/a?b#c.mp4"):
+        assert storage.public_uri(key_url) == storage.redact(key_url) == key_url
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
@@ -565,6 +572,15 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
     assert storage.stored_uri("https://cdn/k.mp4?Policy=P&Key-Pair-Id=K&Signature=S") == "https://cdn/k.mp4"
     assert storage.stored_uri("https://user:pw@host/v?id=7&sp=2&token=t#frag") == "https://host/v?id=7&sp=2"
     assert storage.stored_uri("https://ghp_T0KEN@host/v.mp4?id=7") == "https://host/v.mp4?id=7"
+    # a standing credential stays as a digest: the same key the same name, another key another
+    api = storage.stored_uri("https://h/v.mp4?alt=media&key=AIzaS3CRET&id=7")
+    assert api == "https://h/v.mp4?alt=media&key=redacted-%s&id=7" % hashlib.sha256(b"AIzaS3CRET").hexdigest()[:12]
+    assert storage.stored_uri("https://h/v.mp4?alt=media&key=AIzaOTHER&id=7") != api
+    for name in ("api_key", "X-API-Key", "apikey", "client_secret", "password", "pwd", "auth", "hmac", "jwt",
+                 "access_key", "private-key"):
+        stored = storage.stored_uri(f"https://h/v.mp4?{name}=S3CRET&v=2")
+        assert "S3CRET" not in stored and stored.startswith(f"https://h/v.mp4?{name}=redacted-") and stored.endswith("&v=2")
+        assert "S3CRET" not in storage.redact(f"http://h/a b.mp4?{name}=S3CRET")  # where _QUERY sees no URL
     others = {  # Alibaba OSS (STS), Tencent COS, Akamai
         "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4?OSSAccessKeyId=A&Expires=1&Signature=S&security-token=T":
             "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4",
