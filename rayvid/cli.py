@@ -432,6 +432,8 @@ def _query(args) -> int:
             raise  # main: quietly, as the end of a pipe's reader
         raise InputError(f"cannot read {storage.public_uri(args.output)}: broken pipe") from None
     except FileNotFoundError as e:
+        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+            raise InputError(f"cannot read {storage.public_uri(args.output)}: {storage.describe(e)}") from None
         raise InputError(storage.redact(str(e))) from None
     except ValueError as e:
         raise ConfigError(storage.redact(str(e))) from None

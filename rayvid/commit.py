@@ -669,10 +669,21 @@ class Heartbeat:
                 except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))
 
-    def stop(self) -> None:
-        """No record is written by the heartbeat after this returns."""
-        with self._lock:
-            self._stop.set()
+    def stop(self, wait_s: float | None = None) -> bool:
+        """No beat starts after this; True once none is in flight (then no record is written
+        by the heartbeat after this returns). With `wait_s`, a beat still writing after that
+        long (a store that does not answer: its client retries) is left to finish: False,
+        and `join` waits for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(wait_s)
+            if self._thread.is_alive():
+                return False
+        _ACTIVE.discard(self.run_id)
+        return True
+
+    def join(self) -> None:
+        """Wait for a beat `stop` left writing."""
         if self._thread is not None:
             self._thread.join()
         _ACTIVE.discard(self.run_id)
@@ -836,8 +847,15 @@ def recover(output: str, only=None) -> Committed:
 
 def require_output(fs, root: str, output: str) -> None:
     """FileNotFoundError where `root` holds no rayvid OUTPUT (no videos/ folder: a typo, or
-    nothing committed yet): the read and compaction verbs say so, exit 2."""
-    if not fs.isdir(f"{root.rstrip('/')}/{VIDEOS_DIR}"):
+    nothing committed yet): the read and compaction verbs say so, exit 2. A store that
+    cannot be asked raises its own error (`fs.isdir` would say False: "no output")."""
+    try:
+        folder = fs.info(f"{root.rstrip('/')}/{VIDEOS_DIR}").get("type") == "directory"
+    except FileNotFoundError as e:
+        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+            raise
+        folder = False
+    if not folder:
         raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
 
 

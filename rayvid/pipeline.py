@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -278,17 +279,14 @@ def run(cfg: RunConfig) -> RunResult:
                 _raise_if_storage(e, cfg.output, videos, committer)
                 raise
         except BaseException as e:
-            beat.stop()
+            stopped = beat.stop(wait_s=HEARTBEAT_STOP_S)  # a beat stuck in a store's retries is not waited for
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
             if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer, e)
             record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                           finished_at=_iso(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
-            try:
-                commit.write_run_record(cfg.output, cfg.run_id, _redacted(record))
-            except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
-                log.warning("cannot record the failed run: %s", storage.describe(write_error))
+            _record_failure(cfg, _redacted(record), beat, stopped)
             raise
         beat.stop()
     finally:
@@ -331,6 +329,33 @@ def run(cfg: RunConfig) -> RunResult:
                                          f"({commit.RUNS_DIR}/{cfg.run_id}.json) does not say it finished: "
                                          f"nothing to run again")
     return result
+
+
+# How long a failing run waits for its heartbeat's write in flight, and then for its
+# `failed` record to be written: where OUTPUT is what is down, each would take the store
+# client's whole retries (gcsfs: about 35 s), and the run's one-line error would wait on them.
+HEARTBEAT_STOP_S = 5.0
+FAILED_RECORD_WAIT_S = 15.0
+
+
+def _record_failure(cfg: RunConfig, record: dict, beat: commit.Heartbeat, stopped: bool) -> None:
+    """Write the failed run's record after any beat still writing (so the record says
+    failed, not running), waiting at most FAILED_RECORD_WAIT_S: past that the run ends with
+    a warning, and `rayvid runs` shows it interrupted (a write that lands later still says failed)."""
+    def write() -> None:
+        try:
+            if not stopped:
+                beat.join()
+            commit.write_run_record(cfg.output, cfg.run_id, record)
+        except storage.ACCESS_ERRORS as write_error:  # OUTPUT may be what is down
+            log.warning("cannot record the failed run: %s", storage.describe(write_error))
+
+    writer = threading.Thread(target=write, name="rayvid-failed-record", daemon=True)
+    writer.start()
+    writer.join(FAILED_RECORD_WAIT_S)
+    if writer.is_alive():
+        log.warning("cannot record the failed run: OUTPUT did not answer in %g s (`rayvid runs` shows the run "
+                    "interrupted)", FAILED_RECORD_WAIT_S)
 
 
 def _clip_len(cfg: RunConfig, fixed: int) -> int:

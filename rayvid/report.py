@@ -34,7 +34,7 @@ def summary(result) -> str:
                          for label, n in result.top_labels)
         lines.append(f"  labels:  {tops} of frames")
     t = result.inference
-    if t and t.get("batches"):
+    if t and t.get("frames"):  # (a run whose videos all failed had batches of end rows only)
         actors = "" if t["actors"] == 1 else f", {t['actors']} actors"
         lines.append(
             f"  infer:   model busy {100 * t['model_busy']:.0f}% of the inference actors' time, "

@@ -66,12 +66,33 @@ ACCESS_ERRORS = _access_errors()
 
 def _with_gcs_errors() -> None:
     """gcsfs's HttpError (an error status other than 403/404/412, which are OSErrors, after
-    its retries) is an access error from the first GCS filesystem on."""
+    its retries) and google-auth's errors (credentials that cannot be had: a token endpoint
+    that refuses them or cannot be reached, which gcsfs raises as they are) are access
+    errors from the first GCS filesystem on. gcsfs logs each request that ran out of
+    retries with its traceback: rayvid says what failed in one line instead."""
     global ACCESS_ERRORS
     from gcsfs.retry import HttpError as GCSError
+    from google.auth.exceptions import GoogleAuthError
 
-    if GCSError not in ACCESS_ERRORS:
-        ACCESS_ERRORS = (*ACCESS_ERRORS, GCSError)
+    for error in (GCSError, GoogleAuthError):
+        if error not in ACCESS_ERRORS:
+            ACCESS_ERRORS = (*ACCESS_ERRORS, error)
+    gcs_log = logging.getLogger("gcsfs")
+    if not any(isinstance(f, _RetryTraceback) for f in gcs_log.filters):
+        gcs_log.addFilter(_RetryTraceback())
+
+
+class _RetryTraceback(logging.Filter):
+    """Drops gcsfs's "<request> out of retries / non-retriable exception" records (ERROR,
+    with a traceback): the exception reaches rayvid, which reports it once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (record.exc_info and ("out of retries" in text or "non-retriable" in text))
+
+
+def _is_google_auth_error(error: BaseException) -> bool:
+    return any(c.__module__ == "google.auth.exceptions" for c in type(error).__mro__)
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -86,6 +107,8 @@ def _unreachable_cause(error: BaseException | None) -> BaseException | None:
     """`error` or the first of its causes that says the store is unreachable, else None."""
     seen = 0
     while error is not None and seen < 8:
+        if _is_google_auth_error(error):  # credentials that cannot be had: not an outage
+            return None
         if _unreachable(error):
             return error
         error, seen = error.__cause__, seen + 1
@@ -139,12 +162,27 @@ def describe(error: BaseException) -> str:
     error = _unreachable_cause(error) or error
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     name = type(error).__name__
+    if isinstance(error, FileNotFoundError) and error.errno is None:
+        text = _gcs_not_found(text) or text
     refused = (isinstance(error, PermissionError) and error.errno is None
                or _is_gcs_error(error) and getattr(error, "code", None) == 401
                or type(error) is OSError and error.errno is None and text.startswith("Forbidden: "))
+    if _is_google_auth_error(error):
+        return f"cannot get GCS credentials: {text} ({CREDENTIALS_HINT})"
     if refused or "Credentials" in name or "AccessDenied" in text:
         return f"{text} ({CREDENTIALS_HINT})"
     return text
+
+
+def _gcs_not_found(text: str) -> Optional[str]:
+    """gcsfs's FileNotFoundError says only the JSON API path it asked (`b/<bucket>/o/<key>`,
+    or the upload URL `.../b/<bucket>/o?name=...` for a bucket that is not there): what it
+    means, or None for any other text."""
+    m = re.search(r"(?:^|/storage/v1/)b/([^/?#\s]+)/o(?:/([^?#\s]+))?", text)
+    if m is None:
+        return None
+    bucket, key = urllib.parse.unquote(m[1]), m[2] and urllib.parse.unquote(m[2])
+    return f"no such object: gs://{bucket}/{key}" if key else f"no such bucket: gs://{bucket}"
 
 
 def _storage_options(protocol: str) -> dict:

@@ -1124,3 +1124,48 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
     # what it ran with, as a finished run's record says it (`--config runs/fails.json` repeats it)
     assert record["plan"]["decode_max"] == 1 and record["plan"]["batch_size"] == 4
     assert record["model"]["name"] == str(tmp_path / "picky")
+
+
+def test_a_failing_run_waits_on_no_output_that_does_not_answer(tmp_path, monkeypatch, caplog):
+    """OUTPUT not answering when a run fails: the heartbeat's write in flight and the failed
+    record's write would each take the store client's whole retries (gcsfs: ~35 s each, so
+    a GCS outage took 90 s to be said); the run waits for neither past its bounds, warns,
+    and once the store answers the record written last says failed (after the beat's)."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    release = threading.Event()
+
+    class Stuck(MemoryFileSystem):
+        store, pseudo_dirs, stuck = {}, [""], False
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode and Stuck.stuck:
+                release.wait(60)  # a store client retrying
+            return super()._open(path, mode, **kwargs)
+
+    Stuck.protocol = "stuckstore"
+    fsspec.register_implementation("stuckstore", Stuck, clobber=True)
+    monkeypatch.setattr(pipeline, "FAILED_RECORD_WAIT_S", 0.5)
+    cfg = RunConfig(input=str(tmp_path), output="stuckstore://out", run_id="a")
+    record = {"run_id": "a", "status": "running"}
+    beat = commit.Heartbeat(cfg.output, "a", record, every_s=0.05)
+    beat.start()
+    try:
+        Stuck.stuck = True
+        time.sleep(0.3)  # a beat is writing, and stuck
+        started = time.monotonic()
+        stopped = beat.stop(wait_s=0.2)
+        with caplog.at_level("WARNING", logger="rayvid"):
+            pipeline._record_failure(cfg, dict(record, status="failed"), beat, stopped)
+        assert not stopped and time.monotonic() - started < 5
+        assert "cannot record the failed run: OUTPUT did not answer in 0.5 s" in caplog.text
+    finally:
+        Stuck.stuck = False
+        release.set()
+    deadline = time.monotonic() + 20
+    status = lambda: json.loads(Stuck().cat("stuckstore://out/runs/a.json"))["status"]  # noqa: E731
+    while status() != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status() == "failed"
+    assert not beat._thread.is_alive()

@@ -15,6 +15,13 @@ def test_summary_says_what_happened_and_where():
     r.top_labels = [(None, 120), ("circle", 80)]  # a detector's frames with no box have no label
     assert "  labels:  (no label) 60%, circle 40% of frames" in summary(r)
     r.top_labels = [("circle", 150), ("blank", 50)]
+    # every video failed: the actors saw end rows only, no frame: no "model busy 0%" line
+    r.inference = {"frames": 0, "batches": 1, "actors": 1, "model_busy": 0.0, "waiting": 1.0}
+    assert "infer:" not in summary(r)
+    r.inference = dict(r.inference, frames=32, model_busy=0.5, waiting=0.25)
+    assert "  infer:   model busy 50% of the inference actors' time, waiting for frames 25% (32 frames in 1 batches)" \
+        in summary(r)
+    r.inference = None
     assert "storage:" not in text  # nothing read from a remote store
     r.bytes_read, r.bytes_remote = 20_540_000, 19_720_000
     assert "  storage: read 20.5 MB from remote stores (1.04x the 19.7 MB of the remote videos)" in summary(r)

@@ -460,6 +460,46 @@ def test_gcs_refusals_and_outages_are_access_errors_with_the_right_meaning(gcs):
     assert "check credentials" not in storage.describe(missing)
 
 
+def test_gcs_missing_objects_and_buckets_are_said_as_such(gcs):
+    """gcsfs's FileNotFoundError holds only the JSON API path it asked: the message says
+    what is missing (an error row's message, a verb's one line)."""
+    fs, _ = storage.resolve("gs://rayvid-test/in/")
+    for what, action in (("no such object: gs://rayvid-test/in/no such.mp4", lambda: fs.info("rayvid-test/in/no such.mp4")),
+                         ("no such bucket: gs://no-such-bucket", lambda: fs.info("no-such-bucket/x.mp4")),
+                         ("no such bucket: gs://no-such-bucket", lambda: storage.write_atomic("gs://no-such-bucket/o/r.json", lambda f: f.write(b"{}")))):
+        with pytest.raises(FileNotFoundError) as e:
+            action()
+        assert storage.describe(e.value) == what
+
+
+def test_gcs_credentials_that_cannot_be_had_or_a_store_down_are_one_line(gcs, tmp_path):
+    """A service account whose token endpoint cannot be reached was a google-auth traceback
+    (exit 1); a GCS that cannot be reached made a read verb say "no rayvid output" after
+    gcsfs's tracebacks (its retries, ~35 s): both are exit 2, one line, saying why."""
+    import json
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    account = tmp_path / "sa.json"
+    account.write_text(json.dumps({"type": "service_account", "project_id": "p", "private_key_id": "k1",
+                                   "private_key": key, "client_email": "rayvid@p.iam.gserviceaccount.com",
+                                   "client_id": "1", "token_uri": "http://127.0.0.1:9/token"}))
+    dead = "http://127.0.0.1:9"  # nothing listens there
+    for env, said in (({"GOOGLE_APPLICATION_CREDENTIALS": str(account)},
+                       "rayvid: error: cannot read gs://rayvid-test/out/: cannot get GCS credentials: "),
+                      ({"STORAGE_EMULATOR_HOST": dead}, "rayvid: error: cannot read gs://rayvid-test/out/: Cannot connect to host")):
+        done = subprocess.run([sys.executable, "-m", "rayvid", "summary", "gs://rayvid-test/out/"], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **env})
+        lines = [line for line in done.stderr.splitlines() if not line.startswith("Authentication failed using Compute")]
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(said), done.stderr[-3000:]
+        assert "PRIVATE KEY" not in done.stderr and "rayvid@p.iam" not in done.stderr
+
+
 def test_an_http_server_down_or_overloaded_is_unavailable_a_missing_file_is_not(tmp_path):
     """fsspec reports all three as FileNotFoundError; its cause tells a store that is down
     (connection refused, 503) from an object that is not there (404)."""
