@@ -92,7 +92,12 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
     """The model's input shape without TensorFlow, where the name or the file says it:
     keras.applications names and `.keras` files (their config.json, a few ranged reads on
     object stores). None where only loading the model can tell (SavedModels, `.h5`, inputs
-    of unknown size). Raises ModelError for a model file that does not exist."""
+    of unknown size). Raises ModelError for a model, weights or labels file that does not
+    exist (here, in one line, not when the inference actors load it)."""
+    weights = cfg.weights if cfg.weights not in (None, "imagenet", "none") else None
+    for what, url in (("weights", weights), ("labels", cfg.labels)):
+        if url:
+            _require_file(url, what)
     if cfg.name in APPLICATIONS:
         size = APPLICATIONS[cfg.name][1]
         return Shape(tuple(cfg.input_size) if cfg.input_size else (size, size))
@@ -281,6 +286,21 @@ def _producer(tensor):
         return None
     op = history[0]
     return None if op.__class__.__name__ == "InputLayer" else op
+
+
+def _require_file(url: str, what: str) -> None:
+    """ModelError unless `url` is a file that can be read (its metadata, one request)."""
+    fs, path = storage.resolve(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        if storage.is_unavailable(e):
+            raise ModelError(f"cannot reach {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
+        raise ModelError(f"{what} file not found: {storage.public_uri(url)}") from None
+    except storage.ACCESS_ERRORS as e:
+        raise ModelError(f"cannot read {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
+    if info.get("type") == "directory":
+        raise ModelError(f"{what} {storage.public_uri(url)} is a folder, not a file")
 
 
 def _locate(url: str):

@@ -3,10 +3,12 @@ with a weights file at a URL, labels, and the clear errors when a model cannot l
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from rayvid import models
+from rayvid import models, samples
 from rayvid.config import ModelConfig
 from rayvid.errors import ModelError
 
@@ -130,6 +132,26 @@ def test_static_shape_agrees_with_loading(shapes_model, s3fs_client, tmp_path):
         assert models.static_shape(ModelConfig(name=str(tmp_path / name))) is None
     with pytest.raises(ModelError, match="model not found: s3://rayvid-test/static/none.keras"):
         models.static_shape(ModelConfig(name="s3://rayvid-test/static/none.keras"))
+
+
+def test_missing_weights_or_labels_are_said_before_any_work(store, shapes_model, tmp_path):
+    """A --labels or --weights file that is not there was found by the inference actors
+    (their tracebacks, then `cannot read labels …: b/<bucket>/o/…` on GCS): the driver
+    says it in one line first, where the model's shape is read."""
+    _, bucket = store
+    here = ModelConfig(name=shapes_model["path"])
+    for cfg, said in (
+            (dataclasses.replace(here, labels=f"{bucket}/static/no-labels.txt"),
+             f"labels file not found: {bucket}/static/no-labels.txt"),
+            (ModelConfig(name="mobilenet_v3_small", weights=f"{bucket}/static/no-weights.h5"),
+             f"weights file not found: {bucket}/static/no-weights.h5"),
+            (dataclasses.replace(here, labels=str(tmp_path)), f"labels {tmp_path} is a folder, not a file")):
+        with pytest.raises(ModelError) as e:
+            models.static_shape(cfg)
+        assert str(e.value) == said
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(samples.CLASSES))
+    assert models.static_shape(dataclasses.replace(here, labels=str(labels))) == models.Shape((64, 64))
 
 
 SIGNED = "?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAFAKE%2F20240101&X-Amz-Expires=600"
