@@ -312,8 +312,10 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     import time
 
     src = tmp_path / "in"
-    for k in range(8):  # 24 videos
+    copies = 16  # 48 videos: a run long enough that the signal comes before its end, even under load
+    for k in range(copies):
         shutil.copytree(media["videos"], src / f"copy{k}")
+    n = copies * len(media["truth"])
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(src), str(out),
            "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1",
@@ -344,25 +346,25 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     assert done.returncode == 0, done.stderr[-3000:]
     listed, skipped, ok, failed = map(int, re.search(
         r"(\d+) listed, (\d+) skipped \(already done\), (\d+) ok, (\d+) failed", done.stdout).groups())
-    assert (listed, failed) == (24, 0)
-    assert skipped > 0 and ok > 0 and skipped + ok == 24  # killed mid-run; its commits were kept
+    assert (listed, failed) == (n, 0)
+    assert skipped > 0 and ok > 0 and skipped + ok == n  # killed mid-run; its commits were kept
     capsys.readouterr()
     assert main(["runs", str(out), "--format", "json"]) == 0
     runs = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in runs] == [first, "finished"]
-    assert (runs[1]["videos_listed"], runs[1]["videos_skipped"], runs[1]["videos_ok"]) == (24, skipped, ok)
+    assert (runs[1]["videos_listed"], runs[1]["videos_skipped"], runs[1]["videos_ok"]) == (n, skipped, ok)
     assert runs[0]["input"] == runs[1]["input"] == str(src)
     if how == "SIGKILL":
         assert runs[0]["finished_at"] is None and runs[0]["last_heartbeat"] and runs[0]["error"] is None
     else:  # a failed run's record says what it committed before it stopped: what the rerun skipped
         assert runs[0]["finished_at"] and runs[0]["error"] == "KeyboardInterrupt"
-        assert (runs[0]["videos_listed"], runs[0]["videos_skipped"], runs[0]["videos_ok"]) == (24, 0, skipped)
+        assert (runs[0]["videos_listed"], runs[0]["videos_skipped"], runs[0]["videos_ok"]) == (n, 0, skipped)
     preds = read_output(str(out))
     seen = {}
     for uri, idx in zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()):
         seen.setdefault(uri, []).append(idx)
     expected = {str(src / f"copy{k}" / os.path.relpath(p, media["videos"])): len(v)
-                for k in range(8) for p, v in media["truth"].items()}
+                for k in range(copies) for p, v in media["truth"].items()}
     assert {u: sorted(v) for u, v in seen.items()} == {u: list(range(n)) for u, n in expected.items()}
     videos = read_output(str(out), "videos").column("video_uri").to_pylist()
     assert sorted(videos) == sorted(expected)
