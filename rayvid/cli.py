@@ -193,8 +193,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.verb == "run":
         # argparse fills INPUT and OUTPUT (both optional) from the first run of words, so
         # `run IN --model X OUT` left OUT unrecognised: a later word fills what is empty
+        if extra and extra[0] == "--" and (args.input is None or args.output is None):
+            extra.pop(0)  # `run IN --flags -- OUT`: what follows "--" is positional
         for name in ("input", "output"):
-            if getattr(args, name) is None and extra and not extra[0].startswith("-"):
+            if getattr(args, name) is None and extra and (not extra[0].startswith("-") or extra[0] == "-"):
                 setattr(args, name, extra.pop(0))
         args.detached = _detached(argv)
     if extra:
@@ -330,7 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verb == "run":
             return _run(args)
         if args.verb in QUERY_VERBS:
-            return _query(args)
+            code = _query(args)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+            return code
         if args.verb == "samples":
             from rayvid import samples
 
@@ -340,12 +344,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 paths["detector"] = samples.train_detector(model_dir)["model"]
             if args.clip_model:
                 paths["clip_model"] = samples.train_clip_model(model_dir)["model"]
-            print(json.dumps(paths, indent=2))
+            print(json.dumps(paths, indent=2), flush=True)
             return 0
     except RayvidError as e:
         print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout's reader is gone (`rayvid export out - | head`): stop quietly, as `yes | head`
+        if not _stdout_gone():
+            raise
         with contextlib.suppress(OSError):  # and nothing more goes to the closed pipe (the exit's flush)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE

@@ -849,8 +849,11 @@ def require_output(fs, root: str, output: str) -> None:
     """FileNotFoundError where `root` holds no rayvid OUTPUT (no videos/ folder: a typo, or
     nothing committed yet): the read and compaction verbs say so, exit 2. A store that
     cannot be asked raises its own error (`fs.isdir` would say False: "no output")."""
+    path = f"{root.rstrip('/')}/{VIDEOS_DIR}"
     try:
-        folder = fs.info(f"{root.rstrip('/')}/{VIDEOS_DIR}").get("type") == "directory"
+        folder = fs.info(path).get("type") == "directory"
+        if not folder and "http" in fs.protocol:  # fsspec's HTTP info says "file" of any URL
+            folder = fs.isdir(path)  # (a listing page with links)
     except FileNotFoundError as e:
         if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
             raise

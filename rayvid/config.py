@@ -244,6 +244,8 @@ def _build(cls, data: dict[str, Any], where: str):
     kwargs = {}
     for name, value in data.items():
         f = known[name]
+        if value is None and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING):
+            continue  # null: the setting's default (as a flag not given)
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if sub is not None and is_dataclass(sub) and value is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")

@@ -17,6 +17,7 @@ graph is traced once per actor (at construction, as warm-up) and never again.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from rayvid.errors import ModelError, RayvidError
 from rayvid.schema import (BOX_TYPE, INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
                            with_head)
 from rayvid.storage import redact
+
+log = logging.getLogger(__name__)
 
 
 # Batches an inference actor holds at once (Ray Data's `max_concurrent_calls_per_actor`):
@@ -156,6 +159,11 @@ class Predictor:
         # core taken by something else (a decoder, Ray) slows one call, not all of them.
         # Measured (BENCHMARKS.md, "sharing cores"): MobileNetV3 on 2 cores next to a busy
         # decoder, 118 frames/s this way against 108 with each op on both cores.
+        self.device = "GPU" if gpus else "CPU"
+        held = _gpus_held()
+        if held and not gpus:  # Ray gave this actor a GPU that TensorFlow cannot use
+            log.warning("this inference actor holds %d GPU(s) from Ray, but TensorFlow finds none (no NVIDIA "
+                        "driver or CUDA libraries where it runs?): the model runs on the CPU", len(held))
         self.streams = 1 if gpus else cpu_threads(threads)
         if not gpus:
             try:  # an actor owns its process; in-process use (tests) may find TF started
@@ -294,7 +302,7 @@ class Predictor:
         call running, `wait_s` with no batch in hand (waiting for frames)."""
         in_call, in_model = self._in_call.total(now), self._in_model.total(now)
         return dict(self._counts, model_s=in_model, other_s=max(0.0, in_call - in_model),
-                    wait_s=max(0.0, now - self._first - in_call))
+                    wait_s=max(0.0, now - self._first - in_call), device=self.device)
 
     def _call(self, batch: dict) -> pa.Table:
         kind = batch["kind"]
@@ -455,11 +463,22 @@ class Reports:
                 total[k] += clock[k]
         span = total["model_s"] + total["other_s"] + total["wait_s"]
         total["actors"] = len(self.actors)
+        total["devices"] = sorted({c.get("device", "") for c in self.actors.values()} - {""})  # where the model ran
         total["model_busy"] = round(total["model_s"] / span, 3) if span else 0.0
         total["waiting"] = round(total["wait_s"] / span, 3) if span else 0.0
         for k in ("model_s", "other_s", "wait_s"):
             total[k] = round(total[k], 3)
         return total
+
+
+def _gpus_held() -> list:
+    """The GPUs Ray assigned this process (none outside a Ray worker)."""
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - information only
+        return []
 
 
 def _count_valid(column) -> int:

@@ -283,10 +283,11 @@ def run(cfg: RunConfig) -> RunResult:
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
             if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer, e)
-            record.update(status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+            # a copy: a beat still writing (stop's wait ran out) reads `record` meanwhile
+            failed = dict(record, status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                           finished_at=_iso(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
-            _record_failure(cfg, _redacted(record), beat, stopped)
+            _record_failure(cfg, _redacted(failed), beat, stopped)
             raise
         beat.stop()
     finally:

@@ -453,11 +453,14 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.
         raise ValueError(f"the record of run {record.get('run_id')!r} in {storage.public_uri(output)}/runs/ "
                          f"has no config rayvid can read: {e}") from None
     if model_url is not None:
-        model = dataclasses.replace(model, name=storage.to_url(*storage.resolve(model_url)))
-    for flag, value in (("--model", model.name), ("--weights", model.weights), ("--labels", model.labels)):
-        if value and "<redacted>" in value:  # storage.redact took a signature out of the record
+        model = dataclasses.replace(model, name=model_url)  # (a keras.applications name, or a path made absolute)
+    # labels do not change an embedding: a URL of them the record cannot give back is left out
+    if model.labels and "<redacted>" in model.labels:
+        model = dataclasses.replace(model, labels=None)
+    for flag, value in (("--model", model.name), ("--weights", model.weights)):
+        if value and "<redacted>" in value:  # storage.redact took the URL's query out of the record
             hint = "give it again: similar --model URL" if flag == "--model" else "it cannot be loaded from the record"
-            raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a signed URL whose signature "
+            raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a URL whose query "
                              f"its record does not keep ({storage.public_uri(value)}): {hint}")
     predictor = infer.Predictor(model, batch_size=1)
     h, w = predictor.info.input_size

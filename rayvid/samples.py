@@ -186,7 +186,7 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
     truth_path = os.path.join(root, "truth.json")
     os.makedirs(videos, exist_ok=True)
     paths = [os.path.join(videos, f"sample_{i:02d}.mp4") for i in range(n_videos)]
-    if force or _truth(truth_path) != {p: int(round(seconds * FPS)) for p in paths}:
+    if force or _truth(truth_path, videos) != {os.path.basename(p): int(round(seconds * FPS)) for p in paths}:
         for name in os.listdir(videos):
             if re.fullmatch(r"sample_\d+\.mp4", name):
                 os.remove(os.path.join(videos, name))
@@ -201,12 +201,16 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
     return info
 
 
-def _truth(path: str) -> Optional[dict]:
-    """{video path: frames} of a truth.json whose videos are all there, else None."""
+def _truth(path: str, videos: str) -> Optional[dict]:
+    """{video file name: frames} of a truth.json's videos that are in `videos` (by name: the
+    same folder may be spelled another way, `samples` or `./samples/`), else None."""
     try:
         with open(path) as f:
             truth = json.load(f)
-        return {p: len(labels) for p, labels in truth.items() if os.path.exists(p)} if isinstance(truth, dict) else None
+        if not isinstance(truth, dict):
+            return None
+        return {os.path.basename(p): len(labels) for p, labels in truth.items()
+                if os.path.exists(os.path.join(videos, os.path.basename(p)))}
     except (OSError, ValueError, TypeError):
         return None
 

@@ -107,8 +107,6 @@ def _unreachable_cause(error: BaseException | None) -> BaseException | None:
     """`error` or the first of its causes that says the store is unreachable, else None."""
     seen = 0
     while error is not None and seen < 8:
-        if _is_google_auth_error(error):  # credentials that cannot be had: not an outage
-            return None
         if _unreachable(error):
             return error
         error, seen = error.__cause__, seen + 1
@@ -159,16 +157,21 @@ def describe(error: BaseException) -> str:
     FFmpeg (those carry an errno), which no credential fixes. Of a store that cannot be
     reached, why not (fsspec's HTTP filesystem says only FileNotFoundError(url): its cause
     says "Cannot connect to host")."""
-    error = _unreachable_cause(error) or error
-    text = redact(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    # google-auth's errors (a token that cannot be had) say so, with why: a token endpoint
+    # that refuses (the hint), or cannot be reached (an outage: its cause)
+    auth = _is_google_auth_error(error)
+    unreachable = _unreachable_cause(error)
+    error = unreachable or error
+    message = error.args[0] if auth and not unreachable and error.args and isinstance(error.args[0], str) else str(error)
+    text = redact(message.strip().splitlines()[0] if message.strip() else type(error).__name__)
     name = type(error).__name__
+    if auth:
+        return f"cannot get GCS credentials: {text}" + ("" if unreachable else f" ({CREDENTIALS_HINT})")
     if isinstance(error, FileNotFoundError) and error.errno is None:
         text = _gcs_not_found(text) or text
     refused = (isinstance(error, PermissionError) and error.errno is None
                or _is_gcs_error(error) and getattr(error, "code", None) == 401
                or type(error) is OSError and error.errno is None and text.startswith("Forbidden: "))
-    if _is_google_auth_error(error):
-        return f"cannot get GCS credentials: {text} ({CREDENTIALS_HINT})"
     if refused or "Credentials" in name or "AccessDenied" in text:
         return f"{text} ({CREDENTIALS_HINT})"
     return text
@@ -918,7 +921,9 @@ def _without_userinfo(url: str) -> str:
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
-_QUERY = re.compile(r"(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)\?[^\s'\"]*")
+_QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)\?[^\s'\"]*")
+# a URL of a store whose "?" and "#" are its key's (s3://, gs://, ...): no query to redact
+_KEY_URL = re.compile(r"(?<![\w+.-])(?!(?i:https?|ftps?)://)[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
                          re.IGNORECASE)
@@ -935,9 +940,12 @@ def redact(text: str) -> str:
     if not text:
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@" if _secret_userinfo(m) else m[0], text)
+    keys: list[str] = []  # s3://b/cams?key=7/ is a key: kept whole (restored below)
+    text = _KEY_URL.sub(lambda m: keys.append(m[0]) or f"\x00{len(keys) - 1}\x00", text)
     text = _QUERY.sub(r"\g<base>?<redacted>", text)
     # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
     text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
+    text = re.sub(r"\x00(\d+)\x00", lambda m: keys[int(m[1])], text)
     for value in _secret_values():
         text = text.replace(value, "***")
     return _AWS_KEY_ID.sub("***", text)
@@ -945,15 +953,18 @@ def redact(text: str) -> str:
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
                       r"|sig|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts", re.IGNORECASE)
-# Parameters that carry a standing credential (an API key, a password): unlike a signature
-# they do not change, and may be all that tells two objects apart (`?key=` names an object
-# in some APIs), so `stored_uri` keeps them with the value replaced by a digest of it.
-_CREDENTIAL = re.compile(r"key|.*api[-_.]?key.*|.*secret.*|.*passw(or)?d.*|pwd|auth|authorization|.*hmac.*|jwt"
-                         r"|.*access[-_.]?key.*|.*private[-_.]?key.*", re.IGNORECASE)
+# Parameters that carry a standing credential. A password, a secret or an auth token may
+# be one a person chose (a digest of it could be reversed by guessing): `stored_uri` drops
+# them, as it drops signatures. An API key (machine-made: a digest keeps it secret) may be
+# all that tells two objects apart (`?key=` names an object in some APIs): `stored_uri`
+# keeps it with the value replaced by a digest.
+_SECRET = re.compile(r".*secret.*|.*passw(or)?d.*|pwd|auth|authorization|.*hmac.*|jwt|.*private[-_.]?key.*",
+                     re.IGNORECASE)
+_API_KEY = re.compile(r"key|.*api[-_.]?key.*|.*access[-_.]?key.*", re.IGNORECASE)
 
 
 def _secret_param(name: str) -> bool:
-    return bool(_SIGNING.fullmatch(name) or _CREDENTIAL.fullmatch(name))
+    return bool(_SIGNING.fullmatch(name) or _SECRET.fullmatch(name) or _API_KEY.fullmatch(name))
 
 
 _PARAM = re.compile(r"([?&;](?P<name>[A-Za-z0-9_.~%-]+)=)(?P<value>[^&#\s'\"]*)")
@@ -967,11 +978,12 @@ def stored_uri(url: str) -> str:
     an Azure SAS: sig and its companions; Alibaba OSS: OSSAccessKeyId, security-token,
     x-oss-*; Tencent COS: q-*, x-cos-*; Akamai: __token__, hdnts; and any name holding
     token, signature, credential or accesskey), so no secret is written and
-    the same object signed again is the same video. A standing credential (`key`, `api_key`,
-    `*secret*`, `*password*`, `auth`, `*hmac*`, `jwt`: `_CREDENTIAL`) stays with its value
-    replaced by `redacted-` and 12 hex digits of its SHA-256 (the same key: the same name;
-    `?key=` names the object in some APIs). Other query parameters of an HTTP(S) URL stay,
-    as they were: they may name the object."""
+    the same object signed again is the same video. Passwords and secrets (`*secret*`,
+    `*password*`, `pwd`, `auth`, `authorization`, `*hmac*`, `jwt`, `*private_key*`:
+    `_SECRET`) go too; an API key (`key`, `*api_key*`, `*access_key*`: `_API_KEY`) stays
+    with its value replaced by `redacted-` and 12 hex digits of its SHA-256 (the same key:
+    the same name; `?key=` names the object in some APIs). Other query parameters of an
+    HTTP(S) URL stay, as they were: they may name the object."""
     url = _without_userinfo(url)
     if not url.lower().startswith(("http://", "https://")) or "?" not in url:
         return url  # elsewhere a "?" is part of the key
@@ -979,8 +991,8 @@ def stored_uri(url: str) -> str:
     pieces = [p for p in query.split("&") if p]
     names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
     sas = "sig" in names
-    kept = [_digest_value(p) if _CREDENTIAL.fullmatch(name) else p for p, name in zip(pieces, names)
-            if not (_SIGNING.fullmatch(name) or (sas and name in _SAS))]
+    kept = [_digest_value(p) if _API_KEY.fullmatch(name) else p for p, name in zip(pieces, names)
+            if not (_SIGNING.fullmatch(name) or _SECRET.fullmatch(name) or (sas and name in _SAS))]
     return base + ("?" + "&".join(kept) if kept else "")
 
 

@@ -139,11 +139,13 @@ def test_the_readme_config_file_holds_every_key_at_its_default(tmp_path):
     (block,) = re.findall(r"```yaml\n(input: s3://archive/videos/\n.*?)```", readme, re.S)
     path = tmp_path / "c.yaml"
     path.write_text(block)
-    from_file = config_from_args(parse_args(["run", "--config", str(path), "--run-id", "r"])).to_dict()
+    # as it is (its `run_id: null` too: null is the default, a new run id)
+    from_file = config_from_args(parse_args(["run", "--config", str(path)])).to_dict()
     from_flags = config_from_args(parse_args(["run", "s3://archive/videos/", "s3://archive/predictions/",
-                                              "--model", "resnet50", "--run-id", "r"])).to_dict()
+                                              "--model", "resnet50"])).to_dict()
+    assert from_file.pop("run_id") != from_flags.pop("run_id")
     assert from_file == from_flags
-    assert set(yaml.safe_load(block)) == set(from_flags)
+    assert set(yaml.safe_load(block)) == set(from_flags) | {"run_id"}
     assert {k: set(v) for k, v in yaml.safe_load(block).items() if isinstance(v, dict)} == \
         {k: set(v) for k, v in from_flags.items() if isinstance(v, dict)}
 
@@ -213,7 +215,8 @@ def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["in", "--model", "m.keras", "out"], ["--every", "2", "in", "--model", "m.keras", "out"],
-                                  ["in", "out", "--model", "m.keras", "--every", "2"]])
+                                  ["in", "out", "--model", "m.keras", "--every", "2"],
+                                  ["in", "--model", "m.keras", "--", "out"]])
 def test_input_and_output_may_have_flags_between_them(argv):
     """argparse filled both optional positionals from the first run of words: `run IN --model
     X OUT` was "unrecognized arguments: OUT"."""

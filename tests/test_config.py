@@ -133,3 +133,15 @@ def test_the_resolved_config_names_local_files_by_absolute_path(tmp_path, monkey
     assert ModelConfig(name="mymodel").name == os.path.abspath("mymodel")
     # fsspec's other spellings of a local file: the path it reads
     assert RunConfig.from_dict({"input": "file:/data/v", "output": "o"}).input == "/data/v"
+
+
+def test_null_in_a_config_is_the_default():
+    """README: "a key left out (or null) is the flag's default": `run_id: null`, `topk: null`
+    were type errors ("expected a string, got None")."""
+    cfg = RunConfig.from_dict({"input": "in", "output": "out", "run_id": None, "progress": None, "retry_failed": None,
+                               "model": {"name": None, "topk": None, "head": None}, "sampling": {"every": None},
+                               "decode": None, "infer": {"cpus_per_actor": None}})
+    default = RunConfig.from_dict({"input": "in", "output": "out", "run_id": cfg.run_id})
+    assert cfg == default and cfg.run_id
+    with pytest.raises(ConfigError, match="^INPUT is required"):
+        RunConfig.from_dict({"input": None, "output": "out"})

@@ -151,6 +151,31 @@ def test_missing_weights_or_labels_are_said_before_any_work(store, shapes_model,
         assert str(e.value) == said
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(samples.CLASSES))
+    # over HTTP any error status is fsspec's "not found": a refusal (an expired signed URL) is said as one
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(403)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/labels.txt?X-Amz-Signature=S3CRET"
+        with pytest.raises(ModelError) as e:
+            models.static_shape(dataclasses.replace(here, labels=url))
+        assert str(e.value).startswith(f"cannot read labels http://127.0.0.1:{server.server_address[1]}/labels.txt: "
+                                       "HTTP 403, refused (an expired signed URL? check credentials")
+        assert "S3CRET" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
     assert models.static_shape(dataclasses.replace(here, labels=str(labels))) == models.Shape((64, 64))
 
 

@@ -906,6 +906,11 @@ def test_skip_similar_infers_fewer_frames_and_agrees_with_the_full_run(ray_sessi
     assert record["stats"]["frames_inferred"] == inferred
     assert record["stats"]["inference"]["frames"] == inferred  # what the model actors saw
     assert full.inference["frames"] == 180 and 0 < full.inference["model_busy"] <= 1
+    # the session's GPU node has a logical GPU only: TensorFlow computes on the CPU, and says so
+    assert full.plan["infer_gpus"] == 1 and full.inference["devices"] == ["CPU"]
+    from rayvid import report
+
+    assert "1 GPU each (but TensorFlow found no GPU: the model ran on the CPU)" in report.summary(full)
 
 
 def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp_path, capsys):
@@ -965,10 +970,11 @@ def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp
     signed = json.loads(record_file.read_text())
     signed.update(run_id="signed", finished_at="9999-01-01T00:00:00Z")
     signed["config"]["model"]["name"] = "https://models.example/shapes.keras?<redacted>"
+    signed["config"]["model"]["labels"] = "https://models.example/shapes.labels.txt?<redacted>"  # (not needed)
     (runs / "signed.json").write_text(json.dumps(signed))
     query_png = str(tmp_path / "query.png")
     assert cli.main(["similar", out, "--image", query_png]) == 2
-    assert ("run 'signed' read its --model from a signed URL whose signature its record does not keep "
+    assert ("run 'signed' read its --model from a URL whose query its record does not keep "
             "(https://models.example/shapes.keras): give it again: similar --model URL") in capsys.readouterr().err
     assert cli.main(["similar", out, "--image", query_png, "--model", shapes_model["path"], "-k", "2",
                      "--format", "json", "--out", str(tmp_path / "again.json")]) == 0

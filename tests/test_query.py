@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_export_csv_has_a_row_per_frame_and_topk_columns(out, tmp_path):
         assert {r["video_uri"] for r in csv.DictReader(f)} == {"/v/v2.mp4"}
 
 
-@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"]])
+@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"], ["compact", "{out}"]])
 def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
     """`rayvid export OUT - | head`: the reader closing its end is the end of the output, exit
     141 with nothing said (as `yes | head`), not "cannot read OUT: [Errno 32] Broken pipe"."""
@@ -152,7 +153,8 @@ def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
             "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # stdout: a pipe nobody reads
             "from rayvid import cli\n"
             f"sys.exit(cli.main({[a.format(out=out) for a in verb]!r}))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert (done.returncode, done.stderr) == (141, "")
 
 

@@ -21,7 +21,12 @@ def test_summary_says_what_happened_and_where():
     r.inference = dict(r.inference, frames=32, model_busy=0.5, waiting=0.25)
     assert "  infer:   model busy 50% of the inference actors' time, waiting for frames 25% (32 frames in 1 batches)" \
         in summary(r)
-    r.inference = None
+    r.plan = dict(r.plan, infer_gpus=1.0)  # Ray gave each inference actor a GPU that TensorFlow did not find
+    r.inference["devices"] = ["CPU"]
+    assert "inference 1..1, 1 GPU each (but TensorFlow found no GPU: the model ran on the CPU)" in summary(r)
+    r.inference["devices"] = ["GPU"]
+    assert summary(r).rstrip().endswith("inference 1..1, 1 GPU each")
+    r.inference, r.plan = None, dict(r.plan, infer_gpus=0.0)
     assert "storage:" not in text  # nothing read from a remote store
     r.bytes_read, r.bytes_remote = 20_540_000, 19_720_000
     assert "  storage: read 20.5 MB from remote stores (1.04x the 19.7 MB of the remote videos)" in summary(r)
