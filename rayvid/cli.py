@@ -193,10 +193,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.verb == "run":
         # argparse fills INPUT and OUTPUT (both optional) from the first run of words, so
         # `run IN --model X OUT` left OUT unrecognised: a later word fills what is empty
-        if extra and extra[0] == "--" and (args.input is None or args.output is None):
-            extra.pop(0)  # `run IN --flags -- OUT`: what follows "--" is positional
+        dashes = bool(extra) and extra[0] == "--" and (args.input is None or args.output is None)
+        if dashes:
+            extra.pop(0)  # `run IN --flags -- OUT`: what follows "--" is positional, whatever it looks like
         for name in ("input", "output"):
-            if getattr(args, name) is None and extra and (not extra[0].startswith("-") or extra[0] == "-"):
+            if getattr(args, name) is None and extra and (dashes or not extra[0].startswith("-")):
                 setattr(args, name, extra.pop(0))
         args.detached = _detached(argv)
     if extra:

@@ -94,7 +94,8 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
     object stores). None where only loading the model can tell (SavedModels, `.h5`, inputs
     of unknown size). Raises ModelError for a model, weights or labels file that does not
     exist (here, in one line, not when the inference actors load it)."""
-    weights = cfg.weights if cfg.weights not in (None, "imagenet", "none") else None
+    # (weights are a keras.applications model's only: a model file's own are in it)
+    weights = cfg.weights if cfg.name in APPLICATIONS and cfg.weights not in (None, "imagenet", "none") else None
     for what, url in (("weights", weights), ("labels", cfg.labels)):
         if url:
             _require_file(url, what)

@@ -43,8 +43,10 @@ def summary(result) -> str:
     if result.plan:
         p = result.plan
         gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
-        if p["infer_gpus"] and "CPU" in ((t or {}).get("devices") or []):
-            gpu += " (but TensorFlow found no GPU: the model ran on the CPU)"
+        devices = (t or {}).get("devices") or []
+        if p["infer_gpus"] and "CPU" in devices:
+            gpu += (" (but TensorFlow found no GPU on some actors: the model ran on the CPU there)" if "GPU" in devices
+                    else " (but TensorFlow found no GPU: the model ran on the CPU)")
         lines.append(
             f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
             f"inference {p['infer_min']}..{p['infer_max']}{gpu}"

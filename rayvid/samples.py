@@ -185,7 +185,7 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
     model_dir = os.path.join(root, "model")
     truth_path = os.path.join(root, "truth.json")
     os.makedirs(videos, exist_ok=True)
-    paths = [os.path.join(videos, f"sample_{i:02d}.mp4") for i in range(n_videos)]
+    paths = [os.path.abspath(os.path.join(videos, f"sample_{i:02d}.mp4")) for i in range(n_videos)]  # as video_uri
     if force or _truth(truth_path, videos) != {os.path.basename(p): int(round(seconds * FPS)) for p in paths}:
         for name in os.listdir(videos):
             if re.fullmatch(r"sample_\d+\.mp4", name):

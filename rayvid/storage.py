@@ -922,8 +922,12 @@ def _without_userinfo(url: str) -> str:
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
 _QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)\?[^\s'\"]*")
-# a URL of a store whose "?" and "#" are its key's (s3://, gs://, ...): no query to redact
-_KEY_URL = re.compile(r"(?<![\w+.-])(?!(?i:https?|ftps?)://)[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+# A URL of a store whose "?" and "#" are its key's (s3://, gs://, sftp://...: not HTTP(S) or
+# FTP, nor git+https and the like): no query to redact. It starts at a word's start and ends
+# at whitespace, a quote, or a separator followed by another URL (`s3://a,https://...`), so
+# an HTTP URL beside it, or one ahead of it (`https://proxy/gs://b/k?sig=...`), is redacted.
+_KEY_URL = re.compile(r"(?<![\w+./-])(?![\w+.-]*?(?i:https?|ftps?)://)[a-zA-Z][a-zA-Z0-9+.-]*://"
+                      r"(?:(?![,;|()<>\[\]{}=][a-zA-Z][\w+.-]*://)[^\s'\"])+")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[0-9A-Z]{12,20}\b")
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SAS)",
                          re.IGNORECASE)
@@ -940,15 +944,20 @@ def redact(text: str) -> str:
     if not text:
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}***@" if _secret_userinfo(m) else m[0], text)
-    keys: list[str] = []  # s3://b/cams?key=7/ is a key: kept whole (restored below)
-    text = _KEY_URL.sub(lambda m: keys.append(m[0]) or f"\x00{len(keys) - 1}\x00", text)
-    text = _QUERY.sub(r"\g<base>?<redacted>", text)
-    # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
-    text = _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
-    text = re.sub(r"\x00(\d+)\x00", lambda m: keys[int(m[1])], text)
+    pieces, last = [], 0  # s3://b/cams?key=7/ is a key: kept whole, the text around it redacted
+    for m in _KEY_URL.finditer(text):
+        pieces += [_redact_queries(text[last:m.start()]), m[0]]
+        last = m.end()
+    text = "".join(pieces) + _redact_queries(text[last:])
     for value in _secret_values():
         text = text.replace(value, "***")
     return _AWS_KEY_ID.sub("***", text)
+
+
+def _redact_queries(text: str) -> str:
+    text = _QUERY.sub(r"\g<base>?<redacted>", text)
+    # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
+    return _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
 
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"

@@ -216,12 +216,13 @@ def test_optional_values_as_documented(argv, embed, skip_similar, tmp_path):
 
 @pytest.mark.parametrize("argv", [["in", "--model", "m.keras", "out"], ["--every", "2", "in", "--model", "m.keras", "out"],
                                   ["in", "out", "--model", "m.keras", "--every", "2"],
-                                  ["in", "--model", "m.keras", "--", "out"]])
+                                  ["in", "--model", "m.keras", "--", "out"], ["in", "--model", "m.keras", "--", "-o"]])
 def test_input_and_output_may_have_flags_between_them(argv):
     """argparse filled both optional positionals from the first run of words: `run IN --model
     X OUT` was "unrecognized arguments: OUT"."""
     cfg = config_from_args(parse_args(["run", *argv]))
-    assert (cfg.input, cfg.output, cfg.model.name) == tuple(os.path.abspath(p) for p in ("in", "out", "m.keras"))
+    output = "-o" if "-o" in argv else "out"  # after "--" a word is positional, whatever it looks like
+    assert (cfg.input, cfg.output, cfg.model.name) == tuple(os.path.abspath(p) for p in ("in", output, "m.keras"))
 
 
 def test_a_word_too_many_is_an_error_naming_it_and_the_verbs_help(capsys):

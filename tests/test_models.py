@@ -151,6 +151,9 @@ def test_missing_weights_or_labels_are_said_before_any_work(store, shapes_model,
         assert str(e.value) == said
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(samples.CLASSES))
+    # a model file's weights are in it: --weights is a keras.applications model's only, unchecked here
+    assert models.static_shape(dataclasses.replace(here, weights=f"{bucket}/static/no-weights.h5")) == \
+        models.Shape((64, 64))
     # over HTTP any error status is fsspec's "not found": a refusal (an expired signed URL) is said as one
     import http.server
     import threading

@@ -24,6 +24,9 @@ def test_summary_says_what_happened_and_where():
     r.plan = dict(r.plan, infer_gpus=1.0)  # Ray gave each inference actor a GPU that TensorFlow did not find
     r.inference["devices"] = ["CPU"]
     assert "inference 1..1, 1 GPU each (but TensorFlow found no GPU: the model ran on the CPU)" in summary(r)
+    r.inference["devices"] = ["CPU", "GPU"]
+    assert summary(r).rstrip().endswith(
+        "1 GPU each (but TensorFlow found no GPU on some actors: the model ran on the CPU there)")
     r.inference["devices"] = ["GPU"]
     assert summary(r).rstrip().endswith("inference 1..1, 1 GPU each")
     r.inference, r.plan = None, dict(r.plan, infer_gpus=0.0)

@@ -43,10 +43,10 @@ def test_ensure_samples_builds_once(tmp_path, shapes_model):
     (tmp_path / "videos" / "mine.mp4").write_bytes(b"a user's file stays")
     samples.ensure_samples(str(tmp_path), n_videos=1, seconds=1.0)
     truth = json.loads((tmp_path / "truth.json").read_text())
-    assert [(os.path.basename(p), len(v)) for p, v in truth.items()] == [("sample_00.mp4", 15)]
+    assert [(p, len(v)) for p, v in truth.items()] == [(str(tmp_path / "videos" / "sample_00.mp4"), 15)]  # as video_uri
     assert sorted(os.listdir(tmp_path / "videos")) == ["mine.mp4", "sample_00.mp4"]
     made = (tmp_path / "videos" / "sample_00.mp4").stat().st_mtime_ns
-    for spelled in (f"{tmp_path}/", f"{tmp_path}/.", os.path.relpath(tmp_path)):  # the same folder: kept
+    for spelled in (f"{tmp_path}/.", os.path.relpath(tmp_path), f"{tmp_path}/../{tmp_path.name}"):  # the same folder
         samples.ensure_samples(spelled, n_videos=1, seconds=1.0)
         assert (tmp_path / "videos" / "sample_00.mp4").stat().st_mtime_ns == made, spelled
     (tmp_path / "videos" / "sample_00.mp4").unlink()  # a video gone: made again

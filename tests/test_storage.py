@@ -459,6 +459,31 @@ def test_gcs_refusals_and_outages_are_access_errors_with_the_right_meaning(gcs):
     assert isinstance(missing, FileNotFoundError) and not storage.is_unavailable(missing)
     assert "check credentials" not in storage.describe(missing)
 
+    # google-auth's errors, as gcsfs raises them: a token endpoint that cannot be reached is an
+    # outage (said with its cause, no hint); one that refuses is credentials (its message, no tuple)
+    import google.auth.exceptions as auth
+    import requests
+
+    def chained(outer, inner):
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise outer from e
+        except Exception as e:
+            return e
+
+    down = requests.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded with url: /token")
+    for error in (chained(auth.TransportError(str(down)), down),
+                  chained(auth.RefreshError("Failed to retrieve token", auth.TransportError(str(down))),
+                          chained(auth.TransportError(str(down)), down))):
+        assert isinstance(error, storage.ACCESS_ERRORS) and storage.is_unavailable(error)
+        assert storage.describe(error) == f"cannot get GCS credentials: {down}"
+    refused = auth.RefreshError("invalid_grant: Invalid JWT Signature.", {"error": "invalid_grant"})
+    assert not storage.is_unavailable(refused)
+    assert storage.describe(refused) == ("cannot get GCS credentials: invalid_grant: Invalid JWT Signature. "
+                                         f"({storage.CREDENTIALS_HINT})")
+
 
 def test_gcs_missing_objects_and_buckets_are_said_as_such(gcs):
     """gcsfs's FileNotFoundError holds only the JSON API path it asked: the message says
@@ -627,6 +652,12 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
     for key_url in ("s3://b/cams?key=7/", "gs://b/odd?sig=1&token=2.mp4", "sftp://h/a?b"):
         assert storage.redact(f"cannot read {key_url}: gone") == f"cannot read {key_url}: gone"
     assert storage.redact("s3://b/https://x/a?sig=1") == "s3://b/https://x/a?sig=1"  # an http:// inside a key
+    # ... but an HTTP URL beside one (a CSV row, a list), or ahead of one, is redacted
+    for text in ("s3://b/k,https://h/x?X-Amz-Signature=S3CRET", "s3://b/k;https://h/x?token=S3CRET",
+                 "[s3://b/k](https://h/x?token=S3CRET)", "git+https://host/repo?token=S3CRET",
+                 "https://proxy/p/gs://b/k?X-Goog-Signature=S3CRET"):
+        assert "S3CRET" not in storage.redact(text), storage.redact(text)
+    assert storage.redact("text \x001\x00 and s3://b/k") == "text \x001\x00 and s3://b/k"  # (UTF-16 bytes in a message)
     others = {  # Alibaba OSS (STS), Tencent COS, Akamai
         "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4?OSSAccessKeyId=A&Expires=1&Signature=S&security-token=T":
             "https://b.oss-cn-hangzhou.aliyuncs.com/k.mp4",
