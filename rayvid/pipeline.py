@@ -12,12 +12,14 @@ stage's actor pool and resources are planned from the cluster in `plan_resources
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import platform
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -292,7 +294,8 @@ def run(cfg: RunConfig) -> RunResult:
         beat.stop()
     finally:
         if we_started_ray:
-            ray.shutdown()
+            with _sigint_after():  # a Ctrl-C inside Ray's shutdown ends the process with Ray's C++ error, exit 1
+                ray.shutdown()
 
     result.videos_ok, result.videos_failed = committer.videos_ok, committer.videos_failed
     result.frames, result.files = committer.frames, committer.files
@@ -337,6 +340,27 @@ def run(cfg: RunConfig) -> RunResult:
 # client's whole retries (gcsfs: about 35 s), and the run's one-line error would wait on them.
 HEARTBEAT_STOP_S = 5.0
 FAILED_RECORD_WAIT_S = 15.0
+
+
+@contextlib.contextmanager
+def _sigint_after():
+    """Hold SIGINT back while the body runs (a handler that notes it, in the main thread);
+    one that came meanwhile goes to the handler before it once the body is done: a
+    KeyboardInterrupt then, out of a body that finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if came:
+        if callable(before):
+            before(signal.SIGINT, None)
+        elif before == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _record_failure(cfg: RunConfig, record: dict, beat: commit.Heartbeat, stopped: bool) -> None:

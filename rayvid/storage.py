@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -72,10 +73,10 @@ def _with_gcs_errors() -> None:
     retries with its traceback: rayvid says what failed in one line instead."""
     global ACCESS_ERRORS
     from gcsfs.retry import HttpError as GCSError
-    from google.auth.exceptions import GoogleAuthError
 
-    for error in (GCSError, GoogleAuthError):
-        if error not in ACCESS_ERRORS:
+    auth = sys.modules.get("google.auth.exceptions")  # imported by gcsfs (google-auth is its dependency)
+    for error in (GCSError, getattr(auth, "GoogleAuthError", None)):
+        if error is not None and error not in ACCESS_ERRORS:
             ACCESS_ERRORS = (*ACCESS_ERRORS, error)
     gcs_log = logging.getLogger("gcsfs")
     if not any(isinstance(f, _RetryTraceback) for f in gcs_log.filters):

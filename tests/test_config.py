@@ -62,7 +62,7 @@ def test_run_id_cannot_name_a_path_outside_output(run_id):
         ({"sampling": {"every": 2.5}}, "config.sampling.every: expected an integer, got 2.5"),
         ({"decode": {"segment_s": "600"}}, "config.decode.segment_s: expected a finite number, got '600'"),
         ({"decode": {"decoder": "ffmpeg"}}, "--decoder must be auto, decord or pyav, got 'ffmpeg'"),
-        ({"decode": {"threads": None}}, "config.decode.threads: expected an integer, got None"),
+        ({"decode": {"threads": "two"}}, "config.decode.threads: expected an integer, got 'two'"),
         ({"input": 5}, "config.input: expected a string, got 5"),
         ({"limit": "10"}, "config.limit: expected an integer, got '10'"),
         ({"progress": "no"}, "config.progress: expected true or false, got 'no'"),

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -1180,3 +1181,20 @@ def test_a_failing_run_waits_on_no_output_that_does_not_answer(tmp_path, monkeyp
         time.sleep(0.05)
     assert status() == "failed"
     assert not beat._thread.is_alive()
+
+
+def test_a_ctrl_c_inside_rays_shutdown_waits_for_its_end():
+    """Ctrl-C while `ray.shutdown()` ran ended the process through Ray's C++ ("The core worker
+    has already been shutdown ... will exit"), exit 1: the signal is held until the shutdown
+    is done, then raised as KeyboardInterrupt (exit 130 with rayvid's line)."""
+    code = ("import os, signal, sys, time\n"
+            "from rayvid import pipeline\n"
+            "done = False\n"
+            "try:\n"
+            "    with pipeline._sigint_after():\n"
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); done = True\n"
+            "except KeyboardInterrupt:\n"
+            "    sys.exit(42 if done else 1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 42, proc.stderr
