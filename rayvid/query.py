@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from rayvid import commit, storage
 from rayvid.errors import ConfigError, InputError
-from rayvid.schema import NO_LABEL_TEXT
+from rayvid.schema import label_text
 
 GAP_S = 0.5  # runs of one label closer than this merge into one segment
 PARTS_AHEAD = 4  # parts read at once, ahead of the one a verb works on
@@ -239,13 +239,9 @@ def _iso(t) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 
 
-def _label_text(label: Optional[str]) -> str:
-    return NO_LABEL_TEXT if label is None else label
-
-
 def summary_of(videos: pa.Table) -> pa.Table:
     """`summary` of rows of OUTPUT/videos/ already read."""
-    tops = [", ".join(f"{_label_text(t['label'])} {100 * t['share']:.0f}%" for t in (row or []))
+    tops = [", ".join(f"{label_text(t['label'])} {100 * t['share']:.0f}%" for t in (row or []))
             for row in videos.column("top_labels").to_pylist()]
     keep = ["video_uri", "frames", "duration_s", "fps", "width", "height", "codec", "decoder"]
     table = videos.select(keep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def summary(result) -> str:
-    from rayvid.schema import NO_LABEL_TEXT
+    from rayvid.schema import label_text
     from rayvid.storage import public_uri
 
     output = public_uri(result.output).rstrip("/")  # an ftp://user:password@... OUTPUT too
@@ -30,8 +30,7 @@ def summary(result) -> str:
         lines.append(f"  errors:  {output}/errors/ (one row per failed video)")
     lines.append(f"  record:  {output}/runs/{result.run_id}.json")
     if result.top_labels and result.frames:
-        tops = ", ".join(f"{NO_LABEL_TEXT if label is None else label} {100 * n / result.frames:.0f}%"
-                         for label, n in result.top_labels)
+        tops = ", ".join(f"{label_text(label)} {100 * n / result.frames:.0f}%" for label, n in result.top_labels)
         lines.append(f"  labels:  {tops} of frames")
     t = result.inference
     if t and t.get("frames"):  # (a run whose videos all failed had batches of end rows only)

@@ -33,6 +33,11 @@ KIND_END = "end"
 # A null top-1 label (a detector's frame with no box) as summaries write it
 NO_LABEL_TEXT = "(no label)"
 
+
+def label_text(label):
+    """A top-1 label as summaries write it: NO_LABEL_TEXT for none."""
+    return NO_LABEL_TEXT if label is None else label
+
 TOPK_TYPE = pa.list_(
     pa.struct(
         [
