@@ -526,6 +526,13 @@ def in_order(pool: concurrent.futures.Executor, fn, items: list, ahead: int) -> 
         yield queued.popleft().result()
 
 
+def record_time(t: float) -> str:
+    """A time as run records write it (started_at, finished_at; `runs` shows heartbeats so)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"{t!r} is no time")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+
+
 def write_run_record(output: str, run_id: str, record: dict) -> str:
     url = storage.join(output, RUNS_DIR, f"{run_id}.json")
     data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()

@@ -228,7 +228,7 @@ def run(cfg: RunConfig) -> RunResult:
     # before any dataset (planning's included): each copies the context as it is made
     DataContext.get_current().enable_progress_bars = cfg.progress
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
-              "started_at": _iso(started), "versions": _versions()}
+              "started_at": commit.record_time(started), "versions": _versions()}
     try:
         # else it loads once in a worker while the driver reads what is committed and
         # plans segments from the videos' headers (neither changes a committed row)
@@ -287,7 +287,7 @@ def run(cfg: RunConfig) -> RunResult:
                 _publish_complete(committer, e)
             # a copy: a beat still writing (stop's wait ran out) reads `record` meanwhile
             failed = dict(record, status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
-                          finished_at=_iso(time.time()), model=info.to_dict() if info else {"name": name},
+                          finished_at=commit.record_time(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
             _record_failure(cfg, _redacted(failed), beat, stopped)
             raise
@@ -305,7 +305,7 @@ def run(cfg: RunConfig) -> RunResult:
     result.wall_s = time.time() - started
     record.update(
         status="finished",
-        finished_at=_iso(time.time()),
+        finished_at=commit.record_time(time.time()),
         model=info.to_dict() if info else {"name": name},  # no info: no video needed the model
         plan=result.plan,
         stats={
@@ -669,10 +669,6 @@ def _versions() -> dict:
     import ray
 
     return {"rayvid": __version__, "ray": ray.__version__, "python": platform.python_version()}
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _redacted(record: dict) -> dict:

@@ -32,7 +32,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -220,7 +219,8 @@ def _run_row(name: str, record) -> dict:
             raise TypeError(f"{wall!r} is no number of seconds")
         return {"run_id": text(record.get("run_id")) or name, "status": status,
                 "started_at": text(record.get("started_at")), "finished_at": text(record.get("finished_at")),
-                "last_heartbeat": _iso(beat) if beat is not None else None, "host": text(record.get("host")),
+                "last_heartbeat": commit.record_time(beat) if beat is not None else None,
+                "host": text(record.get("host")),
                 "input": storage.public_uri(text(config.get("input")) or "") or None,
                 **{k: count(stats.get(k)) for k in ("videos_listed", "videos_skipped", "videos_ok", "videos_failed",
                                                     "frames")},
@@ -230,13 +230,6 @@ def _run_row(name: str, record) -> dict:
         why = " ".join(str(e).split())[:200]
         return {"run_id": name, "status": "unreadable", "error": f"{commit.RUNS_DIR}/{name}.json is no run record "
                 f"rayvid wrote: {type(e).__name__}: {why}"}
-
-
-def _iso(t) -> str:
-    """As run records write times (pipeline's started_at, finished_at)."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise TypeError(f"heartbeat_at {t!r} is no time")
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
 
 
 def summary_of(videos: pa.Table) -> pa.Table:
