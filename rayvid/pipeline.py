@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -225,6 +226,7 @@ def run(cfg: RunConfig) -> RunResult:
     we_started_ray = _connect(cfg.address)
     from ray.data import DataContext
 
+    _quiet_ray_data_about_our_stops()
     # before any dataset (planning's included): each copies the context as it is made
     DataContext.get_current().enable_progress_bars = cfg.progress
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
@@ -537,6 +539,41 @@ def _progress(result: RunResult, committer: Optional[commit.Committer]) -> dict:
     done = committer.done() if committer is not None else {"videos_ok": 0, "videos_failed": 0, "frames": 0}
     return {"videos_listed": result.videos_listed, "videos_skipped": result.videos_skipped,
             "videos_skipped_failed": result.videos_skipped_failed, **done}
+
+
+class _OurStop(logging.Filter):
+    """Marks Ray Data's log records about a stage's exception `hide` (its console handler
+    drops them; its log file keeps them) where that exception is rayvid's own stop (a
+    RayvidError: a store outage a decode actor met): Ray Data logs it with its full traceback,
+    and calls it possibly a Ray bug, before the driver says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]  # (logged inside `except`)
+        if _ours(error):
+            record.hide = True
+        return True
+
+
+def _ours(error: Optional[BaseException]) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RayvidError):  # (Ray's RayTaskError(X) is an X too)
+            return True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return False
+
+
+# Where Ray Data 2.60 logs a stage's exception: when the executor fetches the failed block,
+# and when the dataset's iterator raises it (as "internal code" where it is no UserCodeException).
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _quiet_ray_data_about_our_stops() -> None:
+    for name in RAY_DATA_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OurStop) for f in logger.filters):
+            logger.addFilter(_OurStop())
 
 
 def _raise_model_error(ray, reports) -> None:
