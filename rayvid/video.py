@@ -135,6 +135,21 @@ class Probe:
     pos: Optional[np.ndarray] = None
     nbytes: Optional[np.ndarray] = None
     order: Optional[np.ndarray] = None
+    # Packets that are no frame of the video but that decoding may read (`lead_in`):
+    # their byte offset, size, and the decode rank of the first frame after them
+    lead_pos: Optional[np.ndarray] = None
+    lead_nbytes: Optional[np.ndarray] = None
+    lead_before: Optional[np.ndarray] = None
+
+    @property
+    def lead_in(self) -> int:
+        """Packets the container holds that no player shows: decoded for the frames that
+        reference them, never frames of their own. An MP4/MOV edit list that starts inside a
+        group of pictures (a trim by stream copy, `ffmpeg -ss T -i IN -c copy OUT.mp4`, as
+        phones and editors make) flags the packets before its start as discarded; a
+        transport stream captured from the middle of a group of pictures opens with frames
+        that reference pictures it does not hold."""
+        return 0 if self.lead_pos is None else len(self.lead_pos)
 
 
 def probe(path: str, partial: bool = False) -> Probe:
@@ -155,7 +170,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             for p in _demux(container, stream):
                 if p.size:
                     packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe,
-                                    -1 if p.pos is None else p.pos, p.size))
+                                    -1 if p.pos is None else p.pos, p.size, p.is_discard))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
                         rotation = next((int(f.rotation or 0) for f in p.decode()), None)
@@ -163,7 +178,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                         pass
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
-                packets = [(t, indexed.get(pos, key), pos, n) for t, key, pos, n in packets]
+                packets = [(t, indexed.get(pos, key), pos, n, gone) for t, key, pos, n, gone in packets]
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
             rotation = rotation or 0
@@ -182,6 +197,18 @@ def probe(path: str, partial: bool = False) -> Probe:
         raise VideoError("the video stream has packets without timestamps"
                          + (" (an elementary stream, with no container to time its frames: remux it, "
                             "`ffmpeg -i IN -c copy OUT.mp4`)" if all(p[0] is None for p in packets) else ""))
+    lead = _lead_in(packets, container_format)
+    if lead.any():  # (in decode order, as `packets`)
+        before = np.cumsum(~lead)[lead]  # frames ahead of each in decode order: the next one's rank
+        lead_pos = np.array([p[2] for p, x in zip(packets, lead) if x], dtype=np.int64)
+        lead_nbytes = np.array([p[3] for p, x in zip(packets, lead) if x], dtype=np.int64)
+        packets = [p for p, x in zip(packets, lead) if not x]
+        listed = max(0, listed - len(lead_pos))  # (the container's count holds them)
+        if not packets:
+            raise VideoError("the video stream has no frames to show (every packet is before the start "
+                             "its container gives)")
+    else:
+        before = lead_pos = lead_nbytes = None
     order = np.argsort([p[0] for p in packets], kind="stable")
     pts = np.array([packets[i][0] for i in order], dtype=np.int64)
     if len(np.unique(pts)) != len(pts):
@@ -193,7 +220,23 @@ def probe(path: str, partial: bool = False) -> Probe:
     return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
-                 order=order.astype(np.int64))
+                 order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
+                 lead_before=None if before is None else before.astype(np.int64))
+
+
+def _lead_in(packets: list, container_format: str) -> np.ndarray:
+    """Which packets (pts, key, pos, size, discard; in decode order) are no frame a player
+    shows (`Probe.lead_in`): those the container flags discarded (an edit list's), and, in
+    a transport or program stream (a capture cut mid-way), the frames shown before its
+    first key frame: they reference pictures before the capture, and decoders drop them.
+    (Only there: elsewhere a first packet not flagged key may still decode, and its frames
+    are kept.)"""
+    lead = np.array([p[4] for p in packets], dtype=bool)
+    if UNSEEKABLE_CONTAINERS & set(container_format.split(",")):
+        first = next((p[0] for p, gone in zip(packets, lead) if p[1] and not gone), None)
+        if first is not None:
+            lead |= np.array([p[0] < first for p in packets], dtype=bool)
+    return lead
 
 
 def _open(source):
@@ -388,6 +431,9 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     for lo, hi in runs:
         frames = by_rank[lo : hi + 1]
         pos, nbytes = info.pos[frames], info.nbytes[frames]
+        if info.lead_in:  # lead-in packets among those read (from the file's start: those before too)
+            read = (info.lead_before > lo) & (info.lead_before <= hi) | (info.lead_before == 0) & (lo == 0)
+            pos, nbytes = np.concatenate([pos, info.lead_pos[read]]), np.concatenate([nbytes, info.lead_nbytes[read]])
         if (pos < 0).any():  # the container did not say where: everything
             ranges = [[0, 2**62]]
             break
@@ -557,7 +603,9 @@ class FrameReader:
         # decord decodes and resizes every frame up to the last one kept: only for dense
         # sampling; sparse sampling (--every, --fps, --keyframes) goes to PyAV, which skips
         dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
-        suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense
+        # (decord counts lead-in packets as frames: it gives the shown frames the wrong
+        # indices and repeats the last one for each, measured on a trimmed MP4)
+        suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense and not info.lead_in
                  and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
         small = os.path.getsize(path) <= self.decord_max_bytes
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))

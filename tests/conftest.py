@@ -381,6 +381,15 @@ def fragmented(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trimmed(tmp_path_factory):
+    """Trimmed by stream copy (MP4/MOV edit lists inside a GOP) and a transport stream
+    captured mid-GOP (tests/framecode.py TRIMMED): name -> path."""
+    import framecode
+
+    return framecode.make_trimmed(str(tmp_path_factory.mktemp("trimmed")))
+
+
+@pytest.fixture(scope="session")
 def damaged(tmp_path_factory):
     """Truncated (both MP4 layouts), garbage in the middle, a damaged key-frame index,
     unsupported codec: name -> path."""

@@ -145,6 +145,52 @@ def make_matrix(directory: str) -> dict:
     return out
 
 
+TRIMMED = {  # name -> (source, how): videos whose container holds packets no player shows
+    "trim_mid_gop.mp4": ("closed", ["-ss", "0.5", "-t", "1"]),  # an MP4 edit list starting inside a GOP
+    "trim_bframes.mp4": ("bframes", ["-ss", "1.1", "-t", "1.5"]),  # the same with B-frames
+    "trim_bframes.mov": ("bframes", ["-ss", "0.5"]),
+    "capture_mid_gop.ts": ("bframes", None),  # a transport stream cut at a packet a third of the way in
+}
+
+
+def make_trimmed(directory: str) -> dict:
+    """Write every TRIMMED video into `directory` (cut by stream copy from 90-frame code
+    videos, GOP 30, as `ffmpeg -ss T -i IN -c copy OUT` and captures make them); returns
+    name -> path."""
+    from rayvid import samples
+
+    d = lambda name: os.path.join(directory, name)  # noqa: E731
+    write_code_video(d("closed.mp4"), 90, (96, 128), X264 + ["-bf", "0", "-g", "30", "-x264-params", "scenecut=0"])
+    write_code_video(d("bframes.mp4"), 90, (96, 128), X264 + ["-bf", "3", "-g", "30"])
+    subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", d("bframes.mp4"), "-c", "copy",
+                    d("bframes.ts")], check=True)
+    out = {}
+    for name, (source, cut) in TRIMMED.items():
+        out[name] = d(name)
+        if cut is None:
+            data = open(d(source + ".ts"), "rb").read()
+            with open(out[name], "wb") as f:
+                f.write(data[len(data) // 3 // 188 * 188:])
+        else:
+            subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", *cut[:2], "-i", d(source + ".mp4"),
+                            *cut[2:], "-c", "copy", out[name]], check=True)
+    for name in ("closed.mp4", "bframes.mp4", "bframes.ts"):
+        os.remove(d(name))
+    return out
+
+
+def shown(path: str) -> list:
+    """What a player shows of `path`: (time from the stream's start, code, key frame) of
+    each frame FFmpeg decodes, in presentation order."""
+    import av
+
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        start, tb = s.start_time or 0, s.time_base
+        frames = sorted((f.pts, read_code(f.to_ndarray(format="rgb24")), bool(f.key_frame)) for f in c.decode(s))
+    return [((p - start) * tb.numerator / tb.denominator, code, key) for p, code, key in frames]
+
+
 DAMAGED_FRAMES = 120  # each damaged file is cut from a 120-frame H.264 code video, GOP 30
 
 

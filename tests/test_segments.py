@@ -459,6 +459,23 @@ def test_segments_meet_exactly_on_every_codec(matrix, name):
     assert not wrong, f"{name}: (frame, shown) {wrong[:5]}"
 
 
+@pytest.mark.parametrize("name", sorted(framecode.TRIMMED))
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_segments_of_a_trimmed_video_meet_exactly(trimmed, s3fs_client, name, where):
+    """A trimmed video (packets before its first shown frame) cut into ~0.3 s segments,
+    local and on S3 (MP4/MOV: partial copies, which must fetch those packets too, or the
+    first segment's frames do not decode): each frame once, showing what a player shows."""
+    path = trimmed[name]
+    truth = framecode.shown(path)
+    url = path
+    if where == "s3":
+        url = f"s3://rayvid-test/trimmed-segments/{name}"
+        s3fs_client.put_file(path, url)
+    bounds = segments.bounds(truth[-1][0] + 0.05, 0.3)
+    assert len(bounds) > 3
+    assert _decode(url, bounds, {}) == [(i, code) for i, (_, code, _) in enumerate(truth)]
+
+
 @pytest.mark.parametrize("name", ["truncated_moov_at_end.mp4", "truncated_faststart.mp4",
                                   "garbage_in_middle.mp4", "unsupported_codec.avi"])
 @pytest.mark.parametrize("sampling", [{}, {"every": 7}])

@@ -105,6 +105,30 @@ def test_clips_tile_the_kept_frames(n, stride, starts, ends):
         assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
 
 
+@pytest.mark.parametrize("name", sorted(framecode.TRIMMED))
+@pytest.mark.parametrize("sampling", [{}, {"every": 3}, {"fps": 4.0}, {"keyframes": True}, {"decoder": "pyav"}])
+def test_a_trimmed_video_is_the_frames_a_player_shows(trimmed, name, sampling):
+    """A stream-copy trim (an MP4/MOV edit list starting inside a GOP) and a transport stream
+    captured mid-GOP hold packets no player shows: frame 0 is the first frame shown, at
+    its time from the stream's start, every index shows its own frame, and nothing is
+    called lost or truncated (decord numbered the hidden packets as frames, gave the shown
+    ones their times, 0.5 s early, and repeated the last frame for each; PyAV's path
+    called them lost)."""
+    truth = framecode.shown(trimmed[name])
+    times = np.array([t for t, _, _ in truth])
+    keys = np.array([k for _, _, k in truth]) if sampling.get("keyframes") else None
+    keep = sample_indices(times, sampling.get("every", 1), sampling.get("fps"), keys)
+    rows, end = [], None
+    for batch in FrameReader(framecode.SIZE, **sampling).read(trimmed[name], trimmed[name]):
+        if batch["kind"][0] == "end":
+            end = batch
+            continue
+        rows += [(int(i), float(t), framecode.read_code(f))
+                 for i, t, f in zip(batch["frame_index"], batch["timestamp_s"], batch["frame"])]
+    assert len(keep) and rows == [(int(i), truth[i][0], truth[i][1]) for i in keep]
+    assert end["message"][0] == "" and end["n_frames"][0] == len(keep)
+
+
 def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
     """A partial copy (the index only, media data a hole) probes like the whole file: the
     same frames, times, key frames and packet places, read without the holes' bytes."""
