@@ -23,6 +23,7 @@ header alone (a few ranged reads on object stores); when it is unknown, or the f
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
 copy it whole; and one in a container without an index (MPEG-TS/PS: `video.UNSEEKABLE_CONTAINERS`),
+or whose frames are known by their order only (H.264/HEVC in AVI, ASF: `video.output_order`),
 where each segment would read from the start.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayvid import storage
-from rayvid.video import UNSEEKABLE_CONTAINERS
+from rayvid.video import UNSEEKABLE_CONTAINERS, output_order
 from rayvid.schema import SEGMENTS_SCHEMA
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -69,11 +70,13 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
         if size is None or not storage.serves_ranges(fs, path, size):  # then every segment would copy it whole
             return 0.0, version
         with storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES) as f, av.open(f) as container:
-            if UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(",")):
-                return 0.0, version  # no index to seek by: a later segment would read from the start
+            stream = container.streams.video[0] if container.streams.video else None
+            codec = stream.codec_context.name if stream is not None and stream.codec_context else ""
+            if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
+                    or output_order(container.format.name or "", codec)):
+                return 0.0, version  # no index to seek by, or frames known by their order: read from the start
             if container.duration:
                 return container.duration / 1_000_000, version  # AV_TIME_BASE
-            stream = container.streams.video[0] if container.streams.video else None
             if stream is not None and stream.duration and stream.time_base:
                 return float(stream.duration * stream.time_base), version
     except (av.FFmpegError, IndexError, *storage.ACCESS_ERRORS):

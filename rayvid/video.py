@@ -77,6 +77,14 @@ DECORD_WRONG_CONTAINERS = frozenset({"mpegts"})
 # start from (measured: sampled frames and later segments lost as damaged). Readers never
 # seek in them (`Probe.seek_keys`), and the planner keeps them in one segment.
 UNSEEKABLE_CONTAINERS = frozenset({"mpegts", "mpeg"})
+# Containers that store decode times only (AVI, ASF/WMV): of H.264/HEVC with B-frames
+# FFmpeg gives packets, and so frames, times in decode order, not the order they are shown
+# in (measured: with `--every 5`, frame 10 showed frame 11, frame 20 frame 23). Decoders
+# output frames in the order they are shown, so in these files (`Probe.output_order`) the
+# k-th frame decoded from the start is frame k: read from the start, every frame decoded
+# (no seek, no skipping), never cut into segments.
+DECODE_TIME_CONTAINERS = frozenset({"avi", "asf"})
+REORDERING_CODECS = frozenset({"h264", "hevc"})
 
 
 def sample_indices(
@@ -125,10 +133,17 @@ class Probe:
     container: str = ""  # FFmpeg's name of the container format (`mpegts`, `mov,mp4,...`)
 
     @property
+    def output_order(self) -> bool:
+        """Frames are known by the order they are decoded in, not by their times
+        (`DECODE_TIME_CONTAINERS`)."""
+        return output_order(self.container, self.codec)
+
+    @property
     def seek_keys(self) -> np.ndarray:
         """The frames a reader may seek to: the key frames, where the container has an index
-        to seek by; else frame 0 alone (`UNSEEKABLE_CONTAINERS`: read from the start)."""
-        if UNSEEKABLE_CONTAINERS & set(self.container.split(",")):
+        to seek by; else frame 0 alone (`UNSEEKABLE_CONTAINERS`, and files whose frames are
+        known by their order only: read from the start)."""
+        if UNSEEKABLE_CONTAINERS & set(self.container.split(",")) or self.output_order:
             return np.arange(len(self.keyframes)) == 0
         return self.keyframes
     # where frame i's packet lies: byte offset (-1: unknown), size, rank in decode order
@@ -167,9 +182,12 @@ def probe(path: str, partial: bool = False) -> Probe:
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets, rotation = [], 0 if partial else None
+            # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
+            by_order = output_order(container.format.name or "", stream.codec_context.name)
             for p in _demux(container, stream):
                 if p.size:
-                    packets.append((p.pts if p.pts is not None else p.dts, p.is_keyframe,
+                    packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
+                                    p.is_keyframe,
                                     -1 if p.pos is None else p.pos, p.size, p.is_discard))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
@@ -214,6 +232,8 @@ def probe(path: str, partial: bool = False) -> Probe:
     if len(np.unique(pts)) != len(pts):
         raise VideoError("the video stream has frames with duplicate timestamps")
     keys = np.array([packets[i][1] for i in order], dtype=bool)
+    if by_order:  # decode times: from the first frame's
+        start = int(pts[0])
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
@@ -222,6 +242,12 @@ def probe(path: str, partial: bool = False) -> Probe:
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64))
+
+
+def output_order(container_format: str, codec: str) -> bool:
+    """Whether frames of this codec in this container are known by their order only
+    (`DECODE_TIME_CONTAINERS`)."""
+    return bool(DECODE_TIME_CONTAINERS & set(container_format.split(","))) and codec in REORDERING_CODECS
 
 
 def _lead_in(packets: list, container_format: str) -> np.ndarray:
@@ -702,7 +728,10 @@ class FrameReader:
             # threads (so they decode on one thread when skipping). Not libdav1d (AV1),
             # which decodes behind its input (measured: a kept frame lost).
             skip_nonref = (not self.keyframes and len(keep) < len(info.pts)
-                           and info.codec in ("h264", "hevc"))
+                           and info.codec in ("h264", "hevc") and not info.output_order)
+            if info.output_order:  # every frame decoded, in order: the k-th is frame k
+                ctx.skip_frame = "DEFAULT"
+                index_of, decoded_in_order = {}, iter(range(len(info.pts)))
             ctx.thread_count = 1 if skip_nonref else self.threads
             packets = _demux(container, stream)
             while found < len(keep):
@@ -734,7 +763,7 @@ class FrameReader:
                     ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
                 if suspect and packet.is_keyframe and i is not None:
                     suspect, floor = False, i
-                drain = walk.read(i)
+                drain = walk.read(i) and not info.output_order  # (the order: to the end, or every kept frame)
                 fed += 1
                 try:
                     frames = packet.decode()
@@ -750,7 +779,7 @@ class FrameReader:
                         suspect = True
                 for frame in frames:
                     decoded += 1
-                    i = index_of.get(frame.pts)
+                    i = next(decoded_in_order, None) if info.output_order else index_of.get(frame.pts)
                     if frame.is_corrupt:
                         damaged += 1
                         suspect = True

@@ -104,6 +104,9 @@ MATRIX = {
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
     "h264_bframes.ts": (40, (96, 128), X264 + ["-g", "10", "-bf", "3"], {}),
     "mpeg2.mpg": (40, (96, 128), ["-c:v", "mpeg2video", "-q:v", "3", "-g", "10", "-bf", "2"], {}),
+    # decode times only: frames known by their order (video.DECODE_TIME_CONTAINERS)
+    "h264_bframes.avi": (40, (96, 128), X264 + ["-g", "12", "-bf", "3"], {}),
+    "h264_bframes.wmv": (40, (96, 128), X264 + ["-g", "12", "-bf", "3"], {}),
 }
 # What `auto` picks (see video.DECORD_CODECS).
 EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav"}

@@ -20,13 +20,19 @@ BUCKET = "rayvid-test"
 
 
 def pts_of(path: str) -> np.ndarray:
-    """Reference presentation times from PyAV: (pts - start_time) x time_base, sorted."""
+    """Reference presentation times from PyAV: (pts - start_time) x time_base, sorted. AVI
+    and ASF store decode times only: there, of H.264 (whose frames FFmpeg times in decode
+    order, a frame's delay later), the k-th decode time from the first (constant rate)."""
     import av
 
     with av.open(path) as c:
         s = c.streams.video[0]
-        pts = sorted(f.pts for f in c.decode(s))
-        start = s.start_time or 0
+        if c.format.name in ("avi", "asf") and s.codec_context.name == "h264":
+            pts = [p.dts for p in c.demux(s) if p.size]
+            start = pts[0]
+        else:
+            pts = sorted(f.pts for f in c.decode(s))
+            start = s.start_time or 0
         tb = s.time_base
     return np.array([(p - start) * tb.numerator / tb.denominator for p in pts])
 

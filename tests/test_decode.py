@@ -257,7 +257,7 @@ def test_sparse_sampling_exact_on_open_gop_hevc(matrix):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name", ["h264.mp4", "hevc_opengop.mp4", "av1.mkv"])
+@pytest.mark.parametrize("name", ["h264.mp4", "hevc_opengop.mp4", "av1.mkv", "h264_bframes.avi"])
 def test_keyframes_only(matrix, name, threads):
     import av
 
