@@ -136,7 +136,7 @@ class Probe:
     def output_order(self) -> bool:
         """Frames are known by the order they are decoded in, not by their times
         (`DECODE_TIME_CONTAINERS`)."""
-        return output_order(self.container, self.codec)
+        return self.joined > 0 or output_order(self.container, self.codec)
 
     @property
     def seek_keys(self) -> np.ndarray:
@@ -155,6 +155,8 @@ class Probe:
     lead_pos: Optional[np.ndarray] = None
     lead_nbytes: Optional[np.ndarray] = None
     lead_before: Optional[np.ndarray] = None
+    joined: int = 0  # times the clock restarted (`_epochs`): its frames are known by their order
+
 
     @property
     def lead_in(self) -> int:
@@ -188,7 +190,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                 if p.size:
                     packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
                                     p.is_keyframe,
-                                    -1 if p.pos is None else p.pos, p.size, p.is_discard))
+                                    -1 if p.pos is None else p.pos, p.size, p.is_discard, p.dts))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
                         rotation = next((int(f.rotation or 0) for f in p.decode()), None)
@@ -196,7 +198,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                         pass
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
-                packets = [(t, indexed.get(pos, key), pos, n, gone) for t, key, pos, n, gone in packets]
+                packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
             rotation = rotation or 0
@@ -215,20 +217,30 @@ def probe(path: str, partial: bool = False) -> Probe:
         raise VideoError("the video stream has packets without timestamps"
                          + (" (an elementary stream, with no container to time its frames: remux it, "
                             "`ffmpeg -i IN -c copy OUT.mp4`)" if all(p[0] is None for p in packets) else ""))
-    lead = _lead_in(packets, container_format)
+    epoch = _epochs(packets, container_format)
+    lead = _lead_in(packets, container_format, epoch)
     if lead.any():  # (in decode order, as `packets`)
         before = np.cumsum(~lead)[lead]  # frames ahead of each in decode order: the next one's rank
         lead_pos = np.array([p[2] for p, x in zip(packets, lead) if x], dtype=np.int64)
         lead_nbytes = np.array([p[3] for p, x in zip(packets, lead) if x], dtype=np.int64)
         packets = [p for p, x in zip(packets, lead) if not x]
+        epoch = epoch[~lead]
         listed = max(0, listed - len(lead_pos))  # (the container's count holds them)
         if not packets:
             raise VideoError("the video stream has no frames to show (every packet is before the start "
                              "its container gives)")
     else:
         before = lead_pos = lead_nbytes = None
-    order = np.argsort([p[0] for p in packets], kind="stable")
-    pts = np.array([packets[i][0] for i in order], dtype=np.int64)
+    raw = np.array([p[0] for p in packets], dtype=np.int64)
+    joined = int(epoch.max()) if len(epoch) else 0
+    if joined:  # each part's times after the last one's: a frame's duration after its last frame
+        step = round(1 / float(rate) / float(tb)) if rate else 1
+        for e in range(1, joined + 1):
+            prev, part = raw[epoch == e - 1], epoch == e
+            gaps = np.diff(np.sort(prev))
+            raw[part] += int(prev.max() + (int(np.median(gaps)) if len(gaps) else step) - raw[part].min())
+    order = np.argsort(raw, kind="stable")
+    pts = raw[order]
     if len(np.unique(pts)) != len(pts):
         raise VideoError("the video stream has frames with duplicate timestamps")
     keys = np.array([packets[i][1] for i in order], dtype=bool)
@@ -241,7 +253,20 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
-                 lead_before=None if before is None else before.astype(np.int64))
+                 lead_before=None if before is None else before.astype(np.int64), joined=joined)
+
+
+def _epochs(packets: list, container_format: str) -> np.ndarray:
+    """For each packet (decode order), how many times the decode times went back before it:
+    in a transport or program stream, parts joined end to end (captures, HLS segments
+    concatenated) whose clock restarted; elsewhere 0."""
+    epoch = np.zeros(len(packets), dtype=np.int64)
+    if UNSEEKABLE_CONTAINERS & set(container_format.split(",")):
+        dts = [p[5] for p in packets]
+        back = [k for k in range(1, len(dts)) if dts[k] is not None and dts[k - 1] is not None and dts[k] < dts[k - 1]]
+        for k in back:
+            epoch[k:] += 1
+    return epoch
 
 
 def output_order(container_format: str, codec: str) -> bool:
@@ -250,7 +275,7 @@ def output_order(container_format: str, codec: str) -> bool:
     return bool(DECODE_TIME_CONTAINERS & set(container_format.split(","))) and codec in REORDERING_CODECS
 
 
-def _lead_in(packets: list, container_format: str) -> np.ndarray:
+def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndarray:
     """Which packets (pts, key, pos, size, discard; in decode order) are no frame a player
     shows (`Probe.lead_in`): those the container flags discarded (an edit list's), and, in
     a transport or program stream (a capture cut mid-way), the frames shown before its
@@ -259,9 +284,9 @@ def _lead_in(packets: list, container_format: str) -> np.ndarray:
     are kept.)"""
     lead = np.array([p[4] for p in packets], dtype=bool)
     if UNSEEKABLE_CONTAINERS & set(container_format.split(",")):
-        first = next((p[0] for p, gone in zip(packets, lead) if p[1] and not gone), None)
-        if first is not None:
-            lead |= np.array([p[0] < first for p in packets], dtype=bool)
+        first = next((p[0] for p, gone, e in zip(packets, lead, epoch) if p[1] and not gone and not e), None)
+        if first is not None:  # (of the first part, where parts are joined: `_epochs`)
+            lead |= np.array([p[0] < first for p in packets], dtype=bool) & (epoch == 0)
     return lead
 
 
@@ -632,6 +657,7 @@ class FrameReader:
         # (decord counts lead-in packets as frames: it gives the shown frames the wrong
         # indices and repeats the last one for each, measured on a trimmed MP4)
         suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense and not info.lead_in
+                 and not info.joined
                  and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
         small = os.path.getsize(path) <= self.decord_max_bytes
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))

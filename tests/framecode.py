@@ -154,6 +154,7 @@ TRIMMED = {  # name -> (source, how): videos whose container holds packets no pl
     "trim_bframes.mov": ("bframes", ["-ss", "0.5"]),
     "capture_mid_gop.ts": ("bframes", None),  # a transport stream cut at a packet a third of the way in
 }
+JOINED = "joined_capture.ts"  # two transport streams end to end, the clock restarting at the second
 
 
 def make_trimmed(directory: str) -> dict:
@@ -177,7 +178,14 @@ def make_trimmed(directory: str) -> dict:
         else:
             subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", *cut[:2], "-i", d(source + ".mp4"),
                             *cut[2:], "-c", "copy", out[name]], check=True)
-    for name in ("closed.mp4", "bframes.mp4", "bframes.ts"):
+    ff = [samples.ffmpeg_exe(), "-y", "-loglevel", "error"]
+    subprocess.run(ff + ["-i", d("bframes.mp4"), "-t", "1.5", "-c", "copy", "-output_ts_offset", "10", d("a.ts")],
+                   check=True)
+    subprocess.run(ff + ["-ss", "1", "-i", d("bframes.mp4"), "-c", "copy", d("b.ts")], check=True)
+    out[JOINED] = d(JOINED)
+    with open(out[JOINED], "wb") as f:
+        f.write(open(d("a.ts"), "rb").read() + open(d("b.ts"), "rb").read())
+    for name in ("closed.mp4", "bframes.mp4", "bframes.ts", "a.ts", "b.ts"):
         os.remove(d(name))
     return out
 

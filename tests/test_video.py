@@ -129,6 +129,38 @@ def test_a_trimmed_video_is_the_frames_a_player_shows(trimmed, name, sampling):
     assert end["message"][0] == "" and end["n_frames"][0] == len(keep)
 
 
+def _rows(path: str, **sampling) -> tuple[list, dict]:
+    rows, end = [], None
+    for batch in FrameReader(framecode.SIZE, **sampling).read(path, path):
+        if batch["kind"][0] == "end":
+            end = batch
+            continue
+        rows += [(int(i), float(t), framecode.read_code(f))
+                 for i, t, f in zip(batch["frame_index"], batch["timestamp_s"], batch["frame"])]
+    return rows, end
+
+
+def test_a_joined_transport_stream_is_its_parts_in_the_order_played(trimmed):
+    """Two captures joined end to end, the second's clock restarting (concatenated HLS
+    segments, DVR files): frames in the order a player shows them, times going on from
+    the first part's (they were sorted by the restarted clock: the second part first,
+    then the first; --fps read only the first part). Sampling picks by those times."""
+    import av
+
+    path = trimmed[framecode.JOINED]
+    with av.open(path) as c:
+        played = [framecode.read_code(f.to_ndarray(format="rgb24")) for f in c.decode(c.streams.video[0])]
+    rows, end = _rows(path)
+    assert [r[2] for r in rows] == played and [r[0] for r in rows] == list(range(len(played)))
+    steps = np.diff([r[1] for r in rows])
+    assert rows[0][1] == 0 and steps.min() > 0 and steps.max() < 0.11  # one timeline, no jump back or ahead
+    assert end["message"][0] == "" and end["n_frames"][0] == len(played)
+    times = np.array([r[1] for r in rows])
+    for sampling in ({"every": 3}, {"fps": 2.0}, {"decoder": "pyav"}):
+        assert _rows(path, **sampling)[0] == [rows[i] for i in sample_indices(times, sampling.get("every", 1),
+                                                                              sampling.get("fps"))], sampling
+
+
 def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
     """A partial copy (the index only, media data a hole) probes like the whole file: the
     same frames, times, key frames and packet places, read without the holes' bytes."""
