@@ -156,6 +156,7 @@ class Probe:
     lead_nbytes: Optional[np.ndarray] = None
     lead_before: Optional[np.ndarray] = None
     joined: int = 0  # times the clock restarted (`_epochs`): its frames are known by their order
+    mirrored: bool = False  # the display matrix mirrors the picture (`display_matrix`): decord does not
 
 
     @property
@@ -183,7 +184,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
-            packets, rotation = [], 0 if partial else None
+            packets, rotation, mirrored = [], 0 if partial else None, False
             # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
             by_order = output_order(container.format.name or "", stream.codec_context.name)
             for p in _demux(container, stream):
@@ -193,9 +194,11 @@ def probe(path: str, partial: bool = False) -> Probe:
                                     -1 if p.pos is None else p.pos, p.size, p.is_discard, p.dts))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
-                        rotation = next((int(f.rotation or 0) for f in p.decode()), None)
+                        first = next(iter(p.decode()), None)
                     except av.FFmpegError:
-                        pass
+                        first = None
+                    if first is not None:
+                        rotation, mirrored = int(first.rotation or 0), display_matrix(first) is not None
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
@@ -253,7 +256,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
-                 lead_before=None if before is None else before.astype(np.int64), joined=joined)
+                 lead_before=None if before is None else before.astype(np.int64), joined=joined, mirrored=mirrored)
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -420,7 +423,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
     import av
 
     fetch(plan_ranges(path, info, keep, gap_bytes))
-    rotation, width, height = 0, info.width, info.height
+    rotation, width, height, mirrored = 0, info.width, info.height, False
     with _open(path) as container:
         stream = container.streams.video[0]
         key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
@@ -433,10 +436,11 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
                 break
             if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
                 rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
+                mirrored = display_matrix(frames[0]) is not None
                 break
     if (rotation // 90) % 2:
         width, height = height, width
-    return replace(info, rotation=rotation, width=int(width), height=int(height))
+    return replace(info, rotation=rotation, width=int(width), height=int(height), mirrored=mirrored)
 
 
 def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH_GAP_BYTES) -> list:
@@ -506,10 +510,37 @@ def _seek(container, stream, info: Probe, key: int) -> None:
         raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {_reason(e)})") from None
 
 
-def upright(img: np.ndarray, rotation) -> np.ndarray:
-    """A decoded image turned as the container's display matrix says (`frame.rotation`)."""
+def upright(img: np.ndarray, rotation, matrix: Optional[np.ndarray] = None) -> np.ndarray:
+    """A decoded image turned as the container's display matrix says (`frame.rotation`;
+    `matrix`, FFmpeg's 3x3 display matrix, where it also mirrors: `display_matrix`), as
+    FFmpeg's command line shows it (its autorotate: a quarter turn with a mirror is a
+    transpose, a half turn's mirrors are flips, a mirror with no turn a vertical flip)."""
     turns = (int(rotation) // 90) % 4 if rotation else 0
+    if matrix is not None:
+        a, c, d = int(matrix[0]), int(matrix[3]), int(matrix[4])
+        if turns == 0:
+            img = img[::-1] if d < 0 else img
+        elif turns == 3:  # a quarter turn clockwise
+            img = img.transpose(1, 0, 2) if c > 0 else np.rot90(img, k=-1)
+        elif turns == 1:  # counterclockwise
+            img = np.rot90(img, k=-1)[::-1] if c < 0 else np.rot90(img, k=1)
+        else:
+            img = img[:, ::-1] if a < 0 else img
+            img = img[::-1] if d < 0 else img
+        return np.ascontiguousarray(img)
     return np.ascontiguousarray(np.rot90(img, k=turns)) if turns else img
+
+
+def display_matrix(frame) -> Optional[np.ndarray]:
+    """The display matrix that comes with a decoded frame where it mirrors the picture (a
+    negative determinant: `-display_hflip`, a front camera's), else None (its rotation
+    alone is `frame.rotation`)."""
+    for data in frame.side_data:
+        if str(getattr(data.type, "name", data.type)).endswith("DISPLAYMATRIX"):
+            m = np.frombuffer(bytes(data), dtype=np.int32)
+            if len(m) >= 9 and int(m[0]) * int(m[4]) - int(m[1]) * int(m[3]) < 0:
+                return m[:9].copy()
+    return None
 
 
 class _Untrusted(Exception):
@@ -657,7 +688,7 @@ class FrameReader:
         # (decord counts lead-in packets as frames: it gives the shown frames the wrong
         # indices and repeats the last one for each, measured on a trimmed MP4)
         suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense and not info.lead_in
-                 and not info.joined
+                 and not info.joined and not info.mirrored
                  and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
         small = os.path.getsize(path) <= self.decord_max_bytes
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))
@@ -829,13 +860,13 @@ class FrameReader:
             state["note"] = _join(state["note"], f"{damaged} damaged packets, {dropped} concealed frames dropped")
 
     def _upright(self, frame) -> np.ndarray:
-        """RGB at model size, rotated as the container's display matrix says."""
+        """RGB at model size, turned (and mirrored) as the container's display matrix says."""
         turns = (int(frame.rotation) // 90) % 4 if frame.rotation else 0
         if turns % 2:  # 90/270: resize to the transposed size, then rotate
             img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BICUBIC")
         else:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
-        return upright(img, frame.rotation)
+        return upright(img, frame.rotation, display_matrix(frame))
 
     def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
         """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""

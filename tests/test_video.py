@@ -161,6 +161,48 @@ def test_a_joined_transport_stream_is_its_parts_in_the_order_played(trimmed):
                                                                               sampling.get("fps"))], sampling
 
 
+MIRRORS = {  # name -> the display flags ffmpeg sets on a stream copy of a code video
+    "hflip.mp4": ["-display_hflip"],
+    "vflip.mp4": ["-display_vflip"],
+    "rot90_hflip.mp4": ["-display_rotation", "90", "-display_hflip"],
+    "rot270_hflip.mp4": ["-display_rotation", "270", "-display_hflip"],
+    "rot180_vflip.mp4": ["-display_rotation", "180", "-display_vflip"],
+}
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    import subprocess
+
+    root = tmp_path_factory.mktemp("mirrored")
+    stored = str(root / "stored.mp4")
+    framecode.write_code_video(stored, 12, (96, 128), framecode.X264 + ["-g", "4"])
+    out = {}
+    for name, flags in MIRRORS.items():
+        out[name] = str(root / name)
+        subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", *flags, "-i", stored, "-c", "copy",
+                        out[name]], check=True)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MIRRORS))
+@pytest.mark.parametrize("sampling", [{}, {"every": 2}, {"decoder": "pyav"}])
+def test_a_mirrored_display_matrix_turns_frames_as_ffmpeg_shows_them(mirrored, name, sampling):
+    """A display matrix that mirrors (a flip, alone or with a quarter or half turn): each
+    frame as FFmpeg's command line shows it (its autorotate; the reference here), on
+    decord's path and PyAV's (decord ignored the mirror: the frames came out mirrored)."""
+    import subprocess
+
+    h, w = framecode.SIZE
+    raw = subprocess.run([samples.ffmpeg_exe(), "-loglevel", "error", "-i", mirrored[name], "-vf", f"scale={w}:{h}",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True).stdout
+    shown = [framecode.read_code(f) for f in np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)]
+    rows, end = _rows(mirrored[name], **sampling)
+    keep = range(0, len(shown), sampling.get("every", 1))
+    assert [(i, code) for i, _, code in rows] == [(i, shown[i]) for i in keep], name
+    assert end["message"][0] == ""
+
+
 def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
     """A partial copy (the index only, media data a hole) probes like the whole file: the
     same frames, times, key frames and packet places, read without the holes' bytes."""
