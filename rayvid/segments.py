@@ -76,7 +76,10 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
                     or output_order(container.format.name or "", codec)):
                 return 0.0, version  # no index to seek by, or frames known by their order: read from the start
             if container.duration:
-                return container.duration / 1_000_000, version  # AV_TIME_BASE
+                duration = container.duration / 1_000_000  # AV_TIME_BASE
+                if "matroska" in (container.format.name or "") and (container.start_time or 0) > 0:
+                    duration -= container.start_time / 1_000_000  # Matroska's counts from 0, not from its start
+                return duration, version
             if stream is not None and stream.duration and stream.time_base:
                 return float(stream.duration * stream.time_base), version
     except (av.FFmpegError, IndexError, *storage.ACCESS_ERRORS):

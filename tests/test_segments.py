@@ -14,7 +14,7 @@ import pytest
 
 import framecode
 from helpers import HTTP_MODES, http_server, pts_of
-from rayvid import pipeline, segments, storage
+from rayvid import pipeline, samples, segments, storage
 from rayvid.config import DecodeConfig, ModelConfig, RunConfig
 from rayvid.decode import Decoder
 from rayvid.schema import KIND_END, KIND_FRAME
@@ -59,6 +59,19 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
     plan = segments.plan({"video_uri": np.array([url, url], dtype=object),
                           "version": np.array(["", "listed"], dtype=object)}, segment_s=6.0)
     assert plan["version"].tolist() == [etag] * 4 + ["listed"] * 4
+
+
+@pytest.mark.parametrize("name", ["long_h264.mp4", "long_hevc_opengop.mkv"])
+def test_a_start_offset_is_no_part_of_the_duration(long_videos, tmp_path, name):
+    """A recording whose clock starts at 1 h (`-output_ts_offset`): frame times count from
+    its start, so its segments do; Matroska's duration counts from 0 (it was planned as
+    3620 s: 181 segments of 20 s, 180 of them empty, each reading the file)."""
+    path, _ = long_videos[name]
+    offset = str(tmp_path / ("offset" + os.path.splitext(name)[1]))
+    subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", path, "-c", "copy",
+                    "-output_ts_offset", "3600", offset], check=True)
+    assert segments.header_duration(offset) == pytest.approx(segments.header_duration(path), abs=0.1)
+    assert segments.header_duration(path) == pytest.approx(20.0, abs=0.1)
 
 
 def test_planning_asks_the_store_nothing_the_listing_said(long_videos, s3fs_client, moto):
