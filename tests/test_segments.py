@@ -65,7 +65,7 @@ def test_header_duration_local_and_s3(long_videos, s3fs_client):
 def test_a_start_offset_is_no_part_of_the_duration(long_videos, tmp_path, name):
     """A recording whose clock starts at 1 h (`-output_ts_offset`): frame times count from
     its start, so its segments do; Matroska's duration counts from 0 (it was planned as
-    3620 s: 181 segments of 20 s, 180 of them empty, each reading the file)."""
+    3620 s: in 20 s segments, 181, 180 of them empty, each reading the file)."""
     path, _ = long_videos[name]
     offset = str(tmp_path / ("offset" + os.path.splitext(name)[1]))
     subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", path, "-c", "copy",
