@@ -231,6 +231,7 @@ def run(cfg: RunConfig) -> RunResult:
     DataContext.get_current().enable_progress_bars = cfg.progress
     record = {"run_id": cfg.run_id, "status": "running", "config": cfg.to_dict(),
               "started_at": commit.record_time(started), "versions": _versions()}
+    finished = False
     try:
         # else it loads once in a worker while the driver reads what is committed and
         # plans segments from the videos' headers (neither changes a committed row)
@@ -294,11 +295,21 @@ def run(cfg: RunConfig) -> RunResult:
             _record_failure(cfg, _redacted(failed), beat, stopped)
             raise
         beat.stop()
+        _record_finished(cfg, record, result, committer, info, name, started)
+        finished = True
     finally:
         if we_started_ray:
-            with _sigint_after():  # a Ctrl-C inside Ray's shutdown ends the process with Ray's C++ error, exit 1
+            # a Ctrl-C inside Ray's shutdown ends the process with Ray's C++ error, exit 1: held
+            # till it is done; after a run that finished (its record says so) it stops nothing
+            with _sigint_after(raise_after=not finished):
                 ray.shutdown()
+    return result
 
+
+def _record_finished(cfg: RunConfig, record: dict, result: RunResult, committer: commit.Committer, info,
+                     name: str, started: float) -> None:
+    """The run's result and its last write, its record saying it finished (before Ray
+    shuts down: a Ctrl-C or SIGTERM there leaves the record as true as the output)."""
     result.videos_ok, result.videos_failed = committer.videos_ok, committer.videos_failed
     result.frames, result.files = committer.frames, committer.files
     result.frames_reused = committer.reused
@@ -334,7 +345,6 @@ def run(cfg: RunConfig) -> RunResult:
         _raise_as_storage(e, cfg.output, f"every video is committed, only this run's record "
                                          f"({commit.RUNS_DIR}/{cfg.run_id}.json) does not say it finished: "
                                          f"nothing to run again")
-    return result
 
 
 # How long a failing run waits for its heartbeat's write in flight, and then for its
@@ -345,10 +355,11 @@ FAILED_RECORD_WAIT_S = 15.0
 
 
 @contextlib.contextmanager
-def _sigint_after():
+def _sigint_after(raise_after: bool = True):
     """Hold SIGINT back while the body runs (a handler that notes it, in the main thread);
     one that came meanwhile goes to the handler before it once the body is done: a
-    KeyboardInterrupt then, out of a body that finished."""
+    KeyboardInterrupt then, out of a body that finished. Without `raise_after` (there is
+    nothing left to stop) it is only said."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -358,7 +369,9 @@ def _sigint_after():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
-    if came:
+    if came and not raise_after:
+        log.warning("Ctrl-C while Ray shut down, after the run had finished: nothing was stopped")
+    elif came:
         if callable(before):
             before(signal.SIGINT, None)
         elif before == signal.SIG_DFL:
