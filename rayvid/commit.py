@@ -157,9 +157,11 @@ class Committer:
         rows_per_file: int = 1_000_000,
         flush_interval_s: float = 60.0,
         listed: Listed | None = None,
+        guard=None,
     ):
         self.output = output.rstrip("/")
         self.listed = listed  # each video's size and version as listed, for its videos/ row
+        self.guard = guard  # called before each flush writes anything: raises to stop it (`Rivals.check`)
         self.run_id = run_id
         self.model = model
         self.rows_per_file = rows_per_file
@@ -363,6 +365,8 @@ class Committer:
         self._last_flush = time.monotonic()
         if not self._ready_videos:
             return
+        if self.guard is not None:
+            self.guard()
         name = f"part-{self.run_id}-{self._seq:05d}.parquet"
         self._seq += 1
         if self._ready:
@@ -635,6 +639,66 @@ def read_run_record(fs, root: str, run_id: str) -> dict | None:
             return json.load(f)
     except (FileNotFoundError, ValueError):
         return None
+
+
+RIVALS_EVERY_S = 30.0  # how often a committer looks again for an earlier live run over its INPUT
+
+
+class Rivals:
+    """The other runs into OUTPUT over the same INPUT that are alive (`alive`) and began
+    before this one (`record`: its own record as written; ties by run id). Two such runs
+    would each commit every video not committed when each began: the later one stops,
+    before its first commit (`check` at its start, after its own record is written) or
+    before any later one (`check` before each flush, at most every RIVALS_EVERY_S: where
+    both began within moments, the earlier one's record may not be written yet at the
+    later one's start). Records of runs that ended, or that are not over this INPUT, are
+    read once."""
+
+    def __init__(self, output: str, record: dict):
+        self.fs, root = storage.resolve(output)
+        self.root = root.rstrip("/")
+        self.me = (str(record.get("started_at") or ""), str(record.get("run_id") or ""))
+        self.input = (record.get("config") or {}).get("input")
+        self.settled: set = {f"{self.me[1]}.json"}
+        self._next = 0.0
+
+    def check(self, now: float | None = None) -> None:
+        """Raise ConfigError, naming it, if such a run exists (at most every RIVALS_EVERY_S)."""
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return
+        self._next = now + RIVALS_EVERY_S
+        first = self.earliest()
+        if first is not None:
+            raise ConfigError(
+                f"run {first.get('run_id')} (host {first.get('host')}, started {first.get('started_at')}) is "
+                f"running over the same INPUT into this OUTPUT: two runs at once would each commit every video; "
+                f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again")
+
+    def earliest(self) -> dict | None:
+        try:
+            names = [n.rsplit("/", 1)[-1] for n in self.fs.ls(f"{self.root}/{RUNS_DIR}", detail=False)]
+        except (FileNotFoundError, *storage.ACCESS_ERRORS):  # (a check that cannot look does not stop the run)
+            return None
+        names = [n for n in names if n.endswith(".json") and not n.startswith(".") and n not in self.settled]
+        found = []
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            records = list(pool.map(self._read, names))
+        for name, record in zip(names, records):
+            if record == {}:
+                continue
+            if not alive(record) or (record.get("config") or {}).get("input") != self.input:
+                self.settled.add(name)  # ended (or never ours to meet): it does not run again
+            elif (str(record.get("started_at") or ""), str(record.get("run_id") or "")) < self.me:
+                found.append(record)
+        return min(found, key=lambda r: (str(r.get("started_at") or ""), str(r.get("run_id") or "")), default=None)
+
+    def _read(self, name: str) -> dict | None:
+        try:
+            record = read_run_record(self.fs, self.root, name[: -len(".json")])
+        except storage.ACCESS_ERRORS:
+            return {}  # (unread: looked at again next time)
+        return record if isinstance(record, dict) else None
 
 
 class Heartbeat:

@@ -255,8 +255,10 @@ def run(cfg: RunConfig) -> RunResult:
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:
+            rivals = commit.Rivals(cfg.output, _redacted(record))  # an earlier run over INPUT, alive: stop
+            rivals.check()
             committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
-                                         flush_interval_s=cfg.commit_interval_s)
+                                         flush_interval_s=cfg.commit_interval_s, guard=rivals.check)
             beat.progress = lambda: _progress(result, committer)
             # --retry-failed: old errors go once the model is known to load (the first batch)
             if units is not None:

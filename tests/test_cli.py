@@ -375,3 +375,39 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     assert {u: sorted(v) for u, v in seen.items()} == {u: list(range(n)) for u, n in expected.items()}
     videos = read_output(str(out), "videos").column("video_uri").to_pylist()
     assert sorted(videos) == sorted(expected)
+
+
+def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session, media, shapes_model, tmp_path):
+    """The same command again while the first still runs (it seemed stuck; a second
+    submission): both committed every video, each frame twice. The second says which run
+    it met and exits 2 before committing anything; the first finishes: each frame once."""
+    import shutil
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    for k in range(4):
+        shutil.copytree(media["videos"], src / f"copy{k}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(src), str(out),
+           "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1",
+           "--batch-size", "1"]
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not (out / "runs").is_dir():
+        time.sleep(0.1)
+    assert first.poll() is None, "the first run ended before the second began"
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert re.search(r"rayvid: error: run \S+ \(host .+, started .+\) is running over the same INPUT into this "
+                     r"OUTPUT", second.stderr), second.stderr[-3000:]
+    runs = {r["status"]: r for r in query.runs(str(out)).to_pylist()}
+    assert sorted(runs) == ["failed", "finished"] and runs["failed"]["videos_ok"] == 0
+    preds = read_output(str(out))
+    keys = list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == 4 * sum(len(v) for v in media["truth"].values())
+    assert read_output(str(out), "videos").num_rows == 4 * len(media["truth"])
