@@ -225,11 +225,30 @@ def _application(keras, cfg: ModelConfig, workdir: str):
             f"cannot build {cfg.name} with weights {storage.public_uri(weights)!r}: "
             f"{storage.redact(_first_line(e))}.{hint}"
         ) from None
+    if attr.startswith("EfficientNetB") and weights_arg not in (None, "imagenet"):
+        _as_imagenet_efficientnet(keras, model)
     # The classifier's softmax runs in float32 in our graph (numerically safe under mixed
     # precision); applications are built without it.
     softmax = keras.layers.Activation("softmax", dtype="float32", name="rayvid_softmax")
     model = keras.Model(model.inputs, softmax(model.outputs[0]), name=cfg.name)
     return model, size, preprocess
+
+
+# ImageNet's per-channel standard deviations, as keras.applications.efficientnet has them
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def _as_imagenet_efficientnet(keras, model) -> None:
+    """EfficientNet B0-B7 built with weights="imagenet" divide the stem's normalised input
+    once more by sqrt(stddev) (a Rescaling layer Keras adds for those weights alone, after
+    its Normalization layer: the original model normalised by the variance); built for a
+    weights file, they lack it, and ImageNet weights (`--weights FILE`) saw inputs about
+    2.1x too large. The same function: the Normalization layer's variance times stddev."""
+    import numpy as np
+
+    norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
+    norm.adapt_variance.assign(np.asarray(norm.adapt_variance) * np.array(IMAGENET_STDDEV_RGB, dtype="float32"))
+    norm.finalize_state()
 
 
 def detection_classes(shape) -> int:

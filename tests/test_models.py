@@ -54,6 +54,31 @@ def test_application_with_weights_file_at_a_url(tmp_path, s3fs_client):
     np.testing.assert_allclose(model(x, training=False).numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_efficientnet_with_a_weights_file_is_the_imagenet_model(tmp_path, monkeypatch):
+    """EfficientNet B0-B3 given their ImageNet weights as a file (offline) are the model
+    Keras builds for weights="imagenet", which adds a rescaling those weights need: its
+    inputs were 2.1x too large (pooled features 70% off). Keras' own ImageNet build is the
+    reference, its download pointed at the same file."""
+    import keras
+    from keras.src.applications import efficientnet
+
+    size = (224, 224)  # (Keras' ImageNet build takes no other)
+    keras.utils.set_random_seed(3)
+    src = keras.applications.EfficientNetB0(weights=None, input_shape=(*size, 3), classifier_activation=None)
+    path = str(tmp_path / "effb0.weights.h5")
+    src.save_weights(path)
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *a, **k: path)  # (Keras' download: offline)
+    reference = keras.applications.EfficientNetB0(weights="imagenet", input_shape=(*size, 3),
+                                                  classifier_activation=None)
+    model, info = models.load(ModelConfig(name="efficientnet_b0", weights=path, input_size=size))
+    logits = keras.Model(model.inputs, model.get_layer("rayvid_softmax").input)  # (random weights: a flat softmax)
+    x = np.random.default_rng(1).uniform(0, 255, (2, *size, 3)).astype("float32")
+    want = reference(x, training=False).numpy()
+    off = lambda got: np.linalg.norm(got - want) / np.linalg.norm(want)  # noqa: E731 - (logits are small)
+    assert off(logits(x, training=False).numpy()) < 1e-4
+    assert off(src(x, training=False).numpy()) > 0.1  # the plain build differs
+
+
 def test_savedmodel_folder(tmp_path, shapes_model):
     import keras
 
