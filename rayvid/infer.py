@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -406,6 +407,15 @@ def _reason(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     text = lines[-1] if lines[0].endswith("execution error:") and len(lines) > 1 else lines[0]
+    if lines[0] == "in user code:":  # a tf.function's trace: the cause follows the user code's frames
+        said = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines[1:]]
+        said = [line for line in said if not line.startswith(("File ", "return ", "outputs = ", "raise ", "•"))
+                and not line.startswith("Arguments received by")]
+        at = next((k for k, line in enumerate(said) if re.match(r"\w+(Error|Exception): ", line)), None)
+        if at is not None:
+            name, first = said[at].split(": ", 1)
+            rest = said[at + 1:at + 2] if first.startswith("Exception encountered when calling") else [first]
+            return f"{name}: {redact(' '.join(rest) or first)}"
     return f"{type(e).__name__}: {redact(text)}"
 
 

@@ -165,9 +165,10 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
                 model, size, preprocess = _application(keras, cfg, workdir)
         else:
             model, size, preprocess, clip_len = _model_file(keras, cfg, workdir)
-        num_classes = int(model.output_shape[-1])
         if cfg.head == "detect":
             num_classes = detection_classes(model.output_shape)
+        else:
+            num_classes = classes_of(model.output_shape)
         labels = _labels(cfg, num_classes)
         if cfg.preprocess != "auto":
             preprocess = cfg.preprocess
@@ -215,7 +216,7 @@ def _application(keras, cfg: ModelConfig, workdir: str):
         model = ctor(weights=weights_arg, **kwargs)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot load this model"
         hint = ""
-        if weights_arg == "imagenet":
+        if weights_arg == "imagenet" and "input_shape" not in str(e):  # (not about its size: a download)
             hint = (
                 " ImageNet weights come from Keras' cache ($KERAS_HOME/models, default "
                 "~/.keras/models) or are downloaded on first use; offline, pass the weights "
@@ -249,6 +250,19 @@ def _as_imagenet_efficientnet(keras, model) -> None:
     norm = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
     norm.adapt_variance.assign(np.asarray(norm.adapt_variance) * np.array(IMAGENET_STDDEV_RGB, dtype="float32"))
     norm.finalize_state()
+
+
+def classes_of(shape) -> int:
+    """Classification: the model's one output is [batch, classes] (a regression's one value
+    is one class); returns classes. Other shapes (several outputs, a feature map, a
+    convolutional head without its flatten) loaded and then failed the run at its first
+    batch with a traceback."""
+    if isinstance(shape, list) or len(shape) != 2 or not shape[-1]:
+        several = isinstance(shape, list) and len(shape) > 1
+        raise ModelError(f"a classifier's output must be one [batch, classes] tensor; this model outputs "
+                         f"{'several: ' if several else ''}{shape}"
+                         f"{' (--head detect takes a grid detector)' if not several and len(shape) == 4 else ''}")
+    return int(shape[-1])
 
 
 def detection_classes(shape) -> int:
@@ -359,8 +373,12 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         size = _savedmodel_size(local, cfg)
         inp = keras.Input(shape=(size[0], size[1], 3), dtype="float32")
         out = layer(inp)
-        if isinstance(out, dict):
-            out = out[sorted(out)[0]]
+        if isinstance(out, dict) and len(out) == 1:
+            out = next(iter(out.values()))
+        elif isinstance(out, dict):  # (the first by name was taken: an embedding scored as classes, no word said)
+            raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature has {len(out)} outputs "
+                             f"({', '.join(sorted(out))}); rayvid needs one, [batch, classes]: export the model "
+                             f"with that output alone")
         model = keras.Model(inp, out)
         return model, size, "raw", 0
     if not _url_path(path).lower().endswith(MODEL_FILE_EXTENSIONS):

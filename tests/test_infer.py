@@ -287,6 +287,22 @@ def test_mixed_precision_runs_a_savedmodel_as_saved(shapes_model, tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+def test_a_model_that_fails_while_traced_says_why(tmp_path):
+    """A model whose graph cannot be traced on the frames (a grayscale input, fed RGB)
+    said only "ValueError: in user code:", the first line of TensorFlow's trace: the
+    reason is Keras' own, further down."""
+    import keras
+
+    from rayvid.errors import ModelError
+
+    inp = keras.Input((32, 32, 1))
+    keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inp))).save(str(tmp_path / "g.keras"))
+    with pytest.raises(ModelError, match=r"cannot run model .*g.keras: ValueError: Input 0 .* of layer 'dense\w*' is "
+                                         r"incompatible with the layer: expected axis -1 of input shape to have value "
+                                         r"1, but received input with shape \(2, 3\)$"):
+        Predictor(ModelConfig(name=str(tmp_path / "g.keras")), batch_size=2, threads=1)
+
+
 def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
     """Whatever stops an inference actor's constructor (here a model that rejects its
     warm-up batch: it loads, so the driver's probe passes) reaches the driver as a

@@ -115,6 +115,51 @@ def test_unloadable_models_say_why(name, match, s3_endpoint):
         models.load(ModelConfig(name=name))
 
 
+def test_a_classifier_needs_one_batch_by_classes_output(tmp_path):
+    """Models whose output is not one [batch, classes] tensor: several outputs (a .keras
+    file and a SavedModel, which had its alphabetically first output scored, an
+    embedding as classes, no word said), a feature map (loaded, then failed the run at its
+    first batch with a traceback), a rank-1 output (a TypeError): each a ModelError
+    saying what the model outputs, before any work."""
+    import keras
+    import tensorflow as tf
+
+    inp = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inp)
+    cases = {
+        "two.keras": (keras.Model(inp, [keras.layers.Dense(3)(pooled), keras.layers.Dense(2)(pooled)]),
+                      r"this model outputs several: \[\(None, 3\), \(None, 2\)\]"),
+        "fmap.keras": (keras.Model(inp, keras.layers.Conv2D(5, 1)(inp)),
+                       r"one \[batch, classes\] tensor; this model outputs \(None, 32, 32, 5\) \(--head detect"),
+        "rank1.keras": (keras.Model(inp, keras.layers.Reshape(())(keras.layers.Dense(1)(pooled))),
+                        r"this model outputs \(None,\)$"),
+    }
+    for name, (model, match) in cases.items():
+        model.save(str(tmp_path / name))
+        with pytest.raises(ModelError, match=match):
+            models.load(ModelConfig(name=str(tmp_path / name)))
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            pooled = tf.reduce_mean(x, axis=[1, 2])
+            return {"scores": tf.nn.softmax(pooled), "embedding": tf.concat([pooled, pooled], axis=1)}
+
+    module = Two()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    with pytest.raises(ModelError, match=r"serving signature has 2 outputs \(embedding, scores\); rayvid needs one"):
+        models.load(ModelConfig(name=str(tmp_path / "sm"), input_size=(32, 32)))
+
+
+def test_imagenet_weights_at_another_input_size_say_so_without_the_cache_hint():
+    """An application at a size its ImageNet weights were not trained at: Keras' reason,
+    without the hint about Keras' cache and --weights PATH (which then built the model at
+    that size with those weights, no word said)."""
+    with pytest.raises(ModelError) as caught:
+        models.load(ModelConfig(name="mobilenet_v2", input_size=(160, 200)))
+    assert "input_shape" in str(caught.value) and "Keras' cache" not in str(caught.value)
+
+
 def test_not_a_model_file(tmp_path):
     """A .keras file that is no zip archive: not "File not found" (Keras' words for it)."""
     p = tmp_path / "model.keras"
@@ -265,7 +310,7 @@ def test_embed_on_a_savedmodel_is_a_clear_error(shapes_model, tmp_path):
         with pytest.raises(ModelError, match=r"--embed needs a Keras model \(a .keras or .h5 file"):
             models.load(ModelConfig(name=str(tmp_path / "sm"), embed=layer))
     inp = keras.Input((8, 8, 3))  # a classifier on the pixels themselves: no features to take
-    keras.Model(inp, keras.layers.Dense(2)(inp)).save(tmp_path / "pixels.keras")
+    keras.Model(inp, keras.layers.EinsumDense("bhwc,hwcd->bd", output_shape=2)(inp)).save(tmp_path / "pixels.keras")
     with pytest.raises(ModelError, match="takes the image itself; name a layer"):
         models.load(ModelConfig(name=str(tmp_path / "pixels.keras"), embed="auto"))
 
