@@ -932,7 +932,7 @@ def test_skip_similar_infers_fewer_frames_and_agrees_with_the_full_run(ray_sessi
     assert said != physical
 
 
-def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp_path, capfd):
+def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp_path, capsys):
     """--embed writes the classifier's input per frame. Two byte-identical videos: each
     frame's nearest neighbour is its twin (similarity 1); the next nearest shows the same
     generated class; an image of a frame finds that frame."""
@@ -1007,7 +1007,7 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_detection_boxes_match_known_positions(ray_session, detector, tmp_path, capfd):
+def test_detection_boxes_match_known_positions(ray_session, detector, tmp_path, capsys):
     """--head detect with the sample detector on generated videos of moving shapes: boxes in
     source pixels, decoded and NMS'd in the inference graph; IoU >= 0.5 with the known box
     for >= 95% of objects, and few false boxes."""
@@ -1057,7 +1057,7 @@ def test_detection_boxes_match_known_positions(ray_session, detector, tmp_path, 
     assert uri in {r["video_uri"] for r in json.loads((tmp_path / "found.json").read_text())}
 
 
-def test_clip_model_labels_each_clip(ray_session, clip_model, tmp_path, capfd):
+def test_clip_model_labels_each_clip(ray_session, clip_model, tmp_path, capsys):
     """--clip-len 4 with the sample video model on static-camera footage (still scenes, every
     third one moving): one row per clip, tiling the video; clips inside one scene get its
     motion class (a clip across a scene change shows a jump, which is motion)."""
