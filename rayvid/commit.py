@@ -859,6 +859,8 @@ def recover(output: str, only=None) -> Committed:
         wanted = UriIndex(only if isinstance(only, (pa.Array, pa.ChunkedArray)) else pa.array(list(only), pa.string()))
         retracting = pa.array(sorted(set().union(*(r["videos"] for _, r in retractions))), pa.string())
     merging = finish_compactions(fs, root)
+    if storage.is_local(fs):
+        _sweep_unfinished_writes(root)
     committed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
     removed, in_flight, failed = [], [], {}
     running: dict = {}  # run id -> whether it may still be writing
@@ -914,6 +916,29 @@ def recover(output: str, only=None) -> Committed:
     state.removed, state.in_flight = removed, in_flight
     _finish_retractions(output, fs, root, state, retractions)
     return state
+
+
+# `storage.write_atomic`'s file being written on a local filesystem, renamed when whole
+UNFINISHED_WRITE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
+def _sweep_unfinished_writes(root: str, now: float | None = None) -> list[str]:
+    """Delete the files a write killed before its rename left (local OUTPUT: `.<name>.tmp-<id>`,
+    which no `*.parquet` glob reads, but which stayed, a flush's worth of rows each) once
+    they are LEASE_S old: no live writer takes that long between its write and its rename."""
+    now = time.time() if now is None else now
+    swept = []
+    for directory in (PREDICTIONS_DIR, ERRORS_DIR, VIDEOS_DIR, RUNS_DIR, RETRACTIONS_DIR, COMPACTIONS_DIR):
+        try:
+            entries = list(os.scandir(os.path.join(root, directory)))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if UNFINISHED_WRITE.match(entry.name) and now - entry.stat().st_mtime > LEASE_S:
+                    os.remove(entry.path)
+                    swept.append(f"{directory}/{entry.name}")
+    return swept
 
 
 def require_output(fs, root: str, output: str) -> None:

@@ -411,3 +411,24 @@ def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session
     keys = list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()))
     assert len(keys) == len(set(keys)) == 4 * sum(len(v) for v in media["truth"].values())
     assert read_output(str(out), "videos").num_rows == 4 * len(media["truth"])
+
+
+def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
+    """Ctrl-C twice (a user who presses it again): the second landed in Ray's own shutdown at
+    exit (its atexit hook, where Ray started before rayvid knew it had) and printed
+    "Exception ignored in atexit callback" and a traceback after rayvid's one line. An
+    exit hook that meets a second SIGINT stands in for Ray's here."""
+    import signal
+
+    code = ("import atexit, os, signal, sys, threading, time\n"
+            "def at_exit():\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('exit hook done', flush=True)\n"
+            "atexit.register(at_exit)\n"
+            "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+            "from rayvid.cli import main\n"
+            "sys.exit(main(['samples', sys.argv[1], '--videos', '500', '--seconds', '2']))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "rayvid: interrupted", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "exit hook done" in proc.stdout

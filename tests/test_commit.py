@@ -983,3 +983,27 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
     commit.Rivals(str(tmp_path), late_record).check()  # the earlier one ended: the later one goes on
     late.stop()
     shard.stop()
+
+
+def test_recovery_sweeps_writes_a_kill_left_unfinished(tmp_path):
+    """A run SIGKILLed inside a local write leaves `.<name>.tmp-<id>` (read by no glob, but
+    never deleted: a flush's rows each, `retractions/` no longer empty at rest): the next
+    recovery deletes those older than commit.LEASE_S, and leaves younger ones (a live
+    writer's) and everything committed alone."""
+    from rayvid import commit
+
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+    c.close()
+    old = [tmp_path / "predictions" / (".part-dead-00000.parquet.tmp-" + "a" * 32),
+           tmp_path / "retractions" / (".dead.json.tmp-" + "b" * 32)]
+    young = tmp_path / "videos" / (".part-live-00000.parquet.tmp-" + "c" * 32)
+    (tmp_path / "retractions").mkdir()
+    for p in [*old, young]:
+        p.write_bytes(b"half a file")
+    long_ago = time.time() - commit.LEASE_S - 60
+    for p in old:
+        os.utime(p, (long_ago, long_ago))
+    state = commit.recover(str(tmp_path))
+    assert not any(p.exists() for p in old) and young.exists()
+    assert "v" in state and len(list((tmp_path / "predictions").iterdir())) == 1
