@@ -356,6 +356,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(OSError):  # and nothing more goes to the closed pipe (the exit's flush)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except SystemExit as e:  # Ray's SIGTERM handler in a driver: sys.exit(SIGTERM), through the run
+        if e.code != signal.SIGTERM or args.verb != "run":
+            raise
+        print("rayvid: terminated (SIGTERM); the videos complete by now are committed: run the same command again "
+              "to finish", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
         done = "; the videos complete by now are committed: run the same command again to finish" if args.verb == "run" else ""
         print(f"rayvid: interrupted{done}", file=sys.stderr)

@@ -302,7 +302,7 @@ def test_no_credentials_is_a_clear_error(s3_endpoint, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
 def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, media, shapes_model, tmp_path, how,
                                                                    capsys):
     """The driver (a `ray job submit` entrypoint on the running cluster) is SIGKILLed (or
@@ -337,13 +337,15 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     assert proc.poll() is None, "the first run ended before it could be killed"
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=120)
-    if how == "SIGINT":
-        assert proc.returncode == 130, err[-3000:]
-        assert err.rstrip().endswith("rayvid: interrupted; the videos complete by now are committed: "
+    if how != "SIGKILL":  # SIGTERM: Ray's handler in the driver raises SystemExit(15)
+        said, code, why = {"SIGINT": ("interrupted", 130, "KeyboardInterrupt"),
+                           "SIGTERM": ("terminated (SIGTERM)", 143, "SystemExit: 15")}[how]
+        assert proc.returncode == code, err[-3000:]
+        assert err.rstrip().endswith(f"rayvid: {said}; the videos complete by now are committed: "
                                      "run the same command again to finish"), err[-3000:]
         assert "Traceback" not in err, err[-3000:]
         record = json.loads(next((out / "runs").iterdir()).read_text())
-        assert record["status"] == "failed" and "KeyboardInterrupt" in json.dumps(record), record
+        assert record["status"] == "failed" and why in json.dumps(record), record
     else:
         assert json.loads(next((out / "runs").iterdir()).read_text())["status"] == "running"
     first = "interrupted" if how == "SIGKILL" else "failed"
@@ -364,7 +366,8 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     if how == "SIGKILL":
         assert runs[0]["finished_at"] is None and runs[0]["last_heartbeat"] and runs[0]["error"] is None
     else:  # a failed run's record says what it committed before it stopped: what the rerun skipped
-        assert runs[0]["finished_at"] and runs[0]["error"] == "KeyboardInterrupt"
+        assert runs[0]["finished_at"] and runs[0]["error"] == {"SIGINT": "KeyboardInterrupt",
+                                                               "SIGTERM": "SystemExit: 15"}[how]
         assert (runs[0]["videos_listed"], runs[0]["videos_skipped"], runs[0]["videos_ok"]) == (n, 0, skipped)
     preds = read_output(str(out))
     seen = {}
