@@ -644,36 +644,55 @@ def read_run_record(fs, root: str, run_id: str) -> dict | None:
 RIVALS_EVERY_S = 30.0  # how often a committer looks again for an earlier live run over its INPUT
 
 
+def _folder(uri) -> str:
+    """An INPUT as `Rivals` compares them: a folder with or without its last "/" is one."""
+    return str(uri or "").rstrip("/")
+
+
 class Rivals:
-    """The other runs into OUTPUT over the same INPUT that are alive (`alive`) and began
-    before this one (`record`: its own record as written; ties by run id). Two such runs
-    would each commit every video not committed when each began: the later one stops,
-    before its first commit (`check` at its start, after its own record is written) or
-    before any later one (`check` before each flush, at most every RIVALS_EVERY_S: where
-    both began within moments, the earlier one's record may not be written yet at the
-    later one's start). Records of runs that ended, or that are not over this INPUT, are
-    read once."""
+    """The other runs into OUTPUT over the same INPUT (or a folder holding it, or one inside
+    it) that are alive (`alive`) and began before this one (`record`: its own record as
+    written; ties by run id). Two such runs would each commit the videos not committed when
+    each began: the later one stops, at its start (`check_now`, after its own record is
+    written) or before a flush (`check`: the first one, then at most every
+    RIVALS_EVERY_S; where both began within moments, the earlier one's record may not be
+    written yet at the later one's start). Records of runs that ended, or that are not over
+    this INPUT, are read once."""
 
     def __init__(self, output: str, record: dict):
         self.fs, root = storage.resolve(output)
         self.root = root.rstrip("/")
         self.me = (str(record.get("started_at") or ""), str(record.get("run_id") or ""))
-        self.input = (record.get("config") or {}).get("input")
+        self.input = _folder((record.get("config") or {}).get("input"))
         self.settled: set = {f"{self.me[1]}.json"}
-        self._next = 0.0
+        self._next = 0.0  # the first flush looks whatever the start's check saw
+        self.stopped: ConfigError | None = None
+
+    def check_now(self) -> None:
+        """At the start: raise ConfigError, naming it, if such a run exists."""
+        first = self.earliest()
+        if first is not None:
+            beat = first.get("heartbeat_at")
+            age = time.time() - float(beat) if isinstance(beat, (int, float)) else None
+            dead = ("" if first.get("node") == _node() or age is None else
+                    f"; if it died on its host, it stops counting once its heartbeat (last {age:.0f} s ago) is "
+                    f"{LEASE_S:.0f} s old")
+            self.stopped = ConfigError(
+                f"run {first.get('run_id')} (host {first.get('host')}, started {first.get('started_at')}) is "
+                f"running over the same INPUT into this OUTPUT: two runs at once would each commit every video; "
+                f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again{dead}")
+            raise self.stopped
 
     def check(self, now: float | None = None) -> None:
-        """Raise ConfigError, naming it, if such a run exists (at most every RIVALS_EVERY_S)."""
+        """Before a flush: `check_now`, at most every RIVALS_EVERY_S; once it stopped the
+        run, every time (the failing run's last flush of what is complete too)."""
+        if self.stopped is not None:
+            raise self.stopped
         now = time.monotonic() if now is None else now
         if now < self._next:
             return
         self._next = now + RIVALS_EVERY_S
-        first = self.earliest()
-        if first is not None:
-            raise ConfigError(
-                f"run {first.get('run_id')} (host {first.get('host')}, started {first.get('started_at')}) is "
-                f"running over the same INPUT into this OUTPUT: two runs at once would each commit every video; "
-                f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again")
+        self.check_now()
 
     def earliest(self) -> dict | None:
         try:
@@ -687,7 +706,10 @@ class Rivals:
         for name, record in zip(names, records):
             if record == {}:
                 continue
-            if not alive(record) or (record.get("config") or {}).get("input") != self.input:
+            theirs = _folder((record.get("config") or {}).get("input"))
+            overlap = theirs == self.input or (theirs + "/").startswith(self.input + "/") or \
+                (self.input + "/").startswith(theirs + "/")  # (a folder and one inside it)
+            if not alive(record) or not overlap:
                 self.settled.add(name)  # ended (or never ours to meet): it does not run again
             elif (str(record.get("started_at") or ""), str(record.get("run_id") or "")) < self.me:
                 found.append(record)

@@ -256,7 +256,7 @@ def run(cfg: RunConfig) -> RunResult:
         committer, retracted = None, False
         try:
             rivals = commit.Rivals(cfg.output, _redacted(record))  # an earlier run over INPUT, alive: stop
-            rivals.check()
+            rivals.check_now()
             committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
                                          flush_interval_s=cfg.commit_interval_s, guard=rivals.check)
             beat.progress = lambda: _progress(result, committer)

@@ -946,43 +946,48 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
     """Two runs at once over one INPUT into one OUTPUT (a user who thought the first had
     crashed; two submissions) each committed every video: 1440 rows for 720 frames, every
     video twice in `videos/`, and nothing undid it. With both records alive (their
-    heartbeats, this process), the later one's check names the earlier one and stops it,
-    at its start or before a flush; the earlier one, a run over another INPUT (a shard)
-    and runs that ended go on."""
+    heartbeats, this process), the later one stops, naming the earlier: at its start, or,
+    where the earlier one's record came after that, at its first flush, and again at the
+    failing run's last flush of what is complete; so does a run over a folder inside the
+    earlier one's INPUT. The earlier one, a run over another INPUT (a shard) and runs
+    that ended go on."""
     import json
 
     from rayvid import commit
     from rayvid.errors import ConfigError
 
-    def start(run_id, started_at, input_uri, status="running"):
-        record = {"run_id": run_id, "status": status, "started_at": started_at, "config": {"input": input_uri}}
+    def start(run_id, started_at, input_uri):
+        record = {"run_id": run_id, "status": "running", "started_at": started_at, "config": {"input": input_uri}}
         beat = commit.Heartbeat(str(tmp_path), run_id, record, every_s=60)
         beat.start()
         return beat, dict(record)
 
-    early, early_record = start("early", "2026-12-05T10:00:00Z", "s3://in/")
     late, late_record = start("late", "2026-12-05T10:00:03Z", "s3://in/")
-    shard, shard_record = start("shard", "2026-12-05T09:00:00Z", "s3://in/2024/")
+    rivals = commit.Rivals(str(tmp_path), late_record)
+    rivals.check_now()  # the earlier one's record is not written yet
+    early, early_record = start("early", "2026-12-05T10:00:00Z", "s3://in")
+    inner, inner_record = start("inner", "2026-12-05T10:00:05Z", "s3://in/2024/")
+    shard, shard_record = start("shard", "2026-12-05T09:00:00Z", "s3://in2/")
     try:
-        commit.Rivals(str(tmp_path), early_record).check()  # the earlier one goes on
-        commit.Rivals(str(tmp_path), shard_record).check()  # so does a shard: another INPUT
-        rivals = commit.Rivals(str(tmp_path), late_record)
+        commit.Rivals(str(tmp_path), early_record).check_now()  # the earlier one goes on
+        commit.Rivals(str(tmp_path), shard_record).check_now()  # so does a shard: another INPUT
+        with pytest.raises(ConfigError, match=r"run early .* is running over the same INPUT"):
+            commit.Rivals(str(tmp_path), inner_record).check_now()  # a folder inside the earlier one's INPUT
+        c = Committer(str(tmp_path), "late", "m", guard=rivals.check)
+        c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
         with pytest.raises(ConfigError, match=r"run early \(host .*, started 2026-12-05T10:00:00Z\) is running over "
                                               r"the same INPUT into this OUTPUT"):
-            rivals.check()
-        rivals.check()  # looked again only after RIVALS_EVERY_S
-        c = Committer(str(tmp_path), "late", "m", guard=lambda: rivals.check(now=time.monotonic() + 3600))
-        c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+            c.flush()  # the first flush looks, whatever the start's check saw
         with pytest.raises(ConfigError, match="run early"):
-            c.flush()
+            c.flush()  # and, once stopped, every flush (a failing run flushes what is complete)
         assert not (tmp_path / "videos").exists() and not (tmp_path / "predictions").exists()  # nothing committed
     finally:
         early.stop()
     early_record = json.loads((tmp_path / "runs" / "early.json").read_text())
     commit.write_run_record(str(tmp_path), "early", dict(early_record, status="finished"))
-    commit.Rivals(str(tmp_path), late_record).check()  # the earlier one ended: the later one goes on
-    late.stop()
-    shard.stop()
+    commit.Rivals(str(tmp_path), late_record).check_now()  # the earlier one ended: the later one goes on
+    for beat in (late, inner, shard):
+        beat.stop()
 
 
 def test_recovery_sweeps_writes_a_kill_left_unfinished(tmp_path):
