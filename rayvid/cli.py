@@ -365,10 +365,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
         done = "; the videos complete by now are committed: run the same command again to finish" if args.verb == "run" else ""
         print(f"rayvid: interrupted{done}", file=sys.stderr)
-        # exiting: a second Ctrl-C would interrupt Ray's own shutdown at exit (a Ray started
-        # before rayvid knew it had: its atexit hook), a traceback after this line
-        with contextlib.suppress(ValueError):  # (main called from another thread)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # the `rayvid` command, exiting: a second Ctrl-C would interrupt Ray's own shutdown at
+        # exit (a Ray started before rayvid knew it had: its atexit hook), a traceback after
+        # this line (a caller in its own process, main(argv), keeps its Ctrl-C)
+        if argv is None:
+            with contextlib.suppress(ValueError):  # (main called from another thread)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 130
     return 1
 

@@ -304,7 +304,13 @@ def run(cfg: RunConfig) -> RunResult:
             # a Ctrl-C inside Ray's shutdown ends the process with Ray's C++ error, exit 1: held
             # till it is done; after a run that finished (its record says so) it stops nothing
             with _sigint_after(raise_after=not finished):
-                ray.shutdown()
+                try:
+                    ray.shutdown()
+                except SystemExit as e:  # Ray's SIGTERM handler (sys.exit(15)): after a finished run, too late
+                    if not finished or e.code != signal.SIGTERM:
+                        raise
+                    log.warning("SIGTERM while Ray shut down, after the run had finished: nothing was stopped")
+                    ray.shutdown()  # (the rest of it)
     return result
 
 

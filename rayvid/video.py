@@ -136,7 +136,7 @@ class Probe:
     def output_order(self) -> bool:
         """Frames are known by the order they are decoded in, not by their times
         (`DECODE_TIME_CONTAINERS`)."""
-        return self.joined > 0 or output_order(self.container, self.codec)
+        return self.joined > 0 or self.in_order
 
     @property
     def seek_keys(self) -> np.ndarray:
@@ -157,6 +157,7 @@ class Probe:
     lead_before: Optional[np.ndarray] = None
     joined: int = 0  # times the clock restarted (`_epochs`): its frames are known by their order
     mirrored: bool = False  # the display matrix mirrors the picture (`display_matrix`): decord does not
+    in_order: bool = False  # decode times only (`output_order`)
 
 
     @property
@@ -247,7 +248,9 @@ def probe(path: str, partial: bool = False) -> Probe:
     if len(np.unique(pts)) != len(pts):
         raise VideoError("the video stream has frames with duplicate timestamps")
     keys = np.array([packets[i][1] for i in order], dtype=bool)
-    if by_order:  # decode times: from the first frame's
+    if lead_pos is not None:  # frame 0 decodes from the lead-in's key frame: a key frame to seek to, and to keep
+        keys[0] = True
+    if by_order:  # decode times, FFmpeg's pts a guess: from the first frame
         start = int(pts[0])
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
@@ -256,7 +259,8 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
-                 lead_before=None if before is None else before.astype(np.int64), joined=joined, mirrored=mirrored)
+                 lead_before=None if before is None else before.astype(np.int64), joined=joined, mirrored=mirrored,
+                 in_order=by_order)
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -274,7 +278,9 @@ def _epochs(packets: list, container_format: str) -> np.ndarray:
 
 def output_order(container_format: str, codec: str) -> bool:
     """Whether frames of this codec in this container are known by their order only
-    (`DECODE_TIME_CONTAINERS`)."""
+    (`DECODE_TIME_CONTAINERS`). Also without B-frames: FFmpeg's pts there are its decode
+    times plus a frame, and its seeks by them landed a frame late (measured: `--every 7`
+    lost frame 14 of an AVI with frequent key frames)."""
     return bool(DECODE_TIME_CONTAINERS & set(container_format.split(","))) and codec in REORDERING_CODECS
 
 
@@ -778,8 +784,10 @@ class FrameReader:
         with _open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
-            if self.keyframes:
-                ctx.skip_frame = "NONKEY"  # decode key frames only
+            # decode key frames only (after a lead-in, whose non-key frames frame 0 needs, from frame 1 on)
+            nonkey_from = 1 if self.keyframes and info.lead_in else 0
+            if self.keyframes and not nonkey_from:
+                ctx.skip_frame = "NONKEY"
             # Per-packet skipping is exact only when the packet being decoded is the frame
             # the setting was made for: FFmpeg's own H.264/HEVC decoders without frame
             # threads (so they decode on one thread when skipping). Not libdav1d (AV1),
@@ -834,6 +842,8 @@ class FrameReader:
                     except av.FFmpegError:
                         damaged += 1
                         suspect = True
+                if nonkey_from and found >= nonkey_from:
+                    ctx.skip_frame, nonkey_from = "NONKEY", 0
                 for frame in frames:
                     decoded += 1
                     i = next(decoded_in_order, None) if info.output_order else index_of.get(frame.pts)

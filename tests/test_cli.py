@@ -429,7 +429,8 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
             "atexit.register(at_exit)\n"
             "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
             "from rayvid.cli import main\n"
-            "sys.exit(main(['samples', sys.argv[1], '--videos', '500', '--seconds', '2']))\n")
+            "sys.argv = ['rayvid', 'samples', sys.argv[1], '--videos', '500', '--seconds', '2']\n"
+            "sys.exit(main())  # as the `rayvid` command does\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                           timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr[-2000:]

@@ -1196,12 +1196,13 @@ def test_a_failing_run_waits_on_no_output_that_does_not_answer(tmp_path, monkeyp
     assert not beat._thread.is_alive()
 
 
-def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media, shapes_model, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media, shapes_model, tmp_path, sig):
     """Ctrl-C (or SIGTERM) while the embedded Ray shut down at the end of a run that had
     committed everything left its record `running` (`rayvid runs`: interrupted, no counts;
-    the finished record came after the shutdown) and said to run the command again: the
-    record says finished before Ray shuts down, and a Ctrl-C then is only said (exit 0).
-    Here the Ctrl-C comes from inside Ray's shutdown, the moment it starts."""
+    the finished record came after the shutdown) and said to run the command again (SIGTERM:
+    exit 143): the record says finished before Ray shuts down, and the signal then is only
+    said (exit 0). Here it comes from inside Ray's shutdown, the moment it starts."""
     src = tmp_path / "in"
     src.mkdir()
     first = sorted(media["truth"])[0]
@@ -1211,19 +1212,21 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
             "from rayvid.cli import main\n"
             "shutdown = ray.shutdown\n"
             "def interrupted(*a, **k):\n"
+            "    ray.shutdown = shutdown  # (once)\n"
             "    [record] = os.listdir(sys.argv[2] + '/runs')\n"
             "    print('record at shutdown:', json.load(open(sys.argv[2] + '/runs/' + record))['status'])\n"
-            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    os.kill(os.getpid(), getattr(signal, sys.argv[4]))\n"
             "    return shutdown(*a, **k)\n"
             "ray.shutdown = interrupted\n"
             "sys.exit(main(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress']))\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray, as on a laptop
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"]], env=env,
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"], sig], env=env,
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "record at shutdown: finished" in proc.stdout
-    assert "Ctrl-C while Ray shut down, after the run had finished: nothing was stopped" in proc.stderr
+    said = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[sig]
+    assert f"{said} while Ray shut down, after the run had finished: nothing was stopped" in proc.stderr
     [record] = [json.loads(p.read_text()) for p in (out / "runs").iterdir()]
     assert record["status"] == "finished" and record["stats"]["videos_ok"] == 1
 

@@ -110,13 +110,16 @@ def test_clips_tile_the_kept_frames(n, stride, starts, ends):
 def test_a_trimmed_video_is_the_frames_a_player_shows(trimmed, name, sampling):
     """A stream-copy trim (an MP4/MOV edit list starting inside a GOP) and a transport stream
     captured mid-GOP hold packets no player shows: frame 0 is the first frame shown, at
-    its time from the stream's start, every index shows its own frame, and nothing is
-    called lost or truncated (decord numbered the hidden packets as frames, gave the shown
+    its time from the stream's start, every index shows its own frame (frame 0 is a key
+    frame for --keyframes), and nothing is called lost or truncated (decord numbered the
+    hidden packets as frames, gave the shown
     ones their times, 0.5 s early, and repeated the last frame for each; PyAV's path
     called them lost)."""
     truth = framecode.shown(trimmed[name])
     times = np.array([t for t, _, _ in truth])
     keys = np.array([k for _, _, k in truth]) if sampling.get("keyframes") else None
+    if keys is not None:  # frame 0 too, which decodes from the lead-in's key frame (a trim within a GOP had none)
+        keys[0] = True
     keep = sample_indices(times, sampling.get("every", 1), sampling.get("fps"), keys)
     rows, end = [], None
     for batch in FrameReader(framecode.SIZE, **sampling).read(trimmed[name], trimmed[name]):
@@ -201,6 +204,22 @@ def test_a_mirrored_display_matrix_turns_frames_as_ffmpeg_shows_them(mirrored, n
     keep = range(0, len(shown), sampling.get("every", 1))
     assert [(i, code) for i, _, code in rows] == [(i, shown[i]) for i in keep], name
     assert end["message"][0] == ""
+
+
+def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
+    """H.264 in AVI without B-frames (CCTV recorders'): FFmpeg's pts are its decode times
+    plus a frame, and its seeks by them landed a frame late (`--every 7` lost frame 14 of
+    this file, whose key frames come often): read from the start, frame 0 at time 0."""
+    from rayvid.video import probe
+
+    plain = str(tmp_path / "plain.avi")
+    framecode.write_code_video(plain, 40, (96, 128), framecode.X264 + ["-bf", "0", "-g", "10"])
+    info = probe(plain)
+    assert info.output_order and info.times[0] == 0 and info.times[1] == pytest.approx(1 / 30)
+    for sampling in ({"every": 7}, {"keyframes": True}, {}):
+        rows, end = _rows(plain, **sampling)
+        assert all(i == code for i, _, code in rows) and end["message"][0] == "", sampling
+    assert [i for i, _, _ in _rows(plain, every=7)[0]] == list(range(0, 40, 7))
 
 
 def test_partial_copy_probe_reads_the_index_not_the_holes(matrix, tmp_path):
