@@ -35,6 +35,10 @@ Two decoders, chosen per video from a demux-only probe (PyAV) of the container:
   player shows them) and resizes with the same bicubic stretch as decord.
 Frame indices and timestamps come from the probe: index i is the i-th frame in
 presentation (pts) order, its time is (pts - stream start) x time_base, exact in float64.
+Packets no player shows (`Probe.lead_in`: an edit list's discarded ones, a capture's
+frames before its first key frame) are no frames; where the container's times cannot
+order the frames (`Probe.output_order`: AVI/ASF's decode times, transport streams whose
+clock restarts) frame i is the i-th frame decoded from the start.
 """
 
 from __future__ import annotations
