@@ -98,11 +98,16 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                 out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
                 out.pix_fmt = "yuv420p"
                 out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
+                in_order = iter(range(len(info.pts))) if info.output_order else None  # (known by their order)
                 for frame in _frames(src, stream, video_uri):
-                    i = index_of.get(int(frame.pts)) if frame.pts is not None else None
+                    if in_order is not None:
+                        i = next(in_order, None)
+                    else:
+                        i = index_of.get(int(frame.pts)) if frame.pts is not None else None
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []
-                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, video.display_matrix(frame))[: out.height, : out.width]
+                    matrix = video.display_matrix(frame) if info.mirrored else None
+                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, matrix)[: out.height, : out.width]
                     shown = boxes[at] if at >= 0 and index[at] == i else None  # boxes: their own frame only
                     img = draw(img, rows, palette, font, shown)
                     new = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")

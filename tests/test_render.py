@@ -134,3 +134,21 @@ def test_render_of_a_damaged_video_leaves_out_the_frames_that_do_not_decode(dama
     with av.open(dest) as c:
         rendered = sum(1 for _ in c.decode(video=0))
     assert 0 < skipped and 0 < rendered < n and f"{rendered} frames -> {dest}" in err
+
+
+@pytest.mark.parametrize("name", ["h264_bframes.avi", "h264_bframes.wmv"])
+def test_render_puts_each_frames_prediction_on_it_where_frames_are_known_by_their_order(matrix, tmp_path, name):
+    """AVI/ASF's H.264 with B-frames: frames found by FFmpeg's guessed times drew the
+    prediction of a neighbouring frame on them (frames are known by their order there)."""
+    path, n = matrix[name]
+    labels = ["circle" if (i // 2) % 2 else "square" for i in range(n)]  # changes every two frames
+    out = str(tmp_path / "out")
+    write_output(out, {path: [(label, 0.9) for label in labels]})
+    dest = str(tmp_path / "r.mp4")
+    assert cli.main(["render", path, out, dest, "--topk", "1"]) == 0
+    palette = report.colours(set(labels) | {"zz_other"})
+    with av.open(dest) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == n
+    got = [min(palette, key=lambda lab: np.abs(np.array(palette[lab]) - _swatch(img, 0)).sum()) for img in frames]
+    assert got == labels
