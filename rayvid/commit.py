@@ -977,7 +977,20 @@ def require_output(fs, root: str, output: str) -> None:
             raise
         folder = False
     if not folder:
-        raise FileNotFoundError(f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+        raise not_found(fs, root, output, f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
+
+
+def not_found(fs, root: str, output: str, said: str) -> FileNotFoundError:
+    """FileNotFoundError saying `said`, or, on an object store, that OUTPUT's bucket does not
+    exist where that is why (a typo in the bucket's name read as "no runs/ folder")."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("s3", "s3a", "gs", "gcs"):
+        bucket = root.strip("/").split("/", 1)[0]
+        with contextlib.suppress(*storage.ACCESS_ERRORS, ValueError):  # (cannot tell: as said)
+            if bucket and not fs.exists(bucket):
+                return FileNotFoundError(f"no such bucket: {protocol}://{bucket} (OUTPUT "
+                                         f"{storage.public_uri(output)})")
+    return FileNotFoundError(said)
 
 
 def committed_parts(fs, root: str) -> list[str]:

@@ -171,7 +171,8 @@ def runs(output: str) -> pa.Table:
     root = root.rstrip("/")
     folder = f"{root}/{commit.RUNS_DIR}"
     if not fs.isdir(folder):
-        raise FileNotFoundError(f"no rayvid runs recorded at {storage.public_uri(output)} (no {commit.RUNS_DIR}/ folder)")
+        raise commit.not_found(fs, root, output, f"no rayvid runs recorded at {storage.public_uri(output)} "
+                                                 f"(no {commit.RUNS_DIR}/ folder)")
     names = sorted(name[: -len(".json")] for name in (p.rsplit("/", 1)[-1] for p in fs.glob(f"{folder}/*.json"))
                    if not name.startswith("."))
 

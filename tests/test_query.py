@@ -248,6 +248,17 @@ def test_a_part_without_statistics_is_read_whole_for_a_video(out, tmp_path):
     assert query.read(out, video=uri).column("frame_index").to_pylist() == table.column("frame_index").to_pylist()
 
 
+def test_an_output_in_a_bucket_that_does_not_exist_says_so(s3_endpoint, capsys):
+    """`rayvid runs s3://missing-bucket/x` said "no runs/ folder": the bucket's name is the
+    likelier typo."""
+    for verb in ("runs", "summary"):
+        assert cli.main([verb, "s3://no-such-bucket-here/out"]) == 2
+        assert capsys.readouterr().err.strip() == ("rayvid: error: no such bucket: s3://no-such-bucket-here (OUTPUT "
+                                                   "s3://no-such-bucket-here/out)"), verb
+    assert cli.main(["runs", "s3://rayvid-test/no/output/here"]) == 2  # a bucket there: as before
+    assert "no rayvid runs recorded at s3://rayvid-test/no/output/here" in capsys.readouterr().err
+
+
 def test_not_an_output_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["summary", str(tmp_path / "nothing")]) == 2
     assert "no rayvid output at" in capsys.readouterr().err
