@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 
@@ -576,13 +576,16 @@ class _OurStop(logging.Filter):
 
 
 def _ours(error: Optional[BaseException]) -> bool:
+    return any(isinstance(e, RayvidError) for e in _causes(error))  # (Ray's RayTaskError(X) is an X too)
+
+
+def _causes(error: Optional[BaseException]) -> Iterator[BaseException]:
+    """`error`, then what caused it (Ray's `cause` of a task's error first), each once."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, RayvidError):  # (Ray's RayTaskError(X) is an X too)
-            return True
+        yield error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return False
 
 
 # Where Ray Data 2.60 logs a stage's exception: when the executor fetches the failed block,
@@ -612,15 +615,11 @@ def _raise_model_error(ray, reports) -> None:
 def _unavailable(error: BaseException, output: str) -> Optional[str]:
     """The message of a storage outage behind `error` (raised by a decode actor, or by the
     committer writing OUTPUT), or None for any other failure."""
-    seen = set()
-    e = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _causes(error):
         if isinstance(e, StorageUnavailable):  # (its first line: Ray Data appends its retry advice)
             return (str(e.args[0]) if e.args else str(e)).strip().splitlines()[0]
         if isinstance(e, storage.ACCESS_ERRORS) and storage.is_unavailable(e):
             return f"storage unreachable writing OUTPUT {storage.public_uri(output)}: {storage.describe(e)}"
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 
 

@@ -106,8 +106,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                         i = index_of.get(int(frame.pts)) if frame.pts is not None else None
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []
-                    matrix = video.display_matrix(frame) if info.mirrored else None
-                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, matrix)[: out.height, : out.width]
+                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, info.mirror)[: out.height, : out.width]
                     shown = boxes[at] if at >= 0 and index[at] == i else None  # boxes: their own frame only
                     img = draw(img, rows, palette, font, shown)
                     new = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")

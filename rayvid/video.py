@@ -139,7 +139,7 @@ class Probe:
     @property
     def output_order(self) -> bool:
         """Frames are known by the order they are decoded in, not by their times
-        (`DECODE_TIME_CONTAINERS`)."""
+        (`DECODE_TIME_CONTAINERS`; a clock that restarts: `_epochs`)."""
         return self.joined > 0 or self.in_order
 
     @property
@@ -160,9 +160,13 @@ class Probe:
     lead_nbytes: Optional[np.ndarray] = None
     lead_before: Optional[np.ndarray] = None
     joined: int = 0  # times the clock restarted (`_epochs`): its frames are known by their order
-    mirrored: bool = False  # the display matrix mirrors the picture (`display_matrix`): decord does not
+    mirror: Optional[np.ndarray] = None  # the display matrix, where it mirrors (`display_matrix`): decord does not
     in_order: bool = False  # decode times only (`output_order`)
 
+
+    @property
+    def mirrored(self) -> bool:
+        return self.mirror is not None
 
     @property
     def lead_in(self) -> int:
@@ -189,7 +193,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
-            packets, rotation, mirrored = [], 0 if partial else None, False
+            packets, rotation, mirror = [], 0 if partial else None, None
             # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
             by_order = output_order(container.format.name or "", stream.codec_context.name)
             for p in _demux(container, stream):
@@ -203,7 +207,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                     except av.FFmpegError:
                         first = None
                     if first is not None:
-                        rotation, mirrored = int(first.rotation or 0), display_matrix(first) is not None
+                        rotation, mirror = int(first.rotation or 0), display_matrix(first)
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
@@ -263,7 +267,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
-                 lead_before=None if before is None else before.astype(np.int64), joined=joined, mirrored=mirrored,
+                 lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
                  in_order=by_order)
 
 
@@ -271,13 +275,11 @@ def _epochs(packets: list, container_format: str) -> np.ndarray:
     """For each packet (decode order), how many times the decode times went back before it:
     in a transport or program stream, parts joined end to end (captures, HLS segments
     concatenated) whose clock restarted; elsewhere 0."""
-    epoch = np.zeros(len(packets), dtype=np.int64)
-    if UNSEEKABLE_CONTAINERS & set(container_format.split(",")):
-        dts = [p[5] for p in packets]
-        back = [k for k in range(1, len(dts)) if dts[k] is not None and dts[k - 1] is not None and dts[k] < dts[k - 1]]
-        for k in back:
-            epoch[k:] += 1
-    return epoch
+    if not UNSEEKABLE_CONTAINERS & set(container_format.split(",")):
+        return np.zeros(len(packets), dtype=np.int64)
+    dts = [p[5] for p in packets]
+    back = [k > 0 and dts[k] is not None and dts[k - 1] is not None and dts[k] < dts[k - 1] for k in range(len(dts))]
+    return np.cumsum(back, dtype=np.int64)
 
 
 def output_order(container_format: str, codec: str) -> bool:
@@ -433,7 +435,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
     import av
 
     fetch(plan_ranges(path, info, keep, gap_bytes))
-    rotation, width, height, mirrored = 0, info.width, info.height, False
+    rotation, width, height, mirror = 0, info.width, info.height, None
     with _open(path) as container:
         stream = container.streams.video[0]
         key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
@@ -446,11 +448,11 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
                 break
             if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
                 rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
-                mirrored = display_matrix(frames[0]) is not None
+                mirror = display_matrix(frames[0])
                 break
     if (rotation // 90) % 2:
         width, height = height, width
-    return replace(info, rotation=rotation, width=int(width), height=int(height), mirrored=mirrored)
+    return replace(info, rotation=rotation, width=int(width), height=int(height), mirror=mirror)
 
 
 def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH_GAP_BYTES) -> list:
@@ -597,7 +599,7 @@ class FrameReader:
         self.skip_similar = skip_similar
         self.decord_max_bytes = decord_max_bytes
         self.decoded = 0  # frames PyAV decoded (kept or not), for tests and benchmarks
-        self._mirrored = False  # the video PyAV decodes has a mirroring display matrix
+        self._mirror = None  # the mirroring display matrix of the video PyAV decodes (its probe's)
         self.fed = 0  # packets PyAV's decoder was given (skipped non-reference ones too)
         self.chunk = max(1, min(int(batch_frames), int(batch_bytes) // frame_bytes))
         self.batch_frame_bytes = self.chunk * frame_bytes  # the most a batch of frames holds
@@ -776,7 +778,7 @@ class FrameReader:
         import av
 
         index_of = {int(p): i for i, p in enumerate(info.pts)}
-        self._mirrored = info.mirrored
+        self._mirror = info.mirror
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
@@ -882,9 +884,9 @@ class FrameReader:
             img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BICUBIC")
         else:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BICUBIC")
-        # (a frame's side data, once read, keeps it alive till the garbage collector's next
-        # pass: read where the probe saw a mirror only, or decoded frames piled up, 76 MB in 3 s)
-        return upright(img, frame.rotation, display_matrix(frame) if self._mirrored else None)
+        # (the probe's matrix, one per stream: a frame's side data, once read, keeps the frame
+        # alive till the garbage collector's next pass; read on every frame, 76 MB in 3 s)
+        return upright(img, frame.rotation, self._mirror)
 
     def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
         """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""
