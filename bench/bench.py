@@ -502,9 +502,11 @@ def w_rayvid(spec):
 
 
 def w_contend_infer(spec):
-    """Inference alone for `seconds` on uint8 batches, as `mode` says: "ops" (one call at a
-    time, every op split over every core: the classic) or "streams" (rayvid's Predictor:
-    side-by-side single-threaded calls). Writes `ready` once warmed up."""
+    """Inference for `seconds` per phase on uint8 batches, as `mode` says: "ops" (one call
+    at a time, every op split over every core: the classic) or "streams" (rayvid's
+    Predictor: side-by-side single-threaded calls). One process for every phase (the model
+    loads once): for each of `phases` it writes `ready`-phase once warmed up, waits for
+    `go`-phase (the caller starts that phase's decoder, if any, right after), then measures."""
     import numpy as np
 
     batch = np.random.default_rng(0).integers(0, 255, (spec["batch"], *spec["size"], 3), dtype=np.uint8)
@@ -518,13 +520,18 @@ def w_contend_infer(spec):
         predict, _ = _model_fn(tf, spec)
         run = lambda x: predict(x).numpy()  # noqa: E731
     run(batch)
-    open(spec["ready"], "w").close()
-    t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
-    n = 0
-    while time.perf_counter() - t0 < spec["seconds"]:
-        run(batch)
-        n += len(batch)
-    return {"frames": n, "wall_s": time.perf_counter() - t0, "cpu_s": tree_cpu_s(os.getpid()) - c0}
+    phases = {}
+    for phase in spec["phases"]:
+        open(f"{spec['ready']}-{phase}", "w").close()
+        while not os.path.exists(f"{spec['go']}-{phase}"):
+            time.sleep(0.01)
+        t0, c0 = time.perf_counter(), tree_cpu_s(os.getpid())
+        n = 0
+        while time.perf_counter() - t0 < spec["seconds"]:
+            run(batch)
+            n += len(batch)
+        phases[phase] = {"frames": n, "frames_per_s": n / (time.perf_counter() - t0)}
+    return {"frames": sum(p["frames"] for p in phases.values()), "phases": phases}
 
 
 def w_contend_decode(spec):
@@ -1019,33 +1026,39 @@ def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
     """Inference (MobileNetV3-Small, 224, batch 32) on every core, alone and next to a
     decoder decoding as fast as it can at CPU priority 0 and 10; inference as one call
     with every op split over the cores ("ops") and as rayvid's side-by-side single-threaded
-    calls ("streams"). Frames/s of each: what sharing cores costs each side."""
+    calls ("streams"). Frames/s of each: what sharing cores costs each side. One inference
+    process per layout measures its three phases in turn (the model loads once)."""
     seconds = 1 if quick else 20
     video = encode(os.path.join(tmp, f"contention-{2 if quick else 10}s.mp4"), 2 if quick else 10, 360, 640, 30, seed=5)
     model = {"name": "mobilenet_v3_small", "weights": "none"}
+    nices = {"alone": None, "decoder at nice 0": 0, "decoder at nice 10": 10}
     res = {}
     for mode in ("ops", "streams"):
-        for nice in (None, 0, 10):
-            ready = os.path.join(tmp, f"ready-{mode}-{nice}")
-            spec = {"mode": mode, "model": model, "batch": 32, "size": [224, 224], "cores": cores,
-                    "seconds": seconds, "ready": ready}
-            box: dict = {}
-            worker = threading.Thread(target=lambda: box.update(measure("contend_infer", spec, tmp)))
-            worker.start()
-            while not os.path.exists(ready) and worker.is_alive():
+        ready, go = os.path.join(tmp, f"ready-{mode}"), os.path.join(tmp, f"go-{mode}")
+        spec = {"mode": mode, "model": model, "batch": 32, "size": [224, 224], "cores": cores,
+                "seconds": seconds, "ready": ready, "go": go, "phases": list(nices)}
+        box: dict = {}
+        worker = threading.Thread(target=lambda: box.update(measure("contend_infer", spec, tmp)))
+        worker.start()
+        decoded = {}
+        for phase, nice in nices.items():
+            while not os.path.exists(f"{ready}-{phase}") and worker.is_alive():
                 time.sleep(0.05)
-            row = {}
-            if nice is not None:
-                dec = measure("contend_decode", {"nice": nice, "video": video, "size": [224, 224],
-                                                  "seconds": seconds}, tmp)
-                row["decoder_fps"] = dec["frames_per_s"]
-            worker.join()
-            if "frames_per_s" not in box:
-                raise RuntimeError(f"contention: inference ({mode}) failed")
-            row["infer_fps"] = box["frames_per_s"]
-            res[f"{mode}, {'alone' if nice is None else f'decoder at nice {nice}'}"] = row
-            log(f"[contention] {mode} {'alone' if nice is None else f'+ decoder nice {nice}'}: {row}")
-            os.remove(ready)
+            open(f"{go}-{phase}", "w").close()
+            if nice is not None and worker.is_alive():
+                decoded[phase] = measure("contend_decode", {"nice": nice, "video": video, "size": [224, 224],
+                                                            "seconds": seconds}, tmp)["frames_per_s"]
+        worker.join()
+        if "phases" not in box:
+            raise RuntimeError(f"contention: inference ({mode}) failed")
+        for phase in nices:
+            row = {"infer_fps": round(box["phases"][phase]["frames_per_s"], 1)}
+            if phase in decoded:
+                row["decoder_fps"] = decoded[phase]
+            res[f"{mode}, {phase}"] = row
+            log(f"[contention] {mode}, {phase}: {row}")
+            for f in (f"{ready}-{phase}", f"{go}-{phase}"):
+                os.remove(f)
     return res
 
 
