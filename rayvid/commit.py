@@ -861,10 +861,7 @@ def _last_of_each(uris: pa.Array, keys: np.ndarray) -> np.ndarray | None:
 
 def part_sizes(fs, directory: str) -> dict:
     """{part name: its size in bytes as listed, or None} of the parts in `directory`."""
-    try:
-        found = fs.glob(directory.rstrip("/") + "/part-*.parquet", detail=True)
-    except FileNotFoundError:
-        return {}
+    found = storage.files_in(fs, directory, "part-*.parquet")
     return {p.rsplit("/", 1)[-1]: info.get("size") for p, info in found.items()}
 
 
@@ -964,8 +961,9 @@ def _sweep_unfinished_writes(root: str, now: float | None = None) -> list[str]:
 
 
 def require_output(fs, root: str, output: str) -> None:
-    """FileNotFoundError where `root` holds no rayvid OUTPUT (no videos/ folder: a typo, or
-    nothing committed yet): the read and compaction verbs say so, exit 2. A store that
+    """FileNotFoundError where `root` holds no rayvid OUTPUT (neither a videos/ folder nor
+    a run's record: a typo): the read and compaction verbs say so, exit 2. An OUTPUT whose
+    runs committed nothing yet (they listed no videos) is one, with no rows. A store that
     cannot be asked raises its own error (`fs.isdir` would say False: "no output")."""
     path = f"{root.rstrip('/')}/{VIDEOS_DIR}"
     try:
@@ -976,7 +974,7 @@ def require_output(fs, root: str, output: str) -> None:
         if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
             raise
         folder = False
-    if not folder:
+    if not folder and not storage.files_in(fs, f"{root.rstrip('/')}/{RUNS_DIR}", "*.json"):
         raise not_found(fs, root, output, f"no rayvid output at {storage.public_uri(output)} (no videos/ folder)")
 
 
@@ -1004,10 +1002,7 @@ def committed_parts(fs, root: str) -> list[str]:
 
 
 def _compactions(fs, root: str) -> list[tuple[str, list]]:
-    try:
-        records = sorted(fs.glob(f"{root}/{COMPACTIONS_DIR}/part-*.parquet.json"))
-    except FileNotFoundError:
-        return []
+    records = sorted(storage.files_in(fs, f"{root}/{COMPACTIONS_DIR}", "part-*.parquet.json"))
     out = []
     for path in records:
         with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:
@@ -1129,10 +1124,7 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
 
 def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
     """(path, record) of every retraction intent record in OUTPUT."""
-    try:
-        paths = sorted(fs.glob(f"{root}/{RETRACTIONS_DIR}/*.json"))
-    except FileNotFoundError:
-        return []
+    paths = sorted(storage.files_in(fs, f"{root}/{RETRACTIONS_DIR}", "*.json"))
     out = []
     for path in paths:
         with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:  # else another recover completed it

@@ -127,10 +127,7 @@ def _rows(fs, directory: str, names: list, sizes: dict) -> dict:
 
 def _running_runs(fs, root: str) -> set:
     running = set()
-    try:
-        records = fs.glob(f"{root}/{commit.RUNS_DIR}/*.json")
-    except FileNotFoundError:
-        return running
+    records = storage.files_in(fs, f"{root}/{commit.RUNS_DIR}", "*.json")
     for path in records:  # (one that is not a run record, or gone since the listing: no run)
         name = path.rsplit("/", 1)[-1][: -len(".json")]
         record = commit.read_run_record(fs, root, name)

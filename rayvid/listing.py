@@ -204,7 +204,12 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
                                  f"bucket and key (has: {names})")
     else:
         with fs.open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
+            data = f.read()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise InputError(f"manifest {where} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                             f"write it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
         if ext == ".csv":
             reader = csv.DictReader(io.StringIO(text))
             if not reader.fieldnames or "video_uri" not in reader.fieldnames:
@@ -215,14 +220,16 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
         else:
             uris = [line.strip() for line in text.splitlines()]
             uris = [u for u in uris if u and not u.startswith("#")]
-    base = _folder(storage.to_url(fs, path))
+    base, local = _folder(storage.to_url(fs, path)), storage.is_local(fs)
     rows, seen = [], set()
     for uri in uris:
         if uri is None or not str(uri).strip():
             continue
         uri = str(uri).strip()
+        if local and uri.startswith("~"):
+            uri = os.path.expanduser(uri)  # a local manifest's ~/x is the user's, as on a command line
         if "://" not in uri and not os.path.isabs(uri):
-            uri = storage.join(base, uri)  # relative entries are relative to the manifest
+            uri = _relative_to(base, uri)  # relative entries are relative to the manifest
         uri = storage.to_url(*storage.resolve(uri))
         name = storage.stored_uri(uri)
         if name in seen:  # the same object, signed again, is one video
@@ -230,6 +237,22 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
         seen.add(name)
         rows.append((uri, -1, ""))
     return _table(rows)
+
+
+def _relative_to(folder: str, entry: str) -> str:
+    """A manifest's relative entry (`a.mp4`, `./a.mp4`, `../in/a.mp4`) under the manifest's
+    folder, with `.` and `..` resolved as a shell would, in a bucket too (where they would
+    otherwise be read as keys of their own: not the object the entry means)."""
+    if "://" not in folder:
+        return os.path.normpath(os.path.join(folder, entry))
+    scheme, _, rest = folder.partition("://")
+    bucket, _, key = rest.partition("/")
+    tail = ""
+    if _is_http(folder):  # an entry's query (a signature, which may hold a "/") is no path
+        cut = min((i for i in (entry.find("?"), entry.find("#")) if i >= 0), default=len(entry))
+        entry, tail = entry[:cut], entry[cut:]
+    key = posixpath.normpath(posixpath.join("/" + key, entry)).lstrip("/")  # no higher than the bucket
+    return f"{scheme}://{bucket}/{key}{tail}"
 
 
 _FLAGS = ("is_latest", "is_delete_marker")

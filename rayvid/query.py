@@ -173,7 +173,7 @@ def runs(output: str) -> pa.Table:
     if not fs.isdir(folder):
         raise commit.not_found(fs, root, output, f"no rayvid runs recorded at {storage.public_uri(output)} "
                                                  f"(no {commit.RUNS_DIR}/ folder)")
-    names = sorted(name[: -len(".json")] for name in (p.rsplit("/", 1)[-1] for p in fs.glob(f"{folder}/*.json"))
+    names = sorted(name[: -len(".json")] for name in (p.rsplit("/", 1)[-1] for p in storage.files_in(fs, folder, "*.json"))
                    if not name.startswith("."))
 
     def read(name: str):
@@ -428,7 +428,7 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.
                          f"({type(e).__name__})") from None
     fs, root = storage.resolve(output)
     records = []
-    for path in fs.glob(f"{root.rstrip('/')}/{commit.RUNS_DIR}/*.json"):
+    for path in storage.files_in(fs, f"{root.rstrip('/')}/{commit.RUNS_DIR}", "*.json"):
         record = commit.read_run_record(fs, root.rstrip("/"), os.path.basename(path)[: -len(".json")])
         config = record.get("config") if isinstance(record, dict) else None
         embed = isinstance(config, dict) and isinstance(config.get("model"), dict) and config["model"].get("embed")
@@ -478,6 +478,22 @@ def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:
     return out
 
 
+def _csv_schema(schemas: list) -> pa.Schema:
+    """The export's columns: every part's (older parts may lack some), `label_i, score_i`
+    up to the most top-k entries any part has, after `score`."""
+    k = max(sum(1 for n in schema.names if n.startswith("score_")) for schema in schemas)
+    fields = [f for f in pa.unify_schemas(schemas) if not f.name.startswith(("label_", "score_"))]
+    at = [f.name for f in fields].index("score") + 1
+    tops = [f for i in range(1, k + 1) for f in (pa.field(f"label_{i}", pa.string()), pa.field(f"score_{i}", pa.float32()))]
+    return pa.schema(fields[:at] + tops + fields[at:])
+
+
+def _to_schema(flat: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`flat` with the export's columns: those it lacks (a part with fewer top-k) are empty."""
+    return pa.table([flat.column(f.name).cast(f.type) if f.name in flat.column_names
+                     else pa.nulls(len(flat), f.type) for f in schema], schema=schema)
+
+
 def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
     """Per-frame predictions as one CSV file at `dest` (any URL; "-": stdout), built part by
     part in a local temporary file and published whole (a failed export leaves no partial
@@ -485,26 +501,26 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
     order, videos in the order of OUTPUT's parts (a part is one flush's videos)."""
     import pyarrow.csv as pacsv
 
-    rows, k, writer, schema = 0, None, None, None
+    from rayvid.schema import PREDICTIONS_SCHEMA
+
     video = storage.canonical(video) if video is not None else None
     with tempfile.TemporaryDirectory(prefix="rayvid-export-") as tmp:
-        local = os.path.join(tmp, "export.csv")
-        with open(local, "wb") as f:
-            for table in parts(output, video=video, without=("embedding",)):  # (not exported)
-                if not len(table):
-                    continue
-                if k is None:  # every part has the run's k; fix the columns on the first
-                    k = max((len(t or []) for t in table.column("topk").to_pylist()), default=0)
-                flat = flat_predictions(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]), k)
-                if writer is None:
-                    schema = flat.schema
-                    writer = pacsv.CSVWriter(f, schema)
-                writer.write_table(flat.cast(schema))
+        # each part flattened with its own top-k to a local file first: k is the most any
+        # part has (a later run's --topk, or detections per frame), known once all are read
+        flat_files, schemas = [], []
+        for table in parts(output, video=video, without=("embedding",)):  # (not exported)
+            if len(table):
+                flat = flat_predictions(table.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]))
+                flat_files.append(os.path.join(tmp, f"{len(flat_files):08d}.parquet"))
+                pq.write_table(flat, flat_files[-1], compression="none")
+                schemas.append(flat.schema)
+        schema = _csv_schema(schemas or [flat_predictions(PREDICTIONS_SCHEMA.empty_table()).schema])
+        local, rows = os.path.join(tmp, "export.csv"), 0
+        with open(local, "wb") as f, pacsv.CSVWriter(f, schema) as writer:
+            for path in flat_files:
+                flat = pq.read_table(path)
+                writer.write_table(_to_schema(flat, schema))
                 rows += len(flat)
-            if writer is None:
-                f.write(b"video_uri,frame_index,timestamp_s,label,score\n")
-            else:
-                writer.close()
         if dest == "-":
             with open(local, "rb") as f:
                 shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)

@@ -93,7 +93,7 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
             local_out = os.path.join(tmp, "out.mp4")
             with av.open(path) as src, av.open(local_out, "w") as dst:
                 stream = src.streams.video[0]
-                rate = stream.average_rate or 25
+                rate = stream.average_rate or stream.guessed_rate or 25
                 out = dst.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
                 out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
                 out.pix_fmt = "yuv420p"

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import io
 import itertools
@@ -217,6 +218,8 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # the URL is not shown), which s3fs and gcsfs would take for a bucket's name
         raise StorageError(f"credentials in a {protocol}:// URL are not used (the URL is not shown here): "
                            f"give them to the store's client instead ({CREDENTIALS_HINT})")
+    if protocol == "file" and url[:7].lower() == "file://":
+        url = _file_url_path(url)
     try:
         cls = fsspec.get_filesystem_class(protocol)
         fs = cls(**cls._get_kwargs_from_urls(url), **_storage_options(protocol))
@@ -232,6 +235,32 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     elif _protocols(fs) & {"gs", "gcs"}:
         _with_gcs_errors()
     return fs, path
+
+
+def files_in(fs: fsspec.AbstractFileSystem, folder: str, pattern: str = "*") -> dict:
+    """{path: info} of the files directly in `folder` whose names match `pattern` (fnmatch:
+    `*`, `?`), listed afresh; {} where there is no such folder. The folder is taken as it
+    is spelled: fsspec's glob would read a `[`, `*` or `?` of an OUTPUT's own name as a
+    pattern (and search from the folder above it: another output's files, or a bucket)."""
+    folder = folder.rstrip("/")
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {e["name"]: e for e in entries
+            if e.get("type") == "file" and fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], pattern)}
+
+
+def _file_url_path(url: str) -> str:
+    """The path a `file://` URL names (RFC 8089): percent-encoding decoded (`Path.as_uri()`
+    writes `a%20b.mp4` for `a b.mp4`), `localhost` as the host allowed; another host refused."""
+    rest = url[len("file://"):]
+    host, slash, path = rest.partition("/")
+    if host and host.lower() != "localhost":
+        raise StorageError(f"cannot use URL {public_uri(url)!r}: a file:// URL names a file on this machine "
+                           f"(file:///path or file://localhost/path), not on {host!r}")
+    return urllib.parse.unquote(slash + path)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -811,6 +840,9 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
     ones reached without a link first: a link loop ends, and a folder linked from inside
     `root` is listed where it is. Files stream out folder by folder: what is held is the
     folders, not the files."""
+    if not _utf8(root):
+        raise StorageError(f"cannot list {os.fsencode(root).decode('utf-8', 'backslashreplace')}: "
+                           f"its name is not UTF-8")
     seen: set = set()
     real, linked = [(root, os.stat(root))], collections.deque()
     while real or linked:
@@ -826,6 +858,11 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
             continue
         with entries:
             for entry in entries:
+                if not _utf8(entry.name):  # no Arrow string (video_uri) can hold it
+                    logging.getLogger("rayvid").warning(
+                        "skipping %s: its name is not UTF-8 (rename it to read it)",
+                        os.fsencode(entry.path).decode("utf-8", "backslashreplace"))
+                    continue
                 try:
                     st = entry.stat()  # of what a link points to
                 except OSError as e:
@@ -843,6 +880,16 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
                     yield entry.path, st
         real.extend(sorted(subfolders, key=lambda f: f[0], reverse=True))
         linked.extend(sorted(links, key=lambda f: f[0]))
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name from the operating system is UTF-8 (else Python holds its bytes as
+    surrogates, which no UTF-8 string, an Arrow one included, can encode)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -995,15 +1042,30 @@ def stored_uri(url: str) -> str:
     the same name; `?key=` names the object in some APIs). Other query parameters of an
     HTTP(S) URL stay, as they were: they may name the object."""
     url = _without_userinfo(url)
-    if not url.lower().startswith(("http://", "https://")) or "?" not in url:
-        return url  # elsewhere a "?" is part of the key
-    base, _, query = url.split("#", 1)[0].partition("?")
+    if not url.lower().startswith(("http://", "https://")):
+        return url  # elsewhere a "?" or "#" is part of the key
+    base, _, query = url.split("#", 1)[0].partition("?")  # a fragment is never sent
+    base = _http_canonical(base)
+    if not query:
+        return base
     pieces = [p for p in query.split("&") if p]
     names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
     sas = "sig" in names
     kept = [_digest_value(p) if _API_KEY.fullmatch(name) else p for p, name in zip(pieces, names)
             if not (_SIGNING.fullmatch(name) or _SECRET.fullmatch(name) or (sas and name in _SAS))]
     return base + ("?" + "&".join(kept) if kept else "")
+
+
+def _http_canonical(url: str) -> str:
+    """An HTTP(S) URL (no query) as it is requested: scheme and host in lower case, no
+    default port, the path percent-encoded one way (`a b.mp4` and `a%20b.mp4`, `café` and
+    `caf%C3%A9` are one object: one name), as aiohttp's yarl writes it."""
+    try:
+        import yarl
+
+        return str(yarl.URL(url))
+    except (ImportError, ValueError, TypeError):
+        return url
 
 
 def _digest_value(piece: str) -> str:

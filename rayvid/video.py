@@ -216,7 +216,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             rotation = rotation or 0
             if (rotation // 90) % 2:
                 width, height = height, width
-            rate = stream.average_rate
+            rate = stream.average_rate or stream.guessed_rate  # (IVF: no average, its header's rate)
             tb = stream.time_base
             start = stream.start_time or 0
             listed = int(stream.frames or 0)

@@ -177,12 +177,14 @@ def frames_per_video(table) -> dict:
 
 
 def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1",
-                 rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = (), embed_dim: int = 0) -> None:
+                 rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = (), embed_dim: int = 0,
+                 k: int = 2) -> None:
     """An OUTPUT written by the real Committer from known predictions: `videos` maps a
     video_uri to its frames' (label, score), frame i at t = i / fps; with `every`, only
     frames 0, every, 2*every, ... have rows (sparse sampling). `failed`: URIs that get an
     error row and no frames. rows_per_file=1 writes one part per video. `embed_dim`: an
-    `embedding` column (as --embed writes) of that many seeded random floats per frame."""
+    `embedding` column (as --embed writes) of that many seeded random floats per frame.
+    `k`: top-k entries per frame (the label, another, then `extra_<i>` at score 0)."""
     import pyarrow as pa
 
     from rayvid.commit import Committer
@@ -195,7 +197,8 @@ def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1
         rows = [frames[i] for i in idx]
         n = len(idx)
         topk = [[{"class_id": 0, "label": lab, "score": float(s)},
-                 {"class_id": 1, "label": others[0] if lab != others[0] else others[1], "score": float(1 - s)}]
+                 {"class_id": 1, "label": others[0] if lab != others[0] else others[1], "score": float(1 - s)}][:k]
+                + [{"class_id": i, "label": f"extra_{i}", "score": 0.0} for i in range(2, k)]
                 for lab, s in rows]
         table = pa.table({
             "video_uri": [uri] * n, "segment": [0] * n, "n_segments": [1] * n, "kind": [KIND_FRAME] * n,

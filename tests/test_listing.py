@@ -229,12 +229,13 @@ def test_manifests_over_http_whatever_the_server_does_with_byte_ranges(tree, mod
     pyarrow's footer seek would fail); relative entries are relative to the manifest's URL."""
     pq.write_table(pa.table({"size": [1, 2, 3], "video_uri": ["b.mp4", "sub dir/deeper/x.WebM", "b.mp4"]}),
                    tree / "m.parquet")
-    (tree / "m.txt").write_text("# videos\nb.mp4\nsub%20dir/deeper/x.WebM\n")
+    # one object spelled three ways (a fragment is never sent): one video, named as requested
+    (tree / "m.txt").write_text("# videos\nb.mp4\nsub%20dir/deeper/x.WebM\nsub dir/deeper/x.WebM\n./b.mp4#t=1\n")
     pq.write_table(pa.table({"path": ["b.mp4"]}), tree / "bad.parquet")
     with http_server(str(tree), mode) as base:
-        want = [f"{base}/b.mp4", f"{base}/sub dir/deeper/x.WebM"]
+        want = [f"{base}/b.mp4", f"{base}/sub%20dir/deeper/x.WebM"]
         assert list_videos(f"{base}/m.parquet").column("video_uri").to_pylist() == want
-        assert list_videos(f"{base}/m.txt").column("video_uri").to_pylist() == [want[0], f"{base}/sub%20dir/deeper/x.WebM"]
+        assert list_videos(f"{base}/m.txt").column("video_uri").to_pylist() == want
         with pytest.raises(InputError, match=r"has no video_uri column, nor an S3 Inventory report's bucket and key \(has: \['path'\]\)"):
             list_videos(f"{base}/bad.parquet")
 
@@ -394,3 +395,41 @@ def test_a_100k_object_prefix_lists_in_bounded_memory(s3_endpoint):
     # measured: +30 MB (Arrow columns and each page's transient rows); fsspec's find()
     # of the same 100,000 objects: +136 MB
     assert got["big"]["peak_mb"] - got["small"]["peak_mb"] < 60, got
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_warning(tree, caplog):
+    """A file or folder whose name is not UTF-8 (a Latin-1 `café.mp4` from an old system) has
+    no video_uri (an Arrow string is UTF-8): skipped and named in a warning, the rest listed
+    (it failed the whole listing with a traceback)."""
+    root = os.fsencode(tree)
+    os.mkdir(os.path.join(root, b"caf\xe9 dir"))
+    for name in (b"caf\xe9.mp4", os.path.join(b"caf\xe9 dir", b"in.mp4")):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(b"x")
+    with caplog.at_level("WARNING", logger="rayvid"):
+        t = list_videos(str(tree))
+    assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in EXPECTED]
+    assert f"skipping {tree}/caf\\xe9.mp4: its name is not UTF-8" in caplog.text
+    assert f"skipping {tree}/caf\\xe9 dir: its name is not UTF-8" in caplog.text
+
+
+def test_a_manifest_that_is_not_utf8_is_a_clear_error(tree, tmp_path):
+    manifest = tmp_path / "latin1.txt"
+    manifest.write_bytes(f"{tree}/b.mp4\n{tree}/caf\xe9.mp4\n".encode("latin-1"))
+    with pytest.raises(InputError, match=rf"manifest {tmp_path}/latin1.txt is not UTF-8 text \(byte \d+: b'\\xe9'\)"):
+        list_videos(str(manifest))
+
+
+def test_manifest_entries_with_dot_segments_or_home_name_the_file_meant(tree, tmp_path, s3fs_client, monkeypatch):
+    """`./b.mp4` and `../in/b.mp4` in a manifest are b.mp4 beside it, in a bucket as locally
+    (on S3 they were keys of their own: NotFound rows); `~/x` in a local manifest is the
+    user's home, as on a command line."""
+    entries = "b.mp4\n./b.mp4\n../in/b.mp4\n./sub dir/../A.MOV\n"
+    (tree / "m.txt").write_text(entries)
+    assert list_videos(str(tree / "m.txt")).column("video_uri").to_pylist() == [f"{tree}/A.MOV", f"{tree}/b.mp4"]
+    upload_tree(s3fs_client, tree, "s3://rayvid-test/dots/in/")
+    assert list_videos("s3://rayvid-test/dots/in/m.txt").column("video_uri").to_pylist() == [
+        "s3://rayvid-test/dots/in/A.MOV", "s3://rayvid-test/dots/in/b.mp4"]
+    monkeypatch.setenv("HOME", str(tree))
+    (tmp_path / "home.txt").write_text("~/b.mp4\n")
+    assert list_videos(str(tmp_path / "home.txt")).column("video_uri").to_pylist() == [f"{tree}/b.mp4"]

@@ -145,6 +145,59 @@ def test_export_csv_has_a_row_per_frame_and_topk_columns(out, tmp_path):
         assert {r["video_uri"] for r in csv.DictReader(f)} == {"/v/v2.mp4"}
 
 
+def test_export_has_the_most_top_k_any_part_has(tmp_path):
+    """A later run with a larger --topk (or detections, whose number varies by frame) adds
+    parts with more top-k entries than the first: the CSV has a column for each, empty in
+    rows that have fewer (they were cut to the first part's k). An empty export has the
+    columns a non-empty one has, top-k aside."""
+    url = str(tmp_path / "out")
+    write_output(url, {"/v/a.mp4": V2[:3]}, fps=FPS, run_id="a1", k=2)
+    write_output(url, {"/v/b.mp4": V2[:2]}, fps=FPS, run_id="b1", k=4)  # its part sorts after a1's
+    dest = str(tmp_path / "frames.csv")
+    assert query.export_csv(url, dest) == 5
+    with open(dest) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["video_uri"], r["label_2"], r["label_3"], r["label_4"]) for r in rows] == [
+        ("/v/a.mp4", "zz_other", "", "")] * 3 + [("/v/b.mp4", "zz_other", "extra_2", "extra_3")] * 2
+    header = list(rows[0])
+    empty = tmp_path / "empty"
+    write_output(str(empty), {}, fps=FPS, failed=("/v/bad.mp4",))
+    assert query.export_csv(str(empty), str(tmp_path / "none.csv")) == 0
+    with open(tmp_path / "none.csv") as f:
+        assert next(csv.reader(f)) == [h for h in header if not h.startswith(("label_", "score_"))]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_output_named_with_glob_characters_is_read_as_named(where, tmp_path, request):
+    """`[1]`, `*` or `?` in OUTPUT's own name are characters, not a pattern: resumes find what
+    is committed and the verbs read it (a rerun committed every video again and the verbs
+    saw no rows; `*` read another OUTPUT's parts)."""
+    if where == "s3":
+        request.getfixturevalue("s3_endpoint")
+    base = str(tmp_path) if where == "local" else f"s3://{BUCKET}/glob-{tmp_path.name}"
+    write_output(f"{base}/o1", {"/v/other.mp4": V2}, fps=FPS)  # what `o[1]` and `o*` match as patterns
+    for name in ("o[1]", "o*", "o?"):
+        url = f"{base}/{name}"
+        write_output(url, {"/v/v1.mp4": V1}, fps=FPS, rows_per_file=1)
+        assert commit.recover(url).uris() == ["/v/v1.mp4"], name
+        assert query.summary(url).column("video_uri").to_pylist() == ["/v/v1.mp4"], name
+        assert query.read(url).num_rows == len(V1), name
+        assert query.export_csv(url, str(tmp_path / "x.csv")) == len(V1), name
+
+
+def test_an_output_whose_runs_listed_no_videos_has_no_rows(tmp_path, capsys):
+    """A finished run over an empty INPUT writes runs/ alone: the verbs show no rows (they
+    said "no rayvid output"), as they do for an OUTPUT whose videos all failed."""
+    url = str(tmp_path / "out")
+    commit.write_run_record(url, "r1", {"run_id": "r1", "status": "finished", "started_at": "2026-12-05T10:00:00Z",
+                                        "stats": {"videos_listed": 0}})
+    for verb in (["summary", url], ["segments", url], ["find", url, "circle"], ["export", url, "-"]):
+        assert cli.main(verb) == 0, verb
+        assert "no rayvid output" not in capsys.readouterr().err
+    assert query.read(url).num_rows == 0
+    assert cli.main(["summary", str(tmp_path / "typo")]) == 2
+
+
 @pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"], ["compact", "{out}"]])
 def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
     """`rayvid export OUT - | head`: the reader closing its end is the end of the output, exit

@@ -719,3 +719,32 @@ def test_local_listing_skips_folders_it_cannot_enter(tmp_path):
     assert json.loads(proc.stdout) == [str(root / "a.mp4"), str(root / "open" / "c.mp4")]
     assert f"skipping {root / 'locked'}: Permission denied" in proc.stderr
     assert f"skipping {root / 'link'}: permission denied" in proc.stderr
+
+
+def test_file_urls_name_the_files_rfc_8089_says(tmp_path):
+    """A file:// URL is percent-encoded (`Path.as_uri()` writes `a%20b%20%C3%A9.mp4`), with
+    no host or `localhost`: it names the file as a plain path does; another host is refused."""
+    import urllib.parse
+
+    from rayvid.errors import StorageError
+    from rayvid.listing import list_videos
+
+    video = tmp_path / "a b é 50%.mp4"
+    video.write_bytes(b"x")
+    for url in (video.as_uri(), "file://localhost" + urllib.parse.quote(str(video)), f"file://{video}"):
+        assert storage.canonical(url) == str(video), url
+    assert list_videos(video.as_uri()).column("video_uri").to_pylist() == [str(video)]
+    assert list_videos(tmp_path.as_uri() + "/").column("video_uri").to_pylist() == [str(video)]
+    with pytest.raises(StorageError, match="a file:// URL names a file on this machine .* not on 'nas'"):
+        storage.resolve("file://nas/share/a.mp4")
+
+
+def test_one_http_object_spelled_two_ways_is_one_name():
+    """HTTP(S) URLs are named as they are requested: `a b.mp4` and `a%20b.mp4` (or `café`
+    and `caf%C3%A9`, HTTP and http, :80 and none) are one object, one video_uri; a fragment
+    is never sent, so it is no part of the name."""
+    same = ["http://h.example/v/a b é.mp4", "http://h.example/v/a%20b%20%C3%A9.mp4", "HTTP://H.example:80/v/a b é.mp4",
+            "http://h.example/v/a b é.mp4#t=10"]
+    assert {storage.stored_uri(u) for u in same} == {"http://h.example/v/a%20b%20%C3%A9.mp4"}
+    assert storage.stored_uri("https://h.example/v/a%2Fb.mp4?v=2#x") == "https://h.example/v/a%2Fb.mp4?v=2"
+    assert storage.stored_uri("s3://b/a%20b.mp4#x") == "s3://b/a%20b.mp4#x"  # elsewhere, the key's own characters

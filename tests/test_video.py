@@ -266,3 +266,16 @@ def test_a_video_overwritten_after_its_probe_is_an_error_row(matrix, tmp_path):
         assert frames == [] and (end["error_stage"], end["error_type"]) == ("decode", "VideoError"), end
         assert end["message"] == "cannot read video: Invalid data found when processing input", end
         assert end["codec"] == "h264" and end["n_frames"] == 0
+
+
+def test_an_ivf_video_has_its_headers_frame_rate(tmp_path):
+    """IVF (VP8/VP9 as libvpx writes them) gives no average frame rate: fps is the rate its
+    header says (FFmpeg's guess), and the duration the last frame's time plus one frame, as
+    of the same frames in Matroska (fps was 0 and the duration a frame short)."""
+    from rayvid.video import probe
+
+    for ext in ("ivf", "mkv"):
+        path = str(tmp_path / f"five.{ext}")
+        framecode.write_code_video(path, 5, (48, 64), ["-c:v", "libvpx-vp9", "-deadline", "realtime"], fps=12)
+        info = probe(path)
+        assert (info.fps, info.duration_s, len(info.pts)) == (12.0, pytest.approx(5 / 12, abs=1e-3), 5), ext  # (Matroska: ms)
