@@ -695,11 +695,11 @@ class Rivals:
         self.check_now()
 
     def earliest(self) -> dict | None:
-        try:
-            names = [n.rsplit("/", 1)[-1] for n in self.fs.ls(f"{self.root}/{RUNS_DIR}", detail=False)]
-        except (FileNotFoundError, *storage.ACCESS_ERRORS):  # (a check that cannot look does not stop the run)
+        try:  # (listed afresh: s3fs would answer from its cache, without a rival's new record)
+            names = [n.rsplit("/", 1)[-1] for n in storage.files_in(self.fs, f"{self.root}/{RUNS_DIR}", "*.json")]
+        except storage.ACCESS_ERRORS:  # (a check that cannot look does not stop the run)
             return None
-        names = [n for n in names if n.endswith(".json") and not n.startswith(".") and n not in self.settled]
+        names = [n for n in names if not n.startswith(".") and n not in self.settled]
         found = []
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             records = list(pool.map(self._read, names))

@@ -729,13 +729,14 @@ def _memory_store(protocol: str):
                 return Upload(self, self._strip_protocol(path))
             return MemoryFile(None, None, super()._open(path, mode, **kwargs).getvalue())
 
-        def glob(self, path, **kwargs):
-            found = super().glob(path, **kwargs)
-            hook = Store.after_videos_listed
-            if hook and "/videos/" in path:
-                Store.after_videos_listed = None
-                hook()
-            return found
+        def ls(self, path, detail=True, **kwargs):
+            try:
+                return super().ls(path, detail=detail, **kwargs)
+            finally:  # (listed, or found to be no folder)
+                hook = Store.after_videos_listed
+                if hook and path.rstrip("/").endswith("/videos"):
+                    Store.after_videos_listed = None
+                    hook()
 
     Store.protocol = protocol
     fsspec.register_implementation(protocol, Store, clobber=True)
@@ -988,6 +989,40 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
     commit.Rivals(str(tmp_path), late_record).check_now()  # the earlier one ended: the later one goes on
     for beat in (late, inner, shard):
         beat.stop()
+
+
+def test_a_rival_on_s3_written_by_another_process_is_seen_at_the_next_check(s3_endpoint, tmp_path):
+    """On S3 each check lists runs/ afresh: s3fs answered the later checks from the listing it
+    cached at the first, so an earlier run's record written by another process after that
+    (here by another client) was never seen and both runs committed every video."""
+    import json
+
+    import boto3
+
+    from rayvid import commit
+    from rayvid.errors import ConfigError
+
+    url = f"s3://rayvid-test/rivals-{tmp_path.name}"
+    late_record = {"run_id": "late", "status": "running", "started_at": "2026-12-05T10:00:03Z",
+                   "config": {"input": "s3://in/"}}
+    late = commit.Heartbeat(url, "late", late_record, every_s=60)
+    late.start()
+    try:
+        rivals = commit.Rivals(url, dict(late_record))
+        rivals.check_now()  # alone
+        early = commit.Heartbeat(str(tmp_path), "early", {"run_id": "early", "status": "running",
+                                                          "started_at": "2026-12-05T10:00:00Z",
+                                                          "config": {"input": "s3://in"}}, every_s=60)
+        early.start()  # its record as a live run writes it (this process: alive), put by another client
+        record = json.loads((tmp_path / "runs" / "early.json").read_text())
+        assert record["status"] == "running"
+        boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+            Bucket="rayvid-test", Key=f"rivals-{tmp_path.name}/runs/early.json", Body=json.dumps(record).encode())
+        with pytest.raises(ConfigError, match="run early"):
+            rivals.check_now()
+        early.stop()
+    finally:
+        late.stop()
 
 
 def test_recovery_sweeps_writes_a_kill_left_unfinished(tmp_path):
