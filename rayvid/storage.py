@@ -246,7 +246,9 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, pattern: str = "*") -> 
     fs.invalidate_cache(folder)
     try:
         entries = fs.ls(folder, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError) as e:
+        if is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+            raise
         return {}
     return {e["name"]: e for e in entries
             if e.get("type") == "file" and fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], pattern)}
