@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import storage
-from rayvid.errors import ConfigError
+from rayvid.errors import ConfigError, StorageError
 from rayvid.schema import (BOX_TYPE, ERRORS_SCHEMA, HEAD_COLUMNS, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA,
                            with_head)
 
@@ -649,9 +649,41 @@ def _folder(uri) -> str:
     return str(uri or "").rstrip("/")
 
 
+LISTING_SUFFIX = ".videos.parquet"  # runs/<run_id>.videos.parquet: a manifest run's videos, while it runs
+
+
+def write_run_listing(output: str, run_id: str, uris: pa.Array) -> None:
+    """The video URIs a run over a manifest will commit, beside its record (written before
+    it), for `Rivals`: a manifest's videos may be anywhere, so its INPUT says nothing of
+    which videos another run also lists. Deleted when the run ends (`forget_run_listing`)."""
+    table = pa.table({"video_uri": pa.array(uris, pa.string())})
+    url = storage.join(output, RUNS_DIR, f"{run_id}{LISTING_SUFFIX}")
+    storage.write_atomic(url, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def forget_run_listing(output: str, run_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError, *storage.ACCESS_ERRORS):
+        fs, root = storage.resolve(output)
+        fs.rm(f"{root.rstrip('/')}/{RUNS_DIR}/{run_id}{LISTING_SUFFIX}")
+
+
+def _under(uris: pa.Array, folder: str):
+    """Which of `uris` are `folder` itself or below it."""
+    return pc.or_(pc.equal(uris, folder), pc.starts_with(uris, folder + "/"))
+
+
+def _canonical_folder(uri: str) -> str | None:
+    """A folder INPUT as the listing writes its videos' URIs (`storage.canonical`)."""
+    try:
+        return storage.canonical(uri).rstrip("/") if uri else None
+    except (StorageError, ValueError):
+        return None
+
+
 class Rivals:
     """The other runs into OUTPUT over the same INPUT (or a folder holding it, or one inside
-    it) that are alive (`alive`) and began before this one (`record`: its own record as
+    it; where either INPUT is a manifest, over a video both list, or one in the other's
+    folder) that are alive (`alive`) and began before this one (`record`: its own record as
     written; ties by run id). Two such runs would each commit the videos not committed when
     each began: the later one stops, at its start (`check_now`, after its own record is
     written) or before a flush (`check`: the first one, then at most every
@@ -659,11 +691,15 @@ class Rivals:
     written yet at the later one's start). Records of runs that ended, or that are not over
     this INPUT, are read once."""
 
-    def __init__(self, output: str, record: dict):
+    def __init__(self, output: str, record: dict, videos: pa.Array | None = None):
+        """`videos`: of a run over a manifest, the URIs it will commit (as it wrote them:
+        `write_run_listing`); None for a folder, a prefix or a video."""
         self.fs, root = storage.resolve(output)
         self.root = root.rstrip("/")
         self.me = (str(record.get("started_at") or ""), str(record.get("run_id") or ""))
         self.input = _folder((record.get("config") or {}).get("input"))
+        self.videos = None if videos is None else pa.array(videos, pa.string())
+        self.by_listing: set = set()  # run ids met through a manifest's listing
         self.settled: set = {f"{self.me[1]}.json"}
         self._next = 0.0  # the first flush looks whatever the start's check saw
         self.stopped: ConfigError | None = None
@@ -677,9 +713,10 @@ class Rivals:
             dead = ("" if first.get("node") == _node() or age is None else
                     f"; if it died on its host, it stops counting once its heartbeat (last {age:.0f} s ago) is "
                     f"{LEASE_S:.0f} s old")
+            what = "videos this run lists too" if first.get("run_id") in self.by_listing else "the same INPUT"
             self.stopped = ConfigError(
                 f"run {first.get('run_id')} (host {first.get('host')}, started {first.get('started_at')}) is "
-                f"running over the same INPUT into this OUTPUT: two runs at once would each commit every video; "
+                f"running over {what} into this OUTPUT: two runs at once would each commit every video; "
                 f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again{dead}")
             raise self.stopped
 
@@ -706,14 +743,38 @@ class Rivals:
         for name, record in zip(names, records):
             if record == {}:
                 continue
-            theirs = _folder((record.get("config") or {}).get("input"))
-            overlap = theirs == self.input or (theirs + "/").startswith(self.input + "/") or \
-                (self.input + "/").startswith(theirs + "/")  # (a folder and one inside it)
-            if not alive(record) or not overlap:
+            if not alive(record) or not self._overlaps(name[: -len(".json")], record):
                 self.settled.add(name)  # ended (or never ours to meet): it does not run again
             elif (str(record.get("started_at") or ""), str(record.get("run_id") or "")) < self.me:
                 found.append(record)
         return min(found, key=lambda r: (str(r.get("started_at") or ""), str(r.get("run_id") or "")), default=None)
+
+    def _overlaps(self, run_id: str, record: dict) -> bool:
+        """Whether that run and this one may both commit a video: the same INPUT, or a
+        folder and one inside it; or, where either INPUT is a manifest (its listing
+        beside its record), a video both list, or one listing a video in the other's folder."""
+        theirs_input = _folder((record.get("config") or {}).get("input"))
+        theirs = self._listing(run_id)
+        if theirs is not None or self.videos is not None:
+            self.by_listing.add(str(record.get("run_id")))
+        if theirs is None and self.videos is None:
+            return theirs_input == self.input or (theirs_input + "/").startswith(self.input + "/") or \
+                (self.input + "/").startswith(theirs_input + "/")  # (a folder and one inside it)
+        if theirs is None:
+            return _canonical_folder(theirs_input) is not None and \
+                pc.any(_under(self.videos, _canonical_folder(theirs_input))).as_py() is True
+        if self.videos is None:
+            return _canonical_folder(self.input) is not None and \
+                pc.any(_under(theirs, _canonical_folder(self.input))).as_py() is True
+        return pc.any(pc.is_in(self.videos, value_set=theirs)).as_py() is True
+
+    def _listing(self, run_id: str) -> pa.Array | None:
+        """A manifest run's listing (`write_run_listing`), or None (a folder's run)."""
+        try:
+            with self.fs.open(f"{self.root}/{RUNS_DIR}/{run_id}{LISTING_SUFFIX}", "rb") as f:
+                return pq.read_table(f, columns=["video_uri"]).column("video_uri").combine_chunks()
+        except FileNotFoundError:
+            return None
 
     def _read(self, name: str) -> dict | None:
         try:

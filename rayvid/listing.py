@@ -75,6 +75,18 @@ def _folder(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=posixpath.dirname(parts.path), query="", fragment=""))
 
 
+def is_manifest(input_url: str) -> bool:
+    """Whether INPUT is read as a manifest (a file with a manifest's extension), whose
+    videos may be anywhere, not below INPUT."""
+    fs, path = storage.resolve(input_url)
+    if _extension(path) not in MANIFEST_EXTENSIONS:
+        return False
+    try:
+        return fs.info(path).get("type") != "directory"
+    except (FileNotFoundError, *storage.ACCESS_ERRORS):
+        return True
+
+
 def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     """List INPUT (folder, prefix, manifest or single file) into the listing table."""
     fs, path = storage.resolve(input_url)

@@ -252,10 +252,15 @@ def run(cfg: RunConfig) -> RunResult:
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
+        mine = None
+        if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this
+            mine = videos.column("video_uri")
+            _write_listing(cfg, mine)
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:
-            rivals = commit.Rivals(cfg.output, _redacted(record))  # an earlier run over INPUT, alive: stop
+            # an earlier run, alive, over INPUT or (manifests) over videos listed here too: stop
+            rivals = commit.Rivals(cfg.output, _redacted(record), videos=mine)
             rivals.check_now()
             committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
                                          flush_interval_s=cfg.commit_interval_s, guard=rivals.check)
@@ -295,9 +300,13 @@ def run(cfg: RunConfig) -> RunResult:
                           finished_at=commit.record_time(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
             _record_failure(cfg, _redacted(failed), beat, stopped)
+            if mine is not None:
+                commit.forget_run_listing(cfg.output, cfg.run_id)
             raise
         beat.stop()
         _record_finished(cfg, record, result, committer, info, name, started)
+        if mine is not None:
+            commit.forget_run_listing(cfg.output, cfg.run_id)
         finished = True
     finally:
         if we_started_ray:
@@ -709,6 +718,13 @@ def _recover(cfg: RunConfig, videos: pa.Table) -> commit.Committed:
         return commit.recover(cfg.output, only=videos.column("video_uri"))
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
+
+
+def _write_listing(cfg: RunConfig, uris) -> None:
+    try:
+        commit.write_run_listing(cfg.output, cfg.run_id, uris)
+    except (*storage.ACCESS_ERRORS, ValueError) as e:
+        raise StorageError(f"cannot write to OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 
 
 def _write_first_record(cfg: RunConfig, record: dict) -> commit.Heartbeat:

@@ -380,10 +380,14 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     assert sorted(videos) == sorted(expected)
 
 
-def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session, media, shapes_model, tmp_path):
+@pytest.mark.parametrize("second_input", ["same", "manifest"])
+def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session, media, shapes_model, tmp_path,
+                                                                      second_input):
     """The same command again while the first still runs (it seemed stuck; a second
-    submission): both committed every video, each frame twice. The second says which run
-    it met and exits 2 before committing anything; the first finishes: each frame once."""
+    submission), or a run over a manifest sharing videos with it (overlapping shards): both
+    committed every video they shared, each frame twice. The second says which run it met
+    and exits 2 before committing anything; the first finishes: each frame once. (A run
+    over a manifest writes its listing beside its record while it runs, for this.)"""
     import shutil
     import signal
     import time
@@ -392,11 +396,21 @@ def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session
     for k in range(4):
         shutil.copytree(media["videos"], src / f"copy{k}")
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), str(src), str(out),
+    first_input = tmp_path / "first.txt"  # copies 0-2 by manifest
+    from rayvid.listing import is_video
+
+    files = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_video(str(p)))  # as the folder lists
+    first_input.write_text("".join(f"{p}\n" for p in files if "/copy3/" not in p))
+    second = src if second_input == "same" else tmp_path / "second.txt"  # copies 2-3 by manifest
+    if second_input == "manifest":
+        second.write_text("".join(f"{p}\n" for p in files if "/copy2/" in p or "/copy3/" in p))
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "classify_videos.py"), "{input}", str(out),
            "--model", shapes_model["path"], "--no-progress", "--commit-interval", "0", "--decode-actors", "1", "1",
            "--batch-size", "1"]
+    first_cmd = [str(src if second_input == "same" else first_input) if a == "{input}" else a for a in cmd]
+    cmd = [str(second) if a == "{input}" else a for a in cmd]
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    first = subprocess.Popen(first_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not (out / "runs").is_dir():
@@ -406,14 +420,17 @@ def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2, second.stderr[-3000:]
-    assert re.search(r"rayvid: error: run \S+ \(host .+, started .+\) is running over the same INPUT into this "
+    what = "the same INPUT" if second_input == "same" else "videos this run lists too"
+    assert re.search(rf"rayvid: error: run \S+ \(host .+, started .+\) is running over {what} into this "
                      r"OUTPUT", second.stderr), second.stderr[-3000:]
     runs = {r["status"]: r for r in query.runs(str(out)).to_pylist()}
     assert sorted(runs) == ["failed", "finished"] and runs["failed"]["videos_ok"] == 0
+    copies = 4 if second_input == "same" else 3
     preds = read_output(str(out))
     keys = list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()))
-    assert len(keys) == len(set(keys)) == 4 * sum(len(v) for v in media["truth"].values())
-    assert read_output(str(out), "videos").num_rows == 4 * len(media["truth"])
+    assert len(keys) == len(set(keys)) == copies * sum(len(v) for v in media["truth"].values())
+    assert read_output(str(out), "videos").num_rows == copies * len(media["truth"])
+    assert sorted(os.listdir(out / "runs")) == sorted(f"{r}.json" for r in query.runs(str(out)).column("run_id").to_pylist())
 
 
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):

@@ -991,6 +991,50 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
         beat.stop()
 
 
+def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
+    """A manifest's videos may be anywhere: runs where either INPUT is a manifest (its
+    listing beside its record) meet where both list a video, or one lists a video in the
+    other's folder (overlapping shards at once committed the shared videos twice)."""
+    from rayvid import commit
+    from rayvid.errors import ConfigError
+
+    out = str(tmp_path / "out")
+    beats = []
+
+    def start(run_id, started_at, input_uri, videos=None):
+        record = {"run_id": run_id, "status": "running", "started_at": started_at, "config": {"input": input_uri}}
+        if videos is not None:
+            commit.write_run_listing(out, run_id, pa.array(videos))
+        beats.append(commit.Heartbeat(out, run_id, record, every_s=60))
+        beats[-1].start()
+        return dict(record)
+
+    try:
+        start("a-early", "2026-12-05T10:00:00Z", "s3://m/shard-0.txt", ["s3://in/1.mp4", "s3://in/2.mp4"])
+        start("b-early", "2026-12-05T10:00:01Z", "s3://in/2025", None)  # a folder run
+        def late(name, input_uri, videos):  # a later run's check at its start; then it ends
+            record = start(name, "2026-12-05T10:00:09Z", input_uri, videos)
+            try:
+                commit.Rivals(out, record, videos=pa.array(videos) if videos else None).check_now()
+            finally:
+                beats.pop().stop()
+
+        with pytest.raises(ConfigError, match="run a-early .* is running over videos this run lists too"):
+            late("c", "s3://m/shard-1.txt", ["s3://in/2.mp4", "s3://in/3.mp4"])
+        late("d", "s3://m/shard-2.txt", ["s3://in/3.mp4", "s3://in/4.mp4"])  # none shared: goes on
+        with pytest.raises(ConfigError, match="run b-early .* is running over videos this run lists too"):
+            late("e", "s3://m/shard-3.txt", ["s3://in/2025/x.mp4"])  # one in b-early's folder
+        late("f", "s3://m/shard-4.txt", ["s3://in/2025x/x.mp4"])  # a folder named alike is another
+        with pytest.raises(ConfigError, match="run a-early .* is running over videos this run lists too"):
+            late("g", "s3://in/", None)  # a folder holding a-early's videos
+        late("h", "s3://in/2026/", None)  # a folder holding none of them
+        commit.forget_run_listing(out, "a-early")
+        assert not (tmp_path / "out" / "runs" / "a-early.videos.parquet").exists()
+    finally:
+        for beat in beats:
+            beat.stop()
+
+
 def test_a_rival_on_s3_written_by_another_process_is_seen_at_the_next_check(s3_endpoint, tmp_path):
     """On S3 each check lists runs/ afresh: s3fs answered the later checks from the listing it
     cached at the first, so an earlier run's record written by another process after that
