@@ -278,6 +278,9 @@ def test_plan_resources_cpu_and_gpu():
     assert gpu.decode_max == 28  # the 4 inference actors hold a CPU each
     assert (gpu.decode_cpus, gpu.decode_threads) == (1.0, 1)
     assert pipeline.plan_resources(cfg, {"CPU": 2.0}, n_videos=1_000_000).units_per_block == 50
+    # segments grouped into blocks (Ray Data tasks) where every decode actor still gets 8
+    assert [pipeline.plan_resources(cfg, {"CPU": 16.0}, 10, n_units=n).units_per_block
+            for n in (10, 15 * 8 * 2 - 1, 15 * 8 * 2, 3000, 1_000_000)] == [1, 1, 2, 16, 50]
     # remote videos: two calls per decode actor, one fetching while the other decodes
     assert (cpu.decode_calls, pipeline.plan_resources(cfg, {"CPU": 16.0}, 10, remote=True).decode_calls) == (1, 2)
 
