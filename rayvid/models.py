@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -111,18 +112,38 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
         shape = _input_shape(config)
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, *storage.ACCESS_ERRORS):
         return None  # the loader says what is wrong with it
-    if shape is None or len(shape) not in (4, 5) or shape[-1] != 3:
+    if shape is None or len(shape) not in (4, 5):
         return None
+    _check_channels(shape, cfg.name)
     clip_len = 0
     if len(shape) == 5:
         clip_len = shape[1] if shape[1] is not None else -1
         shape = [shape[0], *shape[2:]]
-    h, w = shape[1], shape[2]
-    if h is None or w is None:
-        if not cfg.input_size:
-            return None
-        h, w = cfg.input_size
+    h, w = _fixed_size(shape[1], shape[2], cfg)
+    if h is None:
+        return None
     return Shape((int(h), int(w)), int(clip_len))
+
+
+def _check_channels(shape, name: str) -> None:
+    """ModelError unless the model takes RGB frames (its input's last axis 3, or open)."""
+    if shape[-1] not in (3, None):
+        raise ModelError(f"model {storage.public_uri(name)} takes {shape[-1]} channel(s) per pixel "
+                         f"(input {tuple(shape)}); rayvid feeds RGB frames (3): give it a model that takes "
+                         f"[batch, H, W, 3] (e.g. one that converts RGB to what it needs as its first layer)")
+
+
+def _fixed_size(h, w, cfg: ModelConfig) -> tuple:
+    """The input size: the model's own where it fixes one (a different --input-size is an
+    error: it was ignored), else --input-size, else (None, None)."""
+    if h is not None and w is not None:
+        if cfg.input_size and tuple(cfg.input_size) != (int(h), int(w)):
+            raise ModelError(f"model {storage.public_uri(cfg.name)} takes {int(h)}x{int(w)} frames (H x W); "
+                             f"--input-size {cfg.input_size[0]} {cfg.input_size[1]} differs: leave it out")
+        return int(h), int(w)
+    if cfg.input_size:
+        return tuple(int(x) for x in cfg.input_size)
+    return None, None
 
 
 def _input_shape(config: dict) -> Optional[list]:
@@ -253,8 +274,8 @@ def _as_imagenet_efficientnet(keras, model) -> None:
 
 
 def classes_of(shape) -> int:
-    """Classification: the model's one output is [batch, classes] (a regression's one value
-    is one class); returns classes. Other shapes (several outputs, a feature map, a
+    """Classification: the model's one output is [batch, classes], classes >= 2 (a one-unit
+    output, a binary classifier's or a regression's, was every frame's label); returns classes. Other shapes (several outputs, a feature map, a
     convolutional head without its flatten) loaded and then failed the run at its first
     batch with a traceback."""
     if isinstance(shape, list) or len(shape) != 2 or not shape[-1]:
@@ -262,6 +283,11 @@ def classes_of(shape) -> int:
         raise ModelError(f"a classifier's output must be one [batch, classes] tensor; this model outputs "
                          f"{'several: ' if several else ''}{shape}"
                          f"{' (--head detect takes a grid detector)' if not several and len(shape) == 4 else ''}")
+    if shape[-1] == 1:  # its one class would be every frame's top-1, whatever its score
+        raise ModelError(f"this model outputs one value per frame {shape}, not a score per class: a frame's label "
+                         f"is its top class, so a one-unit binary classifier (sigmoid) would label every frame "
+                         f"its one class; give it both (e.g. keras.layers.Concatenate()([1 - p, p]) and a "
+                         f"two-line labels file), and a regression head has no labels")
     return int(shape[-1])
 
 
@@ -370,9 +396,13 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype="float32")
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
-        size = _savedmodel_size(local, cfg)
+        size, dtype = _savedmodel_input(local, cfg)
         inp = keras.Input(shape=(size[0], size[1], 3), dtype="float32")
-        out = layer(inp)
+        try:  # a signature taking uint8 is given uint8 (the frames' own values)
+            out = layer(keras.ops.cast(inp, dtype) if dtype != "float32" else inp)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot run SavedModel {storage.public_uri(url)} on [batch, {size[0]}, {size[1]}, 3] "
+                             f"{dtype}: {storage.redact(_first_line(e))}") from None
         if isinstance(out, dict) and len(out) == 1:
             out = next(iter(out.values()))
         elif isinstance(out, dict):  # (the first by name was taken: an embedding scored as classes, no word said)
@@ -397,29 +427,33 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     shape = model.input_shape
     if isinstance(shape, list):
         raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
+    if len(shape) in (4, 5):
+        _check_channels(shape, url)
+    if isinstance(getattr(model, "output", None), dict) and len(model.outputs) == 1:
+        model = keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
     clip_len = 0
     if len(shape) == 5:  # a video model: [batch, N frames, H, W, 3]
         clip_len = shape[1] if shape[1] is not None else -1
         shape = (shape[0], *shape[2:])
-    h, w = shape[1], shape[2]
-    if h is None or w is None:
-        if not cfg.input_size:
-            raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
-        h, w = cfg.input_size
+    h, w = _fixed_size(shape[1], shape[2], cfg)
+    if h is None:
+        raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
     return model, (int(h), int(w)), "raw", int(clip_len)
 
 
-def _savedmodel_size(local: str, cfg: ModelConfig) -> tuple[int, int]:
-    if cfg.input_size:
-        return tuple(cfg.input_size)
+def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple[tuple[int, int], str]:
+    """((height, width), dtype) of a SavedModel's serving input: its own size where it fixes
+    one (else --input-size), after checking it takes RGB."""
     import tensorflow as tf
 
     sig = tf.saved_model.load(local).signatures["serving_default"]
     spec = list(sig.structured_input_signature[1].values())[0]
-    h, w = spec.shape[1], spec.shape[2]
-    if h is None or w is None:
+    if len(spec.shape) == 4:
+        _check_channels(list(spec.shape), cfg.name)
+    h, w = _fixed_size(spec.shape[1], spec.shape[2], cfg)
+    if h is None:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
-    return int(h), int(w)
+    return (int(h), int(w)), spec.dtype.name if spec.dtype in (tf.uint8, tf.float32) else "float32"
 
 
 def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
@@ -431,9 +465,7 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
             labels = _read_labels(cfg.labels)
         except storage.ACCESS_ERRORS as e:
             raise ModelError(f"cannot read labels {storage.public_uri(source)}: {storage.describe(e)}") from None
-    elif num_classes == 1000:
-        labels = imagenet_labels()
-    elif cfg.name not in APPLICATIONS:
+    elif cfg.name not in APPLICATIONS:  # a model file's own labels, then (1000 classes) ImageNet's
         base = _without_query(cfg.name).rstrip("/")
         candidates = [os.path.splitext(base)[0] + ".labels.txt", base + "/labels.txt"]
         for cand in candidates:
@@ -443,6 +475,8 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
                 break
             except (*storage.ACCESS_ERRORS, ValueError):
                 continue
+    if labels is None and num_classes == 1000:
+        labels = imagenet_labels()
     if labels is None:
         return tuple(f"class_{i}" for i in range(num_classes))
     if len(labels) != num_classes:
@@ -514,8 +548,14 @@ def _without_query(url: str) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    """An exception's first line, without terminal colours; with Keras' reason where its
+    first line is generic (a class it could not find: a custom layer)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    if not text:
+        return type(e).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line for line in lines[1:] if line.startswith("Could not locate")), None)
+    return lines[0] + (f" ({reason})" if reason else "")
 
 
 def probe(cfg: ModelConfig) -> ModelInfo:

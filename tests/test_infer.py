@@ -288,19 +288,18 @@ def test_mixed_precision_runs_a_savedmodel_as_saved(shapes_model, tmp_path):
 
 
 def test_a_model_that_fails_while_traced_says_why(tmp_path):
-    """A model whose graph cannot be traced on the frames (a grayscale input, fed RGB)
-    said only "ValueError: in user code:", the first line of TensorFlow's trace: the
-    reason is Keras' own, further down."""
+    """A model whose graph cannot be traced on the frames (one of any size that reshapes
+    them to a fixed length, at another --input-size) said only "ValueError: in user code:",
+    the first line of TensorFlow's trace: the reason is Keras' own, further down."""
     import keras
 
     from rayvid.errors import ModelError
 
-    inp = keras.Input((32, 32, 1))
-    keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inp))).save(str(tmp_path / "g.keras"))
-    with pytest.raises(ModelError, match=r"cannot run model .*g.keras: ValueError: Input 0 .* of layer 'dense\w*' is "
-                                         r"incompatible with the layer: expected axis -1 of input shape to have value "
-                                         r"1, but received input with shape \(2, 3\)$"):
-        Predictor(ModelConfig(name=str(tmp_path / "g.keras")), batch_size=2, threads=1)
+    inp = keras.Input((None, None, 3))
+    keras.Model(inp, keras.layers.Dense(3)(keras.layers.Reshape((32 * 32 * 3,))(inp))).save(str(tmp_path / "r.keras"))
+    with pytest.raises(ModelError, match=r"cannot run model .*r.keras: ValueError: The total size of the tensor must be "
+                                         r"unchanged. Received: input_shape=\(16, 16, 3\), target_shape=\(3072,\)$"):
+        Predictor(ModelConfig(name=str(tmp_path / "r.keras"), input_size=(16, 16)), batch_size=2, threads=1)
 
 
 def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):

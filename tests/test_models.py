@@ -160,6 +160,70 @@ def test_imagenet_weights_at_another_input_size_say_so_without_the_cache_hint():
     assert "input_shape" in str(caught.value) and "Keras' cache" not in str(caught.value)
 
 
+def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tmp_path):
+    """A one-unit output (a sigmoid binary classifier: every frame was labelled its one
+    class, at any score), a model taking other than RGB (1 or 4 channels: a traceback from
+    the inference actor), and an --input-size other than a model's fixed one (ignored, no
+    word said): each a ModelError in one line, the channels and size before any work."""
+    import keras
+    import tensorflow as tf
+
+    inp = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inp)
+    keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(pooled)).save(str(tmp_path / "binary.keras"))
+    with pytest.raises(ModelError, match=r"outputs one value per frame \(None, 1\), not a score per class"):
+        models.load(ModelConfig(name=str(tmp_path / "binary.keras")))
+    for channels in (1, 4):
+        gray = keras.Input((32, 32, channels))
+        model = keras.Model(gray, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(gray)))
+        model.save(str(tmp_path / f"c{channels}.keras"))
+        for check in (models.static_shape, models.load):
+            with pytest.raises(ModelError, match=rf"takes {channels} channel\(s\) per pixel .* rayvid feeds RGB"):
+                check(ModelConfig(name=str(tmp_path / f"c{channels}.keras")))
+        model.export(str(tmp_path / f"c{channels}_sm"), verbose=False)
+        with pytest.raises(ModelError, match=rf"takes {channels} channel\(s\) per pixel") as e:
+            models.load(ModelConfig(name=str(tmp_path / f"c{channels}_sm")))
+        assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    fixed = keras.Input((24, 40, 3))
+    model = keras.Model(fixed, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(fixed)))
+    model.save(str(tmp_path / "fixed.keras"))
+    model.export(str(tmp_path / "fixed_sm"), verbose=False)
+    for name in ("fixed.keras", "fixed_sm"):
+        for check in ((models.static_shape, models.load) if name.endswith(".keras") else (models.load,)):
+            with pytest.raises(ModelError, match=r"takes 24x40 frames \(H x W\); --input-size 32 32 differs"):
+                check(ModelConfig(name=str(tmp_path / name), input_size=(32, 32)))
+        assert models.load(ModelConfig(name=str(tmp_path / name), input_size=(24, 40)))[1].input_size == (24, 40)
+    del tf
+
+
+def test_models_rayvid_reads_as_keras_does(tmp_path):
+    """A one-entry dict output (`{"probs": ...}`: a TypeError at the first batch), a
+    SavedModel taking uint8 (refused: float fed), and a 1000-class model with its own labels
+    file beside it (ImageNet's were taken): the scores and labels Keras' own give."""
+    import keras
+    import numpy as np
+
+    from rayvid.infer import Predictor
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    inp = keras.Input((16, 16, 3))
+    probs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp))
+    keras.Model(inp, {"probs": probs}).save(str(tmp_path / "dict.keras"))
+    want = keras.Model(inp, probs).predict(frames.astype(np.float32), verbose=0)
+    got = Predictor(ModelConfig(name=str(tmp_path / "dict.keras")), batch_size=8).scores(frames)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    u8 = keras.Input((16, 16, 3), dtype="uint8")
+    scaled = keras.layers.Rescaling(1 / 255)(u8)
+    model = keras.Model(u8, keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(scaled)))
+    model.export(str(tmp_path / "u8_sm"), verbose=False)
+    got = Predictor(ModelConfig(name=str(tmp_path / "u8_sm")), batch_size=8).scores(frames)
+    np.testing.assert_allclose(got, model.predict(frames, verbose=0), rtol=1e-5, atol=1e-6)
+    k1000 = keras.Model(inp, keras.layers.Dense(1000, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp)))
+    k1000.save(str(tmp_path / "k1000.keras"))
+    (tmp_path / "k1000.labels.txt").write_text("".join(f"mine_{i}\n" for i in range(1000)))
+    assert models.load(ModelConfig(name=str(tmp_path / "k1000.keras")))[1].labels[:2] == ("mine_0", "mine_1")
+
+
 def test_not_a_model_file(tmp_path):
     """A .keras file that is no zip archive: not "File not found" (Keras' words for it)."""
     p = tmp_path / "model.keras"
