@@ -396,6 +396,12 @@ def _tell_failed(reports, error: RayvidError) -> None:
         import ray
 
         ray.get(reports.failed.remote(type(error).__name__, str(error)))
+        # The driver says why, in one line. The dying actor's own report (its traceback,
+        # then Ray's C++ stack trace as it exits: 150-200 lines the driver printed before
+        # that line) would say nothing more: this process writes nothing else.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
 
 
 def _reason(e: BaseException) -> str:

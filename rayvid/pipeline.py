@@ -598,7 +598,16 @@ class _OurStop(logging.Filter):
 
 
 def _ours(error: Optional[BaseException]) -> bool:
-    return any(isinstance(e, RayvidError) for e in _causes(error))  # (Ray's RayTaskError(X) is an X too)
+    return any(isinstance(e, RayvidError) or _died_of_ours(e) for e in _causes(error))  # (RayTaskError(X) is an X)
+
+
+def _died_of_ours(error: BaseException) -> bool:
+    """An actor whose constructor raised a RayvidError (an inference actor that cannot load
+    its model, which told the driver why): Ray keeps that error as text only."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(error, RayActorError) and bool(getattr(error, "actor_init_failed", False)) and \
+        "rayvid.errors." in str(error)
 
 
 def _causes(error: Optional[BaseException]) -> Iterator[BaseException]:
@@ -612,7 +621,9 @@ def _causes(error: Optional[BaseException]) -> Iterator[BaseException]:
 
 # Where Ray Data 2.60 logs a stage's exception: when the executor fetches the failed block,
 # and when the dataset's iterator raises it (as "internal code" where it is no UserCodeException).
-RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+# (and an actor pool's "actors died during initialization", where that is the model's stop)
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions",
+                          "ray.data._internal.execution.operators.actor_pool_map_operator")
 
 
 def _quiet_ray_data_about_our_stops() -> None:

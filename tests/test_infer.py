@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -327,3 +329,15 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
     record = json.loads((out / "runs" / "dark.json").read_text())
     assert record["status"] == "failed" and "all black" in record["error"]
     assert sorted(p.name for p in out.iterdir()) == ["runs"]  # nothing committed
+    # the command says it in one line: the dying actor's traceback and Ray's C++ stack trace
+    # (forwarded from its process), and Ray Data's "internal code" traceback, were ~170 lines before it
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    done = subprocess.run([sys.executable, "-m", "rayvid", "run", str(videos), str(tmp_path / "out2"), "--model",
+                           str(tmp_path / "dark"), "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(r"rayvid: error: " + reason, done.stderr.splitlines()[-1]), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Stack trace" not in done.stderr, done.stderr[-3000:]
