@@ -523,7 +523,10 @@ def w_contend_infer(spec):
     phases = {}
     for phase in spec["phases"]:
         open(f"{spec['ready']}-{phase}", "w").close()
+        deadline = time.time() + 600
         while not os.path.exists(f"{spec['go']}-{phase}"):
+            if time.time() > deadline:  # the caller failed: no go will come
+                raise RuntimeError(f"contention: no go for phase {phase!r}")
             time.sleep(0.01)
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < spec["seconds"]:
@@ -1040,14 +1043,18 @@ def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
         worker = threading.Thread(target=lambda: box.update(measure("contend_infer", spec, tmp)))
         worker.start()
         decoded = {}
-        for phase, nice in nices.items():
-            while not os.path.exists(f"{ready}-{phase}") and worker.is_alive():
-                time.sleep(0.05)
-            open(f"{go}-{phase}", "w").close()
-            if nice is not None and worker.is_alive():
-                decoded[phase] = measure("contend_decode", {"nice": nice, "video": video, "size": [224, 224],
-                                                            "seconds": seconds}, tmp)["frames_per_s"]
-        worker.join()
+        try:
+            for phase, nice in nices.items():
+                while not os.path.exists(f"{ready}-{phase}") and worker.is_alive():
+                    time.sleep(0.05)
+                open(f"{go}-{phase}", "w").close()
+                if nice is not None and worker.is_alive():
+                    decoded[phase] = measure("contend_decode", {"nice": nice, "video": video, "size": [224, 224],
+                                                                "seconds": seconds}, tmp)["frames_per_s"]
+        finally:  # a decoder that failed: the worker's remaining phases go, and it ends
+            for phase in nices:
+                open(f"{go}-{phase}", "a").close()
+            worker.join()
         if "phases" not in box:
             raise RuntimeError(f"contention: inference ({mode}) failed")
         for phase in nices:
@@ -1057,7 +1064,8 @@ def exp_contention(tmp: str, quick: bool, cores: int) -> dict:
             res[f"{mode}, {phase}"] = row
             log(f"[contention] {mode}, {phase}: {row}")
             for f in (f"{ready}-{phase}", f"{go}-{phase}"):
-                os.remove(f)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f)
     return res
 
 

@@ -654,9 +654,10 @@ LISTING_SUFFIX = ".videos.parquet"  # runs/<run_id>.videos.parquet: a manifest r
 
 def write_run_listing(output: str, run_id: str, uris: pa.Array) -> None:
     """The video URIs a run over a manifest will commit, beside its record (written before
-    it), for `Rivals`: a manifest's videos may be anywhere, so its INPUT says nothing of
+    it, which then says `listing: true`), for `Rivals`: a manifest's videos may be anywhere, so its INPUT says nothing of
     which videos another run also lists. Deleted when the run ends (`forget_run_listing`)."""
-    table = pa.table({"video_uri": pa.array(uris, pa.string())})
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris  # (pa.array would go one by one)
+    table = pa.table({"video_uri": uris.cast(pa.string())})
     url = storage.join(output, RUNS_DIR, f"{run_id}{LISTING_SUFFIX}")
     storage.write_atomic(url, lambda f: pq.write_table(table, f, compression="zstd"))
 
@@ -698,7 +699,9 @@ class Rivals:
         self.root = root.rstrip("/")
         self.me = (str(record.get("started_at") or ""), str(record.get("run_id") or ""))
         self.input = _folder((record.get("config") or {}).get("input"))
-        self.videos = None if videos is None else pa.array(videos, pa.string())
+        if isinstance(videos, pa.ChunkedArray):
+            videos = videos.combine_chunks()
+        self.videos = None if videos is None else pa.array(videos).cast(pa.string())
         self.by_listing: set = set()  # run ids met through a manifest's listing
         self.settled: set = {f"{self.me[1]}.json"}
         self._next = 0.0  # the first flush looks whatever the start's check saw
@@ -743,7 +746,11 @@ class Rivals:
         for name, record in zip(names, records):
             if record == {}:
                 continue
-            if not alive(record) or not self._overlaps(name[: -len(".json")], record):
+            try:
+                overlaps = alive(record) and self._overlaps(name[: -len(".json")], record)
+            except storage.ACCESS_ERRORS:  # its listing unread: looked at again next time
+                continue
+            if not overlaps:
                 self.settled.add(name)  # ended (or never ours to meet): it does not run again
             elif (str(record.get("started_at") or ""), str(record.get("run_id") or "")) < self.me:
                 found.append(record)
@@ -754,7 +761,8 @@ class Rivals:
         folder and one inside it; or, where either INPUT is a manifest (its listing
         beside its record), a video both list, or one listing a video in the other's folder."""
         theirs_input = _folder((record.get("config") or {}).get("input"))
-        theirs = self._listing(run_id)
+        # (only where its record says it wrote one: a file left by a killed run of the same id is not this run's)
+        theirs = self._listing(run_id) if record.get("listing") is True else None
         if theirs is not None or self.videos is not None:
             self.by_listing.add(str(record.get("run_id")))
         if theirs is None and self.videos is None:

@@ -91,6 +91,11 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     """List INPUT (folder, prefix, manifest or single file) into the listing table."""
     fs, path = storage.resolve(input_url)
     try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # (a local name Python holds as bytes: no output column can hold it)
+        raise InputError(f"cannot read {path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')}: "
+                         f"its name is not UTF-8 (rename it)") from None
+    try:
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
@@ -263,8 +268,14 @@ def _relative_to(folder: str, entry: str) -> str:
     if _is_http(folder):  # an entry's query (a signature, which may hold a "/") is no path
         cut = min((i for i in (entry.find("?"), entry.find("#")) if i >= 0), default=len(entry))
         entry, tail = entry[:cut], entry[cut:]
-    key = posixpath.normpath(posixpath.join("/" + key, entry)).lstrip("/")  # no higher than the bucket
-    return f"{scheme}://{bucket}/{key}{tail}"
+    parts: list = []  # "." and ".." resolved, no higher than the bucket; "a//b" stays (another key)
+    for part in (key.rstrip("/").split("/") if key.rstrip("/") else []) + entry.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part != ".":
+            parts.append(part)
+    return f"{scheme}://{bucket}/{'/'.join(parts)}{tail}"
 
 
 _FLAGS = ("is_latest", "is_delete_marker")

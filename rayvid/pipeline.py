@@ -269,6 +269,7 @@ def run(cfg: RunConfig) -> RunResult:
         if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this
             mine = videos.column("video_uri")
             _write_listing(cfg, mine)
+            record["listing"] = True
         beat = _write_first_record(cfg, record)
         committer, retracted = None, False
         try:

@@ -261,7 +261,7 @@ def _file_url_path(url: str) -> str:
     host, slash, path = rest.partition("/")
     if host and host.lower() != "localhost":
         raise StorageError(f"cannot use URL {public_uri(url)!r}: a file:// URL names a file on this machine "
-                           f"(file:///path or file://localhost/path), not on {host!r}")
+                           f"(file:///path or file://localhost/path), not on {host.rsplit('@', 1)[-1]!r}")
     return urllib.parse.unquote(slash + path)
 
 

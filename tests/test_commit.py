@@ -1004,7 +1004,8 @@ def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
     def start(run_id, started_at, input_uri, videos=None):
         record = {"run_id": run_id, "status": "running", "started_at": started_at, "config": {"input": input_uri}}
         if videos is not None:
-            commit.write_run_listing(out, run_id, pa.array(videos))
+            commit.write_run_listing(out, run_id, pa.chunked_array([videos]))
+            record["listing"] = True
         beats.append(commit.Heartbeat(out, run_id, record, every_s=60))
         beats[-1].start()
         return dict(record)
@@ -1030,6 +1031,30 @@ def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
         late("h", "s3://in/2026/", None)  # a folder holding none of them
         commit.forget_run_listing(out, "a-early")
         assert not (tmp_path / "out" / "runs" / "a-early.videos.parquet").exists()
+        for beat in beats:
+            beat.stop()
+        beats.clear()
+        # a listing left by a killed manifest run is not that of a later (folder) run of its id
+        commit.write_run_listing(out, "x", pa.array(["s3://elsewhere/1.mp4"]))
+        start("x", "2026-12-05T10:00:02Z", "s3://in")
+        with pytest.raises(ConfigError, match="run x .* is running over the same INPUT"):
+            late("y", "s3://in", None)
+        for beat in beats:
+            beat.stop()
+        beats.clear()
+        # a listing that cannot be read stops nothing: it is looked at again next time
+        (tmp_path / "out" / "runs" / "z.videos.parquet").mkdir()
+        record = {"run_id": "z", "status": "running", "started_at": "2026-12-05T12:00:00Z",
+                  "config": {"input": "s3://m/z.txt"}, "listing": True}
+        beats.append(commit.Heartbeat(out, "z", record, every_s=60))
+        beats[-1].start()
+        rivals = commit.Rivals(out, {"run_id": "zz", "started_at": "2026-12-05T12:00:09Z",
+                                     "config": {"input": "s3://m/zz.txt"}}, videos=pa.array(["s3://in/9.mp4"]))
+        rivals.check_now()
+        (tmp_path / "out" / "runs" / "z.videos.parquet").rmdir()
+        commit.write_run_listing(out, "z", pa.array(["s3://in/9.mp4"]))
+        with pytest.raises(ConfigError, match="run z .* is running over videos this run lists too"):
+            rivals.check_now()
     finally:
         for beat in beats:
             beat.stop()

@@ -411,6 +411,8 @@ def test_names_that_are_not_utf8_are_skipped_with_a_warning(tree, caplog):
     assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in EXPECTED]
     assert f"skipping {tree}/caf\\xe9.mp4: its name is not UTF-8" in caplog.text
     assert f"skipping {tree}/caf\\xe9 dir: its name is not UTF-8" in caplog.text
+    with pytest.raises(InputError, match=r"cannot read .*caf\\xe9.mp4: its name is not UTF-8"):
+        list_videos(os.fsdecode(os.path.join(root, b"caf\xe9.mp4")))  # given alone
 
 
 def test_a_manifest_that_is_not_utf8_is_a_clear_error(tree, tmp_path):
@@ -424,12 +426,15 @@ def test_manifest_entries_with_dot_segments_or_home_name_the_file_meant(tree, tm
     """`./b.mp4` and `../in/b.mp4` in a manifest are b.mp4 beside it, in a bucket as locally
     (on S3 they were keys of their own: NotFound rows); `~/x` in a local manifest is the
     user's home, as on a command line."""
-    entries = "b.mp4\n./b.mp4\n../in/b.mp4\n./sub dir/../A.MOV\n"
+    entries = "b.mp4\n./b.mp4\n../in/b.mp4\n./sub dir/../A.MOV\n"  # (and in a bucket a//b is another key)
     (tree / "m.txt").write_text(entries)
     assert list_videos(str(tree / "m.txt")).column("video_uri").to_pylist() == [f"{tree}/A.MOV", f"{tree}/b.mp4"]
     upload_tree(s3fs_client, tree, "s3://rayvid-test/dots/in/")
     assert list_videos("s3://rayvid-test/dots/in/m.txt").column("video_uri").to_pylist() == [
         "s3://rayvid-test/dots/in/A.MOV", "s3://rayvid-test/dots/in/b.mp4"]
+    s3fs_client.pipe("s3://rayvid-test/dots/in/m2.txt", b"x//y.mp4\n./x/./y.mp4\n")
+    assert list_videos("s3://rayvid-test/dots/in/m2.txt").column("video_uri").to_pylist() == [
+        "s3://rayvid-test/dots/in/x//y.mp4", "s3://rayvid-test/dots/in/x/y.mp4"]
     monkeypatch.setenv("HOME", str(tree))
     (tmp_path / "home.txt").write_text("~/b.mp4\n")
     assert list_videos(str(tmp_path / "home.txt")).column("video_uri").to_pylist() == [f"{tree}/b.mp4"]
