@@ -295,11 +295,33 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            """A key given twice in one mapping (the second silently won) is an error;
+            `<<:` merges may still be overridden."""
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                            key_node.start_mark)
+                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                                  list("-+0123456789."))
     return Loader
+
+
+def _yaml_reason(e) -> str:
+    """A YAML error in one line: what is wrong, and where (PyYAML's own text spans lines and
+    names the file "<unicode string>")."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    problem = f"{context}, {problem}" if context else problem
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _load_config_file(url: str) -> dict:
@@ -311,8 +333,10 @@ def _load_config_file(url: str) -> dict:
         raise ConfigError(f"config file not found: {storage.public_uri(url)}") from None
     except storage.ACCESS_ERRORS as e:
         raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.describe(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {storage.public_uri(url)} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {storage.public_uri(url)} is not valid YAML: {storage.redact(str(e))}") from None
+        raise ConfigError(f"config {storage.public_uri(url)} is not valid YAML: {storage.redact(_yaml_reason(e))}") from None
     if isinstance(data, dict) and "config" in data and "run_id" in data:
         data = data["config"]  # a runs/<id>.json record: repeat its config, new run id
         if isinstance(data, dict):

@@ -238,6 +238,10 @@ def _build(cls, data: dict[str, Any], where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
+    named = [k for k in data if not isinstance(k, str)]
+    if named:  # (YAML 1.1 reads `yes:` as True, `1:` as 1)
+        raise ConfigError(f"{where}: keys are setting names; got {', '.join(repr(k) for k in named)}; "
+                          f"known: {', '.join(known)}")
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")

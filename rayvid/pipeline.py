@@ -710,11 +710,40 @@ def _connect(address: Optional[str]) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ValueError, ConnectionError) as e:
+            raise ConfigError(f"cannot connect to the Ray cluster at {storage.redact(address)}: "
+                              f"{storage.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
         return True
     # "local": always a fresh embedded instance, never one a `ray start` left on this machine
     ray.init(address="local", include_dashboard=False, **kwargs)
     return True
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """ConfigError, in one line, for a Ray address rayvid cannot join: the dashboard's
+    http:// address (`ray job submit`'s, not the cluster's), or a host:port nothing answers
+    at (Ray retried it for minutes, saying only that it could not connect)."""
+    if address.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"--address/RAY_ADDRESS {storage.redact(address)} is a dashboard's URL (what `ray job "
+                          f"submit --address` takes): give the cluster's address, host:6379, ray://host:10001 or auto")
+    if "://" in address or address in ("auto", "local"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # (Ray says what it makes of it)
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {storage.redact(address)}: {e.strerror or e} "
+                          f"(is its head running? `ray status --address {storage.redact(address)}`)") from None
 
 
 def _probe_model(ray, cfg: RunConfig):

@@ -232,6 +232,8 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise StorageError(f"cannot use URL {public_uri(url)!r}: {redact(str(e))}") from None
     if is_local(fs):
         path = os.path.abspath(os.path.expanduser(path))
+        if path.startswith("//"):  # (POSIX keeps a leading "//"; here it is "/": one name per file)
+            path = "/" + path.lstrip("/")
     elif _protocols(fs) & {"gs", "gcs"}:
         _with_gcs_errors()
     return fs, path

@@ -180,15 +180,25 @@ def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
         ("sampling: {fps: .nan}\n", "config.sampling.fps: expected a finite number, got nan"),
         ("decode: {segment_s: .inf}\n", "config.decode.segment_s: expected a finite number, got inf"),
         ('{"run_id": "r", "config": [1]}\n', "config {path}: expected a mapping of settings, got list"),
+        # (these were tracebacks, or several lines naming "<unicode string>", or silent)
+        ("1: 2\n", "config: keys are setting names; got 1; known: input, "),
+        ("sampling: {yes: 1}\n", "config.sampling: keys are setting names; got True; known: every, "),
+        ("input: a\n---\noutput: b\n", "config {path} is not valid YAML: expected a single document in the stream, "
+                                         "but found another document (line 2, column 1)"),
+        ("model:\n  topk: 3\n   xla: true\n", "config {path} is not valid YAML: mapping values are not allowed here "
+                                             "(line 3, column 7)"),
+        ("sampling: {every: 2}\nsampling: {fps: 1}\n", "config {path} is not valid YAML: key 'sampling' given twice "
+                                                       "(line 2, column 1)"),
+        (b"input: caf\xe9\n", "config {path} is not UTF-8 text (byte 10)"),
     ],
 )
 def test_a_bad_config_file_exits_2_with_one_line(text, message, tmp_path, capsys):
     """The YAML path has the checks the flags have: never a traceback."""
     path = tmp_path / "c.yaml"
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     assert main(["run", "in", "out", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"rayvid: error: {message.format(path=path)}\n"
+    assert err.startswith(f"rayvid: error: {message.format(path=path)}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
@@ -453,3 +463,17 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "rayvid: interrupted", proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "exit hook done" in proc.stdout
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "is a dashboard's URL (what `ray job submit --address` takes): give the cluster's address"),
+    ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"),
+])
+def test_a_ray_address_rayvid_cannot_join_is_one_line(address, message, tmp_path, capsys, monkeypatch):
+    """The dashboard's address (a traceback, exit 1) and one nothing answers at (Ray retried
+    for minutes, saying only that it could not connect): exit 2, one line, at once."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "in").mkdir()
+    assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayvid: error: ") and message in err and err.count("\n") == 1, err

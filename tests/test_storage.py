@@ -734,6 +734,7 @@ def test_file_urls_name_the_files_rfc_8089_says(tmp_path):
     for url in (video.as_uri(), "file://localhost" + urllib.parse.quote(str(video)), f"file://{video}"):
         assert storage.canonical(url) == str(video), url
     assert list_videos(video.as_uri()).column("video_uri").to_pylist() == [str(video)]
+    assert storage.canonical("/" + str(video)) == str(video)  # POSIX keeps "//": one name per file here
     assert list_videos(tmp_path.as_uri() + "/").column("video_uri").to_pylist() == [str(video)]
     for url in ("file://nas/share/a.mp4", "file://AKIAFAKE:s3cr%2Fet@nas/share/a.mp4"):
         with pytest.raises(StorageError, match="a file:// URL names a file on this machine .* not on 'nas'") as e:
