@@ -129,6 +129,9 @@ class SamplingConfig:
             raise ConfigError("--every, --fps and --keyframes are exclusive: pick one sampling mode")
 
 
+MIN_SEGMENT_S = 0.1  # the shortest segment --segment-seconds may ask for
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     decoder: str = "auto"  # auto (decord where it is exact, else PyAV), decord, pyav
@@ -153,8 +156,9 @@ class DecodeConfig:
             raise ConfigError(f"--decoder must be auto, decord or pyav, got {self.decoder!r}")
         if self.threads < 1:
             raise ConfigError(f"--decode-threads must be >= 1, got {self.threads}")
-        if self.segment_s < 0:
-            raise ConfigError(f"--segment-seconds must be >= 0 (0: never split), got {self.segment_s:g}")
+        if self.segment_s < 0 or 0 < self.segment_s < MIN_SEGMENT_S:  # (1e-300 planned 3e300 segments: a hang)
+            raise ConfigError(f"--segment-seconds must be 0 (never split) or >= {MIN_SEGMENT_S:g}, "
+                              f"got {self.segment_s:g}")
         if self.batch_frames < 1 or self.batch_bytes < 1:
             raise ConfigError("decode batch_frames and batch_bytes must be >= 1")
         _check_pool("--decode-actors", self.min_actors, self.max_actors)

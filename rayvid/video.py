@@ -113,11 +113,32 @@ def sample_indices(
         return np.arange(0, n, every, dtype=np.int64)
     ts = np.asarray(timestamps, dtype=np.float64)
     last = ts[-1]
-    targets = np.arange(0, math.floor(last * fps + 1e-9) + 1, dtype=np.float64) / fps
+    span = float(last) * fps  # (a Python float: inf, not a warning, past the largest)
+    if not math.isfinite(span) or span > 8 * n + 1024:  # targets far denser than frames: not one by one
+        return _nearest_any_target(ts, fps)
+    targets = np.arange(0, math.floor(span + 1e-9) + 1, dtype=np.float64) / fps
     right = np.clip(np.searchsorted(ts, targets, side="left"), 0, n - 1)
     left = np.clip(right - 1, 0, n - 1)
     pick = np.where(np.abs(ts[left] - targets) <= np.abs(ts[right] - targets), left, right)
     return np.unique(pick).astype(np.int64)
+
+
+def _nearest_any_target(ts: np.ndarray, fps: float) -> np.ndarray:
+    """`sample_indices`' fps rule where its targets would outnumber the frames many times
+    (a huge --fps: an array of duration x fps targets, 147 GB for 1e10 on 3 s): frame i is
+    kept where a target k/F falls in its cell, the times nearer to it than to its
+    neighbours (ties to the earlier frame: (m[i-1], m[i]]), up to the last frame's time."""
+    n = len(ts)
+    mids = (ts[:-1] + ts[1:]) / 2
+    widths = np.diff(np.concatenate([mids, ts[-1:]]))  # of every cell but the first (which holds target 0)
+    if len(widths) and fps * float(np.min(widths)) >= 1:
+        return np.arange(n, dtype=np.int64)  # every cell is wider than the targets' spacing
+    lo = np.concatenate([[0.0], mids])
+    hi = np.concatenate([mids, [ts[-1]]])
+    with np.errstate(over="ignore", invalid="ignore"):
+        holds = np.floor(hi * fps) - np.floor(lo * fps) >= 1
+    holds[0] = True  # target 0 is nearest the first frame
+    return np.flatnonzero(holds).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -555,6 +576,19 @@ def display_matrix(frame) -> Optional[np.ndarray]:
     return None
 
 
+def _decord_wrong_for(info: "Probe") -> str:
+    """Why decord would give this video's frames wrong ("" where it reads them exactly)."""
+    if DECORD_WRONG_CONTAINERS & set(info.container.split(",")):
+        return f"{info.container}: its frames come a key-frame interval late"
+    if info.lead_in:
+        return "packets before its first shown frame (a trim or a capture): it counts them as frames"
+    if info.joined:
+        return "parts joined with their clocks restarting"
+    if info.mirrored:
+        return "a mirroring display matrix"
+    return ""
+
+
 class _Untrusted(Exception):
     """decord cannot give exact frames for this file: use PyAV instead."""
 
@@ -704,6 +738,11 @@ class FrameReader:
                  and not info.joined and not info.mirrored
                  and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
         small = os.path.getsize(path) <= self.decord_max_bytes
+        if self.decoder == "decord" and first and not state["force_pyav"]:
+            wrong = _decord_wrong_for(info)
+            if wrong:  # (it gave another frame's pictures, or failed the run: an error row instead)
+                raise VideoError(f"--decoder decord cannot read this video exactly ({wrong}): "
+                                 f"use --decoder auto or pyav")
         use_decord = first and not state["force_pyav"] and (self.decoder == "decord" or (suits and small))
         if first and not state["force_pyav"] and suits and not small:
             state["note"] = _join(state["note"], "large file")
@@ -715,6 +754,8 @@ class FrameReader:
                 return
             except (_Untrusted, RuntimeError, self._decord.DECORDError) as e:
                 if self.decoder == "decord":
+                    if isinstance(e, _Untrusted):  # (an exception of its own: it ended the run)
+                        raise VideoError(f"--decoder decord: {e}: use --decoder auto or pyav") from None
                     raise
                 done = np.flatnonzero(state["got"])
                 if len(done):  # go on with PyAV after the last frame decord delivered

@@ -31,6 +31,26 @@ def test_sample_indices_fps_uses_pts_on_variable_frame_rate():
     assert got.tolist() == [0, 15, 30, 35, 40, 45]
     # a rate above the source's keeps each frame once
     assert sample_indices(ts, fps=100).tolist() == list(range(50))
+    # a huge rate neither builds duration x fps targets (1e10: 147 GB) nor overflows (1e308)
+    for fps in (1e10, 1e308):
+        assert sample_indices(ts, fps=fps).tolist() == list(range(50))
+
+
+def test_the_fps_rule_by_cells_is_the_rule_target_by_target():
+    """Where targets would outnumber frames many times, `sample_indices` asks each frame's
+    cell for a target instead: the same frames as target by target, on irregular times."""
+    from rayvid.video import _nearest_any_target
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        # (irregular gaps, no target exactly between two frames: there float rounding decides either way)
+        ts = np.cumsum(rng.choice([1 / 30, 1 / 60, 0.2, 0.5], size=int(rng.integers(1, 40))) * rng.uniform(0.9, 1.1, 1))
+        ts = ts + rng.uniform(0, 1e-4, len(ts)).cumsum()
+        ts -= ts[0] - rng.choice([0.0, 0.01])
+        fps = float(rng.choice([0.7, 2.5, 7.3, 30, 61, 400]))
+        targets = np.arange(0, np.floor(ts[-1] * fps + 1e-9) + 1) / fps
+        want = sorted({int(np.argmin(np.abs(ts - t))) for t in targets})  # ties: the earlier frame
+        assert _nearest_any_target(ts, fps).tolist() == want, (ts.tolist(), fps)
 
 
 def test_hd_sources_decode_on_the_large_source_threads(media, tmp_path):
@@ -279,3 +299,18 @@ def test_an_ivf_video_has_its_headers_frame_rate(tmp_path):
         framecode.write_code_video(path, 5, (48, 64), ["-c:v", "libvpx-vp9", "-deadline", "realtime"], fps=12)
         info = probe(path)
         assert (info.fps, info.duration_s, len(info.pts)) == (12.0, pytest.approx(5 / 12, abs=1e-3), 5), ext  # (Matroska: ms)
+
+
+def test_decord_forced_on_a_video_it_cannot_read_exactly_is_an_error_row(trimmed, matrix):
+    """`--decoder decord` on a transport stream with B-frames gave each row the picture a
+    key-frame interval later, and on a trim or a capture mid-GOP failed the whole run (an
+    exception of decord's own escaped the decode child): an error row saying why and what
+    to use; where decord is exact it still decodes."""
+    for path in (matrix["h264_bframes.ts"][0], trimmed["trim_mid_gop.mp4"], trimmed["capture_mid_gop.ts"]):
+        rows, end = _rows(path, decoder="decord")
+        assert rows == [] and end["error_type"][0] == "VideoError", path
+        assert "--decoder decord cannot read this video exactly" in end["message"][0], end["message"][0]
+        assert "use --decoder auto or pyav" in end["message"][0]
+    path, n = matrix["h264.mp4"]
+    rows, end = _rows(path, decoder="decord", every=7)
+    assert [(i, code) for i, _, code in rows] == [(i, i) for i in range(0, n, 7)] and end["decoder"][0] == "decord"
