@@ -705,12 +705,13 @@ def _connect(address: Optional[str]) -> bool:
     """Connect to RAY_ADDRESS / --address, or start an embedded local Ray. True if started."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # (also where this process joined a Ray before: an address that cannot be is said)
+        _check_reachable(address)
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
-        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ValueError, ConnectionError) as e:
