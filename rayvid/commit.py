@@ -703,6 +703,7 @@ class Rivals:
             videos = videos.combine_chunks()
         self.videos = None if videos is None else pa.array(videos).cast(pa.string())
         self.by_listing: set = set()  # run ids met through a manifest's listing
+        self._listings: dict = {}  # run id -> its listing as read (None: it wrote none)
         self.settled: set = {f"{self.me[1]}.json"}
         self._next = 0.0  # the first flush looks whatever the start's check saw
         self.stopped: ConfigError | None = None
@@ -777,12 +778,15 @@ class Rivals:
         return pc.any(pc.is_in(self.videos, value_set=theirs)).as_py() is True
 
     def _listing(self, run_id: str) -> pa.Array | None:
-        """A manifest run's listing (`write_run_listing`), or None (a folder's run)."""
-        try:
-            with self.fs.open(f"{self.root}/{RUNS_DIR}/{run_id}{LISTING_SUFFIX}", "rb") as f:
-                return pq.read_table(f, columns=["video_uri"]).column("video_uri").combine_chunks()
-        except FileNotFoundError:
-            return None
+        """A manifest run's listing (`write_run_listing`), or None (a folder's run); read
+        once (a live rival's is asked at every check: a shard's may hold a million URIs)."""
+        if run_id not in self._listings:
+            try:
+                with self.fs.open(f"{self.root}/{RUNS_DIR}/{run_id}{LISTING_SUFFIX}", "rb") as f:
+                    self._listings[run_id] = pq.read_table(f, columns=["video_uri"]).column("video_uri").combine_chunks()
+            except FileNotFoundError:
+                self._listings[run_id] = None
+        return self._listings[run_id]
 
     def _read(self, name: str) -> dict | None:
         try:

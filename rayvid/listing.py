@@ -90,11 +90,8 @@ def is_manifest(input_url: str) -> bool:
 def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     """List INPUT (folder, prefix, manifest or single file) into the listing table."""
     fs, path = storage.resolve(input_url)
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:  # (a local name Python holds as bytes: no output column can hold it)
-        raise InputError(f"cannot read {path.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')}: "
-                         f"its name is not UTF-8 (rename it)") from None
+    if storage.not_utf8(path):  # (no output column can hold it; below a folder: skipped, with a warning)
+        raise InputError(f"cannot read {storage.not_utf8(path)}: its name is not UTF-8 (rename it)")
     try:
         info = fs.info(path)
     except FileNotFoundError:

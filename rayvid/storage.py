@@ -844,9 +844,6 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
     ones reached without a link first: a link loop ends, and a folder linked from inside
     `root` is listed where it is. Files stream out folder by folder: what is held is the
     folders, not the files."""
-    if not _utf8(root):
-        raise StorageError(f"cannot list {os.fsencode(root).decode('utf-8', 'backslashreplace')}: "
-                           f"its name is not UTF-8")
     seen: set = set()
     real, linked = [(root, os.stat(root))], collections.deque()
     while real or linked:
@@ -862,10 +859,9 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
             continue
         with entries:
             for entry in entries:
-                if not _utf8(entry.name):  # no Arrow string (video_uri) can hold it
+                if not_utf8(entry.name):  # no Arrow string (video_uri) can hold it
                     logging.getLogger("rayvid").warning(
-                        "skipping %s: its name is not UTF-8 (rename it to read it)",
-                        os.fsencode(entry.path).decode("utf-8", "backslashreplace"))
+                        "skipping %s: its name is not UTF-8 (rename it to read it)", not_utf8(entry.path))
                     continue
                 try:
                     st = entry.stat()  # of what a link points to
@@ -886,14 +882,15 @@ def _local_files(root: str) -> Iterator[tuple[str, os.stat_result]]:
         linked.extend(sorted(links, key=lambda f: f[0]))
 
 
-def _utf8(name: str) -> bool:
-    """Whether a name from the operating system is UTF-8 (else Python holds its bytes as
-    surrogates, which no UTF-8 string, an Arrow one included, can encode)."""
+def not_utf8(name: str) -> Optional[str]:
+    """None where a name from the operating system is UTF-8; else the name as it may be
+    shown (its other bytes as \\xNN: Python holds them as surrogates, which no UTF-8
+    string, an Arrow one included, can encode)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return None
 
 
 @contextlib.contextmanager
