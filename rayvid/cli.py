@@ -73,13 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preprocess", choices=PREPROCESS)
     m.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
     m.add_argument("--topk", type=int)
-    m.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute on GPU (float32 softmax)")
-    m.add_argument("--xla", action="store_true", default=None, help="compile the model with XLA")
+    m.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None, help="float16 compute on GPU (float32 softmax)")
+    m.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None, help="compile the model with XLA")
     m.add_argument("--embed", nargs="?", const="auto", metavar="LAYER",
                    help="also write an `embedding` column per frame: the classifier's input (default), "
                         "or LAYER's output, average-pooled if it is a feature map "
                         "(before INPUT OUTPUT: --embed=LAYER)")
-    m.add_argument("--embed-normalize", action="store_true", default=None,
+    m.add_argument("--embed-normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise the embeddings (cosine similarity = dot product)")
     m.add_argument("--head", choices=HEADS,
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = s.add_mutually_exclusive_group()
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
     ex.add_argument("--fps", type=number, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
-    ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
+    ex.add_argument("--keyframes", action=argparse.BooleanOptionalAction, default=None, help="keep key frames only (decodes only those)")
     s.add_argument("--clip-len", type=int, metavar="N",
                    help="video models: N consecutive frames per model input, one output row per clip")
     s.add_argument("--clip-stride", type=int, metavar="S", help="a clip every S frames (default N: side by side)")
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="process at most N videos")
     e.add_argument("--commit-interval", type=number, metavar="S",
                    help="publish complete videos at least every S seconds (default 60)")
-    e.add_argument("--retry-failed", action="store_true", default=None,
+    e.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=None,
                    help="also redo videos that failed in earlier runs into the same OUTPUT")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -237,7 +237,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)
-    if any(getattr(args, mode) is not None for mode in SAMPLING_MODES) and isinstance(base.get("sampling"), dict):
+    if any(getattr(args, mode) not in (None, False) for mode in SAMPLING_MODES) and isinstance(base.get("sampling"), dict):
         # a sampling mode given as a flag replaces the config's (the modes are exclusive)
         base["sampling"] = {k: v for k, v in base["sampling"].items() if k not in SAMPLING_MODES}
     decode_actors = args.decode_actors or (None, None)
@@ -402,6 +402,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 QUERY_VERBS = ("summary", "runs", "segments", "find", "similar", "export", "compact", "report", "render")
 
 
+def _say_missing(output: str, video: str) -> None:
+    """A read verb asked for one video found no rows: say why where OUTPUT lacks it."""
+    from rayvid import query
+
+    why = query.missing_video(output, video)
+    if why:
+        print(f"rayvid: {why}", file=sys.stderr)
+
+
 def _check_destinations(args) -> None:
     """Before any work: what a verb writes never replaces what it reads (OUTPUT's own
     files, render's video), and counts are counts."""
@@ -440,6 +449,8 @@ def _query(args) -> int:
             else:
                 table = query.find(args.output, args.label, args.min_score, args.min_duration, gap)
             query.write(table, args.format, args.out)
+            if not len(table) and getattr(args, "video", None) is not None:
+                _say_missing(args.output, args.video)
             if not len(table) and args.label is not None and args.label not in (known := query.labels(args.output)):
                 shown = ", ".join(known[:20]) + (f", ... ({len(known)} in all)" if len(known) > 20 else "")
                 print(f"rayvid: no frame's top-1 label is {args.label!r} (labels are case-sensitive; "
@@ -454,6 +465,8 @@ def _query(args) -> int:
         elif args.verb == "export":
             n = query.export_csv(args.output, args.dest, args.video)
             print(f"{n} rows -> {storage.public_uri(args.dest)}", file=sys.stderr)
+            if not n and args.video is not None:
+                _say_missing(args.output, args.video)
         elif args.verb == "compact":
             from rayvid import compact
 

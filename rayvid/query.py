@@ -131,6 +131,39 @@ def labels(output: str) -> list[str]:
     return sorted(found)
 
 
+CLOSE_NAMES_SCANNED = 100_000  # beyond this many videos, suggest only names ending as the asked one does
+
+
+def missing_video(output: str, video: str) -> Optional[str]:
+    """Why OUTPUT has no rows of `video`, in a sentence; None where it holds that video
+    (its frames just did not match). A name unknown to OUTPUT is told with the nearest
+    names it does hold (most often the same file under another prefix or spelling), a
+    failed video with its error. Reads videos/'s `video_uri, error` (one row a video)."""
+    import difflib
+    import posixpath
+
+    want = storage.canonical(video)
+    names: list = []
+    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "error"]):
+        uris = table.column("video_uri").to_pylist()
+        if want in uris:
+            if not table.column("error")[uris.index(want)].as_py():
+                return None
+            errors = read(output, commit.ERRORS_DIR, video=want)
+            why = f": {errors.column('message')[0].as_py()}" if len(errors) else ""
+            return f"{storage.public_uri(want)} failed{why} (errors/ holds why; --retry-failed redoes it)"
+        names.extend(uris)
+    base = posixpath.basename(want)
+    close = sorted(u for u in names if posixpath.basename(u) == base)[:3]
+    if not close and len(names) <= CLOSE_NAMES_SCANNED:
+        close = difflib.get_close_matches(want, names, n=3, cutoff=0.8)
+        score = {u: difflib.SequenceMatcher(None, want, u).ratio() for u in close}
+        close = [u for u in close if score[u] >= max(score.values()) - 0.05]  # (names share long prefixes)
+    shown = "; did you mean " + " or ".join(storage.public_uri(u) for u in close) + "?" if close else ""
+    return (f"{storage.public_uri(output)} holds no video named {storage.public_uri(want)}{shown} (videos are "
+            f"named as the run listed them: `rayvid summary OUTPUT` lists them)")
+
+
 def read(output: str, what: str = commit.PREDICTIONS_DIR, video: Optional[str] = None) -> pa.Table:
     """All committed rows of `what` (optionally of one video), sorted."""
     video = storage.canonical(video) if video is not None else None
@@ -380,7 +413,8 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         video = storage.canonical(video)
         mine = np.flatnonzero(np.array([u == video for u in uris]))
         if not len(mine):
-            raise ValueError(f"no embeddings of {storage.public_uri(video)} in {storage.public_uri(output)}")
+            raise ValueError(missing_video(output, video)
+                             or f"no embeddings of {storage.public_uri(video)} in {storage.public_uri(output)}")
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
         vector = matrix[skip]

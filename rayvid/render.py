@@ -77,8 +77,8 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
 
     preds = query.read(output, video=video_uri)
     if len(preds) == 0:
-        raise InputError(f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)} "
-                         f"(`rayvid summary OUTPUT` lists its videos)")
+        raise InputError(query.missing_video(output, video_uri)
+                         or f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)}")
     index = preds.column("frame_index").to_numpy()
     tops = preds.column("topk").to_pylist()
     boxes = preds.column("boxes").to_pylist() if "boxes" in preds.column_names else [None] * len(preds)

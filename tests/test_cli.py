@@ -132,6 +132,27 @@ def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
     assert again.run_id != "r1"
 
 
+def test_boolean_settings_of_a_config_or_record_can_be_turned_off(tmp_path):
+    """A config file's (or a repeated run record's) `retry_failed`, `xla`, `keyframes`...
+    could be turned on by a flag but not off: every boolean has its --no- flag."""
+    record = tmp_path / "runs" / "r1.json"
+    record.parent.mkdir()
+    old = RunConfig.from_dict({"input": "in", "output": "out", "run_id": "r1", "retry_failed": True,
+                               "model": {"xla": True, "mixed_precision": True, "embed": "auto", "embed_normalize": True},
+                               "sampling": {"keyframes": True, "skip_similar": 1.0}})
+    record.write_text(json.dumps({"run_id": "r1", "status": "finished", "config": old.to_dict()}))
+    same = config_from_args(parse_args(["run", "--config", str(record)]))
+    assert same.retry_failed and same.model.xla and same.sampling.keyframes
+    off = config_from_args(parse_args(["run", "--config", str(record), "--no-retry-failed", "--no-xla",
+                                       "--no-mixed-precision", "--no-embed-normalize", "--no-keyframes"]))
+    assert not (off.retry_failed or off.model.xla or off.model.mixed_precision or off.model.embed_normalize)
+    assert off.sampling == SamplingConfig(skip_similar=1.0)  # every frame; the rest kept
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"sampling": {"every": 5}}))
+    assert config_from_args(parse_args(["run", "in", "out", "--config", str(path), "--no-keyframes"])).sampling.every == 5
+    assert config_from_args(parse_args(["run", "in", "out", "--xla"])).model.xla
+
+
 def test_the_readme_config_file_holds_every_key_at_its_default(tmp_path):
     """README's --config example names every setting (a renamed or new key fails here) at its
     default: the same config as the flags INPUT OUTPUT --model resnet50."""

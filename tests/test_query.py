@@ -496,3 +496,30 @@ def test_readme_athena_tables_match_the_schema():
     for name, schema in (("rayvid_predictions", PREDICTIONS_SCHEMA), ("rayvid_videos", VIDEOS_SCHEMA)):
         columns = [line.strip().rstrip(",").split(" ", 1) for line in tables[name].strip().splitlines()]
         assert columns == [[f.name, _hive(f.type)] for f in schema], name
+
+
+def test_a_video_the_output_lacks_is_said_with_the_names_it_holds(tmp_path, capsys):
+    """`--video` with a name OUTPUT does not hold (another prefix, a typo) said nothing: no
+    rows, exit 0. Now each verb says so, with the nearest names; a failed video says why."""
+    out = str(tmp_path / "out")
+    write_output(out, {"s3://b/cams/lobby.mp4": [("circle", 0.9)] * 3, "s3://b/cams/yard.mp4": [("square", 0.8)] * 3},
+                 failed=("s3://b/cams/broken.mp4",))
+    assert cli.main(["segments", out, "--video", "s3://b/lobby.mp4"]) == 0
+    err = capsys.readouterr().err
+    assert "holds no video named s3://b/lobby.mp4; did you mean s3://b/cams/lobby.mp4?" in err
+    assert cli.main(["export", out, str(tmp_path / "x.csv"), "--video", "s3://b/cams/lobbby.mp4"]) == 0
+    assert "did you mean s3://b/cams/lobby.mp4?" in capsys.readouterr().err
+    assert cli.main(["segments", out, "--video", "s3://b/cams/broken.mp4"]) == 0
+    assert "s3://b/cams/broken.mp4 failed: " in capsys.readouterr().err
+    assert cli.main(["segments", out, "--video", "s3://b/cams/yard.mp4", "--label", "circle"]) == 0
+    assert "holds no video" not in capsys.readouterr().err  # it holds it: its frames just are not circles
+    assert query.missing_video(out, "/nowhere/zebra.qt").endswith("(videos are named as the run listed them: "
+                                                                   "`rayvid summary OUTPUT` lists them)")
+    assert "did you mean" not in query.missing_video(out, "/nowhere/zebra.qt")
+
+
+def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, embed_dim=4)
+    assert cli.main(["similar", out, "--video", "/w/a.mp4", "--time", "0"]) == 2
+    assert "holds no video named /w/a.mp4; did you mean /v/a.mp4?" in capsys.readouterr().err

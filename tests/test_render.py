@@ -61,7 +61,7 @@ def test_render_of_a_video_without_predictions_is_a_clear_error(tmp_path, capsys
     out = str(tmp_path / "out")
     write_output(out, {"/v/other.mp4": [("circle", 0.9)]})
     assert cli.main(["render", str(tmp_path / "nope.mp4"), out, str(tmp_path / "r.mp4")]) == 2
-    assert "no predictions for" in capsys.readouterr().err
+    assert f"holds no video named {tmp_path / 'nope.mp4'}" in capsys.readouterr().err
 
 
 def test_render_errors_name_the_url_that_failed(tmp_path, capsys):
