@@ -641,6 +641,23 @@ def read_run_record(fs, root: str, run_id: str) -> dict | None:
         return None
 
 
+def refuse_live_run_id(output: str, run_id: str) -> None:
+    """ConfigError where a live run of this run id writes into OUTPUT: its files and this
+    run's would share names, each overwriting the other's record and listing, and neither
+    would see the other as a rival. A run of that id that ended or died leaves it free."""
+    fs, root = storage.resolve(output)
+    other = read_run_record(fs, root.rstrip("/"), run_id)
+    if alive(other):
+        beat = other.get("heartbeat_at")
+        age = time.time() - float(beat) if isinstance(beat, (int, float)) else None
+        dead = ("" if other.get("node") == _node() or age is None else
+                f"; if it died on its host, it stops counting once its heartbeat (last {age:.0f} s ago) is "
+                f"{LEASE_S:.0f} s old")
+        raise ConfigError(f"run id {run_id} is in use: a run of that id (host {other.get('host')}, started "
+                          f"{other.get('started_at')}) is running into this OUTPUT: wait for it to end "
+                          f"(`rayvid runs OUTPUT`), or give another --run-id{dead}")
+
+
 RIVALS_EVERY_S = 30.0  # how often a committer looks again for an earlier live run over its INPUT
 
 

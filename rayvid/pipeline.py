@@ -265,6 +265,7 @@ def run(cfg: RunConfig) -> RunResult:
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
+        _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
         mine = None
         if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this
             mine = videos.column("video_uri")
@@ -772,6 +773,13 @@ def _recover(cfg: RunConfig, videos: pa.Table) -> commit.Committed:
     try:  # what OUTPUT has of these videos (a shard's, not every shard's)
         return commit.recover(cfg.output, only=videos.column("video_uri"))
     except (*storage.ACCESS_ERRORS, ValueError) as e:
+        raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
+
+
+def _refuse_live_run_id(cfg: RunConfig) -> None:
+    try:
+        commit.refuse_live_run_id(cfg.output, cfg.run_id)
+    except storage.ACCESS_ERRORS as e:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -462,6 +463,32 @@ def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session
     assert len(keys) == len(set(keys)) == copies * sum(len(v) for v in media["truth"].values())
     assert read_output(str(out), "videos").num_rows == copies * len(media["truth"])
     assert sorted(os.listdir(out / "runs")) == sorted(f"{r}.json" for r in query.runs(str(out)).column("run_id").to_pylist())
+
+
+def test_a_run_id_a_live_run_holds_stops_the_run_before_it_writes(ray_session, one_video, shapes_model, tmp_path,
+                                                                    capsys):
+    """A second run of one --run-id while the first runs (here, on another host, its
+    heartbeat 10 s old) overwrote its record and listing and shared its files' names: exit
+    2, nothing written; once that run's record says it ended, the id is free again."""
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{one_video['dir'] / 'c.mkv'}\n")
+    theirs = {"run_id": "nightly", "status": "running", "started_at": "2026-12-06T01:00:00Z", "host": "gpu-7",
+              "node": "gpu-7/boot/1", "pid": 12, "heartbeat_at": time.time() - 10, "listing": True}
+    (out / "runs" / "nightly.json").write_text(json.dumps(theirs))
+    (out / "runs" / "nightly.videos.parquet").write_bytes(b"theirs")
+    argv = ["run", str(manifest), str(out), "--model", shapes_model["path"], "--run-id", "nightly", "--no-progress"]
+    assert main(argv) == 2
+    assert re.search(r"rayvid: error: run id nightly is in use: a run of that id \(host gpu-7, started "
+                     r"2026-12-06T01:00:00Z\) is running into this OUTPUT: .*another --run-id; if it died on its host, "
+                     r"it stops counting once its heartbeat \(last 1\d s ago\) is 300 s old", capsys.readouterr().err)
+    assert json.loads((out / "runs" / "nightly.json").read_text()) == theirs
+    assert (out / "runs" / "nightly.videos.parquet").read_bytes() == b"theirs"
+    assert sorted(os.listdir(out)) == ["runs"]
+    (out / "runs" / "nightly.json").write_text(json.dumps(dict(theirs, status="failed")))
+    assert main(argv) == 0  # a resubmitted job
+    assert read_output(str(out)).num_rows == one_video["n"]
 
 
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):

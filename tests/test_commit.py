@@ -1060,6 +1060,46 @@ def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
             beat.stop()
 
 
+def test_a_run_id_a_live_run_holds_is_refused(tmp_path):
+    """Two runs of one --run-id at once (a job spec with a fixed id, submitted twice) each
+    took the other's record for their own: neither saw the other, both committed every
+    video into files of the same names. The second one is refused before it writes;
+    a run of that id that ended, or died, leaves the id free (a resubmitted job)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from rayvid import commit
+    from rayvid.errors import ConfigError
+
+    out = str(tmp_path / "out")
+    first = commit.Heartbeat(out, "nightly", {"run_id": "nightly", "status": "running",
+                                              "started_at": "2026-12-06T01:00:00Z"}, every_s=60)
+    first.start()
+    try:
+        with pytest.raises(ConfigError, match=r"run id nightly is in use: a run of that id \(host .*, started "
+                                              r"2026-12-06T01:00:00Z\) is running into this OUTPUT.*another --run-id$"):
+            commit.refuse_live_run_id(out, "nightly")
+        assert json.loads((tmp_path / "out" / "runs" / "nightly.json").read_text())["started_at"] == "2026-12-06T01:00:00Z"
+    finally:
+        first.stop()
+    path = tmp_path / "out" / "runs" / "nightly.json"
+    # another host's, whose heartbeat is fresh: refused, saying when it stops counting
+    path.write_text(json.dumps({"run_id": "nightly", "status": "running", "host": "gpu-7", "node": "gpu-7/boot/1",
+                                "pid": 12, "heartbeat_at": time.time() - 20}))
+    with pytest.raises(ConfigError, match=r"heartbeat \(last 2\d s ago\) is 300 s old"):
+        commit.refuse_live_run_id(out, "nightly")
+    # ... whose heartbeat is stale, or this host's whose process is gone: free
+    path.write_text(json.dumps({"run_id": "nightly", "status": "running", "node": "gpu-7/boot/1",
+                                "heartbeat_at": time.time() - 400}))
+    commit.refuse_live_run_id(out, "nightly")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"run_id": "nightly", "status": "running", **commit.writer(),
+                                "pid": int(gone.stdout), "pid_started": "1", "heartbeat_at": time.time()}))
+    commit.refuse_live_run_id(out, "nightly")
+
+
 def test_a_rival_on_s3_written_by_another_process_is_seen_at_the_next_check(s3_endpoint, tmp_path):
     """On S3 each check lists runs/ afresh: s3fs answered the later checks from the listing it
     cached at the first, so an earlier run's record written by another process after that
