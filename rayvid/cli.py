@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = s.add_mutually_exclusive_group()
     ex.add_argument("--every", type=int, metavar="N", help="keep frames 0, N, 2N, ...")
     ex.add_argument("--fps", type=number, metavar="F", help="keep the frame nearest each t = k/F (by pts)")
-    ex.add_argument("--keyframes", action=argparse.BooleanOptionalAction, default=None, help="keep key frames only (decodes only those)")
+    ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
+    s.add_argument("--no-keyframes", dest="keyframes", action="store_false", default=None,
+                   help="not key frames only (a config file's); every frame unless it gives another mode")
     s.add_argument("--clip-len", type=int, metavar="N",
                    help="video models: N consecutive frames per model input, one output row per clip")
     s.add_argument("--clip-stride", type=int, metavar="S", help="a clip every S frames (default N: side by side)")
@@ -120,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="publish complete videos at least every S seconds (default 60)")
     e.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=None,
                    help="also redo videos that failed in earlier runs into the same OUTPUT")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on)")
 
     def shown(parser):
         parser.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
@@ -277,7 +280,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "limit": args.limit,
         "retry_failed": args.retry_failed,
         "commit_interval_s": args.commit_interval,
-        "progress": False if args.no_progress else None,
+        "progress": args.progress,
     }
     merged = merge(base, flags)
     for key in ("input", "output"):

@@ -641,6 +641,15 @@ def read_run_record(fs, root: str, run_id: str) -> dict | None:
         return None
 
 
+class RunIdTaken(ConfigError):
+    """Another run writes this run's record: one of them stops, and writes nothing more
+    (no failed record over the other's, no listing removed)."""
+
+
+def _writer_of(record) -> tuple:
+    return tuple(record.get(k) for k in ("node", "pid", "pid_started")) if isinstance(record, dict) else ()
+
+
 def refuse_live_run_id(output: str, run_id: str) -> None:
     """ConfigError where a live run of this run id writes into OUTPUT: its files and this
     run's would share names, each overwriting the other's record and listing, and neither
@@ -722,11 +731,15 @@ class Rivals:
         self.by_listing: set = set()  # run ids met through a manifest's listing
         self._listings: dict = {}  # run id -> its listing as read (None: it wrote none)
         self.settled: set = {f"{self.me[1]}.json"}
+        self.writer = _writer_of(record)  # (its record as its heartbeat writes it: another writer took its id)
         self._next = 0.0  # the first flush looks whatever the start's check saw
         self.stopped: ConfigError | None = None
 
     def check_now(self) -> None:
-        """At the start: raise ConfigError, naming it, if such a run exists."""
+        """At the start: raise ConfigError, naming it, if such a run exists; RunIdTaken
+        where this run's record is another process's (two runs of one id began within
+        moments: each checked before the other's record was there)."""
+        self._check_own_record()
         first = self.earliest()
         if first is not None:
             beat = first.get("heartbeat_at")
@@ -751,6 +764,20 @@ class Rivals:
             return
         self._next = now + RIVALS_EVERY_S
         self.check_now()
+
+    def _check_own_record(self) -> None:
+        if not self.writer:
+            return
+        try:
+            own = read_run_record(self.fs, self.root, self.me[1])
+        except storage.ACCESS_ERRORS:
+            return  # (looked at again next time)
+        if isinstance(own, dict) and _writer_of(own) != self.writer:
+            self.stopped = RunIdTaken(
+                f"run id {self.me[1]} was taken by another run (host {own.get('host')}, started {own.get('started_at')}) "
+                f"into this OUTPUT, which began within moments of this one: two runs of one id would write files of "
+                f"the same names; this one stops (what it committed stays), give another --run-id to go on")
+            raise self.stopped
 
     def earliest(self) -> dict | None:
         try:  # (listed afresh: s3fs would answer from its cache, without a rival's new record)
@@ -846,11 +873,19 @@ class Heartbeat:
                     return
                 self.record["heartbeat_at"] = time.time()
                 try:
+                    if self._taken():
+                        continue  # (the run stops at its next check: `Rivals`)
                     if self.progress is not None:
                         self.record["stats"] = self.progress()
                     write_run_record(self.output, self.run_id, self.clean(self.record))
                 except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))
+
+    def _taken(self) -> bool:
+        """Whether another process wrote this run's record since (two runs of one id)."""
+        fs, root = storage.resolve(self.output)
+        own = read_run_record(fs, root.rstrip("/"), self.run_id)
+        return isinstance(own, dict) and _writer_of(own) != _writer_of(self.record)
 
     def stop(self, wait_s: float | None = None) -> bool:
         """No beat starts after this; True once none is in flight (then no record is written

@@ -245,6 +245,7 @@ def run(cfg: RunConfig) -> RunResult:
               "started_at": commit.record_time(started), "versions": _versions()}
     finished = False
     try:
+        _refuse_live_run_id(cfg)  # (at once: and again before its listing and record are written)
         # else it loads once in a worker while the driver reads what is committed and
         # plans segments from the videos' headers (neither changes a committed row)
         probe = None if shape else _probe_model(ray, cfg)
@@ -314,9 +315,10 @@ def run(cfg: RunConfig) -> RunResult:
             failed = dict(record, status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                           finished_at=commit.record_time(time.time()), model=info.to_dict() if info else {"name": name},
                           stats={**_progress(result, committer), "wall_s": round(time.time() - started, 3)})
-            _record_failure(cfg, _redacted(failed), beat, stopped)
-            if mine is not None:
-                commit.forget_run_listing(cfg.output, cfg.run_id)
+            if not isinstance(e, commit.RunIdTaken):  # (else the record and listing are the other run's)
+                _record_failure(cfg, _redacted(failed), beat, stopped)
+                if mine is not None:
+                    commit.forget_run_listing(cfg.output, cfg.run_id)
             raise
         beat.stop()
         _record_finished(cfg, record, result, committer, info, name, started)

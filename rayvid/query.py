@@ -138,24 +138,32 @@ def missing_video(output: str, video: str) -> Optional[str]:
     """Why OUTPUT has no rows of `video`, in a sentence; None where it holds that video
     (its frames just did not match). A name unknown to OUTPUT is told with the nearest
     names it does hold (most often the same file under another prefix or spelling), a
-    failed video with its error. Reads videos/'s `video_uri, error` (one row a video)."""
+    failed video with its error. Reads videos/'s `video_uri, error` (one row a video; of
+    an archive beyond CLOSE_NAMES_SCANNED videos, only the names ending as `video` does)."""
     import difflib
     import posixpath
 
     want = storage.canonical(video)
-    names: list = []
-    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "error"]):
-        uris = table.column("video_uri").to_pylist()
-        if want in uris:
-            if not table.column("error")[uris.index(want)].as_py():
-                return None
-            errors = read(output, commit.ERRORS_DIR, video=want)
-            why = f": {errors.column('message')[0].as_py()}" if len(errors) else ""
-            return f"{storage.public_uri(want)} failed{why} (errors/ holds why; --retry-failed redoes it)"
-        names.extend(uris)
+    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "error"], video=want):
+        if not len(table):
+            continue
+        if not table.column("error")[len(table) - 1].as_py():
+            return None
+        errors = read(output, commit.ERRORS_DIR, video=want)
+        why = f": {errors.column('message')[0].as_py()} (errors/ holds why" if len(errors) else " ("
+        return f"{storage.public_uri(want)} failed{why}; --retry-failed redoes it)"
     base = posixpath.basename(want)
-    close = sorted(u for u in names if posixpath.basename(u) == base)[:3]
-    if not close and len(names) <= CLOSE_NAMES_SCANNED:
+    names: list = []
+    same_base: list = []
+    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri"]):
+        uris = table.column("video_uri")
+        ends = pc.ends_with(uris, "/" + base)
+        same_base += uris.filter(pc.or_(ends, pc.equal(uris, base))).to_pylist()
+        if names is not None:
+            names += uris.to_pylist()
+            names = names if len(names) <= CLOSE_NAMES_SCANNED else None
+    close = sorted(set(same_base))[:3]
+    if not close and names:
         close = difflib.get_close_matches(want, names, n=3, cutoff=0.8)
         score = {u: difflib.SequenceMatcher(None, want, u).ratio() for u in close}
         close = [u for u in close if score[u] >= max(score.values()) - 0.05]  # (names share long prefixes)

@@ -152,6 +152,12 @@ def test_boolean_settings_of_a_config_or_record_can_be_turned_off(tmp_path):
     path.write_text(yaml.safe_dump({"sampling": {"every": 5}}))
     assert config_from_args(parse_args(["run", "in", "out", "--config", str(path), "--no-keyframes"])).sampling.every == 5
     assert config_from_args(parse_args(["run", "in", "out", "--xla"])).model.xla
+    keyframes = tmp_path / "k.yaml"
+    keyframes.write_text(yaml.safe_dump({"sampling": {"keyframes": True}, "progress": False}))
+    cfg = config_from_args(parse_args(["run", "in", "out", "--config", str(keyframes), "--every", "5", "--no-keyframes",
+                                       "--progress"]))
+    assert (cfg.sampling.every, cfg.sampling.keyframes, cfg.progress) == (5, False, True)
+    assert config_from_args(parse_args(["run", "in", "out", "--no-progress"])).progress is False
 
 
 def test_the_readme_config_file_holds_every_key_at_its_default(tmp_path):
@@ -489,6 +495,43 @@ def test_a_run_id_a_live_run_holds_stops_the_run_before_it_writes(ray_session, o
     (out / "runs" / "nightly.json").write_text(json.dumps(dict(theirs, status="failed")))
     assert main(argv) == 0  # a resubmitted job
     assert read_output(str(out)).num_rows == one_video["n"]
+
+
+def test_a_run_whose_id_another_run_takes_within_moments_stops_and_leaves_its_record(ray_session, one_video,
+                                                                                      shapes_model, tmp_path, capsys):
+    """Two runs of one id that began within moments each found no live record of it: here
+    the other's record (another host's) lands just after this run wrote its own. This run
+    stops at its first commit, exit 2, and leaves that record and its listing alone (no
+    failed record over it, no listing removed): the other goes on."""
+    import threading
+
+    out = tmp_path / "out"
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{one_video['dir'] / 'c.mkv'}\n")
+    theirs = {"run_id": "nightly", "status": "running", "started_at": "2026-12-06T01:00:00Z", "host": "gpu-7",
+              "node": "gpu-7/boot/1", "pid": 12, "heartbeat_at": time.time(), "listing": True}
+    record, listing = out / "runs" / "nightly.json", out / "runs" / "nightly.videos.parquet"
+    done = threading.Event()
+
+    def other_run():  # as another process would: its listing, then its record
+        while not done.is_set() and not record.exists():
+            time.sleep(0.01)
+        listing.write_bytes(b"theirs")
+        record.write_text(json.dumps(theirs))
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert main(["run", str(manifest), str(out), "--model", shapes_model["path"], "--run-id", "nightly",
+                     "--no-progress", "--commit-interval", "0"]) == 2
+    finally:
+        done.set()
+        thread.join()
+    assert re.search(r"rayvid: error: run id nightly was taken by another run \(host gpu-7, started "
+                     r"2026-12-06T01:00:00Z\) into this OUTPUT", capsys.readouterr().err)
+    time.sleep(0.5)  # (a heartbeat or failed record would have landed)
+    assert json.loads(record.read_text()) == theirs and listing.read_bytes() == b"theirs"
+    assert not (out / "predictions").exists()
 
 
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):

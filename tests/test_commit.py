@@ -1100,6 +1100,36 @@ def test_a_run_id_a_live_run_holds_is_refused(tmp_path):
     commit.refuse_live_run_id(out, "nightly")
 
 
+def test_a_run_whose_record_another_process_writes_stops_at_its_next_check(tmp_path):
+    """Two runs of one id that began within moments: the one whose record the other wrote
+    over stops at its next check (RunIdTaken), and its heartbeat no longer writes over the
+    other's record."""
+    import json
+    import time
+
+    from rayvid import commit
+
+    out = str(tmp_path / "out")
+    record = {"run_id": "n", "status": "running", "started_at": "2026-12-06T01:00:00Z", "config": {"input": "/in"}}
+    beat = commit.Heartbeat(out, "n", record, every_s=0.05)
+    beat.start()
+    try:
+        rivals = commit.Rivals(out, dict(record))
+        rivals.check_now()  # its own record: no rival
+        time.sleep(0.2)
+        rivals.check_now()  # its own, as its heartbeat rewrote it
+        theirs = {"run_id": "n", "status": "running", "started_at": "2026-12-06T01:00:01Z", "host": "gpu-7",
+                  "node": "gpu-7/boot/1", "pid": 12, "heartbeat_at": time.time()}
+        (tmp_path / "out" / "runs" / "n.json").write_text(json.dumps(theirs))
+        with pytest.raises(commit.RunIdTaken, match=r"run id n was taken by another run \(host gpu-7, started "
+                                                     r"2026-12-06T01:00:01Z\) into this OUTPUT"):
+            rivals.check(now=1e12)
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "out" / "runs" / "n.json").read_text()) == theirs
+    finally:
+        beat.stop()
+
+
 def test_a_rival_on_s3_written_by_another_process_is_seen_at_the_next_check(s3_endpoint, tmp_path):
     """On S3 each check lists runs/ afresh: s3fs answered the later checks from the listing it
     cached at the first, so an earlier run's record written by another process after that
