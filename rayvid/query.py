@@ -285,6 +285,21 @@ def summary_of(videos: pa.Table) -> pa.Table:
             .append_column("run_id", videos.column("run_id")))
 
 
+def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -> np.ndarray:
+    """When each of a video's sampled frames (at times `t`, ascending) stops being shown:
+    at the next one; the last, after the median step between them (one frame at `fps`
+    where only one was kept), never past the video's `duration` (but at least one frame)."""
+    frame = 1.0 / fps if fps else 0.0
+    steps = np.diff(t)
+    step = float(np.median(steps)) if len(steps) else frame
+    last = t[-1] + step
+    # past the end by more than half a frame (a container's duration and timestamps are
+    # rounded: by less, the step stands): the end, but at least one frame
+    if duration is not None and duration > t[-1] and last - duration > frame / 2:
+        last = max(duration, t[-1] + frame)
+    return np.r_[t[1:], last]
+
+
 def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = 0.0,
                    min_duration: float = 0.0, gap: float = GAP_S, videos: Optional[dict] = None) -> pa.Table:
     """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
@@ -305,16 +320,7 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     starts = np.flatnonzero(np.r_[True, uris[1:] != uris[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
         t = times[lo:hi]
-        steps = np.diff(t)
-        duration, fps = (videos or {}).get(uris[lo]) or (None, None)
-        frame = 1.0 / fps if fps else 0.0
-        step = float(np.median(steps)) if len(steps) else frame
-        last = t[-1] + step
-        # past the end by more than half a frame (a container's duration and timestamps are
-        # rounded: by less, the step stands): the end, but at least one frame
-        if duration is not None and duration > t[-1] and last - duration > frame / 2:
-            last = max(duration, t[-1] + frame)
-        ends = np.r_[t[1:], last]
+        ends = frame_ends(t, *((videos or {}).get(uris[lo]) or (None, None)))
         lab = labels[lo:hi].copy()
         sc = scores[lo:hi]
         ok = np.array([x is not None for x in lab]) & (sc >= min_score)

@@ -13,15 +13,18 @@ them (`video.probe`), so the overlay sits on the frame the model saw.
 
 from __future__ import annotations
 
+import contextlib
+import fractions
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Optional
 
 import numpy as np
 
-from rayvid import query, report, storage, video
+from rayvid import commit, query, report, storage, video
 from rayvid.errors import InputError
 
 log = logging.getLogger("rayvid")
@@ -70,15 +73,45 @@ def _frames(src, stream, video_uri: str):
                     damaged, storage.public_uri(video_uri))
 
 
+OUT_TIME_BASE = fractions.Fraction(1, 90000)  # the rendered frames keep their source times, in MPEG's 90 kHz
+
+
 def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
-    """Writes the overlaid video to `dest`; returns the number of frames written."""
+    """Writes the overlaid video to `dest` ("-": stdout); returns the number of frames
+    written. The video must be the version the run read (its videos/ row's): its rows
+    would be drawn on another video's frames."""
+    try:
+        return _render(video_uri, output, dest, topk)
+    except _Changed as e:
+        raise InputError(f"{storage.public_uri(video_uri)} changed since the run that labelled it ({e}): its rows "
+                         f"are of the earlier version; run again into OUTPUT (a changed video is done again) "
+                         f"to render this one") from None
+    except video.VideoError as e:  # (a video damaged or replaced by another file since the run)
+        raise InputError(f"cannot render {storage.public_uri(video_uri)}: {storage.redact(str(e))}") from None
+
+
+class _Changed(Exception):
+    """storage.ObjectChanged, carried past storage.access (which tells a failed read)."""
+
+
+@contextlib.contextmanager
+def _unchanged():
+    try:
+        yield
+    except storage.ObjectChanged as e:
+        raise _Changed(str(e)) from None
+
+
+def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
     import av
-    from PIL import ImageFont
+    from PIL import Image, ImageFont
 
     preds = query.read(output, video=video_uri)
     if len(preds) == 0:
         raise InputError(query.missing_video(output, video_uri)
                          or f"no predictions for {storage.public_uri(video_uri)} in {storage.public_uri(output)}")
+    listed = query.read(output, commit.VIDEOS_DIR, video=video_uri)
+    version = (listed.column("version")[len(listed) - 1].as_py() or "") if len(listed) else ""
     index = preds.column("frame_index").to_numpy()
     tops = preds.column("topk").to_pylist()
     boxes = preds.column("boxes").to_pylist() if "boxes" in preds.column_names else [None] * len(preds)
@@ -87,7 +120,9 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
     tmp = tempfile.mkdtemp(prefix="rayvid-render-")
     written = 0
     try:
-        with storage.access(video_uri, "read video", InputError), storage.local_copy(video_uri, tmp) as path:
+        with storage.access(video_uri, "read video", InputError), _unchanged(), \
+                storage.local_copy(video_uri, tmp, version) as path:
+            still = storage.pin(path, version) if storage.is_local(storage.resolve(video_uri)[0]) else lambda: None
             info = video.probe(path)
             index_of = {int(p): i for i, p in enumerate(info.pts)}
             local_out = os.path.join(tmp, "out.mp4")
@@ -95,7 +130,9 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                 stream = src.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate or 25
                 out = dst.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+                out.codec_context.time_base = out.time_base = OUT_TIME_BASE
                 out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
+                first, last = None, -1
                 out.pix_fmt = "yuv420p"
                 out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
                 in_order = iter(range(len(info.pts))) if info.output_order else None  # (known by their order)
@@ -106,19 +143,32 @@ def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
                         i = index_of.get(int(frame.pts)) if frame.pts is not None else None
                     at = np.searchsorted(index, i, side="right") - 1 if i is not None else -1
                     rows = overlay_rows(tops[at], topk) if at >= 0 else []
-                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, info.mirror)[: out.height, : out.width]
+                    img = video.upright(frame.to_ndarray(format="rgb24"), frame.rotation, info.mirror)
+                    if img.shape[:2] != (info.height, info.width):  # a stream whose size changes: scaled, as decoded
+                        img = np.asarray(Image.fromarray(img).resize((info.width, info.height), Image.BILINEAR))
+                    img = img[: out.height, : out.width]
                     shown = boxes[at] if at >= 0 and index[at] == i else None  # boxes: their own frame only
                     img = draw(img, rows, palette, font, shown)
                     new = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                    new.pts = written
-                    new.time_base = 1 / rate
+                    # at its source time (a variable frame rate stays so), after the one before
+                    t = float(frame.time) if frame.time is not None else None
+                    first = t if first is None and t is not None else first
+                    at_t = round((t - first) / OUT_TIME_BASE) if t is not None else last + round(1 / (rate * OUT_TIME_BASE))
+                    new.pts = last = max(last + 1, at_t)
+                    new.time_base = OUT_TIME_BASE
                     for packet in out.encode(new):
                         dst.mux(packet)
                     written += 1
                 for packet in out.encode():
                     dst.mux(packet)
-        with open(local_out, "rb") as f, storage.access(dest, "write"):
-            storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
+            still()  # (a local video replaced while it was read)
+        with open(local_out, "rb") as f:
+            if dest == "-":
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+                sys.stdout.flush()
+            else:
+                with storage.access(dest, "write"):
+                    storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written

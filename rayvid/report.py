@@ -90,20 +90,22 @@ def lanes_of(preds) -> list:
     return [c["values"] for c in counts[:MAX_LANES]]
 
 
-def timeline_png(preds, duration_s: float, title: str, palette: dict):
-    """The timeline of one video's prediction rows (sorted by frame_index) as a PIL image."""
+def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float = 0.0):
+    """The timeline of one video's prediction rows (sorted by frame_index) as a PIL image:
+    each frame's bar lasts as `rayvid segments` counts it (`query.frame_ends`)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
+
+    from rayvid.query import frame_ends
 
     lanes = lanes_of(preds)
     height = TOP + max(1, len(lanes)) * (LANE_H + LANE_GAP) + BOTTOM
     img = np.full((height, LEFT + PLOT_W + 10, 3), 255, np.uint8)
     t = preds.column("timestamp_s").to_numpy()
-    steps = np.diff(t)
-    step = float(np.median(steps)) if len(steps) else 0.0
-    duration = max(duration_s or 0.0, (t[-1] + step) if len(t) else 0.0) or 1.0
+    ends = frame_ends(t, duration_s or None, fps or None) if len(t) else t
+    duration = max(duration_s or 0.0, float(ends[-1]) if len(t) else 0.0) or 1.0
     x0 = LEFT + np.round(t / duration * PLOT_W).astype(int)
-    x1 = np.maximum(x0 + 1, LEFT + np.round(np.r_[t[1:], t[-1] + step] / duration * PLOT_W).astype(int)) if len(t) else x0
+    x1 = np.maximum(x0 + 1, LEFT + np.round(ends / duration * PLOT_W).astype(int))
     labels = preds.column("label").to_pylist()
     scores = np.nan_to_num(preds.column("score").fill_null(0.0).to_numpy().astype(np.float64))
     for lane, label in enumerate(lanes):
@@ -142,7 +144,8 @@ def write_report(output: str, directory: str) -> dict:
     from rayvid import query, storage
 
     videos = query.read(output, "videos")
-    durations = dict(zip(videos.column("video_uri").to_pylist(), videos.column("duration_s").to_pylist()))
+    durations = dict(zip(videos.column("video_uri").to_pylist(),
+                         zip(videos.column("duration_s").to_pylist(), videos.column("fps").to_pylist())))
     palette = colours(query.labels(output))  # one colour per label across every timeline
     pngs: dict = {}
     for part in query.parts(output, columns=TIMELINE_COLUMNS):
@@ -156,7 +159,9 @@ def write_report(output: str, directory: str) -> dict:
             name = uri.rstrip("/").rsplit("/", 1)[-1]
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
             rel = f"timelines/{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"
-            pic = timeline_png(preds, durations.get(uri) or 0.0, storage.public_uri(uri)[-110:], palette)
+            duration, fps = durations.get(uri) or (0.0, 0.0)
+            # (the name as stored: a presigned URL's signature is not there; its other parameters may name the object)
+            pic = timeline_png(preds, duration or 0.0, uri[-110:], palette, fps or 0.0)
             with storage.access(directory, "write to"):
                 storage.write_atomic(storage.join(directory, rel), lambda f, p=pic: p.save(f, format="PNG"))
             pngs[uri] = rel
@@ -167,7 +172,7 @@ def write_report(output: str, directory: str) -> dict:
         cells = "".join(f"<td>{html.escape(query._cell(v))}</td>" for k, v in r.items() if k != "video_uri")
         link = (f'<a href="{html.escape(png)}"><img src="{html.escape(png)}" width="480"></a>' if png
                 else "(no frames)")
-        rows.append(f"<tr><td>{html.escape(storage.public_uri(r['video_uri']))}<br>{link}</td>{cells}</tr>")
+        rows.append(f"<tr><td>{html.escape(r['video_uri'])}<br>{link}</td>{cells}</tr>")
     head = "".join(f"<th>{html.escape(n)}</th>" for n in table.column_names)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rayvid report</title>"
             f"<style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}"

@@ -178,19 +178,28 @@ def frames_per_video(table) -> dict:
 
 def write_output(output: str, videos: dict, fps: float = 10.0, run_id: str = "r1",
                  rows_per_file: int = 1_000_000, every: int = 1, failed: tuple = (), embed_dim: int = 0,
-                 k: int = 2) -> None:
+                 k: int = 2, listed: bool = False) -> None:
     """An OUTPUT written by the real Committer from known predictions: `videos` maps a
     video_uri to its frames' (label, score), frame i at t = i / fps; with `every`, only
     frames 0, every, 2*every, ... have rows (sparse sampling). `failed`: URIs that get an
     error row and no frames. rows_per_file=1 writes one part per video. `embed_dim`: an
     `embedding` column (as --embed writes) of that many seeded random floats per frame.
-    `k`: top-k entries per frame (the label, another, then `extra_<i>` at score 0)."""
+    `k`: top-k entries per frame (the label, another, then `extra_<i>` at score 0).
+    `listed`: each video's videos/ row holds its size and version as a listing sees them now."""
     import pyarrow as pa
 
     from rayvid.commit import Committer
     from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME, embedding_field
 
-    committer = Committer(output, run_id, "test-model", rows_per_file=rows_per_file)
+    seen = None
+    if listed:
+        from rayvid import storage
+        from rayvid.commit import Listed
+
+        infos = [storage.resolve(uri)[0].info(storage.resolve(uri)[1]) for uri in videos]
+        seen = Listed(pa.table({"video_uri": list(videos), "size_bytes": [i["size"] for i in infos],
+                                "version": [storage.version_of(i) for i in infos]}))
+    committer = Committer(output, run_id, "test-model", rows_per_file=rows_per_file, listed=seen)
     others = ("zz_other", "zz_third")
     for uri, frames in videos.items():
         idx = list(range(0, len(frames), every))

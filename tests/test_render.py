@@ -3,6 +3,8 @@ prediction in force there (its colour swatch), at the source's size and frame co
 
 from __future__ import annotations
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -152,3 +154,81 @@ def test_render_puts_each_frames_prediction_on_it_where_frames_are_known_by_thei
     assert len(frames) == n
     got = [min(palette, key=lambda lab: np.abs(np.array(palette[lab]) - _swatch(img, 0)).sum()) for img in frames]
     assert got == labels
+
+
+def _ffmpeg(*args):
+    import subprocess
+
+    subprocess.run([samples.ffmpeg_exe(), "-v", "error", "-y", *args], check=True)
+
+
+def test_render_of_a_damaged_or_replaced_video_is_one_line(tmp_path, capsys):
+    """A source damaged since the run was a traceback (VideoError, exit 1); one replaced by
+    another video was rendered with the old video's labels drawn on the new frames: exit 2
+    saying so, nothing written."""
+    video = str(tmp_path / "v.mp4")
+    truth = samples.make_video(video, 1.0, seed=4)
+    out, dest = str(tmp_path / "out"), str(tmp_path / "r.mp4")
+    write_output(out, {video: [(label, 0.9) for label in truth]}, fps=samples.FPS, listed=True)
+    assert cli.main(["render", video, out, dest]) == 0
+    os.remove(dest)
+    capsys.readouterr()
+    samples.make_video(str(tmp_path / "other.mp4"), 2.0, seed=5)
+    os.replace(tmp_path / "other.mp4", video)
+    assert cli.main(["render", video, out, dest]) == 2
+    err = capsys.readouterr().err
+    assert f"rayvid: error: {video} changed since the run that labelled it (the object changed after it was listed" in err
+    assert len(err.splitlines()) == 1 and not os.path.exists(dest)
+    with open(video, "r+b") as f:
+        f.truncate(3000)
+    write_output(str(tmp_path / "out2"), {video: [(label, 0.9) for label in truth]}, fps=samples.FPS)
+    assert cli.main(["render", video, str(tmp_path / "out2"), dest]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rayvid: error: cannot render {video}: ") and len(err.splitlines()) == 1
+    assert "Traceback" not in err and not os.path.exists(dest)
+
+
+def test_render_keeps_each_frames_time_and_scales_a_size_change(tmp_path):
+    """A variable-frame-rate video was rendered at its average rate (1.2 s off by its end);
+    a stream whose size changes mid-way (joined captures) was cropped to the first size."""
+    base = str(tmp_path / "base.mp4")
+    truth = samples.make_video(base, 2.0, seed=4)
+    vfr = str(tmp_path / "vfr.mp4")
+    _ffmpeg("-i", base, "-vf", "setpts='if(lt(N,20),PTS,PTS*2)'", "-fps_mode", "vfr", "-c:v", "libx264", vfr)
+    out = str(tmp_path / "out")
+    write_output(out, {vfr: [(label, 0.9) for label in truth]}, fps=samples.FPS)
+    dest = str(tmp_path / "r.mp4")
+    assert cli.main(["render", vfr, out, dest]) == 0
+
+    def times(path):
+        with av.open(path) as c:
+            return [round(float(f.time), 3) for f in c.decode(video=0)]
+
+    assert times(dest) == times(vfr) and times(vfr)[-1] > 2.5
+
+    small, big, joined = (str(tmp_path / n) for n in ("a.ts", "b.ts", "joined.ts"))
+    _ffmpeg("-f", "lavfi", "-i", "color=c=red:s=64x48:r=10:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p", small)
+    _ffmpeg("-f", "lavfi", "-i", "color=c=red:s=128x96:r=10:d=1", "-vf", "drawbox=x=64:y=0:w=64:h=96:color=blue:t=fill",
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-output_ts_offset", "1", big)  # its right half blue
+    with open(joined, "wb") as f:
+        f.write(open(small, "rb").read() + open(big, "rb").read())
+    with av.open(joined) as c:
+        n = sum(1 for _ in c.decode(video=0))
+    write_output(out, {joined: [("circle", 0.9)] * n}, fps=10.0, run_id="r2")
+    assert cli.main(["render", joined, out, dest, "--topk", "0"]) == 0
+    with av.open(dest) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == n and frames[-1].shape == (48, 64, 3)
+    left, right = frames[-1][:, :28], frames[-1][:, 36:]  # the whole picture, scaled: red, then blue
+    assert (left[..., 0] > 200).all() and (left[..., 2] < 60).all(), left.mean((0, 1))
+    assert (right[..., 2] > 200).all() and (right[..., 0] < 60).all(), right.mean((0, 1))
+
+
+def test_render_to_stdout(tmp_path, capfdbinary):
+    video = str(tmp_path / "v.mp4")
+    truth = samples.make_video(video, 0.5, seed=4)
+    out = str(tmp_path / "out")
+    write_output(out, {video: [(label, 0.9) for label in truth]}, fps=samples.FPS)
+    assert cli.main(["render", video, out, "-"]) == 0
+    data = capfdbinary.readouterr().out
+    assert data[4:8] == b"ftyp" and not os.path.exists("-")

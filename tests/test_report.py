@@ -47,10 +47,11 @@ import html  # noqa: E402
 import os  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from helpers import write_output  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from rayvid import cli, report  # noqa: E402
+from rayvid import cli, query, report  # noqa: E402
 
 
 def _x(t, duration):
@@ -98,3 +99,31 @@ def test_report_reads_and_writes_s3(tmp_path, s3_endpoint):
     data = storage.read_bytes(f"s3://{BUCKET}/report/{pngs['s3://b/x.mp4']}")
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"s3://b/x.mp4" in storage.read_bytes(f"s3://{BUCKET}/report/index.html")
+
+
+def test_the_last_frames_bar_ends_where_segments_ends_it(tmp_path):
+    """The last sampled frame's bar ran one step past the video's end (`--every 7` on a 3 s
+    video: the axis went to 3.27 s, every bar squeezed) and a video of one frame drew 1 px;
+    both now end where `rayvid segments` ends them: at the video's end, or one frame on."""
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/long.mp4": [("circle", 1.0)] * 30}, fps=10.0, every=7)  # 3.0 s: frames 0, 7, ..., 28
+    write_output(out, {"/v/one.mp4": [("circle", 1.0)]}, fps=10.0, run_id="r2")
+    assert cli.main(["report", out, str(tmp_path / "rep")]) == 0
+    y = report.TOP + report.LANE_H // 2
+    for name, end in [("long", 3.0), ("one", 0.1)]:
+        segments = query.segments(out, video=f"/v/{name}.mp4")
+        assert segments.column("end_s").to_pylist() == [pytest.approx(end)]
+        png = next(p for p in os.listdir(tmp_path / "rep" / "timelines") if p.startswith(name))
+        img = np.asarray(Image.open(tmp_path / "rep" / "timelines" / png))
+        lane = img[y, report.LEFT : report.LEFT + report.PLOT_W + 10]
+        filled = np.flatnonzero((lane != 240).any(axis=1) & (lane != 255).any(axis=1))
+        assert (filled[0], filled[-1] + 1) == (0, report.PLOT_W), name  # the whole axis: 0 to the end
+
+
+def test_the_report_names_http_videos_with_their_query(tmp_path):
+    """Two HTTP videos told apart only by a query parameter were two rows of one name."""
+    out = str(tmp_path / "out")
+    write_output(out, {"http://h/v.mp4?cam=1": [("circle", 0.9)] * 3, "http://h/v.mp4?cam=2": [("square", 0.9)] * 3})
+    assert cli.main(["report", out, str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "http://h/v.mp4?cam=1" in page and "http://h/v.mp4?cam=2" in page
