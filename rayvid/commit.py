@@ -1211,10 +1211,15 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
             set(listed.column("video_uri").filter(pa.array(redo)).to_pylist()))
 
 
-def skipped_by(videos: pa.Table, committed: Committed, redo: set) -> tuple[int, list[str]]:
+COMPACTED_PARTS_READ = 20  # compacted videos/ parts `skipped_by` reads for the runs in them
+
+
+def skipped_by(videos: pa.Table, committed: Committed, redo: set, output: str | None = None) -> tuple[int, list[str]]:
     """Of the listed `videos` that `pending` skips as committed: how many failed when they
-    were (`--retry-failed` redoes them), and the runs whose parts hold them, those holding
-    most first (a compaction's parts name no run)."""
+    were (`--retry-failed` redoes them), and the runs that committed them, those holding
+    most first: a part's run is in its name; of a compaction's parts (which name none),
+    with `output`, the `run_id` of their videos/ rows (of the COMPACTED_PARTS_READ holding
+    most of these videos)."""
     rows = committed.index.rows(videos.column("video_uri"))
     done = committed.table.take(pa.array(rows[rows >= 0]))
     if redo:
@@ -1223,8 +1228,27 @@ def skipped_by(videos: pa.Table, committed: Committed, redo: set) -> tuple[int, 
         return 0, []
     failed = int(pc.sum(pc.cast(done.column("error").fill_null(False), pa.int64())).as_py() or 0)
     files, counts = np.unique(done.column("file").to_numpy(), return_counts=True)
-    runs = [run_of(committed.files[i]) for i in files[np.argsort(-counts, kind="stable")]]
-    return failed, list(dict.fromkeys(r for r in runs if not r.startswith("compact-")))
+    order = np.argsort(-counts, kind="stable")
+    runs: collections.Counter = collections.Counter()
+    compacted = []
+    for i, n in zip(files[order].tolist(), counts[order].tolist()):
+        name = committed.files[i]
+        if run_of(name).startswith("compact-"):
+            compacted.append((name, i))
+        else:
+            runs[run_of(name)] += n
+    if output is not None and compacted:
+        fs, root = storage.resolve(output)
+        file_of = done.column("file").to_numpy()
+        for name, i in compacted[:COMPACTED_PARTS_READ]:
+            try:
+                table = read_parquet(fs, f"{root.rstrip('/')}/{VIDEOS_DIR}/{name}", ["video_uri", "run_id"])
+            except (FileNotFoundError, *storage.ACCESS_ERRORS):  # (compacted again since: it only words a warning)
+                continue
+            mine = done.column("video_uri").filter(pa.array(file_of == i))
+            table = table.filter(pc.is_in(table.column("video_uri"), value_set=mine))
+            runs.update({r["values"]: r["counts"] for r in pc.value_counts(table.column("run_id").drop_null()).to_pylist()})
+    return failed, [run for run, _ in sorted(runs.items(), key=lambda r: -r[1])]
 
 
 def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> None:

@@ -22,6 +22,7 @@ must not be compacted under).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import time
 import uuid
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
+from rayvid.errors import ConfigError
 from rayvid.schema import ERRORS_SCHEMA, HEAD_COLUMNS, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA, with_head
 
 TARGET_ROWS = 1_000_000  # the committer's own rows_per_file
@@ -53,6 +55,7 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     root = root.rstrip("/")
     commit.require_output(fs, root, output)  # before any clean-up work on a typo's path
     commit.recover(output, only=())  # its clean-up: no video's rows are needed here
+    _refuse_if_compacting(fs, root)  # (recover finished or undid the dead ones)
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}
@@ -69,28 +72,68 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     groups = [g for g in groups if len(g) > 1]
     # two compactions in the same second must not pick one name: it would replace a part
     stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    merged = 0
     for seq, group in enumerate(groups):
-        _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet", listed)
-    merged = sum(len(g) for g in groups)
+        merged += _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet", listed)
+    groups = [g for g in groups if g]  # (a merge whose parts went meanwhile leaves its group empty)
     return {"parts_before": len(names), "parts_after": len(names) - merged + len(groups),
             "merged": merged, "into": len(groups),
             "left_running": sorted({commit.run_of(n) for n in names if commit.run_of(n) in running})}
 
 
-def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict) -> None:
+def _refuse_if_compacting(fs, root: str, mine: str = "") -> None:
+    """ConfigError where another compaction of OUTPUT is at work (its intent record alive):
+    two would each merge the same parts, every row then committed twice."""
+    others = commit.finish_compactions(fs, root) - {mine}  # (and finishes those committed meanwhile)
+    if others:
+        with contextlib.suppress(*storage.ACCESS_ERRORS, ValueError):
+            record = dict(commit._compactions(fs, root)).get(sorted(others)[0]) or {}
+        started = record.get("started_at") if isinstance(record, dict) else None
+        when = time.strftime(" started %Y-%m-%dT%H:%M:%SZ", time.gmtime(started)) if isinstance(started, (int, float)) else ""
+        raise ConfigError(f"another `rayvid compact` is merging parts of this OUTPUT (host "
+                          f"{record.get('host') if isinstance(record, dict) else None},{when}): run this again once "
+                          f"it has finished (two at once would commit the same rows twice)")
+
+
+def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict) -> int:
     """The group's parts merged into `new`; each of its files read in one request (its size
-    from `listed`, the folders' listings), several at once."""
+    from `listed`, the folders' listings), several at once. Its intent record is written
+    first, and then no other compaction may be at work (else ConfigError, the record
+    withdrawn: of two that began at once, one or both stop); a part whose videos/ file went
+    since the listing (merged by a compaction that ended meanwhile) is left out, whole.
+    Returns how many parts it merged (0: fewer than two were left)."""
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
+    intent = storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json")
     with commit.active(new):  # never undone by a recover in this process meanwhile
-        storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
-        for directory, schema, keys in _TABLES:
-            paths = [(f"{root}/{directory}/{n}", listed[directory][n]) for n in group if n in listed[directory]]
+        storage.write_atomic(intent, lambda f: f.write(record))
+        try:
+            _refuse_if_compacting(fs, root, new)
+        except ConfigError:
+            fs.rm(f"{root}/{commit.COMPACTIONS_DIR}/{new}.json")
+            raise
+        tables = {}
+        for directory, schema, keys in reversed(_TABLES):  # videos/ first: the parts still committed
+            paths = [(n, f"{root}/{directory}/{n}", listed[directory][n]) for n in group if n in listed[directory]]
             with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
-                tables = [_conform(t, schema) for t in pool.map(lambda p: _read(fs, *p), paths) if t is not None]
-            if tables or directory == commit.VIDEOS_DIR:
-                table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
-                commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
+                read = dict(zip([n for n, _, _ in paths], pool.map(lambda p: _read(fs, *p[1:]), paths)))
+            if directory == commit.VIDEOS_DIR:
+                group[:] = [n for n in group if read.get(n) is not None]
+            tables[directory] = [_conform(read[n], schema) for n in group if read.get(n) is not None]
+            if len(group) < 2:  # (another compaction took them: nothing to merge, nothing written)
+                fs.rm(f"{root}/{commit.COMPACTIONS_DIR}/{new}.json")
+                group.clear()
+                return 0
+            if directory != commit.VIDEOS_DIR:
+                _write(output, directory, new, tables.pop(directory), schema, keys)
+        _write(output, commit.VIDEOS_DIR, new, tables.pop(commit.VIDEOS_DIR), VIDEOS_SCHEMA, ["video_uri"])
     commit.finish_compactions(fs, root)  # deletes the replaced parts, then the record
+    return len(group)
+
+
+def _write(output: str, directory: str, new: str, tables: list, schema: pa.Schema, keys: list) -> None:
+    if tables or directory == commit.VIDEOS_DIR:
+        table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
+        commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

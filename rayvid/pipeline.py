@@ -253,7 +253,7 @@ def run(cfg: RunConfig) -> RunResult:
         listed = len(videos)
         all_listed = videos
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
-        failed_before, skipped_runs = commit.skipped_by(all_listed, committed, redo) if skipped else (0, [])
+        failed_before, skipped_runs = commit.skipped_by(all_listed, committed, redo, cfg.output) if skipped else (0, [])
         _warn_if_settings_differ(cfg, skipped, skipped_runs)
         units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
         info = probe() if probe else None

@@ -54,27 +54,72 @@ SEGMENTS_SCHEMA = pa.schema([
 ])
 
 
+READ_AGAIN = 3  # listings of OUTPUT's parts a read verb takes while compactions replace them
+
+
 def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None,
           video: Optional[str] = None, without: tuple = ()) -> Iterator[pa.Table]:
     """Each committed part's table of `what` (predictions, errors or videos), read in
     part: only `columns` (those the part has; all but `without` when None) and, with
     `video` (a canonical URI), only that video's rows, from the row groups whose video_uri
     range holds it (a part is sorted by video_uri: its rows of one video sit in one or two
-    of its row groups of 128 Ki rows). Parts without a row of `video` yield nothing."""
+    of its row groups of 128 Ki rows). Parts without a row of `video` yield nothing.
+
+    A part a compaction replaced and deleted after the listing is read from the merged
+    part, listed again at the end: only its videos not yielded already (each video's rows
+    are in one part; yielded videos are kept as 64-bit hashes, 8 bytes each), so a read
+    while `rayvid compact` runs sees every committed video once."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     commit.require_output(fs, root, output)
+    names = commit.committed_parts(fs, root)
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
-    names = [name for name in commit.committed_parts(fs, root) if name in listed]
+    seen: list = []  # hashes of the yielded tables' videos (where they have video_uri)
+    done: set = set()
+    for attempt in range(READ_AGAIN + 1):
+        gone = []
 
-    def read(name: str) -> Optional[pa.Table]:
-        return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, video, without)
+        def read(name: str) -> Optional[pa.Table]:
+            return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, video, without)
 
-    # each part a few requests: PARTS_AHEAD read ahead of the one the verb works on
-    with concurrent.futures.ThreadPoolExecutor(PARTS_AHEAD) as pool:
-        for table in commit.in_order(pool, read, names, PARTS_AHEAD):
-            if table is not None:
+        todo = [n for n in names if n in listed and n not in done]
+        done.update(todo)
+        # each part a few requests: PARTS_AHEAD read ahead of the one the verb works on
+        with concurrent.futures.ThreadPoolExecutor(PARTS_AHEAD) as pool:
+            for name, table in zip(todo, commit.in_order(pool, read, todo, PARTS_AHEAD)):
+                if table is _GONE:
+                    gone.append(name)
+                    continue
+                if table is None:
+                    continue
+                if "video_uri" in table.column_names:
+                    if attempt:
+                        table = table.filter(pa.array(~np.isin(_video_hashes(table), seen[0])))
+                        if not len(table):
+                            continue
+                    seen.append(np.unique(_video_hashes(table)))
                 yield table
+        # a part gone, or not in that listing (a part of failed videos only; or one a
+        # compaction merged and deleted between the two listings): listed again
+        if not gone and all(n in listed for n in names):
+            return
+        listed = commit.part_sizes(fs, f"{root}/{what}")
+        names = [n for n in commit.committed_parts(fs, root) if n not in done]
+        if not any(n in listed for n in names):
+            return
+        seen = [np.unique(np.concatenate(seen))] if seen else [np.array([], np.int64)]
+    raise ValueError(f"{storage.public_uri(output)} kept changing while it was read (compactions replaced parts "
+                     f"{READ_AGAIN + 1} times): read it again")
+
+
+_GONE = object()  # a part deleted since the listing
+
+
+def _video_hashes(table: pa.Table) -> np.ndarray:
+    """A 64-bit hash of each row's video_uri (Python's, of each distinct URI)."""
+    uris = table.column("video_uri").combine_chunks().dictionary_encode()
+    keys = np.fromiter((hash(u) for u in uris.dictionary.to_pylist()), np.int64, len(uris.dictionary))
+    return keys[uris.indices.to_numpy(zero_copy_only=False)]
 
 
 def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], video: Optional[str],
@@ -98,7 +143,7 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], vide
                     wanted = ["video_uri", *wanted]
             table = part.read_row_groups(groups, columns=wanted)
     except FileNotFoundError:  # replaced since the listing (a compaction, a retraction emptied it)
-        return None
+        return _GONE
     except pa.ArrowInvalid as e:  # not Parquet (a damaged or foreign file): say which
         raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
     if video is not None:

@@ -293,3 +293,73 @@ def test_merged_parts_keep_a_heads_columns(tmp_path):
     [with_vectors] = [u for u, e in by_video.items() if e[0] is not None]
     assert all(e is not None for e in by_video[with_vectors])
     assert all(e is None for u, es in by_video.items() if u != with_vectors for e in es)
+
+
+def test_a_compaction_while_another_merges_stops_before_it_writes(small_parts, capsys):
+    """Two `rayvid compact` of one OUTPUT at once each merged every part: all rows twice,
+    for good. While another's merge is at work (its intent record alive), a compaction
+    stops, exit 2, writing nothing; once that one is gone, it goes on."""
+    import subprocess
+
+    names = _files(small_parts, "videos")[:2]
+    new = "part-compact-20261206T000000Z-0123abcd-00000.parquet"
+    os.makedirs(os.path.join(small_parts, "compactions"))
+    intent = os.path.join(small_parts, "compactions", f"{new}.json")
+    merging = subprocess.Popen(["sleep", "60"])  # the other compaction's process, alive, on this host
+    before = _state(small_parts)
+    try:
+        with open(intent, "w") as f:
+            json.dump({"replaces": names, "started_at": 1796515200, **commit.writer(), "pid": merging.pid,
+                       "pid_started": ""}, f)
+        assert cli.main(["compact", small_parts]) == 2
+        err = capsys.readouterr().err
+        assert "another `rayvid compact` is merging parts of this OUTPUT (host " in err
+        assert "started 2026-12-06T00:00:00Z): run this again once it has finished" in err
+        assert sorted(os.listdir(os.path.join(small_parts, "compactions"))) == [f"{new}.json"]
+        assert len(_files(small_parts, "videos")) == 9
+    finally:
+        merging.kill()
+        merging.wait()
+    _as_if_dead(small_parts)
+    assert cli.main(["compact", small_parts]) == 0
+    assert _state(small_parts) == before
+
+
+def test_two_compactions_begun_at_once_commit_each_row_once(tmp_path):
+    """Both began before either's intent record was there (here: two processes started
+    together, over 150 one-video parts): at most one merges, and each row stays once."""
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "out")
+    videos = {f"/v/{i:03d}.mp4": [("circle", 0.9)] * 3 for i in range(150)}
+    write_output(url, videos, rows_per_file=1)
+    before = _state(url)
+    cmd = [sys.executable, "-m", "rayvid", "compact", url]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) in ([0, 0], [0, 2], [2, 2]), results
+    for code, err in results:
+        assert code == 0 or "another `rayvid compact` is merging parts" in err, err
+    assert _state(url) == before
+    assert cli.main(["compact", url]) == 0  # (where both stopped, or one stopped half-way: the rest)
+    assert _state(url) == before and len(_files(url, "videos")) == 1
+
+
+def test_runs_that_committed_compacted_videos_are_still_found(tmp_path):
+    """A rerun with other settings names the runs that committed the videos it skips (and
+    warns): after a compaction their parts named no run, and it said nothing. The merged
+    parts' videos/ rows still say which run committed each video."""
+    import pyarrow as pa
+
+    url = str(tmp_path / "out")
+    write_output(url, {f"/v/a{i}.mp4": [("circle", 0.9)] * 3 for i in range(3)}, rows_per_file=1, run_id="first")
+    write_output(url, {f"/v/b{i}.mp4": [("circle", 0.9)] * 3 for i in range(2)}, rows_per_file=1, run_id="second")
+    listing = pa.table({"video_uri": [f"/v/a{i}.mp4" for i in range(3)] + ["/v/b0.mp4", "/v/new.mp4"]})
+    assert commit.skipped_by(listing, commit.recover(url), set(), url) == (0, ["first", "second"])
+    assert compact.compact(url)["merged"] == 5
+    committed = commit.recover(url)
+    assert all(name.startswith("part-compact-") for name in committed.files)
+    assert commit.skipped_by(listing, committed, set(), url) == (0, ["first", "second"])
+    assert commit.skipped_by(listing, committed, {"/v/a0.mp4", "/v/a1.mp4"}, url) == (0, ["first", "second"])
+    assert commit.skipped_by(listing, committed, {"/v/b0.mp4"}, url) == (0, ["first"])

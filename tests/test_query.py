@@ -523,3 +523,22 @@ def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys)
     write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, embed_dim=4)
     assert cli.main(["similar", out, "--video", "/w/a.mp4", "--time", "0"]) == 2
     assert "holds no video named /w/a.mp4; did you mean /v/a.mp4?" in capsys.readouterr().err
+
+
+def test_a_read_while_a_compaction_replaces_its_parts_sees_every_video_once(tmp_path):
+    """A verb listed OUTPUT's parts, then `rayvid compact` merged and deleted them: every
+    part not read yet was passed over as "gone" and its videos were missing (export: 19,519
+    of 23,991 rows, exit 0). They are read from the merged part, each video once."""
+    from rayvid import compact
+
+    out = str(tmp_path / "out")
+    videos = {f"/v/{i:02d}.mp4": [("circle", 0.9)] * (3 + i) for i in range(20)}
+    write_output(out, videos, rows_per_file=1)  # a part per video
+    before = query.read(out)
+    reading = query.parts(out)
+    first = next(reading)  # (and PARTS_AHEAD more in flight)
+    assert compact.compact(out)["merged"] == 20
+    got = pa.concat_tables([first, *reading])
+    keys = list(zip(got.column("video_uri").to_pylist(), got.column("frame_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == before.num_rows
+    assert sorted(keys) == sorted(zip(before.column("video_uri").to_pylist(), before.column("frame_index").to_pylist()))
