@@ -68,6 +68,10 @@ RUNS_DIR = "runs"
 COMPACTIONS_DIR = "compactions"  # intent records of `rayvid compact` (compact.py)
 RETRACTIONS_DIR = "retractions"  # intent records of `retract`
 CHANGED = storage.ObjectChanged.__name__  # the error of a video that changed while it was read
+# errors a listed video is read again after (`Committed`'s `changed`), --retry-failed or not:
+# it changed while read; or it was not there when read (deleted since listed; a local INPUT
+# that a cluster's other node does not have: a video listed again is there now)
+READ_AGAIN = pa.array([CHANGED, "NotFound"], pa.string())
 HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
@@ -1047,7 +1051,7 @@ def recover(output: str, only=None) -> Committed:
         if name in failed and not isinstance(errors, FileNotFoundError) and pc.any(table.column("error")).as_py():
             with contextlib.suppress(FileNotFoundError):
                 errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"], errors)
-                changed = errors.filter(pc.equal(errors.column("error_type"), CHANGED)).column("video_uri")
+                changed = errors.filter(pc.is_in(errors.column("error_type"), value_set=READ_AGAIN)).column("video_uri")
         return (table.append_column("changed", pc.is_in(table.column("video_uri"), value_set=changed))
                 .append_column("file", pa.array(np.full(len(table), i, np.int32))))
 

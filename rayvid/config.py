@@ -214,6 +214,7 @@ class RunConfig:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.commit_interval_s < 0:
             raise ConfigError(f"--commit-interval must be >= 0, got {self.commit_interval_s:g}")
+        _refuse_relative_in_job(self.output)
         object.__setattr__(self, "input", _absolute(self.input))
         object.__setattr__(self, "output", _absolute(self.output))
         if not self.run_id:
@@ -329,6 +330,24 @@ def _check_types(obj, where: str) -> None:
             raise ConfigError(f"{where}.{name}: expected {expected}, got {shown}")
         if value is not getattr(obj, name):
             object.__setattr__(obj, name, value)
+
+
+def _refuse_relative_in_job(output: str) -> None:
+    """A relative local OUTPUT in a job `ray job submit --working-dir` started is relative
+    to Ray's copy of the working dir (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>`,
+    the current folder of its driver), not to the user's checkout: its rows would go to a
+    temporary folder on the head node (another one once the code changes: no resume)."""
+    if _URL.match(output) or output.startswith(("/", "~", "file:")):
+        return
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        working_dir = (job.get("runtime_env") or {}).get("working_dir") if isinstance(job, dict) else None
+    except ValueError:
+        return
+    if working_dir:
+        raise ConfigError(f"OUTPUT {output!r} is a relative path: in a `ray job submit --working-dir` job it "
+                          f"would be inside Ray's temporary copy of the working dir ({os.getcwd()}), not your "
+                          f"folder; give a URL (s3://...) or an absolute path every node sees")
 
 
 def _absolute(url: str) -> str:

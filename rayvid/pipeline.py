@@ -148,6 +148,30 @@ def _warn_about(shape: dict, plan: "Plan", cfg: RunConfig) -> None:
                     "tell a job which node types it can start)")
 
 
+def _warn_if_local_on_cluster(ray, videos: pa.Table, shape: dict) -> None:
+    """Local videos (paths, not URLs) on a cluster whose other nodes decode (any with CPUs
+    and no inference label, or nodes an autoscaler starts, or any where this one has no
+    CPU: a head started with --num-cpus 0): each node must
+    see them at the same path (a shared filesystem); where one does not, each video it gets
+    is an error row `NotFound` naming its host (the next run reads those again)."""
+    import pyarrow.compute as pc
+
+    if not len(videos) or pc.all(pc.match_substring(videos.column("video_uri"), "://")).as_py():
+        return
+    me = ray.get_runtime_context().get_node_id()
+    key, value = decode.INFER_NODE_LABEL  # (no decode actor goes there)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    others = [n for n in nodes if n.get("NodeID") != me and float((n.get("Resources") or {}).get("CPU", 0)) > 0
+              and (n.get("Labels") or {}).get(key) != value]
+    mine = sum(float((n.get("Resources") or {}).get("CPU", 0)) for n in nodes if n.get("NodeID") == me)
+    if others or not mine or shape.get("autoscaler"):
+        log.warning("INPUT's videos are local paths, and this Ray cluster decodes on %s: each of them must see "
+                    "the videos at the same paths (a shared filesystem: NFS, EFS); a node that does not fails each "
+                    "video it gets (NotFound, 'no such file on host ...': the next run reads those again). Else "
+                    "put the videos in object storage (s3://, gs://)",
+                    f"{len(others)} other node(s)" if others else "nodes it starts")
+
+
 def _most(config) -> dict:
     """The most CPUs an autoscaling cluster's node types without GPUs can have (where
     decode actors go: cluster/ labels the GPU node types for inference) and the most GPUs,
@@ -263,6 +287,7 @@ def run(cfg: RunConfig) -> RunResult:
         plan = plan_resources(cfg, shape_now, listed, remote=_any_remote(videos),
                               n_units=len(units) if units is not None else 0)
         _warn_about(shape_now, plan, cfg)
+        _warn_if_local_on_cluster(ray, videos, shape_now)
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
         record["plan"] = result.plan  # in every record of the run: running, failed, finished

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -299,8 +300,8 @@ def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
     `ObjectChanged` if the object is another, or was replaced while it was copied."""
     fs, path = resolve(url)
     if is_local(fs):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {path}")
+        if not os.path.isfile(path):  # (on a cluster: which node did not have it)
+            raise FileNotFoundError(f"no such file on host {socket.gethostname()}: {path}")
         yield path
         return
     size, expected, ranged = _source(fs, path, version)

@@ -534,9 +534,11 @@ def test_runtime_env_ships_the_checkout_without_the_heavy_parts():
 # --- placement on a multi-node cluster ---------------------------------------------------
 
 
-def test_stages_land_on_the_right_nodes_and_pools_follow_resources(ray_cluster, media, shapes_model, tmp_path):
+def test_stages_land_on_the_right_nodes_and_pools_follow_resources(ray_cluster, media, shapes_model, tmp_path,
+                                                                    caplog):
     """CPU-only nodes and GPU nodes (logical GPUs): inference actors only on GPU nodes, one
-    per GPU; decode actors only on CPU nodes; the decode pool sized by the CPUs left."""
+    per GPU; decode actors only on CPU nodes; the decode pool sized by the CPUs left. (Local
+    videos: the run says every node must see them.)"""
     import ray
     import ray._private.state as state
 
@@ -551,8 +553,11 @@ def test_stages_land_on_the_right_nodes_and_pools_follow_resources(ray_cluster, 
         before = set(state.actors())
         cfg = RunConfig(input=str(media["videos"]), output=str(tmp_path / "out"),
                         model=ModelConfig(name=shapes_model["path"]), progress=False)
-        result = pipeline.run(cfg)
+        with caplog.at_level("WARNING", logger="rayvid"):
+            result = pipeline.run(cfg)
         assert result.videos_ok == 3 and result.videos_failed == 0
+        assert re.search(r"INPUT's videos are local paths, and this Ray cluster decodes on [1-9] other node\(s\): "
+                         r"each of them must see the videos at the same paths", caplog.text)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         gpu_nodes = {n["NodeID"] for n in nodes if n["Resources"].get("GPU")}
         cpu_nodes = {n["NodeID"] for n in nodes if not n["Resources"].get("GPU")}

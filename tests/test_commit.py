@@ -1186,3 +1186,24 @@ def test_recovery_sweeps_writes_a_kill_left_unfinished(tmp_path):
     state = commit.recover(str(tmp_path))
     assert not any(p.exists() for p in old) and young.exists()
     assert "v" in state and len(list((tmp_path / "predictions").iterdir())) == 1
+
+
+def test_a_video_not_found_when_read_is_read_again_by_the_next_run(tmp_path):
+    """A listed video whose read found no file (deleted since listed; or a local INPUT that
+    a cluster node without it was given) was a failure every later run skipped: listed again,
+    it is there now, so it is read again, --retry-failed or not (a broken one is not)."""
+    import pyarrow as pa
+    from helpers import _end_row
+
+    from rayvid import commit
+
+    out = str(tmp_path / "out")
+    committer = commit.Committer(out, "r1", "test-model")
+    committer.add(_end_row("/v/gone.mp4", 0, 0.0, 10.0, error="NotFound"))
+    committer.add(_end_row("/v/broken.mp4", 0, 0.0, 10.0, error="VideoError"))
+    committer.close()
+    listing = pa.table({"video_uri": ["/v/gone.mp4", "/v/broken.mp4"], "size_bytes": [-1, -1], "version": ["", ""]})
+    todo, skipped, redo = commit.pending(listing, commit.recover(out), retry_failed=False)
+    assert todo.column("video_uri").to_pylist() == ["/v/gone.mp4"] and skipped == 1 and redo == {"/v/gone.mp4"}
+    todo, skipped, redo = commit.pending(listing, commit.recover(out), retry_failed=True)
+    assert skipped == 0 and redo == {"/v/gone.mp4", "/v/broken.mp4"}

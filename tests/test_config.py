@@ -146,3 +146,21 @@ def test_null_in_a_config_is_the_default():
     assert cfg == default and cfg.run_id
     with pytest.raises(ConfigError, match="^INPUT is required"):
         RunConfig.from_dict({"input": None, "output": "out"})
+
+
+def test_a_relative_output_in_a_ray_job_with_a_working_dir_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir . -- python jobs/classify_videos.py IN out`: the job's
+    driver runs in Ray's temporary copy of the working dir, and `out` was written there (a
+    folder on the head node, another one once the code changed: no resume). Ray tells its
+    job drivers their runtime env in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_6f61ffb08042fd85.zip"}, "metadata": {}}))
+    with pytest.raises(ConfigError, match=r"OUTPUT 'out' is a relative path: in a `ray job submit --working-dir` "
+                                          r"job it would be inside Ray's temporary copy of the working dir \(.*\), not "
+                                          r"your folder; give a URL \(s3://...\) or an absolute path every node sees"):
+        RunConfig(input="in", output="out")
+    assert RunConfig(input="in", output=str(tmp_path / "out")).output == str(tmp_path / "out")
+    assert RunConfig(input="in", output="s3://b/out").output == "s3://b/out"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
+    assert RunConfig(input="in", output="out").output == str(tmp_path / "out")  # no working dir: here is here

@@ -1249,3 +1249,19 @@ def test_a_ctrl_c_inside_rays_shutdown_waits_for_its_end():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 42, proc.stderr
+
+
+def test_local_videos_are_warned_about_only_where_other_nodes_decode(ray_session, caplog):
+    """The warning that every node must see local videos is for clusters whose other nodes
+    decode: nodes with CPUs and no inference label (the session's GPU node has one: no
+    decoder goes there), a driver's node without CPUs (a head started with --num-cpus 0),
+    or an autoscaler's nodes (tests/test_cluster.py: a CPU node added)."""
+    import pyarrow as pa
+
+    local, remote = pa.table({"video_uri": ["/v/a.mp4"]}), pa.table({"video_uri": ["s3://b/a.mp4"]})
+    with caplog.at_level("WARNING", logger="rayvid"):
+        pipeline._warn_if_local_on_cluster(ray_session, local, {"autoscaler": ""})
+        pipeline._warn_if_local_on_cluster(ray_session, remote, {"autoscaler": "v2"})
+        assert "local paths" not in caplog.text
+        pipeline._warn_if_local_on_cluster(ray_session, local, {"autoscaler": "v2"})
+    assert "INPUT's videos are local paths, and this Ray cluster decodes on nodes it starts" in caplog.text
