@@ -60,7 +60,7 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}
     rows = _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}", names, listed[commit.PREDICTIONS_DIR])
-    small = [n for n in names if rows[n] < target_rows // 2 and commit.run_of(n) not in running]
+    small = [n for n in names if rows[n] is not None and rows[n] < target_rows // 2 and commit.run_of(n) not in running]
     groups, group, total = [], [], 0
     for name in small:
         if group and total + rows[name] > target_rows:
@@ -153,16 +153,19 @@ def _read(fs, path: str, size) -> pa.Table | None:
 
 
 def _rows(fs, directory: str, names: list, sizes: dict) -> dict:
-    """{name: frame rows of its predictions/ file (0: none)}, from each file's footer: a
-    ranged read of its end (its size from `sizes`, the folder's listing: no HEAD),
-    several at once."""
-    def rows(name: str) -> int:
+    """{name: frame rows of its predictions/ file (0: none; None: gone since the listing,
+    merged by a compaction that ran meanwhile)}, from each file's footer: a ranged read of
+    its end (its size from `sizes`, the folder's listing: no HEAD), several at once."""
+    def rows(name: str) -> int | None:
         path = f"{directory}/{name}"
         if name not in sizes:
             return 0
-        with (storage.RangeReader(fs, path, sizes[name], FOOTER_BYTES) if sizes[name] is not None
-              else fs.open(path, "rb")) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+        try:
+            with (storage.RangeReader(fs, path, sizes[name], FOOTER_BYTES) if sizes[name] is not None
+                  else fs.open(path, "rb")) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except FileNotFoundError:
+            return None
 
     with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
         return dict(zip(names, pool.map(rows, names)))

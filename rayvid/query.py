@@ -72,9 +72,11 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     commit.require_output(fs, root, output)
+    # (in this order: a part committed at the first listing has its file of `what`, if any,
+    # by the second; one not there then has none, or was deleted since: a compaction's)
     names = commit.committed_parts(fs, root)
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
-    seen: list = []  # hashes of the yielded tables' videos (where they have video_uri)
+    seen: list = []  # the yielded tables' distinct videos, hashed (where they have video_uri)
     done: set = set()
     for attempt in range(READ_AGAIN + 1):
         gone = []
@@ -93,20 +95,23 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
                 if table is None:
                     continue
                 if "video_uri" in table.column_names:
+                    keys, rows = _video_hashes(table)
                     if attempt:
-                        table = table.filter(pa.array(~np.isin(_video_hashes(table), seen[0])))
+                        table = table.filter(pa.array(~np.isin(keys, seen[0])[rows]))
                         if not len(table):
                             continue
-                    seen.append(np.unique(_video_hashes(table)))
+                    seen.append(keys)
                 yield table
-        # a part gone, or not in that listing (a part of failed videos only; or one a
-        # compaction merged and deleted between the two listings): listed again
-        if not gone and all(n in listed for n in names):
+        unlisted = [n for n in names if n not in listed and n not in done]
+        if not gone and not unlisted:
             return
+        now = commit.committed_parts(fs, root)
+        committed = set(now)
+        done.update(n for n in unlisted if n in committed)  # still committed: it has no file of `what`
+        if not gone and all(n in committed for n in unlisted):
+            return  # nothing went: no compaction replaced a part meanwhile
         listed = commit.part_sizes(fs, f"{root}/{what}")
-        names = [n for n in commit.committed_parts(fs, root) if n not in done]
-        if not any(n in listed for n in names):
-            return
+        names = [n for n in now if n not in done]  # the merged parts (and any committed since)
         seen = [np.unique(np.concatenate(seen))] if seen else [np.array([], np.int64)]
     raise ValueError(f"{storage.public_uri(output)} kept changing while it was read (compactions replaced parts "
                      f"{READ_AGAIN + 1} times): read it again")
@@ -115,11 +120,11 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
 _GONE = object()  # a part deleted since the listing
 
 
-def _video_hashes(table: pa.Table) -> np.ndarray:
-    """A 64-bit hash of each row's video_uri (Python's, of each distinct URI)."""
+def _video_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(a 64-bit hash of each distinct video_uri (Python's), each row's index into them)."""
     uris = table.column("video_uri").combine_chunks().dictionary_encode()
     keys = np.fromiter((hash(u) for u in uris.dictionary.to_pylist()), np.int64, len(uris.dictionary))
-    return keys[uris.indices.to_numpy(zero_copy_only=False)]
+    return keys, uris.indices.to_numpy(zero_copy_only=False)
 
 
 def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], video: Optional[str],

@@ -73,7 +73,25 @@ def _frames(src, stream, video_uri: str):
                     damaged, storage.public_uri(video_uri))
 
 
-OUT_TIME_BASE = fractions.Fraction(1, 90000)  # the rendered frames keep their source times, in MPEG's 90 kHz
+# the rendered frames keep their source times: in MPEG's 90 kHz where the encoder takes it
+# (MPEG-4 Part 2, the fallback without libx264, takes denominators up to 65535: ms there)
+TIME_BASES = {"libx264": fractions.Fraction(1, 90000)}
+DEFAULT_TIME_BASE = fractions.Fraction(1, 1000)
+
+
+def output_stream(dst, rate, width: int, height: int, codec: Optional[str] = None):
+    """The rendered video's stream in `dst`: H.264 (libx264, CRF 18) where this FFmpeg has
+    it, else (or as `codec` says) MPEG-4 Part 2; yuv420p at even `width` x `height`; frames
+    timed in its `time_base`."""
+    import av
+
+    codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+    out = dst.add_stream(codec, rate=rate)
+    out.codec_context.time_base = out.time_base = TIME_BASES.get(out.codec_context.name, DEFAULT_TIME_BASE)
+    out.width, out.height = width - width % 2, height - height % 2
+    out.pix_fmt = "yuv420p"
+    out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
+    return out
 
 
 def render(video_uri: str, output: str, dest: str, topk: int = 3) -> int:
@@ -129,12 +147,8 @@ def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
             with av.open(path) as src, av.open(local_out, "w") as dst:
                 stream = src.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate or 25
-                out = dst.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
-                out.codec_context.time_base = out.time_base = OUT_TIME_BASE
-                out.width, out.height = info.width - info.width % 2, info.height - info.height % 2
-                first, last = None, -1
-                out.pix_fmt = "yuv420p"
-                out.options = {"crf": "18"} if out.codec_context.name == "libx264" else {}
+                out = output_stream(dst, rate, info.width, info.height)
+                tb, first, last = out.time_base, None, -1
                 in_order = iter(range(len(info.pts))) if info.output_order else None  # (known by their order)
                 for frame in _frames(src, stream, video_uri):
                     if in_order is not None:
@@ -153,9 +167,9 @@ def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
                     # at its source time (a variable frame rate stays so), after the one before
                     t = float(frame.time) if frame.time is not None else None
                     first = t if first is None and t is not None else first
-                    at_t = round((t - first) / OUT_TIME_BASE) if t is not None else last + round(1 / (rate * OUT_TIME_BASE))
+                    at_t = round((t - first) / tb) if t is not None else last + max(1, round(1 / (rate * tb)))
                     new.pts = last = max(last + 1, at_t)
-                    new.time_base = OUT_TIME_BASE
+                    new.time_base = tb
                     for packet in out.encode(new):
                         dst.mux(packet)
                     written += 1

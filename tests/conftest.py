@@ -178,6 +178,14 @@ class Moto:
 
 @pytest.fixture(scope="session")
 def moto():
+    import logging
+
+    # werkzeug (moto's server) gives its logger a handler of its own at its first message,
+    # on sys.stderr as it is then: a test's capture, closed by the next test ("--- Logging
+    # error ---" in a later test's stderr). Its warnings go through the root logger instead.
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.setLevel(logging.WARNING)
+    werkzeug.addHandler(logging.NullHandler())
     server = Moto()
     yield server
     server.stop()

@@ -253,3 +253,31 @@ def split_rows(batches) -> tuple[list, list]:
         for i, kind in enumerate(b["kind"]):
             (frames if kind == KIND_FRAME else ends).append({k: v[i] for k, v in b.items()})
     return frames, ends
+
+
+def listing_hook_store(protocol: str):
+    """An in-memory fsspec store (registered as `protocol`) that runs a hook once, right
+    after its next listing of a folder ending in a given suffix: `Store.after_listing =
+    ("/videos", fn)` (the moment between two listings of an OUTPUT, say); with a third
+    item n, after the (n+1)th such listing."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Store(MemoryFileSystem):
+        store, pseudo_dirs, after_listing = {}, [""], None
+
+        def ls(self, path, detail=True, **kwargs):
+            try:
+                return super().ls(path, detail=detail, **kwargs)
+            finally:
+                if Store.after_listing and path.rstrip("/").endswith(Store.after_listing[0]):
+                    suffix, hook, *skip = Store.after_listing
+                    if skip and skip[0]:
+                        Store.after_listing = (suffix, hook, skip[0] - 1)
+                    else:
+                        Store.after_listing = None
+                        hook()
+
+    Store.protocol = protocol
+    fsspec.register_implementation(protocol, Store, clobber=True)
+    return Store

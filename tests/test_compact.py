@@ -363,3 +363,25 @@ def test_runs_that_committed_compacted_videos_are_still_found(tmp_path):
     assert commit.skipped_by(listing, committed, set(), url) == (0, ["first", "second"])
     assert commit.skipped_by(listing, committed, {"/v/a0.mp4", "/v/a1.mp4"}, url) == (0, ["first", "second"])
     assert commit.skipped_by(listing, committed, {"/v/b0.mp4"}, url) == (0, ["first"])
+
+
+def test_parts_another_compaction_merged_after_this_one_listed_them_are_left_out():
+    """Another host's compaction merged and deleted the parts between this one's listing
+    of OUTPUT and its reading of their row counts: `[Errno 2] No such file` (exit 2). They
+    are left out; what is there stays as it was."""
+    from helpers import listing_hook_store
+
+    Store = listing_hook_store("hookstore2")
+    out = "hookstore2://out"
+    try:
+        write_output(out, {f"/v/{i:02d}.mp4": [("circle", 0.9)] * 3 for i in range(6)}, rows_per_file=1)
+        before = _state(out)
+        merged = {}
+        # the other one, once this one's recovery and its listing of predictions/ are done
+        Store.after_listing = ("/predictions", lambda: merged.update(compact.compact(out)), 1)
+        done = compact.compact(out)
+        assert merged["merged"] == 6 and done["merged"] == 0
+        assert _state(out) == before
+    finally:
+        Store.after_listing = None
+        Store.store.clear()

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from helpers import BUCKET, read_output, write_output
+from helpers import BUCKET, listing_hook_store, read_output, write_output
 
 from rayvid import cli, commit, query, storage
 
@@ -542,3 +542,41 @@ def test_a_read_while_a_compaction_replaces_its_parts_sees_every_video_once(tmp_
     keys = list(zip(got.column("video_uri").to_pylist(), got.column("frame_index").to_pylist()))
     assert len(keys) == len(set(keys)) == before.num_rows
     assert sorted(keys) == sorted(zip(before.column("video_uri").to_pylist(), before.column("frame_index").to_pylist()))
+
+
+def test_a_read_across_two_compactions_and_a_live_run_sees_every_video_once():
+    """A compaction merged the parts a verb had listed; as the verb listed OUTPUT again, a
+    run committed a part and a second compaction merged that and the first merged part
+    between its two listings (of videos/, then predictions/): the verb ended, 4 of 13
+    videos read, no error. Then, while a live run commits a part for each table read, a
+    read over a part of failed videos only (no predictions/ file) re-listed at every pass
+    and failed ("kept changing") after four."""
+    from rayvid import compact
+
+    Store = listing_hook_store("hookstore")
+    out = "hookstore://out"
+    try:
+        write_output(out, {f"/v/{i:02d}.mp4": [("circle", 0.9)] * 3 for i in range(12)}, rows_per_file=1)
+        reading = query.parts(out)
+        first = next(reading)
+        assert compact.compact(out)["merged"] == 12
+
+        def run_and_compact_again():
+            write_output(out, {"/v/late.mp4": [("circle", 0.9)] * 3}, rows_per_file=1, run_id="r2")
+            assert compact.compact(out)["merged"] == 2
+
+        Store.after_listing = ("/videos", run_and_compact_again)
+        got = pa.concat_tables([first, *reading])
+        keys = list(zip(got.column("video_uri").to_pylist(), got.column("frame_index").to_pylist()))
+        assert len(keys) == len(set(keys)) == 13 * 3 and Store.after_listing is None
+
+        Store().rm("hookstore://out", recursive=True)
+        write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, rows_per_file=1, failed=("/v/bad.mp4",), run_id="r0")
+        n = 0
+        for table in query.parts(out):
+            n += 1
+            write_output(out, {f"/v/live{n}.mp4": [("circle", 0.9)] * 3}, rows_per_file=1, run_id=f"live{n}")
+        assert n >= 1
+    finally:
+        Store.after_listing = None
+        Store.store.clear()

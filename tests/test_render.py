@@ -232,3 +232,26 @@ def test_render_to_stdout(tmp_path, capfdbinary):
     assert cli.main(["render", video, out, "-"]) == 0
     data = capfdbinary.readouterr().out
     assert data[4:8] == b"ftyp" and not os.path.exists("-")
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_both_encoders_keep_variable_frame_times(tmp_path, codec):
+    """MPEG-4 Part 2, the encoder where FFmpeg has no libx264, refused the 90 kHz time base
+    (its denominators stop at 65535): every render failed there. Each encoder keeps the
+    frames' times, to its time base."""
+    from fractions import Fraction
+
+    path = str(tmp_path / f"{codec}.mp4")
+    times = [0.0, 0.1, 0.2, 0.5, 0.9, 1.0]
+    with av.open(path, "w") as dst:
+        out = render.output_stream(dst, Fraction(10), 65, 49, codec)
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t / out.time_base), out.time_base
+            for packet in out.encode(frame):
+                dst.mux(packet)
+        for packet in out.encode():
+            dst.mux(packet)
+    with av.open(path) as c:
+        assert c.streams.video[0].codec_context.name == ("h264" if codec == "libx264" else "mpeg4")
+        assert [round(float(f.time), 3) for f in c.decode(video=0)] == times
