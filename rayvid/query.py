@@ -455,10 +455,13 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     `vector`. Brute force over every embedding in memory (4 x D bytes per frame): for
     archives beyond memory, load the `embedding` column into a vector index."""
     uris, index, times, labels, matrix = [], [], [], [], []
-    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding"]):
+    writers: dict = {}  # run id -> its embeddings' rows
+    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding", "run_id"]):
         if "embedding" not in table.column_names:
             continue
         table = table.filter(pc.is_valid(table.column("embedding")))
+        for row in pc.value_counts(table.column("run_id")).to_pylist():
+            writers[row["values"]] = writers.get(row["values"], 0) + row["counts"]
         uris += table.column("video_uri").to_pylist()
         index.append(table.column("frame_index").to_numpy())
         times.append(table.column("timestamp_s").to_numpy())
@@ -472,7 +475,7 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     matrix = matrix / np.where(norms > 0, norms, 1)
     skip = -1
     if vector is None and image is not None:
-        vector = embed_image(output, image, model)
+        vector = embed_image(output, image, model, runs=tuple(sorted(writers, key=lambda r: -writers[r])))
     elif vector is None:
         video = storage.canonical(video)
         mine = np.flatnonzero(np.array([u == video for u in uris]))
@@ -501,12 +504,16 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     })
 
 
-def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.ndarray:
-    """An image's embedding by the model of OUTPUT's latest finished `--embed` run (its
-    record in runs/; `model_url` instead of the model file it names: a signed URL's
-    signature is not recorded), resized to the model's input as the decoder resizes
-    frames. A runs/ file that is not a run record is passed over."""
-    from PIL import Image
+def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: tuple = ()) -> np.ndarray:
+    """An image's embedding by the model of the `--embed` run that wrote OUTPUT's
+    embeddings: of `runs` (run ids, those that wrote most first), the first whose record
+    says `--embed` (finished or not: its committed rows are there); with none, the latest
+    finished `--embed` run. `model_url` instead of the model file it names (a signed URL's
+    signature is not recorded). The image is turned upright as its EXIF orientation says
+    (as a viewer shows it; frames are upright too), 16-bit greys taken to 8 bits, and
+    resized to the model's input as the decoder resizes frames. A runs/ file that is not a
+    run record is passed over."""
+    from PIL import Image, ImageOps
 
     from rayvid import infer
     from rayvid.config import RunConfig
@@ -514,14 +521,21 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.
     where = storage.public_uri(image)
     try:  # (before the model loads: a typo is said at once)
         data = storage.read_bytes(image)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+            raise InputError(f"cannot read image {where}: {storage.describe(e)}") from None
         raise InputError(f"no image at {where}") from None
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot read image {where}: {storage.describe(e)}") from None
     try:
         with Image.open(io.BytesIO(data)) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I;16"):  # (Pillow's RGB of these is white: 0..65535 clipped at 255)
+                img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), "L")
             rgb = img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"cannot read image {where}: too large for Pillow's limit ({e})") from None
+    except (OSError, ValueError) as e:
         raise InputError(f"cannot read image {where}: not an image Pillow can decode "
                          f"({type(e).__name__})") from None
     fs, root = storage.resolve(output)
@@ -530,11 +544,13 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None) -> np.
         record = commit.read_run_record(fs, root.rstrip("/"), os.path.basename(path)[: -len(".json")])
         config = record.get("config") if isinstance(record, dict) else None
         embed = isinstance(config, dict) and isinstance(config.get("model"), dict) and config["model"].get("embed")
-        if embed and record.get("status") == "finished" and isinstance(record.get("finished_at", ""), str):
+        if embed:
             records.append(record)
-    if not records:
+    wrote = [r for run in runs for r in records if r.get("run_id") == run][:1]
+    finished = [r for r in records if r.get("status") == "finished" and isinstance(r.get("finished_at", ""), str)]
+    if not wrote and not finished:
         raise ValueError(f"no finished --embed run recorded in {storage.public_uri(output)}/runs/")
-    record = max(records, key=lambda r: r.get("finished_at", ""))
+    record = wrote[0] if wrote else max(finished, key=lambda r: r.get("finished_at", ""))
     try:
         model = RunConfig.from_dict(record["config"]).model
     except (ConfigError, TypeError, ValueError) as e:
@@ -672,7 +688,11 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
             w.writerow(["" if v is None else _cell(v, raw=True) for v in row.values()])
         data = buf.getvalue().encode()
     elif fmt == "json":
-        data = (json.dumps(table.to_pylist(), indent=1, default=str, allow_nan=False) + "\n").encode()
+        # (a NaN or infinity, which JSON has no word for, is null: a record that holds one
+        # hid every run from `runs --format json`)
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+                for row in table.to_pylist()]
+        data = (json.dumps(rows, indent=1, default=str, allow_nan=False) + "\n").encode()
     elif fmt == "parquet":
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")

@@ -918,10 +918,22 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
     what they hold when closed, even from an exception (a Ctrl-C inside `write` would
     publish a truncated Parquet file), so a failed write is discarded (a multipart upload
     aborted) and never closed. On a local or shared filesystem we write `.<name>.tmp-<id>`
-    (a name no `*.parquet` glob matches) and rename it over the final name.
+    (a name no `*.parquet` glob matches) and rename it over the final name: a symbolic
+    link's target (the link stays), keeping an existing file's permissions; a name that
+    is no regular file (a device such as /dev/null, a FIFO) is written into, as a shell's
+    `>` does (a rename would replace it with a file).
     """
     fs, path = resolve(url)
     if is_local(fs):
+        path = os.path.realpath(path)  # (a link's target, through every link)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            with open(path, "wb") as f:
+                write(f)
+            return
         directory, name = os.path.split(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -930,6 +942,8 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            if mode is not None:
+                os.chmod(tmp, stat.S_IMODE(mode))
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):

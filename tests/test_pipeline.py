@@ -982,21 +982,45 @@ def test_embeddings_round_trip_and_similar_frames(ray_session, shapes_model, tmp
     assert {h["video_uri"] for h in hits} == {a, twin}
     assert all(abs(h["frame_index"] - k) <= 2 and h["similarity"] > 0.95 for h in hits), hits
 
-    # runs/ files rayvid did not write are passed over; a later run whose model was a signed
-    # URL (its record keeps no signature) needs the model again: --model
+    # runs/ files rayvid did not write are passed over; the model is that of the run whose
+    # embeddings OUTPUT holds, not the latest --embed run (here one with another layer, which
+    # wrote none: it skipped every video), whose image embeddings would be in another space
     runs = tmp_path / "out" / "runs"
     (record_file,) = runs.glob("*.json")
     (runs / "notes.json").write_text("not json")
     (runs / "list.json").write_text("[1, 2]")
     (runs / "noconfig.json").write_text(json.dumps({"status": "finished", "config": None}))
+    later = json.loads(record_file.read_text())
+    later.update(run_id="later", finished_at="9999-01-01T00:00:00Z")
+    later["config"]["model"]["embed"] = "no_such_layer"
+    (runs / "later.json").write_text(json.dumps(later))
+    query_png = str(tmp_path / "query.png")
+
+    def similar_to(image):
+        assert cli.main(["similar", out, "--image", image, "-k", "2", "--format", "json",
+                         "--out", str(tmp_path / "got.json")]) == 0
+        return json.loads((tmp_path / "got.json").read_text())
+
+    assert similar_to(query_png) == hits
+    # a phone's photo: stored turned, its EXIF orientation (6) saying how to show it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(frame).rotate(90, expand=True).save(tmp_path / "turned.png", exif=exif)
+    assert similar_to(str(tmp_path / "turned.png")) == hits
+    # 16-bit greys (Pillow's RGB of them was white) as their 8 bits
+    grey = Image.fromarray(frame).convert("L")
+    grey.save(tmp_path / "grey8.png")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    assert similar_to(str(tmp_path / "grey16.png")) == similar_to(str(tmp_path / "grey8.png"))
+    # the writing run's model was a signed URL (its record keeps no signature): --model
     signed = json.loads(record_file.read_text())
-    signed.update(run_id="signed", finished_at="9999-01-01T00:00:00Z")
     signed["config"]["model"]["name"] = "https://models.example/shapes.keras?<redacted>"
     signed["config"]["model"]["labels"] = "https://models.example/shapes.labels.txt?<redacted>"  # (not needed)
-    (runs / "signed.json").write_text(json.dumps(signed))
-    query_png = str(tmp_path / "query.png")
+    record_file.write_text(json.dumps(signed))
+    capsys.readouterr()
     assert cli.main(["similar", out, "--image", query_png]) == 2
-    assert ("run 'signed' read its --model from a URL whose query its record does not keep "
+    assert (f"run {signed['run_id']!r} read its --model from a URL whose query its record does not keep "
             "(https://models.example/shapes.keras): give it again: similar --model URL") in capsys.readouterr().err
     assert cli.main(["similar", out, "--image", query_png, "--model", shapes_model["path"], "-k", "2",
                      "--format", "json", "--out", str(tmp_path / "again.json")]) == 0

@@ -580,3 +580,16 @@ def test_a_read_across_two_compactions_and_a_live_run_sees_every_video_once():
     finally:
         Store.after_listing = None
         Store.store.clear()
+
+
+def test_a_nan_in_a_run_record_is_null_in_json(tmp_path, capsys):
+    """One record with `wall_s: NaN` (JSON has no NaN) failed `runs --format json` for every
+    run (exit 2): it is null there, as empty in CSV."""
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3})
+    (tmp_path / "out" / "runs").mkdir(exist_ok=True)
+    (tmp_path / "out" / "runs" / "odd.json").write_text(
+        '{"run_id": "odd", "status": "finished", "stats": {"wall_s": NaN, "frames": 3}}')
+    assert cli.main(["runs", out, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["wall_s"] for r in rows if r["run_id"] == "odd"] == [None]

@@ -751,3 +751,33 @@ def test_one_http_object_spelled_two_ways_is_one_name():
     assert {storage.stored_uri(u) for u in same} == {"http://h.example/v/a%20b%20%C3%A9.mp4"}
     assert storage.stored_uri("https://h.example/v/a%2Fb.mp4?v=2#x") == "https://h.example/v/a%2Fb.mp4?v=2"
     assert storage.stored_uri("s3://b/a%20b.mp4#x") == "s3://b/a%20b.mp4#x"  # elsewhere, the key's own characters
+
+
+def test_write_atomic_writes_through_links_into_devices_and_keeps_permissions(tmp_path):
+    """`--out` renamed its file over whatever had the name: a symbolic link became a file
+    (its target unchanged), a FIFO a file (its reader got nothing; as root, /dev/null
+    itself), a mode-600 file came back 644. Now a link's target is written, a name that is
+    no regular file is written into, and a file keeps its permissions."""
+    import stat
+    import threading
+
+    target, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    storage.write_atomic(str(link), lambda f: f.write(b"new"))
+    assert link.is_symlink() and target.read_text() == "new"
+
+    private = tmp_path / "private.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    storage.write_atomic(str(private), lambda f: f.write(b"new"))
+    assert private.read_text() == "new" and stat.S_IMODE(private.stat().st_mode) == 0o600
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    storage.write_atomic(str(fifo), lambda f: f.write(b"through the pipe"))
+    reader.join(10)
+    assert got == [b"through the pipe"] and stat.S_ISFIFO(fifo.stat().st_mode)
