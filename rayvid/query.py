@@ -710,17 +710,56 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
 
 
 def to_text(table: pa.Table, max_width: int = 60) -> str:
-    """An aligned text table (numbers right-aligned, long cells cut with '…')."""
+    """An aligned text table: numbers right-aligned; a line break or tab in a cell shown as
+    `\\n`, `\\t` (one row a line); a long cell cut in its middle with '…' (two videos
+    under one long prefix stay two names); widths in screen columns (CJK: two each)."""
     if table.num_rows == 0:
         return "(no rows)"
     names = table.column_names
-    rows = [[_cell(v) for v in r.values()] for r in table.to_pylist()]
-    rows = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in rows]
+    rows = [[_shown(_cell(v)) for v in r.values()] for r in table.to_pylist()]
+    rows = [[c if _columns(c) <= max_width else _cut(c, max_width) for c in r] for r in rows]
     numeric = [pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in table.schema]
-    widths = [max(len(n), *(len(r[i]) for r in rows)) for i, n in enumerate(names)]
+    widths = [max(_columns(n), *(_columns(r[i]) for r in rows)) for i, n in enumerate(names)]
+
+    def pad(c: str, w: int, right: bool) -> str:
+        fill = " " * (w - _columns(c))
+        return fill + c if right else c + fill
+
     fmt = lambda cells: "  ".join(  # noqa: E731
-        c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+        pad(c, w, num) for c, w, num in zip(cells, widths, numeric)).rstrip()
     return "\n".join([fmt(names), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+
+
+def _shown(text: str) -> str:
+    """A cell on one line: control characters as escapes (`\\n`, `\\t`, `\\x1b`...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _columns(text: str) -> int:
+    """Screen columns `text` takes: East Asian wide and full-width characters two."""
+    import unicodedata
+
+    if text.isascii():
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in text)
+
+
+def _cut(text: str, width: int) -> str:
+    """`text` in at most `width` columns: its start and its end (a path's file name), '…' between."""
+    head, tail = [], []
+    left = width // 2
+    right = width - 1 - left
+    for c in text:
+        if _columns("".join(head) + c) > left:
+            break
+        head.append(c)
+    for c in reversed(text[len(head):]):
+        if _columns("".join(tail) + c) > right:
+            break
+        tail.insert(0, c)
+    return "".join(head) + "…" + "".join(tail)
 
 
 def _cell(v, raw: bool = False) -> str:
