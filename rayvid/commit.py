@@ -184,6 +184,7 @@ class Committer:
         self._ready_errors: list[dict] = []
         self._ready_videos: list[dict] = []
         self._seq = _next_seq(self.output, run_id)  # a run id used again: after its files
+        self._attempt: tuple | None = None  # (name, counts of what it took) of a flush that raised
         self._head_checked = False  # this run's head columns against OUTPUT's (`_check_head`)
         self._last_flush = time.monotonic()
         self.files: list[str] = []
@@ -371,8 +372,12 @@ class Committer:
             return
         if self.guard is not None:
             self.guard()
+        if self._attempt is not None:  # a flush that failed: its part may be committed all the same
+            self._settle_attempt()
+            if not self._ready_videos:
+                return
         name = f"part-{self.run_id}-{self._seq:05d}.parquet"
-        self._seq += 1
+        self._attempt = (name, len(self._ready), self._ready_rows, len(self._ready_errors), len(self._ready_videos))
         if self._ready:
             table = pa.concat_tables(self._ready).sort_by(
                 [("video_uri", "ascending"), ("frame_index", "ascending")]
@@ -399,6 +404,29 @@ class Committer:
         self._write(storage.join(self.output, VIDEOS_DIR, name), videos.sort_by("video_uri"))
         self.committed.update(v["video_uri"] for v in self._ready_videos)
         self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
+        self._seq, self._attempt = self._seq + 1, None
+
+    def _settle_attempt(self) -> None:
+        """After a flush that raised (a Ctrl-C or SIGTERM while S3 answered its last PUT,
+        which had stored the object; a write the store refused): where its videos/ file is
+        there, it committed, and its videos leave what waits (a flush again under the next
+        name committed them twice); else its name is used again, whatever of its files was
+        written being overwritten before the commit point."""
+        if self.unreachable is not None:
+            raise self.unreachable
+        name, tables, rows, errors, videos = self._attempt
+        url = storage.join(self.output, VIDEOS_DIR, name)
+        fs, path = storage.resolve(url)
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(path)
+        if fs.exists(path):
+            self.committed.update(v["video_uri"] for v in self._ready_videos[:videos])
+            self._ready, self._ready_rows = self._ready[tables:], self._ready_rows - rows
+            self._ready_errors, self._ready_videos = self._ready_errors[errors:], self._ready_videos[videos:]
+            if url not in self.files:
+                self.files.append(url)
+            self._seq += 1
+        self._attempt = None
 
     def _write(self, url: str, table: pa.Table) -> None:
         if self.unreachable is not None:
@@ -409,7 +437,8 @@ class Committer:
             if storage.is_unavailable(e):
                 self.unreachable = e
             raise
-        self.files.append(url)
+        if url not in self.files[-3:]:  # (a flush again under the same name)
+            self.files.append(url)
 
     def close(self) -> None:
         """Publish what is complete; anything still pending means rows were lost."""

@@ -35,6 +35,7 @@ socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -208,6 +209,10 @@ class Decoder:
             if storage.is_unavailable(e):  # the store is down, not this video: stop the run
                 raise StorageUnavailable(
                     f"storage unreachable reading {storage.public_uri(uri)}: {storage.describe(e)}") from None
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # this node's disk, not the video
+                raise StorageUnavailable(
+                    f"no space left on host {socket.gethostname()} for the local copy of {storage.public_uri(uri)} "
+                    f"(in {self._tmpdir}): free space there, or point TMPDIR at a larger disk") from None
             row = end_row(uri, segment, n_segments, self.size, sent, e, "read", "", None, self._tmpdir)
             row["bytes_read"][0] = read.bytes() if read is not None else 0
             yield row

@@ -1207,3 +1207,65 @@ def test_a_video_not_found_when_read_is_read_again_by_the_next_run(tmp_path):
     assert todo.column("video_uri").to_pylist() == ["/v/gone.mp4"] and skipped == 1 and redo == {"/v/gone.mp4"}
     todo, skipped, redo = commit.pending(listing, commit.recover(out), retry_failed=True)
     assert skipped == 0 and redo == {"/v/gone.mp4", "/v/broken.mp4"}
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_a_flush_interrupted_as_the_store_answered_is_not_committed_twice(published):
+    """A Ctrl-C (or SIGTERM) while S3 answered a flush's last PUT (the object stored) left
+    its videos waiting; the failing run's last flush committed them again under the next
+    part name: every frame twice (6 of 6 interrupted runs through a slow S3). A flush after
+    one that raised looks for its videos/ file: there, it committed; not there, the same
+    name is written again."""
+    from helpers import _end_row, write_output
+
+    from rayvid import commit, query
+
+    Store = _memory_store(f"interrupted{int(published)}")
+    url = f"interrupted{int(published)}://out"
+    write_output(url, {"/v/old.mp4": [("circle", 0.9)] * 2}, run_id="r0")
+    committer = commit.Committer(url, "r1", "test-model")
+    opened = Store._open
+
+    def interrupted(self, path, mode="rb", **kwargs):
+        f = opened(self, path, mode, **kwargs)
+        if "w" in mode and "/videos/part-r1-" in path:
+            close = f.close
+
+            def close_then_interrupt():
+                if published:
+                    close()  # stored; the answer never came
+                Store._open = opened
+                raise KeyboardInterrupt
+
+            f.close = close_then_interrupt
+        return f
+
+    Store._open = interrupted
+    committer.add(_frame_rows("/v/a.mp4", 3))
+    committer.add(_end_row("/v/a.mp4", 3, 0.3, 10.0))
+    with pytest.raises(KeyboardInterrupt):
+        committer.flush()
+    committer.add(_frame_rows("/v/b.mp4", 2))
+    committer.add(_end_row("/v/b.mp4", 2, 0.2, 10.0))
+    committer.flush()  # the failing run's last flush (pipeline._publish_complete)
+    preds = query.read(url)
+    keys = list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()))
+    assert sorted(keys) == [("/v/a.mp4", 0), ("/v/a.mp4", 1), ("/v/a.mp4", 2), ("/v/b.mp4", 0), ("/v/b.mp4", 1),
+                            ("/v/old.mp4", 0), ("/v/old.mp4", 1)]
+    assert sorted(query.read(url, "videos").column("video_uri").to_pylist()) == ["/v/a.mp4", "/v/b.mp4", "/v/old.mp4"]
+    assert committer.committed == {"/v/a.mp4", "/v/b.mp4"}
+    Store.store.clear()
+
+
+def _frame_rows(uri: str, n: int):
+    """`n` frame rows of `uri` as inference hands them to the committer."""
+    from rayvid.schema import INFERRED_SCHEMA, KIND_FRAME
+
+    return pa.table({
+        "video_uri": [uri] * n, "segment": [0] * n, "n_segments": [1] * n, "kind": [KIND_FRAME] * n,
+        "frame_index": list(range(n)), "timestamp_s": [i / 10 for i in range(n)], "label": ["circle"] * n,
+        "score": np.full(n, 0.9, np.float32),
+        "topk": [[{"class_id": 0, "label": "circle", "score": 0.9}]] * n, "n_frames": [0] * n,
+        "error_stage": [""] * n, "error_type": [""] * n, "message": [""] * n, "decoder": [""] * n, "codec": [""] * n,
+        "width": [0] * n, "height": [0] * n, "fps": [0.0] * n, "duration_s": [0.0] * n, "reused_from": [-1] * n,
+        "bytes_read": [0] * n}, schema=INFERRED_SCHEMA)

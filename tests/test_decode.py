@@ -730,3 +730,34 @@ def test_an_elementary_stream_without_timestamps_says_to_remux_it(tmp_path):
     [end] = list(Decoder(size=framecode.SIZE).decode_video(path))
     assert end["kind"][0] == KIND_END and end["n_frames"][0] == 0 and end["error_type"][0] == "VideoError"
     assert "elementary stream" in end["message"][0] and "ffmpeg -i IN -c copy OUT.mp4" in end["message"][0]
+
+
+def test_a_full_local_disk_stops_the_run_not_the_video(media, s3fs_client, tmp_path, monkeypatch):
+    """The local copy of a remote video failed with ENOSPC (a decode node's full TMPDIR):
+    each video it got became an error row, skipped by every later run, and the run said
+    exit 0. It is the node's disk, not the video: StorageUnavailable, which stops the run
+    (as an outage does), saying where there is no space."""
+    import subprocess
+    import tempfile
+
+    from rayvid.errors import StorageUnavailable
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("needs a small tmpfs (mount: root)")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(small))  # TMPDIR, as the decode node has it
+        path = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+        s3fs_client.put_file(path, "s3://rayvid-test/full/a.mp4")
+        dec = Decoder(size=(32, 32))
+        with contextlib.suppress(OSError), open(small / "filler", "wb") as f:  # the disk, full
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        with pytest.raises(StorageUnavailable, match=r"no space left on host \S+ for the local copy of "
+                                                     r"s3://rayvid-test/full/a.mp4 \(in .*\): free space there"):
+            list(dec.decode_video("s3://rayvid-test/full/a.mp4"))
+        del dec
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
