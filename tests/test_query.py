@@ -606,3 +606,26 @@ def test_the_table_format_keeps_rows_on_one_line_names_apart_and_columns_aligned
     assert lines[3].split()[0].endswith("cam-02.mp4")
     assert lines[4].startswith("a\\nb\\tc ")
     assert {query._columns(line) for line in lines[2:]} == {query._columns(lines[0])}  # right edges in line
+
+
+def test_an_image_that_cannot_be_had_says_why(tmp_path, capsys):
+    """`similar --image` of an HTTP server nobody answers at said "no image at" (as if it were
+    a missing file), and an image past Pillow's decompression-bomb limit "not an image"."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, embed_dim=4)
+    assert cli.main(["similar", out, "--image", "http://127.0.0.1:9/query.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayvid: error: cannot read image http://127.0.0.1:9/query.png: ") and "no image" not in err
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    data = bytearray((tmp_path / "one.png").read_bytes())  # its header says 20000 x 20000 (400 megapixels)
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", 20000, 20000)
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    (tmp_path / "huge.png").write_bytes(bytes(data))
+    assert cli.main(["similar", out, "--image", str(tmp_path / "huge.png")]) == 2
+    assert "too large for Pillow's limit" in capsys.readouterr().err
