@@ -690,14 +690,19 @@ def refuse_live_run_id(output: str, run_id: str) -> None:
     fs, root = storage.resolve(output)
     other = read_run_record(fs, root.rstrip("/"), run_id)
     if alive(other):
-        beat = other.get("heartbeat_at")
-        age = time.time() - float(beat) if isinstance(beat, (int, float)) else None
-        dead = ("" if other.get("node") == _node() or age is None else
-                f"; if it died on its host, it stops counting once its heartbeat (last {age:.0f} s ago) is "
-                f"{LEASE_S:.0f} s old")
         raise ConfigError(f"run id {run_id} is in use: a run of that id (host {other.get('host')}, started "
                           f"{other.get('started_at')}) is running into this OUTPUT: wait for it to end "
-                          f"(`rayvid runs OUTPUT`), or give another --run-id{dead}")
+                          f"(`rayvid runs OUTPUT`), or give another --run-id{_lease_hint(other)}")
+
+
+def _lease_hint(record: dict) -> str:
+    """For a live run on another host: when it stops counting if it died there ("" on this
+    host, whose processes are asked, or where its record has no heartbeat)."""
+    beat = record.get("heartbeat_at")
+    if record.get("node") == _node() or not isinstance(beat, (int, float)):
+        return ""
+    return (f"; if it died on its host, it stops counting once its heartbeat (last {time.time() - beat:.0f} s "
+            f"ago) is {LEASE_S:.0f} s old")
 
 
 RIVALS_EVERY_S = 30.0  # how often a committer looks again for an earlier live run over its INPUT
@@ -775,16 +780,11 @@ class Rivals:
         self._check_own_record()
         first = self.earliest()
         if first is not None:
-            beat = first.get("heartbeat_at")
-            age = time.time() - float(beat) if isinstance(beat, (int, float)) else None
-            dead = ("" if first.get("node") == _node() or age is None else
-                    f"; if it died on its host, it stops counting once its heartbeat (last {age:.0f} s ago) is "
-                    f"{LEASE_S:.0f} s old")
             what = "videos this run lists too" if first.get("run_id") in self.by_listing else "the same INPUT"
             self.stopped = ConfigError(
                 f"run {first.get('run_id')} (host {first.get('host')}, started {first.get('started_at')}) is "
                 f"running over {what} into this OUTPUT: two runs at once would each commit every video; "
-                f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again{dead}")
+                f"wait for it to end (`rayvid runs OUTPUT`), or stop it and run this again{_lease_hint(first)}")
             raise self.stopped
 
     def check(self, now: float | None = None) -> None:

@@ -86,13 +86,15 @@ def _refuse_if_compacting(fs, root: str, mine: str = "") -> None:
     two would each merge the same parts, every row then committed twice."""
     others = commit.finish_compactions(fs, root) - {mine}  # (and finishes those committed meanwhile)
     if others:
-        with contextlib.suppress(*storage.ACCESS_ERRORS, ValueError):
-            record = dict(commit._compactions(fs, root)).get(sorted(others)[0]) or {}
-        started = record.get("started_at") if isinstance(record, dict) else None
+        record: dict = {}
+        with contextlib.suppress(*storage.ACCESS_ERRORS, ValueError):  # (only words the message)
+            found = dict(commit._compactions(fs, root)).get(sorted(others)[0])
+            record = found if isinstance(found, dict) else {}
+        started = record.get("started_at")
         when = time.strftime(" started %Y-%m-%dT%H:%M:%SZ", time.gmtime(started)) if isinstance(started, (int, float)) else ""
-        raise ConfigError(f"another `rayvid compact` is merging parts of this OUTPUT (host "
-                          f"{record.get('host') if isinstance(record, dict) else None},{when}): run this again once "
-                          f"it has finished (two at once would commit the same rows twice)")
+        raise ConfigError(f"another `rayvid compact` is merging parts of this OUTPUT (host {record.get('host')},"
+                          f"{when}): run this again once it has finished (two at once would commit the same "
+                          f"rows twice)")
 
 
 def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict) -> int:
@@ -103,13 +105,13 @@ def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict)
     since the listing (merged by a compaction that ended meanwhile) is left out, whole.
     Returns how many parts it merged (0: fewer than two were left)."""
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
-    intent = storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json")
+    intent = f"{root}/{commit.COMPACTIONS_DIR}/{new}.json"
     with commit.active(new):  # never undone by a recover in this process meanwhile
-        storage.write_atomic(intent, lambda f: f.write(record))
+        storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
         try:
             _refuse_if_compacting(fs, root, new)
         except ConfigError:
-            fs.rm(f"{root}/{commit.COMPACTIONS_DIR}/{new}.json")
+            fs.rm(intent)
             raise
         tables = {}
         for directory, schema, keys in reversed(_TABLES):  # videos/ first: the parts still committed
@@ -120,7 +122,7 @@ def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict)
                 group[:] = [n for n in group if read.get(n) is not None]
             tables[directory] = [_conform(read[n], schema) for n in group if read.get(n) is not None]
             if len(group) < 2:  # (another compaction took them: nothing to merge, nothing written)
-                fs.rm(f"{root}/{commit.COMPACTIONS_DIR}/{new}.json")
+                fs.rm(intent)
                 group.clear()
                 return 0
             if directory != commit.VIDEOS_DIR:

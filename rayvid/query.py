@@ -54,7 +54,7 @@ SEGMENTS_SCHEMA = pa.schema([
 ])
 
 
-READ_AGAIN = 3  # listings of OUTPUT's parts a read verb takes while compactions replace them
+RELISTS = 3  # listings of OUTPUT's parts a read verb takes while compactions replace them
 
 
 def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None,
@@ -78,7 +78,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
     seen: list = []  # the yielded tables' distinct videos, hashed (where they have video_uri)
     done: set = set()
-    for attempt in range(READ_AGAIN + 1):
+    for attempt in range(RELISTS + 1):
         gone = []
 
         def read(name: str) -> Optional[pa.Table]:
@@ -114,7 +114,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
         names = [n for n in now if n not in done]  # the merged parts (and any committed since)
         seen = [np.unique(np.concatenate(seen))] if seen else [np.array([], np.int64)]
     raise ValueError(f"{storage.public_uri(output)} kept changing while it was read (compactions replaced parts "
-                     f"{READ_AGAIN + 1} times): read it again")
+                     f"{RELISTS + 1} times): read it again")
 
 
 _GONE = object()  # a part deleted since the listing
@@ -635,14 +635,20 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
                 flat = pq.read_table(path)
                 writer.write_table(_to_schema(flat, schema))
                 rows += len(flat)
-        if dest == "-":
-            with open(local, "rb") as f:
-                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-            sys.stdout.flush()
-            return rows
-        with open(local, "rb") as f, storage.access(dest, "write"):
-            storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
+        publish(local, dest)
     return rows
+
+
+def publish(local: str, dest: str) -> None:
+    """A finished local file to `dest` (any URL, written whole: `storage.write_atomic`), or
+    to stdout where `dest` is "-"."""
+    with open(local, "rb") as f:
+        if dest == "-":
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.flush()
+            return
+        with storage.access(dest, "write"):
+            storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
 
 
 OWN_FOLDERS = (commit.PREDICTIONS_DIR, commit.ERRORS_DIR, commit.VIDEOS_DIR, commit.RUNS_DIR,
@@ -748,18 +754,17 @@ def _columns(text: str) -> int:
 
 def _cut(text: str, width: int) -> str:
     """`text` in at most `width` columns: its start and its end (a path's file name), '…' between."""
-    head, tail = [], []
-    left = width // 2
-    right = width - 1 - left
-    for c in text:
-        if _columns("".join(head) + c) > left:
-            break
-        head.append(c)
-    for c in reversed(text[len(head):]):
-        if _columns("".join(tail) + c) > right:
-            break
-        tail.insert(0, c)
-    return "".join(head) + "…" + "".join(tail)
+    def fit(chars, room):
+        taken = 0
+        for n, c in enumerate(chars):
+            taken += _columns(c)
+            if taken > room:
+                return n
+        return len(chars)
+
+    head = fit(text, width // 2)
+    tail = fit(text[head:][::-1], width - 1 - width // 2)
+    return text[:head] + "…" + (text[len(text) - tail:] if tail else "")
 
 
 def _cell(v, raw: bool = False) -> str:

@@ -18,7 +18,6 @@ import fractions
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from typing import Optional
 
@@ -176,13 +175,7 @@ def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
                 for packet in out.encode():
                     dst.mux(packet)
             still()  # (a local video replaced while it was read)
-        with open(local_out, "rb") as f:
-            if dest == "-":
-                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-                sys.stdout.flush()
-            else:
-                with storage.access(dest, "write"):
-                    storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
+        query.publish(local_out, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
