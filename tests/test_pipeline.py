@@ -1152,11 +1152,13 @@ def test_a_run_that_fails_commits_the_videos_it_had_completed(ray_session, tmp_p
         subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
                         "color=c=gray:s=64x48:r=10:d=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                         str(src / f"{name}.mp4")], check=True)
-    # the last video turns white after 4 s: its 10 batches before that give a..d's rows time
+    # the last video turns white after 30 s: its 75 batches before that give a..d's rows time
     # to reach the driver whatever the machine's load (rows still in flight when a run fails
-    # are lost to it; what matters here is what had arrived)
+    # are lost to it; what matters here is what had arrived). With 4 s (10 batches) a CI
+    # machine once lost a.mp4's last batch, still in the second of an inference actor's two
+    # calls when zz.mp4's white frames failed the run.
     subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error",
-                    "-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=4",
+                    "-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=30",
                     "-f", "lavfi", "-i", "color=c=white:s=64x48:r=10:d=1",
                     "-filter_complex", "[0][1]concat=n=2:v=1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
                     str(src / "zz.mp4")], check=True)
