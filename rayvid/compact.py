@@ -107,7 +107,9 @@ def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict)
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
     intent = f"{root}/{commit.COMPACTIONS_DIR}/{new}.json"
     with commit.active(new):  # never undone by a recover in this process meanwhile
-        storage.write_atomic(storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json"), lambda f: f.write(record))
+        url = storage.join(output, commit.COMPACTIONS_DIR, f"{new}.json")
+        with storage.access(url, "write"):
+            storage.write_atomic(url, lambda f: f.write(record))
         try:
             _refuse_if_compacting(fs, root, new)
         except ConfigError:
@@ -135,7 +137,9 @@ def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict)
 def _write(output: str, directory: str, new: str, tables: list, schema: pa.Schema, keys: list) -> None:
     if tables or directory == commit.VIDEOS_DIR:
         table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
-        commit.write_parquet(storage.join(output, directory, new), table.sort_by([(k, "ascending") for k in keys]))
+        url = storage.join(output, directory, new)
+        with storage.access(url, "write"):  # (said as writing: the cli's fallback says "cannot read OUTPUT")
+            commit.write_parquet(url, table.sort_by([(k, "ascending") for k in keys]))
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

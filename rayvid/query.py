@@ -23,6 +23,7 @@ Outputs (Arrow tables):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import io
@@ -32,7 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
-from rayvid.errors import ConfigError, InputError
+from rayvid.errors import ConfigError, InputError, StorageError
 from rayvid.schema import label_text
 
 GAP_S = 0.5  # runs of one label closer than this merge into one segment
@@ -639,13 +640,27 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
     return rows
 
 
+@contextlib.contextmanager
+def _stdout() -> Iterator[BinaryIO]:
+    """stdout's bytes, flushed at the end. A write that fails (a full disk behind a
+    redirect, `> /dev/full`) is a StorageError that says so (it read as "cannot read
+    OUTPUT"); a reader that closed the pipe stays BrokenPipeError (the cli ends quietly)."""
+    try:
+        yield sys.stdout.buffer
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot write to stdout: {storage.describe(e)}") from None
+
+
 def publish(local: str, dest: str) -> None:
     """A finished local file to `dest` (any URL, written whole: `storage.write_atomic`), or
     to stdout where `dest` is "-"."""
     with open(local, "rb") as f:
         if dest == "-":
-            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-            sys.stdout.flush()
+            with _stdout() as out:
+                shutil.copyfileobj(f, out, 1 << 20)
             return
         with storage.access(dest, "write"):
             storage.write_atomic(dest, lambda w: shutil.copyfileobj(f, w, 1 << 20))
@@ -708,8 +723,8 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if out is None or out == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+        with _stdout() as stdout:
+            stdout.write(data)
     else:
         with storage.access(out, "write"):
             storage.write_atomic(out, lambda f: f.write(data))

@@ -385,3 +385,34 @@ def test_parts_another_compaction_merged_after_this_one_listed_them_are_left_out
     finally:
         Store.after_listing = None
         Store.store.clear()
+
+
+def test_a_full_disk_is_said_as_writing_and_a_later_compaction_finishes(tmp_path, capsys):
+    """A compaction on a full disk said "cannot read OUTPUT: No space left on device" (the
+    cli's fallback for a read verb): it names the file it could not write. Readers still
+    see each video once; with room again, a compaction merges."""
+    import contextlib
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs a small tmpfs (mount: root)")
+    try:
+        url = str(disk / "out")
+        write_output(url, VIDEOS, rows_per_file=1, failed=("/v/bad.mp4",))
+        before = _state(url)
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:  # the disk, full
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        assert cli.main(["compact", url]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rayvid: error: cannot write {url}/") and err.endswith(
+            tuple(f".{ext}: [Errno 28] No space left on device\n" for ext in ("parquet", "json"))), err
+        assert _state(url) == before
+        os.remove(disk / "filler")
+        assert cli.main(["compact", url]) == 0
+        assert _state(url) == before and len(_files(url, "videos")) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

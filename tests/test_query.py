@@ -211,6 +211,18 @@ def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
     assert (done.returncode, done.stderr) == (141, "")
 
 
+@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"]])
+def test_a_stdout_that_cannot_be_written_says_so(out, verb):
+    """`rayvid export OUT - > /dev/full` (a full disk behind a redirect) said "cannot read
+    OUT: [Errno 28] No space left on device", the wrong verb and place: it is stdout that
+    cannot be written. Exit 2, one line."""
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "rayvid", *[a.format(out=out) for a in verb]],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "rayvid: error: cannot write to stdout: [Errno 28] No space left on device\n"
+
+
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_verbs_read_object_stores(scheme, request, capsys):
     request.getfixturevalue("s3_endpoint" if scheme == "s3" else "gcs")
