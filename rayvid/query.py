@@ -483,6 +483,14 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         if not len(mine):
             raise ValueError(missing_video(output, video)
                              or f"no embeddings of {storage.public_uri(video)} in {storage.public_uri(output)}")
+        mine = mine[np.argsort(times[mine], kind="stable")]
+        meta = {}
+        for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
+            meta.update((row["video_uri"], (row["duration_s"] or None, row["fps"] or None)) for row in table.to_pylist())
+        end = float(frame_ends(times[mine], *meta.get(video, (None, None)))[-1])
+        if not 0 <= time_s < end - 1e-9:  # (it answered for the last frame, silently)
+            raise ValueError(f"--time {time_s:g} is not in {storage.public_uri(video)}: its embedded frames "
+                             f"are shown from 0 s to {end:g} s")
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
         vector = matrix[skip]

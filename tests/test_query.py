@@ -537,6 +537,18 @@ def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys)
     assert "holds no video named /w/a.mp4; did you mean /v/a.mp4?" in capsys.readouterr().err
 
 
+def test_similar_at_a_time_the_video_does_not_show_says_so(tmp_path, capsys):
+    """`--time` past the video's end answered for its last frame, silently: a typo'd time
+    looked like an answer. Frames at 0, 0.1, 0.2 s are shown until 0.3 s."""
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3, "/v/b.mp4": [("circle", 0.9)] * 3}, embed_dim=4)
+    assert query.similar(out, k=1, video="/v/a.mp4", time_s=0.29).to_pylist()[0]["video_uri"] == "/v/b.mp4"
+    for t in ("0.3", "75"):
+        assert cli.main(["similar", out, "--video", "/v/a.mp4", "--time", t]) == 2
+        assert capsys.readouterr().err == (f"rayvid: error: --time {float(t):g} is not in /v/a.mp4: its embedded "
+                                           f"frames are shown from 0 s to 0.3 s\n")
+
+
 def test_a_read_while_a_compaction_replaces_its_parts_sees_every_video_once(tmp_path):
     """A verb listed OUTPUT's parts, then `rayvid compact` merged and deleted them: every
     part not read yet was passed over as "gone" and its videos were missing (export: 19,519
