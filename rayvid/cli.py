@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write an `embedding` column per frame: the classifier's input (default), "
                         "or LAYER's output, average-pooled if it is a feature map "
                         "(before INPUT OUTPUT: --embed=LAYER)")
+    m.add_argument("--no-embed", action="store_true", help="no embedding column (a config file's --embed off)")
     m.add_argument("--embed-normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise the embeddings (cosine similarity = dot product)")
     m.add_argument("--head", choices=HEADS,
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--keyframes", action="store_true", default=None, help="keep key frames only (decodes only those)")
     s.add_argument("--no-keyframes", dest="keyframes", action="store_false", default=None,
                    help="not key frames only (a config file's); every frame unless it gives another mode")
+    s.add_argument("--no-skip-similar", action="store_true", help="infer every kept frame (a config file's --skip-similar off)")
     s.add_argument("--clip-len", type=int, metavar="N",
                    help="video models: N consecutive frames per model input, one output row per clip")
     s.add_argument("--clip-stride", type=int, metavar="S", help="a clip every S frames (default N: side by side)")
@@ -283,6 +285,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "progress": args.progress,
     }
     merged = merge(base, flags)
+    for flag, on, section, key in (("embed", args.embed, "model", "embed"),
+                                   ("skip-similar", skip_similar, "sampling", "skip_similar")):
+        if getattr(args, f"no_{key}"):
+            if on is not None:
+                raise ConfigError(f"--{flag} and --no-{flag} contradict each other: give one")
+            if isinstance(merged.get(section), dict):
+                merged[section] = {**merged[section], key: None}
     for key in ("input", "output"):
         if not merged.get(key):
             raise ConfigError(f"{key.upper()} is required (as an argument or in --config)")

@@ -158,6 +158,13 @@ def test_boolean_settings_of_a_config_or_record_can_be_turned_off(tmp_path):
                                        "--progress"]))
     assert (cfg.sampling.every, cfg.sampling.keyframes, cfg.progress) == (5, False, True)
     assert config_from_args(parse_args(["run", "in", "out", "--no-progress"])).progress is False
+    # the two settings with an optional value: off with --no-embed, --no-skip-similar
+    off = config_from_args(parse_args(["run", "--config", str(record), "--no-embed", "--no-skip-similar"]))
+    assert (off.model.embed, off.sampling.skip_similar, off.sampling.keyframes) == (None, None, True)
+    for both in (["--embed", "--no-embed"], ["--no-skip-similar", "--skip-similar=2"]):
+        with pytest.raises(ConfigError, match=f"--{both[0].strip('-').replace('no-', '')} and "
+                                              f"--no-{both[0].strip('-').replace('no-', '')} contradict"):
+            config_from_args(parse_args(["run", "in", "out", *both]))
 
 
 def test_the_readme_config_file_holds_every_key_at_its_default(tmp_path):
