@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ from typing import Optional
 from rayvid import storage
 from rayvid.config import ModelConfig
 from rayvid.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 # name -> (keras.applications attribute, default input size, preprocessing mode)
 APPLICATIONS: dict[str, tuple[str, int, str]] = {
@@ -193,6 +196,11 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
         labels = _labels(cfg, num_classes)
         if cfg.preprocess != "auto":
             preprocess = cfg.preprocess
+            scaler = _scales_its_input(keras, model) if preprocess != "raw" else None
+            if scaler:
+                log.warning("%s scales its input itself (its first layers include %r) and --preprocess %s "
+                            "scales the frames before that: twice, and its scores are likely wrong; "
+                            "--preprocess raw feeds it 0-255 RGB", display_name(cfg), scaler, preprocess)
         dim = 0
         if cfg.embed:
             model, dim = with_embedding(keras, model, cfg.embed)
@@ -201,6 +209,17 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     finally:
         if own_tmp:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _scales_its_input(keras, model) -> Optional[str]:
+    """The name of a Rescaling or Normalization layer among the model's first layers,
+    before any layer with weights (a model that takes 0-255 and scales it itself), else None."""
+    for layer in getattr(model, "layers", [])[:8]:
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            return layer.name
+        if layer.weights:
+            return None
+    return None
 
 
 @contextlib.contextmanager

@@ -402,3 +402,25 @@ def test_mixed_precision_builds_applications_under_the_policy_and_model_files_as
     finally:
         keras.mixed_precision.set_global_policy("float32")
     np.testing.assert_allclose(got, src(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_scales_its_input_itself_warns_of_a_second_scaling(shapes_model, tmp_path, caplog):
+    """`--preprocess unit` on a model whose first layer is Rescaling(1/255) (the sample's,
+    as many saved models are) scaled the frames twice: every frame nearly black to the model,
+    its scores quietly wrong. Loading it says so; the default (raw) and a model without its
+    own scaling say nothing."""
+    import keras
+
+    for preprocess in ("unit", "torch"):
+        caplog.clear()
+        models.load(ModelConfig(name=shapes_model["path"], preprocess=preprocess))
+        assert [r.getMessage() for r in caplog.records if r.name == "rayvid.models"] == [
+            f"{shapes_model['path']} scales its input itself (its first layers include 'rescaling') and "
+            f"--preprocess {preprocess} scales the frames before that: twice, and its scores are likely wrong; "
+            f"--preprocess raw feeds it 0-255 RGB"]
+    inp = keras.Input((16, 16, 3))
+    keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp))).save(tmp_path / "plain.keras")
+    caplog.clear()
+    models.load(ModelConfig(name=shapes_model["path"]))
+    models.load(ModelConfig(name=str(tmp_path / "plain.keras"), preprocess="unit"))
+    assert not [r for r in caplog.records if r.name == "rayvid.models"]
