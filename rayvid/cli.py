@@ -381,7 +381,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 paths["detector"] = samples.train_detector(model_dir)["model"]
             if args.clip_model:
                 paths["clip_model"] = samples.train_clip_model(model_dir)["model"]
-            print(json.dumps(paths, indent=2), flush=True)
+            from rayvid import query
+
+            with query.stdout() as out:
+                out.write((json.dumps(paths, indent=2) + "\n").encode())
             return 0
     except RayvidError as e:
         print(f"rayvid: error: {storage.redact(str(e))}", file=sys.stderr)
@@ -484,12 +487,14 @@ def _query(args) -> int:
 
             rows = compact.TARGET_ROWS if args.target_rows is None else args.target_rows
             done = compact.compact(args.output, rows, args.include_running)  # (it checks rows >= 1)
-            print(json.dumps(done))
+            with query.stdout() as out:
+                out.write((json.dumps(done) + "\n").encode())
         elif args.verb == "report":
             from rayvid import report
 
             pngs = report.write_report(args.output, args.dir)
-            print(f"{len(pngs)} timelines; open {storage.public_uri(storage.join(args.dir, 'index.html'))}")
+            with query.stdout() as out:
+                out.write(f"{len(pngs)} timelines; open {storage.public_uri(storage.join(args.dir, 'index.html'))}\n".encode())
         elif args.verb == "render":
             from rayvid import render
 
@@ -521,10 +526,11 @@ def _stdout_gone() -> bool:
 
 
 def _run(args) -> int:
-    from rayvid import pipeline, report
+    from rayvid import pipeline, query, report
 
     cfg = config_from_args(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     result = pipeline.run(cfg)
-    print(report.summary(result), flush=True)
+    with query.stdout() as out:  # (a full disk behind a redirect: one line, the run done all the same)
+        out.write((report.summary(result) + "\n").encode())
     return 0

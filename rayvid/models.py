@@ -212,11 +212,24 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
 
 
 def _scales_its_input(keras, model) -> Optional[str]:
-    """The name of a Rescaling or Normalization layer among the model's first layers,
-    before any layer with weights (a model that takes 0-255 and scales it itself), else None."""
+    """The name of a layer among the model's first (before any with weights; in a base
+    model nested first, as transfer learning builds them) that takes 0-255 input to a
+    small range: a Rescaling by at most 1/100, or a Normalization whose mean is above 2.
+    None where there is none (a Rescaling(2, offset=-1) or a Normalization by ImageNet's
+    0-1 mean expects 0-1 input: `--preprocess unit` is right for those)."""
+    import numpy as np
+
     for layer in getattr(model, "layers", [])[:8]:
-        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
-            return layer.name
+        if isinstance(layer, keras.Model):
+            return _scales_its_input(keras, layer)
+        try:
+            if isinstance(layer, keras.layers.Rescaling):
+                return layer.name if np.max(np.abs(np.asarray(layer.scale, np.float64))) <= 0.01 else None
+            if isinstance(layer, keras.layers.Normalization):
+                mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float64)
+                return layer.name if mean.size and np.max(mean) > 2 else None
+        except (AttributeError, TypeError, ValueError):  # (a layer not built, an odd scale: no word)
+            return None
         if layer.weights:
             return None
     return None

@@ -487,10 +487,12 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         meta = {}
         for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
             meta.update((row["video_uri"], (row["duration_s"] or None, row["fps"] or None)) for row in table.to_pylist())
-        end = float(frame_ends(times[mine], *meta.get(video, (None, None)))[-1])
-        if not 0 <= time_s < end - 1e-9:  # (it answered for the last frame, silently)
-            raise ValueError(f"--time {time_s:g} is not in {storage.public_uri(video)}: its embedded frames "
-                             f"are shown from 0 s to {end:g} s")
+        duration, fps = meta.get(video, (None, None))
+        # the video's end: its duration, else where its last embedded frame stops being shown
+        # (unknown for one frame of a video whose videos/ row gives neither: no check)
+        end = max(float(frame_ends(times[mine], duration, fps)[-1]), duration or 0.0)
+        if end > times[mine[-1]] and time_s >= end - 1e-9:  # (it answered for the last frame, silently)
+            raise ValueError(f"--time {time_s:g} is past the end of {storage.public_uri(video)} ({end:g} s)")
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
         vector = matrix[skip]
@@ -649,11 +651,12 @@ def export_csv(output: str, dest: str, video: Optional[str] = None) -> int:
 
 
 @contextlib.contextmanager
-def _stdout() -> Iterator[BinaryIO]:
+def stdout() -> Iterator[BinaryIO]:
     """stdout's bytes, flushed at the end. A write that fails (a full disk behind a
     redirect, `> /dev/full`) is a StorageError that says so (it read as "cannot read
     OUTPUT"); a reader that closed the pipe stays BrokenPipeError (the cli ends quietly)."""
     try:
+        sys.stdout.flush()  # (text printed before goes first)
         yield sys.stdout.buffer
         sys.stdout.flush()
     except BrokenPipeError:
@@ -667,7 +670,7 @@ def publish(local: str, dest: str) -> None:
     to stdout where `dest` is "-"."""
     with open(local, "rb") as f:
         if dest == "-":
-            with _stdout() as out:
+            with stdout() as out:
                 shutil.copyfileobj(f, out, 1 << 20)
             return
         with storage.access(dest, "write"):
@@ -731,8 +734,8 @@ def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> Non
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if out is None or out == "-":
-        with _stdout() as stdout:
-            stdout.write(data)
+        with stdout() as sink:
+            sink.write(data)
     else:
         with storage.access(out, "write"):
             storage.write_atomic(out, lambda f: f.write(data))

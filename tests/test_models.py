@@ -418,9 +418,24 @@ def test_a_model_that_scales_its_input_itself_warns_of_a_second_scaling(shapes_m
             f"{shapes_model['path']} scales its input itself (its first layers include 'rescaling') and "
             f"--preprocess {preprocess} scales the frames before that: twice, and its scores are likely wrong; "
             f"--preprocess raw feeds it 0-255 RGB"]
+    def head(x):
+        return keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+
     inp = keras.Input((16, 16, 3))
-    keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(inp))).save(tmp_path / "plain.keras")
+    keras.Model(inp, head(inp)).save(tmp_path / "plain.keras")
+    # models that expect 0-1 input (--preprocess unit is right for them): no warning
+    keras.Model(inp, head(keras.layers.Rescaling(2.0, offset=-1.0)(inp))).save(tmp_path / "to_pm1.keras")
+    norm = keras.layers.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.052, 0.05, 0.051])
+    keras.Model(inp, head(norm(inp))).save(tmp_path / "imagenet01.keras")
     caplog.clear()
     models.load(ModelConfig(name=shapes_model["path"]))
-    models.load(ModelConfig(name=str(tmp_path / "plain.keras"), preprocess="unit"))
-    assert not [r for r in caplog.records if r.name == "rayvid.models"]
+    for name in ("plain", "to_pm1", "imagenet01"):
+        models.load(ModelConfig(name=str(tmp_path / f"{name}.keras"), preprocess="unit"))
+    assert not [r.getMessage() for r in caplog.records if r.name == "rayvid.models"]
+    # a base model nested first (transfer learning) that takes 0-255 itself: warned of
+    base = keras.Model(inp, keras.layers.Conv2D(4, 3)(keras.layers.Normalization(
+        mean=[120.0, 115.0, 100.0], variance=[3000.0, 3000.0, 3000.0], name="norm255")(inp)), name="base")
+    keras.Model(inp, head(base(inp))).save(tmp_path / "nested.keras")
+    models.load(ModelConfig(name=str(tmp_path / "nested.keras"), preprocess="tf"))
+    assert [r.getMessage().split(" and ")[0] for r in caplog.records if r.name == "rayvid.models"] == [
+        f"{tmp_path / 'nested.keras'} scales its input itself (its first layers include 'norm255')"]

@@ -211,11 +211,13 @@ def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
     assert (done.returncode, done.stderr) == (141, "")
 
 
-@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"]])
+@pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"],
+                                  ["compact", "{out}"], ["report", "{out}", "{out}/report"]])
 def test_a_stdout_that_cannot_be_written_says_so(out, verb):
     """`rayvid export OUT - > /dev/full` (a full disk behind a redirect) said "cannot read
     OUT: [Errno 28] No space left on device", the wrong verb and place: it is stdout that
-    cannot be written. Exit 2, one line."""
+    cannot be written (for compact and report, their closing line, after their work). Exit
+    2, one line."""
     with open("/dev/full", "wb") as full:
         done = subprocess.run([sys.executable, "-m", "rayvid", *[a.format(out=out) for a in verb]],
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
@@ -539,14 +541,22 @@ def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys)
 
 def test_similar_at_a_time_the_video_does_not_show_says_so(tmp_path, capsys):
     """`--time` past the video's end answered for its last frame, silently: a typo'd time
-    looked like an answer. Frames at 0, 0.1, 0.2 s are shown until 0.3 s."""
+    looked like an answer. The end is the video's duration (its videos/ row), else where its
+    last embedded frame stops being shown; anywhere before it, the frame on screen answers,
+    however sparse the sampling (one frame of a 10 s video: 0 to 10 s)."""
     out = str(tmp_path / "out")
     write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3, "/v/b.mp4": [("circle", 0.9)] * 3}, embed_dim=4)
     assert query.similar(out, k=1, video="/v/a.mp4", time_s=0.29).to_pylist()[0]["video_uri"] == "/v/b.mp4"
-    for t in ("0.3", "75"):
+    for t in ("0.3", "75"):  # 3 frames at 10 fps: 0.3 s
         assert cli.main(["similar", out, "--video", "/v/a.mp4", "--time", t]) == 2
-        assert capsys.readouterr().err == (f"rayvid: error: --time {float(t):g} is not in /v/a.mp4: its embedded "
-                                           f"frames are shown from 0 s to 0.3 s\n")
+        assert capsys.readouterr().err == f"rayvid: error: --time {float(t):g} is past the end of /v/a.mp4 (0.3 s)\n"
+    sparse = str(tmp_path / "sparse")  # 100 frames at 10 fps, only frame 0 kept
+    write_output(sparse, {"/v/a.mp4": [("circle", 0.9)] * 100, "/v/b.mp4": [("circle", 0.9)] * 100},
+                 every=200, embed_dim=4)
+    for t in (0, 0.2, 9.9):
+        assert query.similar(sparse, k=1, video="/v/a.mp4", time_s=t).to_pylist()[0]["video_uri"] == "/v/b.mp4"
+    with pytest.raises(ValueError, match=r"--time 10 is past the end of /v/a.mp4 \(10 s\)"):
+        query.similar(sparse, k=1, video="/v/a.mp4", time_s=10)
 
 
 def test_a_read_while_a_compaction_replaces_its_parts_sees_every_video_once(tmp_path):
