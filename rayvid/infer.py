@@ -17,6 +17,7 @@ graph is traced once per actor (at construction, as warm-up) and never again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid.config import ModelConfig
-from rayvid.errors import ModelError, RayvidError
+from rayvid.errors import ConfigError, ModelError, RayvidError
 from rayvid.schema import (BOX_TYPE, INFERRED_SCHEMA, KIND_FRAME, TOPK_TYPE, boxes_field, clip_fields, embedding_field,
                            with_head)
 from rayvid.storage import redact
@@ -108,6 +109,40 @@ def topk_arrays(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order.astype(np.int32), np.take_along_axis(scores, order, axis=1).astype(np.float32)
+
+
+def _check_batch_fits(batch_size: int, frame_shape: list) -> None:
+    """ConfigError where a batch's float32 input alone (all its calls' shares) would
+    take more than a quarter of the memory this node has free: the model's activations are
+    several times that, and on a CPU the kernel's OOM killer (or Ray's memory monitor) ends
+    the actor instead of an error Ray Data could report: restarted, killed again, the run
+    never ended (a 224x224 model at --batch-size 65536: 39 GB)."""
+    free = _free_bytes()
+    need = int(batch_size) * int(np.prod(frame_shape)) * 4
+    if free and need > free / 4:
+        shape = "x".join(str(d) for d in frame_shape)
+        fits = max(1, int(batch_size * free / 4 / need))
+        raise ConfigError(f"--batch-size {batch_size}: a batch of {shape} inputs is {need / 1e9:.1f} GB as float32 "
+                          f"before the model's own activations, and this node has {free / 1e9:.1f} GB free: "
+                          f"use --batch-size {min(fits, 256)} or less (on a CPU more than a few hundred "
+                          f"frames per batch buys no speed)")
+
+
+def _free_bytes() -> int:
+    """Memory this process may still take: MemAvailable, or its cgroup's limit less its
+    use where that is lower (a container); 0 where neither can be read."""
+    free = 0
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            free = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            free = min(free or int(limit) - used, int(limit) - used)
+    return max(0, free)
 
 
 class Predictor:
@@ -226,6 +261,8 @@ class Predictor:
 
             return predict
 
+        if not gpus:  # (on a GPU a batch too large halves below; on CPU the OS kills the actor, again and again)
+            _check_batch_fits(batch_size, frame_shape)
         while True:  # trace + warm up now, not on the first real batch
             self._predict = build(self.batch_size)
             self._zeros = np.zeros((self.batch_size, *frame_shape), dtype=np.uint8)

@@ -188,7 +188,11 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
             with _policy(keras, "mixed_float16" if cfg.mixed_precision else None):
                 model, size, preprocess = _application(keras, cfg, workdir)
         else:
-            model, size, preprocess, clip_len = _model_file(keras, cfg, workdir)
+            model, size, preprocess, clip_len, dtype = _model_file(keras, cfg, workdir)
+            if cfg.preprocess not in ("auto", "raw") and not dtype.startswith(("float", "bfloat")):
+                raise ModelError(f"{display_name(cfg)} takes {dtype} input (its own 0-255 pixels): --preprocess "
+                                 f"{cfg.preprocess} would hand it fractions, cut to 0 or 1; use --preprocess raw "
+                                 f"(the default for model files)")
         if cfg.head == "detect":
             num_classes = detection_classes(model.output_shape)
         else:
@@ -428,21 +432,39 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype="float32")
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
-        size, dtype = _savedmodel_input(local, cfg)
-        inp = keras.Input(shape=(size[0], size[1], 3), dtype="float32")
-        try:  # a signature taking uint8 is given uint8 (the frames' own values)
-            out = layer(keras.ops.cast(inp, dtype) if dtype != "float32" else inp)
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot run SavedModel {storage.public_uri(url)} on [batch, {size[0]}, {size[1]}, 3] "
-                             f"{dtype}: {storage.redact(_first_line(e))}") from None
-        if isinstance(out, dict) and len(out) == 1:
-            out = next(iter(out.values()))
-        elif isinstance(out, dict):  # (the first by name was taken: an embedding scored as classes, no word said)
-            raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature has {len(out)} outputs "
-                             f"({', '.join(sorted(out))}); rayvid needs one, [batch, classes]: export the model "
+        size, dtype, batch, clip_len, outputs = _savedmodel_input(local, cfg)
+        if len(outputs) > 1:  # (the first by name was taken: an embedding scored as classes, no word said)
+            raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature has {len(outputs)} outputs "
+                             f"({', '.join(sorted(outputs))}); rayvid needs one, [batch, classes]: export the model "
                              f"with that output alone")
+        frames = (clip_len,) if clip_len > 0 else ()
+        inp = keras.Input(shape=(*frames, size[0], size[1], 3), dtype="float32")
+
+        def call(x):  # a signature taking uint8 is given uint8 (the frames' own values)
+            y = layer(keras.ops.cast(x, dtype) if dtype != "float32" else x)
+            return next(iter(y.values())) if isinstance(y, dict) else y
+
+        try:
+            if batch == 1:  # a signature that fixes batches of one frame: one at a time, in the graph
+                import tensorflow as tf
+
+                spec = next(iter(outputs.values()))
+                out = keras.layers.Lambda(
+                    lambda x: tf.map_fn(lambda f: call(f[None])[0], x, fn_output_signature=spec.dtype),
+                    output_shape=tuple(spec.shape[1:]))(inp)
+            elif batch is not None:
+                raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature takes batches of "
+                                 f"exactly {batch}: export it with a free batch axis (None), or with 1")
+            else:
+                out = call(inp)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            shown = ", ".join(str(d) for d in inp.shape[1:])
+            raise ModelError(f"cannot run SavedModel {storage.public_uri(url)} on [batch, {shown}] "
+                             f"{dtype}: {storage.redact(_first_line(e))}") from None
         model = keras.Model(inp, out)
-        return model, size, "raw", 0
+        return model, size, "raw", clip_len, dtype
     if not _url_path(path).lower().endswith(MODEL_FILE_EXTENSIONS):
         raise ModelError(
             f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
@@ -470,22 +492,38 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     h, w = _fixed_size(shape[1], shape[2], cfg)
     if h is None:
         raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
-    return model, (int(h), int(w)), "raw", int(clip_len)
+    dtype = getattr(model.inputs[0], "dtype", "float32")
+    return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype))
 
 
-def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple[tuple[int, int], str]:
-    """((height, width), dtype) of a SavedModel's serving input: its own size where it fixes
-    one (else --input-size), after checking it takes RGB."""
+def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:
+    """((height, width), dtype, batch, clip_len, outputs) of a SavedModel's serving
+    signature: its own frame size where it fixes one (else --input-size), after checking it
+    takes RGB; the batch size it fixes (None: any); N for a video model's [batch, N, H, W,
+    3] input (-1 where N is open: not supported, ModelError), else 0; its outputs' specs
+    by name."""
     import tensorflow as tf
 
     sig = tf.saved_model.load(local).signatures["serving_default"]
     spec = list(sig.structured_input_signature[1].values())[0]
-    if len(spec.shape) == 4:
-        _check_channels(list(spec.shape), cfg.name)
-    h, w = _fixed_size(spec.shape[1], spec.shape[2], cfg)
+    shape = list(spec.shape)
+    if len(shape) not in (4, 5):
+        raise ModelError(f"SavedModel {storage.public_uri(cfg.name)} takes input of shape {tuple(shape)}; rayvid "
+                         f"feeds [batch, H, W, 3] frames or [batch, N, H, W, 3] clips")
+    _check_channels(shape, cfg.name)
+    clip_len = 0
+    if len(shape) == 5:
+        if shape[1] is None:
+            raise ModelError(f"SavedModel {storage.public_uri(cfg.name)} takes clips of any length: export it "
+                             f"with a fixed N, or save it as .keras (then --clip-len N)")
+        clip_len = int(shape[1])
+        shape = [shape[0], *shape[2:]]
+    h, w = _fixed_size(shape[1], shape[2], cfg)
     if h is None:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
-    return (int(h), int(w)), spec.dtype.name if spec.dtype in (tf.uint8, tf.float32) else "float32"
+    outputs = sig.structured_outputs if isinstance(sig.structured_outputs, dict) else {"output": sig.structured_outputs}
+    dtype = spec.dtype.name if spec.dtype in (tf.uint8, tf.float32) else "float32"
+    return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
 def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
@@ -520,7 +558,14 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
 
 
 def _read_labels(url: str) -> tuple[str, ...]:
-    text = storage.read_bytes(url).decode("utf-8")
+    """A labels file's non-blank lines, stripped; UTF-8, its byte-order mark dropped (an
+    editor's: it was kept in the first label, which then matched no `find`)."""
+    data = storage.read_bytes(url)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ModelError(f"labels {storage.public_uri(url)} is not UTF-8 text (byte {e.start}: "
+                         f"{data[e.start:e.start + 1]!r}): save it as UTF-8") from None
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

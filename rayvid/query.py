@@ -578,6 +578,9 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
             raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a URL whose query "
                              f"its record does not keep ({storage.public_uri(value)}): {hint}")
     predictor = infer.Predictor(model, batch_size=1)
+    if predictor.info.clip_len:  # (it failed deep in TensorFlow: an image is no clip)
+        raise ValueError(f"OUTPUT's embeddings are of clips ({predictor.info.clip_len if predictor.info.clip_len > 0 else 'N'} "
+                         f"frames: a video model); --image embeds one image: ask with --video URI --time T")
     h, w = predictor.info.input_size
     pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)
     return predictor.outputs(pixels[None])[1][0]

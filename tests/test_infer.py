@@ -304,7 +304,7 @@ def test_a_model_that_fails_while_traced_says_why(tmp_path):
         Predictor(ModelConfig(name=str(tmp_path / "r.keras"), input_size=(16, 16)), batch_size=2, threads=1)
 
 
-def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
+def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path, shapes_model):
     """Whatever stops an inference actor's constructor (here a model that rejects its
     warm-up batch: it loads, so the driver's probe passes) reaches the driver as a
     ModelError with the reason, through the Reports actor, not as Ray's report of a dead
@@ -341,3 +341,15 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.search(r"rayvid: error: " + reason, done.stderr.splitlines()[-1]), done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Stack trace" not in done.stderr, done.stderr[-3000:]
+    # a batch whose input alone would fill the node: on a CPU the OOM killer ended the actor,
+    # Ray restarted it, again and again (a 224x224 model at --batch-size 65536: no end in
+    # 5 minutes); said before the warm-up allocates it
+    from rayvid.config import InferConfig
+    from rayvid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--batch-size 10000000: a batch of 64x64x3 inputs is 491.5 GB as float32 "
+                                          r"before the model's own activations, and this node has .* GB free: use "
+                                          r"--batch-size \d+ or less"):
+        pipeline.run(RunConfig(input=str(videos), output=str(tmp_path / "out3"), progress=False,
+                               model=ModelConfig(name=shapes_model["path"]),
+                               infer=InferConfig(batch_size=10_000_000)))

@@ -36,6 +36,15 @@ def test_labels_must_match_the_model(shapes_model, tmp_path):
     bad.write_text("a\nb\n")
     with pytest.raises(ModelError, match="has 2 entries but the model outputs 6 classes"):
         models.load(ModelConfig(name=shapes_model["path"], labels=str(bad)))
+    # an editor's byte-order mark was kept in the first label (which then matched no `find`);
+    # a Latin-1 file failed as "cannot run model ...: UnicodeDecodeError", naming the model
+    names = ["café", "b", "c", "d", "e", "f"]
+    (tmp_path / "bom.txt").write_bytes("\n".join(names).encode("utf-8-sig"))
+    assert models.load(ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "bom.txt")))[1].labels == tuple(names)
+    (tmp_path / "latin1.txt").write_bytes("\n".join(names).encode("latin-1"))
+    with pytest.raises(ModelError, match=rf"^labels {tmp_path}/latin1.txt is not UTF-8 text \(byte 3: b'\\xe9'\): "
+                                         r"save it as UTF-8$"):
+        models.load(ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "latin1.txt")))
 
 
 def test_application_with_weights_file_at_a_url(tmp_path, s3fs_client):
@@ -439,3 +448,63 @@ def test_a_model_that_scales_its_input_itself_warns_of_a_second_scaling(shapes_m
     models.load(ModelConfig(name=str(tmp_path / "nested.keras"), preprocess="tf"))
     assert [r.getMessage().split(" and ")[0] for r in caplog.records if r.name == "rayvid.models"] == [
         f"{tmp_path / 'nested.keras'} scales its input itself (its first layers include 'norm255')"]
+
+
+def test_savedmodels_with_a_fixed_batch_or_clips(tmp_path):
+    """A SavedModel whose signature fixes batches of 1 (`tf.saved_model.save` with a
+    TensorSpec([1, ...])) failed at the first batch with TensorFlow's binding error: it now
+    runs frame by frame inside the graph, the same scores. One fixing another batch size is
+    refused, saying how to export it. A video model's SavedModel ([batch, N, H, W, 3]) was
+    read as frames of N x H and failed: it is a clip model of N frames."""
+    import tensorflow as tf
+
+    def saved(name, spec, fn):
+        class M(tf.Module):
+            @tf.function(input_signature=[tf.TensorSpec(spec, tf.float32)])
+            def serve(self, x):
+                return {"probs": fn(x)}
+
+        m = M()
+        tf.saved_model.save(m, str(tmp_path / name), signatures={"serving_default": m.serve})
+        return str(tmp_path / name)
+
+    def mean_rgb(x):
+        return tf.nn.softmax(tf.reduce_mean(x, axis=[1, 2]) / 50.0)
+
+    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 24, 3)).astype(np.float32)
+    model, info = models.load(ModelConfig(name=saved("b1", [1, 32, 24, 3], mean_rgb)))
+    assert (info.input_size, info.num_classes, info.clip_len) == ((32, 24), 3, 0)
+    np.testing.assert_allclose(model(x).numpy(), mean_rgb(x).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match=r"its serving signature takes batches of exactly 4: export it with a free "
+                                         r"batch axis \(None\), or with 1"):
+        models.load(ModelConfig(name=saved("b4", [4, 32, 24, 3], mean_rgb)))
+
+    def clip_mean(c):
+        return tf.nn.softmax(tf.reduce_mean(c, axis=[1, 2, 3]) / 50.0)
+
+    clips = np.random.default_rng(1).uniform(0, 255, (3, 4, 32, 24, 3)).astype(np.float32)
+    model, info = models.load(ModelConfig(name=saved("clip4", [None, 4, 32, 24, 3], clip_mean)))
+    assert (info.input_size, info.num_classes, info.clip_len) == ((32, 24), 3, 4)
+    np.testing.assert_allclose(model(clips).numpy(), clip_mean(clips).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match=r"takes clips of any length: export it with a fixed N"):
+        models.load(ModelConfig(name=saved("clipn", [None, None, 32, 24, 3], clip_mean)))
+
+
+def test_a_model_that_takes_uint8_refuses_a_preprocessing_that_makes_fractions(tmp_path):
+    """A uint8-input model with --preprocess unit/tf/torch was handed 0-1 floats cast to
+    uint8 (every pixel 0 or 1): its scores wrong, exit 0, no word. Refused; raw (the
+    default for model files) is exact."""
+    import keras
+
+    u8 = keras.Input((16, 16, 3), dtype="uint8")
+    scaled = keras.layers.Rescaling(1 / 255)(u8)
+    model = keras.Model(u8, keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(scaled)))
+    model.save(str(tmp_path / "u8.keras"))
+    model.export(str(tmp_path / "u8_sm"), verbose=False)
+    for name in ("u8.keras", "u8_sm"):
+        for mode in ("unit", "torch"):
+            with pytest.raises(ModelError, match=rf"{tmp_path}/{name} takes uint8 input \(its own 0-255 pixels\): "
+                                                 rf"--preprocess {mode} would hand it fractions, cut to 0 or 1; use "
+                                                 r"--preprocess raw \(the default for model files\)"):
+                models.load(ModelConfig(name=str(tmp_path / name), preprocess=mode))
+        models.load(ModelConfig(name=str(tmp_path / name), preprocess="raw"))

@@ -539,6 +539,23 @@ def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys)
     assert "holds no video named /w/a.mp4; did you mean /v/a.mp4?" in capsys.readouterr().err
 
 
+def test_similar_image_on_a_clip_models_embeddings_says_to_ask_by_time(tmp_path, capsys, clip_model):
+    """`similar --image` where the embeddings are a video model's (one per clip) failed with
+    TensorFlow's traceback (exit 1): an image is no clip. Exit 2 saying what to ask instead."""
+    from PIL import Image
+
+    from rayvid.config import ModelConfig, RunConfig
+
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("still", 0.9)] * 3}, embed_dim=4)  # (run r1's rows)
+    cfg = RunConfig(input="/v", output=out, model=ModelConfig(name=clip_model["model"], embed="auto"))
+    commit.write_run_record(out, "r1", {"run_id": "r1", "status": "finished", "config": cfg.to_dict()})
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "q.png")
+    assert cli.main(["similar", out, "--image", str(tmp_path / "q.png")]) == 2
+    assert capsys.readouterr().err.endswith("OUTPUT's embeddings are of clips (4 frames: a video model); --image "
+                                            "embeds one image: ask with --video URI --time T\n")
+
+
 def test_similar_at_a_time_the_video_does_not_show_says_so(tmp_path, capsys):
     """`--time` past the video's end answered for its last frame, silently: a typo'd time
     looked like an answer. The end is the video's duration (its videos/ row), else where its
