@@ -283,6 +283,7 @@ class Predictor:
         self._in_call, self._in_model = _Busy(), _Busy()
         self._first = None  # when the first batch came in: waiting counts from there
         self._counts = {"frames": 0, "batches": 0}
+        self._warned_nan = False
 
     def scores(self, frames: np.ndarray) -> np.ndarray:
         """Model scores for any number of frames, in fixed-size (padded) batches."""
@@ -369,6 +370,16 @@ class Predictor:
         if len(rows):
             label[rows] = self.labels[ids[:, 0]]
             score[rows] = top_scores[:, 0]
+            # a frame the model scored NaN in every class has no label (it was class 0's,
+            # "100% of frames", at a NaN score); its NaN scores stay in `score` and `topk`
+            nan = np.isnan(top_scores[:, 0])
+            if nan.any():
+                label[rows[nan]] = None
+                if not self._warned_nan:
+                    self._warned_nan = True
+                    log.warning("the model's scores are NaN for %d of %d frames in a batch (its output, "
+                                "not the frames': an input it cannot take, or a numeric overflow, e.g. "
+                                "float16): their label is null", int(nan.sum()), len(rows))
         computed = {
             "label": pa.array(label.tolist(), pa.string()),
             "score": pa.array(score, pa.float32(), mask=~is_frame),

@@ -206,6 +206,32 @@ def test_embeddings_are_the_classifier_input(shapes_model):
     assert table.column("embedding").null_count == 1
 
 
+def test_frames_the_model_scores_nan_have_no_label(tmp_path, caplog):
+    """A model whose output is NaN for some frames (here: sqrt of a negative for dark ones)
+    stored them as class 0 at a NaN score (the summary: "class_0 100% of frames"): their
+    label is null, the NaN scores kept, and the actor warns once."""
+    import tensorflow as tf
+
+    class Dark(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def serve(self, x):
+            v = tf.sqrt(tf.reduce_mean(x, axis=[1, 2, 3]) - 100.0)
+            return {"probs": tf.stack([v, -v], axis=1)}
+
+    m = Dark()
+    tf.saved_model.save(m, str(tmp_path / "dark"), signatures={"serving_default": m.serve})
+    frames = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 200, 10, 255)])
+    p = Predictor(ModelConfig(name=str(tmp_path / "dark")), batch_size=4)
+    table = p({"kind": np.array([KIND_FRAME] * 4, object), "frame": frames, "reused_from": np.array([-1] * 4),
+               **_passthrough(4)})
+    assert table.column("label").to_pylist() == [None, "class_0", None, "class_0"]
+    score = table.column("score").to_numpy(zero_copy_only=False)
+    assert np.isnan(score[[0, 2]]).all() and np.allclose(score[[1, 3]], [10.0, np.sqrt(155.0)])
+    assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
+        "the model's scores are NaN for 2 of 4 frames in a batch (its output, not the frames': an input it "
+        "cannot take, or a numeric overflow, e.g. float16): their label is null"]
+
+
 def _passthrough(n: int) -> dict:
     """The decoder's other columns, for n rows."""
     return {
