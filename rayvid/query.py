@@ -368,10 +368,16 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     times = preds.column("timestamp_s").to_numpy()
     labels = preds.column("label").to_numpy(zero_copy_only=False)
     scores = preds.column("score").fill_null(np.nan).to_numpy().astype(np.float64)
+    # a clip run's rows say where each clip ends (the frame after its last): a video of one
+    # clip was 0.1 s long by the rule for frames
+    clip_ends = (preds.column("end_s").fill_null(np.nan).to_numpy().astype(np.float64)
+                 if "end_s" in preds.column_names else None)
     starts = np.flatnonzero(np.r_[True, uris[1:] != uris[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
         t = times[lo:hi]
         ends = frame_ends(t, *((videos or {}).get(uris[lo]) or (None, None)))
+        if clip_ends is not None:
+            ends = np.where(np.isnan(clip_ends[lo:hi]), ends, clip_ends[lo:hi])
         lab = labels[lo:hi].copy()
         sc = scores[lo:hi]
         ok = np.array([x is not None for x in lab]) & (sc >= min_score)
@@ -410,7 +416,7 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
 def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
              min_duration: float = 0.0, gap: float = GAP_S, video: Optional[str] = None) -> pa.Table:
     """`label_segments` over every committed video (or one), part by part."""
-    columns = ["video_uri", "frame_index", "timestamp_s", "label", "score"]
+    columns = ["video_uri", "frame_index", "timestamp_s", "label", "score", "end_s"]  # (end_s: clip runs' parts)
     video = storage.canonical(video) if video is not None else None
     videos = {}  # each video's (duration_s, fps): where its last frame ends
     for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):

@@ -670,7 +670,7 @@ class FrameReader:
                 on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
-            clips = Clips(self.clip_len, self.clip_stride, info.times) if self.clip_len else None
+            clips = Clips(self.clip_len, self.clip_stride, info.times, info.fps) if self.clip_len else None
             for idx, frames in self._frames(path, info, keep, state):
                 got[idx] = True
                 if clips is not None:
@@ -983,8 +983,9 @@ class Clips:
     of the video frame after its last one, so clips tile the time line), frames [N, H, W, 3]).
     """
 
-    def __init__(self, n: int, stride: int, times: np.ndarray):
+    def __init__(self, n: int, stride: int, times: np.ndarray, fps: float = 0.0):
         self.n, self.stride, self.times = n, stride, times
+        self.frame = 1.0 / fps if fps > 0 else 0.0  # a one-frame video's one frame lasts this long
         self.buf_idx: list = []
         self.buf: list = []
         self.skip = 0  # kept frames to pass over when the stride exceeds the clip
@@ -1015,7 +1016,7 @@ class Clips:
         first, last = idx[0], idx[-1]
         self.covered = last
         t = self.times
-        end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else 0.0)
+        end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else self.frame)
         return first, last, float(t[first]), float(end), np.stack(frames)
 
 

@@ -539,6 +539,17 @@ def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys)
     assert "holds no video named /w/a.mp4; did you mean /v/a.mp4?" in capsys.readouterr().err
 
 
+def test_a_clip_runs_segments_end_where_their_clips_end():
+    """A clip run's rows carry each clip's end_s: a video of one clip of 3 frames (0.3 s) was
+    a segment of 0-0.1 s by the rule for frames (a frame lasts until the next row)."""
+    preds = pa.table({"video_uri": ["/v/three.mp4", "/v/long.mp4", "/v/long.mp4"], "frame_index": [0, 0, 4],
+                      "timestamp_s": [0.0, 0.0, 0.4], "label": ["moving"] * 3, "score": [0.9] * 3,
+                      "end_s": [0.3, 0.4, 0.7]})
+    got = query.label_segments(preds.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]))
+    assert [(r["video_uri"], r["start_s"], r["end_s"]) for r in got.to_pylist()] == [
+        ("/v/long.mp4", 0.0, 0.7), ("/v/three.mp4", 0.0, 0.3)]
+
+
 def test_similar_image_on_a_clip_models_embeddings_says_to_ask_by_time(tmp_path, capsys, clip_model):
     """`similar --image` where the embeddings are a video model's (one per clip) failed with
     TensorFlow's traceback (exit 1): an image is no clip. Exit 2 saying what to ask instead."""

@@ -125,6 +125,18 @@ def test_clips_tile_the_kept_frames(n, stride, starts, ends):
         assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
 
 
+def test_a_one_frame_videos_clip_lasts_a_frame():
+    """A one-frame video's clip ended where it began (start_s = end_s = 0): it lasts one
+    frame at the stream's rate (none known: 0, as before)."""
+    from rayvid.video import Clips
+
+    frame = np.zeros((1, 2, 2, 3), np.uint8)
+    for fps, end in ((10.0, 0.1), (0.0, 0.0)):
+        clips = Clips(4, 4, np.array([0.0]), fps)
+        [(first, last, start_s, end_s, _)] = clips.add(np.arange(1), frame) + clips.finish()
+        assert (first, last, start_s) == (0, 0, 0.0) and end_s == pytest.approx(end)
+
+
 @pytest.mark.parametrize("name", sorted(framecode.TRIMMED))
 @pytest.mark.parametrize("sampling", [{}, {"every": 3}, {"fps": 4.0}, {"keyframes": True}, {"decoder": "pyav"}])
 def test_a_trimmed_video_is_the_frames_a_player_shows(trimmed, name, sampling):
