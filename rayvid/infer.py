@@ -328,8 +328,9 @@ class Predictor:
                 now = time.perf_counter()
                 self._in_call.leave(now)
                 if table is not None:
-                    self._counts["frames"] += int(_count_valid(table.column("score")))
-                    self._counts["batches"] += 1
+                    inferred = int(_count_valid(table.column("score")))
+                    self._counts["frames"] += inferred
+                    self._counts["batches"] += 1 if inferred else 0  # (a batch of end rows alone ran no model)
                     clock = self._clock(now)
         if self._reports is not None:  # fire and forget: never waits on the driver
             self._reports.report.remote(self._key, clock)

@@ -17,6 +17,7 @@ a model file (`labels.txt` inside a SavedModel), else `class_<i>`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -131,8 +132,9 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
 def _check_channels(shape, name: str) -> None:
     """ModelError unless the model takes RGB frames (its input's last axis 3, or open)."""
     if shape[-1] not in (3, None):
+        first = " (channels first, as PyTorch orders them? rayvid feeds channels last)" if shape[-3] == 3 else ""
         raise ModelError(f"model {storage.public_uri(name)} takes {shape[-1]} channel(s) per pixel "
-                         f"(input {tuple(shape)}); rayvid feeds RGB frames (3): give it a model that takes "
+                         f"(input {tuple(shape)}){first}; rayvid feeds RGB frames (3): give it a model that takes "
                          f"[batch, H, W, 3] (e.g. one that converts RGB to what it needs as its first layer)")
 
 
@@ -547,6 +549,9 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
                 continue
     if labels is None and num_classes == 1000:
         labels = imagenet_labels()
+        if cfg.name not in APPLICATIONS:  # (documented; a model trained on 1000 other classes gets them too)
+            log.warning("%s outputs 1000 classes and has no labels file beside it: its labels are ImageNet's "
+                        "(give --labels if they are not)", display_name(cfg))
     if labels is None:
         return tuple(f"class_{i}" for i in range(num_classes))
     if len(labels) != num_classes:
@@ -554,6 +559,10 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
             f"labels {storage.public_uri(source) or 'file'} has {len(labels)} entries but the model outputs "
             f"{num_classes} classes"
         )
+    twice = sorted(x for x, n in collections.Counter(labels).items() if n > 1)
+    if twice:  # (their classes' rows cannot be told apart by label; `topk` keeps class_id)
+        log.warning("labels %s name %d label(s) more than once (%s): those classes share a label",
+                    storage.public_uri(source) or "file", len(twice), ", ".join(repr(x) for x in twice[:5]))
     return labels
 
 

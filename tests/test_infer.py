@@ -108,6 +108,10 @@ def test_concurrent_calls_give_the_same_rows_and_account_for_all_of_the_time(sha
     now = time.perf_counter()
     clock = predictor._clock(now)
     assert clock["batches"] == 12 and clock["frames"] == 2 * sum(13 + k for k in range(6))
+    # a batch holding only a video's end row runs no model: not a batch ("35 frames in 37 batches")
+    end_only = {**_frame_batch(_frames(1)), "kind": np.array([KIND_END], dtype=object)}
+    predictor(end_only)
+    assert predictor._clock(time.perf_counter())["batches"] == 12
     # a partition of the actor's time since its first batch: with a model call running,
     # with a batch in hand and no model call running, with no batch in hand
     assert clock["model_s"] > 0 and clock["other_s"] > 0 and clock["wait_s"] >= 0

@@ -31,7 +31,7 @@ def test_keras_file_local_and_s3_with_sibling_labels(shapes_model, s3fs_client):
     np.testing.assert_allclose(model.predict(x, verbose=0), s3_model.predict(x, verbose=0), rtol=1e-6)
 
 
-def test_labels_must_match_the_model(shapes_model, tmp_path):
+def test_labels_must_match_the_model(shapes_model, tmp_path, caplog):
     bad = tmp_path / "labels.txt"
     bad.write_text("a\nb\n")
     with pytest.raises(ModelError, match="has 2 entries but the model outputs 6 classes"):
@@ -41,6 +41,11 @@ def test_labels_must_match_the_model(shapes_model, tmp_path):
     names = ["café", "b", "c", "d", "e", "f"]
     (tmp_path / "bom.txt").write_bytes("\n".join(names).encode("utf-8-sig"))
     assert models.load(ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "bom.txt")))[1].labels == tuple(names)
+    # a label named twice: both classes keep it, with a warning (their rows share the label)
+    (tmp_path / "twice.txt").write_text("a\nb\na\nc\nd\ne\n")
+    with caplog.at_level("WARNING", "rayvid.models"):
+        assert models.load(ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "twice.txt")))[1].labels[2] == "a"
+    assert f"labels {tmp_path}/twice.txt name 1 label(s) more than once ('a'): those classes share a label" in caplog.text
     (tmp_path / "latin1.txt").write_bytes("\n".join(names).encode("latin-1"))
     with pytest.raises(ModelError, match=rf"^labels {tmp_path}/latin1.txt is not UTF-8 text \(byte 3: b'\\xe9'\): "
                                          r"save it as UTF-8$"):
@@ -193,6 +198,11 @@ def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tm
         with pytest.raises(ModelError, match=rf"takes {channels} channel\(s\) per pixel") as e:
             models.load(ModelConfig(name=str(tmp_path / f"c{channels}_sm")))
         assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    first = keras.Input((3, 32, 32))  # channels first, as a PyTorch port has it
+    keras.Model(first, keras.layers.Dense(2)(keras.layers.Flatten()(first))).save(str(tmp_path / "cf.keras"))
+    with pytest.raises(ModelError, match=r"takes 32 channel\(s\) per pixel \(input \(None, 3, 32, 32\)\) \(channels "
+                                         r"first, as PyTorch orders them\? rayvid feeds channels last\)"):
+        models.static_shape(ModelConfig(name=str(tmp_path / "cf.keras")))
     fixed = keras.Input((24, 40, 3))
     model = keras.Model(fixed, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(fixed)))
     model.save(str(tmp_path / "fixed.keras"))
@@ -205,7 +215,7 @@ def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tm
     del tf
 
 
-def test_models_rayvid_reads_as_keras_does(tmp_path):
+def test_models_rayvid_reads_as_keras_does(tmp_path, caplog):
     """A one-entry dict output (`{"probs": ...}`: a TypeError at the first batch), a
     SavedModel taking uint8 (refused: float fed), and a 1000-class model with its own labels
     file beside it (ImageNet's were taken): the scores and labels Keras' own give."""
@@ -231,6 +241,11 @@ def test_models_rayvid_reads_as_keras_does(tmp_path):
     k1000.save(str(tmp_path / "k1000.keras"))
     (tmp_path / "k1000.labels.txt").write_text("".join(f"mine_{i}\n" for i in range(1000)))
     assert models.load(ModelConfig(name=str(tmp_path / "k1000.keras")))[1].labels[:2] == ("mine_0", "mine_1")
+    # without its labels file: ImageNet's, with a warning (a model of 1000 other classes gets them too)
+    (tmp_path / "k1000.labels.txt").unlink()
+    with caplog.at_level("WARNING", "rayvid.models"):
+        assert models.load(ModelConfig(name=str(tmp_path / "k1000.keras")))[1].labels[0] == "tench"
+    assert "outputs 1000 classes and has no labels file beside it: its labels are ImageNet's" in caplog.text
 
 
 def test_not_a_model_file(tmp_path):
