@@ -119,29 +119,47 @@ def _check_batch_fits(batch_size: int, frame_shape: list) -> None:
     never ended (a 224x224 model at --batch-size 65536: 39 GB)."""
     free = _free_bytes()
     need = int(batch_size) * int(np.prod(frame_shape)) * 4
-    if free and need > free / 4:
+    # (never below 256 MB of input: the default batches, 32 frames, are far from it, and a
+    # cgroup's count of memory in use can be off by its page cache)
+    if free and need > max(free / 4, 256e6):
         shape = "x".join(str(d) for d in frame_shape)
         fits = max(1, int(batch_size * free / 4 / need))
-        raise ConfigError(f"--batch-size {batch_size}: a batch of {shape} inputs is {need / 1e9:.1f} GB as float32 "
-                          f"before the model's own activations, and this node has {free / 1e9:.1f} GB free: "
+        raise ConfigError(f"--batch-size {batch_size}: a batch of {shape} inputs is {_size(need)} as float32 "
+                          f"before the model's own activations, and this node has {_size(free)} free: "
                           f"use --batch-size {min(fits, 256)} or less (on a CPU more than a few hundred "
                           f"frames per batch buys no speed)")
 
 
-def _free_bytes() -> int:
-    """Memory this process may still take: MemAvailable, or its cgroup's limit less its
-    use where that is lower (a container); 0 where neither can be read."""
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _free_bytes(root: str = "") -> int:
+    """Memory this process may still take: MemAvailable, or where lower its cgroup's limit
+    less its working set (use less inactive page cache, as the kubelet counts it; cgroup v2,
+    then v1); 0 where none can be read (no /proc: no check)."""
+    def read(path: str) -> str:
+        with open(root + path) as f:
+            return f.read()
+
+    def inactive(stat: str, key: str) -> int:
+        return next((int(line.split()[1]) for line in stat.splitlines() if line.startswith(key + " ")), 0)
+
     free = 0
     with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/meminfo") as f:
-            free = int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
-    with contextlib.suppress(OSError, ValueError):
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            free = min(free or int(limit) - used, int(limit) - used)
+        free = int(next(line for line in read("/proc/meminfo").splitlines()
+                        if line.startswith("MemAvailable:")).split()[1]) * 1024
+    for limit_file, usage_file, stat_file, key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file")):
+        with contextlib.suppress(OSError, ValueError):
+            limit = read(f"/sys/fs/cgroup/{limit_file}").strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # (v1's "no limit": a huge number)
+                break
+            used = int(read(f"/sys/fs/cgroup/{usage_file}")) - inactive(read(f"/sys/fs/cgroup/{stat_file}"), key)
+            left = int(limit) - max(0, used)
+            free = min(free, left) if free else left
+            break
     return max(0, free)
 
 

@@ -340,6 +340,9 @@ def detection_classes(shape) -> int:
     return int(shape[-1]) - 5
 
 
+SAVEDMODEL_FRAME_BY_FRAME = "rayvid_savedmodel_frame_by_frame"  # the layer that holds a batch-1 SavedModel
+
+
 def with_embedding(keras, model, layer: str = "auto"):
     """(a model with two outputs, [scores, embedding], and the embedding's width).
     `auto`: the input of the classifier, found by walking back from the output past
@@ -347,7 +350,7 @@ def with_embedding(keras, model, layer: str = "auto"):
     else the output of the layer of that name. Outputs of rank > 2 (feature maps) are
     averaged over their spatial axes. A SavedModel has none to take: its layers are out of
     Keras' reach (one TFSMLayer), so walking back would find the image itself."""
-    if any(isinstance(lay, keras.layers.TFSMLayer) for lay in model.layers):
+    if any(isinstance(lay, keras.layers.TFSMLayer) or lay.name == SAVEDMODEL_FRAME_BY_FRAME for lay in model.layers):
         raise ModelError("--embed needs a Keras model (a .keras or .h5 file, or a keras.applications name): "
                          "a SavedModel's layers cannot be reached; save the model as .keras")
     if layer == "auto":
@@ -453,7 +456,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
                 spec = next(iter(outputs.values()))
                 out = keras.layers.Lambda(
                     lambda x: tf.map_fn(lambda f: call(f[None])[0], x, fn_output_signature=spec.dtype),
-                    output_shape=tuple(spec.shape[1:]))(inp)
+                    output_shape=tuple(spec.shape[1:]), name=SAVEDMODEL_FRAME_BY_FRAME)(inp)
             elif batch is not None:
                 raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature takes batches of "
                                  f"exactly {batch}: export it with a free batch axis (None), or with 1")

@@ -376,8 +376,9 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
         t = times[lo:hi]
         ends = frame_ends(t, *((videos or {}).get(uris[lo]) or (None, None)))
-        if clip_ends is not None:
-            ends = np.where(np.isnan(clip_ends[lo:hi]), ends, clip_ends[lo:hi])
+        if clip_ends is not None:  # (overlapping clips, --clip-stride < N: until the next one starts)
+            mine = clip_ends[lo:hi]
+            ends = np.where(np.isnan(mine), ends, np.r_[np.minimum(ends[:-1], mine[:-1]), mine[-1:]])
         lab = labels[lo:hi].copy()
         sc = scores[lo:hi]
         ok = np.array([x is not None for x in lab]) & (sc >= min_score)
@@ -532,7 +533,7 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     run record is passed over."""
     from PIL import Image, ImageOps
 
-    from rayvid import infer
+    from rayvid import infer, models
     from rayvid.config import RunConfig
 
     where = storage.public_uri(image)
@@ -583,6 +584,10 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
             hint = "give it again: similar --model URL" if flag == "--model" else "it cannot be loaded from the record"
             raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a URL whose query "
                              f"its record does not keep ({storage.public_uri(value)}): {hint}")
+    shape = models.static_shape(model)  # (a .keras clip model of open N fails in the Predictor)
+    if shape is not None and shape.clip_len:
+        raise ValueError(f"OUTPUT's embeddings are of clips ({shape.clip_len if shape.clip_len > 0 else 'N'} "
+                         f"frames: a video model); --image embeds one image: ask with --video URI --time T")
     predictor = infer.Predictor(model, batch_size=1)
     if predictor.info.clip_len:  # (it failed deep in TensorFlow: an image is no clip)
         raise ValueError(f"OUTPUT's embeddings are of clips ({predictor.info.clip_len if predictor.info.clip_len > 0 else 'N'} "

@@ -383,3 +383,29 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path, sh
         pipeline.run(RunConfig(input=str(videos), output=str(tmp_path / "out3"), progress=False,
                                model=ModelConfig(name=shapes_model["path"]),
                                infer=InferConfig(batch_size=10_000_000)))
+
+
+def test_free_memory_counts_a_containers_limit_less_its_working_set(tmp_path):
+    """What the batch-size check compares with: MemAvailable, or a cgroup's limit less its
+    working set where lower (its page cache is not counted as used: a pod that had read
+    videos sat at its limit and was refused the default batch of 32)."""
+    from rayvid.infer import _free_bytes
+
+    def tree(name, files):
+        for path, text in files.items():
+            (tmp_path / name / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / path).write_text(text)
+        return str(tmp_path / name)
+
+    meminfo = {"proc/meminfo": "MemTotal: 64000000 kB\nMemAvailable: 48000000 kB\n"}
+    assert _free_bytes(tree("host", meminfo)) == 48000000 * 1024
+    v2 = {**meminfo, "sys/fs/cgroup/memory.max": str(8 << 30), "sys/fs/cgroup/memory.current": str((8 << 30) - (40 << 20)),
+          "sys/fs/cgroup/memory.stat": f"anon {1 << 30}\ninactive_file {6 << 30}\nactive_file 0\n"}
+    assert _free_bytes(tree("v2", v2)) == (6 << 30) + (40 << 20)  # the cache is there to be taken
+    v1 = {**meminfo, "sys/fs/cgroup/memory/memory.limit_in_bytes": str(4 << 30),
+          "sys/fs/cgroup/memory/memory.usage_in_bytes": str(3 << 30),
+          "sys/fs/cgroup/memory/memory.stat": f"cache 0\ntotal_inactive_file {1 << 30}\n"}
+    assert _free_bytes(tree("v1", v1)) == 2 << 30
+    unlimited = {**meminfo, "sys/fs/cgroup/memory.max": "max", "sys/fs/cgroup/memory.current": "1"}
+    assert _free_bytes(tree("unlimited", unlimited)) == 48000000 * 1024
+    assert _free_bytes(str(tmp_path / "nothing")) == 0  # (no /proc: no check)

@@ -490,6 +490,8 @@ def test_savedmodels_with_a_fixed_batch_or_clips(tmp_path):
     model, info = models.load(ModelConfig(name=saved("b1", [1, 32, 24, 3], mean_rgb)))
     assert (info.input_size, info.num_classes, info.clip_len) == ((32, 24), 3, 0)
     np.testing.assert_allclose(model(x).numpy(), mean_rgb(x).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match=r"--embed needs a Keras model"):  # (its layer is out of reach, as any SavedModel's)
+        models.load(ModelConfig(name=str(tmp_path / "b1"), embed="auto"))
     with pytest.raises(ModelError, match=r"its serving signature takes batches of exactly 4: export it with a free "
                                          r"batch axis \(None\), or with 1"):
         models.load(ModelConfig(name=saved("b4", [4, 32, 24, 3], mean_rgb)))

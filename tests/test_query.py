@@ -548,6 +548,13 @@ def test_a_clip_runs_segments_end_where_their_clips_end():
     got = query.label_segments(preds.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")]))
     assert [(r["video_uri"], r["start_s"], r["end_s"]) for r in got.to_pylist()] == [
         ("/v/long.mp4", 0.0, 0.7), ("/v/three.mp4", 0.0, 0.3)]
+    # overlapping clips (--clip-len 4 --clip-stride 2, 10 fps): a clip lasts until the next
+    # begins, so segments tile the video (a review found "still 0-0.6, moving 0.4-1.0")
+    overlap = pa.table({"video_uri": ["/v/o.mp4"] * 4, "frame_index": [0, 2, 4, 6], "timestamp_s": [0.0, 0.2, 0.4, 0.6],
+                        "label": ["still", "still", "moving", "moving"], "score": [0.9] * 4,
+                        "end_s": [0.4, 0.6, 0.8, 1.0]})
+    assert [(r["label"], r["start_s"], r["end_s"]) for r in query.label_segments(overlap, gap=0).to_pylist()] == [
+        ("still", 0.0, 0.4), ("moving", 0.4, 1.0)]
 
 
 def test_similar_image_on_a_clip_models_embeddings_says_to_ask_by_time(tmp_path, capsys, clip_model):
