@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from rayvid import storage
 from rayvid.config import DECODERS, HEADS, PREPROCESS, SAMPLING_MODES, RunConfig, merge
-from rayvid.errors import ConfigError, InputError, RayvidError
+from rayvid.errors import ConfigError, InputError, RayvidError, StorageError
 
 SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still camera, below a moving object
 # Options whose value is optional: `--embed` alone, `--embed=LAYER`, or `--embed LAYER`
@@ -375,12 +375,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verb == "samples":
             from rayvid import samples
 
-            paths = samples.ensure_samples(args.dir, n_videos=args.videos, seconds=args.seconds, force=args.force)
-            model_dir = os.path.join(args.dir, "model")
-            if args.detector:
-                paths["detector"] = samples.train_detector(model_dir)["model"]
-            if args.clip_model:
-                paths["clip_model"] = samples.train_clip_model(model_dir)["model"]
+            try:
+                paths = samples.ensure_samples(args.dir, n_videos=args.videos, seconds=args.seconds, force=args.force)
+                model_dir = os.path.join(args.dir, "model")
+                if args.detector:
+                    paths["detector"] = samples.train_detector(model_dir)["model"]
+                if args.clip_model:
+                    paths["clip_model"] = samples.train_clip_model(model_dir)["model"]
+            except OSError as e:  # (DIR a file, a folder that cannot be made, a full disk)
+                raise StorageError(f"cannot write samples into {args.dir}: {storage.describe(e)}") from None
             from rayvid import query
 
             with query.stdout() as out:

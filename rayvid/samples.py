@@ -10,13 +10,17 @@ seconds, deterministically) is a real model with real predictions, loaded throug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+import zipfile
 from typing import Iterable, Optional
 
 import numpy as np
+
+from rayvid.errors import ConfigError
 
 CLASSES = ("blank", "checker", "circle", "square", "stripes", "triangle")
 MODEL_SIZE = 64
@@ -181,24 +185,50 @@ def ensure_samples(root: str, n_videos: int = 6, seconds: float = 4.0, force: bo
     """Create `root/videos/*.mp4`, `root/truth.json` and `root/model/` unless present: the
     videos again where those present are not `n_videos` of `seconds` (a sample video of
     another run of `samples` left in videos/ is deleted: the job would list it)."""
+    if not 1 <= n_videos <= MAX_VIDEOS:
+        raise ConfigError(f"--videos must be 1 to {MAX_VIDEOS}, got {n_videos}")
+    if not 1 / FPS <= seconds <= MAX_SECONDS:
+        raise ConfigError(f"--seconds must be {1 / FPS:g} (one frame) to {MAX_SECONDS:g}, got {seconds:g}")
     videos = os.path.join(root, "videos")
     model_dir = os.path.join(root, "model")
     truth_path = os.path.join(root, "truth.json")
     os.makedirs(videos, exist_ok=True)
     paths = [os.path.abspath(os.path.join(videos, f"sample_{i:02d}.mp4")) for i in range(n_videos)]  # as video_uri
     if force or _truth(truth_path, videos) != {os.path.basename(p): int(round(seconds * FPS)) for p in paths}:
+        # truth.json goes first and comes back last: one interrupted meanwhile (Ctrl-C) leaves
+        # none, so the next `samples` makes them again (it kept a video cut short, its truth
+        # the old one's); each video is written under a temporary name, then renamed
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(truth_path)
         for name in os.listdir(videos):
-            if re.fullmatch(r"sample_\d+\.mp4", name):
+            if re.fullmatch(r"sample_\d+\.mp4|\.sample_\d+\.mp4\.tmp\.mp4", name):  # (and an interrupted one's)
                 os.remove(os.path.join(videos, name))
-        truth = {path: make_video(path, seconds, seed=100 + i) for i, path in enumerate(paths)}
-        with open(truth_path, "w") as f:
+        truth = {}
+        for i, path in enumerate(paths):
+            tmp = os.path.join(videos, f".{os.path.basename(path)}.tmp.mp4")
+            truth[path] = make_video(tmp, seconds, seed=100 + i)
+            os.replace(tmp, path)
+        with open(truth_path + ".tmp", "w") as f:
             json.dump(truth, f)
+        os.replace(truth_path + ".tmp", truth_path)
     info = {"videos": videos, "truth": truth_path}
     model_path = os.path.join(model_dir, "shapes.keras")
-    if force or not os.path.exists(model_path):
+    if force or not _model_saved(model_dir, "shapes"):
         info.update(train_model(model_dir))
     info["model"] = model_path
     return info
+
+
+MAX_VIDEOS, MAX_SECONDS = 1000, 3600.0  # (1 h of 160x120 video: about 200 MB a video)
+
+
+def _model_saved(out_dir: str, name: str) -> bool:
+    """Whether `_save` finished: the labels file is written after the model, and the model
+    file is whole (a zip archive: one cut short by a Ctrl-C was taken as present)."""
+    path = os.path.join(out_dir, f"{name}.keras")
+    if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, f"{name}.labels.txt"))):
+        return False
+    return zipfile.is_zipfile(path)
 
 
 def _truth(path: str, videos: str) -> Optional[dict]:
@@ -409,7 +439,11 @@ def _save(model, out_dir: str, name: str, labels) -> str:
     """`name`.keras and `name`.labels.txt (where rayvid looks for a model file's labels)."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.keras")
-    model.save(path)
+    with contextlib.suppress(FileNotFoundError):  # (the labels file says the model is whole: it goes first)
+        os.remove(os.path.join(out_dir, f"{name}.labels.txt"))
+    tmp = os.path.join(out_dir, f".{name}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
     with open(os.path.join(out_dir, f"{name}.labels.txt"), "w") as f:
         f.write("\n".join(labels) + "\n")
     return path

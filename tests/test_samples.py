@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from rayvid import samples
 
@@ -52,3 +53,53 @@ def test_ensure_samples_builds_once(tmp_path, shapes_model):
     (tmp_path / "videos" / "sample_00.mp4").unlink()  # a video gone: made again
     samples.ensure_samples(str(tmp_path), n_videos=1, seconds=1.0)
     assert (tmp_path / "videos" / "sample_00.mp4").exists()
+
+
+def test_an_interrupted_samples_is_made_again_and_bad_counts_are_refused(tmp_path, shapes_model, capsys, monkeypatch):
+    """A Ctrl-C while `samples --force` rewrote a video left it cut short beside the old
+    truth.json, and the next `samples` kept both (exit 0); a model file cut short, or without
+    its labels file, was kept too. --videos 0 deleted every sample and wrote an empty truth,
+    --seconds 0 wrote videos of no frames (exit 0); DIR a file was a traceback."""
+    from rayvid import cli
+
+    shutil.copytree(shapes_model["dir"], tmp_path / "model")
+    samples.ensure_samples(str(tmp_path), n_videos=2, seconds=0.5)
+    real = samples.make_video
+    calls = []
+
+    def interrupted(path, seconds, seed, **kw):  # the second video's encoding is interrupted
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)  # what ffmpeg had written
+            raise KeyboardInterrupt
+        return real(path, seconds, seed, **kw)
+
+    monkeypatch.setattr(samples, "make_video", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        samples.ensure_samples(str(tmp_path), n_videos=2, seconds=0.5, force=True)
+    assert not (tmp_path / "truth.json").exists()
+    monkeypatch.setattr(samples, "make_video", real)
+    samples.ensure_samples(str(tmp_path), n_videos=2, seconds=0.5)  # made again, whole
+    assert sorted(os.listdir(tmp_path / "videos")) == ["sample_00.mp4", "sample_01.mp4"]
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert [len(v) for v in truth.values()] == [8, 8]
+    with open(tmp_path / "videos" / "sample_01.mp4", "rb") as f:
+        assert b"moov" in f.read()  # a whole MP4
+    # a model file cut short (or its labels file gone) is trained again
+    (tmp_path / "model" / "shapes.keras").write_bytes(b"PK\x03\x04 cut short")
+    assert not samples._model_saved(str(tmp_path / "model"), "shapes")
+    shutil.copy(shapes_model["dir"] / "shapes.keras", tmp_path / "model" / "shapes.keras")
+    assert samples._model_saved(str(tmp_path / "model"), "shapes")
+    (tmp_path / "model" / "shapes.labels.txt").unlink()
+    assert not samples._model_saved(str(tmp_path / "model"), "shapes")
+    # counts that make no samples: exit 2 before anything is deleted
+    for flags, said in ((["--videos", "0"], "--videos must be 1 to 1000, got 0"),
+                        (["--seconds", "0"], "--seconds must be 0.0666667 (one frame) to 3600, got 0"),
+                        (["--seconds", "1e9"], "--seconds must be 0.0666667 (one frame) to 3600, got 1e+09")):
+        assert cli.main(["samples", str(tmp_path), *flags]) == 2
+        assert capsys.readouterr().err == f"rayvid: error: {said}\n"
+    assert sorted(os.listdir(tmp_path / "videos")) == ["sample_00.mp4", "sample_01.mp4"]
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["samples", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.startswith(f"rayvid: error: cannot write samples into {tmp_path}/file: ")
