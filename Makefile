@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # rayvid against a serial loop, tf.data and Ray Data's own recipe, side by side on
-# generated videos; prints tables, writes bench/last_run.json (BENCHMARKS.md's record is
+# generated videos; logs tables on stderr, writes bench/last_run.json (and the JSON to stdout) (BENCHMARKS.md's record is
 # bench/results.json, never overwritten). ~45 min.
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)

@@ -21,8 +21,10 @@ Peak RSS is each process's high-water mark (VmHWM), sampled through /proc; spill
 and peak object-store use come from the raylet's store stats.
 
 Then the experiments of BENCHMARKS.md: memory against video length, sparse sampling,
-content-adaptive frame skipping, and inference sharing cores with a decoder. Results print
-as tables and go to `--json`.
+content-adaptive frame skipping, and inference sharing cores with a decoder. Its tables
+print on stderr as it measures; the results go to `--json` and, at the end, to stdout as
+the same JSON. Bad arguments are exit 2 before any work; Ctrl-C is exit 130, `--json` left
+as it was; a kept `--workdir`'s videos are reused only where the same command made them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 METHODS = ("rayvid", "serial", "tf_data", "ray_recipe")
+EXPERIMENTS = ("memory", "sparse", "skip", "contention", "threads", "remote", "segments")
 
 # name -> corpus (videos, seconds, height, width, fps) and model
 REGIMES = {
@@ -63,17 +67,38 @@ def encode(path: str, seconds: float, height: int, width: int, fps: int, seed: i
     temporal noise), at a bitrate like real 360p-1080p footage."""
     from rayvid.samples import ffmpeg_exe
 
-    if os.path.exists(path):
-        return path
     src = (f"testsrc2=size={width}x{height}:rate={fps}:duration={seconds},"
            f"noise=alls=14:allf=t+u:all_seed={seed},hue=h={seed * 40}")
     cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", src,
            "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"]
     if gop:
         cmd += ["-g", str(gop), "-keyint_min", str(gop)]
-    cmd += (extra or []) + [path]
-    subprocess.run(cmd, check=True)
+    cmd += extra or []
+    # a kept --workdir's video is reused only where it was made by this very command, whole:
+    # the command is recorded beside it once it is written (a --quick run's 2 s video of the
+    # same name was measured by a full run; one cut short by a Ctrl-C failed every rerun)
+    made = path + ".cmd"
+    if os.path.exists(path) and os.path.exists(made) and open(made).read() == json.dumps(cmd[1:]):
+        return path
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
+    subprocess.run(cmd + [tmp], check=True)
+    os.replace(tmp, path)
+    with open(made, "w") as f:
+        f.write(json.dumps(cmd[1:]))
     return path
+
+
+def _remux(src: str, dst: str, args: list) -> str:
+    """`src`'s stream copied into `dst` (its container from its extension), unless `dst` is
+    newer than `src` (a kept --workdir); written under a temporary name, then renamed."""
+    from rayvid.samples import ffmpeg_exe
+
+    if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
+        return dst
+    tmp = f"{dst}.tmp{os.path.splitext(dst)[1]}"
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", src, "-c", "copy", *args, tmp], check=True)
+    os.replace(tmp, dst)
+    return dst
 
 
 def corpus(root: str, spec: dict) -> list[str]:
@@ -623,8 +648,9 @@ def archive_b(root: str, videos: list) -> tuple[str, list]:
     for copy in range(3):
         for v in videos:
             dst = os.path.join(b_dir, f"c{copy}_{os.path.basename(v)}")
-            if not os.path.exists(dst):
-                os.link(v, dst)
+            with contextlib.suppress(FileNotFoundError):  # (a link to a video encoded again since: stale)
+                os.remove(dst)
+            os.link(v, dst)
             b_videos.append(dst)
     return b_dir, b_videos
 
@@ -877,7 +903,8 @@ def slow_s3(mb_per_s: float):
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    moto.start()
+    with contextlib.redirect_stdout(sys.stderr):  # (its "Starting a new Thread" line: stdout is the JSON)
+        moto.start()
     host, port = moto.get_host_and_port()
     link = SlowLink((host, port), mb_per_s)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{link.port}", "AWS_ACCESS_KEY_ID": "bench",
@@ -964,19 +991,12 @@ def exp_segments(tmp: str, quick: bool, mb_per_s: float = 4.0, reps: int = 2) ->
     long_video = encode(os.path.join(tmp, "corpus", f"segments-{seconds}s.mp4"), seconds, height, width, 30,
                         seed=11, gop=60)  # a key frame every 2 s, as streaming encoders do
     long_mkv = os.path.join(tmp, "corpus", f"segments-{seconds}s.mkv")
-    if not os.path.exists(long_mkv):  # the same stream, remuxed
-        from rayvid.samples import ffmpeg_exe
-
-        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", long_video, "-c", "copy", long_mkv], check=True)
+    _remux(long_video, long_mkv, [])  # the same stream, remuxed
     hd_seconds, hd_height, hd_width = (4, 240, 320) if quick else (60, 1080, 1920)
     hd_video = encode(os.path.join(tmp, "corpus", f"sparse-{hd_seconds}s-{hd_height}p.mp4"), hd_seconds,
                       hd_height, hd_width, 30, seed=12)
     hd_frag = os.path.join(tmp, "corpus", f"fragmented-{hd_seconds}s-{hd_height}p.mp4")
-    if not os.path.exists(hd_frag):  # the same stream, a fragment per key frame
-        from rayvid.samples import ffmpeg_exe
-
-        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", hd_video, "-c", "copy",
-                        "-movflags", "+frag_keyframe+empty_moov", hd_frag], check=True)
+    _remux(hd_video, hd_frag, ["-movflags", "+frag_keyframe+empty_moov"])  # a fragment per key frame
     partial, whole = {}, {"ranged": False}
     cases = {  # case -> (video, segments, sampling, {way: Decoder arguments}), rayvid's way first
         "segments": (long_video, segments.bounds(segments.header_duration(long_video), segment_s), {},
@@ -1078,15 +1098,17 @@ def exp_skip(tmp: str, quick: bool, cores: int) -> dict:
     from rayvid import samples
 
     d = os.path.join(tmp, "skip")
-    videos = os.path.join(d, "videos")
-    os.makedirs(videos, exist_ok=True)
     seconds = 4 if quick else 60
+    videos = os.path.join(d, f"videos-{seconds}s")  # (a --quick run's and a full run's apart in a kept --workdir)
+    os.makedirs(videos, exist_ok=True)
     for i in range(1 if quick else 2):
         path = os.path.join(videos, f"still_{i}.mp4")
         if not os.path.exists(path):
-            samples.make_still_video(path, seconds, seed=20 + i)
+            tmp = os.path.join(videos, f".still_{i}.tmp.mp4")
+            samples.make_still_video(tmp, seconds, seed=20 + i)
+            os.replace(tmp, path)
     model_dir = os.path.join(d, "model")
-    if not os.path.exists(os.path.join(model_dir, "shapes.keras")):
+    if not samples._model_saved(model_dir, "shapes"):
         samples.train_model(model_dir)
     spec = {"input": videos, "model": {"name": os.path.join(model_dir, "shapes.keras")}, "batch": 32, "cores": cores}
     runs, tables = {}, {}
@@ -1118,8 +1140,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--experiments", default="memory,sparse,skip,contention,threads,remote,segments",
-                   help="comma-separated: memory, sparse, skip, contention, threads, remote, segments")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated: {', '.join(EXPERIMENTS)}")
     p.add_argument("--quick", action="store_true", help="a tiny corpus and model run: checks the harness")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for inference (default 0: CPU)")
     p.add_argument("--cores", type=int, default=os.cpu_count())
@@ -1132,17 +1153,40 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="keep the corpus and outputs here (default: a temp dir)")
     args = p.parse_args(argv)
     if args.markdown:
-        with open(args.markdown) as f:
-            print(markdown(json.load(f)))
+        try:
+            with open(args.markdown) as f:
+                print(markdown(json.load(f)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            p.error(f"--markdown {args.markdown}: not a results file of this bench ({type(e).__name__}: {e})")
         return 0
     if args.worker:
         worker_main(*args.worker)
         return 0
+    # everything a run needs, checked before its minutes of work (each was a traceback, the
+    # --json path only after the whole run, its results lost)
+    names = {"--regimes": (args.regimes, REGIMES), "--methods": (args.methods, METHODS),
+             "--experiments": (args.experiments, EXPERIMENTS)}
+    for flag, (given, known) in names.items():
+        unknown = [x for x in given.split(",") if x and x not in known]
+        if unknown:
+            p.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if args.quick and args.regimes != p.get_default("regimes"):
+        p.error("--quick runs its own tiny regime: leave out --regimes")
+    if args.cores < 1 or args.gpus < 0:
+        p.error(f"--cores must be >= 1 and --gpus >= 0, got {args.cores} and {args.gpus}")
+    folder = os.path.dirname(os.path.abspath(args.json))
+    if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        p.error(f"--json {args.json}: not a file that can be written (its folder must exist)")
+    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        p.error(f"--workdir {args.workdir} is a file")
+    if args.gpus and not _gpus_seen():
+        log(f"warning: --gpus {args.gpus}, but no NVIDIA GPU is visible here (nvidia-smi): Ray gives the "
+            f"inference actors logical GPUs and the model runs on the CPU; these are CPU numbers")
     tmp = args.workdir or tempfile.mkdtemp(prefix="rayvid-bench-")
     os.makedirs(tmp, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
     regimes = {"quick": dict(QUICK, infer_seconds=1, decode_seconds=0.5, decode_reps=1)} if args.quick else {r: REGIMES[r] for r in args.regimes.split(",") if r}
-    results = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    results = {"command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
                "machine": _machine(args.cores, args.gpus), "regimes": {}}
     try:
         for name, spec in regimes.items():
@@ -1163,13 +1207,29 @@ def main(argv=None) -> int:
             results["remote"] = exp_remote(tmp, args.quick, args.cores)
         if "segments" in exps:
             results["segments"] = exp_segments(tmp, args.quick)
-    finally:
+    except KeyboardInterrupt:  # (a traceback, exit 1, and --json replaced by the nothing measured yet)
+        log(f"bench: interrupted; {args.json} left as it was")
+        return 130
+    except Exception:  # what was measured before it failed, as before
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+        raise
+    else:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _gpus_seen() -> bool:
+    """Whether nvidia-smi lists a GPU here."""
+    try:
+        return "GPU" in subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def markdown(results: dict) -> str:

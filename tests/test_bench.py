@@ -163,3 +163,39 @@ def test_decode_split_prints_every_way(tmp_path):
         assert frames > 0 and frames % 30 == 0, line
     child = [line for line in lines if "Decoder" in line]
     assert all(float(line.split("children")[1].split()[0]) > 0 for line in child)  # decoded in the child
+
+
+def test_bench_refuses_bad_arguments_before_any_work_and_reencodes_stale_videos(tmp_path):
+    """Unknown names, a --json that cannot be written, --cores 0, a non-results --markdown file:
+    each was a traceback (exit 1), the --json path only after the whole run (its results lost);
+    unknown --experiments were passed over (exit 0, nothing measured). Now exit 2 at once. A
+    kept --workdir's video is reused only where the same command made it, whole (a --quick
+    video of the same name was measured by a full run; one cut short failed every rerun)."""
+    bench = os.path.join(ROOT, "bench", "bench.py")
+    (tmp_path / "notes.txt").write_text("not json")
+    for args, said in ((["--regimes", "bogus"], "--regimes: unknown bogus (known: mobilenet, resnet50, 1080p)"),
+                       (["--experiments", "memory,memry"], "--experiments: unknown memry"),
+                       (["--quick", "--regimes", "1080p"], "--quick runs its own tiny regime: leave out --regimes"),
+                       (["--cores", "0"], "--cores must be >= 1"),
+                       (["--json", str(tmp_path / "no" / "r.json")], "not a file that can be written"),
+                       (["--markdown", str(tmp_path / "notes.txt")], "not a results file of this bench")):
+        done = subprocess.run([sys.executable, bench, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and said in done.stderr.splitlines()[-1], (args, done.stderr[-2000:])
+    sys.path.insert(0, ROOT)
+    from bench.bench import encode
+
+    path = str(tmp_path / "v.mp4")
+    encode(path, 1, 48, 64, 10, seed=0)
+    first = os.stat(path).st_mtime_ns
+    assert encode(path, 1, 48, 64, 10, seed=0) == path and os.stat(path).st_mtime_ns == first  # reused
+    encode(path, 2, 48, 64, 10, seed=0)  # the same name, another video: made again
+    import av
+
+    with av.open(path) as c:
+        assert c.streams.video[0].frames == 20
+    with open(path, "r+b") as f:  # cut short, its command file gone with it (a Ctrl-C mid-encode)
+        f.truncate(100)
+    os.remove(path + ".cmd")
+    encode(path, 2, 48, 64, 10, seed=0)
+    with av.open(path) as c:
+        assert c.streams.video[0].frames == 20
