@@ -78,9 +78,13 @@ def encode(path: str, seconds: float, height: int, width: int, fps: int, seed: i
     # the command is recorded beside it once it is written (a --quick run's 2 s video of the
     # same name was measured by a full run; one cut short by a Ctrl-C failed every rerun)
     made = path + ".cmd"
-    if os.path.exists(path) and os.path.exists(made) and open(made).read() == json.dumps(cmd[1:]):
-        return path
-    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
+    with contextlib.suppress(OSError), open(made) as f:
+        if os.path.exists(path) and f.read() == json.dumps(cmd[1:]):
+            return path
+    with contextlib.suppress(FileNotFoundError):  # (gone before the video changes: never another's record)
+        os.remove(made)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.path.splitext(path)[1]}")  # (hidden: never listed as input)
     subprocess.run(cmd + [tmp], check=True)
     os.replace(tmp, path)
     with open(made, "w") as f:
@@ -95,7 +99,8 @@ def _remux(src: str, dst: str, args: list) -> str:
 
     if os.path.exists(dst) and os.path.getmtime(dst) >= os.path.getmtime(src):
         return dst
-    tmp = f"{dst}.tmp{os.path.splitext(dst)[1]}"
+    folder, name = os.path.split(dst)
+    tmp = os.path.join(folder, f".{name}.tmp{os.path.splitext(dst)[1]}")
     subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", src, "-c", "copy", *args, tmp], check=True)
     os.replace(tmp, dst)
     return dst
@@ -1175,7 +1180,8 @@ def main(argv=None) -> int:
     if args.cores < 1 or args.gpus < 0:
         p.error(f"--cores must be >= 1 and --gpus >= 0, got {args.cores} and {args.gpus}")
     folder = os.path.dirname(os.path.abspath(args.json))
-    if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    if (os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)
+            or (os.path.exists(args.json) and not os.access(args.json, os.W_OK))):
         p.error(f"--json {args.json}: not a file that can be written (its folder must exist)")
     if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
         p.error(f"--workdir {args.workdir} is a file")
@@ -1211,17 +1217,22 @@ def main(argv=None) -> int:
         log(f"bench: interrupted; {args.json} left as it was")
         return 130
     except Exception:  # what was measured before it failed, as before
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _write_json(args.json, results)
         raise
     else:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        _write_json(args.json, results)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _write_json(path: str, results: dict) -> None:
+    """Whole or not at all (a Ctrl-C during the dump left it cut short)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _gpus_seen() -> bool:

@@ -132,7 +132,7 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float, size, codec
         pass
     err = proc.stderr.read().decode(errors="replace")
     if proc.wait() != 0:
-        raise RuntimeError(f"ffmpeg failed writing {path}: {err.strip()}")
+        raise OSError(f"ffmpeg failed writing {path}: {err.strip()}")  # (a full disk, a read-only folder)
 
 
 def make_video(path: str, seconds: float, seed: int, fps: int = FPS, size=VIDEO_SIZE) -> list[str]:

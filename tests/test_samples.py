@@ -103,3 +103,28 @@ def test_an_interrupted_samples_is_made_again_and_bad_counts_are_refused(tmp_pat
     (tmp_path / "file").write_text("x")
     assert cli.main(["samples", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err.startswith(f"rayvid: error: cannot write samples into {tmp_path}/file: ")
+
+
+def test_samples_on_a_full_disk_is_one_line(tmp_path, shapes_model, capsys):
+    """ffmpeg failing to write a video (here: a full disk) was a traceback, exit 1."""
+    import contextlib
+    import subprocess
+
+    from rayvid import cli
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs a small tmpfs (mount: root)")
+    try:
+        shutil.copytree(shapes_model["dir"], disk / "model")
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:  # the disk, full
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        assert cli.main(["samples", str(disk), "--videos", "1", "--seconds", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rayvid: error: cannot write samples into {disk}: ") and err.count("\n") == 1, err
+        assert not (disk / "truth.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
