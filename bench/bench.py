@@ -1109,9 +1109,9 @@ def exp_skip(tmp: str, quick: bool, cores: int) -> dict:
     for i in range(1 if quick else 2):
         path = os.path.join(videos, f"still_{i}.mp4")
         if not os.path.exists(path):
-            tmp = os.path.join(videos, f".still_{i}.tmp.mp4")
-            samples.make_still_video(tmp, seconds, seed=20 + i)
-            os.replace(tmp, path)
+            partial = os.path.join(videos, f".still_{i}.tmp.mp4")
+            samples.make_still_video(partial, seconds, seed=20 + i)
+            os.replace(partial, path)
     model_dir = os.path.join(d, "model")
     if not samples._model_saved(model_dir, "shapes"):
         samples.train_model(model_dir)
