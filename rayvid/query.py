@@ -414,14 +414,21 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     return pa.table(out, schema=SEGMENTS_SCHEMA)
 
 
+def _timing(output: str, video: Optional[str] = None) -> dict:
+    """{video_uri: (duration_s, fps)} from OUTPUT's videos/ rows (of `video` alone where
+    given), None where a row does not know (0)."""
+    out = {}
+    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
+        out.update((row["video_uri"], (row["duration_s"] or None, row["fps"] or None)) for row in table.to_pylist())
+    return out
+
+
 def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
              min_duration: float = 0.0, gap: float = GAP_S, video: Optional[str] = None) -> pa.Table:
     """`label_segments` over every committed video (or one), part by part."""
     columns = ["video_uri", "frame_index", "timestamp_s", "label", "score", "end_s"]  # (end_s: clip runs' parts)
     video = storage.canonical(video) if video is not None else None
-    videos = {}  # each video's (duration_s, fps): where its last frame ends
-    for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
-        videos.update((row["video_uri"], (row["duration_s"], row["fps"])) for row in table.to_pylist())
+    videos = _timing(output, video)  # where each video's last frame ends
     found = []
     for table in parts(output, columns=columns, video=video):
         if label is not None:  # a part without the label holds none of its segments
@@ -491,10 +498,7 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
             raise ValueError(missing_video(output, video)
                              or f"no embeddings of {storage.public_uri(video)} in {storage.public_uri(output)}")
         mine = mine[np.argsort(times[mine], kind="stable")]
-        meta = {}
-        for table in parts(output, commit.VIDEOS_DIR, columns=["video_uri", "duration_s", "fps"], video=video):
-            meta.update((row["video_uri"], (row["duration_s"] or None, row["fps"] or None)) for row in table.to_pylist())
-        duration, fps = meta.get(video, (None, None))
+        duration, fps = _timing(output, video).get(video, (None, None))
         # the video's end: its duration, else where its last embedded frame stops being shown
         # (unknown for one frame of a video whose videos/ row gives neither: no check)
         end = max(float(frame_ends(times[mine], duration, fps)[-1]), duration or 0.0)
@@ -584,14 +588,15 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
             hint = "give it again: similar --model URL" if flag == "--model" else "it cannot be loaded from the record"
             raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a URL whose query "
                              f"its record does not keep ({storage.public_uri(value)}): {hint}")
+    def refuse_clips(n: int) -> None:  # (it failed deep in TensorFlow: an image is no clip)
+        if n:
+            raise ValueError(f"OUTPUT's embeddings are of clips ({n if n > 0 else 'N'} frames: a video model); "
+                             f"--image embeds one image: ask with --video URI --time T")
+
     shape = models.static_shape(model)  # (a .keras clip model of open N fails in the Predictor)
-    if shape is not None and shape.clip_len:
-        raise ValueError(f"OUTPUT's embeddings are of clips ({shape.clip_len if shape.clip_len > 0 else 'N'} "
-                         f"frames: a video model); --image embeds one image: ask with --video URI --time T")
+    refuse_clips(shape.clip_len if shape is not None else 0)
     predictor = infer.Predictor(model, batch_size=1)
-    if predictor.info.clip_len:  # (it failed deep in TensorFlow: an image is no clip)
-        raise ValueError(f"OUTPUT's embeddings are of clips ({predictor.info.clip_len if predictor.info.clip_len > 0 else 'N'} "
-                         f"frames: a video model); --image embeds one image: ask with --video URI --time T")
+    refuse_clips(predictor.info.clip_len)
     h, w = predictor.info.input_size
     pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)
     return predictor.outputs(pixels[None])[1][0]
