@@ -351,6 +351,25 @@ def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -
     return np.r_[t[1:], last]
 
 
+def row_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float],
+             clip_ends: Optional[np.ndarray] = None) -> np.ndarray:
+    """When each of a video's rows (at times `t`, ascending) stops counting: `frame_ends`;
+    a clip run's rows (`clip_ends`, their end_s, NaN where a row has none) at their clip's
+    end, overlapping clips (--clip-stride < N) until the next one starts."""
+    ends = frame_ends(t, duration, fps)
+    if clip_ends is None:
+        return ends
+    return np.where(np.isnan(clip_ends), ends, np.r_[np.minimum(ends[:-1], clip_ends[:-1]), clip_ends[-1:]])
+
+
+def clip_ends_of(preds: pa.Table) -> Optional[np.ndarray]:
+    """The rows' end_s as float64 (NaN where null), None where the table has no end_s (a
+    run of frames): a clip run's rows say where each clip ends (the frame after its last)."""
+    if "end_s" not in preds.column_names:
+        return None
+    return preds.column("end_s").fill_null(np.nan).to_numpy().astype(np.float64)
+
+
 def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = 0.0,
                    min_duration: float = 0.0, gap: float = GAP_S, videos: Optional[dict] = None) -> pa.Table:
     """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
@@ -368,17 +387,12 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
     times = preds.column("timestamp_s").to_numpy()
     labels = preds.column("label").to_numpy(zero_copy_only=False)
     scores = preds.column("score").fill_null(np.nan).to_numpy().astype(np.float64)
-    # a clip run's rows say where each clip ends (the frame after its last): a video of one
-    # clip was 0.1 s long by the rule for frames
-    clip_ends = (preds.column("end_s").fill_null(np.nan).to_numpy().astype(np.float64)
-                 if "end_s" in preds.column_names else None)
+    clip_ends = clip_ends_of(preds)  # (a video of one clip was 0.1 s long by the rule for frames)
     starts = np.flatnonzero(np.r_[True, uris[1:] != uris[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(uris)]):
         t = times[lo:hi]
-        ends = frame_ends(t, *((videos or {}).get(uris[lo]) or (None, None)))
-        if clip_ends is not None:  # (overlapping clips, --clip-stride < N: until the next one starts)
-            mine = clip_ends[lo:hi]
-            ends = np.where(np.isnan(mine), ends, np.r_[np.minimum(ends[:-1], mine[:-1]), mine[-1:]])
+        ends = row_ends(t, *((videos or {}).get(uris[lo]) or (None, None)),
+                        None if clip_ends is None else clip_ends[lo:hi])
         lab = labels[lo:hi].copy()
         sc = scores[lo:hi]
         ok = np.array([x is not None for x in lab]) & (sc >= min_score)

@@ -71,7 +71,7 @@ def _plural(n: int, word: str) -> str:
 
 LEFT, PLOT_W, TOP, LANE_H, LANE_GAP, BOTTOM = 130, 800, 24, 18, 4, 22
 MAX_LANES = 6
-TIMELINE_COLUMNS = ["video_uri", "frame_index", "timestamp_s", "label", "score"]  # what a timeline reads
+TIMELINE_COLUMNS = ["video_uri", "frame_index", "timestamp_s", "label", "score", "end_s"]  # what a timeline reads (end_s: clip runs' parts)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -92,17 +92,18 @@ def lanes_of(preds) -> list:
 
 def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float = 0.0):
     """The timeline of one video's prediction rows (sorted by frame_index) as a PIL image:
-    each frame's bar lasts as `rayvid segments` counts it (`query.frame_ends`)."""
+    each row's bar lasts as `rayvid segments` counts it (`query.row_ends`: a frame until
+    the next, a clip to its end_s)."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
-    from rayvid.query import frame_ends
+    from rayvid.query import clip_ends_of, row_ends
 
     lanes = lanes_of(preds)
     height = TOP + max(1, len(lanes)) * (LANE_H + LANE_GAP) + BOTTOM
     img = np.full((height, LEFT + PLOT_W + 10, 3), 255, np.uint8)
     t = preds.column("timestamp_s").to_numpy()
-    ends = frame_ends(t, duration_s or None, fps or None) if len(t) else t
+    ends = row_ends(t, duration_s or None, fps or None, clip_ends_of(preds)) if len(t) else t
     duration = max(duration_s or 0.0, float(ends[-1]) if len(t) else 0.0) or 1.0
     x0 = LEFT + np.round(t / duration * PLOT_W).astype(int)
     x1 = np.maximum(x0 + 1, LEFT + np.round(ends / duration * PLOT_W).astype(int))

@@ -127,3 +127,28 @@ def test_the_report_names_http_videos_with_their_query(tmp_path):
     assert cli.main(["report", out, str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "http://h/v.mp4?cam=1" in page and "http://h/v.mp4?cam=2" in page
+
+
+def test_a_clip_runs_bars_last_as_long_as_their_clips():
+    """A clip run's timelines drew each clip as a frame (a video of one 3-frame clip: a bar of
+    0.1 s on a 0.3 s axis; overlapping clips drawn until the next clip's start by the frame
+    rule, the last one frame long): each bar now lasts as `rayvid segments` says (end_s)."""
+    import pyarrow as pa
+
+    y = report.TOP + report.LANE_H // 2
+    one = pa.table({"video_uri": ["/v/three.mp4"], "frame_index": [0], "timestamp_s": [0.0],
+                    "label": ["moving"], "score": [1.0], "end_s": [0.3]})
+    lane = np.asarray(report.timeline_png(one, 0.3, "t", report.colours(["moving"]), 10.0))[y]
+    filled = np.flatnonzero((lane[report.LEFT:] != 240).any(axis=1) & (lane[report.LEFT:] != 255).any(axis=1))
+    assert (filled[0], filled[-1] + 1) == (0, report.PLOT_W)
+    # --clip-len 4 --clip-stride 2 at 10 fps over 1.0 s: still 0-0.4, moving 0.4-1.0
+    overlap = pa.table({"video_uri": ["/v/o.mp4"] * 4, "frame_index": [0, 2, 4, 6], "timestamp_s": [0.0, 0.2, 0.4, 0.6],
+                        "label": ["still", "still", "moving", "moving"], "score": [1.0] * 4,
+                        "end_s": [0.4, 0.6, 0.8, 1.0]})
+    assert [(r["label"], r["start_s"], r["end_s"]) for r in query.label_segments(overlap, gap=0).to_pylist()] == [
+        ("still", 0.0, 0.4), ("moving", 0.4, 1.0)]
+    img = np.asarray(report.timeline_png(overlap, 1.0, "t", report.colours(["moving", "still"]), 10.0))
+    for lane_no, label, (start, end) in [(0, "moving", (0.4, 1.0)), (1, "still", (0.0, 0.4))]:
+        row = img[y + lane_no * (report.LANE_H + report.LANE_GAP), report.LEFT:]
+        filled = np.flatnonzero((row != 240).any(axis=1) & (row != 255).any(axis=1))
+        assert (filled[0], filled[-1] + 1) == (_x(start, 1.0) - report.LEFT, _x(end, 1.0) - report.LEFT), label
