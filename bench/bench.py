@@ -716,37 +716,43 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
             shutil.rmtree(out, ignore_errors=True)
             runs[archive] = measure(method, dict(common, videos=vids, input=inp, out=out), tmp)
         a = runs["a"]
-        b = runs.get("b", a)  # --quick: no archive B, so no steady rate
-        steady = (b["frames"] - a["frames"]) / (b["wall_s"] - a["wall_s"]) if b["wall_s"] > a["wall_s"] + 1 else None
+        b = runs.get("b")  # --quick: no archive B, so no B rates and no steady rate (None)
+        steady = ((b["frames"] - a["frames"]) / (b["wall_s"] - a["wall_s"])
+                  if b and b["wall_s"] > a["wall_s"] + 1 else None)
+        fps_b = b["frames_per_s"] if b else None
         ratio = lambda x: round(x / limit, 3) if x else None  # noqa: E731
         r = res["methods"][method] = {
-            "archive_a": a, "archive_b": runs.get("b"),
-            "end_to_end_fps": a["frames_per_s"], "end_to_end_fps_b": b["frames_per_s"],
+            "archive_a": a, "archive_b": b,
+            "end_to_end_fps": a["frames_per_s"], "end_to_end_fps_b": fps_b,
             "steady_fps": round(steady, 1) if steady else None,
-            "vs_limit": {"end_to_end": ratio(a["frames_per_s"]), "end_to_end_b": ratio(b["frames_per_s"]),
+            "vs_limit": {"end_to_end": ratio(a["frames_per_s"]), "end_to_end_b": ratio(fps_b),
                          "steady": ratio(steady)},
             # against the most any method could do end to end (best_end_to_end_fps)
-            "best_fps": {"a": round(best(a["frames"]), 1), "b": round(best(b["frames"]), 1)},
+            "best_fps": {"a": round(best(a["frames"]), 1), "b": round(best(b["frames"]), 1) if b else None},
             "vs_best": {"end_to_end": round(a["frames_per_s"] / best(a["frames"]), 3),
-                        "end_to_end_b": round(b["frames_per_s"] / best(b["frames"]), 3)},
+                        "end_to_end_b": round(fps_b / best(b["frames"]), 3) if b else None},
             "startup_s": round(a["wall_s"] - a["frames"] / steady, 1) if steady else None,
         }
+        last = b or a
         extra = ""
-        if "inference" in b:
-            extra = f"  model busy {100 * b['inference']['model_busy']:.0f}%"
-        if "spilled_bytes" in b:
-            extra += f"  spilled {a['spilled_bytes'] + b['spilled_bytes']} B  object store peak " \
-                     f"{a['object_store_peak_mb']:.0f}/{b['object_store_peak_mb']:.0f} MB (A/B)"
+        if "inference" in last:
+            extra = f"  model busy {100 * last['inference']['model_busy']:.0f}%"
+        if "spilled_bytes" in last:
+            extra += (f"  spilled {sum(x['spilled_bytes'] for x in runs.values())} B  object store peak "
+                      + "/".join(f"{x['object_store_peak_mb']:.0f}" for x in runs.values())
+                      + f" MB ({'/'.join(runs).upper()})")
         steady_text = f"steady {steady:6.1f} = {r['vs_limit']['steady']:.2f} of the limit" if steady else "no steady rate"
-        log(f"[{name}] {method:10s} end to end {a['frames_per_s']:6.1f} (A) {b['frames_per_s']:6.1f} (B) frames/s "
-            f"= {r['vs_limit']['end_to_end_b']:.2f} of the limit (B), {steady_text}{extra}")
+        on_b = (f"{b['frames_per_s']:6.1f} (B) frames/s = {r['vs_limit']['end_to_end_b']:.2f} of the limit (B)"
+                if b else f"frames/s = {r['vs_limit']['end_to_end']:.2f} of the limit (A)")
+        log(f"[{name}] {method:10s} end to end {a['frames_per_s']:6.1f} (A) {on_b}, {steady_text}{extra}")
     frames = {m: (r["archive_a"]["frames"], (r["archive_b"] or {}).get("frames")) for m, r in res["methods"].items()}
     if len(set(frames.values())) > 1:
         raise RuntimeError(f"methods disagree on the number of frames: {frames}")
     if "rayvid" in res["methods"]:
         ours = res["methods"]["rayvid"]
         res["rayvid_vs"] = {m: {"end_to_end": round(ours["end_to_end_fps"] / r["end_to_end_fps"], 2),
-                                "end_to_end_b": round(ours["end_to_end_fps_b"] / r["end_to_end_fps_b"], 2),
+                                "end_to_end_b": round(ours["end_to_end_fps_b"] / r["end_to_end_fps_b"], 2)
+                                if ours["end_to_end_fps_b"] and r["end_to_end_fps_b"] else None,
                                 "steady": round(ours["steady_fps"] / r["steady_fps"], 2)
                                 if ours["steady_fps"] and r["steady_fps"] else None}
                             for m, r in res["methods"].items() if m != "rayvid"}
@@ -1246,6 +1252,7 @@ def _gpus_seen() -> bool:
 def markdown(results: dict) -> str:
     """The tables of BENCHMARKS.md, from a results JSON."""
     out = [f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", ""]
+    fmt = lambda v, f="{:.1f}": f.format(v) if v is not None else "n/a"  # noqa: E731
     for name, r in results.get("regimes", {}).items():
         c = r["corpus"]
         out += [f"### {name}: {r['model']}, {c['videos']} videos x {c['seconds']} s, {c['width']}x{c['height']} "
@@ -1265,31 +1272,40 @@ def markdown(results: dict) -> str:
                 f"**{r['decode_stage_vs_raw_decord']:.2f}** of raw decord.", ""]
         best = next((x["best_fps"] for x in r["methods"].values() if "best_fps" in x), None)
         if best:
+            has_b = any(x["archive_b"] for x in r["methods"].values())
+            on_b = f" and **{best['b']:.1f}** on archive B" if has_b else " (no archive B: a --quick run)"
             out += [f"The model's start-up alone (import TensorFlow, load, trace, first batch): "
                     f"**{r['model_startup_s']:.1f} s**; so no method can beat **{best['a']:.1f}** frames/s end to "
-                    f"end on archive A and **{best['b']:.1f}** on archive B (`best_end_to_end_fps`: that start-up "
+                    f"end on archive A{on_b} (`best_end_to_end_fps`: that start-up "
                     f"with every other core decoding, then everything at the limit).", ""]
         out += ["| method | end to end A | end to end B | steady | steady / limit | B / limit | B / best | start-up s | "
                 "peak RSS MB (largest processes) | spilled |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m, x in r["methods"].items():
-            b = x["archive_b"] or x["archive_a"]
+            b = x["archive_b"] or x["archive_a"]  # (the RSS and spill of A where there is no B: --quick)
             rss = ", ".join(f"{k} {v:.0f}" for k, v in list(b["peak_rss_mb"].items())[:3])
             spilled = f"{b['spilled_bytes']} B" if "spilled_bytes" in b else "n/a"
-            fmt = lambda v, f="{:.1f}": f.format(v) if v is not None else "n/a"  # noqa: E731
+            # (older results files: B's rates were A's where there was no archive B)
+            on_b = lambda v: v if x["archive_b"] else None  # noqa: E731
             # A's wall less A's frames at the steady rate; below 0 when B ran slower per frame than A
             startup = lambda v: fmt(v) if v is None or v >= 0 else f"{v:.1f} (B slower than A)"  # noqa: E731
-            out.append(f"| {m} | {x['end_to_end_fps']:.1f} | {x['end_to_end_fps_b']:.1f} | {fmt(x['steady_fps'])} | "
-                       f"{fmt(x['vs_limit']['steady'], '{:.2f}')} | {fmt(x['vs_limit']['end_to_end_b'], '{:.2f}')} | "
-                       f"{fmt(x.get('vs_best', {}).get('end_to_end_b'), '{:.2f}')} | "
+            out.append(f"| {m} | {x['end_to_end_fps']:.1f} | {fmt(on_b(x['end_to_end_fps_b']))} | {fmt(x['steady_fps'])} | "
+                       f"{fmt(x['vs_limit']['steady'], '{:.2f}')} | {fmt(on_b(x['vs_limit']['end_to_end_b']), '{:.2f}')} | "
+                       f"{fmt(on_b(x.get('vs_best', {}).get('end_to_end_b')), '{:.2f}')} | "
                        f"{startup(x['startup_s'])} | {rss} | {spilled} |")
         if "rayvid_vs" in r:
-            out += ["", "rayvid / baseline: " + "; ".join(
-                f"{m}: {v['end_to_end_b']}x end to end (B), {v['steady']}x steady" for m, v in r["rayvid_vs"].items())]
+            if (r["methods"].get("rayvid") or {}).get("archive_b"):
+                out += ["", "rayvid / baseline: " + "; ".join(
+                    f"{m}: {v['end_to_end_b']}x end to end (B), {fmt(v['steady'], '{}x')} steady"
+                    for m, v in r["rayvid_vs"].items())]
+            else:  # --quick: archive A alone
+                out += ["", "rayvid / baseline: " + "; ".join(
+                    f"{m}: {v['end_to_end']}x end to end (A)" for m, v in r["rayvid_vs"].items())]
         ours = r["methods"].get("rayvid", {})
         t = (ours.get("archive_b") or ours.get("archive_a") or {}).get("inference")
         if t:
-            out += ["", f"rayvid's inference actors (archive B): model busy {100 * t['model_busy']:.0f}%, "
+            archive = "B" if ours.get("archive_b") else "A"
+            out += ["", f"rayvid's inference actors (archive {archive}): model busy {100 * t['model_busy']:.0f}%, "
                         f"waiting for frames {100 * t['waiting']:.0f}%."]
         out.append("")
     if "memory" in results:

@@ -51,6 +51,8 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
         a = r["archive_a"]
         assert a["frames_per_s"] > 0 and a["wall_s"] > 0 and a["peak_rss_mb"], method
         assert r["vs_limit"]["end_to_end"] > 0 and "steady" in r["vs_limit"], method
+        # --quick runs no archive B: no B rate (it was A's, shown in the B column as if measured)
+        assert r["archive_b"] is None and r["end_to_end_fps_b"] is None and r["steady_fps"] is None, method
     for method in ("rayvid", "ray_recipe"):  # Ray's own store stats
         a = quick["methods"][method]["archive_a"]
         assert a["spilled_bytes"] == 0 and a["object_store_peak_mb"] > 0, method
@@ -111,6 +113,10 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
         capture_output=True, text=True, check=True).stdout
     assert "slow object store" in markdown and "partial copies against whole ones" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| rayvid |")]
+    assert rows and all(row.split(" | ")[2:4] == ["n/a", "n/a"] for row in rows), rows  # B, steady
+    assert "None" not in markdown and "(no archive B: a --quick run)" in markdown
+    assert "rayvid / baseline: serial: " in markdown and "x end to end (A)" in markdown
 
 
 def test_gpu_ceilings_measures_model_and_decode(tmp_path):
