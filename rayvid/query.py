@@ -344,22 +344,23 @@ def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -
     steps = np.diff(t)
     step = float(np.median(steps)) if len(steps) else frame
     last = t[-1] + step
-    # past the end by more than half a frame (a container's duration and timestamps are
-    # rounded: by less, the step stands): the end, but at least one frame
-    if duration is not None and duration > t[-1] and last - duration > frame / 2:
+    # past the end: the end, but at least one frame (a container's duration may be rounded
+    # below its last frame's end; a variable-frame-rate video's median step may run past it)
+    if duration is not None and duration > t[-1] and last > duration:
         last = max(duration, t[-1] + frame)
     return np.r_[t[1:], last]
 
 
 def row_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float],
              clip_ends: Optional[np.ndarray] = None) -> np.ndarray:
-    """When each of a video's rows (at times `t`, ascending) stops counting: `frame_ends`;
-    a clip run's rows (`clip_ends`, their end_s, NaN where a row has none) at their clip's
-    end, overlapping clips (--clip-stride < N) until the next one starts."""
+    """When each of a video's rows (at times `t`, ascending) stops counting: `frame_ends`,
+    each row until the next one starts (overlapping clips, --clip-stride < N, and clips of
+    every k-th frame, --every k, too); a clip run's last row (`clip_ends`, the rows' end_s,
+    NaN where a row has none) at its clip's end."""
     ends = frame_ends(t, duration, fps)
-    if clip_ends is None:
-        return ends
-    return np.where(np.isnan(clip_ends), ends, np.r_[np.minimum(ends[:-1], clip_ends[:-1]), clip_ends[-1:]])
+    if clip_ends is not None and len(t) and not np.isnan(clip_ends[-1]):
+        ends[-1] = clip_ends[-1]
+    return ends
 
 
 def clip_ends_of(preds: pa.Table) -> Optional[np.ndarray]:
@@ -483,14 +484,20 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     shown at `time_s` (itself excluded), an `image` embedded by the run's model, or a
     `vector`. Brute force over every embedding in memory (4 x D bytes per frame): for
     archives beyond memory, load the `embedding` column into a vector index."""
-    uris, index, times, labels, matrix = [], [], [], [], []
+    uris, index, times, labels, matrix, run_ids = [], [], [], [], [], []
     writers: dict = {}  # run id -> its embeddings' rows
-    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding", "run_id"]):
+    models: dict = {}  # run id -> the model its rows name
+    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding", "run_id",
+                                        "model"]):
         if "embedding" not in table.column_names:
             continue
         table = table.filter(pc.is_valid(table.column("embedding")))
         for row in pc.value_counts(table.column("run_id")).to_pylist():
             writers[row["values"]] = writers.get(row["values"], 0) + row["counts"]
+        if len(table):
+            for row in table.group_by(["run_id", "model"]).aggregate([]).to_pylist():
+                models.setdefault(row["run_id"], row["model"])
+        run_ids += table.column("run_id").to_pylist()
         uris += table.column("video_uri").to_pylist()
         index.append(table.column("frame_index").to_numpy())
         times.append(table.column("timestamp_s").to_numpy())
@@ -498,13 +505,17 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         emb = table.column("embedding").combine_chunks()
         matrix.append(emb.values.to_numpy().reshape(len(table), emb.type.list_size))
     if not matrix:
-        raise ValueError(f"no embeddings in {storage.public_uri(output)}: run with --embed")
+        # (a --video that failed: its error, as every verb taking --video says it)
+        raise ValueError((video is not None and missing_video(output, storage.canonical(video)))
+                         or f"no embeddings in {storage.public_uri(output)}: run with --embed")
     index, times, matrix = np.concatenate(index), np.concatenate(times), np.concatenate(matrix)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     matrix = matrix / np.where(norms > 0, norms, 1)
-    skip = -1
+    spaces = _embedding_spaces(output, models)  # run id -> the model and layer that embedded its frames
+    skip, space = -1, None
     if vector is None and image is not None:
-        vector = embed_image(output, image, model, runs=tuple(sorted(writers, key=lambda r: -writers[r])))
+        vector, run_id = embed_image(output, image, model, runs=tuple(sorted(writers, key=lambda r: -writers[r])))
+        space = spaces.get(run_id)
     elif vector is None:
         video = storage.canonical(video)
         mine = np.flatnonzero(np.array([u == video for u in uris]))
@@ -520,14 +531,23 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
             raise ValueError(f"--time {time_s:g} is past the end of {storage.public_uri(video)} ({end:g} s)")
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
-        vector = matrix[skip]
+        vector, space = matrix[skip], spaces.get(run_ids[skip])
     vector = np.asarray(vector, np.float32)
     if vector.shape != (matrix.shape[1],):
         raise ValueError(f"query vector has shape {vector.shape}, the embeddings ({matrix.shape[1]},)")
     sims = matrix @ (vector / (np.linalg.norm(vector) or 1.0))
     if skip >= 0:
         sims[skip] = -np.inf
-    k = max(0, min(k, len(sims) - (skip >= 0)))
+    candidates = len(sims) - (skip >= 0)
+    if space is not None and len(set(spaces.values())) > 1:
+        # another model's (or layer's) vectors are in another space: their cosines mean nothing
+        other = np.array([spaces.get(r) != space for r in run_ids])
+        sims[other] = -np.inf
+        candidates -= int(other.sum())
+        print(f"rayvid: OUTPUT holds embeddings by {len(set(spaces.values()))} models or layers; compared with "
+              f"the frames embedded as the query was ({space}), not the {int(other.sum())} of the others",
+              file=sys.stderr)
+    k = max(0, min(k, candidates))
     m = min(len(sims), 4 * k + 16)  # the best m by partition, then an exact, tie-stable sort
     best = np.argpartition(-sims, m - 1)[:m] if m < len(sims) else np.arange(len(sims))
     order = sorted(best.tolist(), key=lambda i: (-sims[i], uris[i], index[i]))[:k]
@@ -540,11 +560,31 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     })
 
 
-def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: tuple = ()) -> np.ndarray:
-    """An image's embedding by the model of the `--embed` run that wrote OUTPUT's
-    embeddings: of `runs` (run ids, those that wrote most first), the first whose record
-    says `--embed` (finished or not: its committed rows are there); with none, the latest
-    finished `--embed` run. `model_url` instead of the model file it names (a signed URL's
+def _embedding_spaces(output: str, runs: dict) -> dict:
+    """{run id: the model, weights and --embed layer its record names} for the runs of
+    `runs` ({run id: the model its rows name}, the runs that wrote embeddings): the vectors
+    of two runs compare where these match. A run whose record is missing or unreadable: the
+    model its rows name."""
+    fs, root = storage.resolve(output)
+    out = {}
+    for run_id, model in runs.items():
+        record = commit.read_run_record(fs, root.rstrip("/"), run_id)
+        config = record.get("config") if isinstance(record, dict) else None
+        m = config.get("model") if isinstance(config, dict) else None
+        if isinstance(m, dict) and m.get("name"):
+            embed = m.get("embed")
+            out[run_id] = (f"{m['name']}" + (f", weights {m['weights']}" if m.get("weights") else "")
+                           + (f", layer {embed}" if embed not in (None, True, "auto") else ""))
+        else:
+            out[run_id] = str(model)
+    return out
+
+
+def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: tuple = ()) -> tuple:
+    """An image's embedding, and the run whose model made it: the model of the `--embed` run
+    that wrote OUTPUT's embeddings: of `runs` (run ids, those that wrote most first), the
+    first whose record says `--embed` (finished or not: its committed rows are there); with
+    none, the latest finished `--embed` run. `model_url` instead of the model file it names (a signed URL's
     signature is not recorded). The image is turned upright as its EXIF orientation says
     (as a viewer shows it; frames are upright too), 16-bit greys taken to 8 bits, and
     resized to the model's input as the decoder resizes frames. A runs/ file that is not a
@@ -613,7 +653,7 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     refuse_clips(predictor.info.clip_len)
     h, w = predictor.info.input_size
     pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)
-    return predictor.outputs(pixels[None])[1][0]
+    return predictor.outputs(pixels[None])[1][0], record.get("run_id")
 
 
 def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:

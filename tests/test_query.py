@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -555,6 +556,33 @@ def test_a_clip_runs_segments_end_where_their_clips_end():
                         "end_s": [0.4, 0.6, 0.8, 1.0]})
     assert [(r["label"], r["start_s"], r["end_s"]) for r in query.label_segments(overlap, gap=0).to_pylist()] == [
         ("still", 0.0, 0.4), ("moving", 0.4, 1.0)]
+    # clips of every other frame (--clip-len 4 --every 2, 30 fps): clips of frames 0-6, 8-14,
+    # 16-22 end a frame after their last (7/30 s), the frame up to the next clip in none; a
+    # clip's label holds until the next clip starts (README), as it did between clips of one
+    # label: "still 0-0.467" left a hole before "moving" from 0.533 (a QA helper found it)
+    sparse = pa.table({"video_uri": ["/v/e.mp4"] * 3, "frame_index": [0, 8, 16], "timestamp_s": [0.0, 8 / 30, 16 / 30],
+                       "label": ["still", "still", "moving"], "score": [0.9] * 3,
+                       "end_s": [7 / 30, 15 / 30, 23 / 30]})
+    assert [(r["label"], r["start_s"], r["end_s"]) for r in query.label_segments(sparse, gap=0).to_pylist()] == [
+        ("still", 0.0, 16 / 30), ("moving", 16 / 30, 23 / 30)]
+
+
+def test_a_variable_frame_rate_videos_last_segment_ends_at_its_duration():
+    """A variable-frame-rate video (10 frames at 30 fps, then a frame each 0.2 s up to 8.0 s):
+    its duration is the last frame's time plus one frame at the average rate (8.178 s); its
+    last frame was held for the median step (0.2 s) to 8.2, past the video's end (by less than
+    half a frame at the average rate, let stand as rounding; a QA helper found it)."""
+    t = np.r_[np.arange(10) / 30, 1 + np.arange(36) * 0.2]
+    duration = 8.0 / (1 - 1 / 46)  # = 8.0 + duration / 46
+    fps = 46 / duration
+    preds = pa.table({"video_uri": ["/v/vfr.mp4"] * 46, "frame_index": list(range(46)), "timestamp_s": t,
+                      "label": ["square"] * 46, "score": [0.9] * 46})
+    [seg] = query.label_segments(preds, videos={"/v/vfr.mp4": (duration, fps)}).to_pylist()
+    assert (seg["start_s"], seg["end_s"]) == (0.0, pytest.approx(duration))
+    # a container's duration rounded below its last frame's end: the last frame still lasts one frame
+    cfr = np.arange(60) / 30
+    assert query.frame_ends(cfr, 1.999, 30.0)[-1] == pytest.approx(2.0)
+    assert query.frame_ends(cfr, 2.0005, 30.0)[-1] == pytest.approx(2.0)
 
 
 def test_similar_image_on_a_clip_models_embeddings_says_to_ask_by_time(tmp_path, capsys, clip_model):
@@ -698,3 +726,52 @@ def test_an_image_that_cannot_be_had_says_why(tmp_path, capsys):
     (tmp_path / "huge.png").write_bytes(bytes(data))
     assert cli.main(["similar", out, "--image", str(tmp_path / "huge.png")]) == 2
     assert "too large for Pillow's limit" in capsys.readouterr().err
+
+
+def test_similar_compares_only_embeddings_of_the_querys_model(tmp_path, capsys):
+    """Two --embed runs of different models into one OUTPUT (the second run's warning says
+    other settings): `similar` ranked both models' vectors together, cosines across two spaces
+    that mean nothing (a QA helper found frames of the other model at 0.55). It compares with
+    the frames the query's model embedded, and says how many of the others it left out."""
+    import keras
+    from PIL import Image
+
+    from rayvid.config import ModelConfig, RunConfig
+
+    def model(path, units):  # 8x8 frames -> an embedding of `units` -> 2 classes
+        x = keras.Input((8, 8, 3))
+        e = keras.layers.Dense(units, name="emb")(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(x)))
+        keras.Model(x, keras.layers.Dense(2, activation="softmax")(e)).save(path)
+        return str(path)
+
+    out = str(tmp_path / "out")
+    first, second = model(tmp_path / "a.keras", 4), model(tmp_path / "b.keras", 4)
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 5, "/v/b.mp4": [("circle", 0.9)] * 5}, embed_dim=4)
+    write_output(out, {"/v/c.mp4": [("circle", 0.9)] * 50}, embed_dim=4, run_id="r2")
+    for run_id, name in (("r1", first), ("r2", second)):
+        cfg = RunConfig(input="/v", output=out, model=ModelConfig(name=name, embed="auto"))
+        commit.write_run_record(out, run_id, {"run_id": run_id, "status": "finished", "config": cfg.to_dict()})
+    got = query.similar(out, k=100, video="/v/a.mp4", time_s=0)
+    assert sorted(set(got.column("video_uri").to_pylist())) == ["/v/a.mp4", "/v/b.mp4"] and len(got) == 9
+    assert f"OUTPUT holds embeddings by 2 models or layers; compared with the frames embedded as the query was " \
+           f"({first}), not the 50 of the others" in capsys.readouterr().err
+    # an image: embedded by the model of the run that wrote most (r2), compared with r2's frames alone
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "q.png")
+    got = query.similar(out, k=100, image=str(tmp_path / "q.png"))
+    assert set(got.column("video_uri").to_pylist()) == {"/v/c.mp4"} and len(got) == 50
+    assert f"({second}), not the 10 of the others" in capsys.readouterr().err
+    # one model in both runs (a resumed run): every frame, nothing said
+    cfg = RunConfig(input="/v", output=out, model=ModelConfig(name=first, embed="auto"))
+    commit.write_run_record(out, "r2", {"run_id": "r2", "status": "finished", "config": cfg.to_dict()})
+    assert len(query.similar(out, k=100, video="/v/a.mp4", time_s=0)) == 59
+    assert capsys.readouterr().err == ""
+
+
+def test_similar_of_a_failed_video_says_its_error(tmp_path, capsys):
+    """Every video failed in an --embed run: `similar --video` said "no embeddings in OUT: run
+    with --embed" (it had) where other verbs name the video's failure."""
+    out = str(tmp_path / "out")
+    write_output(out, {}, failed=("/v/bad.mp4",))
+    assert cli.main(["similar", out, "--video", "/v/bad.mp4", "--time", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "/v/bad.mp4" in err and "run with --embed" not in err, err
