@@ -300,8 +300,9 @@ class Decoder:
                         yield payload
                         return
                     emitted += len(payload["frame_index"])
-                    # resume after the last frame delivered (for clips: the last clip's end)
-                    after = int(payload.get("clip_end_frame", payload["frame_index"])[-1])
+                    # resume after the last frame delivered (for clips: after the last clip's
+                    # first frame, with the clips that start after it: clips may overlap)
+                    after = int(payload["frame_index"][-1])
                     yield payload
             except _ChildFailed as failure:
                 # the next request starts a fresh child; where it cannot (no process, memory or

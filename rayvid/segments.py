@@ -18,7 +18,8 @@ Segment k of a video holds the frames whose presentation time t satisfies
 start_s <= t < end_s, with start_s = k * L and end_s = (k + 1) * L, except that the first
 segment starts at -inf and the last ends at +inf. The intervals partition the time line, so
 every frame belongs to exactly one segment whatever the codec or GOP structure (the decoder
-maps frames to segments by pts, never by counting). The duration comes from the container
+maps frames to segments by pts, never by counting; a clip run's clips belong to the segment
+of their first frame, whose decoder reads on for the clip's other frames). The duration comes from the container
 header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would

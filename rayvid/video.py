@@ -670,7 +670,11 @@ class FrameReader:
                 on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
-            clips = Clips(self.clip_len, self.clip_stride, info.times, info.fps) if self.clip_len else None
+            clips = None
+            if self.clip_len:
+                kept = self._sampled(info)
+                clips = Clips(self.clip_len, kept, self._clip_starts(info, kept, start_s, end_s, after),
+                              info.times, info.fps)
             for idx, frames in self._frames(path, info, keep, state):
                 got[idx] = True
                 if clips is not None:
@@ -719,9 +723,24 @@ class FrameReader:
         except (VideoError, RuntimeError, EOFError, OSError, av.FFmpegError):
             return None
 
+    def _sampled(self, info: Probe) -> np.ndarray:
+        """Indices of the video's frames its sampling keeps."""
+        return sample_indices(info.times, self.every, self.fps, info.keyframes if self.keyframes else None)
+
+    def _clip_starts(self, info: Probe, keep: np.ndarray, start_s: float, end_s: float, after: int) -> np.ndarray:
+        """Positions in `keep` of the clips this segment makes: those whose first frame has
+        start_s <= pts time < end_s and index > after."""
+        starts = clip_starts(len(keep), self.clip_len, self.clip_stride)
+        first = keep[starts]
+        return starts[(info.times[first] >= start_s) & (info.times[first] < end_s) & (first > after)]
+
     def _keep(self, info: Probe, start_s: float, end_s: float, after: int) -> np.ndarray:
-        """Indices of the frames to deliver: sampled, start_s <= pts time < end_s, > after."""
-        keep = sample_indices(info.times, self.every, self.fps, info.keyframes if self.keyframes else None)
+        """Indices of the frames to deliver: sampled, start_s <= pts time < end_s, > after;
+        for clips, the frames of the clips that start there (`after`: a clip's first frame),
+        a segment's last clips reading on past end_s."""
+        keep = self._sampled(info)
+        if self.clip_len:
+            return Clips.frames_of(keep, self._clip_starts(info, keep, start_s, end_s, after), self.clip_len)
         return keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
 
     def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
@@ -973,51 +992,86 @@ def clip_columns(start, end, start_s, end_s) -> dict:
     return {"clip_start_frame": start, "clip_end_frame": end, "start_s": start_s, "end_s": end_s}
 
 
-class Clips:
-    """`--clip-len N [--clip-stride S]`: consecutive kept frames of one segment -> clips.
+def clip_starts(count: int, n: int, stride: int) -> np.ndarray:
+    """Where a video's clips start, as positions in its kept frames (0..count-1): every
+    `stride` kept frames while a clip of `n` fits; then one more, padded at the video's end,
+    where kept frames after the last full clip's end would be in none (stride > n leaves the
+    frames between clips out, as everywhere). Of the whole video, so a video's clips are the
+    same however it is cut into segments."""
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    starts = np.arange(0, count - n + 1, stride, dtype=np.int64)
+    if not len(starts):
+        return np.zeros(1, np.int64)
+    after = starts[-1] + stride
+    if after < count and count - 1 > starts[-1] + n - 1:
+        starts = np.r_[starts, after]
+    return starts
 
-    A clip is N consecutive kept frames; clips start every S kept frames (S = N: side by
-    side). Frames after the last full clip form one more clip, padded by repeating its last
-    frame, so every kept frame is in a clip. A clip's row: (clip_start_frame,
-    clip_end_frame (its last real frame), start_s (the first frame's time), end_s (the time
-    of the video frame after its last one, so clips tile the time line), frames [N, H, W, 3]).
+
+class Clips:
+    """`--clip-len N [--clip-stride S]`: the kept frames of one segment -> its clips.
+
+    A clip is N consecutive kept frames; clips start every S kept frames of the video
+    (`clip_starts`: S = N side by side), and a segment makes the clips that start in it,
+    reading on into the next segment's frames for its last ones (a clip cut at a segment's
+    end was padded, and a motion model saw the cut as still footage). The video's last clip
+    is padded by repeating its last frame, so every kept frame is in a clip. A clip's row:
+    (clip_start_frame, clip_end_frame (its last real frame), start_s (the first frame's
+    time), end_s (the time of the video frame after its last one, so clips tile the time
+    line), frames [N, H, W, 3]). A frame lost to damaged data leaves its clip shorter (padded).
     """
 
-    def __init__(self, n: int, stride: int, times: np.ndarray, fps: float = 0.0):
-        self.n, self.stride, self.times = n, stride, times
+    def __init__(self, n: int, keep: np.ndarray, starts: np.ndarray, times: np.ndarray, fps: float = 0.0):
+        """`keep`: the video's kept frame indices; `starts`: the positions in it of the clips
+        this segment makes."""
+        self.n, self.times = n, times
+        self.first = keep[starts]
+        self.last = keep[np.minimum(starts + n, len(keep)) - 1]
         self.frame = 1.0 / fps if fps > 0 else 0.0  # a one-frame video's one frame lasts this long
-        self.buf_idx: list = []
-        self.buf: list = []
-        self.skip = 0  # kept frames to pass over when the stride exceeds the clip
-        self.covered = -1  # the last frame index inside an emitted clip
+        self.next = 0  # the next clip to make
+        self.held: dict = {}  # frame index -> frame, of clips not made yet
+
+    @staticmethod
+    def frames_of(keep: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+        """The kept frames the clips starting at `starts` (positions in `keep`) hold, sorted."""
+        if not len(starts):
+            return keep[:0]
+        positions = (starts[:, None] + np.arange(n)).ravel()
+        return keep[np.unique(positions[positions < len(keep)])]
 
     def add(self, idx: np.ndarray, frames: np.ndarray) -> list:
         out = []
         for i, frame in zip(idx.tolist(), frames):
-            if self.skip:
-                self.skip -= 1
+            if self.next >= len(self.first) or i < self.first[self.next]:
                 continue
-            self.buf_idx.append(i)
-            self.buf.append(frame)
-            if len(self.buf) == self.n:
-                out.append(self._clip(self.buf_idx, self.buf))
-                drop = min(self.stride, self.n)
-                self.skip = self.stride - drop
-                del self.buf_idx[:drop], self.buf[:drop]
+            self.held[i] = frame
+            while self.next < len(self.first) and self.last[self.next] <= i:
+                out += self._make()
         return out
 
     def finish(self) -> list:
-        if not self.buf_idx or self.buf_idx[-1] <= self.covered:
-            return []
-        pad = [self.buf[-1]] * (self.n - len(self.buf))
-        return [self._clip(self.buf_idx, self.buf + pad)]
+        out = []
+        while self.next < len(self.first):  # (their last frames lost to damaged data)
+            out += self._make()
+        return out
 
-    def _clip(self, idx: list, frames: list) -> tuple:
-        first, last = idx[0], idx[-1]
-        self.covered = last
+    def _make(self) -> list:
+        j = self.next
+        self.next += 1
+        mine = sorted(k for k in self.held if self.first[j] <= k <= self.last[j])
+        frames = [self.held[k] for k in mine]
+        if self.next < len(self.first):  # what no later clip holds goes
+            for k in [k for k in self.held if k < self.first[self.next]]:
+                del self.held[k]
+        else:
+            self.held.clear()
+        if not mine:
+            return []
+        first, last = mine[0], mine[-1]
         t = self.times
         end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else self.frame)
-        return first, last, float(t[first]), float(end), np.stack(frames)
+        return [(first, last, float(t[first]), float(end), np.stack(frames + [frames[-1]] * (self.n - len(frames))))]
 
 
 class Similarity:

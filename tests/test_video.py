@@ -111,11 +111,12 @@ def test_keyframes_only_decodes_only_key_frames(matrix):
     (4, 6, [0, 6], [3, 9]),  # gaps
 ])
 def test_clips_tile_the_kept_frames(n, stride, starts, ends):
-    from rayvid.video import Clips
+    from rayvid.video import Clips, clip_starts
 
     times = np.arange(10) / 10
     frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
-    clips = Clips(n, stride, times)
+    keep = np.arange(10)
+    clips = Clips(n, keep, clip_starts(10, n, stride), times)
     got = clips.add(np.arange(6), frames[:6]) + clips.add(np.arange(6, 10), frames[6:]) + clips.finish()
     assert [c[0] for c in got] == starts and [c[1] for c in got] == ends
     for first, last, start_s, end_s, clip in got:
@@ -125,14 +126,42 @@ def test_clips_tile_the_kept_frames(n, stride, starts, ends):
         assert start_s == times[first] and end_s == pytest.approx(times[last] + 0.1)
 
 
+@pytest.mark.parametrize("n, stride, every", [(4, 4, 1), (4, 2, 1), (3, 5, 2)])
+def test_a_videos_clips_are_the_same_however_it_is_cut_into_segments(matrix, n, stride, every):
+    """A segment's clips ended at its end: the clip across a cut was padded (a moving scene's
+    frames then a copy of one: a motion model saw still footage at every --segment-seconds
+    cut) and the next segment's clips began a new grid. Clips start every S kept frames of the
+    video; a segment makes those that start in it, reading on past its end for the last ones.
+    A decode retried after a clip (`after`: its first frame) makes the clips after it."""
+    path, frames_in_video = matrix["h264.mp4"]  # a key frame every 10 frames
+    reader = FrameReader(framecode.SIZE, every=every, clip_len=n, clip_stride=stride)
+
+    def clips(**segment):
+        rows, [end] = split_rows(reader.read(path, path, **segment))
+        assert not end["error_type"], end["message"]
+        return [(int(r["frame_index"]), int(r["clip_end_frame"]), float(r["end_s"]),
+                 [framecode.read_code(f) for f in r["frame"]]) for r in rows]
+
+    whole = clips()
+    kept = list(range(0, frames_in_video, every))
+    assert [c[0] for c in whole] == kept[::stride][: len(whole)] and len(whole) > 3
+    assert all(c[3] == kept[kept.index(c[0]): kept.index(c[0]) + n] for c in whole[:-1])  # whole, consecutive
+    for cut in (0.37, 0.61):  # inside a clip (30 fps: after frames 11 and 18)
+        parts = (clips(segment=0, n_segments=2, end_s=cut)
+                 + clips(segment=1, n_segments=2, start_s=cut))
+        assert parts == whole, (cut, [c[:2] for c in parts], [c[:2] for c in whole])
+    resumed = clips(after=whole[1][0])
+    assert resumed == whole[2:]
+
+
 def test_a_one_frame_videos_clip_lasts_a_frame():
     """A one-frame video's clip ended where it began (start_s = end_s = 0): it lasts one
     frame at the stream's rate (none known: 0, as before)."""
-    from rayvid.video import Clips
+    from rayvid.video import Clips, clip_starts
 
     frame = np.zeros((1, 2, 2, 3), np.uint8)
     for fps, end in ((10.0, 0.1), (0.0, 0.0)):
-        clips = Clips(4, 4, np.array([0.0]), fps)
+        clips = Clips(4, np.arange(1), clip_starts(1, 4, 4), np.array([0.0]), fps)
         [(first, last, start_s, end_s, _)] = clips.add(np.arange(1), frame) + clips.finish()
         assert (first, last, start_s) == (0, 0, 0.0) and end_s == pytest.approx(end)
 
