@@ -186,6 +186,11 @@ class InferConfig:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor:g}")
         if self.cpus_per_actor < 0:
             raise ConfigError(f"infer cpus_per_actor must be >= 0, got {self.cpus_per_actor:g}")
+        # (Ray refused it as its actors started: a traceback; fractions share one GPU)
+        for flag, n in (("--gpus-per-actor", self.gpus_per_actor), ("infer cpus_per_actor", self.cpus_per_actor)):
+            if n is not None and n > 1 and n != int(n):
+                raise ConfigError(f"{flag} above 1 must be a whole number (Ray shares out fractions of one only), "
+                                  f"got {n:g}")
         _check_pool("--infer-actors", self.min_actors, self.max_actors)
 
 
@@ -337,7 +342,8 @@ def _refuse_relative_in_job(output: str) -> None:
     to Ray's copy of the working dir (`.../runtime_resources/working_dir_files/_ray_pkg_<hash>`,
     the current folder of its driver), not to the user's checkout: its rows would go to a
     temporary folder on the head node (another one once the code changes: no resume)."""
-    if _URL.match(output) or output.startswith(("/", "~", "file:")):
+    local = re.match(r"(?i)(local://|file:(?!//))", output)  # (paths under the current folder too)
+    if (_URL.match(output) and not local) or output[local.end() if local else 0:].startswith(("/", "~")):
         return
     try:
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
@@ -355,7 +361,7 @@ def _absolute(url: str) -> str:
     resolved); URLs as they are."""
     from rayvid import storage
 
-    if _URL.match(url):
+    if _URL.match(url) and not url.lower().startswith("local://"):  # (local://x: a path under this folder)
         return url
     fs, path = storage.resolve(url)
     return path if storage.is_local(fs) else url

@@ -91,6 +91,10 @@ def cluster_shape(ray) -> dict:
     infer = [(n.get("Labels") or {}).get(key) == value for n in nodes]
     if any(infer):
         shape["decode_CPU"] = sum(float(n["Resources"].get("CPU", 0)) for n, i in zip(nodes, infer) if not i)
+    # one actor runs on one node: the largest a decode actor may use, and every node's (CPU, GPU)
+    shape["node_CPU"] = max((float(n["Resources"].get("CPU", 0)) for n, i in zip(nodes, infer) if not i),
+                            default=0.0)
+    shape["nodes"] = [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0))) for n in nodes]
     try:
         from ray._private.state import state  # as Ray Data reads it (hash_shuffle.py)
 
@@ -101,9 +105,16 @@ def cluster_shape(ray) -> dict:
         most = _most(config)
         shape["decode_CPU"] = max(shape.get("decode_CPU", float(shape.get("CPU", 0))), most["CPU"])
         shape["max_GPU"] = most["GPU"]
+        for group in config.node_group_configs:  # the nodes it can start
+            cpu, gpu = float(group.resources.get("CPU", 0)), float(group.resources.get("GPU", 0))
+            shape["nodes"].append((cpu, gpu))
+            if not gpu:
+                shape["node_CPU"] = max(shape["node_CPU"], cpu)
     shape["autoscaler"] = autoscaler_version(ray)
     if shape["autoscaler"] and "max_GPU" not in shape:
         shape["decode_CPU"], shape["node_types_unknown"] = math.inf, True
+        shape["node_CPU"] = math.inf
+        shape["nodes"].append((math.inf, math.inf))
     return shape
 
 
@@ -223,6 +234,13 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
         infer_max = max(infer_min, cfg.infer.max_actors or max(1, int(cpus // 4)))
         infer_cpu_total = infer_min * cfg.infer.cpus_per_actor
     threads = cfg.decode.threads
+    # an actor no one node can hold waits forever (Ray: "may hang forever") where the totals
+    # below suffice (a node with none: below, where every node with CPUs is kept for inference)
+    largest = cluster.get("node_CPU", math.inf)
+    if 0 < largest < threads:
+        raise ConfigError(f"--decode-threads {threads:g}: no node where decode actors may run has {threads:g} CPUs "
+                          f"(the largest has {largest:g}; a decode actor runs on one node): pass --decode-threads "
+                          f"{int(largest)} or fewer")
     if "decode_CPU" in cluster:  # decoders have nodes of their own; CPU inference may share them
         decode_cpus = float(cluster["decode_CPU"])
         if decode_cpus < threads:  # else the decode actor waits for a node forever
@@ -235,6 +253,13 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
         spare = max(threads, decode_cpus - (0 if gpus_per_actor > 0 else infer_cpu_total))
     else:  # decoders and inference share every node
         spare = max(threads, cpus - infer_cpu_total)
+    nodes = cluster.get("nodes", [(math.inf, math.inf)])
+    need_cpu, need_gpu = float(cfg.infer.cpus_per_actor), float(gpus_per_actor)
+    if nodes and not any(c >= need_cpu and g >= need_gpu for c, g in nodes):
+        has = ", ".join(sorted({f"{c:g} CPU" + (f" {g:g} GPU" if g else "") for c, g in nodes}))
+        asked = f"{need_gpu:g} GPU and {need_cpu:g} CPU" if need_gpu else f"{need_cpu:g} CPU"
+        raise ConfigError(f"an inference actor asks for {asked} on one node, and no node has as much "
+                          f"(nodes: {has}): pass a --gpus-per-actor (or cpus_per_actor) one node holds")
     decode_max = cfg.decode.max_actors or max(1, int(min(spare, 1e6) // threads))
     decode_min = min(cfg.decode.min_actors, decode_max)
     # Segments grouped into blocks (a block is one task of a decode actor) where there are
@@ -760,7 +785,12 @@ def _check_reachable(address: str) -> None:
     at (Ray retried it for minutes, saying only that it could not connect)."""
     if address.lower().startswith(("http://", "https://")):
         raise ConfigError(f"--address/RAY_ADDRESS {storage.redact(address)} is a dashboard's URL (what `ray job "
-                          f"submit --address` takes): give the cluster's address, host:6379, ray://host:10001 or auto")
+                          f"submit --address` takes): give the cluster's address, host:6379 or auto")
+    if address.lower().startswith("ray://"):  # (it failed inside Ray Data's executor: a traceback, exit 1)
+        raise ConfigError(f"--address/RAY_ADDRESS {storage.redact(address)} is a Ray Client address: Ray Data's "
+                          f"streaming executor does not run through Ray Client; submit the job to the cluster "
+                          f"(`ray job submit --address http://HEAD:8265 -- python jobs/classify_videos.py ...`) "
+                          f"or run rayvid on one of its nodes (--address auto)")
     if "://" in address or address in ("auto", "local"):
         return
     host, _, port = address.rpartition(":")

@@ -566,6 +566,9 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
 @pytest.mark.parametrize("address, message", [
     ("http://127.0.0.1:8265", "is a dashboard's URL (what `ray job submit --address` takes): give the cluster's address"),
     ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"),
+    # Ray Client connected, then Ray Data's executor failed (a traceback, exit 1: a QA helper)
+    ("ray://127.0.0.1:10001", "is a Ray Client address: Ray Data's streaming executor does not run through Ray "
+                              "Client; submit the job to the cluster"),
 ])
 def test_a_ray_address_rayvid_cannot_join_is_one_line(address, message, tmp_path, capsys, monkeypatch):
     """The dashboard's address (a traceback, exit 1) and one nothing answers at (Ray retried

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from rayvid.config import ModelConfig, RunConfig, SamplingConfig, merge
+from rayvid.config import InferConfig, ModelConfig, RunConfig, SamplingConfig, merge
 from rayvid.errors import ConfigError
 
 
@@ -160,7 +160,24 @@ def test_a_relative_output_in_a_ray_job_with_a_working_dir_is_refused(tmp_path, 
                                           r"job it would be inside Ray's temporary copy of the working dir \(.*\), not "
                                           r"your folder; give a URL \(s3://...\) or an absolute path every node sees"):
         RunConfig(input="in", output="out")
+    # fsspec's prefixes for a path under the current folder too (they went into Ray's copy: a QA helper)
+    for relative in ("file:out", "local://out", "LOCAL://sub/out"):
+        with pytest.raises(ConfigError, match=f"OUTPUT '{relative}' is a relative path"):
+            RunConfig(input="in", output=relative)
     assert RunConfig(input="in", output=str(tmp_path / "out")).output == str(tmp_path / "out")
+    assert RunConfig(input="in", output="file:" + str(tmp_path / "out")).output == str(tmp_path / "out")
     assert RunConfig(input="in", output="s3://b/out").output == "s3://b/out"
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
     assert RunConfig(input="in", output="out").output == str(tmp_path / "out")  # no working dir: here is here
+    # and recorded absolute: a `--config runs/<id>.json` from another folder writes there too
+    assert RunConfig(input="local://in", output="local://out").output == str(tmp_path / "out")
+
+
+def test_a_fraction_of_more_than_one_gpu_is_refused():
+    """--gpus-per-actor 1.5 reached Ray, which refused it as the actors started (a traceback
+    inside Ray Data's, exit 1): fractions share one GPU; above one, whole numbers."""
+    with pytest.raises(ConfigError, match=r"--gpus-per-actor above 1 must be a whole number .*got 1.5"):
+        InferConfig(gpus_per_actor=1.5)
+    with pytest.raises(ConfigError, match=r"infer cpus_per_actor above 1 must be a whole number .*got 2.5"):
+        InferConfig(cpus_per_actor=2.5)
+    assert (InferConfig(gpus_per_actor=0.5).gpus_per_actor, InferConfig(gpus_per_actor=2).gpus_per_actor) == (0.5, 2)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -324,6 +325,24 @@ def test_decode_pools_size_from_the_nodes_decoders_may_use(ray_session):
     two_threads = RunConfig(input="x", output="y", decode=DecodeConfig(threads=2))
     with pytest.raises(ConfigError, match="a decode actor needs 2 CPU"):
         pipeline.plan_resources(two_threads, {"CPU": 9.0, "GPU": 1.0, "decode_CPU": 1.0}, 10)
+    # an actor no one node can hold waited forever ("may hang forever", a QA helper found) where
+    # the cluster's totals sufficed: --decode-threads 3 here (2 + 1 CPUs), 2 GPUs on 1-GPU nodes
+    three = RunConfig(input="x", output="y", decode=DecodeConfig(threads=3))
+    assert shape["nodes"] == [(2.0, 0.0), (1.0, 1.0)] or shape["nodes"] == [(1.0, 1.0), (2.0, 0.0)]
+    with pytest.raises(ConfigError, match=r"--decode-threads 3: no node where decode actors may run has 3 CPUs "
+                                          r"\(the largest has 2; .*\): pass --decode-threads 2"):
+        pipeline.plan_resources(three, shape, 10)
+    two_gpus = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=2.0))
+    split = {"CPU": 4.0, "GPU": 2.0, "node_CPU": 2.0, "nodes": [(2.0, 0.0), (1.0, 1.0), (1.0, 1.0)]}
+    with pytest.raises(ConfigError, match=r"an inference actor asks for 2 GPU and 1 CPU on one node, and no node has "
+                                          r"as much \(nodes: 1 CPU 1 GPU, 2 CPU\)"):
+        pipeline.plan_resources(two_gpus, split, 10)
+    assert pipeline.plan_resources(two_gpus, dict(split, nodes=[(2.0, 0.0), (2.0, 2.0)]), 10).infer_gpus == 2.0
+    big = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=0.0, cpus_per_actor=4.0))
+    with pytest.raises(ConfigError, match=r"asks for 4 CPU on one node"):
+        pipeline.plan_resources(big, shape, 10)
+    # nodes an autoscaler can start count (their types, where it says them)
+    assert pipeline.plan_resources(three, dict(shape, node_CPU=math.inf, decode_CPU=math.inf, nodes=[(math.inf, math.inf)]), 10)
 
 
 def test_frame_exact_harness_through_the_job(ray_session, matrix, code_reader, tmp_path):
