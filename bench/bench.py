@@ -1286,12 +1286,12 @@ def markdown(results: dict) -> str:
             rss = ", ".join(f"{k} {v:.0f}" for k, v in list(b["peak_rss_mb"].items())[:3])
             spilled = f"{b['spilled_bytes']} B" if "spilled_bytes" in b else "n/a"
             # (older results files: B's rates were A's where there was no archive B)
-            on_b = lambda v: v if x["archive_b"] else None  # noqa: E731
+            b_only = lambda v: v if x["archive_b"] else None  # noqa: E731
             # A's wall less A's frames at the steady rate; below 0 when B ran slower per frame than A
             startup = lambda v: fmt(v) if v is None or v >= 0 else f"{v:.1f} (B slower than A)"  # noqa: E731
-            out.append(f"| {m} | {x['end_to_end_fps']:.1f} | {fmt(on_b(x['end_to_end_fps_b']))} | {fmt(x['steady_fps'])} | "
-                       f"{fmt(x['vs_limit']['steady'], '{:.2f}')} | {fmt(on_b(x['vs_limit']['end_to_end_b']), '{:.2f}')} | "
-                       f"{fmt(on_b(x.get('vs_best', {}).get('end_to_end_b')), '{:.2f}')} | "
+            out.append(f"| {m} | {x['end_to_end_fps']:.1f} | {fmt(b_only(x['end_to_end_fps_b']))} | {fmt(x['steady_fps'])} | "
+                       f"{fmt(x['vs_limit']['steady'], '{:.2f}')} | {fmt(b_only(x['vs_limit']['end_to_end_b']), '{:.2f}')} | "
+                       f"{fmt(b_only(x.get('vs_best', {}).get('end_to_end_b')), '{:.2f}')} | "
                        f"{startup(x['startup_s'])} | {rss} | {spilled} |")
         if "rayvid_vs" in r:
             if (r["methods"].get("rayvid") or {}).get("archive_b"):

@@ -234,19 +234,24 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
         infer_max = max(infer_min, cfg.infer.max_actors or max(1, int(cpus // 4)))
         infer_cpu_total = infer_min * cfg.infer.cpus_per_actor
     threads = cfg.decode.threads
-    # an actor no one node can hold waits forever (Ray: "may hang forever") where the totals
-    # below suffice (a node with none: below, where every node with CPUs is kept for inference)
+    # An actor no one node can hold waits forever (Ray: "may hang forever"). Said where no
+    # node is to come (an embedded local Ray) or where the cluster's totals would hold it
+    # (no more nodes are awaited for it); a node with none: below, where every node with
+    # CPUs is kept for inference.
+    final = bool(cluster.get("embedded"))
     largest = cluster.get("node_CPU", math.inf)
-    if 0 < largest < threads:
+    if 0 < largest < threads and (final or cluster.get("decode_CPU", cpus) >= threads):
+        hint = f"pass --decode-threads {int(largest)} or fewer" if largest >= 1 else "give it a node with whole CPUs"
         raise ConfigError(f"--decode-threads {threads:g}: no node where decode actors may run has {threads:g} CPUs "
-                          f"(the largest has {largest:g}; a decode actor runs on one node): pass --decode-threads "
-                          f"{int(largest)} or fewer")
+                          f"(the largest has {largest:g}; a decode actor runs on one node): {hint}")
     if "decode_CPU" in cluster:  # decoders have nodes of their own; CPU inference may share them
         decode_cpus = float(cluster["decode_CPU"])
         if decode_cpus < threads:  # else the decode actor waits for a node forever
             key, value = decode.INFER_NODE_LABEL
+            which = ("every node with CPUs is labelled" if decode_cpus <= 0 else
+                     f"the nodes not labelled have {decode_cpus:g} CPUs in all, every other node is labelled")
             raise ConfigError(
-                f"no node where decode actors may run: every node with CPUs is labelled {key}={value} "
+                f"no node where decode actors may run: {which} {key}={value} "
                 f"(kept for inference), and no node type without that label can be started (a decode "
                 f"actor needs {threads:g} CPU); add CPU nodes without the label (cluster/: the `cpu` "
                 f"worker type, the `cpu-decode` group) or take the label off")
@@ -255,7 +260,9 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
         spare = max(threads, cpus - infer_cpu_total)
     nodes = cluster.get("nodes", [(math.inf, math.inf)])
     need_cpu, need_gpu = float(cfg.infer.cpus_per_actor), float(gpus_per_actor)
-    if nodes and not any(c >= need_cpu and g >= need_gpu for c, g in nodes):
+    # (--infer-actors N N with GPUs: GPU nodes are to start on demand)
+    awaited = not final and (cpus < need_cpu or gpus < need_gpu or (need_gpu > 0 and cfg.infer.min_actors))
+    if nodes and not awaited and not any(c >= need_cpu and g >= need_gpu for c, g in nodes):
         has = ", ".join(sorted({f"{c:g} CPU" + (f" {g:g} GPU" if g else "") for c, g in nodes}))
         asked = f"{need_gpu:g} GPU and {need_cpu:g} CPU" if need_gpu else f"{need_cpu:g} CPU"
         raise ConfigError(f"an inference actor asks for {asked} on one node, and no node has as much "
@@ -308,7 +315,9 @@ def run(cfg: RunConfig) -> RunResult:
         info = probe() if probe else None
         shape = info.shape if info else shape
         clip_len = _clip_len(cfg, shape.clip_len)
-        shape_now = cluster_shape(ray)
+        # an embedded local Ray, started here: no node is to come
+        embedded = we_started_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))
+        shape_now = dict(cluster_shape(ray), embedded=embedded)
         plan = plan_resources(cfg, shape_now, listed, remote=_any_remote(videos),
                               n_units=len(units) if units is not None else 0)
         _warn_about(shape_now, plan, cfg)

@@ -486,18 +486,13 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     archives beyond memory, load the `embedding` column into a vector index."""
     uris, index, times, labels, matrix, run_ids = [], [], [], [], [], []
     writers: dict = {}  # run id -> its embeddings' rows
-    models: dict = {}  # run id -> the model its rows name
-    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding", "run_id",
-                                        "model"]):
+    for table in parts(output, columns=["video_uri", "frame_index", "timestamp_s", "label", "embedding", "run_id"]):
         if "embedding" not in table.column_names:
             continue
         table = table.filter(pc.is_valid(table.column("embedding")))
         for row in pc.value_counts(table.column("run_id")).to_pylist():
             writers[row["values"]] = writers.get(row["values"], 0) + row["counts"]
-        if len(table):
-            for row in table.group_by(["run_id", "model"]).aggregate([]).to_pylist():
-                models.setdefault(row["run_id"], row["model"])
-        run_ids += table.column("run_id").to_pylist()
+        run_ids += table.column("run_id").cast(pa.string()).chunks
         uris += table.column("video_uri").to_pylist()
         index.append(table.column("frame_index").to_numpy())
         times.append(table.column("timestamp_s").to_numpy())
@@ -511,11 +506,12 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     index, times, matrix = np.concatenate(index), np.concatenate(times), np.concatenate(matrix)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     matrix = matrix / np.where(norms > 0, norms, 1)
-    spaces = _embedding_spaces(output, models)  # run id -> the model and layer that embedded its frames
+    # run id -> the model and layer that embedded its frames (None: not known); of several runs
+    spaces = _embedding_spaces(output, writers) if len(writers) > 1 and vector is None else {}
     skip, space = -1, None
     if vector is None and image is not None:
-        vector, run_id = embed_image(output, image, model, runs=tuple(sorted(writers, key=lambda r: -writers[r])))
-        space = spaces.get(run_id)
+        vector, used = embed_image(output, image, model, runs=tuple(sorted(writers, key=lambda r: -writers[r])))
+        space = _space(dataclasses.asdict(used))
     elif vector is None:
         video = storage.canonical(video)
         mine = np.flatnonzero(np.array([u == video for u in uris]))
@@ -531,7 +527,9 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
             raise ValueError(f"--time {time_s:g} is past the end of {storage.public_uri(video)} ({end:g} s)")
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
-        vector, space = matrix[skip], spaces.get(run_ids[skip])
+        vector = matrix[skip]
+        runs = pa.chunked_array(run_ids, pa.string())
+        space = spaces.get(runs[skip].as_py()) if spaces else None
     vector = np.asarray(vector, np.float32)
     if vector.shape != (matrix.shape[1],):
         raise ValueError(f"query vector has shape {vector.shape}, the embeddings ({matrix.shape[1]},)")
@@ -539,13 +537,17 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     if skip >= 0:
         sims[skip] = -np.inf
     candidates = len(sims) - (skip >= 0)
-    if space is not None and len(set(spaces.values())) > 1:
+    others = sorted(r for r, sp in spaces.items() if sp is not None and sp != space) if space is not None else []
+    if others:
         # another model's (or layer's) vectors are in another space: their cosines mean nothing
-        other = np.array([spaces.get(r) != space for r in run_ids])
+        codes = pc.dictionary_encode(pa.chunked_array(run_ids, pa.string())).combine_chunks()
+        wanted = [i for i, r in enumerate(codes.dictionary.to_pylist()) if r in set(others)]
+        other = np.isin(codes.indices.to_numpy(zero_copy_only=False), wanted)
         sims[other] = -np.inf
-        candidates -= int(other.sum())
-        print(f"rayvid: OUTPUT holds embeddings by {len(set(spaces.values()))} models or layers; compared with "
-              f"the frames embedded as the query was ({space}), not the {int(other.sum())} of the others",
+        candidates -= int(other[np.arange(len(other)) != skip].sum())
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        print(f"rayvid: compared with the frames embedded as the query was ({_space_text(space)}), not the "
+              f"{int(other.sum())} embedded by another model or layer (run {shown}): their cosines mean nothing",
               file=sys.stderr)
     k = max(0, min(k, candidates))
     m = min(len(sims), 4 * k + 16)  # the best m by partition, then an exact, tie-stable sort
@@ -560,28 +562,51 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     })
 
 
-def _embedding_spaces(output: str, runs: dict) -> dict:
-    """{run id: the model, weights and --embed layer its record names} for the runs of
-    `runs` ({run id: the model its rows name}, the runs that wrote embeddings): the vectors
-    of two runs compare where these match. A run whose record is missing or unreadable: the
-    model its rows name."""
+def _space(model: dict) -> Optional[tuple]:
+    """What decides a run's embedding space, from its record's config `model`: the model
+    (as shown: a URL without its query), the weights of a keras.applications name (null is
+    its ImageNet default) and the --embed layer ("" for auto). None where it cannot be told:
+    no name, or a model path recorded relative (records before 2026-11-30)."""
+    from rayvid import models
+
+    name = model.get("name") if isinstance(model, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if name not in models.APPLICATIONS and "://" not in name and not os.path.isabs(name):
+        return None
+    weights = model.get("weights") if name in models.APPLICATIONS else None
+    weights = "imagenet" if weights in (None, "imagenet") and name in models.APPLICATIONS else weights
+    embed = model.get("embed")
+    layer = "" if embed in (None, True, "auto") else str(embed)
+    return (storage.public_uri(name), storage.public_uri(weights) if isinstance(weights, str) else None, layer)
+
+
+def _space_text(space: tuple) -> str:
+    name, weights, layer = space
+    return name + (f", weights {weights}" if weights and weights != "imagenet" else "") + (f", layer {layer}" if layer else "")
+
+
+def _embedding_spaces(output: str, runs) -> dict:
+    """{run id: `_space` of its record} for the runs in `runs` (those that wrote
+    embeddings), read side by side; None for a run whose record is missing, unreadable or
+    does not tell (its frames are compared with any query)."""
     fs, root = storage.resolve(output)
-    out = {}
-    for run_id, model in runs.items():
-        record = commit.read_run_record(fs, root.rstrip("/"), run_id)
+
+    def space(run_id: str) -> Optional[tuple]:
+        try:
+            record = commit.read_run_record(fs, root.rstrip("/"), run_id)
+        except storage.ACCESS_ERRORS:
+            return None
         config = record.get("config") if isinstance(record, dict) else None
-        m = config.get("model") if isinstance(config, dict) else None
-        if isinstance(m, dict) and m.get("name"):
-            embed = m.get("embed")
-            out[run_id] = (f"{m['name']}" + (f", weights {m['weights']}" if m.get("weights") else "")
-                           + (f", layer {embed}" if embed not in (None, True, "auto") else ""))
-        else:
-            out[run_id] = str(model)
-    return out
+        return _space(config.get("model")) if isinstance(config, dict) else None
+
+    runs = list(runs)
+    with concurrent.futures.ThreadPoolExecutor(min(16, max(1, len(runs)))) as pool:
+        return dict(zip(runs, pool.map(space, runs)))
 
 
 def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: tuple = ()) -> tuple:
-    """An image's embedding, and the run whose model made it: the model of the `--embed` run
+    """An image's embedding, and the ModelConfig that made it: the model of the `--embed` run
     that wrote OUTPUT's embeddings: of `runs` (run ids, those that wrote most first), the
     first whose record says `--embed` (finished or not: its committed rows are there); with
     none, the latest finished `--embed` run. `model_url` instead of the model file it names (a signed URL's
@@ -653,7 +678,7 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     refuse_clips(predictor.info.clip_len)
     h, w = predictor.info.input_size
     pixels = np.asarray(rgb.resize((w, h), Image.BICUBIC), np.uint8)
-    return predictor.outputs(pixels[None])[1][0], record.get("run_id")
+    return predictor.outputs(pixels[None])[1][0], model
 
 
 def flat_predictions(table: pa.Table, k: Optional[int] = None) -> pa.Table:

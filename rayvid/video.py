@@ -1057,6 +1057,9 @@ class Clips:
         return out
 
     def _make(self) -> list:
+        """The next clip's row: named by where it starts (its first frame, lost or not: a
+        clip's frame_index is its own, and a retry resumes after it), ending at its last frame
+        decoded; none where every frame of it was lost."""
         j = self.next
         self.next += 1
         mine = sorted(k for k in self.held if self.first[j] <= k <= self.last[j])
@@ -1068,10 +1071,10 @@ class Clips:
             self.held.clear()
         if not mine:
             return []
-        first, last = mine[0], mine[-1]
+        start, last = int(self.first[j]), mine[-1]
         t = self.times
         end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else self.frame)
-        return [(first, last, float(t[first]), float(end), np.stack(frames + [frames[-1]] * (self.n - len(frames))))]
+        return [(start, last, float(t[start]), float(end), np.stack(frames + [frames[-1]] * (self.n - len(frames))))]
 
 
 class Similarity:

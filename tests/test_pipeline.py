@@ -326,21 +326,37 @@ def test_decode_pools_size_from_the_nodes_decoders_may_use(ray_session):
     with pytest.raises(ConfigError, match="a decode actor needs 2 CPU"):
         pipeline.plan_resources(two_threads, {"CPU": 9.0, "GPU": 1.0, "decode_CPU": 1.0}, 10)
     # an actor no one node can hold waited forever ("may hang forever", a QA helper found) where
-    # the cluster's totals sufficed: --decode-threads 3 here (2 + 1 CPUs), 2 GPUs on 1-GPU nodes
+    # the cluster's totals sufficed (or on a laptop's embedded Ray): --decode-threads 3 on 2 CPUs
+    # (the labelled node's one not counted), 4 on the embedded Ray, 2 GPUs on 1-GPU nodes
     three = RunConfig(input="x", output="y", decode=DecodeConfig(threads=3))
     assert shape["nodes"] == [(2.0, 0.0), (1.0, 1.0)] or shape["nodes"] == [(1.0, 1.0), (2.0, 0.0)]
+    with pytest.raises(ConfigError, match=r"no node where decode actors may run: the nodes not labelled have 2 CPUs "
+                                          r"in all, every other node is labelled rayvid.io/role=infer"):
+        pipeline.plan_resources(three, shape, 10)  # (too few CPUs for it in all)
+    unlabelled = {"CPU": 3.0, "node_CPU": 2.0, "nodes": [(2.0, 0.0), (1.0, 0.0)]}
     with pytest.raises(ConfigError, match=r"--decode-threads 3: no node where decode actors may run has 3 CPUs "
-                                          r"\(the largest has 2; .*\): pass --decode-threads 2"):
-        pipeline.plan_resources(three, shape, 10)
+                                          r"\(the largest has 2; .*\): pass --decode-threads 2 or fewer"):
+        pipeline.plan_resources(three, unlabelled, 10)
+    laptop = {"CPU": 2.0, "node_CPU": 2.0, "nodes": [(2.0, 0.0)]}
+    four = RunConfig(input="x", output="y", decode=DecodeConfig(threads=4))
+    assert pipeline.plan_resources(four, laptop, 10).decode_cpus == 4  # a node may join a cluster
+    with pytest.raises(ConfigError, match=r"--decode-threads 4: .*the largest has 2"):
+        pipeline.plan_resources(four, dict(laptop, embedded=True), 10)  # none joins an embedded Ray
     two_gpus = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=2.0))
     split = {"CPU": 4.0, "GPU": 2.0, "node_CPU": 2.0, "nodes": [(2.0, 0.0), (1.0, 1.0), (1.0, 1.0)]}
     with pytest.raises(ConfigError, match=r"an inference actor asks for 2 GPU and 1 CPU on one node, and no node has "
                                           r"as much \(nodes: 1 CPU 1 GPU, 2 CPU\)"):
         pipeline.plan_resources(two_gpus, split, 10)
     assert pipeline.plan_resources(two_gpus, dict(split, nodes=[(2.0, 0.0), (2.0, 2.0)]), 10).infer_gpus == 2.0
+    # GPU nodes to start on demand (--infer-actors N N), or not enough GPUs in all yet: awaited
+    on_demand = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=1.0, min_actors=2, max_actors=2))
+    assert pipeline.plan_resources(on_demand, {"CPU": 8.0, "node_CPU": 8.0, "nodes": [(8.0, 0.0)]}, 10).infer_min == 2
+    cpu_later = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=0.0))
+    assert pipeline.plan_resources(cpu_later, {"CPU": 0.0, "node_CPU": 0.0, "nodes": [(0.0, 0.0)]}, 10)  # a 0-CPU head
     big = RunConfig(input="x", output="y", infer=InferConfig(gpus_per_actor=0.0, cpus_per_actor=4.0))
     with pytest.raises(ConfigError, match=r"asks for 4 CPU on one node"):
-        pipeline.plan_resources(big, shape, 10)
+        pipeline.plan_resources(big, {"CPU": 4.0, "node_CPU": 2.0, "nodes": [(2.0, 0.0), (2.0, 0.0)]}, 10)
+    assert pipeline.plan_resources(big, shape, 10)  # 3 CPUs in all: a node may be to come
     # nodes an autoscaler can start count (their types, where it says them)
     assert pipeline.plan_resources(three, dict(shape, node_CPU=math.inf, decode_CPU=math.inf, nodes=[(math.inf, math.inf)]), 10)
 

@@ -753,18 +753,37 @@ def test_similar_compares_only_embeddings_of_the_querys_model(tmp_path, capsys):
         commit.write_run_record(out, run_id, {"run_id": run_id, "status": "finished", "config": cfg.to_dict()})
     got = query.similar(out, k=100, video="/v/a.mp4", time_s=0)
     assert sorted(set(got.column("video_uri").to_pylist())) == ["/v/a.mp4", "/v/b.mp4"] and len(got) == 9
-    assert f"OUTPUT holds embeddings by 2 models or layers; compared with the frames embedded as the query was " \
-           f"({first}), not the 50 of the others" in capsys.readouterr().err
+    assert f"compared with the frames embedded as the query was ({first}), not the 50 embedded by another model " \
+           f"or layer (run r2): their cosines mean nothing" in capsys.readouterr().err
     # an image: embedded by the model of the run that wrote most (r2), compared with r2's frames alone
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "q.png")
     got = query.similar(out, k=100, image=str(tmp_path / "q.png"))
     assert set(got.column("video_uri").to_pylist()) == {"/v/c.mp4"} and len(got) == 50
-    assert f"({second}), not the 10 of the others" in capsys.readouterr().err
-    # one model in both runs (a resumed run): every frame, nothing said
-    cfg = RunConfig(input="/v", output=out, model=ModelConfig(name=first, embed="auto"))
-    commit.write_run_record(out, "r2", {"run_id": "r2", "status": "finished", "config": cfg.to_dict()})
-    assert len(query.similar(out, k=100, video="/v/a.mp4", time_s=0)) == 59
-    assert capsys.readouterr().err == ""
+    assert f"({second}), not the 10 embedded by another model or layer (run r1)" in capsys.readouterr().err
+    # --model URL: the image is embedded by that model, compared with its frames (not the run's that wrote most)
+    got = query.similar(out, k=100, image=str(tmp_path / "q.png"), model=first)
+    assert set(got.column("video_uri").to_pylist()) == {"/v/a.mp4", "/v/b.mp4"} and len(got) == 10
+    capsys.readouterr()
+    # one model in both runs (a resumed run; the same layer named, or the same model at a
+    # signed URL whose record keeps no query): every frame, nothing said
+    for name, embed in ((first, "auto"), (first, None)):
+        cfg = RunConfig(input="/v", output=out, model=ModelConfig(name=name, embed=embed or "auto"))
+        record = cfg.to_dict()
+        record["model"]["embed"] = embed
+        commit.write_run_record(out, "r2", {"run_id": "r2", "status": "finished", "config": record})
+        assert len(query.similar(out, k=100, video="/v/a.mp4", time_s=0)) == 59
+        assert capsys.readouterr().err == ""
+    assert query._space({"name": "resnet50", "weights": None}) == query._space({"name": "resnet50", "weights": "imagenet"})
+    assert query._space({"name": "https://h/m.keras?<redacted>"}) == query._space({"name": "https://h/m.keras?X-Sig=1"})
+    # a record that cannot tell (gone, or a relative model path of an older record): compared with any query
+    for record in (None, {"run_id": "r2", "config": {"model": {"name": "models/b.keras", "embed": "auto"}}}):
+        os.remove(os.path.join(out, "runs", "r2.json"))
+        if record:
+            commit.write_run_record(out, "r2", record)
+        else:
+            open(os.path.join(out, "runs", "r2.json"), "w").close()  # (unreadable: empty)
+        assert len(query.similar(out, k=100, video="/v/a.mp4", time_s=0)) == 59
+        assert capsys.readouterr().err == ""
 
 
 def test_similar_of_a_failed_video_says_its_error(tmp_path, capsys):

@@ -154,6 +154,23 @@ def test_a_videos_clips_are_the_same_however_it_is_cut_into_segments(matrix, n, 
     assert resumed == whole[2:]
 
 
+def test_a_clip_whose_first_frame_is_lost_keeps_its_own_start():
+    """Frames lost to damaged data: a clip whose first frame was lost took the next frame's
+    index, which overlapping clips (--clip-stride 1) already had: two rows of frame 3 (a
+    reviewer found it), and a retry resuming after frame 3 skipped the clip that starts there."""
+    from rayvid.video import Clips, clip_starts
+
+    times = np.arange(10) / 10
+    frames = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+    clips = Clips(4, np.arange(10), clip_starts(10, 4, 1), times)
+    arrived = np.array([0, 1, 3, 4, 5, 6, 7, 8, 9])  # frame 2 lost
+    got = clips.add(arrived, frames[arrived]) + clips.finish()
+    assert [c[0] for c in got] == list(range(7))  # one clip per start, each its own
+    assert [(c[0], c[1], [int(f[0, 0, 0]) for f in c[4]]) for c in got[1:4]] == [
+        (1, 4, [1, 3, 4, 4]), (2, 5, [3, 4, 5, 5]), (3, 6, [3, 4, 5, 6])]
+    assert got[2][2] == times[2]
+
+
 def test_a_one_frame_videos_clip_lasts_a_frame():
     """A one-frame video's clip ended where it began (start_s = end_s = 0): it lasts one
     frame at the stream's rate (none known: 0, as before)."""
