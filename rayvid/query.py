@@ -336,6 +336,9 @@ def summary_of(videos: pa.Table) -> pa.Table:
             .append_column("run_id", videos.column("run_id")))
 
 
+ROUNDING_S = 1e-3  # containers' durations and times: rounded to the millisecond (MP4's usual timescale) or finer
+
+
 def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -> np.ndarray:
     """When each of a video's sampled frames (at times `t`, ascending) stops being shown:
     at the next one; the last, after the median step between them (one frame at `fps`
@@ -344,9 +347,9 @@ def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -
     steps = np.diff(t)
     step = float(np.median(steps)) if len(steps) else frame
     last = t[-1] + step
-    # past the end: the end, but at least one frame (a container's duration may be rounded
-    # below its last frame's end; a variable-frame-rate video's median step may run past it)
-    if duration is not None and duration > t[-1] and last > duration:
+    # past the end (a variable-frame-rate video's median step may run past it): the end, but
+    # at least one frame; by less than a millisecond, a container's rounded times: as it is
+    if duration is not None and duration > t[-1] and last - duration > min(ROUNDING_S, frame / 2 or ROUNDING_S):
         last = max(duration, t[-1] + frame)
     return np.r_[t[1:], last]
 

@@ -579,9 +579,11 @@ def test_a_variable_frame_rate_videos_last_segment_ends_at_its_duration():
                       "label": ["square"] * 46, "score": [0.9] * 46})
     [seg] = query.label_segments(preds, videos={"/v/vfr.mp4": (duration, fps)}).to_pylist()
     assert (seg["start_s"], seg["end_s"]) == (0.0, pytest.approx(duration))
-    # a container's duration rounded below its last frame's end: the last frame still lasts one frame
+    # a container's duration rounded below its last frame's end (a 1 s video's 0.999667): the
+    # step stands; further below, the last frame still lasts one frame
     cfr = np.arange(60) / 30
-    assert query.frame_ends(cfr, 1.999, 30.0)[-1] == pytest.approx(2.0)
+    assert query.frame_ends(cfr, 1.999667, 30.0)[-1] == 2.0
+    assert query.frame_ends(cfr, 1.99, 30.0)[-1] == pytest.approx(2.0)
     assert query.frame_ends(cfr, 2.0005, 30.0)[-1] == pytest.approx(2.0)
 
 
