@@ -140,6 +140,7 @@ class Decoder:
         self.size = (int(size[0]), int(size[1]))
         self.timeout_s, self.retries, self.ranged = float(timeout_s), int(retries), bool(ranged)
         self._reader_args = dict(reader_args, size=self.size)
+        self._unit = "clips" if reader_args.get("clip_len") else "frames"  # what a row is, in messages
         self._tmpdir = _decoder_dir()  # its copies; those of actors that were killed are deleted
         self._lock = threading.Lock()
         self.bytes_fetched = 0  # read from remote stores so far, whole copies and partial ones
@@ -197,7 +198,7 @@ class Decoder:
                         batch["bytes_read"][0] = read.bytes()
                         changed = read.changed()
                         if changed is not None:
-                            mark_failed(batch, changed, "read", self._tmpdir)
+                            mark_failed(batch, changed, "read", self._tmpdir, self._unit)
                         ended = True
                     else:
                         sent += len(batch["frame_index"])
@@ -213,7 +214,7 @@ class Decoder:
                 raise StorageUnavailable(
                     f"no space left on host {socket.gethostname()} for the local copy of {storage.public_uri(uri)} "
                     f"(in {self._tmpdir}): free space there, or point TMPDIR at a larger disk") from None
-            row = end_row(uri, segment, n_segments, self.size, sent, e, "read", "", None, self._tmpdir)
+            row = end_row(uri, segment, n_segments, self.size, sent, e, "read", "", None, self._tmpdir, self._unit)
             row["bytes_read"][0] = read.bytes() if read is not None else 0
             yield row
 
@@ -313,7 +314,7 @@ class Decoder:
                                                          f"{error}; resumed after frame {after}")
         final = type(error)(f"{error} ({self.retries + 1} attempts)")
         yield end_row(uri, segment, n_segments, self.size, emitted, final, "decode",
-                      note, info, self._tmpdir)
+                      note, info, self._tmpdir, self._unit)
 
 
 @dataclass

@@ -658,7 +658,7 @@ class FrameReader:
                  "segment": segment, "n_segments": n_segments, "force_pyav": force_pyav or partial}
         done = lambda error: end_row(  # noqa: E731
             uri, segment, n_segments, (self.height, self.width), emitted + state["emitted"],
-            error, state["stage"], _decoder_label(state), state["info"])
+            error, state["stage"], _decoder_label(state), state["info"], unit="clips" if self.clip_len else "frames")
         try:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
@@ -1073,7 +1073,10 @@ class Clips:
             return []
         start, last = int(self.first[j]), mine[-1]
         t = self.times
-        end = t[last + 1] if last + 1 < len(t) else t[last] + (t[last] - t[last - 1] if last else self.frame)
+        if last + 1 < len(t):
+            end = t[last + 1]
+        else:  # the video's last frame: to its duration (the probe's: one frame at the average rate)
+            end = t[last] + (self.frame if self.frame else (t[last] - t[last - 1] if last else 0.0))
         return [(start, last, float(t[start]), float(end), np.stack(frames + [frames[-1]] * (self.n - len(frames))))]
 
 
@@ -1115,10 +1118,11 @@ class Similarity:
 
 def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
             error: Optional[BaseException], stage: str, decoder: str,
-            info: Optional[Probe], tmpdir: str = "") -> dict:
+            info: Optional[Probe], tmpdir: str = "", unit: str = "frames") -> dict:
     """A segment's terminal row: how many frame rows it produced, the video's metadata, and
-    why it stopped early, if it did."""
-    message = _message(error, emitted, tmpdir) if error is not None else ""
+    why it stopped early, if it did (`unit`: what a row is, in its message: "clips" in a
+    clip run)."""
+    message = _message(error, emitted, tmpdir, unit) if error is not None else ""
     return {
         "video_uri": np.array([uri], dtype=object),
         "segment": np.array([segment], dtype=np.int32),
@@ -1142,23 +1146,23 @@ def end_row(uri: str, segment: int, n_segments: int, size: tuple, emitted: int,
     }
 
 
-def mark_failed(end: dict, error: BaseException, stage: str, tmpdir: str) -> None:
+def mark_failed(end: dict, error: BaseException, stage: str, tmpdir: str, unit: str = "frames") -> None:
     """Mark a terminal row (`end_row`) as failed with `error`, keeping its frame count; an
     error it already had stays in its message."""
     had = str(end["message"][0])  # says already how many frames were kept, if it is an error's
-    message = _message(error, 0 if had else int(end["n_frames"][0]), tmpdir)
+    message = _message(error, 0 if had else int(end["n_frames"][0]), tmpdir, unit)
     end["error_stage"][0], end["error_type"][0] = stage, _error_type(error)
     end["message"][0] = f"{message}; before that: {had}" if had else message
 
 
-def _message(error: BaseException, emitted: int, tmpdir: str) -> str:
+def _message(error: BaseException, emitted: int, tmpdir: str, unit: str = "frames") -> str:
     """An error row's message: the error, without credentials or the actor's temp dir,
-    and how many frames the segment delivered before it."""
+    and how many frames (or clips) the segment delivered before it."""
     message = storage.describe(error)
     if tmpdir:
         message = message.replace(tmpdir, "<tmp>")
     if emitted:
-        message += f" ({emitted} decoded frames kept)"
+        message += f" ({emitted} decoded {unit} kept)"
     return message
 
 

@@ -496,6 +496,10 @@ def test_garbage_in_the_middle_drops_the_damaged_gop_and_keeps_the_rest_exact(da
     assert 0 < len(lost) <= 30 and end["error_type"] == "VideoError"
     assert f"{len(lost)} of {framecode.DAMAGED_FRAMES} frames lost to damaged data (frame {lost[0]}-{lost[-1]})" in end["message"]
     assert end["n_frames"] == len(got)
+    # a clip run's rows are clips: its message counts them so (it said "decoded frames")
+    clips, [end] = split_rows(Decoder(size=framecode.SIZE, decoder=decoder, clip_len=4).decode_video(
+        damaged["garbage_in_middle.mp4"]))
+    assert end["message"].endswith(f" ({len(clips)} decoded clips kept)") and end["n_frames"] == len(clips)
 
 
 @pytest.mark.parametrize("sampling, kept, at", [({}, list(range(framecode.DAMAGED_FRAMES)), None),

@@ -171,6 +171,21 @@ def test_a_clip_whose_first_frame_is_lost_keeps_its_own_start():
     assert got[2][2] == times[2]
 
 
+def test_a_variable_frame_rate_videos_last_clip_ends_at_its_duration():
+    """A clip run's last clip ended one last step after its last frame (a frame at 1.0 s
+    after 30 frames at 30 fps: to 1.967 s; the video lasts 1.033 s, the probe's duration, the
+    last frame's time plus one frame at the average rate), past the video's end (a QA helper)."""
+    from rayvid.video import Clips, clip_starts
+
+    times = np.r_[np.arange(30) / 30, 1.0]
+    fps = 31 / 1.0
+    frames = np.zeros((31, 2, 2, 3), np.uint8)
+    clips = Clips(4, np.arange(31), clip_starts(31, 4, 4), times, fps)
+    got = clips.add(np.arange(31), frames) + clips.finish()
+    assert got[-1][:2] == (28, 30) and got[-1][3] == times[-1] + 1.0 / fps  # the probe's duration_s
+    assert [c[3] for c in got[:-1]] == [times[c[1] + 1] for c in got[:-1]]
+
+
 def test_a_one_frame_videos_clip_lasts_a_frame():
     """A one-frame video's clip ended where it began (start_s = end_s = 0): it lasts one
     frame at the stream's rate (none known: 0, as before)."""
