@@ -83,6 +83,19 @@ def _with_gcs_errors() -> None:
     gcs_log = logging.getLogger("gcsfs")
     if not any(isinstance(f, _RetryTraceback) for f in gcs_log.filters):
         gcs_log.addFilter(_RetryTraceback())
+    # gcsfs reads files through fsspec's BackgroundPrefetcher, which logs each error it then
+    # raises, three records with two tracebacks per read (a GCS outage: ~300 lines)
+    prefetch_log = logging.getLogger("fsspec.prefetcher")
+    if not any(isinstance(f, _RaisedAnyway) for f in prefetch_log.filters):
+        prefetch_log.addFilter(_RaisedAnyway())
+
+
+class _RaisedAnyway(logging.Filter):
+    """Drops fsspec's prefetcher's ERROR records: each is about an exception it raises to
+    the read that rayvid then reports once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
 
 
 class _RetryTraceback(logging.Filter):

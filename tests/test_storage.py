@@ -781,3 +781,23 @@ def test_write_atomic_writes_through_links_into_devices_and_keeps_permissions(tm
     storage.write_atomic(str(fifo), lambda f: f.write(b"through the pipe"))
     reader.join(10)
     assert got == [b"through the pipe"] and stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_gcs_read_that_fails_is_not_logged_by_fsspecs_prefetcher(gcs):
+    """gcsfs reads through fsspec's BackgroundPrefetcher, which logged each error it raised:
+    three records, two tracebacks, per failed read (a GCS outage under a run: ~300 lines of
+    stderr, a QA helper found). The error reaches rayvid, which says it once."""
+    import logging
+    import subprocess
+    import sys
+
+    url = "gs://rayvid-test/prefetch/gone.bin"
+    storage.write_atomic(url, lambda f: f.write(b"x" * 1000))
+    script = ("import logging, sys; logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s'); "
+              "from rayvid import storage; fs, path = storage.resolve(sys.argv[1]); f = fs.open(path, 'rb'); "
+              "fs.rm(path)\n"
+              "try:\n    f.read()\nexcept Exception as e:\n    print('raised', type(e).__name__)")
+    done = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=120)
+    assert "raised" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert "fsspec.prefetcher" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert logging.getLogger("fsspec.prefetcher").filters  # (this process: its first GCS filesystem set it)
