@@ -349,7 +349,8 @@ def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -
     last = t[-1] + step
     # past the end (a variable-frame-rate video's median step may run past it): the end, but
     # at least one frame; by less than a millisecond, a container's rounded times: as it is
-    if duration is not None and duration > t[-1] and last - duration > min(ROUNDING_S, frame / 2 or ROUNDING_S):
+    tolerance = min(ROUNDING_S, frame / 2) if frame else ROUNDING_S
+    if duration is not None and duration > t[-1] and last - duration > tolerance:
         last = max(duration, t[-1] + frame)
     return np.r_[t[1:], last]
 
@@ -507,6 +508,7 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         raise ValueError((video is not None and missing_video(output, storage.canonical(video)))
                          or f"no embeddings in {storage.public_uri(output)}: run with --embed")
     index, times, matrix = np.concatenate(index), np.concatenate(times), np.concatenate(matrix)
+    run_ids = pa.chunked_array(run_ids, pa.string())
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     matrix = matrix / np.where(norms > 0, norms, 1)
     # run id -> the model and layer that embedded its frames (None: not known); of several runs
@@ -531,8 +533,7 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
         shown = mine[times[mine] <= time_s + 1e-9]  # the frame on screen at time_s
         skip = int(shown[np.argmax(times[shown])]) if len(shown) else int(mine[np.argmin(times[mine])])
         vector = matrix[skip]
-        runs = pa.chunked_array(run_ids, pa.string())
-        space = spaces.get(runs[skip].as_py()) if spaces else None
+        space = spaces.get(run_ids[skip].as_py()) if spaces else None
     vector = np.asarray(vector, np.float32)
     if vector.shape != (matrix.shape[1],):
         raise ValueError(f"query vector has shape {vector.shape}, the embeddings ({matrix.shape[1]},)")
@@ -543,11 +544,11 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
     others = sorted(r for r, sp in spaces.items() if sp is not None and sp != space) if space is not None else []
     if others:
         # another model's (or layer's) vectors are in another space: their cosines mean nothing
-        codes = pc.dictionary_encode(pa.chunked_array(run_ids, pa.string())).combine_chunks()
+        codes = pc.dictionary_encode(run_ids).combine_chunks()
         wanted = [i for i, r in enumerate(codes.dictionary.to_pylist()) if r in set(others)]
         other = np.isin(codes.indices.to_numpy(zero_copy_only=False), wanted)
         sims[other] = -np.inf
-        candidates -= int(other[np.arange(len(other)) != skip].sum())
+        candidates -= int(other.sum())  # (never the query's own row: its run's space is the query's)
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         print(f"rayvid: compared with the frames embedded as the query was ({_space_text(space)}), not the "
               f"{int(other.sum())} embedded by another model or layer (run {shown}): their cosines mean nothing",
@@ -577,8 +578,7 @@ def _space(model: dict) -> Optional[tuple]:
         return None
     if name not in models.APPLICATIONS and "://" not in name and not os.path.isabs(name):
         return None
-    weights = model.get("weights") if name in models.APPLICATIONS else None
-    weights = "imagenet" if weights in (None, "imagenet") and name in models.APPLICATIONS else weights
+    weights = (model.get("weights") or "imagenet") if name in models.APPLICATIONS else None  # (a model file's own)
     embed = model.get("embed")
     layer = "" if embed in (None, True, "auto") else str(embed)
     return (storage.public_uri(name), storage.public_uri(weights) if isinstance(weights, str) else None, layer)

@@ -663,18 +663,18 @@ class FrameReader:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
             info = state["info"] = probe(path, partial=partial)
-            keep = self._keep(info, start_s, end_s, after)
+            if self.clip_len:  # (the clips this segment makes, and the frames they hold)
+                kept, starts = self._clip_plan(info, start_s, end_s, after)
+                keep = Clips.frames_of(kept, starts, self.clip_len)
+            else:
+                keep = self._keep(info, start_s, end_s, after)
             if partial and len(keep):
                 info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
             if on_probe is not None:
                 on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
             similar = Similarity(self.skip_similar) if self.skip_similar is not None else None
-            clips = None
-            if self.clip_len:
-                kept = self._sampled(info)
-                clips = Clips(self.clip_len, kept, self._clip_starts(info, kept, start_s, end_s, after),
-                              info.times, info.fps)
+            clips = Clips(self.clip_len, kept, starts, info.times, info.fps) if self.clip_len else None
             for idx, frames in self._frames(path, info, keep, state):
                 got[idx] = True
                 if clips is not None:
@@ -727,20 +727,21 @@ class FrameReader:
         """Indices of the video's frames its sampling keeps."""
         return sample_indices(info.times, self.every, self.fps, info.keyframes if self.keyframes else None)
 
-    def _clip_starts(self, info: Probe, keep: np.ndarray, start_s: float, end_s: float, after: int) -> np.ndarray:
-        """Positions in `keep` of the clips this segment makes: those whose first frame has
-        start_s <= pts time < end_s and index > after."""
+    def _clip_plan(self, info: Probe, start_s: float, end_s: float, after: int) -> tuple:
+        """(the video's kept frames, the positions in them of the clips this segment makes:
+        those whose first frame has start_s <= pts time < end_s and index > after)."""
+        keep = self._sampled(info)
         starts = clip_starts(len(keep), self.clip_len, self.clip_stride)
         first = keep[starts]
-        return starts[(info.times[first] >= start_s) & (info.times[first] < end_s) & (first > after)]
+        return keep, starts[(info.times[first] >= start_s) & (info.times[first] < end_s) & (first > after)]
 
     def _keep(self, info: Probe, start_s: float, end_s: float, after: int) -> np.ndarray:
         """Indices of the frames to deliver: sampled, start_s <= pts time < end_s, > after;
         for clips, the frames of the clips that start there (`after`: a clip's first frame),
         a segment's last clips reading on past end_s."""
-        keep = self._sampled(info)
         if self.clip_len:
-            return Clips.frames_of(keep, self._clip_starts(info, keep, start_s, end_s, after), self.clip_len)
+            return Clips.frames_of(*self._clip_plan(info, start_s, end_s, after), self.clip_len)
+        keep = self._sampled(info)
         return keep[(info.times[keep] >= start_s) & (info.times[keep] < end_s) & (keep > after)]
 
     def _frames(self, path: str, info: Probe, keep: np.ndarray, state: dict):
