@@ -232,6 +232,26 @@ def test_bad_model_url_fails_before_decoding(ray_session, media, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_worker_that_cannot_start_to_load_the_model_is_one_line(ray_session, media, tmp_path):
+    """The model loads first in a Ray task where only loading tells its input shape (a
+    SavedModel). A worker that never runs it (here: the job's runtime env cannot be set up,
+    as `ray job submit --runtime-env` with a working_dir that cannot be fetched) was Ray's
+    traceback, exit 1: exit 2, one line, with the reason (a traceback's last line)."""
+    (tmp_path / "saved_model").mkdir()
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+               RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps({"runtime_env": {"working_dir": "http://127.0.0.1:9/code.zip"}}))
+    done = subprocess.run([sys.executable, "-m", "rayvid", "run", str(media["videos"]), str(tmp_path / "o"),
+                           "--model", str(tmp_path / "saved_model"), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    said = [line for line in done.stderr.splitlines() if line.startswith("rayvid: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(said) == 1 and said[0].startswith(
+        f"rayvid: error: cannot load model {tmp_path / 'saved_model'}: the Ray worker loading it failed: "
+        "RuntimeEnvSetupError: Failed to set up runtime environment. requests.exceptions.ConnectionError: "), said
+    assert "/code.zip" in said[0] and said[0].endswith("Connection refused\"))"), said
+    assert not (tmp_path / "o" / "predictions").exists()
+
+
 def test_unwritable_output_is_a_clear_error(ray_session, media, shapes_model):
     with pytest.raises(StorageError, match="OUTPUT s3://no-such-bucket/out"):
         pipeline.run(_cfg(str(media["videos"]), "s3://no-such-bucket/out", shapes_model["path"]))
