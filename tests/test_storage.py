@@ -801,3 +801,28 @@ def test_a_gcs_read_that_fails_is_not_logged_by_fsspecs_prefetcher(gcs):
     assert "raised" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "fsspec.prefetcher" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert logging.getLogger("fsspec.prefetcher").filters  # (this process: its first GCS filesystem set it)
+
+
+def test_s3_listings_read_timestamps_fast_and_the_same(s3_endpoint, s3fs_client):
+    """Listing S3 sets the client's timestamp parser to `datetime.fromisoformat` for S3's
+    ISO 8601 UTC form (botocore's dateutil parse was most of a listing page's CPU): every
+    call of that client, listings and HEADs, still reads each time as botocore does."""
+    import boto3
+    from botocore.utils import parse_timestamp
+
+    for i in range(3):
+        s3fs_client.pipe_file(f"s3://rayvid-test/stamps/v{i}.mp4", b"x" * (i + 1))
+    pages = list(storage.iter_files("s3://rayvid-test/stamps/"))
+    assert sorted(u for page in pages for u, _, _ in page) == [f"s3://rayvid-test/stamps/v{i}.mp4" for i in range(3)]
+    fs, _ = storage.resolve("s3://rayvid-test/stamps/")
+    assert fs.s3._response_parser._timestamp_parser is storage._iso_utc
+    fs.invalidate_cache()
+    plain = boto3.client("s3", endpoint_url=s3_endpoint)  # botocore's own parser
+    for i in range(3):
+        key = f"stamps/v{i}.mp4"
+        expected = plain.head_object(Bucket="rayvid-test", Key=key)["LastModified"]
+        assert fs.info(f"rayvid-test/{key}")["LastModified"] == expected
+        assert fs.modified(f"rayvid-test/{key}").timestamp() == expected.timestamp()
+    for text in ("2026-12-06T09:51:57.000Z", "2026-12-06T09:51:57Z", "2026-12-06T09:51:57.123456Z",
+                 "Sun, 06 Dec 2026 09:51:57 GMT", "1796545917"):  # (the last two: botocore's, as before)
+        assert storage._iso_utc(text) == parse_timestamp(text), text
