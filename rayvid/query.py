@@ -568,7 +568,8 @@ def similar(output: str, k: int = 10, video: Optional[str] = None, time_s: Optio
 
 def _space(model: dict) -> Optional[tuple]:
     """What decides a run's embedding space, from its record's config `model`: the model
-    (as shown: a URL without its query), the weights of a keras.applications name (null is
+    (as shown: a URL without its query; a local path with its links resolved where this
+    machine has it), the weights of a keras.applications name (null is
     its ImageNet default) and the --embed layer ("" for auto). None where it cannot be told:
     no name, or a model path recorded relative (records before 2026-11-30)."""
     from rayvid import models
@@ -578,6 +579,8 @@ def _space(model: dict) -> Optional[tuple]:
         return None
     if name not in models.APPLICATIONS and "://" not in name and not os.path.isabs(name):
         return None
+    if os.path.isabs(name):  # one file under two paths (a symlink) is one model, where this machine sees it
+        name = os.path.realpath(name)
     weights = (model.get("weights") or "imagenet") if name in models.APPLICATIONS else None  # (a model file's own)
     embed = model.get("embed")
     layer = "" if embed in (None, True, "auto") else str(embed)

@@ -776,6 +776,9 @@ def test_similar_compares_only_embeddings_of_the_querys_model(tmp_path, capsys):
         assert len(query.similar(out, k=100, video="/v/a.mp4", time_s=0)) == 59
         assert capsys.readouterr().err == ""
     assert query._space({"name": "resnet50", "weights": None}) == query._space({"name": "resnet50", "weights": "imagenet"})
+    os.symlink(first, tmp_path / "link.keras")  # one file under two paths: one space (they were two)
+    assert query._space({"name": str(tmp_path / "link.keras")}) == query._space({"name": first})
+    assert query._space({"name": str(tmp_path / "link.keras")}) != query._space({"name": second})
     assert query._space({"name": "https://h/m.keras?<redacted>"}) == query._space({"name": "https://h/m.keras?X-Sig=1"})
     # a record that cannot tell (gone, or a relative model path of an older record): compared with any query
     for record in (None, {"run_id": "r2", "config": {"model": {"name": "models/b.keras", "embed": "auto"}}}):
