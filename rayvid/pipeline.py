@@ -831,7 +831,7 @@ def _probe_model(ray, cfg: RunConfig):
                 raise type(cause)(str(cause)) from None
             raise ModelError(f"cannot load model {models.display_name(cfg.model)}: "
                              f"{storage.redact(str(cause or e))}") from None
-        except ray.exceptions.RayError as e:  # the worker never ran it (its runtime env, its node) or died in it
+        except ray.exceptions.RuntimeEnvSetupError as e:  # the job's runtime env: no worker could run it
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
             why = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # (a traceback's last line says why)
             raise ModelError(f"cannot load model {models.display_name(cfg.model)}: the Ray worker loading it "

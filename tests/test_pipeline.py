@@ -234,9 +234,9 @@ def test_bad_model_url_fails_before_decoding(ray_session, media, tmp_path):
 
 def test_a_worker_that_cannot_start_to_load_the_model_is_one_line(ray_session, media, tmp_path):
     """The model loads first in a Ray task where only loading tells its input shape (a
-    SavedModel). A worker that never runs it (here: the job's runtime env cannot be set up,
-    as `ray job submit --runtime-env` with a working_dir that cannot be fetched) was Ray's
-    traceback, exit 1: exit 2, one line, with the reason (a traceback's last line)."""
+    SavedModel). Where the job's runtime env cannot be set up for it (as `ray job submit
+    --runtime-env` with a working_dir that cannot be fetched) that was Ray's traceback, exit
+    1: exit 2, one line, with the reason (a traceback's last line)."""
     (tmp_path / "saved_model").mkdir()
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
                RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps({"runtime_env": {"working_dir": "http://127.0.0.1:9/code.zip"}}))

@@ -803,26 +803,38 @@ def test_a_gcs_read_that_fails_is_not_logged_by_fsspecs_prefetcher(gcs):
     assert logging.getLogger("fsspec.prefetcher").filters  # (this process: its first GCS filesystem set it)
 
 
-def test_s3_listings_read_timestamps_fast_and_the_same(s3_endpoint, s3fs_client):
-    """Listing S3 sets the client's timestamp parser to `datetime.fromisoformat` for S3's
-    ISO 8601 UTC form (botocore's dateutil parse was most of a listing page's CPU): every
-    call of that client, listings and HEADs, still reads each time as botocore does."""
+def test_s3_listings_read_timestamps_fast_and_the_same(s3_endpoint, s3fs_client, monkeypatch):
+    """A listing has the S3 filesystem's botocore session parse S3's ISO 8601 UTC timestamps
+    with `datetime.fromisoformat` (botocore's dateutil parse was most of a listing page's
+    CPU): each key's LastModified goes through it, and every form reads as botocore reads it
+    (the same instant; botocore's error where it has one)."""
+    import threading
+
     import boto3
     from botocore.utils import parse_timestamp
 
     for i in range(3):
         s3fs_client.pipe_file(f"s3://rayvid-test/stamps/v{i}.mp4", b"x" * (i + 1))
+    parsed, fast = [], storage._iso_utc
+
+    def counted(value):  # (moto, serving in this process, parses with botocore's own: not counted)
+        parsed.append((threading.current_thread().name, value))
+        return fast(value)
+
+    monkeypatch.setattr(storage, "_iso_utc", counted)
     pages = list(storage.iter_files("s3://rayvid-test/stamps/"))
     assert sorted(u for page in pages for u, _, _ in page) == [f"s3://rayvid-test/stamps/v{i}.mp4" for i in range(3)]
+    assert len(parsed) == 3 and all(value.endswith("Z") for _, value in parsed), parsed  # one per key
     fs, _ = storage.resolve("s3://rayvid-test/stamps/")
-    assert fs.s3._response_parser._timestamp_parser is storage._iso_utc
-    fs.invalidate_cache()
+    listed = {o["Key"]: o["LastModified"] for o in fs.call_s3("list_objects_v2", Bucket="rayvid-test", Prefix="stamps/")["Contents"]}
     plain = boto3.client("s3", endpoint_url=s3_endpoint)  # botocore's own parser
-    for i in range(3):
-        key = f"stamps/v{i}.mp4"
-        expected = plain.head_object(Bucket="rayvid-test", Key=key)["LastModified"]
-        assert fs.info(f"rayvid-test/{key}")["LastModified"] == expected
-        assert fs.modified(f"rayvid-test/{key}").timestamp() == expected.timestamp()
+    expected = {o["Key"]: o["LastModified"] for o in plain.list_objects_v2(Bucket="rayvid-test", Prefix="stamps/")["Contents"]}
+    assert listed == expected and len(parsed) == 6
     for text in ("2026-12-06T09:51:57.000Z", "2026-12-06T09:51:57Z", "2026-12-06T09:51:57.123456Z",
-                 "Sun, 06 Dec 2026 09:51:57 GMT", "1796545917"):  # (the last two: botocore's, as before)
-        assert storage._iso_utc(text) == parse_timestamp(text), text
+                 "Sun, 06 Dec 2026 09:51:57 GMT", "1796545917", "2026-12-06T09:51:57.1234567Z"):
+        assert fast(text) == parse_timestamp(text), text
+    for text in ("2026-12-06T09:51:57+01:00Z", "2026-13-06T09:51:57Z"):  # botocore refuses these: so does it
+        with pytest.raises(ValueError):
+            parse_timestamp(text)
+        with pytest.raises(ValueError):
+            fast(text)
