@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="L2-normalise the embeddings (cosine similarity = dot product)")
     m.add_argument("--head", choices=HEADS,
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
+    m.add_argument("--model-output", metavar="NAME",
+                   help="which output of a model with several: a SavedModel's output key, a Keras output layer's name")
     m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
     m.add_argument("--iou-threshold", type=number, help="detect: NMS overlap threshold (default 0.5)")
     m.add_argument("--min-box-score", type=number, help="detect: drop boxes scoring less (default 0.3)")
@@ -262,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "embed": args.embed,
             "embed_normalize": args.embed_normalize,
             "head": args.head,
+            "output": args.model_output,
             "max_boxes": args.max_boxes,
             "iou_threshold": args.iou_threshold,
             "min_box_score": args.min_box_score,

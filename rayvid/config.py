@@ -64,6 +64,9 @@ class ModelConfig:
     # whose boxes are decoded and pruned by tf.image.combined_non_max_suppression inside
     # the inference graph.
     head: str = "classify"
+    # Which output of a model with several (`--model-output NAME`): a SavedModel signature's
+    # output key, or a Keras model's output layer name (or its key, where it outputs a dict).
+    output: Optional[str] = None
     max_boxes: int = 20  # detections kept per frame
     iou_threshold: float = 0.5  # NMS: boxes of a class overlapping more are suppressed
     min_box_score: float = 0.3  # NMS: boxes scoring less are dropped
@@ -76,6 +79,8 @@ class ModelConfig:
             raise ConfigError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {self.preprocess!r}")
         if self.input_size is not None and min(self.input_size) < 1:
             raise ConfigError(f"--input-size must be two sizes >= 1 (H W), got {list(self.input_size)}")
+        if self.output is not None and not self.output:
+            raise ConfigError("--model-output must name an output of the model")
         if self.head not in HEADS:
             raise ConfigError(f"--head must be classify or detect, got {self.head!r}")
         if self.embed == "":

@@ -186,6 +186,9 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     workdir = workdir or tempfile.mkdtemp(prefix="rayvid-model-")
     try:
         clip_len = 0
+        if cfg.name in APPLICATIONS and cfg.output is not None:
+            raise ModelError(f"--model-output {cfg.output}: {cfg.name} has one output (it names an output of a "
+                             f"model file with several)")
         if cfg.name in APPLICATIONS:
             with _policy(keras, "mixed_float16" if cfg.mixed_precision else None):
                 model, size, preprocess = _application(keras, cfg, workdir)
@@ -320,6 +323,7 @@ def classes_of(shape) -> int:
         several = isinstance(shape, list) and len(shape) > 1
         raise ModelError(f"a classifier's output must be one [batch, classes] tensor; this model outputs "
                          f"{'several: ' if several else ''}{shape}"
+                         f"{' (name the one to use: --model-output NAME)' if several else ''}"
                          f"{' (--head detect takes a grid detector)' if not several and len(shape) == 4 else ''}")
     if shape[-1] == 1:  # its one class would be every frame's top-1, whatever its score
         raise ModelError(f"this model outputs one value per frame {shape}, not a score per class: a frame's label "
@@ -438,22 +442,26 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
         size, dtype, batch, clip_len, outputs = _savedmodel_input(local, cfg)
-        if len(outputs) > 1:  # (the first by name was taken: an embedding scored as classes, no word said)
+        if cfg.output is not None and cfg.output not in outputs:
+            raise ModelError(f"SavedModel {storage.public_uri(url)} has no output {cfg.output!r} (--model-output): its "
+                             f"serving signature's outputs are {', '.join(sorted(outputs))}")
+        if len(outputs) > 1 and cfg.output is None:  # (the first by name was taken: an embedding scored as classes)
             raise ModelError(f"SavedModel {storage.public_uri(url)}: its serving signature has {len(outputs)} outputs "
-                             f"({', '.join(sorted(outputs))}); rayvid needs one, [batch, classes]: export the model "
-                             f"with that output alone")
+                             f"({', '.join(sorted(outputs))}); rayvid uses one, [batch, classes]: name it with "
+                             f"--model-output NAME")
+        key = cfg.output if cfg.output is not None else next(iter(outputs))
         frames = (clip_len,) if clip_len > 0 else ()
         inp = keras.Input(shape=(*frames, size[0], size[1], 3), dtype="float32")
 
         def call(x):  # a signature taking uint8 is given uint8 (the frames' own values)
             y = layer(keras.ops.cast(x, dtype) if dtype != "float32" else x)
-            return next(iter(y.values())) if isinstance(y, dict) else y
+            return y[key] if isinstance(y, dict) else y
 
         try:
             if batch == 1:  # a signature that fixes batches of one frame: one at a time, in the graph
                 import tensorflow as tf
 
-                spec = next(iter(outputs.values()))
+                spec = outputs[key]
                 out = keras.layers.Lambda(
                     lambda x: tf.map_fn(lambda f: call(f[None])[0], x, fn_output_signature=spec.dtype),
                     output_shape=tuple(spec.shape[1:]), name=SAVEDMODEL_FRAME_BY_FRAME)(inp)
@@ -488,7 +496,9 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
     if len(shape) in (4, 5):
         _check_channels(shape, url)
-    if isinstance(getattr(model, "output", None), dict) and len(model.outputs) == 1:
+    if cfg.output is not None:
+        model = keras.Model(model.inputs, _keras_output(model, cfg.output, url), name=model.name)
+    elif isinstance(getattr(model, "output", None), dict) and len(model.outputs) == 1:
         model = keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
     clip_len = 0
     if len(shape) == 5:  # a video model: [batch, N frames, H, W, 3]
@@ -499,6 +509,19 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
     dtype = getattr(model.inputs[0], "dtype", "float32")
     return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype))
+
+
+def _keras_output(model, name: str, url: str):
+    """The output tensor `--model-output NAME` names: a key of the model's output dict, or the
+    name of the layer that makes one of its outputs."""
+    out = model.output
+    named = dict(out) if isinstance(out, dict) else {}
+    for tensor, layer in zip(model.outputs, getattr(model, "output_names", None) or []):
+        named.setdefault(layer, tensor)
+    if name not in named:
+        raise ModelError(f"model {storage.public_uri(url)} has no output {name!r} (--model-output): its outputs "
+                         f"are {', '.join(sorted(named)) or 'unnamed'}")
+    return named[name]
 
 
 def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:

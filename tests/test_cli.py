@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,41 @@ def test_run_verb_prints_a_summary_and_exits_0(ray_session, one_video, shapes_mo
     assert res.read_text().splitlines()[1].startswith(str(one_video["dir"] / "c.mkv"))
     assert main(["summary", out, "--out", str(res)]) == 0
     assert "  stripes " in res.read_text()  # the top label, first in top_labels
+
+
+def test_model_output_runs_the_named_output_of_a_savedmodel(ray_session, one_video, shapes_model, tmp_path, capsys):
+    """`--model-output NAME` through a run: a SavedModel whose signature gives the sample
+    classifier's scores and their reverse (was: exit 2, "has 2 outputs"): the run labels the
+    frames by the output it named (the reverse's), and its record keeps the name."""
+    import keras
+    import tensorflow as tf
+
+    classifier = keras.saving.load_model(shapes_model["path"], compile=False)
+    h, w = classifier.input_shape[1:3]
+
+    class Two(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = classifier
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)])
+        def serve(self, x):
+            p = self.model(x)
+            return {"probs": p, "reversed": tf.reverse(p, axis=[1])}
+
+    module = Two()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    shutil.copy(shapes_model["labels"], tmp_path / "sm" / "labels.txt")
+    labels = open(shapes_model["labels"]).read().split()
+    out = str(tmp_path / "out")  # (its "probs" would say stripes, as the classifier does: test_run_verb_...)
+    assert main(["run", str(one_video["dir"]), out, "--model", str(tmp_path / "sm"), "--model-output", "reversed",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert set(read_output(out).column("label").to_pylist()) == {labels[len(labels) - 1 - labels.index("stripes")]}
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").iterdir()]
+    assert record["config"]["model"]["output"] == "reversed"
+    assert main(["run", str(one_video["dir"]), str(tmp_path / "none"), "--model", str(tmp_path / "sm"), "--no-progress"]) == 2
+    assert "has 2 outputs (probs, reversed); rayvid uses one, [batch, classes]: name it with --model-output NAME" \
+        in capsys.readouterr().err
 
 
 def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tmp_path):

@@ -161,8 +161,56 @@ def test_a_classifier_needs_one_batch_by_classes_output(tmp_path):
 
     module = Two()
     tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
-    with pytest.raises(ModelError, match=r"serving signature has 2 outputs \(embedding, scores\); rayvid needs one"):
+    with pytest.raises(ModelError, match=r"serving signature has 2 outputs \(embedding, scores\); rayvid uses one, "
+                                         r"\[batch, classes\]: name it with --model-output NAME$"):
         models.load(ModelConfig(name=str(tmp_path / "sm"), input_size=(32, 32)))
+
+
+def test_model_output_names_the_output_of_a_model_with_several(tmp_path):
+    """`--model-output NAME` picks one output of a model with several (a SavedModel signature's
+    key; a Keras model's output layer name, or its dict key): the scores are that output's,
+    exactly; a name it does not have says which it has."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    pooled = tf.reduce_mean(frames, axis=[1, 2])
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def serve(self, x):
+            p = tf.reduce_mean(x, axis=[1, 2])
+            return {"scores": tf.nn.softmax(p / 100), "embedding": tf.concat([p, p], axis=1)}
+
+    module = Two()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    model, info = models.load(ModelConfig(name=str(tmp_path / "sm"), input_size=(32, 32), output="scores"))
+    assert len(info.labels) == 3
+    np.testing.assert_allclose(model.predict(frames, verbose=0), tf.nn.softmax(pooled / 100), rtol=1e-5)
+    with pytest.raises(ModelError, match=r"has no output 'probs' \(--model-output\): its serving signature's "
+                                         r"outputs are embedding, scores$"):
+        models.load(ModelConfig(name=str(tmp_path / "sm"), input_size=(32, 32), output="probs"))
+
+    inp = keras.Input((32, 32, 3))
+    avg = keras.layers.GlobalAveragePooling2D()(inp)
+    scores = keras.layers.Dense(3, activation="softmax", name="scores")(avg)
+    emb = keras.layers.Dense(5, name="emb")(avg)
+    for name, outputs, pick in (("list.keras", [emb, scores], "scores"), ("dict.keras", {"p": scores, "e": emb}, "p"),
+                                ("dict_by_layer.keras", {"p": scores, "e": emb}, "scores")):
+        source = keras.Model(inp, outputs)
+        source.save(str(tmp_path / name))
+        model, info = models.load(ModelConfig(name=str(tmp_path / name), output=pick))
+        expected = source.predict(frames, verbose=0)
+        expected = expected[1] if isinstance(expected, list) else expected["p"]
+        np.testing.assert_allclose(model.predict(frames, verbose=0), expected, rtol=1e-6)
+        assert len(info.labels) == 3, name
+    with pytest.raises(ModelError, match=r"name the one to use: --model-output NAME"):
+        models.load(ModelConfig(name=str(tmp_path / "list.keras")))
+    with pytest.raises(ModelError, match=r"has no output 'x' \(--model-output\): its outputs are e, emb, p, scores$"):
+        models.load(ModelConfig(name=str(tmp_path / "dict.keras"), output="x"))
+    with pytest.raises(ModelError, match=r"--model-output scores: resnet50 has one output"):
+        models.load(ModelConfig(name="resnet50", weights="none", output="scores"))
 
 
 def test_imagenet_weights_at_another_input_size_say_so_without_the_cache_hint():
