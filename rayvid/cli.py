@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--head", choices=HEADS,
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
     m.add_argument("--model-output", metavar="NAME",
-                   help="which output of a model with several: a SavedModel's output key, a Keras output layer's name")
+                   help="which output of a model with several: a SavedModel's output key, a Keras output layer's name or dict key")
     m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
     m.add_argument("--iou-threshold", type=number, help="detect: NMS overlap threshold (default 0.5)")
     m.add_argument("--min-box-score", type=number, help="detect: drop boxes scoring less (default 0.3)")

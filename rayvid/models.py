@@ -104,6 +104,7 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
     for what, url in (("weights", weights), ("labels", cfg.labels)):
         if url:
             _require_file(url, what)
+    _check_output_named(cfg)
     if cfg.name in APPLICATIONS:
         size = APPLICATIONS[cfg.name][1]
         return Shape(tuple(cfg.input_size) if cfg.input_size else (size, size))
@@ -186,14 +187,13 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     workdir = workdir or tempfile.mkdtemp(prefix="rayvid-model-")
     try:
         clip_len = 0
-        if cfg.name in APPLICATIONS and cfg.output is not None:
-            raise ModelError(f"--model-output {cfg.output}: {cfg.name} has one output (it names an output of a "
-                             f"model file with several)")
+        _check_output_named(cfg)
         if cfg.name in APPLICATIONS:
             with _policy(keras, "mixed_float16" if cfg.mixed_precision else None):
                 model, size, preprocess = _application(keras, cfg, workdir)
+            full = model
         else:
-            model, size, preprocess, clip_len, dtype = _model_file(keras, cfg, workdir)
+            model, size, preprocess, clip_len, dtype, full = _model_file(keras, cfg, workdir)
             if cfg.preprocess not in ("auto", "raw") and not dtype.startswith(("float", "bfloat")):
                 raise ModelError(f"{display_name(cfg)} takes {dtype} input (its own 0-255 pixels): --preprocess "
                                  f"{cfg.preprocess} would hand it fractions, cut to 0 or 1; use --preprocess raw "
@@ -212,7 +212,7 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
                             "--preprocess raw feeds it 0-255 RGB", display_name(cfg), scaler, preprocess)
         dim = 0
         if cfg.embed:
-            model, dim = with_embedding(keras, model, cfg.embed)
+            model, dim = with_embedding(keras, model, cfg.embed, source=full)
         info = ModelInfo(display_name(cfg), size, num_classes, labels, preprocess, dim, clip_len)
         return model, info
     finally:
@@ -347,8 +347,15 @@ def detection_classes(shape) -> int:
 SAVEDMODEL_FRAME_BY_FRAME = "rayvid_savedmodel_frame_by_frame"  # the layer that holds a batch-1 SavedModel
 
 
-def with_embedding(keras, model, layer: str = "auto"):
+def _check_output_named(cfg: ModelConfig) -> None:
+    if cfg.name in APPLICATIONS and cfg.output is not None:
+        raise ModelError(f"--model-output {cfg.output}: {cfg.name} has one output (it names an output of a "
+                         f"model file with several)")
+
+
+def with_embedding(keras, model, layer: str = "auto", source=None):
     """(a model with two outputs, [scores, embedding], and the embedding's width).
+    `source`: the model `model` was cut from (its other outputs' layers too, for LAYER).
     `auto`: the input of the classifier, found by walking back from the output past
     layers without weights (softmax, flatten, dropout) to the first layer with weights;
     else the output of the layer of that name. Outputs of rank > 2 (feature maps) are
@@ -372,9 +379,9 @@ def with_embedding(keras, model, layer: str = "auto"):
                              "name a layer: --embed LAYER")
     else:
         try:
-            tensor = model.get_layer(layer).output
+            tensor = (model if source is None else source).get_layer(layer).output  # (of any branch: --model-output cut the others)
         except ValueError:
-            names = ", ".join(lay.name for lay in model.layers[-8:])
+            names = ", ".join(lay.name for lay in (model if source is None else source).layers[-8:])
             raise ModelError(f"--embed: no layer named {layer!r} (the last layers: {names})") from None
     if len(tensor.shape) > 2:
         tensor = keras.ops.mean(tensor, axis=tuple(range(1, len(tensor.shape) - 1)))
@@ -477,7 +484,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             raise ModelError(f"cannot run SavedModel {storage.public_uri(url)} on [batch, {shown}] "
                              f"{dtype}: {storage.redact(_first_line(e))}") from None
         model = keras.Model(inp, out)
-        return model, size, "raw", clip_len, dtype
+        return model, size, "raw", clip_len, dtype, model
     if not _url_path(path).lower().endswith(MODEL_FILE_EXTENSIONS):
         raise ModelError(
             f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
@@ -496,10 +503,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
     if len(shape) in (4, 5):
         _check_channels(shape, url)
-    if cfg.output is not None:
-        model = keras.Model(model.inputs, _keras_output(model, cfg.output, url), name=model.name)
-    elif isinstance(getattr(model, "output", None), dict) and len(model.outputs) == 1:
-        model = keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
+    full, model = model, _pick_output(keras, model, cfg, url)
     clip_len = 0
     if len(shape) == 5:  # a video model: [batch, N frames, H, W, 3]
         clip_len = shape[1] if shape[1] is not None else -1
@@ -508,20 +512,46 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     if h is None:
         raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
     dtype = getattr(model.inputs[0], "dtype", "float32")
-    return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype))
+    return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype)), full
 
 
-def _keras_output(model, name: str, url: str):
-    """The output tensor `--model-output NAME` names: a key of the model's output dict, or the
-    name of the layer that makes one of its outputs."""
-    out = model.output
-    named = dict(out) if isinstance(out, dict) else {}
-    for tensor, layer in zip(model.outputs, getattr(model, "output_names", None) or []):
-        named.setdefault(layer, tensor)
-    if name not in named:
-        raise ModelError(f"model {storage.public_uri(url)} has no output {name!r} (--model-output): its outputs "
-                         f"are {', '.join(sorted(named)) or 'unnamed'}")
-    return named[name]
+def _keras_outputs(model) -> list:
+    """[(names, tensor)] of a Keras model's outputs: each named by the layer that makes it,
+    and by its key where the model outputs a dict. A loaded Sequential tells no output
+    tensors: its one output, by its last layer's name, and None."""
+    try:
+        tensors = list(model.outputs)
+    except (AttributeError, ValueError):
+        return [({model.layers[-1].name}, None)] if getattr(model, "layers", None) else []
+    try:
+        out = model.output
+    except (AttributeError, ValueError):
+        out = None
+    keys = {id(t): k for k, t in out.items()} if isinstance(out, dict) else {}
+    named = []
+    for t in tensors:
+        op = (getattr(t, "_keras_history", None) or [None])[0]
+        named.append(({n for n in (getattr(op, "name", None), keys.get(id(t))) if n}, t))
+    return named
+
+
+def _pick_output(keras, model, cfg: ModelConfig, url: str):
+    """The model with the one output rayvid runs: `--model-output NAME`'s (a name that fits
+    no output, or several, is a ModelError naming them), else its only one."""
+    outputs = _keras_outputs(model)
+    shown = "; ".join("/".join(sorted(names)) for names, _ in outputs)
+    if cfg.output is None:
+        if len(outputs) > 1:
+            raise ModelError(f"model {storage.public_uri(url)} has {len(outputs)} outputs ({shown}); rayvid uses one: "
+                             f"name it with --model-output NAME")
+        if isinstance(getattr(model, "output", None), dict):
+            return keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
+        return model
+    matches = [t for names, t in outputs if cfg.output in names]
+    if len(matches) != 1:
+        raise ModelError(f"model {storage.public_uri(url)} has {'no' if not matches else len(matches)} outputs named "
+                         f"{cfg.output!r} (--model-output): its outputs are {shown or 'unnamed'}")
+    return model if matches[0] is None or len(outputs) == 1 else keras.Model(model.inputs, matches[0], name=model.name)
 
 
 def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:

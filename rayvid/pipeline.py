@@ -613,9 +613,10 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
 
 
 def _settings(config: dict) -> dict:
-    """What decides a committed video's rows: the model (name, weights) and the sampling."""
+    """What decides a committed video's rows: the model (name, weights, output) and the sampling."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    return {"model": model.get("name"), "weights": model.get("weights"), "sampling": config.get("sampling")}
+    return {"model": model.get("name"), "weights": model.get("weights"), "output": model.get("output"),
+            "sampling": config.get("sampling")}
 
 
 def _warn_if_settings_differ(cfg: RunConfig, skipped: int, runs: list) -> None:

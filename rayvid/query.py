@@ -570,7 +570,8 @@ def _space(model: dict) -> Optional[tuple]:
     """What decides a run's embedding space, from its record's config `model`: the model
     (as shown: a URL without its query; a local path with its links resolved where this
     machine has it), the weights of a keras.applications name (null is
-    its ImageNet default) and the --embed layer ("" for auto). None where it cannot be told:
+    its ImageNet default), the --embed layer ("" for auto) and --model-output ("": none).
+    None where it cannot be told:
     no name, or a model path recorded relative (records before 2026-11-30)."""
     from rayvid import models
 
@@ -584,12 +585,14 @@ def _space(model: dict) -> Optional[tuple]:
     weights = (model.get("weights") or "imagenet") if name in models.APPLICATIONS else None  # (a model file's own)
     embed = model.get("embed")
     layer = "" if embed in (None, True, "auto") else str(embed)
-    return (storage.public_uri(name), storage.public_uri(weights) if isinstance(weights, str) else None, layer)
+    output = model.get("output") if isinstance(model.get("output"), str) else ""  # (auto's layer feeds it)
+    return (storage.public_uri(name), storage.public_uri(weights) if isinstance(weights, str) else None, layer, output)
 
 
 def _space_text(space: tuple) -> str:
-    name, weights, layer = space
-    return name + (f", weights {weights}" if weights and weights != "imagenet" else "") + (f", layer {layer}" if layer else "")
+    name, weights, layer, output = space
+    return (name + (f", weights {weights}" if weights and weights != "imagenet" else "") + (f", layer {layer}" if layer else "")
+            + (f", output {output}" if output else ""))
 
 
 def _embedding_spaces(output: str, runs) -> dict:

@@ -142,7 +142,7 @@ def test_a_classifier_needs_one_batch_by_classes_output(tmp_path):
     pooled = keras.layers.GlobalAveragePooling2D()(inp)
     cases = {
         "two.keras": (keras.Model(inp, [keras.layers.Dense(3)(pooled), keras.layers.Dense(2)(pooled)]),
-                      r"this model outputs several: \[\(None, 3\), \(None, 2\)\]"),
+                      r"two.keras has 2 outputs \(dense; dense_1\); rayvid uses one: name it with --model-output NAME$"),
         "fmap.keras": (keras.Model(inp, keras.layers.Conv2D(5, 1)(inp)),
                        r"one \[batch, classes\] tensor; this model outputs \(None, 32, 32, 5\) \(--head detect"),
         "rank1.keras": (keras.Model(inp, keras.layers.Reshape(())(keras.layers.Dense(1)(pooled))),
@@ -205,12 +205,34 @@ def test_model_output_names_the_output_of_a_model_with_several(tmp_path):
         expected = expected[1] if isinstance(expected, list) else expected["p"]
         np.testing.assert_allclose(model.predict(frames, verbose=0), expected, rtol=1e-6)
         assert len(info.labels) == 3, name
-    with pytest.raises(ModelError, match=r"name the one to use: --model-output NAME"):
+    with pytest.raises(ModelError, match=r"list.keras has 2 outputs \(emb; scores\); rayvid uses one: name it with "
+                                         r"--model-output NAME$"):
         models.load(ModelConfig(name=str(tmp_path / "list.keras")))
-    with pytest.raises(ModelError, match=r"has no output 'x' \(--model-output\): its outputs are e, emb, p, scores$"):
+    with pytest.raises(ModelError, match=r"has no outputs named 'x' \(--model-output\): its outputs are e/emb; p/scores$"):
         models.load(ModelConfig(name=str(tmp_path / "dict.keras"), output="x"))
-    with pytest.raises(ModelError, match=r"--model-output scores: resnet50 has one output"):
-        models.load(ModelConfig(name="resnet50", weights="none", output="scores"))
+    # --embed LAYER of another branch than the output picked (cut off by the pick, it was "no layer named")
+    model, info = models.load(ModelConfig(name=str(tmp_path / "list.keras"), output="scores", embed="emb"))
+    scores_got, emb_got = model.predict(frames, verbose=0)
+    emb_want, scores_want = keras.saving.load_model(str(tmp_path / "list.keras")).predict(frames, verbose=0)
+    np.testing.assert_allclose(scores_got, scores_want, rtol=1e-6)
+    np.testing.assert_allclose(emb_got, emb_want, rtol=1e-6)
+    assert info.embedding_dim == 5
+    # one layer making both outputs: a name that fits two is refused, not the first taken
+    shared = keras.layers.Dense(3, activation="softmax", name="shared")
+    keras.Model(inp, [shared(avg), shared(keras.layers.Dense(3)(avg))]).save(str(tmp_path / "shared.keras"))
+    with pytest.raises(ModelError, match=r"has 2 outputs named 'shared' \(--model-output\)"):
+        models.load(ModelConfig(name=str(tmp_path / "shared.keras"), output="shared"))
+    # a Sequential (a loaded one tells no output tensors): its one output, by its last layer's name
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+                      keras.layers.Dense(3, activation="softmax", name="head")]).save(str(tmp_path / "seq.keras"))
+    model, info = models.load(ModelConfig(name=str(tmp_path / "seq.keras"), output="head"))
+    assert len(info.labels) == 3
+    with pytest.raises(ModelError, match=r"has no outputs named 'probs' \(--model-output\): its outputs are head$"):
+        models.load(ModelConfig(name=str(tmp_path / "seq.keras"), output="probs"))
+    # a keras.applications name has one output: said before any work (the driver's static_shape)
+    for check in (models.static_shape, lambda cfg: models.load(cfg)):
+        with pytest.raises(ModelError, match=r"--model-output scores: resnet50 has one output"):
+            check(ModelConfig(name="resnet50", weights="none", output="scores"))
 
 
 def test_imagenet_weights_at_another_input_size_say_so_without_the_cache_hint():

@@ -252,6 +252,17 @@ def test_a_worker_that_cannot_start_to_load_the_model_is_one_line(ray_session, m
     assert not (tmp_path / "o" / "predictions").exists()
 
 
+def test_a_rerun_with_another_model_output_is_told_its_settings_differ():
+    """What a rerun compares with the runs that committed the videos it skips: --model-output
+    decides the labels as the model and weights do (a rerun naming another said nothing);
+    a record from before the flag (no key) is a run without it."""
+    old = {"model": {"name": "/m/two.keras", "weights": None}, "sampling": {"every": 1}}
+    picked = {"model": {"name": "/m/two.keras", "weights": None, "output": "probs"}, "sampling": {"every": 1}}
+    assert pipeline._settings(picked) != pipeline._settings(dict(picked, model=dict(picked["model"], output="logits")))
+    assert pipeline._settings(old) == pipeline._settings(dict(old, model=dict(old["model"], output=None)))
+    assert pipeline._settings(old) != pipeline._settings(picked)
+
+
 def test_unwritable_output_is_a_clear_error(ray_session, media, shapes_model):
     with pytest.raises(StorageError, match="OUTPUT s3://no-such-bucket/out"):
         pipeline.run(_cfg(str(media["videos"]), "s3://no-such-bucket/out", shapes_model["path"]))

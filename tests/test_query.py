@@ -779,6 +779,9 @@ def test_similar_compares_only_embeddings_of_the_querys_model(tmp_path, capsys):
     os.symlink(first, tmp_path / "link.keras")  # one file under two paths: one space (they were two)
     assert query._space({"name": str(tmp_path / "link.keras")}) == query._space({"name": first})
     assert query._space({"name": str(tmp_path / "link.keras")}) != query._space({"name": second})
+    # --model-output decides which layer auto embeds (the one feeding that output): two spaces
+    assert query._space({"name": first, "output": "a"}) != query._space({"name": first, "output": "b"})
+    assert query._space({"name": first}) == query._space({"name": first, "output": None})  # (older records: no key)
     assert query._space({"name": "https://h/m.keras?<redacted>"}) == query._space({"name": "https://h/m.keras?X-Sig=1"})
     # a record that cannot tell (gone, or a relative model path of an older record): compared with any query
     for record in (None, {"run_id": "r2", "config": {"model": {"name": "models/b.keras", "embed": "auto"}}}):
