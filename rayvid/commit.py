@@ -29,8 +29,8 @@ its files after the ones already there.
 
 A video is published only when it is complete: for each of its segments, the terminal row
 has arrived and the number of its frame rows equals the count that row carries. Complete videos are gathered and
-written together (a file per `rows_per_file` rows or `flush_interval_s` seconds, so a long
-run commits as it goes), sorted by (video_uri, frame_index), each file written atomically
+written together (a file per `rows_per_file` rows, `videos_per_file` videos or
+`flush_interval_s` seconds, so a long run commits as it goes), sorted by (video_uri, frame_index), each file written atomically
 (see `storage.write_atomic`). A reader globbing `predictions/**/*.parquet` therefore never
 sees part of a video.
 """
@@ -75,6 +75,12 @@ READ_AGAIN = pa.array([CHANGED, "NotFound"], pa.string())
 HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
+# Complete videos waiting for the next flush are merged into one table every this many: a
+# small table per video held ~22 KB of the driver's memory for a 3-frame clip (Arrow's
+# per-column objects), 3-4 KB merged; and a flush comes at VIDEOS_PER_FILE videos at the
+# latest, whatever the interval (archives of many short clips: measured in test_commit)
+MERGE_EVERY = 256
+VIDEOS_PER_FILE = 100_000
 READ_WHOLE_BYTES = 8 * 2**20  # a listed file up to this size is read in one request
 RECOVER_READS = 16  # videos/ (and errors/) parts `recover` reads at once, and `retract` rewrites
 RETRACT_BYTES = 128 * 2**20  # of the parts `retract` rewrites at once (their sizes as listed)
@@ -160,6 +166,7 @@ class Committer:
         model: str,
         rows_per_file: int = 1_000_000,
         flush_interval_s: float = 60.0,
+        videos_per_file: int = VIDEOS_PER_FILE,
         listed: Listed | None = None,
         guard=None,
     ):
@@ -169,6 +176,7 @@ class Committer:
         self.run_id = run_id
         self.model = model
         self.rows_per_file = rows_per_file
+        self.videos_per_file = videos_per_file
         self.flush_interval_s = flush_interval_s
         # per (video_uri, segment): frame rows waiting, how many, and the terminal row
         self._pending: dict[tuple, list[pa.Table]] = collections.defaultdict(list)
@@ -179,7 +187,8 @@ class Committer:
         # units already complete: rows that arrive for them again are duplicates
         self._finished: set = set()
         self.duplicates_dropped = 0
-        self._ready: list[pa.Table] = []
+        self._ready: list[pa.Table] = []  # complete videos' rows: merged tables, then up to MERGE_EVERY small ones
+        self._unmerged = 0  # the small ones at its end
         self._ready_rows = 0
         self._ready_errors: list[dict] = []
         self._ready_videos: list[dict] = []
@@ -261,7 +270,7 @@ class Committer:
                 continue  # a retried task (its actor died) emitted the segment again
             self._ends[unit] = row
             self._complete_if_done(unit)
-        if self._ready_rows >= self.rows_per_file:
+        if self._ready_rows >= self.rows_per_file or len(self._ready_videos) >= self.videos_per_file:
             self.flush()
         else:
             self.flush_if_due()
@@ -309,6 +318,10 @@ class Committer:
             self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)
+            self._unmerged += 1
+            if self._unmerged >= MERGE_EVERY:
+                self._ready[-self._unmerged:] = [pa.concat_tables(self._ready[-self._unmerged:]).combine_chunks()]
+                self._unmerged = 0
             self.frames += len(video)
             counts = pc.value_counts(video.column("label")).to_pylist()
             counts.sort(key=lambda c: (-c["counts"], c["values"] or ""))
@@ -377,7 +390,7 @@ class Committer:
             if not self._ready_videos:
                 return
         name = f"part-{self.run_id}-{self._seq:05d}.parquet"
-        self._attempt = (name, len(self._ready), self._ready_rows, len(self._ready_errors), len(self._ready_videos))
+        self._attempt = (name, self._ready_rows, len(self._ready_errors), len(self._ready_videos))
         if self._ready:
             table = pa.concat_tables(self._ready).sort_by(
                 [("video_uri", "ascending"), ("frame_index", "ascending")]
@@ -404,6 +417,7 @@ class Committer:
         self._write(storage.join(self.output, VIDEOS_DIR, name), videos.sort_by("video_uri"))
         self.committed.update(v["video_uri"] for v in self._ready_videos)
         self._ready, self._ready_rows, self._ready_errors, self._ready_videos = [], 0, [], []
+        self._unmerged = 0
         self._seq, self._attempt = self._seq + 1, None
 
     def _settle_attempt(self) -> None:
@@ -414,14 +428,16 @@ class Committer:
         written being overwritten before the commit point."""
         if self.unreachable is not None:
             raise self.unreachable
-        name, tables, rows, errors, videos = self._attempt
+        name, rows, errors, videos = self._attempt
         url = storage.join(self.output, VIDEOS_DIR, name)
         fs, path = storage.resolve(url)
         with contextlib.suppress(Exception):
             fs.invalidate_cache(path)
         if fs.exists(path):
             self.committed.update(v["video_uri"] for v in self._ready_videos[:videos])
-            self._ready, self._ready_rows = self._ready[tables:], self._ready_rows - rows
+            rest = pa.concat_tables(self._ready).slice(rows) if self._ready else None  # (the rows added since)
+            self._ready = [rest] if rest is not None and len(rest) else []
+            self._ready_rows, self._unmerged = self._ready_rows - rows, 0
             self._ready_errors, self._ready_videos = self._ready_errors[errors:], self._ready_videos[videos:]
             if url not in self.files:
                 self.files.append(url)

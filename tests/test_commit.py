@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayvid import commit
 from rayvid.commit import Committer, Listed
 from rayvid.schema import (
     ERRORS_SCHEMA,
@@ -585,7 +586,9 @@ def test_a_run_id_used_again_numbers_its_files_after_the_ones_there(tmp_path):
     assert pq.read_table(tmp_path / "predictions").num_rows == 4
 
 
-def test_files_hold_whole_videos_and_at_most_rows_per_file_rows(tmp_path):
+@pytest.mark.parametrize("merge_every", [256, 2])  # (2: complete videos merged as they wait, between files too)
+def test_files_hold_whole_videos_and_at_most_rows_per_file_rows(tmp_path, monkeypatch, merge_every):
+    monkeypatch.setattr(commit, "MERGE_EVERY", merge_every)
     c = Committer(str(tmp_path), "r1", "m", rows_per_file=5)
     for video, n in (("a", 3), ("b", 2), ("c", 3), ("d", 7), ("e", 1)):
         c.add(pa.concat_tables([_frames(video, list(range(n))), _end(video, n)]))
@@ -593,6 +596,26 @@ def test_files_hold_whole_videos_and_at_most_rows_per_file_rows(tmp_path):
     files = [pq.read_table(tmp_path / "predictions" / n) for n in _files(tmp_path / "predictions")]
     assert [sorted(set(t.column("video_uri").to_pylist())) for t in files] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert [t.num_rows for t in files] == [5, 3, 7, 1]  # 7: one video alone
+    assert [t.column("frame_index").to_pylist() for t in files] == [[0, 1, 2, 0, 1], [0, 1, 2], list(range(7)), [0]]
+
+
+def test_many_short_videos_are_flushed_by_count_and_held_merged(tmp_path, monkeypatch):
+    """Archives of short clips: a file every `videos_per_file` complete videos, whatever the
+    interval (they all waited for it: ~22 KB of the driver's memory each, measured with
+    3-frame clips, so 60 s of a large cluster's clips held gigabytes); the videos waiting are
+    merged every MERGE_EVERY into one table (2.5 KB each, measured: a QA helper's
+    commit_bench.py, 8,000 and 32,000 clips), and their rows come out exactly."""
+    monkeypatch.setattr(commit, "MERGE_EVERY", 3)
+    c = Committer(str(tmp_path), "r1", "m", flush_interval_s=1e9, videos_per_file=4)
+    names = [f"v{i:02d}" for i in range(10)]
+    for i, video in enumerate(names):
+        c.add(pa.concat_tables([_frames(video, list(range(i % 3 + 1))), _end(video, i % 3 + 1)]))
+    assert len(_files(tmp_path / "videos")) == 2  # 8 videos published, 2 wait
+    c.close()
+    files = [pq.read_table(tmp_path / "predictions" / n) for n in _files(tmp_path / "predictions")]
+    assert [sorted(set(t.column("video_uri").to_pylist())) for t in files] == [names[:4], names[4:8], names[8:]]
+    rows = [(u, f) for t in files for u, f in zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist())]
+    assert rows == [(v, f) for i, v in enumerate(names) for f in range(i % 3 + 1)]
 
 
 def test_a_video_committed_from_a_manifest_is_not_redone_when_listed_from_a_prefix(tmp_path):
@@ -1210,7 +1233,7 @@ def test_a_video_not_found_when_read_is_read_again_by_the_next_run(tmp_path):
 
 
 @pytest.mark.parametrize("published", [True, False])
-def test_a_flush_interrupted_as_the_store_answered_is_not_committed_twice(published):
+def test_a_flush_interrupted_as_the_store_answered_is_not_committed_twice(published, monkeypatch):
     """A Ctrl-C (or SIGTERM) while S3 answered a flush's last PUT (the object stored) left
     its videos waiting; the failing run's last flush committed them again under the next
     part name: every frame twice (6 of 6 interrupted runs through a slow S3). A flush after
@@ -1220,6 +1243,7 @@ def test_a_flush_interrupted_as_the_store_answered_is_not_committed_twice(publis
 
     from rayvid import commit, query
 
+    monkeypatch.setattr(commit, "MERGE_EVERY", 2)  # (the videos waiting, merged across the interrupted flush)
     Store = _memory_store(f"interrupted{int(published)}")
     url = f"interrupted{int(published)}://out"
     write_output(url, {"/v/old.mp4": [("circle", 0.9)] * 2}, run_id="r0")
@@ -1245,15 +1269,17 @@ def test_a_flush_interrupted_as_the_store_answered_is_not_committed_twice(publis
     committer.add(_end_row("/v/a.mp4", 3, 0.3, 10.0))
     with pytest.raises(KeyboardInterrupt):
         committer.flush()
-    committer.add(_frame_rows("/v/b.mp4", 2))
-    committer.add(_end_row("/v/b.mp4", 2, 0.2, 10.0))
+    for video in ("/v/b.mp4", "/v/c.mp4"):
+        committer.add(_frame_rows(video, 2))
+        committer.add(_end_row(video, 2, 0.2, 10.0))
     committer.flush()  # the failing run's last flush (pipeline._publish_complete)
     preds = query.read(url)
     keys = list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist()))
     assert sorted(keys) == [("/v/a.mp4", 0), ("/v/a.mp4", 1), ("/v/a.mp4", 2), ("/v/b.mp4", 0), ("/v/b.mp4", 1),
-                            ("/v/old.mp4", 0), ("/v/old.mp4", 1)]
-    assert sorted(query.read(url, "videos").column("video_uri").to_pylist()) == ["/v/a.mp4", "/v/b.mp4", "/v/old.mp4"]
-    assert committer.committed == {"/v/a.mp4", "/v/b.mp4"}
+                            ("/v/c.mp4", 0), ("/v/c.mp4", 1), ("/v/old.mp4", 0), ("/v/old.mp4", 1)]
+    assert sorted(query.read(url, "videos").column("video_uri").to_pylist()) == ["/v/a.mp4", "/v/b.mp4", "/v/c.mp4",
+                                                                                 "/v/old.mp4"]
+    assert committer.committed == {"/v/a.mp4", "/v/b.mp4", "/v/c.mp4"}
     Store.store.clear()
 
 
