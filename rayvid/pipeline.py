@@ -325,6 +325,7 @@ def run(cfg: RunConfig) -> RunResult:
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
+        record["stats"] = _progress(result, None)  # (listed and skipped are known now: a run killed early says them)
         _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
         mine = None
         if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this

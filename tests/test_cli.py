@@ -431,6 +431,8 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
         assert json.loads(next((out / "runs").iterdir()).read_text())["status"] == "running"
     first = "interrupted" if how == "SIGKILL" else "failed"
     assert [r["status"] for r in query.runs(str(out)).to_pylist()] == [first]
+    # (a SIGKILLed run's record is its first, or a heartbeat's: either says what it listed)
+    assert [(r["videos_listed"], r["videos_skipped"]) for r in query.runs(str(out)).to_pylist()] == [(n, 0)]
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
