@@ -172,6 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("report", help="label-timeline PNGs per video and an HTML index")
     q.add_argument("output")
     q.add_argument("dir", help="folder to write index.html and timelines/ into (any URL)")
+    q.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="the first N videos by video_uri (default 1000; 0: every video)")
+    q.add_argument("--match", metavar="GLOB", help="only videos whose video_uri matches GLOB (fnmatch: *, ?, [..])")
     q = sub.add_parser("render", help="a video with its top-k labels drawn on every frame")
     q.add_argument("video", help="the video's URI, as the run listed it")
     q.add_argument("output")
@@ -442,6 +445,8 @@ def _check_destinations(args) -> None:
     if args.verb == "export" and args.dest != "-":
         query.check_destination(args.dest, args.output, "export's file")
     elif args.verb == "report":
+        if args.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {args.limit}")
         query.check_destination(args.dir, args.output, "report's folder", folder=True)
     elif args.verb == "render":
         query.check_destination(args.dest, args.output, "render's file", source=args.video)
@@ -498,7 +503,7 @@ def _query(args) -> int:
         elif args.verb == "report":
             from rayvid import report
 
-            pngs = report.write_report(args.output, args.dir)
+            pngs = report.write_report(args.output, args.dir, args.limit, args.match)
             with query.stdout() as out:
                 out.write(f"{len(pngs)} timelines; open {storage.public_uri(storage.join(args.dir, 'index.html'))}\n".encode())
         elif args.verb == "render":

@@ -3,6 +3,8 @@ and `rayvid report`'s label-timeline PNGs and HTML index (input: an OUTPUT)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 def summary(result) -> str:
     from rayvid.schema import label_text
@@ -132,24 +134,41 @@ def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float
     return pic
 
 
-def write_report(output: str, directory: str) -> dict:
+REPORT_LIMIT = 1000  # videos in a report unless --limit says otherwise: a page a person reads
+
+
+def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: Optional[str] = None) -> dict:
     """`rayvid report OUTPUT DIR`: DIR/index.html (the per-video table, each row linking
-    its timeline) and DIR/timelines/<name>.png per video with predictions. Works part by
-    part; returns {video_uri: png url}."""
+    its timeline) and DIR/timelines/<name>.png per video with predictions, for the first
+    `limit` videos by video_uri (0: all) of those whose video_uri matches the glob `match`
+    (fnmatch; None: all). Works part by part; returns {video_uri: png url}."""
+    import fnmatch
     import hashlib
     import html
 
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from rayvid import query, storage
 
     videos = query.read(output, "videos")
+    listed = len(videos)
+    if match is not None:
+        videos = videos.filter(pa.array([fnmatch.fnmatchcase(u, match) for u in videos.column("video_uri").to_pylist()],
+                                        pa.bool_()))
+    matched = len(videos)
+    videos = videos.sort_by("video_uri")
+    if limit:
+        videos = videos.slice(0, limit)
+    chosen = videos.column("video_uri")
     durations = dict(zip(videos.column("video_uri").to_pylist(),
                          zip(videos.column("duration_s").to_pylist(), videos.column("fps").to_pylist())))
     palette = colours(query.labels(output))  # one colour per label across every timeline
     pngs: dict = {}
     for part in query.parts(output, columns=TIMELINE_COLUMNS):
+        if len(videos) < listed:
+            part = part.filter(pc.is_in(part.column("video_uri"), value_set=chosen.combine_chunks()))
         if not len(part):
             continue
         part = part.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
@@ -179,9 +198,18 @@ def write_report(output: str, directory: str) -> dict:
             f"<style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}"
             f"table{{border-collapse:collapse}}</style></head><body>"
             f"<h1>rayvid: {html.escape(storage.public_uri(output))}</h1>"
-            f"<p>{len(table)} videos, {sum(table.column('frames').to_pylist())} frames. "
+            f"<p>{len(table)} videos{_shown(len(table), matched, listed, match)}, "
+            f"{sum(table.column('frames').to_pylist())} frames. "
             f"Timelines: time on x, one lane per top label, colour intensity = score.</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>")
     with storage.access(directory, "write to"):
         storage.write_atomic(storage.join(directory, "index.html"), lambda f: f.write(page.encode()))
     return pngs
+
+
+def _shown(shown: int, matched: int, listed: int, match: Optional[str]) -> str:
+    import html
+
+    which = f" matching {html.escape(match)}" if match is not None else ""
+    more = " (the first by video_uri; rayvid report --limit N, or 0 for all)" if shown < matched else ""
+    return f" of the {matched}{which} in OUTPUT's {listed}{more}" if shown < listed else ""

@@ -152,3 +152,27 @@ def test_a_clip_runs_bars_last_as_long_as_their_clips():
         row = img[y + lane_no * (report.LANE_H + report.LANE_GAP), report.LEFT:]
         filled = np.flatnonzero((row != 240).any(axis=1) & (row != 255).any(axis=1))
         assert (filled[0], filled[-1] + 1) == (_x(start, 1.0) - report.LEFT, _x(end, 1.0) - report.LEFT), label
+
+
+def test_a_report_shows_the_first_videos_or_those_matching(tmp_path, capsys):
+    """An OUTPUT of many videos (a QA pass: 8,000 short clips, 56 s, 34 MB and a file each;
+    a million would be a 300 MB page): the report holds the first --limit videos by
+    video_uri (1000 unless told), or those --match picks, and says how many there are."""
+    from rayvid.cli import main
+
+    out = str(tmp_path / "out")
+    write_output(out, {f"/v/{name}.mp4": [("circle", 0.8)] * 3 for name in ("cam1_a", "cam1_b", "cam2_a", "cam2_b")})
+    pngs = report.write_report(out, str(tmp_path / "r1"), limit=3)
+    assert sorted(pngs) == ["/v/cam1_a.mp4", "/v/cam1_b.mp4", "/v/cam2_a.mp4"]
+    page = (tmp_path / "r1" / "index.html").read_text()
+    assert ("3 videos of the 4 in OUTPUT's 4 (the first by video_uri; rayvid report --limit N, or 0 for all), 9 frames"
+            in page) and "cam2_b" not in page
+    assert sorted(os.listdir(tmp_path / "r1" / "timelines")) == sorted(p.split("/")[1] for p in pngs.values())
+    assert main(["report", out, str(tmp_path / "r2"), "--match", "*/cam2_*"]) == 0
+    assert "2 timelines" in capsys.readouterr().out
+    page = (tmp_path / "r2" / "index.html").read_text()
+    assert "2 videos of the 2 matching */cam2_* in OUTPUT's 4, 6 frames" in page and "cam1" not in page
+    assert main(["report", out, str(tmp_path / "r3"), "--limit", "0"]) == 0
+    assert "4 timelines" in capsys.readouterr().out and "<p>4 videos, 12 frames" in (tmp_path / "r3" / "index.html").read_text()
+    assert main(["report", out, str(tmp_path / "r4"), "--limit", "-1"]) == 2
+    assert "--limit must be >= 0, got -1" in capsys.readouterr().err
