@@ -75,11 +75,12 @@ READ_AGAIN = pa.array([CHANGED, "NotFound"], pa.string())
 HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
-# Complete videos waiting for the next flush are merged into one table every this many: a
-# small table per video held ~22 KB of the driver's memory for a 3-frame clip (Arrow's
-# per-column objects), 3-4 KB merged; and a flush comes at VIDEOS_PER_FILE videos at the
-# latest, whatever the interval (archives of many short clips: measured in test_commit)
+# Complete videos waiting for the next flush are merged into one table every this many
+# (where together they hold at most MERGE_BYTES): a small table per video held ~22 KB of the
+# driver's memory for a 3-frame clip (Arrow's per-column objects), ~2.5 KB merged; and a
+# file holds at most VIDEOS_PER_FILE videos, whatever the interval (archives of short clips)
 MERGE_EVERY = 256
+MERGE_BYTES = 64 * 2**20
 VIDEOS_PER_FILE = 100_000
 READ_WHOLE_BYTES = 8 * 2**20  # a listed file up to this size is read in one request
 RECOVER_READS = 16  # videos/ (and errors/) parts `recover` reads at once, and `retract` rewrites
@@ -315,13 +316,12 @@ class Committer:
                 video = _pixel_boxes(video, meta["width"] or 0, meta["height"] or 0)
             if self._ready_rows and self._ready_rows + len(video) > self.rows_per_file:
                 self.flush()  # a file holds whole videos, and more than rows_per_file only for one
+            elif len(self._ready_videos) >= self.videos_per_file:
+                self.flush()
             self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)
             self._unmerged += 1
-            if self._unmerged >= MERGE_EVERY:
-                self._ready[-self._unmerged:] = [pa.concat_tables(self._ready[-self._unmerged:]).combine_chunks()]
-                self._unmerged = 0
             self.frames += len(video)
             counts = pc.value_counts(video.column("label")).to_pylist()
             counts.sort(key=lambda c: (-c["counts"], c["values"] or ""))
@@ -366,6 +366,11 @@ class Committer:
             )
         else:
             self.videos_ok += 1
+        if self._unmerged >= MERGE_EVERY:  # last: the video is whole in what waits, merged or not
+            tail = self._ready[-self._unmerged:]
+            if sum(t.nbytes for t in tail) <= MERGE_BYTES:  # (large videos' tables: no overhead worth a copy)
+                self._ready[-self._unmerged:] = [pa.concat_tables(tail).combine_chunks()]
+            self._unmerged = 0
 
     def done(self) -> dict:
         """What this run has committed so far (not what waits for the next flush)."""

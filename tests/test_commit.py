@@ -616,6 +616,42 @@ def test_many_short_videos_are_flushed_by_count_and_held_merged(tmp_path, monkey
     assert [sorted(set(t.column("video_uri").to_pylist())) for t in files] == [names[:4], names[4:8], names[8:]]
     rows = [(u, f) for t in files for u, f in zip(t.column("video_uri").to_pylist(), t.column("frame_index").to_pylist())]
     assert rows == [(v, f) for i, v in enumerate(names) for f in range(i % 3 + 1)]
+    # one block completing all ten: still at most 4 videos a file
+    c = Committer(str(tmp_path / "one"), "r1", "m", flush_interval_s=1e9, videos_per_file=4)
+    c.add(pa.concat_tables([t for i, v in enumerate(names) for t in (_frames(v, list(range(i % 3 + 1))), _end(v, i % 3 + 1))]))
+    c.close()
+    files = [pq.read_table(tmp_path / "one" / "videos" / n) for n in _files(tmp_path / "one" / "videos")]
+    assert [t.column("video_uri").to_pylist() for t in files] == [names[:4], names[4:8], names[8:]]
+
+
+def test_an_interrupt_while_waiting_videos_are_merged_leaves_no_video_half_committed(tmp_path, monkeypatch):
+    """A Ctrl-C (or SIGTERM) inside the merge of the videos waiting: the video just complete
+    is whole in what waits (its rows and its videos/ row), so the run's last flush commits it
+    whole (a reviewer found its rows written without its videos/ row: the next run redid it,
+    every frame twice); the merge is tried again later."""
+    monkeypatch.setattr(commit, "MERGE_EVERY", 3)
+    concat, interrupted = pa.concat_tables, []
+
+    def concat_once_interrupted(tables, *args, **kwargs):
+        if len(tables) == 3 and not interrupted:  # (the merge of three videos' tables)
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return concat(tables, *args, **kwargs)
+
+    monkeypatch.setattr(pa, "concat_tables", concat_once_interrupted)
+    c = Committer(str(tmp_path), "r1", "m", flush_interval_s=1e9)
+    for video in ("a", "b", "c"):
+        try:
+            c.add(pa.concat_tables([_frames(video, [0, 1]), _end(video, 2)]))
+        except KeyboardInterrupt:
+            assert video == "c"
+    c.add(pa.concat_tables([_frames("d", [0]), _end("d", 1)]))  # (merged now)
+    c.flush()  # the failing run's last flush (pipeline._publish_complete)
+    preds = pq.read_table(tmp_path / "predictions" / _files(tmp_path / "predictions")[0])
+    videos = pq.read_table(tmp_path / "videos" / _files(tmp_path / "videos")[0])
+    assert interrupted and videos.column("video_uri").to_pylist() == ["a", "b", "c", "d"]
+    assert list(zip(preds.column("video_uri").to_pylist(), preds.column("frame_index").to_pylist())) == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]
 
 
 def test_a_video_committed_from_a_manifest_is_not_redone_when_listed_from_a_prefix(tmp_path):

@@ -141,8 +141,8 @@ def test_a_classifier_needs_one_batch_by_classes_output(tmp_path):
     inp = keras.Input((32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(inp)
     cases = {
-        "two.keras": (keras.Model(inp, [keras.layers.Dense(3)(pooled), keras.layers.Dense(2)(pooled)]),
-                      r"two.keras has 2 outputs \(dense; dense_1\); rayvid uses one: name it with --model-output NAME$"),
+        "two.keras": (keras.Model(inp, [keras.layers.Dense(3, name="scores")(pooled), keras.layers.Dense(2, name="x")(pooled)]),
+                      r"two.keras has 2 outputs \(scores; x\); rayvid uses one: name it with --model-output NAME$"),
         "fmap.keras": (keras.Model(inp, keras.layers.Conv2D(5, 1)(inp)),
                        r"one \[batch, classes\] tensor; this model outputs \(None, 32, 32, 5\) \(--head detect"),
         "rank1.keras": (keras.Model(inp, keras.layers.Reshape(())(keras.layers.Dense(1)(pooled))),
