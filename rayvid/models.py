@@ -378,10 +378,11 @@ def with_embedding(keras, model, layer: str = "auto", source=None):
             raise ModelError(f"--embed: the classifier {op.name!r} takes the image itself; "
                              "name a layer: --embed LAYER")
     else:
+        source = model if source is None else source  # (any branch's layer: --model-output cut the others)
         try:
-            tensor = (model if source is None else source).get_layer(layer).output  # (of any branch: --model-output cut the others)
+            tensor = source.get_layer(layer).output
         except ValueError:
-            names = ", ".join(lay.name for lay in (model if source is None else source).layers[-8:])
+            names = ", ".join(lay.name for lay in source.layers[-8:])
             raise ModelError(f"--embed: no layer named {layer!r} (the last layers: {names})") from None
     if len(tensor.shape) > 2:
         tensor = keras.ops.mean(tensor, axis=tuple(range(1, len(tensor.shape) - 1)))
