@@ -305,6 +305,8 @@ class Committer:
             self._complete_video(uri, self._segments_done.pop(uri))
 
     def _complete_video(self, uri: str, segments: list) -> None:
+        if len(self._ready_videos) >= self.videos_per_file:  # (a video with frames or not: failed ones count too)
+            self.flush()
         segments.sort(key=lambda s: s[1]["segment"])
         parts = [t for tables, _ in segments for t in tables]
         ends = [e for _, e in segments]
@@ -316,8 +318,6 @@ class Committer:
                 video = _pixel_boxes(video, meta["width"] or 0, meta["height"] or 0)
             if self._ready_rows and self._ready_rows + len(video) > self.rows_per_file:
                 self.flush()  # a file holds whole videos, and more than rows_per_file only for one
-            elif len(self._ready_videos) >= self.videos_per_file:
-                self.flush()
             self.reused += int(pc.sum(pc.greater_equal(video.column("reused_from"), 0)).as_py() or 0)
             self._ready.append(video)
             self._ready_rows += len(video)

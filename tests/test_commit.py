@@ -622,6 +622,12 @@ def test_many_short_videos_are_flushed_by_count_and_held_merged(tmp_path, monkey
     c.close()
     files = [pq.read_table(tmp_path / "one" / "videos" / n) for n in _files(tmp_path / "one" / "videos")]
     assert [t.column("video_uri").to_pylist() for t in files] == [names[:4], names[4:8], names[8:]]
+    # ... videos that failed with no frame count too (the check stood where frames were added)
+    c = Committer(str(tmp_path / "failed"), "r1", "m", flush_interval_s=1e9, videos_per_file=4)
+    c.add(pa.concat_tables([_end(v, 0, error="VideoError") for v in names]))
+    c.close()
+    files = [pq.read_table(tmp_path / "failed" / "videos" / n) for n in _files(tmp_path / "failed" / "videos")]
+    assert [t.column("video_uri").to_pylist() for t in files] == [names[:4], names[4:8], names[8:]]
 
 
 def test_an_interrupt_while_waiting_videos_are_merged_leaves_no_video_half_committed(tmp_path, monkeypatch):
