@@ -2,7 +2,9 @@
 
 Input columns:  `video_uri`, and from the planning stage (segments.py) `segment`,
   `n_segments`, `start_s`, `end_s` (without them a row is the whole video) and
-  `source_uri` (where to read the video from when that is not video_uri: a presigned URL).
+  `source_uri` (where to read the video from when that is not video_uri: a presigned URL),
+  `version` and `size_bytes` (as listed: "" and -1 unknown; with both, a copy from S3
+  asks the store nothing but its bytes: `storage._conditional`).
 Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `frame_index: int64`, `timestamp_s: float64`, `frame: uint8[H, W, 3]`, `n_frames: int64`,
   `error_stage: str`, `error_type: str`, `message: str`, the video's `decoder, codec:
@@ -158,17 +160,19 @@ class Decoder:
     def __call__(self, batch: dict) -> Iterator[dict]:
         n = len(batch["video_uri"])
         get = lambda name, default: batch[name] if name in batch else [default] * n  # noqa: E731
-        for uri, seg, n_seg, start, end, source, version in zip(
+        for uri, seg, n_seg, start, end, source, version, size in zip(
             batch["video_uri"], get("segment", 0), get("n_segments", 1),
             get("start_s", -math.inf), get("end_s", math.inf), get("source_uri", None), get("version", ""),
+            get("size_bytes", -1),
         ):
             yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end),
-                                         str(source) if source else None, str(version or ""))
+                                         str(source) if source else None, str(version or ""),
+                                         int(size) if size is not None and size == size else -1)  # (NaN: null)
 
     def decode_video(
         self, uri: str, segment: int = 0, n_segments: int = 1,
         start_s: float = -math.inf, end_s: float = math.inf, source: Optional[str] = None,
-        version: str = "",
+        version: str = "", size: int = -1,
     ) -> Iterator[dict]:
         """Frames of one video, or of its frames with start_s <= pts time < end_s. The rows
         name it `uri`; it is read from `source` where that is given (a presigned URL, whose
@@ -177,9 +181,9 @@ class Decoder:
         object is another, or is replaced before the segment is read (its ranges are
         separate reads), the terminal row says so (`storage.ObjectChanged`, stage "read";
         the frames before are kept, as after any error), and the next run decodes the
-        video again (commit.pending)."""
+        video again (commit.pending). `size` is the source's as listed (-1: unknown)."""
         clip_len = int(self._reader_args.get("clip_len") or 0)
-        for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri, version):
+        for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri, version, size):
             if clip_len and "clip_start_frame" not in batch:  # a terminal row, shaped like clip rows
                 n = len(batch["frame_index"])
                 batch["frame"] = np.zeros((n, clip_len, *self.size, 3), np.uint8)
@@ -187,12 +191,12 @@ class Decoder:
                                           np.full(n, math.nan), np.full(n, math.nan)))
             yield batch
 
-    def _video(self, uri, segment, n_segments, start_s, end_s, source, version) -> Iterator[dict]:
+    def _video(self, uri, segment, n_segments, start_s, end_s, source, version, size=-1) -> Iterator[dict]:
         # an error may come after frames were sent (a retry's fetch, say): the end row counts
         # them, as the committer needs, and comes once
         sent, ended, read = 0, False, None
         try:
-            with self._local(source, n_segments, start_s, end_s, version) as (path, read), self._lock:
+            with self._local(source, n_segments, start_s, end_s, version, size) as (path, read), self._lock:
                 for batch in self._attempts(path, uri, segment, n_segments, start_s, end_s, read.part):
                     if batch["kind"][0] == KIND_END:
                         batch["bytes_read"][0] = read.bytes()
@@ -219,7 +223,7 @@ class Decoder:
             yield row
 
     @contextlib.contextmanager
-    def _local(self, uri: str, n_segments: int, start_s: float, end_s: float, version: str = ""):
+    def _local(self, uri: str, n_segments: int, start_s: float, end_s: float, version: str = "", size: int = -1):
         """(local path, `_Read`) of a video, fetched before the decode child is taken. A
         segment of a remote MP4/MOV cut into several, or sampled sparsely (--every, --fps,
         --keyframes), gets a partial copy: its index, then the bytes its frames need, so the
@@ -235,7 +239,7 @@ class Decoder:
         probed = 0  # read looking for an MP4 index before copying whole: the segment read it too
         remote = storage.is_remote(uri)
         if self.ranged and (n_segments > 1 or sparse) and a.get("decoder", "auto") != "decord" and remote:
-            with storage.range_copy(uri, self._tmpdir, version) as part:
+            with storage.range_copy(uri, self._tmpdir, version, size) as part:
                 if part is not None:  # else the store cannot serve ranges of it: a whole copy
                     counted = 0
 
@@ -258,14 +262,14 @@ class Decoder:
         if self.ranged and n_segments > 1 and remote:
             # copied whole for one segment: the segments decoding on this node at the same
             # time share one copy (only the one that copied it counts its bytes)
-            with storage.shared_copy(uri, self._tmpdir, version) as (path, copied):
+            with storage.shared_copy(uri, self._tmpdir, version, size) as (path, copied):
                 with self._count:
                     self.bytes_fetched += copied
                 yield path, _Read(None, probed + copied)
             return
         # a local file is read in place: its version is checked before and after; a copy is
         # checked by local_copy (before and after copying), and is then what is decoded
-        with storage.local_copy(uri, self._tmpdir, version) as path:
+        with storage.local_copy(uri, self._tmpdir, version, size) as path:
             copied = os.path.getsize(path) if path.startswith(self._tmpdir) else 0
             check = None if copied else storage.pin(uri, version)
             with self._count:

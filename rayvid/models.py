@@ -115,8 +115,11 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
             config = json.loads(archive.read("config.json"))
         shape = _input_shape(config)
+        outputs = _config_outputs(config)
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, *storage.ACCESS_ERRORS):
         return None  # the loader says what is wrong with it
+    if outputs is not None:  # --model-output checked here, not first when an inference actor loads it
+        _choose_output(outputs, cfg, cfg.name)
     if shape is None or len(shape) not in (4, 5):
         return None
     _check_channels(shape, cfg.name)
@@ -150,6 +153,24 @@ def _fixed_size(h, w, cfg: ModelConfig) -> tuple:
     if cfg.input_size:
         return tuple(int(x) for x in cfg.input_size)
     return None, None
+
+
+def _config_outputs(config: dict) -> Optional[list]:
+    """A saved Keras model's outputs, each as the set of names `--model-output` may give it
+    (as `_keras_outputs` names them once loaded), from its config; None where it does not
+    say in a form known here (then the loader checks)."""
+    body = config.get("config") or {}
+    if config.get("class_name") == "Sequential":
+        layers = body.get("layers") or []
+        return [{layers[-1]["config"]["name"]}] if layers else None
+    outs = body.get("output_layers")
+    if isinstance(outs, dict):  # {key: [layer, node, tensor]}: Keras flattens a dict by its sorted keys
+        return [{key, outs[key][0]} for key in sorted(outs)]
+    if isinstance(outs, list) and len(outs) == 3 and isinstance(outs[0], str):
+        return [{outs[0]}]  # one output: [layer, node, tensor]
+    if isinstance(outs, list) and outs and all(isinstance(o, list) and o and isinstance(o[0], str) for o in outs):
+        return [{o[0]} for o in outs]
+    return None
 
 
 def _input_shape(config: dict) -> Optional[list]:
@@ -536,23 +557,33 @@ def _keras_outputs(model) -> list:
     return named
 
 
-def _pick_output(keras, model, cfg: ModelConfig, url: str):
-    """The model with the one output rayvid runs: `--model-output NAME`'s (a name that fits
-    no output, or several, is a ModelError naming them), else its only one."""
-    outputs = _keras_outputs(model)
-    shown = "; ".join("/".join(sorted(names)) for names, _ in outputs)
+def _choose_output(outputs: list, cfg: ModelConfig, url: str) -> int:
+    """Which of a Keras model's outputs (each a set of names) rayvid runs: `--model-output
+    NAME`'s (a name that fits no output, or several, is a ModelError naming them), else its
+    only one (0)."""
+    shown = "; ".join("/".join(sorted(names)) for names in outputs)
     if cfg.output is None:
         if len(outputs) > 1:
             raise ModelError(f"model {storage.public_uri(url)} has {len(outputs)} outputs ({shown}); rayvid uses one: "
                              f"name it with --model-output NAME")
-        if isinstance(getattr(model, "output", None), dict):
-            return keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
-        return model
-    matches = [t for names, t in outputs if cfg.output in names]
+        return 0
+    matches = [i for i, names in enumerate(outputs) if cfg.output in names]
     if len(matches) != 1:
         raise ModelError(f"model {storage.public_uri(url)} has {'no' if not matches else len(matches)} outputs named "
                          f"{cfg.output!r} (--model-output): its outputs are {shown or 'unnamed'}")
-    return model if matches[0] is None or len(outputs) == 1 else keras.Model(model.inputs, matches[0], name=model.name)
+    return matches[0]
+
+
+def _pick_output(keras, model, cfg: ModelConfig, url: str):
+    """The model with the one output rayvid runs (`_choose_output`)."""
+    outputs = _keras_outputs(model)
+    chosen = _choose_output([names for names, _ in outputs], cfg, url)
+    if cfg.output is None:
+        if isinstance(getattr(model, "output", None), dict):
+            return keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
+        return model
+    tensor = outputs[chosen][1]
+    return model if tensor is None or len(outputs) == 1 else keras.Model(model.inputs, tensor, name=model.name)
 
 
 def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:

@@ -21,6 +21,7 @@ SEGMENTS_SCHEMA = pa.schema(
         ("end_s", pa.float64()),
         ("source_uri", pa.string()),  # where to read video_uri from, when that differs (a presigned URL)
         ("version", pa.string()),  # as listed: the decoder reads that version or reports it changed
+        ("size_bytes", pa.int64()),  # as listed, -1 unknown (or read from source_uri)
     ]
 )
 

@@ -7,7 +7,8 @@ Input columns:  `video_uri`, `source_uri` (optional: where to read it from, when
 Output columns: `video_uri: str`, `segment: int32`, `n_segments: int32`,
   `start_s: float64`, `end_s: float64`, `source_uri: str` (null: read video_uri),
   `version: str` (as listed; for a video listed without one and cut into segments, the
-  one its header was read from; "" when unknown: every segment must read that version).
+  one its header was read from; "" when unknown: every segment must read that version),
+  `size_bytes: int64` (as listed; -1 unknown, or read from source_uri).
 It runs before the decode pipeline: for up to `IN_DRIVER` videos in the driver's threads
 (starting tasks would cost more than the reads), else as Ray tasks that read headers (16
 at a time each, in threads: it is I/O), and the driver collects its small output: every segment then
@@ -20,7 +21,8 @@ segment starts at -inf and the last ends at +inf. The intervals partition the ti
 every frame belongs to exactly one segment whatever the codec or GOP structure (the decoder
 maps frames to segments by pts, never by counting; a clip run's clips belong to the segment
 of their first frame, whose decoder reads on for the clip's other frames). The duration comes from the container
-header alone (a few ranged reads on object stores); when it is unknown, or the file cannot
+header alone (a few ranged reads on object stores), except for a video listed smaller than
+`MIN_BYTES_PER_S` per second of segment, which is one segment unread; when it is unknown, or the file cannot
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
 copy it whole; and one in a container without an index (MPEG-TS/PS: `video.UNSEEKABLE_CONTAINERS`),
@@ -35,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayvid import storage
 from rayvid.video import UNSEEKABLE_CONTAINERS, output_order
@@ -46,6 +49,13 @@ IN_DRIVER = 256  # listings up to this long read their headers in the driver
 # each video for it (measured: 52 MB of an 80 MB MP4 to learn its duration).
 HEADER_BLOCK_BYTES = 256 * 2**10
 PLANNED_FROM = ("video_uri", "source_uri", "version", "size_bytes")  # the listing's columns planning reads
+# A video listed at fewer bytes than this per second of --segment-seconds is one segment,
+# its header not read: it cannot hold two segments of footage (H.264 of a flat grey 360p
+# picture, nothing moving, is 1,025 B/s; 1080p 2,575; a textured still 1080p 11,352:
+# ffmpeg -preset veryfast -crf 23, measured), and a wrong guess (a long, tiny, static
+# video) costs that video's decoding in one actor, never a frame. Archives of short
+# clips then start decoding at once: their headers were each a read before any decoding.
+MIN_BYTES_PER_S = 1000
 
 
 def header_duration(uri: str) -> float:
@@ -100,7 +110,7 @@ def bounds(duration_s: float, segment_s: float) -> list[tuple[float, float]]:
 
 def plan(batch: dict, segment_s: float) -> dict:
     """Ray Data `map_batches` function (tasks, I/O bound): one row per segment."""
-    uris, segs, counts, starts, ends, sources, versions = [], [], [], [], [], [], []
+    uris, segs, counts, starts, ends, sources, versions, listed_sizes = [], [], [], [], [], [], [], []
     videos = [str(u) for u in batch["video_uri"]]
     read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
     listed = [v or "" for v in batch["version"]] if "version" in batch else [""] * len(videos)
@@ -110,9 +120,12 @@ def plan(batch: dict, segment_s: float) -> dict:
     with ThreadPoolExecutor(max_workers=16) as pool:
         # a video listed without a version (a manifest) gets the one its header was read
         # from: every segment must read that one, or frames of two videos would pass as one
-        heads = (list(pool.map(header, [s or u for s, u in zip(read_from, videos)], [not v for v in listed], sizes))
-                 if segment_s > 0 else [(0.0, "")] * len(videos))
-    for uri, source, version, (duration, now) in zip(videos, read_from, listed, heads):
+        probed = [i for i, n in enumerate(sizes) if segment_s > 0 and not 0 <= n < segment_s * MIN_BYTES_PER_S]
+        heads = [(0.0, "")] * len(videos)
+        for i, head in zip(probed, pool.map(header, [read_from[i] or videos[i] for i in probed],
+                                            [not listed[i] for i in probed], [sizes[i] for i in probed])):
+            heads[i] = head
+    for uri, source, version, size, (duration, now) in zip(videos, read_from, listed, sizes, heads):
         parts = bounds(duration, segment_s)
         if len(parts) > 1:
             version = version or now
@@ -120,6 +133,7 @@ def plan(batch: dict, segment_s: float) -> dict:
             uris.append(uri)
             sources.append(source)
             versions.append(version)
+            listed_sizes.append(size)
             segs.append(k)
             counts.append(len(parts))
             starts.append(start)
@@ -132,6 +146,7 @@ def plan(batch: dict, segment_s: float) -> dict:
         "end_s": np.array(ends, dtype=np.float64),
         "source_uri": np.array(sources, dtype=object),
         "version": np.array(versions, dtype=object),
+        "size_bytes": np.array(listed_sizes, dtype=np.int64),
     }
 
 
@@ -150,7 +165,9 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
             {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
              "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
              "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri"),
-             "version": videos.column("version")},
+             "version": videos.column("version"),
+             "size_bytes": pc.if_else(pc.fill_null(pc.equal(videos.column("source_uri"), ""), True),
+                                      pc.fill_null(videos.column("size_bytes"), -1), -1)},
             schema=SEGMENTS_SCHEMA,
         )
     if len(videos) <= in_driver:

@@ -36,6 +36,7 @@ import uuid
 from typing import BinaryIO, Callable, Iterator, Optional
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from rayvid.errors import StorageError
@@ -307,20 +308,22 @@ def join(url: str, *parts: str) -> str:
 
 
 @contextlib.contextmanager
-def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
+def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iterator[str]:
     """Yield a local path holding the object's bytes; remote objects are copied to a temp
     file (a few ranges in memory at a time, `RangeCopy`) that is deleted afterwards. A
     copy is of one version (`version`, as listed, else the one there when it began):
-    `ObjectChanged` if the object is another, or was replaced while it was copied."""
+    `ObjectChanged` if the object is another, or was replaced while it was copied. `size`
+    is the object's as listed (-1: unknown): with `version` it may spare the store's
+    metadata requests (`_conditional`)."""
     fs, path = resolve(url)
     if is_local(fs):
         if not os.path.isfile(path):  # (on a cluster: which node did not have it)
             raise FileNotFoundError(f"no such file on host {socket.gethostname()}: {path}")
         yield path
         return
-    size, expected, ranged = _source(fs, path, version)
+    size, expected, ranged, conditional = _source(fs, path, version, size)
     if ranged:
-        with _range_copy(fs, path, size, tmpdir, expected) as part:
+        with _range_copy(fs, path, size, tmpdir, expected, conditional) as part:
             part.fetch(0, part.size)  # several ranges in flight
             part.verify()
             yield part.path
@@ -331,19 +334,76 @@ def local_copy(url: str, tmpdir: str, version: str = "") -> Iterator[str]:
         yield tmp
 
 
-def _source(fs: fsspec.AbstractFileSystem, path: str, version: str) -> tuple[Optional[int], str, bool]:
-    """(size or None, the version a copy must be of, whether it can be copied in ranges),
-    from one request for the object's metadata: `ObjectChanged` if it is not at the listed
-    `version`."""
+def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
+            listed_size: int = -1) -> tuple[Optional[int], str, bool, bool]:
+    """(size or None, the version a copy must be of, whether it can be copied in ranges,
+    whether its reads are conditional): from one request for the object's metadata
+    (`ObjectChanged` if it is not at the listed `version`), or from none where the copy's
+    reads can be conditional (`_conditional`: S3 with the listing's ETag and size)."""
+    if _conditional(fs, path, version, listed_size):
+        return int(listed_size), version, True, True
     info = fs.info(path)
     expected = _expect(version, info)
     size = info.get("size")
     size = int(size) if size is not None else None
-    return size, expected, size is not None and serves_ranges(fs, path, size)
+    return size, expected, size is not None and serves_ranges(fs, path, size), False
+
+
+# An ETag as S3 lists it (and MinIO, R2, Ceph, GCS's XML API): an MD5, or a multipart
+# upload's MD5 of its parts' MD5s and their count.
+_S3_ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+
+
+def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: int) -> bool:
+    """Whether a copy of the object can go without any metadata request: on S3, when the
+    listing gave its ETag and size, each ranged GET carries `If-Match: <ETag>` and S3
+    serves it from that version or refuses it (412): no HEAD before the copy (to learn its
+    size and version) nor after it (to learn it was not replaced meanwhile). A clip of a
+    few MB is then one request instead of three (a short clip's copy is latency-bound)."""
+    if size is None or int(size) <= 0 or not _S3_ETAG.fullmatch(version or ""):
+        return False
+    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3"):
+        return False
+    try:
+        return not fs.split_path(path)[2]  # a versionId in the URL: s3fs reads that version
+    except Exception:
+        return False
+
+
+async def _s3_ranges(fs, path: str, ranges: list, etag: str) -> list:
+    """(bytes, the answer's ETag or "", the object's size it gave or None) of each [lo, hi)
+    of `ranges` of an S3 object, read concurrently, each GET on the condition that the
+    object is still at `etag` (else that read fails: 412). As s3fs's own `_cat_file` reads a
+    range (its retries of the call, and of reading the body), with If-Match added; s3fs's
+    request-wide options (requester pays, SSE-C) apply."""
+    import asyncio
+
+    from s3fs.core import _error_wrapper
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def one(lo: int, hi: int) -> tuple:
+        async def get() -> tuple:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={lo}-{hi - 1}",
+                                     IfMatch=f'"{etag}"')
+            try:
+                data = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            total = str(resp.get("ContentRange") or "").rpartition("/")[2]  # "bytes 0-99/1000"
+            return data, str(resp.get("ETag") or "").strip('"'), int(total) if total.isdigit() else None
+
+        return await _error_wrapper(get, retries=fs.retries)
+
+    out = await asyncio.gather(*(one(lo, hi) for lo, hi in ranges), return_exceptions=True)
+    for data in out:  # (all of them done: none still writing once this returns)
+        if isinstance(data, BaseException):
+            raise data
+    return out
 
 
 @contextlib.contextmanager
-def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str, int]]:
+def shared_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iterator[tuple[str, int]]:
     """(local path, bytes this call copied) of a whole copy of a remote object that every
     process on this machine reading the same object (at the same listed `version`) at the
     same time shares: the first to ask copies it (`local_copy`: the same version checks),
@@ -358,7 +418,7 @@ def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str,
     directory (not ours, or not writable) it is `local_copy` into `tmpdir`."""
     root = user_dir("rayvid-shared")
     if root is None:
-        with local_copy(url, tmpdir, version) as path:
+        with local_copy(url, tmpdir, version, size) as path:
             yield path, os.path.getsize(path)
         return
     key = hashlib.sha256(f"{stored_uri(url)}\n{version}".encode()).hexdigest()[:40]
@@ -381,7 +441,7 @@ def shared_copy(url: str, tmpdir: str, version: str = "") -> Iterator[tuple[str,
     copied = 0
     try:
         if copier:
-            with local_copy(url, folder, version) as path:
+            with local_copy(url, folder, version, size) as path:
                 os.replace(path, data)
             copied = os.path.getsize(data)
             with _locked(root):
@@ -500,7 +560,7 @@ def version_of(info: dict) -> str:
     return ""
 
 
-def check_version(fs: fsspec.AbstractFileSystem, path: str, expected: str) -> None:
+def check_version(fs: fsspec.AbstractFileSystem, path: str, expected: str, since: str = "while it was read") -> None:
     """Raise `ObjectChanged` unless the object is still at version `expected` ("": not known,
     nothing to check). Asks the store afresh, never a listing cache."""
     if not expected:
@@ -512,9 +572,9 @@ def check_version(fs: fsspec.AbstractFileSystem, path: str, expected: str) -> No
     except FileNotFoundError as e:
         if is_unavailable(e):
             raise
-        raise ObjectChanged("the object was deleted while it was read") from None
+        raise ObjectChanged(f"the object was deleted {since}") from None
     if now and now != expected:
-        raise ObjectChanged(f"the object changed while it was read (version {expected}, now {now})")
+        raise ObjectChanged(f"the object changed {since} (version {expected}, now {now})")
 
 
 def pin(url: str, version: str = "") -> Callable[[], None]:
@@ -638,15 +698,26 @@ class RangeCopy:
     a copy is not held to one connection's speed, and at most CHUNK x READS_IN_FLIGHT
     bytes are in memory. Smaller pieces (a key-frame scan's packets, a fragmented MP4's
     moofs: there each request's latency is the cost) go more at a time, up to
-    SMALL_READS_IN_FLIGHT, within the same bytes."""
+    SMALL_READS_IN_FLIGHT, within the same bytes.
+
+    With `conditional` (`_conditional`: S3, the listed ETag as `version`) every read is a
+    GET on the condition that the object is still that version, and each answer's own ETag
+    and total size are compared with the listed ones (a store that ignores If-Match is
+    caught too): no byte can come from another version, so `verify` asks nothing. Where an
+    answer names no ETag, `verify` asks after, as without conditions; where the store
+    refuses the condition but the listed version is what a HEAD finds (a store comparing
+    ETags its own way), the copy goes on without conditions, checked after."""
 
     CHUNK = 8 * 2**20
     READS_IN_FLIGHT = 4
     SMALL_READS_IN_FLIGHT = 32
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str, version: str = ""):
+    def __init__(self, fs: fsspec.AbstractFileSystem, remote: str, size: int, path: str, version: str = "",
+                 conditional: bool = False):
         self.fs, self.remote, self.size, self.path = fs, remote, int(size), path
         self.version = version  # the object's version its ranges must come from ("": unknown)
+        self.conditional = conditional
+        self._unconfirmed = False  # a conditional read whose answer named no version: `verify` asks
         self.fetched = 0  # bytes read from the store
         self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
 
@@ -662,14 +733,7 @@ class RangeCopy:
             return
         with open(self.path, "r+b") as dst:
             for batch in self._batches(pieces):
-                try:
-                    datas = self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
-                                               [hi for _, hi in batch], on_error="raise")
-                except OSError as e:  # e.g. a range past the end of a shorter object now there
-                    if not is_unavailable(e):
-                        self._raise_if_replaced()
-                    raise
-                for (lo, hi), data in zip(batch, datas):
+                for (lo, hi), data in zip(batch, self._read(batch)):
                     if len(data) > hi - lo:  # never written: it would land on the wrong bytes
                         raise OSError(f"the store sent {len(data)} bytes for a range of {hi - lo}: "
                                       "it does not serve byte ranges")
@@ -694,10 +758,46 @@ class RangeCopy:
         if batch:
             yield batch
 
+    def _read(self, batch: list) -> list:
+        """The bytes of each [lo, hi) of `batch`, read from the store together."""
+        if not self.conditional:
+            try:
+                return self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
+                                          [hi for _, hi in batch], on_error="raise")
+            except OSError as e:  # e.g. a range past the end of a shorter object now there
+                if not is_unavailable(e):
+                    self._raise_if_replaced()
+                raise
+        try:
+            answers = fsspec.asyn.sync(self.fs.loop, _s3_ranges, self.fs, self.remote, batch, self.version)
+        except OSError as e:
+            if is_unavailable(e) or isinstance(e, (ObjectChanged, PermissionError)):
+                raise
+            if isinstance(e, FileNotFoundError):
+                if not self.fetched:  # not there (as the metadata request said before: it named the object)
+                    raise FileNotFoundError(self.remote) from None
+                raise ObjectChanged("the object was deleted after it was listed") from None
+            # refused (412), or a range past its end (416): the object changed, unless a HEAD
+            # finds the listed version still there: then the store compares ETags its own way
+            check_version(self.fs, self.remote, self.version, since="after it was listed")
+            self.conditional = False  # read on without conditions, checked after (`verify`)
+            return self._read(batch)
+        for _, etag, total in answers:
+            if not etag:
+                self._unconfirmed = True
+            elif etag != self.version:  # a store that ignored If-Match
+                raise ObjectChanged(f"the object changed after it was listed (version {self.version}, now {etag})")
+            if total is not None and total != self.size:
+                raise ObjectChanged(f"the object changed after it was listed ({self.size} bytes, now {total})")
+        return [data for data, _, _ in answers]
+
     def _raise_if_replaced(self) -> None:
         """`ObjectChanged` where a read failed because the object is another one now (a
         shorter one answers a range with fewer bytes, or not at all): by its version, or
         without one known, by its size."""
+        if self.conditional:  # (each answer was of the listed version and size: a short one is a bad store)
+            check_version(self.fs, self.remote, self.version, since="after it was listed")
+            return
         self.verify()
         if self.version:
             return
@@ -714,8 +814,10 @@ class RangeCopy:
 
     def verify(self) -> None:
         """`ObjectChanged` if the object is no longer the version the copy began with (its
-        ranges are separate reads: a replaced object would have mixed two versions)."""
-        check_version(self.fs, self.remote, self.version)
+        ranges are separate reads: a replaced object would have mixed two versions). Asks
+        nothing after conditional reads whose answers each named that version."""
+        if not self.conditional or self._unconfirmed:
+            check_version(self.fs, self.remote, self.version)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the object, fetched first if they are not here yet."""
@@ -765,26 +867,27 @@ def _merged(ranges: list) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def range_copy(url: str, tmpdir: str, version: str = "") -> Iterator[Optional[RangeCopy]]:
+def range_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iterator[Optional[RangeCopy]]:
     """A `RangeCopy` of an object in `tmpdir` (named like `local_copy`'s), deleted
     afterwards: for reading the parts of a large object that one task needs. None when the
     store cannot serve parts of it (an HTTP server that gives no size or ignores byte
     ranges): copy it whole instead. `ObjectChanged` if the object is not at `version` (as
-    listed; ""; any); `RangeCopy.verify` says whether it still is once all is read."""
+    listed; ""; any); `RangeCopy.verify` says whether it still is once all is read. `size`:
+    as `local_copy`'s."""
     fs, path = resolve(url)
-    size, expected, ranged = _source(fs, path, version)
+    size, expected, ranged, conditional = _source(fs, path, version, size)
     if not ranged:
         yield None
         return
-    with _range_copy(fs, path, size, tmpdir, expected) as part:
+    with _range_copy(fs, path, size, tmpdir, expected, conditional) as part:
         yield part
 
 
 @contextlib.contextmanager
-def _range_copy(fs, path: str, size: int, tmpdir: str, version: str) -> Iterator[RangeCopy]:
+def _range_copy(fs, path: str, size: int, tmpdir: str, version: str, conditional: bool = False) -> Iterator[RangeCopy]:
     with _temp_file(path, tmpdir) as tmp:
         os.truncate(tmp, size)  # a hole: takes no disk until written
-        yield RangeCopy(fs, path, size, tmp, version)
+        yield RangeCopy(fs, path, size, tmp, version, conditional)
 
 
 def is_remote(url: str) -> bool:

@@ -201,15 +201,20 @@ def test_model_output_names_the_output_of_a_model_with_several(tmp_path):
         source = keras.Model(inp, outputs)
         source.save(str(tmp_path / name))
         model, info = models.load(ModelConfig(name=str(tmp_path / name), output=pick))
+        assert models.static_shape(ModelConfig(name=str(tmp_path / name), output=pick)).input_size == (32, 32)
         expected = source.predict(frames, verbose=0)
         expected = expected[1] if isinstance(expected, list) else expected["p"]
         np.testing.assert_allclose(model.predict(frames, verbose=0), expected, rtol=1e-6)
         assert len(info.labels) == 3, name
-    with pytest.raises(ModelError, match=r"list.keras has 2 outputs \(emb; scores\); rayvid uses one: name it with "
-                                         r"--model-output NAME$"):
-        models.load(ModelConfig(name=str(tmp_path / "list.keras")))
-    with pytest.raises(ModelError, match=r"has no outputs named 'x' \(--model-output\): its outputs are e/emb; p/scores$"):
-        models.load(ModelConfig(name=str(tmp_path / "dict.keras"), output="x"))
+    # what is wrong with --model-output: from the .keras file's config.json (the driver's
+    # static_shape, before any work) as from the loaded model (the inference actor's load)
+    checks = (models.static_shape, models.load)
+    for check in checks:
+        with pytest.raises(ModelError, match=r"list.keras has 2 outputs \(emb; scores\); rayvid uses one: name it with "
+                                             r"--model-output NAME$"):
+            check(ModelConfig(name=str(tmp_path / "list.keras")))
+        with pytest.raises(ModelError, match=r"has no outputs named 'x' \(--model-output\): its outputs are e/emb; p/scores$"):
+            check(ModelConfig(name=str(tmp_path / "dict.keras"), output="x"))
     # --embed LAYER of another branch than the output picked (cut off by the pick, it was "no layer named")
     model, info = models.load(ModelConfig(name=str(tmp_path / "list.keras"), output="scores", embed="emb"))
     scores_got, emb_got = model.predict(frames, verbose=0)
@@ -220,15 +225,17 @@ def test_model_output_names_the_output_of_a_model_with_several(tmp_path):
     # one layer making both outputs: a name that fits two is refused, not the first taken
     shared = keras.layers.Dense(3, activation="softmax", name="shared")
     keras.Model(inp, [shared(avg), shared(keras.layers.Dense(3)(avg))]).save(str(tmp_path / "shared.keras"))
-    with pytest.raises(ModelError, match=r"has 2 outputs named 'shared' \(--model-output\)"):
-        models.load(ModelConfig(name=str(tmp_path / "shared.keras"), output="shared"))
+    for check in checks:
+        with pytest.raises(ModelError, match=r"has 2 outputs named 'shared' \(--model-output\)"):
+            check(ModelConfig(name=str(tmp_path / "shared.keras"), output="shared"))
     # a Sequential (a loaded one tells no output tensors): its one output, by its last layer's name
     keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
                       keras.layers.Dense(3, activation="softmax", name="head")]).save(str(tmp_path / "seq.keras"))
     model, info = models.load(ModelConfig(name=str(tmp_path / "seq.keras"), output="head"))
-    assert len(info.labels) == 3
-    with pytest.raises(ModelError, match=r"has no outputs named 'probs' \(--model-output\): its outputs are head$"):
-        models.load(ModelConfig(name=str(tmp_path / "seq.keras"), output="probs"))
+    assert len(info.labels) == 3 and models.static_shape(ModelConfig(name=str(tmp_path / "seq.keras"), output="head"))
+    for check in checks:
+        with pytest.raises(ModelError, match=r"has no outputs named 'probs' \(--model-output\): its outputs are head$"):
+            check(ModelConfig(name=str(tmp_path / "seq.keras"), output="probs"))
     # a keras.applications name has one output: said before any work (the driver's static_shape)
     for check in (models.static_shape, lambda cfg: models.load(cfg)):
         with pytest.raises(ModelError, match=r"--model-output scores: resnet50 has one output"):

@@ -85,12 +85,22 @@ def test_planning_asks_the_store_nothing_the_listing_said(long_videos, s3fs_clie
     url = "s3://rayvid-test/plan/long_h264.mp4"
     s3fs_client.put_file(long_videos["long_h264.mp4"][0], url)
     listed = listing.list_videos("s3://rayvid-test/plan/")
-    for videos, heads in ((listed, 0), (pa.table({"video_uri": [url]}), 1)):
+    size = os.path.getsize(long_videos["long_h264.mp4"][0])
+    for videos, heads, sizes in ((listed, 0, [size] * 4), (pa.table({"video_uri": [url]}), 1, [-1] * 4)):
         with moto.requests() as seen:
             plan = segments.plan_all(videos, 6.0)
         assert plan.column("n_segments").to_pylist() == [4] * 4
+        assert plan.column("size_bytes").to_pylist() == sizes  # the decoders' copies ask no HEAD for it either
         methods = [method for method, _ in seen]
         assert "GET" in methods and methods.count("HEAD") == heads, seen
+    small = listed.set_column(listed.schema.get_field_index("size_bytes"), "size_bytes",
+                              pa.array([int(6.0 * segments.MIN_BYTES_PER_S) - 1]))  # as if listed that small
+    with moto.requests() as seen:
+        assert segments.plan_all(small, 6.0).column("n_segments").to_pylist() == [1]  # too small for 2 segments
+    assert seen == []  # not even its header read
+    assert segments.plan_all(listed, 0).column("size_bytes").to_pylist() == [size]  # not cut: as listed
+    with_source = listed.set_column(listed.schema.get_field_index("source_uri"), "source_uri", pa.array(["https://x/y.mp4"]))
+    assert segments.plan_all(with_source, 0).column("size_bytes").to_pylist() == [-1]  # read elsewhere: not its size
 
 
 def test_a_header_is_read_in_small_pieces(long_videos, tmp_path):

@@ -215,6 +215,85 @@ def test_a_copy_is_of_the_listed_version_or_says_the_object_changed(tmp_path, st
     assert os.listdir(tmp_path) == []
 
 
+def test_an_s3_copy_with_the_listed_etag_and_size_is_its_gets_alone(tmp_path, s3fs_client, moto, monkeypatch):
+    """With the listing's ETag and size a copy from S3 asks no metadata: each ranged GET is
+    conditional on that ETag (If-Match), so a clip is one request, not a HEAD, a GET and a
+    HEAD. An object replaced after the listing, or between two of a copy's reads, is
+    ObjectChanged; one deleted before its copy is not found, as when asked first."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)
+    first, second = os.urandom(100_000), os.urandom(100_000)
+    s3fs_client.pipe_file("s3://rayvid-test/cond/clip.mp4", first)
+    [[(url, size, etag)]] = list(storage.iter_files("s3://rayvid-test/cond/"))
+    assert size == len(first) and etag == storage.version_of(s3fs_client.info(url))
+    with moto.requests() as seen:
+        with storage.local_copy(url, str(tmp_path), etag, size) as p:
+            assert open(p, "rb").read() == first
+    assert [m for m, _ in seen] == ["GET", "GET"]  # two 64 KB pieces, in flight together
+    with moto.requests() as seen:
+        with storage.range_copy(url, str(tmp_path), etag, size) as part:
+            part.fetch(0, 1000)
+            part.verify()
+            s3fs_client.pipe_file(url, second)  # replaced between two reads
+            with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {etag}, now "):
+                part.fetch(50_000, 1000)
+    assert [m for m, _ in seen if m != "PUT"] == ["GET", "GET", "HEAD"]  # the refused GET, then why
+    for copy in (storage.local_copy, storage.range_copy):  # replaced since the listing
+        with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {etag}, now "):
+            with copy(url, str(tmp_path), etag, size) as part:
+                if copy is storage.range_copy:
+                    part.fetch(0, 10)
+    s3fs_client.rm(url)
+    with pytest.raises(FileNotFoundError):
+        with storage.local_copy(url, str(tmp_path), etag, size):
+            pass
+    assert os.listdir(tmp_path) == []
+    # not conditional: no listed size, an mtime for a version, not S3
+    fs, path = storage.resolve(url)
+    assert storage._conditional(fs, path, etag, size)
+    assert not storage._conditional(fs, path, etag, -1) and not storage._conditional(fs, path, "2026-12-06T10:00:00", size)
+    assert not storage._conditional(*storage.resolve(str(tmp_path / "x.mp4")), etag, size)
+
+
+def test_conditional_copies_on_stores_that_ignore_or_refuse_if_match(tmp_path, s3fs_client, moto, monkeypatch):
+    """An S3-like store that ignores If-Match: each answer's own ETag (and total size) says
+    it is another version: ObjectChanged, never bytes of two versions. One that refuses
+    every If-Match (412) though a HEAD finds the listed version: the copy goes on without
+    the condition, checked after as before (it was every run's failure)."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)
+    url = "s3://rayvid-test/cond2/clip.mp4"
+    first = os.urandom(100_000)
+    s3fs_client.pipe_file(url, first)
+    [[(_, size, etag)]] = list(storage.iter_files("s3://rayvid-test/cond2/"))
+
+    def ignore(environ):
+        environ.pop("HTTP_IF_MATCH", None)
+
+    with moto.hook(ignore):
+        with storage.range_copy(url, str(tmp_path), etag, size) as part:
+            part.fetch(0, 1000)
+            s3fs_client.pipe_file(url, os.urandom(100_000))  # same size, another version
+            with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {etag}, now "):
+                part.fetch(50_000, 1000)
+        with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {etag}, now "):
+            with storage.local_copy(url, str(tmp_path), etag, size):
+                pass
+    s3fs_client.pipe_file(url, first)  # the listed version again (same bytes: same ETag)
+    refused = []
+
+    def refuse(environ):
+        if environ["REQUEST_METHOD"] == "GET" and environ.get("HTTP_IF_MATCH"):
+            refused.append(environ["HTTP_IF_MATCH"])
+            return "412 Precondition Failed", (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PreconditionFailed'
+                                               b"</Code><Message>At least one of the pre-conditions you specified did "
+                                               b"not hold</Message><Condition>If-Match</Condition></Error>")
+
+    with moto.requests() as seen, moto.hook(refuse):
+        with storage.local_copy(url, str(tmp_path), etag, size) as p:
+            assert open(p, "rb").read() == first
+    assert refused == [f'"{etag}"'] * 2 and [m for m, _ in seen] == ["GET", "GET", "HEAD", "GET", "GET", "HEAD"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
     path = tmp_path / "v.mp4"
     path.write_bytes(b"one")
