@@ -164,13 +164,17 @@ def _config_outputs(config: dict) -> Optional[list]:
         layers = body.get("layers") or []
         return [{layers[-1]["config"]["name"]}] if layers else None
     outs = body.get("output_layers")
-    if isinstance(outs, dict):  # {key: [layer, node, tensor]}: Keras flattens a dict by its sorted keys
+
+    def leaf(o) -> bool:  # one output: [layer, node, tensor]
+        return isinstance(o, list) and len(o) == 3 and isinstance(o[0], str)
+
+    if isinstance(outs, dict) and all(leaf(o) for o in outs.values()):  # Keras flattens a dict by its sorted keys
         return [{key, outs[key][0]} for key in sorted(outs)]
-    if isinstance(outs, list) and len(outs) == 3 and isinstance(outs[0], str):
-        return [{outs[0]}]  # one output: [layer, node, tensor]
-    if isinstance(outs, list) and outs and all(isinstance(o, list) and o and isinstance(o[0], str) for o in outs):
+    if leaf(outs):
+        return [{outs[0]}]
+    if isinstance(outs, list) and outs and all(leaf(o) for o in outs):
         return [{o[0]} for o in outs]
-    return None
+    return None  # nested outputs: the loader names them
 
 
 def _input_shape(config: dict) -> Optional[list]:

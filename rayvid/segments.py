@@ -50,12 +50,26 @@ IN_DRIVER = 256  # listings up to this long read their headers in the driver
 HEADER_BLOCK_BYTES = 256 * 2**10
 PLANNED_FROM = ("video_uri", "source_uri", "version", "size_bytes")  # the listing's columns planning reads
 # A video listed at fewer bytes than this per second of --segment-seconds is one segment,
-# its header not read: it cannot hold two segments of footage (H.264 of a flat grey 360p
-# picture, nothing moving, is 1,025 B/s; 1080p 2,575; a textured still 1080p 11,352:
-# ffmpeg -preset veryfast -crf 23, measured), and a wrong guess (a long, tiny, static
-# video) costs that video's decoding in one actor, never a frame. Archives of short
-# clips then start decoding at once: their headers were each a read before any decoding.
-MIN_BYTES_PER_S = 1000
+# its header not read. Every 25-30 fps video measured is above it, however still (H.264,
+# ffmpeg -preset veryfast -crf 23: a flat grey 360p picture 820-1,025 B/s; 1080p 2,575);
+# below it are short clips, and long videos of a few frames per second with nothing moving
+# (flat 360p at 5 fps: 175 B/s; at 1 fps: 35), whose few frames decode fast in one actor.
+# A wrong guess costs that video's parallelism, never a frame. Archives of short clips
+# then start decoding at once: each clip's header was a read before any decoding began.
+MIN_BYTES_PER_S = 100
+
+
+def _unread(size: int, segment_s: float) -> bool:
+    """Whether a video of this listed size (-1: unknown) is one segment without a read."""
+    return 0 <= size < segment_s * MIN_BYTES_PER_S
+
+
+def _planned_size(size, source) -> int:
+    """The listed size planning goes by: -1 where unknown, or where the video is read from
+    another URL (a presigned one: the listing's size is not that object's)."""
+    if source or size is None or not np.isfinite(size):
+        return -1
+    return int(size)
 
 
 def header_duration(uri: str) -> float:
@@ -114,13 +128,12 @@ def plan(batch: dict, segment_s: float) -> dict:
     videos = [str(u) for u in batch["video_uri"]]
     read_from = [s or None for s in batch["source_uri"]] if "source_uri" in batch else [None] * len(videos)
     listed = [v or "" for v in batch["version"]] if "version" in batch else [""] * len(videos)
-    # the listed size is the source's: a video read from another URL (a presigned one) is asked
-    sizes = ([int(n) if s is None and n is not None and np.isfinite(n) else -1
-              for n, s in zip(batch["size_bytes"], read_from)] if "size_bytes" in batch else [-1] * len(videos))
+    sizes = ([_planned_size(n, s) for n, s in zip(batch["size_bytes"], read_from)]
+             if "size_bytes" in batch else [-1] * len(videos))
     with ThreadPoolExecutor(max_workers=16) as pool:
         # a video listed without a version (a manifest) gets the one its header was read
         # from: every segment must read that one, or frames of two videos would pass as one
-        probed = [i for i, n in enumerate(sizes) if segment_s > 0 and not 0 <= n < segment_s * MIN_BYTES_PER_S]
+        probed = [i for i, n in enumerate(sizes) if segment_s > 0 and not _unread(n, segment_s)]
         heads = [(0.0, "")] * len(videos)
         for i, head in zip(probed, pool.map(header, [read_from[i] or videos[i] for i in probed],
                                             [not listed[i] for i in probed], [sizes[i] for i in probed])):
@@ -170,19 +183,24 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
                                       pc.fill_null(videos.column("size_bytes"), -1), -1)},
             schema=SEGMENTS_SCHEMA,
         )
-    if len(videos) <= in_driver:
-        rows = plan({c: videos.column(c).to_numpy(zero_copy_only=False) for c in PLANNED_FROM}, segment_s)
-        table = pa.table(rows).cast(SEGMENTS_SCHEMA)
-        return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])
-    import ray
+    # the videos too small to read (`_unread`) are planned here, whatever their number
+    unread = pa.array([_unread(_planned_size(n, s or None), segment_s) for n, s in
+                       zip(videos.column("size_bytes").to_pylist(), videos.column("source_uri").to_pylist())])
+    probed = videos.filter(pc.invert(unread))
+    here = lambda t: pa.table(plan({c: t.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+                                    for c in PLANNED_FROM}, segment_s)).cast(SEGMENTS_SCHEMA)
+    parts = [here(videos.filter(unread))]
+    if len(probed) <= in_driver:
+        parts.append(here(probed))
+    else:
+        import ray
 
-    per_task = max(32, math.ceil(len(videos) / 1000))
-    blocks = [videos.slice(i, per_task).select(list(PLANNED_FROM))
-              for i in range(0, len(videos), per_task)]
-    ds = ray.data.from_blocks(blocks).map_batches(
-        plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
-    )
-    parts = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-             for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-    table = pa.concat_tables([p.cast(SEGMENTS_SCHEMA) for p in parts])
+        per_task = max(32, math.ceil(len(probed) / 1000))
+        blocks = [probed.slice(i, per_task).select(list(PLANNED_FROM)) for i in range(0, len(probed), per_task)]
+        ds = ray.data.from_blocks(blocks).map_batches(
+            plan, fn_kwargs=dict(segment_s=segment_s), batch_size=None, batch_format="numpy",
+        )
+        parts += [(pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b).cast(SEGMENTS_SCHEMA)
+                  for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    table = pa.concat_tables(parts)
     return table.sort_by([("video_uri", "ascending"), ("segment", "ascending")])

@@ -349,6 +349,10 @@ def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
     return size, expected, size is not None and serves_ranges(fs, path, size), False
 
 
+# Filesystems (s3fs instances, one per store and options in a process: fsspec caches them)
+# whose store refused If-Match with the listed ETag there: their copies ask first.
+_NO_IF_MATCH: set = set()
+
 # An ETag as S3 lists it (and MinIO, R2, Ceph, GCS's XML API): an MD5, or a multipart
 # upload's MD5 of its parts' MD5s and their count.
 _S3_ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
@@ -362,7 +366,7 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
     few MB is then one request instead of three (a short clip's copy is latency-bound)."""
     if size is None or int(size) <= 0 or not _S3_ETAG.fullmatch(version or ""):
         return False
-    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3"):
+    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3") or id(fs) in _NO_IF_MATCH:
         return False
     try:
         return not fs.split_path(path)[2]  # a versionId in the URL: s3fs reads that version
@@ -770,17 +774,22 @@ class RangeCopy:
                 raise
         try:
             answers = fsspec.asyn.sync(self.fs.loop, _s3_ranges, self.fs, self.remote, batch, self.version)
-        except OSError as e:
-            if is_unavailable(e) or isinstance(e, (ObjectChanged, PermissionError)):
+        except FileNotFoundError as e:
+            if is_unavailable(e):
                 raise
-            if isinstance(e, FileNotFoundError):
-                if not self.fetched:  # not there (as the metadata request said before: it named the object)
-                    raise FileNotFoundError(self.remote) from None
-                raise ObjectChanged("the object was deleted after it was listed") from None
-            # refused (412), or a range past its end (416): the object changed, unless a HEAD
-            # finds the listed version still there: then the store compares ETags its own way
+            if not self.fetched:  # not there (as the metadata request said before: it named the object)
+                raise FileNotFoundError(self.remote) from None
+            raise ObjectChanged("the object was deleted after it was listed") from None
+        except OSError as e:
+            # s3fs's EINVAL: refused (412), or a range past the end (416) of a shorter object
+            # now there: the object changed, unless a HEAD finds the listed version still
+            # there: then the store compares ETags its own way (read on without conditions,
+            # checked after, and this process asks that store's objects first from now on)
+            if is_unavailable(e) or isinstance(e, ObjectChanged) or e.errno != errno.EINVAL:
+                raise
             check_version(self.fs, self.remote, self.version, since="after it was listed")
-            self.conditional = False  # read on without conditions, checked after (`verify`)
+            _NO_IF_MATCH.add(id(self.fs))
+            self.conditional = False
             return self._read(batch)
         for _, etag, total in answers:
             if not etag:

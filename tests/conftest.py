@@ -42,13 +42,15 @@ class Moto:
     """moto's S3 server on 127.0.0.1; `stop()` and `start()` take it down and bring it back
     on the same port with the same buckets (moto keeps its state in this process). Hooks
     see each request before moto answers it: `requests()` records them, `refuse(...)`
-    answers some 403, `down_at(...)` takes the server down at one."""
+    answers some 403, `down_at(...)` takes the server down at one; `without_header(...)`
+    drops a header from moto's answers."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
         self._server_class = ThreadedMotoServer
         self.hooks: list = []
+        self.answer_filters: list = []  # (environ, headers) -> headers, on moto's answers
         self.port = 0
         self.start()
         self.host, self.port = self.server.get_host_and_port()
@@ -70,7 +72,16 @@ class Moto:
                     status, body = answer
                     start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
                     return [body]
-            return app(environ, start_response)
+            filters = list(self.answer_filters)
+            if not filters:
+                return app(environ, start_response)
+
+            def filtered(status, headers, *exc_info):
+                for f in filters:
+                    headers = f(environ, headers)
+                return start_response(status, headers, *exc_info)
+
+            return app(environ, filtered)
 
         wsgi.app = hooked
 
@@ -81,6 +92,20 @@ class Moto:
             yield
         finally:
             self.hooks.remove(fn)
+
+    @contextlib.contextmanager
+    def without_header(self, method: str, name: str):
+        """moto's answers to `method` requests lack header `name` (as some S3-like stores' do)."""
+        def drop(environ, headers):
+            if environ["REQUEST_METHOD"] != method:
+                return headers
+            return [(k, v) for k, v in headers if k.lower() != name.lower()]
+
+        self.answer_filters.append(drop)
+        try:
+            yield
+        finally:
+            self.answer_filters.remove(drop)
 
     @contextlib.contextmanager
     def requests(self):

@@ -40,6 +40,12 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
     assert stages["infer"] == dict(stages["infer_" + stages["infer"]["layout"]], layout=stages["infer"]["layout"])
     limit = res["machine"]["cores"] / (stages["decode_raw"]["cpu_s_per_frame"] + cheaper)
     assert abs(quick["cpu_bound_limit_fps"] - limit) <= 0.1 and quick["decode_stage_vs_raw_decord"] > 0
+    pair = quick["decode_pair"]  # the decode target, side by side in one process: the median round
+    assert len(pair["rounds"]) == len(pair["ratios"]) == 2 and quick["decode_stage_vs_raw_decord"] == pair["ratio_median"]
+    for r, ratio in zip(pair["rounds"], pair["ratios"]):
+        assert abs(r["rayvid"]["frames_per_s"] / r["raw"]["frames_per_s"] - ratio) < 0.01
+        assert r["raw"]["cpu_ms_per_frame"] > 0 and r["rayvid"]["cpu_ms_per_frame"] > 0
+    assert pair["cpu_ratio_median"] > 0 and quick["decode_stage_vs_raw_decord_separate"] > 0
     # the most any method could do end to end: the model's start-up, then the limit
     assert quick["model_startup_s"] > 0
     for method, r in quick["methods"].items():
@@ -113,6 +119,7 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
         [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", str(out)],
         capture_output=True, text=True, check=True).stdout
     assert "slow object store" in markdown and "partial copies against whole ones" in markdown
+    assert "side by side in one process, the median of 2 rounds" in markdown
     rows = [line for line in markdown.splitlines() if line.startswith("| rayvid |")]
     assert rows and all(row.split(" | ")[2:4] == ["n/a", "n/a"] for row in rows), rows  # B, steady
     assert "None" not in markdown and "(no archive B: a --quick run)" in markdown

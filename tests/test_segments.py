@@ -93,14 +93,37 @@ def test_planning_asks_the_store_nothing_the_listing_said(long_videos, s3fs_clie
         assert plan.column("size_bytes").to_pylist() == sizes  # the decoders' copies ask no HEAD for it either
         methods = [method for method, _ in seen]
         assert "GET" in methods and methods.count("HEAD") == heads, seen
-    small = listed.set_column(listed.schema.get_field_index("size_bytes"), "size_bytes",
-                              pa.array([int(6.0 * segments.MIN_BYTES_PER_S) - 1]))  # as if listed that small
-    with moto.requests() as seen:
-        assert segments.plan_all(small, 6.0).column("n_segments").to_pylist() == [1]  # too small for 2 segments
-    assert seen == []  # not even its header read
+    threshold = int(6.0 * segments.MIN_BYTES_PER_S)  # as if listed at these sizes (-1: unknown)
+    for listed_size, probed in ((threshold - 1, False), (0, False), (threshold, True), (-1, True)):
+        as_if = listed.set_column(listed.schema.get_field_index("size_bytes"), "size_bytes", pa.array([listed_size]))
+        with moto.requests() as seen:
+            counts = segments.plan_all(as_if, 6.0).column("n_segments").to_pylist()
+        assert bool(seen) == probed, (listed_size, seen)  # unread: no request
+        assert counts == ([4] * 4 if listed_size == -1 else [1])  # (read as if that long: no duration in 600 bytes)
     assert segments.plan_all(listed, 0).column("size_bytes").to_pylist() == [size]  # not cut: as listed
     with_source = listed.set_column(listed.schema.get_field_index("source_uri"), "source_uri", pa.array(["https://x/y.mp4"]))
     assert segments.plan_all(with_source, 0).column("size_bytes").to_pylist() == [-1]  # read elsewhere: not its size
+
+
+def test_videos_too_small_to_cut_are_planned_in_the_driver_however_many(monkeypatch):
+    """A listing of more than IN_DRIVER videos whose sizes say none can hold two segments
+    starts no planning tasks (it was a Ray Data job of empty reads before any decoding);
+    those that need their headers read still go to Ray when there are more than IN_DRIVER."""
+    import pyarrow as pa
+    import ray.data
+
+    def no_tasks(*a, **k):
+        raise AssertionError("planning tasks started")
+
+    monkeypatch.setattr(ray.data, "from_blocks", no_tasks)
+    n = segments.IN_DRIVER + 5
+    videos = pa.table({"video_uri": [f"/nowhere/c{i:04d}.mp4" for i in range(n)], "size_bytes": [5000] * n,
+                       "version": ["v"] * n})
+    plan = segments.plan_all(videos, 600.0)
+    assert plan.column("n_segments").to_pylist() == [1] * n and plan.column("size_bytes").to_pylist() == [5000] * n
+    assert plan.column("video_uri").to_pylist() == sorted(videos.column("video_uri").to_pylist())
+    with pytest.raises(AssertionError, match="planning tasks started"):  # unknown sizes: their headers, in tasks
+        segments.plan_all(videos.set_column(1, "size_bytes", pa.array([-1] * n)), 600.0)
 
 
 def test_a_header_is_read_in_small_pieces(long_videos, tmp_path):

@@ -243,7 +243,7 @@ def test_an_s3_copy_with_the_listed_etag_and_size_is_its_gets_alone(tmp_path, s3
                 if copy is storage.range_copy:
                     part.fetch(0, 10)
     s3fs_client.rm(url)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="rayvid-test/cond/clip.mp4"):
         with storage.local_copy(url, str(tmp_path), etag, size):
             pass
     assert os.listdir(tmp_path) == []
@@ -290,8 +290,42 @@ def test_conditional_copies_on_stores_that_ignore_or_refuse_if_match(tmp_path, s
     with moto.requests() as seen, moto.hook(refuse):
         with storage.local_copy(url, str(tmp_path), etag, size) as p:
             assert open(p, "rb").read() == first
-    assert refused == [f'"{etag}"'] * 2 and [m for m, _ in seen] == ["GET", "GET", "HEAD", "GET", "GET", "HEAD"]
+        assert refused == [f'"{etag}"'] * 2 and [m for m, _ in seen] == ["GET", "GET", "HEAD", "GET", "GET", "HEAD"]
+        del seen[:]  # that store's next copies ask first: no refused GETs each time
+        with storage.local_copy(url, str(tmp_path), etag, size) as p:
+            assert open(p, "rb").read() == first
+        assert len(refused) == 2 and [m for m, _ in seen] == ["HEAD", "GET", "GET", "HEAD"]
+    storage._NO_IF_MATCH.clear()  # (the session's one s3fs instance: the other tests' copies are conditional)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_conditional_answer_without_an_etag_is_checked_after(tmp_path, s3fs_client, moto, monkeypatch):
+    """A store whose GET answers name no ETag: the copy cannot know which version each
+    answer was of, so it asks once after it (as a copy without conditions does): a copy of
+    an object replaced between two reads is ObjectChanged."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)
+    url = "s3://rayvid-test/cond3/clip.mp4"
+    data = os.urandom(100_000)
+    s3fs_client.pipe_file(url, data)
+    [[(_, size, etag)]] = list(storage.iter_files("s3://rayvid-test/cond3/"))
+    with moto.without_header("GET", "ETag"):
+        with moto.requests() as seen:
+            with storage.local_copy(url, str(tmp_path), etag, size) as p:
+                assert open(p, "rb").read() == data
+        assert [m for m, _ in seen] == ["GET", "GET", "HEAD"]
+        with storage.range_copy(url, str(tmp_path), etag, size) as part:
+            part.fetch(0, 1000)
+            s3fs_client.pipe_file(url, os.urandom(100_000))
+            with pytest.raises(storage.ObjectChanged, match="changed after it was listed"):
+                part.fetch(50_000, 1000)  # If-Match refused it: found at once
+    s3fs_client.pipe_file(url, data)
+    with moto.without_header("GET", "ETag"), moto.hook(lambda environ: [environ.pop("HTTP_IF_MATCH", None)] and None):
+        with storage.range_copy(url, str(tmp_path), etag, size) as part:  # and a store ignoring If-Match too
+            part.fetch(0, 1000)
+            s3fs_client.pipe_file(url, os.urandom(100_000))
+            part.fetch(50_000, 1000)  # nothing says it changed yet
+            with pytest.raises(storage.ObjectChanged, match=f"changed while it was read .version {etag}, now "):
+                part.verify()
 
 
 def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
