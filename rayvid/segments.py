@@ -163,6 +163,17 @@ def plan(batch: dict, segment_s: float) -> dict:
     }
 
 
+def _one_segment_each(videos: pa.Table, sizes) -> pa.Table:
+    n = len(videos)
+    return pa.table(
+        {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
+         "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
+         "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri"),
+         "version": videos.column("version"), "size_bytes": sizes},
+        schema=SEGMENTS_SCHEMA,
+    )
+
+
 def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> pa.Table:
     """Segment rows for every listed video (header probes in the driver's threads for up to
     `in_driver` videos, else in parallel Ray tasks)."""
@@ -172,26 +183,18 @@ def plan_all(videos: pa.Table, segment_s: float, in_driver: int = IN_DRIVER) -> 
         videos = videos.append_column("version", pa.array([""] * len(videos), pa.string()))
     if "size_bytes" not in videos.column_names:
         videos = videos.append_column("size_bytes", pa.array([-1] * len(videos), pa.int64()))
+    # the listed size planning goes by (`_planned_size`: -1 for a video read from another URL)
+    sizes = pc.if_else(pc.fill_null(pc.equal(videos.column("source_uri"), ""), True),
+                       pc.fill_null(videos.column("size_bytes"), -1), -1)
     if segment_s <= 0 or len(videos) == 0:
-        n = len(videos)
-        return pa.table(
-            {"video_uri": videos.column("video_uri"), "segment": np.zeros(n, np.int32),
-             "n_segments": np.ones(n, np.int32), "start_s": np.full(n, -math.inf),
-             "end_s": np.full(n, math.inf), "source_uri": videos.column("source_uri"),
-             "version": videos.column("version"),
-             "size_bytes": pc.if_else(pc.fill_null(pc.equal(videos.column("source_uri"), ""), True),
-                                      pc.fill_null(videos.column("size_bytes"), -1), -1)},
-            schema=SEGMENTS_SCHEMA,
-        )
-    # the videos too small to read (`_unread`) are planned here, whatever their number
-    unread = pa.array([_unread(_planned_size(n, s or None), segment_s) for n, s in
-                       zip(videos.column("size_bytes").to_pylist(), videos.column("source_uri").to_pylist())])
+        return _one_segment_each(videos, sizes)
+    # the videos too small to read (`_unread`) are one segment each, here, whatever their number
+    unread = pc.and_(pc.greater_equal(sizes, 0), pc.less(sizes, segment_s * MIN_BYTES_PER_S))
     probed = videos.filter(pc.invert(unread))
-    here = lambda t: pa.table(plan({c: t.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
-                                    for c in PLANNED_FROM}, segment_s)).cast(SEGMENTS_SCHEMA)
-    parts = [here(videos.filter(unread))]
+    parts = [_one_segment_each(videos.filter(unread), sizes.filter(unread))]
     if len(probed) <= in_driver:
-        parts.append(here(probed))
+        parts.append(pa.table(plan({c: probed.column(c).to_numpy(zero_copy_only=False) for c in PLANNED_FROM},
+                                   segment_s)).cast(SEGMENTS_SCHEMA))
     else:
         import ray
 

@@ -349,8 +349,8 @@ def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
     return size, expected, size is not None and serves_ranges(fs, path, size), False
 
 
-# Filesystems (s3fs instances, one per store and options in a process: fsspec caches them)
-# whose store refused If-Match with the listed ETag there: their copies ask first.
+# Filesystems (by fsspec's token: one per store and options) whose store refused If-Match
+# (412) with the listed ETag still there: this process's copies from them ask first.
 _NO_IF_MATCH: set = set()
 
 # An ETag as S3 lists it (and MinIO, R2, Ceph, GCS's XML API): an MD5, or a multipart
@@ -366,12 +366,16 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
     few MB is then one request instead of three (a short clip's copy is latency-bound)."""
     if size is None or int(size) <= 0 or not _S3_ETAG.fullmatch(version or ""):
         return False
-    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3") or id(fs) in _NO_IF_MATCH:
+    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3") or _fs_key(fs) in _NO_IF_MATCH:
         return False
     try:
         return not fs.split_path(path)[2]  # a versionId in the URL: s3fs reads that version
     except Exception:
         return False
+
+
+def _fs_key(fs) -> str:
+    return str(getattr(fs, "_fs_token", id(fs)))
 
 
 async def _s3_ranges(fs, path: str, ranges: list, etag: str) -> list:
@@ -788,7 +792,9 @@ class RangeCopy:
             if is_unavailable(e) or isinstance(e, ObjectChanged) or e.errno != errno.EINVAL:
                 raise
             check_version(self.fs, self.remote, self.version, since="after it was listed")
-            _NO_IF_MATCH.add(id(self.fs))
+            answer = getattr(e.__cause__, "response", None) or {}
+            if answer.get("Error", {}).get("Code") == "PreconditionFailed":  # (not a 400 of another kind)
+                _NO_IF_MATCH.add(_fs_key(self.fs))
             self.conditional = False
             return self._read(batch)
         for _, etag, total in answers:

@@ -120,6 +120,10 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
         capture_output=True, text=True, check=True).stdout
     assert "slow object store" in markdown and "partial copies against whole ones" in markdown
     assert "side by side in one process, the median of 2 rounds" in markdown
+    recorded = subprocess.run(  # results from before the side-by-side measure say how theirs was taken
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--markdown", os.path.join(ROOT, "bench", "results.json")],
+        capture_output=True, text=True, check=True).stdout
+    assert "of raw decord (the two stages' runs above, in separate processes)." in recorded
     rows = [line for line in markdown.splitlines() if line.startswith("| rayvid |")]
     assert rows and all(row.split(" | ")[2:4] == ["n/a", "n/a"] for row in rows), rows  # B, steady
     assert "None" not in markdown and "(no archive B: a --quick run)" in markdown

@@ -260,6 +260,7 @@ def test_conditional_copies_on_stores_that_ignore_or_refuse_if_match(tmp_path, s
     every If-Match (412) though a HEAD finds the listed version: the copy goes on without
     the condition, checked after as before (it was every run's failure)."""
     monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)
+    monkeypatch.setattr(storage, "_NO_IF_MATCH", set())  # (the session's one s3fs instance: put back whatever happens)
     url = "s3://rayvid-test/cond2/clip.mp4"
     first = os.urandom(100_000)
     s3fs_client.pipe_file(url, first)
@@ -295,7 +296,18 @@ def test_conditional_copies_on_stores_that_ignore_or_refuse_if_match(tmp_path, s
         with storage.local_copy(url, str(tmp_path), etag, size) as p:
             assert open(p, "rb").read() == first
         assert len(refused) == 2 and [m for m, _ in seen] == ["HEAD", "GET", "GET", "HEAD"]
-    storage._NO_IF_MATCH.clear()  # (the session's one s3fs instance: the other tests' copies are conditional)
+    storage._NO_IF_MATCH.clear()
+
+    def bad_request(environ):  # a 400 of another kind (an argument, a token): this copy alone reads on unconditionally
+        if environ["REQUEST_METHOD"] == "GET" and environ.get("HTTP_IF_MATCH"):
+            refused.append(environ["HTTP_IF_MATCH"])
+            return "400 Bad Request", (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InvalidArgument</Code>'
+                                       b"<Message>Invalid Argument</Message></Error>")
+
+    with moto.hook(bad_request):
+        with storage.local_copy(url, str(tmp_path), etag, size) as p:
+            assert open(p, "rb").read() == first
+    assert len(refused) == 4 and not storage._NO_IF_MATCH  # the next copy is conditional again
     assert os.listdir(tmp_path) == []
 
 
