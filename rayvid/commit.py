@@ -72,6 +72,7 @@ CHANGED = storage.ObjectChanged.__name__  # the error of a video that changed wh
 # it changed while read; or it was not there when read (deleted since listed; a local INPUT
 # that a cluster's other node does not have: a video listed again is there now)
 READ_AGAIN = pa.array([CHANGED, "NotFound"], pa.string())
+_KEPT = re.compile(r" \(\d+ decoded (frames|clips) kept\)")  # what an error row says a segment delivered
 HEARTBEAT_S = 30.0  # a running run rewrites its record this often
 LEASE_S = 300.0  # a running run's record older than this (on another host): the run is dead
 COMPACTION_LEASE_S = 3600.0  # a compaction (on another host) older than this is dead
@@ -310,6 +311,13 @@ class Committer:
         segments.sort(key=lambda s: s[1]["segment"])
         parts = [t for tables, _ in segments for t in tables]
         ends = [e for _, e in segments]
+        # an object that changed while it was read: the frames decoded before that was found
+        # may be of either version (a store that neither honours If-Match nor names the ETag
+        # in its answers, a local file, a manifest's video: found at the segment's end), so
+        # none is committed; its error row makes the next run read the video again (`pending`)
+        changed = any(e["error_type"] == CHANGED for e in ends)
+        if changed:
+            parts = []
         top_labels = []
         meta = next((e for e in ends if e["codec"]), ends[0])
         if parts:
@@ -340,7 +348,7 @@ class Committer:
                 "video_uri": uri,
                 "size_bytes": size,
                 "version": version,
-                "frames": sum(e["n_frames"] for e in ends),
+                "frames": 0 if changed else sum(e["n_frames"] for e in ends),
                 "duration_s": meta["duration_s"],
                 "fps": meta["fps"],
                 "width": meta["width"],
@@ -360,7 +368,9 @@ class Committer:
                     "video_uri": uri,
                     "stage": failed[0]["error_stage"],
                     "error_type": failed[0]["error_type"],
-                    "message": "; ".join(where(e) + e["message"] for e in failed),
+                    "message": "; ".join(where(e) + (_KEPT.sub("", e["message"]) if changed else e["message"])
+                                         for e in failed)
+                    + ("; no frame of it committed: the next run reads it again" if changed else ""),
                     "run_id": self.run_id,
                 }
             )

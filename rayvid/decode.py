@@ -180,7 +180,8 @@ class Decoder:
         `version` as listed (ETag or mtime; "": the one there when the read begins). If the
         object is another, or is replaced before the segment is read (its ranges are
         separate reads), the terminal row says so (`storage.ObjectChanged`, stage "read";
-        the frames before are kept, as after any error), and the next run decodes the
+        the frames before are sent, as after any error, and the committer drops a changed
+        video's frames: they may be of either version), and the next run decodes the
         video again (commit.pending). `size` is the source's as listed (-1: unknown)."""
         clip_len = int(self._reader_args.get("clip_len") or 0)
         for batch in self._video(uri, segment, n_segments, start_s, end_s, source or uri, version, size):

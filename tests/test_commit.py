@@ -295,10 +295,12 @@ def test_recover_deletes_half_committed_files(tmp_path):
 def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path):
     """Its error (ObjectChanged, put first among its segments' errors) is what the next run
     reads it again for, even where the listing has no version to compare (a manifest);
-    a video that failed otherwise waits for --retry-failed."""
+    a video that failed otherwise waits for --retry-failed. None of its frames is committed
+    (those decoded before the change was found may be of either version)."""
     from rayvid.commit import pending, recover
 
-    changed = _end("m", 0, "the object changed after it was listed (version 1, now 2)", segment=1, n_segments=2)
+    changed = _end("m", 0, "the object changed while it was read (version 1, now 2) (3 decoded frames kept)",
+                   segment=1, n_segments=2)
     changed = changed.set_column(changed.schema.get_field_index("error_type"), "error_type",
                                  pa.array(["ObjectChanged"]))
     c = Committer(str(tmp_path), "r1", "m")
@@ -307,6 +309,10 @@ def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path
     c.close()
     [error] = [e for e in pq.read_table(tmp_path / "errors").to_pylist() if e["video_uri"] == "m"]
     assert error["error_type"] == "ObjectChanged" and error["message"].startswith("segment 2/2: the object changed")
+    assert error["message"].endswith("now 2); segment 1/2: a damaged packet; no frame of it committed: "
+                                     "the next run reads it again"), error["message"]
+    assert "m" not in pq.read_table(tmp_path / "predictions").column("video_uri").to_pylist()
+    assert {v["video_uri"]: v["frames"] for v in pq.read_table(tmp_path / "videos").to_pylist()} == {"m": 0, "b": 1, "ok": 1}
     state = recover(str(tmp_path))
     assert {u: state.get(u)["changed"] for u in state.uris()} == {"m": True, "b": False, "ok": False}
     listing = pa.table({"video_uri": ["b", "m", "ok"], "size_bytes": [-1] * 3, "version": [""] * 3})
@@ -673,11 +679,13 @@ def test_a_video_committed_from_a_manifest_is_not_redone_when_listed_from_a_pref
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3, 4, 5, 6])
-def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path, crash_at):
+def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path, crash_at, monkeypatch):
     """A run redoing a video (it changed while read) is killed between any two of the file
     operations of its retraction (intent record, predictions, errors, videos, intent gone):
     the next recover leaves that video either committed as before (then redone again) or
-    not committed at all, never committed without the error that makes it be redone."""
+    not committed at all, never committed without the error that makes it be redone. (Its
+    frames committed with its error, as rayvid before 2026-12-06 committed them: an OUTPUT
+    it wrote holds such rows.)"""
     import subprocess
     import sys
     import textwrap
@@ -687,9 +695,11 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
     changed = _end("m", 1, "the object changed while it was read (version 1, now 2)")
     changed = changed.set_column(changed.schema.get_field_index("error_type"), "error_type",
                                  pa.array(["ObjectChanged"]))
-    c = Committer(str(tmp_path), "r1", "m")
-    c.add(pa.concat_tables([_frames("m", [0]), changed, _frames("ok", [0]), _end("ok", 1)]))
-    c.close()
+    with monkeypatch.context() as old:
+        old.setattr(commit, "CHANGED", "(frames of a changed video kept, as before)")
+        c = Committer(str(tmp_path), "r1", "m")
+        c.add(pa.concat_tables([_frames("m", [0]), changed, _frames("ok", [0]), _end("ok", 1)]))
+        c.close()
     child = textwrap.dedent(f"""
         import os
         from fsspec.implementations.local import LocalFileSystem

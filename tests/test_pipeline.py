@@ -556,9 +556,10 @@ def test_a_video_rewritten_during_the_run_is_an_error_row_and_the_next_run_redoe
     assert [(e["video_uri"], e["stage"], e["error_type"]) for e in errors] == [(busy, "read", "ObjectChanged")]
     if listed == "folder":
         assert "changed after it was listed" in errors[0]["message"]
-        assert busy not in set(read_output(out).column("video_uri").to_pylist())  # nothing decoded
-    else:
-        assert "changed while it was read" in errors[0]["message"]
+    else:  # frames decoded before the end found the change: of either version, none committed
+        assert "changed while it was read" in errors[0]["message"] and "kept" not in errors[0]["message"]
+    assert errors[0]["message"].endswith("; no frame of it committed: the next run reads it again")
+    assert busy not in set(read_output(out).column("video_uri").to_pylist())
 
     again = pipeline.run(_cfg(inp, out, shapes_model["path"]))
     assert (again.videos_ok, again.videos_failed, again.videos_skipped) == (1, 0, 2)
