@@ -204,6 +204,7 @@ class Committer:
         self.videos_failed = 0
         self.frames = 0
         self.reused = 0  # frame rows that repeat an earlier frame's prediction (--skip-similar)
+        self.dropped_inferred = 0  # inferred frames of videos that changed while read: not committed
         self.bytes_read = 0  # by the decoders from remote stores, over published videos
         self.bytes_remote = 0  # the listed size of the published videos on remote stores
         self.label_counts: collections.Counter = collections.Counter()
@@ -317,6 +318,7 @@ class Committer:
         # none is committed; its error row makes the next run read the video again (`pending`)
         changed = any(e["error_type"] == CHANGED for e in ends)
         if changed:
+            self.dropped_inferred += sum(int(pc.sum(pc.less(t.column("reused_from"), 0)).as_py() or 0) for t in parts)
             parts = []
         top_labels = []
         meta = next((e for e in ends if e["codec"]), ends[0])

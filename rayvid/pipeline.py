@@ -356,7 +356,8 @@ def run(cfg: RunConfig) -> RunResult:
                     _raise_model_error(ray, reports)  # the model could not load: say why, as it is
                     _raise_if_storage(e, cfg.output, videos, committer)
                     raise
-                loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused)
+                loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused
+                                                    + committer.dropped_inferred)
                 info = info or loaded
             try:  # the last writes into OUTPUT: an outage here is one too
                 if not retracted:

@@ -202,7 +202,9 @@ def missing_video(output: str, video: str) -> Optional[str]:
             return None
         errors = read(output, commit.ERRORS_DIR, video=want)
         why = f": {errors.column('message')[0].as_py()} (errors/ holds why" if len(errors) else " ("
-        return f"{storage.public_uri(want)} failed{why}; --retry-failed redoes it)"
+        again = "the next run redoes it" if len(errors) and errors.column("error_type")[0].as_py() in \
+            commit.READ_AGAIN.to_pylist() else "--retry-failed redoes it"
+        return f"{storage.public_uri(want)} failed{why}; {again})"
     base = posixpath.basename(want)
     names: list = []
     same_base: list = []

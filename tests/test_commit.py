@@ -304,9 +304,10 @@ def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path
     changed = changed.set_column(changed.schema.get_field_index("error_type"), "error_type",
                                  pa.array(["ObjectChanged"]))
     c = Committer(str(tmp_path), "r1", "m")
-    c.add(pa.concat_tables([_frames("m", [0]), _end("m", 1, "a damaged packet", n_segments=2), changed,
-                            _frames("b", [0]), _end("b", 1, "bad"), _frames("ok", [0]), _end("ok", 1)]))
+    c.add(pa.concat_tables([_frames("m", [0]), _end("m", 1, "a damaged packet (1 decoded frames kept)", n_segments=2),
+                            changed, _frames("b", [0]), _end("b", 1, "bad"), _frames("ok", [0]), _end("ok", 1)]))
     c.close()
+    assert c.dropped_inferred == 1 and c.frames == 2  # (the run's wait for the inference reports counts it)
     [error] = [e for e in pq.read_table(tmp_path / "errors").to_pylist() if e["video_uri"] == "m"]
     assert error["error_type"] == "ObjectChanged" and error["message"].startswith("segment 2/2: the object changed")
     assert error["message"].endswith("now 2); segment 1/2: a damaged packet; no frame of it committed: "
@@ -700,6 +701,7 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
         c = Committer(str(tmp_path), "r1", "m")
         c.add(pa.concat_tables([_frames("m", [0]), changed, _frames("ok", [0]), _end("ok", 1)]))
         c.close()
+    assert pq.read_table(tmp_path / "predictions").column("video_uri").to_pylist() == ["m", "ok"]
     child = textwrap.dedent(f"""
         import os
         from fsspec.implementations.local import LocalFileSystem

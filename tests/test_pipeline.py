@@ -560,6 +560,8 @@ def test_a_video_rewritten_during_the_run_is_an_error_row_and_the_next_run_redoe
         assert "changed while it was read" in errors[0]["message"] and "kept" not in errors[0]["message"]
     assert errors[0]["message"].endswith("; no frame of it committed: the next run reads it again")
     assert busy not in set(read_output(out).column("video_uri").to_pylist())
+    # what the read verbs say of it (render, similar, timeline): the next run redoes it, not --retry-failed
+    assert query.missing_video(out, busy).endswith("(errors/ holds why; the next run redoes it)")
 
     again = pipeline.run(_cfg(inp, out, shapes_model["path"]))
     assert (again.videos_ok, again.videos_failed, again.videos_skipped) == (1, 0, 2)
