@@ -336,17 +336,23 @@ def _passes(spec, one_pass) -> dict:
     if seconds:
         one_pass(spec["videos"][:1])
 
-    passes = 0
+    counted = {}
 
     def work():
-        nonlocal passes
-        t0, frames, passes = time.perf_counter(), one_pass(spec["videos"]), 1
-        while time.perf_counter() - t0 < seconds:
-            frames += one_pass(spec["videos"])
-            passes += 1
+        frames, counted["passes"] = _for_at_least(seconds, lambda: one_pass(spec["videos"]))
         return frames
 
-    return dict(_timed(work), passes=passes)
+    return dict(_timed(work), passes=counted["passes"])
+
+
+def _for_at_least(seconds: float, one_pass) -> tuple[int, int]:
+    """(frames, passes) of `one_pass()` run again and again until `seconds` have gone by
+    (once at least)."""
+    t0, frames, passes = time.perf_counter(), one_pass(), 1
+    while time.perf_counter() - t0 < seconds:
+        frames += one_pass()
+        passes += 1
+    return frames, passes
 
 
 def w_decode_raw(spec):
@@ -401,15 +407,7 @@ def w_decode_pair(spec):
                 "rayvid": lambda: sum(rayvid_frames(dec.decode_video(path)) for path in spec["videos"])}
     seconds = spec.get("decode_seconds", 0)
 
-    def passes(way):
-        def work():
-            t0, frames = time.perf_counter(), one_pass[way]()
-            while time.perf_counter() - t0 < seconds:
-                frames += one_pass[way]()
-            return frames
-        return work
-
-    ways = {name: passes(name) for name in one_pass}
+    ways = {name: (lambda way=way: _for_at_least(seconds, way)[0]) for name, way in one_pass.items()}
     for way in one_pass.values():
         way()
     rounds, frames = [], 0
