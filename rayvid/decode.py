@@ -3,7 +3,7 @@
 Input columns:  `video_uri`, and from the planning stage (segments.py) `segment`,
   `n_segments`, `start_s`, `end_s` (without them a row is the whole video) and
   `source_uri` (where to read the video from when that is not video_uri: a presigned URL),
-  `version` and `size_bytes` (as listed: "" and -1 unknown; with both, a copy from S3
+  `version` and `size_bytes` (as listed: "" and -1 unknown; with both, a copy from S3 or GCS
   asks the store nothing but its bytes: `storage._conditional`).
 Output columns: `video_uri: str`, `segment, n_segments: int32`, `kind: str`,
   `frame_index: int64`, `timestamp_s: float64`, `frame: uint8[H, W, 3]`, `n_frames: int64`,

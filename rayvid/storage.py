@@ -339,7 +339,7 @@ def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
     """(size or None, the version a copy must be of, whether it can be copied in ranges,
     whether its reads are conditional): from one request for the object's metadata
     (`ObjectChanged` if it is not at the listed `version`), or from none where the copy's
-    reads can be conditional (`_conditional`: S3 with the listing's ETag and size)."""
+    reads can be conditional (`_conditional`: S3 or GCS with the listing's version and size)."""
     if _conditional(fs, path, version, listed_size):
         return int(listed_size), version, True, True
     info = fs.info(path)
@@ -349,27 +349,37 @@ def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
     return size, expected, size is not None and serves_ranges(fs, path, size), False
 
 
-# Filesystems (by fsspec's token: one per store and options) whose store refused If-Match
-# (412) with the listed ETag still there: this process's copies from them ask first.
+# Filesystems (by fsspec's token: one per store and options) whose store refused a read's
+# condition (412) with the listed version still there: this process's copies from them ask first.
 _NO_IF_MATCH: set = set()
 
 # An ETag as S3 lists it (and MinIO, R2, Ceph, GCS's XML API): an MD5, or a multipart
 # upload's MD5 of its parts' MD5s and their count.
 _S3_ETAG = re.compile(r"[0-9a-fA-F]{32}(-[0-9]+)?")
+_GCS_GENERATION = re.compile(r"[0-9]{1,20}")  # a GCS object's generation, as its listing gives it
 
 
 def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: int) -> bool:
-    """Whether a copy of the object can go without any metadata request: on S3, when the
-    listing gave its ETag and size, each ranged GET carries `If-Match: <ETag>` and S3
-    serves it from that version or refuses it (412): no HEAD before the copy (to learn its
-    size and version) nor after it (to learn it was not replaced meanwhile). A clip of a
-    few MB is then one request instead of three (a short clip's copy is latency-bound)."""
-    if size is None or int(size) <= 0 or not _S3_ETAG.fullmatch(version or ""):
+    """Whether a copy of the object can go without any metadata request: when the listing
+    gave its version and size, each ranged GET carries the condition that the object is
+    still at that version (S3: `If-Match: <ETag>`; GCS: `ifGenerationMatch=<generation>`),
+    and the store serves it from that version or refuses it (412): no metadata request
+    before the copy (to learn its size and version) nor after it (to learn it was not
+    replaced meanwhile). A clip of a few MB is then one request instead of three (a short
+    clip's copy is latency-bound)."""
+    if size is None or int(size) <= 0 or _fs_key(fs) in _NO_IF_MATCH:
         return False
-    if not _protocols(fs) & {"s3", "s3a"} or not hasattr(fs, "_call_s3") or _fs_key(fs) in _NO_IF_MATCH:
+    protocols = _protocols(fs)
+    if protocols & {"s3", "s3a"}:
+        ok = _S3_ETAG.fullmatch(version or "") and hasattr(fs, "_call_s3")
+    elif protocols & {"gs", "gcs"}:
+        ok = _GCS_GENERATION.fullmatch(version or "") and hasattr(fs, "_call") and hasattr(fs, "url")
+    else:
+        return False
+    if not ok:
         return False
     try:
-        return not fs.split_path(path)[2]  # a versionId in the URL: s3fs reads that version
+        return not fs.split_path(path)[2]  # a version in the URL (S3's versionId, GCS's #generation): read that one
     except Exception:
         return False
 
@@ -408,6 +418,39 @@ async def _s3_ranges(fs, path: str, ranges: list, etag: str) -> list:
         if isinstance(data, BaseException):
             raise data
     return out
+
+
+async def _gcs_ranges(fs, path: str, ranges: list, generation: str) -> list:
+    """`_s3_ranges` on GCS: each [lo, hi) of `ranges` read concurrently, each GET on the
+    condition that the object is still at `generation` (`ifGenerationMatch`, else 412:
+    gcsfs's FileExistsError), through gcsfs's request path (its credentials, retries and
+    requester-pays project); each answer's `x-goog-generation` ("" where it names none)."""
+    import asyncio
+
+    url = fs.url(path)
+
+    async def one(lo: int, hi: int) -> tuple:
+        headers, data = await fs._call("GET", url, headers={"Range": f"bytes={lo}-{hi - 1}"},
+                                       ifGenerationMatch=generation)
+        total = str(headers.get("Content-Range") or "").rpartition("/")[2]
+        return data, str(headers.get("x-goog-generation") or ""), int(total) if total.isdigit() else None
+
+    out = await asyncio.gather(*(one(lo, hi) for lo, hi in ranges), return_exceptions=True)
+    for data in out:
+        if isinstance(data, BaseException):
+            raise data
+    return out
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether a conditional read failed on its condition (412), or on a range past the end
+    of a shorter object now there (416): s3fs's EINVAL for both; gcsfs's FileExistsError
+    for a 412, its HttpError (or ValueError) naming the code for a 416."""
+    if isinstance(e, FileExistsError):
+        return True
+    if isinstance(e, OSError) and e.errno == errno.EINVAL:
+        return True
+    return getattr(e, "code", None) in (412, 416)
 
 
 @contextlib.contextmanager
@@ -708,11 +751,12 @@ class RangeCopy:
     moofs: there each request's latency is the cost) go more at a time, up to
     SMALL_READS_IN_FLIGHT, within the same bytes.
 
-    With `conditional` (`_conditional`: S3, the listed ETag as `version`) every read is a
-    GET on the condition that the object is still that version, and each answer's own ETag
-    and total size are compared with the listed ones (a store that ignores If-Match is
-    caught too): no byte can come from another version, so `verify` asks nothing. Where an
-    answer names no ETag, `verify` asks after, as without conditions; where the store
+    With `conditional` (`_conditional`: S3 or GCS, the listed ETag or generation as
+    `version`) every read is a GET on the condition that the object is still that version,
+    and each answer's own version and total size are compared with the listed ones (a store
+    that ignores the condition is caught too): no byte can come from another version, so
+    `verify` asks nothing. Where an answer names no version, `verify` asks after, as
+    without conditions; where the store
     refuses the condition but the listed version is what a HEAD finds (a store comparing
     ETags its own way), the copy goes on without conditions, checked after."""
 
@@ -776,25 +820,28 @@ class RangeCopy:
                 if not is_unavailable(e):
                     self._raise_if_replaced()
                 raise
+        gcs = bool(_protocols(self.fs) & {"gs", "gcs"})
         try:
-            answers = fsspec.asyn.sync(self.fs.loop, _s3_ranges, self.fs, self.remote, batch, self.version)
+            answers = fsspec.asyn.sync(self.fs.loop, _gcs_ranges if gcs else _s3_ranges, self.fs, self.remote,
+                                       batch, self.version)
         except FileNotFoundError as e:
             if is_unavailable(e):
                 raise
             if not self.fetched:  # not there (as the metadata request said before: it named the object)
                 raise FileNotFoundError(self.remote) from None
             raise ObjectChanged("the object was deleted after it was listed") from None
-        except OSError as e:
-            # s3fs's EINVAL: refused (412), or a range past the end (416) of a shorter object
-            # now there: the object changed, unless a HEAD finds the listed version still
-            # there: then the store compares ETags its own way (read on without conditions,
-            # checked after, and this process asks that store's objects first from now on)
-            if is_unavailable(e) or isinstance(e, ObjectChanged) or e.errno != errno.EINVAL:
+        except Exception as e:
+            # refused (412), or a range past the end (416) of a shorter object now there:
+            # the object changed, unless a metadata request finds the listed version still
+            # there: then the store compares versions its own way (read on without
+            # conditions, checked after, and this process asks that store's objects first
+            # from now on)
+            if not _refused(e) or is_unavailable(e) or isinstance(e, ObjectChanged):
                 raise
             check_version(self.fs, self.remote, self.version, since="after it was listed")
             answer = getattr(e.__cause__, "response", None) or {}
-            if answer.get("Error", {}).get("Code") == "PreconditionFailed":  # (not a 400 of another kind)
-                _NO_IF_MATCH.add(_fs_key(self.fs))
+            if (gcs and getattr(e, "code", 412) == 412) or answer.get("Error", {}).get("Code") == "PreconditionFailed":
+                _NO_IF_MATCH.add(_fs_key(self.fs))  # (not a 400 of another kind)
             self.conditional = False
             return self._read(batch)
         for _, etag, total in answers:

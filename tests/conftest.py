@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import types
 
 import pytest
 
@@ -248,17 +249,28 @@ class GCS:
     object in one page, ignoring `maxResults` and `pageToken`; GCS returns at most
     `maxResults`, up to 1000, in name order, and a `nextPageToken` while more remain), and
     cancel a resumable upload on DELETE of its session URL (answered 501, which gcsfs
-    retries for half a minute; GCS drops the session and answers 499)."""
+    retries for half a minute; GCS drops the session and answers 499), and serve a media
+    download (objects.get with alt=media) on its `ifGenerationMatch` condition (412 if the
+    object is at another generation), naming the generation it served (`x-goog-generation`).
+    `requests()` records ("info" or "media", object name) of each object read."""
 
     def __init__(self):
         from gcp_storage_emulator import server
         from gcp_storage_emulator.handlers import objects
 
+        self.seen: list | None = None
+        self.strip_generation = False  # answers name no generation (as a store might not)
+        self.ignore_conditions = False  # serves whatever generation is there (as a store might)
+        self.refuse_conditions = False  # refuses every condition (412), as a store comparing its own way might
         for _, handlers in server.HANDLERS:
             if handlers.get(server.GET) is objects.ls:
                 handlers[server.GET] = self._paged(objects.ls)
             if handlers.get(server.PUT) is objects.upload_partial:
                 handlers[server.DELETE] = self._cancel_upload
+            if handlers.get(server.GET) is objects.download:
+                handlers[server.GET] = self._conditional(objects.download)
+            if handlers.get(server.GET) is objects.get:
+                handlers[server.GET] = self._recorded(objects.get)
         self.server = server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
         self.server.start()
         host, port = self.server._api._httpd.server_address
@@ -281,6 +293,45 @@ class GCS:
             response.status = types.SimpleNamespace(value=499, phrase="Client Closed Request")
         else:
             response.status = types.SimpleNamespace(value=404, phrase="Not Found")
+
+    @contextlib.contextmanager
+    def requests(self):
+        """("info" or "media", object name) of each object read meanwhile."""
+        self.seen = []
+        try:
+            yield self.seen
+        finally:
+            self.seen = None
+
+    def _recorded(self, get):
+        def recorded(request, response, storage, *args, **kwargs):
+            if self.seen is not None:
+                self.seen.append(("info", request.params.get("object_id")))
+            return get(request, response, storage, *args, **kwargs)
+
+        return recorded
+
+    def _conditional(self, download):
+        def conditional(request, response, storage, *args, **kwargs):
+            name = request.params.get("object_id")
+            if self.seen is not None:
+                self.seen.append(("media", name))
+            try:
+                obj = storage.get_file_obj(request.params["bucket_name"], name)
+            except Exception:  # noqa: BLE001 - not there: the emulator's own 404
+                return download(request, response, storage, *args, **kwargs)
+            wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+            if wanted is not None and (self.refuse_conditions or (
+                    str(obj.get("generation")) != str(wanted) and not self.ignore_conditions)):
+                response.status = types.SimpleNamespace(value=412, phrase="Precondition Failed")
+                response.json({"error": {"code": 412, "message": "At least one of the pre-conditions you "
+                                         "specified did not hold.", "errors": [{"reason": "conditionNotMet"}]}})
+                return
+            download(request, response, storage, *args, **kwargs)
+            if not self.strip_generation:
+                response["x-goog-generation"] = str(obj.get("generation"))
+
+        return conditional
 
     @staticmethod
     def _paged(ls):

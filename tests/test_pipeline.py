@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -124,11 +125,12 @@ def test_local_round_trip(ray_session, corpus, shapes_model, tmp_path):
     assert n == sum(len(v) for v in corpus["truth"].values())
 
 
-def test_object_store_round_trip(ray_session, corpus, shapes_model, store):
+def test_object_store_round_trip(ray_session, corpus, shapes_model, store, request):
     """Same job, input, model and output all on S3 (moto on 127.0.0.1, through s3fs) or on
     GCS (gcp-storage-emulator on 127.0.0.1, through gcsfs); a rerun finds every video
     committed (the failed ones too: they are tried again only with --retry-failed) and
-    decodes nothing."""
+    decodes nothing. On GCS a listed video's copy asks no metadata: its GETs carry
+    `ifGenerationMatch` (S3's If-Match: test_hostile_object_keys_never_steer_where_rayvid_writes)."""
     client, bucket = store
     scheme = bucket.split("://")[0]
     prefix = f"{bucket}/in-rt/"
@@ -140,7 +142,13 @@ def test_object_store_round_trip(ray_session, corpus, shapes_model, store):
 
     cpu_only = InferConfig(gpus_per_actor=0.0)
     cfg = _cfg(prefix, out, model_url, run_id=f"{scheme}-1", infer=cpu_only)
-    result = pipeline.run(cfg)
+    with request.getfixturevalue("gcs").requests() if scheme == "gs" else contextlib.nullcontext() as seen:
+        result = pipeline.run(cfg)
+    if scheme == "gs":
+        videos = {os.path.relpath(p, corpus["dir"]).replace(os.sep, "/") for p in glob.glob(str(corpus["dir"] / "**"), recursive=True)
+                  if p.lower().endswith((".mp4", ".mkv")) and os.path.getsize(p) > 0}  # (an empty object is asked: no range to read)
+        read = {(kind, name.removeprefix("in-rt/")) for kind, name in seen if name.startswith("in-rt/")}
+        assert {name for _, name in read} >= videos and not {name for kind, name in read if kind == "info"} & videos, seen
 
     assert (result.videos_ok, result.videos_failed) == (3, 2)
     assert result.plan["infer_gpus"] == 0.0  # inference actors on CPU

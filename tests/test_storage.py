@@ -340,6 +340,87 @@ def test_a_conditional_answer_without_an_etag_is_checked_after(tmp_path, s3fs_cl
                 part.verify()
 
 
+def test_a_gcs_copy_with_the_listed_generation_and_size_is_its_gets_alone(tmp_path, gcs, gcsfs_client, monkeypatch):
+    """On GCS as on S3: with the listing's generation and size a copy asks no metadata, each
+    ranged GET on the condition `ifGenerationMatch` (GCS answers 412 for another generation),
+    so a clip is one request, not a metadata request, a GET and another. An object replaced
+    after the listing or between two reads is ObjectChanged, on a store ignoring the condition
+    too (each answer names its generation); an answer naming none is checked once after;
+    one refused while the listed generation is still there reads on without the condition."""
+    monkeypatch.setattr(storage.RangeCopy, "CHUNK", 64 * 2**10)
+    monkeypatch.setattr(storage, "_NO_IF_MATCH", set())
+    url, name = "gs://rayvid-test/gcond/clip.mp4", "gcond/clip.mp4"
+    first = os.urandom(100_000)
+
+    def listed():
+        gcsfs_client.invalidate_cache()
+        [[(u, size, generation)]] = list(storage.iter_files("gs://rayvid-test/gcond/"))
+        assert u == url and size == 100_000 and generation.isdigit()
+        return size, generation
+
+    gcsfs_client.pipe_file(url, first)
+    size, gen = listed()
+    with gcs.requests() as seen:
+        with storage.local_copy(url, str(tmp_path), gen, size) as p:
+            assert open(p, "rb").read() == first
+    assert seen == [("media", name)] * 2  # two 64 KB pieces, in flight together: nothing else
+    with gcs.requests() as seen:
+        with storage.range_copy(url, str(tmp_path), gen, size) as part:
+            part.fetch(0, 1000)
+            part.verify()
+            gcsfs_client.pipe_file(url, os.urandom(100_000))  # replaced between two reads
+            with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {gen}, now "):
+                part.fetch(50_000, 1000)
+    assert [k for k, _ in seen] == ["media", "media", "info"]  # the refused GET, then why
+    for copy in (storage.local_copy, storage.range_copy):  # replaced since the listing
+        with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {gen}, now "):
+            with copy(url, str(tmp_path), gen, size) as part:
+                if copy is storage.range_copy:
+                    part.fetch(0, 10)
+    size, gen = listed()
+    gcs.ignore_conditions = True  # a store serving whatever is there: the answer's generation says so
+    try:
+        with storage.range_copy(url, str(tmp_path), gen, size) as part:
+            part.fetch(0, 1000)
+            gcsfs_client.pipe_file(url, os.urandom(100_000))
+            with pytest.raises(storage.ObjectChanged, match=f"changed after it was listed .version {gen}, now "):
+                part.fetch(50_000, 1000)
+        size, gen = listed()
+        gcs.strip_generation = True  # and naming no generation: checked once after
+        with gcs.requests() as seen:
+            with storage.local_copy(url, str(tmp_path), gen, size) as p:
+                data = open(p, "rb").read()
+        assert [k for k, _ in seen] == ["media", "media", "info"]
+        with storage.range_copy(url, str(tmp_path), gen, size) as part:
+            part.fetch(0, 1000)
+            gcsfs_client.pipe_file(url, os.urandom(100_000))
+            part.fetch(50_000, 1000)  # nothing says it changed yet
+            with pytest.raises(storage.ObjectChanged, match=f"changed while it was read .version {gen}, now "):
+                part.verify()
+    finally:
+        gcs.ignore_conditions = gcs.strip_generation = False
+    gcsfs_client.pipe_file(url, data)
+    size, gen = listed()
+    monkeypatch.setattr(gcs, "refuse_conditions", True)  # refused, though the listed generation is there
+    with gcs.requests() as seen:
+        with storage.local_copy(url, str(tmp_path), gen, size) as p:
+            assert open(p, "rb").read() == data
+        assert [k for k, _ in seen] == ["media", "media", "info", "media", "media", "info"]
+        del seen[:]  # that store's next copies ask first: no refused GETs each time
+        with storage.local_copy(url, str(tmp_path), gen, size) as p:
+            assert open(p, "rb").read() == data
+        assert [k for k, _ in seen] == ["info", "media", "media", "info"]
+    storage._NO_IF_MATCH.clear()
+    gcsfs_client.rm(url)
+    with pytest.raises(FileNotFoundError, match="rayvid-test/gcond/clip.mp4"):
+        with storage.local_copy(url, str(tmp_path), gen, size):
+            pass
+    assert os.listdir(tmp_path) == [] and not storage._NO_IF_MATCH
+    fs, path = storage.resolve(url)
+    assert storage._conditional(fs, path, gen, size)
+    assert not storage._conditional(fs, path, gen, -1) and not storage._conditional(fs, path, "abc", size)
+
+
 def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
     path = tmp_path / "v.mp4"
     path.write_bytes(b"one")
