@@ -42,8 +42,9 @@ def main() -> None:
         else:
             time.sleep(args.latency_ms / 1000)
 
-    def gcs_hook(kind, name):
-        count("GET (metadata)" if kind == "info" else "GET") if name.startswith("clips/") else time.sleep(args.latency_ms / 1000)
+    def gcs_hook(kind, name):  # (gcsfs asks a file's metadata as objects.get and objects.list at once)
+        label = {"info": "GET (metadata)", "list": "GET (listing)", "media": "GET"}[kind]
+        count(label) if name.startswith("clips/c") else time.sleep(args.latency_ms / 1000)
 
     server = s3_server.start(s3_hook) if args.store == "s3" else gcs_server.start("bench", gcs_hook)
     try:

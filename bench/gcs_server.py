@@ -1,8 +1,8 @@
 """gcp-storage-emulator's GCS JSON API on 127.0.0.1, in memory, for the benchmarks that
 measure what reaches a store (`s3_server.py`'s counterpart): `start(hook)` starts it with
 one bucket, points gcsfs at it (STORAGE_EMULATOR_HOST), and calls `hook(kind, name)`
-("info" or "media", the object's name) before each object read is answered (to count
-them, or to add a store's latency). As GCS does and the emulator does not, a media
+("info", "list" or "media"; the object's name, a listing's prefix) before each object
+read or listing is answered (to count them, or to add a store's latency). As GCS does and the emulator does not, a media
 download honours `ifGenerationMatch` (412 for another generation) and names the
 generation it served (`x-goog-generation`)."""
 
@@ -21,7 +21,7 @@ def start(bucket: str, hook=None):
 
     def read(handler, kind):
         def answer(request, response, storage, *args, **kwargs):
-            name = request.params.get("object_id")
+            name = request.params.get("object_id") if kind != "list" else (request.query.get("prefix") or [""])[0]
             if hook is not None:
                 hook(kind, name)
             if kind == "media":
@@ -46,6 +46,8 @@ def start(bucket: str, hook=None):
             handlers[server.GET] = read(objects.download, "media")
         elif handlers.get(server.GET) is objects.get:
             handlers[server.GET] = read(objects.get, "info")
+        elif handlers.get(server.GET) is objects.ls:
+            handlers[server.GET] = read(objects.ls, "list")
     emulator = server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=bucket)
     emulator.start()
     host, port = emulator._api._httpd.server_address

@@ -373,7 +373,8 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
     if protocols & {"s3", "s3a"}:
         ok = _S3_ETAG.fullmatch(version or "") and hasattr(fs, "_call_s3")
     elif protocols & {"gs", "gcs"}:
-        ok = _GCS_GENERATION.fullmatch(version or "") and hasattr(fs, "_call") and hasattr(fs, "url")
+        ok = _GCS_GENERATION.fullmatch(version or "") and hasattr(fs, "_call") and hasattr(fs, "url") \
+            and not _zonal(fs, path)
     else:
         return False
     if not ok:
@@ -382,6 +383,19 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
         return not fs.split_path(path)[2]  # a version in the URL (S3's versionId, GCS's #generation): read that one
     except Exception:
         return False
+
+
+def _zonal(fs, path: str) -> bool:
+    """Whether a GCS object is in a zonal bucket, which gcsfs's default filesystem (its
+    ExtendedGcsFileSystem) reads over gRPC in its own `_cat_file`: its reads are left to
+    it, checked before and after as without conditions (also where the bucket's layout
+    cannot be told)."""
+    if not hasattr(fs, "_is_zonal_bucket"):  # the plain GCSFileSystem: the JSON API
+        return False
+    try:
+        return bool(fsspec.asyn.sync(fs.loop, fs._is_zonal_bucket, fs.split_path(path)[0]))
+    except Exception:  # noqa: BLE001 - not told: gcsfs's own route, as before
+        return True
 
 
 def _fs_key(fs) -> str:
@@ -445,7 +459,8 @@ async def _gcs_ranges(fs, path: str, ranges: list, generation: str) -> list:
 def _refused(e: BaseException) -> bool:
     """Whether a conditional read failed on its condition (412), or on a range past the end
     of a shorter object now there (416): s3fs's EINVAL for both; gcsfs's FileExistsError
-    for a 412, its HttpError (or ValueError) naming the code for a 416."""
+    for a 412, its HttpError with the code for a 416 (a ValueError, which gcsfs makes of an
+    error saying "invalid", is no refusal: raised as it is)."""
     if isinstance(e, FileExistsError):
         return True
     if isinstance(e, OSError) and e.errno == errno.EINVAL:

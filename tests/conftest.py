@@ -252,7 +252,8 @@ class GCS:
     retries for half a minute; GCS drops the session and answers 499), and serve a media
     download (objects.get with alt=media) on its `ifGenerationMatch` condition (412 if the
     object is at another generation), naming the generation it served (`x-goog-generation`).
-    `requests()` records ("info" or "media", object name) of each object read."""
+    `requests()` records (kind, object name) of each object read: "info" (its metadata),
+    "media" (a GET of its bytes) or "media if" (one on an `ifGenerationMatch` condition)."""
 
     def __init__(self):
         from gcp_storage_emulator import server
@@ -296,7 +297,7 @@ class GCS:
 
     @contextlib.contextmanager
     def requests(self):
-        """("info" or "media", object name) of each object read meanwhile."""
+        """(kind, object name) of each object read meanwhile (the class's docstring)."""
         self.seen = []
         try:
             yield self.seen
@@ -314,13 +315,13 @@ class GCS:
     def _conditional(self, download):
         def conditional(request, response, storage, *args, **kwargs):
             name = request.params.get("object_id")
+            wanted = (request.query.get("ifGenerationMatch") or [None])[0]
             if self.seen is not None:
-                self.seen.append(("media", name))
+                self.seen.append(("media" if wanted is None else "media if", name))
             try:
                 obj = storage.get_file_obj(request.params["bucket_name"], name)
             except Exception:  # noqa: BLE001 - not there: the emulator's own 404
                 return download(request, response, storage, *args, **kwargs)
-            wanted = (request.query.get("ifGenerationMatch") or [None])[0]
             if wanted is not None and (self.refuse_conditions or (
                     str(obj.get("generation")) != str(wanted) and not self.ignore_conditions)):
                 response.status = types.SimpleNamespace(value=412, phrase="Precondition Failed")
