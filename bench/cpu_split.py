@@ -60,9 +60,12 @@ def main() -> None:
     window = [s for s in snaps if args.start <= s[0] <= end - args.tail]
     if len(window) < 2:
         sys.exit(f"the run took {end:.1f} s: no window from {args.start:g} s to {args.tail:g} s before its end")
-    (ta, first), (tb, last) = window[0], window[-1]
+    (ta, first), (tb, _) = window[0], window[-1]
+    last = {}  # pid -> its CPU seconds when last seen in the window (a decode actor ends before the run)
+    for _, snap in window:
+        last.update((pid, cpu) for pid, (_, cpu) in snap.items())
     share = collections.Counter()
-    for pid, (_, cpu) in last.items():
+    for pid, cpu in last.items():
         share[role(names.get(pid, ""))] += (cpu - first[pid][1] if pid in first else cpu) / (tb - ta)
     print(f"exit {proc.returncode}; run {end:.1f} s; window {ta:.1f}-{tb:.1f} s; {sum(share.values()):.2f} cores busy")
     for name, cores in share.most_common():
