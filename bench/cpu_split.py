@@ -27,7 +27,10 @@ def role(cmdline: str) -> str:
 def snapshot() -> dict:
     """{pid: (command line, CPU seconds)} of every process."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
+    me = str(os.getpid())  # (this script's own reading of /proc is no part of the run)
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if pid == me:
+            continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

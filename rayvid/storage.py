@@ -385,17 +385,27 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
         return False
 
 
+# (filesystem token, bucket) -> whether the bucket is zonal, as gcsfs told it once in this process
+_ZONAL: dict = {}
+
+
 def _zonal(fs, path: str) -> bool:
     """Whether a GCS object is in a zonal bucket, which gcsfs's default filesystem (its
     ExtendedGcsFileSystem) reads over gRPC in its own `_cat_file`: its reads are left to
-    it, checked before and after as without conditions (also where the bucket's layout
-    cannot be told)."""
+    it, checked before and after as without conditions. A bucket whose layout gcsfs cannot
+    look up (no access to the Storage Control API, an emulator) it takes as not zonal and
+    reads through the JSON API, as rayvid does then. Asked once per bucket and process:
+    gcsfs asks again at every read where it could not tell (a lookup that cannot connect
+    retries for up to a minute)."""
     if not hasattr(fs, "_is_zonal_bucket"):  # the plain GCSFileSystem: the JSON API
         return False
-    try:
-        return bool(fsspec.asyn.sync(fs.loop, fs._is_zonal_bucket, fs.split_path(path)[0]))
-    except Exception:  # noqa: BLE001 - not told: gcsfs's own route, as before
-        return True
+    key = (_fs_key(fs), fs.split_path(path)[0])
+    if key not in _ZONAL:
+        try:
+            _ZONAL[key] = bool(fsspec.asyn.sync(fs.loop, fs._is_zonal_bucket, key[1]))
+        except Exception:  # noqa: BLE001 - not told (an event loop's error): gcsfs's own route, as before
+            return True
+    return _ZONAL[key]
 
 
 def _fs_key(fs) -> str:

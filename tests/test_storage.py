@@ -420,12 +420,17 @@ def test_a_gcs_copy_with_the_listed_generation_and_size_is_its_gets_alone(tmp_pa
     assert storage._conditional(fs, path, gen, size)
     assert not storage._conditional(fs, path, gen, -1) and not storage._conditional(fs, path, "abc", size)
 
+    asked = []
+
     class Zonal(type(fs)):  # gcsfs's default filesystem on a zonal bucket: its own gRPC reads, as before
         async def _is_zonal_bucket(self, bucket):
+            asked.append(bucket)
             return bucket == "rayvid-test"
 
+    monkeypatch.setattr(storage, "_ZONAL", {})
     zonal = Zonal(token="anon", skip_instance_cache=True)
     assert not storage._conditional(zonal, path, gen, size) and storage._conditional(zonal, "other/clip.mp4", gen, size)
+    assert not storage._conditional(zonal, path, gen, size) and asked == ["rayvid-test", "other"]  # once a bucket
 
 
 def test_a_local_file_read_in_place_is_pinned_to_its_version(tmp_path):
