@@ -418,8 +418,6 @@ async def _s3_ranges(fs, path: str, ranges: list, etag: str) -> list:
     object is still at `etag` (else that read fails: 412). As s3fs's own `_cat_file` reads a
     range (its retries of the call, and of reading the body), with If-Match added; s3fs's
     request-wide options (requester pays, SSE-C) apply."""
-    import asyncio
-
     from s3fs.core import _error_wrapper
 
     bucket, key, _ = fs.split_path(path)
@@ -432,13 +430,26 @@ async def _s3_ranges(fs, path: str, ranges: list, etag: str) -> list:
                 data = await resp["Body"].read()
             finally:
                 resp["Body"].close()
-            total = str(resp.get("ContentRange") or "").rpartition("/")[2]  # "bytes 0-99/1000"
-            return data, str(resp.get("ETag") or "").strip('"'), int(total) if total.isdigit() else None
+            return data, str(resp.get("ETag") or "").strip('"'), _total(resp.get("ContentRange"))
 
         return await _error_wrapper(get, retries=fs.retries)
 
-    out = await asyncio.gather(*(one(lo, hi) for lo, hi in ranges), return_exceptions=True)
-    for data in out:  # (all of them done: none still writing once this returns)
+    return await _all_of(one(lo, hi) for lo, hi in ranges)
+
+
+def _total(content_range) -> Optional[int]:
+    """The object's size a Content-Range names ("bytes 0-99/1000": 1000), else None."""
+    total = str(content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+async def _all_of(reads) -> list:
+    """The results of `reads` run concurrently, once all of them are done (none still
+    writing once this returns); the first one's exception, if any failed."""
+    import asyncio
+
+    out = await asyncio.gather(*reads, return_exceptions=True)
+    for data in out:
         if isinstance(data, BaseException):
             raise data
     return out
@@ -449,21 +460,14 @@ async def _gcs_ranges(fs, path: str, ranges: list, generation: str) -> list:
     condition that the object is still at `generation` (`ifGenerationMatch`, else 412:
     gcsfs's FileExistsError), through gcsfs's request path (its credentials, retries and
     requester-pays project); each answer's `x-goog-generation` ("" where it names none)."""
-    import asyncio
-
     url = fs.url(path)
 
     async def one(lo: int, hi: int) -> tuple:
         headers, data = await fs._call("GET", url, headers={"Range": f"bytes={lo}-{hi - 1}"},
                                        ifGenerationMatch=generation)
-        total = str(headers.get("Content-Range") or "").rpartition("/")[2]
-        return data, str(headers.get("x-goog-generation") or ""), int(total) if total.isdigit() else None
+        return data, str(headers.get("x-goog-generation") or ""), _total(headers.get("Content-Range"))
 
-    out = await asyncio.gather(*(one(lo, hi) for lo, hi in ranges), return_exceptions=True)
-    for data in out:
-        if isinstance(data, BaseException):
-            raise data
-    return out
+    return await _all_of(one(lo, hi) for lo, hi in ranges)
 
 
 def _refused(e: BaseException) -> bool:
@@ -794,6 +798,8 @@ class RangeCopy:
         self.fs, self.remote, self.size, self.path = fs, remote, int(size), path
         self.version = version  # the object's version its ranges must come from ("": unknown)
         self.conditional = conditional
+        # whose conditional reads these are (`conditional` only): GCS's, else S3's
+        self._gcs = bool(_protocols(fs) & {"gs", "gcs"})
         self._unconfirmed = False  # a conditional read whose answer named no version: `verify` asks
         self.fetched = 0  # bytes read from the store
         self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
@@ -845,10 +851,9 @@ class RangeCopy:
                 if not is_unavailable(e):
                     self._raise_if_replaced()
                 raise
-        gcs = bool(_protocols(self.fs) & {"gs", "gcs"})
         try:
-            answers = fsspec.asyn.sync(self.fs.loop, _gcs_ranges if gcs else _s3_ranges, self.fs, self.remote,
-                                       batch, self.version)
+            answers = fsspec.asyn.sync(self.fs.loop, _gcs_ranges if self._gcs else _s3_ranges, self.fs,
+                                       self.remote, batch, self.version)
         except FileNotFoundError as e:
             if is_unavailable(e):
                 raise
@@ -865,7 +870,7 @@ class RangeCopy:
                 raise
             check_version(self.fs, self.remote, self.version, since="after it was listed")
             answer = getattr(e.__cause__, "response", None) or {}
-            if (gcs and getattr(e, "code", 412) == 412) or answer.get("Error", {}).get("Code") == "PreconditionFailed":
+            if (self._gcs and getattr(e, "code", 412) == 412) or answer.get("Error", {}).get("Code") == "PreconditionFailed":
                 _NO_IF_MATCH.add(_fs_key(self.fs))  # (not a 400 of another kind)
             self.conditional = False
             return self._read(batch)
