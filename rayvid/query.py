@@ -22,6 +22,7 @@ Outputs (Arrow tables):
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import csv
@@ -33,7 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Collection, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -59,12 +60,14 @@ RELISTS = 3  # listings of OUTPUT's parts a read verb takes while compactions re
 
 
 def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[list] = None,
-          video: Optional[str] = None, without: tuple = ()) -> Iterator[pa.Table]:
+          video: Optional[str] = None, without: tuple = (),
+          videos: Optional[Collection[str]] = None) -> Iterator[pa.Table]:
     """Each committed part's table of `what` (predictions, errors or videos), read in
     part: only `columns` (those the part has; all but `without` when None) and, with
-    `video` (a canonical URI), only that video's rows, from the row groups whose video_uri
-    range holds it (a part is sorted by video_uri: its rows of one video sit in one or two
-    of its row groups of 128 Ki rows). Parts without a row of `video` yield nothing.
+    `video` (a canonical URI) or `videos` (several), only their rows, from the row groups
+    whose video_uri range holds one of them (a part is sorted by video_uri: its rows of one
+    video sit in one or two of its row groups of 128 Ki rows). Parts without a row of them
+    yield nothing, read no further than their footer.
 
     A part a compaction replaced and deleted after the listing is read from the merged
     part, listed again at the end: only its videos not yielded already (each video's rows
@@ -73,6 +76,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     commit.require_output(fs, root, output)
+    chosen = sorted({video} if video is not None else set(videos)) if video is not None or videos is not None else None
     # (in this order: a part committed at the first listing has its file of `what`, if any,
     # by the second; one not there then has none, or was deleted since: a compaction's)
     names = commit.committed_parts(fs, root)
@@ -83,7 +87,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
         gone = []
 
         def read(name: str) -> Optional[pa.Table]:
-            return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, video, without)
+            return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, chosen, without)
 
         todo = [n for n in names if n in listed and n not in done]
         done.update(todo)
@@ -128,7 +132,7 @@ def _video_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return keys, uris.indices.to_numpy(zero_copy_only=False)
 
 
-def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], video: Optional[str],
+def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], chosen: Optional[list],
                without: tuple) -> Optional[pa.Table]:
     """A part's table as `parts` says, or None where nothing of it is wanted. Read in
     byte ranges as pyarrow asks (of its listed size: no HEAD first), never through s3fs's
@@ -141,8 +145,8 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], vide
             names = part.schema_arrow.names  # parts of older runs may lack a column
             wanted = [c for c in (columns if columns is not None else names) if c in names and c not in without]
             groups = list(range(part.num_row_groups))
-            if video is not None:
-                groups = [g for g in groups if _may_hold(part.metadata.row_group(g), video)]
+            if chosen is not None:
+                groups = [g for g in groups if _may_hold(part.metadata.row_group(g), chosen)]
                 if not groups:
                     return None
                 if "video_uri" not in wanted:
@@ -152,8 +156,8 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], vide
         return _GONE
     except pa.ArrowInvalid as e:  # not Parquet (a damaged or foreign file): say which
         raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
-    if video is not None:
-        table = table.filter(pc.equal(table.column("video_uri"), video))
+    if chosen is not None:
+        table = table.filter(pc.is_in(table.column("video_uri"), value_set=pa.array(chosen, pa.string())))
         if not len(table):
             return None
         if columns is not None and "video_uri" not in columns:
@@ -161,23 +165,26 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], vide
     return table
 
 
-def _may_hold(group, video: str) -> bool:
-    """Whether a row group's statistics leave room for a row of `video` (no statistics: yes).
-    Parquet orders strings by their UTF-8 bytes, as Python orders them by code point."""
+def _may_hold(group, chosen: list) -> bool:
+    """Whether a row group's statistics leave room for a row of one of `chosen` (sorted; no
+    statistics: yes). Parquet orders strings by their UTF-8 bytes, as Python orders them by
+    code point."""
     for i in range(group.num_columns):
         column = group.column(i)
         if column.path_in_schema == "video_uri":
             stats = column.statistics
             if stats is None or not stats.has_min_max:
                 return True
-            return stats.min <= video <= stats.max
+            first = bisect.bisect_left(chosen, stats.min)  # the first of them not below the group's range
+            return first < len(chosen) and chosen[first] <= stats.max
     return True
 
 
-def labels(output: str) -> list[str]:
-    """Every top-1 label in OUTPUT's predictions, sorted (reads one column)."""
+def labels(output: str, videos: Optional[Collection[str]] = None) -> list[str]:
+    """Every top-1 label in OUTPUT's predictions (or those of `videos`), sorted (reads one
+    column)."""
     found: set = set()
-    for table in parts(output, columns=["label"]):
+    for table in parts(output, columns=["label"], videos=videos):
         found.update(pc.unique(table.column("label").drop_null()).to_pylist())
     return sorted(found)
 

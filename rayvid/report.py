@@ -161,15 +161,14 @@ def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: 
     videos = videos.sort_by("video_uri")
     if limit:
         videos = videos.slice(0, limit)
-    # (rows of the videos not shown are left out part by part)
-    chosen = videos.column("video_uri").combine_chunks() if len(videos) < listed else None
+    # (the videos not shown: parts and row groups whose video_uri range holds none of the
+    # chosen are not read past their footer)
+    chosen = videos.column("video_uri").to_pylist() if len(videos) < listed else None
     durations = dict(zip(videos.column("video_uri").to_pylist(),
                          zip(videos.column("duration_s").to_pylist(), videos.column("fps").to_pylist())))
-    palette = colours(query.labels(output))  # one colour per label across every timeline
+    palette = colours(query.labels(output, videos=chosen))  # one colour per label across the timelines shown
     pngs: dict = {}
-    for part in query.parts(output, columns=TIMELINE_COLUMNS):
-        if chosen is not None:
-            part = part.filter(pc.is_in(part.column("video_uri"), value_set=chosen))
+    for part in query.parts(output, columns=TIMELINE_COLUMNS, videos=chosen):
         if not len(part):
             continue
         part = part.sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])

@@ -176,3 +176,47 @@ def test_a_report_shows_the_first_videos_or_those_matching(tmp_path, capsys):
     assert "4 timelines" in capsys.readouterr().out and "<p>4 videos, 12 frames" in (tmp_path / "r3" / "index.html").read_text()
     assert main(["report", out, str(tmp_path / "r4"), "--limit", "-1"]) == 2
     assert "--limit must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_report_of_some_videos_reads_only_the_parts_that_hold_them(tmp_path, moto, s3_endpoint):
+    """A report of the first --limit videos (or those --match picks) of a large OUTPUT on S3
+    reads the other parts' footers only (two GETs each), not their timeline columns: the
+    row-group statistics of video_uri say which parts can hold a chosen video."""
+    import collections
+
+    from helpers import BUCKET
+
+    url = f"s3://{BUCKET}/report-many"
+    names = [f"s3://b/cam{i}.mp4" for i in range(5)]
+    write_output(url, {name: [("circle", 0.8)] * 400 + [("square", 0.7)] * 200 for name in names}, rows_per_file=1,
+                 embed_dim=512)  # (1.1 MB parts: a footer read does not hold the columns)
+    fs, root = query.storage.resolve(url)
+    parts = {p.rsplit("/", 1)[-1]: pq_first_video(fs, p) for p in fs.glob(f"{root}/predictions/*.parquet")}
+    assert sorted(parts.values()) == names  # a part per video
+    gets = collections.defaultdict(int)
+
+    def record(environ):
+        if environ["REQUEST_METHOD"] == "GET" and "/report-many/predictions/" in environ["PATH_INFO"]:
+            gets[parts[environ["PATH_INFO"].rsplit("/", 1)[-1]]] += 1
+
+    drawn = {}
+    for chosen, kwargs in ((names[:2], {"limit": 2}), ([names[3]], {"match": "*/cam3.*"}), (names, {"limit": 0})):
+        gets.clear()
+        directory = tmp_path / f"r{len(chosen)}"
+        with moto.hook(record):
+            pngs = report.write_report(url, str(directory), **kwargs)
+        assert sorted(pngs) == chosen
+        assert {v: n for v, n in gets.items() if v not in chosen} == {v: 2 for v in names if v not in chosen}
+        assert all(gets[v] > 2 for v in chosen), gets  # (its footer, then its columns)
+        drawn[len(chosen)] = {v: np.asarray(Image.open(directory / rel)) for v, rel in pngs.items()}
+    # a timeline drawn from parts read in part is the one drawn from every part
+    for name in names[:2]:
+        assert np.array_equal(drawn[2][name], drawn[5][name])
+    assert np.array_equal(drawn[1][names[3]], drawn[5][names[3]])
+
+
+def pq_first_video(fs, path):
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=["video_uri"]).column("video_uri")[0].as_py()
