@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="detect: a grid detector; boxes decoded and NMS'd in the inference graph (README)")
     m.add_argument("--model-output", metavar="NAME",
                    help="which output of a model with several: a SavedModel's output key, a Keras output layer's name or dict key")
+    m.add_argument("--custom-objects", action="append", metavar="MODULE|FILE",
+                   help="a Python module (pkg.layers) or .py file (any URL) defining a model file's custom layers "
+                        "or functions; imported before the model loads (repeatable)")
     m.add_argument("--max-boxes", type=int, help="detect: boxes kept per frame (default 20)")
     m.add_argument("--iou-threshold", type=number, help="detect: NMS overlap threshold (default 0.5)")
     m.add_argument("--min-box-score", type=number, help="detect: drop boxes scoring less (default 0.3)")
@@ -268,6 +271,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             "embed_normalize": args.embed_normalize,
             "head": args.head,
             "output": args.model_output,
+            "custom_objects": args.custom_objects,
             "max_boxes": args.max_boxes,
             "iou_threshold": args.iou_threshold,
             "min_box_score": args.min_box_score,

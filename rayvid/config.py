@@ -70,6 +70,11 @@ class ModelConfig:
     max_boxes: int = 20  # detections kept per frame
     iou_threshold: float = 0.5  # NMS: boxes of a class overlapping more are suppressed
     min_box_score: float = 0.3  # NMS: boxes scoring less are dropped
+    # `--custom-objects`: Python modules (`pkg.layers`, importable where the model loads) or
+    # `.py` files (any URL) defining the custom layers, losses or functions a model file
+    # names; each is imported before the model loads, its classes and functions handed to
+    # Keras by name (as are those it registers with `register_keras_serializable`).
+    custom_objects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self, "config.model")
@@ -100,6 +105,20 @@ class ModelConfig:
             object.__setattr__(self, "weights", _absolute(self.weights))
         if self.labels:
             object.__setattr__(self, "labels", _absolute(self.labels))
+        for spec in self.custom_objects:
+            if not (is_code_file(spec) or _MODULE_NAME.fullmatch(spec)):
+                raise ConfigError(f"--custom-objects takes a Python module name (pkg.layers) or a .py file "
+                                  f"(path or URL), got {spec!r}")
+        object.__setattr__(self, "custom_objects", tuple(_absolute(s) if is_code_file(s) else s
+                                                         for s in self.custom_objects))
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_code_file(spec: str) -> bool:
+    """Whether a `--custom-objects` entry names a file (a path or URL, a `.py` name), not a module."""
+    return spec.endswith(".py") or "/" in spec or os.sep in spec or bool(_URL.match(spec))
 
 
 @dataclass(frozen=True)
@@ -305,12 +324,13 @@ def _kinds(cls) -> dict[str, tuple[Any, bool]]:
         optional = typing.get_origin(hint) is typing.Union and type(None) in args
         if optional:
             hint = next(a for a in args if a is not type(None))
-        out[name] = (typing.get_origin(hint) or hint, optional)
+        out[name] = (_STRS if typing.get_args(hint) == (str, ...) else typing.get_origin(hint) or hint, optional)
     return out
 
 
+_STRS = "strs"  # a tuple[str, ...] setting's kind (a tuple's is two integers, a size)
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-             tuple: "two integers [H, W]"}
+             tuple: "two integers [H, W]", _STRS: "a list of strings"}
 
 
 def _check_types(obj, where: str) -> None:
@@ -323,9 +343,13 @@ def _check_types(obj, where: str) -> None:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif kind is tuple and isinstance(value, list):
+        elif kind in (tuple, _STRS) and isinstance(value, list):
             value = tuple(value)
-        if kind is tuple:
+        elif kind is _STRS and isinstance(value, str):  # (a YAML file's one entry, unlisted)
+            value = (value,)
+        if kind is _STRS:
+            ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        elif kind is tuple:
             ok = isinstance(value, tuple) and len(value) == 2 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value)
         elif kind is int:

@@ -20,11 +20,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.parse
 import zipfile
@@ -33,7 +38,7 @@ from importlib import resources as _res
 from typing import Optional
 
 from rayvid import storage
-from rayvid.config import ModelConfig
+from rayvid.config import ModelConfig, is_code_file
 from rayvid.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -101,7 +106,8 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
     exist (here, in one line, not when the inference actors load it)."""
     # (weights are a keras.applications model's only: a model file's own are in it)
     weights = cfg.weights if cfg.name in APPLICATIONS and cfg.weights not in (None, "imagenet", "none") else None
-    for what, url in (("weights", weights), ("labels", cfg.labels)):
+    files = [("custom objects", spec) for spec in cfg.custom_objects if is_code_file(spec)]
+    for what, url in (("weights", weights), ("labels", cfg.labels), *files):
         if url:
             _require_file(url, what)
     _check_output_named(cfg)
@@ -426,6 +432,60 @@ def _producer(tensor):
     return None if op.__class__.__name__ == "InputLayer" else op
 
 
+_IMPORTED: dict = {}  # --custom-objects entry -> its module, once per process (Keras refuses a second registration)
+
+
+def custom_objects(cfg: ModelConfig, workdir: str) -> dict:
+    """The public classes and functions each `--custom-objects` module defines, by name (what
+    Keras looks a saved object's class up by where it was not registered); importing them
+    runs their `register_keras_serializable` decorators too."""
+    found: dict = {}
+    for spec in cfg.custom_objects:
+        module = _IMPORTED.get(spec) or _import_custom(spec, workdir)
+        _IMPORTED[spec] = module
+        found.update({name: obj for name, obj in vars(module).items()
+                      if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+                      and getattr(obj, "__module__", None) == module.__name__})
+    return found
+
+
+def _import_custom(spec: str, workdir: str):
+    """Import one `--custom-objects` entry: a .py file (any URL: fetched, then run as a module
+    of its own) or a module name (as Python finds it, then in the current folder: Ray's
+    workers have the driver's on their path, a command line's own process not)."""
+    shown = storage.public_uri(spec)
+    try:
+        if is_code_file(spec):
+            local = _fetch(spec, workdir, "custom objects")
+            stem = re.sub(r"\W", "_", os.path.basename(local)[: -len(".py")] if local.endswith(".py") else "module")
+            name = f"rayvid_custom_{stem}_{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+            found = importlib.util.spec_from_file_location(name, local)
+            module = importlib.util.module_from_spec(found)
+            sys.modules[name] = module  # (what dataclasses and pickling look a class's module up in)
+            try:
+                found.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            return module
+        try:
+            return importlib.import_module(spec)
+        except ModuleNotFoundError as e:
+            if os.getcwd() in sys.path or not (e.name and (spec == e.name or spec.startswith(e.name + "."))):
+                raise
+            sys.path.append(os.getcwd())
+            return importlib.import_module(spec)
+    except ModelError:
+        raise
+    except ModuleNotFoundError as e:
+        raise ModelError(f"cannot import --custom-objects {shown}: {e} (a module must be importable wherever the model "
+                         f"loads: installed on every node, in the current folder, or shipped with `ray job submit "
+                         f"--working-dir`; or give its .py file)") from None
+    except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is said in one line
+        raise ModelError(f"cannot import --custom-objects {shown}: {type(e).__name__}: "
+                         f"{storage.redact(_first_line(e))}") from None
+
+
 def _require_file(url: str, what: str) -> None:
     """ModelError unless `url` is a file that can be read (its metadata, one request)."""
     fs, path = storage.resolve(url)
@@ -520,9 +580,17 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     if local.lower().endswith(".keras") and not zipfile.is_zipfile(local):  # Keras says "File not found"
         raise ModelError(f"cannot load model {storage.public_uri(url)}: not a .keras file (a .keras file is a zip "
                          f"archive; this one is not: damaged, or another format under that name)")
+    custom = custom_objects(cfg, workdir)
     try:
-        model = keras.saving.load_model(local, compile=False, safe_mode=True)
+        model = keras.saving.load_model(local, compile=False, safe_mode=True, custom_objects=custom or None)
     except Exception as e:  # noqa: BLE001
+        missing = re.search(r"Could not locate (class|function) '([^']+)'", str(e))
+        if missing:  # (Keras' first line says only that the model "could not be deserialized properly")
+            given = f" (not in --custom-objects {', '.join(map(storage.public_uri, cfg.custom_objects))})" \
+                if cfg.custom_objects else ""
+            raise ModelError(f"cannot load model {storage.public_uri(url)}: it uses the {missing.group(1)} "
+                             f"{missing.group(2)!r}, which is no Keras one{given}: give the Python module or .py file "
+                             f"that defines it with --custom-objects") from None
         raise ModelError(f"cannot load model {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
     shape = model.input_shape
     if isinstance(shape, list):
@@ -732,7 +800,7 @@ def _first_line(e: BaseException) -> str:
     if not text:
         return type(e).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = next((line for line in lines[1:] if line.startswith("Could not locate")), None)
+    reason = next((line[line.index("Could not locate"):] for line in lines[1:] if "Could not locate" in line), None)
     return lines[0] + (f" ({reason})" if reason else "")
 
 

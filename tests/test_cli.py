@@ -54,6 +54,52 @@ def test_run_verb_prints_a_summary_and_exits_0(ray_session, one_video, shapes_mo
     assert "  stripes " in res.read_text()  # the top label, first in top_labels
 
 
+REVERSE_LAYER = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="rayvid_test")
+class Reverse(keras.layers.Layer):
+    \"\"\"The scores in reverse class order (a custom layer: Keras cannot load it alone).\"\"\"
+
+    def call(self, x):
+        return keras.ops.flip(x, axis=-1)
+"""
+
+
+def test_custom_objects_load_a_model_file_with_a_custom_layer(ray_session, one_video, shapes_model, tmp_path, capsys):
+    """A `.keras` file with a custom layer (the sample classifier, its scores reversed by a
+    registered `Reverse`): without `--custom-objects` the run is exit 2 naming the class and
+    the flag, before anything is committed; with the layer's .py file it runs, each frame
+    labelled by the reversed scores, and its record keeps the file."""
+    import importlib.util
+
+    import keras
+
+    code = tmp_path / "reverse_layer.py"
+    code.write_text(REVERSE_LAYER)
+    found = importlib.util.spec_from_file_location("reverse_layer_here", code)
+    here = importlib.util.module_from_spec(found)
+    found.loader.exec_module(here)
+    classifier = keras.saving.load_model(shapes_model["path"], compile=False)
+    model = keras.Model(classifier.inputs, here.Reverse()(classifier.outputs[0]))
+    model.save(tmp_path / "reversed.keras")
+    shutil.copy(shapes_model["labels"], tmp_path / "reversed.labels.txt")
+    labels = open(shapes_model["labels"]).read().split()
+    out = str(tmp_path / "out")
+    args = ["run", str(one_video["dir"]), out, "--model", str(tmp_path / "reversed.keras"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ("it uses the class 'Reverse', which is no Keras one: give the Python module or .py file that "
+            "defines it with --custom-objects") in err, err
+    assert not os.path.exists(os.path.join(out, "predictions"))
+    assert main([*args, "--custom-objects", str(code), "--run-id", "custom"]) == 0, capsys.readouterr().err
+    # (the classifier labels this video stripes: test_run_verb_prints_a_summary_and_exits_0)
+    assert set(read_output(out).column("label").to_pylist()) == {labels[len(labels) - 1 - labels.index("stripes")]}
+    record = json.load(open(os.path.join(out, "runs", "custom.json")))
+    assert record["config"]["model"]["custom_objects"] == [str(code)]
+
+
 def test_model_output_runs_the_named_output_of_a_savedmodel(ray_session, one_video, shapes_model, tmp_path, capsys):
     """`--model-output NAME` through a run: a SavedModel whose signature gives the sample
     classifier's scores and their reverse (was: exit 2, "has 2 outputs"): the run labels the

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -181,3 +182,18 @@ def test_a_fraction_of_more_than_one_gpu_is_refused():
     with pytest.raises(ConfigError, match=r"infer cpus_per_actor above 1 must be a whole number .*got 2.5"):
         InferConfig(cpus_per_actor=2.5)
     assert (InferConfig(gpus_per_actor=0.5).gpus_per_actor, InferConfig(gpus_per_actor=2).gpus_per_actor) == (0.5, 2)
+
+
+def test_custom_objects_are_module_names_or_files():
+    """A YAML file's one entry may be a string; local files become absolute (the record
+    repeats the run from anywhere); anything else is refused naming it."""
+    import os
+
+    cfg = ModelConfig(name="m.keras", custom_objects="pkg.layers")
+    assert cfg.custom_objects == ("pkg.layers",)
+    cfg = ModelConfig(name="m.keras", custom_objects=["layers.py", "s3://b/code/l.py", "a.b_c"])
+    assert cfg.custom_objects == (os.path.abspath("layers.py"), "s3://b/code/l.py", "a.b_c")
+    for bad, said in ((["pkg layers"], "--custom-objects takes a Python module name (pkg.layers) or a .py file"),
+                      ([3], "config.model.custom_objects: expected a list of strings")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            ModelConfig(name="m.keras", custom_objects=bad)

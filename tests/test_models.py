@@ -602,3 +602,57 @@ def test_a_model_that_takes_uint8_refuses_a_preprocessing_that_makes_fractions(t
                                                  r"--preprocess raw \(the default for model files\)"):
                 models.load(ModelConfig(name=str(tmp_path / name), preprocess=mode))
         models.load(ModelConfig(name=str(tmp_path / name), preprocess="raw"))
+
+
+CUSTOM = """
+import keras
+
+
+class Halve(keras.layers.Layer):  # not registered: Keras finds it by its class name
+    def call(self, x):
+        return x * 0.5
+
+
+def twice(x):  # a custom activation
+    return x * 2.0
+"""
+
+
+def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_path, monkeypatch):
+    """`--custom-objects` takes a module name (found as Python finds it, then in the current
+    folder, as Ray's workers find the driver's) or a .py file at any URL: its unregistered
+    classes and functions are found by name, the model's outputs equal those of the model it
+    saved. A module that is not there, one that raises, or a file that is not there is one
+    line naming it (the file's before any work: static_shape)."""
+    import sys
+
+    import keras
+
+    (tmp_path / "halving.py").write_text(CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import halving
+
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.GlobalAveragePooling2D()(halving.Halve()(inp))
+    model = keras.Model(inp, keras.layers.Dense(3, activation=halving.twice)(x))
+    model.save(tmp_path / "custom.keras")
+    frames = np.random.default_rng(0).uniform(0, 255, (5, 4, 4, 3)).astype("float32")
+    expected = model.predict(frames, verbose=0)
+    sys.path.remove(str(tmp_path))  # (from here on, only the current folder holds it)
+    del sys.modules["halving"]
+    s3fs_client.put(str(tmp_path / "halving.py"), "rayvid-test/code/halving.py")
+    name = str(tmp_path / "custom.keras")
+    with pytest.raises(ModelError, match=r"it uses the (class|function) '(Halve|twice)', which is no Keras one"):
+        models.load(ModelConfig(name=name))
+    with pytest.raises(ModelError, match=r"cannot import --custom-objects halving: No module named 'halving'"):
+        models.load(ModelConfig(name=name, custom_objects=("halving",)))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("halving", "s3://rayvid-test/code/halving.py"):
+        loaded, info = models.load(ModelConfig(name=name, custom_objects=(spec,)))
+        assert info.input_size == (4, 4) and np.allclose(loaded.predict(frames, verbose=0), expected), spec
+    (tmp_path / "raising.py").write_text("import keras\nraise RuntimeError('no GPU here\\nmore')\n")
+    with pytest.raises(ModelError) as e:
+        models.load(ModelConfig(name=name, custom_objects=(str(tmp_path / "raising.py"),)))
+    assert str(e.value) == f"cannot import --custom-objects {tmp_path / 'raising.py'}: RuntimeError: no GPU here"
+    with pytest.raises(ModelError, match="custom objects file not found: s3://rayvid-test/code/gone.py"):
+        models.static_shape(ModelConfig(name=name, custom_objects=("s3://rayvid-test/code/gone.py",)))
