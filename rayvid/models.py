@@ -124,6 +124,10 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
         outputs = _config_outputs(config)
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, *storage.ACCESS_ERRORS):
         return None  # the loader says what is wrong with it
+    custom = None if cfg.custom_objects else _custom_class(config)
+    if custom:  # said here in one line, not by an inference actor after Ray's lines about its death
+        raise ModelError(f"cannot load model {storage.public_uri(cfg.name)}: it uses the class {custom[1]!r} (from "
+                         f"{custom[0]}), which is no Keras one: {CUSTOM_OBJECTS_HINT}")
     if outputs is not None:  # --model-output checked here, not first when an inference actor loads it
         _choose_output(outputs, cfg, cfg.name)
     if shape is None or len(shape) not in (4, 5):
@@ -137,6 +141,27 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
     if h is None:
         return None
     return Shape((int(h), int(w)), int(clip_len))
+
+
+CUSTOM_OBJECTS_HINT = "give the Python module or .py file that defines it with --custom-objects"
+_KERAS_PACKAGES = {"keras", "keras_hub", "keras_cv", "keras_nlp", "builtins"}  # what Keras finds alone
+
+
+def _custom_class(config) -> Optional[tuple]:
+    """(module, class name) of the first object in a saved model's config that Keras cannot
+    find alone (a custom layer; custom functions are saved as builtins, told only on loading)."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("module")
+            if isinstance(module, str) and isinstance(node.get("class_name"), str) and \
+                    module.split(".", 1)[0] not in _KERAS_PACKAGES:
+                return module, node["class_name"]
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+    return None
 
 
 def _check_channels(shape, name: str) -> None:
@@ -589,8 +614,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             given = f" (not in --custom-objects {', '.join(map(storage.public_uri, cfg.custom_objects))})" \
                 if cfg.custom_objects else ""
             raise ModelError(f"cannot load model {storage.public_uri(url)}: it uses the {missing.group(1)} "
-                             f"{missing.group(2)!r}, which is no Keras one{given}: give the Python module or .py file "
-                             f"that defines it with --custom-objects") from None
+                             f"{missing.group(2)!r}, which is no Keras one{given}: {CUSTOM_OBJECTS_HINT}") from None
         raise ModelError(f"cannot load model {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
     shape = model.input_shape
     if isinstance(shape, list):

@@ -69,8 +69,8 @@ class Reverse(keras.layers.Layer):
 
 def test_custom_objects_load_a_model_file_with_a_custom_layer(ray_session, one_video, shapes_model, tmp_path, capsys):
     """A `.keras` file with a custom layer (the sample classifier, its scores reversed by a
-    registered `Reverse`): without `--custom-objects` the run is exit 2 naming the class and
-    the flag, before anything is committed; with the layer's .py file it runs, each frame
+    registered `Reverse`): without `--custom-objects` the run is exit 2 in one line naming
+    the class and the flag, before any work; with the layer's .py file it runs, each frame
     labelled by the reversed scores, and its record keeps the file."""
     import importlib.util
 
@@ -88,10 +88,11 @@ def test_custom_objects_load_a_model_file_with_a_custom_layer(ray_session, one_v
     labels = open(shapes_model["labels"]).read().split()
     out = str(tmp_path / "out")
     args = ["run", str(one_video["dir"]), out, "--model", str(tmp_path / "reversed.keras"), "--no-progress"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert ("it uses the class 'Reverse', which is no Keras one: give the Python module or .py file that "
-            "defines it with --custom-objects") in err, err
+    assert main(args) == 2  # said by the driver from the file's config.json, before any actor starts
+    assert capsys.readouterr().err == (
+        f"rayvid: error: cannot load model {tmp_path / 'reversed.keras'}: it uses the class 'Reverse' (from "
+        f"reverse_layer_here), which is no Keras one: give the Python module or .py file that defines it with "
+        f"--custom-objects\n")
     assert not os.path.exists(os.path.join(out, "predictions"))
     assert main([*args, "--custom-objects", str(code), "--run-id", "custom"]) == 0, capsys.readouterr().err
     # (the classifier labels this video stripes: test_run_verb_prints_a_summary_and_exits_0)

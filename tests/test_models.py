@@ -642,8 +642,10 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
     del sys.modules["halving"]
     s3fs_client.put(str(tmp_path / "halving.py"), "rayvid-test/code/halving.py")
     name = str(tmp_path / "custom.keras")
+    with pytest.raises(ModelError, match=r"it uses the class 'Halve' \(from halving\), which is no Keras one"):
+        models.static_shape(ModelConfig(name=name))  # the driver, from config.json
     with pytest.raises(ModelError, match=r"it uses the (class|function) '(Halve|twice)', which is no Keras one"):
-        models.load(ModelConfig(name=name))
+        models.load(ModelConfig(name=name))  # an inference actor (a SavedModel's driver task, an .h5)
     with pytest.raises(ModelError, match=r"cannot import --custom-objects halving: No module named 'halving'"):
         models.load(ModelConfig(name=name, custom_objects=("halving",)))
     monkeypatch.chdir(tmp_path)
