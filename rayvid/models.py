@@ -254,11 +254,12 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
                 raise ModelError(f"{display_name(cfg)} takes {dtype} input (its own 0-255 pixels): --preprocess "
                                  f"{cfg.preprocess} would hand it fractions, cut to 0 or 1; use --preprocess raw "
                                  f"(the default for model files)")
+        binary = cfg.head == "classify" and _sigmoid_unit(model)
         if cfg.head == "detect":
             num_classes = detection_classes(model.output_shape)
         else:
-            num_classes = classes_of(model.output_shape)
-        labels = _labels(cfg, num_classes)
+            num_classes = 2 if binary else classes_of(model.output_shape)
+        labels = _labels(cfg, num_classes, binary)
         if cfg.preprocess != "auto":
             preprocess = cfg.preprocess
             scaler = _scales_its_input(keras, model) if preprocess != "raw" else None
@@ -269,6 +270,8 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
         dim = 0
         if cfg.embed:
             model, dim = with_embedding(keras, model, cfg.embed, source=full)
+        if binary:
+            model = _both_classes(keras, model)
         info = ModelInfo(display_name(cfg), size, num_classes, labels, preprocess, dim, clip_len)
         return model, info
     finally:
@@ -382,11 +385,38 @@ def classes_of(shape) -> int:
                          f"{' (name the one to use: --model-output NAME)' if several else ''}"
                          f"{' (--head detect takes a grid detector)' if not several and len(shape) == 4 else ''}")
     if shape[-1] == 1:  # its one class would be every frame's top-1, whatever its score
-        raise ModelError(f"this model outputs one value per frame {shape}, not a score per class: a frame's label "
-                         f"is its top class, so a one-unit binary classifier (sigmoid) would label every frame "
-                         f"its one class; give it both (e.g. keras.layers.Concatenate()([1 - p, p]) and a "
-                         f"two-line labels file), and a regression head has no labels")
+        raise ModelError(f"this model outputs one value per frame {shape} and not through a sigmoid, so not a "
+                         f"probability: a logit or a regression. A binary classifier whose last layer ends in a "
+                         f"sigmoid runs as two classes; give this one a sigmoid (keras.layers.Activation"
+                         f"(\"sigmoid\")) if it is one, and save it as .keras; a regression head has no labels")
     return int(shape[-1])
+
+
+def _sigmoid_unit(model) -> bool:
+    """Whether a Keras model's one output is [batch, 1] from a sigmoid (a Dense's activation
+    or an Activation layer): a binary classifier's probability of its positive class."""
+    shape = model.output_shape
+    if isinstance(shape, list) or len(shape) != 2 or shape[-1] != 1:
+        return False
+    try:
+        op = _producer(model.outputs[0])
+    except (AttributeError, ValueError, IndexError):  # (a loaded Sequential may tell no output tensors)
+        op = None
+    op = op or (model.layers[-1] if getattr(model, "layers", None) else None)
+    return getattr(getattr(op, "activation", None), "__name__", "") == "sigmoid"
+
+
+def _both_classes(keras, model):
+    """The model with its sigmoid unit p as two classes' scores, [1 - p, p] (its other
+    outputs, an embedding's, as they are)."""
+    try:
+        inputs, outputs = model.inputs, list(model.outputs)
+    except (AttributeError, ValueError):
+        inputs = keras.Input(batch_shape=model.input_shape)
+        outputs = [model(inputs)]
+    p = outputs[0]
+    outputs[0] = keras.layers.Concatenate(name="rayvid_binary_classes")([keras.ops.subtract(1.0, p), p])
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
 
 
 def detection_classes(shape) -> int:
@@ -712,7 +742,10 @@ def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:
     return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
-def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
+def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False) -> tuple[str, ...]:
+    """The classes' labels (a labels file's, ImageNet's, else class_<i>). A binary
+    classifier's (one sigmoid unit, run as [1 - p, p]) file may name its positive class
+    alone: its other class is then "not <label>"."""
     labels: Optional[tuple[str, ...]] = None
     source = ""
     if cfg.labels:
@@ -738,10 +771,12 @@ def _labels(cfg: ModelConfig, num_classes: int) -> tuple[str, ...]:
                         "(give --labels if they are not)", display_name(cfg))
     if labels is None:
         return tuple(f"class_{i}" for i in range(num_classes))
+    if binary and len(labels) == 1:
+        labels = (f"not {labels[0]}", labels[0])
     if len(labels) != num_classes:
         raise ModelError(
             f"labels {storage.public_uri(source) or 'file'} has {len(labels)} entries but the model outputs "
-            f"{num_classes} classes"
+            f"{num_classes} classes" + (" (a binary classifier: its positive class alone, or both)" if binary else "")
         )
     twice = sorted(x for x, n in collections.Counter(labels).items() if n > 1)
     if twice:  # (their classes' rows cannot be told apart by label; `topk` keeps class_id)

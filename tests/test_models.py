@@ -252,8 +252,8 @@ def test_imagenet_weights_at_another_input_size_say_so_without_the_cache_hint():
 
 
 def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tmp_path):
-    """A one-unit output (a sigmoid binary classifier: every frame was labelled its one
-    class, at any score), a model taking other than RGB (1 or 4 channels: a traceback from
+    """A one-unit output not through a sigmoid (a logit or a regression: every frame was
+    labelled its one class, at any score), a model taking other than RGB (1 or 4 channels: a traceback from
     the inference actor), and an --input-size other than a model's fixed one (ignored, no
     word said): each a ModelError in one line, the channels and size before any work."""
     import keras
@@ -261,9 +261,9 @@ def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tm
 
     inp = keras.Input((32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(inp)
-    keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(pooled)).save(str(tmp_path / "binary.keras"))
-    with pytest.raises(ModelError, match=r"outputs one value per frame \(None, 1\), not a score per class"):
-        models.load(ModelConfig(name=str(tmp_path / "binary.keras")))
+    keras.Model(inp, keras.layers.Dense(1)(pooled)).save(str(tmp_path / "logit.keras"))
+    with pytest.raises(ModelError, match=r"outputs one value per frame \(None, 1\) and not through a sigmoid"):
+        models.load(ModelConfig(name=str(tmp_path / "logit.keras")))
     for channels in (1, 4):
         gray = keras.Input((32, 32, channels))
         model = keras.Model(gray, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(gray)))
@@ -658,3 +658,39 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
     assert str(e.value) == f"cannot import --custom-objects {tmp_path / 'raising.py'}: RuntimeError: no GPU here"
     with pytest.raises(ModelError, match="custom objects file not found: s3://rayvid-test/code/gone.py"):
         models.static_shape(ModelConfig(name=name, custom_objects=("s3://rayvid-test/code/gone.py",)))
+
+
+@pytest.mark.parametrize("form", ["dense", "activation", "sequential"])
+def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
+    """A binary classifier's one sigmoid unit p (a Dense's activation, an Activation layer, a
+    Sequential's last layer) runs as two classes' scores [1 - p, p]; a labels file naming
+    its positive class alone gives the other "not <label>"; --embed auto takes the input
+    of its Dense, as for any classifier. A labels file of three lines is refused."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    if form == "sequential":
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+    else:
+        inp = keras.Input((8, 8, 3))
+        pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(inp)
+        out = (keras.layers.Dense(1, activation="sigmoid")(pooled) if form == "dense"
+               else keras.layers.Activation("sigmoid")(keras.layers.Dense(1)(pooled)))
+        model = keras.Model(inp, out)
+    name = str(tmp_path / "cat.keras")
+    model.save(name)
+    (tmp_path / "cat.labels.txt").write_text("cat\n")
+    frames = np.random.default_rng(0).uniform(0, 1, (6, 8, 8, 3)).astype("float32")
+    p = model.predict(frames, verbose=0)[:, 0]
+    loaded, info = models.load(ModelConfig(name=name))
+    assert info.labels == ("not cat", "cat") and info.num_classes == 2
+    assert np.allclose(loaded.predict(frames, verbose=0), np.stack([1 - p, p], axis=1), atol=1e-6)
+    (tmp_path / "cat.labels.txt").write_text("dog\ncat\n")
+    loaded, info = models.load(ModelConfig(name=name, embed="auto"))
+    scores, vectors = loaded.predict(frames, verbose=0)
+    assert info.labels == ("dog", "cat") and info.embedding_dim == 3
+    assert np.allclose(scores[:, 1], p, atol=1e-6) and np.allclose(vectors, frames.mean(axis=(1, 2)), atol=1e-5)
+    (tmp_path / "cat.labels.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ModelError, match=r"has 3 entries but the model outputs 2 classes \(a binary classifier"):
+        models.load(ModelConfig(name=name))

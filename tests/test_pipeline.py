@@ -469,6 +469,37 @@ def test_parity_with_model_predict_on_a_keras_application(ray_session, media, tm
     assert total == len(job) and same / total >= 0.999, f"{same}/{total} top-1 agree"
 
 
+def test_a_binary_sigmoid_classifier_labels_each_frame_by_its_probability(ray_session, media, tmp_path):
+    """A one-unit sigmoid model (p = sigmoid of the frame's mean red minus mean green) with a
+    labels file naming its positive class: each frame's row is that class where p >= 0.5,
+    else "not" it, its score the larger of p and 1 - p, as the model computes it on the same
+    decoded frames; top-k holds both."""
+    import keras
+
+    from rayvid.decode import Decoder
+
+    inp = keras.Input((16, 16, 3))
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inp, dense(keras.layers.GlobalAveragePooling2D()(inp)))
+    dense.set_weights([np.array([[0.05], [-0.05], [0.0]], "float32"), np.zeros(1, "float32")])
+    name = str(tmp_path / "reddish.keras")
+    model.save(name)
+    (tmp_path / "reddish.labels.txt").write_text("reddish\n")
+    out = str(tmp_path / "out")
+    pipeline.run(RunConfig(input=str(media["videos"]), output=out, model=ModelConfig(name=name), progress=False))
+    rows = {(r["video_uri"], r["frame_index"]): r for r in read_output(out).to_pylist()}
+    seen = set()
+    for path in media["truth"]:
+        frames = [b for b in Decoder(size=(16, 16)).decode_video(path) if b["kind"][0] == "frame"]
+        p = model.predict(np.concatenate([b["frame"] for b in frames]).astype("float32"), verbose=0)[:, 0]
+        for i, q in zip(np.concatenate([b["frame_index"] for b in frames]), p):
+            row = rows.pop((path, int(i)))
+            assert row["label"] == ("reddish" if q >= 0.5 else "not reddish"), (path, i, q)
+            assert abs(row["score"] - max(q, 1 - q)) < 1e-5 and len(row["topk"]) == 2
+            seen.add(row["label"])
+    assert not rows and seen == {"reddish", "not reddish"}  # (the sample scenes: both)
+
+
 def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
     """Same command again: nothing is decoded twice; a new video and a changed video are
     processed, a failed one only with --retry-failed, and no row is ever duplicated."""
