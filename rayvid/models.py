@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -487,20 +488,32 @@ def _producer(tensor):
     return None if op.__class__.__name__ == "InputLayer" else op
 
 
-_IMPORTED: dict = {}  # --custom-objects entry -> its module, once per process (Keras refuses a second registration)
+_IMPORTED: dict = {}  # --custom-objects entry -> its module: run once per process, as an import is
+# what Keras resolves alone (besides its layers: a saved function's bare name is looked up there)
+_KERAS_NAMESPACES = ("layers", "activations", "losses", "metrics", "initializers", "regularizers", "constraints",
+                     "optimizers", "ops")
 
 
 def custom_objects(cfg: ModelConfig, workdir: str) -> dict:
-    """The public classes and functions each `--custom-objects` module defines, by name (what
-    Keras looks a saved object's class up by where it was not registered); importing them
-    runs their `register_keras_serializable` decorators too."""
+    """The public classes and functions each `--custom-objects` module defines or re-exports
+    (its `__all__`, or what its own package's modules define), by name: what Keras looks a
+    saved object up by where it was not registered; importing them runs their
+    `register_keras_serializable` decorators too. Names Keras has itself (`relu`, `Dense`)
+    are left to Keras: the `.h5` loader would take a module's helper of that name first."""
+    import keras
+
     found: dict = {}
     for spec in cfg.custom_objects:
         module = _IMPORTED.get(spec) or _import_custom(spec, workdir)
         _IMPORTED[spec] = module
-        found.update({name: obj for name, obj in vars(module).items()
-                      if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
-                      and getattr(obj, "__module__", None) == module.__name__})
+        exported = set(getattr(module, "__all__", None) or ())
+        for name, obj in vars(module).items():
+            own = str(getattr(obj, "__module__", None) or "")
+            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if name in exported or own == module.__name__ or own.startswith(module.__name__ + "."):
+                if not any(hasattr(getattr(keras, space), name) for space in _KERAS_NAMESPACES):
+                    found[name] = obj
     return found
 
 
@@ -514,7 +527,8 @@ def _import_custom(spec: str, workdir: str):
             local = _fetch(spec, workdir, "custom objects")
             stem = re.sub(r"\W", "_", os.path.basename(local)[: -len(".py")] if local.endswith(".py") else "module")
             name = f"rayvid_custom_{stem}_{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
-            found = importlib.util.spec_from_file_location(name, local)
+            loader = importlib.machinery.SourceFileLoader(name, local)  # (whatever the file's name ends in)
+            found = importlib.util.spec_from_loader(name, loader)
             module = importlib.util.module_from_spec(found)
             sys.modules[name] = module  # (what dataclasses and pickling look a class's module up in)
             try:
@@ -533,10 +547,13 @@ def _import_custom(spec: str, workdir: str):
     except ModelError:
         raise
     except ModuleNotFoundError as e:
-        raise ModelError(f"cannot import --custom-objects {shown}: {e} (a module must be importable wherever the model "
-                         f"loads: installed on every node, in the current folder, or shipped with `ray job submit "
-                         f"--working-dir`; or give its .py file)") from None
-    except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises is said in one line
+        if not is_code_file(spec) and e.name and (spec == e.name or spec.startswith(e.name + ".")):
+            raise ModelError(f"cannot import --custom-objects {shown}: {e} (a module must be importable wherever the "
+                             f"model loads: installed on every node, in the current folder, or shipped with `ray job "
+                             f"submit --working-dir`; or give its .py file)") from None
+        raise ModelError(f"cannot import --custom-objects {shown}: it imports {e.name!r}, which is not installed "
+                         f"where the model loads") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: whatever it raises is said in one line
         raise ModelError(f"cannot import --custom-objects {shown}: {type(e).__name__}: "
                          f"{storage.redact(_first_line(e))}") from None
 
@@ -639,7 +656,9 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     try:
         model = keras.saving.load_model(local, compile=False, safe_mode=True, custom_objects=custom or None)
     except Exception as e:  # noqa: BLE001
-        missing = re.search(r"Could not locate (class|function) '([^']+)'", str(e))
+        missing = (re.search(r"Could not locate (class|function) '([^']+)'", str(e))  # (.keras)
+                   or re.search(r"Unknown (layer|activation|loss|metric|initializer|regularizer|constraint|optimizer)"
+                                r": '([^']+)'", str(e)))  # (.h5)
         if missing:  # (Keras' first line says only that the model "could not be deserialized properly")
             given = f" (not in --custom-objects {', '.join(map(storage.public_uri, cfg.custom_objects))})" \
                 if cfg.custom_objects else ""

@@ -77,6 +77,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     root = root.rstrip("/")
     commit.require_output(fs, root, output)
     chosen = sorted({video} if video is not None else set(videos)) if video is not None or videos is not None else None
+    value_set = pa.array(chosen, pa.string()) if chosen is not None else None  # (once: a report's may be large)
     # (in this order: a part committed at the first listing has its file of `what`, if any,
     # by the second; one not there then has none, or was deleted since: a compaction's)
     names = commit.committed_parts(fs, root)
@@ -87,7 +88,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
         gone = []
 
         def read(name: str) -> Optional[pa.Table]:
-            return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, chosen, without)
+            return _read_part(fs, f"{root}/{what}/{name}", listed[name], columns, chosen, value_set, without)
 
         todo = [n for n in names if n in listed and n not in done]
         done.update(todo)
@@ -133,7 +134,7 @@ def _video_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], chosen: Optional[list],
-               without: tuple) -> Optional[pa.Table]:
+               value_set: Optional[pa.Array], without: tuple) -> Optional[pa.Table]:
     """A part's table as `parts` says, or None where nothing of it is wanted. Read in
     byte ranges as pyarrow asks (of its listed size: no HEAD first), never through s3fs's
     or gcsfs's read-ahead, which fetched whole parts for a few column chunks."""
@@ -157,7 +158,7 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], chos
     except pa.ArrowInvalid as e:  # not Parquet (a damaged or foreign file): say which
         raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
     if chosen is not None:
-        table = table.filter(pc.is_in(table.column("video_uri"), value_set=pa.array(chosen, pa.string())))
+        table = table.filter(pc.is_in(table.column("video_uri"), value_set=value_set))
         if not len(table):
             return None
         if columns is not None and "video_uri" not in columns:
@@ -680,7 +681,8 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     # labels do not change an embedding: a URL of them the record cannot give back is left out
     if model.labels and "<redacted>" in model.labels:
         model = dataclasses.replace(model, labels=None)
-    for flag, value in (("--model", model.name), ("--weights", model.weights)):
+    for flag, value in (("--model", model.name), ("--weights", model.weights),
+                        *(("--custom-objects", spec) for spec in model.custom_objects)):
         if value and "<redacted>" in value:  # storage.redact took the URL's query out of the record
             hint = "give it again: similar --model URL" if flag == "--model" else "it cannot be loaded from the record"
             raise ValueError(f"run {record.get('run_id')!r} read its {flag} from a URL whose query "

@@ -615,27 +615,42 @@ class Halve(keras.layers.Layer):  # not registered: Keras finds it by its class 
 
 def twice(x):  # a custom activation
     return x * 2.0
+
+
+def relu(x):  # a helper that happens to have a Keras name: Keras' relu stays Keras'
+    return x * 0.0
 """
 
 
 def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_path, monkeypatch):
     """`--custom-objects` takes a module name (found as Python finds it, then in the current
-    folder, as Ray's workers find the driver's) or a .py file at any URL: its unregistered
-    classes and functions are found by name, the model's outputs equal those of the model it
-    saved. A module that is not there, one that raises, or a file that is not there is one
-    line naming it (the file's before any work: static_shape)."""
+    folder, as Ray's workers find the driver's; a package re-exporting its module's classes
+    too) or a .py file at any URL (named anything): its unregistered classes and functions
+    are found by name, a `.keras` and an `.h5` model's outputs equal those of the model it
+    saved, and a helper named as a Keras function (`relu`) does not replace Keras' in the
+    `.h5` loader. A module that is not there, one importing what is not installed, one that
+    raises or exits, or a file that is not there is one line naming it (the file's before
+    any work: static_shape)."""
     import sys
 
     import keras
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # (restored after: the current-folder fallback appends)
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
     (tmp_path / "halving.py").write_text(CUSTOM)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "halvpkg").mkdir()
+    (tmp_path / "halvpkg" / "layers.py").write_text(CUSTOM)
+    (tmp_path / "halvpkg" / "__init__.py").write_text("from .layers import Halve, twice\n__all__ = ['Halve', 'twice']\n")
+    (tmp_path / "halving_code").write_text(CUSTOM)  # (a file by any name: a download link's)
+    sys.path.insert(0, str(tmp_path))
     import halving
 
     inp = keras.Input((4, 4, 3))
     x = keras.layers.GlobalAveragePooling2D()(halving.Halve()(inp))
+    x = keras.layers.Dense(6, activation="relu")(x)
     model = keras.Model(inp, keras.layers.Dense(3, activation=halving.twice)(x))
     model.save(tmp_path / "custom.keras")
+    model.save(tmp_path / "custom.h5")
     frames = np.random.default_rng(0).uniform(0, 255, (5, 4, 4, 3)).astype("float32")
     expected = model.predict(frames, verbose=0)
     sys.path.remove(str(tmp_path))  # (from here on, only the current folder holds it)
@@ -644,18 +659,26 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
     name = str(tmp_path / "custom.keras")
     with pytest.raises(ModelError, match=r"it uses the class 'Halve' \(from halving\), which is no Keras one"):
         models.static_shape(ModelConfig(name=name))  # the driver, from config.json
-    with pytest.raises(ModelError, match=r"it uses the (class|function) '(Halve|twice)', which is no Keras one"):
-        models.load(ModelConfig(name=name))  # an inference actor (a SavedModel's driver task, an .h5)
+    for file in ("custom.keras", "custom.h5"):  # an inference actor (a SavedModel's driver task, an .h5)
+        with pytest.raises(ModelError, match=r"it uses the (class|function|layer|activation) '(Halve|twice)', which "
+                                             r"is no Keras one: give the Python module or .py file"):
+            models.load(ModelConfig(name=str(tmp_path / file)))
     with pytest.raises(ModelError, match=r"cannot import --custom-objects halving: No module named 'halving'"):
         models.load(ModelConfig(name=name, custom_objects=("halving",)))
     monkeypatch.chdir(tmp_path)
-    for spec in ("halving", "s3://rayvid-test/code/halving.py"):
-        loaded, info = models.load(ModelConfig(name=name, custom_objects=(spec,)))
-        assert info.input_size == (4, 4) and np.allclose(loaded.predict(frames, verbose=0), expected), spec
+    for file in ("custom.keras", "custom.h5"):
+        for spec in ("halving", "halvpkg", "s3://rayvid-test/code/halving.py", str(tmp_path / "halving_code")):
+            loaded, info = models.load(ModelConfig(name=str(tmp_path / file), custom_objects=(spec,)))
+            assert info.input_size == (4, 4) and np.allclose(loaded.predict(frames, verbose=0), expected), (file, spec)
     (tmp_path / "raising.py").write_text("import keras\nraise RuntimeError('no GPU here\\nmore')\n")
-    with pytest.raises(ModelError) as e:
-        models.load(ModelConfig(name=name, custom_objects=(str(tmp_path / "raising.py"),)))
-    assert str(e.value) == f"cannot import --custom-objects {tmp_path / 'raising.py'}: RuntimeError: no GPU here"
+    (tmp_path / "exiting.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "needing.py").write_text("import not_installed_here_xyz\n")
+    for file, said in (("raising.py", "RuntimeError: no GPU here"), ("exiting.py", "SystemExit: 3"),
+                       ("needing.py", "it imports 'not_installed_here_xyz', which is not installed where the model "
+                                      "loads")):
+        with pytest.raises(ModelError) as e:
+            models.load(ModelConfig(name=name, custom_objects=(str(tmp_path / file),)))
+        assert str(e.value) == f"cannot import --custom-objects {tmp_path / file}: {said}"
     with pytest.raises(ModelError, match="custom objects file not found: s3://rayvid-test/code/gone.py"):
         models.static_shape(ModelConfig(name=name, custom_objects=("s3://rayvid-test/code/gone.py",)))
 

@@ -209,7 +209,8 @@ def test_a_report_of_some_videos_reads_only_the_parts_that_hold_them(tmp_path, m
         assert {v: n for v, n in gets.items() if v not in chosen} == {v: 2 for v in names if v not in chosen}
         assert all(gets[v] > 2 for v in chosen), gets  # (its footer, then its columns)
         drawn[len(chosen)] = {v: np.asarray(Image.open(directory / rel)) for v, rel in pngs.items()}
-    # a timeline drawn from parts read in part is the one drawn from every part
+    # a timeline drawn from parts read in part is the one drawn from every part (the videos
+    # share their labels: one palette)
     for name in names[:2]:
         assert np.array_equal(drawn[2][name], drawn[5][name])
     assert np.array_equal(drawn[1][names[3]], drawn[5][names[3]])
