@@ -127,8 +127,10 @@ def static_shape(cfg: ModelConfig) -> Optional[Shape]:
         return None  # the loader says what is wrong with it
     custom = None if cfg.custom_objects else _custom_class(config)
     if custom:  # said here in one line, not by an inference actor after Ray's lines about its death
-        raise ModelError(f"cannot load model {storage.public_uri(cfg.name)}: it uses the class {custom[1]!r} (from "
-                         f"{custom[0]}), which is no Keras one: {CUSTOM_OBJECTS_HINT}")
+        kind, what, module = custom
+        where = f"from {module}" if module else "defined in the script that saved it"
+        raise ModelError(f"cannot load model {storage.public_uri(cfg.name)}: it uses the {kind} {what!r} ({where}), "
+                         f"which is no Keras one: {CUSTOM_OBJECTS_HINT}")
     if outputs is not None:  # --model-output checked here, not first when an inference actor loads it
         _choose_output(outputs, cfg, cfg.name)
     if shape is None or len(shape) not in (4, 5):
@@ -149,17 +151,22 @@ _KERAS_PACKAGES = {"keras", "keras_hub", "keras_cv", "keras_nlp", "builtins"}  #
 
 
 def _custom_class(config) -> Optional[tuple]:
-    """(module, class name) of the first object in a saved model's config that Keras cannot
-    find alone (a custom layer; custom functions are saved as builtins, told only on loading)."""
+    """("class" or "function", its name, its module or None) of the first object in a saved
+    model's config that Keras cannot find alone: one from a module outside Keras, or from a
+    script's `__main__` (saved with module null). Custom functions from a module are saved
+    as builtins: told only on loading. What the model was compiled with (a custom loss,
+    metric, schedule) is not looked at: rayvid loads models uncompiled."""
     stack = [config]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            module = node.get("module")
-            if isinstance(module, str) and isinstance(node.get("class_name"), str) and \
-                    module.split(".", 1)[0] not in _KERAS_PACKAGES:
-                return module, node["class_name"]
-            stack.extend(reversed(list(node.values())))
+            module, name = node.get("module", ""), node.get("class_name")
+            if isinstance(name, str) and (module is None or isinstance(module, str) and module
+                                          and module.split(".", 1)[0] not in _KERAS_PACKAGES):
+                if name == "function":
+                    return "function", str(node.get("config")), module
+                return "class", name, module
+            stack.extend(reversed([v for k, v in node.items() if k != "compile_config"]))
         elif isinstance(node, list):
             stack.extend(reversed(node))
     return None
@@ -386,25 +393,47 @@ def classes_of(shape) -> int:
                          f"{' (name the one to use: --model-output NAME)' if several else ''}"
                          f"{' (--head detect takes a grid detector)' if not several and len(shape) == 4 else ''}")
     if shape[-1] == 1:  # its one class would be every frame's top-1, whatever its score
-        raise ModelError(f"this model outputs one value per frame {shape} and not through a sigmoid, so not a "
-                         f"probability: a logit or a regression. A binary classifier whose last layer ends in a "
-                         f"sigmoid runs as two classes; give this one a sigmoid (keras.layers.Activation"
-                         f"(\"sigmoid\")) if it is one, and save it as .keras; a regression head has no labels")
+        raise ModelError(f"this model outputs one value per frame {shape}, not a score per class, and rayvid found "
+                         f"no sigmoid at its end (a binary classifier's, which runs as two classes): a logit or a "
+                         f"regression has no labels; if it is a binary classifier, save it with both classes "
+                         f"(keras.layers.Concatenate()([1 - p, p]) and a two-line labels file)")
     return int(shape[-1])
 
 
+_PASS_THROUGH = {"Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianDropout", "AlphaDropout",
+                 "Identity", "Reshape", "Flatten", "ActivityRegularization"}  # (at inference: the value as it is)
+
+
 def _sigmoid_unit(model) -> bool:
-    """Whether a Keras model's one output is [batch, 1] from a sigmoid (a Dense's activation
-    or an Activation layer): a binary classifier's probability of its positive class."""
+    """Whether a Keras model's one output is [batch, 1] from a sigmoid (a Dense's activation,
+    an Activation layer, `keras.ops.sigmoid`; inside a nested model; before dropout or a
+    reshape): a binary classifier's probability of its positive class."""
     shape = model.output_shape
     if isinstance(shape, list) or len(shape) != 2 or shape[-1] != 1:
         return False
+    op = _last_op(model)
+    for _ in range(64):
+        if op is None:
+            return False
+        if getattr(op, "layers", None) is not None and hasattr(op, "output_shape"):  # a nested model: its end
+            op = _last_op(op)
+            continue
+        if getattr(getattr(op, "activation", None), "__name__", "") == "sigmoid" or type(op).__name__ == "Sigmoid":
+            return True
+        if type(op).__name__ not in _PASS_THROUGH:
+            return False
+        op = _producer(op.input)
+    return False
+
+
+def _last_op(model):
+    """The layer (or op) that makes a model's first output (a loaded Sequential may tell no
+    output tensors: its last layer)."""
     try:
         op = _producer(model.outputs[0])
-    except (AttributeError, ValueError, IndexError):  # (a loaded Sequential may tell no output tensors)
+    except (AttributeError, ValueError, IndexError, TypeError):
         op = None
-    op = op or (model.layers[-1] if getattr(model, "layers", None) else None)
-    return getattr(getattr(op, "activation", None), "__name__", "") == "sigmoid"
+    return op or (model.layers[-1] if getattr(model, "layers", None) else None)
 
 
 def _both_classes(keras, model):
@@ -489,32 +518,39 @@ def _producer(tensor):
 
 
 _IMPORTED: dict = {}  # --custom-objects entry -> its module: run once per process, as an import is
-# what Keras resolves alone (besides its layers: a saved function's bare name is looked up there)
-_KERAS_NAMESPACES = ("layers", "activations", "losses", "metrics", "initializers", "regularizers", "constraints",
-                     "optimizers", "ops")
+# where Keras looks a function saved by its bare name up (an .h5 file's `relu`)
+_KERAS_FUNCTIONS = ("activations", "losses", "metrics", "initializers", "regularizers", "constraints")
 
 
 def custom_objects(cfg: ModelConfig, workdir: str) -> dict:
-    """The public classes and functions each `--custom-objects` module defines or re-exports
-    (its `__all__`, or what its own package's modules define), by name: what Keras looks a
-    saved object up by where it was not registered; importing them runs their
-    `register_keras_serializable` decorators too. Names Keras has itself (`relu`, `Dense`)
-    are left to Keras: the `.h5` loader would take a module's helper of that name first."""
-    import keras
-
+    """What each `--custom-objects` module hands Keras, by name (what Keras looks a saved
+    object up by where it was not registered): the names its `__all__` lists, else its
+    public classes and functions that it or its own package's modules define. Importing
+    them runs their `register_keras_serializable` decorators too."""
     found: dict = {}
     for spec in cfg.custom_objects:
         module = _IMPORTED.get(spec) or _import_custom(spec, workdir)
         _IMPORTED[spec] = module
-        exported = set(getattr(module, "__all__", None) or ())
+        listed = getattr(module, "__all__", None)
         for name, obj in vars(module).items():
-            own = str(getattr(obj, "__module__", None) or "")
-            if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
-            if name in exported or own == module.__name__ or own.startswith(module.__name__ + "."):
-                if not any(hasattr(getattr(keras, space), name) for space in _KERAS_NAMESPACES):
-                    found[name] = obj
+            own = str(getattr(obj, "__module__", None) or "")
+            if name in listed if listed is not None else (
+                    not name.startswith("_") and (own == module.__name__ or own.startswith(module.__name__ + "."))):
+                found[name] = obj
     return found
+
+
+def _warn_of_shadowed(keras, custom: dict, url: str) -> None:
+    """An `.h5` file names built-in and custom functions alike by their bare names, and Keras
+    takes a custom object of that name first: say where a module's function hides Keras'."""
+    shadowed = sorted(n for n, obj in custom.items() if inspect.isfunction(obj)
+                      and any(hasattr(getattr(keras, space), n) for space in _KERAS_FUNCTIONS))
+    if shadowed:
+        log.warning("%s: --custom-objects hands Keras its own %s, which this .h5 file's layers use wherever they name "
+                    "Keras' function of that name; list what the model uses in the module's __all__ if that is not "
+                    "meant", storage.public_uri(url), ", ".join(shadowed))
 
 
 def _import_custom(spec: str, workdir: str):
@@ -653,6 +689,8 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
         raise ModelError(f"cannot load model {storage.public_uri(url)}: not a .keras file (a .keras file is a zip "
                          f"archive; this one is not: damaged, or another format under that name)")
     custom = custom_objects(cfg, workdir)
+    if custom and not local.lower().endswith(".keras"):
+        _warn_of_shadowed(keras, custom, url)
     try:
         model = keras.saving.load_model(local, compile=False, safe_mode=True, custom_objects=custom or None)
     except Exception as e:  # noqa: BLE001

@@ -262,7 +262,8 @@ def test_models_that_take_or_give_what_rayvid_cannot_use_are_said_in_one_line(tm
     inp = keras.Input((32, 32, 3))
     pooled = keras.layers.GlobalAveragePooling2D()(inp)
     keras.Model(inp, keras.layers.Dense(1)(pooled)).save(str(tmp_path / "logit.keras"))
-    with pytest.raises(ModelError, match=r"outputs one value per frame \(None, 1\) and not through a sigmoid"):
+    with pytest.raises(ModelError, match=r"outputs one value per frame \(None, 1\), not a score per class, and "
+                                         r"rayvid found no sigmoid at its end"):
         models.load(ModelConfig(name=str(tmp_path / "logit.keras")))
     for channels in (1, 4):
         gray = keras.Input((32, 32, channels))
@@ -617,20 +618,25 @@ def twice(x):  # a custom activation
     return x * 2.0
 
 
-def relu(x):  # a helper that happens to have a Keras name: Keras' relu stays Keras'
+def relu(x):  # a helper with a Keras name, left out by __all__: the .h5 model's relu stays Keras'
     return x * 0.0
+
+
+__all__ = ["Halve", "twice"]
 """
 
 
-def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_path, monkeypatch):
+def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_path, monkeypatch, caplog):
     """`--custom-objects` takes a module name (found as Python finds it, then in the current
     folder, as Ray's workers find the driver's; a package re-exporting its module's classes
     too) or a .py file at any URL (named anything): its unregistered classes and functions
     are found by name, a `.keras` and an `.h5` model's outputs equal those of the model it
-    saved, and a helper named as a Keras function (`relu`) does not replace Keras' in the
-    `.h5` loader. A module that is not there, one importing what is not installed, one that
-    raises or exits, or a file that is not there is one line naming it (the file's before
-    any work: static_shape)."""
+    saved (a helper `relu` the module's `__all__` leaves out stays out). A module without
+    `__all__` hands its `relu` too, which an `.h5` file's layers then take for Keras'
+    (Keras' order): said in a warning. A module that is not there, one importing what is
+    not installed, one that raises or exits, or a file that is not there is one line naming
+    it (the file's before any work: static_shape)."""
+    import logging
     import sys
 
     import keras
@@ -670,6 +676,12 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
         for spec in ("halving", "halvpkg", "s3://rayvid-test/code/halving.py", str(tmp_path / "halving_code")):
             loaded, info = models.load(ModelConfig(name=str(tmp_path / file), custom_objects=(spec,)))
             assert info.input_size == (4, 4) and np.allclose(loaded.predict(frames, verbose=0), expected), (file, spec)
+    assert "--custom-objects hands Keras" not in caplog.text
+    (tmp_path / "everything.py").write_text(CUSTOM.replace('__all__ = ["Halve", "twice"]', ""))
+    with caplog.at_level(logging.WARNING, logger="rayvid"):
+        models.load(ModelConfig(name=str(tmp_path / "custom.h5"), custom_objects=(str(tmp_path / "everything.py"),)))
+    assert ("custom.h5: --custom-objects hands Keras its own relu, which this .h5 file's layers use wherever they "
+            "name Keras' function of that name") in caplog.text
     (tmp_path / "raising.py").write_text("import keras\nraise RuntimeError('no GPU here\\nmore')\n")
     (tmp_path / "exiting.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "needing.py").write_text("import not_installed_here_xyz\n")
@@ -683,10 +695,43 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
         models.static_shape(ModelConfig(name=name, custom_objects=("s3://rayvid-test/code/gone.py",)))
 
 
-@pytest.mark.parametrize("form", ["dense", "activation", "sequential"])
+def test_the_driver_tells_custom_classes_from_what_only_compiling_needs(tmp_path):
+    """The driver reads a .keras file's config.json: a layer defined in the script that saved
+    the model (saved with module null) is refused there, naming it; a custom loss the model
+    was compiled with is not (rayvid loads models uncompiled: it needs no --custom-objects)."""
+    import zipfile
+
+    import keras
+
+    class MainLayer(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    class FocalLoss(keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            return keras.ops.mean(y_pred)
+
+    MainLayer.__module__ = "__main__"  # (as a training script's own class is)
+    inp = keras.Input((4, 4, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inp)
+    keras.Model(inp, keras.layers.Dense(2)(MainLayer()(pooled))).save(tmp_path / "main.keras")
+    with pytest.raises(ModelError, match=r"it uses the class 'MainLayer' \(defined in the script that saved it\), "
+                                         r"which is no Keras one: give the Python module or .py file"):
+        models.static_shape(ModelConfig(name=str(tmp_path / "main.keras")))
+    compiled = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(pooled))
+    compiled.compile(loss=FocalLoss())
+    compiled.save(tmp_path / "compiled.keras")
+    with zipfile.ZipFile(tmp_path / "compiled.keras") as archive:  # (the loss is in its config, from another module)
+        assert '"class_name": "FocalLoss"' in archive.read("config.json").decode()
+    assert models.static_shape(ModelConfig(name=str(tmp_path / "compiled.keras"))).input_size == (4, 4)
+    assert models.load(ModelConfig(name=str(tmp_path / "compiled.keras")))[1].num_classes == 2
+
+
+@pytest.mark.parametrize("form", ["dense", "activation", "sequential", "nested", "dropout", "ops"])
 def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
     """A binary classifier's one sigmoid unit p (a Dense's activation, an Activation layer, a
-    Sequential's last layer) runs as two classes' scores [1 - p, p]; a labels file naming
+    Sequential's last layer, a nested head's, one before Dropout and a Reshape, or
+    keras.ops.sigmoid) runs as two classes' scores [1 - p, p]; a labels file naming
     its positive class alone gives the other "not <label>"; --embed auto takes the input
     of its Dense, as for any classifier. A labels file of three lines is refused."""
     import keras
@@ -698,8 +743,17 @@ def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
     else:
         inp = keras.Input((8, 8, 3))
         pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(inp)
-        out = (keras.layers.Dense(1, activation="sigmoid")(pooled) if form == "dense"
-               else keras.layers.Activation("sigmoid")(keras.layers.Dense(1)(pooled)))
+        if form == "dense":
+            out = keras.layers.Dense(1, activation="sigmoid")(pooled)
+        elif form == "activation":
+            out = keras.layers.Activation("sigmoid")(keras.layers.Dense(1)(pooled))
+        elif form == "nested":
+            head_in = keras.Input((3,))
+            out = keras.Model(head_in, keras.layers.Dense(1, activation="sigmoid")(head_in), name="head")(pooled)
+        elif form == "dropout":
+            out = keras.layers.Reshape((1,))(keras.layers.Dropout(0.5)(keras.layers.Dense(1, activation="sigmoid")(pooled)))
+        else:
+            out = keras.ops.sigmoid(keras.layers.Dense(1)(pooled))
         model = keras.Model(inp, out)
     name = str(tmp_path / "cat.keras")
     model.save(name)
@@ -710,7 +764,8 @@ def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
     assert info.labels == ("not cat", "cat") and info.num_classes == 2
     assert np.allclose(loaded.predict(frames, verbose=0), np.stack([1 - p, p], axis=1), atol=1e-6)
     (tmp_path / "cat.labels.txt").write_text("dog\ncat\n")
-    loaded, info = models.load(ModelConfig(name=name, embed="auto"))
+    # (--embed auto walks back from a model's last layer: a nested head's input is its own)
+    loaded, info = models.load(ModelConfig(name=name, embed="auto" if form != "nested" else "pooled"))
     scores, vectors = loaded.predict(frames, verbose=0)
     assert info.labels == ("dog", "cat") and info.embedding_dim == 3
     assert np.allclose(scores[:, 1], p, atol=1e-6) and np.allclose(vectors, frames.mean(axis=(1, 2)), atol=1e-5)

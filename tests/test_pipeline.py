@@ -471,7 +471,7 @@ def test_parity_with_model_predict_on_a_keras_application(ray_session, media, tm
 
 def test_a_binary_sigmoid_classifier_labels_each_frame_by_its_probability(ray_session, media, tmp_path):
     """A one-unit sigmoid model (p = sigmoid of the frame's mean red minus mean green) with a
-    labels file naming its positive class: each frame's row is that class where p >= 0.5,
+    labels file naming its positive class: each frame's row is that class where p > 0.5,
     else "not" it, its score the larger of p and 1 - p, as the model computes it on the same
     decoded frames; top-k holds both."""
     import keras
@@ -494,7 +494,7 @@ def test_a_binary_sigmoid_classifier_labels_each_frame_by_its_probability(ray_se
         p = model.predict(np.concatenate([b["frame"] for b in frames]).astype("float32"), verbose=0)[:, 0]
         for i, q in zip(np.concatenate([b["frame_index"] for b in frames]), p):
             row = rows.pop((path, int(i)))
-            assert row["label"] == ("reddish" if q >= 0.5 else "not reddish"), (path, i, q)
+            assert row["label"] == ("reddish" if q > 0.5 else "not reddish"), (path, i, q)  # (a tie: not)
             assert abs(row["score"] - max(q, 1 - q)) < 1e-5 and len(row["topk"]) == 2
             seen.add(row["label"])
     assert not rows and seen == {"reddish", "not reddish"}  # (the sample scenes: both)
