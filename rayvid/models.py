@@ -407,33 +407,55 @@ _PASS_THROUGH = {"Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianDro
 def _sigmoid_unit(model) -> bool:
     """Whether a Keras model's one output is [batch, 1] from a sigmoid (a Dense's activation,
     an Activation layer, `keras.ops.sigmoid`; inside a nested model; before dropout or a
-    reshape): a binary classifier's probability of its positive class."""
-    shape = model.output_shape
+    reshape): a binary classifier's probability of its positive class. Walked back tensor
+    by tensor, the output's own path (a layer shared between branches, or a nested model's
+    other output, is not taken for it)."""
+    try:
+        shape = model.output_shape
+    except (AttributeError, ValueError):
+        return False
     if isinstance(shape, list) or len(shape) != 2 or shape[-1] != 1:
         return False
-    op = _last_op(model)
+    return _ends_in_sigmoid(model)
+
+
+def _ends_in_sigmoid(model, index: int = 0, depth: int = 0) -> bool:
+    """Whether `model`'s output `index` comes from a sigmoid through layers that pass their
+    one input on (`_PASS_THROUGH`)."""
+    try:
+        tensor = model.outputs[index]
+    except (AttributeError, ValueError, IndexError, TypeError):  # a Sequential that tells no tensors: its layers
+        for layer in reversed(getattr(model, "layers", None) or []):
+            if getattr(layer, "layers", None) is not None:
+                return depth < 8 and _ends_in_sigmoid(layer, 0, depth + 1)
+            if _is_sigmoid(layer):
+                return True
+            if type(layer).__name__ not in _PASS_THROUGH:
+                return False
+        return False
     for _ in range(64):
-        if op is None:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
             return False
-        if getattr(op, "layers", None) is not None and hasattr(op, "output_shape"):  # a nested model: its end
-            op = _last_op(op)
-            continue
-        if getattr(getattr(op, "activation", None), "__name__", "") == "sigmoid" or type(op).__name__ == "Sigmoid":
+        op, node_index, tensor_index = history
+        if getattr(op, "layers", None) is not None and hasattr(op, "outputs"):  # a nested model: that output of it
+            return depth < 8 and _ends_in_sigmoid(op, tensor_index, depth + 1)
+        if _is_sigmoid(op):
             return True
         if type(op).__name__ not in _PASS_THROUGH:
             return False
-        op = _producer(op.input)
+        try:
+            inputs = op._inbound_nodes[node_index].input_tensors  # (the call on this path, not the layer's first)
+        except (AttributeError, IndexError):
+            return False
+        if len(inputs) != 1:
+            return False
+        tensor = inputs[0]
     return False
 
 
-def _last_op(model):
-    """The layer (or op) that makes a model's first output (a loaded Sequential may tell no
-    output tensors: its last layer)."""
-    try:
-        op = _producer(model.outputs[0])
-    except (AttributeError, ValueError, IndexError, TypeError):
-        op = None
-    return op or (model.layers[-1] if getattr(model, "layers", None) else None)
+def _is_sigmoid(op) -> bool:
+    return getattr(getattr(op, "activation", None), "__name__", "") == "sigmoid" or type(op).__name__ == "Sigmoid"
 
 
 def _both_classes(keras, model):
@@ -522,11 +544,16 @@ _IMPORTED: dict = {}  # --custom-objects entry -> its module: run once per proce
 _KERAS_FUNCTIONS = ("activations", "losses", "metrics", "initializers", "regularizers", "constraints")
 
 
-def custom_objects(cfg: ModelConfig, workdir: str) -> dict:
+def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
     """What each `--custom-objects` module hands Keras, by name (what Keras looks a saved
     object up by where it was not registered): the names its `__all__` lists, else its
     public classes and functions that it or its own package's modules define. Importing
-    them runs their `register_keras_serializable` decorators too."""
+    them runs their `register_keras_serializable` decorators too. For an `.h5` file (`h5`),
+    which names built-in and custom functions alike by their bare names and takes a custom
+    one first, a function named as one of Keras' (a helper `relu`) is left out unless
+    `__all__` lists it (then a warning says so)."""
+    import keras
+
     found: dict = {}
     for spec in cfg.custom_objects:
         module = _IMPORTED.get(spec) or _import_custom(spec, workdir)
@@ -539,18 +566,23 @@ def custom_objects(cfg: ModelConfig, workdir: str) -> dict:
             if name in listed if listed is not None else (
                     not name.startswith("_") and (own == module.__name__ or own.startswith(module.__name__ + "."))):
                 found[name] = obj
+    shadowing = sorted(n for n, obj in found.items() if h5 and inspect.isfunction(obj) and _keras_function(keras, n))
+    listed_ones = [n for n in shadowing if n in set().union(*(getattr(_IMPORTED[s], "__all__", None) or ()
+                                                               for s in cfg.custom_objects))]
+    for name in shadowing:
+        if name not in listed_ones:
+            del found[name]
+    if listed_ones:
+        log.warning("%s: --custom-objects hands Keras its own %s (listed in __all__), which this .h5 file's layers use "
+                    "wherever they name Keras' function of that name", display_name(cfg), ", ".join(listed_ones))
     return found
 
 
-def _warn_of_shadowed(keras, custom: dict, url: str) -> None:
-    """An `.h5` file names built-in and custom functions alike by their bare names, and Keras
-    takes a custom object of that name first: say where a module's function hides Keras'."""
-    shadowed = sorted(n for n, obj in custom.items() if inspect.isfunction(obj)
-                      and any(hasattr(getattr(keras, space), n) for space in _KERAS_FUNCTIONS))
-    if shadowed:
-        log.warning("%s: --custom-objects hands Keras its own %s, which this .h5 file's layers use wherever they name "
-                    "Keras' function of that name; list what the model uses in the module's __all__ if that is not "
-                    "meant", storage.public_uri(url), ", ".join(shadowed))
+def _keras_function(keras, name: str) -> bool:
+    """Whether Keras has a function of that name where an `.h5` file's bare names are
+    looked up (`get`, `serialize`, `deserialize` are every namespace's helpers, not saved)."""
+    return name not in ("get", "serialize", "deserialize") and any(
+        hasattr(getattr(keras, space), name) for space in _KERAS_FUNCTIONS)
 
 
 def _import_custom(spec: str, workdir: str):
@@ -688,9 +720,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     if local.lower().endswith(".keras") and not zipfile.is_zipfile(local):  # Keras says "File not found"
         raise ModelError(f"cannot load model {storage.public_uri(url)}: not a .keras file (a .keras file is a zip "
                          f"archive; this one is not: damaged, or another format under that name)")
-    custom = custom_objects(cfg, workdir)
-    if custom and not local.lower().endswith(".keras"):
-        _warn_of_shadowed(keras, custom, url)
+    custom = custom_objects(cfg, workdir, h5=not local.lower().endswith(".keras"))
     try:
         model = keras.saving.load_model(local, compile=False, safe_mode=True, custom_objects=custom or None)
     except Exception as e:  # noqa: BLE001
@@ -703,7 +733,12 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             raise ModelError(f"cannot load model {storage.public_uri(url)}: it uses the {missing.group(1)} "
                              f"{missing.group(2)!r}, which is no Keras one{given}: {CUSTOM_OBJECTS_HINT}") from None
         raise ModelError(f"cannot load model {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
-    shape = model.input_shape
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):  # a Sequential saved without an Input, a subclassed Model
+        raise ModelError(f"model {storage.public_uri(url)} does not say what input it takes (a Sequential saved "
+                         f"without keras.Input, or a subclassed Model): save it as a functional model or a Sequential "
+                         f"that starts with keras.Input(shape=(H, W, 3))") from None
     if isinstance(shape, list):
         raise ModelError(f"model {storage.public_uri(url)} has several inputs; rayvid feeds one image")
     if len(shape) in (4, 5):

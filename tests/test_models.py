@@ -631,9 +631,9 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
     folder, as Ray's workers find the driver's; a package re-exporting its module's classes
     too) or a .py file at any URL (named anything): its unregistered classes and functions
     are found by name, a `.keras` and an `.h5` model's outputs equal those of the model it
-    saved (a helper `relu` the module's `__all__` leaves out stays out). A module without
-    `__all__` hands its `relu` too, which an `.h5` file's layers then take for Keras'
-    (Keras' order): said in a warning. A module that is not there, one importing what is
+    saved: a helper `relu` the module's `__all__` leaves out, or one an `.h5` file (which
+    names functions by bare name, a custom one first) would take for Keras', stays out; one
+    `__all__` lists is handed, said in a warning. A module that is not there, one importing what is
     not installed, one that raises or exits, or a file that is not there is one line naming
     it (the file's before any work: static_shape)."""
     import logging
@@ -676,12 +676,17 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
         for spec in ("halving", "halvpkg", "s3://rayvid-test/code/halving.py", str(tmp_path / "halving_code")):
             loaded, info = models.load(ModelConfig(name=str(tmp_path / file), custom_objects=(spec,)))
             assert info.input_size == (4, 4) and np.allclose(loaded.predict(frames, verbose=0), expected), (file, spec)
-    assert "--custom-objects hands Keras" not in caplog.text
     (tmp_path / "everything.py").write_text(CUSTOM.replace('__all__ = ["Halve", "twice"]', ""))
     with caplog.at_level(logging.WARNING, logger="rayvid"):
-        models.load(ModelConfig(name=str(tmp_path / "custom.h5"), custom_objects=(str(tmp_path / "everything.py"),)))
-    assert ("custom.h5: --custom-objects hands Keras its own relu, which this .h5 file's layers use wherever they "
-            "name Keras' function of that name") in caplog.text
+        for file in ("custom.keras", "custom.h5"):  # (without __all__ its relu is handed, except to the .h5)
+            loaded, _ = models.load(ModelConfig(name=str(tmp_path / file), custom_objects=(str(tmp_path / "everything.py"),)))
+            assert np.allclose(loaded.predict(frames, verbose=0), expected), file
+        assert "--custom-objects hands Keras" not in caplog.text
+        (tmp_path / "listing.py").write_text(CUSTOM.replace('__all__ = ["Halve", "twice"]', '__all__ = ["Halve", "twice", "relu"]'))
+        loaded, _ = models.load(ModelConfig(name=str(tmp_path / "custom.h5"), custom_objects=(str(tmp_path / "listing.py"),)))
+    assert not np.allclose(loaded.predict(frames, verbose=0), expected)  # (its relu, as __all__ says)
+    assert ("custom.h5: --custom-objects hands Keras its own relu (listed in __all__), which this .h5 file's layers "
+            "use wherever they name Keras' function of that name") in caplog.text
     (tmp_path / "raising.py").write_text("import keras\nraise RuntimeError('no GPU here\\nmore')\n")
     (tmp_path / "exiting.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "needing.py").write_text("import not_installed_here_xyz\n")
@@ -772,3 +777,27 @@ def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
     (tmp_path / "cat.labels.txt").write_text("a\nb\nc\n")
     with pytest.raises(ModelError, match=r"has 3 entries but the model outputs 2 classes \(a binary classifier"):
         models.load(ModelConfig(name=name))
+
+
+def test_a_one_unit_output_off_the_sigmoid_path_is_not_taken_for_a_probability(tmp_path):
+    """The sigmoid is looked for on the output's own path: a logit from a nested model whose
+    other output is a sigmoid, or from a Dropout shared with a sigmoid branch, is refused as
+    any logit (it ran as [1 - x, x] with scores of -196 and 197); a Sequential saved without
+    an Input (no input shape) is a ModelError, not an AttributeError."""
+    import keras
+
+    inp = keras.Input((4, 4, 3))
+    feat = keras.layers.GlobalAveragePooling2D()(inp)
+    j = keras.Input((3,))
+    inner = keras.Model(j, [keras.layers.Dense(1, activation="sigmoid")(j), keras.layers.Dense(1)(j)])
+    keras.Model(inp, inner(feat)[1]).save(tmp_path / "nested_logit.keras")
+    drop = keras.layers.Dropout(0.1)
+    keras.Model(inp, {"prob": drop(keras.layers.Dense(1, activation="sigmoid")(feat)),
+                      "logit": drop(keras.layers.Dense(1)(feat))}).save(tmp_path / "shared.keras")
+    for name, output in (("nested_logit.keras", None), ("shared.keras", "logit")):
+        with pytest.raises(ModelError, match=r"rayvid found no sigmoid at its end"):
+            models.load(ModelConfig(name=str(tmp_path / name), output=output))
+    assert models.load(ModelConfig(name=str(tmp_path / "shared.keras"), output="prob"))[1].num_classes == 2
+    keras.Sequential([keras.layers.Dense(2)]).save(tmp_path / "no_input.keras")
+    with pytest.raises(ModelError, match=r"does not say what input it takes \(a Sequential saved without keras.Input"):
+        models.load(ModelConfig(name=str(tmp_path / "no_input.keras"), input_size=(4, 4)))
