@@ -503,13 +503,7 @@ def with_embedding(keras, model, layer: str = "auto", source=None):
         raise ModelError("--embed needs a Keras model (a .keras or .h5 file, or a keras.applications name): "
                          "a SavedModel's layers cannot be reached; save the model as .keras")
     if layer == "auto":
-        op = model.layers[-1]
-        while not op.weights:
-            inbound = _producer(op.input)
-            if inbound is None:
-                raise ModelError("--embed: found no classifier layer (a layer with weights) to take the input of")
-            op = inbound
-        tensor = op.input
+        op, tensor = _classifier_input(model)
         if isinstance(tensor, (list, tuple)):
             raise ModelError(f"--embed: the classifier {op.name!r} has several inputs; name a layer: --embed LAYER")
         if any(tensor is inp for inp in model.inputs):
@@ -528,6 +522,37 @@ def with_embedding(keras, model, layer: str = "auto", source=None):
     if dim is None:
         raise ModelError("--embed: the embedding's width is not fixed")
     return keras.Model(model.inputs, [model.outputs[0], tensor], name=model.name), int(dim)
+
+
+def _classifier_input(model) -> tuple:
+    """(the classifier layer, its input on the output's path): walked back from the model's
+    first output, tensor by tensor, past layers without weights (softmax, flatten, dropout)
+    to the first layer with weights (a nested head is one: its input is taken). A model that
+    tells no output tensors (a Sequential without an Input) is walked by its layers."""
+    try:
+        tensor = model.outputs[0]
+    except (AttributeError, ValueError, IndexError, TypeError):
+        tensor = None
+    if getattr(tensor, "_keras_history", None) is None:
+        op = model.layers[-1]
+        while not op.weights:
+            inbound = _producer(op.input)
+            if inbound is None:
+                raise ModelError("--embed: found no classifier layer (a layer with weights) to take the input of")
+            op = inbound
+        return op, op.input
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        if history is None or type(history[0]).__name__ == "InputLayer":
+            raise ModelError("--embed: found no classifier layer (a layer with weights) to take the input of")
+        op, node_index = history[0], history[1]
+        inputs = op._inbound_nodes[node_index].input_tensors  # (this call's, not the layer's first)
+        if getattr(op, "weights", None):  # (a keras.ops operation has none)
+            return op, inputs[0] if len(inputs) == 1 else list(inputs)
+        if len(inputs) != 1:
+            raise ModelError(f"--embed: the layer {op.name!r} before the classifier has several inputs; name a layer: "
+                             f"--embed LAYER")
+        tensor = inputs[0]
 
 
 def _producer(tensor):

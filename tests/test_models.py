@@ -769,8 +769,7 @@ def test_a_one_unit_sigmoid_classifier_runs_as_two_classes(tmp_path, form):
     assert info.labels == ("not cat", "cat") and info.num_classes == 2
     assert np.allclose(loaded.predict(frames, verbose=0), np.stack([1 - p, p], axis=1), atol=1e-6)
     (tmp_path / "cat.labels.txt").write_text("dog\ncat\n")
-    # (--embed auto walks back from a model's last layer: a nested head's input is its own)
-    loaded, info = models.load(ModelConfig(name=name, embed="auto" if form != "nested" else "pooled"))
+    loaded, info = models.load(ModelConfig(name=name, embed="auto"))  # (a nested head: its input, on the outer path)
     scores, vectors = loaded.predict(frames, verbose=0)
     assert info.labels == ("dog", "cat") and info.embedding_dim == 3
     assert np.allclose(scores[:, 1], p, atol=1e-6) and np.allclose(vectors, frames.mean(axis=(1, 2)), atol=1e-5)
