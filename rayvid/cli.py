@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     e.add_argument("--run-id")
     e.add_argument("--limit", type=int, help="process at most N videos")
+    e.add_argument("--dry-run", action="store_true",
+                   help="list INPUT, read what OUTPUT has, plan; print what the run would do, writing nothing")
     e.add_argument("--commit-interval", type=number, metavar="S",
                    help="publish complete videos at least every S seconds (default 60)")
     e.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=None,
@@ -545,7 +547,7 @@ def _run(args) -> int:
 
     cfg = config_from_args(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    result = pipeline.run(cfg)
+    result = pipeline.run(cfg, dry_run=args.dry_run)
     with query.stdout() as out:  # (a full disk behind a redirect: one line, the run done all the same)
         out.write((report.summary(result) + "\n").encode())
     return 0

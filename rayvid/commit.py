@@ -1056,11 +1056,14 @@ def part_sizes(fs, directory: str) -> dict:
     return {p.rsplit("/", 1)[-1]: info.get("size") for p, info in found.items()}
 
 
-def recover(output: str, only=None) -> Committed:
+def recover(output: str, only=None, repair: bool = True) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
     committed: of every video, or, with `only` (video URIs, an Arrow array or any iterable:
     a run's listing), of those alone, so that a shard of a large OUTPUT holds its own
-    videos' rows, not OUTPUT's (the videos/ files are read one at a time and matched)."""
+    videos' rows, not OUTPUT's (the videos/ files are read one at a time and matched).
+    `repair=False` (a dry run) changes nothing: what a dead run, compaction or retraction
+    left is only read (a dead retraction's videos counted as not committed, as finishing it
+    would leave them)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     retractions = _retraction_records(fs, root)
@@ -1068,8 +1071,8 @@ def recover(output: str, only=None) -> Committed:
     if only is not None:  # and what an unfinished retraction must find, wherever it is listed
         wanted = UriIndex(only if isinstance(only, (pa.Array, pa.ChunkedArray)) else pa.array(list(only), pa.string()))
         retracting = pa.array(sorted(set().union(*(r["videos"] for _, r in retractions))), pa.string())
-    merging = finish_compactions(fs, root)
-    if storage.is_local(fs):
+    merging = finish_compactions(fs, root) if repair else set()
+    if storage.is_local(fs) and repair:
         _sweep_unfinished_writes(root)
     committed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
     removed, in_flight, failed = [], [], {}
@@ -1085,7 +1088,7 @@ def recover(output: str, only=None) -> Committed:
             if running[run] or name in merging:  # a flush in progress: its videos file comes next
                 in_flight.append(f"{directory}/{name}")
                 continue
-            if fs.exists(f"{root}/{VIDEOS_DIR}/{name}"):  # committed since this listing (its run then ended)
+            if not repair or fs.exists(f"{root}/{VIDEOS_DIR}/{name}"):  # committed since this listing (its run then ended)
                 continue
             with contextlib.suppress(FileNotFoundError):  # another run's recover was first
                 fs.rm(f"{root}/{directory}/{name}")
@@ -1124,7 +1127,7 @@ def recover(output: str, only=None) -> Committed:
         tables = [rows_of(i, *fetched) for i, fetched in enumerate(in_order(pool, fetch, names, 2 * RECOVER_READS))]
     state = Committed(pa.concat_tables(tables) if tables else None, names)
     state.removed, state.in_flight = removed, in_flight
-    _finish_retractions(output, fs, root, state, retractions)
+    _finish_retractions(output, fs, root, state, retractions, repair)
     return state
 
 
@@ -1347,9 +1350,10 @@ def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _finish_retractions(output: str, fs, root: str, state: Committed, records: list) -> None:
+def _finish_retractions(output: str, fs, root: str, state: Committed, records: list, repair: bool = True) -> None:
     """Complete the retractions whose runs died part-way (their intent records remain), in
-    the files that hold those videos now (a compaction may have merged the ones listed)."""
+    the files that hold those videos now (a compaction may have merged the ones listed);
+    without `repair`, only drop their videos from `state`."""
     for path, record in records:
         try:  # as it is now: another run's recover may have completed it meanwhile, and a
             with fs.open(path, "rb") as f:  # run with the same id written a new one
@@ -1360,9 +1364,11 @@ def _finish_retractions(output: str, fs, root: str, state: Committed, records: l
         if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue
         uris = {u for u in record["videos"] if u in state}
-        _retract(output, uris, state.files_of(uris))
+        if repair:
+            _retract(output, uris, state.files_of(uris))
         state.drop(uris)
-        _rm(fs, path)
+        if repair:
+            _rm(fs, path)
 
 
 def _retract(output: str, uris: set, names: list) -> None:

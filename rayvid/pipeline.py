@@ -71,6 +71,9 @@ class RunResult:
     top_labels: list = field(default_factory=list)
     plan: Optional[dict] = None
     inference: Optional[dict] = None  # infer.Reports.summary(): model busy vs waiting
+    # `run(dry_run=True)`: what the run would do, nothing done: videos (to decode), bytes
+    # (their listed sizes, where known), segments, unknown_sizes, input_size, clip_len
+    dry_run: Optional[dict] = None
 
     @property
     def frames_per_s(self) -> float:
@@ -282,7 +285,11 @@ def plan_resources(cfg: RunConfig, cluster: dict, n_videos: int, remote: bool = 
                 decode.REMOTE_CALLS_PER_ACTOR if remote else 1)
 
 
-def run(cfg: RunConfig) -> RunResult:
+def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
+    """The job (a RunResult of what it did). `dry_run`: everything up to the first write
+    (list INPUT, read what OUTPUT has without repairing it, load the model's shape, plan the
+    segments and pools), then a RunResult of what the run would do (`dry_run`), nothing
+    written."""
     import ray
 
     started = time.time()
@@ -305,7 +312,7 @@ def run(cfg: RunConfig) -> RunResult:
         # else it loads once in a worker while the driver reads what is committed and
         # plans segments from the videos' headers (neither changes a committed row)
         probe = None if shape else _probe_model(ray, cfg)
-        committed = _recover(cfg, videos)
+        committed = _recover(cfg, videos, repair=not dry_run)
         listed = len(videos)
         all_listed = videos
         videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
@@ -324,6 +331,16 @@ def run(cfg: RunConfig) -> RunResult:
         _warn_if_local_on_cluster(ray, videos, shape_now)
         result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
                            videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
+        if dry_run:
+            import pyarrow.compute as pc
+
+            sizes = pc.fill_null(videos.column("size_bytes"), -1)
+            known = pc.fill_null(pc.greater_equal(sizes, 0), False)  # (NaN, -1, null: not known)
+            result.dry_run = {"videos": len(videos), "bytes": int(pc.sum(pc.if_else(known, sizes, 0)).as_py() or 0),
+                              "unknown_sizes": len(videos) - int(pc.sum(known.cast(pa.int64())).as_py() or 0),
+                              "segments": len(units) if units is not None else 0,
+                              "input_size": list(shape.input_size), "clip_len": clip_len}
+            return result  # (before anything is written: no record, no listing, no retraction)
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
         record["stats"] = _progress(result, None)  # (listed and skipped are known now: a run killed early says them)
         _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
@@ -843,9 +860,9 @@ def _probe_model(ray, cfg: RunConfig):
     return result
 
 
-def _recover(cfg: RunConfig, videos: pa.Table) -> commit.Committed:
+def _recover(cfg: RunConfig, videos: pa.Table, repair: bool = True) -> commit.Committed:
     try:  # what OUTPUT has of these videos (a shard's, not every shard's)
-        return commit.recover(cfg.output, only=videos.column("video_uri"))
+        return commit.recover(cfg.output, only=videos.column("video_uri"), repair=repair)
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
 

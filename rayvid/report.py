@@ -11,6 +11,8 @@ def summary(result) -> str:
     from rayvid.storage import public_uri
 
     output = public_uri(result.output).rstrip("/")  # an ftp://user:password@... OUTPUT too
+    if result.dry_run is not None:
+        return _dry_run(result, output)
     lines = [
         f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
         f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
@@ -52,6 +54,28 @@ def summary(result) -> str:
             f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
             f"inference {p['infer_min']}..{p['infer_max']}{gpu}"
         )
+    return "\n".join(lines)
+
+
+def _dry_run(result, output: str) -> str:
+    """What `rayvid run --dry-run` prints: what the run would do."""
+    d = result.dry_run
+    unknown = f" ({d['unknown_sizes']} of unknown size)" if d["unknown_sizes"] else ""
+    clips = f", clips of {d['clip_len']} frames" if d["clip_len"] else ""
+    lines = [
+        f"rayvid run --dry-run: {_plural(d['videos'], 'video')} to do, nothing written",
+        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
+        + (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
+           if result.videos_skipped_failed else "") + f"), {d['videos']} to do",
+        f"  input:   {_mb(d['bytes'])} in the videos to do{unknown}; {_plural(d['segments'], 'segment')} to decode",
+        f"  model:   {result.model}, frames at {d['input_size'][0]}x{d['input_size'][1]}{clips}",
+        f"  output:  {output}/ (nothing written; a run would resume into it)",
+    ]
+    if result.plan:
+        p = result.plan
+        gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
+        lines.append(f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
+                     f"inference {p['infer_min']}..{p['infer_max']}{gpu}")
     return "\n".join(lines)
 
 

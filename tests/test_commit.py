@@ -744,6 +744,53 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
         assert redo == set() and rows == {"predictions": ["ok"], "errors": [], "videos": ["ok"]}
 
 
+def test_a_dry_runs_recover_reads_what_a_recover_would_leave_and_changes_nothing(tmp_path):
+    """`recover(repair=False)` (`rayvid run --dry-run`): with a dead run's half-committed part
+    and a retraction killed after its intent record, it returns the videos a repairing
+    recover leaves committed, and no file under OUTPUT changes (the repairing one then
+    deletes the part and completes the retraction)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from rayvid.commit import recover
+
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([_frames("m", [0]), _end("m", 1), _frames("ok", [0]), _end("ok", 1)]))
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    part = (tmp_path / "predictions" / name).read_bytes()
+    child = textwrap.dedent(f"""
+        import os
+        from fsspec.implementations.local import LocalFileSystem
+        from rayvid import commit
+        real = os.replace
+
+        def replace(*a, **k):  # the intent record written (the first rename), then killed
+            real(*a, **k)
+            os._exit(9)
+
+        state = commit.recover({str(tmp_path)!r})
+        os.replace = replace
+        commit.retract({str(tmp_path)!r}, {{"m"}}, state, "r3")
+    """)
+    assert subprocess.run([sys.executable, "-c", child]).returncode == 9
+    [intent] = [n for n in os.listdir(tmp_path / "retractions") if n.endswith(".json")]
+    (tmp_path / "predictions" / "part-r2-00000.parquet").write_bytes(part)  # run r2, killed mid-flush
+
+    def tree():
+        return {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                for d, _, files in os.walk(tmp_path) for f in files}
+
+    before = tree()
+    dry = recover(str(tmp_path), repair=False)
+    assert tree() == before and dry.removed == []
+    assert sorted(dry.uris()) == ["ok"]  # (the retraction, finished, leaves m to be redone)
+    repaired = recover(str(tmp_path))
+    assert sorted(repaired.uris()) == ["ok"] and repaired.removed == ["predictions/part-r2-00000.parquet"]
+    assert tree() != before and not os.path.exists(tmp_path / "retractions" / intent)
+
+
 def test_a_run_with_other_head_columns_than_output_has_is_refused(tmp_path):
     """Predictions/ must read as one table: a run adding `--embed` (or another width) to an
     OUTPUT without it fails before writing, with what differs."""

@@ -500,6 +500,48 @@ def test_a_binary_sigmoid_classifier_labels_each_frame_by_its_probability(ray_se
     assert not rows and seen == {"reddish", "not reddish"}  # (the sample scenes: both)
 
 
+def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, media, shapes_model, tmp_path, capsys):
+    """`rayvid run --dry-run`: INPUT listed, OUTPUT read, the model's shape and the pools
+    planned, and what the run would do printed (videos to do, their bytes, segments),
+    nothing written: no OUTPUT where there was none; after a run, with a video added, the
+    one new video to do and OUTPUT byte for byte as it was."""
+    from rayvid import models, report
+    from rayvid.cli import main
+
+    videos = tmp_path / "in"
+    shutil.copytree(media["videos"], videos)
+    out = tmp_path / "out"
+    args = ["run", str(videos), str(out), "--model", shapes_model["path"], "--no-progress"]
+    h, w = models.static_shape(ModelConfig(name=shapes_model["path"])).input_size
+    listed = sorted(str(videos / os.path.relpath(p, media["videos"])) for p in media["truth"])
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists(), os.listdir(out)
+    size = sum(os.path.getsize(p) for p in listed)
+    assert text.splitlines()[:5] == [
+        "rayvid run --dry-run: 3 videos to do, nothing written",
+        "  videos:  3 listed, 0 skipped (already done), 3 to do",
+        f"  input:   {report._mb(size)} in the videos to do; 3 segments to decode",
+        f"  model:   {shapes_model['path']}, frames at {h}x{w}",
+        f"  output:  {out}/ (nothing written; a run would resume into it)"], text
+    assert text.splitlines()[5].startswith("  actors:  decode 1..")
+    assert main(args) == 0
+    capsys.readouterr()
+    shutil.copy(listed[0], videos / "new.mp4")
+
+    def tree():
+        return {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, files in os.walk(out) for f in files}
+
+    before = tree()
+    assert main([*args, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert tree() == before
+    assert text.splitlines()[:3] == [
+        "rayvid run --dry-run: 1 video to do, nothing written",
+        "  videos:  4 listed, 3 skipped (already done), 1 to do",
+        f"  input:   {report._mb(os.path.getsize(listed[0]))} in the videos to do; 1 segment to decode"], text
+
+
 def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
     """Same command again: nothing is decoded twice; a new video and a changed video are
     processed, a failed one only with --retry-failed, and no row is ever duplicated."""
