@@ -413,11 +413,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # Ray's SIGTERM handler in a driver: sys.exit(SIGTERM), through the run
         if e.code != signal.SIGTERM or args.verb != "run":
             raise
-        print("rayvid: terminated (SIGTERM); the videos complete by now are committed: run the same command again "
-              "to finish", file=sys.stderr)
+        done = "" if getattr(args, "dry_run", False) else \
+            "; the videos complete by now are committed: run the same command again to finish"
+        print(f"rayvid: terminated (SIGTERM){done}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
-        done = "; the videos complete by now are committed: run the same command again to finish" if args.verb == "run" else ""
+        done = "; the videos complete by now are committed: run the same command again to finish" \
+            if args.verb == "run" and not args.dry_run else ""
         print(f"rayvid: interrupted{done}", file=sys.stderr)
         # the `rayvid` command, exiting: a second Ctrl-C would interrupt Ray's own shutdown at
         # exit (a Ray started before rayvid knew it had: its atexit hook), a traceback after

@@ -811,6 +811,11 @@ class Rivals:
         where this run's record is another process's (two runs of one id began within
         moments: each checked before the other's record was there)."""
         self._check_own_record()
+        self.refuse_earlier()
+
+    def refuse_earlier(self) -> None:
+        """Raise ConfigError, naming it, if a live run that began before this one is over the
+        same INPUT (reads only: `run --dry-run` asks it too)."""
         first = self.earliest()
         if first is not None:
             what = "videos this run lists too" if first.get("run_id") in self.by_listing else "the same INPUT"

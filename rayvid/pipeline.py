@@ -334,6 +334,10 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
         if dry_run:
             import pyarrow.compute as pc
 
+            # (as a run would stop at its start: another live run over the same INPUT or videos)
+            commit.Rivals(cfg.output, _redacted(record),
+                          videos=videos.column("video_uri") if listing.is_manifest(cfg.input) else None).refuse_earlier()
+
             sizes = pc.fill_null(videos.column("size_bytes"), -1)
             known = pc.fill_null(pc.greater_equal(sizes, 0), False)  # (NaN, -1, null: not known)
             result.dry_run = {"videos": len(videos), "bytes": int(pc.sum(pc.if_else(known, sizes, 0)).as_py() or 0),

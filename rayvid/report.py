@@ -61,13 +61,15 @@ def _dry_run(result, output: str) -> str:
     """What `rayvid run --dry-run` prints: what the run would do."""
     d = result.dry_run
     unknown = f" ({d['unknown_sizes']} of unknown size)" if d["unknown_sizes"] else ""
+    size = ("size unknown (not listed: a manifest's videos)" if d["videos"] and d["unknown_sizes"] == d["videos"]
+            else f"{_mb(d['bytes'])} in the videos to do{unknown}")
     clips = f", clips of {d['clip_len']} frames" if d["clip_len"] else ""
     lines = [
         f"rayvid run --dry-run: {_plural(d['videos'], 'video')} to do, nothing written",
         f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
         + (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
            if result.videos_skipped_failed else "") + f"), {d['videos']} to do",
-        f"  input:   {_mb(d['bytes'])} in the videos to do{unknown}; {_plural(d['segments'], 'segment')} to decode",
+        f"  input:   {size}; {_plural(d['segments'], 'segment')} to decode",
         f"  model:   {result.model}, frames at {d['input_size'][0]}x{d['input_size'][1]}{clips}",
         f"  output:  {output}/ (nothing written; a run would resume into it)",
     ]

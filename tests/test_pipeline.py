@@ -504,7 +504,8 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, medi
     """`rayvid run --dry-run`: INPUT listed, OUTPUT read, the model's shape and the pools
     planned, and what the run would do printed (videos to do, their bytes, segments),
     nothing written: no OUTPUT where there was none; after a run, with a video added, the
-    one new video to do and OUTPUT byte for byte as it was."""
+    one new video to do and OUTPUT byte for byte as it was; with another live run over the
+    same INPUT begun first, exit 2 as a run would stop."""
     from rayvid import models, report
     from rayvid.cli import main
 
@@ -540,6 +541,16 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, medi
         "rayvid run --dry-run: 1 video to do, nothing written",
         "  videos:  4 listed, 3 skipped (already done), 1 to do",
         f"  input:   {report._mb(os.path.getsize(listed[0]))} in the videos to do; 1 segment to decode"], text
+    # another live run over the same INPUT, begun first: the dry run says what a run would
+    beat = commit.Heartbeat(str(out), "rival", {"run_id": "rival", "status": "running",
+                                                "started_at": "2026-01-01T00:00:00Z", "config": {"input": str(videos)}},
+                            every_s=60)
+    beat.start()
+    try:
+        assert main([*args, "--dry-run"]) == 2
+    finally:
+        beat.stop()
+    assert "run rival (host" in capsys.readouterr().err
 
 
 def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
