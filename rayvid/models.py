@@ -434,24 +434,33 @@ def _ends_in_sigmoid(model, index: int = 0, depth: int = 0) -> bool:
                 return False
         return False
     for _ in range(64):
-        history = getattr(tensor, "_keras_history", None)
-        if history is None:
+        made = _call_of(tensor)
+        if made is None:
             return False
-        op, node_index, tensor_index = history
+        op, tensor_index, inputs = made
         if getattr(op, "layers", None) is not None and hasattr(op, "outputs"):  # a nested model: that output of it
             return depth < 8 and _ends_in_sigmoid(op, tensor_index, depth + 1)
         if _is_sigmoid(op):
             return True
-        if type(op).__name__ not in _PASS_THROUGH:
-            return False
-        try:
-            inputs = op._inbound_nodes[node_index].input_tensors  # (the call on this path, not the layer's first)
-        except (AttributeError, IndexError):
-            return False
-        if len(inputs) != 1:
+        if type(op).__name__ not in _PASS_THROUGH or len(inputs) != 1:
             return False
         tensor = inputs[0]
     return False
+
+
+def _call_of(tensor) -> Optional[tuple]:
+    """(the layer or op that made a Keras tensor, which of its outputs the tensor is, its
+    inputs in that call: not in the layer's first call, where it is shared); None for a
+    model's input."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None or type(history[0]).__name__ == "InputLayer":
+        return None
+    op, node_index, tensor_index = history
+    try:
+        inputs = list(op._inbound_nodes[node_index].input_tensors)
+    except (AttributeError, IndexError):
+        inputs = []
+    return op, tensor_index, inputs
 
 
 def _is_sigmoid(op) -> bool:
@@ -542,13 +551,12 @@ def _classifier_input(model) -> tuple:
             op = inbound
         return op, op.input
     while True:
-        history = getattr(tensor, "_keras_history", None)
-        if history is None or type(history[0]).__name__ == "InputLayer":
+        made = _call_of(tensor)
+        if made is None:
             raise ModelError("--embed: found no classifier layer (a layer with weights) to take the input of")
-        op, node_index = history[0], history[1]
-        inputs = op._inbound_nodes[node_index].input_tensors  # (this call's, not the layer's first)
+        op, _, inputs = made
         if getattr(op, "weights", None):  # (a keras.ops operation has none)
-            return op, inputs[0] if len(inputs) == 1 else list(inputs)
+            return op, inputs[0] if len(inputs) == 1 else inputs
         if len(inputs) != 1:
             raise ModelError(f"--embed: the layer {op.name!r} before the classifier has several inputs; name a layer: "
                              f"--embed LAYER")

@@ -44,17 +44,19 @@ def summary(result) -> str:
             f"waiting for frames {100 * t['waiting']:.0f}% ({t['frames']} frames in {t['batches']} batches{actors})"
         )
     if result.plan:
-        p = result.plan
-        gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
         devices = (t or {}).get("devices") or []
-        if p["infer_gpus"] and "CPU" in devices:
-            gpu += (" (but TensorFlow found no GPU on some actors: the model ran on the CPU there)" if "GPU" in devices
-                    else " (but TensorFlow found no GPU: the model ran on the CPU)")
-        lines.append(
-            f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
-            f"inference {p['infer_min']}..{p['infer_max']}{gpu}"
-        )
+        gpu = ""
+        if result.plan["infer_gpus"] and "CPU" in devices:
+            gpu = (" (but TensorFlow found no GPU on some actors: the model ran on the CPU there)" if "GPU" in devices
+                   else " (but TensorFlow found no GPU: the model ran on the CPU)")
+        lines.append(_actors(result.plan) + gpu)
     return "\n".join(lines)
+
+
+def _actors(p: dict) -> str:
+    """The summary's line of the planned pools (`pipeline.Plan`, as a dict)."""
+    gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
+    return f"  actors:  decode {p['decode_min']}..{p['decode_max']}, inference {p['infer_min']}..{p['infer_max']}{gpu}"
 
 
 def _dry_run(result, output: str) -> str:
@@ -74,10 +76,7 @@ def _dry_run(result, output: str) -> str:
         f"  output:  {output}/ (nothing written; a run would resume into it)",
     ]
     if result.plan:
-        p = result.plan
-        gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
-        lines.append(f"  actors:  decode {p['decode_min']}..{p['decode_max']}, "
-                     f"inference {p['infer_min']}..{p['infer_max']}{gpu}")
+        lines.append(_actors(result.plan))
     return "\n".join(lines)
 
 
