@@ -588,6 +588,7 @@ def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
     import keras
 
     found: dict = {}
+    listed_names: set = set()  # of `found`, those an `__all__` named (handed even if Keras has the name)
     for spec in cfg.custom_objects:
         module = _IMPORTED.get(spec) or _import_custom(spec, workdir)
         _IMPORTED[spec] = module
@@ -596,18 +597,20 @@ def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
             if not (inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
             own = str(getattr(obj, "__module__", None) or "")
-            if name in listed if listed is not None else (
-                    not name.startswith("_") and (own == module.__name__ or own.startswith(module.__name__ + "."))):
+            if listed is not None:
+                if name in listed:
+                    found[name] = obj
+                    listed_names.add(name)
+            elif not name.startswith("_") and (own == module.__name__ or own.startswith(module.__name__ + ".")):
                 found[name] = obj
+                listed_names.discard(name)
     shadowing = sorted(n for n, obj in found.items() if h5 and inspect.isfunction(obj) and _keras_function(keras, n))
-    listed_ones = [n for n in shadowing if n in set().union(*(getattr(_IMPORTED[s], "__all__", None) or ()
-                                                               for s in cfg.custom_objects))]
     for name in shadowing:
-        if name not in listed_ones:
+        if name not in listed_names:
             del found[name]
-    if listed_ones:
+    if kept := [n for n in shadowing if n in listed_names]:
         log.warning("%s: --custom-objects hands Keras its own %s (listed in __all__), which this .h5 file's layers use "
-                    "wherever they name Keras' function of that name", display_name(cfg), ", ".join(listed_ones))
+                    "wherever they name Keras' function of that name", display_name(cfg), ", ".join(kept))
     return found
 
 

@@ -309,48 +309,20 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
     finished = False
     try:
         _refuse_live_run_id(cfg)  # (at once: and again before its listing and record are written)
-        # else it loads once in a worker while the driver reads what is committed and
-        # plans segments from the videos' headers (neither changes a committed row)
-        probe = None if shape else _probe_model(ray, cfg)
-        committed = _recover(cfg, videos, repair=not dry_run)
-        listed = len(videos)
-        all_listed = videos
-        videos, skipped, redo = commit.pending(videos, committed, cfg.retry_failed)
-        failed_before, skipped_runs = commit.skipped_by(all_listed, committed, redo, cfg.output) if skipped else (0, [])
-        _warn_if_settings_differ(cfg, skipped, skipped_runs)
-        units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
-        info = probe() if probe else None
-        shape = info.shape if info else shape
-        clip_len = _clip_len(cfg, shape.clip_len)
-        # an embedded local Ray, started here: no node is to come
-        embedded = we_started_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))
-        shape_now = dict(cluster_shape(ray), embedded=embedded)
-        plan = plan_resources(cfg, shape_now, listed, remote=_any_remote(videos),
-                              n_units=len(units) if units is not None else 0)
-        _warn_about(shape_now, plan, cfg)
-        _warn_if_local_on_cluster(ray, videos, shape_now)
-        result = RunResult(cfg.run_id, cfg.output, name, videos_listed=listed, videos_skipped=skipped,
-                           videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
+        work = _plan_work(ray, cfg, videos, shape, name, we_started_ray, repair=not dry_run)
+        result, info = work.result, work.info
         if dry_run:
-            import pyarrow.compute as pc
-
             # (as a run would stop at its start: another live run over the same INPUT or videos)
             commit.Rivals(cfg.output, _redacted(record),
-                          videos=videos.column("video_uri") if listing.is_manifest(cfg.input) else None).refuse_earlier()
-
-            sizes = pc.fill_null(videos.column("size_bytes"), -1)
-            known = pc.fill_null(pc.greater_equal(sizes, 0), False)  # (NaN, -1, null: not known)
-            result.dry_run = {"videos": len(videos), "bytes": int(pc.sum(pc.if_else(known, sizes, 0)).as_py() or 0),
-                              "unknown_sizes": len(videos) - int(pc.sum(known.cast(pa.int64())).as_py() or 0),
-                              "segments": len(units) if units is not None else 0,
-                              "input_size": list(shape.input_size), "clip_len": clip_len}
+                          videos=work.videos.column("video_uri") if listing.is_manifest(cfg.input) else None).refuse_earlier()
+            result.dry_run = _would_do(work)
             return result  # (before anything is written: no record, no listing, no retraction)
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
         record["stats"] = _progress(result, None)  # (listed and skipped are known now: a run killed early says them)
         _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
         mine = None
         if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this
-            mine = videos.column("video_uri")
+            mine = work.videos.column("video_uri")
             _write_listing(cfg, mine)
             record["listing"] = True
         beat = _write_first_record(cfg, record)
@@ -359,39 +331,39 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
             # an earlier run, alive, over INPUT or (manifests) over videos listed here too: stop
             rivals = commit.Rivals(cfg.output, _redacted(record), videos=mine)
             rivals.check_now()
-            committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(videos),
+            committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(work.videos),
                                          flush_interval_s=cfg.commit_interval_s, guard=rivals.check)
             beat.progress = lambda: _progress(result, committer)
             # --retry-failed: old errors go once the model is known to load (the first batch)
-            if units is not None:
+            if work.units is not None:
                 reports = _reports_actor(ray)
-                ds = _dataset(ray, cfg, units, shape, plan, reports, clip_len)
+                ds = _dataset(ray, cfg, work.units, work.shape, work.plan, reports, work.clip_len)
                 try:  # (the commit interval is kept also while no block comes)
                     with committer.publishing_while_idle(every_s=min(5.0, max(0.5, cfg.commit_interval_s))):
                         for batch in results(ds):
                             if not retracted:
-                                commit.retract(cfg.output, redo, committed, cfg.run_id)
+                                commit.retract(cfg.output, work.redo, work.committed, cfg.run_id)
                                 retracted = True
                             committer.add(batch)
                 except Exception as e:
                     _raise_model_error(ray, reports)  # the model could not load: say why, as it is
-                    _raise_if_storage(e, cfg.output, videos, committer)
+                    _raise_if_storage(e, cfg.output, work.videos, committer)
                     raise
                 loaded, result.inference = _reports(ray, reports, committer.frames - committer.reused
                                                     + committer.dropped_inferred)
                 info = info or loaded
             try:  # the last writes into OUTPUT: an outage here is one too
                 if not retracted:
-                    commit.retract(cfg.output, redo, committed, cfg.run_id)
+                    commit.retract(cfg.output, work.redo, work.committed, cfg.run_id)
                     retracted = True
                 committer.close()
             except Exception as e:
-                _raise_if_storage(e, cfg.output, videos, committer)
+                _raise_if_storage(e, cfg.output, work.videos, committer)
                 raise
         except BaseException as e:
             stopped = beat.stop(wait_s=HEARTBEAT_STOP_S)  # a beat stuck in a store's retries is not waited for
             # (after an outage `_not_done` tried already; before a retraction old rows are there)
-            if committer is not None and (retracted or not redo) and not isinstance(e, StorageUnavailable):
+            if committer is not None and (retracted or not work.redo) and not isinstance(e, StorageUnavailable):
                 _publish_complete(committer, e)
             # a copy: a beat still writing (stop's wait ran out) reads `record` meanwhile
             failed = dict(record, status="failed", error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
@@ -420,6 +392,63 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
                     log.warning("SIGTERM while Ray shut down, after the run had finished: nothing was stopped")
                     ray.shutdown()  # (the rest of it)
     return result
+
+
+@dataclass
+class _Work:
+    """What a run is to do, found before its first write: the videos left to decode (listed,
+    less those committed, with --retry-failed's failed ones back), their segments, the model's
+    shape and the pools."""
+
+    videos: pa.Table
+    committed: commit.Committed
+    redo: pa.Table  # committed videos this run does again (changed, or failed and retried)
+    units: Optional[pa.Table]  # segments.plan_all of `videos` (None: nothing to do)
+    shape: models.Shape
+    info: Optional[models.ModelInfo]  # where the model loaded in a worker to learn its shape
+    clip_len: int
+    plan: Plan
+    result: RunResult  # listed and skipped counts, and the plan; the rest filled in by the run
+
+
+def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Shape], name: str,
+               we_started_ray: bool, repair: bool) -> _Work:
+    """Read what OUTPUT has committed (`repair`: finish or undo a dead run's half-writes, as a
+    run does; else read them as they are), plan the segments, learn the model's shape, size
+    the pools for the cluster, and warn about settings. Writes nothing but `repair`'s."""
+    # where the shape is not in the model's name or file, the model loads once in a worker
+    # while the driver reads what is committed and plans segments from the videos' headers
+    probe = None if shape else _probe_model(ray, cfg)
+    committed = _recover(cfg, videos, repair=repair)
+    listed = videos
+    videos, skipped, redo = commit.pending(listed, committed, cfg.retry_failed)
+    failed_before, skipped_runs = commit.skipped_by(listed, committed, redo, cfg.output) if skipped else (0, [])
+    _warn_if_settings_differ(cfg, skipped, skipped_runs)
+    units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
+    info = probe() if probe else None
+    shape = info.shape if info else shape
+    # an embedded local Ray, started here: no node is to come
+    embedded = we_started_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    shape_now = dict(cluster_shape(ray), embedded=embedded)
+    plan = plan_resources(cfg, shape_now, len(listed), remote=_any_remote(videos),
+                          n_units=len(units) if units is not None else 0)
+    _warn_about(shape_now, plan, cfg)
+    _warn_if_local_on_cluster(ray, videos, shape_now)
+    result = RunResult(cfg.run_id, cfg.output, name, videos_listed=len(listed), videos_skipped=skipped,
+                       videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
+    return _Work(videos, committed, redo, units, shape, info, _clip_len(cfg, shape.clip_len), plan, result)
+
+
+def _would_do(work: _Work) -> dict:
+    """`run(dry_run=True)`'s account: videos to do, their known bytes, segments, frame size."""
+    import pyarrow.compute as pc
+
+    sizes = pc.fill_null(work.videos.column("size_bytes"), -1)
+    known = pc.fill_null(pc.greater_equal(sizes, 0), False)  # (NaN, -1, null: not known)
+    return {"videos": len(work.videos), "bytes": int(pc.sum(pc.if_else(known, sizes, 0)).as_py() or 0),
+            "unknown_sizes": len(work.videos) - int(pc.sum(known.cast(pa.int64())).as_py() or 0),
+            "segments": len(work.units) if work.units is not None else 0,
+            "input_size": list(work.shape.input_size), "clip_len": work.clip_len}
 
 
 def _record_finished(cfg: RunConfig, record: dict, result: RunResult, committer: commit.Committer, info,
