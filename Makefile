@@ -54,5 +54,7 @@ lock:
 	grep -v -i -E '^rayvid([ =@]|$$)' "$$tmp/freeze.txt" > "$$tmp/requirements.lock"; \
 	mv "$$tmp/requirements.lock" requirements.lock
 
+# The demo's files: samples and `make run`'s own out/ (an OUT=DIR given to `make run` is the
+# user's output, as it never deletes it: not deleted here either).
 clean:
-	rm -rf $(OUT) $(SAMPLES) .pytest_cache
+	rm -rf out $(SAMPLES) .pytest_cache
