@@ -524,6 +524,19 @@ def test_lock_pins_exactly_what_pyproject_resolves_to():
     assert "requirements.lock" in recipe and "rayvid" in recipe, recipe
 
 
+
+def test_make_clean_deletes_the_demo_files_never_a_users_output():
+    """`make run OUT=DIR` never deletes DIR (the user's output, which it resumes into), and
+    neither does `make clean OUT=DIR` (it ran `rm -rf $(OUT)`): only samples/ and out/."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    recipe = subprocess.run(["make", "-n", "clean", "OUT=/data/archive-labels"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert "/data/archive-labels" not in recipe and re.search(r"rm -rf out samples( |$)", recipe, re.M), recipe
+
 def test_runtime_env_ships_the_checkout_without_the_heavy_parts():
     env = _yaml("runtime_env.yaml")
     assert env["working_dir"] == "."
