@@ -8,6 +8,9 @@ OUT    ?= out
 MODEL  ?= $(SAMPLES)/model/shapes.keras
 ARGS   ?=
 PYTEST_ARGS ?=
+# pytest workers (pytest-xdist), each its own session: one Ray, one S3 and one GCS server each;
+# 0: one session in this process
+PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: setup run test bench lock clean
@@ -32,7 +35,7 @@ run: $(STAMP)
 	$(BIN)/rayvid run $(SAMPLES)/videos $(OUT) --model $(MODEL) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # rayvid against a serial loop, tf.data and Ray Data's own recipe, side by side on
 # generated videos; logs tables on stderr, writes bench/last_run.json (and the JSON to stdout) (BENCHMARKS.md's record is
