@@ -151,9 +151,11 @@ def refusing_model(path: str, check) -> str:
     return path
 
 
-def processes(title_prefix: str) -> list:
+def processes(title_prefix: str, ours: bool = False) -> list:
     """(pid, title) of this machine's processes whose command line starts with the prefix
-    (Ray names worker processes after what they run: `ray::MapWorker(MapBatches(Decoder))`)."""
+    (Ray names worker processes after what they run: `ray::MapWorker(MapBatches(Decoder))`).
+    `ours`: only this process's descendants, which its Ray's are (their raylet is its child):
+    not those of another pytest worker's Ray on the same machine."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -163,9 +165,26 @@ def processes(title_prefix: str) -> list:
                 title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if title.startswith(title_prefix):
+        if title.startswith(title_prefix) and (not ours or _descends_from(int(pid), os.getpid())):
             found.append((int(pid), title))
     return found
+
+
+def parent(pid: int) -> int:
+    """A process's parent's pid (-1: it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        pid = parent(pid)
+        if pid == root:
+            return True
+    return False
 
 
 def frames_per_video(table) -> dict:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from helpers import FAKE_KEY_ID, frames_per_video, http_server, processes, pts_of, read_output, upload_tree
+from helpers import FAKE_KEY_ID, frames_per_video, http_server, parent, processes, pts_of, read_output, upload_tree
 from rayvid import commit, pipeline, query, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import ConfigError, InputError, ModelError, StorageError, StorageUnavailable
@@ -703,7 +703,7 @@ def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many
     title = f"ray::MapWorker(MapBatches({stage})).submit"  # the title while it runs a task
     deadline, first_busy, busy = time.time() + 120, None, []
     while time.time() < deadline:
-        busy = processes(title)
+        busy = processes(title, ours=True)  # (not another pytest worker's Ray's)
         first_busy = first_busy or (busy and time.time())
         # well into its work, and busy now. CI once saw two such processes at one look, cause
         # not found (a process that has just forked shows its parent's title until it
@@ -713,7 +713,7 @@ def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many
         time.sleep(0.02)
     [(pid, _)] = busy
     assert job.is_alive(), "the run finished before the actor could be killed"
-    children = [p for p, _ in processes(sys.executable) if _parent(p) == pid]
+    children = [p for p, _ in processes(sys.executable) if parent(p) == pid]
     assert len(children) == (stage == "Decoder")  # a decode actor decodes in its child process
     os.kill(pid, signal.SIGKILL)
     job.join(timeout=300)
@@ -731,14 +731,6 @@ def test_sigkill_an_actor_mid_run_loses_and_duplicates_nothing(ray_session, many
     assert [ok for _, ok in counted] == sorted(ok for _, ok in counted) and counted[-1][1] <= 24
 
 
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return -1
-
-
 def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, many_videos, shapes_model, tmp_path):
     """A spot node is reclaimed while decode actors live on it (three, over its 2 CPUs and
     the head's 2: at least one on it, as checked before it goes)."""
@@ -753,9 +745,9 @@ def test_remove_a_worker_node_mid_run_loses_and_duplicates_nothing(ray_cluster, 
         job = threading.Thread(target=lambda: result.update(r=pipeline.run(cfg)))
         job.start()
         deadline = time.time() + 120
-        while time.time() < deadline and len(processes("ray::MapWorker(MapBatches(Decoder)).submit")) < 2:
+        while time.time() < deadline and len(processes("ray::MapWorker(MapBatches(Decoder)).submit", ours=True)) < 2:
             time.sleep(0.05)
-        assert len(processes("ray::MapWorker(MapBatches(Decoder))")) == 3
+        assert len(processes("ray::MapWorker(MapBatches(Decoder))", ours=True)) == 3
         from ray._private import state
 
         on_node = []  # (the GCS's actor table may lag the processes by a moment)
