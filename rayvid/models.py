@@ -584,7 +584,8 @@ def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
     them runs their `register_keras_serializable` decorators too. For an `.h5` file (`h5`),
     which names built-in and custom functions alike by their bare names and takes a custom
     one first, a function named as one of Keras' (a helper `relu`) is left out unless
-    `__all__` lists it (then a warning says so)."""
+    `__all__` lists it (then a warning says so). Two modules defining one name: the later
+    one's is handed, unless only the earlier one's `__all__` lists it."""
     import keras
 
     found: dict = {}
@@ -601,9 +602,9 @@ def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
                 if name in listed:
                     found[name] = obj
                     listed_names.add(name)
-            elif not name.startswith("_") and (own == module.__name__ or own.startswith(module.__name__ + ".")):
-                found[name] = obj
-                listed_names.discard(name)
+            elif (name not in listed_names and not name.startswith("_")
+                  and (own == module.__name__ or own.startswith(module.__name__ + "."))):
+                found[name] = obj  # (a later module's wins, but never over one an __all__ named)
     shadowing = sorted(n for n, obj in found.items() if h5 and inspect.isfunction(obj) and _keras_function(keras, n))
     for name in shadowing:
         if name not in listed_names:

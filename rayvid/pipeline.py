@@ -402,7 +402,7 @@ class _Work:
 
     videos: pa.Table
     committed: commit.Committed
-    redo: pa.Table  # committed videos this run does again (changed, or failed and retried)
+    redo: set  # URIs of committed videos this run does again (changed, or failed and retried)
     units: Optional[pa.Table]  # segments.plan_all of `videos` (None: nothing to do)
     shape: models.Shape
     info: Optional[models.ModelInfo]  # where the model loaded in a worker to learn its shape
@@ -427,6 +427,7 @@ def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Sha
     units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
     info = probe() if probe else None
     shape = info.shape if info else shape
+    clip_len = _clip_len(cfg, shape.clip_len)  # (a --clip-len the model refuses: before the cluster's checks)
     # an embedded local Ray, started here: no node is to come
     embedded = we_started_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))
     shape_now = dict(cluster_shape(ray), embedded=embedded)
@@ -436,7 +437,7 @@ def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Sha
     _warn_if_local_on_cluster(ray, videos, shape_now)
     result = RunResult(cfg.run_id, cfg.output, name, videos_listed=len(listed), videos_skipped=skipped,
                        videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
-    return _Work(videos, committed, redo, units, shape, info, _clip_len(cfg, shape.clip_len), plan, result)
+    return _Work(videos, committed, redo, units, shape, info, clip_len, plan, result)
 
 
 def _would_do(work: _Work) -> dict:

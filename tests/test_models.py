@@ -687,6 +687,11 @@ def test_custom_objects_from_a_module_a_file_on_s3_or_nowhere(s3fs_client, tmp_p
     assert not np.allclose(loaded.predict(frames, verbose=0), expected)  # (its relu, as __all__ says)
     assert ("custom.h5: --custom-objects hands Keras its own relu (listed in __all__), which this .h5 file's layers "
             "use wherever they name Keras' function of that name") in caplog.text
+    listing, everything = str(tmp_path / "listing.py"), str(tmp_path / "everything.py")
+    for order in ((listing, everything), (everything, listing)):  # a module's unlisted relu never replaces it
+        handed = models.custom_objects(ModelConfig(name=str(tmp_path / "custom.h5"), custom_objects=order),
+                                       str(tmp_path), h5=True)
+        assert handed["relu"].__module__.startswith("rayvid_custom_listing_"), order
     (tmp_path / "raising.py").write_text("import keras\nraise RuntimeError('no GPU here\\nmore')\n")
     (tmp_path / "exiting.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "needing.py").write_text("import not_installed_here_xyz\n")
