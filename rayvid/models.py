@@ -606,10 +606,10 @@ def custom_objects(cfg: ModelConfig, workdir: str, h5: bool = False) -> dict:
                   and (own == module.__name__ or own.startswith(module.__name__ + "."))):
                 found[name] = obj  # (a later module's wins, but never over one an __all__ named)
     shadowing = sorted(n for n, obj in found.items() if h5 and inspect.isfunction(obj) and _keras_function(keras, n))
-    for name in shadowing:
-        if name not in listed_names:
-            del found[name]
-    if kept := [n for n in shadowing if n in listed_names]:
+    kept = [n for n in shadowing if n in listed_names]
+    for name in set(shadowing) - set(kept):
+        del found[name]
+    if kept:
         log.warning("%s: --custom-objects hands Keras its own %s (listed in __all__), which this .h5 file's layers use "
                     "wherever they name Keras' function of that name", display_name(cfg), ", ".join(kept))
     return found

@@ -311,18 +311,17 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
         _refuse_live_run_id(cfg)  # (at once: and again before its listing and record are written)
         work = _plan_work(ray, cfg, videos, shape, name, we_started_ray, repair=not dry_run)
         result, info = work.result, work.info
+        # a manifest's videos: what another run over some of them would find (and this run's listing)
+        mine = work.videos.column("video_uri") if listing.is_manifest(cfg.input) else None
         if dry_run:
             # (as a run would stop at its start: another live run over the same INPUT or videos)
-            commit.Rivals(cfg.output, _redacted(record),
-                          videos=work.videos.column("video_uri") if listing.is_manifest(cfg.input) else None).refuse_earlier()
+            commit.Rivals(cfg.output, _redacted(record), videos=mine).refuse_earlier()
             result.dry_run = _would_do(work)
             return result  # (before anything is written: no record, no listing, no retraction)
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
         record["stats"] = _progress(result, None)  # (listed and skipped are known now: a run killed early says them)
         _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
-        mine = None
-        if listing.is_manifest(cfg.input):  # before the record: a run that sees the record sees this
-            mine = work.videos.column("video_uri")
+        if mine is not None:  # before the record: a run that sees the record sees this
             _write_listing(cfg, mine)
             record["listing"] = True
         beat = _write_first_record(cfg, record)

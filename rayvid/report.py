@@ -15,10 +15,7 @@ def summary(result) -> str:
         return _dry_run(result, output)
     lines = [
         f"rayvid run {result.run_id}: finished in {result.wall_s:.1f} s",
-        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
-        + (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
-           if result.videos_skipped_failed else "")
-        + f"), {result.videos_ok} ok, {result.videos_failed} failed",
+        _videos(result) + f", {result.videos_ok} ok, {result.videos_failed} failed",
         f"  frames:  {result.frames} ({result.frames_per_s:.1f} frames/s end to end)"
         + (f"; {result.frames - result.frames_reused} inferred, {result.frames_reused} reused "
            f"(--skip-similar)" if result.frames_reused else ""),
@@ -53,6 +50,13 @@ def summary(result) -> str:
     return "\n".join(lines)
 
 
+def _videos(result) -> str:
+    """The summary's line of listed and skipped videos (a run's and a dry run's)."""
+    failed = (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
+              if result.videos_skipped_failed else "")
+    return f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done{failed})"
+
+
 def _actors(p: dict) -> str:
     """The summary's line of the planned pools (`pipeline.Plan`, as a dict)."""
     gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
@@ -68,9 +72,7 @@ def _dry_run(result, output: str) -> str:
     clips = f", clips of {d['clip_len']} frames" if d["clip_len"] else ""
     lines = [
         f"rayvid run --dry-run: {_plural(d['videos'], 'video')} to do, nothing written",
-        f"  videos:  {result.videos_listed} listed, {result.videos_skipped} skipped (already done"
-        + (f"; {result.videos_skipped_failed} of them failed then: --retry-failed redoes them"
-           if result.videos_skipped_failed else "") + f"), {d['videos']} to do",
+        _videos(result) + f", {d['videos']} to do",
         f"  input:   {size}; {_plural(d['segments'], 'segment')} to decode",
         f"  model:   {result.model}, frames at {d['input_size'][0]}x{d['input_size'][1]}{clips}",
         f"  output:  {output}/ (nothing written; a run would resume into it)",
