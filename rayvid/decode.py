@@ -58,7 +58,7 @@ import numpy as np
 from rayvid import storage
 from rayvid.errors import StorageUnavailable
 from rayvid.mp4 import FETCH_GAP_BYTES, index_only
-from rayvid.schema import KIND_END
+from rayvid.schema import KIND_END, listed_size
 from rayvid.video import FrameReader, clip_columns, end_row, mark_failed
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Decoder:
         ):
             yield from self.decode_video(str(uri), int(seg), int(n_seg), float(start), float(end),
                                          str(source) if source else None, str(version or ""),
-                                         int(size) if size is not None and size == size else -1)  # (NaN: null)
+                                         listed_size(size))
 
     def decode_video(
         self, uri: str, segment: int = 0, n_segments: int = 1,

@@ -6,6 +6,8 @@ Spark, Athena and pyarrow read them with no casts.
 
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
@@ -33,6 +35,12 @@ KIND_FRAME = "frame"
 KIND_END = "end"
 # A null top-1 label (a detector's frame with no box) as summaries write it
 NO_LABEL_TEXT = "(no label)"
+
+
+def listed_size(size) -> int:
+    """A `size_bytes` value as an int: -1 where unknown (-1, None, or NaN: a batch's numpy
+    column turns a null int64 into a float NaN)."""
+    return int(size) if size is not None and math.isfinite(size) else -1
 
 
 def label_text(label):

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 
 from rayvid import storage
 from rayvid.video import UNSEEKABLE_CONTAINERS, output_order
-from rayvid.schema import SEGMENTS_SCHEMA
+from rayvid.schema import SEGMENTS_SCHEMA, listed_size
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
 # Reads of a header on an object store: FFmpeg reads the container's start (and an MP4's
@@ -67,9 +67,7 @@ def _unread(size: int, segment_s: float) -> bool:
 def _planned_size(size, source) -> int:
     """The listed size planning goes by: -1 where unknown, or where the video is read from
     another URL (a presigned one: the listing's size is not that object's)."""
-    if source or size is None or not np.isfinite(size):
-        return -1
-    return int(size)
+    return -1 if source else listed_size(size)
 
 
 def header_duration(uri: str) -> float:
