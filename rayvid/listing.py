@@ -94,8 +94,10 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
         raise InputError(f"cannot read {storage.not_utf8(path)}: its name is not UTF-8 (rename it)")
     try:
         info = fs.info(path)
-    except FileNotFoundError:
-        raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
+    except FileNotFoundError as e:
+        if not storage.is_unavailable(e):  # (fsspec's HTTP filesystem: also a server it cannot reach)
+            raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
+        raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
 

@@ -39,7 +39,7 @@ import fsspec
 import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
-from rayvid.errors import StorageError
+from rayvid.errors import StorageError, StorageUnavailable
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -181,7 +181,10 @@ def describe(error: BaseException) -> str:
     unreachable = _unreachable_cause(error)
     error = unreachable or error
     message = error.args[0] if auth and not unreachable and error.args and isinstance(error.args[0], str) else str(error)
-    text = redact(message.strip().splitlines()[0] if message.strip() else type(error).__name__)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    # the first line, and the next where the first only leads to it ("Parameter validation failed:")
+    text = redact(" ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])
+                  or type(error).__name__)
     name = type(error).__name__
     if auth:
         return f"cannot get GCS credentials: {text}" + ("" if unreachable else f" ({CREDENTIALS_HINT})")
@@ -228,12 +231,16 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     chaining (`simplecache::s3://...`): "::" is part of a key or a file name."""
     if not url:
         raise StorageError("empty URL")
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    protocol = (fsspec.core.split_protocol(url)[0] or "file").lower()
+    if "://" in url and not url.startswith(protocol):  # S3://b/k: a scheme is case-insensitive (RFC 3986)
+        url = protocol + url[len(protocol):]
     if protocol in ("s3", "s3a", "gs", "gcs") and any(c in url.split("://", 1)[-1].split("/", 1)[0] for c in "@:"):
         # a bucket name has neither: KEY:SECRET@bucket (whose secret may hold a "/", so
         # the URL is not shown), which s3fs and gcsfs would take for a bucket's name
         raise StorageError(f"credentials in a {protocol}:// URL are not used (the URL is not shown here): "
                            f"give them to the store's client instead ({CREDENTIALS_HINT})")
+    if protocol == "data":  # (fsspec's data: filesystem cannot list or stat its own URLs)
+        raise StorageError("data: URLs are not read: give the video a path or a URL of a store")
     if protocol == "file" and url[:7].lower() == "file://":
         url = _file_url_path(url)
     try:
@@ -246,6 +253,12 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         ) from None
     except ValueError as e:
         raise StorageError(f"cannot use URL {public_uri(url)!r}: {redact(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 (a third party's filesystem refusing this URL)
+        # a filesystem that connects as it is made (FTP, SFTP, SMB) fails here where its
+        # server cannot be reached (an outage: stops a run) or refuses the login; another
+        # where the URL lacks a part it needs (zip://, reference://, data:)
+        error = StorageUnavailable if is_unavailable(e) else StorageError
+        raise error(f"cannot use URL {public_uri(url)!r}: {describe(e)}") from None
     if is_local(fs):
         path = os.path.abspath(os.path.expanduser(path))
         if path.startswith("//"):  # (POSIX keeps a leading "//"; here it is "/": one name per file)
@@ -288,10 +301,21 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The inverse of `resolve`: local files stay plain absolute paths."""
+    """The inverse of `resolve`: local files stay plain absolute paths. A server's files
+    (FTP, SFTP, SMB: the host is the filesystem's, not in its paths) get back the host,
+    port and user-info `resolve` took from the URL (`stored_uri` keeps the user-info out
+    of every output; a video is read from the URL with it)."""
     if is_local(fs):
         return path
-    return fs.unstrip_protocol(path)
+    url = fs.unstrip_protocol(path)
+    scheme, sep, rest = url.partition("://")
+    opts = getattr(fs, "storage_options", None) or {}
+    if sep and rest.startswith("/") and opts.get("host"):
+        # as written in the URL: fsspec takes these from it without decoding them
+        user, password, port = opts.get("username"), opts.get("password"), opts.get("port")
+        userinfo = f"{user}{f':{password}' if password else ''}@" if user else ""
+        url = f"{scheme}://{userinfo}{opts['host']}{f':{port}' if port else ''}{rest}"
+    return url
 
 
 def canonical(url: str) -> str:
@@ -1208,7 +1232,11 @@ def makedirs(url: str) -> None:
 
 # --- secrets -------------------------------------------------------------------------
 
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]*)(?P<password>:[^/?#\s]*)?@")
+# user-info: a password runs to the last "@" before the path; or where it holds a "/" (an
+# AWS secret key, unencoded) and is no port (host:8080/a@b is a path, as is [::1]:80/a@b),
+# to the first "@"
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]*)"
+                       r"(?P<password>:[^/?#\s]*|:(?!\d*/)[^?#\s@:\[\]]*)?@")
 
 
 def _secret_userinfo(m: re.Match) -> bool:
@@ -1265,7 +1293,8 @@ def _redact_queries(text: str) -> str:
 
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
-                      r"|sig|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts", re.IGNORECASE)
+                      r"|sig|sign|auth_key|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts",
+                      re.IGNORECASE)
 # Parameters that carry a standing credential. A password, a secret or an auth token may
 # be one a person chose (a digest of it could be reversed by guessing): `stored_uri` drops
 # them, as it drops signatures. An API key (machine-made: a digest keeps it secret) may be
@@ -1289,7 +1318,8 @@ def stored_uri(url: str) -> str:
     user-info and without the query parameters that sign it (S3 and GCS presigned URLs:
     X-Amz-*, X-Goog-*, AWSAccessKeyId, Signature, Expires; CloudFront: Policy, Key-Pair-Id;
     an Azure SAS: sig and its companions; Alibaba OSS: OSSAccessKeyId, security-token,
-    x-oss-*; Tencent COS: q-*, x-cos-*; Akamai: __token__, hdnts; and any name holding
+    x-oss-*; Tencent COS: q-*, x-cos-*, sign; CDN URL signing: sign (Tencent, Qiniu),
+    auth_key (Alibaba, Huawei), __token__ and hdnts (Akamai); and any name holding
     token, signature, credential or accesskey), so no secret is written and
     the same object signed again is the same video. Passwords and secrets (`*secret*`,
     `*password*`, `pwd`, `auth`, `authorization`, `*hmac*`, `jwt`, `*private_key*`:

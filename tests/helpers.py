@@ -59,6 +59,29 @@ def upload_tree(fs, local_dir, url_prefix: str) -> None:
 HTTP_MODES = ("ranges", "whole", "no-length")
 
 
+@contextlib.contextmanager
+def ftp_server(root: str, user: str, password: str):
+    """A real FTP server (pyftpdlib) on 127.0.0.1 serving `root` read-only to `user` with
+    `password`; yields its port."""
+    import logging
+
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import ThreadedFTPServer
+
+    logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+    users = DummyAuthorizer()
+    users.add_user(user, password, root, perm="elr")
+    server = ThreadedFTPServer(("127.0.0.1", 0), type("Handler", (FTPHandler,), {"authorizer": users}))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield server.address[1]
+    finally:
+        server.close_all()
+        thread.join(10)
+
+
 HTTP_SENT: collections.Counter = collections.Counter()  # body bytes `http_server` sent, per path
 HTTP_ASKED: collections.Counter = collections.Counter()  # (method, path, Range header) of each request
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import HTTP_MODES, http_server, upload_tree
-from rayvid.errors import InputError
+from helpers import HTTP_MODES, ftp_server, http_server, upload_tree
+from rayvid.errors import InputError, StorageError, StorageUnavailable
 from rayvid.listing import list_videos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,33 @@ def test_local_folder_recursive_by_extension_sorted(tree):
     assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in EXPECTED]
     assert t.column("size_bytes").to_pylist() == [3] * len(EXPECTED)
     assert list_videos(str(tree), limit=2).num_rows == 2
+
+
+def test_an_ftp_folder_lists_urls_that_name_its_server_and_store_no_password(tree):
+    """fsspec's FTP filesystem keeps the host (and the login) to itself and names its files
+    `ftp:///path`: each listed video is named by its server, read with the login the INPUT
+    URL gave, and stored without it."""
+    with ftp_server(str(tree), "alice", "pw22S3CRET") as port:
+        t = list_videos(f"ftp://alice:pw22S3CRET@127.0.0.1:{port}/sub dir/")
+        assert t.column("video_uri").to_pylist() == [f"ftp://127.0.0.1:{port}/{r}" for r in EXPECTED[3:5]]
+        assert t.column("source_uri").to_pylist() == [f"ftp://alice:pw22S3CRET@127.0.0.1:{port}/{r}"
+                                                       for r in EXPECTED[3:5]]
+        assert t.column("size_bytes").to_pylist() == [3, 3]
+        with pytest.raises(StorageError, match=f"^cannot use URL 'ftp://127.0.0.1:{port}/': 530 ") as e:
+            list_videos(f"ftp://alice:wrong@127.0.0.1:{port}/")
+        assert "wrong" not in str(e.value)
+
+
+def test_a_server_that_cannot_be_reached_is_not_a_missing_input():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(InputError, match=f"^cannot read http://127.0.0.1:{port}/x.mp4: Cannot connect to host"):
+        list_videos(f"http://user:S3CRET@127.0.0.1:{port}/x.mp4")
+    with pytest.raises(StorageUnavailable, match=f"^cannot use URL 'ftp://127.0.0.1:{port}/x/': "):
+        list_videos(f"ftp://127.0.0.1:{port}/x/")
 
 
 def test_a_symlinked_video_is_listed_at_its_files_version(tree, tmp_path):

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from helpers import FAKE_KEY_ID, frames_per_video, http_server, parent, processes, pts_of, read_output, upload_tree
+from helpers import FAKE_KEY_ID, frames_per_video, ftp_server, http_server, parent, processes, pts_of, read_output, upload_tree
 from rayvid import commit, pipeline, query, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import ConfigError, InputError, ModelError, StorageError, StorageUnavailable
@@ -209,6 +209,22 @@ def test_presigned_urls_are_read_but_their_signatures_never_written(ray_session,
             if name.endswith(".parquet"):
                 for col in pq.read_table(os.path.join(dirpath, name)).columns:
                     assert not any("X-Amz" in str(v) or FAKE_KEY_ID in str(v) for v in col.to_pylist()), name
+
+
+def test_an_ftp_folder_with_a_login_end_to_end(ray_session, corpus, shapes_model, tmp_path):
+    """An FTP server's folder, the login in INPUT's URL: every video read from the server
+    (fsspec names them `ftp:///path`: rayvid names them by their server again), the output
+    names them without the login, nothing written holds the password."""
+    out = str(tmp_path / "out")
+    with ftp_server(str(corpus["dir"]), "alice", "pw5ec7e751") as port:
+        result = pipeline.run(_cfg(f"ftp://alice:pw5ec7e751@127.0.0.1:{port}/", out, shapes_model["path"],
+                                   run_id="ftp-1"))
+    assert (result.videos_ok, result.videos_failed) == (3, 2)
+    _check_round_trip(read_output(out), corpus["truth"],
+                      lambda p: f"ftp://127.0.0.1:{port}/" + os.path.relpath(p, corpus["dir"]).replace(os.sep, "/"))
+    for dirpath, _, files in os.walk(out):
+        for name in files:
+            assert b"pw5ec7e751" not in open(os.path.join(dirpath, name), "rb").read(), name
 
 
 def test_sampling_every_and_fps(ray_session, media, shapes_model, tmp_path):

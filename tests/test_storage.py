@@ -833,6 +833,17 @@ def test_redact_removes_credentials(s3_endpoint):
     # outside HTTP a "?" is the key's: shown, and recorded, as it is
     for key_url in ("s3://b/in?2024/", "gs://b/a?b#c.mp4"):
         assert storage.public_uri(key_url) == storage.redact(key_url) == key_url
+    # a password with a "/" (an AWS secret key, unencoded; invalid in a URL, so its host
+    # parts are not one): not in any message, output name or shown URL
+    for url, base in ((f"s3://minio:{FAKE_SECRET}@bucket/a.mp4", "s3://bucket/a.mp4"),
+                      ("https://alice:se/cr3tPW@127.0.0.1:9/c.mp4", "https://127.0.0.1:9/c.mp4"),
+                      ("ftp://bob:pa/ss@host/b.mp4", "ftp://host/b.mp4")):
+        assert storage.stored_uri(url) == storage.public_uri(url) == base
+        assert "fake-secret" not in storage.redact(f"has: [{url!r}]") and "cr3tPW" not in storage.redact(url)
+        assert "pa/ss" not in storage.redact(url)
+    # ... while a port before a path with an "@" is an address (as is an IPv6 host's)
+    for address in ("https://host:8080/cams/a@b.mp4", "http://[::1]:8080/cam@1.mp4", "https://u:p@h/me@x.mp4"):
+        assert storage.stored_uri(address) == storage.public_uri(address) == address.replace("u:p@", "")
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
@@ -842,7 +853,8 @@ def test_credentials_in_a_bucket_url_are_a_clear_error_that_shows_none(scheme):
     do instead, and the message holds neither the key nor the secret."""
     from rayvid.errors import StorageError
 
-    for url in (f"{scheme}://{FAKE_KEY_ID}:{FAKE_SECRET}@bucket/in/", f"{scheme}://{FAKE_KEY_ID}:abc@bucket/in/"):
+    for url in (f"{scheme}://{FAKE_KEY_ID}:{FAKE_SECRET}@bucket/in/", f"{scheme}://{FAKE_KEY_ID}:abc@bucket/in/",
+                f"{scheme.upper()}://{FAKE_KEY_ID}:{FAKE_SECRET}@bucket/in/"):  # (a scheme in capitals is one)
         with pytest.raises(StorageError) as e:  # (FAKE_SECRET holds a "/", as AWS secrets may)
             storage.resolve(url)
         message = str(e.value)
@@ -891,6 +903,10 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
         "https://b.cos.ap-beijing.myqcloud.com/k.mp4?q-sign-algorithm=sha1&q-ak=A&q-sign-time=1;2&q-key-time=1;2"
         "&q-header-list=&q-url-param-list=&q-signature=S&x-cos-security-token=T": "https://b.cos.ap-beijing.myqcloud.com/k.mp4",
         "https://cdn.example/k.mp4?__token__=exp=1~hmac=H&hdnts=st=1~hmac=H&v=2": "https://cdn.example/k.mp4?v=2",
+        # CDN URL signing: Tencent COS/CDN and Qiniu `sign`, Alibaba and Huawei `auth_key`
+        "https://b.cos.ap-beijing.myqcloud.com/k.mp4?sign=q-sign-algorithm%3Dsha1%26q-ak%3DA%26q-signature%3DS":
+            "https://b.cos.ap-beijing.myqcloud.com/k.mp4",
+        "https://cdn.example/k.mp4?auth_key=1700000000-0-0-80cd3862d699b7&v=2": "https://cdn.example/k.mp4?v=2",
     }
     for signed, stored in others.items():
         assert storage.stored_uri(signed) == stored
@@ -898,6 +914,38 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
                  "s3://b/odd?sig=1&token=2.mp4"):  # outside HTTP a "?" is part of the key
         assert storage.stored_uri(kept) == kept
     assert storage.public_uri("/local/a?b.mp4") == "/local/a?b.mp4"
+
+
+def test_a_scheme_in_capitals_is_the_scheme(s3_endpoint, s3fs_client):
+    s3fs_client.pipe("rayvid-test/caps/a.mp4", b"x")
+    fs, path = storage.resolve("S3://rayvid-test/caps/a.mp4")
+    assert path == "rayvid-test/caps/a.mp4" and fs.cat_file(path) == b"x"
+    assert storage.canonical("S3://rayvid-test/caps/a.mp4") == "s3://rayvid-test/caps/a.mp4"
+
+
+def test_a_filesystem_that_cannot_be_made_from_a_url_is_a_clear_error():
+    """fsspec's filesystems that connect as they are made (FTP), or need what a URL cannot
+    carry (zip://, reference://), raise what they raise: one line naming the URL instead,
+    StorageUnavailable where the server cannot be reached (a run stops, resumable)."""
+    from rayvid.errors import StorageError, StorageUnavailable
+
+    with pytest.raises(StorageUnavailable, match=r"^cannot use URL 'ftp://127\.0\.0\.1:1/x/': .*Connection refused"):
+        storage.resolve("ftp://bob:S3CRET@127.0.0.1:1/x/")
+    for url, said in (("zip://videos/", "Is a directory"), ("reference://x/", "missing 1 required positional"),
+                      ("data:video/mp4;base64,AAAA", "data: URLs are not read")):
+        with pytest.raises(StorageError, match=said) as e:
+            storage.resolve(url)
+        assert not isinstance(e.value, StorageUnavailable)
+
+
+def test_describe_keeps_the_line_a_first_line_only_leads_to():
+    from botocore.exceptions import ParamValidationError
+
+    error = ParamValidationError(report="Invalid bucket name \"Bad_Bucket!\": Bucket name must match the regex")
+    assert str(error).splitlines()[0] == "Parameter validation failed:"
+    assert storage.describe(error) == ("Parameter validation failed: Invalid bucket name \"Bad_Bucket!\": "
+                                       "Bucket name must match the regex")
+    assert storage.describe(OSError("one line\nand a traceback's next")) == "one line"
 
 
 def test_access_errors_name_the_url_that_failed(tmp_path, s3_endpoint):
