@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -775,12 +776,31 @@ def stdout() -> Iterator[BinaryIO]:
     OUTPUT"); a reader that closed the pipe stays BrokenPipeError (the cli ends quietly)."""
     try:
         sys.stdout.flush()  # (text printed before goes first)
-        yield sys.stdout.buffer
+        yield _WriteAll(sys.stdout.buffer)
         sys.stdout.flush()
     except BrokenPipeError:
         raise
     except OSError as e:
         raise StorageError(f"cannot write to stdout: {storage.describe(e)}") from None
+
+
+class _WriteAll:
+    """A writer that writes all it is given. Python's stdout with `-u` or PYTHONUNBUFFERED
+    is a raw FileIO, whose write() writes what one system call takes (a pipe: 64 KB) and
+    says how much: `shutil.copyfileobj` and `write(data)` would drop the rest, and never see
+    the reader gone (exit 0 after a truncated export); the next write raises."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._out.write(view)
+            if not n:  # (None: a non-blocking stdout that would block)
+                raise BlockingIOError(errno.EAGAIN, "stdout takes no more now")
+            view = view[n:]
+        return len(data)
 
 
 def publish(local: str, dest: str) -> None:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -197,6 +198,25 @@ def test_an_output_whose_runs_listed_no_videos_has_no_rows(tmp_path, capsys):
         assert "no rayvid output" not in capsys.readouterr().err
     assert query.read(url).num_rows == 0
     assert cli.main(["summary", str(tmp_path / "typo")]) == 2
+
+
+def test_an_unbuffered_stdout_whose_reader_goes_mid_export_is_not_a_success(tmp_path):
+    """With `python -u` or PYTHONUNBUFFERED (set in many container images) stdout is a raw
+    file: a write into a full pipe writes part and says so; the rest must still be written,
+    so a reader that goes away mid-export is exit 141, not exit 0 and "rows -> -" after a
+    truncated CSV."""
+    url = str(tmp_path / "big")
+    write_output(url, {"/v/long.mp4": _run(("circle", 3000, 0.9))}, fps=FPS)
+    code = f"import sys\nfrom rayvid import cli\nsys.exit(cli.main(['export', {url!r}, '-']))\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.read(100)  # the CSV (well over the pipe's 64 KB) has begun
+    time.sleep(1.0)  # (the writer blocks on the full pipe)
+    proc.stdout.close()
+    assert proc.wait(120) == 141 and proc.stderr.read() == b""
+    full = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert full.returncode == 0 and full.stdout.count(b"\n") == 3001 and len(full.stdout) > 2**17
 
 
 @pytest.mark.parametrize("verb", [["export", "{out}", "-"], ["summary", "{out}", "--format", "csv"], ["compact", "{out}"]])
