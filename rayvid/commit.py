@@ -1288,12 +1288,13 @@ def pending(videos: pa.Table, committed: Committed, retry_failed: bool) -> tuple
 COMPACTED_PARTS_READ = 20  # compacted videos/ parts `skipped_by` reads for the runs in them
 
 
-def skipped_by(videos: pa.Table, committed: Committed, redo: set, output: str | None = None) -> tuple[int, list[str]]:
+def skipped_by(videos: pa.Table, committed: Committed, redo: set,
+               output: str | None = None) -> tuple[int, list[tuple[str, int]]]:
     """Of the listed `videos` that `pending` skips as committed: how many failed when they
-    were (`--retry-failed` redoes them), and the runs that committed them, those holding
-    most first: a part's run is in its name; of a compaction's parts (which name none),
-    with `output`, the `run_id` of their videos/ rows (of the COMPACTED_PARTS_READ holding
-    most of these videos)."""
+    were (`--retry-failed` redoes them), and the runs that committed them with how many of
+    them each, those holding most first: a part's run is in its name; of a compaction's
+    parts (which name none), with `output`, the `run_id` of their videos/ rows (of the
+    COMPACTED_PARTS_READ holding most of these videos: the rest are counted for no run)."""
     rows = committed.index.rows(videos.column("video_uri"))
     done = committed.table.take(pa.array(rows[rows >= 0]))
     if redo:
@@ -1322,7 +1323,7 @@ def skipped_by(videos: pa.Table, committed: Committed, redo: set, output: str | 
             mine = done.column("video_uri").filter(pa.array(file_of == i))
             table = table.filter(pc.is_in(table.column("video_uri"), value_set=mine))
             runs.update({r["values"]: r["counts"] for r in pc.value_counts(table.column("run_id").drop_null()).to_pylist()})
-    return failed, [run for run, _ in sorted(runs.items(), key=lambda r: -r[1])]
+    return failed, sorted(runs.items(), key=lambda r: -r[1])
 
 
 def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> None:

@@ -422,7 +422,7 @@ def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Sha
     listed = videos
     videos, skipped, redo = commit.pending(listed, committed, cfg.retry_failed)
     failed_before, skipped_runs = commit.skipped_by(listed, committed, redo, cfg.output) if skipped else (0, [])
-    _warn_if_settings_differ(cfg, skipped, skipped_runs)
+    _warn_if_settings_differ(cfg, skipped_runs)
     units = segments.plan_all(videos, cfg.decode.segment_s) if len(videos) else None
     info = probe() if probe else None
     shape = info.shape if info else shape
@@ -671,19 +671,21 @@ def _settings(config: dict) -> dict:
             "sampling": config.get("sampling")}
 
 
-def _warn_if_settings_differ(cfg: RunConfig, skipped: int, runs: list) -> None:
-    """Committed videos are skipped whatever this run's settings: say so where the runs
-    that committed them (their records; the 20 holding most) had another model or sampling."""
-    if not skipped or not runs:
+def _warn_if_settings_differ(cfg: RunConfig, runs: list) -> None:
+    """Committed videos are skipped whatever this run's settings: say so, and how many,
+    where the runs that committed them (`runs`: (run_id, videos), their records; the 20
+    holding most) had another model or sampling."""
+    if not runs:
         return
     fs, root = storage.resolve(cfg.output)
     now = _settings(json.loads(json.dumps(_redacted({"config": cfg.to_dict()})["config"], default=str)))
-    other = {}
-    for run_id in runs[:20]:
+    other, skipped = {}, 0
+    for run_id, n in runs[:20]:
         record = commit.read_run_record(fs, root.rstrip("/"), run_id)
         config = record.get("config") if isinstance(record, dict) else None
         if isinstance(config, dict) and _settings(config) != now:
             other[run_id] = _settings(config)
+            skipped += n
     if other:
         was = next(iter(other.values()))
         shown = "; ".join(f"{k}: {was[k]!r}, now {now[k]!r}" for k in now if was[k] != now[k])

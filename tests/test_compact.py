@@ -356,13 +356,13 @@ def test_runs_that_committed_compacted_videos_are_still_found(tmp_path):
     write_output(url, {f"/v/a{i}.mp4": [("circle", 0.9)] * 3 for i in range(3)}, rows_per_file=1, run_id="first")
     write_output(url, {f"/v/b{i}.mp4": [("circle", 0.9)] * 3 for i in range(2)}, rows_per_file=1, run_id="second")
     listing = pa.table({"video_uri": [f"/v/a{i}.mp4" for i in range(3)] + ["/v/b0.mp4", "/v/new.mp4"]})
-    assert commit.skipped_by(listing, commit.recover(url), set(), url) == (0, ["first", "second"])
+    assert commit.skipped_by(listing, commit.recover(url), set(), url) == (0, [("first", 3), ("second", 1)])
     assert compact.compact(url)["merged"] == 5
     committed = commit.recover(url)
     assert all(name.startswith("part-compact-") for name in committed.files)
-    assert commit.skipped_by(listing, committed, set(), url) == (0, ["first", "second"])
-    assert commit.skipped_by(listing, committed, {"/v/a0.mp4", "/v/a1.mp4"}, url) == (0, ["first", "second"])
-    assert commit.skipped_by(listing, committed, {"/v/b0.mp4"}, url) == (0, ["first"])
+    assert commit.skipped_by(listing, committed, set(), url) == (0, [("first", 3), ("second", 1)])
+    assert commit.skipped_by(listing, committed, {"/v/a0.mp4", "/v/a1.mp4"}, url) == (0, [("first", 1), ("second", 1)])
+    assert commit.skipped_by(listing, committed, {"/v/b0.mp4"}, url) == (0, [("first", 3)])
 
 
 def test_parts_another_compaction_merged_after_this_one_listed_them_are_left_out():

@@ -936,6 +936,15 @@ def test_a_rerun_with_other_settings_says_what_it_skips(ray_session, media, shap
     frames = frames_per_video(read_output(out))
     assert frames[str(src / "a.mp4")] == list(range(len(media["truth"][a])))  # as the first run kept them
     assert frames[str(new)] == list(range(0, len(media["truth"][c]), 5))
+    # the first run's settings again: of the four skipped, only the second run's one differs
+    (src / "bad.mp4").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rayvid"):
+        third = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="third-run"))
+    assert (third.videos_skipped, third.videos_ok) == (3, 0)
+    said = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("OUTPUT already holds 1 of the listed videos, committed by second-run "
+                                                 "with other settings (sampling: {"), said
 
 
 def test_an_http_server_that_cannot_be_reached_is_one_line_saying_why(ray_session, shapes_model, tmp_path):
