@@ -427,6 +427,8 @@ def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Sha
     info = probe() if probe else None
     shape = info.shape if info else shape
     clip_len = _clip_len(cfg, shape.clip_len)  # (a --clip-len the model refuses: before the cluster's checks)
+    if len(videos) and committed.files:  # a head OUTPUT's predictions have not: said now, not at the first commit
+        commit.check_head_planned(cfg.output, bool(cfg.model.embed), cfg.model.head == "detect", clip_len > 0)
     # an embedded local Ray, started here: no node is to come
     embedded = we_started_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))
     shape_now = dict(cluster_shape(ray), embedded=embedded)

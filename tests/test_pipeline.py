@@ -557,6 +557,14 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, medi
         "rayvid run --dry-run: 1 video to do, nothing written",
         "  videos:  4 listed, 3 skipped (already done), 1 to do",
         f"  input:   {report._mb(os.path.getsize(listed[0]))} in the videos to do; 1 segment to decode"], text
+    # a head OUTPUT's predictions lack (--embed), or lack what they have: the dry run says
+    # what the run would stop with, and the run stops so before decoding anything
+    for extra in (["--embed"], ["--embed", "--dry-run"]):
+        assert main([*args, *extra]) == 2, extra
+        said = capsys.readouterr().err
+        assert "holds predictions with head columns [none] (part part-" in said, said
+        assert "this run's are [embedding]: write it into another OUTPUT" in said, said
+        assert tree() == before
     # another live run over the same INPUT, begun first: the dry run says what a run would
     beat = commit.Heartbeat(str(out), "rival", {"run_id": "rival", "status": "running",
                                                 "started_at": "2026-01-01T00:00:00Z", "config": {"input": str(videos)}},
