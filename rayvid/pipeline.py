@@ -901,14 +901,19 @@ def _recover(cfg: RunConfig, videos: pa.Table, repair: bool = True) -> commit.Co
     try:  # what OUTPUT has of these videos (a shard's, not every shard's)
         return commit.recover(cfg.output, only=videos.column("video_uri"), repair=repair)
     except (*storage.ACCESS_ERRORS, ValueError) as e:
-        raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
+        raise _unreadable_output(cfg, e) from None
 
 
 def _refuse_live_run_id(cfg: RunConfig) -> None:
     try:
         commit.refuse_live_run_id(cfg.output, cfg.run_id)
     except storage.ACCESS_ERRORS as e:
-        raise StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {storage.describe(e)}") from None
+        raise _unreadable_output(cfg, e) from None
+
+
+def _unreadable_output(cfg: RunConfig, error: BaseException) -> StorageError:
+    why = "it is a file, not a folder" if isinstance(error, NotADirectoryError) else storage.describe(error)
+    return StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {why}")
 
 
 def _write_listing(cfg: RunConfig, uris) -> None:

@@ -190,6 +190,8 @@ def describe(error: BaseException) -> str:
         return f"cannot get GCS credentials: {text}" + ("" if unreachable else f" ({CREDENTIALS_HINT})")
     if isinstance(error, FileNotFoundError) and error.errno is None:
         text = _gcs_not_found(text) or text
+        if text and not any(c.isspace() for c in text):  # (fsspec's HTTP and s3fs's: the URL or key alone)
+            text = f"not found: {text}"
     refused = (isinstance(error, PermissionError) and error.errno is None
                or _is_gcs_error(error) and getattr(error, "code", None) == 401
                or type(error) is OSError and error.errno is None and text.startswith("Forbidden: "))
@@ -341,6 +343,10 @@ def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
     metadata requests (`_conditional`)."""
     fs, path = resolve(url)
     if is_local(fs):
+        if os.path.isdir(path):  # (named by a manifest; a folder INPUT lists only files)
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a video file", path)
+        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device: never opened (it may block)
+            raise OSError(errno.EINVAL, "not a regular file (a pipe, socket or device)", path)
         if not os.path.isfile(path):  # (on a cluster: which node did not have it)
             raise FileNotFoundError(f"no such file on host {socket.gethostname()}: {path}")
         yield path

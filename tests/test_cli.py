@@ -171,6 +171,15 @@ def test_cannot_run_exits_2_with_one_line(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_output_that_is_a_file_is_said_so(ray_session, one_video, shapes_model, tmp_path, capsys):
+    (tmp_path / "out.txt").write_text("mine")
+    assert main(["run", str(one_video["dir"]), str(tmp_path / "out.txt"), "--model", shapes_model["path"],
+                 "--dry-run"]) == 2
+    assert f"rayvid: error: cannot read OUTPUT {tmp_path / 'out.txt'}: it is a file, not a folder" in \
+        capsys.readouterr().err
+    assert (tmp_path / "out.txt").read_text() == "mine"
+
+
 def test_a_negative_number_in_exponent_form_is_a_value(capsys):
     """`--fps -1e-3` reaches the range check (argparse took `-1e-3` for an option: "expected
     one argument"); a word that is not a number is still an option."""

@@ -96,6 +96,18 @@ def test_missing_file_is_a_read_error(tmp_path):
     assert frames == [] and ends[0]["error_stage"] == "read" and ends[0]["error_type"] == "NotFound"
 
 
+def test_a_folder_or_a_pipe_named_as_a_video_is_an_error_row_saying_so(tmp_path):
+    """A manifest may name a folder or a FIFO: an error row saying what it is (not NotFound,
+    which every rerun reads again), and a FIFO is never opened (that would block)."""
+    (tmp_path / "dir.mp4").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    for name, kind, said in (("dir.mp4", "IsADirectoryError", "a folder, not a video file"),
+                             ("pipe.mp4", "OSError", "not a regular file (a pipe, socket or device)")):
+        frames, ends = split_rows(Decoder(size=(32, 32)).decode_video(str(tmp_path / name)))
+        assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", kind)
+        assert said in ends[0]["message"] and name in ends[0]["message"], ends[0]["message"]
+
+
 def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(media, tmp_path):
     """A video missing from a live HTTP server is one read error row, as is one whose byte
     ranges the server answers with an error status; a server that refuses
@@ -110,6 +122,7 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
         frames, ends = split_rows(dec.decode_video(f"{base}/missing.mp4", source=f"{base}/missing.mp4{signed}"))
         assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "NotFound")
         assert "5ec7e75191a7" not in ends[0]["message"]
+        assert ends[0]["message"] == f"not found: {base}/missing.mp4?<redacted>", ends[0]["message"]
         frames, ends = split_rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert len(frames) == 30 and ends[0]["error_type"] == ""
     with http_server(os.path.dirname(src), "range-errors") as base:  # an error status on a read: that video's row
