@@ -616,9 +616,10 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     assert counts[new] == 15 and counts[changed] == 30
 
     errors_before = read_output(out, "errors")
-    with pytest.raises(ModelError, match="--head detect needs a grid detector"):  # cannot start:
+    (tmp_path / "one.txt").write_text("only\n")
+    with pytest.raises(ModelError, match="has 1 entries but the model outputs"):  # its model cannot start:
         pipeline.run(RunConfig(input=str(src), output=out, progress=False, retry_failed=True,
-                               model=ModelConfig(name=shapes_model["path"], head="detect")))
+                               model=ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "one.txt"))))
     assert read_output(out, "errors").equals(errors_before) and rows_per_video() == counts  # no change
 
     fourth = run(retry_failed=True)  # the failed video is tried again (and fails again)
