@@ -387,11 +387,13 @@ def _refuse_relative_in_job(output: str) -> None:
 
 def _absolute(url: str) -> str:
     """A local path as storage.resolve reads it (absolute; `~` and fsspec's `file:` prefix
-    resolved); URLs as they are."""
+    resolved); URLs as they are, but for their scheme in lower case (`S3://b/in` is
+    `s3://b/in`: runs over one INPUT or into one OUTPUT compare them as written)."""
     from rayvid import storage
 
     if _URL.match(url) and not url.lower().startswith("local://"):  # (local://x: a path under this folder)
-        return url
+        scheme, sep, rest = url.partition("://")
+        return scheme.lower() + sep + rest
     fs, path = storage.resolve(url)
     return path if storage.is_local(fs) else url
 

@@ -912,7 +912,9 @@ def _refuse_live_run_id(cfg: RunConfig) -> None:
 
 
 def _unreadable_output(cfg: RunConfig, error: BaseException) -> StorageError:
-    why = "it is a file, not a folder" if isinstance(error, NotADirectoryError) else storage.describe(error)
+    fs, path = storage.resolve(cfg.output)
+    a_file = isinstance(error, NotADirectoryError) and storage.is_local(fs) and os.path.isfile(path)
+    why = "it is a file, not a folder" if a_file else storage.describe(error)
     return StorageError(f"cannot read OUTPUT {storage.public_uri(cfg.output)}: {why}")
 
 

@@ -189,8 +189,11 @@ def describe(error: BaseException) -> str:
     if auth:
         return f"cannot get GCS credentials: {text}" + ("" if unreachable else f" ({CREDENTIALS_HINT})")
     if isinstance(error, FileNotFoundError) and error.errno is None:
-        text = _gcs_not_found(text) or text
-        if text and not any(c.isspace() for c in text):  # (fsspec's HTTP and s3fs's: the URL or key alone)
+        gcs = _gcs_not_found(text)
+        bare = len(error.args) == 1 and isinstance(error.args[0], str) and error.args[0].strip()
+        if gcs:
+            text = gcs
+        elif bare and ": " not in text and not text.endswith("."):  # (fsspec's HTTP, s3fs: the URL or key alone)
             text = f"not found: {text}"
     refused = (isinstance(error, PermissionError) and error.errno is None
                or _is_gcs_error(error) and getattr(error, "code", None) == 401
@@ -1239,23 +1242,35 @@ def makedirs(url: str) -> None:
 # --- secrets -------------------------------------------------------------------------
 
 # user-info: a password runs to the last "@" before the path; or where it holds a "/" (an
-# AWS secret key, unencoded) and is no port (host:8080/a@b is a path, as is [::1]:80/a@b),
-# to the first "@"
+# AWS secret key, unencoded: such a URL is invalid, so its parts are guesses), to the last
+# "@" (IPv6 hosts, [::1]:80/a@b, never match)
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/?#\s:@]*)"
-                       r"(?P<password>:[^/?#\s]*|:(?!\d*/)[^?#\s@:\[\]]*)?@")
+                       r"(?P<password>:[^/?#\s]*|:[^?#\s\[\]]*)?@")
+_PORT_PATH = re.compile(r":\d{1,5}/")  # host:8080/a@b.mp4: a port, then a path holding an "@"
+_NO_PORTS = ("s3://", "s3a://", "gs://", "gcs://")  # (a bucket has no port: s3://KEY:8/SECRET@bucket)
+_ADDRESS_USERINFO = ("github://",)  # github://org:repo@ref/path: an address
 
 
-def _secret_userinfo(m: re.Match) -> bool:
+def _secret_userinfo(m: re.Match, in_name: bool = False) -> bool:
     """A URL's user-info is a secret where it holds a password (to the last "@": a password
     may hold one; the user may be empty: https://:<token>@host/...), or over HTTP(S) a bare
     token as user (https://<token>@host/...); elsewhere a bare name@ is part of the address
-    (Azure's abfs://container@account...)."""
-    return bool(m["password"]) or m["scheme"].lower() in ("http://", "https://")
+    (Azure's abfs://container@account...). In a URL's name (`in_name`), host:port/path@...
+    is an address; in a message it is redacted anyway (a password may begin with digits and
+    a "/": over-redacting a message costs less than showing one)."""
+    scheme = m["scheme"].lower()
+    if scheme in _ADDRESS_USERINFO:
+        return False
+    if in_name and m["password"] and m["password"][1:] and _PORT_PATH.match(m["password"]) and scheme not in _NO_PORTS:
+        return False
+    return bool(m["password"]) or scheme in ("http://", "https://")
 
 
 def _without_userinfo(url: str) -> str:
-    """`url` with its user-info taken out where that is a secret (`_secret_userinfo`)."""
-    return _USERINFO.sub(lambda m: m["scheme"] if _secret_userinfo(m) else m[0], url)
+    """`url` with its user-info taken out where that is a secret (`_secret_userinfo`): of
+    the URL itself, not of another URL inside its path or query."""
+    m = _USERINFO.match(url)
+    return m["scheme"] + url[m.end():] if m and _secret_userinfo(m, in_name=True) else url
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's

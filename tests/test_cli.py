@@ -178,6 +178,9 @@ def test_an_output_that_is_a_file_is_said_so(ray_session, one_video, shapes_mode
     assert f"rayvid: error: cannot read OUTPUT {tmp_path / 'out.txt'}: it is a file, not a folder" in \
         capsys.readouterr().err
     assert (tmp_path / "out.txt").read_text() == "mine"
+    assert main(["run", str(one_video["dir"]), str(tmp_path / "out.txt" / "out"), "--model", shapes_model["path"],
+                 "--dry-run"]) == 2  # a file above OUTPUT: what the system says
+    assert f"cannot read OUTPUT {tmp_path / 'out.txt' / 'out'}: [Errno 20] Not a directory" in capsys.readouterr().err
 
 
 def test_a_negative_number_in_exponent_form_is_a_value(capsys):

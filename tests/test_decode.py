@@ -123,6 +123,8 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
         assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "NotFound")
         assert "5ec7e75191a7" not in ends[0]["message"]
         assert ends[0]["message"] == f"not found: {base}/missing.mp4?<redacted>", ends[0]["message"]
+        ends = split_rows(dec.decode_video(f"{base}/my missing video.mp4"))[1]
+        assert ends[0]["message"] == f"not found: {base}/my missing video.mp4", ends[0]["message"]
         frames, ends = split_rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert len(frames) == 30 and ends[0]["error_type"] == ""
     with http_server(os.path.dirname(src), "range-errors") as base:  # an error status on a read: that video's row
