@@ -124,6 +124,8 @@ def test_the_resolved_config_names_local_files_by_absolute_path(tmp_path, monkey
     urls = RunConfig.from_dict({"input": "s3://b/in/", "output": "gs://b/out", "model": {
         "name": "resnet50", "weights": "https://h/w.h5?X-Amz-Signature=x", "labels": "s3://b/l.txt"}})
     assert (urls.input, urls.output, urls.model.name) == ("s3://b/in/", "gs://b/out", "resnet50")
+    capitals = RunConfig.from_dict({"input": "S3://b/In/", "output": "Gs://b/Out"})  # a scheme's case is none
+    assert (capitals.input, capitals.output) == ("s3://b/In/", "gs://b/Out")
     assert (urls.model.weights, urls.model.labels) == ("https://h/w.h5?X-Amz-Signature=x", "s3://b/l.txt")
     assert [ModelConfig(name="resnet50", weights=w).weights for w in ("imagenet", "none", "None", "IMAGENET")] == [
         "imagenet", "none", "none", "imagenet"]
