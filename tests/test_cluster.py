@@ -51,7 +51,12 @@ def test_launcher_yaml_is_valid_for_the_pinned_ray():
     for name in ("cpu", "gpu"):
         assert types[name]["max_workers"] >= max(1, types[name]["min_workers"])
     assert cfg["idle_timeout_minutes"] > 0 and cfg["docker"]["image"]
+    # the head's role launches instances (a profile named here replaces Ray's default role);
+    # the workers', which decode untrusted files, is another
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in types.items()}
+    assert profiles["head"].endswith("/rayvid-head") and profiles["cpu"] == profiles["gpu"] != profiles["head"]
     text = open(os.path.join(CLUSTER, "aws.yaml")).read()
+    assert "iam:PassRole" in text and "ec2:RunInstances" in text
     assert not re.search(r"(?i)aws_secret|aws_access_key|AKIA[0-9A-Z]{16}", text)  # roles, not keys
 
 
