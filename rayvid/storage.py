@@ -1266,11 +1266,16 @@ def _secret_userinfo(m: re.Match, in_name: bool = False) -> bool:
     return bool(m["password"]) or scheme in ("http://", "https://")
 
 
-def _without_userinfo(url: str) -> str:
+def _without_userinfo(url: str, in_name: bool = True) -> str:
     """`url` with its user-info taken out where that is a secret (`_secret_userinfo`): of
-    the URL itself, not of another URL inside its path or query."""
+    the URL itself, not of another URL inside its path or query. Shown (not `in_name`),
+    host:port/path@..., which may be a password beginning with digits, reads `***@`."""
     m = _USERINFO.match(url)
-    return m["scheme"] + url[m.end():] if m and _secret_userinfo(m, in_name=True) else url
+    if m is None:
+        return url
+    if _secret_userinfo(m, in_name=True):
+        return m["scheme"] + url[m.end():]
+    return m["scheme"] + "***@" + url[m.end():] if not in_name and _secret_userinfo(m) else url
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
@@ -1384,7 +1389,7 @@ def _digest_value(piece: str) -> str:
 def public_uri(url: str) -> str:
     """The URL as it may be shown in a message: no user-info, no query string or fragment
     (of an HTTP(S) or FTP URL: elsewhere a "?" or "#" is part of the key, and stays)."""
-    url = _without_userinfo(url)
+    url = _without_userinfo(url, in_name=False)
     if url.lower().startswith(("http://", "https://", "ftp://", "ftps://")):
         url = url.split("?", 1)[0].split("#", 1)[0]
     return url

@@ -845,16 +845,19 @@ def test_redact_removes_credentials(s3_endpoint):
         assert storage.stored_uri(url) == storage.public_uri(url) == "https://host/v.mp4"
         assert storage.redact(url) == "https://***@host/v.mp4"
     # ... while in a name a port before a path with an "@" is an address (as is an IPv6
-    # host's, and github://org:repo@ref); a message redacts it all the same, as a password
-    # may begin with digits and a "/" (an AWS secret may): then a bucket has no port
-    for address in ("https://host:8080/cams/a@b.mp4", "http://[::1]:8080/cam@1.mp4", "https://u:p@h/me@x.mp4",
+    # host's, and github://org:repo@ref); shown (a message, a summary line) it is redacted
+    # all the same, as a password may begin with digits and a "/" (an AWS secret may):
+    # then a bucket has no port
+    for address in ("http://[::1]:8080/cam@1.mp4", "https://u:p@h/me@x.mp4",
                     "github://fsspec:filesystem_spec@master/docs/a.mp4", "s3://b/https://x:y/z@w.mp4"):
         assert storage.stored_uri(address) == storage.public_uri(address) == address.replace("u:p@", "")
+    assert storage.stored_uri("https://host:8080/cams/a@b.mp4") == "https://host:8080/cams/a@b.mp4"
     digits = "8/ZrK2b9nQe7Xh1LkPq4Tz0VwYs3Md6FjHc5GaRu"
     assert storage.stored_uri(f"s3://KEY:{digits}@bucket/k.mp4") == "s3://bucket/k.mp4"
     for url in (f"https://minio:{digits}@127.0.0.1:9000/b/a.mp4", f"ftp://bob:{digits}@host/b.mp4",
                 "https://host:8080/cams/a@b.mp4"):
         assert "ZrK2b9" not in storage.redact(f"cannot read {url}: gone") and "***@" in storage.redact(url)
+        assert "ZrK2b9" not in storage.public_uri(url) and "***@" in storage.public_uri(url)
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
