@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 from rayvid import storage
 from rayvid.errors import ConfigError, StorageError
 from rayvid.schema import (BOX_TYPE, ERRORS_SCHEMA, HEAD_COLUMNS, KIND_END, KIND_FRAME, PREDICTIONS_SCHEMA, VIDEOS_SCHEMA,
-                           boxes_field, clip_fields, embedding_field, with_head)
+                           clip_fields, with_head)
 
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
@@ -492,8 +492,9 @@ def _check_head(output: str, head: list, names_only: bool = False) -> None:
     this run's predictions are those OUTPUT's committed predictions have: query engines
     read `predictions/*.parquet` as one table (Polars and pyarrow datasets refuse files that
     differ, DuckDB drops what the first file lacks), and a run skips the videos OUTPUT has,
-    so a new head would cover only new videos. `names_only`: their names (what planning
-    knows before the model has loaded: not an embedding's size)."""
+    so a new head would cover only new videos. `head`: this run's fields, or with
+    `names_only` their names (what planning knows before the model has loaded: not an
+    embedding's size)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     for name in committed_parts(fs, root):
@@ -502,13 +503,14 @@ def _check_head(output: str, head: list, names_only: bool = False) -> None:
             continue  # a part of failed videos only
         with fs.open(path, "rb") as f:
             theirs = [fl for fl in pq.read_schema(f) if fl.name in HEAD_COLUMNS]
-        key = (lambda fl: fl.name) if names_only else (lambda fl: (fl.name, fl.type))  # noqa: E731
-        if [key(fl) for fl in theirs] != [key(fl) for fl in head]:
-            show = lambda fields: ", ".join(  # noqa: E731
-                f"{fl.name}{'' if names_only and fields is head else f' {fl.type}'}" for fl in fields) or "none"
+        differ = ([fl.name for fl in theirs] != head if names_only  # (types as Arrow compares them)
+                  else [(fl.name, fl.type) for fl in theirs] != [(fl.name, fl.type) for fl in head])
+        if differ:
+            ours = head if names_only else [f"{fl.name} {fl.type}" for fl in head]
             raise ConfigError(
-                f"OUTPUT {storage.public_uri(output)} holds predictions with head columns [{show(theirs)}] "
-                f"(part {name}); this run's are [{show(head)}]: write it into another OUTPUT")
+                f"OUTPUT {storage.public_uri(output)} holds predictions with head columns "
+                f"[{', '.join(f'{fl.name} {fl.type}' for fl in theirs) or 'none'}] (part {name}); "
+                f"this run's are [{', '.join(ours) or 'none'}]: write it into another OUTPUT")
         return
 
 
@@ -516,8 +518,8 @@ def check_head_planned(output: str, embed: bool, detect: bool, clips: bool) -> N
     """`_check_head` by the names of the head columns a run will write (an embedding,
     boxes, clips' bounds), before it decodes anything: a run into an OUTPUT of another head
     stops at once (its dry run says so), not at its first commit."""
-    head = [boxes_field()] if detect else [embedding_field(1)] if embed else []
-    _check_head(output, head + (clip_fields() if clips else []), names_only=True)
+    names = ["boxes"] if detect else ["embedding"] if embed else []
+    _check_head(output, names + ([fl.name for fl in clip_fields()] if clips else []), names_only=True)
 
 
 def _fill_reused(video: pa.Table) -> pa.Table:

@@ -1251,31 +1251,32 @@ _NO_PORTS = ("s3://", "s3a://", "gs://", "gcs://")  # (a bucket has no port: s3:
 _ADDRESS_USERINFO = ("github://",)  # github://org:repo@ref/path: an address
 
 
-def _secret_userinfo(m: re.Match, in_name: bool = False) -> bool:
+def _secret_userinfo(m: re.Match) -> bool:
     """A URL's user-info is a secret where it holds a password (to the last "@": a password
     may hold one; the user may be empty: https://:<token>@host/...), or over HTTP(S) a bare
     token as user (https://<token>@host/...); elsewhere a bare name@ is part of the address
-    (Azure's abfs://container@account...). In a URL's name (`in_name`), host:port/path@...
-    is an address; in a message it is redacted anyway (a password may begin with digits and
-    a "/": over-redacting a message costs less than showing one)."""
+    (Azure's abfs://container@account..., github://org:repo@ref...)."""
     scheme = m["scheme"].lower()
-    if scheme in _ADDRESS_USERINFO:
-        return False
-    if in_name and m["password"] and m["password"][1:] and _PORT_PATH.match(m["password"]) and scheme not in _NO_PORTS:
-        return False
-    return bool(m["password"]) or scheme in ("http://", "https://")
+    return scheme not in _ADDRESS_USERINFO and (bool(m["password"]) or scheme in ("http://", "https://"))
+
+
+def _port_path(m: re.Match) -> bool:
+    """Whether that "password" may be host:port/path@... (https://host:8080/a@b.mp4): a
+    name keeps it; shown, it is redacted all the same (a password may begin with digits
+    and a "/": over-redacting a message costs less than showing one)."""
+    return bool(_PORT_PATH.match(m["password"] or "")) and m["scheme"].lower() not in _NO_PORTS
 
 
 def _without_userinfo(url: str, in_name: bool = True) -> str:
     """`url` with its user-info taken out where that is a secret (`_secret_userinfo`): of
     the URL itself, not of another URL inside its path or query. Shown (not `in_name`),
-    host:port/path@..., which may be a password beginning with digits, reads `***@`."""
+    host:port/path@... reads `***@`."""
     m = _USERINFO.match(url)
-    if m is None:
+    if m is None or not _secret_userinfo(m):
         return url
-    if _secret_userinfo(m, in_name=True):
-        return m["scheme"] + url[m.end():]
-    return m["scheme"] + "***@" + url[m.end():] if not in_name and _secret_userinfo(m) else url
+    if _port_path(m):
+        return url if in_name else m["scheme"] + "***@" + url[m.end():]
+    return m["scheme"] + url[m.end():]
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
