@@ -19,7 +19,7 @@ import os
 import select
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from rayvid import storage
 from rayvid.config import DECODERS, HEADS, PREPROCESS, SAMPLING_MODES, RunConfig, merge
@@ -307,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for key in ("input", "output"):
         if not merged.get(key):
             raise ConfigError(f"{key.upper()} is required (as an argument or in --config)")
+    _refuse_redacted(merged)
     return RunConfig.from_dict(merged)
 
 
@@ -364,11 +365,58 @@ def _load_config_file(url: str) -> dict:
     if isinstance(data, dict) and "config" in data and "run_id" in data:
         data = data["config"]  # a runs/<id>.json record: repeat its config, new run id
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k != "run_id"}
+            data = _without_redacted({k: v for k, v in data.items() if k != "run_id"}, url)
     if not isinstance(data, dict):
         raise ConfigError(f"config {storage.public_uri(url)}: expected a mapping of settings, "
                           f"got {type(data).__name__}")
     return data
+
+
+# what storage.redact leaves where it took a secret out
+_REDACTED = ("***", "<redacted>")
+# the command-line form of a record's settings (else --<key>)
+_FLAG_OF = {"input": "INPUT", "output": "OUTPUT", "model.name": "--model", "model.output": "--model-output"}
+
+
+class _Redacted(str):
+    """A record's setting that was written with a secret taken out: a rerun must be given it."""
+
+    def __new__(cls, value: str, key: str, record: str):
+        self = super().__new__(cls, value)
+        self.key, self.record = key, record
+        return self
+
+    def refuse(self) -> NoReturn:
+        flag = _FLAG_OF.get(self.key, "--" + self.key.rsplit(".", 1)[-1].replace("_", "-"))
+        raise ConfigError(f"{self.record} recorded {self.key} with its credentials taken out ({self}): "
+                          f"give {flag} on the command line (a URL whose path holds an '@' after a port, "
+                          f"https://host:8080/a@b, is recorded the same way)")
+
+
+def _without_redacted(data: dict, url: str, where: str = "") -> dict:
+    """A run record's config with each redacted URL marked (`_Redacted`), so that repeating
+    it is refused unless the command line gives that setting again: never a rerun against
+    `https://***@host/...` or `...?<redacted>`."""
+    out = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict):
+            value = _without_redacted(value, url, path + ".")
+        elif isinstance(value, str) and any(m in value for m in _REDACTED):
+            value = _Redacted(value, path, storage.public_uri(url))
+        elif isinstance(value, list) and any(isinstance(v, str) and any(m in v for m in _REDACTED) for v in value):
+            value = _Redacted(next(v for v in value if any(m in v for m in _REDACTED)), path, storage.public_uri(url))
+        out[key] = value
+    return out
+
+
+def _refuse_redacted(data) -> None:
+    """Refuse a record's redacted setting the command line did not give again."""
+    if isinstance(data, _Redacted):
+        data.refuse()
+    if isinstance(data, dict):
+        for value in data.values():
+            _refuse_redacted(value)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,7 +17,7 @@ import yaml
 from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
 from rayvid import query, samples
 from rayvid.cli import SKIP_SIMILAR_DEFAULT, config_from_args, main, parse_args
-from rayvid.config import RunConfig, SamplingConfig
+from rayvid.config import RunConfig, SamplingConfig, merge
 from rayvid.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -675,3 +675,27 @@ def test_a_ray_address_rayvid_cannot_join_is_one_line(address, message, tmp_path
     assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--address", address]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rayvid: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("typed, flag", [
+    ({"input": "https://user:pw@cdn.example/videos/list.txt"}, "INPUT"),
+    ({"input": "https://cdn.example:8080/a@b/list.txt"}, "INPUT"),  # reads as user-info: recorded as ***@
+    ({"model": {"name": "https://cdn.example/m.keras?X-Amz-Signature=abc"}}, "--model"),
+    ({"model": {"labels": "https://cdn.example/labels.txt?sig=abc"}}, "--labels"),
+])
+def test_a_record_with_a_redacted_url_is_refused_unless_given_again(tmp_path, typed, flag):
+    """A run record keeps no credentials (pipeline._redacted): repeating it where a URL lost
+    its user-info or signature is exit 2 naming the setting to give again, not a rerun
+    against `https://***@...` or `...?<redacted>`; given on the command line, it runs."""
+    from rayvid.pipeline import _redacted
+
+    cfg = RunConfig.from_dict(merge({"input": "/in", "output": "/out", "run_id": "r1"}, typed))
+    record = tmp_path / "runs" / "r1.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps(_redacted({"run_id": "r1", "status": "finished", "config": cfg.to_dict()})))
+    with pytest.raises(ConfigError) as e:
+        config_from_args(parse_args(["run", "--config", str(record)]))
+    assert f"give {flag} on the command line" in str(e.value) and "pw" not in str(e.value) and "abc" not in str(e.value)
+    again = {"INPUT": ["/in2"], "--model": ["--model", "/m.keras"], "--labels": ["--labels", "/l.txt"]}[flag]
+    cfg2 = config_from_args(parse_args(["run", "--config", str(record), *again]))
+    assert cfg2.run_id != "r1" and "***" not in json.dumps(cfg2.to_dict()) and "<redacted>" not in json.dumps(cfg2.to_dict())
