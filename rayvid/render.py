@@ -143,7 +143,7 @@ def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
             info = video.probe(path)
             index_of = {int(p): i for i, p in enumerate(info.pts)}
             local_out = os.path.join(tmp, "out.mp4")
-            with av.open(path) as src, av.open(local_out, "w") as dst:
+            with video.open_container(path) as src, av.open(local_out, "w") as dst:
                 stream = src.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate or 25
                 out = output_stream(dst, rate, info.width, info.height)

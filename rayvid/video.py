@@ -209,7 +209,7 @@ def probe(path: str, partial: bool = False) -> Probe:
     import av
 
     try:
-        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, _open(source) as container:
+        with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, open_container(source) as container:
             if not container.streams.video:
                 raise VideoError("no video stream (audio-only or not a video)")
             stream = container.streams.video[0]
@@ -327,7 +327,7 @@ def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndar
     return lead
 
 
-def _open(source):
+def open_container(source):
     """`av.open` for reading. The container's and streams' tags (which rayvid never uses)
     are decoded leniently: PyAV decodes them as UTF-8 when it opens a file, and a tag in
     another encoding (Latin-1, as older cameras and tools write) raised UnicodeDecodeError,
@@ -458,7 +458,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
 
     fetch(plan_ranges(path, info, keep, gap_bytes))
     rotation, width, height, mirror = 0, info.width, info.height, None
-    with _open(path) as container:
+    with open_container(path) as container:
         stream = container.streams.video[0]
         key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
         if key > 0:
@@ -494,7 +494,7 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
-    with _open(path) as container:
+    with open_container(path) as container:
         stream = container.streams.video[0]
         for key in np.unique(walk.key_of[keep]).tolist():
             if key == 0:  # as _pyav_frames: no seek, from the first packet
@@ -851,7 +851,7 @@ class FrameReader:
         # resyncs it; frames before that key frame in presentation order stay dropped.
         suspect, floor, dropped = False, 0, 0
         decoded, fed = 0, 0
-        with _open(path) as container:
+        with open_container(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             # decode key frames only (after a lead-in, whose non-key frames frame 0 needs, from frame 1 on)

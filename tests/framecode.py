@@ -296,3 +296,16 @@ def top_boxes(path: str) -> list[tuple[bytes, bytes]]:
         boxes.append((data[at + 4 : at + 8], data[at : at + n]))
         at += n
     return boxes
+
+
+def latin1_metadata(src: str, dst: str) -> None:
+    """`src` (an MP4 made by ffmpeg) with a Latin-1 byte (é) in its metadata: the moov's
+    encoder tag and its video track's handler name, as older cameras and tools write
+    them. The media is untouched; the tags are not UTF-8."""
+    data = bytearray(open(src, "rb").read())
+    for tag in (b"Lavf", b"VideoHandler"):
+        at = data.find(tag)
+        assert at > 0, tag
+        data[at + 1] = 0xE9
+    with open(dst, "wb") as f:
+        f.write(bytes(data))

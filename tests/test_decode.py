@@ -596,19 +596,6 @@ def test_clip_rows_hold_consecutive_frames(matrix, batch_frames):
 # --- containers PyAV trips on: error rows or frames, never a failed task -----------------
 
 
-def latin1_metadata(src: str, dst: str) -> None:
-    """`src` (an MP4 made by ffmpeg) with a Latin-1 byte (é) in its metadata: the moov's
-    encoder tag and its video track's handler name, as older cameras and tools write
-    them. The media is untouched; the tags are not UTF-8."""
-    data = bytearray(open(src, "rb").read())
-    for tag in (b"Lavf", b"VideoHandler"):
-        at = data.find(tag)
-        assert at > 0, tag
-        data[at + 1] = 0xE9
-    with open(dst, "wb") as f:
-        f.write(bytes(data))
-
-
 def stray_stream(src: str, dst: str) -> None:
     """`src` (an MPEG-TS) with one packet of its video (PID 0x100) in mid-file moved to a
     PID no program lists, as a damaged or spliced capture has: the demuxer adds a stream
@@ -625,7 +612,7 @@ def stray_stream(src: str, dst: str) -> None:
 def odd_containers(tmp_path_factory, matrix):
     root = tmp_path_factory.mktemp("odd")
     out = {"latin1_metadata.mp4": str(root / "latin1_metadata.mp4"), "stray_stream.ts": str(root / "stray_stream.ts")}
-    latin1_metadata(matrix["h264.mp4"][0], out["latin1_metadata.mp4"])
+    framecode.latin1_metadata(matrix["h264.mp4"][0], out["latin1_metadata.mp4"])
     framecode.write_code_video(str(root / "clean.ts"), 90, framecode.SIZE, framecode.X264 + ["-g", "30"])
     stray_stream(str(root / "clean.ts"), out["stray_stream.ts"])
     return out

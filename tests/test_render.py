@@ -255,3 +255,19 @@ def test_both_encoders_keep_variable_frame_times(tmp_path, codec):
     with av.open(path) as c:
         assert c.streams.video[0].codec_context.name == ("h264" if codec == "libx264" else "mpeg4")
         assert [round(float(f.time), 3) for f in c.decode(video=0)] == times
+
+
+def test_render_of_a_video_whose_tags_are_not_utf8(tmp_path):
+    """A Latin-1 tag (older cameras and tools write them) made PyAV raise UnicodeDecodeError
+    when render opened the video, a traceback: its tags are not read, every frame renders."""
+    import framecode
+
+    clean, video = str(tmp_path / "clean.mp4"), str(tmp_path / "v.mp4")
+    framecode.write_code_video(clean, 30, framecode.SIZE, framecode.X264)
+    framecode.latin1_metadata(clean, video)
+    out = str(tmp_path / "out")
+    write_output(out, {video: [("a", 0.9)] * 30}, fps=30)
+    dest = str(tmp_path / "rendered.mp4")
+    assert cli.main(["render", video, out, dest]) == 0
+    with av.open(dest) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 30

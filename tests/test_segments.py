@@ -625,12 +625,10 @@ def test_crash_in_a_remote_segment_resumes_on_the_same_partial_copy(long_videos,
 @pytest.fixture(scope="module")
 def odd_mp4s(tmp_path_factory, long_videos):
     """MP4s with a damaged or unusual index (moov): name -> path."""
-    from test_decode import latin1_metadata
-
     root = tmp_path_factory.mktemp("odd-mp4")
     path, _ = long_videos["long_h264.mp4"]
     out = {name: str(root / name) for name in ("latin1_metadata.mp4", "avcc_damaged.mp4", "garbage.mp4")}
-    latin1_metadata(path, out["latin1_metadata.mp4"])
+    framecode.latin1_metadata(path, out["latin1_metadata.mp4"])
     data = open(path, "rb").read()
     with open(out["avcc_damaged.mp4"], "wb") as f:  # the decoder's configuration box, renamed: FFmpeg cannot open it
         f.write(data.replace(b"avcC", b"avcX", 1))
@@ -662,3 +660,19 @@ def test_odd_mp4s_in_remote_segments_end_as_local_ones_do(odd_mp4s, s3fs_client,
         assert all(e[1] == "" for e in ends)
     else:
         assert frames == [] and all(e[1] == "VideoError" and e[3] == 0 for e in ends)
+
+
+def test_planning_reads_the_header_of_an_mp4_whose_tags_are_not_utf8(odd_mp4s, s3fs_client):
+    """Planning opens each large video's header (`segments.header`): a Latin-1 tag made PyAV
+    raise UnicodeDecodeError there, which no `except` took, and the run died in planning
+    with a traceback. Its tags are not read: it is cut as the clean file is; an index PyAV
+    cannot read is planned whole (one segment), as before."""
+    url = "s3://rayvid-test/odd-plan/latin1_metadata.mp4"
+    s3fs_client.put_file(odd_mp4s["latin1_metadata.mp4"], url)
+    for where in (odd_mp4s["latin1_metadata.mp4"], url):
+        assert segments.header_duration(where) == pytest.approx(20.0, abs=0.1)
+        plan = segments.plan({"video_uri": np.array([where], dtype=object)}, segment_s=6.0)
+        assert plan["segment"].tolist() == [0, 1, 2, 3]
+    plan = segments.plan({"video_uri": np.array([odd_mp4s["avcc_damaged.mp4"], odd_mp4s["garbage.mp4"]],
+                                                dtype=object)}, segment_s=6.0)
+    assert plan["segment"].tolist() == [0, 0] and plan["n_segments"].tolist() == [1, 1]
