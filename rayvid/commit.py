@@ -289,15 +289,18 @@ class Committer:
         have = self._counts.get(unit, 0)
         if end is None or have < end["n_frames"]:
             return
-        if have > end["n_frames"]:
-            # A task retried after its actor died sends frames again: keep each frame once.
+        # A task retried after its actor died sends frames again, and its end row may come
+        # before the rest of its frames (blocks are not kept in order): count each frame once.
+        distinct = pc.count_distinct(pa.chunked_array([t.column("frame_index") for t in self._pending[unit]],
+                                                      pa.int64())).as_py() if have else 0
+        if distinct > end["n_frames"]:
+            raise RuntimeError(f"{unit}: {distinct} distinct frames for {end['n_frames']} decoded frames")
+        if have > distinct:
             table = _first_per_frame(pa.concat_tables(self._pending[unit]))
             self.duplicates_dropped += have - len(table)
             self._pending[unit], self._counts[unit] = [table], len(table)
-            if len(table) > end["n_frames"]:
-                raise RuntimeError(f"{unit}: {len(table)} distinct frames for {end['n_frames']} decoded frames")
-            if len(table) < end["n_frames"]:
-                return
+        if distinct < end["n_frames"]:
+            return
         uri = unit[0]
         self._finished.add(unit)
         self._segments_done[uri].append((self._pending.pop(unit, []), end))
@@ -535,7 +538,12 @@ def _fill_reused(video: pa.Table) -> pa.Table:
     reused = reused_from >= 0
     if (index[src][reused] != reused_from[reused]).any():
         raise RuntimeError(f"{video.column('video_uri')[0]}: a reused frame's source row is missing")
-    take = pa.array(np.where(reused, src, np.arange(len(video))))
+    # a source that is itself reused (attempts of a retried task merged, each with its own
+    # --skip-similar choices): follow it to the frame inferred (sources are earlier frames)
+    take = np.where(reused, src, np.arange(len(video)))
+    while reused[take].any():
+        take = np.where(reused[take], take[take], take)
+    take = pa.array(take)
     for name in ("label", "score", "topk", *HEAD_COLUMNS):
         i = video.schema.get_field_index(name)
         if i < 0:

@@ -153,6 +153,48 @@ def test_rows_of_a_retried_task_are_kept_once(tmp_path):
     assert c.duplicates_dropped == 4 and c.videos_ok == 1 and c.frames == 3
 
 
+def test_a_retried_tasks_end_row_before_its_frames_waits_for_every_frame(tmp_path):
+    """Blocks are not kept in order: the retry's end row can come before the rest of its
+    frames. Counting rows (duplicates of the first attempt among them), the unit looked
+    complete at 3 rows for 3 frames, [0, 0, 1], was committed so, and frame 2 was dropped
+    as a duplicate: each frame counts once."""
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(_frames("v", [0, 1]))  # first attempt, its actor died
+    c.add(_frames("v", [0]))  # the retry's first block
+    c.add(_end("v", 3))  # the retry's end row overtakes its next block
+    assert c.videos_ok == 0
+    c.add(_frames("v", [1, 2]))
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    assert pq.read_table(tmp_path / "predictions" / name).column("frame_index").to_pylist() == [0, 1, 2]
+    assert c.duplicates_dropped == 2 and c.videos_ok == 1 and c.frames == 3
+
+
+def test_reused_frames_whose_source_another_attempt_reused_get_the_inferred_frames_prediction(tmp_path):
+    """Two attempts of a retried task, each with its own --skip-similar choices, merged
+    frame by frame: frame 2 reuses 1 (the first attempt's), and 1 reuses 0 (the retry's).
+    Frame 2 gets frame 0's prediction, the one the model made (it was null)."""
+    def attempt(labels, reused_from):
+        t = _frames("v", [0, 1, 2], reused_from=reused_from)
+        t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(labels))
+        for name in ("score", "topk"):
+            col = t.column(name).to_pylist()
+            t = t.set_column(t.schema.get_field_index(name), name,
+                             pa.array([None if lab is None else v for lab, v in zip(labels, col)], t.schema.field(name).type))
+        return t
+
+    first = attempt(["x", "y", None], [-1, -1, 1])
+    retry = attempt(["x", None, "z"], [-1, 0, -1])
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([retry.slice(0, 2), first.slice(2, 1)]))  # what came first of each frame
+    c.add(pa.concat_tables([first.slice(0, 2), retry.slice(2, 1), _end("v", 3)]))
+    c.close()
+    [name] = _files(tmp_path / "predictions")
+    rows = pq.read_table(tmp_path / "predictions" / name).to_pylist()
+    assert [(r["frame_index"], r["label"], r["reused_from"]) for r in rows] == [(0, "x", None), (1, "x", 0), (2, "x", 1)]
+    assert rows[2]["topk"] == rows[0]["topk"] and rows[2]["score"] == rows[0]["score"]
+
+
 def test_more_distinct_frames_than_decoded_fail_loudly(tmp_path):
     c = Committer(str(tmp_path), "r1", "m")
     c.add(_frames("v", [0, 1]))
