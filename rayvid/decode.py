@@ -285,8 +285,12 @@ class Decoder:
         wait (at most `timeout_s`)."""
         with self._plan_lock:
             if self._planner is None:
-                self._planner = _Child(self._reader_args)
-            ranges = self._planner.plan(dict(path=part.path, start_s=start_s, end_s=end_s), self.timeout_s)
+                try:
+                    self._planner = _Child(self._reader_args)
+                except (OSError, _StartFailed):  # (no process for it now: the next segment tries again)
+                    ranges = None
+            if self._planner is not None:
+                ranges = self._planner.plan(dict(path=part.path, start_s=start_s, end_s=end_s), self.timeout_s)
         part.fetch_ranges(ranges or [])
 
     def _attempts(self, path, uri, segment, n_segments, start_s, end_s, part=None) -> Iterator[dict]:
@@ -361,6 +365,11 @@ class _ChildFailed(Exception):
         self.error = error
 
 
+class _StartFailed(Exception):
+    """A fresh decode child died or did not answer while it started (killed, out of memory,
+    a node too loaded): the node's trouble, not the video's nor the install's."""
+
+
 class _Child:
     """The decode child process and its socket: pickled requests in, (kind, payload) out."""
 
@@ -397,11 +406,14 @@ class _Child:
         # wait until its decoders are imported: a broken install fails here, and no
         # video's time budget pays for the start-up
         try:
-            message = self.conn.recv() if self.conn.poll(120) else ("bug", "no answer within 120 s")
+            message = self.conn.recv() if self.conn.poll(120) else ("gone", "no answer within 120 s")
         except (EOFError, OSError):
-            message = ("bug", self._death())
+            message = ("gone", self._death())
         if message[0] != "ready":
             os.close(shared)
+            self.stop()  # the child (were it still running) and its socket
+            if message[0] == "gone":
+                raise _StartFailed(f"the decode child process did not start: {message[1]}")
             raise RuntimeError(f"the decode child process did not start: {message[1]}")
         self.slot = _FrameSlot(shared, message[1])
 
@@ -432,6 +444,8 @@ class _Child:
             self._ensure()
         except OSError as e:
             raise _ChildFailed(DecoderCrash(f"the decoder process could not be started: {storage.describe(e)}")) from None
+        except _StartFailed as e:
+            raise _ChildFailed(DecoderCrash(str(e))) from None
         self.busy = True
         try:
             self.conn.send(("read", request))
@@ -479,7 +493,7 @@ class _Child:
             self._ensure()
             self.conn.send(("plan", request))
             message = self.conn.recv() if self.conn.poll(timeout_s) else None
-        except (EOFError, OSError):
+        except (EOFError, OSError, _StartFailed):
             message = None
         if message is None:
             self.stop()

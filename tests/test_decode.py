@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import threading
 import time
 
 import numpy as np
@@ -393,6 +395,37 @@ def test_decoder_process_crash_mid_video_resumes_where_it_stopped(code_video_240
     assert end["error_type"] == "" and end["n_frames"] == n
     assert f"decoder process killed by {sig.name}" in end["decoder"]
     assert end["decoder"].startswith("pyav")
+
+
+class _DiesWhileStarting(subprocess.Popen):
+    """A process killed 0.1 s after it starts, before a decode child is ready (as the OOM
+    killer or a node's trouble would): the real process, really killed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        threading.Timer(0.1, self.kill).start()
+
+
+def test_a_child_that_dies_while_it_restarts_ends_the_segment_with_the_frames_it_sent(code_video_240, monkeypatch):
+    """After the decode child dies mid-segment the retry starts a fresh one; one that dies
+    while it starts raised RuntimeError out of the decode stage (the task failed, and the
+    job with it): now that attempt fails as a crash does, the end row counts the frames
+    sent, and the next video gets a fresh child."""
+    path, n = code_video_240
+    dec = Decoder(size=framecode.SIZE, batch_frames=4, retries=1)
+    gen = dec.decode_video(path)
+    first = next(gen)
+    os.kill(dec._child.proc.pid, signal.SIGKILL)
+    dec._child.proc.wait()
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", _DiesWhileStarting)
+        frames, [end] = split_rows([first, *gen])
+    sent = len(frames)
+    assert sent >= 4 and [f["frame_index"] for f in frames] == list(range(sent)) and _codes_exact(frames)
+    assert (end["error_stage"], end["error_type"], end["n_frames"]) == ("decode", "DecoderCrash", sent)
+    assert "the decode child process did not start: decoder process killed by SIGKILL (2 attempts)" in end["message"]
+    frames, [end] = split_rows(dec.decode_video(path))
+    assert len(frames) == end["n_frames"] == n and end["error_type"] == ""
 
 
 def test_hung_decoder_times_out_and_is_retried(matrix):

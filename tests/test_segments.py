@@ -597,6 +597,32 @@ def test_a_planner_crash_costs_a_segment_nothing(long_videos, s3fs_client):
     assert all(r["error_type"][0] == "" for r in rows if r["kind"][0] != KIND_FRAME)
 
 
+def test_a_planner_that_cannot_start_costs_a_segment_nothing(long_videos, s3fs_client, monkeypatch):
+    """A planner child that dies while it starts (first start or restart after a crash)
+    raised out of the decode stage (the task failed); where starting it raised OSError, the
+    video became a permanent "read" error row. Now planning is skipped and every frame
+    comes out exact."""
+    import signal
+
+    from test_decode import _DiesWhileStarting
+
+    path, _ = long_videos["long_h264.mp4"]
+    url = "s3://rayvid-test/planner-start/long_h264.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(20.0, 6.0)
+    dec = Decoder(size=framecode.SIZE, batch_frames=8)  # its decode child starts now
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", _DiesWhileStarting)
+        rows = list(dec.decode_video(url, 0, len(bounds), *bounds[0]))  # the planner's first start
+    rows += list(dec.decode_video(url, 1, len(bounds), *bounds[1]))  # started now
+    os.kill(dec._planner.proc.pid, signal.SIGKILL)
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", _DiesWhileStarting)
+        rows += list(dec.decode_video(url, 2, len(bounds), *bounds[2]))  # its restart
+    assert _codes(rows) == [(i, i) for i in range(270)]
+    assert all(r["error_type"][0] == "" for r in rows if r["kind"][0] != KIND_FRAME)
+
+
 def test_crash_in_a_remote_segment_resumes_on_the_same_partial_copy(long_videos, s3fs_client):
     """The retry after a decoder crash reads the partial copy the first attempt fetched:
     every frame once and exact, and no byte fetched twice."""
