@@ -1377,6 +1377,14 @@ def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
     return out
 
 
+def retracting(fs, root: str) -> frozenset:
+    """The videos a retraction is taking out of OUTPUT: a live one's, or a dead one's that
+    the next run or `rayvid compact` completes. Readers leave them out, so that a video is
+    seen as it was committed or not at all (its predictions may already be rewritten while
+    its videos/ row is not)."""
+    return frozenset(u for _, record in _retraction_records(fs, root) for u in record.get("videos", ()))
+
+
 def _finish_retractions(output: str, fs, root: str, state: Committed, records: list, repair: bool = True) -> None:
     """Complete the retractions whose runs died part-way (their intent records remain), in
     the files that hold those videos now (a compaction may have merged the ones listed);

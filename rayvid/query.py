@@ -2,7 +2,8 @@
 `similar`, `export`).
 
 Input: an OUTPUT URL (any storage.resolve URL), read through `commit.committed_parts`, so
-a reader sees each committed video exactly once, whatever a run or a compaction was doing.
+a reader sees each committed video exactly once, whatever a run, a compaction or a retraction
+was doing (`commit.retracting`: the videos a retraction names are left out).
 Work goes part by part (a video's rows never straddle two parts), so memory is bounded by
 the largest part, not the archive.
 
@@ -83,6 +84,16 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     # by the second; one not there then has none, or was deleted since: a compaction's)
     names = commit.committed_parts(fs, root)
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
+    # videos a retraction is taking out (a rerun redoing them, or one killed part-way): not
+    # committed any more, whichever of their files it has rewritten
+    gone_videos = commit.retracting(fs, root)
+    retracting, added = pa.array(sorted(gone_videos), pa.string()), False
+    if gone_videos:
+        if chosen is not None:
+            chosen = [u for u in chosen if u not in gone_videos]
+            value_set = pa.array(chosen, pa.string())
+        elif columns is not None and "video_uri" not in columns:
+            columns, added = [*columns, "video_uri"], True  # (to leave them out by; dropped below)
     seen: list = []  # the yielded tables' distinct videos, hashed (where they have video_uri)
     done: set = set()
     for attempt in range(RELISTS + 1):
@@ -101,6 +112,10 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
                     continue
                 if table is None:
                     continue
+                if len(retracting) and chosen is None and "video_uri" in table.column_names:
+                    table = table.filter(pc.invert(pc.is_in(table.column("video_uri"), retracting)))
+                    if added:
+                        table = table.drop_columns(["video_uri"])
                 if "video_uri" in table.column_names:
                     keys, rows = _video_hashes(table)
                     if attempt:

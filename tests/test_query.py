@@ -822,3 +822,57 @@ def test_similar_of_a_failed_video_says_its_error(tmp_path, capsys):
     assert cli.main(["similar", out, "--video", "/v/bad.mp4", "--time", "0"]) == 2
     err = capsys.readouterr().err
     assert "/v/bad.mp4" in err and "run with --embed" not in err, err
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4, 5])
+def test_the_verbs_read_a_video_a_killed_retraction_left_as_committed_before_or_not_at_all(tmp_path, crash_at):
+    """A rerun redoing a video retracts its rows (predictions, errors, then videos: the
+    commit point last), killed here between any two file operations (a real process,
+    ended where it would write). Until the next run or `rayvid compact` completes it, the
+    verbs saw the video's videos/ row (30 frames, done) without its predictions: they
+    leave out every video a retraction names, so each verb sees it as committed before or
+    not at all, and all agree. Reading repairs nothing."""
+    import textwrap
+
+    out = str(tmp_path / "out")
+    write_output(out, {"m": [("a", 0.9)] * 3, "ok": [("b", 0.8)] * 2}, failed=("bad",))
+    child = textwrap.dedent(f"""
+        import os
+        from fsspec.implementations.local import LocalFileSystem
+        from rayvid import commit
+        n = 0
+        real = os.replace, LocalFileSystem.rm
+
+        def step():
+            global n
+            n += 1
+            if n == {crash_at}:
+                os._exit(9)  # killed
+
+        def replace(*a, **k):
+            step()
+            return real[0](*a, **k)
+
+        def rm(*a, **k):
+            step()
+            return real[1](*a, **k)
+
+        state = commit.recover({out!r})
+        os.replace, LocalFileSystem.rm = replace, rm
+        commit.retract({out!r}, {{"m", "bad"}}, state, "r2")
+    """)
+    assert subprocess.run([sys.executable, "-c", child], cwd=os.getcwd()).returncode == 9
+    before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, files in os.walk(out) for p in files}
+    preds, videos, errors = (query.read(out, what) for what in (commit.PREDICTIONS_DIR, commit.VIDEOS_DIR,
+                                                                  commit.ERRORS_DIR))
+    shown = set(videos.column("video_uri").to_pylist())
+    if crash_at == 1:  # killed before its intent record was written: nothing retracted
+        assert shown == {"m", "ok", "bad"}
+    else:
+        assert shown == {"ok"}
+    assert set(preds.column("video_uri").to_pylist()) == shown - {"bad"}
+    assert set(errors.column("video_uri").to_pylist()) == shown & {"bad"}
+    assert query.summary(out).column("video_uri").to_pylist() == sorted(shown)
+    assert [t.num_rows for t in query.parts(out, columns=["label"])] == [len(preds)]  # (a part's columns only)
+    assert {u for t in query.parts(out, video="m") for u in t.column("video_uri").to_pylist()} == shown & {"m"}
+    assert {p: os.path.getmtime(os.path.join(d, p)) for d, _, files in os.walk(out) for p in files} == before
