@@ -22,7 +22,8 @@ every frame belongs to exactly one segment whatever the codec or GOP structure (
 maps frames to segments by pts, never by counting; a clip run's clips belong to the segment
 of their first frame, whose decoder reads on for the clip's other frames). The duration comes from the container
 header alone (a few ranged reads on object stores), except for a video listed smaller than
-`MIN_BYTES_PER_S` per second of segment, which is one segment unread; when it is unknown, or the file cannot
+`MIN_BYTES_PER_S` per second of segment, which is one segment unread (and no header's duration counts for more
+than its size at that rate: a header may claim 1e10 s); when it is unknown, or the file cannot
 be opened here, the video is one segment and the decoder reports what is wrong with it. So
 is a video on a store that cannot serve byte ranges (some HTTP servers): each segment would
 copy it whole; and one in a container without an index (MPEG-TS/PS: `video.UNSEEKABLE_CONTAINERS`),
@@ -98,13 +99,16 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
             if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
                     or output_order(container.format.name or "", codec)):
                 return 0.0, version  # no index to seek by, or frames known by their order: read from the start
+            # no longer than its size allows at MIN_BYTES_PER_S: a header may say anything
+            # (a 1 MB Matroska file saying 1e10 s planned 16.7 million empty segments)
+            most = size / MIN_BYTES_PER_S
             if container.duration:
                 duration = container.duration / 1_000_000  # AV_TIME_BASE
                 if "matroska" in (container.format.name or "") and (container.start_time or 0) > 0:
                     duration -= container.start_time / 1_000_000  # Matroska's counts from 0, not from its start
-                return duration, version
+                return min(duration, most), version
             if stream is not None and stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base), version
+                return min(float(stream.duration * stream.time_base), most), version
     except (av.FFmpegError, IndexError, *storage.ACCESS_ERRORS):
         pass
     return 0.0, version

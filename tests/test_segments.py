@@ -702,3 +702,29 @@ def test_planning_reads_the_header_of_an_mp4_whose_tags_are_not_utf8(odd_mp4s, s
     plan = segments.plan({"video_uri": np.array([odd_mp4s["avcc_damaged.mp4"], odd_mp4s["garbage.mp4"]],
                                                 dtype=object)}, segment_s=6.0)
     assert plan["segment"].tolist() == [0, 0] and plan["n_segments"].tolist() == [1, 1]
+
+
+def test_a_header_claiming_an_absurd_duration_plans_no_more_segments_than_its_size_allows(tmp_path):
+    """A Matroska file's header may say anything: a 1 s video saying 1e10 s planned one
+    segment per 6 s of it (16.7 million for a 1 MB file: minutes of planning, gigabytes in
+    the driver, then hours of empty segments). Its duration counts for no more than its
+    size at MIN_BYTES_PER_S; every frame still comes out once (the last segment runs to
+    the end)."""
+    import struct
+
+    clean, lying = str(tmp_path / "clean.mkv"), str(tmp_path / "lying.mkv")
+    framecode.write_code_video(clean, 30, framecode.SIZE, framecode.X264)
+    data = bytearray(open(clean, "rb").read())
+    at = data.find(b"\x44\x89\x88")  # Segment Info's Duration, an 8-byte float (in ms at the default scale)
+    assert at > 0
+    data[at + 3:at + 11] = struct.pack(">d", 1e13)
+    open(lying, "wb").write(bytes(data))
+    size = os.path.getsize(lying)
+    assert segments.header_duration(clean) == pytest.approx(1.0, abs=0.1)
+    assert segments.header_duration(lying) == pytest.approx(size / segments.MIN_BYTES_PER_S)
+    plan = segments.plan({"video_uri": np.array([lying], dtype=object)}, segment_s=6.0)
+    assert plan["n_segments"][0] == math.ceil(size / segments.MIN_BYTES_PER_S / 6.0) < 100
+    bounds = list(zip(plan["start_s"], plan["end_s"]))
+    rows = _segment_rows(Decoder(size=framecode.SIZE, batch_frames=16), lying, bounds)
+    assert [r for r in rows if len(r) == 2] == [(i, i) for i in range(30)]
+    assert all(r[1] == "" for r in rows if len(r) == 4)
