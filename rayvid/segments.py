@@ -95,7 +95,7 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
             return 0.0, version
         with storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES) as f, open_container(f) as container:
             stream = container.streams.video[0] if container.streams.video else None
-            codec = stream.codec_context.name if stream is not None and stream.codec_context else ""
+            codec = stream.codec_context.codec.canonical_name if stream is not None and stream.codec_context else ""
             if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
                     or output_order(container.format.name or "", codec)):
                 return 0.0, version  # no index to seek by, or frames known by their order: read from the start

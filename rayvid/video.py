@@ -217,7 +217,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets, rotation, mirror = [], 0 if partial else None, None
             # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
-            by_order = output_order(container.format.name or "", stream.codec_context.name)
+            by_order = output_order(container.format.name or "", stream.codec_context.codec.canonical_name)
             for p in _demux(container, stream):
                 if p.size:
                     packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
@@ -233,7 +233,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
-            codec = stream.codec_context.name
+            codec = stream.codec_context.codec.canonical_name  # (the codec, not its decoder: av1, not libdav1d)
             width, height = stream.codec_context.width, stream.codec_context.height
             rotation = rotation or 0
             if (rotation // 90) % 2:
@@ -587,6 +587,9 @@ def _decord_wrong_for(info: "Probe") -> str:
         return "parts joined with their clocks restarting"
     if info.mirrored:
         return "a mirroring display matrix"
+    if info.rotation and "mov" not in info.container.split(","):
+        # (it turns MP4/MOV frames by their display matrix, not Matroska's: sideways frames)
+        return f"a display rotation in {info.container}"
     return ""
 
 
@@ -755,9 +758,7 @@ class FrameReader:
         dense = len(keep) == int(keep[-1]) - int(keep[0]) + 1
         # (decord counts lead-in packets as frames: it gives the shown frames the wrong
         # indices and repeats the last one for each, measured on a trimmed MP4)
-        suits = (self.decoder == "auto" and info.codec in DECORD_CODECS and dense and not info.lead_in
-                 and not info.joined and not info.mirrored
-                 and not DECORD_WRONG_CONTAINERS & set(info.container.split(",")))
+        suits = self.decoder == "auto" and info.codec in DECORD_CODECS and dense and not _decord_wrong_for(info)
         small = os.path.getsize(path) <= self.decord_max_bytes
         if self.decoder == "decord" and first and not state["force_pyav"]:
             wrong = _decord_wrong_for(info)

@@ -102,14 +102,18 @@ MATRIX = {
     "rotated_90.mp4": (20, (96, 128), X264, {"turns": 1}),
     "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
+    "rotated_90.mkv": (20, (96, 128), X264, {"turns": 1}),  # (decord turns MP4/MOV frames only)
     "h264_bframes.ts": (40, (96, 128), X264 + ["-g", "10", "-bf", "3"], {}),
     "mpeg2.mpg": (40, (96, 128), ["-c:v", "mpeg2video", "-q:v", "3", "-g", "10", "-bf", "2"], {}),
     # decode times only: frames known by their order (video.DECODE_TIME_CONTAINERS)
     "h264_bframes.avi": (40, (96, 128), X264 + ["-g", "12", "-bf", "3"], {}),
     "h264_bframes.wmv": (40, (96, 128), X264 + ["-g", "12", "-bf", "3"], {}),
 }
+# The `codec` column (the codec's name, not its decoder's: av1, not libdav1d); else h264.
+CODEC = {"hevc_opengop.mp4": "hevc", "vp9.webm": "vp9", "av1.mkv": "av1", "mpeg4.avi": "mpeg4", "mjpeg.mov": "mjpeg",
+         "prores.mov": "prores", "mpeg2.mpg": "mpeg2video"}
 # What `auto` picks (see video.DECORD_CODECS).
-EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav"}
+EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav", "rotated_90.mkv": "pyav"}
 
 
 def write_code_video(path: str, n: int, size, args, fps: int = 30, vf=None, audio=False, turns=0) -> None:

@@ -249,6 +249,7 @@ def test_frame_exact_on_every_codec_and_container(matrix, name, threads):
     frames, [end] = _decode_all(path, batch_frames=16, threads=threads)
     assert end["error_type"] == "", end["message"]
     assert end["decoder"].split(" ")[0] == framecode.EXPECTED_DECODER.get(name, "decord")
+    assert end["codec"] == framecode.CODEC.get(name, "h264")
     assert (end["height"], end["width"]) == framecode.MATRIX[name][1]  # the size as displayed (rotated)
     got = [f["frame_index"] for f in frames]
     assert got == list(range(n)), f"{name}: indices {got[:8]}..."
