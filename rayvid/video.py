@@ -161,8 +161,21 @@ class Probe:
     @property
     def output_order(self) -> bool:
         """Frames are known by the order they are decoded in, not by their times
-        (`DECODE_TIME_CONTAINERS`; a clock that restarts: `_epochs`)."""
-        return self.joined > 0 or self.in_order
+        (`DECODE_TIME_CONTAINERS`; a clock that restarts: `_epochs`; frames that share a
+        timestamp)."""
+        return self.joined > 0 or self.in_order or self.repeated
+
+    @property
+    def shared_pts(self) -> bool:
+        """Frames that share a timestamp on a clock of their own (not decode times, nor a
+        restarted clock): known by their order, each packet by its rank among those of its
+        timestamp, and every frame up to the last one kept is decoded (`walked`), so the
+        k-th frame out is frame k wherever the decoder stops."""
+        return self.repeated and not (self.joined or self.in_order)
+
+    def walked(self, keep: np.ndarray) -> np.ndarray:
+        """The frames whose packets the decoder reads before it may stop (`_Walk`)."""
+        return np.arange(int(keep[-1]) + 1) if self.shared_pts and len(keep) else keep
 
     @property
     def seek_keys(self) -> np.ndarray:
@@ -184,6 +197,7 @@ class Probe:
     joined: int = 0  # times the clock restarted (`_epochs`): its frames are known by their order
     mirror: Optional[np.ndarray] = None  # the display matrix, where it mirrors (`display_matrix`): decord does not
     in_order: bool = False  # decode times only (`output_order`)
+    repeated: bool = False  # frames that share a timestamp (`output_order`)
 
 
     @property
@@ -275,8 +289,9 @@ def probe(path: str, partial: bool = False) -> Probe:
             raw[part] += int(prev.max() + (int(np.median(gaps)) if len(gaps) else step) - raw[part].min())
     order = np.argsort(raw, kind="stable")
     pts = raw[order]
-    if len(np.unique(pts)) != len(pts):
-        raise VideoError("the video stream has frames with duplicate timestamps")
+    # frames sharing a timestamp (a muxer's rounding of a jittery clock): FFmpeg shows each,
+    # so they are known by their order, as decode times are (`Probe.output_order`)
+    repeated = bool(len(pts) > 1 and (np.diff(pts) == 0).any())
     keys = np.array([packets[i][1] for i in order], dtype=bool)
     if lead_pos is not None:  # frame 0 decodes from the lead-in's key frame: a key frame to seek to, and to keep
         keys[0] = True
@@ -290,7 +305,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
-                 in_order=by_order)
+                 in_order=by_order, repeated=repeated)
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -490,7 +505,7 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     segment's lead-in to its last frame; key frames only are the key frames' packets
     (with `gap_bytes` 0, which the tests use to check that nothing else is read)."""
     n = len(info.pts)
-    walk = _Walk(keep, info.seek_keys)
+    walk = _Walk(info.walked(keep), info.seek_keys)
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
@@ -585,6 +600,8 @@ def _decord_wrong_for(info: "Probe") -> str:
         return "packets before its first shown frame (a trim or a capture): it counts them as frames"
     if info.joined:
         return "parts joined with their clocks restarting"
+    if info.repeated:
+        return "frames that share a timestamp"
     if info.mirrored:
         return "a mirroring display matrix"
     if info.rotation and "mov" not in info.container.split(","):
@@ -845,7 +862,7 @@ class FrameReader:
         wanted = np.zeros(len(info.pts), dtype=bool)
         wanted[keep] = True
         done = np.zeros(len(info.pts), dtype=bool)
-        walk = _Walk(keep, info.seek_keys)
+        walk = _Walk(info.walked(keep), info.seek_keys)
         found, idx_buf, frame_buf, damaged = 0, [], [], 0
         # After damage the decoder conceals: frames it outputs may show other frames' content
         # (measured on H.264 with garbage bytes), so every frame is dropped until a key frame
@@ -868,6 +885,14 @@ class FrameReader:
             if info.output_order:  # every frame decoded, in order: the k-th is frame k
                 ctx.skip_frame = "DEFAULT"
                 index_of, decoded_in_order = {}, iter(range(len(info.pts)))
+            # frames that share a timestamp: a packet is the next frame of its pts, in decode
+            # order, as the probe ranked them, so the decoder drains once the packets of every
+            # frame up to the last kept one are in (a partial copy holds no more)
+            shared = info.shared_pts
+            if shared:
+                first_of, seen_of = {}, {}
+                for i, p in enumerate(info.pts.tolist()):
+                    first_of.setdefault(p, i)
             ctx.thread_count = 1 if skip_nonref else self.threads
             packets = _demux(container, stream)
             while found < len(keep):
@@ -895,11 +920,16 @@ class FrameReader:
                 if packet is None:
                     break
                 i = index_of.get(packet.pts)
+                if shared and packet.pts in first_of:
+                    i = first_of[packet.pts] + seen_of.get(packet.pts, 0)
+                    seen_of[packet.pts] = seen_of.get(packet.pts, 0) + 1
+                    i = i if i < len(info.pts) and info.pts[i] == packet.pts else None
                 if skip_nonref and i is not None:
                     ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
                 if suspect and packet.is_keyframe and i is not None:
                     suspect, floor = False, i
-                drain = walk.read(i) and not info.output_order  # (the order: to the end, or every kept frame)
+                # (by their order: to the end, or every kept frame)
+                drain = walk.read(i) and (shared or not info.output_order)
                 fed += 1
                 try:
                     frames = packet.decode()

@@ -103,6 +103,9 @@ MATRIX = {
     "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
     "rotated_90.mkv": (20, (96, 128), X264, {"turns": 1}),  # (decord turns MP4/MOV frames only)
+    # a jittery clock the muxer rounds: frames 2 and 3 (and 7, 8...) share a timestamp
+    "same_pts.mp4": (40, (96, 128), X264 + ["-fps_mode", "passthrough", "-bf", "2"],
+                     {"vf": "setpts='(N/30+0.011*mod(N*7,5))/TB'"}),
     "h264_bframes.ts": (40, (96, 128), X264 + ["-g", "10", "-bf", "3"], {}),
     "mpeg2.mpg": (40, (96, 128), ["-c:v", "mpeg2video", "-q:v", "3", "-g", "10", "-bf", "2"], {}),
     # decode times only: frames known by their order (video.DECODE_TIME_CONTAINERS)
@@ -113,7 +116,8 @@ MATRIX = {
 CODEC = {"hevc_opengop.mp4": "hevc", "vp9.webm": "vp9", "av1.mkv": "av1", "mpeg4.avi": "mpeg4", "mjpeg.mov": "mjpeg",
          "prores.mov": "prores", "mpeg2.mpg": "mpeg2video"}
 # What `auto` picks (see video.DECORD_CODECS).
-EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav", "rotated_90.mkv": "pyav"}
+EXPECTED_DECODER = {"vp9.webm": "pyav", "av1.mkv": "pyav", "h264_bframes.ts": "pyav", "rotated_90.mkv": "pyav",
+                    "same_pts.mp4": "pyav"}
 
 
 def write_code_video(path: str, n: int, size, args, fps: int = 30, vf=None, audio=False, turns=0) -> None:

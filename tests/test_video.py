@@ -387,3 +387,23 @@ def test_decord_forced_on_a_video_it_cannot_read_exactly_is_an_error_row(trimmed
     path, n = matrix["h264.mp4"]
     rows, end = _rows(path, decoder="decord", every=7)
     assert [(i, code) for i, _, code in rows] == [(i, i) for i in range(0, n, 7)] and end["decoder"][0] == "decord"
+
+
+@pytest.mark.parametrize("sampling", [{}, {"every": 3}, {"fps": 7.5}, {"keyframes": True}])
+def test_frames_that_share_a_timestamp_are_each_decoded_once_in_order(matrix, sampling):
+    """A jittery clock the muxer rounds gives frames the same pts (FFmpeg shows each): the
+    video was refused ("duplicate timestamps", no frame kept). Now its frames are known by
+    their order: every kept frame once, showing its own code, at its pts (a shared one
+    twice)."""
+    from helpers import pts_of
+    from rayvid import video
+
+    path, n = matrix["same_pts.mp4"]
+    info = video.probe(path)
+    assert info.repeated and info.shared_pts and len(np.unique(info.pts)) < n  # (the file is what it means to be)
+    rows, end = _rows(path, **sampling)
+    got = [i for i, _, _ in rows]
+    assert got == FrameReader(framecode.SIZE, **sampling)._sampled(info).tolist() and len(got) > ("keyframes" not in sampling)
+    assert [code for _, _, code in rows] == got
+    np.testing.assert_allclose([t for _, t, _ in rows], np.asarray(pts_of(path))[got], atol=1e-3, rtol=0)
+    assert end["error_type"][0] == "" and end["decoder"][0].startswith("pyav")
