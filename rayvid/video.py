@@ -198,6 +198,7 @@ class Probe:
     mirror: Optional[np.ndarray] = None  # the display matrix, where it mirrors (`display_matrix`): decord does not
     in_order: bool = False  # decode times only (`output_order`)
     repeated: bool = False  # frames that share a timestamp (`output_order`)
+    nal_length: int = 0  # H.264's NAL unit length size (`nal_length_size`; 0: start codes or another codec)
 
 
     @property
@@ -232,10 +233,16 @@ def probe(path: str, partial: bool = False) -> Probe:
             packets, rotation, mirror = [], 0 if partial else None, None
             # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
             by_order = output_order(container.format.name or "", stream.codec_context.codec.canonical_name)
+            # H.264 key packets that no decoder can start from are no key frames (`starts_pictures`)
+            is_h264 = stream.codec_context.codec.canonical_name == "h264"
+            length_size = nal_length_size(stream.codec_context.extradata) if is_h264 else 0
+            h264 = is_h264 and not partial  # (a partial copy's packets are not there: `starting_keys`)
             for p in _demux(container, stream):
                 if p.size:
+                    key = p.is_keyframe and not (
+                        h264 and packets and starts_pictures(bytes(memoryview(p)[:KEY_HEAD_BYTES]), length_size) is False)
                     packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
-                                    p.is_keyframe,
+                                    key,
                                     -1 if p.pos is None else p.pos, p.size, p.is_discard, p.dts))
                 if rotation is None:  # the first frame says it (decoded once, by the way)
                     try:
@@ -305,7 +312,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
-                 in_order=by_order, repeated=repeated)
+                 in_order=by_order, repeated=repeated, nal_length=length_size)
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -364,6 +371,50 @@ def _demux(container, stream) -> Iterator:
         except (StopIteration, IndexError):
             return
         yield packet
+
+
+# The bytes of a key packet that say whether a decoder can start there (its first NAL
+# units: a recovery point's SEI, then the first slice's header)
+KEY_HEAD_BYTES = 4096
+
+
+def nal_length_size(extradata: Optional[bytes]) -> int:
+    """H.264 in MP4/Matroska (avcC extradata): the bytes of each NAL unit's length; 0 where
+    NAL units are delimited by start codes (Annex B: MPEG-TS, raw streams)."""
+    return (extradata[4] & 3) + 1 if extradata and len(extradata) > 4 and extradata[0] == 1 else 0
+
+
+def starts_pictures(data: bytes, length_size: int) -> Optional[bool]:
+    """Whether an H.264 packet flagged key is a picture a decoder can start from: an IDR,
+    or an I picture (an open GOP's), not a P picture with a recovery-point SEI (x264's
+    `intra-refresh`, low-latency cameras: FFmpeg shows nothing after a seek there until the
+    refresh has swept the picture, so frames counted on were never shown). None where the
+    bytes do not say (no slice in them)."""
+    units, i = [], 0
+    if length_size:
+        while i + length_size < len(data):
+            n = int.from_bytes(data[i:i + length_size], "big")
+            units.append(data[i + length_size:i + length_size + max(n, 0)])
+            i += length_size + max(n, 1)
+    else:
+        units = [u.lstrip(b"\0") for u in data.split(b"\0\0\1")]
+    for unit in units:
+        if not unit:
+            continue
+        kind = unit[0] & 0x1F
+        if kind == 5:
+            return True
+        if kind in (1, 2):  # a slice (or its partition A): its header says its type
+            bits = "".join(f"{b:08b}" for b in unit[1:9].replace(b"\0\0\3", b"\0\0"))
+            values, at = [], 0
+            for _ in range(2):  # first_mb_in_slice, slice_type: Exp-Golomb
+                zeros = len(bits) - len(bits[at:].lstrip("0")) - at
+                if at + 2 * zeros + 1 > len(bits):
+                    return None
+                values.append(int(bits[at + zeros:at + 2 * zeros + 1], 2) - 1)
+                at += 2 * zeros + 1
+            return values[1] % 5 in (2, 4)  # I, SI
+    return None
 
 
 def _reason(e: BaseException) -> str:
@@ -463,6 +514,36 @@ class _Walk:
         if self.first_unfed == len(self.keep) or self.key_of[self.keep[self.first_unfed]] > self.seen + 1:
             self.drained = True
         return self.drained
+
+
+def starting_keys(path: str, info: Probe, keep_of, fetch) -> Probe:
+    """On a partial copy of an H.264 video: the probe with the key frames a decoder cannot
+    start from (`starts_pictures`) no longer key frames, of those the frames `keep_of(info)`
+    would seek to (the first KEY_HEAD_BYTES of each fetched and read: a few KB a seek),
+    until every one sought is checked (a key frame dropped moves a seek to an earlier one)."""
+    if info.codec != "h264" or info.pos is None:
+        return info
+    checked: set = set()
+    while True:
+        keep = keep_of(info)
+        if not len(keep):
+            return info
+        walked = info.walked(keep)
+        sought = sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
+        sought = [k for k in sought if info.pos[k] >= 0]
+        if not sought:
+            return info
+        heads = [(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in sought]
+        fetch(heads)
+        with open(path, "rb") as f:
+            bad = [k for k, (at, n) in zip(sought, heads)
+                   if starts_pictures(os.pread(f.fileno(), n, at), info.nal_length) is False]
+        checked.update(sought)
+        if not bad:
+            return info
+        keys = info.keyframes.copy()
+        keys[bad] = False
+        info = replace(info, keyframes=keys)
 
 
 def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> Probe:
@@ -683,11 +764,10 @@ class FrameReader:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
             info = state["info"] = probe(path, partial=partial)
-            if self.clip_len:  # (the clips this segment makes, and the frames they hold)
-                kept, starts = self._clip_plan(info, start_s, end_s, after)
-                keep = Clips.frames_of(kept, starts, self.clip_len)
-            else:
-                keep = self._keep(info, start_s, end_s, after)
+            if partial:  # (a local file's probe read its key packets)
+                info = state["info"] = starting_keys(
+                    path, info, lambda i: self._segment_plan(i, start_s, end_s, after)[2], on_fetch)
+            kept, starts, keep = self._segment_plan(info, start_s, end_s, after)
             if partial and len(keep):
                 info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
             if on_probe is not None:
@@ -728,6 +808,13 @@ class FrameReader:
             yield done(VideoError(f"cannot read video: {_reason(e)}"))
             return
         yield done(None)
+
+    def _segment_plan(self, info: Probe, start_s: float, end_s: float, after: int) -> tuple:
+        """(clips' first frames, their starts, frames kept) of a segment; clips None without --clip-len."""
+        if self.clip_len:  # (the clips this segment makes, and the frames they hold)
+            kept, starts = self._clip_plan(info, start_s, end_s, after)
+            return kept, starts, Clips.frames_of(kept, starts, self.clip_len)
+        return None, None, self._keep(info, start_s, end_s, after)
 
     def plan(self, path: str, start_s: float = -math.inf, end_s: float = math.inf) -> Optional[list]:
         """The byte ranges [(offset, length)] that `read` of the partial copy `path` (holding

@@ -103,6 +103,9 @@ MATRIX = {
     "rotated_180.mp4": (20, (96, 128), X264, {"turns": 2}),
     "rotated_270.mp4": (20, (96, 128), X264, {"turns": 3}),
     "rotated_90.mkv": (20, (96, 128), X264, {"turns": 1}),  # (decord turns MP4/MOV frames only)
+    # x264's intra refresh: one IDR, then P pictures with recovery points, flagged key frames
+    "intra_refresh.mp4": (60, (96, 128), ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                                          "-x264-params", "intra-refresh=1:keyint=20"], {}),
     # a jittery clock the muxer rounds: frames 2 and 3 (and 7, 8...) share a timestamp
     "same_pts.mp4": (40, (96, 128), X264 + ["-fps_mode", "passthrough", "-bf", "2"],
                      {"vf": "setpts='(N/30+0.011*mod(N*7,5))/TB'"}),

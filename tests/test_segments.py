@@ -728,3 +728,23 @@ def test_a_header_claiming_an_absurd_duration_plans_no_more_segments_than_its_si
     rows = _segment_rows(Decoder(size=framecode.SIZE, batch_frames=16), lying, bounds)
     assert [r for r in rows if len(r) == 2] == [(i, i) for i in range(30)]
     assert all(r[1] == "" for r in rows if len(r) == 4)
+
+
+@pytest.mark.parametrize("sampling", [{"every": 7}, {"fps": 2.0}, {"keyframes": True}])
+def test_remote_segments_of_an_intra_refresh_video_seek_only_where_a_decoder_can_start(matrix, s3fs_client, sampling):
+    """A partial copy holds the index, not the key packets: before its seeks, the first KB
+    of each key frame sought is fetched and read (`video.starting_keys`), and a recovery
+    point that is no place to start (x264's intra refresh) is passed over for an earlier
+    key frame. Every frame kept comes out, exact, as from the local file (a key-frame scan
+    keeps the IDR alone)."""
+    path, n = matrix["intra_refresh.mp4"]
+    url = "s3://rayvid-test/intra-refresh/intra_refresh.mp4"
+    s3fs_client.put_file(path, url)
+    bounds = segments.bounds(float(pts_of(path)[-1]) + 0.05, 0.5)
+    local, remote = _decode(path, bounds, sampling), _decode(url, bounds, sampling)
+    assert remote == local and all(i == shown for i, shown in local)
+    want = [0] if "keyframes" in sampling else None
+    if "every" in sampling:
+        want = list(range(0, n, 7))
+    if want is not None:
+        assert [i for i, _ in local] == want

@@ -407,3 +407,30 @@ def test_frames_that_share_a_timestamp_are_each_decoded_once_in_order(matrix, sa
     assert [code for _, _, code in rows] == got
     np.testing.assert_allclose([t for _, t, _ in rows], np.asarray(pts_of(path))[got], atol=1e-3, rtol=0)
     assert end["error_type"][0] == "" and end["decoder"][0].startswith("pyav")
+
+
+def test_only_pictures_a_decoder_can_start_from_are_key_frames(matrix, tmp_path):
+    """x264's intra refresh (low-latency cameras, drones) flags P pictures with a recovery
+    point as key frames: a seek there showed nothing until the refresh had swept the
+    picture, and the frames counted on were lost as "damaged data" (--every, --fps,
+    --keyframes, segments). Only the IDR is a key frame there; an open GOP's I pictures,
+    and every key frame of an ordinary stream, stay key frames (seeks go on using them)."""
+    from rayvid import video
+
+    path, n = matrix["intra_refresh.mp4"]
+    import av
+
+    with av.open(path) as c:
+        flagged = [p.pts for p in c.demux(video=0) if p.size and p.is_keyframe]
+    assert len(flagged) == 3  # (the file is what it means to be)
+    assert video.probe(path).keyframes.nonzero()[0].tolist() == [0]
+    assert video.probe(matrix["h264.mp4"][0]).keyframes.nonzero()[0].tolist() == [0, 10, 20, 30]
+    open_gop = str(tmp_path / "open_gop.mp4")
+    framecode.write_code_video(open_gop, 60, framecode.SIZE, ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt",
+                                                              "yuv420p", "-bf", "2", "-x264-params", "open-gop=1:keyint=20"])
+    with av.open(open_gop) as c:
+        flagged = sum(1 for p in c.demux(video=0) if p.size and p.is_keyframe)
+    assert flagged > 1 and video.probe(open_gop).keyframes.sum() == flagged
+    rows, end = _rows(open_gop, every=7)
+    assert [i for i, _, _ in rows] == list(range(0, 60, 7)) and all(i == code for i, _, code in rows)
+    assert end["error_type"][0] == ""
