@@ -516,43 +516,46 @@ class _Walk:
         return self.drained
 
 
-def starting_keys(path: str, info: Probe, keep_of, fetch) -> Probe:
-    """On a partial copy of an H.264 video: the probe with the key frames a decoder cannot
-    start from (`starts_pictures`) no longer key frames, of those the frames `keep_of(info)`
-    would seek to (the first KEY_HEAD_BYTES of each fetched and read: a few KB a seek),
-    until every one sought is checked (a key frame dropped moves a seek to an earlier one)."""
+def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> tuple[Probe, bool]:
+    """On a partial copy of an H.264 video: (the probe with the key frames a decoder cannot
+    start from (`starts_pictures`) no longer key frames, whether the bytes the frames
+    `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
+    the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), which hold
+    each key frame a seek goes to, and those are read; where one is no place to start, the
+    seek goes to an earlier key frame: planned and fetched again, until every one sought
+    is checked. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
-        return info
+        return info, False
     checked: set = set()
     while True:
         keep = keep_of(info)
         if not len(keep):
-            return info
+            return info, False
+        fetch(plan_ranges(path, info, keep, gap_bytes))
         walked = info.walked(keep)
         sought = sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
         sought = [k for k in sought if info.pos[k] >= 0]
-        if not sought:
-            return info
-        heads = [(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in sought]
-        fetch(heads)
         with open(path, "rb") as f:
-            bad = [k for k, (at, n) in zip(sought, heads)
-                   if starts_pictures(os.pread(f.fileno(), n, at), info.nal_length) is False]
+            bad = [k for k in sought if starts_pictures(
+                os.pread(f.fileno(), int(min(info.nbytes[k], KEY_HEAD_BYTES)), int(info.pos[k])), info.nal_length) is False]
         checked.update(sought)
         if not bad:
-            return info
+            return info, True
         keys = info.keyframes.copy()
         keys[bad] = False
         info = replace(info, keyframes=keys)
 
 
-def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> Probe:
+def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = FETCH_GAP_BYTES,
+              fetched: bool = False) -> Probe:
     """On a partial copy (`mp4.index_only`): fetches the bytes of every packet that decoding
-    the frames `keep` reads (`plan_ranges`), then reads the rotation off the first decoded
-    frame. Returns the probe with the rotation (and the displayed size) filled in."""
+    the frames `keep` reads (`plan_ranges`; not where `starting_keys` has `fetched` them),
+    then reads the rotation off the first decoded frame. Returns the probe with the rotation
+    (and the displayed size) filled in."""
     import av
 
-    fetch(plan_ranges(path, info, keep, gap_bytes))
+    if not fetched:
+        fetch(plan_ranges(path, info, keep, gap_bytes))
     rotation, width, height, mirror = 0, info.width, info.height, None
     with open_container(path) as container:
         stream = container.streams.video[0]
@@ -764,12 +767,14 @@ class FrameReader:
             if os.path.getsize(path) == 0:
                 raise VideoError("empty file (0 bytes)")
             info = state["info"] = probe(path, partial=partial)
+            fetched = False
             if partial:  # (a local file's probe read its key packets)
-                info = state["info"] = starting_keys(
-                    path, info, lambda i: self._segment_plan(i, start_s, end_s, after)[2], on_fetch)
+                info, fetched = starting_keys(path, info, lambda i: self._segment_plan(i, start_s, end_s, after)[2],
+                                              on_fetch, self.fetch_gap_bytes)
+                state["info"] = info
             kept, starts, keep = self._segment_plan(info, start_s, end_s, after)
             if partial and len(keep):
-                info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes)
+                info = state["info"] = fetch_for(path, info, keep, on_fetch, self.fetch_gap_bytes, fetched)
             if on_probe is not None:
                 on_probe(info)
             got = state["got"] = np.zeros(len(info.pts), dtype=bool)
