@@ -679,6 +679,9 @@ def _node() -> str:
 
 
 _ACTIVE: set = set()  # runs, compactions and retractions this process is doing now
+# (OUTPUT's root, run id) of runs here whose record another run wrote over (`RunIdTaken`):
+# their heartbeats write it no more, even where a beat had read its own record just before
+_TAKEN: set = set()
 
 
 @contextlib.contextmanager
@@ -865,6 +868,7 @@ class Rivals:
         except storage.ACCESS_ERRORS:
             return  # (looked at again next time)
         if isinstance(own, dict) and _writer_of(own) != self.writer:
+            _TAKEN.add((self.root, self.me[1]))
             self.stopped = RunIdTaken(
                 f"run id {self.me[1]} was taken by another run (host {own.get('host')}, started {own.get('started_at')}) "
                 f"into this OUTPUT, which began within moments of this one: two runs of one id would write files of "
@@ -949,6 +953,8 @@ class Heartbeat:
 
     def start(self) -> None:
         self.record.update(writer(), heartbeat_at=time.time())
+        self._key = (storage.resolve(self.output)[1].rstrip("/"), self.run_id)
+        _TAKEN.discard(self._key)
         _ACTIVE.add(self.run_id)
         try:
             write_run_record(self.output, self.run_id, self.clean(self.record))
@@ -965,11 +971,13 @@ class Heartbeat:
                     return
                 self.record["heartbeat_at"] = time.time()
                 try:
-                    if self._taken():
+                    if self._key in _TAKEN or self._taken():
+                        _TAKEN.add(self._key)
                         continue  # (the run stops at its next check: `Rivals`)
                     if self.progress is not None:
                         self.record["stats"] = self.progress()
-                    write_run_record(self.output, self.run_id, self.clean(self.record))
+                    if self._key not in _TAKEN:  # (a check may have found it taken meanwhile)
+                        write_run_record(self.output, self.run_id, self.clean(self.record))
                 except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))
 
