@@ -367,14 +367,12 @@ class Committer:
         )
         if failed:
             self.videos_failed += 1
-            where = (lambda e: f"segment {e['segment'] + 1}/{e['n_segments']}: ") if len(ends) > 1 else (lambda e: "")
             self._ready_errors.append(
                 {
                     "video_uri": uri,
                     "stage": failed[0]["error_stage"],
                     "error_type": failed[0]["error_type"],
-                    "message": "; ".join(where(e) + (_KEPT.sub("", e["message"]) if changed else e["message"])
-                                         for e in failed)
+                    "message": _segments_said(failed, len(ends) > 1, changed)
                     + ("; no frame of it committed: the next run reads it again" if changed else ""),
                     "run_id": self.run_id,
                 }
@@ -523,6 +521,22 @@ def check_head_planned(output: str, embed: bool, detect: bool, clips: bool) -> N
     stops at once (its dry run says so), not at its first commit."""
     names = ["boxes"] if detect else ["embedding"] if embed else []
     _check_head(output, names + ([fl.name for fl in clip_fields()] if clips else []), names_only=True)
+
+
+def _segments_said(failed: list, several: bool, changed: bool) -> str:
+    """The failed segments' messages, each said once for a run of segments that say the
+    same (`segments 1-5/5: the video stream has no frames`), in segment order."""
+    runs: list = []  # [first, last, n_segments, message]
+    for e in failed:
+        message = _KEPT.sub("", e["message"]) if changed else e["message"]
+        if runs and runs[-1][3] == message and runs[-1][1] == e["segment"] - 1:
+            runs[-1][1] = e["segment"]
+        else:
+            runs.append([e["segment"], e["segment"], e["n_segments"], message])
+    if not several:
+        return "; ".join(m for *_, m in runs)
+    return "; ".join((f"segment {a + 1}/{n}: " if a == b else f"segments {a + 1}-{b + 1}/{n}: ") + m
+                     for a, b, n, m in runs)
 
 
 def _fill_reused(video: pa.Table) -> pa.Table:

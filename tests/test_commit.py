@@ -195,6 +195,18 @@ def test_reused_frames_whose_source_another_attempt_reused_get_the_inferred_fram
     assert rows[2]["topk"] == rows[0]["topk"] and rows[2]["score"] == rows[0]["score"]
 
 
+def test_segments_failing_alike_are_said_once(tmp_path):
+    """A damaged video cut into 5 segments said its one message 5 times ("segment 1/5: the
+    video stream has no frames; segment 2/5: ..."): a run of segments that say the same is
+    said once, other messages in their segments' order."""
+    c = Committer(str(tmp_path), "r1", "m")
+    for k, error in enumerate(["no frames", "no frames", "no frames", "lost the end", "no frames"]):
+        c.add(_end("v", 0, error, k, 5))
+    c.close()
+    [err] = pq.read_table(tmp_path / "errors" / _files(tmp_path / "errors")[0]).to_pylist()
+    assert err["message"] == "segments 1-3/5: no frames; segment 4/5: lost the end; segment 5/5: no frames"
+
+
 def test_more_distinct_frames_than_decoded_fail_loudly(tmp_path):
     c = Committer(str(tmp_path), "r1", "m")
     c.add(_frames("v", [0, 1]))
