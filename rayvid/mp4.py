@@ -187,6 +187,8 @@ def hint(path: str) -> str:
             boxes.append((kind, offset + n > size))
             offset += n
     kinds = [k for k, _ in boxes]
+    if b"ftyp" in kinds and any(kind == b"moov" and cut for kind, cut in boxes):
+        return " (truncated MP4: the file ends inside its index (moov))"
     if b"ftyp" not in kinds or b"moov" in kinds:
         return ""
     if any(cut for _, cut in boxes):

@@ -267,7 +267,7 @@ def probe(path: str, partial: bool = False) -> Probe:
     except av.FFmpegError as e:
         raise VideoError(f"cannot open video: {_reason(e)}{hint(path)}") from None
     if not packets:
-        raise VideoError("the video stream has no frames")
+        raise VideoError("the video stream has no frames" + ("" if partial else hint(path)))
     if any(p[0] is None for p in packets) or tb is None:
         raise VideoError("the video stream has packets without timestamps"
                          + (" (an elementary stream, with no container to time its frames: remux it, "

@@ -524,6 +524,31 @@ def test_truncated_mp4_with_its_index_at_the_end_is_one_clear_error(damaged):
     assert "truncated MP4" in end["message"] and "index (moov)" in end["message"]
 
 
+@pytest.mark.parametrize("faststart", [False, True])
+def test_an_mp4_cut_inside_its_index_says_so(tmp_path, faststart):
+    """Cut inside its index (moov), at the end (ffmpeg's default) or at the start
+    (faststart): the error said "the video stream has no frames" or "End of file", nothing
+    of why; now it says the file ends inside its index."""
+    import subprocess
+
+    from rayvid import samples
+
+    path = str(tmp_path / "v.mp4")
+    framecode.write_code_video(path, 30, framecode.SIZE, framecode.X264)
+    if faststart:
+        subprocess.run([samples.ffmpeg_exe(), "-y", "-loglevel", "error", "-i", path, "-c", "copy",
+                        "-movflags", "+faststart", str(tmp_path / "f.mp4")], check=True)
+        path = str(tmp_path / "f.mp4")
+    data = open(path, "rb").read()
+    moov = data.find(b"moov") - 4
+    assert (moov < data.find(b"mdat")) == faststart
+    cut = str(tmp_path / "cut.mp4")
+    open(cut, "wb").write(data[: moov + int.from_bytes(data[moov:moov + 4], "big") // 2])
+    frames, [end] = split_rows(Decoder(size=framecode.SIZE).decode_video(cut))
+    assert frames == [] and end["error_type"] == "VideoError"
+    assert "(truncated MP4: the file ends inside its index (moov))" in end["message"], end["message"]
+
+
 @pytest.mark.parametrize("decoder", ["auto", "pyav"])
 def test_truncated_faststart_mp4_keeps_the_frames_it_holds(damaged, decoder):
     frames, [end] = split_rows(Decoder(size=framecode.SIZE, decoder=decoder).decode_video(damaged["truncated_faststart.mp4"]))
