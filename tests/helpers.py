@@ -323,3 +323,40 @@ def listing_hook_store(protocol: str):
     Store.protocol = protocol
     fsspec.register_implementation(protocol, Store, clobber=True)
     return Store
+
+
+def retract_killed_at(output: str, videos: set, crash_at: int, run_id: str = "r2") -> int:
+    """`commit.retract` of `videos` in a process of its own, killed (os._exit(9), as SIGKILL
+    ends it: no cleanup) at its `crash_at`-th file operation (a rename or a delete: intent
+    record, predictions, errors, videos, intent gone); its exit status."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent(f"""
+        import os
+        from fsspec.implementations.local import LocalFileSystem
+        from rayvid import commit
+        n = 0
+        real = os.replace, LocalFileSystem.rm
+
+        def step():
+            global n
+            n += 1
+            if n == {crash_at}:
+                os._exit(9)  # killed
+
+        def replace(*a, **k):
+            step()
+            return real[0](*a, **k)
+
+        def rm(*a, **k):
+            step()
+            return real[1](*a, **k)
+
+        state = commit.recover({output!r})
+        os.replace, LocalFileSystem.rm = replace, rm
+        commit.retract({output!r}, {set(videos)!r}, state, {run_id!r})
+        os._exit(0)
+    """)
+    return subprocess.run([sys.executable, "-c", child], cwd=os.getcwd()).returncode

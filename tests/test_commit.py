@@ -745,10 +745,6 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
     not committed at all, never committed without the error that makes it be redone. (Its
     frames committed with its error, as rayvid before 2026-12-06 committed them: an OUTPUT
     it wrote holds such rows.)"""
-    import subprocess
-    import sys
-    import textwrap
-
     from rayvid.commit import pending, recover
 
     changed = _end("m", 1, "the object changed while it was read (version 1, now 2)")
@@ -760,34 +756,10 @@ def test_a_retraction_killed_anywhere_is_completed_by_the_next_recover(tmp_path,
         c.add(pa.concat_tables([_frames("m", [0]), changed, _frames("ok", [0]), _end("ok", 1)]))
         c.close()
     assert pq.read_table(tmp_path / "predictions").column("video_uri").to_pylist() == ["m", "ok"]
-    child = textwrap.dedent(f"""
-        import os
-        from fsspec.implementations.local import LocalFileSystem
-        from rayvid import commit
-        n = 0
-        real = os.replace, LocalFileSystem.rm
+    from helpers import retract_killed_at
 
-        def step():
-            global n
-            n += 1
-            if n == {crash_at}:
-                os._exit(9)  # killed
-
-        def replace(*a, **k):
-            step()
-            return real[0](*a, **k)
-
-        def rm(*a, **k):
-            step()
-            return real[1](*a, **k)
-
-        state = commit.recover({str(tmp_path)!r})
-        os.replace, LocalFileSystem.rm = replace, rm
-        commit.retract({str(tmp_path)!r}, {{"m"}}, state, "r2")
-        os._exit(0)
-    """)
-    done = subprocess.run([sys.executable, "-c", child], cwd=os.getcwd())
-    assert done.returncode == (0 if crash_at > 5 else 9)  # 6: not killed
+    returncode = retract_killed_at(str(tmp_path), {"m"}, crash_at)
+    assert returncode == (0 if crash_at > 5 else 9)  # 6: not killed
     state = recover(str(tmp_path))
     assert not [n for n in os.listdir(tmp_path / "retractions") if n.endswith(".json")]  # (a killed write's temp file may stay)
     listing = pa.table({"video_uri": ["m", "ok"], "size_bytes": [-1] * 2, "version": [""] * 2})

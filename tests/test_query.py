@@ -832,36 +832,11 @@ def test_the_verbs_read_a_video_a_killed_retraction_left_as_committed_before_or_
     verbs saw the video's videos/ row (30 frames, done) without its predictions: they
     leave out every video a retraction names, so each verb sees it as committed before or
     not at all, and all agree. Reading repairs nothing."""
-    import textwrap
+    from helpers import retract_killed_at
 
     out = str(tmp_path / "out")
     write_output(out, {"m": [("a", 0.9)] * 3, "ok": [("b", 0.8)] * 2}, failed=("bad",))
-    child = textwrap.dedent(f"""
-        import os
-        from fsspec.implementations.local import LocalFileSystem
-        from rayvid import commit
-        n = 0
-        real = os.replace, LocalFileSystem.rm
-
-        def step():
-            global n
-            n += 1
-            if n == {crash_at}:
-                os._exit(9)  # killed
-
-        def replace(*a, **k):
-            step()
-            return real[0](*a, **k)
-
-        def rm(*a, **k):
-            step()
-            return real[1](*a, **k)
-
-        state = commit.recover({out!r})
-        os.replace, LocalFileSystem.rm = replace, rm
-        commit.retract({out!r}, {{"m", "bad"}}, state, "r2")
-    """)
-    assert subprocess.run([sys.executable, "-c", child], cwd=os.getcwd()).returncode == 9
+    assert retract_killed_at(out, {"m", "bad"}, crash_at) == 9
     before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, files in os.walk(out) for p in files}
     preds, videos, errors = (query.read(out, what) for what in (commit.PREDICTIONS_DIR, commit.VIDEOS_DIR,
                                                                   commit.ERRORS_DIR))
