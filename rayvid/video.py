@@ -168,14 +168,18 @@ class Probe:
     @property
     def shared_pts(self) -> bool:
         """Frames that share a timestamp on a clock of their own (not decode times, nor a
-        restarted clock): known by their order, each packet by its rank among those of its
-        timestamp, and every frame up to the last one kept is decoded (`walked`), so the
-        k-th frame out is frame k wherever the decoder stops."""
+        restarted clock): read from the start (no seek: `output_order`), every frame up to
+        the last one kept decoded (`walked`); a packet is known by its rank among those of
+        its timestamp, a frame out by its rank among those shown at its timestamp."""
         return self.repeated and not (self.joined or self.in_order)
 
     def walked(self, keep: np.ndarray) -> np.ndarray:
-        """The frames whose packets the decoder reads before it may stop (`_Walk`)."""
-        return np.arange(int(keep[-1]) + 1) if self.shared_pts and len(keep) else keep
+        """The frames whose packets the decoder reads before it may stop (`_Walk`): with
+        shared timestamps, every frame up to the last kept one and those sharing its
+        timestamp (a pair's frame shown first may be demuxed last)."""
+        if not (self.shared_pts and len(keep)):
+            return keep
+        return np.arange(int(np.searchsorted(self.pts, self.pts[int(keep[-1])], side="right")))
 
     @property
     def seek_keys(self) -> np.ndarray:
@@ -388,8 +392,9 @@ def starts_pictures(data: bytes, length_size: int) -> Optional[bool]:
     """Whether an H.264 packet flagged key is a picture a decoder can start from: an IDR,
     or an I picture (an open GOP's), not a P picture with a recovery-point SEI (x264's
     `intra-refresh`, low-latency cameras: FFmpeg shows nothing after a seek there until the
-    refresh has swept the picture, so frames counted on were never shown). None where the
-    bytes do not say (no slice in them)."""
+    refresh has swept the picture, so frames counted on were never shown), nor one whose
+    slices are I and P (a refresh by slices). None where the bytes do not say (no slice
+    header in them)."""
     units, i = [], 0
     if length_size:
         while i + length_size < len(data):
@@ -398,6 +403,7 @@ def starts_pictures(data: bytes, length_size: int) -> Optional[bool]:
             i += length_size + max(n, 1)
     else:
         units = [u.lstrip(b"\0") for u in data.split(b"\0\0\1")]
+    intra = None
     for unit in units:
         if not unit:
             continue
@@ -410,11 +416,13 @@ def starts_pictures(data: bytes, length_size: int) -> Optional[bool]:
             for _ in range(2):  # first_mb_in_slice, slice_type: Exp-Golomb
                 zeros = len(bits) - len(bits[at:].lstrip("0")) - at
                 if at + 2 * zeros + 1 > len(bits):
-                    return None
+                    return intra
                 values.append(int(bits[at + zeros:at + 2 * zeros + 1], 2) - 1)
                 at += 2 * zeros + 1
-            return values[1] % 5 in (2, 4)  # I, SI
-    return None
+            if values[1] % 5 not in (2, 4):  # not I, SI
+                return False
+            intra = True
+    return intra
 
 
 def _reason(e: BaseException) -> str:
@@ -521,26 +529,37 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     start from (`starts_pictures`) no longer key frames, whether the bytes the frames
     `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
     the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), which hold
-    each key frame a seek goes to, and those are read; where one is no place to start, the
-    seek goes to an earlier key frame: planned and fetched again, until every one sought
-    is checked. (Other codecs: unchanged, nothing fetched.)"""
+    each key frame a seek goes to, and those are read. An ordinary stream costs nothing
+    more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
+    of every key frame before it are fetched at once and read, and the seeks planned and
+    fetched again from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
         return info, False
     checked: set = set()
+
+    def bad_of(keys: list) -> list:
+        with open(path, "rb") as f:
+            return [k for k in keys if starts_pictures(
+                os.pread(f.fileno(), int(min(info.nbytes[k], KEY_HEAD_BYTES)), int(info.pos[k])), info.nal_length) is False]
+
     while True:
         keep = keep_of(info)
         if not len(keep):
             return info, False
         fetch(plan_ranges(path, info, keep, gap_bytes))
         walked = info.walked(keep)
-        sought = sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
-        sought = [k for k in sought if info.pos[k] >= 0]
-        with open(path, "rb") as f:
-            bad = [k for k in sought if starts_pictures(
-                os.pread(f.fileno(), int(min(info.nbytes[k], KEY_HEAD_BYTES)), int(info.pos[k])), info.nal_length) is False]
+        sought = [k for k in sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
+                  if info.pos[k] >= 0]
+        bad = bad_of(sought)
         checked.update(sought)
         if not bad:
             return info, True
+        # (an intra-refresh stream's recovery points: every one back to its IDR, in one go)
+        earlier = [k for k in np.flatnonzero(info.keyframes[: max(bad)]).tolist()
+                   if k and k not in checked and info.pos[k] >= 0]
+        fetch([(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in earlier])
+        bad += bad_of(earlier)
+        checked.update(earlier)
         keys = info.keyframes.copy()
         keys[bad] = False
         info = replace(info, keyframes=keys)
@@ -977,12 +996,13 @@ class FrameReader:
             if info.output_order:  # every frame decoded, in order: the k-th is frame k
                 ctx.skip_frame = "DEFAULT"
                 index_of, decoded_in_order = {}, iter(range(len(info.pts)))
-            # frames that share a timestamp: a packet is the next frame of its pts, in decode
-            # order, as the probe ranked them, so the decoder drains once the packets of every
-            # frame up to the last kept one are in (a partial copy holds no more)
+            # frames that share a timestamp (`Probe.shared_pts`): a packet is the next frame of
+            # its pts in decode order, so the decoder drains once the packets of every frame up
+            # to the last kept one (and its pts' others) are in (a partial copy holds no more);
+            # a frame out is the next one shown at its pts (a damaged one dropped costs no other)
             shared = info.shared_pts
             if shared:
-                first_of, seen_of = {}, {}
+                first_of, seen_of, shown_at = {}, {}, {}
                 for i, p in enumerate(info.pts.tolist()):
                     first_of.setdefault(p, i)
             ctx.thread_count = 1 if skip_nonref else self.threads
@@ -1039,7 +1059,13 @@ class FrameReader:
                     ctx.skip_frame, nonkey_from = "NONKEY", 0
                 for frame in frames:
                     decoded += 1
-                    i = next(decoded_in_order, None) if info.output_order else index_of.get(frame.pts)
+                    if shared:  # by its timestamp, and its rank among the frames shown at it
+                        i = first_of.get(frame.pts)
+                        if i is not None:
+                            rank = shown_at[frame.pts] = shown_at.get(frame.pts, -1) + 1
+                            i = i + rank if i + rank < len(info.pts) and info.pts[i + rank] == frame.pts else None
+                    else:
+                        i = next(decoded_in_order, None) if info.output_order else index_of.get(frame.pts)
                     if frame.is_corrupt:
                         damaged += 1
                         suspect = True

@@ -748,3 +748,32 @@ def test_remote_segments_of_an_intra_refresh_video_seek_only_where_a_decoder_can
         want = list(range(0, n, 7))
     if want is not None:
         assert [i for i, _ in local] == want
+
+
+def test_an_intra_refresh_videos_last_segment_walks_back_to_its_idr_in_one_go(tmp_path):
+    """The last segment of a partial copy of an intra-refresh video (one IDR, a recovery
+    point a second): each recovery point found no place to start moved the seek to the one
+    before, a fetch and a plan each (59 fetches for a minute's video, 1199 and 74 s for 20
+    minutes). Found one, every earlier key frame's head is fetched and read at once: three
+    fetches whatever the length, and every frame exact."""
+    from rayvid.mp4 import index_only
+    from rayvid.video import FrameReader
+
+    src, copy = str(tmp_path / "ir.mp4"), str(tmp_path / "part.mp4")
+    framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
+                                                          "yuv420p", "-x264-params", "intra-refresh=1:keyint=30"])
+    fs, _ = storage.resolve(src)
+    part = storage.RangeCopy(fs, src, os.path.getsize(src), copy)
+    open(copy, "wb").close()
+    os.truncate(copy, part.size)
+    assert index_only(part)
+    fetches = []
+
+    def on_fetch(ranges):
+        fetches.append(len(ranges))
+        part.fetch_ranges(ranges)
+
+    rows = [b for b in FrameReader(framecode.SIZE).read(copy, src, start_s=28.0, partial=True, on_fetch=on_fetch)]
+    frames = [(int(i), framecode.read_code(f)) for b in rows[:-1] for i, f in zip(b["frame_index"], b["frame"])]
+    assert rows[-1]["error_type"][0] == "" and frames == [(i, i) for i in range(840, 900)]
+    assert len(fetches) <= 3, fetches
