@@ -1400,10 +1400,11 @@ def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
 
 
 def retracting(fs, root: str) -> frozenset:
-    """The videos a retraction is taking out of OUTPUT: a live one's, or a dead one's that
-    the next run or `rayvid compact` completes. Readers leave them out, so that a video is
-    seen as it was committed or not at all (its predictions may already be rewritten while
-    its videos/ row is not)."""
+    """The videos a retraction is taking out of OUTPUT, as its records say now: a live
+    one's, or a dead one's that the next run or `rayvid compact` completes. Readers leave
+    them out, so that a video is seen as it was committed or not at all (its predictions may
+    already be rewritten while its videos/ row is not); a retraction that begins after a
+    read has listed them is seen by the next read."""
     return frozenset(u for _, record in _retraction_records(fs, root) for u in record.get("videos", ()))
 
 
