@@ -482,6 +482,22 @@ class _Sparse:
         os.close(self.fd)
 
 
+class _ByRank:
+    """Frames that share a timestamp (`Probe.shared_pts`), told apart by their rank: the
+    k-th packet (or frame out) with pts p is the k-th frame of the sorted `pts` at p; None
+    for a pts the probe does not have, or one seen more often than it has."""
+
+    def __init__(self, pts: np.ndarray):
+        self.pts, self.seen = pts, {}
+
+    def next(self, p) -> Optional[int]:
+        if p is None:
+            return None
+        rank = self.seen[p] = self.seen.get(p, -1) + 1
+        i = int(np.searchsorted(self.pts, p)) + rank
+        return i if i < len(self.pts) and self.pts[i] == p else None
+
+
 class _Walk:
     """How the PyAV decoder reaches the kept frames (`keep`, ascending): which key frame to
     seek to before reading the next packet, and when to stop feeding packets and drain.
@@ -1002,9 +1018,7 @@ class FrameReader:
             # a frame out is the next one shown at its pts (a damaged one dropped costs no other)
             shared = info.shared_pts
             if shared:
-                first_of, seen_of, shown_at = {}, {}, {}
-                for i, p in enumerate(info.pts.tolist()):
-                    first_of.setdefault(p, i)
+                packet_at, frame_at = _ByRank(info.pts), _ByRank(info.pts)
             ctx.thread_count = 1 if skip_nonref else self.threads
             packets = _demux(container, stream)
             while found < len(keep):
@@ -1032,10 +1046,8 @@ class FrameReader:
                 if packet is None:
                     break
                 i = index_of.get(packet.pts)
-                if shared and packet.pts in first_of:
-                    i = first_of[packet.pts] + seen_of.get(packet.pts, 0)
-                    seen_of[packet.pts] = seen_of.get(packet.pts, 0) + 1
-                    i = i if i < len(info.pts) and info.pts[i] == packet.pts else None
+                if shared:
+                    i = packet_at.next(packet.pts)
                 if skip_nonref and i is not None:
                     ctx.skip_frame = "DEFAULT" if wanted[i] else "NONREF"
                 if suspect and packet.is_keyframe and i is not None:
@@ -1060,10 +1072,7 @@ class FrameReader:
                 for frame in frames:
                     decoded += 1
                     if shared:  # by its timestamp, and its rank among the frames shown at it
-                        i = first_of.get(frame.pts)
-                        if i is not None:
-                            rank = shown_at[frame.pts] = shown_at.get(frame.pts, -1) + 1
-                            i = i + rank if i + rank < len(info.pts) and info.pts[i + rank] == frame.pts else None
+                        i = frame_at.next(frame.pts)
                     else:
                         i = next(decoded_in_order, None) if info.output_order else index_of.get(frame.pts)
                     if frame.is_corrupt:
