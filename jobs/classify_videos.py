@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rayvid.cli import main  # noqa: E402
+from rayvid.cli import console  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    console(["run", *sys.argv[1:]])

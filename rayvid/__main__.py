@@ -1,5 +1,3 @@
-import sys
+from rayvid.cli import console
 
-from rayvid.cli import main
-
-sys.exit(main())
+console()

@@ -11,6 +11,7 @@ one line saying why; 130 interrupted (Ctrl-C: the videos complete by then are co
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from typing import NoReturn, Optional, Sequence
 
 from rayvid import storage
@@ -477,6 +479,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 130
     return 1
+
+
+def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """The `rayvid` command, `python -m rayvid` and the job entrypoint: `main`, then an exit
+    that leaves out the interpreter's teardown. Arrow's thread pools can still be winding
+    down just after a Parquet scan, and the C++ static destructors that run at a normal exit
+    then abort the process ("terminate called without an active exception", SIGABRT) after
+    all the work was done and said (apache/arrow#39862): seen in CI, 1 run in 60 of
+    `rayvid summary` on a loaded machine. What an exit must do is done first, in the
+    interpreter's order: other Python threads joined, the atexit hooks run (Ray's shutdown,
+    logging's flush), stdout and stderr flushed (exit 120 where that fails, as Python's).
+    An exception out of `main` (argparse's exit 2, a bug's traceback) exits as usual."""
+    code = main(argv)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (a full disk behind a redirect; a stream closed)
+            code = code or 120
+    os._exit(code)
 
 
 QUERY_VERBS = ("summary", "runs", "segments", "find", "similar", "export", "compact", "report", "render")

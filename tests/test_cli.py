@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output
+from helpers import FAKE_KEY_ID, FAKE_SECRET, read_output, write_output
 from rayvid import query, samples
 from rayvid.cli import SKIP_SIMILAR_DEFAULT, config_from_args, main, parse_args
 from rayvid.config import RunConfig, SamplingConfig, merge
@@ -638,6 +638,32 @@ def test_a_run_whose_id_another_run_takes_within_moments_stops_and_leaves_its_re
     assert not (out / "predictions").exists()
 
 
+@pytest.mark.parametrize("stdout, to, code", [("pipe", "-", 0), ("/dev/full", "summary.csv", 120)])
+def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_path, stdout, to, code):
+    """`rayvid` (cli.console) leaves the interpreter's teardown out (Arrow's thread pools
+    aborted it after the work was done: CI) but does what an exit must: a Python thread
+    still running is joined, atexit hooks run, stdout is flushed; a flush that fails is exit
+    120, as Python's own exit."""
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, fps=10.0)
+    code_ = ("import atexit, sys, threading, time\n"
+             "from rayvid.cli import console\n"
+             "def late():\n"
+             "    time.sleep(0.5); open(sys.argv[1], 'w').write('joined')\n"
+             "threading.Thread(target=late).start()\n"
+             "atexit.register(lambda: print('hook ran'))\n"
+             "console(['summary', sys.argv[2], '--format', 'csv', '--out', sys.argv[3]])\n")
+    marker = tmp_path / "marker"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    with open(os.devnull if stdout == "pipe" else stdout, "wb") as sink:
+        proc = subprocess.run([sys.executable, "-c", code_, str(marker), out, to], text=True, timeout=120, env=env,
+                              stdout=subprocess.PIPE if stdout == "pipe" else sink, stderr=subprocess.PIPE)
+    assert proc.returncode == code, proc.stderr
+    assert marker.read_text() == "joined"
+    if stdout == "pipe":
+        assert proc.stdout.splitlines()[-1] == "hook ran" and "/v/a.mp4" in proc.stdout
+
+
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     """Ctrl-C twice (a user who presses it again): the second landed in Ray's own shutdown at
     exit (its atexit hook, where Ray started before rayvid knew it had) and printed
@@ -650,9 +676,9 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
             "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('exit hook done', flush=True)\n"
             "atexit.register(at_exit)\n"
             "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
-            "from rayvid.cli import main\n"
+            "from rayvid.cli import console\n"
             "sys.argv = ['rayvid', 'samples', sys.argv[1], '--videos', '500', '--seconds', '2']\n"
-            "sys.exit(main())  # as the `rayvid` command does\n")
+            "console()  # as the `rayvid` command does\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
                           timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, proc.stderr[-2000:]

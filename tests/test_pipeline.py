@@ -1451,7 +1451,7 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
     shutil.copy(first, src / os.path.basename(first))
     out = tmp_path / "out"
     code = ("import json, os, signal, sys, ray\n"
-            "from rayvid.cli import main\n"
+            "from rayvid.cli import console\n"
             "shutdown = ray.shutdown\n"
             "def interrupted(*a, **k):\n"
             "    ray.shutdown = shutdown  # (once)\n"
@@ -1460,7 +1460,7 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
             "    os.kill(os.getpid(), getattr(signal, sys.argv[4]))\n"
             "    return shutdown(*a, **k)\n"
             "ray.shutdown = interrupted\n"
-            "sys.exit(main(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress']))\n")
+            "console(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress'])\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray, as on a laptop
     proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"], sig], env=env,
                           capture_output=True, text=True, timeout=300,

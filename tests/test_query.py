@@ -207,7 +207,7 @@ def test_an_unbuffered_stdout_whose_reader_goes_mid_export_is_not_a_success(tmp_
     truncated CSV."""
     url = str(tmp_path / "big")
     write_output(url, {"/v/long.mp4": _run(("circle", 3000, 0.9))}, fps=FPS)
-    code = f"import sys\nfrom rayvid import cli\nsys.exit(cli.main(['export', {url!r}, '-']))\n"
+    code = f"import sys\nfrom rayvid import cli\ncli.console(['export', {url!r}, '-'])\n"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout.read(100)  # the CSV (well over the pipe's 64 KB) has begun
@@ -226,7 +226,7 @@ def test_a_stdout_whose_reader_is_gone_ends_quietly(out, verb):
     code = ("import os, sys\n"
             "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # stdout: a pipe nobody reads
             "from rayvid import cli\n"
-            f"sys.exit(cli.main({[a.format(out=out) for a in verb]!r}))\n")
+            f"cli.console({[a.format(out=out) for a in verb]!r})\n")  # as the `rayvid` command
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert (done.returncode, done.stderr) == (141, "")
