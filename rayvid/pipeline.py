@@ -836,10 +836,23 @@ def _connect(address: Optional[str]) -> bool:
         except (ValueError, ConnectionError) as e:
             raise ConfigError(f"cannot connect to the Ray cluster at {storage.redact(address)}: "
                               f"{storage.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
+        _sigterm_without_abort()
         return True
     # "local": always a fresh embedded instance, never one a `ray start` left on this machine
     ray.init(address="local", include_dashboard=False, **kwargs)
+    _sigterm_without_abort()
     return True
+
+
+def _sigterm_without_abort() -> None:
+    """Put Python's SIGTERM handler (Ray's own: sys.exit(15)) back over the C++ one that
+    ray.init installs (abseil's failure-signal handler): that one printed a stack and set a
+    3 s alarm that aborted the driver (SIGABRT) whatever it was doing then, a final commit or
+    the failed run's record. A SIGTERM is the SystemExit the run winds down from, in its
+    own time; the command's exit is 143."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0

@@ -1473,6 +1473,39 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
     assert record["status"] == "finished" and record["stats"]["videos_ok"] == 1
 
 
+def test_a_sigterm_whose_wind_down_is_slow_is_not_aborted(media, shapes_model, tmp_path):
+    """SIGTERM (`ray job stop`, a pod's eviction) mid-run: Ray's C++ failure-signal handler
+    took it too and set a 3 s alarm that aborted the driver (SIGABRT, exit -6) where winding
+    down took longer (here the failed run's record, written 4 s late, as on a slow store):
+    the record and the command's last line were lost. Now exit 143, the record says failed."""
+    src = tmp_path / "in"
+    src.mkdir()
+    first = sorted(media["truth"])[0]
+    shutil.copy(first, src / os.path.basename(first))
+    out = tmp_path / "out"
+    code = ("import os, signal, sys, threading, time\n"
+            "from rayvid import commit\n"
+            "from rayvid.cli import console\n"
+            "write = commit.write_run_record\n"
+            "def slow(output, run_id, record):\n"
+            "    if record['status'] == 'failed':\n"
+            "        time.sleep(4)\n"
+            "    write(output, run_id, record)\n"
+            "    if record['status'] == 'running' and not slow.sent:  # the run's record is there: stop it\n"
+            "        slow.sent = True\n"
+            "        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "slow.sent = False\n"
+            "commit.write_run_record = slow\n"
+            "console(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray, as on a laptop
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("rayvid: terminated (SIGTERM)"), proc.stderr[-3000:]
+    [record] = [json.loads(p.read_text()) for p in (out / "runs").iterdir()]
+    assert record["status"] == "failed" and "SystemExit: 15" in json.dumps(record), record
+
+
 def test_a_ctrl_c_inside_rays_shutdown_waits_for_its_end():
     """Ctrl-C while `ray.shutdown()` ran ended the process through Ray's C++ ("The core worker
     has already been shutdown ... will exit"), exit 1: the signal is held until the shutdown
