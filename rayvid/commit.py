@@ -37,6 +37,7 @@ sees part of a video.
 
 from __future__ import annotations
 
+import calendar
 import collections
 import concurrent.futures
 import contextlib
@@ -737,6 +738,18 @@ def alive(record: dict | None, now: float | None = None) -> bool:
     return (now or time.time()) - beat < LEASE_S
 
 
+def recorded(record: dict) -> float:
+    """When a run first wrote its record (`recorded_at`, epoch seconds: the order of runs
+    into one OUTPUT); for a record of an earlier rayvid, its `started_at`."""
+    at = record.get("recorded_at")
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        return float(at)
+    try:
+        return float(calendar.timegm(time.strptime(str(record.get("started_at")), "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0.0
+
+
 def read_run_record(fs, root: str, run_id: str) -> dict | None:
     try:
         with fs.open(f"{root}/{RUNS_DIR}/{run_id}.json", "rb") as f:
@@ -819,20 +832,23 @@ def _canonical_folder(uri: str) -> str | None:
 class Rivals:
     """The other runs into OUTPUT over the same INPUT (or a folder holding it, or one inside
     it; where either INPUT is a manifest, over a video both list, or one in the other's
-    folder) that are alive (`alive`) and began before this one (`record`: its own record as
-    written; ties by run id). Two such runs would each commit the videos not committed when
-    each began: the later one stops, at its start (`check_now`, after its own record is
-    written) or before a flush (`check`: the first one, then at most every
-    RIVALS_EVERY_S; where both began within moments, the earlier one's record may not be
-    written yet at the later one's start). Records of runs that ended, or that are not over
-    this INPUT, are read once."""
+    folder) that are alive (`alive`) and wrote their record before this one (`record`: its
+    own record as written; `recorded`; ties by run id). Two such runs would each commit the
+    videos not committed when each read OUTPUT: the later one stops, at its start
+    (`check_now`, just after its own record is written, so before it commits anything) or
+    before a flush (`check`: the first one, then at most every RIVALS_EVERY_S: where both
+    records were written within moments, the one written first may not be there yet at
+    the other's check). The order is the records', not the runs' start: a run that began
+    first and listed for an hour has read OUTPUT before the other run's commits, and would
+    commit those videos again. Records of runs that ended, or that are not over this
+    INPUT, are read once."""
 
     def __init__(self, output: str, record: dict, videos: pa.Array | None = None):
         """`videos`: of a run over a manifest, the URIs it will commit (as it wrote them:
         `write_run_listing`); None for a folder, a prefix or a video."""
         self.fs, root = storage.resolve(output)
         self.root = root.rstrip("/")
-        self.me = (str(record.get("started_at") or ""), str(record.get("run_id") or ""))
+        self.me = (recorded(record), str(record.get("run_id") or ""))
         self.input = _folder((record.get("config") or {}).get("input"))
         if isinstance(videos, pa.ChunkedArray):
             videos = videos.combine_chunks()
@@ -907,9 +923,9 @@ class Rivals:
                 continue
             if not overlaps:
                 self.settled.add(name)  # ended (or never ours to meet): it does not run again
-            elif (str(record.get("started_at") or ""), str(record.get("run_id") or "")) < self.me:
+            elif (recorded(record), str(record.get("run_id") or "")) < self.me:
                 found.append(record)
-        return min(found, key=lambda r: (str(r.get("started_at") or ""), str(r.get("run_id") or "")), default=None)
+        return min(found, key=lambda r: (recorded(r), str(r.get("run_id") or "")), default=None)
 
     def _overlaps(self, run_id: str, record: dict) -> bool:
         """Whether that run and this one may both commit a video: the same INPUT, or a
@@ -967,6 +983,7 @@ class Heartbeat:
 
     def start(self) -> None:
         self.record.update(writer(), heartbeat_at=time.time())
+        self.record.setdefault("recorded_at", self.record["heartbeat_at"])  # (`Rivals`: the order of runs)
         self._key = (storage.resolve(self.output)[1].rstrip("/"), self.run_id)
         _TAKEN.discard(self._key)
         _ACTIVE.add(self.run_id)

@@ -314,8 +314,9 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
         # a manifest's videos: what another run over some of them would find (and this run's listing)
         mine = work.videos.column("video_uri") if listing.is_manifest(cfg.input) else None
         if dry_run:
-            # (as a run would stop at its start: another live run over the same INPUT or videos)
-            commit.Rivals(cfg.output, _redacted(record), videos=mine).refuse_earlier()
+            # (as a run would stop at its start: another live run over the same INPUT or videos;
+            # its record would be written now)
+            commit.Rivals(cfg.output, dict(_redacted(record), recorded_at=time.time()), videos=mine).refuse_earlier()
             result.dry_run = _would_do(work)
             return result  # (before anything is written: no record, no listing, no retraction)
         record["plan"] = result.plan  # in every record of the run: running, failed, finished

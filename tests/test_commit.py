@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import read_output
+
 from rayvid import commit
 from rayvid.commit import Committer, Listed
 from rayvid.schema import (
@@ -1101,47 +1103,66 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
     """Two runs at once over one INPUT into one OUTPUT (a user who thought the first had
     crashed; two submissions) each committed every video: 1440 rows for 720 frames, every
     video twice in `videos/`, and nothing undid it. With both records alive (their
-    heartbeats, this process), the later one stops, naming the earlier: at its start, or,
-    where the earlier one's record came after that, at its first flush, and again at the
-    failing run's last flush of what is complete; so does a run over a folder inside the
-    earlier one's INPUT. The earlier one, a run over another INPUT (a shard) and runs
-    that ended go on."""
+    heartbeats, this process), the run whose record came later stops, naming the other, at
+    its start, before it commits anything, even where it began first (its listing took
+    long: it read OUTPUT before the other run's commits, and stopped only after committing
+    those videos again: a QA find); where the record written first was slow to land
+    (written within moments), at the later one's first flush, and again at the failing
+    run's last flush of what is complete; so does a run over a folder inside the other's
+    INPUT. The first, a run over another INPUT (a shard) and runs that ended go on."""
     import json
 
     from rayvid import commit
     from rayvid.errors import ConfigError
 
-    def start(run_id, started_at, input_uri):
-        record = {"run_id": run_id, "status": "running", "started_at": started_at, "config": {"input": input_uri}}
+    def start(run_id, started_at, input_uri, **more):
+        record = {"run_id": run_id, "status": "running", "started_at": started_at, "config": {"input": input_uri},
+                  **more}
         beat = commit.Heartbeat(str(tmp_path), run_id, record, every_s=60)
         beat.start()
         return beat, dict(record)
 
-    late, late_record = start("late", "2026-12-05T10:00:03Z", "s3://in/")
-    rivals = commit.Rivals(str(tmp_path), late_record)
-    rivals.check_now()  # the earlier one's record is not written yet
-    early, early_record = start("early", "2026-12-05T10:00:00Z", "s3://in")
+    first, first_record = start("first", "2026-12-05T10:00:03Z", "s3://in/")
+    rivals = commit.Rivals(str(tmp_path), first_record)
+    rivals.check_now()  # alone
+    # began 3 s earlier, its record written after: it stops before it commits
+    listed_long, listed_long_record = start("listed-long", "2026-12-05T10:00:00Z", "s3://in")
     inner, inner_record = start("inner", "2026-12-05T10:00:05Z", "s3://in/2024/")
     shard, shard_record = start("shard", "2026-12-05T09:00:00Z", "s3://in2/")
     try:
-        commit.Rivals(str(tmp_path), early_record).check_now()  # the earlier one goes on
-        commit.Rivals(str(tmp_path), shard_record).check_now()  # so does a shard: another INPUT
-        with pytest.raises(ConfigError, match=r"run early .* is running over the same INPUT"):
-            commit.Rivals(str(tmp_path), inner_record).check_now()  # a folder inside the earlier one's INPUT
-        c = Committer(str(tmp_path), "late", "m", guard=rivals.check)
-        c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
-        with pytest.raises(ConfigError, match=r"run early \(host .*, started 2026-12-05T10:00:00Z\) is running over "
+        with pytest.raises(ConfigError, match=r"run first \(host .*, started 2026-12-05T10:00:03Z\) is running over "
                                               r"the same INPUT into this OUTPUT"):
+            commit.Rivals(str(tmp_path), listed_long_record).check_now()
+        commit.Rivals(str(tmp_path), shard_record).check_now()  # a shard goes on: another INPUT
+        with pytest.raises(ConfigError, match=r"run first .* is running over the same INPUT"):
+            commit.Rivals(str(tmp_path), inner_record).check_now()  # a folder inside the first one's INPUT
+        c = Committer(str(tmp_path), "first", "m", guard=rivals.check)
+        c.add(pa.concat_tables([_frames("v", [0, 1]), _end("v", 2)]))
+        c.flush()  # the first goes on
+        assert set(read_output(str(tmp_path), "videos").column("video_uri").to_pylist()) == {"v"}
+    finally:
+        for beat in (listed_long, inner):
+            beat.stop()
+    # a record written within moments of this one, before it, landed after this one's check
+    late, late_record = start("late", "2026-12-05T10:00:09Z", "s3://in/", recorded_at=time.time() + 60)
+    late_rivals = commit.Rivals(str(tmp_path), late_record)
+    first.stop()
+    late_rivals.check_now()  # (the first one is gone for now)
+    early, _ = start("early", "2026-12-05T10:00:08Z", "s3://in", recorded_at=time.time() + 30)
+    try:
+        c = Committer(str(tmp_path), "late", "m", guard=late_rivals.check)
+        c.add(pa.concat_tables([_frames("w", [0, 1]), _end("w", 2)]))
+        with pytest.raises(ConfigError, match=r"run early \(host .*, started 2026-12-05T10:00:08Z\) is running"):
             c.flush()  # the first flush looks, whatever the start's check saw
         with pytest.raises(ConfigError, match="run early"):
             c.flush()  # and, once stopped, every flush (a failing run flushes what is complete)
-        assert not (tmp_path / "videos").exists() and not (tmp_path / "predictions").exists()  # nothing committed
+        assert set(read_output(str(tmp_path), "videos").column("video_uri").to_pylist()) == {"v"}  # none of w
     finally:
         early.stop()
     early_record = json.loads((tmp_path / "runs" / "early.json").read_text())
     commit.write_run_record(str(tmp_path), "early", dict(early_record, status="finished"))
     commit.Rivals(str(tmp_path), late_record).check_now()  # the earlier one ended: the later one goes on
-    for beat in (late, inner, shard):
+    for beat in (late, shard):
         beat.stop()
 
 
@@ -1202,7 +1223,7 @@ def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
                   "config": {"input": "s3://m/z.txt"}, "listing": True}
         beats.append(commit.Heartbeat(out, "z", record, every_s=60))
         beats[-1].start()
-        rivals = commit.Rivals(out, {"run_id": "zz", "started_at": "2026-12-05T12:00:09Z",
+        rivals = commit.Rivals(out, {"run_id": "zz", "started_at": "2026-12-05T12:00:09Z", "recorded_at": time.time(),
                                      "config": {"input": "s3://m/zz.txt"}}, videos=pa.array(["s3://in/9.mp4"]))
         rivals.check_now()
         (tmp_path / "out" / "runs" / "z.videos.parquet").rmdir()
@@ -1310,6 +1331,8 @@ def test_a_rival_on_s3_written_by_another_process_is_seen_at_the_next_check(s3_e
         rivals.check_now()  # alone
         early = commit.Heartbeat(str(tmp_path), "early", {"run_id": "early", "status": "running",
                                                           "started_at": "2026-12-05T10:00:00Z",
+                                                          # (written before the later one's, landed after its check)
+                                                          "recorded_at": late_record["recorded_at"] - 1,
                                                           "config": {"input": "s3://in"}}, every_s=60)
         early.start()  # its record as a live run writes it (this process: alive), put by another client
         record = json.loads((tmp_path / "runs" / "early.json").read_text())
