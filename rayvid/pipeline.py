@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import pyarrow as pa
 
@@ -840,9 +840,28 @@ def _connect(address: Optional[str]) -> bool:
         _sigterm_without_abort()
         return True
     # "local": always a fresh embedded instance, never one a `ray start` left on this machine
-    ray.init(address="local", include_dashboard=False, **kwargs)
+    try:
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    except (OSError, RuntimeError) as e:  # (RAY_TMPDIR not a folder, a disk full, no ports)
+        _no_local_ray(ray, e)
+    except Exception as e:  # noqa: BLE001 - Ray's start-up timeout is a bare Exception; others are bugs
+        if type(e) is not Exception:
+            raise
+        _no_local_ray(ray, e)
     _sigterm_without_abort()
     return True
+
+
+def _no_local_ray(ray, error: BaseException) -> NoReturn:
+    """ConfigError, in one line, for an embedded Ray that could not start ("The current node
+    timed out during startup": its raylet did not register in 30 s, on a machine loaded to
+    a load average of 40; a RAY_TMPDIR that is not a folder); what it started is stopped."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    why = storage.describe(error) if isinstance(error, OSError) else str(error).splitlines()[0] if str(error) else \
+        type(error).__name__
+    raise ConfigError(f"cannot start a local Ray: {why} (another try may start it where the machine was busy; "
+                      f"or start Ray yourself, `ray start --head`, and give --address auto)") from None
 
 
 def _sigterm_without_abort() -> None:

@@ -1506,6 +1506,24 @@ def test_a_sigterm_whose_wind_down_is_slow_is_not_aborted(media, shapes_model, t
     assert record["status"] == "failed" and "SystemExit: 15" in json.dumps(record), record
 
 
+def test_a_local_ray_that_cannot_start_is_one_line(media, shapes_model, tmp_path):
+    """An embedded Ray that could not start (here RAY_TMPDIR a file; under a load average of
+    40, "The current node timed out during startup") was a traceback, exit 1: now one line,
+    exit 2, and nothing written."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "rayvid", "run", str(media["videos"]), str(tmp_path / "out"),
+                           "--model", shapes_model["path"]], env={**env, "RAY_TMPDIR": str(not_a_folder)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert re.fullmatch(r"rayvid: error: cannot start a local Ray: .*Not a directory.* \(another try may start it "
+                        r"where the machine was busy; or start Ray yourself, `ray start --head`, and give "
+                        r"--address auto\)", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_ctrl_c_inside_rays_shutdown_waits_for_its_end():
     """Ctrl-C while `ray.shutdown()` ran ended the process through Ray's C++ ("The core worker
     has already been shutdown ... will exit"), exit 1: the signal is held until the shutdown
