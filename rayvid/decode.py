@@ -147,7 +147,11 @@ class Decoder:
         self._lock = threading.Lock()
         self.bytes_fetched = 0  # read from remote stores so far, whole copies and partial ones
         self._count = threading.Lock()
-        self._child = _Child(self._reader_args)  # started now: a broken install fails here
+        self._child = _Child(self._reader_args, start=False)
+        try:  # started now: a broken install fails here (RuntimeError)
+            self._child.start()
+        except _StartFailed as e:  # the node's trouble (the child killed): the first segment starts one again
+            log.warning("%s; the first segment starts another", e)
         self._planner: Optional[_Child] = None  # started with the first partial copy
         self._plan_lock = threading.Lock()
 
@@ -373,11 +377,12 @@ class _StartFailed(Exception):
 class _Child:
     """The decode child process and its socket: pickled requests in, (kind, payload) out."""
 
-    def __init__(self, reader_args: dict):
+    def __init__(self, reader_args: dict, start: bool = True):
         self.reader_args = reader_args
         self.proc = self.conn = self.slot = None
         self.busy = False  # a request whose answer was not read to its end row
-        self.start()
+        if start:
+            self.start()
 
     def start(self) -> None:
         from multiprocessing.connection import Connection

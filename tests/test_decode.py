@@ -429,6 +429,21 @@ def test_a_child_that_dies_while_it_restarts_ends_the_segment_with_the_frames_it
     assert len(frames) == end["n_frames"] == n and end["error_type"] == ""
 
 
+def test_a_child_killed_while_the_actor_starts_does_not_fail_the_actor(matrix, monkeypatch, caplog):
+    """The decode child started with the actor (`Decoder.__init__`) and killed then (the OOM
+    killer, a node's trouble) failed the actor's construction: Ray Data's ActorDiedError
+    failed the run (a QA find). Now said, and the first segment starts another: exact."""
+    path, n = matrix["h264.mp4"]
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", _DiesWhileStarting)
+        dec = Decoder(size=framecode.SIZE)
+    assert dec._child.proc is None
+    assert "the decode child process did not start: decoder process killed by SIGKILL" in caplog.text
+    frames, [end] = split_rows(dec.decode_video(path))
+    assert [f["frame_index"] for f in frames] == list(range(n)) and _codes_exact(frames)
+    assert end["error_type"] == ""
+
+
 def test_hung_decoder_times_out_and_is_retried(matrix):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, timeout_s=1.5)
