@@ -489,9 +489,13 @@ def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
     all the work was done and said (apache/arrow#39862): seen in CI, 1 run in 60 of
     `rayvid summary` on a loaded machine. What an exit must do is done first, in the
     interpreter's order: other Python threads joined, the atexit hooks run (Ray's shutdown,
-    logging's flush), stdout and stderr flushed (exit 120 where that fails, as Python's).
-    An exception out of `main` (argparse's exit 2, a bug's traceback) exits as usual."""
+    logging's flush), stdout and stderr flushed (exit 120 where that fails, as Python's);
+    a Ctrl-C meanwhile is ignored (what the command did is done; in Ray's exit hook, a
+    driver's disconnect, it ended the process with Ray's C++ error, exit 1). An exception out
+    of `main` (argparse's exit 2, a bug's traceback) exits as usual."""
     code = main(argv)
+    if threading.current_thread() is threading.main_thread():  # nothing is left to stop: a Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # in Ray's exit hook was its C++ error, exit 1
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -452,7 +453,6 @@ def test_kill_9_the_driver_then_rerun_loses_and_duplicates_nothing(ray_session, 
     `rayvid runs` shows the killed run as interrupted (its record still says running)."""
     import re
     import shutil
-    import signal
     import time
 
     src = tmp_path / "in"
@@ -531,7 +531,6 @@ def test_a_second_run_over_the_same_input_while_the_first_runs_stops(ray_session
     and exits 2 before committing anything; the first finishes: each frame once. (A run
     over a manifest writes its listing beside its record while it runs, for this.)"""
     import shutil
-    import signal
     import time
 
     src = tmp_path / "in"
@@ -642,22 +641,25 @@ def test_a_run_whose_id_another_run_takes_within_moments_stops_and_leaves_its_re
 def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_path, stdout, to, code):
     """`rayvid` (cli.console) leaves the interpreter's teardown out (Arrow's thread pools
     aborted it after the work was done: CI) but does what an exit must: a Python thread
-    still running is joined, atexit hooks run, stdout is flushed; a flush that fails is exit
-    120, as Python's own exit."""
+    still running is joined, atexit hooks run (a Ctrl-C in one stops nothing), stdout is
+    flushed; a flush that fails is exit 120, as Python's own exit."""
     out = str(tmp_path / "out")
     write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, fps=10.0)
-    code_ = ("import atexit, sys, threading, time\n"
+    code_ = ("import atexit, os, signal, sys, threading, time\n"
              "from rayvid.cli import console\n"
              "def late():\n"
              "    time.sleep(0.5); open(sys.argv[1], 'w').write('joined')\n"
              "threading.Thread(target=late).start()\n"
-             "atexit.register(lambda: print('hook ran'))\n"
+             "def hook():  # a Ctrl-C in an exit hook (Ray's disconnect) stops nothing: the work is done\n"
+             "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('hook ran')\n"
+             "atexit.register(hook)\n"
              "console(['summary', sys.argv[2], '--format', 'csv', '--out', sys.argv[3]])\n")
     marker = tmp_path / "marker"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     with open(os.devnull if stdout == "pipe" else stdout, "wb") as sink:
         proc = subprocess.run([sys.executable, "-c", code_, str(marker), out, to], text=True, timeout=120, env=env,
-                              stdout=subprocess.PIPE if stdout == "pipe" else sink, stderr=subprocess.PIPE)
+                              stdout=subprocess.PIPE if stdout == "pipe" else sink, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == code, proc.stderr
     assert marker.read_text() == "joined"
     if stdout == "pipe":
@@ -669,7 +671,6 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     exit (its atexit hook, where Ray started before rayvid knew it had) and printed
     "Exception ignored in atexit callback" and a traceback after rayvid's one line. An
     exit hook that meets a second SIGINT stands in for Ray's here."""
-    import signal
 
     code = ("import atexit, os, signal, sys, threading, time\n"
             "def at_exit():\n"
