@@ -20,8 +20,7 @@ def summary(result) -> str:
         + (f"; {result.frames - result.frames_reused} inferred, {result.frames_reused} reused "
            f"(--skip-similar)" if result.frames_reused else ""),
         f"  model:   {result.model}",
-        f"  output:  {output}/predictions/ (per frame), videos/ (per video); "
-        f"{_plural(len(result.files), 'file')} written",
+        f"  output:  {output}/predictions/ (per frame), videos/ (per video); {_written(result.files)}",
     ]
     if result.bytes_read:
         of = (f" ({result.bytes_read / result.bytes_remote:.2f}x the {_mb(result.bytes_remote)} of the remote videos)"
@@ -48,6 +47,19 @@ def summary(result) -> str:
                    else " (but TensorFlow found no GPU: the model ran on the CPU)")
         lines.append(_actors(result.plan) + gpu)
     return "\n".join(lines)
+
+
+def _written(files) -> str:
+    """The files a run wrote, by folder: `2 files written (1 in predictions/, 1 in videos/)`
+    (where every video failed, none in predictions/: no count there to suggest one)."""
+    if not files:
+        return "no file written"
+    folders: dict = {}
+    for url in files:
+        folder = url.rstrip("/").rsplit("/", 2)[-2] if url.count("/") else ""
+        folders[folder] = folders.get(folder, 0) + 1
+    where = ", ".join(f"{n} in {folder}/" for folder, n in sorted(folders.items()) if folder)
+    return f"{_plural(len(files), 'file')} written" + (f" ({where})" if where else "")
 
 
 def _videos(result) -> str:

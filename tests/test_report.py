@@ -10,6 +10,14 @@ def test_summary_says_what_happened_and_where():
     assert "3 listed, 0 skipped (already done), 2 ok, 1 failed" in text
     assert "200 (50.0 frames/s end to end)" in text
     assert "s3://b/out/predictions/ (per frame), videos/ (per video); 1 file written" in text
+    # by folder: where every video failed, no predictions file (the count said nothing of it)
+    r.files = ["s3://b/out/errors/0001.parquet", "s3://b/out/videos/0001.parquet"]
+    assert "videos/ (per video); 2 files written (1 in errors/, 1 in videos/)" in summary(r)
+    r.files = [f"s3://b/out/{d}/000{k}.parquet" for k in (1, 2) for d in ("predictions", "videos")]
+    assert "; 4 files written (2 in predictions/, 2 in videos/)" in summary(r)
+    r.files = []
+    assert "videos/ (per video); no file written" in summary(r)
+    r.files = ["x"]
     assert "s3://b/out/errors/" in text
     assert "circle 75%" in text and "inference 1..1 on CPU" in text
     r.top_labels = [(None, 120), ("circle", 80)]  # a detector's frames with no box have no label
