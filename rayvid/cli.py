@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -465,11 +466,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         done = "" if getattr(args, "dry_run", False) else \
             "; the videos complete by now are committed: run the same command again to finish"
+        _drop_interrupted(e)
         print(f"rayvid: terminated (SIGTERM){done}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
+    except KeyboardInterrupt as e:  # Ctrl-C: what `run` finished is committed (pipeline.run), the rest is not
         done = "; the videos complete by now are committed: run the same command again to finish" \
             if args.verb == "run" and not args.dry_run else ""
+        _drop_interrupted(e)
         print(f"rayvid: interrupted{done}", file=sys.stderr)
         # the `rayvid` command, exiting: a second Ctrl-C would interrupt Ray's own shutdown at
         # exit (a Ray started before rayvid knew it had: its atexit hook), a traceback after
@@ -479,6 +482,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 130
     return 1
+
+
+def _drop_interrupted(e: BaseException) -> None:
+    """Free, before rayvid's last line, what the interrupted work's frames held, their
+    errors unsaid: an object a library was building when the signal came (a Ray Dataset
+    half made) failed in its `__del__` once freed ("Exception ignored in: Dataset.__del__
+    ... AttributeError"), a traceback after the line that ends the command's output."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        while e is not None:
+            e.__traceback__ = None
+            e = e.__context__
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def console(argv: Optional[Sequence[str]] = None) -> NoReturn:

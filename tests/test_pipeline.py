@@ -1438,6 +1438,21 @@ def test_a_failing_run_waits_on_no_output_that_does_not_answer(tmp_path, monkeyp
     assert not beat._thread.is_alive()
 
 
+def _one_video_run(media, shapes_model, tmp_path, code: str, *args: str):
+    """`code` (a driver script: argv INPUT OUTPUT MODEL *args) run over one video on an
+    embedded Ray, as on a laptop, with Ctrl-C as a terminal delivers it: (process, OUTPUT)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    first = sorted(media["truth"])[0]
+    shutil.copy(first, src / os.path.basename(first))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"], *args], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, out
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media, shapes_model, tmp_path, sig):
     """Ctrl-C (or SIGTERM) while the embedded Ray shut down at the end of a run that had
@@ -1445,11 +1460,6 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
     the finished record came after the shutdown) and said to run the command again (SIGTERM:
     exit 143): the record says finished before Ray shuts down, and the signal then is only
     said (exit 0). Here it comes from inside Ray's shutdown, the moment it starts."""
-    src = tmp_path / "in"
-    src.mkdir()
-    first = sorted(media["truth"])[0]
-    shutil.copy(first, src / os.path.basename(first))
-    out = tmp_path / "out"
     code = ("import json, os, signal, sys, ray\n"
             "from rayvid.cli import console\n"
             "shutdown = ray.shutdown\n"
@@ -1461,10 +1471,7 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
             "    return shutdown(*a, **k)\n"
             "ray.shutdown = interrupted\n"
             "console(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray, as on a laptop
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"], sig], env=env,
-                          capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc, out = _one_video_run(media, shapes_model, tmp_path, code, sig)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "record at shutdown: finished" in proc.stdout
     said = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}[sig]
@@ -1478,11 +1485,6 @@ def test_a_sigterm_whose_wind_down_is_slow_is_not_aborted(media, shapes_model, t
     took it too and set a 3 s alarm that aborted the driver (SIGABRT, exit -6) where winding
     down took longer (here the failed run's record, written 4 s late, as on a slow store):
     the record and the command's last line were lost. Now exit 143, the record says failed."""
-    src = tmp_path / "in"
-    src.mkdir()
-    first = sorted(media["truth"])[0]
-    shutil.copy(first, src / os.path.basename(first))
-    out = tmp_path / "out"
     code = ("import os, signal, sys, threading, time\n"
             "from rayvid import commit\n"
             "from rayvid.cli import console\n"
@@ -1497,9 +1499,7 @@ def test_a_sigterm_whose_wind_down_is_slow_is_not_aborted(media, shapes_model, t
             "slow.sent = False\n"
             "commit.write_run_record = slow\n"
             "console(['run', sys.argv[1], sys.argv[2], '--model', sys.argv[3], '--no-progress'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray, as on a laptop
-    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out), shapes_model["path"]], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc, out = _one_video_run(media, shapes_model, tmp_path, code)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("rayvid: terminated (SIGTERM)"), proc.stderr[-3000:]
     [record] = [json.loads(p.read_text()) for p in (out / "runs").iterdir()]
