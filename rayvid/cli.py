@@ -433,7 +433,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args)
         if args.verb in QUERY_VERBS:
             code = _query(args)
-            sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+            if sys.stdout is not None:  # (None: started with it closed, `>&-`)
+                sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
             return code
         if args.verb == "samples":
             from rayvid import samples
@@ -520,6 +521,8 @@ def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
             thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # (started with it closed: `>&-`)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # (a full disk behind a redirect; a stream closed)

@@ -151,6 +151,8 @@ class Decoder:
         try:  # started now: a broken install fails here (RuntimeError)
             self._child.start()
         except _StartFailed as e:  # the node's trouble (the child killed): the first segment starts one again
+            if not e.killed:  # (it exited: a broken install fails the actor, loudly)
+                raise RuntimeError(str(e)) from None
             log.warning("%s; the first segment starts another", e)
         self._planner: Optional[_Child] = None  # started with the first partial copy
         self._plan_lock = threading.Lock()
@@ -370,8 +372,14 @@ class _ChildFailed(Exception):
 
 
 class _StartFailed(Exception):
-    """A fresh decode child died or did not answer while it started (killed, out of memory,
-    a node too loaded): the node's trouble, not the video's nor the install's."""
+    """A fresh decode child died or did not answer while it started: `killed` where by
+    SIGKILL (the OOM killer) or no answer (a node too loaded), the node's trouble, not the
+    video's nor the install's; not where it exited with a status or crashed (a broken
+    install: a decoder's native library that crashes as it is imported)."""
+
+    def __init__(self, message: str, killed: bool):
+        super().__init__(message)
+        self.killed = killed
 
 
 class _Child:
@@ -416,9 +424,11 @@ class _Child:
             message = ("gone", self._death())
         if message[0] != "ready":
             os.close(shared)
+            status = self.proc.poll()
             self.stop()  # the child (were it still running) and its socket
             if message[0] == "gone":
-                raise _StartFailed(f"the decode child process did not start: {message[1]}")
+                raise _StartFailed(f"the decode child process did not start: {message[1]}",
+                                   killed=status is None or status == -signal.SIGKILL)
             raise RuntimeError(f"the decode child process did not start: {message[1]}")
         self.slot = _FrameSlot(shared, message[1])
 

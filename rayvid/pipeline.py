@@ -869,10 +869,21 @@ def _sigterm_without_abort() -> None:
     ray.init installs (abseil's failure-signal handler): that one printed a stack and set a
     3 s alarm that aborted the driver (SIGABRT) whatever it was doing then, a final commit or
     the failed run's record. A SIGTERM is the SystemExit the run winds down from, in its
-    own time; the command's exit is 143."""
+    own time, a second one ignored; the command's exit is 143."""
     handler = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread() and handler is not None:
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return
+    if not callable(handler):
         signal.signal(signal.SIGTERM, handler)
+        return
+
+    def once(signum, frame):
+        # another SIGTERM while this one winds the run down (a final commit, the failed
+        # record) would cut that short: ignored (SIGKILL still ends the process)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, once)
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0

@@ -789,6 +789,8 @@ def stdout() -> Iterator[BinaryIO]:
     """stdout's bytes, flushed at the end. A write that fails (a full disk behind a
     redirect, `> /dev/full`) is a StorageError that says so (it read as "cannot read
     OUTPUT"); a reader that closed the pipe stays BrokenPipeError (the cli ends quietly)."""
+    if sys.stdout is None:  # started with it closed (`>&-`)
+        raise StorageError("cannot write to stdout: it is closed")
     try:
         sys.stdout.flush()  # (text printed before goes first)
         yield _WriteAll(sys.stdout.buffer)

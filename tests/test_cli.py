@@ -637,7 +637,8 @@ def test_a_run_whose_id_another_run_takes_within_moments_stops_and_leaves_its_re
     assert not (out / "predictions").exists()
 
 
-@pytest.mark.parametrize("stdout, to, code", [("pipe", "-", 0), ("/dev/full", "summary.csv", 120)])
+@pytest.mark.parametrize("stdout, to, code", [("pipe", "-", 0), ("/dev/full", "summary.csv", 120),
+                                               ("closed", "summary.csv", 0)])
 def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_path, stdout, to, code):
     """`rayvid` (cli.console) leaves the interpreter's teardown out (Arrow's thread pools
     aborted it after the work was done: CI) but does what an exit must: a Python thread
@@ -646,24 +647,44 @@ def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_pat
     out = str(tmp_path / "out")
     write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, fps=10.0)
     code_ = ("import atexit, os, signal, sys, threading, time\n"
-             "from rayvid.cli import console\n"
+             "from rayvid import cli\n"
              "def late():\n"
              "    time.sleep(0.5); open(sys.argv[1], 'w').write('joined')\n"
-             "threading.Thread(target=late).start()\n"
+             "main = cli.main\n"
+             "def main_then_a_thread(argv):  # a thread still running when main returns\n"
+             "    code = main(argv); threading.Thread(target=late).start(); return code\n"
+             "cli.main = main_then_a_thread\n"
              "def hook():  # a Ctrl-C in an exit hook (Ray's disconnect) stops nothing: the work is done\n"
              "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('hook ran')\n"
              "atexit.register(hook)\n"
-             "console(['summary', sys.argv[2], '--format', 'csv', '--out', sys.argv[3]])\n")
+             "cli.console(['summary', sys.argv[2], '--format', 'csv', '--out', sys.argv[3]])\n")
     marker = tmp_path / "marker"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
-    with open(os.devnull if stdout == "pipe" else stdout, "wb") as sink:
+    if to != "-":
+        to = str(tmp_path / to)
+
+    def child():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if stdout == "closed":  # `rayvid ... >&-`: sys.stdout is None
+            os.close(1)
+
+    with open(stdout if stdout == "/dev/full" else os.devnull, "wb") as sink:
         proc = subprocess.run([sys.executable, "-c", code_, str(marker), out, to], text=True, timeout=120, env=env,
                               stdout=subprocess.PIPE if stdout == "pipe" else sink, stderr=subprocess.PIPE,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              preexec_fn=child)
     assert proc.returncode == code, proc.stderr
     assert marker.read_text() == "joined"
     if stdout == "pipe":
         assert proc.stdout.splitlines()[-1] == "hook ran" and "/v/a.mp4" in proc.stdout
+
+
+def test_a_closed_stdout_is_one_line(tmp_path):
+    """`rayvid summary OUT >&-`: no stdout at all (sys.stdout None) was a traceback."""
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, fps=10.0)
+    proc = subprocess.run([sys.executable, "-m", "rayvid", "summary", out], capture_output=False, stderr=subprocess.PIPE,
+                          text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert (proc.returncode, proc.stderr) == (2, "rayvid: error: cannot write to stdout: it is closed\n")
 
 
 def test_an_object_half_built_when_ctrl_c_came_says_nothing_after_the_last_line(tmp_path):

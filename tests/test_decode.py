@@ -444,6 +444,16 @@ def test_a_child_killed_while_the_actor_starts_does_not_fail_the_actor(matrix, m
     assert end["error_type"] == ""
 
 
+def test_a_child_that_cannot_import_fails_the_actor_loudly(tmp_path, monkeypatch):
+    """A broken install (here the child's numpy cannot be imported: it exits with status 1
+    before it can say why) still fails the actor as it starts, not every video's segment
+    as an error row of a run that exits 0 (a reviewer's find in the mend above)."""
+    (tmp_path / "numpy.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the child's PYTHONPATH starts with it
+    with pytest.raises(RuntimeError, match="the decode child process did not start: decoder process exited with status 1"):
+        Decoder(size=framecode.SIZE)
+
+
 def test_hung_decoder_times_out_and_is_retried(matrix):
     path, n = matrix["h264.mp4"]
     dec = Decoder(size=framecode.SIZE, timeout_s=1.5)
