@@ -1121,14 +1121,14 @@ def part_sizes(fs, directory: str) -> dict:
     return {p.rsplit("/", 1)[-1]: info.get("size") for p, info in found.items()}
 
 
-def recover(output: str, only=None, repair: bool = True) -> Committed:
+def recover(output: str, only=None, repair: bool = True, parts: set | None = None) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
     committed: of every video, or, with `only` (video URIs, an Arrow array or any iterable:
     a run's listing), of those alone, so that a shard of a large OUTPUT holds its own
     videos' rows, not OUTPUT's (the videos/ files are read one at a time and matched).
     `repair=False` (a dry run) changes nothing: what a dead run, compaction or retraction
     left is only read (a dead retraction's videos counted as not committed, as finishing it
-    would leave them)."""
+    would leave them). `parts`: of those videos/ parts alone (named as `Committed.files`)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     retractions = _retraction_records(fs, root)
@@ -1159,6 +1159,8 @@ def recover(output: str, only=None, repair: bool = True) -> Committed:
                 fs.rm(f"{root}/{directory}/{name}")
             removed.append(f"{directory}/{name}")
     names = sorted(committed) if wanted is None or len(wanted.uris) or len(retracting) else []
+    if parts is not None:
+        names = [name for name in names if name in parts]
 
     def fetch(name: str) -> tuple:
         """Its videos/ part's bytes and its errors/ part's (if listed), where small enough

@@ -331,6 +331,7 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
             # an earlier run, alive, over INPUT or (manifests) over videos listed here too: stop
             rivals = commit.Rivals(cfg.output, _redacted(record), videos=mine)
             rivals.check_now()
+            _drop_committed_meanwhile(cfg, work)
             committer = commit.Committer(cfg.output, cfg.run_id, name, listed=commit.Listed(work.videos),
                                          flush_interval_s=cfg.commit_interval_s, guard=rivals.check)
             beat.progress = lambda: _progress(result, committer)
@@ -440,6 +441,38 @@ def _plan_work(ray, cfg: RunConfig, videos: pa.Table, shape: Optional[models.Sha
     result = RunResult(cfg.run_id, cfg.output, name, videos_listed=len(listed), videos_skipped=skipped,
                        videos_skipped_failed=failed_before, plan=dataclasses.asdict(plan))
     return _Work(videos, committed, redo, units, shape, info, clip_len, plan, result)
+
+
+def _drop_committed_meanwhile(cfg: RunConfig, work: _Work) -> None:
+    """Another run over these videos may have committed some between this run's read of
+    OUTPUT and its record (planning: the videos' headers and the model, minutes over a
+    large INPUT), and ended since: no live run then stops either (a reviewer's find: both
+    committed them). Once the record is written, the videos/ parts that appeared since the
+    read are read (a LIST, and only those), and the videos they commit as `pending` would
+    skip them leave this run's work, its redo list too (that run retracted their old rows)."""
+    if work.units is None:
+        return
+    fs, root = storage.resolve(cfg.output)
+    try:
+        new = set(commit.part_sizes(fs, f"{root.rstrip('/')}/{commit.VIDEOS_DIR}")) - set(work.committed.files)
+        if not new:
+            return
+        since = commit.recover(cfg.output, only=work.videos.column("video_uri"), repair=False, parts=new)
+    except storage.ACCESS_ERRORS as e:
+        raise _unreadable_output(cfg, e) from None
+    left, skipped, _ = commit.pending(work.videos, since, cfg.retry_failed)
+    if not skipped:
+        return
+    import pyarrow.compute as pc
+
+    keep = left.column("video_uri")
+    work.units = work.units.filter(pc.is_in(work.units.column("video_uri"), value_set=keep))
+    work.videos = left
+    work.redo -= set(since.uris()) - set(keep.to_pylist())
+    work.result.videos_skipped += skipped
+    if not len(work.units):
+        work.units = None
+    log.info("%d videos committed by another run while this one planned: skipped", skipped)
 
 
 def _would_do(work: _Work) -> dict:

@@ -577,6 +577,35 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, medi
     assert "run rival (host" in capsys.readouterr().err
 
 
+def test_a_run_that_committed_and_ended_while_another_planned_is_not_committed_again(ray_session, media, shapes_model,
+                                                                                     tmp_path, monkeypatch):
+    """Run A reads OUTPUT, then plans (headers, the model: minutes over a large INPUT); run B,
+    over the same INPUT, commits every video and ends meanwhile; A's record and check then
+    find no live rival, and A committed every video again (a reviewer's find). Now the
+    videos/ parts that appeared since A's read are read, and their videos leave A's work:
+    every frame once."""
+    src = tmp_path / "in"
+    shutil.copytree(media["videos"], src)
+    out = str(tmp_path / "out")
+    plan_work = pipeline._plan_work
+    other: list = []
+
+    def then_another_run(*args, **kwargs):
+        work = plan_work(*args, **kwargs)
+        if not other:  # (B's own planning: as it is)
+            other.append(None)
+            other[0] = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="b"))
+        return work
+
+    monkeypatch.setattr(pipeline, "_plan_work", then_another_run)
+    a = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="a"))
+    n = len(media["truth"])
+    assert (other[0].videos_ok, other[0].videos_skipped) == (n, 0)
+    assert (a.videos_ok, a.videos_skipped, a.frames) == (0, n, 0)
+    assert frames_per_video(read_output(out)) == {
+        str(src / os.path.relpath(p, media["videos"])): list(range(len(t))) for p, t in media["truth"].items()}
+
+
 def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
     """Same command again: nothing is decoded twice; a new video and a changed video are
     processed, a failed one only with --retry-failed, and no row is ever duplicated."""
