@@ -1090,6 +1090,16 @@ class Committed:
         held = np.unique(self.table.column("file").to_numpy()[rows[rows >= 0]])
         return sorted(self.files[int(i)] for i in held)
 
+    def merged(self, later: "Committed") -> "Committed":
+        """This, with `later`'s parts read after it (parts that appeared since: another
+        run's, a compaction's): a video in both is as `later` has it."""
+        files = later.table.column("file").to_numpy() + len(self.files)
+        table = pa.concat_tables([self.table, later.table.set_column(
+            self.COLUMNS.index("file"), "file", pa.array(files.astype(np.int32)))], promote_options="permissive")
+        out = Committed(table, self.files + later.files, self.index.key)
+        out.removed, out.in_flight = self.removed, self.in_flight
+        return out
+
     def drop(self, uris) -> None:
         """No longer committed (retracted)."""
         rows = self.index.rows(pa.array(sorted(uris), pa.string()))

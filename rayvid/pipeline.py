@@ -392,6 +392,11 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
                         raise
                     log.warning("SIGTERM while Ray shut down, after the run had finished: nothing was stopped")
                     ray.shutdown()  # (the rest of it)
+            # Ray's shutdown put SIGTERM back to the system's default under Python's handler
+            # (a SIGTERM then ended the process unsaid, a library caller's handler unasked)
+            handler = signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(signal.SIGTERM, handler)
     return result
 
 
@@ -448,8 +453,10 @@ def _drop_committed_meanwhile(cfg: RunConfig, work: _Work) -> None:
     OUTPUT and its record (planning: the videos' headers and the model, minutes over a
     large INPUT), and ended since: no live run then stops either (a reviewer's find: both
     committed them). Once the record is written, the videos/ parts that appeared since the
-    read are read (a LIST, and only those), and the videos they commit as `pending` would
-    skip them leave this run's work, its redo list too (that run retracted their old rows)."""
+    read are read (only those), and what this run knows committed is as they say: their
+    videos leave its work as `pending` skips them, and those it still does (changed, or
+    failed with --retry-failed) are retracted from them too, as any redone video is (a
+    compaction meanwhile renamed the parts the first read knew: its part is read too)."""
     if work.units is None:
         return
     fs, root = storage.resolve(cfg.output)
@@ -460,19 +467,24 @@ def _drop_committed_meanwhile(cfg: RunConfig, work: _Work) -> None:
         since = commit.recover(cfg.output, only=work.videos.column("video_uri"), repair=False, parts=new)
     except storage.ACCESS_ERRORS as e:
         raise _unreadable_output(cfg, e) from None
-    left, skipped, _ = commit.pending(work.videos, since, cfg.retry_failed)
-    if not skipped:
+    if not len(since):
         return
     import pyarrow.compute as pc
 
+    left, skipped, redo = commit.pending(work.videos, since, cfg.retry_failed)
+    failed, _ = commit.skipped_by(work.videos, since, redo) if skipped else (0, [])
+    work.committed = work.committed.merged(since)
     keep = left.column("video_uri")
-    work.units = work.units.filter(pc.is_in(work.units.column("video_uri"), value_set=keep))
-    work.videos = left
-    work.redo -= set(since.uris()) - set(keep.to_pylist())
-    work.result.videos_skipped += skipped
-    if not len(work.units):
-        work.units = None
-    log.info("%d videos committed by another run while this one planned: skipped", skipped)
+    ours = since.table.column("video_uri")
+    work.redo = (work.redo - set(ours.filter(pc.invert(pc.is_in(ours, value_set=keep))).to_pylist())) | redo
+    if skipped:
+        work.units = work.units.filter(pc.is_in(work.units.column("video_uri"), value_set=keep))
+        work.videos = left
+        work.result.videos_skipped += skipped
+        work.result.videos_skipped_failed += failed
+        if not len(work.units):
+            work.units = None
+        log.info("%d videos committed by another run while this one planned: skipped", skipped)
 
 
 def _would_do(work: _Work) -> dict:

@@ -642,17 +642,21 @@ def test_a_run_whose_id_another_run_takes_within_moments_stops_and_leaves_its_re
 def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_path, stdout, to, code):
     """`rayvid` (cli.console) leaves the interpreter's teardown out (Arrow's thread pools
     aborted it after the work was done: CI) but does what an exit must: a Python thread
-    still running is joined, atexit hooks run (a Ctrl-C in one stops nothing), stdout is
-    flushed; a flush that fails is exit 120, as Python's own exit."""
+    still running is joined, a thread pool's idle worker let go (joined alone, it waited
+    for work for ever), atexit hooks run (a Ctrl-C in one stops nothing), stdout is flushed;
+    a flush that fails is exit 120, as Python's own exit."""
     out = str(tmp_path / "out")
     write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3}, fps=10.0)
-    code_ = ("import atexit, os, signal, sys, threading, time\n"
+    code_ = ("import atexit, concurrent.futures, os, signal, sys, threading, time\n"
              "from rayvid import cli\n"
              "def late():\n"
              "    time.sleep(0.5); open(sys.argv[1], 'w').write('joined')\n"
              "main = cli.main\n"
-             "def main_then_a_thread(argv):  # a thread still running when main returns\n"
-             "    code = main(argv); threading.Thread(target=late).start(); return code\n"
+             "def main_then_a_thread(argv):  # a thread still running when main returns; a pool's idle worker\n"
+             "    global pool\n"
+             "    code = main(argv); threading.Thread(target=late).start()\n"
+             "    pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(int).result()\n"
+             "    return code\n"
              "cli.main = main_then_a_thread\n"
              "def hook():  # a Ctrl-C in an exit hook (Ray's disconnect) stops nothing: the work is done\n"
              "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('hook ran')\n"
@@ -669,7 +673,7 @@ def test_the_command_exits_with_mains_code_after_threads_hooks_and_flush(tmp_pat
             os.close(1)
 
     with open(stdout if stdout == "/dev/full" else os.devnull, "wb") as sink:
-        proc = subprocess.run([sys.executable, "-c", code_, str(marker), out, to], text=True, timeout=120, env=env,
+        proc = subprocess.run([sys.executable, "-c", code_, str(marker), out, to], text=True, timeout=60, env=env,
                               stdout=subprocess.PIPE if stdout == "pipe" else sink, stderr=subprocess.PIPE,
                               preexec_fn=child)
     assert proc.returncode == code, proc.stderr
@@ -687,6 +691,13 @@ def test_a_closed_stdout_is_one_line(tmp_path):
     assert (proc.returncode, proc.stderr) == (2, "rayvid: error: cannot write to stdout: it is closed\n")
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code args`, its output captured, with SIGINT as a terminal delivers it (a
+    test run in the background starts its children with SIGINT ignored)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_an_object_half_built_when_ctrl_c_came_says_nothing_after_the_last_line(tmp_path):
     """SIGTERM (or Ctrl-C) inside a library's constructor (a Ray Dataset half made, in a QA
     run) left an object whose `__del__` failed once the interrupt was handled: "Exception
@@ -702,8 +713,7 @@ def test_an_object_half_built_when_ctrl_c_came_says_nothing_after_the_last_line(
             "        self.ready  # AttributeError: __init__ was interrupted\n"
             "samples.ensure_samples = lambda *a, **k: HalfBuilt()\n"
             "console(['samples', sys.argv[1]])\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
-                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _python(code, str(tmp_path / "s"))
     assert (proc.returncode, proc.stderr) == (130, "rayvid: interrupted\n")
 
 
@@ -721,8 +731,7 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
             "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # (once imported)\n"
             "sys.argv = ['rayvid', 'samples', sys.argv[1], '--videos', '500', '--seconds', '2']\n"
             "console()  # as the `rayvid` command does\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
-                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _python(code, str(tmp_path / "s"))
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "rayvid: interrupted", proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "exit hook done" in proc.stdout

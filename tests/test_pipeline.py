@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from helpers import FAKE_KEY_ID, frames_per_video, ftp_server, http_server, parent, processes, pts_of, read_output, upload_tree
+from helpers import (FAKE_KEY_ID, frames_per_video, ftp_server, http_server, parent, processes, pts_of, read_output,
+                     upload_tree, write_output)
 from rayvid import commit, pipeline, query, schema
 from rayvid.config import DecodeConfig, InferConfig, ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import ConfigError, InputError, ModelError, StorageError, StorageUnavailable
@@ -577,33 +578,58 @@ def test_a_dry_run_says_what_a_run_would_do_and_writes_nothing(ray_session, medi
     assert "run rival (host" in capsys.readouterr().err
 
 
-def test_a_run_that_committed_and_ended_while_another_planned_is_not_committed_again(ray_session, media, shapes_model,
-                                                                                     tmp_path, monkeypatch):
+@pytest.mark.parametrize("meanwhile", ["another run", "another run, --retry-failed", "a compaction"])
+def test_what_was_committed_while_a_run_planned_is_not_committed_again(ray_session, media, shapes_model, tmp_path,
+                                                                       monkeypatch, meanwhile):
     """Run A reads OUTPUT, then plans (headers, the model: minutes over a large INPUT); run B,
     over the same INPUT, commits every video and ends meanwhile; A's record and check then
     find no live rival, and A committed every video again (a reviewer's find). Now the
-    videos/ parts that appeared since A's read are read, and their videos leave A's work:
-    every frame once."""
+    videos/ parts that appeared since A's read are read: their videos leave A's work, and
+    one A still does (failed, with --retry-failed) has B's row retracted, as a compaction's
+    part holding a changed video A does again (its first read knew the parts merged): every
+    frame and every video once."""
+    from rayvid import cli
+
     src = tmp_path / "in"
     shutil.copytree(media["videos"], src)
     out = str(tmp_path / "out")
+    frames = {str(src / os.path.relpath(p, media["videos"])): len(t) for p, t in media["truth"].items()}
+    broken = [] if meanwhile == "a compaction" else [str(src / "broken.mp4")]
+    for uri in broken:
+        open(uri, "wb").write(b"\x00" * 64)
+    n = len(frames) + len(broken)
+    if meanwhile == "a compaction":  # every video committed before, a part each; then one changes
+        write_output(out, {uri: [("circle", 0.9)] * k for uri, k in frames.items()}, run_id="first",
+                     rows_per_file=1, listed=True)
+        changed, other = sorted(frames)[:2]
+        shutil.copy(other, changed)  # A does it again
+        frames[changed] = frames[other]
     plan_work = pipeline._plan_work
-    other: list = []
+    done: list = []
 
-    def then_another_run(*args, **kwargs):
+    def then_the_other(*args, **kwargs):
         work = plan_work(*args, **kwargs)
-        if not other:  # (B's own planning: as it is)
-            other.append(None)
-            other[0] = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="b"))
+        if not done:  # (B's own planning: as it is)
+            done.append(None)
+            done[0] = cli.main(["compact", out]) if meanwhile == "a compaction" else \
+                pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="b"))
         return work
 
-    monkeypatch.setattr(pipeline, "_plan_work", then_another_run)
-    a = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="a"))
-    n = len(media["truth"])
-    assert (other[0].videos_ok, other[0].videos_skipped) == (n, 0)
-    assert (a.videos_ok, a.videos_skipped, a.frames) == (0, n, 0)
-    assert frames_per_video(read_output(out)) == {
-        str(src / os.path.relpath(p, media["videos"])): list(range(len(t))) for p, t in media["truth"].items()}
+    monkeypatch.setattr(pipeline, "_plan_work", then_the_other)
+    a = pipeline.run(_cfg(str(src), out, shapes_model["path"], run_id="a", retry_failed=meanwhile.endswith("failed")))
+    if meanwhile == "a compaction":
+        assert done[0] == 0 and (a.videos_ok, a.videos_skipped) == (1, n - 1)
+        assert [p.startswith("part-compact-") for p in sorted(os.listdir(f"{out}/videos"))] == [False, True]
+    else:
+        assert (done[0].videos_ok, done[0].videos_failed, done[0].videos_skipped) == (n - 1, 1, 0)
+        assert (a.videos_ok, a.frames) == (0, 0)
+        assert (a.videos_failed, a.videos_skipped, a.videos_skipped_failed) == (
+            (1, n - 1, 0) if meanwhile.endswith("failed") else (0, n, 1))
+    assert frames_per_video(read_output(out)) == {uri: list(range(k)) for uri, k in frames.items()}
+    rows = read_output(out, "videos").column("video_uri").to_pylist()
+    assert sorted(rows) == sorted([*frames, *broken])  # every video once
+    errors = read_output(out, "errors")
+    assert (errors.column("video_uri").to_pylist() if errors is not None else []) == broken
 
 
 def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, media, shapes_model, tmp_path):
@@ -1553,6 +1579,23 @@ def test_a_local_ray_that_cannot_start_is_one_line(media, shapes_model, tmp_path
                         r"where the machine was busy; or start Ray yourself, `ray start --head`, and give "
                         r"--address auto\)", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_after_a_run_sigterm_is_pythons_again(media, shapes_model, tmp_path):
+    """Ray's shutdown put SIGTERM back to the system's default under Python's handler: a
+    SIGTERM after `pipeline.run` returned ended a library caller's process unasked (the
+    command: exit 143, unsaid). Now it is the handler Python reports (Ray's: SystemExit)."""
+    code = ("import os, signal, sys, time\n"
+            "from rayvid import pipeline\n"
+            "from rayvid.config import ModelConfig, RunConfig\n"
+            "pipeline.run(RunConfig(input=sys.argv[1], output=sys.argv[2], model=ModelConfig(name=sys.argv[3]),\n"
+            "                       progress=False))\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "except SystemExit as e:\n"
+            "    print('SystemExit', e.code)\n")
+    proc, _ = _one_video_run(media, shapes_model, tmp_path, code)
+    assert (proc.returncode, proc.stdout.splitlines()[-1:]) == (0, ["SystemExit 15"]), proc.stderr[-2000:]
 
 
 def test_a_ctrl_c_inside_rays_shutdown_waits_for_its_end():
