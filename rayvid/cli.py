@@ -518,7 +518,8 @@ def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # in Ray's exit hook was its C++ error, exit 1
     # as the interpreter's exit: threading's exit hooks (concurrent.futures wakes a pool's idle
     # workers, which would wait for work for ever), then the other threads joined
-    getattr(threading, "_shutdown", lambda: None)()
+    if threading.current_thread() is threading.main_thread():
+        getattr(threading, "_shutdown", lambda: None)()
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

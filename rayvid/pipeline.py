@@ -298,6 +298,8 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
     # loads only in the inference actors, while everything before them starts.
     shape = models.static_shape(cfg.model)
     name = models.display_name(cfg.model)
+    # (ray.init puts Ray's SIGTERM handler in, its shutdown leaves the system's default under it)
+    sigterm_before = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     we_started_ray = _connect(cfg.address)
     from ray.data import DataContext
 
@@ -384,19 +386,18 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
         if we_started_ray:
             # a Ctrl-C inside Ray's shutdown ends the process with Ray's C++ error, exit 1: held
             # till it is done; after a run that finished (its record says so) it stops nothing
-            with _sigint_after(raise_after=not finished):
-                try:
-                    ray.shutdown()
-                except SystemExit as e:  # Ray's SIGTERM handler (sys.exit(15)): after a finished run, too late
-                    if not finished or e.code != signal.SIGTERM:
-                        raise
-                    log.warning("SIGTERM while Ray shut down, after the run had finished: nothing was stopped")
-                    ray.shutdown()  # (the rest of it)
-            # Ray's shutdown put SIGTERM back to the system's default under Python's handler
-            # (a SIGTERM then ended the process unsaid, a library caller's handler unasked)
-            handler = signal.getsignal(signal.SIGTERM)
-            if threading.current_thread() is threading.main_thread() and handler is not None:
-                signal.signal(signal.SIGTERM, handler)
+            try:
+                with _sigint_after(raise_after=not finished):
+                    try:
+                        ray.shutdown()
+                    except SystemExit as e:  # Ray's SIGTERM handler (sys.exit(15)): after a finished run, too late
+                        if not finished or e.code != signal.SIGTERM:
+                            raise
+                        log.warning("SIGTERM while Ray shut down, after the run had finished: nothing was stopped")
+                        ray.shutdown()  # (the rest of it)
+            finally:  # the caller's SIGTERM handler, as before the run (a library's caller: its own)
+                if sigterm_before is not None:
+                    signal.signal(signal.SIGTERM, sigterm_before)
     return result
 
 
@@ -460,13 +461,18 @@ def _drop_committed_meanwhile(cfg: RunConfig, work: _Work) -> None:
     if work.units is None:
         return
     fs, root = storage.resolve(cfg.output)
-    try:
-        new = set(commit.part_sizes(fs, f"{root.rstrip('/')}/{commit.VIDEOS_DIR}")) - set(work.committed.files)
-        if not new:
-            return
-        since = commit.recover(cfg.output, only=work.videos.column("video_uri"), repair=False, parts=new)
-    except storage.ACCESS_ERRORS as e:
-        raise _unreadable_output(cfg, e) from None
+    for attempt in range(3):  # (a part deleted between the listing and its read: a compaction's, done)
+        try:
+            new = set(commit.part_sizes(fs, f"{root.rstrip('/')}/{commit.VIDEOS_DIR}")) - set(work.committed.files)
+            if not new:
+                return
+            since = commit.recover(cfg.output, only=work.videos.column("video_uri"), repair=False, parts=new)
+            break
+        except FileNotFoundError as e:
+            if attempt == 2 or storage.is_unavailable(e):
+                raise _unreadable_output(cfg, e) from None
+        except (*storage.ACCESS_ERRORS, ValueError) as e:
+            raise _unreadable_output(cfg, e) from None
     if not len(since):
         return
     import pyarrow.compute as pc
