@@ -514,15 +514,12 @@ def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
     driver's disconnect, it ended the process with Ray's C++ error, exit 1). An exception out
     of `main` (argparse's exit 2, a bug's traceback) exits as usual."""
     code = main(argv)
-    if threading.current_thread() is threading.main_thread():  # nothing is left to stop: a Ctrl-C
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # in Ray's exit hook was its C++ error, exit 1
-    # as the interpreter's exit: threading's exit hooks (concurrent.futures wakes a pool's idle
-    # workers, which would wait for work for ever), then the other threads joined
     if threading.current_thread() is threading.main_thread():
-        getattr(threading, "_shutdown", lambda: None)()
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+        # nothing is left to stop: a Ctrl-C in Ray's exit hook was its C++ error, exit 1
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # the interpreter's first step at exit: threading's exit hooks (concurrent.futures wakes
+        # a pool's idle workers, which would wait for work for ever), then the other threads joined
+        threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # (started with it closed: `>&-`)

@@ -909,8 +909,10 @@ def _no_local_ray(ray, error: BaseException) -> NoReturn:
     a load average of 40; a RAY_TMPDIR that is not a folder); what it started is stopped."""
     with contextlib.suppress(Exception):
         ray.shutdown()
-    why = storage.describe(error) if isinstance(error, OSError) else str(error).splitlines()[0] if str(error) else \
-        type(error).__name__
+    if isinstance(error, OSError):
+        why = storage.describe(error)
+    else:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise ConfigError(f"cannot start a local Ray: {why} (another try may start it where the machine was busy; "
                       f"or start Ray yourself, `ray start --head`, and give --address auto)") from None
 
