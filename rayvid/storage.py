@@ -131,6 +131,31 @@ def _unreachable_cause(error: BaseException | None) -> BaseException | None:
     return None
 
 
+def underlying(error: BaseException) -> BaseException:
+    """The error a store's client answered with, where fsspec's HTTP filesystem reports it
+    as FileNotFoundError(url): its `info` (a HEAD, then a GET) says FileNotFoundError for
+    any status the GET got, a 403 or a 500 as well as a 404; the status is its cause's. Any
+    other error is itself."""
+    cause = error.__cause__
+    if isinstance(error, FileNotFoundError) and error.errno is None and cause is not None:
+        try:
+            import aiohttp
+        except ImportError:
+            return error
+        if isinstance(cause, aiohttp.ClientResponseError) and cause.status != 404:
+            return cause
+    return error
+
+
+def http_refused(error: BaseException) -> bool:
+    """An HTTP(S) server's 401 or 403 (a signed URL expired or wrong, a token refused)."""
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    return isinstance(error, aiohttp.ClientResponseError) and error.status in (401, 403)
+
+
 def _is_gcs_error(error: BaseException) -> bool:
     """gcsfs's HttpError: an error status from GCS that is not 403/404/412 (OSErrors)."""
     return type(error).__module__ == "gcsfs.retry" and type(error).__name__ == "HttpError"
@@ -179,7 +204,7 @@ def describe(error: BaseException) -> str:
     # that refuses (the hint), or cannot be reached (an outage: its cause)
     auth = _is_google_auth_error(error)
     unreachable = _unreachable_cause(error)
-    error = unreachable or error
+    error = unreachable or underlying(error)
     message = error.args[0] if auth and not unreachable and error.args and isinstance(error.args[0], str) else str(error)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     # the first line, and the next where the first only leads to it ("Parameter validation failed:")
@@ -195,6 +220,8 @@ def describe(error: BaseException) -> str:
             text = gcs
         elif bare and ": " not in text and not text.endswith("."):  # (fsspec's HTTP, s3fs: the URL or key alone)
             text = f"not found: {text}"
+    if http_refused(error):  # (a signed URL's, whose query is not shown)
+        return f"{text} (the server refused it: a signed URL may have expired, or its token is wrong)"
     refused = (isinstance(error, PermissionError) and error.errno is None
                or _is_gcs_error(error) and getattr(error, "code", None) == 401
                or type(error) is OSError and error.errno is None and text.startswith("Forbidden: "))

@@ -1358,8 +1358,9 @@ def _first_line(e: BaseException) -> str:
 def _error_type(error: Optional[BaseException]) -> str:
     if error is None:
         return ""
+    error = storage.underlying(error)  # (an HTTP server's 403 or 500 is not NotFound: read again every run)
     if isinstance(error, FileNotFoundError):
         return "NotFound"
-    if isinstance(error, PermissionError):
+    if isinstance(error, PermissionError) or storage.http_refused(error):
         return "PermissionDenied"
     return type(error).__name__

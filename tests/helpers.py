@@ -94,7 +94,8 @@ def http_server(root: str, mode: str):
     Python's http.server does; "no-length" sends the whole file and no Content-Length
     (a streamed response); "unavailable" answers everything 503 Service Unavailable;
     "range-errors" serves ranges on HEAD and plain GETs but answers a range request 500.
-    Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
+    In every mode a file named `status-NNN-...` is answered NNN to every request (an expired
+    signed URL's 403, a broken backend's 500). Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
     assert mode in HTTP_MODES + ("unavailable", "range-errors")
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,6 +109,10 @@ def http_server(root: str, mode: str):
             HTTP_ASKED[(self.command, urllib.parse.urlparse(self.path).path, self.headers.get("Range"))] += 1
             if mode == "unavailable" or (mode == "range-errors" and body and "Range" in self.headers):
                 self.send_error(503 if mode == "unavailable" else 500)
+                return
+            status = re.match(r"status-(\d{3})-", os.path.basename(urllib.parse.urlparse(self.path).path))
+            if status:
+                self.send_error(int(status[1]))
                 return
             path = os.path.join(root, urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/"))
             if not os.path.isfile(path):
