@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -803,6 +804,42 @@ def _quiet_ray_data_about_our_stops() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OurStop) for f in logger.filters):
             logger.addFilter(_OurStop())
+    _quiet_retries_of_our_stops()
+
+
+# A failed actor task Ray retries, as its driver prints it (Ray 2.60's `listen_error_messages`:
+# "(raylet) Task MapWorker(MapBatches(Predictor)).get_location failed. There are infinite
+# retries remaining, so the task will be retried. Error: Traceback ...").
+_RETRIED_TASK = re.compile(r"Task MapWorker\(.*?\)\.\w+ failed\. There are .*? retries remaining")
+
+
+def _quiet_retries_of_our_stops() -> None:
+    """Ray's driver prints each failed task of an actor it will retry, whole traceback and
+    all, on stdout: about 100 lines where an inference actor stopped on rayvid's own error (a
+    model that cannot load: the driver says why in one line), a few where Ray Data killed its
+    actors as an interrupted run stopped. Those are not printed; any other (a worker that
+    died, killed for memory) is, as before. Ray's printer stays where it is for anything else
+    (worker logs are not touched)."""
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream  # (looked up by name at each message)
+    if getattr(printer, "rayvid_filter", False):
+        return
+
+    def unless_ours(data, ignore_prefix):
+        if data.get("pid") == "raylet" and _retry_of_our_stop("\n".join(map(str, data.get("lines") or []))):
+            return
+        printer(data, ignore_prefix)
+
+    unless_ours.rayvid_filter = True
+    worker.print_to_stdstream = unless_ours
+
+
+def _retry_of_our_stop(text: str) -> bool:
+    """A retried actor task's failure (`_RETRIED_TASK`) whose error is rayvid's own (a
+    RayvidError, an actor's constructor's included) or Ray Data's ray.kill of its actors."""
+    return bool(_RETRIED_TASK.match(text)) and ("rayvid.errors." in text
+                                                 or "The actor is dead because it was killed by `ray.kill`." in text)
 
 
 def _raise_model_error(ray, reports) -> None:
