@@ -42,7 +42,8 @@ class ModelConfig:
     # or SavedModel directory.
     name: str = "mobilenet_v3_small"
     # For keras.applications: "imagenet" (Keras' cache/download), a path or URL of a weights
-    # file, or "none" for random init (tests only). Ignored for .keras / SavedModel.
+    # file, or "none" for random init (tests only). Refused with a model file (.keras,
+    # SavedModel, .h5): it holds its own.
     weights: Optional[str] = None
     # Labels file (one label per line, line i = class i). Default: ImageNet for 1000-way
     # models, "<model>.labels.txt" beside a model file, else "class_<i>".
@@ -98,6 +99,10 @@ class ModelConfig:
             raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
         # local files by absolute path (the record repeats the run from anywhere)
         if _model_path(self.name):  # a file or folder, not a keras.applications name
+            if self.weights is not None:  # (it was ignored: the run went on, its record saying them)
+                raise ConfigError(f"--weights is for keras.applications models (resnet50, mobilenet_v3_small, ...): "
+                                  f"a model file or SavedModel holds its own weights; drop --weights "
+                                  f"{self.weights!r} or give a model name")
             object.__setattr__(self, "name", _absolute(self.name))
         if self.weights and self.weights.lower() in ("imagenet", "none"):
             object.__setattr__(self, "weights", self.weights.lower())  # `--weights None` is none

@@ -671,10 +671,8 @@ def _require_file(url: str, what: str) -> None:
     except FileNotFoundError as e:
         if storage.is_unavailable(e):
             raise ModelError(f"cannot reach {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
-        status = getattr(e.__cause__, "status", None)  # fsspec's HTTP filesystem: any error status is "not found"
-        if status in (401, 403):
-            raise ModelError(f"cannot read {what} {storage.public_uri(url)}: HTTP {status}, refused (an expired "
-                             f"signed URL? {storage.CREDENTIALS_HINT})") from None
+        if storage.underlying(e) is not e:  # an HTTP server's error status other than 404 (a refusal, a 500)
+            raise ModelError(f"cannot read {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
         raise ModelError(f"{what} file not found: {storage.public_uri(url)}") from None
     except storage.ACCESS_ERRORS as e:
         raise ModelError(f"cannot read {what} {storage.public_uri(url)}: {storage.describe(e)}") from None

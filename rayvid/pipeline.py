@@ -722,8 +722,12 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
 def _settings(config: dict) -> dict:
     """What decides a committed video's rows: the model (name, weights, output) and the sampling."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    return {"model": model.get("name"), "weights": model.get("weights"), "output": model.get("output"),
-            "sampling": config.get("sampling")}
+    name, weights = model.get("name"), model.get("weights")
+    if name in models.APPLICATIONS:  # (no weights: ImageNet's, as `--weights imagenet`)
+        weights = weights or "imagenet"
+    else:  # a model file's own (a run before they were refused with one recorded them, unused)
+        weights = None
+    return {"model": name, "weights": weights, "output": model.get("output"), "sampling": config.get("sampling")}
 
 
 def _warn_if_settings_differ(cfg: RunConfig, runs: list) -> None:

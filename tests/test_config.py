@@ -186,6 +186,19 @@ def test_a_fraction_of_more_than_one_gpu_is_refused():
     assert (InferConfig(gpus_per_actor=0.5).gpus_per_actor, InferConfig(gpus_per_actor=2).gpus_per_actor) == (0.5, 2)
 
 
+def test_weights_with_a_model_file_are_refused(tmp_path):
+    """--weights is a keras.applications model's: with a model file (which holds its own) it
+    was ignored, a missing file too, and the record said weights the run never used (a rerun
+    without them was warned of "other settings")."""
+    for name in (str(tmp_path / "m.keras"), "s3://bucket/m.keras", str(tmp_path / "legacy.h5"), "gs://b/saved_model/"):
+        for weights in ("/tmp/nosuch.h5", "imagenet", "none"):
+            with pytest.raises(ConfigError, match=r"^--weights is for keras.applications models .*: a model file or "
+                                                  r"SavedModel holds its own weights; drop --weights "):
+                ModelConfig(name=name, weights=weights)
+    assert ModelConfig(name="resnet50", weights="/tmp/w.h5").weights == "/tmp/w.h5"
+    assert ModelConfig(name=str(tmp_path / "m.keras")).weights is None
+
+
 def test_custom_objects_are_module_names_or_files():
     """A YAML file's one entry may be a string; local files become absolute (the record
     repeats the run from anywhere); anything else is refused naming it."""

@@ -1011,6 +1011,19 @@ def test_a_rerun_with_other_settings_says_what_it_skips(ray_session, media, shap
                                                  "with other settings (sampling: {"), said
 
 
+def test_the_settings_a_rerun_compares_read_no_weights_as_imagenet():
+    """A keras.applications model without --weights is built with ImageNet's: the same
+    settings as `--weights imagenet` (a rerun with one or the other warned of "other
+    settings"); a model file's weights (recorded, unused, before they were refused) are none."""
+    def model(**m):
+        return pipeline._settings({"model": m, "sampling": {"every": 1}})
+
+    assert model(name="resnet50", weights=None) == model(name="resnet50", weights="imagenet")
+    assert model(name="resnet50", weights=None) != model(name="resnet50", weights="/w.h5")
+    assert model(name="resnet50", weights="none") != model(name="resnet50", weights="imagenet")
+    assert model(name="/m/a.keras", weights="/tmp/nosuch.h5") == model(name="/m/a.keras", weights=None)
+
+
 def test_an_http_server_that_cannot_be_reached_is_one_line_saying_why(ray_session, shapes_model, tmp_path):
     """A video on an HTTP server nobody answers at (a presigned URL with user-info too): the
     run stops with one line naming the video without its secrets and saying why ("Cannot
