@@ -258,6 +258,12 @@ def _storage_options(protocol: str) -> dict:
     return {}
 
 
+# fsspec's filesystems made over another file or filesystem (an archive, a reference set, a
+# cache): their constructors need that file, which rayvid never chains in from a URL
+_OVER_A_FILE = frozenset({"zip", "tar", "libarchive", "reference", "simplecache", "filecache", "blockcache",
+                          "cached", "dir"})
+
+
 def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Turn any URL or local path into (filesystem, path-within-it). Never fsspec's URL
     chaining (`simplecache::s3://...`): "::" is part of a key or a file name."""
@@ -273,6 +279,9 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
                            f"give them to the store's client instead ({CREDENTIALS_HINT})")
     if protocol == "data":  # (fsspec's data: filesystem cannot list or stat its own URLs)
         raise StorageError("data: URLs are not read: give the video a path or a URL of a store")
+    if protocol in _OVER_A_FILE:  # (made over another file, which a URL cannot carry: an odd error each)
+        raise StorageError(f"{protocol}:// URLs are not read (fsspec's filesystems over another file or store: "
+                           f"{', '.join(sorted(_OVER_A_FILE))}): unpack the archive, or give the videos' own URLs")
     if protocol == "file" and url[:7].lower() == "file://":
         url = _file_url_path(url)
     try:

@@ -938,14 +938,17 @@ def test_a_scheme_in_capitals_is_the_scheme(s3_endpoint, s3fs_client):
 
 
 def test_a_filesystem_that_cannot_be_made_from_a_url_is_a_clear_error():
-    """fsspec's filesystems that connect as they are made (FTP), or need what a URL cannot
-    carry (zip://, reference://), raise what they raise: one line naming the URL instead,
-    StorageUnavailable where the server cannot be reached (a run stops, resumable)."""
+    """fsspec's filesystems that connect as they are made (FTP) raise what they raise: one
+    line naming the URL instead, StorageUnavailable where the server cannot be reached (a run
+    stops, resumable); those made over another file (zip://, reference://, the caches), which
+    a URL cannot carry, are refused saying so (zip:// said "Is a directory: '/tmp'")."""
     from rayvid.errors import StorageError, StorageUnavailable
 
     with pytest.raises(StorageUnavailable, match=r"^cannot use URL 'ftp://127\.0\.0\.1:1/x/': .*Connection refused"):
         storage.resolve("ftp://bob:S3CRET@127.0.0.1:1/x/")
-    for url, said in (("zip://videos/", "Is a directory"), ("reference://x/", "missing 1 required positional"),
+    over = r":// URLs are not read \(fsspec's filesystems over another file or store: .*\): unpack the archive"
+    for url, said in (("zip://videos/", "^zip" + over), ("zip://a.mp4::/tmp/x.zip", "^zip" + over),
+                      ("reference://x/", "^reference" + over), ("simplecache://x/", "^simplecache" + over),
                       ("data:video/mp4;base64,AAAA", "data: URLs are not read")):
         with pytest.raises(StorageError, match=said) as e:
             storage.resolve(url)
