@@ -646,19 +646,6 @@ def write_run_record(output: str, run_id: str, record: dict) -> str:
     return url
 
 
-def predictions_url(output: str) -> str:
-    return storage.join(output, PREDICTIONS_DIR)
-
-
-def errors_url(output: str) -> str:
-    return storage.join(output, ERRORS_DIR)
-
-
-
-def videos_url(output: str) -> str:
-    return storage.join(output, VIDEOS_DIR)
-
-
 def run_of(name: str) -> str:
     """The run id in a part's name, `part-<run_id>-<seq>.parquet`."""
     return name[len("part-"):].rsplit("-", 1)[0]
@@ -1005,10 +992,24 @@ class Heartbeat:
                     if self._key in _TAKEN or self._taken():
                         _TAKEN.add(self._key)
                         continue  # (the run stops at its next check: `Rivals`)
+                except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
+                    log.warning("cannot refresh the run record: %s", storage.describe(e))
+                    continue
+                # (no store below until the write: an error here is a bug, said with its traceback;
+                # the beat goes on, or the live run would read as dead to other runs)
+                try:
                     if self.progress is not None:
                         self.record["stats"] = self.progress()
+                except Exception:  # noqa: BLE001 - a bug: said, the record keeps its last counts
+                    log.exception("cannot count the run's progress for its record (a bug in rayvid)")
+                try:
+                    record = self.clean(self.record)
+                except Exception:  # noqa: BLE001 - a bug: said; nothing unredacted is written
+                    log.exception("cannot redact the run record (a bug in rayvid): not refreshed")
+                    continue
+                try:
                     if self._key not in _TAKEN:  # (a check may have found it taken meanwhile)
-                        write_run_record(self.output, self.run_id, self.clean(self.record))
+                        write_run_record(self.output, self.run_id, record)
                 except Exception as e:  # noqa: BLE001 - whatever the store raises, the next beat tries again
                     log.warning("cannot refresh the run record: %s", storage.describe(e))
 

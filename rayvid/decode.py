@@ -574,8 +574,8 @@ def serve(fd: int, shared: int) -> None:
                     answer, _ = conn.recv()
                     if answer == "fetched":
                         return
-                    if answer != "free":
-                        raise RuntimeError(f"decode child expected 'fetched', got {answer!r}")
+                    if answer != "free":  # (not a RuntimeError: the reader takes those for the video's)
+                        raise _ProtocolError(f"decode child expected 'fetched', got {answer!r}")
                     slot.busy = False
 
             for rows in reader.read(**payload, on_probe=on_probe, on_fetch=on_fetch):
@@ -588,6 +588,10 @@ def serve(fd: int, shared: int) -> None:
             return
         except Exception:
             conn.send(("bug", traceback.format_exc()))
+
+
+class _ProtocolError(Exception):
+    """The decode actor and its child out of step: a bug, never a video's error row."""
 
 
 class _FrameSlot:

@@ -1,7 +1,8 @@
 """Inference stage: uint8 frames in, top-k predictions out, one tf.keras model per actor.
 
-Input columns:  the decode stage's (`video_uri, kind, frame_index, timestamp_s, frame,
-  n_frames, error_stage, error_type, message`).
+Input columns:  the decode stage's output columns (decode.py): `frame` is read (uint8, at
+  the model's size), `kind` and `reused_from` say which rows the model runs on (frame rows
+  whose `reused_from` is -1); every other column passes through.
 Output: an Arrow table in `schema.INFERRED_SCHEMA`: the same rows and columns without
   `frame`, plus `label`, `score` and `topk` for frame rows (null on the terminal `end` rows,
   which pass through untouched, and on rows whose `reused_from` names an earlier frame:

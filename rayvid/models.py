@@ -64,7 +64,6 @@ APPLICATIONS: dict[str, tuple[str, int, str]] = {
     "densenet121": ("DenseNet121", 224, "torch"),
     "convnext_tiny": ("ConvNeXtTiny", 224, "raw"),
 }
-PREPROCESS_MODES = ("auto", "raw", "unit", "tf", "caffe", "torch")
 MODEL_FILE_EXTENSIONS = (".keras", ".h5")
 
 

@@ -932,6 +932,44 @@ def test_heartbeat_survives_any_store_error():
         fs.rm("flakystore://out", recursive=True)
 
 
+def test_a_bug_counting_progress_is_said_with_its_traceback_and_the_heartbeat_goes_on(tmp_path, caplog):
+    """`progress` is rayvid's own code, not the store's: a bug there was a one-line "cannot
+    refresh the run record" warning every beat, and no record refreshed (after the lease the
+    live run read as dead to others). Now it is said with its traceback, as a bug, and the
+    record is refreshed with its last counts; a redaction that fails writes nothing."""
+    import json
+    import time
+
+    from rayvid import commit
+
+    def beat_at():
+        return json.loads((tmp_path / "runs" / "a.json").read_text())
+
+    beat = commit.Heartbeat(str(tmp_path), "a", {"run_id": "a", "status": "running", "stats": {"frames": 7}},
+                            every_s=0.05)
+    beat.start()
+    try:
+        beat.progress = lambda: {"frames": None + 1}
+        first, deadline = beat_at()["heartbeat_at"], time.time() + 30
+        with caplog.at_level("ERROR", logger="rayvid"):
+            while beat_at()["heartbeat_at"] <= first and time.time() < deadline:
+                time.sleep(0.05)
+        assert beat_at()["heartbeat_at"] > first and beat_at()["stats"] == {"frames": 7}
+        said = [r for r in caplog.records if "cannot count the run's progress" in r.getMessage()]
+        assert said and said[0].exc_info and said[0].exc_info[0] is TypeError
+        assert not [r for r in caplog.records if "cannot refresh the run record" in r.getMessage()]
+        beat.progress = None
+        beat.clean = lambda record: {**record, "oops": 1 / 0}
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="rayvid"):
+            deadline = time.time() + 30
+            while not any("cannot redact" in r.getMessage() for r in caplog.records) and time.time() < deadline:
+                time.sleep(0.05)
+        assert "oops" not in beat_at()
+    finally:
+        beat.stop()
+
+
 def test_recover_keeps_a_part_committed_while_it_looks():
     """Another run commits a part and finishes between recover's listing of the commit
     points and its look at that run's record: the record then says finished, the part is
