@@ -70,7 +70,7 @@ def _videos(result) -> str:
 
 
 def _actors(p: dict) -> str:
-    """The summary's line of the planned pools (`pipeline.Plan`, as a dict)."""
+    """The summary's line of the planned pools (`resources.Plan`, as a dict)."""
     gpu = f", {p['infer_gpus']:g} GPU each" if p["infer_gpus"] else " on CPU"
     return f"  actors:  decode {p['decode_min']}..{p['decode_max']}, inference {p['infer_min']}..{p['infer_max']}{gpu}"
 

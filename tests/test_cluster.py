@@ -777,10 +777,10 @@ def test_autoscaler_adds_cpu_and_gpu_nodes_for_the_backlog_and_removes_them_idle
         if version == "v1":  # what a run plans and says as it starts on a cluster v1 scales
             said = subprocess.run([sys.executable, "-c", (
                 "import logging, ray; ray.init(address=%r, logging_level='ERROR'); logging.basicConfig(); "
-                "from rayvid import pipeline; from rayvid.config import RunConfig; cfg = RunConfig(input='x', output='y'); "
-                "shape = pipeline.cluster_shape(ray); plan = pipeline.plan_resources(cfg, shape, 10); "
+                "from rayvid import resources; from rayvid.config import RunConfig; cfg = RunConfig(input='x', output='y'); "
+                "shape = resources.cluster_shape(ray); plan = resources.plan_resources(cfg, shape, 10); "
                 "print('PLAN', shape['autoscaler'], shape.get('node_types_unknown'), plan.decode_max, plan.infer_gpus); "
-                "pipeline._warn_about(shape, plan, cfg)") % address],
+                "resources.warn_about(shape, plan, cfg)") % address],
                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert "PLAN v1 True 1000000 0.0" in said.stdout, said.stdout + said.stderr[-3000:]
             assert "autoscaler is Ray's v1, which ignores label selectors" in said.stderr, said.stderr[-3000:]
