@@ -1239,9 +1239,7 @@ def require_output(fs, root: str, output: str) -> None:
     cannot be asked raises its own error (`fs.isdir` would say False: "no output")."""
     path = f"{root.rstrip('/')}/{VIDEOS_DIR}"
     try:
-        folder = fs.info(path).get("type") == "directory"
-        if not folder and "http" in fs.protocol:  # fsspec's HTTP info says "file" of any URL
-            folder = fs.isdir(path)  # (a listing page with links)
+        folder = storage.is_folder(fs, path)
     except FileNotFoundError as e:
         if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
             raise
@@ -1253,13 +1251,9 @@ def require_output(fs, root: str, output: str) -> None:
 def not_found(fs, root: str, output: str, said: str) -> FileNotFoundError:
     """FileNotFoundError saying `said`, or, on an object store, that OUTPUT's bucket does not
     exist where that is why (a typo in the bucket's name read as "no runs/ folder")."""
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    if protocol in ("s3", "s3a", "gs", "gcs"):
-        bucket = root.strip("/").split("/", 1)[0]
-        with contextlib.suppress(*storage.ACCESS_ERRORS, ValueError):  # (cannot tell: as said)
-            if bucket and not fs.exists(bucket):
-                return FileNotFoundError(f"no such bucket: {protocol}://{bucket} (OUTPUT "
-                                         f"{storage.public_uri(output)})")
+    bucket = storage.missing_bucket(fs, root)
+    if bucket:
+        return FileNotFoundError(f"no such bucket: {bucket} (OUTPUT {storage.public_uri(output)})")
     return FileNotFoundError(said)
 
 

@@ -1131,6 +1131,28 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> set:
     return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol or ())
 
 
+def is_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` is a folder (FileNotFoundError where nothing is there). fsspec's HTTP
+    `info` says "file" of any URL: there a listing page with links is one."""
+    if fs.info(path).get("type") == "directory":
+        return True
+    return bool(_protocols(fs) & {"http", "https"}) and fs.isdir(path)
+
+
+def missing_bucket(fs: fsspec.AbstractFileSystem, root: str) -> Optional[str]:
+    """`s3://bucket` (or `gs://`) where `root` is in an object store's bucket that does not
+    exist; None where it does, where the store cannot tell, or off object stores."""
+    names = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol or ())
+    protocol = next((p for p in names if p in ("s3", "s3a", "gs", "gcs")), None)  # (its own first name)
+    bucket = root.strip("/").split("/", 1)[0]
+    if protocol is None or not bucket:
+        return None
+    with contextlib.suppress(*ACCESS_ERRORS, ValueError):  # (cannot tell)
+        if not fs.exists(bucket):
+            return f"{protocol}://{bucket}"
+    return None
+
+
 def _gcs_pages(fs, root: str, page_size: int) -> Iterator[list[tuple[str, int, str]]]:
     """gcsfs's find gathers every page before it returns; this asks for one page at a time
     (objects.list, GCS's own paging: at most 1000 a page), through gcsfs's request path
