@@ -25,7 +25,7 @@ import threading
 from typing import NoReturn, Optional, Sequence
 
 from rayvid import storage
-from rayvid.config import DECODERS, HEADS, PREPROCESS, SAMPLING_MODES, RunConfig, merge
+from rayvid.config import DECODERS, HEADS, PREPROCESS, SAMPLING_MODES, RunConfig, is_model_path, merge
 from rayvid.errors import ConfigError, InputError, RayvidError, StorageError
 
 SKIP_SIMILAR_DEFAULT = 2.0  # grey levels: above the sensor noise of a still camera, below a moving object
@@ -300,6 +300,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "progress": args.progress,
     }
     merged = merge(base, flags)
+    model = merged.get("model")
+    if args.model is not None and args.weights is None and isinstance(model, dict) and is_model_path(args.model):
+        # --model FILE over a config file's model: that model's weights are not this one's
+        # (a model file holds its own; ModelConfig refuses any with one)
+        merged["model"] = {**model, "weights": None}
     for flag, on, section, key in (("embed", args.embed, "model", "embed"),
                                    ("skip-similar", skip_similar, "sampling", "skip_similar")):
         if getattr(args, f"no_{key}"):
@@ -624,7 +629,7 @@ def _query(args) -> int:
             raise  # main: quietly, as the end of a pipe's reader
         raise InputError(f"cannot read {storage.public_uri(args.output)}: broken pipe") from None
     except FileNotFoundError as e:
-        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+        if not storage.absent(e):  # fsspec's HTTP filesystem: a server it cannot reach, or a 403
             raise InputError(f"cannot read {storage.public_uri(args.output)}: {storage.describe(e)}") from None
         raise InputError(storage.redact(str(e))) from None
     except ValueError as e:

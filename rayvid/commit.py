@@ -967,6 +967,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.progress = None
+        self._said_progress = False  # (a bug counting progress: its traceback said once)
 
     def start(self) -> None:
         self.record.update(writer(), heartbeat_at=time.time())
@@ -1000,8 +1001,12 @@ class Heartbeat:
                 try:
                     if self.progress is not None:
                         self.record["stats"] = self.progress()
-                except Exception:  # noqa: BLE001 - a bug: said, the record keeps its last counts
-                    log.exception("cannot count the run's progress for its record (a bug in rayvid)")
+                except Exception as e:  # noqa: BLE001 - a bug: said (its traceback once), the record keeps its last counts
+                    if not self._said_progress:
+                        log.exception("cannot count the run's progress for its record (a bug in rayvid)")
+                    else:
+                        log.warning("cannot count the run's progress for its record: %s: %s", type(e).__name__, e)
+                    self._said_progress = True
                 try:
                     record = self.clean(self.record)
                 except Exception:  # noqa: BLE001 - a bug: said; nothing unredacted is written
@@ -1241,7 +1246,7 @@ def require_output(fs, root: str, output: str) -> None:
     try:
         folder = storage.is_folder(fs, path)
     except FileNotFoundError as e:
-        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+        if not storage.absent(e):  # fsspec's HTTP filesystem: a server it cannot reach, or a 403
             raise
         folder = False
     if not folder and not storage.files_in(fs, f"{root.rstrip('/')}/{RUNS_DIR}", "*.json"):

@@ -98,7 +98,7 @@ class ModelConfig:
         if self.max_boxes < 1 or not 0 < self.iou_threshold <= 1 or not 0 <= self.min_box_score < 1:
             raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
         # local files by absolute path (the record repeats the run from anywhere)
-        if _model_path(self.name):  # a file or folder, not a keras.applications name
+        if is_model_path(self.name):  # a file or folder, not a keras.applications name
             if self.weights is not None:  # (it was ignored: the run went on, its record saying them)
                 raise ConfigError(f"--weights is for keras.applications models (resnet50, mobilenet_v3_small, ...): "
                                   f"a model file or SavedModel holds its own weights; drop --weights "
@@ -403,7 +403,7 @@ def _absolute(url: str) -> str:
     return path if storage.is_local(fs) else url
 
 
-def _model_path(name: str) -> bool:
+def is_model_path(name: str) -> bool:
     """Whether --model names a file or folder (else a keras.applications name, even where
     a file of that name is in the working directory: an OUTPUT called resnet50)."""
     return ("/" in name or os.sep in name or name.lower().endswith((".keras", ".h5"))

@@ -95,7 +95,8 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     try:
         info = fs.info(path)
     except FileNotFoundError as e:
-        if not storage.is_unavailable(e):  # (fsspec's HTTP filesystem: also a server it cannot reach)
+        # (fsspec's HTTP filesystem: also a server it cannot reach, or one answering 403 or 500)
+        if storage.absent(e):
             raise InputError(f"input not found: {storage.public_uri(input_url)}") from None
         raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
     except storage.ACCESS_ERRORS as e:

@@ -670,7 +670,7 @@ def _require_file(url: str, what: str) -> None:
     except FileNotFoundError as e:
         if storage.is_unavailable(e):
             raise ModelError(f"cannot reach {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
-        if storage.underlying(e) is not e:  # an HTTP server's error status other than 404 (a refusal, a 500)
+        if not storage.absent(e):  # an HTTP server's error status other than 404 (a refusal, a 500)
             raise ModelError(f"cannot read {what} {storage.public_uri(url)}: {storage.describe(e)}") from None
         raise ModelError(f"{what} file not found: {storage.public_uri(url)}") from None
     except storage.ACCESS_ERRORS as e:
@@ -686,7 +686,8 @@ def _locate(url: str):
         is_dir = _isdir(fs, path)
         exists = is_dir or _exists(fs, path)
     except storage.ACCESS_ERRORS as e:
-        raise ModelError(f"cannot reach model {storage.public_uri(url)}: {storage.describe(e)}") from None
+        raise ModelError(f"cannot {'reach' if storage.is_unavailable(e) else 'read'} model "
+                         f"{storage.public_uri(url)}: {storage.describe(e)}") from None
     if not exists:
         known = ", ".join(sorted(APPLICATIONS))
         raise ModelError(
@@ -948,7 +949,9 @@ def _exists(fs, path: str) -> bool:
     a server sends the whole file to it."""
     try:
         fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if not storage.absent(e):  # (fsspec's HTTP: a 403 or a 500 is "not found" there too)
+            raise
         return False
     return True
 

@@ -652,13 +652,13 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     from PIL import Image, ImageOps
 
     from rayvid import infer, models
-    from rayvid.config import RunConfig
+    from rayvid.config import RunConfig, is_model_path
 
     where = storage.public_uri(image)
     try:  # (before the model loads: a typo is said at once)
         data = storage.read_bytes(image)
     except FileNotFoundError as e:
-        if storage.is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+        if not storage.absent(e):  # fsspec's HTTP filesystem: a server it cannot reach, or a 403
             raise InputError(f"cannot read image {where}: {storage.describe(e)}") from None
         raise InputError(f"no image at {where}") from None
     except storage.ACCESS_ERRORS as e:
@@ -687,13 +687,18 @@ def embed_image(output: str, image: str, model_url: Optional[str] = None, runs: 
     if not wrote and not finished:
         raise ValueError(f"no finished --embed run recorded in {storage.public_uri(output)}/runs/")
     record = wrote[0] if wrote else max(finished, key=lambda r: r.get("finished_at", ""))
+    config = record["config"]
+    if isinstance(config.get("model"), dict) and is_model_path(str(config["model"].get("name") or "")):
+        # (a model file's own weights: a run before --weights was refused with one recorded it, unused)
+        config = {**config, "model": {**config["model"], "weights": None}}
     try:
-        model = RunConfig.from_dict(record["config"]).model
+        model = RunConfig.from_dict(config).model
     except (ConfigError, TypeError, ValueError) as e:
         raise ValueError(f"the record of run {record.get('run_id')!r} in {storage.public_uri(output)}/runs/ "
                          f"has no config rayvid can read: {e}") from None
     if model_url is not None:
-        model = dataclasses.replace(model, name=model_url)  # (a keras.applications name, or a path made absolute)
+        # (a keras.applications name, or a path made absolute; a model file has weights of its own)
+        model = dataclasses.replace(model, name=model_url, weights=None if is_model_path(model_url) else model.weights)
     # labels do not change an embedding: a URL of them the record cannot give back is left out
     if model.labels and "<redacted>" in model.labels:
         model = dataclasses.replace(model, labels=None)

@@ -147,6 +147,13 @@ def underlying(error: BaseException) -> BaseException:
     return error
 
 
+def absent(error: BaseException) -> bool:
+    """Whether a FileNotFoundError means nothing is there: not a store that cannot be
+    reached, nor an HTTP server's other answer (a 403, a 500: fsspec's HTTP filesystem says
+    FileNotFoundError for those too)."""
+    return isinstance(error, FileNotFoundError) and not is_unavailable(error) and underlying(error) is error
+
+
 def http_refused(error: BaseException) -> bool:
     """An HTTP(S) server's 401 or 403 (a signed URL expired or wrong, a token refused)."""
     try:
@@ -261,7 +268,7 @@ def _storage_options(protocol: str) -> dict:
 # fsspec's filesystems made over another file or filesystem (an archive, a reference set, a
 # cache): their constructors need that file, which rayvid never chains in from a URL
 _OVER_A_FILE = frozenset({"zip", "tar", "libarchive", "reference", "simplecache", "filecache", "blockcache",
-                          "cached", "dir"})
+                          "cached", "dir", "generic", "async_wrapper", "asyncwrapper"})
 
 
 def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -319,7 +326,7 @@ def files_in(fs: fsspec.AbstractFileSystem, folder: str, pattern: str = "*") -> 
     try:
         entries = fs.ls(folder, detail=True)
     except (FileNotFoundError, NotADirectoryError) as e:
-        if is_unavailable(e):  # fsspec's HTTP filesystem: a server it cannot reach
+        if isinstance(e, FileNotFoundError) and not absent(e):  # fsspec's HTTP: a server it cannot reach, a 403
             raise
         return {}
     return {e["name"]: e for e in entries
@@ -719,7 +726,7 @@ def check_version(fs: fsspec.AbstractFileSystem, path: str, expected: str, since
     try:
         now = version_of(fs.info(path))
     except FileNotFoundError as e:
-        if is_unavailable(e):
+        if not absent(e):  # (a store it cannot reach; an HTTP server's 403 or 500: said as such)
             raise
         raise ObjectChanged(f"the object was deleted {since}") from None
     if now and now != expected:
@@ -967,7 +974,7 @@ class RangeCopy:
         try:
             now = self.fs.info(self.remote).get("size")
         except FileNotFoundError as e:
-            if is_unavailable(e):
+            if not absent(e):  # (a store it cannot reach; an HTTP server's 403 or 500: said as such)
                 raise
             raise ObjectChanged("the object was deleted while it was read") from None
         if now is not None and int(now) != self.size:

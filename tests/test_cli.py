@@ -229,6 +229,22 @@ def test_a_sampling_mode_flag_replaces_the_configs(flag, value, mode, tmp_path):
     assert again.run_id != "r1"
 
 
+def test_a_model_file_flag_over_a_config_with_weights_drops_them(tmp_path):
+    """A config file (or a run record) of a keras.applications model with --weights, then
+    `--model FILE`: those weights were the file's model's; a model file holds its own (and
+    any --weights with one is refused): the run was exit 2, naming a flag never typed, and
+    no flag could unset them."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "resnet50", "weights": "imagenet"}}))
+    cfg = config_from_args(parse_args(["run", "in", "out", "--config", str(path), "--model", str(tmp_path / "m.keras")]))
+    assert (cfg.model.name, cfg.model.weights) == (str(tmp_path / "m.keras"), None)
+    assert config_from_args(parse_args(["run", "in", "out", "--config", str(path), "--model", "resnet101"])).model.weights \
+        == "imagenet"  # another keras.applications name: the file's weights stay
+    with pytest.raises(ConfigError, match=r"^--weights is for keras.applications models"):  # typed: refused
+        config_from_args(parse_args(["run", "in", "out", "--config", str(path), "--model", str(tmp_path / "m.keras"),
+                                     "--weights", "none"]))
+
+
 def test_boolean_settings_of_a_config_or_record_can_be_turned_off(tmp_path):
     """A config file's (or a repeated run record's) `retry_failed`, `xla`, `keyframes`...
     could be turned on by a flag but not off: every boolean has its --no- flag."""

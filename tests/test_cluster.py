@@ -219,7 +219,7 @@ def test_the_shipped_commands_use_every_gpu_the_cluster_may_start():
     nodes' minimum up, the rest startable): the GPU pool is every GPU the cluster may have
     (Ray Data's GPU pools do not grow, ray#59144: a pool sized by the GPUs up at the start
     would keep the other GPU nodes from ever starting)."""
-    from rayvid.pipeline import plan_resources
+    from rayvid.resources import plan_resources
 
     aws = _yaml("aws.yaml")["available_node_types"]["gpu"]
     readme = open(os.path.join(ROOT, "README.md")).read()

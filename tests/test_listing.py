@@ -290,6 +290,15 @@ def test_a_manifest_or_video_at_a_signed_http_url(tree):
         assert list_videos(f"{base}/b.mp4?v=2").column("video_uri").to_pylist() == [f"{base}/b.mp4?v=2"]
         with pytest.raises(InputError, match="neither a folder, a manifest"):
             list_videos(f"{base}/image.png?name=x.mp4")
+        # a server that refuses (an expired signature) or fails every request: said, not "input not found"
+        for status, said in ((403, "403, message='Forbidden'"), (500, "500, message='Internal Server Error'")):
+            for name in ("v.mp4", "m.txt"):
+                with pytest.raises(InputError) as e:
+                    list_videos(f"{base}/status-{status}-{name}?{SIGNED}")
+                assert str(e.value).startswith(f"cannot read {base}/status-{status}-{name}: {said}"), str(e.value)
+                assert "deadbeef" not in str(e.value) and "AKIAFAKE" not in str(e.value)
+        with pytest.raises(InputError, match=f"^input not found: {base}/gone.mp4$"):
+            list_videos(f"{base}/gone.mp4?{SIGNED}")
 
 
 def test_a_question_mark_or_hash_elsewhere_is_part_of_the_name(tree, tmp_path, s3fs_client):

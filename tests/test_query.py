@@ -622,6 +622,14 @@ def test_similar_image_on_a_clip_models_embeddings_says_to_ask_by_time(tmp_path,
     assert cli.main(["similar", out, "--image", str(tmp_path / "q.png")]) == 2
     assert capsys.readouterr().err.endswith("OUTPUT's embeddings are of clips (4 frames: a video model); --image "
                                             "embeds one image: ask with --video URI --time T\n")
+    # a record of a run before --weights with a model file was refused: it recorded them,
+    # unused; read without them (it was "has no config rayvid can read")
+    config = cfg.to_dict()
+    config["model"]["weights"] = "/tmp/unused.h5"
+    commit.write_run_record(out, "r1", {"run_id": "r1", "status": "finished", "config": config})
+    assert cli.main(["similar", out, "--image", str(tmp_path / "q.png")]) == 2
+    assert capsys.readouterr().err.endswith("OUTPUT's embeddings are of clips (4 frames: a video model); --image "
+                                            "embeds one image: ask with --video URI --time T\n")
 
 
 def test_similar_at_a_time_the_video_does_not_show_says_so(tmp_path, capsys):
