@@ -623,7 +623,8 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
     """`ray start --head` (dashboard and job server: Ray's `default` extra) with token
     authentication, `ray job submit` of jobs/classify_videos.py with cluster/runtime_env.yaml,
     wait for SUCCEEDED, read its logs and its Parquet; the same --submission-id again is
-    refused (no double submission); a wrong token is refused."""
+    refused (no double submission); a wrong token is refused; a job whose model cannot load
+    fails, its logs saying why in one line."""
     import secrets
     import subprocess
     import time
@@ -684,6 +685,28 @@ def test_ray_job_submit_on_a_head_with_token_auth(media, shapes_model, tmp_path)
         truth = {p: len(v) for p, v in media["truth"].items()}
         assert {u: len(v) for u, v in helpers.frames_per_video(preds).items()} == truth
         assert token not in logs
+
+        # a model that cannot load in the inference actor (a weights file that is none): the
+        # job fails and its logs say why in one line, not Ray's ~100 lines of the dying
+        # actor's retried task ("(raylet) Task MapWorker(...).get_location failed ...")
+        garbage = tmp_path / "garbage.h5"
+        garbage.write_bytes(b"not a weights file")
+        failing = "rayvid-test-" + secrets.token_hex(4)
+        entry = [sys.executable, "jobs/classify_videos.py", str(media["videos"]), str(tmp_path / "out2"),
+                 "--model", "mobilenet_v3_small", "--weights", str(garbage), "--no-progress"]
+        assert job("submit", "--no-wait", "--submission-id", failing, "--runtime-env", "cluster/runtime_env.yaml",
+                   "--", *entry).returncode == 0
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            status = job("status", failing).stdout
+            if re.search(r"(?i)\b(succeeded|failed|stopped)\b", status):
+                break
+            time.sleep(2)
+        logs = job("logs", failing).stdout
+        assert re.search(r"(?i)\bfailed\b", status), status + logs[-4000:]
+        assert re.search(r"rayvid: error: cannot build mobilenet_v3_small with weights '.*garbage\.h5'", logs), \
+            logs[-4000:]
+        assert "retries remaining" not in logs and "Traceback" not in logs, logs[-4000:]
     finally:
         _stop(head)
 
