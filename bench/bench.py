@@ -713,8 +713,9 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
     videos = corpus(os.path.join(root, "a"), spec)
     b_dir, b_videos = archive_b(root, videos)
     model = {"name": spec["model"], "weights": "none"}
+    # every method at one batch size: rayvid's default for its device (32 on CPUs, 128 per GPU)
     common = {"videos": videos, "input": os.path.join(root, "a"), "model": model, "size": [224, 224],
-              "batch": 32, "cores": cores, "gpus": gpus}
+              "batch": 128 if gpus else 32, "cores": cores, "gpus": gpus}
     log(f"[{name}] corpus: {len(videos)} x {spec['seconds']} s {spec['width']}x{spec['height']} "
         f"{spec['fps']} fps H.264 ({time.time() - t0:.0f} s to encode)")
     res = {"corpus": {k: spec[k] for k in ("videos", "seconds", "height", "width", "fps")},

@@ -994,5 +994,27 @@ def _first_line(e: BaseException) -> str:
 
 def probe(cfg: ModelConfig) -> ModelInfo:
     """Load the model once and describe it (run as a Ray task, so the driver stays light)."""
+    hide_unassigned_gpus()
     _, info = load(cfg)
     return info
+
+
+def hide_unassigned_gpus() -> bool:
+    """In a Ray worker that holds no GPU, keep TensorFlow off the node's GPUs: Ray 2.60 no
+    longer sets CUDA_VISIBLE_DEVICES="" for a worker holding none (ray#54868), so a CPU
+    inference actor (or the model's probe) on a GPU node ran on GPU 0, which Ray had given
+    to another actor, and made a CUDA context on every GPU there. Before TensorFlow is
+    imported (where it is already, nothing: it may use its GPUs). True where hidden."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+            return False
+        if ray.get_gpu_ids():
+            return False
+    except Exception:  # noqa: BLE001 - information only: outside Ray, an older Ray
+        return False
+    if "tensorflow" in sys.modules:
+        return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return True

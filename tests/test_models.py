@@ -52,6 +52,28 @@ def test_labels_must_match_the_model(shapes_model, tmp_path, caplog):
         models.load(ModelConfig(name=shapes_model["path"], labels=str(tmp_path / "latin1.txt")))
 
 
+def test_a_ray_worker_holding_no_gpu_keeps_tensorflow_off_the_nodes_gpus(ray_session):
+    """Ray 2.60 no longer hides a node's GPUs from a worker that holds none (ray#54868): a CPU
+    inference actor or the model's probe on a GPU node would run on GPU 0. In such a worker,
+    before TensorFlow is imported, CUDA_VISIBLE_DEVICES is "" ; a worker holding a GPU (the
+    session's logical one), the driver, or a process with TensorFlow loaded keep theirs."""
+    import os
+
+    def visible():
+        import sys
+
+        had_tf = "tensorflow" in sys.modules
+        return models.hide_unassigned_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"), had_tf
+
+    cpu = ray_session.remote(num_cpus=1, max_calls=1)(visible)
+    gpu = ray_session.remote(num_cpus=0, num_gpus=1, max_calls=1)(visible)
+    hidden, env, had_tf = ray_session.get(cpu.remote())
+    assert (hidden, env, had_tf) == (True, "", False)
+    hidden, env, _ = ray_session.get(gpu.remote())
+    assert not hidden and env != ""  # (Ray's "0" for the logical GPU it assigned)
+    assert models.hide_unassigned_gpus() is False  # the driver: its own devices
+
+
 def test_application_with_weights_file_at_a_url(tmp_path, s3fs_client):
     import keras
 
