@@ -386,7 +386,9 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path, sh
     assert "Traceback" not in done.stderr and "Stack trace" not in done.stderr, done.stderr[-3000:]
     # nor on stdout: Ray's driver printed the actor's failed `get_location`, which it retries,
     # with both tracebacks (about 100 lines)
-    assert "Traceback" not in done.stdout and "retries remaining" not in done.stdout, done.stdout[-3000:]
+    # (a one-line "actor is temporarily unavailable" retry notice may remain: a race as the
+    # dying actor's process exits)
+    assert "Traceback" not in done.stdout and "rayvid.errors" not in done.stdout, done.stdout[-3000:]
     # a batch whose input alone would fill the node: on a CPU the OOM killer ended the actor,
     # Ray restarted it, again and again (a 224x224 model at --batch-size 65536: no end in
     # 5 minutes); said before the warm-up allocates it
