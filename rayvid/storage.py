@@ -154,13 +154,18 @@ def absent(error: BaseException) -> bool:
     return isinstance(error, FileNotFoundError) and not is_unavailable(error) and underlying(error) is error
 
 
-def http_refused(error: BaseException) -> bool:
-    """An HTTP(S) server's 401 or 403 (a signed URL expired or wrong, a token refused)."""
+def _http_status(error: BaseException) -> Optional[int]:
+    """The status of an HTTP(S) server's answer (aiohttp's ClientResponseError), else None."""
     try:
         import aiohttp
     except ImportError:
-        return False
-    return isinstance(error, aiohttp.ClientResponseError) and error.status in (401, 403)
+        return None
+    return error.status if isinstance(error, aiohttp.ClientResponseError) else None
+
+
+def http_refused(error: BaseException) -> bool:
+    """An HTTP(S) server's 401 or 403 (a signed URL expired or wrong, a token refused)."""
+    return _http_status(error) in (401, 403)
 
 
 def _is_gcs_error(error: BaseException) -> bool:
@@ -213,6 +218,8 @@ def describe(error: BaseException) -> str:
     unreachable = _unreachable_cause(error)
     error = unreachable or underlying(error)
     message = error.args[0] if auth and not unreachable and error.args and isinstance(error.args[0], str) else str(error)
+    if _http_status(error) is not None:  # (aiohttp's text repeats the URL the message names already)
+        message = f"HTTP {error.status} {error.message or ''}".strip()
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     # the first line, and the next where the first only leads to it ("Parameter validation failed:")
     text = redact(" ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])

@@ -132,15 +132,15 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
     with http_server(os.path.dirname(src), "range-errors") as base:  # an error status on a read: that video's row
         frames, ends = split_rows(dec.decode_video(f"{base}/a_clip.mp4", source=f"{base}/a_clip.mp4{signed}"))
         assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "ClientResponseError")
-        assert ends[0]["message"].startswith("500, message='Internal Server Error'")
+        assert ends[0]["message"].startswith("HTTP 500 Internal Server Error")
         assert "5ec7e75191a7" not in ends[0]["message"]
     with http_server(os.path.dirname(src), "ranges") as base:
         # a server that refuses every request (an expired signed URL) or fails every one: what
         # it answered, not "not found" (fsspec says FileNotFoundError for any status its GET got,
         # and NotFound is read again by every run)
-        for status, kind, said in ((403, "PermissionDenied", "403, message='Forbidden'"),
-                                   (401, "PermissionDenied", "401, message='Unauthorized'"),
-                                   (500, "ClientResponseError", "500, message='Internal Server Error'")):
+        for status, kind, said in ((403, "PermissionDenied", "HTTP 403 Forbidden"),
+                                   (401, "PermissionDenied", "HTTP 401 Unauthorized"),
+                                   (500, "ClientResponseError", "HTTP 500 Internal Server Error")):
             url = f"{base}/status-{status}-v.mp4"
             frames, ends = split_rows(dec.decode_video(url, source=url + signed))
             assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", kind), ends[0]

@@ -291,7 +291,7 @@ def test_a_manifest_or_video_at_a_signed_http_url(tree):
         with pytest.raises(InputError, match="neither a folder, a manifest"):
             list_videos(f"{base}/image.png?name=x.mp4")
         # a server that refuses (an expired signature) or fails every request: said, not "input not found"
-        for status, said in ((403, "403, message='Forbidden'"), (500, "500, message='Internal Server Error'")):
+        for status, said in ((403, "HTTP 403 Forbidden"), (500, "HTTP 500 Internal Server Error")):
             for name in ("v.mp4", "m.txt"):
                 with pytest.raises(InputError) as e:
                     list_videos(f"{base}/status-{status}-{name}?{SIGNED}")
@@ -375,7 +375,7 @@ def test_a_manifest_that_fails_part_way_is_a_clear_error(tree):
     read): InputError naming it, not a traceback."""
     (tree / "m.txt").write_text("b.mp4\n")
     with http_server(str(tree), "range-errors") as base:
-        with pytest.raises(InputError, match=f"cannot read manifest {base}/m.txt: 500, message='Internal Server Error'"):
+        with pytest.raises(InputError, match=f"cannot read manifest {base}/m.txt: HTTP 500 Internal Server Error"):
             list_videos(f"{base}/m.txt")
 
 
