@@ -318,7 +318,7 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         path = os.path.abspath(os.path.expanduser(path))
         if path.startswith("//"):  # (POSIX keeps a leading "//"; here it is "/": one name per file)
             path = "/" + path.lstrip("/")
-    elif _protocols(fs) & {"gs", "gcs"}:
+    elif {"gs", "gcs"}.intersection(_protocols(fs)):
         _with_gcs_errors()
     return fs, path
 
@@ -452,7 +452,7 @@ def _conditional(fs: fsspec.AbstractFileSystem, path: str, version: str, size: i
     clip's copy is latency-bound)."""
     if size is None or int(size) <= 0 or _fs_key(fs) in _NO_IF_MATCH:
         return False
-    protocols = _protocols(fs)
+    protocols = set(_protocols(fs))
     if protocols & {"s3", "s3a"}:
         ok = _S3_ETAG.fullmatch(version or "") and hasattr(fs, "_call_s3")
     elif protocols & {"gs", "gcs"}:
@@ -770,7 +770,7 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
     not say how large the object is, or may send all of it instead (Python's http.server
     does): there one request for byte 1 tells, and fsspec refuses an answer that is not
     that range before reading its body."""
-    if not _protocols(fs) & {"http", "https"}:
+    if not {"http", "https"}.intersection(_protocols(fs)):
         return True
     size = fs.size(path) if size is None else size
     if size is None:
@@ -882,7 +882,7 @@ class RangeCopy:
         self.version = version  # the object's version its ranges must come from ("": unknown)
         self.conditional = conditional
         # whose conditional reads these are (`conditional` only): GCS's, else S3's
-        self._gcs = bool(_protocols(fs) & {"gs", "gcs"})
+        self._gcs = bool({"gs", "gcs"}.intersection(_protocols(fs)))
         self._unconfirmed = False  # a conditional read whose answer named no version: `verify` asks
         self.fetched = 0  # bytes read from the store
         self._have: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges
@@ -1077,10 +1077,10 @@ def iter_files(url: str, page_size: int = 1000) -> Iterator[list[tuple[str, int,
     are, and no per-object metadata kept; a local folder is walked (`_local_files`);
     elsewhere fsspec's find, which holds the whole listing."""
     fs, root = resolve(url)
-    if _protocols(fs) & {"gs", "gcs"}:
+    if {"gs", "gcs"}.intersection(_protocols(fs)):
         yield from _gcs_pages(fs, root, page_size)
         return
-    if _protocols(fs) & {"s3", "s3a"}:
+    if {"s3", "s3a"}.intersection(_protocols(fs)):
         bucket, key, _ = fs.split_path(root)
         prefix = key.rstrip("/") + "/" if key else ""
         _fast_timestamps(fs)
@@ -1141,8 +1141,9 @@ def _iso_utc(value):
     return parse_timestamp(value)
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> set:
-    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol or ())
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple:
+    """A filesystem's protocol names, its own first (s3fs: ("s3", "s3a"))."""
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol or ())
 
 
 def is_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -1150,14 +1151,13 @@ def is_folder(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     `info` says "file" of any URL: there a listing page with links is one."""
     if fs.info(path).get("type") == "directory":
         return True
-    return bool(_protocols(fs) & {"http", "https"}) and fs.isdir(path)
+    return bool({"http", "https"}.intersection(_protocols(fs))) and fs.isdir(path)
 
 
 def missing_bucket(fs: fsspec.AbstractFileSystem, root: str) -> Optional[str]:
     """`s3://bucket` (or `gs://`) where `root` is in an object store's bucket that does not
     exist; None where it does, where the store cannot tell, or off object stores."""
-    names = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol or ())
-    protocol = next((p for p in names if p in ("s3", "s3a", "gs", "gcs")), None)  # (its own first name)
+    protocol = next((p for p in _protocols(fs) if p in ("s3", "s3a", "gs", "gcs")), None)  # (its own first name)
     bucket = root.strip("/").split("/", 1)[0]
     if protocol is None or not bucket:
         return None
