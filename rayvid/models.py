@@ -709,7 +709,12 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype="float32")
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load SavedModel {storage.public_uri(url)}: {storage.redact(_first_line(e))}") from None
-        size, dtype, batch, clip_len, outputs = _savedmodel_input(local, cfg)
+        loaded = getattr(layer, "_reloaded_obj", None)  # (what TFSMLayer loaded: not read a second time)
+        if loaded is None:
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(local)
+        size, dtype, batch, clip_len, outputs = _savedmodel_input(loaded.signatures["serving_default"], cfg)
         if cfg.output is not None and cfg.output not in outputs:
             raise ModelError(f"SavedModel {storage.public_uri(url)} has no output {cfg.output!r} (--model-output): its "
                              f"serving signature's outputs are {', '.join(sorted(outputs))}")
@@ -839,15 +844,14 @@ def _pick_output(keras, model, cfg: ModelConfig, url: str):
     return model if tensor is None or len(outputs) == 1 else keras.Model(model.inputs, tensor, name=model.name)
 
 
-def _savedmodel_input(local: str, cfg: ModelConfig) -> tuple:
+def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
     """((height, width), dtype, batch, clip_len, outputs) of a SavedModel's serving
-    signature: its own frame size where it fixes one (else --input-size), after checking it
+    signature `sig`: its own frame size where it fixes one (else --input-size), after checking it
     takes RGB; the batch size it fixes (None: any); N for a video model's [batch, N, H, W,
     3] input (-1 where N is open: not supported, ModelError), else 0; its outputs' specs
     by name."""
     import tensorflow as tf
 
-    sig = tf.saved_model.load(local).signatures["serving_default"]
     spec = list(sig.structured_input_signature[1].values())[0]
     shape = list(spec.shape)
     if len(shape) not in (4, 5):

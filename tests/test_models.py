@@ -115,13 +115,17 @@ def test_efficientnet_with_a_weights_file_is_the_imagenet_model(tmp_path, monkey
     assert off(src(x, training=False).numpy()) > 0.1  # the plain build differs
 
 
-def test_savedmodel_folder(tmp_path, shapes_model):
+def test_savedmodel_folder(tmp_path, shapes_model, monkeypatch):
     import keras
+    import tensorflow as tf
 
     src = keras.saving.load_model(shapes_model["path"])
     export = str(tmp_path / "sm")
     src.export(export)
+    loads, load = [], tf.saved_model.load
+    monkeypatch.setattr(tf.saved_model, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
     model, info = models.load(ModelConfig(name=export))
+    assert len(loads) == 1, loads  # read once (its layer's, whose signature gives the input)
     assert info.input_size == (64, 64) and info.num_classes == 6
     x = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(model(x).numpy(), src(x).numpy(), rtol=1e-5, atol=1e-6)
