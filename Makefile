@@ -47,7 +47,8 @@ bench: $(STAMP)
 # pyproject.toml afresh (rayvid and its `test` extra, what `make setup` installs from the
 # lock) in a throwaway virtual environment, never .venv (which may hold other packages), and
 # pins all of it but rayvid. Downloads everything (TensorFlow, Ray: minutes); use the Python
-# the lock is for (PYTHON=python3.11). requirements.lock is replaced only on success.
+# the lock is for (PYTHON=python3.11). requirements.lock is replaced only on success; so is
+# cluster/requirements-gpu.lock, the pins of the CUDA wheels of that TensorFlow (the image's).
 lock:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
@@ -55,6 +56,8 @@ lock:
 	"$$tmp/venv/bin/python" -m pip install -q ".[test]"; \
 	"$$tmp/venv/bin/python" -m pip freeze --exclude-editable > "$$tmp/freeze.txt"; \
 	grep -v -i -E '^rayvid([ =@]|$$)' "$$tmp/freeze.txt" > "$$tmp/requirements.lock"; \
+	"$$tmp/venv/bin/python" cluster/cuda_pins.py > "$$tmp/requirements-gpu.lock"; \
+	mv "$$tmp/requirements-gpu.lock" cluster/requirements-gpu.lock; \
 	mv "$$tmp/requirements.lock" requirements.lock
 
 # The demo's files: samples and `make run`'s own out/ (an OUT=DIR given to `make run` is the

@@ -351,6 +351,62 @@ def test_dockerfile_builds_on_the_pinned_ray_gpu_image():
     assert f"ray=={ray.__version__}" in lock
 
 
+def test_the_image_pins_tensorflows_cuda_wheels():
+    """TensorFlow's and-cuda extra gives ranges (nvidia-cudnn-cu12 >=9.3,<10): the image pins
+    each wheel (cluster/requirements-gpu.lock, a constraint of the pip install that brings
+    tensorflow[and-cuda]) at the release TensorFlow was built against, the lower bound of the
+    installed (locked) TensorFlow's own metadata: `make lock` rewrites it with the lock."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, CLUSTER)
+    try:
+        import cuda_pins
+    finally:
+        sys.path.remove(CLUSTER)
+    lines = open(os.path.join(CLUSTER, "requirements-gpu.lock")).read().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins == cuda_pins.cuda_pins() and len(pins) >= 10, pins
+    extra = [Requirement(r) for r in md.requires("tensorflow")
+             if "and-cuda" in r and Requirement(r).marker.evaluate({"extra": "and-cuda"})]
+    for req in extra:  # each pin in TensorFlow's range, and nothing left out
+        pin = next(p for p in pins if p.startswith(req.name + "=="))
+        assert req.specifier.contains(pin.split("==")[1]), (pin, str(req))
+    assert {r.name for r in extra} == {p.split("==")[0] for p in pins}
+    brings = [args for args in _dockerfile_pip_installs() if "tensorflow[and-cuda]" in args]
+    assert brings and all("/tmp/rayvid/requirements-gpu.lock" in args[i + 1:i + 2]
+                          for args in brings for i in [args.index("-c", args.index("-c") + 1)]), brings
+    text = open(os.path.join(CLUSTER, "Dockerfile")).read()
+    assert re.search(r"^COPY .*cluster/requirements-gpu.lock .*/tmp/rayvid/$", text, re.M)
+    assert 'cluster/cuda_pins.py > "$$tmp/requirements-gpu.lock"' in open(os.path.join(ROOT, "Makefile")).read()
+
+
+def test_dockerignore_lets_through_what_the_dockerfile_copies():
+    """.dockerignore shuts out everything but what the image copies: each COPY source must
+    pass it (Docker's rule: the last pattern that matches decides; "!" lets through)."""
+    import fnmatch
+
+    patterns = [line.strip() for line in open(os.path.join(ROOT, ".dockerignore"))
+                if line.strip() and not line.startswith("#")]
+
+    def sent(path: str) -> bool:
+        ok = True
+        for pattern in patterns:
+            negate, pattern = pattern.startswith("!"), pattern.lstrip("!")
+            if fnmatch.fnmatchcase(path, pattern) or path.startswith(pattern.rstrip("/") + "/"):
+                ok = negate
+        return ok
+
+    text = open(os.path.join(CLUSTER, "Dockerfile")).read()
+    sources = [word for line in text.splitlines() if line.startswith("COPY ")
+               for word in line.split()[1:-1] if not word.startswith("--")]
+    assert "cluster/requirements-gpu.lock" in sources and "rayvid" in sources, sources
+    assert all(os.path.exists(os.path.join(ROOT, source)) for source in sources), sources
+    assert [source for source in sources if not sent(source)] == []
+    assert not sent(".venv") and not sent("tests") and not sent("cluster/aws.yaml")
+
+
 def _dockerfile_pip_installs() -> list:
     """The argument lists of the Dockerfile's `pip install` commands."""
     import shlex
@@ -472,7 +528,7 @@ def test_dockerfile_installs_every_package_the_code_imports_at_lock_versions():
         assert "--no-deps" not in args, args  # rayvid's dependencies come from pyproject.toml
         assert "-c" in args and args[args.index("-c") + 1] == "/tmp/rayvid/requirements.lock", args
         for arg in args:
-            if arg.startswith("-") or arg.endswith("requirements.lock"):
+            if arg.startswith("-") or arg.endswith(".lock"):
                 continue
             req = Requirement(re.sub(r"^/tmp/rayvid(?=\[|$)", "rayvid", arg))
             requirements.append(req)
