@@ -113,19 +113,25 @@ def topk_arrays(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order.astype(np.int32), np.take_along_axis(scores, order, axis=1).astype(np.float32)
 
 
-def _check_batch_fits(batch_size: int, frame_shape: list) -> None:
-    """ConfigError where a batch's float32 input alone (all its calls' shares) would
-    take more than a quarter of the memory this node has free: the model's activations are
-    several times that, and on a CPU the kernel's OOM killer (or Ray's memory monitor) ends
-    the actor instead of an error Ray Data could report: restarted, killed again, the run
-    never ended (a 224x224 model at --batch-size 65536: 39 GB)."""
+def _check_batch_fits(batch_size: int, frame_shape: list, on_gpu: bool = False) -> None:
+    """ConfigError where a batch's input alone (all its calls' shares) would take more than
+    a quarter of the memory this node has free: on a CPU as float32, the model's
+    activations several times that; on a GPU its uint8 frames, which stay in the node's
+    memory (the warm-up's batch, the blocks it is cut from) while the GPU's own memory is
+    sized by halving. The kernel's OOM killer (or Ray's memory monitor) ends the actor
+    instead of an error Ray Data could report: restarted, killed again, the run never
+    ended (a 224x224 model at --batch-size 65536 on a CPU: 39 GB)."""
     free = _free_bytes()
-    need = int(batch_size) * int(np.prod(frame_shape)) * 4
-    # (never below 256 MB of input: the default batches, 32 frames, are far from it, and a
-    # cgroup's count of memory in use can be off by its page cache)
+    need = int(batch_size) * int(np.prod(frame_shape)) * (1 if on_gpu else 4)
+    # (never below 256 MB of input: the default batches, 32 or 128 frames, are far from it,
+    # and a cgroup's count of memory in use can be off by its page cache)
     if free and need > max(free / 4, 256e6):
         shape = "x".join(str(d) for d in frame_shape)
         fits = max(1, int(batch_size * free / 4 / need))
+        if on_gpu:
+            raise ConfigError(f"--batch-size {batch_size}: a batch of {shape} frames is {_size(need)} in this "
+                              f"node's memory (uint8) before it reaches the GPU, and this node has {_size(free)} "
+                              f"free: use --batch-size {min(fits, 4096)} or less")
         raise ConfigError(f"--batch-size {batch_size}: a batch of {shape} inputs is {_size(need)} as float32 "
                           f"before the model's own activations, and this node has {_size(free)} free: "
                           f"use --batch-size {min(fits, 256)} or less (on a CPU more than a few hundred "
@@ -285,8 +291,9 @@ class Predictor:
 
             return predict
 
-        if not gpus:  # (on a GPU a batch too large halves below; on CPU the OS kills the actor, again and again)
-            _check_batch_fits(batch_size, frame_shape)
+        # (on a GPU a batch too large for the GPU halves below; one too large for the node,
+        # or any on a CPU, the OS kills the actor, again and again)
+        _check_batch_fits(batch_size, frame_shape, on_gpu=bool(gpus))
         while True:  # trace + warm up now, not on the first real batch
             self._predict = build(self.batch_size)
             self._zeros = np.zeros((self.batch_size, *frame_shape), dtype=np.uint8)

@@ -403,6 +403,29 @@ def test_an_inference_actor_that_cannot_start_says_why(ray_session, tmp_path, sh
                                infer=InferConfig(batch_size=10_000_000)))
 
 
+def test_a_batch_too_large_for_the_node_is_refused_on_a_gpu_too():
+    """On a GPU the batch's frames stay in the node's memory as uint8 (the GPU's own memory
+    is sized by halving the warm-up batch): a batch whose frames alone take over a quarter
+    of the node's free memory is refused there as on a CPU, where float32 inputs count."""
+    from rayvid.errors import ConfigError
+    from rayvid.infer import _check_batch_fits, _free_bytes
+
+    frame = [224, 224, 3]
+    _check_batch_fits(128, frame, on_gpu=True)  # the GPU default
+    _check_batch_fits(32, frame)
+    free = _free_bytes()
+    eighth = max(int(free / 8), int(300e6)) // (224 * 224 * 3)  # frames filling an eighth of it as uint8
+    if eighth * 224 * 224 * 3 * 4 <= free / 4:  # (a node with under 2.4 GB free: cannot tell the two apart)
+        pytest.skip("too little free memory here")
+    _check_batch_fits(eighth, frame, on_gpu=True)  # uint8 on the host: fits
+    with pytest.raises(ConfigError, match=rf"^--batch-size {eighth}: a batch of 224x224x3 inputs is .* as float32"):
+        _check_batch_fits(eighth, frame)  # as float32, 4x: over a quarter
+    with pytest.raises(ConfigError, match=r"^--batch-size 10000000: a batch of 224x224x3 frames is 1505.3 GB in "
+                                          r"this node's memory \(uint8\) before it reaches the GPU, and this node has "
+                                          r".* free: use --batch-size \d+ or less$"):
+        _check_batch_fits(10_000_000, frame, on_gpu=True)
+
+
 def test_free_memory_counts_a_containers_limit_less_its_working_set(tmp_path):
     """What the batch-size check compares with: MemAvailable, or a cgroup's limit less its
     working set where lower (its page cache is not counted as used: a pod that had read
