@@ -8,7 +8,8 @@
 For each regime (a corpus and a model) it measures, in this order and in one run:
 1. the stage ceilings alone: raw decord (resize on decode, 1 thread) and the model alone
    (a tf.function on uint8 batches, every core), as frames/s and CPU-seconds per frame, and
-   from them the CPU-bound limit: cores / (decode + inference CPU-s per frame);
+   from them the CPU-bound limit: cores / (decode + inference CPU-s per frame) (with
+   --gpus, no more than the GPUs infer: JSON `limit_by` says which);
 2. rayvid's decode stage alone (its Decoder: probe, child process, batches) on the same
    settings as raw decord; then the two side by side in one process, whole passes
    alternating (`w_decode_pair`): the decode target's ratio, which the machine's drift
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -438,13 +440,27 @@ def w_model_startup(spec):
     return {"frames": len(frames), "wall_s": time.perf_counter() - t0, "cpu_s": tree_cpu_s(os.getpid()) - c0}
 
 
-def best_end_to_end_fps(frames: int, startup_s: float, decode_s: float, infer_s: float, cores: int) -> float:
+def best_end_to_end_fps(frames: int, startup_s: float, decode_s: float, infer_s: float, cores: int,
+                        gpu_fps: Optional[float] = None) -> float:
     """The most frames/s any method running this model could reach end to end: the model's
     start-up (`model_startup`) on one core while every other core decodes (decoding needs
-    no model), then all the remaining work at the CPU-bound limit, every core busy."""
+    no model), then all the remaining work at the CPU-bound limit, every core busy; with
+    GPUs (`gpu_fps`: what they infer, together), no faster than they infer every frame."""
     work = frames * (decode_s + infer_s)
     ahead = min((cores - 1) * startup_s, frames * decode_s)
-    return frames / (startup_s + (work - ahead) / cores)
+    after = (work - ahead) / cores
+    return frames / (startup_s + (max(after, frames / gpu_fps) if gpu_fps else after))
+
+
+def limit_fps(decode_s: float, infer_s: float, cores: int, gpus: int, infer_fps: float) -> tuple:
+    """(the rate no method can beat on this machine, what sets it: "cpu" or "gpu"): cores ÷
+    the CPU-seconds per frame of decoding and inference (with GPUs, inference's are the
+    host's: feeding the GPU), and with GPUs no more than they infer (each GPU at
+    `infer_fps`, the model alone on one)."""
+    cpu = cores / (decode_s + infer_s)
+    if gpus and gpus * infer_fps < cpu:
+        return gpus * infer_fps, "gpu"
+    return cpu, "cpu"
 
 
 def w_infer(spec):
@@ -738,8 +754,10 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
     layout = min(("ops", "streams"), key=lambda k: res["stages"]["infer_" + k]["cpu_s_per_frame"])
     res["stages"]["infer"] = dict(res["stages"]["infer_" + layout], layout=layout)
     dec, inf = res["stages"]["decode_raw"], res["stages"]["infer"]
-    limit = cores / (dec["cpu_s_per_frame"] + inf["cpu_s_per_frame"])
-    res["cpu_bound_limit_fps"] = round(limit, 1)
+    limit, limit_by = limit_fps(dec["cpu_s_per_frame"], inf["cpu_s_per_frame"], cores, gpus, inf["frames_per_s"])
+    # (named so in every run; with GPUs it is theirs where they infer less than the cores feed)
+    res["cpu_bound_limit_fps"], res["limit_by"] = round(limit, 1), limit_by
+    gpu_fps = gpus * inf["frames_per_s"] if gpus else None
     # the two stages' ceilings above come from separate processes, minutes apart: their
     # ratio moves with the machine. The target is measured side by side (w_decode_pair)
     res["decode_stage_vs_raw_decord_separate"] = round(res["stages"]["decode_rayvid"]["frames_per_s"]
@@ -752,13 +770,16 @@ def run_regime(name: str, spec: dict, tmp: str, cores: int, gpus: int, methods, 
         f"{', '.join(f'{x:.2f}' for x in pair['ratios'])} (median {pair['ratio_median']:.2f}); CPU per frame, "
         f"raw / rayvid: median {pair['cpu_ratio_median']:.2f}")
     log(f"[{name}] CPU-bound limit: {cores} cores / ({1000 * dec['cpu_s_per_frame']:.2f} + "
-        f"{1000 * inf['cpu_s_per_frame']:.2f} ms, {layout}) = {limit:.1f} frames/s; rayvid's decode stage "
+        f"{1000 * inf['cpu_s_per_frame']:.2f} ms, {layout})"
+        + (f", at most {gpus} GPU x {inf['frames_per_s']:.1f}" if gpus else "")
+        + f" = {limit:.1f} frames/s ({limit_by}-bound); rayvid's decode stage "
         f"{res['decode_stage_vs_raw_decord']:.2f} of raw decord")
     startup = measure("model_startup", common, tmp)
     res["model_startup_s"] = startup["wall_s"]
 
     def best(frames: int) -> float:  # the most any method could do end to end on this archive
-        return best_end_to_end_fps(frames, startup["wall_s"], dec["cpu_s_per_frame"], inf["cpu_s_per_frame"], cores)
+        return best_end_to_end_fps(frames, startup["wall_s"], dec["cpu_s_per_frame"], inf["cpu_s_per_frame"], cores,
+                                   gpu_fps)
 
     log(f"[{name}] model start-up (import TensorFlow, load, trace, first batch) {startup['wall_s']:.1f} s: "
         f"no method can beat {best(len(videos) * round(spec['seconds'] * spec['fps'])):.1f} frames/s end to end "
@@ -1322,6 +1343,7 @@ def markdown(results: dict) -> str:
         layout = r["stages"]["infer"].get("layout")
         out += ["", f"CPU-bound limit: **{r['cpu_bound_limit_fps']:.1f} frames/s**"
                 + (f" (decode_raw + infer_{layout}, the cheaper layout)" if layout else "")
+                + (" (set by the GPUs: what they infer, the model alone on each)" if r.get("limit_by") == "gpu" else "")
                 + "; rayvid's decode stage runs at "
                 f"**{r['decode_stage_vs_raw_decord']:.2f}** of raw decord"
                 + (f" (side by side in one process, the median of {len(r['decode_pair']['ratios'])} rounds: "

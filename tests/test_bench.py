@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,6 +42,7 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
     assert stages["infer"] == dict(stages["infer_" + stages["infer"]["layout"]], layout=stages["infer"]["layout"])
     limit = res["machine"]["cores"] / (stages["decode_raw"]["cpu_s_per_frame"] + cheaper)
     assert abs(quick["cpu_bound_limit_fps"] - limit) <= 0.1 and quick["decode_stage_vs_raw_decord"] > 0
+    assert quick["limit_by"] == "cpu"  # (no --gpus)
     pair = quick["decode_pair"]  # the decode target, side by side in one process: the median round
     assert len(pair["rounds"]) == len(pair["ratios"]) == 2 and quick["decode_stage_vs_raw_decord"] == pair["ratio_median"]
     for r, ratio in zip(pair["rounds"], pair["ratios"]):
@@ -128,6 +131,27 @@ def test_quick_bench_writes_every_field(tmp_path, shapes_model):
     assert rows and all(row.split(" | ")[2:4] == ["n/a", "n/a"] for row in rows), rows  # B, steady
     assert "None" not in markdown and "(no archive B: a --quick run)" in markdown
     assert "rayvid / baseline: serial: " in markdown and "x end to end (A)" in markdown
+
+
+def test_with_gpus_the_limit_is_theirs_where_they_infer_less_than_the_cores_feed():
+    """The limit with --gpus: the cores' (decode and feeding the GPU, CPU-s per frame), or
+    what the GPUs infer where that is less; the most any method can do end to end is held
+    to it too (the GPUs infer every frame after the model's start-up)."""
+    sys.path.insert(0, ROOT)
+    from bench.bench import best_end_to_end_fps, limit_fps
+
+    # 16 cores, 4 ms decode + 1 ms feeding per frame: 3200 frames/s; one GPU inferring 2000
+    assert limit_fps(0.004, 0.001, 16, 0, 2000.0) == (3200.0, "cpu")
+    assert limit_fps(0.004, 0.001, 16, 1, 2000.0) == (2000.0, "gpu")
+    assert limit_fps(0.004, 0.001, 16, 2, 2000.0) == (3200.0, "cpu")  # two GPUs outrun the cores
+    # 100000 frames, 10 s start-up: 15 cores decode 150 s of work meanwhile (37500 frames' worth)
+    cpu_only = best_end_to_end_fps(100_000, 10.0, 0.004, 0.001, 16)
+    assert cpu_only == pytest.approx(100_000 / (10 + (500 - 150) / 16))
+    assert best_end_to_end_fps(100_000, 10.0, 0.004, 0.001, 16, gpu_fps=10000.0) == cpu_only  # the cores are slower
+    # (the frames decoded during the start-up still wait for the GPU: at 4000 frames/s, over
+    # the cores' 3200, it takes 25 s after the start-up to the cores' 21.9)
+    assert best_end_to_end_fps(100_000, 10.0, 0.004, 0.001, 16, gpu_fps=4000.0) == pytest.approx(100_000 / 35)
+    assert best_end_to_end_fps(100_000, 10.0, 0.004, 0.001, 16, gpu_fps=2000.0) == pytest.approx(100_000 / 60)
 
 
 def test_gpu_ceilings_measures_model_and_decode(tmp_path):
