@@ -138,6 +138,16 @@ def _check_batch_fits(batch_size: int, frame_shape: list, on_gpu: bool = False) 
                           f"frames per batch buys no speed)")
 
 
+def _out_of_memory(tf, error: Exception) -> bool:
+    """Whether TensorFlow's error says the device ran out of memory: ResourceExhaustedError,
+    or the InternalError/UnknownError that XLA's compiled code and its autotuning raise
+    for the same ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate ...")."""
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        return True
+    text = str(getattr(error, "message", "") or error)
+    return bool(re.search(r"RESOURCE_EXHAUSTED|out of memory|\bOOM\b|failed to allocate", text, re.I))
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
@@ -301,7 +311,9 @@ class Predictor:
                 warm = [t.numpy() for t in self._predict(self._zeros)]
                 self._empty = tuple(t[:0] for t in warm)  # the outputs of zero frames
                 break
-            except tf.errors.ResourceExhaustedError:  # the batch does not fit the device
+            except (tf.errors.ResourceExhaustedError, tf.errors.InternalError, tf.errors.UnknownError) as e:
+                if not _out_of_memory(tf, e):  # (the batch does not fit the device: else raised)
+                    raise
                 if self.batch_size == 1:
                     raise
                 log.warning("a batch of %d does not fit the %s's memory: trying %d", self.batch_size * self.streams,

@@ -426,6 +426,22 @@ def test_a_batch_too_large_for_the_node_is_refused_on_a_gpu_too():
         _check_batch_fits(10_000_000, frame, on_gpu=True)
 
 
+def test_an_out_of_memory_under_another_name_is_one():
+    """The warm-up halves a batch that does not fit the device: TensorFlow says so with
+    ResourceExhaustedError, but XLA's compiled code and autotuning with InternalError or
+    UnknownError saying RESOURCE_EXHAUSTED; any other error is not one (it is raised)."""
+    import tensorflow as tf
+
+    from rayvid.infer import _out_of_memory
+
+    said = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes."
+    assert _out_of_memory(tf, tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert _out_of_memory(tf, tf.errors.InternalError(None, None, said))
+    assert _out_of_memory(tf, tf.errors.UnknownError(None, None, "Failed to allocate request for 2.00GiB"))
+    assert not _out_of_memory(tf, tf.errors.InternalError(None, None, "Graph execution error: ptxas exited"))
+    assert not _out_of_memory(tf, tf.errors.UnknownError(None, None, "Failed to get convolution algorithm"))
+
+
 def test_free_memory_counts_a_containers_limit_less_its_working_set(tmp_path):
     """What the batch-size check compares with: MemAvailable, or a cgroup's limit less its
     working set where lower (its page cache is not counted as used: a pod that had read
