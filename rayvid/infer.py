@@ -138,6 +138,13 @@ def _check_batch_fits(batch_size: int, frame_shape: list, on_gpu: bool = False) 
                           f"frames per batch buys no speed)")
 
 
+def _not_in_xla(error: Exception) -> list:
+    """The ops TensorFlow's error says XLA cannot compile ("Detected unsupported operations
+    ... ResizeArea (No registered 'ResizeArea' OpKernel for XLA_CPU_JIT devices ..."), in
+    order, once each; [] for any other error."""
+    return list(dict.fromkeys(re.findall(r"No registered '(\w+)' OpKernel for XLA", str(error))))
+
+
 def _out_of_memory(tf, error: Exception) -> bool:
     """Whether TensorFlow's error says the device ran out of memory: ResourceExhaustedError,
     or the InternalError/UnknownError that XLA's compiled code and its autotuning raise
@@ -276,18 +283,19 @@ class Predictor:
             return keras_model(x, training=False)
 
         detect = self.head == "detect"
-        if detect and model.xla:  # XLA has no kernel for the NMS: compile the network alone
-            network = tf.function(network, jit_compile=True)
 
-        def build(batch_size: int):
+        def build(batch_size: int, xla: bool):
+            # (XLA has no kernel for the NMS: with --head detect it compiles the network alone)
+            net = tf.function(network, jit_compile=True) if xla and detect else network
+
             @tf.function(
                 input_signature=[tf.TensorSpec([batch_size, *frame_shape], tf.uint8)],
-                jit_compile=bool(model.xla) and not detect,
+                jit_compile=xla and not detect,
                 reduce_retracing=False,
             )
             def predict(frames):
                 x = pre(tf.cast(frames, tf.float32))
-                out = network(x)
+                out = net(x)
                 if model.head == "detect":  # decoding and NMS stay on the inference device
                     return decode_grid(tf, tf.cast(out, tf.float32), model.max_boxes,
                                        model.iou_threshold, model.min_box_score)
@@ -304,8 +312,9 @@ class Predictor:
         # (on a GPU a batch too large for the GPU halves below; one too large for the node,
         # or any on a CPU, the OS kills the actor, again and again)
         _check_batch_fits(batch_size, frame_shape, on_gpu=bool(gpus))
+        xla = bool(model.xla)
         while True:  # trace + warm up now, not on the first real batch
-            self._predict = build(self.batch_size)
+            self._predict = build(self.batch_size, xla)
             self._zeros = np.zeros((self.batch_size, *frame_shape), dtype=np.uint8)
             try:
                 warm = [t.numpy() for t in self._predict(self._zeros)]
@@ -319,6 +328,14 @@ class Predictor:
                 log.warning("a batch of %d does not fit the %s's memory: trying %d", self.batch_size * self.streams,
                             self.device, self.batch_size // 2 * self.streams)
                 self.batch_size //= 2
+            except tf.errors.InvalidArgumentError as e:  # ops XLA has no kernel for: run without it
+                ops = _not_in_xla(e)
+                if not (xla and ops):
+                    raise
+                log.warning("--xla: XLA cannot compile this model (no XLA kernel on the %s for %s): it runs "
+                            "without XLA", self.device, ", ".join(ops))
+                xla = False
+        self.xla = xla
         # Model calls run on `streams` threads, whatever the number of batches in flight:
         # Ray Data hands this actor CALLS_PER_ACTOR batches at once (pipeline.py), so one
         # batch's host work (batching, top-k, Arrow) overlaps another's model calls, and a

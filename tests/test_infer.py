@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -259,6 +260,31 @@ def test_detect_with_xla_compiles_the_network_and_keeps_the_nms_outside(detector
     assert xla[0].shape == (5, 20, 4)
     for a, b in zip(plain, xla):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_xla_on_a_model_it_cannot_compile_runs_without_it_and_says_so(tmp_path, caplog):
+    """XLA has no kernel for some ops (ResizeArea: a Resizing layer with "area"): `--xla`
+    warns naming them and runs the model without XLA (the warm-up failed: ModelError),
+    with the same scores; a model it can compile stays compiled."""
+    import keras
+
+    inp = keras.Input((64, 64, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Resizing(32, 32, interpolation="area")(inp))
+    path = str(tmp_path / "area.keras")
+    keras.Model(inp, keras.layers.Dense(6, activation="softmax")(x)).save(path)
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    plain = Predictor(ModelConfig(name=path), batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="rayvid.infer"):
+        asked = Predictor(ModelConfig(name=path, xla=True), batch_size=4)
+    assert plain.xla is False and asked.xla is False
+    said = [r.getMessage() for r in caplog.records if "--xla" in r.getMessage()]
+    assert said == ["--xla: XLA cannot compile this model (no XLA kernel on the CPU for ResizeArea): it runs "
+                    "without XLA"], said
+    np.testing.assert_allclose(asked.scores(frames), plain.scores(frames), atol=1e-6)
+    inp = keras.Input((64, 64, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Resizing(32, 32, interpolation="bilinear")(inp))
+    keras.Model(inp, keras.layers.Dense(6, activation="softmax")(x)).save(path)
+    assert Predictor(ModelConfig(name=path, xla=True), batch_size=4).xla is True
 
 
 def _detection_rows(outputs, rows, n, labels, topk):
