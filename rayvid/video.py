@@ -254,7 +254,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                     except av.FFmpegError:
                         first = None
                     if first is not None:
-                        rotation, mirror = int(first.rotation or 0), display_matrix(first)
+                        rotation, mirror = right_angle(first.rotation), display_matrix(first)
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
@@ -603,7 +603,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
             except av.FFmpegError:
                 break
             if frames:  # as stored; the probe's size may be 0 when FFmpeg had no frame to look at
-                rotation, width, height = int(frames[0].rotation or 0), frames[0].width, frames[0].height
+                rotation, width, height = right_angle(frames[0].rotation), frames[0].width, frames[0].height
                 mirror = display_matrix(frames[0])
                 break
     if (rotation // 90) % 2:
@@ -678,12 +678,22 @@ def _seek(container, stream, info: Probe, key: int) -> None:
         raise VideoError(f"cannot seek to frame {key}: the container's index is damaged (FFmpeg: {_reason(e)})") from None
 
 
+def right_angle(rotation) -> int:
+    """The display rotation FFmpeg's command line applies (its autorotate), in degrees: a
+    multiple of 90 (within a degree), else 0: it warns "Odd rotation angle" and shows the
+    picture unturned (a display matrix of -45 degrees turned it a quarter turn, 135 another)."""
+    if not rotation:
+        return 0
+    quarters = round(float(rotation) / 90)
+    return int(quarters * 90) if abs(float(rotation) - quarters * 90) <= 1 else 0
+
+
 def upright(img: np.ndarray, rotation, matrix: Optional[np.ndarray] = None) -> np.ndarray:
     """A decoded image turned as the container's display matrix says (`frame.rotation`;
     `matrix`, FFmpeg's 3x3 display matrix, where it also mirrors: `display_matrix`), as
     FFmpeg's command line shows it (its autorotate: a quarter turn with a mirror is a
     transpose, a half turn's mirrors are flips, a mirror with no turn a vertical flip)."""
-    turns = (int(rotation) // 90) % 4 if rotation else 0
+    turns = (right_angle(rotation) // 90) % 4
     if matrix is not None:
         a, c, d = int(matrix[0]), int(matrix[3]), int(matrix[4])
         if turns == 0:
@@ -1099,7 +1109,7 @@ class FrameReader:
 
     def _upright(self, frame) -> np.ndarray:
         """RGB at model size, turned (and mirrored) as the container's display matrix says."""
-        turns = (int(frame.rotation) // 90) % 4 if frame.rotation else 0
+        turns = (right_angle(frame.rotation) // 90) % 4
         if turns % 2:  # 90/270: resize to the transposed size, then rotate
             img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BILINEAR")
         else:
