@@ -144,7 +144,7 @@ def _render(video_uri: str, output: str, dest: str, topk: int) -> int:
             index_of = {int(p): i for i, p in enumerate(info.pts)}
             local_out = os.path.join(tmp, "out.mp4")
             with video.open_container(path) as src, av.open(local_out, "w") as dst:
-                stream = src.streams.video[0]
+                stream = video.video_stream(src)
                 rate = stream.average_rate or stream.guessed_rate or 25
                 out = output_stream(dst, rate, info.width, info.height)
                 tb, first, last = out.time_base, None, -1

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid import storage
-from rayvid.video import UNSEEKABLE_CONTAINERS, open_container, output_order
+from rayvid.video import UNSEEKABLE_CONTAINERS, open_container, output_order, video_stream
 from rayvid.schema import SEGMENTS_SCHEMA, listed_size
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -94,7 +94,7 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
         if size is None or not storage.serves_ranges(fs, path, size):  # then every segment would copy it whole
             return 0.0, version
         with storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES) as f, open_container(f) as container:
-            stream = container.streams.video[0] if container.streams.video else None
+            stream = video_stream(container)
             codec = stream.codec_context.codec.canonical_name if stream is not None and stream.codec_context else ""
             if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
                     or output_order(container.format.name or "", codec)):

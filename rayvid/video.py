@@ -229,9 +229,9 @@ def probe(path: str, partial: bool = False) -> Probe:
 
     try:
         with (_Sparse(path) if partial else contextlib.nullcontext(path)) as source, open_container(source) as container:
-            if not container.streams.video:
+            stream = video_stream(container)
+            if stream is None:
                 raise VideoError("no video stream (audio-only or not a video)")
-            stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets, rotation, mirror = [], 0 if partial else None, None
@@ -351,6 +351,17 @@ def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndar
         if first is not None:  # (of the first part, where parts are joined: `_epochs`)
             lead |= np.array([p[0] < first for p in packets], dtype=bool) & (epoch == 0)
     return lead
+
+
+def video_stream(container):
+    """The video stream a player shows (and decord decodes: FFmpeg's best stream), None
+    where there is none: never a cover picture (`attached_pic`: an MP4 that lists its
+    cover first, as a tagger's `udta` before the tracks); a track marked default before
+    one that is not (a Matroska file whose first video track is a one-frame PNG)."""
+    import av
+
+    shown = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    return next((s for s in shown if s.disposition & av.stream.Disposition.default), shown[0] if shown else None)
 
 
 def open_container(source):
@@ -593,7 +604,7 @@ def fetch_for(path: str, info: Probe, keep: np.ndarray, fetch, gap_bytes: int = 
         fetch(plan_ranges(path, info, keep, gap_bytes))
     rotation, width, height, mirror = 0, info.width, info.height, None
     with open_container(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         key = int(_Walk(keep, info.seek_keys).key_of[keep[0]])
         if key > 0:
             _seek(container, stream, info, key)
@@ -629,7 +640,7 @@ def plan_ranges(path: str, info: Probe, keep: np.ndarray, gap_bytes: int = FETCH
     by_rank = np.argsort(info.order)  # the frame whose packet has each decode rank
     landing: dict[int, int] = {}  # key frame -> decode rank where a seek to it lands
     with open_container(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         for key in np.unique(walk.key_of[keep]).tolist():
             if key == 0:  # as _pyav_frames: no seek, from the first packet
                 landing[key] = 0
@@ -1007,7 +1018,7 @@ class FrameReader:
         suspect, floor, dropped = False, 0, 0
         decoded, fed = 0, 0
         with open_container(path) as container:
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             ctx = stream.codec_context
             # decode key frames only (after a lead-in, whose non-key frames frame 0 needs, from frame 1 on)
             nonkey_from = 1 if self.keyframes and info.lead_in else 0

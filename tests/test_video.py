@@ -311,6 +311,63 @@ def test_a_mirrored_display_matrix_turns_frames_as_ffmpeg_shows_them(mirrored, n
     assert end["message"][0] == ""
 
 
+def _udta_first(path: str, out: str) -> None:
+    """`path` (an MP4) with its `moov` box's `udta` moved before its tracks, as taggers and
+    some cameras write it: FFmpeg then lists an `attached_pic` cover stream first."""
+    import struct
+
+    data = open(path, "rb").read()
+
+    def boxes(start, end):
+        while start < end:
+            size, kind = struct.unpack(">I4s", data[start:start + 8])
+            yield kind, data[start:start + size]
+            start += size
+
+    out_boxes = []
+    for kind, box in boxes(0, len(data)):
+        if kind == b"moov":
+            kids = list(boxes(data.index(box) + 8, data.index(box) + len(box)))
+            ranked = sorted(kids, key=lambda k: {b"mvhd": 0, b"udta": 1}.get(k[0], 2))  # (stable: tracks in order)
+            assert [k for k, _ in ranked].index(b"udta") < [k for k, _ in ranked].index(b"trak")
+            box = box[:8] + b"".join(b for _, b in ranked)  # (same size: no offset moves)
+        out_boxes.append(box)
+    open(out, "wb").write(b"".join(out_boxes))
+
+
+def test_a_cover_picture_listed_first_is_not_the_video(tmp_path):
+    """An MP4 whose cover (`attached_pic`) FFmpeg lists before the video track (its `udta`
+    ahead of the tracks), and a Matroska file whose first video track is a one-frame PNG
+    and whose second, marked default, is the video: the video's frames, on every path
+    (the probe took the picture: "packets without timestamps", no frame kept)."""
+    import subprocess
+
+    import av
+
+    src, cover = str(tmp_path / "src.mp4"), str(tmp_path / "cover.png")
+    framecode.write_code_video(src, 20, (96, 128), framecode.X264 + ["-g", "5"])
+    ff = [samples.ffmpeg_exe(), "-y", "-loglevel", "error"]
+    subprocess.run(ff + ["-f", "lavfi", "-i", "color=red:s=64x64", "-frames:v", "1", cover], check=True)
+    tagged = str(tmp_path / "tagged.mp4")
+    subprocess.run(ff + ["-i", src, "-i", cover, "-map", "0", "-map", "1", "-c", "copy", "-disposition:v:1",
+                         "attached_pic", tagged], check=True)
+    first = str(tmp_path / "cover_first.mp4")
+    _udta_first(tagged, first)
+    mkv = str(tmp_path / "cover_first.mkv")
+    subprocess.run(ff + ["-i", cover, "-i", src, "-map", "0", "-map", "1", "-c", "copy", mkv], check=True)
+    for path in (first, mkv):
+        with av.open(path) as c:  # (what makes each case: the picture is FFmpeg's first video stream)
+            assert [s.codec_context.name for s in c.streams.video] == ["png", "h264"], path
+        for sampling in ({}, {"every": 3}, {"decoder": "pyav"}, {"keyframes": True}):
+            rows, end = _rows(path, **sampling)
+            own = [(i, code) for i, _, code in _rows(src, **sampling)[0]]  # (Matroska's times: ms)
+            assert [(i, code) for i, _, code in rows] == own and rows, (path, sampling)
+            assert all(i == code for i, _, code in rows), (path, sampling)
+            if "every" in sampling:
+                assert [i for i, _, _ in rows] == list(range(0, 20, 3))
+            assert end["message"][0] == "" and end["error_type"][0] == "", (path, sampling, end["message"])
+
+
 def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
     """H.264 in AVI without B-frames (CCTV recorders'): FFmpeg's pts are its decode times
     plus a frame, and its seeks by them landed a frame late (`--every 7` lost frame 14 of
