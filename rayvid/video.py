@@ -311,6 +311,11 @@ def probe(path: str, partial: bool = False) -> Probe:
     times = (pts - start) * tb.numerator / tb.denominator
     fps = float(rate) if rate else 0.0
     duration = float(times[-1] + (1.0 / fps if fps else 0.0))
+    if listed > len(pts) and fps and "avi" in container_format.split(","):
+        # an AVI's count holds a recorder's dropped frames (empty chunks, which FFmpeg skips):
+        # where its last frame is as late as that count says, the file is whole, not cut
+        if round(float(times[-1]) * fps) + 1 >= listed:
+            listed = len(pts)
     return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),

@@ -368,6 +368,25 @@ def test_a_cover_picture_listed_first_is_not_the_video(tmp_path):
             assert end["message"][0] == "" and end["error_type"][0] == "", (path, sampling, end["message"])
 
 
+def test_an_avi_with_dropped_frames_is_whole_and_a_cut_one_is_not(tmp_path):
+    """A capture's AVI whose recorder dropped frames (empty chunks: its header counts them,
+    FFmpeg skips them): every frame there is, at its own time, and no "truncated" (it was a
+    failed video: 40 listed, 30 held); the same file cut short still says so."""
+    path = str(tmp_path / "dropped.avi")
+    framecode.write_code_video(path, 40, (96, 128), ["-fps_mode", "passthrough", "-c:v", "mpeg4", "-q:v", "3"],
+                               vf="select='not(between(n,10,19))'")
+    rows, end = _rows(path)
+    codes = [*range(10), *range(20, 40)]
+    assert [(i, code) for i, _, code in rows] == list(enumerate(codes))
+    assert [t for _, t, _ in rows] == pytest.approx([c / 30 for c in codes])
+    assert end["message"][0] == "" and end["error_type"][0] == "", end["message"]
+    cut = str(tmp_path / "cut.avi")
+    with open(path, "rb") as f, open(cut, "wb") as out:
+        out.write(f.read(os.path.getsize(path) * 7 // 10))
+    rows, end = _rows(cut)
+    assert rows and end["message"][0].startswith("truncated: the container lists 40 frames"), end["message"]
+
+
 def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
     """H.264 in AVI without B-frames (CCTV recorders'): FFmpeg's pts are its decode times
     plus a frame, and its seeks by them landed a frame late (`--every 7` lost frame 14 of
