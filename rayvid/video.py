@@ -203,6 +203,7 @@ class Probe:
     in_order: bool = False  # decode times only (`output_order`)
     repeated: bool = False  # frames that share a timestamp (`output_order`)
     nal_length: int = 0  # H.264's NAL unit length size (`nal_length_size`; 0: start codes or another codec)
+    stated_s: float = 0.0  # the video's duration its Matroska header states (0: not said; `_stated_s`)
 
 
     @property
@@ -268,6 +269,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             start = stream.start_time or 0
             listed = int(stream.frames or 0)
             container_format = container.format.name or ""
+            stated = _stated_s(container, stream)
     except av.FFmpegError as e:
         raise VideoError(f"cannot open video: {_reason(e)}{hint(path)}") from None
     if not packets:
@@ -321,7 +323,9 @@ def probe(path: str, partial: bool = False) -> Probe:
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
-                 in_order=by_order, repeated=repeated, nal_length=length_size)
+                 in_order=by_order, repeated=repeated, nal_length=length_size,
+                 # (against the end of its last frame: from the start of the stream's clock, and of the file's)
+                 stated_s=stated if stated > max(duration, float(raw.max() * tb) + (1 / fps if fps else 0)) else 0.0)
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -356,6 +360,21 @@ def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndar
         if first is not None:  # (of the first part, where parts are joined: `_epochs`)
             lead |= np.array([p[0] < first for p in packets], dtype=bool) & (epoch == 0)
     return lead
+
+
+def _stated_s(container, stream) -> float:
+    """The duration a Matroska/WebM header states for the video (FFmpeg's `DURATION` tag of
+    its track, else the file's duration where the video is its only stream), seconds; 0
+    where it says none or another container. (An MP4's count of frames says the same:
+    `Probe.listed`.) A file cut short keeps its header: it states more than it holds."""
+    if "matroska" not in (container.format.name or "").split(","):
+        return 0.0
+    m = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", str(stream.metadata.get("DURATION", "")).strip())
+    if m:
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / 1e6
+    return 0.0
 
 
 def video_stream(container):
@@ -865,6 +884,9 @@ class FrameReader:
             if info.listed > len(info.pts) and end_s == math.inf:
                 problems.append(f"truncated: the container lists {info.listed} frames, "
                                 f"the file holds {len(info.pts)}")
+            elif info.stated_s > info.duration_s + max(0.5, 2 / (info.fps or 1)) and end_s == math.inf:
+                problems.append(f"truncated: the container says {info.stated_s:.2f} s, the file holds "
+                                f"{info.duration_s:.2f} s")
             if problems:
                 raise VideoError("; ".join(problems))
         except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -385,6 +386,26 @@ def test_an_avi_with_dropped_frames_is_whole_and_a_cut_one_is_not(tmp_path):
         out.write(f.read(os.path.getsize(path) * 7 // 10))
     rows, end = _rows(cut)
     assert rows and end["message"][0].startswith("truncated: the container lists 40 frames"), end["message"]
+
+
+@pytest.mark.parametrize("name, args", [("cut.mkv", framecode.X264 + ["-g", "15", "-bf", "2"]),
+                                        ("cut.webm", ["-c:v", "libvpx-vp9", "-b:v", "200k", "-g", "15"])])
+def test_a_matroska_file_cut_short_says_so(tmp_path, name, args):
+    """Matroska/WebM has no count of frames, but its header states the video's duration:
+    a file cut short (a partial download) keeps its header and states more than it holds.
+    Its frames are kept, and the row says it is truncated (it was a whole, shorter video)."""
+    whole = str(tmp_path / ("whole" + os.path.splitext(name)[1]))
+    framecode.write_code_video(whole, 120, (96, 128), args)
+    rows, end = _rows(whole)
+    assert [(i, code) for i, _, code in rows] == [(i, i) for i in range(120)] and end["message"][0] == ""
+    cut = str(tmp_path / name)
+    with open(whole, "rb") as f, open(cut, "wb") as out:
+        out.write(f.read(os.path.getsize(whole) // 2))
+    rows, end = _rows(cut)
+    assert 10 < len(rows) < 100 and all(i == code for i, _, code in rows), len(rows)
+    said = end["message"][0]
+    assert re.fullmatch(r"truncated: the container says 4\.00 s, the file holds \d\.\d\d s"
+                        r"( \(.*\))?", said), said
 
 
 def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
