@@ -87,9 +87,11 @@ UNSEEKABLE_CONTAINERS = frozenset({"mpegts", "mpeg"})
 # in (measured: with `--every 5`, frame 10 showed frame 11, frame 20 frame 23). Decoders
 # output frames in the order they are shown, so in these files (`Probe.output_order`) the
 # k-th frame decoded from the start is frame k: read from the start, every frame decoded
-# (no seek, no skipping), never cut into segments.
+# (no seek, no skipping), never cut into segments. MPEG-4 Part 2 too: Xvid/DivX's "packed
+# B-frames" (a B-frame in the P-frame's chunk, a placeholder in the next) came out with
+# FFmpeg's guessed times (sampled frames one off, PyAV's frames swapped in pairs).
 DECODE_TIME_CONTAINERS = frozenset({"avi", "asf"})
-REORDERING_CODECS = frozenset({"h264", "hevc"})
+REORDERING_CODECS = frozenset({"h264", "hevc", "mpeg4"})
 
 
 def sample_indices(

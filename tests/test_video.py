@@ -408,6 +408,25 @@ def test_a_matroska_file_cut_short_says_so(tmp_path, name, args):
                         r"( \(.*\))?", said), said
 
 
+def test_xvid_packed_b_frames_in_avi_are_known_by_their_order(tmp_path):
+    """Xvid/DivX AVI with "packed B-frames" (a B-frame stored in the P-frame's chunk, a
+    placeholder in the next): FFmpeg's guessed times put sampled frames one off (`--every 3`
+    gave frame 4 as frame 3 and lost two as damaged) and PyAV's frames swapped in pairs;
+    known by their order, every path gives each frame its own."""
+    from rayvid.video import probe
+
+    path = str(tmp_path / "xvid.avi")
+    framecode.write_code_video(path, 40, (96, 128), ["-c:v", "libxvid", "-q:v", "3", "-bf", "2", "-g", "12"])
+    assert probe(path).output_order
+    every = _rows(path)[0]
+    assert len(every) > 30 and all(i == code for i, _, code in every)
+    for sampling in ({"every": 3}, {"decoder": "pyav"}, {"keyframes": True}):
+        rows, end = _rows(path, **sampling)
+        assert rows and all(i == code for i, _, code in rows), (sampling, rows)
+        assert end["message"][0] == "", (sampling, end["message"])
+    assert [i for i, _, _ in _rows(path, every=3)[0]] == list(range(0, len(every), 3))
+
+
 def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
     """H.264 in AVI without B-frames (CCTV recorders'): FFmpeg's pts are its decode times
     plus a frame, and its seeks by them landed a frame late (`--every 7` lost frame 14 of
