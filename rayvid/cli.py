@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     fnd.add_argument("output")
     fnd.add_argument("label")
     for q in (seg, fnd):
-        q.add_argument("--min-score", type=number, default=0.0, metavar="S", help="ignore frames scoring below S")
+        q.add_argument("--min-score", type=number, default=-math.inf, metavar="S",
+                       help="ignore frames scoring below S (default: none; a model's raw scores may be negative)")
         q.add_argument("--min-duration", type=number, default=0.0, metavar="D", help="drop segments shorter than D s")
         q.add_argument("--gap", type=number, default=None, metavar="G",
                        help="merge runs of a label less than G s apart (default 0.5)")

@@ -401,7 +401,7 @@ def clip_ends_of(preds: pa.Table) -> Optional[np.ndarray]:
     return preds.column("end_s").fill_null(np.nan).to_numpy().astype(np.float64)
 
 
-def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = 0.0,
+def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: float = -math.inf,
                    min_duration: float = 0.0, gap: float = GAP_S, videos: Optional[dict] = None) -> pa.Table:
     """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
     frame_index). A frame lasts until the next sampled frame (the last one: the median
@@ -468,7 +468,7 @@ def _timing(output: str, video: Optional[str] = None) -> dict:
     return out
 
 
-def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
+def segments(output: str, label: Optional[str] = None, min_score: float = -math.inf,
              min_duration: float = 0.0, gap: float = GAP_S, video: Optional[str] = None) -> pa.Table:
     """`label_segments` over every committed video (or one), part by part."""
     columns = ["video_uri", "frame_index", "timestamp_s", "label", "score", "end_s"]  # (end_s: clip runs' parts)
@@ -486,14 +486,14 @@ def segments(output: str, label: Optional[str] = None, min_score: float = 0.0,
     return pa.concat_tables(found).sort_by([("video_uri", "ascending"), ("start_s", "ascending")])
 
 
-def find(output: str, label: str, min_score: float = 0.0, min_duration: float = 0.0,
+def find(output: str, label: str, min_score: float = -math.inf, min_duration: float = 0.0,
          gap: float = GAP_S) -> pa.Table:
     """Videos showing `label`, longest total time first, with their time ranges."""
     segs = segments(output, label, min_score, min_duration, gap)
     rows: dict = {}
     for s in segs.to_pylist():
         r = rows.setdefault(s["video_uri"], {"video_uri": s["video_uri"], "label": label, "segments": 0,
-                                             "seconds": 0.0, "first_s": s["start_s"], "max_score": 0.0,
+                                             "seconds": 0.0, "first_s": s["start_s"], "max_score": -math.inf,
                                              "ranges": []})
         r["segments"] += 1
         r["seconds"] += s["duration_s"]

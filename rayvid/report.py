@@ -150,6 +150,8 @@ def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float
     x1 = np.maximum(x0 + 1, LEFT + np.round(ends / duration * PLOT_W).astype(int))
     labels = preds.column("label").to_pylist()
     scores = np.nan_to_num(preds.column("score").fill_null(0.0).to_numpy().astype(np.float64))
+    if len(scores) and not ((scores >= 0) & (scores <= 1)).all():  # no probabilities (raw scores): full colour
+        scores = np.ones_like(scores)
     for lane, label in enumerate(lanes):
         y = TOP + lane * (LANE_H + LANE_GAP)
         img[y : y + LANE_H, LEFT : LEFT + PLOT_W] = 240

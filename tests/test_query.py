@@ -87,6 +87,19 @@ def test_a_label_no_frame_has_is_said_with_those_it_has(out, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_raw_scores_below_zero_are_frames_like_any_other(tmp_path, capsys):
+    """A model's raw scores (a linear last layer: negative here): segments and find took
+    every frame scoring below 0 as belonging to no label (`--min-score` was 0 by default:
+    "(no rows)", nothing said), and find's max_score started at 0."""
+    url = str(tmp_path / "raw")
+    write_output(url, {"/v/r.mp4": _run(("circle", 20, -975.0), ("square", 10, -974.5))}, fps=FPS)
+    assert _segs(query.segments(url)) == [("/v/r.mp4", "circle", 0.0, 2.0, 20), ("/v/r.mp4", "square", 2.0, 3.0, 10)]
+    found = query.find(url, "circle").to_pylist()
+    assert [(r["ranges"], r["max_score"]) for r in found] == [("0.00-2.00", -975.0)]
+    assert cli.main(["find", url, "square"]) == 0 and "/v/r.mp4" in capsys.readouterr().out
+    assert _segs(query.segments(url, min_score=-974.8)) == [("/v/r.mp4", "square", 2.0, 3.0, 10)]  # (a threshold)
+
+
 def test_find_lists_videos_longest_first_with_ranges(out):
     rows = query.find(out, "circle", gap=0.0).to_pylist()
     assert [(r["video_uri"], r["segments"], round(r["seconds"], 6), r["ranges"]) for r in rows] == [

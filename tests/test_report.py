@@ -229,3 +229,20 @@ def pq_first_video(fs, path):
 
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=["video_uri"]).column("video_uri")[0].as_py()
+
+
+def test_raw_scores_draw_their_bars_in_full_colour():
+    """A model whose scores are no probabilities (raw scores, negative here): its bars were
+    drawn at intensity 0, white on the lane, nothing to see; now in the label's colour."""
+    import pyarrow as pa
+
+    y = report.TOP + report.LANE_H // 2
+    preds = pa.table({"video_uri": ["/v/l.mp4"] * 2, "frame_index": [0, 1], "timestamp_s": [0.0, 0.1],
+                      "label": ["moving"] * 2, "score": [-974.8, 3.5]})
+    palette = report.colours(["moving"])
+    row = np.asarray(report.timeline_png(preds, 0.2, "t", palette, 10.0))[y, report.LEFT:report.LEFT + report.PLOT_W]
+    assert (row == np.array(palette["moving"], np.uint8)).all()
+    half = pa.table({"video_uri": ["/v/p.mp4"], "frame_index": [0], "timestamp_s": [0.0], "label": ["moving"],
+                     "score": [0.5]})  # (probabilities: as strong as their score)
+    row = np.asarray(report.timeline_png(half, 0.1, "t", palette, 10.0))[y, report.LEFT:report.LEFT + report.PLOT_W]
+    assert (row == np.round(255 - (255 - np.array(palette["moving"], np.float64)) * 0.5).astype(np.uint8)).all()
