@@ -1059,6 +1059,7 @@ class Committed:
         self.files = list(files or [])
         self.removed: list = []  # orphan files deleted by `recover`
         self.in_flight: list = []  # orphan files of runs still writing: left
+        self.lost: list = []  # (part, videos, frames): committed parts whose predictions/ file is gone
         if table is None:
             table = pa.table({"video_uri": pa.array([], pa.string()), "size_bytes": pa.array([], pa.int64()),
                               "version": pa.array([], pa.string()), "error": pa.array([], pa.bool_()),
@@ -1156,12 +1157,14 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
     if storage.is_local(fs) and repair:
         _sweep_unfinished_writes(root)
     committed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
-    removed, in_flight, failed = [], [], {}
+    removed, in_flight, failed, predicted = [], [], {}, {}
     running: dict = {}  # run id -> whether it may still be writing
     for directory in (PREDICTIONS_DIR, ERRORS_DIR):
         found = part_sizes(fs, f"{root}/{directory}")
         if directory == ERRORS_DIR:
             failed = found
+        else:
+            predicted = found
         for name in sorted(set(found) - set(committed)):
             run = run_of(name)
             if run not in running:
@@ -1190,16 +1193,28 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
                 errors = e
         return name, videos, errors
 
+    lost: list = []  # (part, videos, frames) of committed parts whose predictions/ file is gone
+
     def rows_of(i: int, name: str, videos, errors) -> pa.Table:
-        table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "size_bytes", "version", "error"], videos)
+        table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}",
+                             ["video_uri", "size_bytes", "version", "error", "frames"], videos)
         if wanted is not None:
             uris = table.column("video_uri")
             table = table.filter(pc.or_(pa.array(wanted.rows(uris) >= 0), pc.is_in(uris, value_set=retracting)))
-        changed = pa.array([], pa.string())
+        changed = [pa.array([], pa.string())]
+        if name not in predicted and pc.max(table.column("frames")).as_py() and predictions_lost(fs, root, name):
+            # its predictions/ file deleted (by hand, or lost): its videos are read again,
+            # retracted as a changed video is (else skipped as done, their rows gone for good)
+            rows = table.filter(pc.greater(table.column("frames"), 0))
+            lost.append((name, len(rows), int(pc.sum(rows.column("frames")).as_py())))
+            changed.append(rows.column("video_uri").combine_chunks())
+        table = table.drop_columns(["frames"])
         if name in failed and not isinstance(errors, FileNotFoundError) and pc.any(table.column("error")).as_py():
             with contextlib.suppress(FileNotFoundError):
                 errors = read_parquet(fs, f"{root}/{ERRORS_DIR}/{name}", ["video_uri", "error_type"], errors)
-                changed = errors.filter(pc.is_in(errors.column("error_type"), value_set=READ_AGAIN)).column("video_uri")
+                again = errors.filter(pc.is_in(errors.column("error_type"), value_set=READ_AGAIN))
+                changed.append(again.column("video_uri").combine_chunks())
+        changed = pa.concat_arrays(changed)
         return (table.append_column("changed", pc.is_in(table.column("video_uri"), value_set=changed))
                 .append_column("file", pa.array(np.full(len(table), i, np.int32))))
 
@@ -1209,7 +1224,7 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
     with concurrent.futures.ThreadPoolExecutor(RECOVER_READS) as pool:
         tables = [rows_of(i, *fetched) for i, fetched in enumerate(in_order(pool, fetch, names, 2 * RECOVER_READS))]
     state = Committed(pa.concat_tables(tables) if tables else None, names)
-    state.removed, state.in_flight = removed, in_flight
+    state.removed, state.in_flight, state.lost = removed, in_flight, lost
     _finish_retractions(output, fs, root, state, retractions, repair)
     return state
 
@@ -1260,6 +1275,13 @@ def not_found(fs, root: str, output: str, said: str) -> FileNotFoundError:
     if bucket:
         return FileNotFoundError(f"no such bucket: {bucket} (OUTPUT {storage.public_uri(output)})")
     return FileNotFoundError(said)
+
+
+def predictions_lost(fs, root: str, name: str) -> bool:
+    """Whether committed part `name`, whose videos/ rows say they wrote frames, has no
+    predictions/ file now: deleted, not replaced (a compaction deletes a part's videos/
+    file, its commit point, before its predictions/ one)."""
+    return fs.exists(f"{root}/{VIDEOS_DIR}/{name}") and not fs.exists(f"{root}/{PREDICTIONS_DIR}/{name}")
 
 
 def committed_parts(fs, root: str) -> list[str]:

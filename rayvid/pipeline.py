@@ -814,9 +814,14 @@ def _probe_model(ray, cfg: RunConfig):
 
 def _recover(cfg: RunConfig, videos: pa.Table, repair: bool = True) -> commit.Committed:
     try:  # what OUTPUT has of these videos (a shard's, not every shard's)
-        return commit.recover(cfg.output, only=videos.column("video_uri"), repair=repair)
+        committed = commit.recover(cfg.output, only=videos.column("video_uri"), repair=repair)
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise _unreadable_output(cfg, e) from None
+    for name, n_videos, frames in committed.lost:
+        log.warning("%s/%s/%s is missing, though its videos/ file says it holds %d rows of %d videos: those "
+                    "videos are read again", storage.public_uri(cfg.output).rstrip("/"), commit.PREDICTIONS_DIR,
+                    name, frames, n_videos)
+    return committed
 
 
 def _refuse_live_run_id(cfg: RunConfig) -> None:

@@ -21,6 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import (FAKE_KEY_ID, frames_per_video, ftp_server, http_server, parent, processes, pts_of, read_output,
@@ -590,6 +591,40 @@ def test_rerun_resumes_and_picks_up_new_changed_and_failed_videos(ray_session, m
     videos = read_output(out, "videos")
     listed = sorted(set(counts) | {str(src / "broken.mp4")})
     assert sorted(videos.column("video_uri").to_pylist()) == listed  # one row per video, failed or not
+
+
+def test_a_deleted_predictions_part_is_said_by_readers_and_read_again_by_the_next_run(
+        ray_session, media, shapes_model, tmp_path, caplog, capsys):
+    """A committed part whose predictions/ file is gone (deleted by hand, or lost) while its
+    videos/ rows say they wrote frames: read verbs said "no frames" (exit 0) and a rerun
+    skipped those videos as done, their rows gone for good. Readers now say which file is
+    missing (exit 2); the next run reads its videos again (retracted, as changed ones),
+    with a warning, and every row is back, once."""
+    from rayvid import cli
+
+    out = str(tmp_path / "out")
+    first = pipeline.run(_cfg(str(media["videos"]), out, shapes_model["path"]))
+    before = read_output(out).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+    part = sorted(glob.glob(os.path.join(out, "predictions", "part-*.parquet")))[0]
+    lost = pq.read_table(part).column("video_uri").unique().to_pylist()
+    os.remove(part)
+    capsys.readouterr()
+    for verb in ("segments", "export", "find"):  # (`summary`, the videos/ table, is as committed)
+        argv = [verb, out] + {"export": ["-"], "find": ["circle"]}.get(verb, [])
+        assert cli.main(argv) == 2, verb
+        said = capsys.readouterr().err
+        assert f"{out}/predictions/{os.path.basename(part)} is missing, though its videos/ file says it holds" in said
+    with caplog.at_level(logging.WARNING, logger="rayvid"):
+        again = pipeline.run(_cfg(str(media["videos"]), out, shapes_model["path"]))
+    assert (again.videos_ok, again.videos_skipped) == (len(lost), first.videos_ok - len(lost))
+    assert any(f"predictions/{os.path.basename(part)} is missing" in r.getMessage() and "read again" in r.getMessage()
+               for r in caplog.records)
+    after = read_output(out).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+    cols = ["video_uri", "frame_index", "timestamp_s", "label"]
+    assert after.select(cols).equals(before.select(cols))
+    videos = read_output(out, "videos").column("video_uri").to_pylist()
+    assert sorted(videos) == sorted(set(videos)) and len(videos) == first.videos_ok + first.videos_failed
+    assert cli.main(["summary", out]) == 0
 
 
 @pytest.mark.parametrize("listed", ["folder", "manifest"])
