@@ -1298,9 +1298,27 @@ def _compactions(fs, root: str) -> list[tuple[str, list]]:
     records = sorted(storage.files_in(fs, f"{root}/{COMPACTIONS_DIR}", "part-*.parquet.json"))
     out = []
     for path in records:
-        with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:
-            out.append((path.rsplit("/", 1)[-1][: -len(".json")], json.load(f)))
+        with contextlib.suppress(FileNotFoundError):
+            out.append((path.rsplit("/", 1)[-1][: -len(".json")], _intent(fs, path, "replaces", "a compaction")))
     return out
+
+
+def _intent(fs, path: str, key: str, what: str) -> dict:
+    """A compaction's or retraction's record (`what`) as rayvid wrote it: an object whose
+    `key` lists names or URIs. ValueError naming the file where it is not (a damaged or
+    hand-written file: every verb stopped with a traceback, or a JSON error naming no file)."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get(key), list)
+            and all(isinstance(x, str) for x in record[key])):
+        raise ValueError(f"{storage.public_uri(storage.to_url(fs, path))} is no record of {what} rayvid wrote "
+                         f"(an object listing {key!r}): damaged or written by hand; OUTPUT cannot be read "
+                         f"safely while it is there (move it away once no rayvid run or compact is running)")
+    return record
 
 
 def finish_compactions(fs, root: str) -> set:
@@ -1445,8 +1463,8 @@ def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
     paths = sorted(storage.files_in(fs, f"{root}/{RETRACTIONS_DIR}", "*.json"))
     out = []
     for path in paths:
-        with contextlib.suppress(FileNotFoundError), fs.open(path, "rb") as f:  # else another recover completed it
-            out.append((path, json.load(f)))
+        with contextlib.suppress(FileNotFoundError):  # else another recover completed it
+            out.append((path, _intent(fs, path, "videos", "a retraction")))
     return out
 
 

@@ -1497,3 +1497,35 @@ def _frame_rows(uri: str, n: int):
         "error_stage": [""] * n, "error_type": [""] * n, "message": [""] * n, "decoder": [""] * n, "codec": [""] * n,
         "width": [0] * n, "height": [0] * n, "fps": [0.0] * n, "duration_s": [0.0] * n, "reused_from": [-1] * n,
         "bytes_read": [0] * n}, schema=INFERRED_SCHEMA)
+
+
+@pytest.mark.parametrize("folder, name, text, what", [
+    ("compactions", "part-x.parquet.json", "garbage", "a compaction"),
+    ("compactions", "part-x.parquet.json", "{}", "a compaction"),
+    ("retractions", "r1.json", '{"videos": 5}', "a retraction"),
+    ("retractions", "r1.json", '["a.mp4"]', "a retraction"),
+])
+def test_a_damaged_compaction_or_retraction_record_is_said_naming_it(tmp_path, capsys, folder, name, text, what):
+    """A file in compactions/ or retractions/ that is no record rayvid wrote: every verb
+    stopped with a traceback (KeyError 'replaces', TypeError) or a JSON error naming no
+    file; now exit 2 naming it, and nothing in OUTPUT is changed."""
+    from helpers import write_output
+
+    from rayvid import cli
+
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 5}, fps=10.0)
+    os.makedirs(os.path.join(out, folder), exist_ok=True)
+    with open(os.path.join(out, folder, name), "w") as f:
+        f.write(text)
+    before = sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files)
+    for argv in (["summary", out], ["segments", out], ["compact", out]):
+        assert cli.main(argv) == 2, argv
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert said == (f"rayvid: error: {out}/{folder}/{name} is no record of {what} rayvid wrote (an object "
+                        f"listing {'replaces' if folder == 'compactions' else 'videos'!r}): damaged or written by "
+                        f"hand; OUTPUT cannot be read safely while it is there (move it away once no rayvid run "
+                        f"or compact is running)"), said
+    assert sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files) == before
+    os.remove(os.path.join(out, folder, name))
+    assert cli.main(["segments", out]) == 0
