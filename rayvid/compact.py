@@ -156,6 +156,8 @@ def _read(fs, path: str, size) -> pa.Table | None:
         return commit.read_parquet(fs, path, data=commit.fetch_whole(fs, path, size))
     except FileNotFoundError:  # a retraction took its last row since the listing
         return None
+    except pa.ArrowInvalid as e:  # not Parquet (a damaged or foreign file): say which, as the read verbs do
+        raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
 
 
 def _rows(fs, directory: str, names: list, sizes: dict) -> dict:
@@ -172,6 +174,8 @@ def _rows(fs, directory: str, names: list, sizes: dict) -> dict:
                 return pq.ParquetFile(f).metadata.num_rows
         except FileNotFoundError:
             return None
+        except pa.ArrowInvalid as e:  # (as `_read`)
+            raise ValueError(f"cannot read {storage.public_uri(storage.to_url(fs, path))}: {e}") from None
 
     with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
         return dict(zip(names, pool.map(rows, names)))

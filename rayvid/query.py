@@ -244,10 +244,11 @@ def missing_video(output: str, video: str) -> Optional[str]:
         if not table.column("error")[len(table) - 1].as_py():
             return None
         errors = read(output, commit.ERRORS_DIR, video=want)
-        why = f": {errors.column('message')[0].as_py()} (errors/ holds why" if len(errors) else " ("
         again = "the next run redoes it" if len(errors) and errors.column("error_type")[0].as_py() in \
             commit.READ_AGAIN.to_pylist() else "--retry-failed redoes it"
-        return f"{storage.public_uri(want)} failed{why}; {again})"
+        if not len(errors):  # (its errors/ row gone: deleted by hand)
+            return f"{storage.public_uri(want)} failed ({again})"
+        return f"{storage.public_uri(want)} failed: {errors.column('message')[0].as_py()} (errors/ holds why; {again})"
     base = posixpath.basename(want)
     names: list = []
     same_base: list = []

@@ -416,3 +416,16 @@ def test_a_full_disk_is_said_as_writing_and_a_later_compaction_finishes(tmp_path
         assert _state(url) == before and len(_files(url, "videos")) == 1
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_damaged_part_is_named_by_compact(small_parts, capsys):
+    """A truncated predictions/ part: `compact` said only pyarrow's "Parquet magic bytes not
+    found", naming no file; it names it, as every read verb does, and changes nothing."""
+    out = small_parts
+    part = os.path.join(out, "predictions", _files(out, "predictions")[0])
+    with open(part, "r+b") as f:
+        f.truncate(100)
+    assert cli.main(["compact", out]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith(f"rayvid: error: cannot read {part}: "), said
+    assert os.path.getsize(part) == 100

@@ -564,6 +564,9 @@ def test_a_video_the_output_lacks_is_said_with_the_names_it_holds(tmp_path, caps
     assert query.missing_video(out, "/nowhere/zebra.qt").endswith("(videos are named as the run listed them: "
                                                                    "`rayvid summary OUTPUT` lists them)")
     assert "did you mean" not in query.missing_video(out, "/nowhere/zebra.qt")
+    for part in os.listdir(os.path.join(out, "errors")):  # its errors/ row gone (deleted by hand): no "failed (;"
+        os.remove(os.path.join(out, "errors", part))
+    assert query.missing_video(out, "s3://b/cams/broken.mp4") == "s3://b/cams/broken.mp4 failed (--retry-failed redoes it)"
 
 
 def test_similar_of_a_video_the_output_lacks_names_the_nearest(tmp_path, capsys):
