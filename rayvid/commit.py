@@ -1194,6 +1194,7 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
         return name, videos, errors
 
     lost: list = []  # (part, videos, frames) of committed parts whose predictions/ file is gone
+    in_retraction = frozenset(u for _, r in retractions for u in r["videos"])
 
     def rows_of(i: int, name: str, videos, errors) -> pa.Table:
         table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}",
@@ -1202,10 +1203,9 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
             uris = table.column("video_uri")
             table = table.filter(pc.or_(pa.array(wanted.rows(uris) >= 0), pc.is_in(uris, value_set=retracting)))
         changed = [pa.array([], pa.string())]
-        if name not in predicted and pc.max(table.column("frames")).as_py() and predictions_lost(fs, root, name):
-            # its predictions/ file deleted (by hand, or lost): its videos are read again,
-            # retracted as a changed video is (else skipped as done, their rows gone for good)
-            rows = table.filter(pc.greater(table.column("frames"), 0))
+        rows = lost_rows(fs, root, name, table, in_retraction) if name not in predicted else table.slice(0, 0)
+        if len(rows):  # its predictions/ file deleted (by hand, or lost): its videos are read
+            # again, retracted as a changed video is (else skipped as done, their rows gone for good)
             lost.append((name, len(rows), int(pc.sum(rows.column("frames")).as_py())))
             changed.append(rows.column("video_uri").combine_chunks())
         table = table.drop_columns(["frames"])
@@ -1275,6 +1275,34 @@ def not_found(fs, root: str, output: str, said: str) -> FileNotFoundError:
     if bucket:
         return FileNotFoundError(f"no such bucket: {bucket} (OUTPUT {storage.public_uri(output)})")
     return FileNotFoundError(said)
+
+
+def lost_rows(fs, root: str, name: str, videos: pa.Table, retracting) -> pa.Table:
+    """The rows of `videos` (part `name`'s videos/ rows: video_uri, frames) that wrote
+    frames though the part has no predictions/ file now (deleted by hand, or lost): none
+    where it has one, and none of the videos a retraction is taking out (`retracting`: it
+    deletes a predictions/ file left empty before it rewrites the videos/ one)."""
+    rows = videos.filter(pc.greater(videos.column("frames"), 0))
+    if len(rows) and retracting:
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("video_uri"), pa.array(sorted(retracting), pa.string()))))
+    return rows if len(rows) and predictions_lost(fs, root, name) else rows.slice(0, 0)
+
+
+def refuse_lost_predictions(fs, root: str, output: str, without: list, retracting) -> None:
+    """ValueError where a committed part with no predictions/ file (of `without`) says in
+    its videos/ rows that it wrote some (`lost_rows`): a read gave those videos no frames,
+    exit 0, and a compaction would merge the part, the loss then for good. `rayvid run`
+    reads them again (`recover`)."""
+    for name in without:
+        try:
+            rows = lost_rows(fs, root, name, read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "frames"]),
+                             retracting)
+        except FileNotFoundError:  # (a compaction replaced it since the listing)
+            continue
+        if len(rows):
+            raise ValueError(f"{storage.public_uri(output).rstrip('/')}/{PREDICTIONS_DIR}/{name} is missing, though "
+                             f"its videos/ file says it holds {pc.sum(rows.column('frames')).as_py()} rows of "
+                             f"{len(rows)} videos: a `rayvid run` into this OUTPUT reads those videos again")
 
 
 def predictions_lost(fs, root: str, name: str) -> bool:

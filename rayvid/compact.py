@@ -59,6 +59,9 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}
+    # (a part whose predictions/ file is lost, merged, would be lost for good: the next run redoes it)
+    commit.refuse_lost_predictions(fs, root, output, [n for n in names if n not in listed[commit.PREDICTIONS_DIR]],
+                                   commit.retracting(fs, root))
     rows = _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}", names, listed[commit.PREDICTIONS_DIR])
     small = [n for n in names if rows[n] is not None and rows[n] < target_rows // 2 and commit.run_of(n) not in running]
     groups, group, total = [], [], 0

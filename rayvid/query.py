@@ -84,12 +84,12 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     # by the second; one not there then has none, or was deleted since: a compaction's)
     names = commit.committed_parts(fs, root)
     listed = commit.part_sizes(fs, f"{root}/{what}")  # (a part of failed videos has no predictions/ file)
-    if what == commit.PREDICTIONS_DIR:
-        _refuse_lost_predictions(fs, root, output, [n for n in names if n not in listed])
     # videos a retraction is taking out (a rerun redoing them, or one killed part-way): not
     # committed any more, whichever of their files it has rewritten
     gone_videos = commit.retracting(fs, root)
     retracting, added = pa.array(sorted(gone_videos), pa.string()), False
+    if what == commit.PREDICTIONS_DIR:
+        commit.refuse_lost_predictions(fs, root, output, [n for n in names if n not in listed], gone_videos)
     if gone_videos:
         if chosen is not None:
             chosen = [u for u in chosen if u not in gone_videos]
@@ -143,22 +143,6 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
 
 _GONE = object()  # a part deleted since the listing
 
-
-def _refuse_lost_predictions(fs, root: str, output: str, without: list) -> None:
-    """ValueError where a committed part with no predictions/ file (`without`) says in its
-    videos/ rows that it wrote some: deleted or lost, its rows are not "no frames" (a read
-    gave those videos none, and exit 0). `rayvid run` reads them again (`commit.recover`)."""
-    for name in without:
-        try:
-            rows = commit.read_parquet(fs, f"{root}/{commit.VIDEOS_DIR}/{name}", ["video_uri", "frames"])
-        except FileNotFoundError:  # (a compaction replaced it since the listing)
-            continue
-        frames = pc.sum(rows.column("frames")).as_py() or 0
-        if frames and commit.predictions_lost(fs, root, name):
-            raise ValueError(f"{storage.public_uri(output).rstrip('/')}/{commit.PREDICTIONS_DIR}/{name} is missing, "
-                             f"though its videos/ file says it holds {frames} rows of "
-                             f"{pc.sum(pc.greater(rows.column('frames'), 0)).as_py()} videos: a `rayvid run` into "
-                             f"this OUTPUT reads those videos again")
 
 
 def _video_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -205,7 +205,10 @@ class Probe:
     in_order: bool = False  # decode times only (`output_order`)
     repeated: bool = False  # frames that share a timestamp (`output_order`)
     nal_length: int = 0  # H.264's NAL unit length size (`nal_length_size`; 0: start codes or another codec)
-    stated_s: float = 0.0  # the video's duration its Matroska header states (0: not said; `_stated_s`)
+    # where a Matroska header states more than the file holds (a file cut short): what it
+    # states and where the file's last frame ends, both on the file's clock (0: no such gap)
+    stated_s: float = 0.0
+    held_s: float = 0.0
 
 
     @property
@@ -244,8 +247,12 @@ def probe(path: str, partial: bool = False) -> Probe:
             is_h264 = stream.codec_context.codec.canonical_name == "h264"
             length_size = nal_length_size(stream.codec_context.extradata) if is_h264 else 0
             h264 = is_h264 and not partial  # (a partial copy's packets are not there: `starting_keys`)
+            last_end = None  # where the last packet's own duration ends (stream time base)
             for p in _demux(container, stream):
                 if p.size:
+                    at = p.pts if p.pts is not None else p.dts
+                    if at is not None and p.duration:
+                        last_end = max(last_end or at + p.duration, at + p.duration)
                     key = p.is_keyframe and not (
                         h264 and packets and starts_pictures(bytes(memoryview(p)[:KEY_HEAD_BYTES]), length_size) is False)
                     packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
@@ -327,7 +334,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
                  in_order=by_order, repeated=repeated, nal_length=length_size,
                  # (against the end of its last frame: from the start of the stream's clock, and of the file's)
-                 stated_s=stated if stated > max(duration, float(raw.max() * tb) + (1 / fps if fps else 0)) else 0.0)
+                 **_stated_gap(stated, raw, tb, fps, last_end))
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -362,6 +369,25 @@ def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndar
         if first is not None:  # (of the first part, where parts are joined: `_epochs`)
             lead |= np.array([p[0] < first for p in packets], dtype=bool) & (epoch == 0)
     return lead
+
+
+def _stated_gap(stated: float, raw: np.ndarray, tb, fps: float, last_end) -> dict:
+    """`stated_s` and `held_s` where the header's duration (`_stated_s`) outlasts the file's
+    last frame by more than STATED_SLACK_S (or two frames), on the file's clock (a start
+    offset counted: a trim, an audio track first); the last frame lasts its packet's own
+    duration where the container gives one (a variable-rate file's held last frame), else
+    a frame at the average rate. {} otherwise."""
+    if not stated:
+        return {}
+    end = float(raw.max() * tb) + (1 / fps if fps else 0.0)
+    if last_end is not None:
+        end = max(end, float(last_end * tb))
+    if stated > end + max(STATED_SLACK_S, 2 / fps if fps else 0.0):
+        return {"stated_s": stated, "held_s": end}
+    return {}
+
+
+STATED_SLACK_S = 1.0  # (a header's duration past the last frame: a muxer's rounding, a held frame)
 
 
 def _stated_s(container, stream) -> float:
@@ -886,9 +912,9 @@ class FrameReader:
             if info.listed > len(info.pts) and end_s == math.inf:
                 problems.append(f"truncated: the container lists {info.listed} frames, "
                                 f"the file holds {len(info.pts)}")
-            elif info.stated_s > info.duration_s + max(0.5, 2 / (info.fps or 1)) and end_s == math.inf:
+            elif info.stated_s and end_s == math.inf:
                 problems.append(f"truncated: the container says {info.stated_s:.2f} s, the file holds "
-                                f"{info.duration_s:.2f} s")
+                                f"{info.held_s:.2f} s")
             if problems:
                 raise VideoError("; ".join(problems))
         except (VideoError, RuntimeError, EOFError, self._decord.DECORDError, OSError) as e:

@@ -1529,3 +1529,37 @@ def test_a_damaged_compaction_or_retraction_record_is_said_naming_it(tmp_path, c
     assert sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files) == before
     os.remove(os.path.join(out, folder, name))
     assert cli.main(["segments", out]) == 0
+
+
+def test_a_retraction_half_done_is_no_lost_part_and_compact_keeps_a_lost_one(tmp_path, capsys):
+    """A retraction deletes a predictions/ file its videos leave empty before it rewrites
+    their videos/ file: killed between the two, readers leave those videos out, as before
+    (they said the part was missing), and the next run does not take them for lost. A part
+    whose predictions/ file is truly gone is not merged by `compact` (its loss would be for
+    good, nothing left to tell): exit 2 naming it, nothing changed."""
+    import glob
+    import json
+
+    from helpers import write_output
+
+    from rayvid import cli, compact, query
+
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 5, "/v/b.mp4": [("square", 0.8)] * 5}, rows_per_file=1)
+    parts = sorted(glob.glob(os.path.join(out, "predictions", "part-*.parquet")))
+    assert pq.read_table(parts[0]).column("video_uri").unique().to_pylist() == ["/v/a.mp4"]
+    os.makedirs(os.path.join(out, "retractions"))
+    with open(os.path.join(out, "retractions", "dead.json"), "w") as f:  # (its writer long gone)
+        json.dump({"videos": ["/v/a.mp4"], "run_id": "", "started_at": 0}, f)
+    os.remove(parts[0])
+    assert sorted(set(query.segments(out).column("video_uri").to_pylist())) == ["/v/b.mp4"]
+    assert commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"], repair=False).lost == []
+    os.remove(os.path.join(out, "retractions", "dead.json"))  # now /v/a.mp4's rows are lost, no retraction
+    files = sorted(glob.glob(os.path.join(out, "*", "*")))
+    assert cli.main(["compact", out]) == 2
+    assert "predictions/" + os.path.basename(parts[0]) + " is missing" in capsys.readouterr().err
+    assert sorted(glob.glob(os.path.join(out, "*", "*"))) == files
+    with pytest.raises(ValueError, match="is missing, though its videos/ file says it holds 5 rows of 1 videos"):
+        compact.compact(out)
+    lost = commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"], repair=False)
+    assert lost.lost == [(os.path.basename(parts[0]), 1, 5)]

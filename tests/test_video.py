@@ -427,6 +427,38 @@ def test_xvid_packed_b_frames_in_avi_are_known_by_their_order(tmp_path):
     assert [i for i, _, _ in _rows(path, every=3)[0]] == list(range(0, len(every), 3))
 
 
+@pytest.mark.parametrize("start_ms, last_ms", [(0, 33), (0, 1000), (2000, 33), (2000, 80)])
+def test_a_whole_matroska_file_is_not_taken_for_a_cut_one(tmp_path, start_ms, last_ms):
+    """A whole file whose header states a little more than its frames at the average rate:
+    a held last frame (its packet lasting 1 s: a screen recording's), a start offset (a
+    trim, an audio track first): no "truncated" (it compared the stated duration with the
+    frames' span from the stream's start)."""
+    import fractions
+
+    import av
+
+    from rayvid.video import probe
+
+    path = str(tmp_path / "v.mkv")
+    with av.open(path, "w", format="matroska") as out:
+        s = out.add_stream("mpeg4", rate=30)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.time_base = fractions.Fraction(1, 1000)
+        packets = []
+        for i in range(60):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 4 % 255, np.uint8), format="rgb24")
+            f.pts, f.time_base = start_ms + i * 33, fractions.Fraction(1, 1000)
+            packets += list(s.encode(f))
+        packets += list(s.encode())
+        for i, p in enumerate(packets):
+            p.duration = last_ms if i == len(packets) - 1 else 33
+            out.mux(p)
+    info = probe(path)
+    assert info.stated_s == 0.0, (info.stated_s, info.held_s)
+    rows, end = _rows(path)
+    assert len(rows) == 60 and end["message"][0] == "", end["message"]
+
+
 def test_h264_in_avi_without_b_frames_is_known_by_its_order_too(tmp_path):
     """H.264 in AVI without B-frames (CCTV recorders'): FFmpeg's pts are its decode times
     plus a frame, and its seeks by them landed a frame late (`--every 7` lost frame 14 of
