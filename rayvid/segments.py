@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid import storage
-from rayvid.video import UNSEEKABLE_CONTAINERS, open_container, output_order, video_stream
+from rayvid.video import UNSEEKABLE_CONTAINERS, open_container, output_order, packed_b_frames, video_stream
 from rayvid.schema import SEGMENTS_SCHEMA, listed_size
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -96,8 +96,12 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
         with storage.RangeReader(fs, path, size, HEADER_BLOCK_BYTES) as f, open_container(f) as container:
             stream = video_stream(container)
             codec = stream.codec_context.codec.canonical_name if stream is not None and stream.codec_context else ""
+            packed = False
+            if codec == "mpeg4" and output_order(container.format.name or "", codec, packed=True):
+                first = next((p for p in container.demux(stream) if p.size), None)  # (its user data, as probe reads)
+                packed = packed_b_frames(stream, bytes(memoryview(first)[:4096]) if first is not None else b"")
             if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
-                    or output_order(container.format.name or "", codec)):
+                    or output_order(container.format.name or "", codec, packed)):
                 return 0.0, version  # no index to seek by, or frames known by their order: read from the start
             # no longer than its size allows at MIN_BYTES_PER_S: a header may say anything
             # (a 1 MB Matroska file saying 1e10 s planned 16.7 million empty segments)

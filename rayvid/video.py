@@ -87,11 +87,13 @@ UNSEEKABLE_CONTAINERS = frozenset({"mpegts", "mpeg"})
 # in (measured: with `--every 5`, frame 10 showed frame 11, frame 20 frame 23). Decoders
 # output frames in the order they are shown, so in these files (`Probe.output_order`) the
 # k-th frame decoded from the start is frame k: read from the start, every frame decoded
-# (no seek, no skipping), never cut into segments. MPEG-4 Part 2 too: Xvid/DivX's "packed
-# B-frames" (a B-frame in the P-frame's chunk, a placeholder in the next) came out with
-# FFmpeg's guessed times (sampled frames one off, PyAV's frames swapped in pairs).
+# (no seek, no skipping), never cut into segments. MPEG-4 Part 2 too where its B-frames are
+# "packed" (Xvid/DivX: a B-frame in the P-frame's chunk, a placeholder in the next; its
+# user data says so, `PACKED_B_FRAMES`): they came out with FFmpeg's guessed times (sampled
+# frames one off, PyAV's swapped in pairs). Unpacked MPEG-4 Part 2 is read by its times.
 DECODE_TIME_CONTAINERS = frozenset({"avi", "asf"})
-REORDERING_CODECS = frozenset({"h264", "hevc", "mpeg4"})
+REORDERING_CODECS = frozenset({"h264", "hevc"})
+PACKED_B_FRAMES = re.compile(rb"DivX\d+(?:Build|b)\d+p")  # (FFmpeg's mpeg4 decoder's own test: `divx_packed`)
 
 
 def sample_indices(
@@ -242,7 +244,8 @@ def probe(path: str, partial: bool = False) -> Probe:
                 raise VideoError("unsupported codec: FFmpeg has no decoder for this video stream")
             packets, rotation, mirror = [], 0 if partial else None, None
             # frames known by their order: decode times are the container's (its pts FFmpeg's guess)
-            by_order = output_order(container.format.name or "", stream.codec_context.codec.canonical_name)
+            codec = stream.codec_context.codec.canonical_name  # (the codec, not its decoder: av1, not libdav1d)
+            by_order = output_order(container.format.name or "", codec, packed_b_frames(stream))
             # H.264 key packets that no decoder can start from are no key frames (`starts_pictures`)
             is_h264 = stream.codec_context.codec.canonical_name == "h264"
             length_size = nal_length_size(stream.codec_context.extradata) if is_h264 else 0
@@ -250,6 +253,9 @@ def probe(path: str, partial: bool = False) -> Probe:
             last_end = None  # where the last packet's own duration ends (stream time base)
             for p in _demux(container, stream):
                 if p.size:
+                    if not packets and codec == "mpeg4" and not by_order:  # (its user data in the first frame)
+                        by_order = output_order(container.format.name or "", codec,
+                                                packed_b_frames(stream, bytes(memoryview(p)[:KEY_HEAD_BYTES])))
                     at = p.pts if p.pts is not None else p.dts
                     if at is not None and p.duration:
                         last_end = max(last_end or at + p.duration, at + p.duration)
@@ -268,7 +274,6 @@ def probe(path: str, partial: bool = False) -> Probe:
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
-            codec = stream.codec_context.codec.canonical_name  # (the codec, not its decoder: av1, not libdav1d)
             width, height = stream.codec_context.width, stream.codec_context.height
             rotation = rotation or 0
             if (rotation // 90) % 2:
@@ -348,12 +353,21 @@ def _epochs(packets: list, container_format: str) -> np.ndarray:
     return np.cumsum(back, dtype=np.int64)
 
 
-def output_order(container_format: str, codec: str) -> bool:
+def output_order(container_format: str, codec: str, packed: bool = False) -> bool:
     """Whether frames of this codec in this container are known by their order only
-    (`DECODE_TIME_CONTAINERS`). Also without B-frames: FFmpeg's pts there are its decode
-    times plus a frame, and its seeks by them landed a frame late (measured: `--every 7`
-    lost frame 14 of an AVI with frequent key frames)."""
-    return bool(DECODE_TIME_CONTAINERS & set(container_format.split(","))) and codec in REORDERING_CODECS
+    (`DECODE_TIME_CONTAINERS`; MPEG-4 Part 2 where `packed`: `packed_b_frames`). Also
+    without B-frames: FFmpeg's pts there are its decode times plus a frame, and its seeks by
+    them landed a frame late (measured: `--every 7` lost frame 14 of an AVI with frequent
+    key frames)."""
+    return bool(DECODE_TIME_CONTAINERS & set(container_format.split(","))) and (
+        codec in REORDERING_CODECS or codec == "mpeg4" and packed)
+
+
+def packed_b_frames(stream, first: bytes = b"") -> bool:
+    """Whether an MPEG-4 Part 2 stream packs its B-frames (Xvid/DivX: `DivX503b1393p`, the
+    final p, in its user data), as its extradata or its first packet (`first`) says."""
+    extradata = stream.codec_context.extradata if stream.codec_context is not None else None
+    return any(PACKED_B_FRAMES.search(data) for data in (extradata or b"", first or b""))
 
 
 def _lead_in(packets: list, container_format: str, epoch: np.ndarray) -> np.ndarray:

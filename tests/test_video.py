@@ -425,6 +425,15 @@ def test_xvid_packed_b_frames_in_avi_are_known_by_their_order(tmp_path):
         assert rows and all(i == code for i, _, code in rows), (sampling, rows)
         assert end["message"][0] == "", (sampling, end["message"])
     assert [i for i, _, _ in _rows(path, every=3)[0]] == list(range(0, len(every), 3))
+    # MPEG-4 Part 2 whose B-frames are not packed (FFmpeg's encoder) is read by its times:
+    # seeked to, cut into segments, exact
+    plain = str(tmp_path / "mpeg4.avi")
+    framecode.write_code_video(plain, 40, (96, 128), ["-c:v", "mpeg4", "-q:v", "3", "-bf", "2", "-g", "12"])
+    assert not probe(plain).output_order
+    for sampling in ({}, {"every": 3}, {"decoder": "pyav"}):
+        rows, end = _rows(plain, **sampling)
+        assert [i for i, _, _ in rows] == list(range(0, 40, sampling.get("every", 1))), sampling
+        assert all(i == code for i, _, code in rows) and end["message"][0] == "", sampling
 
 
 @pytest.mark.parametrize("start_ms, last_ms", [(0, 33), (0, 1000), (2000, 33), (2000, 80)])
