@@ -211,6 +211,7 @@ class Probe:
     # states and where the file's last frame ends, both on the file's clock (0: no such gap)
     stated_s: float = 0.0
     held_s: float = 0.0
+    shown_streams: int = 1  # video streams that are no cover picture (`video_stream` picks one)
 
 
     @property
@@ -284,6 +285,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             listed = int(stream.frames or 0)
             container_format = container.format.name or ""
             stated = _stated_s(container, stream)
+            shown_streams = len(_shown(container))
     except av.FFmpegError as e:
         raise VideoError(f"cannot open video: {_reason(e)}{hint(path)}") from None
     if not packets:
@@ -339,7 +341,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
                  in_order=by_order, repeated=repeated, nal_length=length_size,
                  # (against the end of its last frame: from the start of the stream's clock, and of the file's)
-                 **_stated_gap(stated, raw, tb, fps, last_end))
+                 shown_streams=shown_streams, **_stated_gap(stated, raw, tb, fps, last_end))
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -420,14 +422,28 @@ def _stated_s(container, stream) -> float:
 
 
 def video_stream(container):
-    """The video stream a player shows (and decord decodes: FFmpeg's best stream), None
-    where there is none: never a cover picture (`attached_pic`: an MP4 that lists its
-    cover first, as a tagger's `udta` before the tracks); a track marked default before
-    one that is not (a Matroska file whose first video track is a one-frame PNG)."""
+    """The video stream rayvid reads, None where there is none: never a cover picture
+    (`attached_pic`: an MP4 that lists its cover first, as a tagger's `udta` before the
+    tracks); a moving picture before a still one (`STILL_PICTURE_CODECS`: a Matroska
+    file whose first video track is a PNG), then a track marked default, then the first. decord picks its own (FFmpeg's "best"
+    stream): a file with several is read by PyAV (`_decord_wrong_for`)."""
     import av
 
-    shown = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
-    return next((s for s in shown if s.disposition & av.stream.Disposition.default), shown[0] if shown else None)
+    def rank(s) -> tuple:  # a moving picture first, then one marked default, then the first
+        still = s.codec_context is not None and s.codec_context.name in STILL_PICTURE_CODECS
+        return still, not s.disposition & av.stream.Disposition.default
+
+    return min(_shown(container), key=rank, default=None)
+
+
+STILL_PICTURE_CODECS = frozenset({"png", "bmp", "gif", "tiff", "webp", "jpegls", "qoi"})  # (a cover's, in a track)
+
+
+def _shown(container) -> list:
+    """The video streams that are no cover picture (`attached_pic`)."""
+    import av
+
+    return [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
 
 
 def open_container(source):
@@ -810,6 +826,8 @@ def _decord_wrong_for(info: "Probe") -> str:
         return "frames that share a timestamp"
     if info.mirrored:
         return "a mirroring display matrix"
+    if info.shown_streams > 1:  # (FFmpeg's "best" stream, by how many frames it saw: maybe not `video_stream`'s)
+        return f"{info.shown_streams} video streams: it may decode another one"
     if info.rotation and "mov" not in info.container.split(","):
         # (it turns MP4/MOV frames by their display matrix, not Matroska's: sideways frames)
         return f"a display rotation in {info.container}"

@@ -356,7 +356,10 @@ def test_a_cover_picture_listed_first_is_not_the_video(tmp_path):
     _udta_first(tagged, first)
     mkv = str(tmp_path / "cover_first.mkv")
     subprocess.run(ff + ["-i", cover, "-i", src, "-map", "0", "-map", "1", "-c", "copy", mkv], check=True)
-    for path in (first, mkv):
+    both = str(tmp_path / "both_default.mkv")  # (Matroska's FlagDefault is 1 unless cleared)
+    subprocess.run(ff + ["-i", cover, "-i", src, "-map", "0", "-map", "1", "-c", "copy", "-disposition:v:0", "default",
+                         "-disposition:v:1", "default", both], check=True)
+    for path in (first, mkv, both):
         with av.open(path) as c:  # (what makes each case: the picture is FFmpeg's first video stream)
             assert [s.codec_context.name for s in c.streams.video] == ["png", "h264"], path
         for sampling in ({}, {"every": 3}, {"decoder": "pyav"}, {"keyframes": True}):
