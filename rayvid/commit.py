@@ -1342,9 +1342,10 @@ def _intent(fs, path: str, key: str, what: str) -> dict:
     except ValueError:
         record = None
     if not (isinstance(record, dict) and isinstance(record.get(key), list)
-            and all(isinstance(x, str) for x in record[key])):
+            and all(isinstance(x, str) for x in record[key])
+            and isinstance(record.get("started_at", 0), (int, float)) and not isinstance(record.get("started_at"), bool)):
         raise ValueError(f"{storage.public_uri(storage.to_url(fs, path))} is no record of {what} rayvid wrote "
-                         f"(an object listing {key!r}): damaged or written by hand; OUTPUT cannot be read "
+                         f"(an object listing {key!r}, started_at a time): damaged or written by hand; OUTPUT cannot be read "
                          f"safely while it is there (move it away once no rayvid run or compact is running)")
     return record
 

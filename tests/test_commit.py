@@ -1504,6 +1504,7 @@ def _frame_rows(uri: str, n: int):
     ("compactions", "part-x.parquet.json", "{}", "a compaction"),
     ("retractions", "r1.json", '{"videos": 5}', "a retraction"),
     ("retractions", "r1.json", '["a.mp4"]', "a retraction"),
+    ("retractions", "r1.json", '{"videos": ["/v/a.mp4"], "started_at": "yesterday"}', "a retraction"),
 ])
 def test_a_damaged_compaction_or_retraction_record_is_said_naming_it(tmp_path, capsys, folder, name, text, what):
     """A file in compactions/ or retractions/ that is no record rayvid wrote: every verb
@@ -1523,7 +1524,7 @@ def test_a_damaged_compaction_or_retraction_record_is_said_naming_it(tmp_path, c
         assert cli.main(argv) == 2, argv
         said = capsys.readouterr().err.strip().splitlines()[-1]
         assert said == (f"rayvid: error: {out}/{folder}/{name} is no record of {what} rayvid wrote (an object "
-                        f"listing {'replaces' if folder == 'compactions' else 'videos'!r}): damaged or written by "
+                        f"listing {'replaces' if folder == 'compactions' else 'videos'!r}, started_at a time): damaged or written by "
                         f"hand; OUTPUT cannot be read safely while it is there (move it away once no rayvid run "
                         f"or compact is running)"), said
     assert sorted(os.path.relpath(os.path.join(d, n), out) for d, _, files in os.walk(out) for n in files) == before
