@@ -1277,22 +1277,35 @@ def not_found(fs, root: str, output: str, said: str) -> FileNotFoundError:
     return FileNotFoundError(said)
 
 
-def lost_rows(fs, root: str, name: str, videos: pa.Table, retracting) -> pa.Table:
-    """The rows of `videos` (part `name`'s videos/ rows: video_uri, frames) that wrote
-    frames though the part has no predictions/ file now (deleted by hand, or lost): none
-    where it has one, and none of the videos a retraction is taking out (`retracting`: it
-    deletes a predictions/ file left empty before it rewrites the videos/ one)."""
+def wrote_frames(videos: pa.Table, retracting) -> pa.Table:
+    """The rows of `videos` (a part's videos/ rows: video_uri, frames) that say they wrote
+    frames to predictions/, but those of videos a retraction is taking out (`retracting`:
+    it deletes a predictions/ file left empty before it rewrites the videos/ one)."""
     rows = videos.filter(pc.greater(videos.column("frames"), 0))
     if len(rows) and retracting:
         rows = rows.filter(pc.invert(pc.is_in(rows.column("video_uri"), pa.array(sorted(retracting), pa.string()))))
+    return rows
+
+
+def lost_rows(fs, root: str, name: str, videos: pa.Table, retracting) -> pa.Table:
+    """`wrote_frames` of part `name`, where it has no predictions/ file now (deleted by
+    hand, or lost); else none."""
+    rows = wrote_frames(videos, retracting)
     return rows if len(rows) and predictions_lost(fs, root, name) else rows.slice(0, 0)
 
 
+def lost_error(output: str, name: str, rows: pa.Table) -> ValueError:
+    """What a part `name` whose predictions/ file is gone while its videos/ `rows` say they
+    wrote frames is: a read gave those videos no frames, exit 0, and a compaction would merge
+    the part, the loss then for good. `rayvid run` reads them again (`recover`)."""
+    return ValueError(f"{storage.public_uri(output).rstrip('/')}/{PREDICTIONS_DIR}/{name} is missing, though its "
+                      f"videos/ file says it holds {pc.sum(rows.column('frames')).as_py()} rows of {len(rows)} "
+                      f"videos: a `rayvid run` into this OUTPUT reads those videos again")
+
+
 def refuse_lost_predictions(fs, root: str, output: str, without: list, retracting) -> None:
-    """ValueError where a committed part with no predictions/ file (of `without`) says in
-    its videos/ rows that it wrote some (`lost_rows`): a read gave those videos no frames,
-    exit 0, and a compaction would merge the part, the loss then for good. `rayvid run`
-    reads them again (`recover`)."""
+    """`lost_error` for the first committed part with no predictions/ file (of `without`)
+    whose videos/ rows say they wrote some."""
     for name in without:
         try:
             rows = lost_rows(fs, root, name, read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "frames"]),
@@ -1300,9 +1313,7 @@ def refuse_lost_predictions(fs, root: str, output: str, without: list, retractin
         except FileNotFoundError:  # (a compaction replaced it since the listing)
             continue
         if len(rows):
-            raise ValueError(f"{storage.public_uri(output).rstrip('/')}/{PREDICTIONS_DIR}/{name} is missing, though "
-                             f"its videos/ file says it holds {pc.sum(rows.column('frames')).as_py()} rows of "
-                             f"{len(rows)} videos: a `rayvid run` into this OUTPUT reads those videos again")
+            raise lost_error(output, name, rows)
 
 
 def predictions_lost(fs, root: str, name: str) -> bool:
