@@ -144,7 +144,6 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
 _GONE = object()  # a part deleted since the listing
 
 
-
 def _video_hashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(a 64-bit hash of each distinct video_uri (Python's), each row's index into them)."""
     uris = table.column("video_uri").combine_chunks().dictionary_encode()

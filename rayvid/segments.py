@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayvid import storage
-from rayvid.video import UNSEEKABLE_CONTAINERS, open_container, output_order, packed_b_frames, video_stream
+from rayvid.video import (KEY_HEAD_BYTES, UNSEEKABLE_CONTAINERS, open_container, output_order, packed_b_frames,
+                          video_stream)
 from rayvid.schema import SEGMENTS_SCHEMA, listed_size
 
 IN_DRIVER = 256  # listings up to this long read their headers in the driver
@@ -99,7 +100,7 @@ def header(uri: str, want_version: bool = False, size: int = -1) -> tuple[float,
             packed = False
             if codec == "mpeg4" and output_order(container.format.name or "", codec, packed=True):
                 first = next((p for p in container.demux(stream) if p.size), None)  # (its user data, as probe reads)
-                packed = packed_b_frames(stream, bytes(memoryview(first)[:4096]) if first is not None else b"")
+                packed = packed_b_frames(stream, bytes(memoryview(first)[:KEY_HEAD_BYTES]) if first is not None else b"")
             if (UNSEEKABLE_CONTAINERS & set((container.format.name or "").split(","))
                     or output_order(container.format.name or "", codec, packed)):
                 return 0.0, version  # no index to seek by, or frames known by their order: read from the start

@@ -248,7 +248,7 @@ def probe(path: str, partial: bool = False) -> Probe:
             codec = stream.codec_context.codec.canonical_name  # (the codec, not its decoder: av1, not libdav1d)
             by_order = output_order(container.format.name or "", codec, packed_b_frames(stream))
             # H.264 key packets that no decoder can start from are no key frames (`starts_pictures`)
-            is_h264 = stream.codec_context.codec.canonical_name == "h264"
+            is_h264 = codec == "h264"
             length_size = nal_length_size(stream.codec_context.extradata) if is_h264 else 0
             h264 = is_h264 and not partial  # (a partial copy's packets are not there: `starting_keys`)
             last_end = None  # where the last packet's own duration ends (stream time base)
@@ -259,7 +259,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                                                 packed_b_frames(stream, bytes(memoryview(p)[:KEY_HEAD_BYTES])))
                     at = p.pts if p.pts is not None else p.dts
                     if at is not None and p.duration:
-                        last_end = max(last_end or at + p.duration, at + p.duration)
+                        last_end = at + p.duration if last_end is None else max(last_end, at + p.duration)
                     key = p.is_keyframe and not (
                         h264 and packets and starts_pictures(bytes(memoryview(p)[:KEY_HEAD_BYTES]), length_size) is False)
                     packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
@@ -339,9 +339,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
-                 in_order=by_order, repeated=repeated, nal_length=length_size,
-                 # (against the end of its last frame: from the start of the stream's clock, and of the file's)
-                 shown_streams=shown_streams, **_stated_gap(stated, raw, tb, fps, last_end))
+                 in_order=by_order, repeated=repeated, nal_length=length_size, shown_streams=shown_streams, **_stated_gap(stated, raw, tb, fps, last_end))
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -425,8 +423,9 @@ def video_stream(container):
     """The video stream rayvid reads, None where there is none: never a cover picture
     (`attached_pic`: an MP4 that lists its cover first, as a tagger's `udta` before the
     tracks); a moving picture before a still one (`STILL_PICTURE_CODECS`: a Matroska
-    file whose first video track is a PNG), then a track marked default, then the first. decord picks its own (FFmpeg's "best"
-    stream): a file with several is read by PyAV (`_decord_wrong_for`)."""
+    file whose first video track is a PNG), then a track marked default, then the first.
+    decord picks its own (FFmpeg's "best" stream): a file with several is read by PyAV
+    (`_decord_wrong_for`)."""
     import av
 
     def rank(s) -> tuple:  # a moving picture first, then one marked default, then the first
@@ -772,9 +771,10 @@ def _seek(container, stream, info: Probe, key: int) -> None:
 
 
 def right_angle(rotation) -> int:
-    """The display rotation FFmpeg's command line applies (its autorotate), in degrees: a
-    multiple of 90 (within a degree), else 0: it warns "Odd rotation angle" and shows the
-    picture unturned (a display matrix of -45 degrees turned it a quarter turn, 135 another)."""
+    """The display rotation rayvid applies, in degrees: a multiple of 90 (within a degree),
+    as FFmpeg's command line turns it, else 0: frames as stored (FFmpeg's command line turns
+    them by that angle, their corners cut; `// 90` turned -45 degrees a quarter turn, 135
+    another)."""
     if not rotation:
         return 0
     quarters = round(float(rotation) / 90)
@@ -1207,14 +1207,15 @@ class FrameReader:
 
     def _upright(self, frame) -> np.ndarray:
         """RGB at model size, turned (and mirrored) as the container's display matrix says."""
-        turns = (right_angle(frame.rotation) // 90) % 4
+        angle = right_angle(frame.rotation)
+        turns = (angle // 90) % 4
         if turns % 2:  # 90/270: resize to the transposed size, then rotate
             img = frame.to_ndarray(width=self.height, height=self.width, format="rgb24", interpolation="BILINEAR")
         else:
             img = frame.to_ndarray(width=self.width, height=self.height, format="rgb24", interpolation="BILINEAR")
         # (the probe's matrix, one per stream: a frame's side data, once read, keeps the frame
         # alive till the garbage collector's next pass; read on every frame, 76 MB in 3 s)
-        return upright(img, frame.rotation, self._mirror)
+        return upright(img, angle, self._mirror)
 
     def _clip_batches(self, uri, state, clips: list) -> Iterator[dict]:
         """Rows of clips (frame: [N, H, W, 3]), a bounded number per batch."""
