@@ -29,7 +29,7 @@ from typing import Iterator, NoReturn, Optional
 import pyarrow as pa
 
 from rayvid import __version__, commit, decode, infer, listing, models, resources, segments, storage, video
-from rayvid.config import RunConfig
+from rayvid.config import ModelConfig, RunConfig, SamplingConfig
 from rayvid.errors import ConfigError, ModelError, RayvidError, StorageError, StorageUnavailable
 
 log = logging.getLogger("rayvid")
@@ -496,15 +496,27 @@ def _reports(ray, reports, inferred: int) -> tuple[Optional[models.ModelInfo], O
         return None, None
 
 
+# model settings that do not decide a video's rows: how fast they come, and where a model
+# file's code is (weights and name are compared on their own, below)
+_SPEED_ONLY = ("name", "weights", "mixed_precision", "xla", "custom_objects")
+
+
 def _settings(config: dict) -> dict:
-    """What decides a committed video's rows: the model (name, weights, output) and the sampling."""
+    """What decides a committed video's rows: the model (name, weights, output, and the rest
+    of its settings: --topk, --preprocess, --embed, the detection head's...) and the sampling.
+    A setting a record lacks (a run from before it existed) is its default."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     name, weights = model.get("name"), model.get("weights")
     if name in models.APPLICATIONS:  # (no weights: ImageNet's, as `--weights imagenet`)
         weights = weights or "imagenet"
     else:  # a model file's own (a run before they were refused with one recorded them, unused)
         weights = None
-    return {"model": name, "weights": weights, "output": model.get("output"), "sampling": config.get("sampling")}
+    rest = {f.name: model.get(f.name, f.default) for f in dataclasses.fields(ModelConfig) if f.name not in _SPEED_ONLY}
+    rest["input_size"] = list(rest["input_size"]) if rest["input_size"] is not None else None  # (JSON: a list)
+    sampling = config.get("sampling")
+    if isinstance(sampling, dict):
+        sampling = {f.name: sampling.get(f.name, f.default) for f in dataclasses.fields(SamplingConfig)}
+    return {"model": name, "weights": weights, **rest, "sampling": sampling}
 
 
 def _warn_if_settings_differ(cfg: RunConfig, runs: list) -> None:

@@ -951,6 +951,25 @@ def test_a_rerun_with_other_settings_says_what_it_skips(ray_session, media, shap
                                                  "with other settings (sampling: {"), said
 
 
+def test_every_model_setting_that_shapes_the_rows_is_compared_and_speed_settings_are_not():
+    """--topk, --preprocess, --embed, --input-size and the detection head's settings decide
+    a committed video's rows as the model does (a rerun with `--topk 1` said nothing);
+    --xla and --mixed-precision decide how fast they come. A record from before a setting
+    existed (no key) is a run with its default, in model and sampling alike."""
+    now = {"model": {"name": "/m/a.keras", "topk": 5, "preprocess": "auto", "input_size": [96, 96],
+                     "xla": False}, "sampling": {"every": 1, "fps": None, "skip_similar": None}}
+
+    def changed(**m):
+        return pipeline._settings(dict(now, model=dict(now["model"], **m)))
+
+    for setting, value in [("topk", 1), ("preprocess", "unit"), ("input_size", [64, 64]), ("embed", "auto"),
+                           ("head", "detect"), ("max_boxes", 3), ("labels", "/m/other.txt")]:
+        assert changed(**{setting: value}) != pipeline._settings(now), setting
+    assert changed(xla=True, mixed_precision=True) == pipeline._settings(now)
+    old = {"model": {"name": "/m/a.keras", "input_size": [96, 96]}, "sampling": {"every": 1}}
+    assert pipeline._settings(old) == pipeline._settings(now)
+
+
 def test_the_settings_a_rerun_compares_read_no_weights_as_imagenet():
     """A keras.applications model without --weights is built with ImageNet's: the same
     settings as `--weights imagenet` (a rerun with one or the other warned of "other
