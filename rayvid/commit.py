@@ -50,7 +50,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -1303,17 +1303,28 @@ def lost_error(output: str, name: str, rows: pa.Table) -> ValueError:
                       f"videos: a `rayvid run` into this OUTPUT reads those videos again")
 
 
-def refuse_lost_predictions(fs, root: str, output: str, without: list, retracting) -> None:
-    """`lost_error` for the first committed part with no predictions/ file (of `without`)
-    whose videos/ rows say they wrote some."""
-    for name in without:
+LOST_CHECKS_AHEAD = 8  # videos/ files of parts without predictions/ read at once
+
+
+def refuse_lost_predictions(fs, root: str, output: str, without: list, retracting,
+                            videos: Optional[pa.Array] = None) -> None:
+    """`lost_error` for the first committed part with no predictions/ file (of `without`:
+    parts of failed videos only, in practice) whose videos/ rows say they wrote some; with
+    `videos`, only rows of those videos count (a read of one video is not refused for a
+    part that never held it). Their videos/ files are read several at once."""
+    def lost(name: str) -> pa.Table:
         try:
-            rows = lost_rows(fs, root, name, read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "frames"]),
-                             retracting)
+            rows = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "frames"])
         except FileNotFoundError:  # (a compaction replaced it since the listing)
-            continue
-        if len(rows):
-            raise lost_error(output, name, rows)
+            return pa.table({"video_uri": pa.array([], pa.string()), "frames": pa.array([], pa.int64())})
+        if videos is not None:
+            rows = rows.filter(pc.is_in(rows.column("video_uri"), videos))
+        return lost_rows(fs, root, name, rows, retracting) if len(rows) else rows
+
+    with concurrent.futures.ThreadPoolExecutor(LOST_CHECKS_AHEAD) as pool:
+        for name, rows in zip(without, in_order(pool, lost, without, LOST_CHECKS_AHEAD)):
+            if len(rows):
+                raise lost_error(output, name, rows)
 
 
 def predictions_lost(fs, root: str, name: str) -> bool:

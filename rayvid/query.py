@@ -89,7 +89,7 @@ def parts(output: str, what: str = commit.PREDICTIONS_DIR, columns: Optional[lis
     gone_videos = commit.retracting(fs, root)
     retracting, added = pa.array(sorted(gone_videos), pa.string()), False
     if what == commit.PREDICTIONS_DIR:
-        commit.refuse_lost_predictions(fs, root, output, [n for n in names if n not in listed], gone_videos)
+        commit.refuse_lost_predictions(fs, root, output, [n for n in names if n not in listed], gone_videos, value_set)
     if gone_videos:
         if chosen is not None:
             chosen = [u for u in chosen if u not in gone_videos]

@@ -1556,6 +1556,10 @@ def test_a_retraction_half_done_is_no_lost_part_and_compact_keeps_a_lost_one(tmp
     assert sorted(set(query.segments(out).column("video_uri").to_pylist())) == ["/v/b.mp4"]
     assert commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"], repair=False).lost == []
     os.remove(os.path.join(out, "retractions", "dead.json"))  # now /v/a.mp4's rows are lost, no retraction
+    with pytest.raises(ValueError, match="is missing, though its videos/ file says it holds 5 rows of 1 videos"):
+        query.segments(out, video="/v/a.mp4")
+    # a read of another video is not refused for a part that never held it
+    assert query.segments(out, video="/v/b.mp4").column("video_uri").unique().to_pylist() == ["/v/b.mp4"]
     files = sorted(glob.glob(os.path.join(out, "*", "*")))
     assert cli.main(["compact", out]) == 2
     assert "predictions/" + os.path.basename(parts[0]) + " is missing" in capsys.readouterr().err
