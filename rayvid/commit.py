@@ -1330,8 +1330,15 @@ def refuse_lost_predictions(fs, root: str, output: str, without: list, retractin
 def predictions_lost(fs, root: str, name: str) -> bool:
     """Whether committed part `name`, whose videos/ rows say they wrote frames, has no
     predictions/ file now: deleted, not replaced (a compaction deletes a part's videos/
-    file, its commit point, before its predictions/ one)."""
-    return fs.exists(f"{root}/{VIDEOS_DIR}/{name}") and not fs.exists(f"{root}/{PREDICTIONS_DIR}/{name}")
+    file, its commit point, before its predictions/ one: so the predictions/ file is asked
+    for first, and the videos/ file after it). Both asked of the store, not of a listing
+    cached before."""
+    predictions, videos = f"{root}/{PREDICTIONS_DIR}/{name}", f"{root}/{VIDEOS_DIR}/{name}"
+    fs.invalidate_cache(predictions)
+    if fs.exists(predictions):
+        return False
+    fs.invalidate_cache(videos)
+    return fs.exists(videos)
 
 
 def committed_parts(fs, root: str) -> list[str]:

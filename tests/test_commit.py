@@ -408,6 +408,32 @@ def test_recover_reads_an_s3_outputs_parts_several_at_once_a_request_each(moto, 
     assert inflight["most"] >= 4
 
 
+def test_a_lost_predictions_part_is_asked_of_the_store_not_of_a_cached_listing(moto, s3_endpoint):
+    """s3fs answers `exists` from a listing it cached: a predictions/ file deleted since
+    (by another client) was still there, and one a compaction deleted after its videos/
+    file read as lost where the videos/ file was asked for first. Each is asked of S3."""
+    import boto3
+    from helpers import BUCKET, write_output
+
+    from rayvid import storage
+
+    url = f"s3://{BUCKET}/lost-cached"
+    write_output(url, {"s3://b/a.mp4": [("a", 0.5)] * 3})
+    fs, root = storage.resolve(url)
+    name = sorted(commit.part_sizes(fs, f"{root}/{commit.PREDICTIONS_DIR}"))[0]
+    assert not commit.predictions_lost(fs, root, name)
+    for folder in (commit.PREDICTIONS_DIR, commit.VIDEOS_DIR):  # both listings cached, from before what follows
+        fs.ls(f"{root}/{folder}")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.delete_object(Bucket=BUCKET, Key=f"lost-cached/{commit.PREDICTIONS_DIR}/{name}")
+    assert fs.exists(f"{root}/{commit.PREDICTIONS_DIR}/{name}")  # (s3fs's cache, stale: why it is not asked)
+    assert commit.predictions_lost(fs, root, name)
+    fs.ls(f"{root}/{commit.VIDEOS_DIR}")  # (cached again)
+    s3.delete_object(Bucket=BUCKET, Key=f"lost-cached/{commit.VIDEOS_DIR}/{name}")  # as a compaction would, first
+    assert fs.exists(f"{root}/{commit.VIDEOS_DIR}/{name}")  # (stale)
+    assert not commit.predictions_lost(fs, root, name)
+
+
 def test_once_output_is_unreachable_the_committer_writes_nothing_more(moto, s3_endpoint, monkeypatch):
     """OUTPUT's store goes away at a flush (after the client's bounded retries): the run is
     ending, and its later flushes (the next one due, the clean-up that publishes what is
