@@ -131,10 +131,13 @@ def lanes_of(preds) -> list:
     return [c["values"] for c in counts[:MAX_LANES]]
 
 
-def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float = 0.0):
+def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float = 0.0,
+                 shaded: Optional[bool] = None):
     """The timeline of one video's prediction rows (sorted by frame_index) as a PIL image:
     each row's bar lasts as `rayvid segments` counts it (`query.row_ends`: a frame until
-    the next, a clip to its end_s)."""
+    the next, a clip to its end_s). `shaded`: whether scores are probabilities, each bar's
+    colour blended from white by its score (else the full colour); None: where this
+    video's scores all lie in [0, 1]."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
@@ -150,7 +153,9 @@ def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float
     x1 = np.maximum(x0 + 1, LEFT + np.round(ends / duration * PLOT_W).astype(int))
     labels = preds.column("label").to_pylist()
     scores = np.nan_to_num(preds.column("score").fill_null(0.0).to_numpy().astype(np.float64))
-    if len(scores) and not ((scores >= 0) & (scores <= 1)).all():  # no probabilities (raw scores): full colour
+    if shaded is None:
+        shaded = probabilities(scores)
+    if not shaded:  # no probabilities (raw scores): full colour
         scores = np.ones_like(scores)
     for lane, label in enumerate(lanes):
         y = TOP + lane * (LANE_H + LANE_GAP)
@@ -173,6 +178,11 @@ def timeline_png(preds, duration_s: float, title: str, palette: dict, fps: float
         draw.line([x, axis, x, axis + 4], fill=(0, 0, 0))
         draw.text((min(x, LEFT + PLOT_W - 30), axis + 6), f"{k * duration / 5:.1f}s", fill=(0, 0, 0), font=font)
     return pic
+
+
+def probabilities(scores) -> bool:
+    """Whether top-1 scores (a numpy array) could be probabilities: all in [0, 1]."""
+    return bool(((scores >= 0) & (scores <= 1)).all())
 
 
 REPORT_LIMIT = 1000  # videos in a report unless --limit says otherwise: a page a person reads
@@ -207,7 +217,13 @@ def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: 
     chosen = videos.column("video_uri").to_pylist() if len(videos) < listed else None
     durations = dict(zip(videos.column("video_uri").to_pylist(),
                          zip(videos.column("duration_s").to_pylist(), videos.column("fps").to_pylist())))
-    palette = colours(query.labels(output, videos=chosen))  # one colour per label across the timelines shown
+    # one colour per label, and one rule for the scores (shaded where every score shown is
+    # in [0, 1]: a raw-score model's videos all full colour), across the timelines shown
+    found, shaded = set(), True
+    for part in query.parts(output, columns=["label", "score"], videos=chosen):
+        found.update(pc.unique(part.column("label").drop_null()).to_pylist())
+        shaded = shaded and probabilities(np.nan_to_num(part.column("score").fill_null(0.0).to_numpy()))
+    palette = colours(found)
     pngs: dict = {}
     for part in query.parts(output, columns=TIMELINE_COLUMNS, videos=chosen):
         if not len(part):
@@ -222,7 +238,7 @@ def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: 
             rel = f"timelines/{safe}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"
             duration, fps = durations.get(uri) or (0.0, 0.0)
             # (the name as stored: a presigned URL's signature is not there; its other parameters may name the object)
-            pic = timeline_png(preds, duration or 0.0, uri[-110:], palette, fps or 0.0)
+            pic = timeline_png(preds, duration or 0.0, uri[-110:], palette, fps or 0.0, shaded)
             with storage.access(directory, "write to"):
                 storage.write_atomic(storage.join(directory, rel), lambda f, p=pic: p.save(f, format="PNG"))
             pngs[uri] = rel

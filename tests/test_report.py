@@ -246,3 +246,21 @@ def test_raw_scores_draw_their_bars_in_full_colour():
                      "score": [0.5]})  # (probabilities: as strong as their score)
     row = np.asarray(report.timeline_png(half, 0.1, "t", palette, 10.0))[y, report.LEFT:report.LEFT + report.PLOT_W]
     assert (row == np.round(255 - (255 - np.array(palette["moving"], np.float64)) * 0.5).astype(np.uint8)).all()
+
+
+def test_one_rule_for_scores_across_a_reports_timelines(tmp_path):
+    """A raw-score model's video whose scores all happen to fall in [0, 1] was drawn
+    shaded, its other videos in full colour, one report two readings of one scale: where
+    any score shown is no probability, every timeline is in full colour; where all are,
+    every one is shaded."""
+    out, raw = str(tmp_path / "out"), str(tmp_path / "raw")
+    write_output(raw, {"/v/a.mp4": [("moving", 7.5)] * 10, "/v/b.mp4": [("moving", 0.5)] * 10}, fps=10.0)
+    write_output(out, {"/v/a.mp4": [("moving", 0.25)] * 10, "/v/b.mp4": [("moving", 0.5)] * 10}, fps=10.0)
+    colour = np.array(report.colours(["moving"])["moving"], float)
+    for output, expect in [(raw, {"a": colour, "b": colour}),
+                           (out, {"a": np.round(255 - (255 - colour) * 0.25), "b": np.round(255 - (255 - colour) * 0.5)})]:
+        pngs = report.write_report(output, str(tmp_path / "rep" / os.path.basename(output)))
+        for name, want in expect.items():
+            img = np.asarray(Image.open(tmp_path / "rep" / os.path.basename(output) / pngs[f"/v/{name}.mp4"]))
+            np.testing.assert_array_equal(img[report.TOP + report.LANE_H // 2, _x(0.5, 1.0)], want,
+                                          err_msg=f"{output} {name}")
