@@ -336,6 +336,7 @@ class Predictor:
                             "without XLA", self.device, ", ".join(ops))
                 xla = False
         self.xla = xla
+        drop_autograph_sources()
         # Model calls run on `streams` threads, whatever the number of batches in flight:
         # Ray Data hands this actor CALLS_PER_ACTOR batches at once (pipeline.py), so one
         # batch's host work (batching, top-k, Arrow) overlaps another's model calls, and a
@@ -534,6 +535,26 @@ def _reason(e: BaseException) -> str:
             rest = said[at + 1:at + 2] if first.startswith("Exception encountered when calling") else [first]
             return f"{name}: {redact(' '.join(rest) or first)}"
     return f"{type(e).__name__}: {redact(text)}"
+
+
+AUTOGRAPH_PREFIX = "__autograph_generated_file"  # TensorFlow's (tensorflow/python/autograph/pyct/loader.py)
+
+
+def drop_autograph_sources() -> int:
+    """Delete the temporary .py files TensorFlow's autograph wrote for the functions this
+    process has converted (it deletes them at exit; Ray ends an actor by killing it, so each
+    inference actor left two in the node's temporary folder, for good). Once a function is
+    traced, its file is not read again (a traceback's line text at most). Returns how many."""
+    import sys
+
+    dropped = 0
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) if name.startswith(AUTOGRAPH_PREFIX) else None
+        if path and os.path.basename(path).startswith(AUTOGRAPH_PREFIX):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                dropped += 1
+    return dropped
 
 
 class _Busy:

@@ -492,3 +492,20 @@ def test_free_memory_counts_a_containers_limit_less_its_working_set(tmp_path):
     unlimited = {**meminfo, "sys/fs/cgroup/memory.max": "max", "sys/fs/cgroup/memory.current": "1"}
     assert _free_bytes(tree("unlimited", unlimited)) == 48000000 * 1024
     assert _free_bytes(str(tmp_path / "nothing")) == 0  # (no /proc: no check)
+
+
+def test_an_inference_actor_leaves_no_autograph_files_behind(shapes_model):
+    """autograph writes each function it converts to a temporary .py file, deleted at exit;
+    Ray kills an actor, so every inference actor left two in the node's temporary folder.
+    Once its graph is traced, a Predictor deletes those of its process (autograph converts
+    a function once a process: a later Predictor's are the first's); it still predicts."""
+    import os
+    import sys
+
+    from rayvid import infer
+
+    p = Predictor(ModelConfig(name=shapes_model["path"], topk=3), batch_size=4)
+    files = [m.__file__ for n, m in list(sys.modules.items()) if n.startswith(infer.AUTOGRAPH_PREFIX)]
+    assert files, "no function converted: nothing tested"
+    assert not [f for f in files if os.path.exists(f)], files
+    assert p.scores(_frames(5)).shape == (5, 6)
