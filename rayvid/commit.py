@@ -780,8 +780,9 @@ RIVALS_EVERY_S = 30.0  # how often a committer looks again for an earlier live r
 
 
 def _folder(uri) -> str:
-    """An INPUT as `Rivals` compares them: a folder with or without its last "/" is one."""
-    return str(uri or "").rstrip("/")
+    """An INPUT as `Rivals` compares them: as the listing writes its videos' URIs (a
+    `file://` URL is its path), a folder with or without its last "/" one."""
+    return _canonical_folder(str(uri or "")) or str(uri or "").rstrip("/")
 
 
 LISTING_SUFFIX = ".videos.parquet"  # runs/<run_id>.videos.parquet: a manifest run's videos, while it runs

@@ -1231,6 +1231,18 @@ def test_the_later_of_two_live_runs_over_the_same_input_stops_before_it_commits(
     commit.Rivals(str(tmp_path), late_record).check_now()  # the earlier one ended: the later one goes on
     for beat in (late, shard):
         beat.stop()
+    # a local folder given as a file:// URL is that folder (its videos listed under the same
+    # URIs): the second run committed every video again, both exit 0 (a QA find)
+    beats = [start("plain", "2026-12-05T11:00:00Z", "/data/in")[0]]
+    try:
+        for spelling in ("file:///data/in", "file://localhost/data/in/", "FILE:///data/in/2024"):
+            beat, record = start(f"url-{len(beats)}", "2026-12-05T11:00:01Z", spelling, recorded_at=time.time() + 5)
+            beats.append(beat)
+            with pytest.raises(ConfigError, match=r"run plain .* is running over the same INPUT"):
+                commit.Rivals(str(tmp_path), record).check_now()
+    finally:
+        for beat in beats:
+            beat.stop()
 
 
 def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
