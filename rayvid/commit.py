@@ -1054,10 +1054,15 @@ class Committed:
 
     COLUMNS = ("video_uri", "size_bytes", "version", "error", "changed", "file")
 
-    def __init__(self, table: pa.Table | None = None, files: list | None = None, key=hash):
+    def __init__(self, table: pa.Table | None = None, files: list | None = None, key=hash, doubles: bool = True):
         """`table`: those columns, a video in several rows where committed more than once
-        (the last row wins); `files`: the part names `file` indexes."""
+        (the last row wins); `files`: the part names `file` indexes. `doubles`: the rows
+        are of one listing of OUTPUT, so a video in two parts is committed twice (`doubled`);
+        else later rows are newer reads of the same video (`merged`)."""
         self.files = list(files or [])
+        # video -> the other parts holding it (committed twice: two runs at once, a compaction
+        # under a retraction): `files_of` names them too, so a retraction takes every copy
+        self.doubled: dict = {}
         self.removed: list = []  # orphan files deleted by `recover`
         self.in_flight: list = []  # orphan files of runs still writing: left
         self.lost: list = []  # (part, videos, frames): committed parts whose predictions/ file is gone
@@ -1070,6 +1075,8 @@ class Committed:
         keys = _hashes(uris, key)
         last = _last_of_each(uris, keys)
         if last is not None:
+            if doubles:
+                self.doubled = _doubled(table, last, self.files)
             table, keys = table.filter(pa.array(last)), keys[last]
         self.table = table
         self.index = UriIndex(table.column("video_uri"), key, keys)
@@ -1093,10 +1100,18 @@ class Committed:
         return sorted(self.table.column("video_uri").to_pylist())
 
     def files_of(self, uris) -> list[str]:
-        """The part names holding these (committed) videos, sorted."""
+        """The part names holding these (committed) videos, sorted (every copy's)."""
         rows = self.index.rows(pa.array(sorted(uris), pa.string()))
         held = np.unique(self.table.column("file").to_numpy()[rows[rows >= 0]])
-        return sorted(self.files[int(i)] for i in held)
+        more = set().union(*(self.doubled.get(u, ()) for u in uris)) if self.doubled else set()
+        return sorted({self.files[int(i)] for i in held} | more)
+
+    def mark_changed(self, uris) -> None:
+        """Read these videos again, as ones that changed: retracted (every copy), redone."""
+        rows = self.index.rows(pa.array(sorted(uris), pa.string()))
+        changed = self.table.column("changed").to_numpy(zero_copy_only=False).copy()
+        changed[rows[rows >= 0]] = True
+        self.table = self.table.set_column(self.COLUMNS.index("changed"), "changed", pa.array(changed))
 
     def merged(self, later: "Committed") -> "Committed":
         """This, with `later`'s parts read after it (parts that appeared since: another
@@ -1104,17 +1119,36 @@ class Committed:
         files = later.table.column("file").to_numpy() + len(self.files)
         table = pa.concat_tables([self.table, later.table.set_column(
             self.COLUMNS.index("file"), "file", pa.array(files.astype(np.int32)))], promote_options="permissive")
-        out = Committed(table, self.files + later.files, self.index.key)
+        out = Committed(table, self.files + later.files, self.index.key, doubles=False)
         out.removed, out.in_flight = self.removed, self.in_flight
+        out.doubled = {**self.doubled, **later.doubled}
         return out
 
     def drop(self, uris) -> None:
         """No longer committed (retracted)."""
+        for uri in uris:
+            self.doubled.pop(uri, None)
         rows = self.index.rows(pa.array(sorted(uris), pa.string()))
         keep = np.ones(len(self.table), bool)
         keep[rows[rows >= 0]] = False
         self.table = self.table.filter(pa.array(keep))
         self.index = UriIndex(self.table.column("video_uri"), self.index.key, self.index.keys[np.argsort(self.index.order)][keep])
+
+
+def _doubled(table: pa.Table, last: np.ndarray, files: list) -> dict:
+    """{video: the parts of its rows that `last` (a mask: each video's last row) leaves out,
+    other than the last row's part}: the videos committed in more than one part."""
+    column = table.column("video_uri")
+    again = pc.unique(column.filter(pa.array(~last)))
+    rows = np.flatnonzero(pc.is_in(column, value_set=again).to_numpy(zero_copy_only=False))  # (few)
+    parts = table.column("file").to_numpy()[rows]
+    uris = column.take(pa.array(rows)).to_pylist()
+    kept = {uri: part for uri, part, is_last in zip(uris, parts.tolist(), last[rows].tolist()) if is_last}
+    out: dict = {}
+    for uri, part, is_last in zip(uris, parts.tolist(), last[rows].tolist()):
+        if not is_last and part != kept[uri]:
+            out.setdefault(uri, set()).add(files[part])
+    return out
 
 
 def _last_of_each(uris: pa.Array, keys: np.ndarray) -> np.ndarray | None:
@@ -1225,6 +1259,11 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
     with concurrent.futures.ThreadPoolExecutor(RECOVER_READS) as pool:
         tables = [rows_of(i, *fetched) for i, fetched in enumerate(in_order(pool, fetch, names, 2 * RECOVER_READS))]
     state = Committed(pa.concat_tables(tables) if tables else None, names)
+    if state.doubled:  # (rare) a compaction's merged part beside the parts it replaces is no double
+        live = set(committed_parts(fs, root))
+        tables = [t for name, t in zip(names, tables) if name in live]
+        state = Committed(pa.concat_tables(tables) if tables else None, names)
+        state.mark_changed(state.doubled)  # read again: every copy retracted, then one committed
     state.removed, state.in_flight, state.lost = removed, in_flight, lost
     _finish_retractions(output, fs, root, state, retractions, repair)
     return state

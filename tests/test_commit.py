@@ -1606,3 +1606,46 @@ def test_a_retraction_half_done_is_no_lost_part_and_compact_keeps_a_lost_one(tmp
         compact.compact(out)
     lost = commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"], repair=False)
     assert lost.lost == [(os.path.basename(parts[0]), 1, 5)]
+
+
+def test_a_video_committed_in_two_parts_is_read_again_and_every_copy_retracted(tmp_path):
+    """A video committed twice (two runs at once over one INPUT; a compaction under a
+    retraction) was known by its last row alone: a rerun that redid it retracted one copy
+    and kept the other, and later reruns skipped it, its rows twice for good (a QA find).
+    Now it is to do again, as a changed video, and its retraction takes every copy; a
+    compaction's merged part beside the parts it replaces (not yet deleted) is no double."""
+    import json
+    import shutil
+
+    from helpers import read_output, write_output
+
+    out = str(tmp_path / "out")
+    write_output(out, {"/v/a.mp4": [("circle", 0.9)] * 3, "/v/b.mp4": [("square", 0.8)] * 2})
+    write_output(out, {"/v/a.mp4": [("circle", 0.7)] * 3}, run_id="r2")  # a second run's copy
+    assert len(read_output(out, "predictions")) == 8
+    state = commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"])
+    assert set(state.doubled) == {"/v/a.mp4"}
+    assert len(state.files_of({"/v/a.mp4"})) == 2 and len(state.files_of({"/v/b.mp4"})) == 1
+    listed = pa.table({"video_uri": ["/v/a.mp4", "/v/b.mp4"], "size_bytes": [-1, -1], "version": ["", ""]})
+    left, skipped, redo = commit.pending(listed, state, retry_failed=False)
+    assert (left.column("video_uri").to_pylist(), skipped, redo) == (["/v/a.mp4"], 1, {"/v/a.mp4"})
+    commit.retract(out, redo, state, "r3")
+    assert read_output(out, "predictions").column("video_uri").to_pylist() == ["/v/b.mp4"] * 2
+    assert read_output(out, "videos").column("video_uri").to_pylist() == ["/v/b.mp4"]
+    assert commit.recover(out, only=["/v/a.mp4", "/v/b.mp4"]).doubled == {}
+
+    # a compaction that has written its merged part (its commit point) but not yet deleted
+    # the parts it replaces: the same rows twice in the folders, once for readers
+    write_output(out, {"/v/c.mp4": [("circle", 0.9)] * 2}, run_id="r4")
+    parts = sorted(os.listdir(os.path.join(out, "videos")))
+    merged = "part-compact-20261207T000000Z-00000000-00000.parquet"
+    for folder in ("predictions", "videos"):
+        tables = [pq.read_table(os.path.join(out, folder, p)) for p in parts]
+        pq.write_table(pa.concat_tables(tables), os.path.join(out, folder, merged))
+    os.makedirs(os.path.join(out, "compactions"))
+    with open(os.path.join(out, "compactions", merged + ".json"), "w") as f:
+        json.dump({"replaces": parts, "started_at": time.time(), **commit.writer()}, f)
+    with commit.active(merged):  # (still at work: not finished by this recover)
+        state = commit.recover(out, only=["/v/b.mp4", "/v/c.mp4"], repair=False)
+    assert state.doubled == {} and not any(state.table.column("changed").to_pylist())
+    shutil.rmtree(os.path.join(out, "compactions"))

@@ -625,6 +625,19 @@ def test_a_deleted_predictions_part_is_said_by_readers_and_read_again_by_the_nex
     videos = read_output(out, "videos").column("video_uri").to_pylist()
     assert sorted(videos) == sorted(set(videos)) and len(videos) == first.videos_ok + first.videos_failed
     assert cli.main(["summary", out]) == 0
+    # a part committed twice (as two runs at once over one INPUT did): its videos are read
+    # again, every copy retracted, their rows once
+    part = sorted(glob.glob(os.path.join(out, "videos", "part-*.parquet")))[0]
+    twice = pq.read_table(part).column("video_uri").to_pylist()
+    for folder in ("predictions", "videos"):
+        shutil.copy(os.path.join(out, folder, os.path.basename(part)), os.path.join(out, folder, "part-twice-00000.parquet"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rayvid"):
+        third = pipeline.run(_cfg(str(media["videos"]), out, shapes_model["path"]))
+    assert (third.videos_ok, third.videos_skipped) == (len(twice), first.videos_ok - len(twice))
+    assert any(f"{len(twice)} of the listed videos are committed twice in OUTPUT" in r.getMessage() for r in caplog.records)
+    after = read_output(out).sort_by([("video_uri", "ascending"), ("frame_index", "ascending")])
+    assert after.select(cols).equals(before.select(cols))
 
 
 @pytest.mark.parametrize("listed", ["folder", "manifest"])
