@@ -1551,9 +1551,33 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
                          "started_at": time.time(), **writer()}).encode()
     with active(key):
         storage.write_atomic(url, lambda f: f.write(intent))
-        _retract(output, set(uris), names)
+        _retract(output, set(uris), _where_now(output, uris, names))
         fs, path = storage.resolve(url)
         fs.rm(path)
+
+
+COMPACTION_POLL_S = 1.0  # a retraction's wait for a `rayvid compact` at work
+
+
+def _where_now(output: str, uris: set, names: list) -> list:
+    """The parts holding `uris` (`names`, as read before) once no compaction is at work:
+    one that read them before this retraction's record was written would merge their old
+    rows into a part of its own (a QA find: the video then committed twice), one begun
+    after leaves parts holding them alone (compact._merge). So it is waited for, and where
+    it merged named parts, where the videos are now is read (their parts renamed)."""
+    fs, root = storage.resolve(output)
+    root = root.rstrip("/")
+    waited = False
+    while finish_compactions(fs, root):
+        if not waited:
+            log.info("waiting for the `rayvid compact` at work in OUTPUT to finish, to retract %d videos", len(uris))
+            waited = True
+        time.sleep(COMPACTION_POLL_S)
+    listed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
+    if all(name in listed for name in names):
+        return names
+    now = recover(output, only=sorted(uris), repair=False)
+    return sorted({name for name in names if name in listed} | set(now.files_of(uris)))
 
 
 def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:

@@ -28,6 +28,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayvid import commit, storage
@@ -59,7 +60,6 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     names = commit.committed_parts(fs, root)
     running = set() if include_running else _running_runs(fs, root)
     listed = {d: commit.part_sizes(fs, f"{root}/{d}") for d, _, _ in _TABLES}
-    retracting = commit.retracting(fs, root)  # (for `_merge`'s check of lost predictions/ files)
     rows = _rows(fs, f"{root}/{commit.PREDICTIONS_DIR}", names, listed[commit.PREDICTIONS_DIR])
     small = [n for n in names if rows[n] is not None and rows[n] < target_rows // 2 and commit.run_of(n) not in running]
     groups, group, total = [], [], 0
@@ -75,7 +75,7 @@ def compact(output: str, target_rows: int = TARGET_ROWS, include_running: bool =
     stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     merged = 0
     for seq, group in enumerate(groups):
-        merged += _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet", listed, retracting)
+        merged += _merge(output, fs, root, group, f"part-compact-{stamp}-{seq:05d}.parquet", listed)
     groups = [g for g in groups if g]  # (a merge whose parts went meanwhile leaves its group empty)
     return {"parts_before": len(names), "parts_after": len(names) - merged + len(groups),
             "merged": merged, "into": len(groups),
@@ -98,14 +98,17 @@ def _refuse_if_compacting(fs, root: str, mine: str = "") -> None:
                           f"rows twice)")
 
 
-def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict, retracting=frozenset()) -> int:
+def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict) -> int:
     """The group's parts merged into `new`; each of its files read in one request (its size
     from `listed`, the folders' listings), several at once. Its intent record is written
     first, and then no other compaction may be at work (else ConfigError, the record
     withdrawn: of two that began at once, one or both stop); a part whose videos/ file went
     since the listing (merged by a compaction that ended meanwhile) is left out, whole.
     Returns how many parts it merged (0: fewer than two were left). A part whose
-    predictions/ file is lost (`commit.lost_error`) stops it before it writes any."""
+    predictions/ file is lost (`commit.lost_error`) stops it before it writes any. A part
+    holding a video a retraction is taking out (its record there once this merge's is
+    written) is left out: merged, its old rows would outlive the retraction (a retraction
+    begun after this record waits for this merge to end: `commit.retract`)."""
     record = json.dumps({"replaces": group, "started_at": time.time(), **commit.writer()}).encode()
     intent = f"{root}/{commit.COMPACTIONS_DIR}/{new}.json"
     with commit.active(new):  # never undone by a recover in this process meanwhile
@@ -117,13 +120,22 @@ def _merge(output: str, fs, root: str, group: list[str], new: str, listed: dict,
         except ConfigError:
             fs.rm(intent)
             raise
+        retracting = commit.retracting(fs, root)
+        taken = pa.array(sorted(retracting), pa.string())
         tables = {}
         for directory, schema, keys in reversed(_TABLES):  # videos/ first: the parts still committed
             paths = [(n, f"{root}/{directory}/{n}", listed[directory][n]) for n in group if n in listed[directory]]
             with concurrent.futures.ThreadPoolExecutor(commit.RECOVER_READS) as pool:
                 read = dict(zip([n for n, _, _ in paths], pool.map(lambda p: _read(fs, *p[1:]), paths)))
             if directory == commit.VIDEOS_DIR:
-                group[:] = [n for n in group if read.get(n) is not None]
+                kept = [n for n in group if read.get(n) is not None and not
+                        (len(taken) and pc.any(pc.is_in(read[n].column("video_uri"), value_set=taken)).as_py())]
+                if len(kept) >= 2 and any(read.get(n) is not None for n in group if n not in kept):
+                    # (the record names what it replaces: deleted once the merged part is committed)
+                    record = json.dumps({**json.loads(record), "replaces": kept}).encode()
+                    with storage.access(url, "write"):
+                        storage.write_atomic(url, lambda f: f.write(record))
+                group[:] = kept
                 for n in group:  # a part whose predictions/ file is lost: merged, the loss would be for good
                     rows = commit.wrote_frames(read[n], retracting) if n not in listed[commit.PREDICTIONS_DIR] else ()
                     if len(rows):  # (committed before the predictions/ listing: its file was there, if any)

@@ -276,8 +276,9 @@ def test_uri_index_finds_each_rows_one_at_a_time_and_all_at_once(key):
 
 @pytest.mark.parametrize("key", [hash, lambda uri: 7], ids=["hash", "every-hash-equal"])
 def test_committed_keeps_each_videos_last_row_and_forgets_dropped_ones(key):
-    """A video in several parts (committed again before its old rows were retracted) is
-    what its last part says; `drop` removes exactly the given videos."""
+    """A video in several parts (committed twice) is what its last part says, and every
+    part holding it is one of its files (a retraction takes every copy); `drop` removes
+    exactly the given videos."""
     from rayvid.commit import Committed
 
     uris = ["a", "b", "a", "c", "b", "a"]
@@ -289,8 +290,10 @@ def test_committed_keeps_each_videos_last_row_and_forgets_dropped_ones(key):
     assert state.get("a") == {"size_bytes": 5, "version": "v5", "error": True, "changed": True, "file": "p2"}
     assert state.get("b") == {"size_bytes": 4, "version": "v4", "error": False, "changed": False, "file": "p2"}
     assert state.get("c")["file"] == "p1" and state.get("d") is None and "d" not in state
-    assert state.files_of({"a", "c"}) == ["p1", "p2"]
+    assert state.files_of({"a", "c"}) == ["p0", "p1", "p2"] and state.files_of({"c"}) == ["p1"]
+    assert state.doubled == {"a": {"p0", "p1"}, "b": {"p0"}}
     state.drop({"b", "d"})
+    assert state.doubled == {"a": {"p0", "p1"}}
     assert state.uris() == ["a", "c"] and "b" not in state and state.get("c")["size_bytes"] == 3
     rows = state.index.rows(pa.array(["c", "a", "b"])).tolist()
     assert rows[2] == -1 and state.table.column("video_uri").take(rows[:2]).to_pylist() == ["c", "a"]

@@ -429,3 +429,49 @@ def test_a_damaged_part_is_named_by_compact(small_parts, capsys):
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.startswith(f"rayvid: error: cannot read {part}: "), said
     assert os.path.getsize(part) == 100
+
+
+def test_a_compaction_and_a_retraction_at_once_leave_the_retracted_video_once(small_parts, caplog):
+    """A rerun redoing a changed video read OUTPUT, then `compact` merged the parts before
+    its retraction: the retraction named the parts as read, found none, removed nothing,
+    and the old rows stayed beside the new ones (a QA find). It now finds where the video
+    is. A compaction that sees a retraction at work leaves the parts holding its videos
+    out; a retraction that sees a compaction at work waits for it to end."""
+    import threading
+    import time
+
+    state = commit.recover(small_parts)
+    compact.compact(small_parts)
+    assert len(_files(small_parts, "videos")) == 1
+    commit.retract(small_parts, {"/v/03.mp4"}, state, "late")
+    preds, videos = _state(small_parts)
+    assert "/v/03.mp4" not in {r["video_uri"] for r in preds} | {r["video_uri"] for r in videos}
+
+    # a retraction at work (its record there, its process this one): its parts stay out
+    out = small_parts + "-2"
+    write_output(out, VIDEOS, rows_per_file=1)
+    holding = commit.recover(out).files_of({"/v/05.mp4"})
+    os.makedirs(os.path.join(out, "retractions"))
+    with commit.active("busy"):
+        with open(os.path.join(out, "retractions", "busy.json"), "w") as f:
+            json.dump({"videos": ["/v/05.mp4"], "run_id": "busy", "started_at": time.time(), **commit.writer()}, f)
+        done = compact.compact(out)
+    assert done["merged"] == len(VIDEOS) - 1 and set(holding) <= set(_files(out, "videos"))
+
+    # a compaction at work (its record, no merged part yet): the retraction waits for it
+    os.remove(os.path.join(out, "retractions", "busy.json"))
+    merging = "part-compact-20261207T000000Z-00000000-00000.parquet"
+    os.makedirs(os.path.join(out, "compactions"), exist_ok=True)
+    record = os.path.join(out, "compactions", merging + ".json")
+    with open(record, "w") as f:
+        json.dump({"replaces": holding, "started_at": time.time(), **commit.writer()}, f)
+    with commit.active(merging):
+        state = commit.recover(out)
+        gone = threading.Timer(1.5, os.remove, [record])
+        gone.start()
+        started = time.monotonic()
+        with caplog.at_level("INFO", logger="rayvid"):
+            commit.retract(out, {"/v/05.mp4"}, state, "r9")
+        waited = time.monotonic() - started
+    assert waited >= 1.0 and any("waiting for the `rayvid compact`" in r.getMessage() for r in caplog.records)
+    assert "/v/05.mp4" not in {r["video_uri"] for r in _state(out)[0]}
