@@ -382,6 +382,22 @@ class _StartFailed(Exception):
         self.killed = killed
 
 
+POLL_MAX_S = 86400.0  # one wait on the child at most: multiprocessing refuses 2**31 ms and more
+
+
+def _poll(conn, timeout_s: float) -> bool:
+    """`conn.poll(timeout_s)` for any budget (a `--decode-timeout` of 1e9 meaning "none"
+    raised OverflowError in the actor: a traceback, the run failed), in waits of at most
+    POLL_MAX_S."""
+    end = time.monotonic() + timeout_s
+    while True:
+        left = max(end - time.monotonic(), 0.0)
+        if conn.poll(min(left, POLL_MAX_S)):
+            return True
+        if left <= POLL_MAX_S:
+            return False
+
+
 class _Child:
     """The decode child process and its socket: pickled requests in, (kind, payload) out."""
 
@@ -470,7 +486,7 @@ class _Child:
         while True:
             t0 = time.monotonic()
             try:
-                ready = self.conn.poll(max(budget, 0.0))
+                ready = _poll(self.conn, budget)
                 message = self.conn.recv() if ready else None
             except (EOFError, OSError):
                 raise _ChildFailed(DecoderCrash(self._death())) from None
@@ -507,7 +523,7 @@ class _Child:
         try:
             self._ensure()
             self.conn.send(("plan", request))
-            message = self.conn.recv() if self.conn.poll(timeout_s) else None
+            message = self.conn.recv() if _poll(self.conn, timeout_s) else None
         except (EOFError, OSError, _StartFailed):
             message = None
         if message is None:

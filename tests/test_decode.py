@@ -885,3 +885,16 @@ def test_a_full_local_disk_stops_the_run_not_the_video(media, s3fs_client, tmp_p
         del dec
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_a_decode_timeout_of_any_length_waits_on_the_child():
+    """multiprocessing's poll refuses a wait of 2**31 ms or more (OverflowError, even with
+    data ready): `--decode-timeout 3000000` failed the run with a traceback (a QA find)."""
+    import multiprocessing
+
+    from rayvid import decode
+
+    ours, theirs = multiprocessing.Pipe()
+    assert not decode._poll(ours, 0.05)
+    theirs.send("x")
+    assert decode._poll(ours, 3e6) and decode._poll(ours, 1e300) and ours.recv() == "x"
