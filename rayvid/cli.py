@@ -320,10 +320,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(merged)
 
 
+_YAML_INT = r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"  # YAML 1.2's core schema
+_YAML_FLOAT = (r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$")
+
+
 def _yaml_loader():
-    """PyYAML's safe loader, whose floats are YAML 1.2's: `1e3`, `-1e-3`, `1.5e3` too (YAML
-    1.1, which PyYAML follows, wants a dot and a signed exponent: `fps: 1e3` was the string
-    '1e3')."""
+    """PyYAML's safe loader, whose numbers are YAML 1.2's (core schema): `1e3`, `-1e-3`,
+    `1.5e3` are floats (YAML 1.1, which PyYAML follows, wants a dot and a signed exponent:
+    `fps: 1e3` was the string '1e3'); `010` is ten, not octal eight, and `1:30`, `0b11`,
+    `1_000` are no numbers (base 60, binary, digits apart: 90, 3 and 1000 before)."""
     import re
 
     import yaml
@@ -343,8 +349,20 @@ def _yaml_loader():
                 seen.add(key) if isinstance(key, (str, int, float, bool)) else None
             return super().construct_mapping(node, deep=deep)
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789."))
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    Loader.yaml_implicit_resolvers = {first: [(tag, regex) for tag, regex in resolvers if tag not in (int_tag, float_tag)]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(int_tag, re.compile(_YAML_INT), list("-+0123456789"))  # (before floats: 10 is one)
+    Loader.add_implicit_resolver(float_tag, re.compile(_YAML_FLOAT), list("-+0123456789."))
+
+    def integer(loader, node):
+        text = loader.construct_scalar(node)
+        try:
+            return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+        except ValueError:  # (`!!int` on something else)
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is no integer", node.start_mark) from None
+
+    Loader.add_constructor(int_tag, integer)
     return Loader
 
 

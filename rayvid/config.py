@@ -309,7 +309,7 @@ def merge(base: dict[str, Any], overrides: dict[str, Any], where: str = "config"
         if value is None:
             continue
         if isinstance(value, dict):
-            out[key] = merge(out.get(key) or {}, value, f"{where}.{key}")
+            out[key] = merge(out[key] if out.get(key) is not None else {}, value, f"{where}.{key}")  # (`model: false`: refused)
         else:
             out[key] = value
     return out
@@ -364,7 +364,10 @@ def _check_types(obj, where: str) -> None:
         else:
             ok = isinstance(value, kind)
         if not ok:
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            from rayvid.storage import redact  # (before it is cut: a URL's user-info cut off its "@" is no URL's)
+
+            shown = redact(repr(value))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             expected = _EXPECTED.get(kind, f"a {getattr(kind, '__name__', kind)}")
             raise ConfigError(f"{where}.{name}: expected {expected}, got {shown}")
         if value is not getattr(obj, name):

@@ -313,12 +313,34 @@ def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
         config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
 
 
+def test_yaml_integers_are_yaml_1_2s(tmp_path):
+    """YAML 1.1's integer forms changed values silently: `every: 010` was 8 (octal),
+    `fps: 1:30` 90 (base 60), `0b11` 3, `1_000` 1000 (a QA find). As in YAML 1.2, 010 is
+    ten, 0o and 0x are octal and hex, and the others are text, refused as a setting's value."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sampling: {every: 010}\ndecode: {threads: 0x2, batch_frames: 0o20}\n")
+    cfg = config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
+    assert (cfg.sampling.every, cfg.decode.threads, cfg.decode.batch_frames) == (10, 2, 16)
+    for text, message in [("sampling: {fps: 1:30}", "config.sampling.fps: expected a finite number, got '1:30'"),
+                          ("sampling: {every: 0b11}", "config.sampling.every: expected an integer, got '0b11'"),
+                          ("sampling: {every: 1_000}", "config.sampling.every: expected an integer, got '1_000'"),
+                          ("sampling: {fps: 1_0.5}", "config.sampling.fps: expected a finite number, got '1_0.5'")]:
+        path.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_from_args(parse_args(["run", "in", "out", "--config", str(path)]))
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("- in\n- out\n", "config {path}: expected a mapping of settings, got list"),
         ("just words\n", "config {path}: expected a mapping of settings, got str"),
         ("model: [resnet50]\n", "config.model: expected a mapping, got list"),
+        # (a section that YAML reads as false, 0, '' or [] ran with its defaults)
+        ("model: false\n", "config.model: expected a mapping, got bool"),
+        ("decode: 0\n", "config.decode: expected a mapping, got int"),
+        ("infer: ''\n", "config.infer: expected a mapping, got str"),
+        ("sampling: []\n", "config.sampling: expected a mapping, got list"),
         ("model: {preprocess: bogus}\n", "--preprocess must be one of auto, raw, unit, tf, caffe, torch, got 'bogus'"),
         ("model: {input_size: 224}\n", "config.model.input_size: expected two integers [H, W], got 224"),
         ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),

@@ -67,6 +67,10 @@ def test_run_id_cannot_name_a_path_outside_output(run_id):
         ({"input": 5}, "config.input: expected a string, got 5"),
         ({"limit": "10"}, "config.limit: expected an integer, got '10'"),
         ({"progress": "no"}, "config.progress: expected true or false, got 'no'"),
+        # (cut short after the secret was redacted: its first 56 characters were shown)
+        ({"input": ["https://github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01"
+                    "23456789abcd@raw.example.com/videos/m.txt"]},
+         r"config.input: expected a string, got \['https://\*\*\*@raw.example.com/videos/m.txt'\]$"),
     ],
 )
 def test_settings_of_the_wrong_type_or_choice_name_the_setting_and_value(settings, message):
