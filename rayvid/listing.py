@@ -118,7 +118,7 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
                 f"({', '.join(sorted(MANIFEST_EXTENSIONS))}) nor a video file{hint}"
             )
     table = table.sort_by("video_uri")
-    return table.slice(0, limit) if limit is not None else table
+    return table.slice(0, min(limit, len(table))) if limit is not None else table  # (pyarrow: 2**63 and more overflow)
 
 
 def _table(rows: list) -> pa.Table:

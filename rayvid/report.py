@@ -211,7 +211,7 @@ def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: 
     matched = len(videos)
     videos = videos.sort_by("video_uri")
     if limit:
-        videos = videos.slice(0, limit)
+        videos = videos.slice(0, min(limit, len(videos)))  # (pyarrow: 2**63 and more overflow)
     # (the videos not shown: parts and row groups whose video_uri range holds none of the
     # chosen are not read past their footer)
     chosen = videos.column("video_uri").to_pylist() if len(videos) < listed else None

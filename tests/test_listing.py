@@ -33,6 +33,7 @@ def test_local_folder_recursive_by_extension_sorted(tree):
     assert t.column("video_uri").to_pylist() == [f"{tree}/{r}" for r in EXPECTED]
     assert t.column("size_bytes").to_pylist() == [3] * len(EXPECTED)
     assert list_videos(str(tree), limit=2).num_rows == 2
+    assert list_videos(str(tree), limit=10**20).num_rows == len(EXPECTED)  # (an OverflowError in pyarrow's slice)
 
 
 def test_an_ftp_folder_lists_urls_that_name_its_server_and_store_no_password(tree):
