@@ -764,6 +764,10 @@ def refuse_live_run_id(output: str, run_id: str) -> None:
         raise ConfigError(f"run id {run_id} is in use: a run of that id (host {other.get('host')}, started "
                           f"{other.get('started_at')}) is running into this OUTPUT: wait for it to end "
                           f"(`rayvid runs OUTPUT`), or give another --run-id{_lease_hint(other)}")
+    if isinstance(other, dict):  # (a resubmitted job: meant; a run id copied into a config file: maybe not)
+        log.warning("run id %s was used before in this OUTPUT (status %s, started %s): this run's record replaces "
+                    "that run's, and its rows keep that id; give another --run-id to keep both records", run_id,
+                    other.get("status"), other.get("started_at"))
 
 
 def _lease_hint(record: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -1317,7 +1318,7 @@ def test_runs_over_manifests_meet_where_they_share_a_video(tmp_path):
             beat.stop()
 
 
-def test_a_run_id_a_live_run_holds_is_refused(tmp_path):
+def test_a_run_id_a_live_run_holds_is_refused(tmp_path, caplog):
     """Two runs of one --run-id at once (a job spec with a fixed id, submitted twice) each
     took the other's record for their own: neither saw the other, both committed every
     video into files of the same names. The second one is refused before it writes;
@@ -1355,6 +1356,16 @@ def test_a_run_id_a_live_run_holds_is_refused(tmp_path):
     path.write_text(json.dumps({"run_id": "nightly", "status": "running", **commit.writer(),
                                 "pid": int(gone.stdout), "pid_started": "1", "heartbeat_at": time.time()}))
     commit.refuse_live_run_id(out, "nightly")
+    # free, but said: a run id copied into a config file replaced a finished run's record silently
+    path.write_text(json.dumps({"run_id": "nightly", "status": "finished", "started_at": "2026-12-06T01:00:00Z"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rayvid"):
+        commit.refuse_live_run_id(out, "nightly")
+        commit.refuse_live_run_id(out, "fresh")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["run id nightly was used before in this OUTPUT (status finished, started 2026-12-06T01:00:00Z): "
+                    "this run's record replaces that run's, and its rows keep that id; give another --run-id to "
+                    "keep both records"], said
 
 
 def test_a_run_whose_record_another_process_writes_stops_at_its_next_check(tmp_path):
