@@ -754,17 +754,18 @@ def _writer_of(record) -> tuple:
     return tuple(record.get(k) for k in ("node", "pid", "pid_started")) if isinstance(record, dict) else ()
 
 
-def refuse_live_run_id(output: str, run_id: str) -> None:
+def refuse_live_run_id(output: str, run_id: str, warn: bool = True) -> None:
     """ConfigError where a live run of this run id writes into OUTPUT: its files and this
     run's would share names, each overwriting the other's record and listing, and neither
-    would see the other as a rival. A run of that id that ended or died leaves it free."""
+    would see the other as a rival. A run of that id that ended or died leaves it free
+    (`warn`: said)."""
     fs, root = storage.resolve(output)
     other = read_run_record(fs, root.rstrip("/"), run_id)
     if alive(other):
         raise ConfigError(f"run id {run_id} is in use: a run of that id (host {other.get('host')}, started "
                           f"{other.get('started_at')}) is running into this OUTPUT: wait for it to end "
                           f"(`rayvid runs OUTPUT`), or give another --run-id{_lease_hint(other)}")
-    if isinstance(other, dict):  # (a resubmitted job: meant; a run id copied into a config file: maybe not)
+    if warn and isinstance(other, dict):  # (a resubmitted job: meant; a run id copied into a config file: maybe not)
         log.warning("run id %s was used before in this OUTPUT (status %s, started %s): this run's record replaces "
                     "that run's, and its rows keep that id; give another --run-id to keep both records", run_id,
                     other.get("status"), other.get("started_at"))

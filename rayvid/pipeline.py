@@ -101,7 +101,7 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
             return result  # (before anything is written: no record, no listing, no retraction)
         record["plan"] = result.plan  # in every record of the run: running, failed, finished
         record["stats"] = _progress(result, None)  # (listed and skipped are known now: a run killed early says them)
-        _refuse_live_run_id(cfg)  # (before its listing and record, which would overwrite that run's)
+        _refuse_live_run_id(cfg, warn=False)  # (before its listing and record, which would overwrite that run's)
         if mine is not None:  # before the record: a run that sees the record sees this
             _write_listing(cfg, mine)
             record["listing"] = True
@@ -841,9 +841,9 @@ def _recover(cfg: RunConfig, videos: pa.Table, repair: bool = True) -> commit.Co
     return committed
 
 
-def _refuse_live_run_id(cfg: RunConfig) -> None:
+def _refuse_live_run_id(cfg: RunConfig, warn: bool = True) -> None:
     try:
-        commit.refuse_live_run_id(cfg.output, cfg.run_id)
+        commit.refuse_live_run_id(cfg.output, cfg.run_id, warn)
     except storage.ACCESS_ERRORS as e:
         raise _unreadable_output(cfg, e) from None
 
