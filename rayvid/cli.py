@@ -381,7 +381,9 @@ def _load_config_file(url: str) -> dict:
 
     try:
         data = yaml.load(storage.read_bytes(url).decode("utf-8"), Loader=_yaml_loader()) or {}
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if not storage.absent(e):  # fsspec's HTTP filesystem: a server it cannot reach, or a 403
+            raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.describe(e)}") from None
         raise ConfigError(f"config file not found: {storage.public_uri(url)}") from None
     except storage.ACCESS_ERRORS as e:
         raise ConfigError(f"cannot read config {storage.public_uri(url)}: {storage.describe(e)}") from None

@@ -818,3 +818,14 @@ def test_a_record_with_a_redacted_url_is_refused_unless_given_again(tmp_path, ty
     again = {"INPUT": ["/in2"], "--model": ["--model", "/m.keras"], "--labels": ["--labels", "/l.txt"]}[flag]
     cfg2 = config_from_args(parse_args(["run", "--config", str(record), *again]))
     assert cfg2.run_id != "r1" and "***" not in json.dumps(cfg2.to_dict()) and "<redacted>" not in json.dumps(cfg2.to_dict())
+
+
+def test_a_config_file_that_cannot_be_reached_is_not_said_missing(tmp_path, capsys):
+    """fsspec's HTTP filesystem says FileNotFoundError for a server it cannot reach: the
+    error said "config file not found" (a QA find); it says why now, and not found where
+    nothing is there."""
+    assert main(["run", "--config", "http://127.0.0.1:9/c.yaml", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayvid: error: cannot read config http://127.0.0.1:9/c.yaml: Cannot connect to host"), err
+    assert main(["run", "--config", str(tmp_path / "none.yaml"), "a", "b"]) == 2
+    assert capsys.readouterr().err == f"rayvid: error: config file not found: {tmp_path / 'none.yaml'}\n"
