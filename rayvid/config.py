@@ -95,8 +95,12 @@ class ModelConfig:
             raise ConfigError("--embed works with --head classify only")
         if self.topk < 1:
             raise ConfigError(f"--topk must be >= 1, got {self.topk}")
-        if self.max_boxes < 1 or not 0 < self.iou_threshold <= 1 or not 0 <= self.min_box_score < 1:
-            raise ConfigError("--max-boxes must be >= 1, --iou-threshold in (0, 1], --min-box-score in [0, 1)")
+        if self.max_boxes < 1:
+            raise ConfigError(f"--max-boxes must be >= 1, got {self.max_boxes}")
+        if not 0 < self.iou_threshold <= 1:
+            raise ConfigError(f"--iou-threshold must be in (0, 1], got {self.iou_threshold:g}")
+        if not 0 <= self.min_box_score < 1:
+            raise ConfigError(f"--min-box-score must be in [0, 1), got {self.min_box_score:g}")
         # local files by absolute path (the record repeats the run from anywhere)
         if is_model_path(self.name):  # a file or folder, not a keras.applications name
             if self.weights is not None:  # (it was ignored: the run went on, its record saying them)

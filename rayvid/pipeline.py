@@ -716,8 +716,9 @@ def _connect(address: Optional[str]) -> bool:
         try:
             ray.init(address=address, **kwargs)
         except (ValueError, ConnectionError) as e:
-            raise ConfigError(f"cannot connect to the Ray cluster at {storage.redact(address)}: "
-                              f"{storage.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
+            why = str(e).splitlines()[0].replace(address, _shown_address(address)) if str(e) else type(e).__name__
+            raise ConfigError(f"cannot connect to the Ray cluster at {_shown_address(address)}: "
+                              f"{storage.redact(why)}") from None
         _sigterm_without_abort()
         return True
     # "local": always a fresh embedded instance, never one a `ray start` left on this machine
@@ -772,15 +773,22 @@ def _sigterm_without_abort() -> None:
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
+def _shown_address(address: str) -> str:
+    """A Ray address as messages show it: a URL's credentials out (`storage.redact`), and
+    user-info before an "@" in one without a scheme (`user:pw@host:6379`, no Ray address's)."""
+    shown = storage.redact(address)
+    return "***@" + shown.rsplit("@", 1)[1] if "@" in shown and "://" not in shown else shown
+
+
 def _check_reachable(address: str) -> None:
     """ConfigError, in one line, for a Ray address rayvid cannot join: the dashboard's
     http:// address (`ray job submit`'s, not the cluster's), or a host:port nothing answers
     at (Ray retried it for minutes, saying only that it could not connect)."""
     if address.lower().startswith(("http://", "https://")):
-        raise ConfigError(f"--address/RAY_ADDRESS {storage.redact(address)} is a dashboard's URL (what `ray job "
+        raise ConfigError(f"--address/RAY_ADDRESS {_shown_address(address)} is a dashboard's URL (what `ray job "
                           f"submit --address` takes): give the cluster's address, host:6379 or auto")
     if address.lower().startswith("ray://"):  # (it failed inside Ray Data's executor: a traceback, exit 1)
-        raise ConfigError(f"--address/RAY_ADDRESS {storage.redact(address)} is a Ray Client address: Ray Data's "
+        raise ConfigError(f"--address/RAY_ADDRESS {_shown_address(address)} is a Ray Client address: Ray Data's "
                           f"streaming executor does not run through Ray Client; submit the job to the cluster "
                           f"(`ray job submit --address http://HEAD:8265 -- python jobs/classify_videos.py ...`) "
                           f"or run rayvid on one of its nodes (--address auto)")
@@ -794,8 +802,8 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as e:
-        raise ConfigError(f"cannot reach the Ray cluster at {storage.redact(address)}: {e.strerror or e} "
-                          f"(is its head running? `ray status --address {storage.redact(address)}`)") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {_shown_address(address)}: {e.strerror or e} "
+                          f"(is its head running? `ray status --address {_shown_address(address)}`)") from None
 
 
 def _probe_model(ray, cfg: RunConfig):

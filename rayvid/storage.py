@@ -255,6 +255,18 @@ def _gcs_not_found(text: str) -> Optional[str]:
     return f"no such object: gs://{bucket}/{key}" if key else f"no such bucket: gs://{bucket}"
 
 
+def _attempts() -> int:
+    """RAYVID_S3_MAX_ATTEMPTS (default 5), a whole number >= 1, else StorageError naming it."""
+    text = os.environ.get("RAYVID_S3_MAX_ATTEMPTS", "5")
+    try:
+        attempts = int(text)
+    except ValueError:
+        attempts = 0
+    if attempts < 1:
+        raise StorageError(f"RAYVID_S3_MAX_ATTEMPTS must be a whole number >= 1, got {text!r}")
+    return attempts
+
+
 def _storage_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
         opts: dict = {}
@@ -263,7 +275,7 @@ def _storage_options(protocol: str) -> dict:
         # s3fs retries transient errors itself; bound them so a dead endpoint fails in
         # seconds with a clear message instead of hanging.
         opts["config_kwargs"] = {
-            "retries": {"max_attempts": int(os.environ.get("RAYVID_S3_MAX_ATTEMPTS", "5")),
+            "retries": {"max_attempts": _attempts(),
                         "mode": "standard"},
             "connect_timeout": 10,
             "read_timeout": 60,

@@ -782,6 +782,8 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
 @pytest.mark.parametrize("address, message", [
     ("http://127.0.0.1:8265", "is a dashboard's URL (what `ray job submit --address` takes): give the cluster's address"),
     ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1: Connection refused"),
+    # (the password was said twice: no Ray address has user-info, but one typed it)
+    ("user:pw@127.0.0.1:1", "cannot reach the Ray cluster at ***@127.0.0.1:1: "),
     # Ray Client connected, then Ray Data's executor failed (a traceback, exit 1: a QA helper)
     ("ray://127.0.0.1:10001", "is a Ray Client address: Ray Data's streaming executor does not run through Ray "
                               "Client; submit the job to the cluster"),
@@ -794,6 +796,7 @@ def test_a_ray_address_rayvid_cannot_join_is_one_line(address, message, tmp_path
     assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--address", address]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rayvid: error: ") and message in err and err.count("\n") == 1, err
+    assert "pw" not in err
 
 
 @pytest.mark.parametrize("typed, flag", [

@@ -1130,3 +1130,14 @@ def test_s3_listings_read_timestamps_fast_and_the_same(s3_endpoint, s3fs_client,
             parse_timestamp(text)
         with pytest.raises(ValueError):
             fast(text)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "2.5"])
+def test_a_bad_s3_attempts_setting_is_said_naming_it(monkeypatch, value):
+    """RAYVID_S3_MAX_ATTEMPTS=abc said "invalid literal for int() with base 10", naming no
+    setting (a QA find)."""
+    from rayvid.errors import StorageError
+
+    monkeypatch.setenv("RAYVID_S3_MAX_ATTEMPTS", value)
+    with pytest.raises(StorageError, match=f"RAYVID_S3_MAX_ATTEMPTS must be a whole number >= 1, got '{value}'"):
+        storage.resolve("s3://bucket/key")
