@@ -87,6 +87,10 @@ class ModelConfig:
             raise ConfigError(f"--input-size must be two sizes >= 1 (H W), got {list(self.input_size)}")
         if self.output is not None and not self.output:
             raise ConfigError("--model-output must name an output of the model")
+        if self.weights == "":  # (it read as no --weights: ImageNet's, unsaid)
+            raise ConfigError("--weights needs a value: imagenet, none, or a weights file's path or URL")
+        if self.labels == "":
+            raise ConfigError("--labels needs a labels file's path or URL")
         if self.head not in HEADS:
             raise ConfigError(f"--head must be classify or detect, got {self.head!r}")
         if self.embed == "":

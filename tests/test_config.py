@@ -94,6 +94,8 @@ def test_settings_of_the_wrong_type_or_choice_name_the_setting_and_value(setting
         ({"limit": 0}, "--limit must be >= 1, got 0"),
         ({"commit_interval_s": -1}, "--commit-interval must be >= 0, got -1"),
         ({"model": {"max_boxes": 0}}, "--max-boxes must be >= 1, got 0"),
+        ({"model": {"name": "resnet50", "weights": ""}}, "--weights needs a value: imagenet, none, or a weights file"),
+        ({"model": {"labels": ""}}, "--labels needs a labels file's path or URL"),
         ({"model": {"iou_threshold": 0.0}}, r"--iou-threshold must be in \(0, 1\], got 0$"),
         ({"model": {"min_box_score": 1.0}}, r"--min-box-score must be in \[0, 1\), got 1$"),
     ],
