@@ -536,13 +536,15 @@ def console(argv: Optional[Sequence[str]] = None) -> NoReturn:
     `rayvid summary` on a loaded machine. What an exit must do is done first, in the
     interpreter's order: other Python threads joined, the atexit hooks run (Ray's shutdown,
     logging's flush), stdout and stderr flushed (exit 120 where that fails, as Python's);
-    a Ctrl-C meanwhile is ignored (what the command did is done; in Ray's exit hook, a
-    driver's disconnect, it ended the process with Ray's C++ error, exit 1). An exception out
-    of `main` (argparse's exit 2, a bug's traceback) exits as usual."""
+    a Ctrl-C or SIGTERM meanwhile is ignored (what the command did is done; in Ray's exit
+    hook, a driver's disconnect, a Ctrl-C ended the process with Ray's C++ error, exit 1,
+    and a SIGTERM a finished run's job with 143, its summary unsaid). An exception out of
+    `main` (argparse's exit 2, a bug's traceback) exits as usual."""
     code = main(argv)
     if threading.current_thread() is threading.main_thread():
         # nothing is left to stop: a Ctrl-C in Ray's exit hook was its C++ error, exit 1
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # the interpreter's first step at exit: threading's exit hooks (concurrent.futures wakes
         # a pool's idle workers, which would wait for work for ever), then the other threads joined
         threading._shutdown()
