@@ -44,6 +44,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -1127,6 +1128,8 @@ class Committed:
         out = Committed(table, self.files + later.files, self.index.key, doubles=False)
         out.removed, out.in_flight = self.removed, self.in_flight
         out.doubled = {**self.doubled, **later.doubled}
+        if out.doubled:  # (still to be read again, wherever its copies are now)
+            out.mark_changed(out.doubled)
         return out
 
     def drop(self, uris) -> None:
@@ -1142,7 +1145,8 @@ class Committed:
 
 def _doubled(table: pa.Table, last: np.ndarray, files: list) -> dict:
     """{video: the parts of its rows that `last` (a mask: each video's last row) leaves out,
-    other than the last row's part}: the videos committed in more than one part."""
+    other than the last row's part}: the videos committed more than once, in several parts
+    or twice in one (a compaction merged both copies' parts: an empty set)."""
     column = table.column("video_uri")
     again = pc.unique(column.filter(pa.array(~last)))
     rows = np.flatnonzero(pc.is_in(column, value_set=again).to_numpy(zero_copy_only=False))  # (few)
@@ -1151,8 +1155,8 @@ def _doubled(table: pa.Table, last: np.ndarray, files: list) -> dict:
     kept = {uri: part for uri, part, is_last in zip(uris, parts.tolist(), last[rows].tolist()) if is_last}
     out: dict = {}
     for uri, part, is_last in zip(uris, parts.tolist(), last[rows].tolist()):
-        if not is_last and part != kept[uri]:
-            out.setdefault(uri, set()).add(files[part])
+        if not is_last:
+            out.setdefault(uri, set()).update([files[part]] if part != kept[uri] else [])
     return out
 
 
@@ -1432,8 +1436,11 @@ def finish_compactions(fs, root: str) -> set:
     of the merged parts still being written."""
     merging = set()
     for new, record in _compactions(fs, root):
-        replaces = record["replaces"]
         if fs.exists(f"{root}/{VIDEOS_DIR}/{new}"):
+            try:  # as it is now: a compaction names the parts it leaves out again before it commits
+                replaces = _intent(fs, f"{root}/{COMPACTIONS_DIR}/{new}.json", "replaces", "a compaction")["replaces"]
+            except FileNotFoundError:  # (finished meanwhile, by it or another process)
+                continue
             for directory in (VIDEOS_DIR, PREDICTIONS_DIR, ERRORS_DIR):
                 _rm_all(fs, f"{root}/{directory}", [name for name in replaces if name != new])
         elif _intent_alive(fs, root, record, COMPACTION_LEASE_S, new):
@@ -1565,24 +1572,34 @@ COMPACTION_POLL_S = 1.0  # a retraction's wait for a `rayvid compact` at work
 
 
 def _where_now(output: str, uris: set, names: list) -> list:
-    """The parts holding `uris` (`names`, as read before) once no compaction is at work:
-    one that read them before this retraction's record was written would merge their old
-    rows into a part of its own (a QA find: the video then committed twice), one begun
-    after leaves parts holding them alone (compact._merge). So it is waited for, and where
-    it merged named parts, where the videos are now is read (their parts renamed)."""
+    """The parts holding `uris` (`names`, as read before), once every compaction at work
+    when this is called (just after the retraction's record is written) has ended: one that
+    read the parts before that record would merge their old rows into a part of its own (a
+    QA find: the video then committed twice); one begun after it leaves parts holding them
+    alone (compact._merge), so it is not waited for. Where the named parts went meanwhile
+    (merged), where the videos are now is read (their parts renamed)."""
+    if not names:  # (nothing committed to take out: no compaction can carry old rows)
+        return names
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
-    waited = False
-    while finish_compactions(fs, root):
-        if not waited:
-            log.info("waiting for the `rayvid compact` at work in OUTPUT to finish, to retract %d videos", len(uris))
-            waited = True
+    first = finish_compactions(fs, root)
+    waited = time.monotonic()
+    while first:
+        if time.monotonic() - waited >= COMPACTION_SAID_S:
+            log.warning("waiting for the `rayvid compact` at work in OUTPUT (%s) to finish, to retract %d videos "
+                        "(one killed on another host counts as at work for %d s)", ", ".join(sorted(first)),
+                        len(uris), COMPACTION_LEASE_S)
+            waited = math.inf
         time.sleep(COMPACTION_POLL_S)
+        first &= finish_compactions(fs, root)
     listed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
     if all(name in listed for name in names):
         return names
     now = recover(output, only=sorted(uris), repair=False)
     return sorted({name for name in names if name in listed} | set(now.files_of(uris)))
+
+
+COMPACTION_SAID_S = 10.0  # a retraction waiting longer for a compaction says so
 
 
 def _retraction_records(fs, root: str) -> list[tuple[str, dict]]:
@@ -1618,8 +1635,8 @@ def _finish_retractions(output: str, fs, root: str, state: Committed, records: l
         if _intent_alive(fs, root, record, LEASE_S, record.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")]):
             continue
         uris = {u for u in record["videos"] if u in state}
-        if repair:
-            _retract(output, uris, state.files_of(uris))
+        if repair:  # (after a compaction at work ends: `_where_now`)
+            _retract(output, uris, _where_now(output, uris, state.files_of(uris)))
         state.drop(uris)
         if repair:
             _rm(fs, path)

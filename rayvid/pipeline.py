@@ -88,7 +88,7 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
               "started_at": commit.record_time(started), "versions": _versions()}
     finished = False
     try:
-        _refuse_live_run_id(cfg)  # (at once: and again before its listing and record are written)
+        _refuse_live_run_id(cfg, warn=not dry_run)  # (at once: and again before its listing and record are written)
         work = _plan_work(ray, cfg, videos, shape, name, we_started_ray, repair=not dry_run)
         result, info = work.result, work.info
         # a manifest's videos: what another run over some of them would find (and this run's listing)
@@ -255,6 +255,7 @@ def _drop_committed_meanwhile(cfg: RunConfig, work: _Work) -> None:
         return
     import pyarrow.compute as pc
 
+    since.mark_changed(work.committed.doubled)  # (a double moved by a compaction meanwhile: still one)
     left, skipped, redo = commit.pending(work.videos, since, cfg.retry_failed)
     failed, _ = commit.skipped_by(work.videos, since, redo) if skipped else (0, [])
     work.committed = work.committed.merged(since)
@@ -512,7 +513,12 @@ def _settings(config: dict) -> dict:
     else:  # a model file's own (a run before they were refused with one recorded them, unused)
         weights = None
     rest = {f.name: model.get(f.name, f.default) for f in dataclasses.fields(ModelConfig) if f.name not in _SPEED_ONLY}
-    rest["input_size"] = list(rest["input_size"]) if rest["input_size"] is not None else None  # (JSON: a list)
+    if isinstance(rest["input_size"], tuple):  # (JSON: a list)
+        rest["input_size"] = list(rest["input_size"])
+    if rest["head"] != "detect":  # (settings of a head or an output the run did not use: none)
+        rest.update(max_boxes=None, iou_threshold=None, min_box_score=None)
+    if not rest["embed"]:
+        rest["embed_normalize"] = None
     sampling = config.get("sampling")
     if isinstance(sampling, dict):
         sampling = {f.name: sampling.get(f.name, f.default) for f in dataclasses.fields(SamplingConfig)}
@@ -717,7 +723,9 @@ def _connect(address: Optional[str]) -> bool:
         try:
             ray.init(address=address, **kwargs)
         except (ValueError, ConnectionError) as e:
-            why = str(e).splitlines()[0].replace(address, _shown_address(address)) if str(e) else type(e).__name__
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "@" in address and "://" not in address:  # (user-info however Ray spells the address)
+                why = why.replace(address.rsplit("@", 1)[0] + "@", "***@")
             raise ConfigError(f"cannot connect to the Ray cluster at {_shown_address(address)}: "
                               f"{storage.redact(why)}") from None
         _sigterm_without_abort()

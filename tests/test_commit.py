@@ -295,6 +295,14 @@ def test_committed_keeps_each_videos_last_row_and_forgets_dropped_ones(key):
     assert state.doubled == {"a": {"p0", "p1"}, "b": {"p0"}}
     state.drop({"b", "d"})
     assert state.doubled == {"a": {"p0", "p1"}}
+    # both copies in one part (a compaction merged the parts of each): a double all the same
+    once = Committed(table.filter(pa.array([u != "a" for u in uris])).set_column(
+        5, "file", pa.array([0, 0, 0], pa.int32())), ["merged"], key=key)
+    assert once.doubled == {"b": set()} and once.files_of({"b"}) == ["merged"]
+    # a double found by a first read stays to be read again once merged with a later read
+    later = Committed(table.slice(5, 1).set_column(4, "changed", pa.array([False])).set_column(
+        5, "file", pa.array([0], pa.int32())), ["p9"], key=key)
+    assert state.merged(later).get("a")["changed"] and state.merged(later).files_of({"a"}) == ["p0", "p1", "p9"]
     assert state.uris() == ["a", "c"] and "b" not in state and state.get("c")["size_bytes"] == 3
     rows = state.index.rows(pa.array(["c", "a", "b"])).tolist()
     assert rows[2] == -1 and state.table.column("video_uri").take(rows[:2]).to_pylist() == ["c", "a"]

@@ -976,9 +976,12 @@ def test_every_model_setting_that_shapes_the_rows_is_compared_and_speed_settings
         return pipeline._settings(dict(now, model=dict(now["model"], **m)))
 
     for setting, value in [("topk", 1), ("preprocess", "unit"), ("input_size", [64, 64]), ("embed", "auto"),
-                           ("head", "detect"), ("max_boxes", 3), ("labels", "/m/other.txt")]:
+                           ("head", "detect"), ("labels", "/m/other.txt")]:
         assert changed(**{setting: value}) != pipeline._settings(now), setting
     assert changed(xla=True, mixed_precision=True) == pipeline._settings(now)
+    # settings of a head or output the runs did not use: no difference
+    assert changed(max_boxes=3, embed_normalize=True) == pipeline._settings(now)
+    assert changed(head="detect", max_boxes=3) != changed(head="detect")
     old = {"model": {"name": "/m/a.keras", "input_size": [96, 96]}, "sampling": {"every": 1}}
     assert pipeline._settings(old) == pipeline._settings(now)
 
