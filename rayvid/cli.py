@@ -392,9 +392,13 @@ def _load_config_file(url: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"config {storage.public_uri(url)} is not valid YAML: {storage.redact(_yaml_reason(e))}") from None
     if isinstance(data, dict) and "config" in data and "run_id" in data:
-        data = data["config"]  # a runs/<id>.json record: repeat its config, new run id
+        # a runs/<id>.json record: repeat its config, new run id; the settings it says lost
+        # their credentials (a record before it said so: those that look it) must be given again
+        taken = data.get("redacted")
+        taken = set(taken) if isinstance(taken, list) and all(isinstance(t, str) for t in taken) else None
+        data = data["config"]
         if isinstance(data, dict):
-            data = _without_redacted({k: v for k, v in data.items() if k != "run_id"}, url)
+            data = _without_redacted({k: v for k, v in data.items() if k != "run_id"}, url, taken=taken)
     if not isinstance(data, dict):
         raise ConfigError(f"config {storage.public_uri(url)}: expected a mapping of settings, "
                           f"got {type(data).__name__}")
@@ -418,23 +422,30 @@ class _Redacted(str):
     def refuse(self) -> NoReturn:
         flag = _FLAG_OF.get(self.key, "--" + self.key.rsplit(".", 1)[-1].replace("_", "-"))
         raise ConfigError(f"{self.record} recorded {self.key} with its credentials taken out ({self}): "
-                          f"give {flag} on the command line (a URL whose path holds an '@' after a port, "
-                          f"https://host:8080/a@b, is recorded the same way)")
+                          f"give {flag} on the command line (a URL with an '@' in its path after a port "
+                          f"number is recorded the same way)")
 
 
-def _without_redacted(data: dict, url: str, where: str = "") -> dict:
+def _without_redacted(data: dict, url: str, where: str = "", taken: Optional[set] = None) -> dict:
     """A run record's config with each redacted URL marked (`_Redacted`), so that repeating
     it is refused unless the command line gives that setting again: never a rerun against
-    `https://***@host/...` or `...?<redacted>`."""
+    `https://***@host/...` or `...?<redacted>`. `taken`: the settings the record says were
+    redacted (dotted paths); None (a record from before it said so): those holding `***` or
+    `<redacted>`."""
+    def redacted(path: str, value: str) -> bool:
+        return path in taken if taken is not None else any(m in value for m in _REDACTED)
+
     out = {}
     for key, value in data.items():
         path = f"{where}{key}"
         if isinstance(value, dict):
-            value = _without_redacted(value, url, path + ".")
-        elif isinstance(value, str) and any(m in value for m in _REDACTED):
+            value = _without_redacted(value, url, path + ".", taken)
+        elif isinstance(value, str) and redacted(path, value):
             value = _Redacted(value, path, storage.public_uri(url))
-        elif isinstance(value, list) and any(isinstance(v, str) and any(m in v for m in _REDACTED) for v in value):
-            value = _Redacted(next(v for v in value if any(m in v for m in _REDACTED)), path, storage.public_uri(url))
+        elif isinstance(value, list) and any(isinstance(v, str) and redacted(path, v) for v in value):
+            strings = [v for v in value if isinstance(v, str)]
+            shown = next((v for v in strings if any(m in v for m in _REDACTED)), strings[0])
+            value = _Redacted(shown, path, storage.public_uri(url))
         out[key] = value
     return out
 

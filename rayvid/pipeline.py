@@ -910,14 +910,25 @@ def _versions() -> dict:
 
 
 def _redacted(record: dict) -> dict:
-    """Run records hold URLs the user typed: keep no credentials in them."""
-    def clean(v):
+    """Run records hold URLs the user typed: keep no credentials in them. Which settings of
+    its `config` lost some are listed under `redacted` (dotted paths: `input`,
+    `model.labels`): a rerun from the record must be given those again (`cli`), and only
+    those (a local path holding `***` was taken for one)."""
+    taken: list = []
+
+    def clean(v, path: str):
         if isinstance(v, str):
-            return storage.redact(v)
+            out = storage.redact(v)
+            if out != v and path.startswith("config."):
+                taken.append(path[len("config."):])
+            return out
         if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
+            return {k: clean(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
+            return [clean(x, path) for x in v]
         return v
 
-    return clean(record)
+    out = clean(record, "")
+    if isinstance(record.get("config"), dict):
+        out["redacted"] = sorted(set(taken))
+    return out

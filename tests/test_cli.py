@@ -823,6 +823,31 @@ def test_a_record_with_a_redacted_url_is_refused_unless_given_again(tmp_path, ty
     assert cfg2.run_id != "r1" and "***" not in json.dumps(cfg2.to_dict()) and "<redacted>" not in json.dumps(cfg2.to_dict())
 
 
+def test_a_record_says_which_settings_lost_credentials_and_only_those_are_refused(tmp_path, capsys):
+    """A local INPUT whose name holds `***` (nothing redacted from it) was refused from its
+    record as "credentials taken out" (the record was searched for the marks redaction
+    leaves); the record now lists the settings redaction changed. A record from before it
+    did is searched as before. The refusal's own hint is not garbled by the redaction of
+    the message (an example URL in it read as user-info)."""
+    from rayvid.pipeline import _redacted
+
+    cfg = RunConfig.from_dict({"input": "/data/vid***s", "output": "/out", "run_id": "r1",
+                               "model": {"labels": "https://u:pw@cdn.example/l.txt"}})
+    record = _redacted({"run_id": "r1", "status": "finished", "config": cfg.to_dict()})
+    assert record["redacted"] == ["model.labels"]
+    path = tmp_path / "r1.json"
+    path.write_text(json.dumps(record))
+    assert main(["run", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "recorded model.labels with its credentials taken out" in err and "give --labels" in err and "pw" not in err
+    assert err.endswith("(a URL with an '@' in its path after a port number is recorded the same way)\n"), err
+    assert config_from_args(parse_args(["run", "--config", str(path), "--labels", "/l.txt"])).input == "/data/vid***s"
+    del record["redacted"]  # (a record before the list: the marks, as before)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="recorded input with its credentials taken out"):
+        config_from_args(parse_args(["run", "--config", str(path), "--labels", "/l.txt"]))
+
+
 def test_a_config_file_that_cannot_be_reached_is_not_said_missing(tmp_path, capsys):
     """fsspec's HTTP filesystem says FileNotFoundError for a server it cannot reach: the
     error said "config file not found" (a QA find); it says why now, and not found where
