@@ -859,11 +859,14 @@ def _recover(cfg: RunConfig, videos: pa.Table, repair: bool = True) -> commit.Co
         committed = commit.recover(cfg.output, only=videos.column("video_uri"), repair=repair)
     except (*storage.ACCESS_ERRORS, ValueError) as e:
         raise _unreadable_output(cfg, e) from None
-    if committed.doubled:
-        log.warning("%d of the listed videos are committed twice in OUTPUT (in more than one part: %s): they "
-                    "are read again, every copy of their rows retracted first", len(committed.doubled),
-                    ", ".join(storage.public_uri(u) for u in sorted(committed.doubled)[:3])
-                    + (" and more" if len(committed.doubled) > 3 else ""))
+    import pyarrow.compute as pc
+
+    doubled = pa.array(sorted(committed.doubled), pa.string())
+    doubled = doubled.filter(pc.is_in(doubled, value_set=videos.column("video_uri"))).to_pylist() if len(doubled) else []
+    if doubled:  # (of those listed: a retraction's videos are read too)
+        log.warning("%d of the listed videos are committed twice in OUTPUT (%s): they are read again, every copy "
+                    "of their rows retracted first", len(doubled), ", ".join(storage.public_uri(u) for u in doubled[:3])
+                    + (" and more" if len(doubled) > 3 else ""))
     for name, n_videos, frames in committed.lost:
         log.warning("%s/%s/%s is missing, though its videos/ file says it holds %d rows of %d videos: those "
                     "videos are read again", storage.public_uri(cfg.output).rstrip("/"), commit.PREDICTIONS_DIR,
