@@ -1331,8 +1331,9 @@ def wrote_frames(videos: pa.Table, retracting) -> pa.Table:
     frames to predictions/, but those of videos a retraction is taking out (`retracting`:
     it deletes a predictions/ file left empty before it rewrites the videos/ one)."""
     rows = videos.filter(pc.greater(videos.column("frames"), 0))
-    if len(rows) and retracting:
-        rows = rows.filter(pc.invert(pc.is_in(rows.column("video_uri"), pa.array(sorted(retracting), pa.string()))))
+    if len(rows) and len(retracting):  # (an Arrow array of them, or any collection)
+        taken = retracting if isinstance(retracting, pa.Array) else pa.array(sorted(retracting), pa.string())
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("video_uri"), taken)))
     return rows
 
 
@@ -1361,6 +1362,8 @@ def refuse_lost_predictions(fs, root: str, output: str, without: list, retractin
     parts of failed videos only, in practice) whose videos/ rows say they wrote some; with
     `videos`, only rows of those videos count (a read of one video is not refused for a
     part that never held it). Their videos/ files are read several at once."""
+    retracting = pa.array(sorted(retracting), pa.string())  # (once, not per part)
+
     def lost(name: str) -> pa.Table:
         try:
             rows = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}", ["video_uri", "frames"])
