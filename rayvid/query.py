@@ -359,7 +359,7 @@ def summary_of(videos: pa.Table) -> pa.Table:
     tops = [", ".join(f"{label_text(t['label'])} {100 * t['share']:.0f}%" for t in (row or []))
             for row in videos.column("top_labels").to_pylist()]
     keep = ["video_uri", "frames", "duration_s", "fps", "width", "height", "codec", "decoder"]
-    table = videos.select(keep)
+    table = videos.select(keep).replace_schema_metadata(None)  # (no videos/ part: not its schema's version)
     return (table.append_column("top_labels", pa.array(tops, pa.string()))
             .append_column("error", videos.column("error"))
             .append_column("run_id", videos.column("run_id")))
@@ -873,6 +873,9 @@ FORMATS = ("table", "csv", "json", "parquet")
 def write(table: pa.Table, fmt: str = "table", out: Optional[str] = None) -> None:
     """Print (or write to `out`, any URL) a result as a readable table, CSV, JSON records
     or Parquet."""
+    if fmt in ("csv", "json"):  # float32 scores as export writes them (0.9, not 0.8999999761581421)
+        table = pa.table({f.name: pc.cast(pc.cast(c, pa.string()), pa.float64()) if f.type == pa.float32() else c
+                          for f, c in zip(table.schema, table.columns)})
     if fmt == "table":
         data = (to_text(table) + "\n").encode()
     elif fmt == "csv":

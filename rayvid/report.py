@@ -255,8 +255,8 @@ def write_report(output: str, directory: str, limit: int = REPORT_LIMIT, match: 
             f"<style>body{{font-family:sans-serif}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}"
             f"table{{border-collapse:collapse}}</style></head><body>"
             f"<h1>rayvid: {html.escape(storage.public_uri(output))}</h1>"
-            f"<p>{len(table)} videos{_shown(len(table), matched, listed, match)}, "
-            f"{sum(table.column('frames').to_pylist())} frames. "
+            f"<p>{_plural(len(table), 'video')}{_shown(len(table), matched, listed, match)}, "
+            f"{_plural(sum(table.column('frames').to_pylist()), 'frame')}. "
             f"Timelines: time on x, one lane per top label, colour intensity = score.</p>"
             f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>")
     with storage.access(directory, "write to"):
