@@ -370,11 +370,16 @@ ROUNDING_S = 1e-3  # containers' durations and times: rounded to the millisecond
 
 def frame_ends(t: np.ndarray, duration: Optional[float], fps: Optional[float]) -> np.ndarray:
     """When each of a video's sampled frames (at times `t`, ascending) stops being shown:
-    at the next one; the last, after the median step between them (one frame at `fps`
-    where only one was kept), never past the video's `duration` (but at least one frame)."""
+    at the next one; the last, after the median step between them (where only one was
+    kept, at the video's end: it stands for the whole video, as a key frame of --keyframes
+    does, or the only frame of --every N kept in a video under N frames), never past the
+    video's `duration` (but at least one frame)."""
     frame = 1.0 / fps if fps else 0.0
     steps = np.diff(t)
-    step = float(np.median(steps)) if len(steps) else frame
+    if len(steps):
+        step = float(np.median(steps))
+    else:  # (one frame at `fps` where the video's duration is not known)
+        step = max(duration - t[-1], frame) if duration is not None and duration > t[-1] else frame
     last = t[-1] + step
     # past the end (a variable-frame-rate video's median step may run past it): the end, but
     # at least one frame; by less than a millisecond, a container's rounded times: as it is
@@ -408,8 +413,8 @@ def label_segments(preds: pa.Table, label: Optional[str] = None, min_score: floa
                    min_duration: float = 0.0, gap: float = GAP_S, videos: Optional[dict] = None) -> pa.Table:
     """Contiguous runs of each video's top-1 label, from rows sorted by (video_uri,
     frame_index). A frame lasts until the next sampled frame (the last one: the median
-    step between sampled frames, or one frame at the video's fps where only one was kept,
-    never past the video's end), where `videos` gives each video's (duration_s, fps) as its
+    step between sampled frames, or the rest of the video where only one was kept, never
+    past the video's end), where `videos` gives each video's (duration_s, fps) as its
     videos/ row says. Frames scoring below `min_score` belong to no segment. Runs of the
     same label less than `gap` seconds apart merge (a merged run spans the frames between,
     which may show other labels: a flicker does not split a scene); then runs shorter than

@@ -75,6 +75,11 @@ def test_segments_of_sparse_sampling_span_the_sampling_step(tmp_path):
     assert _segs(query.segments(url)) == [("/v/one.mp4", "circle", 0.0, 0.1, 1),
                                           ("/v/s.mp4", "circle", 0.0, 3.0, 6), ("/v/s.mp4", "blank", 3.0, 5.8, 6)]
     assert query.find(url, "blank").to_pylist()[0]["ranges"] == "3.00-5.80"
+    # one frame kept of a longer video (one key frame, or --every N over fewer than N
+    # frames): it stands for the whole video (it lasted one frame: a QA find)
+    url = str(tmp_path / "one-kept")
+    write_output(url, {"/v/k.mp4": _run(("circle", 30, 0.9))}, fps=FPS, every=100)
+    assert _segs(query.segments(url)) == [("/v/k.mp4", "circle", 0.0, 3.0, 1)]
 
 
 def test_a_label_no_frame_has_is_said_with_those_it_has(out, capsys):
