@@ -1182,14 +1182,17 @@ def part_sizes(fs, directory: str) -> dict:
     return {p.rsplit("/", 1)[-1]: info.get("size") for p, info in found.items()}
 
 
-def recover(output: str, only=None, repair: bool = True, parts: set | None = None) -> Committed:
+def recover(output: str, only=None, repair: bool = True, parts: set | None = None,
+            finish: bool = True) -> Committed:
     """Delete what a killed run (or compaction) left half-committed; return what is
     committed: of every video, or, with `only` (video URIs, an Arrow array or any iterable:
     a run's listing), of those alone, so that a shard of a large OUTPUT holds its own
     videos' rows, not OUTPUT's (the videos/ files are read one at a time and matched).
     `repair=False` (a dry run) changes nothing: what a dead run, compaction or retraction
     left is only read (a dead retraction's videos counted as not committed, as finishing it
-    would leave them). `parts`: of those videos/ parts alone (named as `Committed.files`)."""
+    would leave them). `parts`: of those videos/ parts alone (named as `Committed.files`).
+    `finish=False`: where the videos are, a dead retraction's too (that retraction's own
+    look, `_where_now`: they would be dropped as not committed)."""
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     retractions = _retraction_records(fs, root)
@@ -1274,7 +1277,8 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
         state = Committed(pa.concat_tables(tables) if tables else None, names)
         state.mark_changed(state.doubled)  # read again: every copy retracted, then one committed
     state.removed, state.in_flight, state.lost = removed, in_flight, lost
-    _finish_retractions(output, fs, root, state, retractions, repair)
+    if finish:
+        _finish_retractions(output, fs, root, state, retractions, repair)
     return state
 
 
@@ -1598,7 +1602,7 @@ def _where_now(output: str, uris: set, names: list) -> list:
     listed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
     if all(name in listed for name in names):
         return names
-    now = recover(output, only=sorted(uris), repair=False)
+    now = recover(output, only=sorted(uris), repair=False, finish=False)
     return sorted({name for name in names if name in listed} | set(now.files_of(uris)))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -483,13 +484,19 @@ def test_a_compaction_and_a_retraction_at_once_leave_the_retracted_video_once(sm
         json.dump({"replaces": holding, "started_at": time.time(), **commit.writer()}, f)
     with open(os.path.join(out, "retractions", "dead.json"), "w") as f:
         json.dump({"videos": ["/v/06.mp4"], "run_id": "dead", "started_at": 0, "host": "gone", "node": "gone/1"}, f)
+
+    def commit_merge():  # the compaction commits meanwhile: the retraction's parts are renamed
+        for folder in ("predictions", "videos"):  # (the commit point last)
+            tables = [pq.read_table(os.path.join(out, folder, p)) for p in holding]
+            pq.write_table(pa.concat_tables(tables), os.path.join(out, folder, merging))
+
     with commit.active(merging):
         started = time.monotonic()
         commit.retract(out, {"/v/nothing.mp4"}, commit.Committed(), "r10")
         assert time.monotonic() - started < 1.0
-        gone = threading.Timer(1.5, os.remove, [record])
+        gone = threading.Timer(1.5, commit_merge)
         gone.start()
         state = commit.recover(out)
         assert time.monotonic() - started >= 1.0 and "/v/06.mp4" not in state
     assert "/v/06.mp4" not in {r["video_uri"] for r in _state(out)[0]}
-    assert not os.listdir(os.path.join(out, "retractions"))
+    assert not os.listdir(os.path.join(out, "retractions")) and merging in _files(out, "videos")
