@@ -71,6 +71,9 @@ def run(cfg: RunConfig, dry_run: bool = False) -> RunResult:
     import ray
 
     started = time.time()
+    if storage.read_only(cfg.output):  # (before the listing and Ray: its first write was a traceback)
+        raise StorageError(f"cannot write OUTPUT {storage.public_uri(cfg.output)}: an http(s):// URL is read-only; "
+                           f"give a local folder or an object store's (s3://, gs://)")
     videos = listing.list_videos(cfg.input, cfg.limit)
     # The decoders need the model's input shape; where its name or file says it, the model
     # loads only in the inference actors, while everything before them starts.

@@ -1306,7 +1306,11 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         return
-    f = fs.open(path, "wb")
+    try:
+        f = fs.open(path, "wb")
+    except NotImplementedError:  # (fsspec's HTTP filesystem, and others that only read)
+        raise PermissionError(errno.EROFS, f"{_protocols(fs)[0]}:// is read-only here: it cannot be written",
+                              public_uri(url)) from None
     try:
         write(f)
     except BaseException:
@@ -1316,6 +1320,11 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
             f.closed = True  # so that nothing (close, __del__) uploads what was written
         raise
     f.close()
+
+
+def read_only(url: str) -> bool:
+    """Whether rayvid cannot write at `url` by its kind alone (http(s)://: fsspec reads it only)."""
+    return bool({"http", "https"}.intersection(_protocols(resolve(url)[0])))
 
 
 def makedirs(url: str) -> None:

@@ -1141,3 +1141,18 @@ def test_a_bad_s3_attempts_setting_is_said_naming_it(monkeypatch, value):
     monkeypatch.setenv("RAYVID_S3_MAX_ATTEMPTS", value)
     with pytest.raises(StorageError, match=f"RAYVID_S3_MAX_ATTEMPTS must be a whole number >= 1, got '{value}'"):
         storage.resolve("s3://bucket/key")
+
+
+def test_a_store_that_only_reads_is_said_read_only(tmp_path, capsys):
+    """An http(s):// OUTPUT or destination: fsspec's HTTP filesystem raised
+    NotImplementedError, a traceback and exit 1, after the listing and Ray's start-up for
+    `run` (a QA find). A run refuses it first; a verb writing there says it cannot."""
+    from rayvid import cli
+
+    with pytest.raises(PermissionError, match="http:// is read-only here"):
+        storage.write_atomic("http://127.0.0.1:9/x.csv", lambda f: f.write(b"x"))
+    assert storage.read_only("https://host/out") and not storage.read_only(str(tmp_path))
+    (tmp_path / "in").mkdir()
+    assert cli.main(["run", str(tmp_path / "in"), "http://127.0.0.1:9/out"]) == 2
+    assert capsys.readouterr().err == ("rayvid: error: cannot write OUTPUT http://127.0.0.1:9/out: an http(s):// URL "
+                                       "is read-only; give a local folder or an object store's (s3://, gs://)\n")
