@@ -102,7 +102,10 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
 
-    if info.get("type") == "directory":
+    # a prefix with its last "/" on an object store is that prefix, even where an object has
+    # its name without it (s3fs and gcsfs answered with the object `in` for `s3://b/in/`)
+    prefix = input_url.endswith("/") and not storage.is_local(fs) and not storage.read_only(input_url)
+    if info.get("type") == "directory" or prefix:
         table = _walk(input_url)
     else:
         if _extension(path) in MANIFEST_EXTENSIONS:

@@ -81,6 +81,12 @@ def test_s3_prefix(tree, s3fs_client):
     t = list_videos("s3://rayvid-test/listing/")
     assert t.column("video_uri").to_pylist() == [f"s3://rayvid-test/listing/{r}" for r in EXPECTED]
     assert all(v for v in t.column("version").to_pylist())  # etags recorded
+    # an object with the prefix's name without its "/" (s3fs answered with it: "neither a
+    # folder, a manifest nor a video file", a QA find): the prefix is listed
+    s3fs_client.pipe("s3://rayvid-test/listing", b"not a folder")
+    s3fs_client.invalidate_cache()
+    assert list_videos("s3://rayvid-test/listing/").column("video_uri").to_pylist() == t.column("video_uri").to_pylist()
+    s3fs_client.rm("s3://rayvid-test/listing")
 
 
 def test_gcs_prefix_page_by_page(tree, gcsfs_client):
