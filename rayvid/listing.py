@@ -26,6 +26,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import urllib.parse
 
 import numpy as np
@@ -216,7 +217,7 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
     if ext in (".parquet", ".orc"):
         with _columnar(fs, path, input_url, ext) as (names, batches):
             if "video_uri" in names:
-                uris = [u for b in batches(["video_uri"]) for u in b.column(0).to_pylist()]
+                uris = [u for b in batches(["video_uri"]) for u in _text(b.column(0), where).to_pylist()]
             elif {"bucket", "key"} <= set(names):
                 return _unique(_inventory(batches(["bucket", "key"] + [c for c in _FLAGS if c in names])))
             else:
@@ -248,7 +249,7 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
         uri = str(uri).strip()
         if local and uri.startswith("~"):
             uri = os.path.expanduser(uri)  # a local manifest's ~/x is the user's, as on a command line
-        if "://" not in uri and not os.path.isabs(uri):
+        if not _SCHEME.match(uri) and not os.path.isabs(uri):  # (a "://" further on is the name's)
             uri = _relative_to(base, uri)  # relative entries are relative to the manifest
         uri = storage.to_url(*storage.resolve(uri))
         name = storage.stored_uri(uri)
@@ -257,6 +258,24 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
         seen.add(name)
         rows.append((uri, -1, ""))
     return _table(rows)
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # what makes a manifest's entry a URL
+
+
+def _text(column: pa.Array, where: str) -> pa.Array:
+    """A columnar manifest's video_uri column as text: binary (as Hive and Impala write
+    strings) read as UTF-8; another type (a number: each was taken for a local file's
+    name) refused, naming it."""
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return column
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        try:
+            return column.cast(pa.large_string())
+        except pa.ArrowInvalid:
+            raise InputError(f"manifest {where}: its video_uri column holds bytes that are not UTF-8 text") from None
+    raise InputError(f"manifest {where}: its video_uri column is {column.type}, not text (URLs or paths)")
 
 
 def _relative_to(folder: str, entry: str) -> str:

@@ -124,6 +124,16 @@ def test_manifests(tree, tmp_path):
     rel = tree / "rel.txt"
     rel.write_text("b.mp4\nsub dir/deeper/x.WebM\n")
     assert list_videos(str(rel)).column("video_uri").to_pylist() == [f"{tree}/b.mp4", f"{tree}/sub dir/deeper/x.WebM"]
+    # a "://" past its start makes no entry a URL ("Protocol not known: b.mp4?next=https"):
+    # relative all the same (a local path, whose "//" is "/")
+    rel.write_text("b.mp4?next=https://cdn.example/x\n")
+    assert list_videos(str(rel)).column("video_uri").to_pylist() == [f"{tree}/b.mp4?next=https:/cdn.example/x"]
+    # a video_uri column of bytes (as Hive and Impala write strings) is text; of numbers, refused
+    pq.write_table(pa.table({"video_uri": pa.array([a.encode(), b.encode()], pa.binary())}), pqf)
+    assert list_videos(str(pqf)).column("video_uri").to_pylist() == [b, a]
+    pq.write_table(pa.table({"video_uri": [1, 2]}), pqf)
+    with pytest.raises(InputError, match=r"manifest .*m.parquet: its video_uri column is int64, not text"):
+        list_videos(str(pqf))
 
 
 INVENTORY = [  # bucket, key, is_latest, is_delete_marker: what a report of every version holds
