@@ -438,6 +438,8 @@ def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
     if _conditional(fs, path, version, listed_size):
         return int(listed_size), version, True, True
     info = fs.info(path)
+    if info.get("type") == "directory":  # (named by a manifest: s3fs says a prefix is one of 0 bytes)
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a video file", public_uri(to_url(fs, path)))
     expected = _expect(version, info)
     size = info.get("size")
     size = int(size) if size is not None else None

@@ -1156,3 +1156,12 @@ def test_a_store_that_only_reads_is_said_read_only(tmp_path, capsys):
     assert cli.main(["run", str(tmp_path / "in"), "http://127.0.0.1:9/out"]) == 2
     assert capsys.readouterr().err == ("rayvid: error: cannot write OUTPUT http://127.0.0.1:9/out: an http(s):// URL "
                                        "is read-only; give a local folder or an object store's (s3://, gs://)\n")
+
+
+def test_a_folder_on_s3_named_as_a_video_is_said_a_folder(s3fs_client, tmp_path):
+    """A manifest naming an S3 prefix (`s3://b/in/sub/`): s3fs says it is a directory of 0
+    bytes, and the copy was "empty file (0 bytes)"; it is a folder, as a local one is."""
+    s3fs_client.pipe("s3://rayvid-test/afolder/x.mp4", b"x")
+    with pytest.raises(IsADirectoryError, match="a folder, not a video file"):
+        with storage.local_copy("s3://rayvid-test/afolder/", str(tmp_path)):
+            pass
