@@ -416,7 +416,12 @@ def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
             raise FileNotFoundError(f"no such file on host {socket.gethostname()}: {path}")
         yield path
         return
-    size, expected, ranged, conditional = _source(fs, path, version, size)
+    try:
+        size, expected, ranged, conditional = _source(fs, path, version, size)
+    except FileNotFoundError as e:  # s3fs and gcsfs name the bucket and key alone: the URL, as HTTP's
+        if e.errno is None and e.args == (path,):
+            raise FileNotFoundError(public_uri(url)) from None
+        raise
     if ranged:
         with _range_copy(fs, path, size, tmpdir, expected, conditional) as part:
             part.fetch(0, part.size)  # several ranges in flight
@@ -955,7 +960,7 @@ class RangeCopy:
             if is_unavailable(e):
                 raise
             if not self.fetched:  # not there (as the metadata request said before: it named the object)
-                raise FileNotFoundError(self.remote) from None
+                raise FileNotFoundError(public_uri(to_url(self.fs, self.remote))) from None  # (with its scheme)
             raise ObjectChanged("the object was deleted after it was listed") from None
         except Exception as e:
             # refused (412), or a range past the end (416) of a shorter object now there:

@@ -1165,3 +1165,13 @@ def test_a_folder_on_s3_named_as_a_video_is_said_a_folder(s3fs_client, tmp_path)
     with pytest.raises(IsADirectoryError, match="a folder, not a video file"):
         with storage.local_copy("s3://rayvid-test/afolder/", str(tmp_path)):
             pass
+
+
+def test_an_object_not_found_on_s3_is_named_by_its_url(s3fs_client, tmp_path):
+    """s3fs names a missing object by bucket and key alone: error rows said `not found:
+    bucket/key` (HTTP's said the URL; a QA find); the URL, with its scheme."""
+    for version, size in (("", -1), ('"0123456789abcdef0123456789abcdef"', 10)):  # (metadata first; conditional)
+        with pytest.raises(FileNotFoundError) as e:
+            with storage.local_copy("s3://rayvid-test/no/such.mp4", str(tmp_path), version, size):
+                pass
+        assert storage.describe(e.value) == "not found: s3://rayvid-test/no/such.mp4"
