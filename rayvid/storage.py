@@ -419,7 +419,7 @@ def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
     try:
         size, expected, ranged, conditional = _source(fs, path, version, size)
     except FileNotFoundError as e:  # s3fs and gcsfs name the bucket and key alone: the URL, as HTTP's
-        if e.errno is None and e.args == (path,):
+        if e.errno is None and e.args == (path,) and "://" not in path:
             raise FileNotFoundError(public_uri(url)) from None
         raise
     if ranged:
