@@ -193,7 +193,10 @@ def _unreachable(error: BaseException) -> bool:
 
         if isinstance(error, aiohttp.ClientResponseError):
             return error.status in (502, 503, 504)
-        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
+        # (a body cut short: a connection the server or a proxy dropped mid-read, as a lost
+        # connection is, not the object's fault: it failed the video for good)
+        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
+                                  aiohttp.ClientPayloadError))
     except ImportError:
         return False
 

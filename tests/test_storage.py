@@ -1175,3 +1175,16 @@ def test_an_object_not_found_on_s3_is_named_by_its_url(s3fs_client, tmp_path):
             with storage.local_copy("s3://rayvid-test/no/such.mp4", str(tmp_path), version, size):
                 pass
         assert storage.describe(e.value) == "not found: s3://rayvid-test/no/such.mp4"
+
+
+def test_a_connection_dropped_mid_body_is_the_store_unavailable():
+    """aiohttp's ClientPayloadError (a body cut short: a server or proxy dropped the
+    connection) failed the video for good, an error row a rerun skipped (a QA find): it is
+    a transport failure, as a lost connection is, and stops the run (resumable)."""
+    import aiohttp
+
+    error = aiohttp.ClientPayloadError("Response payload is not completed")
+    assert storage.is_unavailable(error) and not storage.is_unavailable(FileNotFoundError("u"))
+    wrapped = OSError("read failed")
+    wrapped.__cause__ = error
+    assert storage.is_unavailable(wrapped)
