@@ -1423,7 +1423,8 @@ def _redact_queries(text: str) -> str:
 
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
-                      r"|sig|sign|auth_key|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts",
+                      r"|sig|sign|auth_key|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts|hdnea"
+                      r"|md5|ec_secure",  # (nginx secure_link, Akamai's, Edgio's)
                       re.IGNORECASE)
 # Parameters that carry a standing credential. A password, a secret or an auth token may
 # be one a person chose (a digest of it could be reversed by guessing): `stored_uri` drops

@@ -921,6 +921,10 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
         "https://b.cos.ap-beijing.myqcloud.com/k.mp4?sign=q-sign-algorithm%3Dsha1%26q-ak%3DA%26q-signature%3DS":
             "https://b.cos.ap-beijing.myqcloud.com/k.mp4",
         "https://cdn.example/k.mp4?auth_key=1700000000-0-0-80cd3862d699b7&v=2": "https://cdn.example/k.mp4?v=2",
+        # nginx secure_link, Akamai's hdnea, Edgio's ec_secure (each kept whole: a QA find)
+        "https://cdn.example/k.mp4?md5=Hx9fQWsecretSIGa1&expires=1999999999&v=2": "https://cdn.example/k.mp4?v=2",
+        "https://cdn.example/k.mp4?hdnea=exp=1~acl=/*~hmac=H": "https://cdn.example/k.mp4",
+        "https://cdn.example/k.mp4?ec_secure=0123456789abcdef&v=2": "https://cdn.example/k.mp4?v=2",
     }
     for signed, stored in others.items():
         assert storage.stored_uri(signed) == stored
