@@ -855,6 +855,10 @@ def check_destination(dest: str, output: str, what: str, source: Optional[str] =
     would write over what it reads: OUTPUT itself or anything in OUTPUT's own folders (the
     committed parts readers and resumes trust; elsewhere in OUTPUT is fine), or `source`
     (render's video); or where a file's name ends in "/". StorageError for an empty URL."""
+    if dest and storage.read_only(dest):  # (before the work: export read every part, render encoded, first)
+        raise ValueError(f"{what} {storage.public_uri(dest)} is an http(s):// URL, which is read-only: give a "
+                         f"local path or an object store's (s3://, gs://)")
+
     def where(url: str) -> str:
         fs, path = storage.resolve(url)
         return os.path.realpath(path) if storage.is_local(fs) else storage.to_url(fs, path).rstrip("/")

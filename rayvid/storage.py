@@ -193,10 +193,7 @@ def _unreachable(error: BaseException) -> bool:
 
         if isinstance(error, aiohttp.ClientResponseError):
             return error.status in (502, 503, 504)
-        # (a body cut short: a connection the server or a proxy dropped mid-read, as a lost
-        # connection is, not the object's fault: it failed the video for good)
-        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError,
-                                  aiohttp.ClientPayloadError))
+        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError))
     except ImportError:
         return False
 
@@ -432,9 +429,42 @@ def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
             yield part.path
         return
     with _temp_file(path, tmpdir) as tmp:  # a store that cannot serve ranges (some HTTP servers): one stream
-        fs.get_file(path, tmp)
+        _again_if_cut(lambda: fs.get_file(path, tmp))  # (each try writes the file anew)
         check_version(fs, path, expected)
         yield tmp
+
+
+PAYLOAD_RETRIES = 2  # reads again of a body cut short before the read fails
+
+
+def _cut_short(error: Optional[BaseException]) -> bool:
+    """Whether a read failed because its body was cut short (aiohttp's ClientPayloadError,
+    itself or a cause: a dropped connection, or a server whose Content-Length overstates
+    the file, which fails every time)."""
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, aiohttp.ClientPayloadError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _again_if_cut(read: Callable):
+    """`read()`, tried again (PAYLOAD_RETRIES times, a moment apart) where a body came cut
+    short: one dropped connection failed the video for good (a QA find); one cut every
+    time still fails it, an error row (not the store down: a run would stop on it for ever)."""
+    for attempt in range(PAYLOAD_RETRIES + 1):
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - only a cut body is tried again
+            if attempt == PAYLOAD_RETRIES or not _cut_short(e):
+                raise
+            time.sleep(0.25 * (attempt + 1))
 
 
 def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
@@ -950,8 +980,8 @@ class RangeCopy:
         """The bytes of each [lo, hi) of `batch`, read from the store together."""
         if not self.conditional:
             try:
-                return self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
-                                          [hi for _, hi in batch], on_error="raise")
+                return _again_if_cut(lambda: self.fs.cat_ranges([self.remote] * len(batch), [lo for lo, _ in batch],
+                                                                [hi for _, hi in batch], on_error="raise"))
             except OSError as e:  # e.g. a range past the end of a shorter object now there
                 if not is_unavailable(e):
                     self._raise_if_replaced()
@@ -1319,8 +1349,8 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
     try:
         f = fs.open(path, "wb")
     except NotImplementedError:  # (fsspec's HTTP filesystem, and others that only read)
-        raise PermissionError(errno.EROFS, f"{_protocols(fs)[0]}:// is read-only here: it cannot be written",
-                              public_uri(url)) from None
+        raise PermissionError(errno.EROFS, f"{url.split('://', 1)[0].lower()}:// is read-only: it cannot be "
+                              f"written") from None
     try:
         write(f)
     except BaseException:
@@ -1424,8 +1454,10 @@ def _redact_queries(text: str) -> str:
 
 _SIGNING = re.compile(r"x-amz-.*|x-goog-.*|x-oss-.*|x-cos-.*|q-.*|.*accesskey.*|googleaccessid|.*signature.*"
                       r"|sig|sign|auth_key|expires|policy|key-pair-id|.*token.*|.*credential.*|hdnts|hdnea"
-                      r"|md5|ec_secure",  # (nginx secure_link, Akamai's, Edgio's)
+                      r"|ec_secure",  # (Akamai's, Edgio's)
                       re.IGNORECASE)
+# nginx's secure_link: `md5` signs where `expires` comes with it (alone, `?md5=` may name a file)
+_SECURE_LINK = frozenset({"md5"})
 # Parameters that carry a standing credential. A password, a secret or an auth token may
 # be one a person chose (a digest of it could be reversed by guessing): `stored_uri` drops
 # them, as it drops signatures. An API key (machine-made: a digest keeps it secret) may be
@@ -1450,7 +1482,8 @@ def stored_uri(url: str) -> str:
     X-Amz-*, X-Goog-*, AWSAccessKeyId, Signature, Expires; CloudFront: Policy, Key-Pair-Id;
     an Azure SAS: sig and its companions; Alibaba OSS: OSSAccessKeyId, security-token,
     x-oss-*; Tencent COS: q-*, x-cos-*, sign; CDN URL signing: sign (Tencent, Qiniu),
-    auth_key (Alibaba, Huawei), __token__ and hdnts (Akamai); and any name holding
+    auth_key (Alibaba, Huawei), __token__, hdnts and hdnea (Akamai), ec_secure (Edgio),
+    md5 beside expires (nginx's secure_link); and any name holding
     token, signature, credential or accesskey), so no secret is written and
     the same object signed again is the same video. Passwords and secrets (`*secret*`,
     `*password*`, `pwd`, `auth`, `authorization`, `*hmac*`, `jwt`, `*private_key*`:
@@ -1467,9 +1500,10 @@ def stored_uri(url: str) -> str:
         return base
     pieces = [p for p in query.split("&") if p]
     names = [urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() for p in pieces]
-    sas = "sig" in names
+    sas, secure_link = "sig" in names, "expires" in names
     kept = [_digest_value(p) if _API_KEY.fullmatch(name) else p for p, name in zip(pieces, names)
-            if not (_SIGNING.fullmatch(name) or _SECRET.fullmatch(name) or (sas and name in _SAS))]
+            if not (_SIGNING.fullmatch(name) or _SECRET.fullmatch(name) or (sas and name in _SAS)
+                    or (secure_link and name in _SECURE_LINK))]
     return base + ("?" + "&".join(kept) if kept else "")
 
 

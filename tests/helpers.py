@@ -94,9 +94,13 @@ def http_server(root: str, mode: str):
     Python's http.server does; "no-length" sends the whole file and no Content-Length
     (a streamed response); "unavailable" answers everything 503 Service Unavailable;
     "range-errors" serves ranges on HEAD and plain GETs but answers a range request 500.
+    "cut-first" and "cut-always" send the whole file, as "whole" does, but cut the body of a
+    path's first GET of the whole file (a dropped connection), or of every GET (a
+    Content-Length that overstates the file), in half.
     In every mode a file named `status-NNN-...` is answered NNN to every request (an expired
     signed URL's 403, a broken backend's 500). Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
-    assert mode in HTTP_MODES + ("unavailable", "range-errors")
+    assert mode in HTTP_MODES + ("unavailable", "range-errors", "cut-first", "cut-always")
+    gets: collections.Counter = collections.Counter()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -141,6 +145,10 @@ def http_server(root: str, mode: str):
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if body:
+                gets[self.path] += "Range" not in self.headers  # (a probe for ranges is not counted)
+                if mode == "cut-always" or (mode == "cut-first" and gets[self.path] == 1 and "Range" not in self.headers):
+                    data = data[: len(data) // 2]
+                    self.close_connection = True
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
                     HTTP_SENT[urllib.parse.urlparse(self.path).path] += len(data)
