@@ -1241,7 +1241,7 @@ def recover(output: str, only=None, repair: bool = True, parts: set | None = Non
         return name, videos, errors
 
     lost: list = []  # (part, videos, frames) of committed parts whose predictions/ file is gone
-    in_retraction = frozenset(u for _, r in retractions for u in r["videos"])
+    in_retraction = pa.array(sorted({u for _, r in retractions for u in r["videos"]}), pa.string())  # (once)
 
     def rows_of(i: int, name: str, videos, errors) -> pa.Table:
         table = read_parquet(fs, f"{root}/{VIDEOS_DIR}/{name}",

@@ -103,12 +103,16 @@ def list_videos(input_url: str, limit: int | None = None) -> pa.Table:
     except storage.ACCESS_ERRORS as e:
         raise InputError(f"cannot read {storage.public_uri(input_url)}: {storage.describe(e)}") from None
 
-    # a prefix with its last "/" on an object store is that prefix, even where an object has
-    # its name without it (s3fs and gcsfs answered with the object `in` for `s3://b/in/`)
-    prefix = input_url.endswith("/") and not storage.is_local(fs) and not storage.read_only(input_url)
-    if info.get("type") == "directory" or prefix:
+    # a prefix with its last "/" on S3 or GCS is that prefix, even where an object has its
+    # name without it (s3fs and gcsfs answered with the object `in` for `s3://b/in/`); where
+    # nothing is under it, the object (a video or manifest named with a "/" typed after it)
+    table = None
+    if info.get("type") == "directory":
         table = _walk(input_url)
-    else:
+    elif input_url.endswith("/") and storage.object_store(fs):
+        table = _walk(input_url)
+        table = table if len(table) else None
+    if table is None:
         if _extension(path) in MANIFEST_EXTENSIONS:
             with storage.access(input_url, "read manifest", InputError):
                 table = _manifest(fs, path, input_url)
@@ -260,7 +264,7 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
     return _table(rows)
 
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # what makes a manifest's entry a URL
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+._-]*://")  # what makes a manifest's entry a URL (arrow_hdfs:// too)
 
 
 def _text(column: pa.Array, where: str) -> pa.Array:
@@ -268,12 +272,14 @@ def _text(column: pa.Array, where: str) -> pa.Array:
     strings) read as UTF-8; another type (a number: each was taken for a local file's
     name) refused, naming it."""
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):  # (all null: none)
         return column
+    if str(kind) in ("string_view", "binary_view"):
+        kind = pa.binary()
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         try:
             return column.cast(pa.large_string())
-        except pa.ArrowInvalid:
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise InputError(f"manifest {where}: its video_uri column holds bytes that are not UTF-8 text") from None
     raise InputError(f"manifest {where}: its video_uri column is {column.type}, not text (URLs or paths)")
 

@@ -416,12 +416,7 @@ def local_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
             raise FileNotFoundError(f"no such file on host {socket.gethostname()}: {path}")
         yield path
         return
-    try:
-        size, expected, ranged, conditional = _source(fs, path, version, size)
-    except FileNotFoundError as e:  # s3fs and gcsfs name the bucket and key alone: the URL, as HTTP's
-        if e.errno is None and e.args == (path,) and "://" not in path:
-            raise FileNotFoundError(public_uri(url)) from None
-        raise
+    size, expected, ranged, conditional = _source_of(url, fs, path, version, size)
     if ranged:
         with _range_copy(fs, path, size, tmpdir, expected, conditional) as part:
             part.fetch(0, part.size)  # several ranges in flight
@@ -465,6 +460,17 @@ def _again_if_cut(read: Callable):
             if attempt == PAYLOAD_RETRIES or not _cut_short(e):
                 raise
             time.sleep(0.25 * (attempt + 1))
+
+
+def _source_of(url: str, fs: fsspec.AbstractFileSystem, path: str, version: str, size: int) -> tuple:
+    """`_source`, its FileNotFoundError naming the URL: s3fs and gcsfs name the bucket and
+    key alone (error rows said `not found: bkt/x.mp4`; HTTP's name the URL already)."""
+    try:
+        return _source(fs, path, version, size)
+    except FileNotFoundError as e:
+        if e.errno is None and e.args == (path,) and "://" not in path:
+            raise FileNotFoundError(public_uri(url)) from None
+        raise
 
 
 def _source(fs: fsspec.AbstractFileSystem, path: str, version: str,
@@ -1102,7 +1108,7 @@ def range_copy(url: str, tmpdir: str, version: str = "", size: int = -1) -> Iter
     listed; ""; any); `RangeCopy.verify` says whether it still is once all is read. `size`:
     as `local_copy`'s."""
     fs, path = resolve(url)
-    size, expected, ranged, conditional = _source(fs, path, version, size)
+    size, expected, ranged, conditional = _source_of(url, fs, path, version, size)
     if not ranged:
         yield None
         return
@@ -1360,6 +1366,11 @@ def write_atomic(url: str, write: Callable[[BinaryIO], None]) -> None:
             f.closed = True  # so that nothing (close, __del__) uploads what was written
         raise
     f.close()
+
+
+def object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is S3's or GCS's (prefixes, not folders)."""
+    return bool({"s3", "s3a", "gs", "gcs"}.intersection(_protocols(fs)))
 
 
 def read_only(url: str) -> bool:

@@ -87,6 +87,9 @@ def test_s3_prefix(tree, s3fs_client):
     s3fs_client.invalidate_cache()
     assert list_videos("s3://rayvid-test/listing/").column("video_uri").to_pylist() == t.column("video_uri").to_pylist()
     s3fs_client.rm("s3://rayvid-test/listing")
+    # ... and a video named with a "/" typed after it, nothing under that prefix: the video
+    one = list_videos(f"s3://rayvid-test/listing/{EXPECTED[0]}/").column("video_uri").to_pylist()
+    assert one == [f"s3://rayvid-test/listing/{EXPECTED[0]}"]
 
 
 def test_gcs_prefix_page_by_page(tree, gcsfs_client):

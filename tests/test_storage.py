@@ -1180,6 +1180,10 @@ def test_an_object_not_found_on_s3_is_named_by_its_url(s3fs_client, tmp_path):
             with storage.local_copy("s3://rayvid-test/no/such.mp4", str(tmp_path), version, size):
                 pass
         assert storage.describe(e.value) == "not found: s3://rayvid-test/no/such.mp4"
+        with pytest.raises(FileNotFoundError) as e:  # (a partial copy's: segments, sparse sampling)
+            with storage.range_copy("s3://rayvid-test/no/such.mp4", str(tmp_path), version, size) as part:
+                part.fetch(0, 10)
+        assert storage.describe(e.value) == "not found: s3://rayvid-test/no/such.mp4"
 
 
 def test_a_body_cut_short_is_read_again_and_one_cut_every_time_fails_the_video(tmp_path):
