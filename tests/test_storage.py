@@ -1154,7 +1154,7 @@ def test_a_store_that_only_reads_is_said_read_only(tmp_path, capsys):
     `run` (a QA find). A run refuses it first; a verb writing there says it cannot."""
     from rayvid import cli
 
-    with pytest.raises(PermissionError, match="http:// is read-only here"):
+    with pytest.raises(PermissionError, match="http:// is read-only: it cannot be written"):
         storage.write_atomic("http://127.0.0.1:9/x.csv", lambda f: f.write(b"x"))
     assert storage.read_only("https://host/out") and not storage.read_only(str(tmp_path))
     (tmp_path / "in").mkdir()
