@@ -759,18 +759,24 @@ def test_an_object_half_built_when_ctrl_c_came_says_nothing_after_the_last_line(
     assert (proc.returncode, proc.stderr) == (130, "rayvid: interrupted\n")
 
 
+def _signal_in_exit_hook(sig: str) -> str:
+    """The start of a driver script whose exit hook (standing in for Ray's) meets `sig`,
+    then says "exit hook done"; `console` imported."""
+    return ("import atexit, os, signal, sys, threading, time\n"
+            "def at_exit():\n"
+            f"    os.kill(os.getpid(), signal.{sig}); time.sleep(0.3); print('exit hook done', flush=True)\n"
+            "atexit.register(at_exit)\n"
+            "from rayvid.cli import console\n")
+
+
 def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     """Ctrl-C twice (a user who presses it again): the second landed in Ray's own shutdown at
     exit (its atexit hook, where Ray started before rayvid knew it had) and printed
     "Exception ignored in atexit callback" and a traceback after rayvid's one line. An
     exit hook that meets a second SIGINT stands in for Ray's here."""
 
-    code = ("import atexit, os, signal, sys, threading, time\n"
-            "def at_exit():\n"
-            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.3); print('exit hook done', flush=True)\n"
-            "atexit.register(at_exit)\n"
-            "from rayvid.cli import console\n"
-            "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # (once imported)\n"
+    code = (_signal_in_exit_hook("SIGINT")
+            + "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # (once imported)\n"
             "sys.argv = ['rayvid', 'samples', sys.argv[1], '--videos', '500', '--seconds', '2']\n"
             "console()  # as the `rayvid` command does\n")
     proc = _python(code, str(tmp_path / "s"))
@@ -864,12 +870,7 @@ def test_a_sigterm_once_the_command_is_done_stops_nothing(tmp_path):
     driver disconnect, here one that stands in for it) ended a finished run's job with 143
     and its summary unsaid (a QA find); as a Ctrl-C there, it is ignored: exit 0, the hook
     done."""
-    code = ("import atexit, os, signal, sys, time\n"
-            "def at_exit():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.3); print('exit hook done', flush=True)\n"
-            "atexit.register(at_exit)\n"
-            "from rayvid.cli import console\n"
-            "console(['samples', sys.argv[1], '--videos', '1', '--seconds', '0.5'])\n")
+    code = _signal_in_exit_hook("SIGTERM") + "console(['samples', sys.argv[1], '--videos', '1', '--seconds', '0.5'])\n"
     proc = _python(code, str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exit hook done" in proc.stdout
