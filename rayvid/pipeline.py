@@ -720,11 +720,11 @@ def _connect(address: Optional[str]) -> bool:
         _check_reachable(address)
     if ray.is_initialized():
         return False
-    _no_failure_signal_handler()
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
         try:
-            ray.init(address=address, **kwargs)
+            with _no_failure_signal_handler():
+                ray.init(address=address, **kwargs)
         except (ValueError, ConnectionError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "@" in address and "://" not in address:  # (user-info however Ray spells the address)
@@ -735,7 +735,8 @@ def _connect(address: Optional[str]) -> bool:
         return True
     # "local": always a fresh embedded instance, never one a `ray start` left on this machine
     try:
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        with _no_failure_signal_handler():
+            ray.init(address="local", include_dashboard=False, **kwargs)
     except (OSError, RuntimeError) as e:  # (RAY_TMPDIR not a folder, a disk full, no ports)
         _no_local_ray(ray, e)
     except Exception as e:  # noqa: BLE001 - Ray's start-up timeout is a bare Exception; others are bugs
@@ -760,17 +761,26 @@ def _no_local_ray(ray, error: BaseException) -> NoReturn:
                       f"or start Ray yourself, `ray start --head`, and give --address auto)") from None
 
 
-def _no_failure_signal_handler() -> None:
-    """Keep Ray's C++ failure-signal handler (abseil's) out of this driver, by Ray's own
-    switch (RAY_DISABLE_FAILURE_SIGNAL_HANDLER, read when this process joins Ray; its
-    workers keep theirs): `ray.shutdown` took it off SIGTERM for its last second or so by
-    setting the system's default there, under Python's handler, so a SIGTERM then ended a
-    finished run with 143, unsaid (a QA find). (`_sigterm_without_abort` stays: a Ray that
-    does not read the switch.)"""
-    with contextlib.suppress(ImportError):
+@contextlib.contextmanager
+def _no_failure_signal_handler():
+    """Keep Ray's C++ failure-signal handler (abseil's) out of this driver while it joins
+    Ray, by Ray's own switch (RAY_DISABLE_FAILURE_SIGNAL_HANDLER, read when the driver's core
+    worker starts; its workers keep theirs): `ray.shutdown` took it off SIGTERM for its last
+    second or so by setting the system's default there, under Python's handler, so a
+    SIGTERM then ended a finished run with 143, unsaid (a QA find). The switch is put back
+    as it was once joined: a library caller's own later `ray.init` is Ray's as usual.
+    (`_sigterm_without_abort` stays: a Ray that does not read the switch.)"""
+    try:
         from ray._private import ray_constants
-
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    except ImportError:
+        yield
+        return
+    before = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = before
 
 
 def _sigterm_without_abort() -> None:

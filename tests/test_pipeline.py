@@ -1506,7 +1506,8 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
     exit 143): the record says finished before Ray shuts down, and the signal then is only
     said (exit 0). Here it comes from inside Ray's shutdown, the moment it starts, or late
     in it, as it stops the node's processes (after its C++ core had put the system's default
-    on SIGTERM: the process ended 143, unsaid, a QA find)."""
+    on SIGTERM: the process ended 143, unsaid, a QA find; the handler is kept out while the
+    driver joins Ray, the switch put back after)."""
     code = ("import json, os, signal, sys, ray\n"
             "from ray._private.node import Node\n"
             "from rayvid.cli import console\n"
@@ -1520,6 +1521,8 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
             "def interrupted_late(self, *a, **k):\n"
             "    Node.kill_all_processes = stop_node  # (once)\n"
             "    print('record at shutdown: finished')  # (the signal is sent in the run's shutdown only)\n"
+            "    from ray._private import ray_constants\n"
+            "    print('switch at shutdown:', ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER)\n"
             "    os.kill(os.getpid(), getattr(signal, sys.argv[4]))\n"
             "    return stop_node(self, *a, **k)\n"
             "if sys.argv[5] == 'start':\n"
@@ -1539,6 +1542,8 @@ def test_a_ctrl_c_while_ray_shuts_down_after_a_finished_run_stops_nothing(media,
     assert f"{said} while Ray shut down, after the run had finished: nothing was stopped" in proc.stderr
     [record] = [json.loads(p.read_text()) for p in (out / "runs").iterdir()]
     assert record["status"] == "finished" and record["stats"]["videos_ok"] == 1
+    if when == "late":  # (Ray's switch, set while the driver joined, is as it was: a caller's next ray.init is Ray's)
+        assert "switch at shutdown: False" in proc.stdout
 
 
 def test_a_sigterm_whose_wind_down_is_slow_is_not_aborted(media, shapes_model, tmp_path):
