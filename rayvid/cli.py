@@ -253,6 +253,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             skip_similar = number(skip_similar)
         except (ValueError, argparse.ArgumentTypeError):
             raise ConfigError(f"--skip-similar T must be a finite number, got {storage.public_uri(skip_similar)!r}") from None
+    if args.run_id == "":  # (it read as no --run-id: a new run id, unsaid)
+        raise ConfigError("--run-id needs a value (leave it out for a new run id)")
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)

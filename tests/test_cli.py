@@ -160,6 +160,8 @@ def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tm
         (["run", "/definitely/not/here", "OUT"], "rayvid: error: input not found: /definitely/not/here"),
         (["run", "IN"], "rayvid: error: OUTPUT is required"),
         (["run", "IN", "OUT", "--every", "0"], "rayvid: error: --every must be >= 1"),
+        # (it read as no --run-id: a new one, unsaid)
+        (["run", "IN", "OUT", "--run-id", ""], "rayvid: error: --run-id needs a value (leave it out for a new run id)"),
         (["run", "IN", "OUT", "--skip-similar=nan"], "rayvid: error: --skip-similar T must be a finite number, got 'nan'"),
         (["segments", "OUT", "--gap", "-1"], "rayvid: error: --gap and --min-duration must be >= 0 seconds, got -1 and 0"),
         (["find", "OUT", "cat", "--min-duration", "-2"], "rayvid: error: --gap and --min-duration must be >= 0 seconds"),
