@@ -1575,7 +1575,8 @@ def retract(output: str, uris: set, committed: Committed, run_id: str = "") -> N
         fs.rm(path)
 
 
-COMPACTION_POLL_S = 1.0  # a retraction's wait for a `rayvid compact` at work
+COMPACTION_POLL_S = 1.0  # a retraction's wait for a `rayvid compact` at work: looks after 1 s,
+COMPACTION_POLL_MAX_S = 30.0  # then ever further apart, at most this (a listing and reads each)
 
 
 def _where_now(output: str, uris: set, names: list) -> list:
@@ -1590,14 +1591,15 @@ def _where_now(output: str, uris: set, names: list) -> list:
     fs, root = storage.resolve(output)
     root = root.rstrip("/")
     first = finish_compactions(fs, root)
-    waited = time.monotonic()
+    waited, pause = time.monotonic(), COMPACTION_POLL_S
     while first:
         if time.monotonic() - waited >= COMPACTION_SAID_S:
             log.warning("waiting for the `rayvid compact` at work in OUTPUT (%s) to finish, to retract %d videos "
                         "(one killed on another host counts as at work for %d s)", ", ".join(sorted(first)),
                         len(uris), COMPACTION_LEASE_S)
             waited = math.inf
-        time.sleep(COMPACTION_POLL_S)
+        time.sleep(pause)
+        pause = min(pause * 1.5, COMPACTION_POLL_MAX_S)  # (a dead remote one counts as at work for an hour)
         first &= finish_compactions(fs, root)
     listed = part_sizes(fs, f"{root}/{VIDEOS_DIR}")
     if all(name in listed for name in names):

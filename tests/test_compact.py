@@ -500,3 +500,33 @@ def test_a_compaction_and_a_retraction_at_once_leave_the_retracted_video_once(sm
         assert time.monotonic() - started >= 1.0 and "/v/06.mp4" not in state
     assert "/v/06.mp4" not in {r["video_uri"] for r in _state(out)[0]}
     assert not os.listdir(os.path.join(out, "retractions")) and merging in _files(out, "videos")
+
+
+def test_a_retraction_waiting_for_a_compaction_looks_ever_further_apart(small_parts, monkeypatch):
+    """A retraction waiting for a compaction at work looked every second, a listing and a
+    read per record each time, for as long as an hour where the compaction died on another
+    host (its lease): it looks after 1 s, then 1.5 times further apart each time, at most
+    COMPACTION_POLL_MAX_S apart. (The sleeps are counted here, not slept.)"""
+    import time
+
+    holding = commit.recover(small_parts).files_of({"/v/03.mp4"})
+    merging = "part-compact-20261207T000000Z-00000000-00000.parquet"
+    os.makedirs(os.path.join(small_parts, "compactions"))
+    record = os.path.join(small_parts, "compactions", merging + ".json")
+    with open(record, "w") as f:
+        json.dump({"replaces": holding, "started_at": time.time(), **commit.writer()}, f)
+    pauses = []
+
+    def sleep(seconds):  # the compaction ends after the 8th look
+        pauses.append(seconds)
+        if len(pauses) == 8:
+            os.remove(record)
+
+    monkeypatch.setattr(commit, "COMPACTION_POLL_MAX_S", 4.0)
+    with commit.active(merging):
+        state = commit.recover(small_parts)
+        monkeypatch.setattr(time, "sleep", sleep)
+        commit.retract(small_parts, {"/v/03.mp4"}, state, "r1")
+        monkeypatch.undo()
+    assert pauses == [1.0, 1.5, 2.25, 3.375, 4.0, 4.0, 4.0, 4.0]
+    assert "/v/03.mp4" not in {r["video_uri"] for r in _state(small_parts)[0]}
