@@ -508,7 +508,8 @@ _SPEED_ONLY = ("name", "weights", "mixed_precision", "xla", "custom_objects")
 def _settings(config: dict) -> dict:
     """What decides a committed video's rows: the model (name, weights, output, and the rest
     of its settings: --topk, --preprocess, --embed, the detection head's...) and the sampling.
-    A setting a record lacks (a run from before it existed) is its default."""
+    A setting a record lacks (a run from before it existed) is its default; `--preprocess
+    auto` and no `--input-size` are what they resolve to where the name says it."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     name, weights = model.get("name"), model.get("weights")
     if name in models.APPLICATIONS:  # (no weights: ImageNet's, as `--weights imagenet`)
@@ -518,6 +519,12 @@ def _settings(config: dict) -> dict:
     rest = {f.name: model.get(f.name, f.default) for f in dataclasses.fields(ModelConfig) if f.name not in _SPEED_ONLY}
     if isinstance(rest["input_size"], tuple):  # (JSON: a list)
         rest["input_size"] = list(rest["input_size"])
+    # as the model resolves them, where that is known without it: `auto` is an application's
+    # own preprocessing (a file's: raw), no --input-size an application's default size
+    if rest["preprocess"] == "auto":
+        rest["preprocess"] = models.APPLICATIONS[name][2] if name in models.APPLICATIONS else "raw"
+    if rest["input_size"] is None and name in models.APPLICATIONS:
+        rest["input_size"] = [models.APPLICATIONS[name][1]] * 2
     if rest["head"] != "detect":  # (settings of a head or an output the run did not use: none)
         rest.update(max_boxes=None, iou_threshold=None, min_box_score=None)
     if not rest["embed"]:

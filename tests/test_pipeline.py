@@ -991,7 +991,8 @@ def test_every_model_setting_that_shapes_the_rows_is_compared_and_speed_settings
 def test_the_settings_a_rerun_compares_read_no_weights_as_imagenet():
     """A keras.applications model without --weights is built with ImageNet's: the same
     settings as `--weights imagenet` (a rerun with one or the other warned of "other
-    settings"); a model file's weights (recorded, unused, before they were refused) are none."""
+    settings"); a model file's weights (recorded, unused, before they were refused) are none.
+    Likewise `--preprocess auto` and no `--input-size` are what they resolve to."""
     def model(**m):
         return pipeline._settings({"model": m, "sampling": {"every": 1}})
 
@@ -999,6 +1000,13 @@ def test_the_settings_a_rerun_compares_read_no_weights_as_imagenet():
     assert model(name="resnet50", weights=None) != model(name="resnet50", weights="/w.h5")
     assert model(name="resnet50", weights="none") != model(name="resnet50", weights="imagenet")
     assert model(name="/m/a.keras", weights="/tmp/nosuch.h5") == model(name="/m/a.keras", weights=None)
+    # --preprocess and --input-size as the model resolves them (`--preprocess caffe` beside
+    # `auto` for ResNet-50 warned of "other settings"); a model file's size only it knows
+    assert model(name="resnet50", preprocess="caffe", input_size=[224, 224]) == model(name="resnet50")
+    assert model(name="resnet50", preprocess="tf") != model(name="resnet50")
+    assert model(name="resnet50", input_size=[160, 160]) != model(name="resnet50")
+    assert model(name="/m/a.keras", preprocess="raw") == model(name="/m/a.keras", preprocess="auto")
+    assert model(name="/m/a.keras", input_size=[96, 96]) != model(name="/m/a.keras")
 
 
 def test_an_http_server_that_cannot_be_reached_is_one_line_saying_why(ray_session, shapes_model, tmp_path):
