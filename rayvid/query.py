@@ -954,7 +954,9 @@ def _columns(text: str) -> int:
 
 
 def _cut(text: str, width: int) -> str:
-    """`text` in at most `width` columns: its start and its end (a path's file name), '…' between."""
+    """`text` in at most `width` columns: its start and its end, '…' between; the end is a
+    path's whole file name (with its "/") where it leaves CUT_HEAD columns for the start,
+    else the columns are shared half and half."""
     def fit(chars, room):
         taken = 0
         for n, c in enumerate(chars):
@@ -963,9 +965,15 @@ def _cut(text: str, width: int) -> str:
                 return n
         return len(chars)
 
+    name = "/" + text.rsplit("/", 1)[1] if "/" in text else ""
+    if name and _columns(name) + 1 + CUT_HEAD <= width:
+        return text[:fit(text, width - 1 - _columns(name))] + "…" + name
     head = fit(text, width // 2)
     tail = fit(text[head:][::-1], width - 1 - width // 2)
     return text[:head] + "…" + (text[len(text) - tail:] if tail else "")
+
+
+CUT_HEAD = 12  # columns a cut cell keeps of its start, at least, before a file name kept whole
 
 
 def _cell(v, raw: bool = False) -> str:

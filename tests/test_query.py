@@ -750,15 +750,21 @@ def test_a_nan_in_a_run_record_is_null_in_json(tmp_path, capsys):
 
 def test_the_table_format_keeps_rows_on_one_line_names_apart_and_columns_aligned():
     """Long names were cut at their end (two cameras under one long prefix: one name twice),
-    a line break in a name broke its row, and CJK threw the columns out of line."""
+    a line break in a name broke its row, and CJK threw the columns out of line. A long
+    name keeps its start and its whole file name."""
     long = "s3://bucket/some/very/long/prefix/that/goes/on/and/on/floor-3/cam-0{}.mp4"
     table = pa.table({"video_uri": [long.format(1), long.format(2), "a\nb\tc", "名前.mp4"], "frames": [1, 22, 333, 4]})
     lines = query.to_text(table).splitlines()
     assert len(lines) == 6
-    assert lines[2].startswith("s3://bucket/some/very/long/pre…") and lines[2].split()[0].endswith("cam-01.mp4")
-    assert lines[3].split()[0].endswith("cam-02.mp4")
+    assert lines[2].split()[0] == "s3://bucket/some/very/long/prefix/that/goes/on/a…/cam-01.mp4"
+    assert lines[3].split()[0].endswith("…/cam-02.mp4")
     assert lines[4].startswith("a\\nb\\tc ")
     assert {query._columns(line) for line in lines[2:]} == {query._columns(lines[0])}  # right edges in line
+    # a file name wider than half the cell is kept whole (its start was cut: a QA find),
+    # where it leaves the start 12 columns; else each gets half
+    name = "2024-05-01_camera-entrance_recording_0001.mp4"
+    assert query._cut(f"/data/archive/site-a/{name}", 60) == f"/data/archive…/{name}"
+    assert query._cut("/d/" + "x" * 70 + ".mp4", 60) == "/d/" + "x" * 27 + "…" + "x" * 25 + ".mp4"
 
 
 def test_an_image_that_cannot_be_had_says_why(tmp_path, capsys):
