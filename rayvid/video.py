@@ -49,6 +49,7 @@ import errno
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
@@ -212,6 +213,9 @@ class Probe:
     stated_s: float = 0.0
     held_s: float = 0.0
     shown_streams: int = 1  # video streams that are no cover picture (`video_stream` picks one)
+    # where the demuxer skipped damaged bytes to read on (`_skipped`): (the last frame's time
+    # before, the first's after, about how many frames were lost between; -1: not known)
+    skipped: tuple = ()
 
 
     @property
@@ -252,26 +256,30 @@ def probe(path: str, partial: bool = False) -> Probe:
             length_size = nal_length_size(stream.codec_context.extradata) if is_h264 else 0
             h264 = is_h264 and not partial  # (a partial copy's packets are not there: `starting_keys`)
             last_end = None  # where the last packet's own duration ends (stream time base)
-            for p in _demux(container, stream):
-                if p.size:
-                    if not packets and codec == "mpeg4" and not by_order:  # (its user data in the first frame)
-                        by_order = output_order(container.format.name or "", codec,
-                                                packed_b_frames(stream, bytes(memoryview(p)[:KEY_HEAD_BYTES])))
-                    at = p.pts if p.pts is not None else p.dts
-                    if at is not None and p.duration:
-                        last_end = at + p.duration if last_end is None else max(last_end, at + p.duration)
-                    key = p.is_keyframe and not (
-                        h264 and packets and starts_pictures(bytes(memoryview(p)[:KEY_HEAD_BYTES]), length_size) is False)
-                    packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
-                                    key,
-                                    -1 if p.pos is None else p.pos, p.size, p.is_discard, p.dts))
-                if rotation is None:  # the first frame says it (decoded once, by the way)
-                    try:
-                        first = next(iter(p.decode()), None)
-                    except av.FFmpegError:
-                        first = None
-                    if first is not None:
-                        rotation, mirror = right_angle(first.rotation), display_matrix(first)
+            resumed = []  # packets read before each place the demuxer said it skipped damaged bytes
+            with _demuxer_errors(container) as errors:
+                for p in _demux(container, stream):
+                    if p.size and errors():  # (said while it read on to this packet: it skipped bytes before it)
+                        resumed.append(len(packets))
+                    if p.size:
+                        if not packets and codec == "mpeg4" and not by_order:  # (its user data in the first frame)
+                            by_order = output_order(container.format.name or "", codec,
+                                                    packed_b_frames(stream, bytes(memoryview(p)[:KEY_HEAD_BYTES])))
+                        at = p.pts if p.pts is not None else p.dts
+                        if at is not None and p.duration:
+                            last_end = at + p.duration if last_end is None else max(last_end, at + p.duration)
+                        key = p.is_keyframe and not (
+                            h264 and packets and starts_pictures(bytes(memoryview(p)[:KEY_HEAD_BYTES]), length_size) is False)
+                        packets.append((p.dts if by_order and p.dts is not None else p.pts if p.pts is not None else p.dts,
+                                        key,
+                                        -1 if p.pos is None else p.pos, p.size, p.is_discard, p.dts))
+                    if rotation is None:  # the first frame says it (decoded once, by the way)
+                        try:
+                            first = next(iter(p.decode()), None)
+                        except av.FFmpegError:
+                            first = None
+                        if first is not None:
+                            rotation, mirror = right_angle(first.rotation), display_matrix(first)
             if partial:  # the index as the demux left it: a fragmented MP4's grows fragment by fragment
                 indexed = {e.pos: e.is_keyframe for e in stream.index_entries}
                 packets = [(t, indexed.get(pos, key), pos, n, *rest) for t, key, pos, n, *rest in packets]
@@ -295,6 +303,7 @@ def probe(path: str, partial: bool = False) -> Probe:
                          + (" (an elementary stream, with no container to time its frames: remux it, "
                             "`ffmpeg -i IN -c copy OUT.mp4`)" if all(p[0] is None for p in packets) else ""))
     epoch = _epochs(packets, container_format)
+    holes = _holes(packets, resumed, epoch)
     lead = _lead_in(packets, container_format, epoch)
     if lead.any():  # (in decode order, as `packets`)
         before = np.cumsum(~lead)[lead]  # frames ahead of each in decode order: the next one's rank
@@ -334,12 +343,85 @@ def probe(path: str, partial: bool = False) -> Probe:
         # where its last frame is as late as that count says, the file is whole, not cut
         if round(float(times[-1]) * fps) + 1 >= listed:
             listed = len(pts)
+    skipped = tuple((float((a - start) * tb), float((b - start) * tb), round((b - a) * tb * fps) - 1 if fps else -1)
+                    for a, b in holes)
+    skipped = tuple(h for h in skipped if h[2] != 0)  # (frames one frame apart: nothing lost)
     return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
                  pos=np.array([packets[i][2] for i in order], dtype=np.int64),
                  nbytes=np.array([packets[i][3] for i in order], dtype=np.int64),
                  order=order.astype(np.int64), lead_pos=lead_pos, lead_nbytes=lead_nbytes,
                  lead_before=None if before is None else before.astype(np.int64), joined=joined, mirror=mirror,
-                 in_order=by_order, repeated=repeated, nal_length=length_size, shown_streams=shown_streams, **_stated_gap(stated, raw, tb, fps, last_end))
+                 in_order=by_order, repeated=repeated, nal_length=length_size, shown_streams=shown_streams,
+                 skipped=skipped, **_stated_gap(stated, raw, tb, fps, last_end))
+
+
+@contextlib.contextmanager
+def _demuxer_errors(container):
+    """Yields a function saying whether `container`'s demuxer has said an error (FFmpeg's
+    log, in this thread) since it was last asked: where it meets bytes it cannot parse, a
+    Matroska/WebM or transport-stream demuxer reads on from the next place it can, and its
+    packets then say nothing of the frames it skipped (a QA find: a zeroed range in a
+    Matroska file lost 45 frames unsaid, every frame_index after them 45 short)."""
+    import av.logging
+
+    name = container.format.name or ""
+    with _LogLevel.lock:
+        _LogLevel.users += 1
+        if _LogLevel.users == 1:
+            _LogLevel.before = av.logging.get_level(), av.logging.get_skip_repeated()
+            if _LogLevel.before[0] is None or _LogLevel.before[0] < av.logging.ERROR:
+                av.logging.set_level(av.logging.ERROR)
+            av.logging.set_skip_repeated(False)  # (a file's message again, read again, was not said)
+    try:
+        with av.logging.Capture() as logs:
+            seen = [0]
+
+            def said() -> bool:
+                new = [log for log in logs[seen[0]:] if log[1] == name and log[0] <= av.logging.ERROR]
+                seen[0] = len(logs)
+                return bool(new)
+
+            yield said
+    finally:
+        with _LogLevel.lock:
+            _LogLevel.users -= 1
+            if _LogLevel.users == 0:
+                if av.logging.get_level() != _LogLevel.before[0]:
+                    av.logging.set_level(_LogLevel.before[0])
+                av.logging.set_skip_repeated(_LogLevel.before[1])
+
+
+class _LogLevel:
+    """FFmpeg's log level, raised to errors while any thread's `_demuxer_errors` is open (its
+    Capture takes only what that level lets through), and PyAV's skipping of a message said
+    twice in a row off, then both put back as they were."""
+
+    lock = threading.Lock()
+    users = 0
+    before = None
+
+
+def _holes(packets: list, resumed: list, epoch: np.ndarray) -> list:
+    """(the latest time before, the earliest after) of each place the demuxer skipped
+    damaged bytes (`resumed`: packets read before it; decode order, so the times after are
+    those up to the next such place), on the packets' clock; none where its clock restarted
+    there (`_epochs`) or nothing was read before or after it."""
+    out = []
+    for k, end in zip(resumed, [*resumed[1:], len(packets)]):
+        before = [p[0] for p in packets[:k] if p[0] is not None]
+        after = [p[0] for p in packets[k:end] if p[0] is not None]
+        if before and after and epoch[k] == epoch[k - 1] and min(after) > max(before):
+            out.append((max(before), min(after)))
+    return out
+
+
+def _skipped_text(skipped: tuple) -> str:
+    """The problem `Probe.skipped` says: where, and about how many frames were lost."""
+    lost = sum(n for _, _, n in skipped if n > 0)
+    where = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b, _ in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+    count = f"about {lost} frames" if all(n > 0 for _, _, n in skipped) else "frames"
+    return (f"{count} lost to damaged data the demuxer skipped ({where}): frame_index after "
+            f"it counts the frames read (timestamp_s is each frame's own)")
 
 
 def _epochs(packets: list, container_format: str) -> np.ndarray:
@@ -941,6 +1023,8 @@ class FrameReader:
             if len(lost):
                 problems.append(f"{len(lost)} of {len(keep)} frames lost to damaged data "
                                 f"(frame {_ranges(lost)})")
+            if info.skipped and end_s == math.inf:  # (the file's, said once: by its last segment)
+                problems.append(_skipped_text(info.skipped))
             if info.listed > len(info.pts) and end_s == math.inf:
                 problems.append(f"truncated: the container lists {info.listed} frames, "
                                 f"the file holds {len(info.pts)}")

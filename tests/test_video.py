@@ -658,6 +658,47 @@ def test_frames_sharing_timestamps_after_damage_are_their_own_pictures(tmp_path)
     assert "lost to damaged data" in lost and len(delivered) + int(lost.split(" of ")[0]) == 120
 
 
+@pytest.mark.parametrize("audio", [False, True])
+def test_a_matroska_hole_the_demuxer_skips_is_said_with_how_many_frames_it_lost(tmp_path, audio):
+    """A zeroed range (a sparse or partial download, a bad block) in a Matroska file: its
+    demuxer reads on from the next cluster it can parse and its packets say nothing of the
+    frames between; 45 frames were lost unsaid, the video counted whole (a QA find). It is
+    the video's error row now, saying how many and where; the frames read keep their
+    pictures and times, those after the hole counted as read. FFmpeg's log level is as it
+    was after."""
+    import av
+    import av.logging
+
+    src, bad = str(tmp_path / "v.mkv"), str(tmp_path / "hole.mkv")
+    # (a cluster at each key frame, every 15th, where the demuxer may read on: with audio,
+    # FFmpeg's muxer starts one at a key frame past 4 KiB; without, DASH's rule)
+    framecode.write_code_video(src, 120, framecode.SIZE, ["-c:v", "libx264", "-x264-params",
+                                                          "keyint=15:min-keyint=15:scenecut=0", "-bf", "0",
+                                                          *([] if audio else ["-dash", "1"])], audio=audio)
+    with av.open(src) as c:
+        packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size]
+    data = bytearray(open(src, "rb").read())
+    data[packets[45][0]:packets[75][0]] = bytes(packets[75][0] - packets[45][0])
+    open(bad, "wb").write(bytes(data))
+    level = av.logging.get_level()
+    for _ in range(2):  # (FFmpeg's message said again, read again: PyAV skips a message repeated)
+        rows, end = _rows(bad)
+        codes = [code for _, _, code in rows]
+        resumed = codes[45]  # the first frame read after the hole (a key frame the demuxer found)
+        assert codes == [*range(45), *range(resumed, 120)] and resumed >= 75 and resumed % 15 == 0, codes
+        assert [i for i, _, _ in rows] == list(range(len(rows)))  # (counted as read)
+        assert all(abs(t - code / 30) < 1e-3 for _, t, code in rows)
+        assert end["message"][0].startswith(f"about {resumed - 45} frames lost to damaged data the demuxer skipped "
+                                            f"(1.47-{resumed / 30:.2f} s): frame_index after it counts the frames "
+                                            f"read (timestamp_s is each frame's own)"), end["message"][0]
+        rows, end = _rows(bad, every=2)
+        assert [code for _, _, code in rows] == [*range(0, 45, 2), *range(resumed + 1, 120, 2)]
+        assert end["message"][0].startswith(f"about {resumed - 45} frames lost"), end["message"][0]
+    assert av.logging.get_level() == level
+    rows, end = _rows(src)
+    assert [code for _, _, code in rows] == list(range(120)) and end["message"][0] == ""
+
+
 def test_a_picture_is_a_start_only_where_every_slice_seen_is_intra():
     """`starts_pictures` on H.264 packets as muxers store them (4-byte lengths, avcC) and
     as start codes delimit them (Annex B): an IDR, an I or SI picture is a start; a P or SP
