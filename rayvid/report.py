@@ -37,7 +37,7 @@ def summary(result) -> str:
         actors = "" if t["actors"] == 1 else f", {t['actors']} actors"
         lines.append(
             f"  infer:   model busy {100 * t['model_busy']:.0f}% of the inference actors' time, "
-            f"waiting for frames {100 * t['waiting']:.0f}% ({t['frames']} frames in {t['batches']} batches{actors})"
+            f"waiting for frames {100 * t['waiting']:.0f}% ({_plural(t['frames'], 'frame')} in {_plural(t['batches'], 'batch')}{actors})"
         )
     if result.plan:
         devices = (t or {}).get("devices") or []
@@ -96,11 +96,11 @@ def _dry_run(result, output: str) -> str:
 
 def _mb(n: int) -> str:
     """Bytes in MB, or in kB under 0.1 MB (20 kB read would show as 0.0 MB)."""
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 or n == 0 else f"{n / 1e3:.1f} kB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB" if n else "0 bytes"
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("ch") else f"{n} {word}s"
 
 
 # --- pictures: `rayvid report OUTPUT DIR` ------------------------------------------------

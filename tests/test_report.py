@@ -27,8 +27,12 @@ def test_summary_says_what_happened_and_where():
     r.inference = {"frames": 0, "batches": 1, "actors": 1, "model_busy": 0.0, "waiting": 1.0}
     assert "infer:" not in summary(r)
     r.inference = dict(r.inference, frames=32, model_busy=0.5, waiting=0.25)
-    assert "  infer:   model busy 50% of the inference actors' time, waiting for frames 25% (32 frames in 1 batches)" \
+    assert "  infer:   model busy 50% of the inference actors' time, waiting for frames 25% (32 frames in 1 batch)" \
         in summary(r)
+    r.inference = dict(r.inference, batches=3)
+    assert "(32 frames in 3 batches)" in summary(r)
+    # sizes as a person reads them: nothing to do is no "0.0 MB" beside others' kB
+    assert [report._mb(n) for n in (0, 20_000, 100_000, 2_500_000)] == ["0 bytes", "20.0 kB", "0.1 MB", "2.5 MB"]
     r.plan = dict(r.plan, infer_gpus=1.0)  # Ray gave each inference actor a GPU that TensorFlow did not find
     r.inference["devices"] = ["CPU"]
     assert "inference 1..1, 1 GPU each (but TensorFlow found no GPU: the model ran on the CPU)" in summary(r)
