@@ -259,8 +259,8 @@ def probe(path: str, partial: bool = False) -> Probe:
             resumed = []  # packets read before each place the demuxer said it skipped damaged bytes
             with _demuxer_errors(container) as errors:
                 for p in _demux(container, stream):
-                    if p.size and errors():  # (said while it read on to this packet: it skipped bytes before it)
-                        resumed.append(len(packets))
+                    if p.size and (errors() or p.is_corrupt):  # (said while it read on to this packet, or
+                        resumed.append(len(packets))        # a transport stream's continuity broken before it)
                     if p.size:
                         if not packets and codec == "mpeg4" and not by_order:  # (its user data in the first frame)
                             by_order = output_order(container.format.name or "", codec,
@@ -359,8 +359,9 @@ def probe(path: str, partial: bool = False) -> Probe:
 def _demuxer_errors(container):
     """Yields a function saying whether `container`'s demuxer has said an error (FFmpeg's
     log, in this thread) since it was last asked: where it meets bytes it cannot parse, a
-    Matroska/WebM or transport-stream demuxer reads on from the next place it can, and its
-    packets then say nothing of the frames it skipped (a QA find: a zeroed range in a
+    Matroska/WebM or FLV demuxer reads on from the next place it can (a transport stream's
+    flags the packet after: `is_corrupt`), and its packets then say nothing of the frames it
+    skipped (a QA find: a zeroed range in a
     Matroska file lost 45 frames unsaid, every frame_index after them 45 short)."""
     import av.logging
 
@@ -403,15 +404,23 @@ class _LogLevel:
 
 def _holes(packets: list, resumed: list, epoch: np.ndarray) -> list:
     """(the latest time before, the earliest after) of each place the demuxer skipped
-    damaged bytes (`resumed`: packets read before it; decode order, so the times after are
-    those up to the next such place), on the packets' clock; none where its clock restarted
-    there (`_epochs`) or nothing was read before or after it."""
+    damaged bytes, on the packets' clock: the widest step between the frames' times (in
+    the order shown) among those of the packets around each of `resumed` (packets read
+    before each place it said so; said a packet or two early or late, and frames sent out
+    of order). None where the clock restarted there (`_epochs`: parts joined end to end,
+    whose continuity breaks at the join)."""
     out = []
-    for k, end in zip(resumed, [*resumed[1:], len(packets)]):
-        before = [p[0] for p in packets[:k] if p[0] is not None]
-        after = [p[0] for p in packets[k:end] if p[0] is not None]
-        if before and after and epoch[k] == epoch[k - 1] and min(after) > max(before):
-            out.append((max(before), min(after)))
+    for k in resumed:
+        lo = k - 3 if k > 3 else 0
+        if not 0 < k < len(packets) or len(set(epoch[lo:k + 4].tolist())) > 1:  # (a join's broken continuity)
+            continue
+        near = [p[0] for p in packets[lo:k + 4] if p[0] is not None]
+        shown = np.unique([p[0] for p, e in zip(packets, epoch)
+                           if p[0] is not None and e == epoch[k] and min(near) <= p[0] <= max(near)])
+        if len(shown) > 1:
+            j = int(np.argmax(np.diff(shown)))
+            if (int(shown[j]), int(shown[j + 1])) not in out:
+                out.append((int(shown[j]), int(shown[j + 1])))
     return out
 
 
@@ -419,7 +428,7 @@ def _skipped_text(skipped: tuple) -> str:
     """The problem `Probe.skipped` says: where, and about how many frames were lost."""
     lost = sum(n for _, _, n in skipped if n > 0)
     where = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b, _ in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-    count = f"about {lost} frames" if all(n > 0 for _, _, n in skipped) else "frames"
+    count = f"about {lost} frame{'' if lost == 1 else 's'}" if all(n > 0 for _, _, n in skipped) else "frames"
     return (f"{count} lost to damaged data the demuxer skipped ({where}): frame_index after "
             f"it counts the frames read (timestamp_s is each frame's own)")
 

@@ -658,23 +658,24 @@ def test_frames_sharing_timestamps_after_damage_are_their_own_pictures(tmp_path)
     assert "lost to damaged data" in lost and len(delivered) + int(lost.split(" of ")[0]) == 120
 
 
-@pytest.mark.parametrize("audio", [False, True])
-def test_a_matroska_hole_the_demuxer_skips_is_said_with_how_many_frames_it_lost(tmp_path, audio):
-    """A zeroed range (a sparse or partial download, a bad block) in a Matroska file: its
-    demuxer reads on from the next cluster it can parse and its packets say nothing of the
-    frames between; 45 frames were lost unsaid, the video counted whole (a QA find). It is
-    the video's error row now, saying how many and where; the frames read keep their
-    pictures and times, those after the hole counted as read. FFmpeg's log level is as it
-    was after."""
+@pytest.mark.parametrize("ext, audio", [("mkv", False), ("mkv", True), ("ts", False)])
+def test_a_hole_the_demuxer_skips_is_said_with_how_many_frames_it_lost(tmp_path, ext, audio):
+    """A zeroed range (a sparse or partial download, a bad block) in a Matroska file or a
+    transport stream: its demuxer reads on from the next place it can parse and its
+    packets say nothing of the frames between; 45 frames were lost unsaid, the video
+    counted whole, every frame_index after them short (a QA find). It is the video's error
+    row now, saying about how many and where; the frames read keep their pictures and
+    times, those after the hole counted as read. FFmpeg's log level is as it was after."""
     import av
     import av.logging
 
-    src, bad = str(tmp_path / "v.mkv"), str(tmp_path / "hole.mkv")
-    # (a cluster at each key frame, every 15th, where the demuxer may read on: with audio,
-    # FFmpeg's muxer starts one at a key frame past 4 KiB; without, DASH's rule)
+    src, bad = str(tmp_path / f"v.{ext}"), str(tmp_path / f"hole.{ext}")
+    # (a Matroska cluster at each key frame, every 15th, where the demuxer may read on: with
+    # audio, FFmpeg's muxer starts one at a key frame past 4 KiB; without, DASH's rule)
     framecode.write_code_video(src, 120, framecode.SIZE, ["-c:v", "libx264", "-x264-params",
                                                           "keyint=15:min-keyint=15:scenecut=0", "-bf", "0",
-                                                          *([] if audio else ["-dash", "1"])], audio=audio)
+                                                          *([] if audio or ext != "mkv" else ["-dash", "1"])],
+                               audio=audio)
     with av.open(src) as c:
         packets = [(p.pos, p.size) for p in c.demux(video=0) if p.size]
     data = bytearray(open(src, "rb").read())
