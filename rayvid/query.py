@@ -157,9 +157,7 @@ def _read_part(fs, path: str, size: Optional[int], columns: Optional[list], chos
     byte ranges as pyarrow asks (of its listed size: no HEAD first), never through s3fs's
     or gcsfs's read-ahead, which fetched whole parts for a few column chunks."""
     try:
-        source = (storage.RangeReader(fs, path, size, PART_BLOCK_BYTES) if size is not None
-                  else fs.open(path, "rb", cache_type="none"))
-        with source as f:
+        with storage.open_read(fs, path, size, PART_BLOCK_BYTES) as f:
             part = pq.ParquetFile(f)
             names = part.schema_arrow.names  # parts of older runs may lack a column
             wanted = [c for c in (columns if columns is not None else names) if c in names and c not in without]

@@ -850,6 +850,17 @@ def serves_ranges(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] 
     return answer
 
 
+def open_read(fs: fsspec.AbstractFileSystem, path: str, size: Optional[int] = None, block: int = 256 * 2**10):
+    """A seekable read-only file over the object, for pyarrow's reads of a footer and the
+    columns it wants: byte ranges where the store serves them (`RangeReader` where the size
+    is known, else fsspec's file without read-ahead), else the whole body read at once (an
+    HTTP server that ignores ranges, as Python's http.server: fsspec's file refused every
+    seek there, "doesn't appear to support range requests")."""
+    if not serves_ranges(fs, path, size):
+        return io.BytesIO(fs.cat_file(path))
+    return RangeReader(fs, path, size, block) if size is not None else fs.open(path, "rb", cache_type="none")
+
+
 class RangeReader(io.RawIOBase):
     """A read-only, seekable file over an object of known size that asks its store for
     byte ranges only (`fs.cat_file(path, start, end)`), at least `block` bytes at a time.
