@@ -715,6 +715,8 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
 
             loaded = tf.saved_model.load(local)
         size, dtype, batch, clip_len, outputs = _savedmodel_input(loaded.signatures["serving_default"], cfg)
+        if dtype.startswith(("float", "bfloat")) and dtype != "float32":  # (Keras casts a layer's float input
+            layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype=dtype)  # to its dtype)
         if cfg.output is not None and cfg.output not in outputs:
             raise ModelError(f"SavedModel {storage.public_uri(url)} has no output {cfg.output!r} (--model-output): its "
                              f"serving signature's outputs are {', '.join(sorted(outputs))}")
@@ -836,12 +838,12 @@ def _pick_output(keras, model, cfg: ModelConfig, url: str):
     """The model with the one output rayvid runs (`_choose_output`)."""
     outputs = _keras_outputs(model)
     chosen = _choose_output([names for names, _ in outputs], cfg, url)
-    if cfg.output is None:
+    if cfg.output is None or len(outputs) == 1:  # (one output, named or not)
         if isinstance(getattr(model, "output", None), dict):
             return keras.Model(model.inputs, model.outputs[0], name=model.name)  # {"probs": x}: x
         return model
     tensor = outputs[chosen][1]
-    return model if tensor is None or len(outputs) == 1 else keras.Model(model.inputs, tensor, name=model.name)
+    return model if tensor is None else keras.Model(model.inputs, tensor, name=model.name)
 
 
 def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
@@ -869,7 +871,8 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
     if h is None:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
     outputs = sig.structured_outputs if isinstance(sig.structured_outputs, dict) else {"output": sig.structured_outputs}
-    dtype = spec.dtype.name if spec.dtype in (tf.uint8, tf.float32) else "float32"
+    # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
+    dtype = spec.dtype.name if spec.dtype.is_floating or spec.dtype.is_integer else "float32"
     return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
@@ -887,7 +890,11 @@ def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False) -> tuple[s
             raise ModelError(f"cannot read labels {storage.public_uri(source)}: {storage.describe(e)}") from None
     elif cfg.name not in APPLICATIONS:  # a model file's own labels, then (1000 classes) ImageNet's
         base = _without_query(cfg.name).rstrip("/")
-        candidates = [os.path.splitext(base)[0] + ".labels.txt", base + "/labels.txt"]
+        # a SavedModel folder's own labels.txt, else `<folder>.labels.txt` beside it (its
+        # name's dots are no extension: `sm.v2` took `sm.labels.txt`, another model's, over
+        # its own); a file's `<model>.labels.txt` beside it
+        candidates = ([base + "/labels.txt", base + ".labels.txt"] if _is_folder(cfg.name) else
+                      [os.path.splitext(base)[0] + ".labels.txt"])
         for cand in candidates:
             try:
                 labels = _read_labels(cand)
@@ -918,14 +925,17 @@ def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False) -> tuple[s
 
 def _read_labels(url: str) -> tuple[str, ...]:
     """A labels file's non-blank lines, stripped; UTF-8, its byte-order mark dropped (an
-    editor's: it was kept in the first label, which then matched no `find`)."""
+    editor's: it was kept in the first label, which then matched no `find`). A line ends
+    at LF, CRLF or CR."""
     data = storage.read_bytes(url)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ModelError(f"labels {storage.public_uri(url)} is not UTF-8 text (byte {e.start}: "
                          f"{data[e.start:e.start + 1]!r}): save it as UTF-8") from None
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+    # (lines end at "\n", "\r\n" or "\r" only: `splitlines` also cut a label at U+0085 or U+2028)
+    return tuple(line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+                 if line.strip())
 
 
 def _fetch(url: str, workdir: str, what: str) -> str:
@@ -938,7 +948,17 @@ def _fetch(url: str, workdir: str, what: str) -> str:
     dest = os.path.join(workdir, what + "-" + os.path.basename(_url_path(path).rstrip("/")))
     try:
         if _isdir(fs, path):
-            fs.get(path.rstrip("/") + "/", dest, recursive=True)
+            # file by file, as listed (fsspec's HTTP `get` of a folder opened the folder's
+            # own name as a file to write: "Is a directory")
+            root = path.rstrip("/") + "/"
+            for name in fs.find(root):
+                rel = name[len(root):] if name.startswith(root) else None
+                if not rel or rel.startswith("/") or ".." in rel.split("/"):
+                    continue  # (a link out of the folder a server's listing shows)
+                os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+                fs.get_file(name, os.path.join(dest, rel))
+            if not os.path.isdir(dest):
+                raise FileNotFoundError(path)
         else:
             fs.get_file(path, dest)
     except FileNotFoundError:
@@ -958,6 +978,15 @@ def _exists(fs, path: str) -> bool:
             raise
         return False
     return True
+
+
+def _is_folder(url: str) -> bool:
+    """Whether a model URL or path is a folder (a SavedModel)."""
+    fs, path = storage.resolve(url)
+    try:
+        return os.path.isdir(path) if storage.is_local(fs) else _isdir(fs, path)
+    except (*storage.ACCESS_ERRORS, ValueError):
+        return False
 
 
 def _isdir(fs, path: str) -> bool:

@@ -131,6 +131,90 @@ def test_savedmodel_folder(tmp_path, shapes_model, monkeypatch):
     np.testing.assert_allclose(model(x).numpy(), src(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_path, shapes_model):
+    """A SavedModel folder served over HTTP (a URL ending in "/", as README says) failed to
+    load ("Is a directory": fsspec's HTTP `get` of a folder); one named with a dot
+    (`shapes.v2/`) took the labels of `shapes.labels.txt` beside it, another model's, over
+    its own labels.txt (QA finds). It loads, file by file as the server lists them, with
+    the labels inside it; a folder without labels inside takes `<folder>.labels.txt`."""
+    import functools
+    import http.server
+    import os
+    import shutil
+    import threading
+
+    import keras
+
+    src = keras.saving.load_model(shapes_model["path"])
+    served = tmp_path / "www"
+    export = served / "shapes.v2"
+    src.export(str(export))
+    own = [f"own_{i}" for i in range(6)]
+    (export / "labels.txt").write_text("\n".join(own) + "\n")
+    (served / "shapes.labels.txt").write_text("\n".join(f"other_{i}" for i in range(6)) + "\n")
+    shutil.copytree(export, served / "plain")
+    os.remove(served / "plain" / "labels.txt")
+    shutil.copy(shapes_model["labels"], served / "plain.labels.txt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        x = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+        for name in (str(export), f"{base}/shapes.v2/"):
+            model, info = models.load(ModelConfig(name=name))
+            assert info.labels == tuple(own), name
+            np.testing.assert_allclose(model(x).numpy(), src(x).numpy(), rtol=1e-5, atol=1e-6)
+        _, info = models.load(ModelConfig(name=f"{base}/plain/"))
+        assert info.labels[:3] == ("blank", "checker", "circle")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_one_entry_dict_output_named_by_model_output_and_savedmodel_input_types(tmp_path):
+    """`--model-output probs` on a model whose one output is the dict {"probs": ...} failed
+    at load ("Expected any non-tensor type"), where README says its key names it; a
+    SavedModel taking float16 or int32 frames failed on the float32 it was handed: frames
+    are cast to the type its signature takes (QA finds)."""
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inp)
+    net = keras.Model(inp, {"probs": keras.layers.Dense(3, activation="softmax", name="dense_out")(x)})
+    path = str(tmp_path / "dict1.keras")
+    net.save(path)
+    frames = np.random.default_rng(3).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    want = models.load(ModelConfig(name=path))[0](frames).numpy()
+    for output in ("probs", "dense_out"):
+        model, info = models.load(ModelConfig(name=path, output=output))
+        np.testing.assert_allclose(model(frames).numpy(), want, rtol=1e-6)
+    import tensorflow as tf
+
+    for dtype in (tf.float16, tf.int32):
+        class Net(tf.Module):
+            @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], dtype)])
+            def serve(self, x):
+                return {"scores": tf.nn.softmax(tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2]))}
+
+        folder = str(tmp_path / f"sm-{dtype.name}")
+        net = Net()
+        tf.saved_model.save(net, folder, signatures={"serving_default": net.serve})
+        model, _ = models.load(ModelConfig(name=folder))
+        got = model(frames).numpy()
+        expected = tf.nn.softmax(tf.reduce_mean(tf.cast(tf.cast(frames, dtype), tf.float32), axis=[1, 2])).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_a_label_may_hold_unicode_line_separators(tmp_path):
+    """"One label per line" split a label at U+0085 or U+2028 too (`str.splitlines`): a file
+    of 4 labels read as 5 (a QA find). Lines end at LF, CRLF or CR."""
+    path = tmp_path / "l.txt"
+    path.write_bytes("a\u2028b\r\nc\x85d\re\nf\n".encode())
+    assert models._read_labels(str(path)) == ("a\u2028b", "c\x85d", "e", "f")
+
+
 def test_unsafe_lambda_model_is_refused(tmp_path):
     import keras
 
