@@ -852,8 +852,6 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
     takes RGB; the batch size it fixes (None: any); N for a video model's [batch, N, H, W,
     3] input (-1 where N is open: not supported, ModelError), else 0; its outputs' specs
     by name."""
-    import tensorflow as tf
-
     spec = list(sig.structured_input_signature[1].values())[0]
     shape = list(spec.shape)
     if len(shape) not in (4, 5):
