@@ -727,9 +727,9 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     """On a partial copy of an H.264 video: (the probe with the key frames a decoder cannot
     start from (`starts_pictures`) no longer key frames, whether the bytes the frames
     `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
-    the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), which hold
-    each key frame a seek goes to, and those are read. An ordinary stream costs nothing
-    more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
+    the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), and the
+    first KEY_HEAD_BYTES of each key frame a seek goes to or `keep` holds (most are in
+    those ranges already) are fetched and read. An ordinary stream costs nothing more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
     of every key frame before it are fetched at once and read, and the seeks planned and
     fetched again from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
@@ -737,6 +737,11 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     checked: set = set()
 
     def bad_of(keys: list) -> list:
+        # (their first bytes fetched where decoding's ranges did not hold them: a key frame
+        # kept that no seek goes to, whose packet comes before the seek's landing in decode
+        # order, read as zeros, "cannot tell", and stayed a key frame)
+        if keys:
+            fetch([(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in keys])
         with open(path, "rb") as f:
             return [k for k in keys if starts_pictures(
                 os.pread(f.fileno(), int(min(info.nbytes[k], KEY_HEAD_BYTES)), int(info.pos[k])), info.nal_length) is False]
@@ -747,7 +752,9 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
             return info, False
         fetch(plan_ranges(path, info, keep, gap_bytes))
         walked = info.walked(keep)
-        sought = [k for k in sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
+        # the key frames seeks go to, and those kept (--keyframes keeps key frames alone)
+        sought = [k for k in sorted((set(_Walk(walked, info.seek_keys).key_of[walked].tolist())
+                                     | set(walked[info.keyframes[walked]].tolist())) - {0} - checked)
                   if info.pos[k] >= 0]
         bad = bad_of(sought)
         checked.update(sought)
@@ -756,7 +763,6 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         # (an intra-refresh stream's recovery points: every one back to its IDR, in one go)
         earlier = [k for k in np.flatnonzero(info.keyframes[: max(bad)]).tolist()
                    if k and k not in checked and info.pos[k] >= 0]
-        fetch([(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in earlier])
         bad += bad_of(earlier)
         checked.update(earlier)
         keys = info.keyframes.copy()

@@ -224,6 +224,27 @@ def _decode(path, bounds, sampling, dec=None, ends=None):
     return sorted(rows)
 
 
+def test_remote_key_frames_of_an_mp4_without_a_sync_table_are_the_local_ones(long_videos, s3fs_client, tmp_path):
+    """An H.264 MP4 without its sync-sample table (every sample a key frame, as the index
+    says) with B-frames, on S3, --keyframes: a kept "key frame" no seek went to had its
+    first bytes never fetched (its packet before the seek's landing in decode order), so
+    it stayed a key frame, and each segment's end row said it lost to damaged data where
+    the local file's said nothing (a QA find). The first bytes of every key frame kept are
+    fetched and read: the same frames and end rows as the local file."""
+    path = str(tmp_path / "nostss.mp4")
+    data = bytearray(open(long_videos["long_h264.mp4"][0], "rb").read())
+    at = data.find(b"stss")
+    data[at:at + 4] = b"free"  # (the box is skipped: no table, every sample a sync sample)
+    open(path, "wb").write(bytes(data))
+    url = "s3://rayvid-test/long-remote/nostss.mp4"
+    s3fs_client.put_file(path, url)
+    sampling = {"keyframes": True}
+    parts = _decode(url, segments.bounds(20.0, 1.7), sampling,
+                    Decoder(size=framecode.SIZE, batch_frames=16, fetch_gap_bytes=0, **sampling))
+    assert parts == _decode(path, [(-math.inf, math.inf)], sampling) and len(parts) >= 6
+    assert all(shown == i for i, shown in parts)
+
+
 @pytest.mark.parametrize("sampling", [{}, {"every": 4}, {"fps": 2.0}])
 def test_remote_segments_of_an_mp4_meet_exactly(long_videos, s3fs_client, sampling):
     """On S3 each segment of an MP4 reads the index and its own bytes (a partial copy) and
