@@ -258,6 +258,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)
+        if base.get("run_id") == "" and args.run_id is None:  # (as on the command line)
+            raise ConfigError(f"config {storage.public_uri(args.config)}: run_id needs a value (null, or leave it "
+                              f"out, for a new run id)")
     if any(getattr(args, mode) not in (None, False) for mode in SAMPLING_MODES) and isinstance(base.get("sampling"), dict):
         # a sampling mode given as a flag replaces the config's (the modes are exclusive)
         base["sampling"] = {k: v for k, v in base["sampling"].items() if k not in SAMPLING_MODES}

@@ -715,8 +715,8 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
 
             loaded = tf.saved_model.load(local)
         size, dtype, batch, clip_len, outputs = _savedmodel_input(loaded.signatures["serving_default"], cfg)
-        if dtype.startswith(("float", "bfloat")) and dtype != "float32":  # (Keras casts a layer's float input
-            layer = keras.layers.TFSMLayer(local, call_endpoint="serving_default", dtype=dtype)  # to its dtype)
+        if dtype != "float32":  # (Keras cast the float16 frames given to a float32 layer back to float32)
+            layer.autocast = False
         if cfg.output is not None and cfg.output not in outputs:
             raise ModelError(f"SavedModel {storage.public_uri(url)} has no output {cfg.output!r} (--model-output): its "
                              f"serving signature's outputs are {', '.join(sorted(outputs))}")
@@ -870,7 +870,8 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
     outputs = sig.structured_outputs if isinstance(sig.structured_outputs, dict) else {"output": sig.structured_outputs}
     # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
-    dtype = spec.dtype.name if spec.dtype.is_floating or spec.dtype.is_integer else "float32"
+    # (an integer type holding 0..255 only: int8's would wrap the frames' 128..255 round)
+    dtype = spec.dtype.name if spec.dtype.is_floating or spec.dtype.is_integer and spec.dtype.max >= 255 else "float32"
     return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
@@ -950,11 +951,16 @@ def _fetch(url: str, workdir: str, what: str) -> str:
             # own name as a file to write: "Is a directory")
             root = path.rstrip("/") + "/"
             for name in fs.find(root):
-                rel = name[len(root):] if name.startswith(root) else None
-                if not rel or rel.startswith("/") or ".." in rel.split("/"):
-                    continue  # (a link out of the folder a server's listing shows)
-                os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-                fs.get_file(name, os.path.join(dest, rel))
+                # (a server's listing may link its files by http where the folder is https, and
+                # has links that are no files: Apache's sort orders, `?C=N;O=D`)
+                rel = name.split("://", 1)[-1][len(root.split("://", 1)[-1]):] if (
+                    name.split("://", 1)[-1].startswith(root.split("://", 1)[-1])) else None
+                local = urllib.parse.unquote(rel) if "://" in name else rel  # (a URL's name: %20 a space)
+                if (not rel or "?" in rel or "#" in rel or local.startswith("/")
+                        or ".." in local.split("/")):
+                    continue  # (no file, or a link out of the folder)
+                os.makedirs(os.path.dirname(os.path.join(dest, local)), exist_ok=True)
+                fs.get_file(root + rel, os.path.join(dest, local))  # (by the folder's own scheme)
             if not os.path.isdir(dest):
                 raise FileNotFoundError(path)
         else:

@@ -259,8 +259,8 @@ def probe(path: str, partial: bool = False) -> Probe:
             resumed = []  # packets read before each place the demuxer said it skipped damaged bytes
             with _demuxer_errors(container) as errors:
                 for p in _demux(container, stream):
-                    if p.size and (errors() or p.is_corrupt):  # (said while it read on to this packet, or
-                        resumed.append(len(packets))        # a transport stream's continuity broken before it)
+                    if p.size and errors():  # (said while it read on to this packet)
+                        resumed.append(len(packets))
                     if p.size:
                         if not packets and codec == "mpeg4" and not by_order:  # (its user data in the first frame)
                             by_order = output_order(container.format.name or "", codec,
@@ -343,7 +343,7 @@ def probe(path: str, partial: bool = False) -> Probe:
         # where its last frame is as late as that count says, the file is whole, not cut
         if round(float(times[-1]) * fps) + 1 >= listed:
             listed = len(pts)
-    skipped = tuple((float((a - start) * tb), float((b - start) * tb), round((b - a) * tb * fps) - 1 if fps else -1)
+    skipped = tuple((float((a - start) * tb), float((b - start) * tb), max(0, round((b - a) * tb * fps) - 1) if fps else -1)
                     for a, b in holes)
     skipped = tuple(h for h in skipped if h[2] != 0)  # (frames one frame apart: nothing lost)
     return Probe(codec, int(width), int(height), fps, duration, pts, times, keys, listed, rotation, container_format,
@@ -359,13 +359,15 @@ def probe(path: str, partial: bool = False) -> Probe:
 def _demuxer_errors(container):
     """Yields a function saying whether `container`'s demuxer has said an error (FFmpeg's
     log, in this thread) since it was last asked: where it meets bytes it cannot parse, a
-    Matroska/WebM or FLV demuxer reads on from the next place it can (a transport stream's
-    flags the packet after: `is_corrupt`), and its packets then say nothing of the frames it
-    skipped (a QA find: a zeroed range in a
+    Matroska/WebM demuxer reads on from the next cluster it can, and its packets then say
+    nothing of the frames it skipped (a QA find: a zeroed range in a
     Matroska file lost 45 frames unsaid, every frame_index after them 45 short)."""
     import av.logging
 
     name = container.format.name or ""
+    if "matroska" not in name.split(","):  # (the one demuxer measured; FFmpeg's log level left alone elsewhere)
+        yield lambda: False
+        return
     with _LogLevel.lock:
         _LogLevel.users += 1
         if _LogLevel.users == 1:
@@ -407,20 +409,26 @@ def _holes(packets: list, resumed: list, epoch: np.ndarray) -> list:
     damaged bytes, on the packets' clock: the widest step between the frames' times (in
     the order shown) among those of the packets around each of `resumed` (packets read
     before each place it said so; said a packet or two early or late, and frames sent out
-    of order). None where the clock restarted there (`_epochs`: parts joined end to end,
-    whose continuity breaks at the join)."""
-    out = []
+    of order). None where the clock restarted there (`_epochs`: parts joined end to end)."""
+    if not resumed:
+        return []
+    t = np.array([p[0] if p[0] is not None else 0 for p in packets], dtype=np.int64)
+    known = np.array([p[0] is not None for p in packets], dtype=bool)
+    out, of_epoch = [], {}  # (each clock's frame times, sorted: once)
     for k in resumed:
-        lo = k - 3 if k > 3 else 0
-        if not 0 < k < len(packets) or len(set(epoch[lo:k + 4].tolist())) > 1:  # (a join's broken continuity)
+        lo, hi = max(0, k - 3), min(len(packets), k + 4)
+        if not 0 < k < len(packets) or (epoch[lo:hi] != epoch[k]).any() or not known[lo:hi].any():
             continue
-        near = [p[0] for p in packets[lo:k + 4] if p[0] is not None]
-        shown = np.unique([p[0] for p, e in zip(packets, epoch)
-                           if p[0] is not None and e == epoch[k] and min(near) <= p[0] <= max(near)])
+        near = t[lo:hi][known[lo:hi]]
+        if int(epoch[k]) not in of_epoch:
+            of_epoch[int(epoch[k])] = np.unique(t[(epoch == epoch[k]) & known])
+        shown = of_epoch[int(epoch[k])]
+        shown = shown[np.searchsorted(shown, near.min()):np.searchsorted(shown, near.max(), side="right")]
         if len(shown) > 1:
             j = int(np.argmax(np.diff(shown)))
-            if (int(shown[j]), int(shown[j + 1])) not in out:
-                out.append((int(shown[j]), int(shown[j + 1])))
+            hole = (int(shown[j]), int(shown[j + 1]))
+            if hole not in out:
+                out.append(hole)
     return out
 
 

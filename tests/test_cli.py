@@ -343,6 +343,7 @@ def test_yaml_integers_are_yaml_1_2s(tmp_path):
         ("decode: 0\n", "config.decode: expected a mapping, got int"),
         ("infer: ''\n", "config.infer: expected a mapping, got str"),
         ("sampling: []\n", "config.sampling: expected a mapping, got list"),
+        ("run_id: ''\n", "config {path}: run_id needs a value (null, or leave it out, for a new run id)"),
         ("model: {preprocess: bogus}\n", "--preprocess must be one of auto, raw, unit, tf, caffe, torch, got 'bogus'"),
         ("model: {input_size: 224}\n", "config.model.input_size: expected two integers [H, W], got 224"),
         ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),

@@ -168,6 +168,15 @@ def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_
             np.testing.assert_allclose(model(x).numpy(), src(x).numpy(), rtol=1e-5, atol=1e-6)
         _, info = models.load(ModelConfig(name=f"{base}/plain/"))
         assert info.labels[:3] == ("blank", "checker", "circle")
+        # every file as the folder holds it (a name with a space: its URL's %20 undone)
+        (export / "assets").mkdir(exist_ok=True)
+        (export / "assets" / "a b.txt").write_text("x")
+        got = models._fetch(f"{base}/shapes.v2/", str(tmp_path / "work"), "model")
+
+        def files(root):
+            return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+        assert files(got) == files(export) and "assets/a b.txt" in files(got)
     finally:
         server.shutdown()
         server.server_close()

@@ -658,14 +658,14 @@ def test_frames_sharing_timestamps_after_damage_are_their_own_pictures(tmp_path)
     assert "lost to damaged data" in lost and len(delivered) + int(lost.split(" of ")[0]) == 120
 
 
-@pytest.mark.parametrize("ext, audio", [("mkv", False), ("mkv", True), ("ts", False)])
+@pytest.mark.parametrize("ext, audio", [("mkv", False), ("mkv", True)])
 def test_a_hole_the_demuxer_skips_is_said_with_how_many_frames_it_lost(tmp_path, ext, audio):
-    """A zeroed range (a sparse or partial download, a bad block) in a Matroska file or a
-    transport stream: its demuxer reads on from the next place it can parse and its
-    packets say nothing of the frames between; 45 frames were lost unsaid, the video
-    counted whole, every frame_index after them short (a QA find). It is the video's error
-    row now, saying about how many and where; the frames read keep their pictures and
-    times, those after the hole counted as read. FFmpeg's log level is as it was after."""
+    """A zeroed range (a sparse or partial download, a bad block) in a Matroska file: its
+    demuxer reads on from the next cluster it can parse and its packets say nothing of
+    the frames between; 45 frames were lost unsaid, the video counted whole, every
+    frame_index after them short (a QA find). It is the video's error row now, saying
+    about how many and where; the frames read keep their pictures and times, those after
+    the hole counted as read. FFmpeg's log level is as it was after."""
     import av
     import av.logging
 
