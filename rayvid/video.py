@@ -744,12 +744,14 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         return info, False
     checked: set = set()
 
-    def bad_of(keys: list) -> list:
-        # (their first bytes fetched where decoding's ranges did not hold them: a key frame
+    def bad_of(keys: list, fetched: list = ()) -> list:
+        # (their first bytes fetched where the ranges `fetched` do not hold them: a key frame
         # kept that no seek goes to, whose packet comes before the seek's landing in decode
         # order, read as zeros, "cannot tell", and stayed a key frame)
-        if keys:
-            fetch([(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in keys])
+        heads = [(int(info.pos[k]), int(min(info.nbytes[k], KEY_HEAD_BYTES))) for k in keys]
+        heads = [(at, n) for at, n in heads if not any(o <= at and at + n <= o + m for o, m in fetched)]
+        if heads:
+            fetch(heads)
         with open(path, "rb") as f:
             return [k for k in keys if starts_pictures(
                 os.pread(f.fileno(), int(min(info.nbytes[k], KEY_HEAD_BYTES)), int(info.pos[k])), info.nal_length) is False]
@@ -758,13 +760,14 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         keep = keep_of(info)
         if not len(keep):
             return info, False
-        fetch(plan_ranges(path, info, keep, gap_bytes))
+        ranges = plan_ranges(path, info, keep, gap_bytes)
+        fetch(ranges)
         walked = info.walked(keep)
         # the key frames seeks go to, and those kept (--keyframes keeps key frames alone)
         sought = [k for k in sorted((set(_Walk(walked, info.seek_keys).key_of[walked].tolist())
                                      | set(walked[info.keyframes[walked]].tolist())) - {0} - checked)
                   if info.pos[k] >= 0]
-        bad = bad_of(sought)
+        bad = bad_of(sought, ranges)
         checked.update(sought)
         if not bad:
             return info, True
