@@ -870,8 +870,11 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
     outputs = sig.structured_outputs if isinstance(sig.structured_outputs, dict) else {"output": sig.structured_outputs}
     # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
-    # (an integer type holding 0..255 only: int8's would wrap the frames' 128..255 round)
-    dtype = spec.dtype.name if spec.dtype.is_floating or spec.dtype.is_integer and spec.dtype.max >= 255 else "float32"
+    # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
+    if not (spec.dtype.is_floating or spec.dtype.is_integer and spec.dtype.max >= 255):
+        raise ModelError(f"SavedModel {storage.public_uri(cfg.name)} takes {spec.dtype.name} input, which cannot "
+                         f"hold frames (0..255 RGB): export it taking uint8 or float32")
+    dtype = spec.dtype.name
     return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
@@ -949,6 +952,9 @@ def _fetch(url: str, workdir: str, what: str) -> str:
         if _isdir(fs, path):
             # file by file, as listed (fsspec's HTTP `get` of a folder opened the folder's
             # own name as a file to write: "Is a directory")
+            if "://" in path and urllib.parse.urlsplit(path).query:  # (each file would need its own)
+                raise ModelError(f"a SavedModel folder URL with a query ({storage.public_uri(url)}) cannot be "
+                                 f"copied file by file: serve the folder without one, or give a .keras file")
             root = path.rstrip("/") + "/"
             for name in fs.find(root):
                 # (a server's listing may link its files by http where the folder is https, and
@@ -956,7 +962,7 @@ def _fetch(url: str, workdir: str, what: str) -> str:
                 rel = name.split("://", 1)[-1][len(root.split("://", 1)[-1]):] if (
                     name.split("://", 1)[-1].startswith(root.split("://", 1)[-1])) else None
                 local = urllib.parse.unquote(rel) if "://" in name else rel  # (a URL's name: %20 a space)
-                if (not rel or "?" in rel or "#" in rel or local.startswith("/")
+                if (not rel or "://" in name and ("?" in rel or "#" in rel) or local.startswith("/")
                         or ".." in local.split("/")):
                     continue  # (no file, or a link out of the folder)
                 os.makedirs(os.path.dirname(os.path.join(dest, local)), exist_ok=True)

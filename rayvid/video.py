@@ -736,8 +736,8 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     start from (`starts_pictures`) no longer key frames, whether the bytes the frames
     `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
     the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), and the
-    first KEY_HEAD_BYTES of each key frame a seek goes to or `keep` holds (most are in
-    those ranges already) are fetched and read. An ordinary stream costs nothing more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
+    first KEY_HEAD_BYTES of each key frame a seek goes to (fetched where those ranges do
+    not hold them) are read. An ordinary stream costs nothing more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
     of every key frame before it are fetched at once and read, and the seeks planned and
     fetched again from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
@@ -763,9 +763,7 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         ranges = plan_ranges(path, info, keep, gap_bytes)
         fetch(ranges)
         walked = info.walked(keep)
-        # the key frames seeks go to, and those kept (--keyframes keeps key frames alone)
-        sought = [k for k in sorted((set(_Walk(walked, info.seek_keys).key_of[walked].tolist())
-                                     | set(walked[info.keyframes[walked]].tolist())) - {0} - checked)
+        sought = [k for k in sorted(set(_Walk(walked, info.seek_keys).key_of[walked].tolist()) - {0} - checked)
                   if info.pos[k] >= 0]
         bad = bad_of(sought, ranges)
         checked.update(sought)

@@ -177,6 +177,10 @@ def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_
             return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
         assert files(got) == files(export) and "assets/a b.txt" in files(got)
+        with pytest.raises(ModelError, match=r"a SavedModel folder URL with a query \(http://127\.0\.0\.1:\d+/"
+                                             r"shapes\.v2/\) cannot be copied file by file") as caught:
+            models.load(ModelConfig(name=f"{base}/shapes.v2/?X-Amz-Signature=s3cr3t"))
+        assert "s3cr3t" not in str(caught.value)
     finally:
         server.shutdown()
         server.server_close()
@@ -214,6 +218,17 @@ def test_a_one_entry_dict_output_named_by_model_output_and_savedmodel_input_type
         got = model(frames).numpy()
         expected = tf.nn.softmax(tf.reduce_mean(tf.cast(tf.cast(frames, dtype), tf.float32), axis=[1, 2])).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+    class Small(tf.Module):  # (int8 cannot hold 128..255: refused, naming it; it failed in TF's words)
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.int8)])
+        def serve(self, x):
+            return {"scores": tf.nn.softmax(tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2]))}
+
+    folder = str(tmp_path / "sm-int8")
+    net = Small()
+    tf.saved_model.save(net, folder, signatures={"serving_default": net.serve})
+    with pytest.raises(ModelError, match="takes int8 input, which cannot hold frames"):
+        models.load(ModelConfig(name=folder))
 
 
 def test_a_label_may_hold_unicode_line_separators(tmp_path):
