@@ -87,6 +87,23 @@ HTTP_ASKED: collections.Counter = collections.Counter()  # (method, path, Range 
 
 
 @contextlib.contextmanager
+def listing_http_server(root: str):
+    """Python's own HTTP server on 127.0.0.1 over the files below `root` (folders listed as
+    HTML links, byte ranges ignored: the whole file); yields its base URL."""
+    import functools
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def http_server(root: str, mode: str):
     """A real HTTP server on 127.0.0.1 serving the files below `root`; yields its base URL.
     `mode` is what it does with a byte-range request (`Range: bytes=a-b`): "ranges" answers

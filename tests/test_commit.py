@@ -1149,29 +1149,19 @@ def test_require_output_tells_an_output_from_none_and_from_a_store_it_cannot_rea
     """Over HTTP (a server's folder listing) an OUTPUT is found by its videos/ listing:
     fsspec's HTTP `info` says "file" of every URL; a server nobody answers at raises its
     own error (a read verb says it cannot connect), never "no rayvid output"."""
-    import functools
-    import http.server
-    import threading
+    from helpers import listing_http_server
 
     from rayvid import commit, storage
 
     (tmp_path / "out" / "videos").mkdir(parents=True)
     (tmp_path / "out" / "videos" / "part-a-00000.parquet").write_bytes(b"x")
     (tmp_path / "nothing").mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with listing_http_server(str(tmp_path)) as base:
         for root in (str(tmp_path / "out"), f"{base}/out/"):
             commit.require_output(*storage.resolve(root), root)
         for root in (str(tmp_path / "nothing"), f"{base}/nothing/"):
             with pytest.raises(FileNotFoundError, match="no rayvid output at .* \\(no videos/ folder\\)"):
                 commit.require_output(*storage.resolve(root), root)
-    finally:
-        server.shutdown()
-        server.server_close()
     dead = "http://127.0.0.1:9/out/"  # nothing listens there
     with pytest.raises(FileNotFoundError) as e:
         commit.require_output(*storage.resolve(dead), dead)

@@ -137,13 +137,11 @@ def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_
     (`shapes.v2/`) took the labels of `shapes.labels.txt` beside it, another model's, over
     its own labels.txt (QA finds). It loads, file by file as the server lists them, with
     the labels inside it; a folder without labels inside takes `<folder>.labels.txt`."""
-    import functools
-    import http.server
     import os
     import shutil
-    import threading
 
     import keras
+    from helpers import listing_http_server
 
     src = keras.saving.load_model(shapes_model["path"])
     served = tmp_path / "www"
@@ -155,12 +153,7 @@ def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_
     shutil.copytree(export, served / "plain")
     os.remove(served / "plain" / "labels.txt")
     shutil.copy(shapes_model["labels"], served / "plain.labels.txt")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with listing_http_server(str(served)) as base:
         x = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
         for name in (str(export), f"{base}/shapes.v2/"):
             model, info = models.load(ModelConfig(name=name))
@@ -181,9 +174,6 @@ def test_a_savedmodel_folder_over_http_with_its_own_labels_not_a_neighbours(tmp_
                                              r"shapes\.v2/\) cannot be copied file by file") as caught:
             models.load(ModelConfig(name=f"{base}/shapes.v2/?X-Amz-Signature=s3cr3t"))
         assert "s3cr3t" not in str(caught.value)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_one_entry_dict_output_named_by_model_output_and_savedmodel_input_types(tmp_path):

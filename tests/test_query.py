@@ -898,23 +898,13 @@ def test_read_verbs_read_an_output_served_by_http_without_byte_ranges(tmp_path, 
     whole file): every read verb failed with fsspec's "doesn't appear to support range
     requests", naming no part. Its parts are read whole there: the same rows as read
     locally."""
-    import functools
-    import http.server
-    import threading
+    from helpers import listing_http_server
 
     out = tmp_path / "www" / "out"
     write_output(str(out), {"/v/a.mp4": [("circle", 0.9)] * 3, "/v/b.mp4": [("square", 0.8)] * 2})
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}/out/"
+    with listing_http_server(str(tmp_path / "www")) as base:
         for verb in (["summary"], ["segments"], ["find", "circle"], ["export", "-"]):
             assert cli.main([verb[0], str(out), *verb[1:]]) == 0
             local = capsys.readouterr().out
-            assert cli.main([verb[0], base, *verb[1:]]) == 0, capsys.readouterr().err
+            assert cli.main([verb[0], f"{base}/out/", *verb[1:]]) == 0, capsys.readouterr().err
             assert capsys.readouterr().out == local and local.strip()
-    finally:
-        server.shutdown()
-        server.server_close()
