@@ -249,14 +249,14 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
     own_tmp = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rayvid-model-")
     try:
-        clip_len = 0
+        clip_len, folder = 0, False
         _check_output_named(cfg)
         if cfg.name in APPLICATIONS:
             with _policy(keras, "mixed_float16" if cfg.mixed_precision else None):
                 model, size, preprocess = _application(keras, cfg, workdir)
             full = model
         else:
-            model, size, preprocess, clip_len, dtype, full = _model_file(keras, cfg, workdir)
+            model, size, preprocess, clip_len, dtype, full, folder = _model_file(keras, cfg, workdir)
             if cfg.preprocess not in ("auto", "raw") and not dtype.startswith(("float", "bfloat")):
                 raise ModelError(f"{display_name(cfg)} takes {dtype} input (its own 0-255 pixels): --preprocess "
                                  f"{cfg.preprocess} would hand it fractions, cut to 0 or 1; use --preprocess raw "
@@ -266,7 +266,7 @@ def load(cfg: ModelConfig, workdir: Optional[str] = None):
             num_classes = detection_classes(model.output_shape)
         else:
             num_classes = 2 if binary else classes_of(model.output_shape)
-        labels = _labels(cfg, num_classes, binary)
+        labels = _labels(cfg, num_classes, binary, folder)
         if cfg.preprocess != "auto":
             preprocess = cfg.preprocess
             scaler = _scales_its_input(keras, model) if preprocess != "raw" else None
@@ -698,6 +698,8 @@ def _locate(url: str):
 
 
 def _model_file(keras, cfg: ModelConfig, workdir: str):
+    """(model, size, preprocess, clip_len, input dtype, the model before --model-output's
+    choice, whether it is a SavedModel folder) of a model file or folder."""
     url = cfg.name
     fs, path, is_dir = _locate(url)
     if is_dir:
@@ -752,7 +754,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
             raise ModelError(f"cannot run SavedModel {storage.public_uri(url)} on [batch, {shown}] "
                              f"{dtype}: {storage.redact(_first_line(e))}") from None
         model = keras.Model(inp, out)
-        return model, size, "raw", clip_len, dtype, model
+        return model, size, "raw", clip_len, dtype, model, True
     if not _url_path(path).lower().endswith(MODEL_FILE_EXTENSIONS):
         raise ModelError(
             f"unsupported model file {storage.public_uri(url)}: expected .keras, .h5 or a "
@@ -794,7 +796,7 @@ def _model_file(keras, cfg: ModelConfig, workdir: str):
     if h is None:
         raise ModelError(f"model {storage.public_uri(url)} does not fix its input size: pass --input-size H W")
     dtype = getattr(model.inputs[0], "dtype", "float32")
-    return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype)), full
+    return model, (int(h), int(w)), "raw", int(clip_len), str(getattr(dtype, "name", dtype)), full, False
 
 
 def _keras_outputs(model) -> list:
@@ -870,7 +872,6 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
         raise ModelError("the SavedModel does not fix its input size: pass --input-size H W")
     outputs = sig.structured_outputs if isinstance(sig.structured_outputs, dict) else {"output": sig.structured_outputs}
     # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
-    # frames are cast to what it takes (float32 frames for one taking float16 or int32 failed)
     if not (spec.dtype.is_floating or spec.dtype.is_integer and spec.dtype.max >= 255):
         raise ModelError(f"SavedModel {storage.public_uri(cfg.name)} takes {spec.dtype.name} input, which cannot "
                          f"hold frames (0..255 RGB): export it taking uint8 or float32")
@@ -878,8 +879,9 @@ def _savedmodel_input(sig, cfg: ModelConfig) -> tuple:
     return (int(h), int(w)), dtype, shape[0], clip_len, dict(outputs)
 
 
-def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False) -> tuple[str, ...]:
-    """The classes' labels (a labels file's, ImageNet's, else class_<i>). A binary
+def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False, folder: bool = False) -> tuple[str, ...]:
+    """The classes' labels (a labels file's, ImageNet's, else class_<i>); `folder`: the
+    model is a SavedModel folder (its labels.txt inside it). A binary
     classifier's (one sigmoid unit, run as [1 - p, p]) file may name its positive class
     alone: its other class is then "not <label>"."""
     labels: Optional[tuple[str, ...]] = None
@@ -895,7 +897,7 @@ def _labels(cfg: ModelConfig, num_classes: int, binary: bool = False) -> tuple[s
         # a SavedModel folder's own labels.txt, else `<folder>.labels.txt` beside it (its
         # name's dots are no extension: `sm.v2` took `sm.labels.txt`, another model's, over
         # its own); a file's `<model>.labels.txt` beside it
-        candidates = ([base + "/labels.txt", base + ".labels.txt"] if _is_folder(cfg.name) else
+        candidates = ([base + "/labels.txt", base + ".labels.txt"] if folder else
                       [os.path.splitext(base)[0] + ".labels.txt"])
         for cand in candidates:
             try:
@@ -956,11 +958,12 @@ def _fetch(url: str, workdir: str, what: str) -> str:
                 raise ModelError(f"a SavedModel folder URL with a query ({storage.public_uri(url)}) cannot be "
                                  f"copied file by file: serve the folder without one, or give a .keras file")
             root = path.rstrip("/") + "/"
+            unschemed = lambda u: u.split("://", 1)[-1]  # noqa: E731
             for name in fs.find(root):
                 # (a server's listing may link its files by http where the folder is https, and
                 # has links that are no files: Apache's sort orders, `?C=N;O=D`)
-                rel = name.split("://", 1)[-1][len(root.split("://", 1)[-1]):] if (
-                    name.split("://", 1)[-1].startswith(root.split("://", 1)[-1])) else None
+                at = unschemed(name)
+                rel = at[len(unschemed(root)):] if at.startswith(unschemed(root)) else None
                 local = urllib.parse.unquote(rel) if "://" in name else rel  # (a URL's name: %20 a space)
                 if (not rel or "://" in name and ("?" in rel or "#" in rel) or local.startswith("/")
                         or ".." in local.split("/")):
@@ -988,15 +991,6 @@ def _exists(fs, path: str) -> bool:
             raise
         return False
     return True
-
-
-def _is_folder(url: str) -> bool:
-    """Whether a model URL or path is a folder (a SavedModel)."""
-    fs, path = storage.resolve(url)
-    try:
-        return os.path.isdir(path) if storage.is_local(fs) else _isdir(fs, path)
-    except (*storage.ACCESS_ERRORS, ValueError):
-        return False
 
 
 def _isdir(fs, path: str) -> bool:

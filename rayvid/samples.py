@@ -167,7 +167,7 @@ def train_model(out_dir: str, seed: int = 0, epochs: int = 5) -> dict:
     x, y = training_set(250, seed)
     xv, yv = training_set(60, seed + 1)
     inp = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="frame")
-    z = keras.layers.Rescaling(1 / 255.0)(inp)
+    z = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)  # (named: not rescaling_N after others built)
     for filters in (16, 32, 48):
         z = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(z)
         z = keras.layers.MaxPooling2D()(z)
@@ -358,7 +358,7 @@ def train_detector(out_dir: str, seed: int = 0, n_images: int = 2000, epochs: in
     x = tf.image.resize(np.stack(xs), (DET_SIZE, DET_SIZE), method="bicubic")
     x = np.clip(np.round(x.numpy()), 0, 255).astype(np.float32)
     inp = keras.Input((DET_SIZE, DET_SIZE, 3), name="frame")
-    z = keras.layers.Rescaling(1 / 255.0)(inp)
+    z = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)  # (named: not rescaling_N after others built)
     for filters in (16, 32, 64):  # three stride-2 convolutions: 64 px -> an 8x8 grid
         z = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(z)
     z = keras.layers.Conv2D(64, 3, padding="same", activation="relu")(z)
@@ -419,7 +419,7 @@ def train_clip_model(out_dir: str, seed: int = 0, seconds: float = 80.0, epochs:
             ys.append(CLIP_CLASSES.index(window[0]))
     x = np.stack(xs).astype(np.float32)
     inp = keras.Input((CLIP_LEN, MODEL_SIZE, MODEL_SIZE, 3), name="clip")
-    z = keras.layers.Rescaling(1 / 255.0)(inp)
+    z = keras.layers.Rescaling(1 / 255.0, name="rescaling")(inp)  # (named: not rescaling_N after others built)
     # early fusion: the clip's frames side by side as channels (TF's Conv3D is ~15x slower
     # on CPU), so the first convolution sees every frame of a neighbourhood at once
     z = keras.layers.Permute((2, 3, 1, 4))(z)

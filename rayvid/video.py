@@ -213,7 +213,7 @@ class Probe:
     stated_s: float = 0.0
     held_s: float = 0.0
     shown_streams: int = 1  # video streams that are no cover picture (`video_stream` picks one)
-    # where the demuxer skipped damaged bytes to read on (`_skipped`): (the last frame's time
+    # where the demuxer skipped damaged bytes to read on (`_holes`): (the last frame's time
     # before, the first's after, about how many frames were lost between; -1: not known)
     skipped: tuple = ()
 
@@ -737,9 +737,10 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
     the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), and the
     first KEY_HEAD_BYTES of each key frame a seek goes to (fetched where those ranges do
-    not hold them) are read. An ordinary stream costs nothing more. Where one is no place to start, so are its kind's others: the first KEY_HEAD_BYTES
-    of every key frame before it are fetched at once and read, and the seeks planned and
-    fetched again from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
+    not hold them) are read. An ordinary stream costs nothing more. Where one is no place
+    to start, so are its kind's others: the first KEY_HEAD_BYTES of every key frame before
+    it are fetched at once and read, and the seeks planned and fetched again from the key
+    frames that are. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
         return info, False
     checked: set = set()
