@@ -1386,10 +1386,13 @@ def test_a_run_whose_record_another_process_writes_stops_at_its_next_check(tmp_p
         rivals.check_now()  # its own, as its heartbeat rewrote it
         theirs = {"run_id": "n", "status": "running", "started_at": "2026-12-06T01:00:01Z", "host": "gpu-7",
                   "node": "gpu-7/boot/1", "pid": 12, "heartbeat_at": time.time()}
-        (tmp_path / "out" / "runs" / "n.json").write_text(json.dumps(theirs))
-        with pytest.raises(commit.RunIdTaken, match=r"run id n was taken by another run \(host gpu-7, started "
-                                                     r"2026-12-06T01:00:01Z\) into this OUTPUT"):
-            rivals.check(now=1e12)
+        # (no beat between the other's write and the check: under a loaded CI machine a beat
+        # that had read its own record wrote it back in between, and the check saw its own)
+        with beat._lock:
+            (tmp_path / "out" / "runs" / "n.json").write_text(json.dumps(theirs))
+            with pytest.raises(commit.RunIdTaken, match=r"run id n was taken by another run \(host gpu-7, started "
+                                                         r"2026-12-06T01:00:01Z\) into this OUTPUT"):
+                rivals.check(now=1e12)
         # (a beat that read its own record just before the other's write may have written
         # over it since, or still be writing: a window no store without conditional writes
         # closes. The other run's next beat writes its record again; no beat of this run begun
