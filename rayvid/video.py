@@ -571,6 +571,7 @@ def _demux(container, stream) -> Iterator:
 # The bytes of a key packet that say whether a decoder can start there (its first NAL
 # units: a recovery point's SEI, then the first slice's header)
 KEY_HEAD_BYTES = 4096
+WALK_BACK_KEYS = 64  # key frames read back from one found no place to start, first round
 
 
 def nal_length_size(extradata: Optional[bytes]) -> int:
@@ -738,9 +739,9 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     the ranges decoding reads are fetched (`plan_ranges`, as `fetch_for` would), and the
     first KEY_HEAD_BYTES of each key frame a seek goes to (fetched where those ranges do
     not hold them) are read. An ordinary stream costs nothing more. Where one is no place
-    to start, so are its kind's others: the first KEY_HEAD_BYTES of every key frame before
-    it are fetched at once and read, and the seeks planned and fetched again from the key
-    frames that are. (Other codecs: unchanged, nothing fetched.)"""
+    to start, the key frames before it are read back to one that is (in rounds of
+    WALK_BACK_KEYS, then four times as many each), and the seeks planned and fetched again
+    from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
         return info, False
     checked: set = set()
@@ -770,13 +771,29 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         checked.update(sought)
         if not bad:
             return info, True
-        # (an intra-refresh stream's recovery points: every one back to its IDR, in one go)
-        earlier = [k for k in np.flatnonzero(info.keyframes[: max(bad)]).tolist()
-                   if k and k not in checked and info.pos[k] >= 0]
-        bad += bad_of(earlier)
-        checked.update(earlier)
+        # back from each, to the nearest key frame that is a place to start: an intra-refresh
+        # stream's recovery points back to their IDR, an MP4 without a sync table (every
+        # frame a "key frame") back to its I picture; the nearest WALK_BACK_KEYS unchecked
+        # ones at once, four times as many each round (a late segment of a long video read
+        # the head of every earlier frame)
+        found, bad, step = bad, set(bad), WALK_BACK_KEYS
+        while True:
+            keys = np.flatnonzero(info.keyframes)
+            keys = keys[~np.isin(keys, list(bad))]
+            earlier: set = set()
+            for b in found:
+                j = int(np.searchsorted(keys, b)) - 1
+                for k in keys[max(j - step + 1, 0) : j + 1][::-1].tolist():
+                    if k == 0 or k in checked or info.pos[k] < 0:
+                        break  # a place to start (or as good as one: read, or nowhere to read)
+                    earlier.add(k)
+            if not earlier:
+                break
+            bad.update(bad_of(sorted(earlier)))
+            checked.update(earlier)
+            step *= 4
         keys = info.keyframes.copy()
-        keys[bad] = False
+        keys[list(bad)] = False
         info = replace(info, keyframes=keys)
 
 
