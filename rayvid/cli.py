@@ -48,7 +48,8 @@ class _Parser(argparse.ArgumentParser):
     usage block first (20 lines for `run`). Subcommands' parsers are of this class too."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # (the word it refused, said back: a URL's credentials taken out)
+        self.exit(2, f"{self.prog}: error: {storage.redact(message)} (see `{self.prog} --help`)\n")
 
     def _parse_optional(self, arg_string):
         """A number is a value, never an option: argparse takes only `-1`, `-0.5` for one, so
@@ -255,6 +256,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--skip-similar T must be a finite number, got {storage.public_uri(skip_similar)!r}") from None
     if args.run_id == "":  # (it read as no --run-id: a new run id, unsaid)
         raise ConfigError("--run-id needs a value (leave it out for a new run id)")
+    if args.config is not None and not args.config.strip():  # (it read as no config file, unsaid)
+        raise ConfigError("--config needs a value: a YAML file or a runs/<id>.json record")
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)

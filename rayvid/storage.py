@@ -1435,7 +1435,10 @@ def _without_userinfo(url: str, in_name: bool = True) -> str:
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
-_QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)\?[^\s'\"]*")
+# (the query or fragment to the URL's end: whitespace, a quote, or the punctuation a
+# sentence puts after it, `(https://h/x?sig=...): ...`, which stays)
+_QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)(?P<sep>[?#])[^\s'\"]*?"
+                    r"(?=[).,:;\]]*(?:[\s'\"]|$))")
 # A URL of a store whose "?" and "#" are its key's (s3://, gs://, sftp://...: not HTTP(S) or
 # FTP, nor git+https and the like): no query to redact. It starts at a word's start and ends
 # at whitespace, a quote, or a separator followed by another URL (`s3://a,https://...`), so
@@ -1469,7 +1472,7 @@ def redact(text: str) -> str:
 
 
 def _redact_queries(text: str) -> str:
-    text = _QUERY.sub(r"\g<base>?<redacted>", text)
+    text = _QUERY.sub(r"\g<base>\g<sep><redacted>", text)
     # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
     return _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
 
@@ -1485,9 +1488,11 @@ _SECURE_LINK = frozenset({"md5"})
 # them, as it drops signatures. An API key (machine-made: a digest keeps it secret) may be
 # all that tells two objects apart (`?key=` names an object in some APIs): `stored_uri`
 # keeps it with the value replaced by a digest.
-_SECRET = re.compile(r".*secret.*|.*passw(or)?d.*|pwd|auth|authorization|.*hmac.*|jwt|.*private[-_.]?key.*",
-                     re.IGNORECASE)
-_API_KEY = re.compile(r"key|.*api[-_.]?key.*|.*access[-_.]?key.*", re.IGNORECASE)
+_SECRET = re.compile(r".*secret.*|.*passw(or)?d.*|pass|pw|.*passphrase.*|pwd|psk|auth|authorization|bearer"
+                     r"|.*hmac.*|jwt|.*private[-_.]?key.*", re.IGNORECASE)
+# (and a session or ticket: a credential while it lasts, or a stream's number: a digest keeps both)
+_API_KEY = re.compile(r"key|.*api[-_.]?key.*|.*access[-_.]?key.*|session|.*session[-_.]?id|sid|ticket",
+                      re.IGNORECASE)
 
 
 def _secret_param(name: str) -> bool:

@@ -162,6 +162,9 @@ def test_yaml_config_and_flag_overrides(ray_session, one_video, shapes_model, tm
         (["run", "IN", "OUT", "--every", "0"], "rayvid: error: --every must be >= 1"),
         # (it read as no --run-id: a new one, unsaid)
         (["run", "IN", "OUT", "--run-id", ""], "rayvid: error: --run-id needs a value (leave it out for a new run id)"),
+        # (as no --config, no --address: the settings in it, the cluster, left out unsaid; a QA find)
+        (["run", "IN", "OUT", "--config", ""], "rayvid: error: --config needs a value: a YAML file or a runs/<id>.json"),
+        (["run", "IN", "OUT", "--address", " "], "rayvid: error: --address needs a value (leave it out for RAY_ADDRESS"),
         (["run", "IN", "OUT", "--skip-similar=nan"], "rayvid: error: --skip-similar T must be a finite number, got 'nan'"),
         (["segments", "OUT", "--gap", "-1"], "rayvid: error: --gap and --min-duration must be >= 0 seconds, got -1 and 0"),
         (["find", "OUT", "cat", "--min-duration", "-2"], "rayvid: error: --gap and --min-duration must be >= 0 seconds"),
@@ -344,6 +347,7 @@ def test_yaml_integers_are_yaml_1_2s(tmp_path):
         ("infer: ''\n", "config.infer: expected a mapping, got str"),
         ("sampling: []\n", "config.sampling: expected a mapping, got list"),
         ("run_id: ''\n", "config {path}: run_id needs a value (null, or leave it out, for a new run id)"),
+        ("address: ''\n", "--address needs a value (leave it out for RAY_ADDRESS, else an embedded local Ray)"),
         ("model: {preprocess: bogus}\n", "--preprocess must be one of auto, raw, unit, tf, caffe, torch, got 'bogus'"),
         ("model: {input_size: 224}\n", "config.model.input_size: expected two integers [H, W], got 224"),
         ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),
@@ -416,6 +420,20 @@ def test_a_word_too_many_is_an_error_naming_it_and_the_verbs_help(capsys):
         assert capsys.readouterr().err == (f"rayvid {argv[0]}: error: unrecognized arguments: {word} "
                                            f"(see `rayvid {argv[0]} --help`)\n")
 
+
+
+def test_a_parser_error_shows_no_credentials(capsys):
+    """argparse echoes the word it refused: a model URL given without `--model` (a word too
+    many) or a URL given to a number flag showed its password or token (a QA find)."""
+    for argv in (["run", "s3://b/in", "/tmp/o", "https://u:S3CRETPW@host/m.keras"],
+                 ["run", "a", "b", "--every", "https://u:S3CRETPW@h/x"],
+                 ["run", "a", "b", "--decoder", "https://h/x?token=S3CRETPW"],
+                 ["summary", "s3://b/o", "https://h/x#access_token=S3CRETPW"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "error:" in err
+        assert "S3CRETPW" not in err and ("***@" in err or "<redacted>" in err), err
 
 @pytest.mark.parametrize(
     "argv, message",

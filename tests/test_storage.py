@@ -815,6 +815,11 @@ def test_redact_removes_credentials(s3_endpoint):
     for secret in (FAKE_KEY_ID, FAKE_SECRET, "X-Amz-Signature", "pass@"):
         assert secret not in out
     assert "https://bucket.s3.amazonaws.com/k.mp4?<redacted>" in out
+    # a fragment too; the punctuation after a URL stays, and redacting twice changes nothing
+    assert storage.redact("see https://h/x#access_token=FRAG17 now") == "see https://h/x#<redacted> now"
+    said = "recorded input (https://h/m.txt?sig=S3CRET): give INPUT, or https://h/a?b=c."
+    assert storage.redact(said) == storage.redact(storage.redact(said)) == \
+        "recorded input (https://h/m.txt?<redacted>): give INPUT, or https://h/a?<redacted>."
     assert storage.public_uri("https://h/p.mp4?sig=1#f") == "https://h/p.mp4"
     assert storage.public_uri("https://ghp_T0KEN@host/m.keras") == "https://host/m.keras"
     assert storage.stored_uri("https://user:p@ss@host/a.mp4") == "https://host/a.mp4"
@@ -897,8 +902,12 @@ def test_stored_uri_drops_what_signs_a_url_and_keeps_what_names_the_object():
     for name in ("api_key", "X-API-Key", "apikey", "access_key"):  # machine-made keys: a digest
         stored = storage.stored_uri(f"https://h/v.mp4?{name}=S3CRET&v=2")
         assert stored == f"https://h/v.mp4?{name}=redacted-{hashlib.sha256(b'S3CRET').hexdigest()[:12]}&v=2"
-    for name in ("client_secret", "password", "pwd", "auth", "hmac", "jwt", "private-key"):  # maybe a person's: gone
+    for name in ("client_secret", "password", "pwd", "auth", "hmac", "jwt", "private-key",  # maybe a person's: gone
+                 "pass", "pw", "psk", "bearer", "passphrase"):  # (an IP camera's user=...&pass=...: a QA find)
         assert storage.stored_uri(f"https://h/v.mp4?{name}=S3CRET&v=2") == "https://h/v.mp4?v=2"
+    for name in ("session", "sessionid", "session_id", "sid", "ticket"):  # a credential or a stream's number
+        stored = storage.stored_uri(f"https://h/v.mp4?{name}=S3CRET&v=2")
+        assert stored == f"https://h/v.mp4?{name}=redacted-{hashlib.sha256(b'S3CRET').hexdigest()[:12]}&v=2"
     for name in ("api_key", "client_secret", "password", "key"):
         assert "S3CRET" not in storage.redact(f"http://h/a b.mp4?{name}=S3CRET")  # where _QUERY sees no URL
     # in s3://, gs://, ... a "?" is the key's: kept whole in messages and records, whatever follows
