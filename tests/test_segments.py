@@ -751,37 +751,44 @@ def test_a_header_claiming_an_absurd_duration_plans_no_more_segments_than_its_si
     assert all(r[1] == "" for r in rows if len(r) == 4)
 
 
+def _read_partially(src: str, copy: str, start_s: float) -> tuple[list, list]:
+    """(frames (index, code) and the end row, the fetches: each a list of ranges) of
+    FrameReader reading `src` from `start_s` through a partial copy (its index first)."""
+    from rayvid.mp4 import index_only
+    from rayvid.video import FrameReader
+
+    fs, _ = storage.resolve(src)
+    part = storage.RangeCopy(fs, src, os.path.getsize(src), copy)
+    open(copy, "wb").close()
+    os.truncate(copy, part.size)
+    assert index_only(part)
+    fetches = []
+
+    def on_fetch(ranges):
+        fetches.append(list(ranges))
+        part.fetch_ranges(ranges)
+
+    rows = [b for b in FrameReader(framecode.SIZE).read(copy, src, start_s=start_s, partial=True, on_fetch=on_fetch)]
+    frames = [(int(i), framecode.read_code(f)) for b in rows[:-1] for i, f in zip(b["frame_index"], b["frame"])]
+    return frames, rows[-1], fetches
+
+
 def test_a_late_segment_of_an_mp4_without_a_sync_table_reads_back_to_its_i_picture_only(tmp_path):
     """A partial copy of an H.264 MP4 without its sync table (every frame a "key frame" as
     the index says): a late segment's seek lands on a P picture, and the heads read back
     from it stop at the I picture before it (the head of every earlier frame was fetched:
     870 ranges here, growing with the square of the length over a video's segments).
     Every frame exact."""
-    from rayvid.mp4 import index_only
-    from rayvid.video import FrameReader
-
-    src, copy = str(tmp_path / "nostss.mp4"), str(tmp_path / "part.mp4")
+    src = str(tmp_path / "nostss.mp4")
     framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
                                                           "yuv420p", "-g", "60", "-bf", "2"])
     data = bytearray(open(src, "rb").read())
     at = data.find(b"stss")
     data[at:at + 4] = b"free"  # (the box is skipped: no table, every sample a sync sample)
     open(src, "wb").write(bytes(data))
-    fs, _ = storage.resolve(src)
-    part = storage.RangeCopy(fs, src, os.path.getsize(src), copy)
-    open(copy, "wb").close()
-    os.truncate(copy, part.size)
-    assert index_only(part)
-    fetched = []
-
-    def on_fetch(ranges):
-        fetched.extend(ranges)
-        part.fetch_ranges(ranges)
-
-    rows = [b for b in FrameReader(framecode.SIZE).read(copy, src, start_s=29.0, partial=True, on_fetch=on_fetch)]
-    frames = [(int(i), framecode.read_code(f)) for b in rows[:-1] for i, f in zip(b["frame_index"], b["frame"])]
-    assert rows[-1]["error_type"][0] == "" and frames == [(i, i) for i in range(870, 900)]
-    assert 0 < len(fetched) <= 64 + 8, len(fetched)
+    frames, end, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=29.0)
+    assert end["error_type"][0] == "" and frames == [(i, i) for i in range(870, 900)]
+    assert 0 < sum(map(len, fetches)) <= 64 + 8, fetches
 
 
 @pytest.mark.parametrize("sampling", [{"every": 7}, {"fps": 2.0}, {"keyframes": True}])
@@ -810,24 +817,9 @@ def test_an_intra_refresh_videos_last_segment_walks_back_to_its_idr_in_one_go(tm
     before, a fetch and a plan each (59 fetches for a minute's video, 1199 and 74 s for 20
     minutes). Found one, every earlier key frame's head is fetched and read at once: three
     fetches whatever the length, and every frame exact."""
-    from rayvid.mp4 import index_only
-    from rayvid.video import FrameReader
-
-    src, copy = str(tmp_path / "ir.mp4"), str(tmp_path / "part.mp4")
+    src = str(tmp_path / "ir.mp4")
     framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
                                                           "yuv420p", "-x264-params", "intra-refresh=1:keyint=30"])
-    fs, _ = storage.resolve(src)
-    part = storage.RangeCopy(fs, src, os.path.getsize(src), copy)
-    open(copy, "wb").close()
-    os.truncate(copy, part.size)
-    assert index_only(part)
-    fetches = []
-
-    def on_fetch(ranges):
-        fetches.append(len(ranges))
-        part.fetch_ranges(ranges)
-
-    rows = [b for b in FrameReader(framecode.SIZE).read(copy, src, start_s=28.0, partial=True, on_fetch=on_fetch)]
-    frames = [(int(i), framecode.read_code(f)) for b in rows[:-1] for i, f in zip(b["frame_index"], b["frame"])]
-    assert rows[-1]["error_type"][0] == "" and frames == [(i, i) for i in range(840, 900)]
-    assert len(fetches) <= 3, fetches
+    frames, end, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=28.0)
+    assert end["error_type"][0] == "" and frames == [(i, i) for i in range(840, 900)]
+    assert len(fetches) <= 3, [len(f) for f in fetches]
