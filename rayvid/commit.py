@@ -326,7 +326,10 @@ class Committer:
             self.dropped_inferred += sum(int(pc.sum(pc.less(t.column("reused_from"), 0)).as_py() or 0) for t in parts)
             parts = []
         top_labels = []
-        meta = next((e for e in ends if e["codec"]), ends[0])
+        # (a segment that kept no frame of a partial copy decoded none: its size may be the
+        # stored one, unrotated, or 0x0; one that kept frames read them off a frame)
+        meta = next((e for e in ends if e["codec"] and e["n_frames"]), None) or \
+            next((e for e in ends if e["codec"]), ends[0])
         if parts:
             video = _fill_reused(pa.concat_tables(parts))
             if "boxes" in video.column_names:

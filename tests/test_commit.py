@@ -360,6 +360,21 @@ def test_recover_deletes_half_committed_files(tmp_path):
     assert state.get("v") == {"size_bytes": 10, "version": "e1", "error": False, "changed": False, "file": name}
 
 
+def test_a_videos_size_is_that_of_a_segment_that_decoded_frames(tmp_path):
+    """A segment that kept no frame (a --keyframes segment between key frames) of a partial
+    copy never decoded one: its end row's size may be the stored one (unrotated) or 0x0.
+    The videos/ row takes a segment's that decoded frames (the first with a codec before:
+    0x0 here, and every box of a detector's rows scaled by it)."""
+    empty = _end("v", 0, segment=0, n_segments=2)
+    for column, value in (("width", 0), ("height", 0)):
+        empty = empty.set_column(empty.schema.get_field_index(column), column, pa.array([value]))
+    c = Committer(str(tmp_path), "r1", "m")
+    c.add(pa.concat_tables([empty, _frames("v", [30, 60], segment=1, n_segments=2), _end("v", 2, segment=1, n_segments=2)]))
+    c.close()
+    [video] = pq.read_table(tmp_path / "videos").to_pylist()
+    assert (video["width"], video["height"], video["frames"]) == (160, 120, 2)
+
+
 def test_a_video_that_changed_while_read_is_redone_without_retry_failed(tmp_path):
     """Its error (ObjectChanged, put first among its segments' errors) is what the next run
     reads it again for, even where the listing has no version to compare (a manifest);
