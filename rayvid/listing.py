@@ -251,6 +251,9 @@ def _manifest(fs, path: str, input_url: str) -> pa.Table:
         if uri is None or not str(uri).strip():
             continue
         uri = str(uri).strip()
+        if "\x00" in uri:  # (os.stat's ValueError, deep in planning: a traceback)
+            raise InputError(f"manifest {where}: entry {storage.public_uri(uri)!r} holds a NUL character, which no "
+                             f"file or object name can: remove it")
         if local and uri.startswith("~"):
             uri = os.path.expanduser(uri)  # a local manifest's ~/x is the user's, as on a command line
         if not _SCHEME.match(uri) and not os.path.isabs(uri):  # (a "://" further on is the name's)

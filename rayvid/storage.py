@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import io
 import itertools
+import math
 import json
 import logging
 import os
@@ -117,8 +118,25 @@ def is_unavailable(error: BaseException) -> bool:
     """True when the store itself is unreachable (after the client's bounded retries), as
     opposed to one object being missing or forbidden. fsspec's HTTP filesystem reports a
     server it cannot reach, or one that answers 502/503/504, as FileNotFoundError: its
-    cause says which."""
-    return _unreachable_cause(error) is not None
+    cause says which. An HTTP server that answered and then sent nothing for
+    `http_read_timeout_s()` is this object's (`stalled`): the others it serves go on."""
+    return _unreachable_cause(error) is not None and not stalled(error)
+
+
+def stalled(error: BaseException) -> bool:
+    """Whether an HTTP(S) read gave up waiting for the server's next bytes (aiohttp's
+    SocketTimeoutError, which fsspec raises as FSTimeoutError from it)."""
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, aiohttp.SocketTimeoutError):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _unreachable_cause(error: BaseException | None) -> BaseException | None:
@@ -218,7 +236,7 @@ def describe(error: BaseException) -> str:
     unreachable = _unreachable_cause(error)
     error = unreachable or underlying(error)
     message = error.args[0] if auth and not unreachable and error.args and isinstance(error.args[0], str) else str(error)
-    if _http_status(error) is not None:  # (aiohttp's text repeats the URL the message names already)
+    if _http_status(error):  # (aiohttp's text repeats the URL the message names already)
         message = f"HTTP {error.status} {error.message or ''}".strip()
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     # the first line, and the next where the first only leads to it ("Parameter validation failed:")
@@ -234,6 +252,11 @@ def describe(error: BaseException) -> str:
             text = gcs
         elif bare and ": " not in text and not text.endswith("."):  # (fsspec's HTTP, s3fs: the URL or key alone)
             text = f"not found: {text}"
+    if stalled(error):
+        return (f"the server sent nothing for {http_read_timeout_s():g} s (a stalled transfer; "
+                f"RAYVID_HTTP_READ_TIMEOUT_S sets how long to wait)")
+    if type(error).__name__ == "TooManyRedirects":  # (aiohttp's: "HTTP 0")
+        return f"too many redirects ({len(getattr(error, 'history', ()) or ())} followed: a redirect loop?)"
     if http_refused(error):  # (a signed URL's, whose query is not shown)
         return f"{text} (the server refused it: a signed URL may have expired, or its token is wrong)"
     refused = (isinstance(error, PermissionError) and error.errno is None
@@ -267,6 +290,20 @@ def _attempts() -> int:
     return attempts
 
 
+def http_read_timeout_s() -> float:
+    """RAYVID_HTTP_READ_TIMEOUT_S (default 60): how long an HTTP(S) read waits for the
+    server's next bytes (its answer's head, or more of its body) before that object's read
+    fails; a number > 0, else StorageError naming it."""
+    text = os.environ.get("RAYVID_HTTP_READ_TIMEOUT_S", "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise StorageError(f"RAYVID_HTTP_READ_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
 def _storage_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
         opts: dict = {}
@@ -281,6 +318,14 @@ def _storage_options(protocol: str) -> dict:
             "read_timeout": 60,
         }
         return opts
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        # aiohttp's default gives up on any request after 300 s (a slow server's whole
+        # copy) and waits that long on one that stalls: no limit on the whole, one on
+        # waiting for the server's next bytes (a stall is that video's error row)
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                    sock_read=http_read_timeout_s())}}
     return {}
 
 

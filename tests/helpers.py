@@ -115,9 +115,13 @@ def http_server(root: str, mode: str):
     path's first GET of the whole file (a dropped connection), or of every GET (a
     Content-Length that overstates the file), in half.
     In every mode a file named `status-NNN-...` is answered NNN to every request (an expired
-    signed URL's 403, a broken backend's 500). Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
+    signed URL's 403, a broken backend's 500); a GET of a file named `stall-...` gets its
+    head and half its body, then nothing more until the server stops, and one named
+    `stall-head-...` not even its head (a server stuck on one object); one named
+    `redirect-loop-...` is redirected to itself. Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
     assert mode in HTTP_MODES + ("unavailable", "range-errors", "cut-first", "cut-always")
     gets: collections.Counter = collections.Counter()
+    stop = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -132,6 +136,12 @@ def http_server(root: str, mode: str):
                 self.send_error(503 if mode == "unavailable" else 500)
                 return
             status = re.match(r"status-(\d{3})-", os.path.basename(urllib.parse.urlparse(self.path).path))
+            if os.path.basename(urllib.parse.urlparse(self.path).path).startswith("redirect-loop-"):
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if status:
                 self.send_error(int(status[1]))
                 return
@@ -141,6 +151,16 @@ def http_server(root: str, mode: str):
                 return
             with open(path, "rb") as f:
                 data = f.read()
+            if body and os.path.basename(path).startswith("stall-"):
+                if not os.path.basename(path).startswith("stall-head-"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                stop.wait()
+                self.close_connection = True
+                return
             etag = hashlib.md5(data).hexdigest()  # as S3's for a single-part upload
             asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if mode == "ranges" and asked:
@@ -183,6 +203,7 @@ def http_server(root: str, mode: str):
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
+        stop.set()
         server.shutdown()
         server.server_close()
 

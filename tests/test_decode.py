@@ -14,7 +14,8 @@ import pytest
 
 import framecode
 from helpers import http_server, pts_of, split_rows
-from rayvid import samples
+from rayvid import samples, storage
+from rayvid.errors import StorageError
 from rayvid.decode import Decoder
 from rayvid.schema import KIND_END, KIND_FRAME
 
@@ -152,6 +153,38 @@ def test_an_http_server_that_is_down_stops_the_run_a_missing_video_does_not(medi
             with pytest.raises(StorageUnavailable, match=f"storage unreachable reading {where}/a_clip.mp4: ") as e:
                 list(dec.decode_video(f"{where}/a_clip.mp4", source=f"{where}/a_clip.mp4{signed}"))
             assert "5ec7e75191a7" not in str(e.value)
+
+
+def test_an_http_video_whose_server_stalls_is_its_error_row_and_the_others_go_on(media, tmp_path, monkeypatch):
+    """A server that answers a video's GET with half its body, or nothing at all, and then
+    waits: that video's read gave up after aiohttp's 300 s and stopped the run ("storage
+    unreachable ... FSTimeoutError"; every rerun met it again: a QA find). Now it gives up
+    once the server sends nothing for RAYVID_HTTP_READ_TIMEOUT_S, and that is the video's
+    error row, saying so; the other videos of the same server decode, exact."""
+    import shutil
+
+    src = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
+    for name in ("stall-a.mp4", "stall-head-a.mp4", "a.mp4"):
+        shutil.copy(src, tmp_path / name)
+    monkeypatch.setenv("RAYVID_HTTP_READ_TIMEOUT_S", "1.5")
+    dec = Decoder(size=(32, 32))
+    for mode in ("ranges", "whole"):
+        with http_server(str(tmp_path), mode) as base:
+            for name in ("stall-a.mp4", "stall-head-a.mp4"):
+                began = time.monotonic()
+                frames, ends = split_rows(dec.decode_video(f"{base}/{name}"))
+                assert time.monotonic() - began < 30
+                assert frames == [] and ends[0]["error_stage"] == "read", ends[0]
+                assert ends[0]["message"].startswith("the server sent nothing for 1.5 s (a stalled transfer; "
+                                                     "RAYVID_HTTP_READ_TIMEOUT_S sets how long to wait)"), ends[0]
+            frames, ends = split_rows(dec.decode_video(f"{base}/a.mp4"))
+            assert len(frames) == 30 and ends[0]["error_type"] == ""
+            # (and a redirect loop says so: it said "HTTP 0")
+            ends = split_rows(dec.decode_video(f"{base}/redirect-loop-a.mp4"))[1]
+            assert ends[0]["message"] == "too many redirects (10 followed: a redirect loop?)", ends[0]
+    monkeypatch.setenv("RAYVID_HTTP_READ_TIMEOUT_S", "0")
+    with pytest.raises(StorageError, match="RAYVID_HTTP_READ_TIMEOUT_S must be a number of seconds > 0, got '0'"):
+        storage.resolve("https://example.com/a.mp4")
 
 
 def test_truncated_file_never_crashes(media, tmp_path):

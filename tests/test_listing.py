@@ -495,6 +495,16 @@ def test_a_manifest_that_is_not_utf8_is_a_clear_error(tree, tmp_path):
         list_videos(str(manifest))
 
 
+def test_a_manifest_entry_holding_a_nul_is_a_clear_error(tree, tmp_path):
+    """A NUL in a manifest's entry (no file or object name holds one) was a traceback from
+    os.stat while planning segments, exit 1 (a QA find): exit 2 naming the entry."""
+    for name, text in (("nul.txt", f"{tree}/b.mp4\nbad\x00nul.mp4\n"), ("nul.csv", "video_uri\nb.mp4\nbad\x00.mp4\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=r"entry '.*bad\\x00.*' holds a NUL character, which no file or object "
+                                             r"name can: remove it"):
+            list_videos(str(tmp_path / name))
+
+
 def test_manifest_entries_with_dot_segments_or_home_name_the_file_meant(tree, tmp_path, s3fs_client, monkeypatch):
     """`./b.mp4` and `../in/b.mp4` in a manifest are b.mp4 beside it, in a bucket as locally
     (on S3 they were keys of their own: NotFound rows); `~/x` in a local manifest is the
