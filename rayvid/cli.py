@@ -258,12 +258,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("--run-id needs a value (leave it out for a new run id)")
     if args.config is not None and not args.config.strip():  # (it read as no config file, unsaid)
         raise ConfigError("--config needs a value: a YAML file or a runs/<id>.json record")
+    if args.address is not None and not args.address.strip():  # (it read as none: an embedded Ray, unsaid)
+        raise ConfigError("--address needs a value (leave it out for RAY_ADDRESS, else an embedded local Ray)")
     base: dict = {}
     if args.config:
         base = _load_config_file(args.config)
         if base.get("run_id") == "" and args.run_id is None:  # (as on the command line)
             raise ConfigError(f"config {storage.public_uri(args.config)}: run_id needs a value (null, or leave it "
                               f"out, for a new run id)")
+        if isinstance(base.get("address"), str) and not base["address"].strip() and args.address is None:
+            raise ConfigError(f"config {storage.public_uri(args.config)}: address needs a value (null, or leave it "
+                              f"out, for RAY_ADDRESS, else an embedded local Ray)")
     if any(getattr(args, mode) not in (None, False) for mode in SAMPLING_MODES) and isinstance(base.get("sampling"), dict):
         # a sampling mode given as a flag replaces the config's (the modes are exclusive)
         base["sampling"] = {k: v for k, v in base["sampling"].items() if k not in SAMPLING_MODES}
@@ -407,6 +412,8 @@ def _load_config_file(url: str) -> dict:
         data = data["config"]
         if isinstance(data, dict):
             data = _without_redacted({k: v for k, v in data.items() if k != "run_id"}, url, taken=taken)
+            if data.get("address") == "":  # (a run before `--address ''` was refused: it meant none)
+                data["address"] = None
     if not isinstance(data, dict):
         raise ConfigError(f"config {storage.public_uri(url)}: expected a mapping of settings, "
                           f"got {type(data).__name__}")

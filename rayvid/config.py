@@ -256,8 +256,6 @@ class RunConfig:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.commit_interval_s < 0:
             raise ConfigError(f"--commit-interval must be >= 0, got {self.commit_interval_s:g}")
-        if self.address is not None and not self.address.strip():  # (it read as none: an embedded Ray, unsaid)
-            raise ConfigError("--address needs a value (leave it out for RAY_ADDRESS, else an embedded local Ray)")
         _refuse_relative_in_job(self.output)
         object.__setattr__(self, "input", _absolute(self.input))
         object.__setattr__(self, "output", _absolute(self.output))

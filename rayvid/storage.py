@@ -126,6 +126,11 @@ def is_unavailable(error: BaseException) -> bool:
 def stalled(error: BaseException) -> bool:
     """Whether an HTTP(S) read gave up waiting for the server's next bytes (aiohttp's
     SocketTimeoutError, which fsspec raises as FSTimeoutError from it)."""
+    return _aiohttp_said(error, "SocketTimeoutError")
+
+
+def _aiohttp_said(error: Optional[BaseException], kind: str) -> bool:
+    """Whether `error`, a cause of it or an error it was raised while handling is aiohttp's `kind`."""
     try:
         import aiohttp
     except ImportError:
@@ -133,9 +138,9 @@ def stalled(error: BaseException) -> bool:
     for _ in range(8):
         if error is None:
             return False
-        if isinstance(error, aiohttp.SocketTimeoutError):
+        if isinstance(error, getattr(aiohttp, kind)):
             return True
-        error = error.__cause__
+        error = error.__cause__ or error.__context__
     return False
 
 
@@ -481,17 +486,7 @@ def _cut_short(error: Optional[BaseException]) -> bool:
     """Whether a read failed because its body was cut short (aiohttp's ClientPayloadError,
     itself or a cause: a dropped connection, or a server whose Content-Length overstates
     the file, which fails every time)."""
-    try:
-        import aiohttp
-    except ImportError:
-        return False
-    for _ in range(8):
-        if error is None:
-            return False
-        if isinstance(error, aiohttp.ClientPayloadError):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return _aiohttp_said(error, "ClientPayloadError")
 
 
 def _again_if_cut(read: Callable):
@@ -1480,10 +1475,9 @@ def _without_userinfo(url: str, in_name: bool = True) -> str:
 
 
 # a query string: only where a "?" starts one (HTTP, FTP); in s3://, gs://, ... it is the key's
-# (the query or fragment to the URL's end: whitespace, a quote, or the punctuation a
-# sentence puts after it, `(https://h/x?sig=...): ...`, which stays)
-_QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)(?P<sep>[?#])[^\s'\"]*?"
-                    r"(?=[).,:;\]]*(?:[\s'\"]|$))")
+# (the query or fragment to the URL's end: whitespace or a quote; the punctuation a sentence
+# puts after it, `(https://h/x?sig=...): ...`, stays: `_redacted_query`)
+_QUERY = re.compile(r"(?<![\w+.-])(?P<base>(?i:https?|ftps?)://[^\s?#'\"]+)(?P<sep>[?#])(?P<rest>[^\s'\"]*)")
 # A URL of a store whose "?" and "#" are its key's (s3://, gs://, sftp://...: not HTTP(S) or
 # FTP, nor git+https and the like): no query to redact. It starts at a word's start and ends
 # at whitespace, a quote, or a separator followed by another URL (`s3://a,https://...`), so
@@ -1516,8 +1510,15 @@ def redact(text: str) -> str:
     return _AWS_KEY_ID.sub("***", text)
 
 
+def _redacted_query(m: re.Match) -> str:
+    if m["sep"] == "#" and m["base"][:3].lower() == "ftp":  # (FTP's "#": a name's, as fsspec reads it)
+        return m[0]
+    rest = m["rest"]
+    return f"{m['base']}{m['sep']}<redacted>{rest[len(rest.rstrip(').,:;]')):]}"
+
+
 def _redact_queries(text: str) -> str:
-    text = _QUERY.sub(r"\g<base>\g<sep><redacted>", text)
+    text = _QUERY.sub(_redacted_query, text)
     # a signing parameter where _QUERY did not see a URL (a space or quote in its path)
     return _PARAM.sub(lambda m: m[1] + ("<redacted>" if _secret_param(m[2]) else m[3]), text)
 

@@ -732,7 +732,8 @@ class _Walk:
         return self.drained
 
 
-def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH_GAP_BYTES) -> tuple[Probe, bool]:
+def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH_GAP_BYTES,
+                  whole: bool = False) -> tuple[Probe, bool]:
     """On a partial copy of an H.264 video: (the probe with the key frames a decoder cannot
     start from (`starts_pictures`) no longer key frames, whether the bytes the frames
     `keep_of(probe)` need are fetched). A partial copy holds the index, not the packets:
@@ -741,7 +742,9 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
     not hold them) are read. An ordinary stream costs nothing more. Where one is no place
     to start, the key frames before it are read back to one that is (in rounds of
     WALK_BACK_KEYS, then four times as many each), and the seeks planned and fetched again
-    from the key frames that are. (Other codecs: unchanged, nothing fetched.)"""
+    from the key frames that are. With `whole` (clips over --keyframes: numbered over the
+    video's key frames, as the local probe finds them), every key frame before it is read,
+    at once. (Other codecs: unchanged, nothing fetched.)"""
     if info.codec != "h264" or info.pos is None:
         return info, False
     checked: set = set()
@@ -776,7 +779,8 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
         # frame a "key frame") back to its I picture; the nearest WALK_BACK_KEYS unchecked
         # ones at once, four times as many each round (a late segment of a long video read
         # the head of every earlier frame)
-        found, bad, step = bad, set(bad), WALK_BACK_KEYS
+        found, bad = (max(bad),) if whole else bad, set(bad)
+        step = len(info.keyframes) if whole else WALK_BACK_KEYS
         while True:
             keys = np.flatnonzero(info.keyframes)
             keys = keys[~np.isin(keys, list(bad))]
@@ -785,6 +789,8 @@ def starting_keys(path: str, info: Probe, keep_of, fetch, gap_bytes: int = FETCH
                 j = int(np.searchsorted(keys, b)) - 1
                 for k in keys[max(j - step + 1, 0) : j + 1][::-1].tolist():
                     if k == 0 or k in checked or info.pos[k] < 0:
+                        if whole:
+                            continue
                         break  # a place to start (or as good as one: read, or nowhere to read)
                     earlier.add(k)
             if not earlier:
@@ -1034,7 +1040,7 @@ class FrameReader:
             fetched = False
             if partial:  # (a local file's probe read its key packets)
                 info, fetched = starting_keys(path, info, lambda i: self._segment_plan(i, start_s, end_s, after)[2],
-                                              on_fetch, self.fetch_gap_bytes)
+                                              on_fetch, self.fetch_gap_bytes, whole=bool(self.keyframes) and self.clip_len > 0)
                 state["info"] = info
             kept, starts, keep = self._segment_plan(info, start_s, end_s, after)
             if partial and len(keep):

@@ -347,7 +347,8 @@ def test_yaml_integers_are_yaml_1_2s(tmp_path):
         ("infer: ''\n", "config.infer: expected a mapping, got str"),
         ("sampling: []\n", "config.sampling: expected a mapping, got list"),
         ("run_id: ''\n", "config {path}: run_id needs a value (null, or leave it out, for a new run id)"),
-        ("address: ''\n", "--address needs a value (leave it out for RAY_ADDRESS, else an embedded local Ray)"),
+        ("address: ''\n", "config {path}: address needs a value (null, or leave it out, for RAY_ADDRESS, else an "
+                           "embedded local Ray)"),
         ("model: {preprocess: bogus}\n", "--preprocess must be one of auto, raw, unit, tf, caffe, torch, got 'bogus'"),
         ("model: {input_size: 224}\n", "config.model.input_size: expected two integers [H, W], got 224"),
         ("model: {topk: '3'}\n", "config.model.topk: expected an integer, got '3'"),
@@ -375,6 +376,17 @@ def test_a_bad_config_file_exits_2_with_one_line(text, message, tmp_path, capsys
     assert main(["run", "in", "out", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rayvid: error: {message.format(path=path)}") and err.count("\n") == 1, err
+
+
+def test_a_record_of_a_run_given_an_empty_address_repeats_as_none(tmp_path):
+    """A run before `--address ''` was refused recorded `"address": ""` (it meant none):
+    its record still repeats (and `similar --image` still reads it: RunConfig takes it)."""
+    from rayvid.config import RunConfig
+
+    record = tmp_path / "r1.json"
+    record.write_text(json.dumps({"run_id": "r1", "config": {"input": "/in", "output": "/out", "address": ""}}))
+    assert config_from_args(parse_args(["run", "--config", str(record)])).address is None
+    assert RunConfig.from_dict({"input": "/in", "output": "/out", "address": ""}).address == ""
 
 
 @pytest.mark.parametrize(

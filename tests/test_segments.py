@@ -751,9 +751,10 @@ def test_a_header_claiming_an_absurd_duration_plans_no_more_segments_than_its_si
     assert all(r[1] == "" for r in rows if len(r) == 4)
 
 
-def _read_partially(src: str, copy: str, start_s: float) -> tuple[list, list]:
-    """(frames (index, code) and the end row, the fetches: each a list of ranges) of
-    FrameReader reading `src` from `start_s` through a partial copy (its index first)."""
+def _read_partially(src: str, copy: str, start_s: float, end_s: float = math.inf, reader=None) -> tuple[list, list]:
+    """(the batches, each fetch's ranges) of a FrameReader (`reader`, else one at
+    framecode.SIZE) reading `src` from `start_s` to `end_s` through a partial copy (its
+    index first)."""
     from rayvid.mp4 import index_only
     from rayvid.video import FrameReader
 
@@ -768,9 +769,15 @@ def _read_partially(src: str, copy: str, start_s: float) -> tuple[list, list]:
         fetches.append(list(ranges))
         part.fetch_ranges(ranges)
 
-    rows = [b for b in FrameReader(framecode.SIZE).read(copy, src, start_s=start_s, partial=True, on_fetch=on_fetch)]
-    frames = [(int(i), framecode.read_code(f)) for b in rows[:-1] for i, f in zip(b["frame_index"], b["frame"])]
-    return frames, rows[-1], fetches
+    reader = reader or FrameReader(framecode.SIZE)
+    return list(reader.read(copy, src, start_s=start_s, end_s=end_s, partial=True, on_fetch=on_fetch)), fetches
+
+
+def _without_sync_table(path: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"stss")
+    data[at:at + 4] = b"free"  # (the box is skipped: no table, every sample a sync sample)
+    open(path, "wb").write(bytes(data))
 
 
 def test_a_late_segment_of_an_mp4_without_a_sync_table_reads_back_to_its_i_picture_only(tmp_path):
@@ -782,13 +789,33 @@ def test_a_late_segment_of_an_mp4_without_a_sync_table_reads_back_to_its_i_pictu
     src = str(tmp_path / "nostss.mp4")
     framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
                                                           "yuv420p", "-g", "60", "-bf", "2"])
-    data = bytearray(open(src, "rb").read())
-    at = data.find(b"stss")
-    data[at:at + 4] = b"free"  # (the box is skipped: no table, every sample a sync sample)
-    open(src, "wb").write(bytes(data))
-    frames, end, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=29.0)
-    assert end["error_type"][0] == "" and frames == [(i, i) for i in range(870, 900)]
+    _without_sync_table(src)
+    rows, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=29.0)
+    assert rows[-1]["error_type"][0] == "" and _codes(rows) == [(i, i) for i in range(870, 900)]
     assert 0 < sum(map(len, fetches)) <= 64 + 8, fetches
+
+
+def test_clips_over_key_frames_of_a_partial_copy_are_the_local_files(tmp_path):
+    """--keyframes --clip-len numbers clips over the video's key frames: a partial copy's
+    segments read back only to the nearest place to start left earlier P pictures of an
+    MP4 without a sync table counted as key frames, and clips came out shifted and
+    overlapping (the diff reviewer's find). With clips over key frames every earlier key
+    frame's head is read: each segment's clips are the local file's."""
+    from rayvid.video import FrameReader
+
+    src = str(tmp_path / "nostss.mp4")
+    framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
+                                                          "yuv420p", "-g", "60", "-bf", "2"])
+    _without_sync_table(src)
+
+    def clips(rows):
+        return [(int(a), int(b)) for x in rows[:-1] for a, b in zip(x["clip_start_frame"], x["clip_end_frame"])]
+
+    for start_s, end_s in ((0, 10), (10, 20), (20, math.inf)):
+        reader = FrameReader(framecode.SIZE, keyframes=True, clip_len=3)
+        local = clips(list(reader.read(src, src, start_s=start_s, end_s=end_s)))
+        rows, _ = _read_partially(src, str(tmp_path / "part.mp4"), start_s, end_s, reader)
+        assert clips(rows) == local and local, (start_s, clips(rows), local)
 
 
 @pytest.mark.parametrize("sampling", [{"every": 7}, {"fps": 2.0}, {"keyframes": True}])
@@ -811,15 +838,16 @@ def test_remote_segments_of_an_intra_refresh_video_seek_only_where_a_decoder_can
         assert [i for i, _ in local] == want
 
 
-def test_an_intra_refresh_videos_last_segment_walks_back_to_its_idr_in_one_go(tmp_path):
+def test_an_intra_refresh_videos_last_segment_walks_back_to_its_idr_in_few_fetches(tmp_path):
     """The last segment of a partial copy of an intra-refresh video (one IDR, a recovery
     point a second): each recovery point found no place to start moved the seek to the one
     before, a fetch and a plan each (59 fetches for a minute's video, 1199 and 74 s for 20
-    minutes). Found one, every earlier key frame's head is fetched and read at once: three
-    fetches whatever the length, and every frame exact."""
+    minutes). Found one, the heads of the key frames before it are fetched and read in
+    rounds of 64, then 4x as many: three fetches here (28 recovery points back), a few more
+    growing with the log of the distance, and every frame exact."""
     src = str(tmp_path / "ir.mp4")
     framecode.write_code_video(src, 900, framecode.SIZE, ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt",
                                                           "yuv420p", "-x264-params", "intra-refresh=1:keyint=30"])
-    frames, end, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=28.0)
-    assert end["error_type"][0] == "" and frames == [(i, i) for i in range(840, 900)]
+    rows, fetches = _read_partially(src, str(tmp_path / "part.mp4"), start_s=28.0)
+    assert rows[-1]["error_type"][0] == "" and _codes(rows) == [(i, i) for i in range(840, 900)]
     assert len(fetches) <= 3, [len(f) for f in fetches]
