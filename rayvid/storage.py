@@ -126,11 +126,12 @@ def is_unavailable(error: BaseException) -> bool:
 def stalled(error: BaseException) -> bool:
     """Whether an HTTP(S) read gave up waiting for the server's next bytes (aiohttp's
     SocketTimeoutError, which fsspec raises as FSTimeoutError from it)."""
-    return _aiohttp_said(error, "SocketTimeoutError")
+    return _aiohttp_said(error, "SocketTimeoutError", context=False)
 
 
-def _aiohttp_said(error: Optional[BaseException], kind: str) -> bool:
-    """Whether `error`, a cause of it or an error it was raised while handling is aiohttp's `kind`."""
+def _aiohttp_said(error: Optional[BaseException], kind: str, context: bool = True) -> bool:
+    """Whether `error` or a cause of it (with `context`, or an error it was raised while
+    handling) is aiohttp's `kind`."""
     try:
         import aiohttp
     except ImportError:
@@ -140,7 +141,7 @@ def _aiohttp_said(error: Optional[BaseException], kind: str) -> bool:
             return False
         if isinstance(error, getattr(aiohttp, kind)):
             return True
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (error.__context__ if context else None)
     return False
 
 
@@ -165,8 +166,8 @@ def underlying(error: BaseException) -> BaseException:
             import aiohttp
         except ImportError:
             return error
-        if isinstance(cause, aiohttp.ClientResponseError) and cause.status != 404:
-            return cause
+        if isinstance(cause, aiohttp.ClientResponseError) and cause.status != 404 or stalled(cause):
+            return cause  # (a status, or a server that sent nothing: not "nothing there")
     return error
 
 
@@ -1511,10 +1512,13 @@ def redact(text: str) -> str:
 
 
 def _redacted_query(m: re.Match) -> str:
-    if m["sep"] == "#" and m["base"][:3].lower() == "ftp":  # (FTP's "#": a name's, as fsspec reads it)
-        return m[0]
-    rest = m["rest"]
-    return f"{m['base']}{m['sep']}<redacted>{rest[len(rest.rstrip(').,:;]')):]}"
+    base, sep, rest = m["base"], m["sep"], m["rest"]
+    if sep == "#" and base[:3].lower() == "ftp":  # (FTP's "#": a name's, as fsspec reads it; its query is not)
+        if "?" not in rest:
+            return m[0]
+        name, _, rest = rest.partition("?")
+        base, sep = f"{base}#{name}", "?"
+    return f"{base}{sep}<redacted>{rest[len(rest.rstrip(').,:;]')):]}"
 
 
 def _redact_queries(text: str) -> str:

@@ -116,8 +116,9 @@ def http_server(root: str, mode: str):
     Content-Length that overstates the file), in half.
     In every mode a file named `status-NNN-...` is answered NNN to every request (an expired
     signed URL's 403, a broken backend's 500); a GET of a file named `stall-...` gets its
-    head and half its body, then nothing more until the server stops, and one named
-    `stall-head-...` not even its head (a server stuck on one object); one named
+    head and half its body, then nothing more until the server stops, one named
+    `stall-head-...` not even its head, one named `stall-all-...` nothing to a HEAD
+    either (a server stuck on one object); one named
     `redirect-loop-...` is redirected to itself. Every answer carries the file's ETag (the MD5 of its bytes, read afresh each time)."""
     assert mode in HTTP_MODES + ("unavailable", "range-errors", "cut-first", "cut-always")
     gets: collections.Counter = collections.Counter()
@@ -151,8 +152,9 @@ def http_server(root: str, mode: str):
                 return
             with open(path, "rb") as f:
                 data = f.read()
-            if body and os.path.basename(path).startswith("stall-"):
-                if not os.path.basename(path).startswith("stall-head-"):
+            name = os.path.basename(path)
+            if name.startswith("stall-") and (body or name.startswith("stall-all-")):
+                if not name.startswith(("stall-head-", "stall-all-")):
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

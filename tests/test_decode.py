@@ -164,21 +164,28 @@ def test_an_http_video_whose_server_stalls_is_its_error_row_and_the_others_go_on
     import shutil
 
     src = next(p for p in media["truth"] if p.endswith("a_clip.mp4"))
-    for name in ("stall-a.mp4", "stall-head-a.mp4", "a.mp4"):
+    from rayvid.errors import InputError
+    from rayvid.listing import list_videos
+
+    for name in ("stall-a.mp4", "stall-head-a.mp4", "stall-all-a.mp4", "a.mp4"):
         shutil.copy(src, tmp_path / name)
     monkeypatch.setenv("RAYVID_HTTP_READ_TIMEOUT_S", "1.5")
     dec = Decoder(size=(32, 32))
     for mode in ("ranges", "whole"):
         with http_server(str(tmp_path), mode) as base:
-            for name in ("stall-a.mp4", "stall-head-a.mp4"):
+            for name in ("stall-a.mp4", "stall-head-a.mp4", "stall-all-a.mp4"):
                 began = time.monotonic()
                 frames, ends = split_rows(dec.decode_video(f"{base}/{name}"))
                 assert time.monotonic() - began < 30
-                assert frames == [] and ends[0]["error_stage"] == "read", ends[0]
+                assert frames == [] and (ends[0]["error_stage"], ends[0]["error_type"]) == ("read", "TimeoutError"), ends[0]
                 assert ends[0]["message"].startswith("the server sent nothing for 1.5 s (a stalled transfer; "
                                                      "RAYVID_HTTP_READ_TIMEOUT_S sets how long to wait)"), ends[0]
             frames, ends = split_rows(dec.decode_video(f"{base}/a.mp4"))
             assert len(frames) == 30 and ends[0]["error_type"] == ""
+            # a stalled HEAD too (fsspec's "not found", from aiohttp's timeout): not "input not found"
+            with pytest.raises(InputError, match=r"the server sent nothing for 1.5 s") as e:
+                list_videos(f"{base}/stall-all-a.mp4")
+            assert "not found" not in str(e.value)
             # (and a redirect loop says so: it said "HTTP 0")
             ends = split_rows(dec.decode_video(f"{base}/redirect-loop-a.mp4"))[1]
             assert ends[0]["message"] == "too many redirects (10 followed: a redirect loop?)", ends[0]

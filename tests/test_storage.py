@@ -818,6 +818,7 @@ def test_redact_removes_credentials(s3_endpoint):
     # a fragment too; the punctuation after a URL stays, and redacting twice changes nothing
     assert storage.redact("see https://h/x#access_token=FRAG17 now") == "see https://h/x#<redacted> now"
     assert storage.redact("ftp://h/clip#1.mp4") == "ftp://h/clip#1.mp4"  # (an FTP file's name)
+    assert storage.redact("cannot read ftp://h/d#2/v.mp4?code=S3CRET: x") == "cannot read ftp://h/d#2/v.mp4?<redacted>: x"
     said = "recorded input (https://h/m.txt?sig=S3CRET): give INPUT, or https://h/a?b=c."
     assert storage.redact(said) == storage.redact(storage.redact(said)) == \
         "recorded input (https://h/m.txt?<redacted>): give INPUT, or https://h/a?<redacted>."
