@@ -21,9 +21,9 @@ import fnmatch
 import hashlib
 import io
 import itertools
-import math
 import json
 import logging
+import math
 import os
 import re
 import shutil

@@ -1599,9 +1599,9 @@ def _first_line(e: BaseException) -> str:
 def _error_type(error: Optional[BaseException]) -> str:
     if error is None:
         return ""
-    if storage.stalled(storage.underlying(error)):  # (fsspec's FSTimeoutError, or "not found", from aiohttp's)
-        return "TimeoutError"
     error = storage.underlying(error)  # (an HTTP server's 403 or 500 is not NotFound: read again every run)
+    if storage.stalled(error):  # (fsspec's FSTimeoutError, or its "not found", from aiohttp's timeout)
+        return "TimeoutError"
     if isinstance(error, FileNotFoundError):
         return "NotFound"
     if isinstance(error, PermissionError) or storage.http_refused(error):
